@@ -1,0 +1,3 @@
+//! Deterministic discrete-event datacenter simulator driving `shoal-planner`.
+//!
+//! Empty until the simulator issue fills it.

@@ -1,0 +1,1 @@
+//! Shared helpers for Shoal's end-to-end tests (see `tests/tests/`).
