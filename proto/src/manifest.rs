@@ -1,0 +1,453 @@
+//! The manifest: a blob's size and the SHA-256 of every chunk, made once by whoever ingests
+//! the blob and verified by every agent that receives a chunk.
+
+use std::io::{self, Read};
+use std::ops::Range;
+
+use sha2::{Digest as _, Sha256};
+
+use crate::{BlobId, ChunkIndex, Digest, DigestParseError, pb};
+
+/// Chunk size used across Shoal: 1 MiB.
+pub const CHUNK_SIZE: u32 = 1 << 20;
+/// The largest blob a manifest may describe: 1 TiB.
+pub const MAX_BLOB_SIZE: u64 = 1 << 40;
+/// Smallest and largest chunk sizes a manifest may carry (tests use small chunks).
+const MIN_CHUNK_SIZE: u32 = 4 << 10;
+const MAX_CHUNK_SIZE: u32 = 16 << 20;
+
+/// A verified-by-construction description of a blob. Every constructor checks that the chunk
+/// table matches the size, so `chunk_count() == ceil(size / chunk_size)` always holds.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct Manifest {
+    digest: Digest,
+    size: u64,
+    chunk_size: u32,
+    chunks: Vec<Digest>,
+}
+
+/// Why a manifest was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ManifestError {
+    #[error("blob size is 0; empty blobs are not distributed")]
+    Empty,
+    #[error("blob size {0} bytes exceeds the 1 TiB limit")]
+    TooLarge(u64),
+    #[error("chunk size {0} is not a power of two between 4 KiB and 16 MiB")]
+    BadChunkSize(u32),
+    #[error(
+        "manifest lists {got} chunks; a {size}-byte blob in {chunk_size}-byte chunks has {want}"
+    )]
+    ChunkCountMismatch {
+        size: u64,
+        chunk_size: u32,
+        got: u64,
+        want: u64,
+    },
+    #[error("chunk digest table is {0} bytes; expected a multiple of 32")]
+    ChunkTableLength(usize),
+    #[error("blob digest: {0}")]
+    BlobDigest(DigestParseError),
+}
+
+/// Why data did not match the manifest.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VerifyError {
+    #[error("chunk {index} does not exist; the blob has {count} chunks")]
+    NoSuchChunk { index: ChunkIndex, count: u32 },
+    #[error("chunk {index} is {got} bytes; expected {want}")]
+    WrongLength {
+        index: ChunkIndex,
+        got: usize,
+        want: usize,
+    },
+    #[error("chunk {index} hashes to {got}; manifest says {want}")]
+    WrongDigest {
+        index: ChunkIndex,
+        got: Digest,
+        want: Digest,
+    },
+    #[error("blob hashes to {got}; expected {want}")]
+    WrongBlobDigest { got: Digest, want: Digest },
+}
+
+impl Manifest {
+    /// Builds a manifest from its parts, checking that they agree.
+    pub fn new(
+        digest: Digest,
+        size: u64,
+        chunk_size: u32,
+        chunks: Vec<Digest>,
+    ) -> Result<Self, ManifestError> {
+        if size == 0 {
+            return Err(ManifestError::Empty);
+        }
+        if size > MAX_BLOB_SIZE {
+            return Err(ManifestError::TooLarge(size));
+        }
+        if !chunk_size.is_power_of_two() || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size)
+        {
+            return Err(ManifestError::BadChunkSize(chunk_size));
+        }
+        let want = size.div_ceil(u64::from(chunk_size));
+        if chunks.len() as u64 != want {
+            return Err(ManifestError::ChunkCountMismatch {
+                size,
+                chunk_size,
+                got: chunks.len() as u64,
+                want,
+            });
+        }
+        Ok(Self {
+            digest,
+            size,
+            chunk_size,
+            chunks,
+        })
+    }
+
+    /// Reads `reader` to the end and builds its manifest with the given chunk size, hashing
+    /// each byte once per digest (whole blob and its chunk).
+    pub fn from_reader(reader: impl Read, chunk_size: u32) -> io::Result<Self> {
+        let mut builder = ManifestBuilder::new(chunk_size)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        builder.read_all(reader)?;
+        builder
+            .finish()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    }
+
+    pub fn digest(&self) -> Digest {
+        self.digest
+    }
+    pub fn blob_id(&self) -> BlobId {
+        BlobId(self.digest)
+    }
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+    pub fn chunk_size(&self) -> u32 {
+        self.chunk_size
+    }
+    pub fn chunk_count(&self) -> u32 {
+        // Bounded by MAX_BLOB_SIZE / MIN_CHUNK_SIZE = 2^28, checked in `new`.
+        self.chunks.len() as u32
+    }
+    pub fn chunk_digests(&self) -> &[Digest] {
+        &self.chunks
+    }
+    pub fn chunk_indices(&self) -> impl Iterator<Item = ChunkIndex> + use<> {
+        (0..self.chunk_count()).map(ChunkIndex)
+    }
+
+    /// The byte range of chunk `index` within the blob; the last chunk may be short.
+    pub fn chunk_range(&self, index: ChunkIndex) -> Result<Range<u64>, VerifyError> {
+        self.check_index(index)?;
+        let start = u64::from(index.0) * u64::from(self.chunk_size);
+        let end = (start + u64::from(self.chunk_size)).min(self.size);
+        Ok(start..end)
+    }
+
+    /// The length of chunk `index` in bytes.
+    pub fn chunk_len(&self, index: ChunkIndex) -> Result<usize, VerifyError> {
+        self.chunk_range(index).map(|r| (r.end - r.start) as usize)
+    }
+
+    pub fn chunk_digest(&self, index: ChunkIndex) -> Result<Digest, VerifyError> {
+        self.check_index(index)?;
+        Ok(self.chunks[index.as_usize()])
+    }
+
+    /// Checks `data` is exactly chunk `index`: right length, right SHA-256.
+    pub fn verify_chunk(&self, index: ChunkIndex, data: &[u8]) -> Result<(), VerifyError> {
+        let want_len = self.chunk_len(index)?;
+        if data.len() != want_len {
+            return Err(VerifyError::WrongLength {
+                index,
+                got: data.len(),
+                want: want_len,
+            });
+        }
+        let got = Digest::of(data);
+        let want = self.chunks[index.as_usize()];
+        if got != want {
+            return Err(VerifyError::WrongDigest { index, got, want });
+        }
+        Ok(())
+    }
+
+    fn check_index(&self, index: ChunkIndex) -> Result<(), VerifyError> {
+        if index.0 >= self.chunk_count() {
+            return Err(VerifyError::NoSuchChunk {
+                index,
+                count: self.chunk_count(),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl From<&Manifest> for pb::v1::Manifest {
+    fn from(m: &Manifest) -> Self {
+        let mut table = Vec::with_capacity(m.chunks.len() * Digest::LEN);
+        for d in &m.chunks {
+            table.extend_from_slice(d.as_bytes());
+        }
+        Self {
+            digest: m.digest.as_bytes().to_vec(),
+            size: m.size,
+            chunk_size: m.chunk_size,
+            chunk_digests: table,
+        }
+    }
+}
+
+impl TryFrom<&pb::v1::Manifest> for Manifest {
+    type Error = ManifestError;
+
+    /// Rejects anything a peer or client could get wrong: digest length, table length, chunk
+    /// count, size bounds. The table's allocation is bounded by the message size limit.
+    fn try_from(m: &pb::v1::Manifest) -> Result<Self, Self::Error> {
+        let digest = Digest::from_slice(&m.digest).map_err(ManifestError::BlobDigest)?;
+        if m.chunk_digests.len() % Digest::LEN != 0 {
+            return Err(ManifestError::ChunkTableLength(m.chunk_digests.len()));
+        }
+        let chunks = m
+            .chunk_digests
+            .chunks_exact(Digest::LEN)
+            .map(|c| Digest::from_slice(c).map_err(ManifestError::BlobDigest))
+            .collect::<Result<Vec<_>, _>>()?;
+        Self::new(digest, m.size, m.chunk_size, chunks)
+    }
+}
+
+/// Builds a [`Manifest`] from bytes fed in any pieces, hashing as it goes, so a blob of any
+/// size is ingested in one pass with bounded memory.
+#[derive(Debug)]
+pub struct ManifestBuilder {
+    chunk_size: u32,
+    whole: Sha256,
+    current: Sha256,
+    current_len: u32,
+    size: u64,
+    chunks: Vec<Digest>,
+}
+
+impl ManifestBuilder {
+    pub fn new(chunk_size: u32) -> Result<Self, ManifestError> {
+        if !chunk_size.is_power_of_two() || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size)
+        {
+            return Err(ManifestError::BadChunkSize(chunk_size));
+        }
+        Ok(Self {
+            chunk_size,
+            whole: Sha256::new(),
+            current: Sha256::new(),
+            current_len: 0,
+            size: 0,
+            chunks: Vec::new(),
+        })
+    }
+
+    /// Feeds the next bytes of the blob.
+    pub fn update(&mut self, mut data: &[u8]) {
+        self.whole.update(data);
+        self.size += data.len() as u64;
+        while !data.is_empty() {
+            let room = (self.chunk_size - self.current_len) as usize;
+            let take = room.min(data.len());
+            self.current.update(&data[..take]);
+            self.current_len += take as u32;
+            data = &data[take..];
+            if self.current_len == self.chunk_size {
+                self.close_chunk();
+            }
+        }
+    }
+
+    /// Feeds everything `reader` yields until end of file.
+    pub fn read_all(&mut self, mut reader: impl Read) -> io::Result<()> {
+        let mut buf = vec![0u8; self.chunk_size as usize];
+        loop {
+            match reader.read(&mut buf) {
+                Ok(0) => return Ok(()),
+                Ok(n) => self.update(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    pub fn finish(mut self) -> Result<Manifest, ManifestError> {
+        if self.current_len > 0 {
+            self.close_chunk();
+        }
+        let digest = Digest::from_bytes(self.whole.finalize().into());
+        Manifest::new(digest, self.size, self.chunk_size, self.chunks)
+    }
+
+    fn close_chunk(&mut self) {
+        let hasher = std::mem::replace(&mut self.current, Sha256::new());
+        self.chunks
+            .push(Digest::from_bytes(hasher.finalize().into()));
+        self.current_len = 0;
+    }
+}
+
+/// Incremental whole-blob verification: feed chunks in order, then compare with the manifest.
+#[derive(Debug)]
+pub struct BlobVerifier {
+    hasher: Sha256,
+}
+
+impl Default for BlobVerifier {
+    fn default() -> Self {
+        Self {
+            hasher: Sha256::new(),
+        }
+    }
+}
+
+impl BlobVerifier {
+    pub fn update(&mut self, data: &[u8]) {
+        self.hasher.update(data);
+    }
+    pub fn finish(self, want: Digest) -> Result<(), VerifyError> {
+        let got = Digest::from_bytes(self.hasher.finalize().into());
+        if got == want {
+            Ok(())
+        } else {
+            Err(VerifyError::WrongBlobDigest { got, want })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn blob(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 31 % 251) as u8).collect()
+    }
+
+    #[test]
+    fn builds_from_reader_and_verifies_every_chunk() {
+        let data = blob(3 * 4096 + 17);
+        let m = Manifest::from_reader(&data[..], 4096).expect("manifest");
+        assert_eq!(m.size(), data.len() as u64);
+        assert_eq!(m.chunk_count(), 4);
+        assert_eq!(m.digest(), Digest::of(&data));
+        for i in m.chunk_indices() {
+            let r = m.chunk_range(i).expect("range");
+            m.verify_chunk(i, &data[r.start as usize..r.end as usize])
+                .expect("verifies");
+        }
+        assert_eq!(m.chunk_len(ChunkIndex(3)), Ok(17));
+    }
+
+    #[test]
+    fn builder_is_independent_of_how_input_is_split() {
+        let data = blob(10_000);
+        let whole = Manifest::from_reader(&data[..], 4096).expect("manifest");
+        let mut b = ManifestBuilder::new(4096).expect("builder");
+        for piece in data.chunks(333) {
+            b.update(piece);
+        }
+        assert_eq!(b.finish(), Ok(whole));
+    }
+
+    #[test]
+    fn verify_rejects_wrong_bytes_length_and_index() {
+        let data = blob(8192);
+        let m = Manifest::from_reader(&data[..], 4096).expect("manifest");
+        let mut bad = data[..4096].to_vec();
+        bad[7] ^= 1;
+        assert!(matches!(
+            m.verify_chunk(ChunkIndex(0), &bad),
+            Err(VerifyError::WrongDigest { .. })
+        ));
+        assert!(matches!(
+            m.verify_chunk(ChunkIndex(0), &data[..4095]),
+            Err(VerifyError::WrongLength {
+                got: 4095,
+                want: 4096,
+                ..
+            })
+        ));
+        assert!(matches!(
+            m.verify_chunk(ChunkIndex(2), &data[..4096]),
+            Err(VerifyError::NoSuchChunk { count: 2, .. })
+        ));
+    }
+
+    #[test]
+    fn whole_blob_verifier() {
+        let data = blob(5000);
+        let m = Manifest::from_reader(&data[..], 4096).expect("manifest");
+        let mut v = BlobVerifier::default();
+        v.update(&data);
+        assert_eq!(v.finish(m.digest()), Ok(()));
+        let mut v = BlobVerifier::default();
+        v.update(&data[1..]);
+        assert!(v.finish(m.digest()).is_err());
+    }
+
+    #[test]
+    fn empty_input_is_refused() {
+        let err = Manifest::from_reader(&[][..], 4096).expect_err("empty");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+    }
+
+    #[test]
+    fn protobuf_round_trip_and_rejections() {
+        let data = blob(9000);
+        let m = Manifest::from_reader(&data[..], 4096).expect("manifest");
+        let p = pb::v1::Manifest::from(&m);
+        assert_eq!(Manifest::try_from(&p), Ok(m.clone()));
+
+        let mut short_digest = p.clone();
+        short_digest.digest.pop();
+        assert_eq!(
+            Manifest::try_from(&short_digest),
+            Err(ManifestError::BlobDigest(DigestParseError::WrongRawLength(
+                31
+            )))
+        );
+
+        let mut ragged = p.clone();
+        ragged.chunk_digests.pop();
+        assert_eq!(
+            Manifest::try_from(&ragged),
+            Err(ManifestError::ChunkTableLength(95))
+        );
+
+        let mut missing = p.clone();
+        missing.chunk_digests.truncate(64);
+        assert!(matches!(
+            Manifest::try_from(&missing),
+            Err(ManifestError::ChunkCountMismatch {
+                got: 2,
+                want: 3,
+                ..
+            })
+        ));
+
+        let mut zero = p.clone();
+        zero.size = 0;
+        assert_eq!(Manifest::try_from(&zero), Err(ManifestError::Empty));
+
+        let mut huge = p.clone();
+        huge.size = MAX_BLOB_SIZE + 1;
+        assert_eq!(
+            Manifest::try_from(&huge),
+            Err(ManifestError::TooLarge(MAX_BLOB_SIZE + 1))
+        );
+
+        let mut odd = p;
+        odd.chunk_size = 5000;
+        assert_eq!(
+            Manifest::try_from(&odd),
+            Err(ManifestError::BadChunkSize(5000))
+        );
+    }
+}
