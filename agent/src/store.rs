@@ -1,0 +1,399 @@
+//! The content store: verified chunks of blobs, written in place, surviving restarts.
+//!
+//! # On disk
+//! `<root>/lock` is `flock`ed while a store is open. Everything else lives in `<root>/blobs/`,
+//! three files per blob named by its digest's hex:
+//! - `<hex>.manifest`: the protobuf `shoal.v1.Manifest`, written to `<hex>.manifest.tmp`,
+//!   fsynced, renamed, directory fsynced. Its rename commits an insert; deleting it first
+//!   commits a removal. Data or journal files without a manifest are orphans, deleted on open.
+//! - `<hex>.data`: the blob, each chunk written in place at its offset. Its whole size is
+//!   reserved with `fallocate` at insert (so a full disk fails the insert, not a transfer), or
+//!   made sparse with `set_len` where the filesystem cannot. Its mtime carries the last-used
+//!   time across restarts ([`Store::flush`] stamps it).
+//! - `<hex>.chunks`: the journal of present chunks, 8-byte records (see `store/journal.rs`):
+//!   `[index u32 LE][!index u32 LE]` per chunk, `[u32::MAX][covered u32 LE]` per group commit.
+//!
+//! # Crash safety
+//! *No verified chunk is lost and no unverified or torn chunk is ever marked present.*
+//! - A chunk is hashed against the manifest before anything is written; a bad one is refused
+//!   with [`StoreError::Verify`] and leaves no trace.
+//! - Its journal record is appended only after its data write returned. A process crash keeps
+//!   both in the page cache in that order, so after a restart every recorded chunk is intact
+//!   and nothing unrecorded is present. Data written without a record (crash in between) is
+//!   simply not present.
+//! - Power loss can drop any page not yet fsynced, in any order. Group commit: after every
+//!   `SYNC_EVERY` (64) new records of a blob, on its completion and on [`Store::flush`], the
+//!   data file is fdatasynced, then a sync record is appended and the journal fdatasynced. A
+//!   sync record says "records before position `covered`" (where the journal ended when the
+//!   data fdatasync began) rather than "all records before me": that way puts are never blocked
+//!   behind an fdatasync, and a record appended while it ran is not wrongly vouched for.
+//! - On open, records below the last `covered` are trusted; later ones are re-verified by
+//!   hashing their chunk (at most about `SYNC_EVERY` per blob), and dropped if their data did not
+//!   survive. Replay stops at the first malformed record (complement mismatch, out-of-range
+//!   index, partial tail). If anything was dropped or unvouched, the data file is fdatasynced
+//!   and the journal is replaced by a compacted one (all present chunks plus one sync),
+//!   durably, which also truncates any torn tail. If the disk is too full even for that, the
+//!   journal is instead cut in place (no space needed) just before the first dropped record, so
+//!   no later sync record can vouch for it; chunks recorded after that point are forgotten.
+//! - Journal space is reserved too (`fallocate` with `KEEP_SIZE`, 16 bytes per chunk bounds
+//!   it), so with both reservations a full disk surfaces as [`StoreError::DiskFull`] from
+//!   [`Store::insert_manifest`]. Where reservation is not possible, an ENOSPC from the data
+//!   write or the record append is `DiskFull` from [`Store::put_chunk`], and the chunk is not
+//!   marked present.
+//!
+//! After power loss the chunks written since a blob's last group commit may have to be fetched
+//! again; after a process crash nothing is.
+//!
+//! # Concurrency
+//! One short index lock finds a blob's `Arc<BlobEntry>`; no lock is held across data IO. Each
+//! blob has one open data file used with positional reads and writes, and a short lock over
+//! its bitmap and journal tail (held across an 8-byte journal append). Inserts, removals and
+//! evictions are serialised among themselves by a separate lock, so file creation never blocks
+//! readers or writers. Pins live in memory only; last-used times in memory, persisted as the
+//! data file's mtime by [`Store::flush`].
+
+mod blob;
+mod error;
+mod eviction;
+mod files;
+mod journal;
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use shoal_proto::{ChunkIndex, Digest, Manifest};
+use tokio::sync::broadcast;
+
+use self::blob::BlobEntry;
+pub use self::error::StoreError;
+use self::error::io_err;
+use self::eviction::Candidate;
+
+/// Where the store lives and how much it may hold.
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    /// Directory of the store; created if missing.
+    pub root: PathBuf,
+    /// The most bytes of blobs (sum of blob sizes, present or not) the store may hold.
+    pub quota_bytes: u64,
+}
+
+/// Whether [`Store::put_chunk`] stored the chunk or already had it.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum PutOutcome {
+    Stored,
+    AlreadyPresent,
+}
+
+/// One blob as [`Store::blobs`] reports it.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct BlobSummary {
+    pub digest: Digest,
+    pub size: u64,
+    pub present: u32,
+    pub chunk_count: u32,
+    pub pinned: bool,
+    pub last_used: SystemTime,
+}
+
+/// The content store. Cheap to clone; all clones share one store. Methods block on file IO:
+/// call them from `spawn_blocking` in async code.
+#[derive(Clone, Debug)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    /// Holds an exclusive `flock` on `<root>/lock` while the store is open: two agents
+    /// writing one journal would corrupt it.
+    _lock_file: fs::File,
+    blobs_dir: PathBuf,
+    quota: u64,
+    index: Mutex<Index>,
+    /// Serialises inserts, removals and evictions (the operations that create or delete files).
+    admin: Mutex<()>,
+    /// Logical clock for eviction order.
+    clock: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct Index {
+    blobs: HashMap<Digest, Arc<BlobEntry>>,
+    /// Sum of the sizes of `blobs`.
+    usage: u64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Store {
+    /// Opens (or creates) the store at `config.root`, recovering every blob found there.
+    /// Blobs with an unreadable manifest or data file are deleted with a warning. The root is
+    /// locked until the last clone is dropped ([`StoreError::Locked`] if already open).
+    pub fn open(config: StoreConfig) -> Result<Store, StoreError> {
+        let blobs_dir = config.root.join("blobs");
+        fs::create_dir_all(&blobs_dir).map_err(io_err("creating", &blobs_dir))?;
+        let lock_file = files::lock_root(&config.root)?;
+        let mut recovered = files::recover_all(&blobs_dir)?;
+        // Oldest first, so logical recency follows the persisted last-used times.
+        recovered.sort_by_key(|o| o.last_used);
+        let mut index = Index::default();
+        let mut clock = 0;
+        for opened in recovered {
+            clock += 1;
+            let entry = BlobEntry::new(opened, clock);
+            index.usage += entry.manifest.size();
+            index.blobs.insert(entry.manifest.digest(), Arc::new(entry));
+        }
+        Ok(Store {
+            inner: Arc::new(Inner {
+                _lock_file: lock_file,
+                blobs_dir,
+                quota: config.quota_bytes,
+                index: Mutex::new(index),
+                admin: Mutex::new(()),
+                clock: AtomicU64::new(clock),
+            }),
+        })
+    }
+
+    fn entry(&self, blob: &Digest) -> Option<Arc<BlobEntry>> {
+        lock(&self.inner.index).blobs.get(blob).cloned()
+    }
+
+    fn known(&self, blob: &Digest) -> Result<Arc<BlobEntry>, StoreError> {
+        self.entry(blob).ok_or(StoreError::UnknownBlob(*blob))
+    }
+
+    fn touch(&self, entry: &BlobEntry) {
+        entry.touch(self.inner.clock.fetch_add(1, Ordering::Relaxed) + 1);
+    }
+
+    /// Registers a blob so its chunks can be put. Idempotent: the same manifest again is `Ok`
+    /// (a different one for the same digest is [`StoreError::ManifestConflict`]). Evicts
+    /// least-recently-used unpinned blobs if it would not fit under the quota; if it still does
+    /// not, evicts nothing and returns [`StoreError::QuotaExceeded`]. A full disk is
+    /// [`StoreError::DiskFull`] (the blob's space is reserved here).
+    pub fn insert_manifest(&self, manifest: &Manifest) -> Result<(), StoreError> {
+        let digest = manifest.digest();
+        let _admin = lock(&self.inner.admin);
+        let victims = {
+            let mut index = lock(&self.inner.index);
+            if let Some(existing) = index.blobs.get(&digest) {
+                if *existing.manifest != *manifest {
+                    return Err(StoreError::ManifestConflict(digest));
+                }
+                let existing = Arc::clone(existing);
+                drop(index);
+                self.touch(&existing);
+                return Ok(());
+            }
+            let candidates: Vec<Candidate> = index
+                .blobs
+                .values()
+                .map(|e| Candidate {
+                    digest: e.manifest.digest(),
+                    size: e.manifest.size(),
+                    recency: e.recency(),
+                    pinned: e.pinned.load(Ordering::Relaxed),
+                })
+                .collect();
+            let plan = eviction::plan(&candidates, index.usage, manifest.size(), self.inner.quota)
+                .map_err(|s| StoreError::QuotaExceeded {
+                    blob: digest,
+                    needed: manifest.size(),
+                    quota: self.inner.quota,
+                    pinned: s.pinned,
+                })?;
+            // Out of the index under the same lock that `pin` takes: a blob is either pinned
+            // before it was chosen, or gone when `pin` looks.
+            plan.iter()
+                .filter_map(|d| index.remove(d))
+                .collect::<Vec<_>>()
+        };
+        for victim in victims {
+            tracing::info!(blob = %victim.manifest.digest(), "evicting least recently used blob");
+            victim.paths.remove()?;
+        }
+
+        let opened = files::create(&self.inner.blobs_dir, manifest)?;
+        let entry = BlobEntry::new(opened, 0);
+        self.touch(&entry);
+        let mut index = lock(&self.inner.index);
+        index.usage += manifest.size();
+        index.blobs.insert(digest, Arc::new(entry));
+        Ok(())
+    }
+
+    /// The manifest of a stored blob.
+    pub fn manifest(&self, blob: &Digest) -> Option<Arc<Manifest>> {
+        self.entry(blob).map(|e| Arc::clone(&e.manifest))
+    }
+
+    /// Verifies `data` (length and SHA-256) against the manifest, writes it in place and marks
+    /// it present. An already present chunk is not written again. On [`StoreError::Verify`] or
+    /// [`StoreError::DiskFull`] the chunk is not marked present.
+    pub fn put_chunk(
+        &self,
+        blob: &Digest,
+        index: ChunkIndex,
+        data: &[u8],
+    ) -> Result<PutOutcome, StoreError> {
+        let entry = self.known(blob)?;
+        self.touch(&entry);
+        entry.put(index, data)
+    }
+
+    /// The bytes of a present (verified) chunk; [`StoreError::ChunkMissing`] otherwise.
+    pub fn get_chunk(&self, blob: &Digest, index: ChunkIndex) -> Result<Bytes, StoreError> {
+        let entry = self.known(blob)?;
+        self.touch(&entry);
+        entry.get(index)
+    }
+
+    pub fn has_chunk(&self, blob: &Digest, index: ChunkIndex) -> bool {
+        self.entry(blob).is_some_and(|e| e.has(index))
+    }
+
+    /// A snapshot of the present chunks in the wire format: `(chunk_count, bits)`, bit `i` in
+    /// byte `i / 8`, least significant bit first.
+    pub fn bitfield(&self, blob: &Digest) -> Option<(u32, Bytes)> {
+        self.entry(blob)
+            .map(|e| (e.manifest.chunk_count(), e.bitfield()))
+    }
+
+    /// Yields each chunk index of `blob` as it becomes present. Subscribe, then read
+    /// [`Store::bitfield`], to miss nothing; on `Lagged`, read the bitfield again.
+    pub fn subscribe(&self, blob: &Digest) -> Option<broadcast::Receiver<ChunkIndex>> {
+        self.entry(blob).map(|e| e.subscribe())
+    }
+
+    pub fn present_count(&self, blob: &Digest) -> Option<u32> {
+        self.entry(blob).map(|e| e.present_count())
+    }
+
+    pub fn is_complete(&self, blob: &Digest) -> bool {
+        self.entry(blob).is_some_and(|e| e.is_complete())
+    }
+
+    /// Re-reads the whole blob and checks it against its digest:
+    /// [`StoreError::ChunkMissing`] if incomplete, `Verify(WrongBlobDigest)` if altered.
+    pub fn verify_blob(&self, blob: &Digest) -> Result<(), StoreError> {
+        self.known(blob)?.verify()
+    }
+
+    /// The blob's data file. Its content is the blob only once [`Store::is_complete`].
+    pub fn data_path(&self, blob: &Digest) -> Option<PathBuf> {
+        self.entry(blob).map(|e| e.paths.data.clone())
+    }
+
+    /// Protects the blob from eviction until [`Store::unpin`]. Not persisted across restarts.
+    pub fn pin(&self, blob: &Digest) -> Result<(), StoreError> {
+        self.set_pinned(blob, true)
+    }
+
+    pub fn unpin(&self, blob: &Digest) -> Result<(), StoreError> {
+        self.set_pinned(blob, false)
+    }
+
+    fn set_pinned(&self, blob: &Digest, pinned: bool) -> Result<(), StoreError> {
+        // Under the index lock, which eviction holds while it picks and unlinks its victims.
+        let index = lock(&self.inner.index);
+        let entry = index
+            .blobs
+            .get(blob)
+            .ok_or(StoreError::UnknownBlob(*blob))?;
+        entry.pinned.store(pinned, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Deletes the blob and its files (pinned or not). Reads already under way finish.
+    pub fn remove(&self, blob: &Digest) -> Result<(), StoreError> {
+        let _admin = lock(&self.inner.admin);
+        let entry = lock(&self.inner.index)
+            .remove(blob)
+            .ok_or(StoreError::UnknownBlob(*blob))?;
+        entry.paths.remove()
+    }
+
+    pub fn blobs(&self) -> Vec<BlobSummary> {
+        let entries: Vec<_> = lock(&self.inner.index).blobs.values().cloned().collect();
+        let mut out: Vec<BlobSummary> = entries
+            .iter()
+            .map(|e| BlobSummary {
+                digest: e.manifest.digest(),
+                size: e.manifest.size(),
+                present: e.present_count(),
+                chunk_count: e.manifest.chunk_count(),
+                pinned: e.pinned.load(Ordering::Relaxed),
+                last_used: e.last_used(),
+            })
+            .collect();
+        out.sort_by_key(|b| b.digest);
+        out
+    }
+
+    /// Sum of the sizes of all stored blobs, complete or not.
+    pub fn usage_bytes(&self) -> u64 {
+        lock(&self.inner.index).usage
+    }
+
+    /// Makes every present chunk durable (fdatasync of data files, then sync records and
+    /// journals) and persists last-used times. Call on shutdown. Tries every blob and returns
+    /// the first error.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        let entries: Vec<_> = lock(&self.inner.index).blobs.values().cloned().collect();
+        let mut first_error = None;
+        for entry in entries {
+            if let Err(e) = entry.flush() {
+                tracing::warn!(blob = %entry.manifest.digest(), error = %e, "flush failed");
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+impl Index {
+    fn remove(&mut self, digest: &Digest) -> Option<Arc<BlobEntry>> {
+        let entry = self.blobs.remove(digest)?;
+        self.usage -= entry.manifest.size();
+        Some(entry)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_is_shareable_across_threads() {
+        fn assert_shareable<T: Send + Sync + Clone + 'static>() {}
+        assert_shareable::<Store>();
+    }
+
+    #[test]
+    fn one_store_per_root_at_a_time() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = StoreConfig {
+            root: dir.path().join("store"),
+            quota_bytes: 1 << 20,
+        };
+        let store = Store::open(config.clone()).expect("open");
+        let clone = store.clone();
+        drop(store);
+        assert!(matches!(
+            Store::open(config.clone()),
+            Err(StoreError::Locked { .. })
+        ));
+        drop(clone);
+        Store::open(config).expect("reopen after the last clone is dropped");
+    }
+}

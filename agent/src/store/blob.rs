@@ -1,0 +1,287 @@
+//! One stored blob at run time: its open data and journal files, which chunks are present, and
+//! the group commit that makes them durable.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{Bytes, BytesMut};
+use shoal_proto::wire::{bitfield_get, bitfield_set};
+use shoal_proto::{BlobVerifier, ChunkIndex, Manifest};
+use tokio::sync::broadcast;
+
+use super::files::BlobPaths;
+use super::journal::{RECORD_LEN, Record};
+use super::{PutOutcome, StoreError, io_err};
+
+/// Group commit: fdatasync after this many new chunk records of one blob (64 MiB with 1 MiB
+/// chunks), so a power loss costs at most this many re-hashes (and possibly re-fetches) per blob.
+pub(crate) const SYNC_EVERY: u32 = 64;
+/// Chunk events buffered per subscriber before it lags (it then re-reads the bitfield).
+const EVENTS_CAPACITY: usize = 1024;
+
+/// Which chunks are present and where the journal ends. Changed only together, under one short
+/// lock that is never held across data IO (only across an 8-byte journal append).
+#[derive(Debug)]
+struct ChunkState {
+    bits: Vec<u8>,
+    present: u32,
+    /// Well-formed records in the journal: the next record goes at `records * RECORD_LEN`.
+    records: u32,
+    /// Chunk records not yet vouched for by a sync record.
+    uncovered: u32,
+}
+
+/// A blob in the store. Shared as `Arc<BlobEntry>`: readers and writers of different chunks
+/// proceed in parallel through positional IO on the one open data file.
+#[derive(Debug)]
+pub(crate) struct BlobEntry {
+    pub manifest: Arc<Manifest>,
+    pub paths: BlobPaths,
+    data: File,
+    journal: File,
+    state: Mutex<ChunkState>,
+    /// Serialises group commits of this blob (not puts or gets).
+    commit: Mutex<()>,
+    events: broadcast::Sender<ChunkIndex>,
+    pub pinned: AtomicBool,
+    /// Logical clock value of the last use; eviction order.
+    recency: AtomicU64,
+    /// Wall-clock time of the last use, for reports and the data file's mtime.
+    last_used_nanos: AtomicU64,
+}
+
+/// What a recovered or new blob starts with.
+#[derive(Debug)]
+pub(crate) struct Opened {
+    pub manifest: Manifest,
+    pub paths: BlobPaths,
+    pub data: File,
+    pub journal: File,
+    pub present: Vec<ChunkIndex>,
+    /// Well-formed records in the journal as it stands.
+    pub journal_records: u32,
+    /// Chunk records in it not vouched for by a sync record (their data was re-verified).
+    pub uncovered: u32,
+    pub last_used: SystemTime,
+}
+
+impl BlobEntry {
+    pub(crate) fn new(opened: Opened, recency: u64) -> Self {
+        let Opened {
+            manifest,
+            paths,
+            data,
+            journal,
+            present,
+            journal_records,
+            uncovered,
+            last_used,
+        } = opened;
+        let mut bits = vec![0u8; (manifest.chunk_count() as usize).div_ceil(8)];
+        for &index in &present {
+            bitfield_set(&mut bits, index);
+        }
+        let state = ChunkState {
+            bits,
+            present: present.len() as u32,
+            records: journal_records,
+            uncovered,
+        };
+        let (events, _) = broadcast::channel(EVENTS_CAPACITY);
+        Self {
+            manifest: Arc::new(manifest),
+            paths,
+            data,
+            journal,
+            state: Mutex::new(state),
+            commit: Mutex::new(()),
+            events,
+            pinned: AtomicBool::new(false),
+            recency: AtomicU64::new(recency),
+            last_used_nanos: AtomicU64::new(nanos_since_epoch(last_used)),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, ChunkState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn has(&self, index: ChunkIndex) -> bool {
+        bitfield_get(&self.state().bits, index)
+    }
+
+    pub(crate) fn present_count(&self) -> u32 {
+        self.state().present
+    }
+
+    pub(crate) fn is_complete(&self) -> bool {
+        self.present_count() == self.manifest.chunk_count()
+    }
+
+    pub(crate) fn bitfield(&self) -> Bytes {
+        Bytes::copy_from_slice(&self.state().bits)
+    }
+
+    pub(crate) fn subscribe(&self) -> broadcast::Receiver<ChunkIndex> {
+        self.events.subscribe()
+    }
+
+    pub(crate) fn touch(&self, recency: u64) {
+        self.recency.fetch_max(recency, Ordering::Relaxed);
+        self.last_used_nanos
+            .store(nanos_since_epoch(SystemTime::now()), Ordering::Relaxed);
+    }
+
+    pub(crate) fn recency(&self) -> u64 {
+        self.recency.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn last_used(&self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_nanos(self.last_used_nanos.load(Ordering::Relaxed))
+    }
+
+    /// Verifies, writes in place, then records and marks the chunk. The record is appended only
+    /// after the data write returned, so a crash in between leaves the chunk absent.
+    pub(crate) fn put(&self, index: ChunkIndex, data: &[u8]) -> Result<PutOutcome, StoreError> {
+        let range = self.manifest.chunk_range(index)?;
+        if self.has(index) {
+            return Ok(PutOutcome::AlreadyPresent);
+        }
+        self.manifest.verify_chunk(index, data)?;
+        self.data
+            .write_all_at(data, range.start)
+            .map_err(io_err("writing chunk to", &self.paths.data))?;
+
+        let (complete, due) = {
+            let mut state = self.state();
+            // A concurrent put of the same chunk won: it wrote the same verified bytes.
+            if bitfield_get(&state.bits, index) {
+                return Ok(PutOutcome::AlreadyPresent);
+            }
+            // On failure the position is not advanced: a partial record is overwritten by the
+            // next append, or cut off as a torn tail on open.
+            self.journal
+                .write_all_at(
+                    &Record::Chunk(index).encode(),
+                    u64::from(state.records) * RECORD_LEN,
+                )
+                .map_err(io_err("recording chunk in", &self.paths.journal))?;
+            state.records += 1;
+            state.uncovered += 1;
+            state.present += 1;
+            bitfield_set(&mut state.bits, index);
+            let complete = state.present == self.manifest.chunk_count();
+            (complete, complete || state.uncovered >= SYNC_EVERY)
+        };
+        // No receivers is fine.
+        let _ = self.events.send(index);
+        if due {
+            // The chunk is present either way; a failed sync is reported so the caller knows
+            // durability is in doubt (the next commit or flush retries).
+            self.commit(complete)?;
+        }
+        Ok(PutOutcome::Stored)
+    }
+
+    /// The bytes of a present chunk: one read into a fresh buffer.
+    pub(crate) fn get(&self, index: ChunkIndex) -> Result<Bytes, StoreError> {
+        let range = self.manifest.chunk_range(index)?;
+        if !self.has(index) {
+            return Err(StoreError::ChunkMissing {
+                blob: self.manifest.digest(),
+                index,
+            });
+        }
+        let mut buf = BytesMut::zeroed((range.end - range.start) as usize);
+        self.read_at(&mut buf, range.start)?;
+        Ok(buf.freeze())
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), StoreError> {
+        self.data.read_exact_at(buf, offset).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                StoreError::Corrupt {
+                    path: self.paths.data.clone(),
+                    reason: format!("data file ends before offset {}", offset + buf.len() as u64),
+                }
+            } else {
+                StoreError::io("reading chunk from", &self.paths.data, e)
+            }
+        })
+    }
+
+    /// Group commit: fdatasync the data file, then append a sync record vouching for the records
+    /// that were in the journal before the fdatasync began, then fdatasync the journal. Puts keep
+    /// going meanwhile. With `wait == false` it gives way to a commit already running.
+    pub(crate) fn commit(&self, wait: bool) -> Result<(), StoreError> {
+        let _commit = if wait {
+            self.commit.lock().unwrap_or_else(PoisonError::into_inner)
+        } else {
+            match self.commit.try_lock() {
+                Ok(guard) => guard,
+                Err(TryLockError::Poisoned(p)) => p.into_inner(),
+                Err(TryLockError::WouldBlock) => return Ok(()),
+            }
+        };
+        let (covered, vouched) = {
+            let state = self.state();
+            if state.uncovered == 0 {
+                return Ok(());
+            }
+            (state.records, state.uncovered)
+        };
+        // Every record below `covered` was appended after its data write returned, so before
+        // this call: fdatasync makes that data durable.
+        self.data
+            .sync_data()
+            .map_err(io_err("syncing", &self.paths.data))?;
+        {
+            let mut state = self.state();
+            self.journal
+                .write_all_at(
+                    &Record::Sync { covered }.encode(),
+                    u64::from(state.records) * RECORD_LEN,
+                )
+                .map_err(io_err("recording sync in", &self.paths.journal))?;
+            state.records += 1;
+            state.uncovered -= vouched;
+        }
+        self.journal
+            .sync_data()
+            .map_err(io_err("syncing", &self.paths.journal))
+    }
+
+    /// Re-reads the whole blob and checks it against the blob digest.
+    pub(crate) fn verify(&self) -> Result<(), StoreError> {
+        let blob = self.manifest.digest();
+        if let Some(index) = self.manifest.chunk_indices().find(|&i| !self.has(i)) {
+            return Err(StoreError::ChunkMissing { blob, index });
+        }
+        let mut verifier = BlobVerifier::default();
+        let mut buf = vec![0u8; self.manifest.chunk_size() as usize];
+        for index in self.manifest.chunk_indices() {
+            let range = self.manifest.chunk_range(index)?;
+            let piece = &mut buf[..(range.end - range.start) as usize];
+            self.read_at(piece, range.start)?;
+            verifier.update(piece);
+        }
+        verifier.finish(blob).map_err(StoreError::Verify)
+    }
+
+    /// Commits, then stamps the data file's mtime with the last use so eviction order survives
+    /// a restart.
+    pub(crate) fn flush(&self) -> Result<(), StoreError> {
+        self.commit(true)?;
+        self.data
+            .set_modified(self.last_used())
+            .map_err(io_err("setting last-used time of", &self.paths.data))
+    }
+}
+
+fn nanos_since_epoch(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
