@@ -1,0 +1,411 @@
+//! The fetching side: chunk requests and have-streams to one peer.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use shoal_proto::wire::{self, ErrorStatus, Frame, WireError};
+use shoal_proto::{ChunkIndex, Digest, Manifest};
+use tokio::sync::Semaphore;
+
+use super::{ChunkEndpoint, TransportConfig, TransportError};
+use crate::store::{PutOutcome, Store, StoreError};
+
+/// Why fetching a chunk failed. `Corrupt` means the peer lied: drop and report it.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error("peer {peer}: connection lost: {source}")]
+    Connection {
+        peer: SocketAddr,
+        source: quinn::ConnectionError,
+    },
+    #[error("peer {peer}: stream failed: {reason}")]
+    Stream { peer: SocketAddr, reason: String },
+    #[error("peer {peer}: request timed out after {after:?}")]
+    Timeout { peer: SocketAddr, after: Duration },
+    #[error("peer {peer} answered {status:?}: {message}")]
+    Refused {
+        peer: SocketAddr,
+        status: ErrorStatus,
+        message: String,
+    },
+    #[error("peer {peer} broke the protocol: {reason}")]
+    Protocol { peer: SocketAddr, reason: String },
+    #[error("peer {peer} sent a corrupted chunk {index}: {reason}")]
+    Corrupt {
+        peer: SocketAddr,
+        index: ChunkIndex,
+        reason: String,
+    },
+    #[error("storing chunk: {0}")]
+    Store(#[from] StoreError),
+}
+
+impl FetchError {
+    /// Whether the peer said it is at capacity (try another source or later).
+    pub fn is_busy(&self) -> bool {
+        matches!(
+            self,
+            FetchError::Refused {
+                status: ErrorStatus::Busy,
+                ..
+            }
+        )
+    }
+}
+
+/// The connection to one peer. Cheap to clone; clones share the in-flight limit.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    conn: quinn::Connection,
+    in_flight: Arc<Semaphore>,
+    request_timeout: Duration,
+}
+
+impl Peer {
+    pub(super) fn new(conn: quinn::Connection, config: &TransportConfig) -> Self {
+        Self {
+            conn,
+            in_flight: Arc::new(Semaphore::new(config.max_requests_in_flight as usize)),
+            request_timeout: config.request_timeout,
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.conn.remote_address()
+    }
+
+    pub(super) fn is_open(&self) -> bool {
+        self.conn.close_reason().is_none()
+    }
+
+    /// Fetches chunk `index` of the blob into `buf` (resized to the chunk's length). The bytes
+    /// are NOT verified here: the store verifies them once, on put.
+    pub async fn fetch_chunk(
+        &self,
+        manifest: &Manifest,
+        index: ChunkIndex,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), FetchError> {
+        let peer = self.addr();
+        let expected = manifest
+            .chunk_len(index)
+            .map_err(|e| FetchError::Protocol {
+                peer,
+                reason: e.to_string(),
+            })?;
+        let _permit = self
+            .in_flight
+            .acquire()
+            .await
+            .map_err(|_| FetchError::Stream {
+                peer,
+                reason: "peer handle closed".into(),
+            })?;
+        let request = Frame::ChunkRequest {
+            blob: manifest.digest(),
+            index,
+        }
+        .to_bytes();
+        let exchange = async {
+            let (mut send, mut recv) = self
+                .conn
+                .open_bi()
+                .await
+                .map_err(|source| FetchError::Connection { peer, source })?;
+            send.write_all(&request)
+                .await
+                .map_err(|e| stream(peer, e))?;
+            send.finish().map_err(|e| stream(peer, e))?;
+            let header = read_header(&mut recv, peer).await?;
+            if !header.is_chunk_data() {
+                return Err(refusal(header, &mut recv, peer).await);
+            }
+            if header.len != 4 + expected {
+                return Err(FetchError::Corrupt {
+                    peer,
+                    index,
+                    reason: format!("{} bytes sent, chunk is {expected}", header.len - 4),
+                });
+            }
+            let mut got_index = [0u8; 4];
+            recv.read_exact(&mut got_index)
+                .await
+                .map_err(|e| stream(peer, e))?;
+            if u32::from_be_bytes(got_index) != index.0 {
+                return Err(FetchError::Protocol {
+                    peer,
+                    reason: format!(
+                        "asked for chunk {index}, got #{}",
+                        u32::from_be_bytes(got_index)
+                    ),
+                });
+            }
+            buf.resize(expected, 0);
+            recv.read_exact(buf).await.map_err(|e| stream(peer, e))?;
+            Ok(())
+        };
+        tokio::time::timeout(self.request_timeout, exchange)
+            .await
+            .map_err(|_| FetchError::Timeout {
+                peer,
+                after: self.request_timeout,
+            })?
+    }
+
+    /// Fetches chunk `index` and puts it in `store`, which verifies it against the manifest.
+    /// A chunk that fails verification is not stored and comes back as `Corrupt`.
+    pub async fn fetch_into_store(
+        &self,
+        store: &Store,
+        manifest: &Manifest,
+        index: ChunkIndex,
+        buf: Vec<u8>,
+    ) -> (Result<PutOutcome, FetchError>, Vec<u8>) {
+        let mut buf = buf;
+        if let Err(e) = self.fetch_chunk(manifest, index, &mut buf).await {
+            return (Err(e), buf);
+        }
+        let peer = self.addr();
+        let store = store.clone();
+        let blob = manifest.digest();
+        let put = tokio::task::spawn_blocking(move || {
+            let r = store.put_chunk(&blob, index, &buf);
+            (r, buf)
+        })
+        .await;
+        match put {
+            Ok((Ok(outcome), buf)) => (Ok(outcome), buf),
+            Ok((Err(StoreError::Verify(e)), buf)) => (
+                Err(FetchError::Corrupt {
+                    peer,
+                    index,
+                    reason: e.to_string(),
+                }),
+                buf,
+            ),
+            Ok((Err(e), buf)) => (Err(e.into()), buf),
+            Err(e) => (
+                Err(FetchError::Stream {
+                    peer,
+                    reason: format!("store task failed: {e}"),
+                }),
+                Vec::new(),
+            ),
+        }
+    }
+
+    /// Opens a have-stream for `blob`: first a bitfield, then deltas.
+    pub async fn watch_have(&self, blob: Digest) -> Result<HaveStream, FetchError> {
+        let peer = self.addr();
+        let (mut send, recv) = self
+            .conn
+            .open_bi()
+            .await
+            .map_err(|source| FetchError::Connection { peer, source })?;
+        send.write_all(&Frame::HaveRequest { blob }.to_bytes())
+            .await
+            .map_err(|e| stream(peer, e))?;
+        send.finish().map_err(|e| stream(peer, e))?;
+        Ok(HaveStream {
+            peer,
+            recv,
+            buf: BytesMut::new(),
+        })
+    }
+}
+
+fn stream(peer: SocketAddr, e: impl std::fmt::Display) -> FetchError {
+    FetchError::Stream {
+        peer,
+        reason: e.to_string(),
+    }
+}
+
+async fn read_header(
+    recv: &mut quinn::RecvStream,
+    peer: SocketAddr,
+) -> Result<wire::FrameHeader, FetchError> {
+    let mut header = [0u8; wire::HEADER_LEN];
+    recv.read_exact(&mut header)
+        .await
+        .map_err(|e| stream(peer, e))?;
+    wire::decode_header(header).map_err(|e| FetchError::Protocol {
+        peer,
+        reason: e.to_string(),
+    })
+}
+
+/// Reads the rest of a non-chunk answer and turns it into an error.
+async fn refusal(
+    header: wire::FrameHeader,
+    recv: &mut quinn::RecvStream,
+    peer: SocketAddr,
+) -> FetchError {
+    let mut frame = BytesMut::from(&header.to_bytes()[..]);
+    frame.resize(wire::HEADER_LEN + header.len, 0);
+    if let Err(e) = recv.read_exact(&mut frame[wire::HEADER_LEN..]).await {
+        return stream(peer, e);
+    }
+    match wire::decode(&mut frame) {
+        Ok(Some(Frame::Error { status, message })) => FetchError::Refused {
+            peer,
+            status,
+            message,
+        },
+        Ok(other) => FetchError::Protocol {
+            peer,
+            reason: format!("unexpected answer {other:?}"),
+        },
+        Err(e) => FetchError::Protocol {
+            peer,
+            reason: e.to_string(),
+        },
+    }
+}
+
+/// What a peer holds of one blob, as it changes.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub enum HaveUpdate {
+    /// The full picture: bit `i` set when the peer holds chunk `i`.
+    Bitfield { chunk_count: u32, bits: Bytes },
+    /// Chunks the peer verified since the last update.
+    Delta(Vec<ChunkIndex>),
+}
+
+/// The receiving end of a have-stream.
+#[derive(Debug)]
+pub struct HaveStream {
+    peer: SocketAddr,
+    recv: quinn::RecvStream,
+    buf: BytesMut,
+}
+
+impl HaveStream {
+    /// The next update; `Ok(None)` when the peer holds the whole blob and closed the stream.
+    pub async fn next(&mut self) -> Result<Option<HaveUpdate>, FetchError> {
+        let peer = self.peer;
+        loop {
+            match wire::decode(&mut self.buf) {
+                Ok(Some(Frame::HaveBitfield { chunk_count, bits })) => {
+                    return Ok(Some(HaveUpdate::Bitfield { chunk_count, bits }));
+                }
+                Ok(Some(Frame::HaveDelta { indices })) => {
+                    return Ok(Some(HaveUpdate::Delta(indices)));
+                }
+                Ok(Some(Frame::Error { status, message })) => {
+                    return Err(FetchError::Refused {
+                        peer,
+                        status,
+                        message,
+                    });
+                }
+                Ok(Some(other)) => {
+                    return Err(FetchError::Protocol {
+                        peer,
+                        reason: format!("unexpected {other:?} on a have-stream"),
+                    });
+                }
+                Ok(None) => {}
+                Err(e @ WireError::FrameTooLarge { .. }) | Err(e) => {
+                    return Err(FetchError::Protocol {
+                        peer,
+                        reason: e.to_string(),
+                    });
+                }
+            }
+            match self
+                .recv
+                .read_chunk(64 << 10, true)
+                .await
+                .map_err(|e| stream(peer, e))?
+            {
+                Some(chunk) => self.buf.extend_from_slice(&chunk.bytes),
+                None if self.buf.is_empty() => return Ok(None),
+                None => {
+                    return Err(FetchError::Protocol {
+                        peer,
+                        reason: "have-stream ended inside a frame".into(),
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// What [`ChunkEndpoint::fetch_blob`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FetchReport {
+    pub chunks_stored: u32,
+    pub bytes_stored: u64,
+    pub elapsed: Duration,
+}
+
+impl ChunkEndpoint {
+    /// Fetches every chunk of `manifest` that the local store lacks from `peer`, keeping
+    /// `max_requests_in_flight` requests going, verifying each on put. The manifest must be in
+    /// the local store already. Stops at the first error; chunks stored so far stay stored.
+    pub async fn fetch_blob(
+        &self,
+        peer: SocketAddr,
+        manifest: &Manifest,
+    ) -> Result<FetchReport, FetchError> {
+        let started = Instant::now();
+        let peer = self.peer(peer).await?;
+        let store = self.store().clone();
+        let blob = manifest.digest();
+        let missing: Vec<ChunkIndex> = manifest
+            .chunk_indices()
+            .filter(|i| !store.has_chunk(&blob, *i))
+            .collect();
+        let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let missing = Arc::new(missing);
+        let manifest = Arc::new(manifest.clone());
+        let workers = self.inner.config.max_requests_in_flight.max(1) as usize;
+        let mut tasks = tokio::task::JoinSet::<Result<(u32, u64), FetchError>>::new();
+        for _ in 0..workers {
+            let (peer, store, manifest, missing, next) = (
+                peer.clone(),
+                store.clone(),
+                manifest.clone(),
+                missing.clone(),
+                next.clone(),
+            );
+            tasks.spawn(async move {
+                let mut buf = Vec::with_capacity(manifest.chunk_size() as usize);
+                let (mut chunks, mut bytes) = (0u32, 0u64);
+                loop {
+                    let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(&index) = missing.get(n) else {
+                        return Ok((chunks, bytes));
+                    };
+                    let (result, returned) =
+                        peer.fetch_into_store(&store, &manifest, index, buf).await;
+                    buf = returned;
+                    if result? == PutOutcome::Stored {
+                        chunks += 1;
+                        bytes += buf.len() as u64;
+                    }
+                }
+            });
+        }
+        let mut report = FetchReport {
+            chunks_stored: 0,
+            bytes_stored: 0,
+            elapsed: Duration::ZERO,
+        };
+        while let Some(joined) = tasks.join_next().await {
+            let (chunks, bytes) = joined.map_err(|e| FetchError::Stream {
+                peer: peer.addr(),
+                reason: e.to_string(),
+            })??;
+            report.chunks_stored += chunks;
+            report.bytes_stored += bytes;
+        }
+        report.elapsed = started.elapsed();
+        Ok(report)
+    }
+}

@@ -1,0 +1,272 @@
+//! The serving side: answers chunk requests and have-streams on every connection.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+
+use bytes::BytesMut;
+use shoal_proto::wire::{self, ErrorStatus, Frame};
+use shoal_proto::{ChunkIndex, Digest};
+use tokio::sync::broadcast::error::RecvError;
+
+use super::Inner;
+use crate::store::StoreError;
+
+/// Requests are tiny; anything longer than this before a full frame is a bad request.
+const MAX_REQUEST_LEN: usize = 256;
+
+/// Counters of the serving side.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServeStats {
+    pub chunks_served: u64,
+    pub bytes_served: u64,
+    pub busy_rejections: u64,
+    pub not_found: u64,
+}
+
+#[derive(Debug, Default)]
+pub(super) struct Counters {
+    chunks_served: AtomicU64,
+    bytes_served: AtomicU64,
+    busy_rejections: AtomicU64,
+    not_found: AtomicU64,
+}
+
+impl Counters {
+    pub(super) fn snapshot(&self) -> ServeStats {
+        ServeStats {
+            chunks_served: self.chunks_served.load(Ordering::Relaxed),
+            bytes_served: self.bytes_served.load(Ordering::Relaxed),
+            busy_rejections: self.busy_rejections.load(Ordering::Relaxed),
+            not_found: self.not_found.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Accepts incoming connections until the endpoint closes or is dropped.
+pub(super) async fn accept_loop(inner: Weak<Inner>) {
+    loop {
+        let Some(endpoint) = inner.upgrade().map(|i| i.endpoint.clone()) else {
+            return;
+        };
+        let Some(incoming) = endpoint.accept().await else {
+            return;
+        };
+        drop(endpoint);
+        let inner = inner.clone();
+        tokio::spawn(async move {
+            match incoming.await {
+                Ok(conn) => {
+                    if let Some(inner) = inner.upgrade() {
+                        inner.adopt(conn);
+                    }
+                }
+                // A peer with a certificate the CA did not sign ends here.
+                Err(e) => tracing::debug!(error = %e, "incoming QUIC handshake failed"),
+            }
+        });
+    }
+}
+
+/// Serves every stream the peer opens on `conn` until it closes.
+pub(super) async fn serve_connection(inner: Weak<Inner>, conn: quinn::Connection) {
+    loop {
+        let (send, recv) = match conn.accept_bi().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(peer = %conn.remote_address(), error = %e, "connection closed");
+                return;
+            }
+        };
+        let Some(inner) = inner.upgrade() else { return };
+        tokio::spawn(async move {
+            if let Err(e) = serve_stream(&inner, send, recv).await {
+                tracing::debug!(error = %e, "stream ended with error");
+            }
+        });
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum StreamError {
+    #[error("reading request: {0}")]
+    Read(#[from] quinn::ReadError),
+    #[error("writing response: {0}")]
+    Write(#[from] quinn::WriteError),
+    #[error("stream already closed")]
+    Closed(#[from] quinn::ClosedStream),
+    #[error("request timed out")]
+    Timeout,
+}
+
+async fn serve_stream(
+    inner: &Arc<Inner>,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) -> Result<(), StreamError> {
+    let request = tokio::time::timeout(inner.config.request_timeout, read_request(&mut recv))
+        .await
+        .map_err(|_| StreamError::Timeout)??;
+    match request {
+        Ok(Frame::ChunkRequest { blob, index }) => {
+            let served = tokio::time::timeout(
+                inner.config.request_timeout,
+                serve_chunk(inner, &mut send, blob, index),
+            )
+            .await;
+            match served {
+                Ok(r) => r,
+                Err(_) => {
+                    let _ = send.reset(0u32.into());
+                    Err(StreamError::Timeout)
+                }
+            }
+        }
+        Ok(Frame::HaveRequest { blob }) => serve_have(inner, &mut send, blob).await,
+        Ok(other) => {
+            reply_error(
+                &mut send,
+                ErrorStatus::BadRequest,
+                &format!("unexpected {other:?}"),
+            )
+            .await
+        }
+        Err(e) => reply_error(&mut send, ErrorStatus::BadRequest, &e.to_string()).await,
+    }
+}
+
+/// Reads the one request frame of a stream; `Ok(Err(_))` is a malformed request.
+async fn read_request(
+    recv: &mut quinn::RecvStream,
+) -> Result<Result<Frame, wire::WireError>, quinn::ReadError> {
+    let mut buf = BytesMut::with_capacity(64);
+    loop {
+        match wire::decode(&mut buf) {
+            Ok(Some(frame)) => return Ok(Ok(frame)),
+            Ok(None) if buf.len() < MAX_REQUEST_LEN => {}
+            Ok(None) => {
+                return Ok(Err(wire::WireError::Malformed {
+                    kind: "request",
+                    reason: "longer than 256 bytes",
+                }));
+            }
+            Err(e) => return Ok(Err(e)),
+        }
+        match recv.read_chunk(MAX_REQUEST_LEN, true).await? {
+            Some(chunk) => buf.extend_from_slice(&chunk.bytes),
+            None => {
+                return Ok(Err(wire::WireError::Malformed {
+                    kind: "request",
+                    reason: "stream ended before a whole frame",
+                }));
+            }
+        }
+    }
+}
+
+async fn serve_chunk(
+    inner: &Arc<Inner>,
+    send: &mut quinn::SendStream,
+    blob: Digest,
+    index: ChunkIndex,
+) -> Result<(), StreamError> {
+    let Ok(_permit) = inner.served_limit.clone().try_acquire_owned() else {
+        inner.stats.busy_rejections.fetch_add(1, Ordering::Relaxed);
+        return reply_error(send, ErrorStatus::Busy, "serving at capacity").await;
+    };
+    let store = inner.store.clone();
+    let read = tokio::task::spawn_blocking(move || store.get_chunk(&blob, index)).await;
+    let data = match read {
+        Ok(Ok(data)) => data,
+        Ok(Err(StoreError::UnknownBlob(_) | StoreError::ChunkMissing { .. })) => {
+            inner.stats.not_found.fetch_add(1, Ordering::Relaxed);
+            return reply_error(
+                send,
+                ErrorStatus::NotFound,
+                &format!("no chunk {index} of {blob}"),
+            )
+            .await;
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(%blob, %index, error = %e, "reading chunk to serve failed");
+            return reply_error(send, ErrorStatus::Internal, "store read failed").await;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "chunk read task failed");
+            return reply_error(send, ErrorStatus::Internal, "store read failed").await;
+        }
+    };
+    let len = data.len() as u64;
+    let header = bytes::Bytes::copy_from_slice(&wire::chunk_data_header(index, data.len()));
+    // write_all_chunks hands the Bytes to quinn without copying the chunk.
+    send.write_all_chunks(&mut [header, data]).await?;
+    send.finish()?;
+    inner.stats.chunks_served.fetch_add(1, Ordering::Relaxed);
+    inner.stats.bytes_served.fetch_add(len, Ordering::Relaxed);
+    Ok(())
+}
+
+/// Sends the blob's bitfield, then deltas as chunks are verified, until the blob is complete
+/// or the client stops the stream.
+async fn serve_have(
+    inner: &Arc<Inner>,
+    send: &mut quinn::SendStream,
+    blob: Digest,
+) -> Result<(), StreamError> {
+    // Subscribe before the snapshot so no chunk verified in between is missed.
+    let Some(mut updates) = inner.store.subscribe(&blob) else {
+        return reply_error(send, ErrorStatus::NotFound, &format!("no blob {blob}")).await;
+    };
+    let Some((chunk_count, bits)) = inner.store.bitfield(&blob) else {
+        return reply_error(send, ErrorStatus::NotFound, &format!("no blob {blob}")).await;
+    };
+    send.write_all(&Frame::HaveBitfield { chunk_count, bits }.to_bytes())
+        .await?;
+    loop {
+        if inner.store.is_complete(&blob) {
+            break;
+        }
+        let first = tokio::select! {
+            r = updates.recv() => r,
+            _ = send.stopped() => return Ok(()),
+        };
+        let mut indices = Vec::new();
+        match first {
+            Ok(i) => indices.push(i),
+            Err(RecvError::Lagged(_)) => {
+                // Fell behind: resend the whole picture rather than guess.
+                let Some((chunk_count, bits)) = inner.store.bitfield(&blob) else {
+                    break;
+                };
+                send.write_all(&Frame::HaveBitfield { chunk_count, bits }.to_bytes())
+                    .await?;
+                continue;
+            }
+            Err(RecvError::Closed) => break,
+        }
+        // Batch whatever else is already waiting into the same delta.
+        while let Ok(i) = updates.try_recv() {
+            indices.push(i);
+        }
+        send.write_all(&Frame::HaveDelta { indices }.to_bytes())
+            .await?;
+    }
+    send.finish()?;
+    Ok(())
+}
+
+async fn reply_error(
+    send: &mut quinn::SendStream,
+    status: ErrorStatus,
+    message: &str,
+) -> Result<(), StreamError> {
+    send.write_all(
+        &Frame::Error {
+            status,
+            message: message.to_string(),
+        }
+        .to_bytes(),
+    )
+    .await?;
+    send.finish()?;
+    Ok(())
+}

@@ -1,0 +1,341 @@
+//! In-process QUIC tests: real endpoints on loopback UDP, real stores on disk, real TLS.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Result;
+use shoal_agent::store::{Store, StoreConfig};
+use shoal_agent::transport::tls::{AgentIdentity, ClusterCa};
+use shoal_agent::transport::{ChunkEndpoint, FetchError, HaveUpdate, TransportConfig};
+use shoal_proto::wire::{ErrorStatus, bitfield_get};
+use shoal_proto::{CHUNK_SIZE, ChunkIndex, Manifest};
+
+const LOOPBACK: &str = "127.0.0.1:0";
+
+struct Node {
+    endpoint: ChunkEndpoint,
+    _dir: tempfile::TempDir,
+}
+
+fn node(identity: &AgentIdentity, config: TransportConfig) -> Result<Node> {
+    let dir = tempfile::tempdir()?;
+    let store = Store::open(StoreConfig {
+        root: dir.path().to_path_buf(),
+        quota_bytes: 1 << 30,
+    })?;
+    let endpoint = ChunkEndpoint::bind(LOOPBACK.parse()?, identity, store, config)?;
+    Ok(Node {
+        endpoint,
+        _dir: dir,
+    })
+}
+
+fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Puts a whole blob into a node's store, as `push` would.
+fn seed(node: &Node, data: &[u8], chunk_size: u32) -> Result<Manifest> {
+    let manifest = Manifest::from_reader(data, chunk_size)?;
+    let store = node.endpoint.store();
+    store.insert_manifest(&manifest)?;
+    for i in manifest.chunk_indices() {
+        let r = manifest.chunk_range(i)?;
+        store.put_chunk(
+            &manifest.digest(),
+            i,
+            &data[r.start as usize..r.end as usize],
+        )?;
+    }
+    Ok(manifest)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moves_a_64_mib_blob_with_every_chunk_verified() -> Result<()> {
+    let ca = ClusterCa::generate()?;
+    let a = node(&ca.issue("a")?, TransportConfig::default())?;
+    let b = node(&ca.issue("b")?, TransportConfig::default())?;
+    let data = pseudo_random(64 << 20, 7);
+    let manifest = seed(&a, &data, CHUNK_SIZE)?;
+    assert_eq!(manifest.chunk_count(), 64);
+
+    b.endpoint.store().insert_manifest(&manifest)?;
+    let report = b
+        .endpoint
+        .fetch_blob(a.endpoint.local_addr(), &manifest)
+        .await?;
+    assert_eq!(report.chunks_stored, 64);
+    assert_eq!(report.bytes_stored, 64 << 20);
+
+    let store = b.endpoint.store();
+    assert!(store.is_complete(&manifest.digest()));
+    store.verify_blob(&manifest.digest())?;
+    for i in manifest.chunk_indices() {
+        let r = manifest.chunk_range(i)?;
+        assert_eq!(
+            store.get_chunk(&manifest.digest(), i)?,
+            data[r.start as usize..r.end as usize]
+        );
+    }
+    let served = a.endpoint.serve_stats();
+    assert_eq!(served.chunks_served, 64);
+    assert_eq!(served.bytes_served, 64 << 20);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_corrupted_chunk_from_a_peer_is_detected_and_not_stored() -> Result<()> {
+    let ca = ClusterCa::generate()?;
+    let a = node(&ca.issue("a")?, TransportConfig::default())?;
+    let b = node(&ca.issue("b")?, TransportConfig::default())?;
+    let data = pseudo_random(8 * 4096, 3);
+    let manifest = seed(&a, &data, 4096)?;
+
+    // The serving peer's disk rots after verification: it now serves bytes that do not match.
+    let path = a
+        .endpoint
+        .store()
+        .data_path(&manifest.digest())
+        .expect("data file");
+    let mut on_disk = std::fs::read(&path)?;
+    on_disk[2 * 4096 + 100] ^= 0xff;
+    std::fs::write(&path, &on_disk)?;
+
+    b.endpoint.store().insert_manifest(&manifest)?;
+    let peer = b.endpoint.peer(a.endpoint.local_addr()).await?;
+    let (result, _) = peer
+        .fetch_into_store(b.endpoint.store(), &manifest, ChunkIndex(2), Vec::new())
+        .await;
+    match result {
+        Err(FetchError::Corrupt {
+            index, peer: who, ..
+        }) => {
+            assert_eq!(index, ChunkIndex(2));
+            assert_eq!(who, a.endpoint.local_addr());
+        }
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+    assert!(
+        !b.endpoint
+            .store()
+            .has_chunk(&manifest.digest(), ChunkIndex(2))
+    );
+    assert!(
+        b.endpoint
+            .store()
+            .get_chunk(&manifest.digest(), ChunkIndex(2))
+            .is_err()
+    );
+
+    // fetch_blob surfaces the same and keeps the good chunks it got.
+    let err = b
+        .endpoint
+        .fetch_blob(a.endpoint.local_addr(), &manifest)
+        .await;
+    assert!(matches!(err, Err(FetchError::Corrupt { .. })), "{err:?}");
+    assert!(
+        !b.endpoint
+            .store()
+            .has_chunk(&manifest.digest(), ChunkIndex(2))
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_client_refuses_a_server_the_cluster_ca_did_not_sign() -> Result<()> {
+    let ours = ClusterCa::generate()?;
+    let theirs = ClusterCa::generate()?;
+    let client = node(&ours.issue("client")?, TransportConfig::default())?;
+    let impostor = node(&theirs.issue("impostor")?, TransportConfig::default())?;
+    let err = client
+        .endpoint
+        .peer(impostor.endpoint.local_addr())
+        .await
+        .expect_err("must refuse");
+    let text = err.to_string();
+    assert!(
+        text.contains("connect") || text.contains("certificate"),
+        "{text}"
+    );
+    assert!(client.endpoint.connected_peers().is_empty());
+
+    // And a server refuses a client whose certificate the CA did not sign, even when that
+    // client trusts the server (it has our root but a certificate from another CA).
+    let server = node(&ours.issue("server")?, TransportConfig::default())?;
+    let manifest = seed(&server, &pseudo_random(4096, 1), 4096)?;
+    let forged = theirs.issue("forged")?;
+    let ours_root = ours.issue("x")?.roots;
+    let sneaky = node(
+        &AgentIdentity {
+            roots: ours_root,
+            ..forged
+        },
+        TransportConfig::default(),
+    )?;
+    sneaky.endpoint.store().insert_manifest(&manifest)?;
+    let fetched = sneaky
+        .endpoint
+        .fetch_blob(server.endpoint.local_addr(), &manifest)
+        .await;
+    assert!(fetched.is_err(), "server served a client of another CA");
+    assert_eq!(server.endpoint.serve_stats().chunks_served, 0);
+    assert!(
+        !sneaky
+            .endpoint
+            .store()
+            .has_chunk(&manifest.digest(), ChunkIndex(0))
+    );
+
+    // The same client with a certificate from our CA is served: the refusal was the CA.
+    let honest = node(&ours.issue("honest")?, TransportConfig::default())?;
+    honest.endpoint.store().insert_manifest(&manifest)?;
+    honest
+        .endpoint
+        .fetch_blob(server.endpoint.local_addr(), &manifest)
+        .await?;
+    assert_eq!(server.endpoint.serve_stats().chunks_served, 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn unknown_blobs_are_not_found_and_a_full_server_says_busy() -> Result<()> {
+    let ca = ClusterCa::generate()?;
+    let a = node(&ca.issue("a")?, TransportConfig::default())?;
+    let full = node(
+        &ca.issue("full")?,
+        TransportConfig {
+            max_concurrent_served: 0,
+            ..Default::default()
+        },
+    )?;
+    let b = node(&ca.issue("b")?, TransportConfig::default())?;
+    let manifest = Manifest::from_reader(&pseudo_random(4096, 9)[..], 4096)?;
+
+    let peer = b.endpoint.peer(a.endpoint.local_addr()).await?;
+    let err = peer
+        .fetch_chunk(&manifest, ChunkIndex(0), &mut Vec::new())
+        .await
+        .expect_err("unknown");
+    assert!(
+        matches!(
+            err,
+            FetchError::Refused {
+                status: ErrorStatus::NotFound,
+                ..
+            }
+        ),
+        "{err}"
+    );
+
+    let data = pseudo_random(4096, 9);
+    seed(&full, &data, 4096)?;
+    let peer = b.endpoint.peer(full.endpoint.local_addr()).await?;
+    let err = peer
+        .fetch_chunk(&manifest, ChunkIndex(0), &mut Vec::new())
+        .await
+        .expect_err("busy");
+    assert!(err.is_busy(), "{err}");
+    assert_eq!(full.endpoint.serve_stats().busy_rejections, 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn have_stream_sends_bitfield_then_deltas_until_complete() -> Result<()> {
+    let ca = ClusterCa::generate()?;
+    let a = node(&ca.issue("a")?, TransportConfig::default())?;
+    let b = node(&ca.issue("b")?, TransportConfig::default())?;
+    let data = pseudo_random(4 * 4096, 5);
+    let manifest = Manifest::from_reader(&data[..], 4096)?;
+    let store = a.endpoint.store();
+    store.insert_manifest(&manifest)?;
+    store.put_chunk(&manifest.digest(), ChunkIndex(1), &data[4096..8192])?;
+
+    let peer = b.endpoint.peer(a.endpoint.local_addr()).await?;
+    let mut have = peer.watch_have(manifest.digest()).await?;
+    match have.next().await? {
+        Some(HaveUpdate::Bitfield { chunk_count, bits }) => {
+            assert_eq!(chunk_count, 4);
+            assert!(bitfield_get(&bits, ChunkIndex(1)));
+            assert!(!bitfield_get(&bits, ChunkIndex(0)));
+        }
+        other => panic!("expected a bitfield first, got {other:?}"),
+    }
+    let mut seen = vec![ChunkIndex(1)];
+    for i in [0u32, 2, 3] {
+        let r = (i as usize * 4096)..(i as usize + 1) * 4096;
+        store.put_chunk(&manifest.digest(), ChunkIndex(i), &data[r])?;
+    }
+    while let Some(update) = tokio::time::timeout(Duration::from_secs(5), have.next()).await?? {
+        match update {
+            HaveUpdate::Delta(indices) => seen.extend(indices),
+            HaveUpdate::Bitfield { bits, .. } => {
+                seen = (0..4)
+                    .map(ChunkIndex)
+                    .filter(|i| bitfield_get(&bits, *i))
+                    .collect();
+            }
+        }
+    }
+    seen.sort();
+    assert_eq!(seen, (0..4).map(ChunkIndex).collect::<Vec<_>>());
+    Ok(())
+}
+
+#[tokio::test]
+async fn one_connection_serves_both_directions() -> Result<()> {
+    let ca = ClusterCa::generate()?;
+    let a = node(&ca.issue("a")?, TransportConfig::default())?;
+    let b = node(&ca.issue("b")?, TransportConfig::default())?;
+    let blob_a = seed(&a, &pseudo_random(4096, 11), 4096)?;
+    let blob_b = seed(&b, &pseudo_random(4096, 12), 4096)?;
+
+    b.endpoint.store().insert_manifest(&blob_a)?;
+    b.endpoint
+        .fetch_blob(a.endpoint.local_addr(), &blob_a)
+        .await?;
+    // A now reaches B over the connection B dialled: no second handshake.
+    wait_for(|| a.endpoint.connected_peers() == vec![b.endpoint.local_addr()]).await;
+    a.endpoint.store().insert_manifest(&blob_b)?;
+    a.endpoint
+        .fetch_blob(b.endpoint.local_addr(), &blob_b)
+        .await?;
+    assert_eq!(a.endpoint.connected_peers(), vec![b.endpoint.local_addr()]);
+    assert_eq!(b.endpoint.connected_peers(), vec![a.endpoint.local_addr()]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_silent_peer_times_out_instead_of_hanging() -> Result<()> {
+    let ca = ClusterCa::generate()?;
+    let config = TransportConfig {
+        request_timeout: Duration::from_millis(300),
+        ..Default::default()
+    };
+    let a = node(&ca.issue("a")?, config)?;
+    // A UDP socket that never answers: the handshake can never finish.
+    let silent = std::net::UdpSocket::bind(LOOPBACK)?;
+    let addr: SocketAddr = silent.local_addr()?;
+    let started = std::time::Instant::now();
+    let err = a.endpoint.peer(addr).await.expect_err("no answer");
+    assert!(err.to_string().contains("timed out"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    Ok(())
+}
+
+async fn wait_for(mut cond: impl FnMut() -> bool) {
+    for _ in 0..100 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("condition not met within 2 s");
+}
