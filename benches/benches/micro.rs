@@ -1,0 +1,109 @@
+//! Micro benchmarks of the per-byte costs on the data path: hashing, the store, the codec.
+//! Run with `cargo bench -p shoal-benches --bench micro`.
+
+use std::hint::black_box;
+
+use bytes::{Bytes, BytesMut};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use shoal_agent::store::{Store, StoreConfig};
+use shoal_proto::wire::{self, Frame};
+use shoal_proto::{CHUNK_SIZE, ChunkIndex, Digest, Manifest};
+
+fn chunk() -> Vec<u8> {
+    (0..CHUNK_SIZE as usize)
+        .map(|i| (i * 7 % 251) as u8)
+        .collect()
+}
+
+fn sha256(c: &mut Criterion) {
+    let data = chunk();
+    let mut g = c.benchmark_group("sha256");
+    g.throughput(Throughput::Bytes(data.len() as u64));
+    g.bench_function("1MiB", |b| b.iter(|| Digest::of(black_box(&data))));
+    g.finish();
+}
+
+fn store(c: &mut Criterion) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(StoreConfig {
+        root: dir.path().into(),
+        quota_bytes: 1 << 40,
+    })
+    .expect("store");
+    // 64 chunks of the same bytes: a blob whose manifest lists the same digest 64 times.
+    let data = chunk();
+    let one = Manifest::from_reader(&data[..], CHUNK_SIZE).expect("manifest");
+    let blob: Vec<u8> = data.iter().copied().cycle().take(64 * data.len()).collect();
+    let manifest = Manifest::from_reader(&blob[..], CHUNK_SIZE).expect("manifest");
+    assert_eq!(manifest.chunk_digests()[5], one.chunk_digests()[0]);
+    store.insert_manifest(&manifest).expect("insert");
+
+    let mut g = c.benchmark_group("store");
+    g.throughput(Throughput::Bytes(data.len() as u64));
+    let mut i = 0u32;
+    g.bench_function("put_chunk_1MiB (verify + write)", |b| {
+        b.iter(|| {
+            // Remove and re-insert once all 64 are present so every put really writes.
+            if i == 64 {
+                store.remove(&manifest.digest()).expect("remove");
+                store.insert_manifest(&manifest).expect("insert");
+                i = 0;
+            }
+            store
+                .put_chunk(&manifest.digest(), ChunkIndex(i), &data)
+                .expect("put");
+            i += 1;
+        })
+    });
+    for i in manifest.chunk_indices() {
+        store.put_chunk(&manifest.digest(), i, &data).expect("put");
+    }
+    let mut i = 0u32;
+    g.bench_function("get_chunk_1MiB", |b| {
+        b.iter(|| {
+            i = (i + 1) % 64;
+            black_box(
+                store
+                    .get_chunk(&manifest.digest(), ChunkIndex(i))
+                    .expect("get"),
+            )
+        })
+    });
+    g.finish();
+}
+
+fn codec(c: &mut Criterion) {
+    let data = Bytes::from(chunk());
+    let frame = Frame::ChunkData {
+        index: ChunkIndex(3),
+        data: data.clone(),
+    };
+    let encoded = frame.to_bytes();
+    let mut g = c.benchmark_group("wire");
+    g.throughput(Throughput::Bytes(encoded.len() as u64));
+    g.bench_function("decode_chunk_1MiB (zero-copy)", |b| {
+        b.iter(|| {
+            let mut buf = encoded.clone();
+            black_box(wire::decode(&mut buf).expect("valid"))
+        })
+    });
+    g.bench_function("chunk_data_header", |b| {
+        b.iter(|| black_box(wire::chunk_data_header(ChunkIndex(3), data.len())))
+    });
+    let request = Frame::ChunkRequest {
+        blob: Digest::of(b"x"),
+        index: ChunkIndex(9),
+    };
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("request_round_trip", |b| {
+        let mut buf = BytesMut::with_capacity(64);
+        b.iter(|| {
+            request.encode(&mut buf);
+            black_box(wire::decode(&mut buf).expect("valid"))
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, sha256, store, codec);
+criterion_main!(benches);

@@ -1,0 +1,1 @@
+//! Shoal's benchmarks: criterion micro benches in `benches/`, throughput binaries in `src/bin/`.
