@@ -21,6 +21,6 @@ cargo fmt --all -- --check
 echo "==> cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "==> tests"
-# Debug builds with optimised dependencies (see Cargo.toml); the slow tests are marked in
-# .config/nextest.toml and run here too.
+# Debug builds with optimised dependencies (see Cargo.toml). .config/nextest.toml kills any
+# test that hangs past three minutes.
 cargo nextest run --workspace --locked --no-fail-fast

@@ -7,7 +7,9 @@ use bytes::{Bytes, BytesMut};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use shoal_agent::store::{Store, StoreConfig};
 use shoal_proto::wire::{self, Frame};
-use shoal_proto::{CHUNK_SIZE, ChunkIndex, Digest, Manifest};
+use shoal_proto::{CHUNK_SIZE, ChunkIndex, Digest, ManifestBuilder};
+
+const CHUNKS: u32 = 256;
 
 fn chunk() -> Vec<u8> {
     (0..CHUNK_SIZE as usize)
@@ -30,12 +32,13 @@ fn store(c: &mut Criterion) {
         quota_bytes: 1 << 40,
     })
     .expect("store");
-    // 64 chunks of the same bytes: a blob whose manifest lists the same digest 64 times.
+    // A 256 MiB blob whose chunks all hold the same bytes, so one buffer serves every put.
     let data = chunk();
-    let one = Manifest::from_reader(&data[..], CHUNK_SIZE).expect("manifest");
-    let blob: Vec<u8> = data.iter().copied().cycle().take(64 * data.len()).collect();
-    let manifest = Manifest::from_reader(&blob[..], CHUNK_SIZE).expect("manifest");
-    assert_eq!(manifest.chunk_digests()[5], one.chunk_digests()[0]);
+    let mut builder = ManifestBuilder::new(CHUNK_SIZE).expect("builder");
+    for _ in 0..CHUNKS {
+        builder.update(&data);
+    }
+    let manifest = builder.finish().expect("manifest");
     store.insert_manifest(&manifest).expect("insert");
 
     let mut g = c.benchmark_group("store");
@@ -43,8 +46,8 @@ fn store(c: &mut Criterion) {
     let mut i = 0u32;
     g.bench_function("put_chunk_1MiB (verify + write)", |b| {
         b.iter(|| {
-            // Remove and re-insert once all 64 are present so every put really writes.
-            if i == 64 {
+            // Remove and re-insert once all are present so every put really writes.
+            if i == CHUNKS {
                 store.remove(&manifest.digest()).expect("remove");
                 store.insert_manifest(&manifest).expect("insert");
                 i = 0;
@@ -61,7 +64,7 @@ fn store(c: &mut Criterion) {
     let mut i = 0u32;
     g.bench_function("get_chunk_1MiB", |b| {
         b.iter(|| {
-            i = (i + 1) % 64;
+            i = (i + 1) % CHUNKS;
             black_box(
                 store
                     .get_chunk(&manifest.digest(), ChunkIndex(i))

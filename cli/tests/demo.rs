@@ -1,0 +1,28 @@
+//! Runs the built `shoal` binary as a user would.
+
+use std::process::Command;
+
+fn shoal() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_shoal"))
+}
+
+#[test]
+fn demo_moves_and_verifies_every_copy() {
+    let out = shoal().args(["demo", "--agents", "3", "--size-mib", "8"]).output().expect("run shoal");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "demo failed:\n{stdout}\n{stderr}");
+    assert!(stdout.contains("every copy verified against sha256:"), "{stdout}");
+    // Two fetching agents, each got one whole copy from the seeder.
+    assert!(stdout.contains("| 3 | 8 MiB |"), "{stdout}");
+    assert!(stdout.contains("| 2.0 copies |"), "{stdout}");
+}
+
+#[test]
+fn usage_errors_exit_2_with_one_line() {
+    let out = shoal().args(["demo", "--agents", "1"]).output().expect("run shoal");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--agents"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
