@@ -36,13 +36,22 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             quota_bytes: size * 2,
         })?;
         let id = ca.issue(&format!("agent-{i}"))?;
-        agents.push(ChunkEndpoint::bind(loopback, &id, store, TransportConfig::default())?);
+        agents.push(ChunkEndpoint::bind(
+            loopback,
+            &id,
+            store,
+            TransportConfig::default(),
+        )?);
     }
 
     eprintln!("seeding a {} MiB blob on agent-0 ...", args.size_mib);
     let seeder = agents[0].clone();
     let manifest = tokio::task::spawn_blocking(move || seed(seeder.store(), size)).await??;
-    eprintln!("blob {}: {} chunks", manifest.digest(), manifest.chunk_count());
+    eprintln!(
+        "blob {}: {} chunks",
+        manifest.digest(),
+        manifest.chunk_count()
+    );
 
     let started = Instant::now();
     let mut fetches = tokio::task::JoinSet::new();
@@ -50,7 +59,10 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         let (agent, manifest, from) = (agent.clone(), manifest.clone(), agents[0].local_addr());
         fetches.spawn(async move {
             agent.store().insert_manifest(&manifest)?;
-            agent.fetch_blob(from, &manifest).await.with_context(|| format!("agent-{i}"))?;
+            agent
+                .fetch_blob(from, &manifest)
+                .await
+                .with_context(|| format!("agent-{i}"))?;
             anyhow::Ok((i, started.elapsed()))
         });
     }
@@ -89,7 +101,11 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let gb = (size * copies) as f64 / 1e9;
     let served = agents[0].serve_stats();
     if served.bytes_served != size * copies {
-        bail!("seeder served {} bytes, expected {}", served.bytes_served, size * copies);
+        bail!(
+            "seeder served {} bytes, expected {}",
+            served.bytes_served,
+            size * copies
+        );
     }
     println!("\nevery copy verified against {}", manifest.digest());
     println!("| agents | blob | makespan | p50 | aggregate | seeder served |");

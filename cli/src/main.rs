@@ -7,7 +7,11 @@ mod demo;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "shoal", version, about = "Datacenter blob distribution over QUIC")]
+#[command(
+    name = "shoal",
+    version,
+    about = "Datacenter blob distribution over QUIC"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

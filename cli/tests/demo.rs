@@ -8,11 +8,17 @@ fn shoal() -> Command {
 
 #[test]
 fn demo_moves_and_verifies_every_copy() {
-    let out = shoal().args(["demo", "--agents", "3", "--size-mib", "8"]).output().expect("run shoal");
+    let out = shoal()
+        .args(["demo", "--agents", "3", "--size-mib", "8"])
+        .output()
+        .expect("run shoal");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "demo failed:\n{stdout}\n{stderr}");
-    assert!(stdout.contains("every copy verified against sha256:"), "{stdout}");
+    assert!(
+        stdout.contains("every copy verified against sha256:"),
+        "{stdout}"
+    );
     // Two fetching agents, each got one whole copy from the seeder.
     assert!(stdout.contains("| 3 | 8 MiB |"), "{stdout}");
     assert!(stdout.contains("| 2.0 copies |"), "{stdout}");
@@ -20,7 +26,10 @@ fn demo_moves_and_verifies_every_copy() {
 
 #[test]
 fn usage_errors_exit_2_with_one_line() {
-    let out = shoal().args(["demo", "--agents", "1"]).output().expect("run shoal");
+    let out = shoal()
+        .args(["demo", "--agents", "1"])
+        .output()
+        .expect("run shoal");
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--agents"), "{stderr}");
