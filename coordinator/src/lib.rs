@@ -1,4 +1,184 @@
-//! The Shoal coordinator: tracks agents and blobs, plans transfers.
+//! The Shoal coordinator: tracks agents and blobs, plans transfers, runs jobs.
 //!
-//! Empty until the control-plane issue fills it; the gRPC contract it will serve is
-//! `shoal_proto::pb::v1::coordinator_server`.
+//! [`run`] serves, on one gRPC listener: the public job API (`shoal.v1.Coordinator`), the
+//! agent sessions (`shoal.v1.AgentSession`), `grpc.health.v1` and server reflection (so
+//! `grpcurl` works). One task owns all state (`state.rs`); the catalog and jobs persist in a
+//! redb file under `state_dir`, and the cluster CA that signs agent certificates lives there
+//! too.
+
+pub mod ca;
+mod db;
+mod jobs;
+mod service;
+mod state;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use shoal_planner::AssignerConfig;
+use shoal_proto::pb::v1::coordinator_server::CoordinatorServer;
+use shoal_proto::pb::{self, v1::agent_session_server::AgentSessionServer};
+use tokio_stream::wrappers::TcpListenerStream;
+
+/// The coordinator's configuration; see `docs/OPERATIONS.md`. Every field has a default
+/// except `join_token`.
+#[derive(Clone, Debug, serde::Deserialize, serde::Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CoordinatorConfig {
+    /// gRPC address (public API and agent sessions).
+    pub listen: SocketAddr,
+    /// Directory for the state database and the cluster CA.
+    pub state_dir: PathBuf,
+    /// Shared secret agents present at Join. Required.
+    pub join_token: String,
+    /// An agent silent for this long is gone, in milliseconds.
+    pub lease_ms: u64,
+    /// How often agents send a heartbeat, in milliseconds (less than the lease).
+    pub heartbeat_ms: u64,
+    /// Most sources one target fetches a blob from at once.
+    pub max_sources: usize,
+    /// Most downloads one agent serves at once.
+    pub max_uploads: usize,
+    /// Prometheus metrics address (installed by the binary); none = off.
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 7400)),
+            state_dir: PathBuf::from("/var/lib/shoal/coordinator"),
+            join_token: String::new(),
+            lease_ms: 10_000,
+            heartbeat_ms: 2_000,
+            max_sources: 6,
+            max_uploads: 8,
+            metrics_listen: None,
+        }
+    }
+}
+
+/// A configuration value that cannot work, naming the key.
+#[derive(Debug, thiserror::Error)]
+#[error("{key}: {reason}")]
+pub struct ConfigError {
+    pub key: &'static str,
+    pub reason: String,
+}
+
+impl CoordinatorConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key, reason: &str| {
+            Err(ConfigError {
+                key,
+                reason: reason.into(),
+            })
+        };
+        if self.join_token.is_empty() {
+            return bad("join_token", "must be set (agents present it at Join)");
+        }
+        if self.lease_ms < 500 {
+            return bad("lease_ms", "must be at least 500");
+        }
+        if self.heartbeat_ms == 0 || self.heartbeat_ms * 2 > self.lease_ms {
+            return bad(
+                "heartbeat_ms",
+                "must be positive and at most half of lease_ms",
+            );
+        }
+        if self.max_sources == 0 {
+            return bad("max_sources", "must be at least 1");
+        }
+        if self.max_uploads == 0 {
+            return bad("max_uploads", "must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    #[error("configuration: {0}")]
+    Config(#[from] ConfigError),
+    #[error("{path}: {source}")]
+    StateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Db(#[from] db::DbError),
+    #[error("cluster CA: {0}")]
+    Ca(#[from] ca::CaError),
+    #[error("loading state: {0}")]
+    State(String),
+    #[error("reflection service: {0}")]
+    Reflection(String),
+    #[error("gRPC server: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// Serves the coordinator on `listener` until `shutdown` resolves.
+pub async fn run(
+    config: CoordinatorConfig,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), CoordinatorError> {
+    config.validate()?;
+    std::fs::create_dir_all(&config.state_dir).map_err(|source| CoordinatorError::StateDir {
+        path: config.state_dir.clone(),
+        source,
+    })?;
+    let db = db::Db::open(&config.state_dir.join("coordinator.redb"))?;
+    let ca = Arc::new(ca::ClusterCa::load_or_generate(&config.state_dir)?);
+    let state_config = state::StateConfig {
+        join_token: config.join_token.clone(),
+        lease: Duration::from_millis(config.lease_ms),
+        heartbeat: Duration::from_millis(config.heartbeat_ms),
+        assigner: AssignerConfig {
+            max_sources: config.max_sources,
+            max_uploads: config.max_uploads,
+            // The coordinator enforces leases itself and tells the assigner (HostDown).
+            lease: Duration::from_millis(config.lease_ms) * 4,
+            ..AssignerConfig::default()
+        },
+        seed: rand::random(),
+    };
+    let state = state::State::new(state_config, db, ca)
+        .map_err(|e| CoordinatorError::State(e.to_string()))?;
+    let (tx, rx) = tokio::sync::mpsc::channel(4096);
+    let state_task = tokio::spawn(state.run(rx));
+
+    let api = service::Api::new(tx);
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<CoordinatorServer<service::Api>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| CoordinatorError::Reflection(e.to_string()))?;
+    // Manifests of 100 GB blobs are ~3 MiB: raise the 4 MiB default with room to spare.
+    let max = 64 << 20;
+    tracing::info!(addr = ?listener.local_addr().ok(), "coordinator serving");
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(
+            CoordinatorServer::new(api.clone())
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        )
+        .add_service(
+            AgentSessionServer::new(api)
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        )
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await?;
+    state_task.abort();
+    Ok(())
+}

@@ -1,0 +1,87 @@
+//! Durable state in one redb file: the blob catalog and the jobs. Everything else is soft,
+//! rebuilt when agents reconnect.
+
+use std::path::Path;
+
+use prost::Message as _;
+use redb::{Database, ReadableTable, TableDefinition};
+use shoal_proto::pb::v1 as pb;
+
+const BLOBS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("blobs");
+const JOBS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("jobs");
+
+#[derive(Debug, thiserror::Error)]
+#[error("coordinator state database: {0}")]
+pub struct DbError(String);
+
+fn err(e: impl std::fmt::Display) -> DbError {
+    DbError(e.to_string())
+}
+
+/// A catalog entry as stored: the manifest and who registered it when.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct StoredBlob {
+    #[prost(message, optional, tag = "1")]
+    pub manifest: Option<pb::Manifest>,
+    #[prost(string, tag = "2")]
+    pub registered_by: String,
+    #[prost(message, optional, tag = "3")]
+    pub registered_at: Option<prost_types::Timestamp>,
+}
+
+#[derive(Debug)]
+pub struct Db {
+    db: Database,
+}
+
+impl Db {
+    pub fn open(path: &Path) -> Result<Self, DbError> {
+        let db = Database::create(path).map_err(err)?;
+        let txn = db.begin_write().map_err(err)?;
+        txn.open_table(BLOBS).map_err(err)?;
+        txn.open_table(JOBS).map_err(err)?;
+        txn.commit().map_err(err)?;
+        Ok(Self { db })
+    }
+
+    pub fn put_blob(&self, digest: &[u8; 32], blob: &StoredBlob) -> Result<(), DbError> {
+        let txn = self.db.begin_write().map_err(err)?;
+        txn.open_table(BLOBS)
+            .map_err(err)?
+            .insert(&digest[..], &blob.encode_to_vec()[..])
+            .map_err(err)?;
+        txn.commit().map_err(err)
+    }
+
+    /// The job with its targets, as `Job { progress: JobProgress { targets } }`.
+    pub fn put_job(&self, job: &pb::Job) -> Result<(), DbError> {
+        let txn = self.db.begin_write().map_err(err)?;
+        txn.open_table(JOBS)
+            .map_err(err)?
+            .insert(job.job_id.as_str(), &job.encode_to_vec()[..])
+            .map_err(err)?;
+        txn.commit().map_err(err)
+    }
+
+    pub fn blobs(&self) -> Result<Vec<StoredBlob>, DbError> {
+        let txn = self.db.begin_read().map_err(err)?;
+        let table = txn.open_table(BLOBS).map_err(err)?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(err)? {
+            let (_, v) = row.map_err(err)?;
+            out.push(StoredBlob::decode(v.value()).map_err(err)?);
+        }
+        Ok(out)
+    }
+
+    pub fn jobs(&self) -> Result<Vec<pb::Job>, DbError> {
+        let txn = self.db.begin_read().map_err(err)?;
+        let table = txn.open_table(JOBS).map_err(err)?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(err)? {
+            let (_, v) = row.map_err(err)?;
+            out.push(pb::Job::decode(v.value()).map_err(err)?);
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,547 @@
+//! The one task that owns the coordinator's state: agents and their sessions, the blob
+//! catalog, jobs, and the planner's `Assigner`. The gRPC layer sends it [`Request`]s; nothing
+//! else touches the state, so there are no locks.
+
+mod agents;
+mod catalog;
+mod job_ops;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use shoal_planner::{Assigner, AssignerConfig, Command, Event, HostId, Notice, Time};
+use shoal_proto::pb::v1::{self as pb, agent_message};
+use shoal_proto::{Digest, Manifest};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::ca::ClusterCa;
+use crate::db::Db;
+use crate::jobs::Job;
+
+/// Why a request was refused; the service layer maps each kind to a gRPC code.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    Unauthenticated(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+pub type Reply<T> = oneshot::Sender<Result<T, ApiError>>;
+/// Where a session's outgoing messages go.
+pub type SessionTx = mpsc::Sender<Result<pb::CoordinatorMessage, tonic::Status>>;
+pub type WatchRx = mpsc::Receiver<Result<pb::JobProgress, tonic::Status>>;
+
+/// A session: the agent's host id and a generation that tells reconnects apart.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct SessionId {
+    pub host: HostId,
+    pub generation: u64,
+}
+
+#[derive(Debug)]
+pub enum Request {
+    Join(pb::JoinRequest, Reply<pb::JoinResponse>),
+    OpenSession {
+        hello: pb::Hello,
+        tx: SessionTx,
+        reply: Reply<SessionId>,
+    },
+    FromAgent {
+        session: SessionId,
+        msg: agent_message::Msg,
+    },
+    SessionClosed {
+        session: SessionId,
+    },
+    Distribute(pb::DistributeRequest, Reply<pb::DistributeResponse>),
+    GetJob(pb::GetJobRequest, Reply<pb::GetJobResponse>),
+    WatchJob(pb::WatchJobRequest, Reply<WatchRx>),
+    CancelJob(pb::CancelJobRequest, Reply<pb::CancelJobResponse>),
+    ListJobs(pb::ListJobsRequest, Reply<pb::ListJobsResponse>),
+    ListAgents(pb::ListAgentsRequest, Reply<pb::ListAgentsResponse>),
+    ListBlobs(pb::ListBlobsRequest, Reply<pb::ListBlobsResponse>),
+    GetBlob(pb::GetBlobRequest, Reply<pb::GetBlobResponse>),
+}
+
+/// Settings the state task needs.
+#[derive(Clone, Debug)]
+pub struct StateConfig {
+    pub join_token: String,
+    pub lease: Duration,
+    pub heartbeat: Duration,
+    pub assigner: AssignerConfig,
+    pub seed: u64,
+}
+
+/// A running fetch order: what we told the agent, so updates can be sent as differences.
+#[derive(Debug)]
+struct Order {
+    id: u64,
+    sources: BTreeSet<HostId>,
+}
+
+struct Watcher {
+    tx: mpsc::Sender<Result<pb::JobProgress, tonic::Status>>,
+    with_targets: bool,
+    sent_version: u64,
+}
+
+pub struct State {
+    config: StateConfig,
+    db: Db,
+    ca: Arc<ClusterCa>,
+    epoch: Instant,
+    assigner: Assigner,
+    agents: agents::Agents,
+    catalog: catalog::Catalog,
+    jobs: BTreeMap<String, Job>,
+    /// Which jobs want (host, blob); the assigner is told Want once and Unwant when empty.
+    wants: BTreeMap<(HostId, Digest), BTreeSet<String>>,
+    orders: BTreeMap<(HostId, Digest), Order>,
+    next_order: u64,
+    watchers: HashMap<String, Vec<Watcher>>,
+}
+
+impl std::fmt::Debug for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("State")
+            .field("jobs", &self.jobs.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// How often the state task looks at leases, deadlines and watchers.
+const TICK: Duration = Duration::from_millis(250);
+
+impl State {
+    pub fn new(config: StateConfig, db: Db, ca: Arc<ClusterCa>) -> Result<Self, ApiError> {
+        let assigner = Assigner::new(config.assigner.clone(), config.seed);
+        let mut state = Self {
+            config,
+            db,
+            ca,
+            epoch: Instant::now(),
+            assigner,
+            agents: Default::default(),
+            catalog: Default::default(),
+            jobs: BTreeMap::new(),
+            wants: BTreeMap::new(),
+            orders: BTreeMap::new(),
+            next_order: 1,
+            watchers: HashMap::new(),
+        };
+        state.load()?;
+        Ok(state)
+    }
+
+    fn load(&mut self) -> Result<(), ApiError> {
+        let internal = |e: crate::db::DbError| ApiError::Internal(e.to_string());
+        for stored in self.db.blobs().map_err(internal)? {
+            let Some(m) = stored
+                .manifest
+                .as_ref()
+                .and_then(|m| Manifest::try_from(m).ok())
+            else {
+                tracing::warn!("skipping an unreadable manifest in the catalog");
+                continue;
+            };
+            let now = self.now();
+            self.assigner.handle(now, catalog::known_event(&m));
+            self.catalog
+                .insert(Arc::new(m), stored.registered_by, stored.registered_at);
+        }
+        for record in self.db.jobs().map_err(internal)? {
+            if let Some(job) = Job::from_pb(record) {
+                self.jobs.insert(job.id().to_string(), job);
+            }
+        }
+        tracing::info!(
+            blobs = self.catalog.len(),
+            jobs = self.jobs.len(),
+            "state loaded"
+        );
+        Ok(())
+    }
+
+    fn now(&self) -> Time {
+        Time::from_micros(self.epoch.elapsed().as_micros() as u64)
+    }
+
+    /// Runs until every sender of `requests` is gone.
+    pub async fn run(mut self, mut requests: mpsc::Receiver<Request>) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                request = requests.recv() => {
+                    let Some(request) = request else { return };
+                    self.handle(request);
+                }
+                _ = tick.tick() => self.on_tick(),
+            }
+            self.drive_assigner();
+        }
+    }
+
+    fn handle(&mut self, request: Request) {
+        match request {
+            Request::Join(req, reply) => {
+                let _ = reply.send(self.join(req));
+            }
+            Request::OpenSession { hello, tx, reply } => {
+                let _ = reply.send(self.open_session(hello, tx));
+            }
+            Request::FromAgent { session, msg } => self.on_agent_message(session, msg),
+            Request::SessionClosed { session } => self.session_closed(session),
+            Request::Distribute(req, reply) => {
+                let _ = reply.send(self.distribute(req));
+            }
+            Request::GetJob(req, reply) => {
+                let _ = reply.send(self.get_job(req));
+            }
+            Request::WatchJob(req, reply) => {
+                let _ = reply.send(self.watch_job(req));
+            }
+            Request::CancelJob(req, reply) => {
+                let _ = reply.send(self.cancel_job(req));
+            }
+            Request::ListJobs(req, reply) => {
+                let _ = reply.send(Ok(self.list_jobs(req)));
+            }
+            Request::ListAgents(req, reply) => {
+                let _ = reply.send(Ok(self.list_agents(req)));
+            }
+            Request::ListBlobs(req, reply) => {
+                let _ = reply.send(Ok(self.catalog.list(req)));
+            }
+            Request::GetBlob(req, reply) => {
+                let _ = reply.send(self.get_blob(req));
+            }
+        }
+    }
+
+    fn on_tick(&mut self) {
+        let now = self.now();
+        self.expire_leases();
+        self.assigner.handle_timeout(now);
+        self.expire_deadlines();
+        self.push_watchers();
+    }
+
+    /// Turns the assigner's decisions into messages to agents and its notices into job
+    /// updates.
+    fn drive_assigner(&mut self) {
+        while let Some(command) = self.assigner.poll_command() {
+            match command {
+                Command::Fetch {
+                    host,
+                    blob,
+                    sources,
+                } => self.send_order(host, blob.0, sources),
+                Command::UpdateSources {
+                    host,
+                    blob,
+                    sources,
+                } => self.send_source_update(host, blob.0, sources),
+                Command::Cancel { host, blob } => {
+                    if let Some(order) = self.orders.remove(&(host, blob.0)) {
+                        self.agents.send(
+                            host,
+                            pb::coordinator_message::Msg::Cancel(pb::Cancel {
+                                order_id: order.id,
+                                blob_digest: blob.0.as_bytes().to_vec(),
+                                reason: "no longer wanted".into(),
+                            }),
+                        );
+                    }
+                }
+            }
+        }
+        while let Some(notice) = self.assigner.poll_notice() {
+            match notice {
+                Notice::GaveUp {
+                    host,
+                    blob,
+                    attempts,
+                } => {
+                    let message = format!("gave up after {attempts} failed attempts");
+                    self.orders.remove(&(host, blob.0));
+                    self.fail_targets(host, blob.0, pb::FailureReason::NoSource, &message);
+                }
+            }
+        }
+    }
+
+    fn send_order(&mut self, host: HostId, blob: Digest, sources: Vec<HostId>) {
+        let Some(manifest) = self.catalog.manifest(&blob) else {
+            tracing::warn!(%blob, "assigner ordered a blob the catalog does not hold");
+            return;
+        };
+        let id = self.next_order;
+        self.next_order += 1;
+        let order = pb::FetchOrder {
+            order_id: id,
+            blob_digest: blob.as_bytes().to_vec(),
+            manifest: Some(pb::Manifest::from(manifest.as_ref())),
+            sources: sources
+                .iter()
+                .filter_map(|s| self.source(*s, &blob))
+                .collect(),
+            origin: None,
+            priority: pb::Priority::Normal as i32,
+            deadline_ms: 0,
+            job_id: self
+                .wants
+                .get(&(host, blob))
+                .and_then(|j| j.iter().next().cloned())
+                .unwrap_or_default(),
+            pin: false,
+        };
+        self.orders.insert(
+            (host, blob),
+            Order {
+                id,
+                sources: sources.into_iter().collect(),
+            },
+        );
+        self.agents
+            .send(host, pb::coordinator_message::Msg::FetchOrder(order));
+        self.mark_running(host, blob);
+    }
+
+    fn send_source_update(&mut self, host: HostId, blob: Digest, sources: Vec<HostId>) {
+        let Some(order) = self.orders.get(&(host, blob)) else {
+            return;
+        };
+        let new: BTreeSet<HostId> = sources.into_iter().collect();
+        let add = new
+            .difference(&order.sources)
+            .filter_map(|s| self.source(*s, &blob))
+            .collect();
+        let remove = order
+            .sources
+            .difference(&new)
+            .filter_map(|s| self.agents.get(*s).map(|a| a.id.clone()))
+            .collect();
+        let order_id = order.id;
+        self.agents.send(
+            host,
+            pb::coordinator_message::Msg::SourceUpdate(pb::SourceUpdate {
+                order_id,
+                add,
+                remove,
+            }),
+        );
+        if let Some(order) = self.orders.get_mut(&(host, blob)) {
+            order.sources = new;
+        }
+    }
+
+    fn source(&self, host: HostId, blob: &Digest) -> Option<pb::Source> {
+        let agent = self.agents.get(host)?;
+        Some(pb::Source {
+            agent_id: agent.id.clone(),
+            quic_addresses: agent.addrs.clone(),
+            complete: self.catalog.holds_complete(blob, host),
+            chunks: None,
+        })
+    }
+
+    fn on_agent_message(&mut self, session: SessionId, msg: agent_message::Msg) {
+        if !self.agents.touch(session) {
+            return; // A message from a replaced session.
+        }
+        let host = session.host;
+        let now = self.now();
+        self.assigner.handle(now, Event::Heartbeat { host });
+        match msg {
+            agent_message::Msg::Hello(_) | agent_message::Msg::Heartbeat(_) => {}
+            agent_message::Msg::Inventory(inv) => self.inventory(host, inv),
+            agent_message::Msg::Progress(batch) => {
+                for item in batch.items {
+                    self.progress(host, item);
+                }
+            }
+            agent_message::Msg::BlobDone(done) => {
+                let Ok(blob) = Digest::from_slice(&done.blob_digest) else {
+                    return;
+                };
+                self.blob_done(host, blob);
+            }
+            agent_message::Msg::BlobFailed(failed) => {
+                let Ok(blob) = Digest::from_slice(&failed.blob_digest) else {
+                    return;
+                };
+                tracing::info!(agent = %self.agents.name(host), %blob, message = %failed.message, "fetch failed");
+                self.orders.remove(&(host, blob));
+                let reason = catalog::fail_reason(failed.reason());
+                self.assigner.handle(
+                    now,
+                    Event::Failed {
+                        host,
+                        blob: blob.into(),
+                        reason,
+                    },
+                );
+            }
+            agent_message::Msg::Load(load) => self.agents.set_load(host, load),
+            agent_message::Msg::BlobRegistered(reg) => self.register(host, reg),
+            agent_message::Msg::ChunkRejected(rej) => {
+                let Ok(blob) = Digest::from_slice(&rej.blob_digest) else {
+                    return;
+                };
+                if let Some(source) = self.agents.host_of(&rej.peer_agent_id) {
+                    tracing::warn!(agent = %self.agents.name(host), peer = %rej.peer_agent_id, %blob, "peer served a corrupted chunk");
+                    self.assigner.handle(
+                        now,
+                        Event::SourceCorrupt {
+                            host,
+                            blob: blob.into(),
+                            source,
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    fn register(&mut self, host: HostId, reg: pb::BlobRegistered) {
+        let Some(manifest) = reg
+            .manifest
+            .as_ref()
+            .and_then(|m| Manifest::try_from(m).ok())
+        else {
+            tracing::warn!(agent = %self.agents.name(host), "agent registered an invalid manifest");
+            return;
+        };
+        let digest = manifest.digest();
+        if self.catalog.manifest(&digest).is_none() {
+            let by = self.agents.name(host);
+            let stored = crate::db::StoredBlob {
+                manifest: reg.manifest.clone(),
+                registered_by: by.clone(),
+                registered_at: Some(SystemTime::now().into()),
+            };
+            if let Err(e) = self.db.put_blob(digest.as_bytes(), &stored) {
+                tracing::error!(error = %e, "persisting a registered blob failed");
+            }
+            let now = self.now();
+            self.assigner.handle(now, catalog::known_event(&manifest));
+            self.catalog
+                .insert(Arc::new(manifest), by, stored.registered_at);
+            tracing::info!(blob = %digest, "blob registered");
+        }
+        self.holds(host, digest, u32::MAX, true);
+    }
+
+    /// Records what `host` holds of `blob` (`chunks == u32::MAX` with complete = all).
+    fn holds(&mut self, host: HostId, blob: Digest, chunks: u32, complete: bool) {
+        let Some(count) = self.catalog.manifest(&blob).map(|m| m.chunk_count()) else {
+            return;
+        };
+        let chunks = if complete { count } else { chunks.min(count) };
+        if !self.catalog.set_holder(&blob, host, chunks, complete) {
+            return;
+        }
+        let now = self.now();
+        self.assigner.handle(
+            now,
+            Event::Holds {
+                host,
+                blob: blob.into(),
+                chunks,
+                complete,
+            },
+        );
+    }
+
+    fn inventory(&mut self, host: HostId, inv: pb::Inventory) {
+        if inv.replace {
+            for blob in self.catalog.forget_host(host) {
+                let now = self.now();
+                self.assigner.handle(
+                    now,
+                    Event::Holds {
+                        host,
+                        blob: blob.into(),
+                        chunks: 0,
+                        complete: false,
+                    },
+                );
+            }
+        }
+        for removed in inv.removed {
+            if let Ok(blob) = Digest::from_slice(&removed) {
+                self.holds(host, blob, 0, false);
+            }
+        }
+        for held in inv.blobs {
+            let Ok(blob) = Digest::from_slice(&held.blob_digest) else {
+                continue;
+            };
+            let chunks = held
+                .chunks
+                .as_ref()
+                .map(|c| catalog::count_bits(&c.bits))
+                .unwrap_or(0);
+            self.holds(host, blob, chunks, held.complete);
+            if held.complete {
+                self.blob_done(host, blob);
+            }
+        }
+    }
+
+    fn progress(&mut self, host: HostId, item: pb::BlobProgress) {
+        let Ok(blob) = Digest::from_slice(&item.blob_digest) else {
+            return;
+        };
+        self.holds(host, blob, item.chunks_verified, false);
+        let agent = self.agents.name(host);
+        for job_id in self.wants.get(&(host, blob)).cloned().unwrap_or_default() {
+            if let Some(job) = self.jobs.get_mut(&job_id) {
+                job.update(&(agent.clone(), blob), |t| {
+                    if !t.is_terminal() {
+                        t.state = pb::TargetState::Running;
+                        t.bytes_done = item.bytes_done.min(t.bytes_total);
+                        t.rate = item.rate_bytes_per_sec;
+                    }
+                });
+            }
+        }
+    }
+
+    fn blob_done(&mut self, host: HostId, blob: Digest) {
+        self.holds(host, blob, u32::MAX, true);
+        self.orders.remove(&(host, blob));
+        let now = self.now();
+        if self.wants.contains_key(&(host, blob)) {
+            self.assigner.handle(
+                now,
+                Event::Done {
+                    host,
+                    blob: blob.into(),
+                },
+            );
+        }
+        let agent = self.agents.name(host);
+        let wall = SystemTime::now();
+        for job_id in self.wants.remove(&(host, blob)).unwrap_or_default() {
+            let Some(job) = self.jobs.get_mut(&job_id) else {
+                continue;
+            };
+            job.update(&(agent.clone(), blob), |t| {
+                t.state = pb::TargetState::Done;
+                t.bytes_done = t.bytes_total;
+                t.rate = 0;
+            });
+            job.refresh_state(wall);
+            self.persist(&job_id);
+        }
+    }
+}

@@ -1,0 +1,499 @@
+//! Coordinator side: which hosts each target pulls a blob from.
+//!
+//! Policy (v1): a target gets up to K sources among hosts that hold the blob, complete or
+//! partial (partial holders are how a swarm forms: targets become sources for later
+//! targets). Candidates are taken same rack first, then same zone, then anywhere; within a
+//! tier complete before partial, more chunks before fewer, then a per-host random salt so
+//! load spreads. A source serves at most F downloads and at most its `upload_bps`, where
+//! each download is expected to take `download_bps / K` of it. Targets short of K sources
+//! are topped up when capacity frees or a new holder appears (nearest hungry target first,
+//! higher priority and fewer sources first within a tier).
+//!
+//! Cost per event is O(log n) index updates plus the handful of hosts touched; a host's
+//! holdings are re-indexed only when it crosses between "has spare upload" and "full".
+
+mod api;
+mod plan;
+#[cfg(test)]
+mod tests;
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+
+use crate::tiered::Tiered;
+use crate::{BlobId, HostId, RackId, Time, ZoneId};
+
+pub use api::{AssignerConfig, AssignerStats, Command, Event, FailReason, Notice, Priority};
+
+/// Hungry targets an offered source looks at before giving up: keeps a free slot from
+/// costing a scan of every waiting target when none of them fits.
+const OFFER_SCAN_LIMIT: usize = 256;
+
+/// Order among available holders of one blob: complete first, then more chunks, then salt.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+struct HolderKey {
+    incomplete: bool,
+    chunks: Reverse<u32>,
+    salt: u64,
+    host: HostId,
+}
+
+/// Order among targets short of sources: higher priority, then fewer sources, then age.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+struct HungryKey {
+    priority: Reverse<Priority>,
+    sources: usize,
+    seq: u64,
+    host: HostId,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Holding {
+    chunks: u32,
+    complete: bool,
+    /// The key under which this holding sits in the blob's `available` index, if it does.
+    indexed: Option<HolderKey>,
+}
+
+#[derive(Debug)]
+struct Host {
+    zone: ZoneId,
+    rack: RackId,
+    upload_bps: u64,
+    download_bps: u64,
+    alive: bool,
+    lease_expiry: Time,
+    salt: u64,
+    holdings: BTreeMap<BlobId, Holding>,
+    /// Downloads this host serves, with the upload rate reserved for each.
+    serving: BTreeMap<(BlobId, HostId), u64>,
+    committed_bps: u64,
+    wants: BTreeSet<BlobId>,
+}
+
+#[derive(Debug)]
+struct Download {
+    priority: Priority,
+    seq: u64,
+    sources: Vec<HostId>,
+    /// The source list the agent was last told; `None` while no order is outstanding.
+    sent: Option<Vec<HostId>>,
+    excluded: BTreeSet<HostId>,
+    attempts: u32,
+    retry_at: Option<Time>,
+    hungry: Option<HungryKey>,
+}
+
+#[derive(Debug, Default)]
+struct Blob {
+    size: u64,
+    chunk_count: u32,
+    available: Tiered<HolderKey>,
+    hungry: Tiered<HungryKey>,
+    downloads: BTreeMap<HostId, Download>,
+    corrupt: BTreeSet<HostId>,
+}
+
+/// The coordinator's source-assignment state machine.
+///
+/// Drive it like `quinn-proto`: feed [`Assigner::handle`], call [`Assigner::handle_timeout`]
+/// when [`Assigner::poll_timeout`] is reached, and after each call drain
+/// [`Assigner::poll_command`] (for agents) and [`Assigner::poll_notice`] (for the job layer).
+/// `now` must never decrease. Same seed, config and inputs give the same outputs.
+#[derive(Debug)]
+pub struct Assigner {
+    config: AssignerConfig,
+    rng: SmallRng,
+    hosts: BTreeMap<HostId, Host>,
+    blobs: BTreeMap<BlobId, Blob>,
+    leases: BTreeSet<(Time, HostId)>,
+    retries: BTreeSet<(Time, BlobId, HostId)>,
+    dirty: BTreeSet<(BlobId, HostId)>,
+    /// Blobs with at least one hungry target: what freed capacity is offered to.
+    hungry_blobs: BTreeSet<BlobId>,
+    commands: VecDeque<Command>,
+    notices: VecDeque<Notice>,
+    next_seq: u64,
+    stats: AssignerStats,
+}
+
+impl Assigner {
+    /// `seed` drives the only randomness (tie-breaking salts between equal sources).
+    pub fn new(config: AssignerConfig, seed: u64) -> Self {
+        assert!(
+            config.max_sources > 0 && config.max_uploads > 0,
+            "K and F must be positive"
+        );
+        Self {
+            config,
+            rng: SmallRng::seed_from_u64(seed),
+            hosts: BTreeMap::new(),
+            blobs: BTreeMap::new(),
+            leases: BTreeSet::new(),
+            retries: BTreeSet::new(),
+            dirty: BTreeSet::new(),
+            hungry_blobs: BTreeSet::new(),
+            commands: VecDeque::new(),
+            notices: VecDeque::new(),
+            next_seq: 0,
+            stats: AssignerStats::default(),
+        }
+    }
+
+    /// Applies one event. Leases that ran out by `now` expire first, so a lapsed host gets
+    /// nothing even if the driver is late calling `handle_timeout`.
+    pub fn handle(&mut self, now: Time, event: Event) {
+        self.expire_leases(now);
+        match event {
+            Event::HostUp {
+                host,
+                zone,
+                rack,
+                upload_bps,
+                download_bps,
+            } => self.host_up(now, host, zone, rack, upload_bps, download_bps),
+            Event::HostDown { host } => self.host_down(host),
+            Event::Heartbeat { host } => self.renew(now, host),
+            Event::BlobKnown {
+                blob,
+                size,
+                chunk_count,
+            } => {
+                let b = self.blobs.entry(blob).or_default();
+                b.size = size;
+                b.chunk_count = chunk_count;
+            }
+            Event::Holds {
+                host,
+                blob,
+                chunks,
+                complete,
+            } => self.holds(host, blob, chunks, complete),
+            Event::Want {
+                blob,
+                host,
+                priority,
+            } => self.want(blob, host, priority),
+            Event::Unwant { blob, host } => self.unwant(blob, host),
+            Event::Done { host, blob } => self.holds(host, blob, u32::MAX, true),
+            Event::Failed {
+                host,
+                blob,
+                reason: _,
+            } => self.failed(now, host, blob),
+            Event::SourceStalled { host, blob, source } => self.stalled(host, blob, source),
+            Event::SourceCorrupt {
+                host: _,
+                blob,
+                source,
+            } => self.corrupt(blob, source),
+        }
+        self.flush();
+    }
+
+    /// Expires leases and starts retries due by `now`.
+    pub fn handle_timeout(&mut self, now: Time) {
+        self.expire_leases(now);
+        while let Some(&(at, blob, host)) = self.retries.first() {
+            if at > now {
+                break;
+            }
+            self.retries.pop_first();
+            if let Some(d) = self.download_mut(blob, host) {
+                d.retry_at = None;
+                self.sync_hungry(blob, host);
+                self.top_up(blob, host);
+            }
+        }
+        self.flush();
+    }
+
+    /// When `handle_timeout` must next be called, if ever.
+    pub fn poll_timeout(&self) -> Option<Time> {
+        let lease = self.leases.first().map(|&(t, _)| t);
+        let retry = self.retries.first().map(|&(t, _, _)| t);
+        lease.into_iter().chain(retry).min()
+    }
+
+    /// The next command for an agent, in the order they were decided.
+    pub fn poll_command(&mut self) -> Option<Command> {
+        self.commands.pop_front()
+    }
+
+    /// The next outcome for the job layer.
+    pub fn poll_notice(&mut self) -> Option<Notice> {
+        self.notices.pop_front()
+    }
+
+    pub fn stats(&self) -> &AssignerStats {
+        &self.stats
+    }
+
+    /// The sources currently assigned to `host` for `blob` (what the last command said, or
+    /// will say once drained).
+    pub fn sources(&self, blob: BlobId, host: HostId) -> Option<&[HostId]> {
+        self.blobs
+            .get(&blob)?
+            .downloads
+            .get(&host)
+            .map(|d| d.sources.as_slice())
+    }
+
+    /// Downloads `host` is serving right now, over all blobs.
+    pub fn uploads(&self, host: HostId) -> usize {
+        self.hosts.get(&host).map_or(0, |h| h.serving.len())
+    }
+
+    pub fn is_up(&self, host: HostId) -> bool {
+        self.hosts.get(&host).is_some_and(|h| h.alive)
+    }
+
+    /// Sources reported corrupt, per blob, in order.
+    pub fn corrupt_sources(&self) -> impl Iterator<Item = (BlobId, HostId)> + '_ {
+        self.blobs
+            .iter()
+            .flat_map(|(b, blob)| blob.corrupt.iter().map(move |h| (*b, *h)))
+    }
+
+    // ---- events ----
+
+    fn host_up(&mut self, now: Time, id: HostId, zone: ZoneId, rack: RackId, up: u64, down: u64) {
+        self.host_down(id);
+        let salt = self.rng.random();
+        let expiry = now + self.config.lease;
+        let host = self.hosts.entry(id).or_insert_with(|| Host {
+            zone,
+            rack,
+            upload_bps: up,
+            download_bps: down,
+            alive: false,
+            lease_expiry: expiry,
+            salt,
+            holdings: BTreeMap::new(),
+            serving: BTreeMap::new(),
+            committed_bps: 0,
+            wants: BTreeSet::new(),
+        });
+        host.zone = zone;
+        host.rack = rack;
+        host.upload_bps = up;
+        host.download_bps = down;
+        host.salt = salt;
+        host.alive = true;
+        host.lease_expiry = expiry;
+        let wants: Vec<BlobId> = host.wants.iter().copied().collect();
+        self.leases.insert((expiry, id));
+        for blob in wants {
+            self.sync_hungry(blob, id);
+            self.top_up(blob, id);
+        }
+    }
+
+    fn renew(&mut self, now: Time, id: HostId) {
+        let lease = self.config.lease;
+        if let Some(h) = self.hosts.get_mut(&id).filter(|h| h.alive) {
+            self.leases.remove(&(h.lease_expiry, id));
+            h.lease_expiry = now + lease;
+            self.leases.insert((h.lease_expiry, id));
+        }
+    }
+
+    fn expire_leases(&mut self, now: Time) {
+        while let Some(&(at, host)) = self.leases.first() {
+            if at > now {
+                break;
+            }
+            self.stats.lease_expiries += 1;
+            self.host_down(host);
+        }
+    }
+
+    fn host_down(&mut self, id: HostId) {
+        let Some(h) = self.hosts.get_mut(&id).filter(|h| h.alive) else {
+            return;
+        };
+        h.alive = false;
+        self.leases.remove(&(h.lease_expiry, id));
+        self.stats.host_downs += 1;
+        let h = self.hosts.get_mut(&id).expect("checked above");
+        let serving = std::mem::take(&mut h.serving);
+        h.committed_bps = 0;
+        let holdings: Vec<BlobId> = h.holdings.keys().copied().collect();
+        let wants: Vec<BlobId> = h.wants.iter().copied().collect();
+        for blob in holdings {
+            self.set_holding(id, blob, None);
+        }
+        // Its own downloads: release their sources; the want stays for when it returns.
+        let mut freed = Vec::new();
+        for blob in wants {
+            let Some(d) = self.download_mut(blob, id) else {
+                continue;
+            };
+            d.sent = None;
+            for s in std::mem::take(&mut d.sources) {
+                self.release(blob, id, s);
+                freed.push((s, blob));
+            }
+            self.sync_hungry(blob, id);
+        }
+        // Its downloaders: drop it and top them up.
+        for (blob, target) in serving.into_keys() {
+            if let Some(d) = self.download_mut(blob, target) {
+                d.sources.retain(|s| *s != id);
+                self.dirty.insert((blob, target));
+                self.stats.replans += 1;
+                self.sync_hungry(blob, target);
+                self.top_up(blob, target);
+            }
+        }
+        for (source, blob) in freed {
+            self.offer_everything(source, blob);
+        }
+    }
+
+    fn holds(&mut self, id: HostId, blob: BlobId, chunks: u32, complete: bool) {
+        if !self.is_up(id) {
+            return;
+        }
+        let chunk_count = self.blobs.entry(blob).or_default().chunk_count;
+        let chunks = if complete && chunk_count > 0 {
+            chunk_count
+        } else {
+            chunks
+        };
+        let before = self.hosts[&id].holdings.get(&blob).copied();
+        if chunks == 0 && !complete {
+            self.set_holding(id, blob, None);
+            // Evicted while serving: its downloaders need other sources.
+            let served: Vec<HostId> = (self.hosts[&id].serving.keys())
+                .filter(|(b, _)| *b == blob)
+                .map(|(_, t)| *t)
+                .collect();
+            for target in served {
+                self.drop_source(blob, target, id);
+            }
+            return;
+        }
+        let complete = complete || before.is_some_and(|h| h.complete);
+        let chunks = chunks.max(before.map_or(0, |h| h.chunks));
+        self.set_holding(id, blob, Some((chunks, complete)));
+        if complete && self.download_mut(blob, id).is_some() {
+            self.finish_download(blob, id);
+        }
+        let newly_useful = before.is_none() || (complete && !before.is_some_and(|h| h.complete));
+        if newly_useful {
+            self.offer(id, blob);
+        }
+    }
+
+    fn want(&mut self, blob: BlobId, id: HostId, priority: Priority) {
+        let host = self.hosts.entry(id).or_insert_with(|| Host {
+            zone: ZoneId(u32::MAX),
+            rack: RackId(u32::MAX),
+            upload_bps: 0,
+            download_bps: 0,
+            alive: false,
+            lease_expiry: Time::ZERO,
+            salt: 0,
+            holdings: BTreeMap::new(),
+            serving: BTreeMap::new(),
+            committed_bps: 0,
+            wants: BTreeSet::new(),
+        });
+        if host.holdings.get(&blob).is_some_and(|h| h.complete) {
+            return;
+        }
+        host.wants.insert(blob);
+        let b = self.blobs.entry(blob).or_default();
+        if let Some(d) = b.downloads.get_mut(&id) {
+            d.priority = priority;
+        } else {
+            self.next_seq += 1;
+            b.downloads.insert(
+                id,
+                Download {
+                    priority,
+                    seq: self.next_seq,
+                    sources: Vec::new(),
+                    sent: None,
+                    excluded: BTreeSet::new(),
+                    attempts: 0,
+                    retry_at: None,
+                    hungry: None,
+                },
+            );
+        }
+        self.sync_hungry(blob, id);
+        self.top_up(blob, id);
+    }
+
+    fn unwant(&mut self, blob: BlobId, id: HostId) {
+        if let Some(sent) = self.forget_download(blob, id)
+            && sent
+            && self.is_up(id)
+        {
+            self.commands.push_back(Command::Cancel { host: id, blob });
+            self.stats.cancels += 1;
+        }
+    }
+
+    fn failed(&mut self, now: Time, id: HostId, blob: BlobId) {
+        self.stats.failures += 1;
+        let backoff = self.config.retry_backoff;
+        let max_attempts = self.config.max_attempts;
+        let Some(d) = self.download_mut(blob, id) else {
+            return;
+        };
+        d.attempts += 1;
+        let attempts = d.attempts;
+        if attempts >= max_attempts {
+            self.forget_download(blob, id);
+            self.stats.gave_up += 1;
+            self.notices.push_back(Notice::GaveUp {
+                host: id,
+                blob,
+                attempts,
+            });
+            return;
+        }
+        let d = self.download_mut(blob, id).expect("checked above");
+        let at = now + backoff.saturating_mul(1 << (attempts - 1).min(16));
+        d.retry_at = Some(at);
+        d.sent = None;
+        let sources = std::mem::take(&mut d.sources);
+        self.retries.insert((at, blob, id));
+        self.sync_hungry(blob, id);
+        for s in sources {
+            self.release(blob, id, s);
+            self.offer_everything(s, blob);
+        }
+    }
+
+    fn stalled(&mut self, id: HostId, blob: BlobId, source: HostId) {
+        self.stats.stalls += 1;
+        let Some(d) = self.download_mut(blob, id) else {
+            return;
+        };
+        d.excluded.insert(source);
+        self.drop_source(blob, id, source);
+    }
+
+    fn corrupt(&mut self, blob: BlobId, source: HostId) {
+        self.stats.corrupt_reports += 1;
+        let b = self.blobs.entry(blob).or_default();
+        if !b.corrupt.insert(source) {
+            return;
+        }
+        let targets: Vec<HostId> = (b.downloads.iter())
+            .filter(|(_, d)| d.sources.contains(&source))
+            .map(|(t, _)| *t)
+            .collect();
+        self.sync_holder(source, blob);
+        for target in targets {
+            self.drop_source(blob, target, source);
+        }
+    }
+}

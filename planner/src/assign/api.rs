@@ -1,0 +1,186 @@
+//! What goes in and out of the [`Assigner`](super::Assigner).
+
+use std::time::Duration;
+
+use crate::{BlobId, HostId, RackId, ZoneId};
+
+/// A target's urgency: higher is served first when sources are scarce.
+pub type Priority = i32;
+
+/// What the driver tells the assigner. Events about hosts that are down (never came up, or
+/// whose lease expired) are ignored, except [`Event::HostUp`] and [`Event::Want`].
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub enum Event {
+    /// A host joined or reconnected. A host already up is first taken down (its soft state,
+    /// inventory and orders, is dropped: it reports its inventory again with `Holds`); its
+    /// wants survive and are re-ordered. Starts its lease.
+    HostUp {
+        host: HostId,
+        zone: ZoneId,
+        rack: RackId,
+        upload_bps: u64,
+        download_bps: u64,
+    },
+    /// A host crashed or left: its downloaders are re-planned, its own downloads released.
+    HostDown { host: HostId },
+    /// Renews the host's lease. Any message from an agent may be turned into one.
+    Heartbeat { host: HostId },
+    /// Size and chunk count of a blob. Optional: events for unknown blobs create them.
+    BlobKnown {
+        blob: BlobId,
+        size: u64,
+        chunk_count: u32,
+    },
+    /// Inventory or progress: `host` holds `chunks` verified chunks of `blob`. `chunks == 0`
+    /// and `!complete` means it no longer holds any (evicted). `complete` while the host
+    /// has a download of the blob counts as [`Event::Done`].
+    Holds {
+        host: HostId,
+        blob: BlobId,
+        chunks: u32,
+        complete: bool,
+    },
+    /// A job wants `blob` on `host`. Repeating it only updates the priority. Survives the
+    /// host going down; a host that already holds the blob complete is left alone.
+    Want {
+        blob: BlobId,
+        host: HostId,
+        priority: Priority,
+    },
+    /// The job no longer wants it: the order is cancelled if one was sent.
+    Unwant { blob: BlobId, host: HostId },
+    /// The host finished and verified the blob.
+    Done { host: HostId, blob: BlobId },
+    /// The host's download failed and stopped. Retried with exponential backoff up to
+    /// [`AssignerConfig::max_attempts`] orders, then dropped with [`Notice::GaveUp`].
+    Failed {
+        host: HostId,
+        blob: BlobId,
+        reason: FailReason,
+    },
+    /// `source` made no progress for `host`: it is replaced and never given to this target
+    /// for this download again.
+    SourceStalled {
+        host: HostId,
+        blob: BlobId,
+        source: HostId,
+    },
+    /// `source` sent a chunk of `blob` that failed verification: it is never used as a
+    /// source of that blob again (by anyone), and it is counted in the stats.
+    SourceCorrupt {
+        host: HostId,
+        blob: BlobId,
+        source: HostId,
+    },
+}
+
+/// Why a download failed, as the agent saw it. Recorded in stats; all are retried.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum FailReason {
+    /// Local disk or content store error.
+    Storage,
+    /// Every chunk verified but the whole blob did not match its digest.
+    BlobDigest,
+    /// Anything else.
+    Other,
+}
+
+/// An order for one agent. Every command names the host it must be sent to.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub enum Command {
+    /// Start downloading `blob`, pulling from `sources` (nearest and most complete first).
+    /// Only sent with at least one source: targets without any wait for a holder.
+    Fetch {
+        host: HostId,
+        blob: BlobId,
+        sources: Vec<HostId>,
+    },
+    /// Replace the source set of a running download. May be empty: keep what is verified,
+    /// stop requesting, and wait for the next update.
+    UpdateSources {
+        host: HostId,
+        blob: BlobId,
+        sources: Vec<HostId>,
+    },
+    /// Stop downloading `blob`; verified chunks may be kept.
+    Cancel { host: HostId, blob: BlobId },
+}
+
+impl Command {
+    /// The agent this command is for.
+    pub fn host(&self) -> HostId {
+        match self {
+            Command::Fetch { host, .. }
+            | Command::UpdateSources { host, .. }
+            | Command::Cancel { host, .. } => *host,
+        }
+    }
+}
+
+/// Outcomes for the job layer, not for agents.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub enum Notice {
+    /// `host` failed `blob` [`AssignerConfig::max_attempts`] times; the assigner stopped
+    /// planning it (as if unwanted). A new `Want` starts over.
+    GaveUp {
+        host: HostId,
+        blob: BlobId,
+        attempts: u32,
+    },
+}
+
+/// Tunables. [`Default`] gives the v1 policy.
+#[derive(Clone, Debug)]
+pub struct AssignerConfig {
+    /// K: most sources one target pulls a blob from at once.
+    pub max_sources: usize,
+    /// F: most downloads one source serves at once, over all blobs.
+    pub max_uploads: usize,
+    /// A host silent (no `Heartbeat`/`HostUp`) for this long is down.
+    pub lease: Duration,
+    /// Orders per (blob, host) before giving up on repeated `Failed`.
+    pub max_attempts: u32,
+    /// Wait before the first retry after `Failed`; doubles each further attempt.
+    pub retry_backoff: Duration,
+}
+
+impl Default for AssignerConfig {
+    fn default() -> Self {
+        Self {
+            max_sources: 6,
+            max_uploads: 8,
+            lease: Duration::from_secs(10),
+            max_attempts: 3,
+            retry_backoff: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Counters, read by the driver and exported as metrics there.
+#[derive(Clone, Default, PartialEq, Eq, Debug)]
+pub struct AssignerStats {
+    /// `Fetch` commands sent.
+    pub orders: u64,
+    /// `UpdateSources` commands sent.
+    pub source_updates: u64,
+    /// `Cancel` commands sent.
+    pub cancels: u64,
+    /// Source slots handed out (one per (source, target) pairing).
+    pub assignments: u64,
+    /// Downloads re-planned because a source left, stalled, lied or was evicted.
+    pub replans: u64,
+    /// Downloads finished.
+    pub completions: u64,
+    /// `Failed` events.
+    pub failures: u64,
+    /// Downloads dropped after `max_attempts`.
+    pub gave_up: u64,
+    /// `SourceStalled` events.
+    pub stalls: u64,
+    /// `SourceCorrupt` events (every report, including repeats).
+    pub corrupt_reports: u64,
+    /// Hosts taken down because their lease expired.
+    pub lease_expiries: u64,
+    /// Hosts taken down for any reason (lease, `HostDown`, reconnect).
+    pub host_downs: u64,
+}

@@ -1,0 +1,384 @@
+//! The mechanics behind the policy: the availability and hunger indexes, capacity
+//! accounting, topping targets up, offering freed sources, and turning changes into commands.
+
+use std::cmp::Reverse;
+
+use super::{Assigner, Blob, Command, Download, HolderKey, Holding, HungryKey, OFFER_SCAN_LIMIT};
+use crate::{BlobId, HostId};
+
+impl Assigner {
+    /// Checks the safety invariants (fan-out, upload capacity, no dead or corrupt source,
+    /// index consistency). O(state): for tests and the simulator, not the hot path.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        for (id, h) in &self.hosts {
+            if h.serving.len() > self.config.max_uploads {
+                return Err(format!("{id} serves {} > F", h.serving.len()));
+            }
+            let sum: u64 = h.serving.values().sum();
+            if sum != h.committed_bps || sum > h.upload_bps {
+                return Err(format!("{id} committed {sum} of {} bps", h.upload_bps));
+            }
+            let idle = h.serving.is_empty() && h.holdings.is_empty();
+            if !h.alive && !idle {
+                return Err(format!("{id} is down but still serves or holds"));
+            }
+        }
+        for (b, blob) in &self.blobs {
+            if self.hungry_blobs.contains(b) == blob.hungry.is_empty() {
+                return Err(format!("hungry_blobs out of sync for {b}"));
+            }
+            for (t, d) in &blob.downloads {
+                let target = &self.hosts[t];
+                if !target.alive && (d.sent.is_some() || !d.sources.is_empty()) {
+                    return Err(format!("{t} is down but has an order for {b}"));
+                }
+                if d.sources.len() > self.config.max_sources {
+                    return Err(format!("{t} has {} sources > K", d.sources.len()));
+                }
+                for s in &d.sources {
+                    let src = &self.hosts[s];
+                    if !src.alive || blob.corrupt.contains(s) || s == t {
+                        return Err(format!("{t} pulls {b} from bad source {s}"));
+                    }
+                    if !src.serving.contains_key(&(*b, *t)) {
+                        return Err(format!("{s} does not account serving {t}"));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn download_mut(&mut self, blob: BlobId, host: HostId) -> Option<&mut Download> {
+        self.blobs.get_mut(&blob)?.downloads.get_mut(&host)
+    }
+
+    /// Unknown hosts count as full: nothing is ever assigned to them.
+    pub(super) fn is_full(&self, id: HostId) -> bool {
+        let Some(h) = self.hosts.get(&id) else {
+            return true;
+        };
+        h.serving.len() >= self.config.max_uploads || h.committed_bps >= h.upload_bps
+    }
+
+    pub(super) fn rate_for(&self, target: HostId) -> u64 {
+        (self.hosts[&target].download_bps / self.config.max_sources as u64).max(1)
+    }
+
+    /// Records what `host` holds of `blob` (`None`: nothing) and re-indexes it.
+    pub(super) fn set_holding(&mut self, host: HostId, blob: BlobId, holding: Option<(u32, bool)>) {
+        let h = self.hosts.get_mut(&host).expect("known host");
+        match holding {
+            Some((chunks, complete)) => {
+                let e = h.holdings.entry(blob).or_insert(Holding {
+                    chunks,
+                    complete,
+                    indexed: None,
+                });
+                e.chunks = chunks;
+                e.complete = complete;
+                self.sync_holder(host, blob);
+            }
+            None => {
+                if let Some(old) = h.holdings.remove(&blob)
+                    && let Some(key) = old.indexed
+                {
+                    let (zone, rack) = (h.zone, h.rack);
+                    if let Some(b) = self.blobs.get_mut(&blob) {
+                        b.available.remove(zone, rack, &key);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Puts `host` in `blob`'s index of available sources under its current key, or takes
+    /// it out if it is down, full, or corrupt for this blob.
+    pub(super) fn sync_holder(&mut self, host: HostId, blob: BlobId) {
+        let full = self.is_full(host);
+        let b = self.blobs.entry(blob).or_default();
+        let Some(h) = self.hosts.get_mut(&host) else {
+            return;
+        };
+        let Some(holding) = h.holdings.get_mut(&blob) else {
+            return;
+        };
+        let want = (h.alive && !full && !b.corrupt.contains(&host)).then_some(HolderKey {
+            incomplete: !holding.complete,
+            chunks: Reverse(holding.chunks),
+            salt: h.salt,
+            host,
+        });
+        if want == holding.indexed {
+            return;
+        }
+        if let Some(old) = holding.indexed.take() {
+            b.available.remove(h.zone, h.rack, &old);
+        }
+        if let Some(key) = want {
+            b.available.insert(h.zone, h.rack, key);
+        }
+        holding.indexed = want;
+    }
+
+    pub(super) fn sync_all_holdings(&mut self, host: HostId) {
+        let blobs: Vec<BlobId> = self.hosts[&host].holdings.keys().copied().collect();
+        for blob in blobs {
+            self.sync_holder(host, blob);
+        }
+    }
+
+    /// Puts a download in its blob's hungry index iff it is alive, not backing off, and
+    /// short of K sources.
+    pub(super) fn sync_hungry(&mut self, blob: BlobId, target: HostId) {
+        let k = self.config.max_sources;
+        let h = &self.hosts[&target];
+        let (alive, zone, rack) = (h.alive, h.zone, h.rack);
+        let Some(b) = self.blobs.get_mut(&blob) else {
+            return;
+        };
+        let Some(d) = b.downloads.get_mut(&target) else {
+            return;
+        };
+        let want = (alive && d.retry_at.is_none() && d.sources.len() < k).then_some(HungryKey {
+            priority: Reverse(d.priority),
+            sources: d.sources.len(),
+            seq: d.seq,
+            host: target,
+        });
+        if want == d.hungry {
+            return;
+        }
+        if let Some(old) = d.hungry.take() {
+            b.hungry.remove(zone, rack, &old);
+        }
+        if let Some(key) = want {
+            b.hungry.insert(zone, rack, key);
+        }
+        d.hungry = want;
+        if b.hungry.is_empty() {
+            self.hungry_blobs.remove(&blob);
+        } else {
+            self.hungry_blobs.insert(blob);
+        }
+    }
+
+    /// Whether `source` can take `target` on for `blob` right now.
+    pub(super) fn fits(
+        &self,
+        blob: &Blob,
+        d: &Download,
+        target: HostId,
+        source: HostId,
+        rate: u64,
+    ) -> bool {
+        let s = &self.hosts[&source];
+        source != target
+            && s.alive
+            && !d.sources.contains(&source)
+            && !d.excluded.contains(&source)
+            && !blob.corrupt.contains(&source)
+            && s.serving.len() < self.config.max_uploads
+            && s.committed_bps + rate <= s.upload_bps
+    }
+
+    pub(super) fn assign(&mut self, blob: BlobId, target: HostId, source: HostId, rate: u64) {
+        let was_full = self.is_full(source);
+        let s = self.hosts.get_mut(&source).expect("known host");
+        s.serving.insert((blob, target), rate);
+        s.committed_bps += rate;
+        let d = self.download_mut(blob, target).expect("download exists");
+        d.sources.push(source);
+        self.stats.assignments += 1;
+        self.dirty.insert((blob, target));
+        self.sync_hungry(blob, target);
+        if !was_full && self.is_full(source) {
+            self.sync_all_holdings(source);
+        }
+    }
+
+    /// Returns the capacity `source` reserved for `target`; does not touch the download.
+    pub(super) fn release(&mut self, blob: BlobId, target: HostId, source: HostId) {
+        let was_full = self.is_full(source);
+        let s = self.hosts.get_mut(&source).expect("known host");
+        if let Some(rate) = s.serving.remove(&(blob, target)) {
+            s.committed_bps -= rate;
+        }
+        if was_full && !self.is_full(source) {
+            self.sync_all_holdings(source);
+        }
+    }
+
+    /// Takes `source` away from one download, tops the download up, and offers the freed
+    /// capacity to other targets.
+    pub(super) fn drop_source(&mut self, blob: BlobId, target: HostId, source: HostId) {
+        let Some(d) = self.download_mut(blob, target) else {
+            return;
+        };
+        let before = d.sources.len();
+        d.sources.retain(|s| *s != source);
+        if d.sources.len() == before {
+            return;
+        }
+        self.release(blob, target, source);
+        self.dirty.insert((blob, target));
+        self.stats.replans += 1;
+        self.sync_hungry(blob, target);
+        self.top_up(blob, target);
+        self.offer_everything(source, blob);
+    }
+
+    /// Fills a download up to K sources from the nearest available holders.
+    pub(super) fn top_up(&mut self, blob: BlobId, target: HostId) {
+        let Some(b) = self.blobs.get(&blob) else {
+            return;
+        };
+        let Some(d) = b.downloads.get(&target) else {
+            return;
+        };
+        let t = &self.hosts[&target];
+        if !t.alive || d.retry_at.is_some() || d.sources.len() >= self.config.max_sources {
+            return;
+        }
+        let need = self.config.max_sources - d.sources.len();
+        let rate = self.rate_for(target);
+        let mut picked: Vec<HostId> = Vec::with_capacity(need);
+        for key in b.available.nearest(t.zone, t.rack) {
+            if picked.len() == need {
+                break;
+            }
+            if !picked.contains(&key.host) && self.fits(b, d, target, key.host, rate) {
+                picked.push(key.host);
+            }
+        }
+        for source in picked {
+            self.assign(blob, target, source, rate);
+        }
+    }
+
+    /// Gives `source`'s spare capacity to hungry targets of `blob`, nearest first.
+    pub(super) fn offer(&mut self, source: HostId, blob: BlobId) {
+        let Some(b) = self.blobs.get(&blob) else {
+            return;
+        };
+        let s = &self.hosts[&source];
+        let indexed = s.holdings.get(&blob).is_some_and(|h| h.indexed.is_some());
+        if !indexed {
+            return;
+        }
+        let mut slots = self.config.max_uploads.saturating_sub(s.serving.len());
+        let mut spare = s.upload_bps.saturating_sub(s.committed_bps);
+        let mut picked: Vec<(HostId, u64)> = Vec::new();
+        for key in b.hungry.nearest(s.zone, s.rack).take(OFFER_SCAN_LIMIT) {
+            if slots == 0 {
+                break;
+            }
+            let target = key.host;
+            let rate = self.rate_for(target);
+            if rate > spare || picked.iter().any(|(t, _)| *t == target) {
+                continue;
+            }
+            if self.fits(b, &b.downloads[&target], target, source, rate) {
+                picked.push((target, rate));
+                slots -= 1;
+                spare -= rate;
+            }
+        }
+        for (target, rate) in picked {
+            self.assign(blob, target, source, rate);
+        }
+    }
+
+    /// Offers freed capacity for `first`, then for every other blob the source holds that
+    /// has hungry targets (walking whichever of the two sets is smaller).
+    pub(super) fn offer_everything(&mut self, source: HostId, first: BlobId) {
+        if !self.is_up(source) {
+            return;
+        }
+        self.offer(source, first);
+        let holdings = &self.hosts[&source].holdings;
+        let blobs: Vec<BlobId> = if self.hungry_blobs.len() < holdings.len() {
+            (self.hungry_blobs.iter())
+                .filter(|b| holdings.contains_key(b))
+                .copied()
+                .collect()
+        } else {
+            (holdings.keys())
+                .filter(|b| self.hungry_blobs.contains(b))
+                .copied()
+                .collect()
+        };
+        for blob in blobs {
+            if self.is_full(source) {
+                break;
+            }
+            if blob != first {
+                self.offer(source, blob);
+            }
+        }
+    }
+
+    /// The target completed: it becomes a complete holder and its sources are freed.
+    pub(super) fn finish_download(&mut self, blob: BlobId, target: HostId) {
+        self.stats.completions += 1;
+        self.forget_download(blob, target);
+    }
+
+    /// Removes a download and frees its sources. Returns whether an order was outstanding.
+    pub(super) fn forget_download(&mut self, blob: BlobId, target: HostId) -> Option<bool> {
+        let h = self.hosts.get_mut(&target)?;
+        let (zone, rack) = (h.zone, h.rack);
+        let b = self.blobs.get_mut(&blob)?;
+        let d = b.downloads.remove(&target)?;
+        h.wants.remove(&blob);
+        if let Some(key) = d.hungry {
+            b.hungry.remove(zone, rack, &key);
+            if b.hungry.is_empty() {
+                self.hungry_blobs.remove(&blob);
+            }
+        }
+        if let Some(at) = d.retry_at {
+            self.retries.remove(&(at, blob, target));
+        }
+        self.dirty.remove(&(blob, target));
+        for s in &d.sources {
+            self.release(blob, target, *s);
+        }
+        for s in &d.sources {
+            self.offer_everything(*s, blob);
+        }
+        Some(d.sent.is_some())
+    }
+
+    /// Turns changed source lists into commands, once per download per call.
+    pub(super) fn flush(&mut self) {
+        for (blob, target) in std::mem::take(&mut self.dirty) {
+            if !self.is_up(target) {
+                continue;
+            }
+            let Some(d) = self.download_mut(blob, target) else {
+                continue;
+            };
+            let command = match &d.sent {
+                None if d.sources.is_empty() => continue,
+                None => Command::Fetch {
+                    host: target,
+                    blob,
+                    sources: d.sources.clone(),
+                },
+                Some(sent) if *sent == d.sources => continue,
+                Some(_) => Command::UpdateSources {
+                    host: target,
+                    blob,
+                    sources: d.sources.clone(),
+                },
+            };
+            d.sent = Some(d.sources.clone());
+            match command {
+                Command::Fetch { .. } => self.stats.orders += 1,
+                _ => self.stats.source_updates += 1,
+            }
+            self.commands.push_back(command);
+        }
+    }
+}

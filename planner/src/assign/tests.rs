@@ -1,0 +1,557 @@
+use std::time::Duration;
+
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use shoal_proto::Digest;
+
+use super::*;
+
+const GBPS: u64 = 1_000_000_000;
+
+fn blob(n: u8) -> BlobId {
+    BlobId(Digest::from_bytes([n; 32]))
+}
+
+fn h(n: u32) -> HostId {
+    HostId(n)
+}
+
+struct Harness {
+    a: Assigner,
+    now: Time,
+}
+
+impl Harness {
+    fn new(config: AssignerConfig) -> Self {
+        Self {
+            a: Assigner::new(config, 7),
+            now: Time::ZERO,
+        }
+    }
+
+    fn ev(&mut self, event: Event) -> Vec<Command> {
+        self.a.handle(self.now, event);
+        self.a.check_invariants().unwrap();
+        self.drain()
+    }
+
+    fn drain(&mut self) -> Vec<Command> {
+        std::iter::from_fn(|| self.a.poll_command()).collect()
+    }
+
+    fn up(&mut self, host: u32, zone: u32, rack: u32, upload_bps: u64) -> Vec<Command> {
+        self.ev(Event::HostUp {
+            host: h(host),
+            zone: ZoneId(zone),
+            rack: RackId(rack),
+            upload_bps,
+            download_bps: GBPS,
+        })
+    }
+
+    fn seed(&mut self, host: u32, zone: u32, rack: u32, upload_bps: u64, b: BlobId) {
+        self.up(host, zone, rack, upload_bps);
+        assert!(
+            self.ev(Event::Holds {
+                host: h(host),
+                blob: b,
+                chunks: 0,
+                complete: true
+            })
+            .is_empty()
+        );
+    }
+
+    fn want(&mut self, host: u32, b: BlobId) -> Vec<Command> {
+        self.ev(Event::Want {
+            blob: b,
+            host: h(host),
+            priority: 0,
+        })
+    }
+
+    fn sources(&self, host: u32, b: BlobId) -> Vec<HostId> {
+        self.a
+            .sources(b, h(host))
+            .map(<[_]>::to_vec)
+            .unwrap_or_default()
+    }
+}
+
+fn cfg(k: usize, f: usize) -> AssignerConfig {
+    AssignerConfig {
+        max_sources: k,
+        max_uploads: f,
+        ..AssignerConfig::default()
+    }
+}
+
+fn fetch(host: u32, b: BlobId, sources: &[u32]) -> Command {
+    Command::Fetch {
+        host: h(host),
+        blob: b,
+        sources: sources.iter().map(|&s| h(s)).collect(),
+    }
+}
+
+fn update(host: u32, b: BlobId, sources: &[u32]) -> Command {
+    Command::UpdateSources {
+        host: h(host),
+        blob: b,
+        sources: sources.iter().map(|&s| h(s)).collect(),
+    }
+}
+
+#[test]
+fn fan_out_is_bounded_by_f_and_by_upload_capacity() {
+    let x = blob(1);
+    let mut t = Harness::new(cfg(2, 3));
+    t.seed(0, 0, 0, 100 * GBPS, x);
+    let mut fetched = 0;
+    for host in 1..=20 {
+        t.up(host, 0, 0, 0); // targets that cannot upload: only the seed serves
+        fetched += t.want(host, x).len();
+        assert!(t.a.uploads(h(0)) <= 3);
+    }
+    assert_eq!(
+        fetched, 3,
+        "the seed serves exactly F downloads; the rest wait"
+    );
+    assert_eq!(t.a.uploads(h(0)), 3);
+
+    // Upload capacity binds before F: each download takes download_bps / K = GBPS / 2.
+    let mut t = Harness::new(cfg(2, 8));
+    t.seed(0, 0, 0, GBPS, x);
+    let fetched: usize = (1..=5)
+        .map(|host| {
+            t.up(host, 0, 0, 0);
+            t.want(host, x).len()
+        })
+        .sum();
+    assert_eq!(fetched, 2);
+    assert_eq!(t.a.uploads(h(0)), 2);
+}
+
+#[test]
+fn prefers_same_rack_then_same_zone_then_elsewhere() {
+    let x = blob(1);
+    let mut t = Harness::new(cfg(3, 8));
+    t.seed(10, 2, 0, GBPS, x); // other zone
+    t.seed(11, 1, 5, GBPS, x); // same zone, other rack
+    t.seed(12, 1, 1, GBPS, x); // same rack
+    t.up(1, 1, 1, GBPS);
+    assert_eq!(t.want(1, x), vec![fetch(1, x, &[12, 11, 10])]);
+
+    // With one source allowed, losing the nearest falls back one tier at a time.
+    let mut t = Harness::new(cfg(1, 8));
+    t.seed(10, 2, 0, GBPS, x);
+    t.seed(11, 1, 5, GBPS, x);
+    t.seed(12, 1, 1, GBPS, x);
+    t.up(1, 1, 1, GBPS);
+    assert_eq!(t.want(1, x), vec![fetch(1, x, &[12])]);
+    assert_eq!(
+        t.ev(Event::HostDown { host: h(12) }),
+        vec![update(1, x, &[11])]
+    );
+    assert_eq!(
+        t.ev(Event::HostDown { host: h(11) }),
+        vec![update(1, x, &[10])]
+    );
+    assert_eq!(t.a.stats().replans, 2);
+}
+
+#[test]
+fn more_complete_holders_come_first_within_a_tier() {
+    let x = blob(1);
+    let mut t = Harness::new(cfg(2, 8));
+    t.ev(Event::BlobKnown {
+        blob: x,
+        size: 100 << 20,
+        chunk_count: 100,
+    });
+    for (host, chunks) in [(10, 5), (11, 80), (12, 40)] {
+        t.up(host, 0, 0, GBPS);
+        t.ev(Event::Holds {
+            host: h(host),
+            blob: x,
+            chunks,
+            complete: false,
+        });
+    }
+    t.up(1, 0, 0, GBPS);
+    assert_eq!(t.want(1, x), vec![fetch(1, x, &[11, 12])]);
+}
+
+#[test]
+fn targets_become_sources_partial_then_complete() {
+    let x = blob(1);
+    let mut t = Harness::new(cfg(2, 1));
+    t.seed(0, 0, 0, GBPS, x);
+    for host in 1..=3 {
+        t.up(host, 0, 0, GBPS);
+    }
+    assert_eq!(t.want(1, x), vec![fetch(1, x, &[0])]);
+    assert!(t.want(2, x).is_empty(), "seed full: host 2 waits");
+    // Host 1 verified a few chunks: it is now a (partial) source for host 2.
+    let out = t.ev(Event::Holds {
+        host: h(1),
+        blob: x,
+        chunks: 3,
+        complete: false,
+    });
+    assert_eq!(out, vec![fetch(2, x, &[1])]);
+    assert!(t.want(3, x).is_empty(), "hosts 0 and 1 are full (F = 1)");
+    // Host 1 finishes: the seed's slot goes to the neediest target (host 3, no sources,
+    // before host 2, one source).
+    let out = t.ev(Event::Done {
+        host: h(1),
+        blob: x,
+    });
+    assert_eq!(out, vec![fetch(3, x, &[0])]);
+    assert_eq!(t.a.stats().completions, 1);
+    // Host 2 finishes: host 1's slot goes to host 3.
+    let out = t.ev(Event::Holds {
+        host: h(2),
+        blob: x,
+        chunks: 0,
+        complete: true,
+    });
+    assert_eq!(out, vec![update(3, x, &[0, 1])]);
+    // A late target is served by host 2, a completed target and the only one with room.
+    t.up(4, 0, 0, GBPS);
+    assert_eq!(t.want(4, x), vec![fetch(4, x, &[2])]);
+}
+
+#[test]
+fn dead_or_silent_source_is_replaced() {
+    let x = blob(1);
+    let mut t = Harness::new(cfg(2, 8));
+    for s in 10..13 {
+        t.seed(s, 0, 0, GBPS, x);
+    }
+    t.up(1, 0, 0, GBPS);
+    let out = t.want(1, x);
+    let Command::Fetch { sources, .. } = &out[0] else {
+        panic!("{out:?}")
+    };
+    let (first, second) = (sources[0], sources[1]);
+    let spare = (10..13).map(h).find(|s| !sources.contains(s)).unwrap();
+    assert_eq!(
+        t.ev(Event::HostDown { host: first }),
+        vec![Command::UpdateSources {
+            host: h(1),
+            blob: x,
+            sources: vec![second, spare]
+        }]
+    );
+
+    // Lease expiry: everyone heartbeats except `second`.
+    assert_eq!(
+        t.a.poll_timeout(),
+        Some(Time::ZERO + Duration::from_secs(10))
+    );
+    t.now = Time::from_secs(6);
+    for host in [h(1), spare] {
+        t.ev(Event::Heartbeat { host });
+    }
+    t.now = Time::from_secs(10);
+    assert_eq!(t.a.poll_timeout(), Some(t.now));
+    t.a.handle_timeout(t.now);
+    t.a.check_invariants().unwrap();
+    assert_eq!(
+        t.drain(),
+        vec![Command::UpdateSources {
+            host: h(1),
+            blob: x,
+            sources: vec![spare]
+        }]
+    );
+    assert!(!t.a.is_up(second));
+    assert_eq!(t.a.stats().lease_expiries, 1);
+    assert_eq!(t.a.poll_timeout(), Some(Time::from_secs(16)));
+}
+
+#[test]
+fn lease_expired_host_gets_no_orders_until_it_is_back() {
+    let x = blob(1);
+    let mut t = Harness::new(cfg(2, 8));
+    t.seed(0, 0, 0, GBPS, x);
+    t.up(1, 0, 0, GBPS);
+    t.up(2, 0, 0, GBPS);
+    t.ev(Event::Holds {
+        host: h(2),
+        blob: x,
+        chunks: 5,
+        complete: false,
+    });
+    // Nobody heartbeats; the driver never calls handle_timeout. Any later event expires
+    // the leases first, so host 1 gets nothing, and host 2 is not handed out as a source.
+    t.now = Time::from_secs(11);
+    t.up(0, 0, 0, GBPS);
+    t.ev(Event::Holds {
+        host: h(0),
+        blob: x,
+        chunks: 0,
+        complete: true,
+    });
+    assert!(t.want(1, x).is_empty());
+    assert!(!t.a.is_up(h(1)) && !t.a.is_up(h(2)));
+    t.ev(Event::Holds {
+        host: h(2),
+        blob: x,
+        chunks: 9,
+        complete: false,
+    }); // ignored
+    t.up(3, 0, 0, GBPS);
+    assert_eq!(t.want(3, x), vec![fetch(3, x, &[0])]);
+    // Host 1 comes back: its want survived, it is ordered now.
+    assert_eq!(t.up(1, 0, 0, GBPS), vec![fetch(1, x, &[0])]);
+}
+
+#[test]
+fn corrupt_source_is_never_used_again_for_that_blob() {
+    let (x, y) = (blob(1), blob(2));
+    let mut t = Harness::new(cfg(1, 8));
+    t.seed(0, 0, 0, GBPS, x);
+    t.ev(Event::Holds {
+        host: h(0),
+        blob: y,
+        chunks: 0,
+        complete: true,
+    });
+    t.seed(9, 1, 0, GBPS, x); // farther away
+    t.up(1, 0, 0, GBPS);
+    assert_eq!(t.want(1, x), vec![fetch(1, x, &[0])]);
+    let out = t.ev(Event::SourceCorrupt {
+        host: h(1),
+        blob: x,
+        source: h(0),
+    });
+    assert_eq!(out, vec![update(1, x, &[9])]);
+    // Host 9 leaves: host 0 has capacity and holds x, but it lied about x.
+    assert_eq!(
+        t.ev(Event::HostDown { host: h(9) }),
+        vec![update(1, x, &[])]
+    );
+    t.ev(Event::Holds {
+        host: h(0),
+        blob: x,
+        chunks: 0,
+        complete: true,
+    });
+    t.up(2, 0, 0, GBPS);
+    assert!(t.want(2, x).is_empty());
+    // Still fine for other blobs.
+    assert_eq!(t.want(2, y), vec![fetch(2, y, &[0])]);
+    // Even a reconnect does not clear it.
+    t.up(0, 0, 0, GBPS);
+    t.ev(Event::Holds {
+        host: h(0),
+        blob: x,
+        chunks: 0,
+        complete: true,
+    });
+    assert!(t.sources(1, x).is_empty() && t.sources(2, x).is_empty());
+    assert_eq!(t.a.stats().corrupt_reports, 1);
+    assert_eq!(t.a.corrupt_sources().collect::<Vec<_>>(), vec![(x, h(0))]);
+}
+
+#[test]
+fn stalled_source_is_replaced_and_not_reused_for_that_target() {
+    let x = blob(1);
+    let mut t = Harness::new(cfg(1, 8));
+    t.seed(0, 0, 0, GBPS, x);
+    t.seed(5, 1, 0, GBPS, x);
+    t.up(1, 0, 0, GBPS);
+    t.up(2, 0, 0, GBPS);
+    assert_eq!(t.want(1, x), vec![fetch(1, x, &[0])]);
+    let out = t.ev(Event::SourceStalled {
+        host: h(1),
+        blob: x,
+        source: h(0),
+    });
+    assert_eq!(out, vec![update(1, x, &[5])]);
+    assert_eq!(
+        t.want(2, x),
+        vec![fetch(2, x, &[0])],
+        "others may still use it"
+    );
+    assert_eq!(t.a.stats().stalls, 1);
+}
+
+#[test]
+fn failures_back_off_then_give_up() {
+    let x = blob(1);
+    let mut t = Harness::new(AssignerConfig {
+        max_attempts: 2,
+        ..cfg(1, 8)
+    });
+    t.seed(0, 0, 0, GBPS, x);
+    t.up(1, 0, 0, GBPS);
+    assert_eq!(t.want(1, x).len(), 1);
+    t.now = Time::from_secs(1);
+    assert!(
+        t.ev(Event::Failed {
+            host: h(1),
+            blob: x,
+            reason: FailReason::Storage
+        })
+        .is_empty()
+    );
+    assert_eq!(
+        t.a.uploads(h(0)),
+        0,
+        "sources are released while backing off"
+    );
+    assert_eq!(t.a.poll_timeout(), Some(Time::from_secs(2)));
+    t.now = Time::from_secs(2);
+    t.a.handle_timeout(t.now);
+    assert_eq!(t.drain(), vec![fetch(1, x, &[0])]);
+    t.ev(Event::Failed {
+        host: h(1),
+        blob: x,
+        reason: FailReason::BlobDigest,
+    });
+    assert_eq!(
+        t.a.poll_notice(),
+        Some(Notice::GaveUp {
+            host: h(1),
+            blob: x,
+            attempts: 2
+        })
+    );
+    assert!(t.a.sources(x, h(1)).is_none());
+    assert_eq!(t.a.uploads(h(0)), 0);
+}
+
+#[test]
+fn unwant_cancels_and_frees_the_source() {
+    let x = blob(1);
+    let mut t = Harness::new(cfg(1, 1));
+    t.seed(0, 0, 0, GBPS, x);
+    t.up(1, 0, 0, GBPS);
+    t.up(2, 0, 0, GBPS);
+    t.want(1, x);
+    assert!(t.want(2, x).is_empty());
+    let out = t.ev(Event::Unwant {
+        blob: x,
+        host: h(1),
+    });
+    assert_eq!(
+        out,
+        vec![
+            Command::Cancel {
+                host: h(1),
+                blob: x
+            },
+            fetch(2, x, &[0])
+        ]
+    );
+}
+
+#[test]
+fn higher_priority_is_served_first() {
+    let x = blob(1);
+    let mut t = Harness::new(cfg(1, 1));
+    t.up(0, 0, 0, GBPS);
+    for host in 1..=3 {
+        t.up(host, 0, 0, GBPS);
+        t.ev(Event::Want {
+            blob: x,
+            host: h(host),
+            priority: host as i32,
+        });
+    }
+    let out = t.ev(Event::Holds {
+        host: h(0),
+        blob: x,
+        chunks: 0,
+        complete: true,
+    });
+    assert_eq!(out, vec![fetch(3, x, &[0])]);
+}
+
+/// A random workload; the command stream must be a pure function of the seeds.
+fn scripted_run(seed: u64) -> (Vec<Command>, AssignerStats) {
+    let mut rng = SmallRng::seed_from_u64(99);
+    let mut a = Assigner::new(cfg(4, 4), seed);
+    let blobs = [blob(1), blob(2), blob(3)];
+    let mut out = Vec::new();
+    let mut now = Time::ZERO;
+    for host in 0..60u32 {
+        a.handle(
+            now,
+            Event::HostUp {
+                host: h(host),
+                zone: ZoneId(host % 3),
+                rack: RackId(host % 7),
+                upload_bps: GBPS,
+                download_bps: GBPS,
+            },
+        );
+    }
+    for b in blobs {
+        a.handle(
+            now,
+            Event::Holds {
+                host: h(rng.random_range(0..60)),
+                blob: b,
+                chunks: 0,
+                complete: true,
+            },
+        );
+    }
+    for _ in 0..2_000 {
+        now += Duration::from_millis(rng.random_range(0..20));
+        let host = h(rng.random_range(0..60));
+        let b = blobs[rng.random_range(0..3)];
+        let source = h(rng.random_range(0..60));
+        let event = match rng.random_range(0..10) {
+            0..=2 => Event::Want {
+                blob: b,
+                host,
+                priority: rng.random_range(0..3),
+            },
+            3 => Event::Holds {
+                host,
+                blob: b,
+                chunks: rng.random_range(1..50),
+                complete: false,
+            },
+            4 => Event::Done { host, blob: b },
+            5 => Event::SourceStalled {
+                host,
+                blob: b,
+                source,
+            },
+            6 => Event::HostDown { host },
+            7 => Event::HostUp {
+                host,
+                zone: ZoneId(0),
+                rack: RackId(1),
+                upload_bps: GBPS,
+                download_bps: GBPS,
+            },
+            8 => Event::Heartbeat { host },
+            _ => Event::SourceCorrupt {
+                host,
+                blob: b,
+                source,
+            },
+        };
+        a.handle(now, event);
+        a.check_invariants().unwrap();
+        out.extend(std::iter::from_fn(|| a.poll_command()));
+    }
+    (out, a.stats().clone())
+}
+
+#[test]
+fn same_seed_and_events_give_same_commands() {
+    let (first, stats) = scripted_run(3);
+    assert!(
+        stats.orders > 20 && stats.replans > 5,
+        "the workload exercises re-planning: {stats:?}"
+    );
+    assert_eq!(scripted_run(3), (first, stats));
+}
