@@ -25,6 +25,7 @@ use std::time::Duration;
 pub use client::{FetchError, FetchReport, HaveStream, HaveUpdate, Peer};
 pub use server::ServeStats;
 
+use crate::limiter::RateLimiter;
 use crate::store::Store;
 use tls::{AgentIdentity, TlsError};
 
@@ -44,6 +45,10 @@ pub struct TransportConfig {
     /// Largest UDP payload we accept, and the upper bound of MTU discovery. Loopback and
     /// jumbo-frame fabrics allow far more than the 1500-byte Ethernet default.
     pub max_udp_payload_size: u16,
+    /// Caps the bytes this agent serves to peers, across all connections; `None` = no cap.
+    pub upload_limit: Option<Arc<RateLimiter>>,
+    /// Caps the bytes this agent fetches from peers, across all connections; `None` = no cap.
+    pub download_limit: Option<Arc<RateLimiter>>,
 }
 
 impl Default for TransportConfig {
@@ -55,6 +60,8 @@ impl Default for TransportConfig {
             request_timeout: Duration::from_secs(30),
             socket_buffer_bytes: 4 << 20,
             max_udp_payload_size: 1472,
+            upload_limit: None,
+            download_limit: None,
         }
     }
 }
@@ -110,7 +117,22 @@ impl ChunkEndpoint {
         store: Store,
         config: TransportConfig,
     ) -> Result<Self, TransportError> {
-        let socket = bind_socket(addr, config.socket_buffer_bytes)?;
+        let socket = bind_udp_socket(addr, config.socket_buffer_bytes)?;
+        Self::from_socket(socket, identity, store, config)
+    }
+
+    /// Starts serving `store` on a socket bound earlier with [`bind_udp_socket`] (an agent
+    /// binds before it joins, so it can announce its address, and gets its certificate from
+    /// the join). Must run inside tokio.
+    pub fn from_socket(
+        socket: std::net::UdpSocket,
+        identity: &AgentIdentity,
+        store: Store,
+        config: TransportConfig,
+    ) -> Result<Self, TransportError> {
+        let addr = socket
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
         let transport = Arc::new(transport_config(&config));
 
         let server_crypto =
@@ -248,7 +270,12 @@ fn transport_config(config: &TransportConfig) -> quinn::TransportConfig {
     t
 }
 
-fn bind_socket(addr: SocketAddr, buffer: usize) -> Result<std::net::UdpSocket, TransportError> {
+/// Binds the UDP socket of an endpoint with `buffer` bytes of kernel buffers (see
+/// [`ChunkEndpoint::from_socket`]).
+pub fn bind_udp_socket(
+    addr: SocketAddr,
+    buffer: usize,
+) -> Result<std::net::UdpSocket, TransportError> {
     use socket2::{Domain, Protocol, Socket, Type};
     let err = |source| TransportError::Bind { addr, source };
     let socket =

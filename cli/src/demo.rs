@@ -1,153 +1,264 @@
-//! `shoal demo`: agents on loopback, one seeded with a generated blob, the rest fetching it
-//! over the real QUIC transport (mutual TLS, every chunk verified), then a summary.
-//!
-//! This is the foundation's demo: every agent pulls from the seeder. The coordinator-planned
-//! swarm, where agents serve each other, replaces it with the control plane.
+//! `shoal demo`: Shoal's main job on one machine. A coordinator and N agents on loopback,
+//! each with its own store in a temporary directory and capped at a link rate; a generated
+//! blob pushed on one agent and distributed to all; live progress; every copy verified; and a
+//! summary that sets the makespan beside the physical bound and beside a single origin.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use shoal_agent::store::{Store, StoreConfig};
-use shoal_agent::transport::tls::ClusterCa;
-use shoal_agent::transport::{ChunkEndpoint, TransportConfig};
-use shoal_proto::{CHUNK_SIZE, ManifestBuilder};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use shoal_agent::{Agent, AgentConfig};
+use shoal_coordinator::CoordinatorConfig;
+use shoal_proto::Digest;
+use shoal_proto::pb::v1::{self as pb, TargetState};
+
+use crate::client;
 
 #[derive(clap::Args, Debug)]
 pub struct DemoArgs {
     /// Number of agents, the seeder included.
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(2..=64))]
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(2..=64))]
     agents: u32,
     /// Size of the generated blob in MiB.
-    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=16384))]
     size_mib: u64,
+    /// Link rate of every agent, each way, in Mbit/s (0 = uncapped).
+    #[arg(long, default_value_t = 200)]
+    link_mbps: u64,
 }
 
 pub async fn run(args: DemoArgs) -> Result<()> {
-    let dir = tempfile::Builder::new().prefix("shoal-demo-").tempdir()?;
-    let ca = ClusterCa::generate()?;
-    let loopback: SocketAddr = "127.0.0.1:0".parse()?;
-    let size = args.size_mib << 20;
+    tokio::select! {
+        r = demo(args) => r,
+        _ = tokio::signal::ctrl_c() => bail!("interrupted; temporary files removed"),
+    }
+}
 
+async fn demo(args: DemoArgs) -> Result<()> {
+    let dir = tempfile::Builder::new().prefix("shoal-demo-").tempdir()?;
+    let size = args.size_mib << 20;
+    let link_bytes = args.link_mbps * 1_000_000 / 8;
+
+    // The coordinator, in this process, on a loopback port.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let coordinator_config = CoordinatorConfig {
+        listen: listener.local_addr()?,
+        state_dir: dir.path().join("coordinator"),
+        join_token: "demo".into(),
+        ..Default::default()
+    };
+    let coordinator = tokio::spawn(shoal_coordinator::run(
+        coordinator_config,
+        listener,
+        async {
+            let _ = stopped.await;
+        },
+    ));
+
+    eprintln!(
+        "starting {} agents at {} Mbit/s each way ...",
+        args.agents, args.link_mbps
+    );
     let mut agents = Vec::new();
     for i in 0..args.agents {
-        let store = Store::open(StoreConfig {
-            root: dir.path().join(format!("agent-{i}")),
-            quota_bytes: size * 2,
-        })?;
-        let id = ca.issue(&format!("agent-{i}"))?;
-        agents.push(ChunkEndpoint::bind(
-            loopback,
-            &id,
-            store,
-            TransportConfig::default(),
-        )?);
-    }
-
-    eprintln!("seeding a {} MiB blob on agent-0 ...", args.size_mib);
-    let seeder = agents[0].clone();
-    let manifest = tokio::task::spawn_blocking(move || seed(seeder.store(), size)).await??;
-    eprintln!(
-        "blob {}: {} chunks",
-        manifest.digest(),
-        manifest.chunk_count()
-    );
-
-    let started = Instant::now();
-    let mut fetches = tokio::task::JoinSet::new();
-    for (i, agent) in agents.iter().enumerate().skip(1) {
-        let (agent, manifest, from) = (agent.clone(), manifest.clone(), agents[0].local_addr());
-        fetches.spawn(async move {
-            agent.store().insert_manifest(&manifest)?;
-            agent
-                .fetch_blob(from, &manifest)
+        let config = AgentConfig {
+            coordinator: url.clone(),
+            join_token: "demo".into(),
+            data_dir: dir.path().join(format!("agent-{i}")),
+            quota_bytes: 2 * size + (64 << 20),
+            quic_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            labels: [("host".to_string(), format!("demo-{i}"))].into(),
+            upload_limit_bytes_per_sec: link_bytes,
+            download_limit_bytes_per_sec: link_bytes,
+            ..Default::default()
+        };
+        agents.push(
+            Agent::start(config)
                 .await
-                .with_context(|| format!("agent-{i}"))?;
-            anyhow::Ok((i, started.elapsed()))
-        });
-    }
-    let mut done: Vec<(usize, Duration)> = Vec::new();
-    let mut ticker = tokio::time::interval(Duration::from_secs(1));
-    ticker.tick().await;
-    while done.len() + 1 < agents.len() {
-        tokio::select! {
-            joined = fetches.join_next() => {
-                let Some(joined) = joined else { break };
-                let (i, at) = joined??;
-                eprintln!("agent-{i} complete after {:.2} s", at.as_secs_f64());
-                done.push((i, at));
-            }
-            _ = ticker.tick() => {
-                let have: u64 = agents.iter().skip(1)
-                    .filter_map(|a| a.store().present_count(&manifest.digest()))
-                    .map(u64::from).sum();
-                let want = u64::from(manifest.chunk_count()) * (agents.len() as u64 - 1);
-                eprintln!("{:5.1}% of {} copies", 100.0 * have as f64 / want as f64, agents.len() - 1);
-            }
-        }
-    }
-    let makespan = started.elapsed();
-
-    for (i, agent) in agents.iter().enumerate() {
-        let store = agent.store().clone();
-        let digest = manifest.digest();
-        tokio::task::spawn_blocking(move || store.verify_blob(&digest))
-            .await?
-            .with_context(|| format!("agent-{i}'s copy failed verification"))?;
-    }
-    done.sort_by_key(|(_, at)| *at);
-    let p50 = done[done.len() / 2].1;
-    let copies = done.len() as u64;
-    let gb = (size * copies) as f64 / 1e9;
-    let served = agents[0].serve_stats();
-    if served.bytes_served != size * copies {
-        bail!(
-            "seeder served {} bytes, expected {}",
-            served.bytes_served,
-            size * copies
+                .with_context(|| format!("starting agent {i}"))?,
         );
     }
-    println!("\nevery copy verified against {}", manifest.digest());
-    println!("| agents | blob | makespan | p50 | aggregate | seeder served |");
-    println!("|---|---|---|---|---|---|");
-    println!(
-        "| {} | {} MiB | {:.2} s | {:.2} s | {:.2} GB/s | {:.1} copies |",
-        agents.len(),
+    let mut c = client::connect(&url).await?;
+    wait_ready(&mut c, agents.len()).await?;
+
+    eprintln!(
+        "generating a {} MiB blob and pushing it on {} ...",
         args.size_mib,
-        makespan.as_secs_f64(),
-        p50.as_secs_f64(),
-        gb / makespan.as_secs_f64(),
-        served.bytes_served as f64 / size as f64,
+        agents[0].agent_id()
     );
-    for a in &agents {
-        a.close().await;
+    let blob_path = dir.path().join("blob");
+    let path = blob_path.clone();
+    tokio::task::spawn_blocking(move || generate(&path, size)).await??;
+    let digest: Digest = crate::local::push_file(agents[0].local_socket(), &blob_path, false)
+        .await?
+        .parse()?;
+    std::fs::remove_file(&blob_path)?;
+
+    let all = pb::TargetSelector {
+        selector: Some(pb::target_selector::Selector::All(pb::AllAgents {})),
+    };
+    let started = Instant::now();
+    let job_id = client::distribute(&mut c, &[digest], all, None).await?;
+    let finished = follow(&mut c, &job_id, size, started).await?;
+    let makespan = started.elapsed();
+
+    for agent in &agents {
+        let store = agent.store().clone();
+        tokio::task::spawn_blocking(move || store.verify_blob(&digest))
+            .await?
+            .with_context(|| format!("{}'s copy failed verification", agent.agent_id()))?;
     }
+    let seeder = agents[0].stats().bytes_served;
+    let peers: u64 = agents[1..].iter().map(|a| a.stats().bytes_served).sum();
+    summary(
+        &args, size, link_bytes, makespan, &finished, seeder, peers, &digest,
+    );
+
+    for agent in agents {
+        agent.shutdown().await;
+    }
+    let _ = stop.send(());
+    let _ = coordinator.await;
     Ok(())
 }
 
-/// Generates `size` pseudo-random bytes straight into the seeder's store, chunk by chunk.
-fn seed(store: &Store, size: u64) -> Result<shoal_proto::Manifest> {
-    let chunk = |i: u64| -> Vec<u8> {
-        let len = (size - i * u64::from(CHUNK_SIZE)).min(u64::from(CHUNK_SIZE)) as usize;
-        let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ i;
-        let mut v = vec![0u8; len];
-        for w in v.chunks_mut(8) {
+async fn wait_ready(c: &mut client::Client, n: usize) -> Result<()> {
+    for _ in 0..200 {
+        let agents = c
+            .list_agents(pb::ListAgentsRequest::default())
+            .await
+            .map_err(client::explain)?;
+        if agents
+            .into_inner()
+            .agents
+            .iter()
+            .filter(|a| a.state() == pb::AgentState::Ready)
+            .count()
+            >= n
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("agents did not connect to the coordinator within 10 s")
+}
+
+/// Live bars per agent; returns when each target finished, relative to `started`.
+async fn follow(
+    c: &mut client::Client,
+    job_id: &str,
+    size: u64,
+    started: Instant,
+) -> Result<BTreeMap<String, Duration>> {
+    let mut stream = c
+        .watch_job(pb::WatchJobRequest {
+            job_id: job_id.into(),
+            include_targets: true,
+        })
+        .await
+        .map_err(client::explain)?
+        .into_inner();
+    let bars = MultiProgress::new();
+    let style =
+        ProgressStyle::with_template("{prefix:>12} [{bar:40}] {bytes:>10}/{total_bytes} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> ");
+    let mut per_agent = BTreeMap::new();
+    let mut finished = BTreeMap::new();
+    while let Some(update) = stream.message().await.map_err(client::explain)? {
+        for t in update.targets {
+            let bar = per_agent.entry(t.agent_id.clone()).or_insert_with(|| {
+                bars.add(
+                    ProgressBar::new(size)
+                        .with_style(style.clone())
+                        .with_prefix(t.agent_id.clone()),
+                )
+            });
+            bar.set_position(t.bytes_done);
+            match t.state() {
+                TargetState::Done => {
+                    finished
+                        .entry(t.agent_id.clone())
+                        .or_insert_with(|| started.elapsed());
+                    bar.finish_with_message("done");
+                }
+                TargetState::Failed => {
+                    bar.abandon_with_message(format!("failed: {}", t.message));
+                    bail!("{} failed: {}", t.agent_id, t.message);
+                }
+                _ => bar.set_message(format!("{}/s", client::human(t.rate_bytes_per_sec))),
+            }
+        }
+    }
+    let job = client::status(c, job_id).await?;
+    client::require_done(&job)?;
+    Ok(finished)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn summary(
+    args: &DemoArgs,
+    size: u64,
+    link: u64,
+    makespan: Duration,
+    finished: &BTreeMap<String, Duration>,
+    seeder: u64,
+    peers: u64,
+    digest: &Digest,
+) {
+    let mut times: Vec<f64> = finished.values().map(Duration::as_secs_f64).collect();
+    times.sort_by(f64::total_cmp);
+    let p50 = times.get(times.len() / 2).copied().unwrap_or(0.0);
+    let max = times.last().copied().unwrap_or(0.0);
+    let targets = u64::from(args.agents - 1);
+    let secs = makespan.as_secs_f64();
+    println!("\nevery copy verified against {digest}");
+    println!("| agents | blob | makespan | per-host p50 | per-host max | aggregate |");
+    println!("|---|---|---|---|---|---|");
+    println!(
+        "| {} | {} MiB | {secs:.2} s | {p50:.2} s | {max:.2} s | {:.3} GB/s |",
+        args.agents,
+        args.size_mib,
+        (size * targets) as f64 / secs / 1e9
+    );
+    println!(
+        "\nbytes served: seeder {:.2} copies, peers {:.2} copies (of {} targets)",
+        seeder as f64 / size as f64,
+        peers as f64 / size as f64,
+        targets
+    );
+    if link > 0 {
+        let bound = size as f64 / link as f64;
+        let origin = bound * targets as f64;
+        println!(
+            "physical bound (blob / link) {bound:.2} s: makespan {:.2}x the bound; one origin serving everyone would take {origin:.1} s ({:.1}x the bound)",
+            secs / bound,
+            origin / bound
+        );
+    }
+}
+
+/// Writes `size` pseudo-random bytes to `path`.
+fn generate(path: &std::path::Path, size: u64) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = size;
+    while left > 0 {
+        for w in buf.chunks_mut(8) {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
             w.copy_from_slice(&x.to_le_bytes()[..w.len()]);
         }
-        v
-    };
-    let count = size.div_ceil(u64::from(CHUNK_SIZE));
-    let mut builder = ManifestBuilder::new(CHUNK_SIZE)?;
-    for i in 0..count {
-        builder.update(&chunk(i));
+        let n = left.min(buf.len() as u64) as usize;
+        out.write_all(&buf[..n])?;
+        left -= n as u64;
     }
-    let manifest = builder.finish()?;
-    store.insert_manifest(&manifest)?;
-    for i in manifest.chunk_indices() {
-        store.put_chunk(&manifest.digest(), i, &chunk(u64::from(i.get())))?;
-    }
-    Ok(manifest)
+    out.flush()
 }

@@ -1,10 +1,18 @@
 //! `shoal`: one binary for the coordinator, the agent and the client commands.
 //!
-//! Exit codes: 0 success, 1 failure, 2 usage error. Every error is one line.
+//! Exit codes: 0 success, 1 failure, 2 usage or configuration error. Every error is one line.
 
+mod client;
 mod demo;
+mod local;
+mod serve;
+mod settings;
+
+use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use shoal_proto::Digest;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -13,40 +21,178 @@ use clap::{Parser, Subcommand};
     about = "Datacenter blob distribution over QUIC"
 )]
 struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
 
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct CoordinatorAddr {
+    /// The coordinator's gRPC address.
+    #[arg(
+        long,
+        env = "SHOAL_COORDINATOR",
+        default_value = "http://127.0.0.1:7400"
+    )]
+    coordinator: String,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct AgentSocket {
+    /// The local agent's API socket.
+    #[arg(
+        long,
+        env = "SHOAL_AGENT_SOCKET",
+        default_value = "/var/lib/shoal/agent/agent.sock"
+    )]
+    socket: PathBuf,
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Move a generated blob between agents on loopback over QUIC and verify every copy.
+    /// Run the coordinator.
+    Coordinator(serve::CoordinatorArgs),
+    /// Run an agent.
+    Agent(serve::AgentArgs),
+    /// Ingest a local file on the local agent and register it with the coordinator.
+    Push {
+        file: PathBuf,
+        #[command(flatten)]
+        agent: AgentSocket,
+    },
+    /// Fetch a blob through the local agent into a file.
+    Pull {
+        digest: Digest,
+        #[arg(short, long)]
+        output: PathBuf,
+        #[command(flatten)]
+        agent: AgentSocket,
+    },
+    /// Distribute blobs to agents and follow the job.
+    Distribute {
+        #[arg(required = true)]
+        digests: Vec<Digest>,
+        /// Targets: all | key=value[,key=value] | agents:id[,id].
+        #[arg(long, default_value = "all", value_parser = client::selector)]
+        to: shoal_proto::pb::v1::TargetSelector,
+        /// Fail targets not done within this many seconds.
+        #[arg(long)]
+        deadline_secs: Option<u64>,
+        /// Print the job id and return at once instead of watching.
+        #[arg(long)]
+        detach: bool,
+        #[command(flatten)]
+        coordinator: CoordinatorAddr,
+    },
+    /// Show a job's state and its targets.
+    Status {
+        job: String,
+        #[command(flatten)]
+        coordinator: CoordinatorAddr,
+    },
+    /// Follow a job with progress bars until it ends.
+    Watch {
+        job: String,
+        #[command(flatten)]
+        coordinator: CoordinatorAddr,
+    },
+    /// List agents.
+    Agents {
+        #[command(flatten)]
+        coordinator: CoordinatorAddr,
+    },
+    /// List blobs in the catalog.
+    Blobs {
+        #[command(flatten)]
+        coordinator: CoordinatorAddr,
+    },
+    /// A coordinator and agents on loopback distributing a generated blob, with a summary.
     Demo(demo::DemoArgs),
 }
 
 fn main() {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => subscriber.init(),
+        LogFormat::Json => subscriber.json().init(),
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
-        Err(e) => fail(&format!("starting the async runtime: {e}")),
+        Err(e) => fail(1, &format!("starting the async runtime: {e}")),
     };
-    let result = runtime.block_on(async {
-        match cli.command {
-            Command::Demo(args) => demo::run(args).await,
-        }
-    });
-    if let Err(e) = result {
-        fail(&format!("{e:#}"));
+    let result = runtime.block_on(dispatch(cli.command));
+    match result {
+        Ok(()) => {}
+        Err(e) => match e.downcast_ref::<serve::ConfigProblem>() {
+            Some(problem) => fail(2, &problem.0),
+            None => fail(1, &format!("{e:#}")),
+        },
     }
 }
 
-fn fail(message: &str) -> ! {
+async fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Coordinator(args) => serve::coordinator(args).await,
+        Command::Agent(args) => serve::agent(args).await,
+        Command::Push { file, agent } => local::push(&agent.socket, &file).await,
+        Command::Pull {
+            digest,
+            output,
+            agent,
+        } => local::pull(&agent.socket, digest, &output).await,
+        Command::Distribute {
+            digests,
+            to,
+            deadline_secs,
+            detach,
+            coordinator,
+        } => {
+            let mut c = client::connect(&coordinator.coordinator).await?;
+            let job =
+                client::distribute(&mut c, &digests, to, deadline_secs.map(Duration::from_secs))
+                    .await?;
+            println!("{job}");
+            if detach {
+                return Ok(());
+            }
+            let job = client::watch(&mut c, &job, None).await?;
+            client::require_done(&job)
+        }
+        Command::Status { job, coordinator } => {
+            let mut c = client::connect(&coordinator.coordinator).await?;
+            let job = client::status(&mut c, &job).await?;
+            client::print_job(&job);
+            Ok(())
+        }
+        Command::Watch { job, coordinator } => {
+            let mut c = client::connect(&coordinator.coordinator).await?;
+            let job = client::watch(&mut c, &job, None).await?;
+            client::require_done(&job)
+        }
+        Command::Agents { coordinator } => {
+            client::agents(&mut client::connect(&coordinator.coordinator).await?).await
+        }
+        Command::Blobs { coordinator } => {
+            client::blobs(&mut client::connect(&coordinator.coordinator).await?).await
+        }
+        Command::Demo(args) => demo::run(args).await,
+    }
+}
+
+fn fail(code: i32, message: &str) -> ! {
     eprintln!("shoal: {}", message.replace('\n', " "));
-    std::process::exit(1);
+    std::process::exit(code);
 }

@@ -63,6 +63,7 @@ pub struct Peer {
     conn: quinn::Connection,
     in_flight: Arc<Semaphore>,
     request_timeout: Duration,
+    download_limit: Option<Arc<crate::limiter::RateLimiter>>,
 }
 
 impl Peer {
@@ -71,6 +72,7 @@ impl Peer {
             conn,
             in_flight: Arc::new(Semaphore::new(config.max_requests_in_flight as usize)),
             request_timeout: config.request_timeout,
+            download_limit: config.download_limit.clone(),
         }
     }
 
@@ -105,6 +107,10 @@ impl Peer {
                 peer,
                 reason: "peer handle closed".into(),
             })?;
+        // Take the tokens before asking, so the peer is never made to wait on our cap.
+        if let Some(limit) = &self.download_limit {
+            limit.acquire(expected as u64).await;
+        }
         let request = Frame::ChunkRequest {
             blob: manifest.digest(),
             index,

@@ -196,12 +196,16 @@ async fn serve_chunk(
         }
     };
     let len = data.len() as u64;
+    if let Some(limit) = &inner.config.upload_limit {
+        limit.acquire(len).await;
+    }
     let header = bytes::Bytes::copy_from_slice(&wire::chunk_data_header(index, data.len()));
     // write_all_chunks hands the Bytes to quinn without copying the chunk.
     send.write_all_chunks(&mut [header, data]).await?;
     send.finish()?;
     inner.stats.chunks_served.fetch_add(1, Ordering::Relaxed);
     inner.stats.bytes_served.fetch_add(len, Ordering::Relaxed);
+    metrics::counter!(crate::metrics::BYTES_OUT).increment(len);
     Ok(())
 }
 

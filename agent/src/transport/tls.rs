@@ -113,23 +113,78 @@ impl ClusterCa {
         &self.cert_pem
     }
 
+    /// The CA certificate in DER (what `JoinResponse.ca_certificates_der` carries).
+    pub fn cert_der(&self) -> &CertificateDer<'static> {
+        &self.cert_der
+    }
+
     /// Issues a certificate for one agent, valid for [`SERVER_NAME`] as server and client.
     pub fn issue(&self, agent_name: &str) -> Result<AgentIdentity, TlsError> {
-        let mut params = CertificateParams::new(vec![SERVER_NAME.to_string()])?;
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, agent_name);
-        params.distinguished_name = dn;
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
         let key = KeyPair::generate()?;
-        let cert = params.signed_by(&key, &self.issuer)?;
+        let cert = agent_params(agent_name)?.signed_by(&key, &self.issuer)?;
         Ok(AgentIdentity {
             chain: vec![cert.der().clone()],
             key: PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
             roots: vec![self.cert_der.clone()],
         })
+    }
+
+    /// Signs an agent's PKCS#10 request (DER, as sent in `JoinRequest.csr_der`) and returns
+    /// the certificate in DER. Only the request's public key is taken (its signature is
+    /// checked); names and usages are the CA's: [`SERVER_NAME`], server and client auth, and
+    /// `agent_name` as common name.
+    pub fn sign_csr(&self, csr_der: &[u8], agent_name: &str) -> Result<Vec<u8>, TlsError> {
+        let der = rustls_pki_types::CertificateSigningRequestDer::from(csr_der);
+        let csr = rcgen::CertificateSigningRequestParams::from_der(&der)?;
+        let cert = agent_params(agent_name)?.signed_by(&csr.public_key, &self.issuer)?;
+        Ok(cert.der().to_vec())
+    }
+}
+
+fn agent_params(agent_name: &str) -> Result<CertificateParams, TlsError> {
+    let mut params = CertificateParams::new(vec![SERVER_NAME.to_string()])?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, agent_name);
+    params.distinguished_name = dn;
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    Ok(params)
+}
+
+/// A fresh key and a certificate signing request for it, to send in `JoinRequest.csr_der`;
+/// the private key never leaves the agent.
+pub struct CertificateRequest {
+    key: KeyPair,
+    csr_der: Vec<u8>,
+}
+
+impl std::fmt::Debug for CertificateRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertificateRequest").finish_non_exhaustive()
+    }
+}
+
+impl CertificateRequest {
+    pub fn generate() -> Result<Self, TlsError> {
+        let key = KeyPair::generate()?;
+        let params = CertificateParams::new(vec![SERVER_NAME.to_string()])?;
+        let csr_der = params.serialize_request(&key)?.der().to_vec();
+        Ok(Self { key, csr_der })
+    }
+
+    pub fn csr_der(&self) -> &[u8] {
+        &self.csr_der
+    }
+
+    /// The identity made of this key, the certificate the CA issued for it, and the CA roots.
+    pub fn into_identity(self, certificate_der: Vec<u8>, roots_der: Vec<Vec<u8>>) -> AgentIdentity {
+        AgentIdentity {
+            chain: vec![CertificateDer::from(certificate_der)],
+            key: PrivatePkcs8KeyDer::from(self.key.serialize_der()).into(),
+            roots: roots_der.into_iter().map(CertificateDer::from).collect(),
+        }
     }
 }
 
@@ -214,6 +269,17 @@ fn write_private(path: &Path, contents: &[u8]) -> Result<(), TlsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_signed_csr_makes_a_working_identity() {
+        let ca = ClusterCa::generate().expect("ca");
+        let request = CertificateRequest::generate().expect("csr");
+        let cert = ca.sign_csr(request.csr_der(), "agent-7").expect("sign");
+        let identity = request.into_identity(cert, vec![ca.cert_der().to_vec()]);
+        identity.server_config().expect("server config");
+        identity.client_config().expect("client config");
+        assert!(ca.sign_csr(b"not a csr", "x").is_err());
+    }
 
     #[test]
     fn ca_persists_and_reloads_the_same_root() {

@@ -1,0 +1,265 @@
+//! The agent's configuration: one typed struct, loaded by the binary (defaults, then a file,
+//! then `SHOAL_` variables) and checked once by [`AgentConfig::validate`].
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::limiter::RateLimiter;
+use crate::transport::TransportConfig;
+
+/// Capacity announced to the coordinator when a direction is not capped: 10 Gbit/s.
+pub const UNLIMITED_CAPACITY_BYTES_PER_SEC: u64 = 1_250_000_000;
+
+/// How an agent runs. Every field has a default; `data_dir` and `join_token` usually need
+/// setting.
+#[derive(Clone, Debug, serde::Deserialize, serde::Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentConfig {
+    /// The coordinator's gRPC address, e.g. `http://127.0.0.1:7400`.
+    pub coordinator: String,
+    /// Cluster join token (the coordinator's shared secret).
+    pub join_token: String,
+    /// The store lives in `data_dir/store`; the agent id is kept in `data_dir/agent-id`.
+    pub data_dir: PathBuf,
+    /// The most bytes of blobs the store may hold.
+    pub quota_bytes: u64,
+    /// UDP address of the QUIC endpoint.
+    pub quic_listen: SocketAddr,
+    /// Address peers dial; default: the listen port on the IP of the route to the
+    /// coordinator (127.0.0.1 if listening on loopback).
+    pub advertise: Option<SocketAddr>,
+    /// Unix socket of the local gRPC API; default `data_dir/agent.sock`.
+    pub local_socket: Option<PathBuf>,
+    /// Labels announced to the coordinator: `zone`, `rack`, `host`, any other.
+    pub labels: BTreeMap<String, String>,
+    /// Cap on bytes served to peers per second; 0 = unlimited.
+    pub upload_limit_bytes_per_sec: u64,
+    /// Cap on bytes fetched per second; 0 = unlimited.
+    pub download_limit_bytes_per_sec: u64,
+    /// Prometheus endpoint; the binary installs the exporter.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Chunk requests one QUIC connection may have open at once.
+    pub max_requests_in_flight: u32,
+    /// Chunk requests served at once across all peers; more are answered `Busy`.
+    pub max_concurrent_served: usize,
+    /// A single chunk request must finish within this many milliseconds.
+    pub request_timeout_ms: u64,
+    /// Kernel buffer of the UDP socket, bytes.
+    pub socket_buffer_bytes: usize,
+    /// Largest UDP payload (upper bound of MTU discovery).
+    pub max_udp_payload_size: u16,
+    /// Chunk size of manifests built by Push (a power of two, 4 KiB–16 MiB).
+    pub chunk_size: u32,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        let transport = TransportConfig::default();
+        Self {
+            coordinator: "http://127.0.0.1:7400".into(),
+            join_token: String::new(),
+            data_dir: PathBuf::from("/var/lib/shoal"),
+            quota_bytes: 100 << 30,
+            quic_listen: SocketAddr::from(([0, 0, 0, 0], 7401)),
+            advertise: None,
+            local_socket: None,
+            labels: BTreeMap::new(),
+            upload_limit_bytes_per_sec: 0,
+            download_limit_bytes_per_sec: 0,
+            metrics_listen: None,
+            max_requests_in_flight: transport.max_requests_in_flight,
+            max_concurrent_served: transport.max_concurrent_served,
+            request_timeout_ms: transport.request_timeout.as_millis() as u64,
+            socket_buffer_bytes: transport.socket_buffer_bytes,
+            max_udp_payload_size: transport.max_udp_payload_size,
+            chunk_size: shoal_proto::CHUNK_SIZE,
+        }
+    }
+}
+
+impl AgentConfig {
+    /// Checks every value; the error names the offending key and says what is wrong.
+    pub fn validate(&self) -> Result<(), String> {
+        let url = self.coordinator.trim();
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(format!(
+                "coordinator: {:?} is not an http:// or https:// URL",
+                self.coordinator
+            ));
+        }
+        if coordinator_host_port(url).is_none() {
+            return Err(format!(
+                "coordinator: {:?} has no host:port",
+                self.coordinator
+            ));
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return Err("data_dir: must not be empty".into());
+        }
+        if self.quota_bytes == 0 {
+            return Err("quota_bytes: must be positive".into());
+        }
+        if let Some(a) = self.advertise {
+            if a.ip().is_unspecified() || a.port() == 0 {
+                return Err(format!(
+                    "advertise: {a} must be a concrete IP and port peers can dial"
+                ));
+            }
+        }
+        if self.max_requests_in_flight == 0 {
+            return Err("max_requests_in_flight: must be at least 1".into());
+        }
+        if self.max_concurrent_served == 0 {
+            return Err("max_concurrent_served: must be at least 1".into());
+        }
+        if self.request_timeout_ms == 0 {
+            return Err("request_timeout_ms: must be positive".into());
+        }
+        if self.max_udp_payload_size < 1200 {
+            return Err("max_udp_payload_size: must be at least 1200 (QUIC's minimum)".into());
+        }
+        if !self.chunk_size.is_power_of_two() || !(4 << 10..=16 << 20).contains(&self.chunk_size) {
+            return Err(format!(
+                "chunk_size: {} is not a power of two between 4 KiB and 16 MiB",
+                self.chunk_size
+            ));
+        }
+        for (key, value) in &self.labels {
+            if key.is_empty() {
+                return Err(format!("labels: empty key (value {value:?})"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The Unix socket of the local API.
+    pub fn local_socket_path(&self) -> PathBuf {
+        self.local_socket
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("agent.sock"))
+    }
+
+    /// Upload capacity announced to the coordinator.
+    pub fn upload_capacity(&self) -> u64 {
+        nonzero_or(
+            self.upload_limit_bytes_per_sec,
+            UNLIMITED_CAPACITY_BYTES_PER_SEC,
+        )
+    }
+
+    /// Download capacity announced to the coordinator.
+    pub fn download_capacity(&self) -> u64 {
+        nonzero_or(
+            self.download_limit_bytes_per_sec,
+            UNLIMITED_CAPACITY_BYTES_PER_SEC,
+        )
+    }
+
+    /// The transport settings, with one token bucket per capped direction (burst: two
+    /// chunks, so a single connection is never starved by its own bucket).
+    pub fn transport(&self) -> TransportConfig {
+        let burst = 2 * u64::from(self.chunk_size.max(shoal_proto::CHUNK_SIZE));
+        let bucket =
+            |rate: u64| (rate > 0).then(|| Arc::new(RateLimiter::new(rate, burst.max(rate / 10))));
+        TransportConfig {
+            max_requests_in_flight: self.max_requests_in_flight,
+            max_concurrent_served: self.max_concurrent_served,
+            request_timeout: Duration::from_millis(self.request_timeout_ms),
+            socket_buffer_bytes: self.socket_buffer_bytes,
+            max_udp_payload_size: self.max_udp_payload_size,
+            upload_limit: bucket(self.upload_limit_bytes_per_sec),
+            download_limit: bucket(self.download_limit_bytes_per_sec),
+            ..TransportConfig::default()
+        }
+    }
+}
+
+fn nonzero_or(value: u64, default: u64) -> u64 {
+    if value == 0 { default } else { value }
+}
+
+/// `host:port` of the coordinator URL (default port 80/443 by scheme).
+pub(crate) fn coordinator_host_port(url: &str) -> Option<(String, u16)> {
+    let (scheme, rest) = url.split_once("://")?;
+    let authority = rest.split('/').next()?;
+    if authority.is_empty() {
+        return None;
+    }
+    let default_port = if scheme == "https" { 443 } else { 80 };
+    if let Some(v6) = authority.strip_prefix('[') {
+        let (host, after) = v6.split_once(']')?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => p.parse().ok()?,
+            None => default_port,
+        };
+        return Some((host.to_string(), port));
+    }
+    match authority.rsplit_once(':') {
+        Some((host, port)) => Some((host.to_string(), port.parse().ok()?)),
+        None => Some((authority.to_string(), default_port)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        AgentConfig::default().validate().expect("defaults");
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let bad = AgentConfig {
+            coordinator: "127.0.0.1:7400".into(),
+            ..AgentConfig::default()
+        };
+        assert!(bad.validate().unwrap_err().starts_with("coordinator:"));
+        let bad = AgentConfig {
+            chunk_size: 3000,
+            ..AgentConfig::default()
+        };
+        assert!(bad.validate().unwrap_err().starts_with("chunk_size:"));
+        let bad = AgentConfig {
+            advertise: Some("0.0.0.0:7401".parse().expect("addr")),
+            ..AgentConfig::default()
+        };
+        assert!(bad.validate().unwrap_err().starts_with("advertise:"));
+    }
+
+    #[test]
+    fn coordinator_url_parts() {
+        assert_eq!(
+            coordinator_host_port("http://127.0.0.1:7400"),
+            Some(("127.0.0.1".into(), 7400))
+        );
+        assert_eq!(
+            coordinator_host_port("https://coord.example/"),
+            Some(("coord.example".into(), 443))
+        );
+        assert_eq!(
+            coordinator_host_port("http://[::1]:9"),
+            Some(("::1".into(), 9))
+        );
+    }
+
+    #[test]
+    fn limits_become_buckets_only_when_set() {
+        let c = AgentConfig::default();
+        assert!(c.transport().upload_limit.is_none());
+        assert_eq!(c.upload_capacity(), UNLIMITED_CAPACITY_BYTES_PER_SEC);
+        let c = AgentConfig {
+            upload_limit_bytes_per_sec: 25_000_000,
+            ..AgentConfig::default()
+        };
+        assert_eq!(
+            c.transport().upload_limit.map(|l| l.bytes_per_sec()),
+            Some(25_000_000)
+        );
+        assert_eq!(c.upload_capacity(), 25_000_000);
+    }
+}

@@ -1,0 +1,441 @@
+//! The download loop of one fetch order: a have-stream per source tells what each holds, the
+//! picker says which chunk to ask whom, and a window of requests per source stays in flight.
+//! Every chunk is verified by the store on put; a peer that sends a bad one is dropped for
+//! this blob and reported. A verified chunk is served onward at once (the QUIC server reads
+//! the same store, and its have-streams publish the new chunk).
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use shoal_proto::pb::v1 as pb;
+use shoal_proto::pb::v1::FailureReason;
+use shoal_proto::pb::v1::agent_message::Msg;
+use shoal_proto::wire::ErrorStatus;
+use shoal_proto::{ChunkIndex, Digest, Manifest};
+use tokio::sync::mpsc;
+use tokio::task::{AbortHandle, JoinSet};
+use tokio::time::Instant;
+
+use crate::agent::Shared;
+use crate::order::{Control, Failure};
+use crate::pick::{Picker, SourceKey};
+use crate::store::PutOutcome;
+use crate::transport::{ChunkEndpoint, FetchError, HaveUpdate, Peer};
+
+/// Requests kept in flight per source. A source serves at most this many of our chunks at
+/// once; with 1 MiB chunks, 16 covers a 40 Gbit/s link with 3 ms of request latency.
+const WINDOW: usize = 16;
+/// Pause after a source answered Busy.
+const BUSY_BACKOFF: Duration = Duration::from_millis(100);
+/// Pause after any other failed request.
+const ERROR_BACKOFF: Duration = Duration::from_millis(300);
+/// Longest pause between attempts to reach a source's have-stream.
+const WATCH_BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// What a source's watcher task reports.
+#[derive(Debug)]
+enum SourceEvent {
+    Ready(SourceKey, Peer),
+    Have(SourceKey, HaveUpdate),
+    Down(SourceKey, String),
+}
+
+#[derive(Debug)]
+struct Source {
+    agent_id: String,
+    peer: Option<Peer>,
+    paused_until: Option<Instant>,
+    watcher: AbortHandle,
+}
+
+struct FetchDone {
+    key: SourceKey,
+    index: ChunkIndex,
+    result: Result<PutOutcome, FetchError>,
+    buf: Vec<u8>,
+}
+
+struct Download<'a> {
+    shared: &'a Arc<Shared>,
+    order_id: u64,
+    manifest: Arc<Manifest>,
+    picker: Picker,
+    sources: Vec<Option<Source>>,
+    by_agent: HashMap<String, SourceKey>,
+    /// Sources that sent a bad chunk: never used again for this blob.
+    banned: HashSet<String>,
+    watchers: JoinSet<()>,
+    events: mpsc::Sender<SourceEvent>,
+    fetches: JoinSet<FetchDone>,
+    buffers: Vec<Vec<u8>>,
+    bytes_from_peers: u64,
+}
+
+/// Fetches every missing chunk of `manifest` from `sources` (and the ones control messages
+/// add); returns the bytes received from peers.
+pub(crate) async fn download(
+    shared: &Arc<Shared>,
+    order_id: u64,
+    manifest: Arc<Manifest>,
+    sources: Vec<pb::Source>,
+    control: &mut mpsc::UnboundedReceiver<Control>,
+) -> Result<u64, Failure> {
+    let blob = manifest.digest();
+    let have: Vec<bool> = manifest
+        .chunk_indices()
+        .map(|i| shared.store.has_chunk(&blob, i))
+        .collect();
+    let (events, mut event_rx) = mpsc::channel(256);
+    let mut d = Download {
+        shared,
+        order_id,
+        picker: Picker::new(have, WINDOW, order_id),
+        manifest,
+        sources: Vec::new(),
+        by_agent: HashMap::new(),
+        banned: HashSet::new(),
+        watchers: JoinSet::new(),
+        events,
+        fetches: JoinSet::new(),
+        buffers: Vec::new(),
+        bytes_from_peers: 0,
+    };
+    for s in sources {
+        d.add_source(s);
+    }
+    let mut stop = shared.shutdown.clone();
+    loop {
+        d.report_progress();
+        if d.picker.missing() == 0 {
+            return Ok(d.bytes_from_peers);
+        }
+        if shared.store.is_complete(&blob) {
+            // Completed by other means (another order, a push): count what already arrived.
+            let drain = async {
+                while let Some(Ok(done)) = d.fetches.join_next().await {
+                    d.on_fetch(done).await?;
+                }
+                Ok::<(), Failure>(())
+            };
+            let _ = tokio::time::timeout(Duration::from_millis(500), drain).await;
+            return Ok(d.bytes_from_peers);
+        }
+        let wake = d.fill();
+        tokio::select! {
+            Some(done) = d.fetches.join_next(), if !d.fetches.is_empty() => match done {
+                Ok(done) => d.on_fetch(done).await?,
+                Err(e) => {
+                    return Err(Failure::new(FailureReason::Internal, format!("fetch task failed: {e}")));
+                }
+            },
+            Some(event) = event_rx.recv() => d.on_event(event),
+            c = control.recv() => match c {
+                Some(Control::Sources { add, remove }) => {
+                    for id in remove {
+                        d.remove_source(&id);
+                    }
+                    for s in add {
+                        d.add_source(s);
+                    }
+                }
+                Some(Control::Cancel(reason)) => {
+                    return Err(Failure::new(FailureReason::Cancelled, format!("cancelled: {reason}")));
+                }
+                None => return Err(Failure::new(FailureReason::Cancelled, "order dropped")),
+            },
+            () = sleep_until(wake), if wake.is_some() => {}
+            () = crate::agent::stopped(&mut stop) => {
+                return Err(Failure::new(FailureReason::AgentLost, "agent shutting down"));
+            }
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    if let Some(at) = at {
+        tokio::time::sleep_until(at).await;
+    }
+}
+
+impl Download<'_> {
+    fn add_source(&mut self, s: pb::Source) {
+        if self.banned.contains(&s.agent_id) {
+            return;
+        }
+        if s.agent_id == self.shared.agent_id() {
+            return;
+        }
+        if self.by_agent.contains_key(&s.agent_id) {
+            // Known: the have-stream is the authority on what it holds.
+            return;
+        }
+        let addrs: Vec<SocketAddr> = s
+            .quic_addresses
+            .iter()
+            .filter_map(|a| a.parse().ok())
+            .collect();
+        if addrs.is_empty() {
+            tracing::warn!(order_id = self.order_id, agent = s.agent_id, addresses = ?s.quic_addresses, "source has no usable QUIC address");
+            return;
+        }
+        let key = self.sources.len();
+        let watcher = self.watchers.spawn(watch_source(
+            self.shared.endpoint.clone(),
+            self.manifest.digest(),
+            key,
+            addrs,
+            self.events.clone(),
+        ));
+        self.picker.add_source(key);
+        self.by_agent.insert(s.agent_id.clone(), key);
+        self.sources.push(Some(Source {
+            agent_id: s.agent_id,
+            peer: None,
+            paused_until: None,
+            watcher,
+        }));
+    }
+
+    fn remove_source(&mut self, agent_id: &str) {
+        let Some(key) = self.by_agent.remove(agent_id) else {
+            return;
+        };
+        if let Some(s) = self.sources[key].take() {
+            s.watcher.abort();
+        }
+        self.picker.remove_source(key);
+    }
+
+    /// Starts requests up to each ready source's window; returns when a paused source
+    /// resumes, if any is paused.
+    fn fill(&mut self) -> Option<Instant> {
+        let now = Instant::now();
+        let mut wake: Option<Instant> = None;
+        for key in 0..self.sources.len() {
+            let Some(source) = &mut self.sources[key] else {
+                continue;
+            };
+            let Some(peer) = source.peer.clone() else {
+                continue;
+            };
+            if let Some(until) = source.paused_until {
+                if until > now {
+                    wake = Some(wake.map_or(until, |w| w.min(until)));
+                    continue;
+                }
+                source.paused_until = None;
+            }
+            while self.picker.in_flight(key) < self.picker.window(key) {
+                let Some(index) = self.picker.next(key) else {
+                    break;
+                };
+                let buf = self.buffers.pop().unwrap_or_default();
+                let (peer, store, manifest) = (
+                    peer.clone(),
+                    self.shared.store.clone(),
+                    self.manifest.clone(),
+                );
+                self.fetches.spawn(async move {
+                    let (result, buf) = peer.fetch_into_store(&store, &manifest, index, buf).await;
+                    FetchDone {
+                        key,
+                        index,
+                        result,
+                        buf,
+                    }
+                });
+            }
+        }
+        wake
+    }
+
+    fn pause(&mut self, key: SourceKey, for_: Duration) {
+        if let Some(Some(s)) = self.sources.get_mut(key) {
+            s.paused_until = Some(Instant::now() + for_);
+        }
+    }
+
+    async fn on_fetch(&mut self, done: FetchDone) -> Result<(), Failure> {
+        let FetchDone {
+            key,
+            index,
+            result,
+            buf,
+        } = done;
+        let len = buf.len() as u64;
+        if buf.capacity() > 0 {
+            self.buffers.push(buf);
+        }
+        match result {
+            Ok(PutOutcome::Stored) => {
+                self.picker.finished(key, index, true);
+                self.bytes_from_peers += len;
+                let c = &self.shared.counters;
+                c.bytes_from_peers.fetch_add(len, Ordering::Relaxed);
+                c.chunks_verified.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(crate::metrics::BYTES_IN, "source" => crate::metrics::SOURCE_PEER)
+                    .increment(len);
+                metrics::counter!(crate::metrics::CHUNKS_VERIFIED).increment(1);
+            }
+            Ok(PutOutcome::AlreadyPresent) => self.picker.finished(key, index, true),
+            Err(FetchError::Corrupt { peer, reason, .. }) => {
+                self.picker.finished(key, index, false);
+                self.shared
+                    .counters
+                    .chunks_rejected
+                    .fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(crate::metrics::CHUNKS_REJECTED).increment(1);
+                let agent_id = self.sources[key]
+                    .as_ref()
+                    .map(|s| s.agent_id.clone())
+                    .unwrap_or_default();
+                tracing::warn!(order_id = self.order_id, agent = agent_id, %peer, %index, reason, "peer sent a corrupt chunk; dropping it for this blob");
+                self.banned.insert(agent_id.clone());
+                self.remove_source(&agent_id);
+                self.shared
+                    .send(Msg::ChunkRejected(pb::ChunkRejected {
+                        peer_agent_id: agent_id,
+                        blob_digest: self.manifest.digest().as_bytes().to_vec(),
+                        chunk_index: index.0,
+                        order_id: self.order_id,
+                    }))
+                    .await;
+            }
+            Err(FetchError::Store(e)) => {
+                self.picker.finished(key, index, false);
+                return Err(Failure::from_store(&e));
+            }
+            Err(e) => {
+                self.picker.finished(key, index, false);
+                let pause = if e.is_busy() {
+                    BUSY_BACKOFF
+                } else {
+                    tracing::debug!(order_id = self.order_id, %index, error = %e, "chunk request failed");
+                    if matches!(
+                        e,
+                        FetchError::Refused {
+                            status: ErrorStatus::NotFound,
+                            ..
+                        }
+                    ) {
+                        BUSY_BACKOFF
+                    } else {
+                        ERROR_BACKOFF
+                    }
+                };
+                self.pause(key, pause);
+            }
+        }
+        Ok(())
+    }
+
+    fn on_event(&mut self, event: SourceEvent) {
+        match event {
+            SourceEvent::Ready(key, peer) => {
+                if let Some(Some(s)) = self.sources.get_mut(key) {
+                    s.peer = Some(peer);
+                }
+            }
+            SourceEvent::Have(key, HaveUpdate::Bitfield { chunk_count, bits }) => {
+                if chunk_count == self.manifest.chunk_count() {
+                    self.picker.set_bitfield(key, &bits);
+                } else {
+                    tracing::warn!(
+                        order_id = self.order_id,
+                        chunk_count,
+                        "source announced a bitfield of the wrong length"
+                    );
+                }
+            }
+            SourceEvent::Have(key, HaveUpdate::Delta(indices)) => {
+                for i in indices {
+                    self.picker.source_has(key, i);
+                }
+            }
+            SourceEvent::Down(key, why) => {
+                if let Some(Some(s)) = self.sources.get_mut(key) {
+                    tracing::debug!(
+                        order_id = self.order_id,
+                        agent = s.agent_id,
+                        why,
+                        "source not reachable"
+                    );
+                    s.peer = None;
+                }
+            }
+        }
+    }
+
+    fn report_progress(&self) {
+        let count = self.manifest.chunk_count();
+        let verified = count - self.picker.missing();
+        let bytes =
+            (u64::from(verified) * u64::from(self.manifest.chunk_size())).min(self.manifest.size());
+        let active = self
+            .sources
+            .iter()
+            .enumerate()
+            .filter(|(k, s)| {
+                s.as_ref().is_some_and(|s| s.peer.is_some()) && self.picker.in_flight(*k) > 0
+            })
+            .count() as u32;
+        self.shared
+            .transfers
+            .update(self.order_id, verified, bytes, active);
+    }
+}
+
+/// Keeps a have-stream open to one source, reconnecting with backoff (the source may not
+/// have the blob's manifest yet, or may restart).
+async fn watch_source(
+    endpoint: ChunkEndpoint,
+    blob: Digest,
+    key: SourceKey,
+    addrs: Vec<SocketAddr>,
+    events: mpsc::Sender<SourceEvent>,
+) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        for addr in &addrs {
+            let why = match watch_once(&endpoint, blob, key, *addr, &events).await {
+                Ok(()) => return,
+                Err(e) => e,
+            };
+            if events.send(SourceEvent::Down(key, why)).await.is_err() {
+                return;
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(WATCH_BACKOFF_MAX);
+    }
+}
+
+/// `Ok` when the source holds the whole blob (its have-stream ended) or the download ended.
+async fn watch_once(
+    endpoint: &ChunkEndpoint,
+    blob: Digest,
+    key: SourceKey,
+    addr: SocketAddr,
+    events: &mpsc::Sender<SourceEvent>,
+) -> Result<(), String> {
+    let peer = endpoint.peer(addr).await.map_err(|e| e.to_string())?;
+    let mut have = peer.watch_have(blob).await.map_err(|e| e.to_string())?;
+    let mut ready = Some(peer);
+    loop {
+        let update = have.next().await.map_err(|e| e.to_string())?;
+        let Some(update) = update else {
+            return Ok(());
+        };
+        if let Some(peer) = ready.take() {
+            if events.send(SourceEvent::Ready(key, peer)).await.is_err() {
+                return Ok(());
+            }
+        }
+        if events.send(SourceEvent::Have(key, update)).await.is_err() {
+            return Ok(());
+        }
+    }
+}

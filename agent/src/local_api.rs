@@ -1,0 +1,192 @@
+//! The agent's local API: gRPC `AgentLocal` on a Unix socket, for the `shoal` CLI on the same
+//! host. Push and pull live in `local_api/push.rs` and `local_api/pull.rs`.
+
+mod pull;
+mod push;
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use shoal_proto::pb::v1 as pb;
+use shoal_proto::pb::v1::agent_local_client::AgentLocalClient;
+use shoal_proto::pb::v1::agent_local_server::{AgentLocal, AgentLocalServer};
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+use crate::agent::Shared;
+
+/// Binds the Unix socket (replacing a stale one) and serves the local API until the agent
+/// shuts down.
+pub(crate) fn serve(shared: Arc<Shared>, path: &Path) -> io::Result<JoinHandle<()>> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()) => {
+            std::fs::remove_file(path)?;
+        }
+        Ok(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "exists and is not a socket",
+            ));
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let listener = tokio::net::UnixListener::bind(path)?;
+    let mut stop = shared.shutdown.clone();
+    let service = AgentLocalServer::new(LocalApi { shared });
+    Ok(tokio::spawn(async move {
+        let served = tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
+                crate::agent::stopped(&mut stop).await;
+            })
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "local API server failed");
+        }
+    }))
+}
+
+/// A client of the local API of the agent listening on the Unix socket `path`.
+pub async fn connect(
+    path: impl AsRef<Path>,
+) -> Result<AgentLocalClient<Channel>, tonic::transport::Error> {
+    let path: PathBuf = path.as_ref().to_path_buf();
+    // The URI is required by the API but unused: the connector dials the socket.
+    let channel = tonic::transport::Endpoint::from_static("http://agent.local")
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move {
+                let stream = tokio::net::UnixStream::connect(path).await?;
+                Ok::<_, io::Error>(hyper_util::rt::TokioIo::new(stream))
+            }
+        }))
+        .await?;
+    Ok(AgentLocalClient::new(channel))
+}
+
+#[derive(Debug)]
+struct LocalApi {
+    shared: Arc<Shared>,
+}
+
+type ProgressStream<T> = ReceiverStream<Result<T, Status>>;
+
+#[tonic::async_trait]
+impl AgentLocal for LocalApi {
+    type PushStream = ProgressStream<pb::PushProgress>;
+    type PullStream = ProgressStream<pb::PullProgress>;
+
+    async fn push(
+        &self,
+        request: Request<pb::PushRequest>,
+    ) -> Result<Response<Self::PushStream>, Status> {
+        push::push(self.shared.clone(), request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn pull(
+        &self,
+        request: Request<pb::PullRequest>,
+    ) -> Result<Response<Self::PullStream>, Status> {
+        pull::pull(self.shared.clone(), request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn status(
+        &self,
+        request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let include_blobs = request.into_inner().include_blobs;
+        let shared = &self.shared;
+        let store = shared.store.clone();
+        let summaries = tokio::task::spawn_blocking(move || store.blobs())
+            .await
+            .map_err(|e| Status::internal(format!("store task failed: {e}")))?;
+        let complete = summaries
+            .iter()
+            .filter(|b| b.present == b.chunk_count)
+            .count() as u32;
+        let transfers = shared
+            .transfers
+            .snapshot()
+            .into_iter()
+            .map(|t| pb::LocalTransfer {
+                digest: t.digest.to_string(),
+                bytes_done: t.bytes_done,
+                bytes_total: t.bytes_total,
+                rate_bytes_per_sec: t.rate_bytes_per_sec,
+                active_sources: t.active_sources,
+                job_id: t.job_id,
+                priority: t.priority,
+            })
+            .collect();
+        let blobs = if include_blobs {
+            summaries
+                .iter()
+                .map(|b| pb::LocalBlob {
+                    digest: b.digest.to_string(),
+                    size: b.size,
+                    chunks_verified: b.present,
+                    chunk_count: b.chunk_count,
+                    complete: b.present == b.chunk_count,
+                    pinned: b.pinned,
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let usage = shared.store.usage_bytes();
+        Ok(Response::new(pb::StatusResponse {
+            agent_id: shared.agent_id(),
+            connected: shared.connected.load(Ordering::Relaxed),
+            coordinator_address: shared.config.coordinator.clone(),
+            labels: shared.config.labels.clone().into_iter().collect(),
+            quic_addresses: vec![shared.quic_addr.to_string()],
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            disk_used_bytes: usage,
+            disk_free_bytes: shared.config.quota_bytes.saturating_sub(usage),
+            blobs_complete: complete,
+            blobs_partial: summaries.len() as u32 - complete,
+            upload_bytes_per_sec: 0,
+            download_bytes_per_sec: shared.transfers.download_rate(),
+            transfers,
+            blobs,
+        }))
+    }
+}
+
+/// An absolute path from a request field, or INVALID_ARGUMENT naming the field.
+fn absolute_path(field: &str, value: &str) -> Result<PathBuf, Status> {
+    if value.is_empty() {
+        return Err(Status::invalid_argument(format!("{field} is required")));
+    }
+    let path = PathBuf::from(value);
+    if !path.is_absolute() {
+        return Err(Status::invalid_argument(format!(
+            "{field} {value:?} is not an absolute path"
+        )));
+    }
+    Ok(path)
+}
+
+/// Maps a store error to the gRPC status a CLI user should see.
+fn store_status(e: &crate::store::StoreError) -> Status {
+    use crate::store::StoreError as E;
+    match e {
+        E::QuotaExceeded { .. } | E::DiskFull { .. } => Status::resource_exhausted(e.to_string()),
+        E::ManifestConflict(_) => Status::failed_precondition(e.to_string()),
+        E::Verify(_) => Status::data_loss(e.to_string()),
+        E::UnknownBlob(_) | E::ChunkMissing { .. } => Status::not_found(e.to_string()),
+        _ => Status::internal(e.to_string()),
+    }
+}

@@ -1,0 +1,219 @@
+//! Pull: bring a blob into the store (asking the coordinator to distribute it to this
+//! agent if it is not here), verify it, and copy it to a path atomically.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use shoal_proto::Digest;
+use shoal_proto::pb::v1 as pb;
+use shoal_proto::pb::v1::coordinator_client::CoordinatorClient;
+use shoal_proto::pb::v1::{PullState, target_selector};
+use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Status;
+
+use super::{absolute_path, store_status};
+use crate::agent::Shared;
+
+const POLL_EVERY: Duration = Duration::from_millis(250);
+
+type Tx = mpsc::Sender<Result<pb::PullProgress, Status>>;
+
+pub(super) async fn pull(
+    shared: Arc<Shared>,
+    request: pb::PullRequest,
+) -> Result<ReceiverStream<Result<pb::PullProgress, Status>>, Status> {
+    if request.digest.is_empty() {
+        return Err(if request.url.is_empty() {
+            Status::invalid_argument("digest is required")
+        } else {
+            Status::unimplemented("pulling from a URL is not supported yet; give a digest")
+        });
+    }
+    let digest: Digest = request
+        .digest
+        .parse()
+        .map_err(|e| Status::invalid_argument(format!("digest: {e}")))?;
+    let output = if request.output_path.is_empty() {
+        None
+    } else {
+        let path = absolute_path("output_path", &request.output_path)?;
+        check_output(&path)?;
+        Some(path)
+    };
+    let deadline = (request.deadline_ms > 0)
+        .then(|| Instant::now() + Duration::from_millis(request.deadline_ms));
+    let (tx, rx) = mpsc::channel(16);
+    tokio::spawn(async move {
+        let work = run(
+            &shared,
+            digest,
+            output,
+            request.pin,
+            request.deadline_ms,
+            &tx,
+        );
+        let outcome = match deadline {
+            Some(at) => tokio::time::timeout_at(at, work).await.unwrap_or_else(|_| {
+                Err(Status::deadline_exceeded(format!(
+                    "{digest} not pulled within {} ms",
+                    request.deadline_ms
+                )))
+            }),
+            None => work.await,
+        };
+        if let Err(status) = outcome {
+            let _ = tx.send(Err(status)).await;
+        }
+    });
+    Ok(ReceiverStream::new(rx))
+}
+
+fn check_output(path: &Path) -> Result<(), Status> {
+    let parent = path.parent().unwrap_or(Path::new("/"));
+    if !parent.is_dir() {
+        return Err(Status::not_found(format!(
+            "output_path: directory {} does not exist",
+            parent.display()
+        )));
+    }
+    if path.is_dir() {
+        return Err(Status::invalid_argument(format!(
+            "output_path: {} is a directory",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+fn progress(shared: &Shared, digest: Digest, state: PullState) -> pb::PullProgress {
+    let manifest = shared.store.manifest(&digest);
+    let bytes_total = manifest.as_ref().map_or(0, |m| m.size());
+    let running = shared.transfers.running_for(&digest);
+    let bytes_done = match (&running, &manifest) {
+        (Some(t), _) => t.bytes_done,
+        (None, Some(m)) => (u64::from(shared.store.present_count(&digest).unwrap_or(0))
+            * u64::from(m.chunk_size()))
+        .min(m.size()),
+        (None, None) => 0,
+    };
+    pb::PullProgress {
+        state: state as i32,
+        bytes_done,
+        bytes_total,
+        rate_bytes_per_sec: running.as_ref().map_or(0, |t| t.rate_bytes_per_sec),
+        active_sources: running.as_ref().map_or(0, |t| t.active_sources),
+        digest: digest.to_string(),
+        bytes_from_origin: 0,
+    }
+}
+
+async fn run(
+    shared: &Arc<Shared>,
+    digest: Digest,
+    output: Option<PathBuf>,
+    pin: bool,
+    deadline_ms: u64,
+    tx: &Tx,
+) -> Result<(), Status> {
+    // Subscribe before asking, so a failure of the order is not missed.
+    let mut finished = shared.transfers.subscribe();
+    if !shared.store.is_complete(&digest) {
+        let _ = tx
+            .send(Ok(progress(shared, digest, PullState::Queued)))
+            .await;
+        let mut client = CoordinatorClient::new(shared.channel.clone());
+        let job = client
+            .distribute(pb::DistributeRequest {
+                blobs: vec![digest.to_string()],
+                targets: Some(pb::TargetSelector {
+                    selector: Some(target_selector::Selector::Agents(pb::AgentIdList {
+                        agent_ids: vec![shared.agent_id()],
+                    })),
+                }),
+                priority: pb::Priority::Normal as i32,
+                deadline_ms,
+                origins: Default::default(),
+                description: format!("pull on agent {}", shared.agent_id()),
+            })
+            .await
+            .map_err(|s| Status::new(s.code(), format!("coordinator: {}", s.message())))?
+            .into_inner();
+        tracing::info!(blob = %digest, job = job.job_id, "pull: asked the coordinator");
+        let mut tick = tokio::time::interval(POLL_EVERY);
+        while !shared.store.is_complete(&digest) {
+            tokio::select! {
+                _ = tick.tick() => {}
+                f = finished.recv() => match f {
+                    Ok(f) if f.digest == digest => {
+                        if let Err(why) = f.result {
+                            return Err(Status::aborted(format!("fetching {digest} failed: {why}")));
+                        }
+                    }
+                    Ok(_) | Err(RecvError::Lagged(_)) => {}
+                    Err(RecvError::Closed) => return Err(Status::unavailable("agent shutting down")),
+                },
+            }
+            let state = if shared.store.manifest(&digest).is_some() {
+                PullState::Fetching
+            } else {
+                PullState::Queued
+            };
+            if tx.send(Ok(progress(shared, digest, state))).await.is_err() {
+                // The client went away; the blob still arrives in the store.
+                return Ok(());
+            }
+        }
+    }
+    let _ = tx
+        .send(Ok(progress(shared, digest, PullState::Verifying)))
+        .await;
+    let store = shared.store.clone();
+    tokio::task::spawn_blocking(move || {
+        store.verify_blob(&digest)?;
+        if pin {
+            store.pin(&digest)?;
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| Status::internal(format!("verify task failed: {e}")))?
+    .map_err(|e| store_status(&e))?;
+
+    if let Some(path) = output {
+        let _ = tx
+            .send(Ok(progress(shared, digest, PullState::Writing)))
+            .await;
+        let source = shared.store.data_path(&digest).ok_or_else(|| {
+            Status::not_found(format!("{digest} was evicted before it was copied"))
+        })?;
+        tokio::task::spawn_blocking(move || copy_atomically(&source, &path))
+            .await
+            .map_err(|e| Status::internal(format!("copy task failed: {e}")))??;
+    }
+    let _ = tx.send(Ok(progress(shared, digest, PullState::Done))).await;
+    Ok(())
+}
+
+/// Copies to a temporary file beside `to`, then renames it over `to`.
+fn copy_atomically(from: &Path, to: &Path) -> Result<(), Status> {
+    let dir = to.parent().unwrap_or(Path::new("/"));
+    let name = to
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "blob".into());
+    let tmp = dir.join(format!(".{name}.shoal-{}.tmp", std::process::id()));
+    let io = |what: &str, e: std::io::Error| {
+        let _ = std::fs::remove_file(&tmp);
+        Status::internal(format!("{what} {}: {e}", to.display()))
+    };
+    std::fs::copy(from, &tmp).map_err(|e| io("writing", e))?;
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| io("syncing", e))?;
+    std::fs::rename(&tmp, to).map_err(|e| io("renaming into", e))?;
+    Ok(())
+}

@@ -1,0 +1,41 @@
+//! Metric names of the agent, in one place. The agent records through the `metrics` facade;
+//! the binary installs the exporter (Prometheus).
+
+/// Bytes received and verified, labelled `source` = [`SOURCE_PEER`] or [`SOURCE_ORIGIN`].
+pub const BYTES_IN: &str = "shoal_agent_bytes_in_total";
+/// Bytes of chunks served to peers.
+pub const BYTES_OUT: &str = "shoal_agent_bytes_out_total";
+/// Chunks received that matched the manifest and were stored.
+pub const CHUNKS_VERIFIED: &str = "shoal_agent_chunks_verified_total";
+/// Chunks received that did not match the manifest (the peer was dropped).
+pub const CHUNKS_REJECTED: &str = "shoal_agent_chunks_rejected_total";
+/// Fetch orders currently running.
+pub const ACTIVE_TRANSFERS: &str = "shoal_agent_active_transfers";
+/// Fetch orders finished, labelled `outcome` = `done` | `failed`.
+pub const TRANSFERS_FINISHED: &str = "shoal_agent_transfers_finished_total";
+/// 1 while the session with the coordinator is up, else 0.
+pub const SESSION_CONNECTED: &str = "shoal_agent_session_connected";
+/// Bytes ingested by local pushes.
+pub const BYTES_PUSHED: &str = "shoal_agent_bytes_pushed_total";
+
+/// Label value of [`BYTES_IN`] for bytes from peer agents.
+pub const SOURCE_PEER: &str = "peer";
+/// Label value of [`BYTES_IN`] for bytes from an origin.
+pub const SOURCE_ORIGIN: &str = "origin";
+
+/// Describes every metric (units and help text) to whichever recorder is installed.
+pub fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge};
+    describe_counter!(
+        BYTES_IN,
+        Unit::Bytes,
+        "Bytes received and verified, by source kind"
+    );
+    describe_counter!(BYTES_OUT, Unit::Bytes, "Bytes of chunks served to peers");
+    describe_counter!(CHUNKS_VERIFIED, "Chunks received, verified and stored");
+    describe_counter!(CHUNKS_REJECTED, "Chunks received that failed verification");
+    describe_gauge!(ACTIVE_TRANSFERS, "Fetch orders running");
+    describe_counter!(TRANSFERS_FINISHED, "Fetch orders finished, by outcome");
+    describe_gauge!(SESSION_CONNECTED, "1 while the coordinator session is up");
+    describe_counter!(BYTES_PUSHED, Unit::Bytes, "Bytes ingested by local pushes");
+}

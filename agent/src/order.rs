@@ -1,0 +1,355 @@
+//! Fetch orders: what the coordinator asks of this agent, one task per order, and the
+//! reports (BlobDone / BlobFailed) that end them.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use shoal_proto::pb::v1 as pb;
+use shoal_proto::pb::v1::FailureReason;
+use shoal_proto::pb::v1::agent_message::Msg;
+use shoal_proto::pb::v1::coordinator_message::Msg as Incoming;
+use shoal_proto::{Digest, Manifest};
+use tokio::sync::mpsc;
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+
+use crate::agent::Shared;
+use crate::download;
+use crate::store::StoreError;
+
+/// Changes to a running order.
+#[derive(Debug)]
+pub(crate) enum Control {
+    Sources {
+        add: Vec<pb::Source>,
+        remove: Vec<String>,
+    },
+    Cancel(String),
+}
+
+/// Why an order failed, as reported to the coordinator.
+#[derive(Debug)]
+pub(crate) struct Failure {
+    pub reason: FailureReason,
+    pub message: String,
+}
+
+impl Failure {
+    pub(crate) fn new(reason: FailureReason, message: impl Into<String>) -> Self {
+        Self {
+            reason,
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn from_store(e: &StoreError) -> Self {
+        let reason = match e {
+            StoreError::DiskFull { .. } | StoreError::QuotaExceeded { .. } => {
+                FailureReason::DiskFull
+            }
+            StoreError::ManifestConflict(_) => FailureReason::Invalid,
+            StoreError::Verify(_) => FailureReason::DigestMismatch,
+            _ => FailureReason::IoError,
+        };
+        Self::new(reason, e.to_string())
+    }
+}
+
+#[derive(Debug)]
+struct OrderHandle {
+    digest: Digest,
+    control: mpsc::UnboundedSender<Control>,
+    abort: AbortHandle,
+}
+
+/// The running orders.
+#[derive(Debug, Default)]
+pub(crate) struct Orders {
+    table: Mutex<HashMap<u64, OrderHandle>>,
+}
+
+impl Orders {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, OrderHandle>> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn control(&self, order_id: u64, c: Control) -> bool {
+        self.lock()
+            .get(&order_id)
+            .is_some_and(|h| h.control.send(c).is_ok())
+    }
+
+    /// Stops every order without reporting (the agent is shutting down).
+    pub(crate) async fn abort_all(&self) {
+        let handles: Vec<_> = self.lock().drain().map(|(_, h)| h.abort).collect();
+        for h in &handles {
+            h.abort();
+        }
+        // Let the aborted tasks drop what they hold (store handles, connections).
+        for _ in 0..50 {
+            if handles.iter().all(AbortHandle::is_finished) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// Acts on one message from the coordinator.
+pub(crate) async fn handle(shared: &Arc<Shared>, msg: Incoming) {
+    match msg {
+        Incoming::FetchOrder(order) => start(shared, order).await,
+        Incoming::SourceUpdate(u) => {
+            let known = shared.orders.control(
+                u.order_id,
+                Control::Sources {
+                    add: u.add,
+                    remove: u.remove,
+                },
+            );
+            if !known {
+                tracing::debug!(
+                    order_id = u.order_id,
+                    "source update for an order not running"
+                );
+            }
+        }
+        Incoming::Cancel(c) => {
+            let targets: Vec<u64> = if c.order_id != 0 {
+                vec![c.order_id]
+            } else {
+                let digest = Digest::from_slice(&c.blob_digest).ok();
+                shared
+                    .orders
+                    .lock()
+                    .iter()
+                    .filter(|(_, h)| Some(h.digest) == digest)
+                    .map(|(id, _)| *id)
+                    .collect()
+            };
+            for id in targets {
+                shared.orders.control(id, Control::Cancel(c.reason.clone()));
+            }
+        }
+        Incoming::LeaseRenewal(_) => {}
+        Incoming::Drain(d) => {
+            tracing::warn!(
+                reason = d.reason,
+                shutdown = d.shutdown,
+                "coordinator asked to drain; refusing new orders"
+            );
+            shared.draining.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+async fn start(shared: &Arc<Shared>, order: pb::FetchOrder) {
+    let order_id = order.order_id;
+    let Ok(digest) = Digest::from_slice(&order.blob_digest) else {
+        report_failed(
+            shared,
+            order_id,
+            &order.blob_digest,
+            Failure::new(FailureReason::Invalid, "blob digest is not 32 bytes"),
+        )
+        .await;
+        return;
+    };
+    if shared.draining.load(Ordering::Relaxed) {
+        let f = Failure::new(FailureReason::AgentLost, "agent is draining");
+        report_failed(shared, order_id, &order.blob_digest, f).await;
+        return;
+    }
+    let (control, control_rx) = mpsc::unbounded_channel();
+    let mut table = shared.orders.lock();
+    if let Some(running) = table.get(&order_id) {
+        // Sent again (e.g. after a reconnect): take any new sources, keep going.
+        let _ = running.control.send(Control::Sources {
+            add: order.sources,
+            remove: Vec::new(),
+        });
+        return;
+    }
+    let task = tokio::spawn(run(shared.clone(), order, digest, control_rx));
+    table.insert(
+        order_id,
+        OrderHandle {
+            digest,
+            control,
+            abort: task.abort_handle(),
+        },
+    );
+}
+
+async fn run(
+    shared: Arc<Shared>,
+    order: pb::FetchOrder,
+    digest: Digest,
+    mut control: mpsc::UnboundedReceiver<Control>,
+) {
+    let started = Instant::now();
+    let order_id = order.order_id;
+    tracing::info!(order_id, blob = %digest, job = order.job_id, sources = order.sources.len(), "fetch order");
+    metrics::gauge!(crate::metrics::ACTIVE_TRANSFERS).increment(1.0);
+    let deadline = (order.deadline_ms > 0).then(|| Duration::from_millis(order.deadline_ms));
+    let work = execute(&shared, &order, digest, &mut control);
+    let result = match deadline {
+        Some(d) => tokio::time::timeout(d, work).await.unwrap_or_else(|_| {
+            Err(Failure::new(
+                FailureReason::DeadlineExceeded,
+                format!("not complete within {} ms", d.as_millis()),
+            ))
+        }),
+        None => work.await,
+    };
+    metrics::gauge!(crate::metrics::ACTIVE_TRANSFERS).decrement(1.0);
+    match result {
+        Ok((size, bytes_from_peers)) => {
+            metrics::counter!(crate::metrics::TRANSFERS_FINISHED, "outcome" => "done").increment(1);
+            let duration_ms = started.elapsed().as_millis() as u64;
+            tracing::info!(order_id, blob = %digest, duration_ms, bytes_from_peers, "blob complete");
+            shared.transfers.finish(order_id, digest, Ok(()));
+            shared
+                .send(Msg::BlobDone(pb::BlobDone {
+                    order_id,
+                    blob_digest: digest.as_bytes().to_vec(),
+                    size,
+                    duration_ms,
+                    bytes_from_peers,
+                    bytes_from_origin: 0,
+                }))
+                .await;
+        }
+        Err(f) => {
+            metrics::counter!(crate::metrics::TRANSFERS_FINISHED, "outcome" => "failed")
+                .increment(1);
+            tracing::warn!(order_id, blob = %digest, reason = ?f.reason, message = f.message, "fetch order failed");
+            shared
+                .transfers
+                .finish(order_id, digest, Err(f.message.clone()));
+            report_failed(&shared, order_id, digest.as_bytes(), f).await;
+        }
+    }
+    shared.orders.lock().remove(&order_id);
+}
+
+/// Keeps a blob pinned while its order runs; unpins on drop unless it was pinned before or
+/// the order asked to keep it pinned.
+struct PinGuard {
+    store: crate::store::Store,
+    digest: Digest,
+    keep: bool,
+}
+
+impl Drop for PinGuard {
+    fn drop(&mut self) {
+        if !self.keep {
+            // In-memory only (no IO): fine on an async thread.
+            let _ = self.store.unpin(&self.digest);
+        }
+    }
+}
+
+/// Returns (size, bytes from peers) once the blob is whole and verified.
+async fn execute(
+    shared: &Arc<Shared>,
+    order: &pb::FetchOrder,
+    digest: Digest,
+    control: &mut mpsc::UnboundedReceiver<Control>,
+) -> Result<(u64, u64), Failure> {
+    let Some(wire) = &order.manifest else {
+        return Err(Failure::new(
+            FailureReason::OriginError,
+            "orders without a manifest (origin ingest) are not supported by this agent yet",
+        ));
+    };
+    let manifest = Manifest::try_from(wire)
+        .map_err(|e| Failure::new(FailureReason::Invalid, format!("manifest: {e}")))?;
+    if manifest.digest() != digest {
+        return Err(Failure::new(
+            FailureReason::Invalid,
+            format!(
+                "manifest describes {}, order is for {digest}",
+                manifest.digest()
+            ),
+        ));
+    }
+    let manifest = Arc::new(manifest);
+    let store = shared.store.clone();
+    let m = manifest.clone();
+    let pinned_before = blocking(move || {
+        store.insert_manifest(&m)?;
+        let pinned = store
+            .blobs()
+            .iter()
+            .any(|b| b.digest == m.digest() && b.pinned);
+        store.pin(&m.digest())?;
+        Ok(pinned)
+    })
+    .await?;
+    let mut pin = PinGuard {
+        store: shared.store.clone(),
+        digest,
+        keep: pinned_before,
+    };
+    shared.transfers.start(
+        order.order_id,
+        digest,
+        order.job_id.clone(),
+        order.priority,
+        manifest.chunk_count(),
+        manifest.size(),
+    );
+    let bytes_from_peers = if shared.store.is_complete(&digest) {
+        0
+    } else {
+        let mut sources = order.sources.clone();
+        if let Some(pb::origin::Origin::Peer(p)) =
+            order.origin.as_ref().and_then(|o| o.origin.as_ref())
+        {
+            sources.push(pb::Source {
+                agent_id: p.agent_id.clone(),
+                quic_addresses: p.quic_addresses.clone(),
+                complete: true,
+                chunks: None,
+            });
+        }
+        download::download(shared, order.order_id, manifest.clone(), sources, control).await?
+    };
+    let store = shared.store.clone();
+    blocking(move || store.verify_blob(&digest)).await?;
+    pin.keep |= order.pin;
+    Ok((manifest.size(), bytes_from_peers))
+}
+
+/// Runs store work off the async threads, mapping its errors to order failures.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, Failure> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(Failure::from_store(&e)),
+        Err(e) => Err(Failure::new(
+            FailureReason::Internal,
+            format!("store task failed: {e}"),
+        )),
+    }
+}
+
+async fn report_failed(shared: &Shared, order_id: u64, digest: &[u8], f: Failure) {
+    let chunks_verified = Digest::from_slice(digest)
+        .ok()
+        .and_then(|d| shared.store.present_count(&d))
+        .unwrap_or(0);
+    shared
+        .send(Msg::BlobFailed(pb::BlobFailed {
+            order_id,
+            blob_digest: digest.to_vec(),
+            reason: f.reason as i32,
+            message: f.message,
+            chunks_verified,
+        }))
+        .await;
+}

@@ -1,0 +1,385 @@
+//! The control session with the coordinator: Join, then one bidirectional stream (Hello,
+//! inventory, progress, reports, heartbeats out; orders in), reconnected with exponential
+//! backoff and re-joined when the coordinator no longer knows the session.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use shoal_proto::pb::v1 as pb;
+use shoal_proto::pb::v1::agent_message::Msg;
+use shoal_proto::pb::v1::agent_session_client::AgentSessionClient;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+use tonic::transport::Channel;
+
+use crate::agent::{AgentError, Shared};
+use crate::config::AgentConfig;
+
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Progress is reported at most this often (one batch across all orders).
+const PROGRESS_EVERY: Duration = Duration::from_millis(500);
+/// A session up this long (or that received a message) resets the reconnect backoff.
+const STABLE_AFTER: Duration = Duration::from_secs(5);
+const LOAD_EVERY: Duration = Duration::from_secs(5);
+/// Blobs per inventory message (about 100 bytes each for complete blobs; keeps a message
+/// well under 1 MiB).
+const INVENTORY_BATCH: usize = 2000;
+/// Terminal reports (done/failed) sent this long before a session broke are sent again on
+/// the next session, since they may have been lost with it. The coordinator treats a
+/// repeated report for the same order id as a no-op.
+const RESEND_WINDOW: Duration = Duration::from_secs(10);
+
+/// A successful Join.
+#[derive(Clone, Debug)]
+pub(crate) struct Joined {
+    pub response: pb::JoinResponse,
+}
+
+/// Exponential backoff with full jitter.
+#[derive(Debug)]
+pub(crate) struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    pub(crate) fn new() -> Self {
+        Self { next: BACKOFF_MIN }
+    }
+
+    pub(crate) fn reset(&mut self) {
+        self.next = BACKOFF_MIN;
+    }
+
+    pub(crate) fn next_delay(&mut self) -> Duration {
+        let cap = self.next;
+        self.next = (self.next * 2).min(BACKOFF_MAX);
+        let jitter: f64 = rand::random_range(0.5..1.0);
+        cap.mul_f64(jitter)
+    }
+}
+
+fn join_request(
+    config: &AgentConfig,
+    quic_addr: SocketAddr,
+    previous_id: &str,
+    csr_der: &[u8],
+) -> pb::JoinRequest {
+    pb::JoinRequest {
+        token: config.join_token.clone(),
+        labels: config.labels.clone().into_iter().collect(),
+        quic_addresses: vec![quic_addr.to_string()],
+        upload_capacity_bytes_per_sec: config.upload_capacity(),
+        download_capacity_bytes_per_sec: config.download_capacity(),
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        previous_agent_id: previous_id.to_string(),
+        csr_der: csr_der.to_vec(),
+    }
+}
+
+/// Joins, retrying with backoff while the coordinator is unreachable or unavailable. A
+/// refusal (bad token, invalid request) fails at once: retrying cannot fix it.
+pub(crate) async fn join_until_accepted(
+    channel: &Channel,
+    config: &AgentConfig,
+    quic_addr: SocketAddr,
+    previous_id: &str,
+    csr_der: &[u8],
+    mut stop: watch::Receiver<bool>,
+) -> Result<Joined, AgentError> {
+    let mut client = AgentSessionClient::new(channel.clone());
+    let mut backoff = Backoff::new();
+    loop {
+        let request = join_request(config, quic_addr, previous_id, csr_der);
+        match client.join(request).await {
+            Ok(r) => {
+                return Ok(Joined {
+                    response: r.into_inner(),
+                });
+            }
+            Err(s)
+                if matches!(
+                    s.code(),
+                    Code::Unauthenticated | Code::InvalidArgument | Code::PermissionDenied
+                ) =>
+            {
+                return Err(AgentError::Join {
+                    coordinator: config.coordinator.clone(),
+                    message: s.message().to_string(),
+                });
+            }
+            Err(s) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(coordinator = %config.coordinator, code = ?s.code(), error = s.message(), retry_in = ?delay, "join failed");
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = crate::agent::stopped(&mut stop) => return Err(AgentError::Interrupted),
+                }
+            }
+        }
+    }
+}
+
+/// How one session stream ended.
+enum Ended {
+    Shutdown,
+    /// The coordinator no longer knows us: Join again.
+    Rejoin(String),
+    Broken(String),
+}
+
+/// Runs the session until shutdown, reconnecting forever.
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    mut joined: Joined,
+    mut outbox: mpsc::Receiver<pb::AgentMessage>,
+) {
+    let mut stop = shared.shutdown.clone();
+    let mut backoff = Backoff::new();
+    let mut recent: VecDeque<(Instant, pb::AgentMessage)> = VecDeque::new();
+    loop {
+        let ended = connect_once(&shared, &joined, &mut outbox, &mut recent, &mut backoff).await;
+        shared.connected.store(false, Ordering::Relaxed);
+        metrics::gauge!(crate::metrics::SESSION_CONNECTED).set(0.0);
+        let rejoin = match ended {
+            Ended::Shutdown => return,
+            Ended::Rejoin(why) => {
+                tracing::warn!(
+                    reason = why,
+                    "coordinator dropped the session; joining again"
+                );
+                true
+            }
+            Ended::Broken(why) => {
+                tracing::warn!(reason = why, "session with the coordinator broke");
+                false
+            }
+        };
+        let delay = backoff.next_delay();
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = crate::agent::stopped(&mut stop) => return,
+        }
+        if rejoin {
+            let id = shared.agent_id();
+            // The endpoint keeps the certificate from the first join; it stays valid while
+            // the cluster CA does.
+            let request_id = id.clone();
+            match join_until_accepted(
+                &shared.channel,
+                &shared.config,
+                shared.quic_addr,
+                &request_id,
+                &[],
+                stop.clone(),
+            )
+            .await
+            {
+                Ok(j) => {
+                    if j.response.agent_id != id {
+                        tracing::warn!(
+                            old = id,
+                            new = j.response.agent_id,
+                            "coordinator assigned a new agent id"
+                        );
+                        *shared.agent_id.write().unwrap_or_else(|e| e.into_inner()) =
+                            j.response.agent_id.clone();
+                        let path = shared.config.data_dir.join("agent-id");
+                        let _ = std::fs::write(path, format!("{}\n", j.response.agent_id));
+                    }
+                    joined = j;
+                }
+                Err(AgentError::Interrupted) => return,
+                Err(e) => {
+                    tracing::error!(error = %e, "re-joining the coordinator failed; will retry");
+                }
+            }
+        }
+    }
+}
+
+/// One session stream, from Hello to its end.
+async fn connect_once(
+    shared: &Arc<Shared>,
+    joined: &Joined,
+    outbox: &mut mpsc::Receiver<pb::AgentMessage>,
+    recent: &mut VecDeque<(Instant, pb::AgentMessage)>,
+    backoff: &mut Backoff,
+) -> Ended {
+    let mut stop = shared.shutdown.clone();
+    if *stop.borrow() {
+        return Ended::Shutdown;
+    }
+    let cutoff = Instant::now() - RESEND_WINDOW;
+    recent.retain(|(at, _)| *at >= cutoff);
+    let hello = Msg::Hello(pb::Hello {
+        agent_id: joined.response.agent_id.clone(),
+        session_token: joined.response.session_token.clone(),
+        quic_addresses: vec![shared.quic_addr.to_string()],
+    });
+    let mut first = vec![hello];
+    first.extend(inventory(shared).await.into_iter().map(Msg::Inventory));
+    // Room for the opening messages, so they are queued before the stream starts.
+    let (tx, rx) = mpsc::channel::<pb::AgentMessage>(first.len() + recent.len() + 256);
+    for m in first {
+        let _ = tx.try_send(pb::AgentMessage { msg: Some(m) });
+    }
+    for (_, m) in recent.iter() {
+        let _ = tx.try_send(m.clone());
+    }
+
+    let mut client = AgentSessionClient::new(shared.channel.clone());
+    let connect = client.session(ReceiverStream::new(rx));
+    let mut inbound = tokio::select! {
+        r = connect => match r {
+            Ok(r) => r.into_inner(),
+            Err(s) => return ended_by(s),
+        },
+        () = crate::agent::stopped(&mut stop) => return Ended::Shutdown,
+    };
+    shared.connected.store(true, Ordering::Relaxed);
+    metrics::gauge!(crate::metrics::SESSION_CONNECTED).set(1.0);
+    tracing::info!(agent_id = joined.response.agent_id, "session established");
+
+    let beat_every = heartbeat_interval(&joined.response);
+    let mut heartbeat = tokio::time::interval(beat_every);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut progress = tokio::time::interval(PROGRESS_EVERY);
+    progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut load = tokio::time::interval(LOAD_EVERY);
+    load.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut seq = 0u64;
+    let mut last_sent = Instant::now();
+    let connected_at = Instant::now();
+    let mut stable = false;
+    loop {
+        if !stable && connected_at.elapsed() >= STABLE_AFTER {
+            backoff.reset();
+            stable = true;
+        }
+        let out: Option<pb::AgentMessage> = tokio::select! {
+            m = inbound.message() => match m {
+                Ok(Some(m)) => {
+                    if !stable {
+                        // Something arrived: the coordinator accepted the session.
+                        backoff.reset();
+                        stable = true;
+                    }
+                    if let Some(msg) = m.msg {
+                        crate::order::handle(shared, msg).await;
+                    }
+                    None
+                }
+                Ok(None) => return Ended::Broken("coordinator closed the session".into()),
+                Err(s) => return ended_by(s),
+            },
+            m = outbox.recv() => {
+                let Some(m) = m else { return Ended::Shutdown };
+                if matches!(m.msg, Some(Msg::BlobDone(_) | Msg::BlobFailed(_) | Msg::BlobRegistered(_))) {
+                    recent.push_back((Instant::now(), m.clone()));
+                    if recent.len() > 4096 {
+                        recent.pop_front();
+                    }
+                }
+                Some(m)
+            }
+            _ = progress.tick() => {
+                shared.transfers.progress_batch().map(|b| pb::AgentMessage { msg: Some(Msg::Progress(b)) })
+            }
+            _ = load.tick() => Some(pb::AgentMessage { msg: Some(Msg::Load(load_report(shared))) }),
+            _ = heartbeat.tick() => {
+                if last_sent.elapsed() >= beat_every {
+                    seq += 1;
+                    Some(pb::AgentMessage { msg: Some(Msg::Heartbeat(pb::Heartbeat { seq })) })
+                } else {
+                    None
+                }
+            }
+            () = crate::agent::stopped(&mut stop) => return Ended::Shutdown,
+        };
+        if let Some(m) = out {
+            if tx.send(m).await.is_err() {
+                return Ended::Broken("session stream closed".into());
+            }
+            last_sent = Instant::now();
+        }
+    }
+}
+
+fn ended_by(s: tonic::Status) -> Ended {
+    match s.code() {
+        Code::Unauthenticated | Code::NotFound => Ended::Rejoin(s.message().to_string()),
+        code => Ended::Broken(format!("{code:?}: {}", s.message())),
+    }
+}
+
+fn heartbeat_interval(r: &pb::JoinResponse) -> Duration {
+    let ms = match (r.heartbeat_interval_ms, r.lease_ms) {
+        (0, 0) => 5_000,
+        (0, lease) => lease / 3,
+        (hb, _) => hb,
+    };
+    Duration::from_millis(ms.max(100))
+}
+
+/// The full inventory: a replace=true message, then more if the store is large.
+async fn inventory(shared: &Arc<Shared>) -> Vec<pb::Inventory> {
+    let store = shared.store.clone();
+    let held = tokio::task::spawn_blocking(move || {
+        store
+            .blobs()
+            .into_iter()
+            .map(|b| {
+                let complete = b.present == b.chunk_count;
+                let chunks = (!complete).then(|| {
+                    let (chunk_count, bits) = store.bitfield(&b.digest).unwrap_or_default();
+                    pb::ChunkBitmap {
+                        chunk_count,
+                        bits: bits.to_vec(),
+                    }
+                });
+                pb::HeldBlob {
+                    blob_digest: b.digest.as_bytes().to_vec(),
+                    size: b.size,
+                    complete,
+                    chunks,
+                    pinned: b.pinned,
+                }
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap_or_default();
+    let mut messages: Vec<pb::Inventory> = held
+        .chunks(INVENTORY_BATCH)
+        .map(|c| pb::Inventory {
+            replace: false,
+            blobs: c.to_vec(),
+            removed: Vec::new(),
+        })
+        .collect();
+    if messages.is_empty() {
+        messages.push(pb::Inventory::default());
+    }
+    messages[0].replace = true;
+    messages
+}
+
+fn load_report(shared: &Shared) -> pb::Load {
+    pb::Load {
+        upload_bytes_per_sec: 0,
+        download_bytes_per_sec: shared.transfers.download_rate(),
+        active_uploads: 0,
+        active_downloads: shared.transfers.len() as u32,
+        disk_free_bytes: shared
+            .config
+            .quota_bytes
+            .saturating_sub(shared.store.usage_bytes()),
+        disk_total_bytes: shared.config.quota_bytes,
+    }
+}

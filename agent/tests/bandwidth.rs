@@ -1,0 +1,125 @@
+//! Bandwidth caps on real QUIC endpoints: a capped side moves N bytes in no less than about
+//! N / limit seconds (loose lower bounds, small sizes).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use shoal_agent::RateLimiter;
+use shoal_agent::store::{Store, StoreConfig};
+use shoal_agent::transport::tls::{AgentIdentity, ClusterCa};
+use shoal_agent::transport::{ChunkEndpoint, TransportConfig};
+use shoal_proto::Manifest;
+
+const CHUNK: u32 = 64 << 10;
+const LIMIT: u64 = 2 << 20;
+const BURST: u64 = 2 * CHUNK as u64;
+const SIZE: usize = 3 << 20;
+
+struct Node {
+    endpoint: ChunkEndpoint,
+    _dir: tempfile::TempDir,
+}
+
+fn node(identity: &AgentIdentity, config: TransportConfig) -> Result<Node> {
+    let dir = tempfile::tempdir()?;
+    let store = Store::open(StoreConfig {
+        root: dir.path().to_path_buf(),
+        quota_bytes: 1 << 30,
+    })?;
+    let endpoint = ChunkEndpoint::bind("127.0.0.1:0".parse()?, identity, store, config)?;
+    Ok(Node {
+        endpoint,
+        _dir: dir,
+    })
+}
+
+fn seeded(node: &Node) -> Result<Manifest> {
+    let data: Vec<u8> = (0..SIZE).map(|i| (i * 31 % 251) as u8).collect();
+    let manifest = Manifest::from_reader(&data[..], CHUNK)?;
+    let store = node.endpoint.store();
+    store.insert_manifest(&manifest)?;
+    for i in manifest.chunk_indices() {
+        let r = manifest.chunk_range(i)?;
+        store.put_chunk(
+            &manifest.digest(),
+            i,
+            &data[r.start as usize..r.end as usize],
+        )?;
+    }
+    Ok(manifest)
+}
+
+fn capped() -> Option<Arc<RateLimiter>> {
+    Some(Arc::new(RateLimiter::new(LIMIT, BURST)))
+}
+
+/// (SIZE - BURST) / LIMIT, less 10% for timer slack.
+fn lower_bound() -> Duration {
+    Duration::from_secs_f64((SIZE as u64 - BURST) as f64 / LIMIT as f64 * 0.9)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capped_uploader_serves_no_faster_than_its_limit() -> Result<()> {
+    let ca = ClusterCa::generate()?;
+    let seeder = node(
+        &ca.issue("seeder")?,
+        TransportConfig {
+            upload_limit: capped(),
+            ..TransportConfig::default()
+        },
+    )?;
+    let fetcher = node(&ca.issue("fetcher")?, TransportConfig::default())?;
+    let manifest = seeded(&seeder)?;
+    fetcher.endpoint.store().insert_manifest(&manifest)?;
+    let started = Instant::now();
+    fetcher
+        .endpoint
+        .fetch_blob(seeder.endpoint.local_addr(), &manifest)
+        .await?;
+    let took = started.elapsed();
+    assert!(took >= lower_bound(), "3 MiB at 2 MiB/s took only {took:?}");
+    assert!(took < Duration::from_secs(10), "far too slow: {took:?}");
+    fetcher.endpoint.store().verify_blob(&manifest.digest())?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capped_downloader_fetches_no_faster_than_its_limit() -> Result<()> {
+    let ca = ClusterCa::generate()?;
+    let seeder = node(&ca.issue("seeder")?, TransportConfig::default())?;
+    let fetcher = node(
+        &ca.issue("fetcher")?,
+        TransportConfig {
+            download_limit: capped(),
+            ..TransportConfig::default()
+        },
+    )?;
+    let manifest = seeded(&seeder)?;
+    fetcher.endpoint.store().insert_manifest(&manifest)?;
+    let started = Instant::now();
+    fetcher
+        .endpoint
+        .fetch_blob(seeder.endpoint.local_addr(), &manifest)
+        .await?;
+    let took = started.elapsed();
+    assert!(took >= lower_bound(), "3 MiB at 2 MiB/s took only {took:?}");
+    fetcher.endpoint.store().verify_blob(&manifest.digest())?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uncapped_endpoints_are_not_slowed() -> Result<()> {
+    let ca = ClusterCa::generate()?;
+    let seeder = node(&ca.issue("seeder")?, TransportConfig::default())?;
+    let fetcher = node(&ca.issue("fetcher")?, TransportConfig::default())?;
+    let manifest = seeded(&seeder)?;
+    fetcher.endpoint.store().insert_manifest(&manifest)?;
+    let started = Instant::now();
+    fetcher
+        .endpoint
+        .fetch_blob(seeder.endpoint.local_addr(), &manifest)
+        .await?;
+    assert!(started.elapsed() < lower_bound(), "{:?}", started.elapsed());
+    Ok(())
+}

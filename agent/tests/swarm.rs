@@ -1,0 +1,132 @@
+//! In-process end to end: a real coordinator (`shoal_coordinator::run` on a loopback
+//! port) and three real agents. A blob pushed on one reaches all through their peers.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use shoal_agent::{Agent, AgentConfig, local_api};
+use shoal_proto::Digest;
+use shoal_proto::pb::v1 as pb;
+use shoal_proto::pb::v1::coordinator_client::CoordinatorClient;
+
+const TOKEN: &str = "swarm-test-token";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pushed_blob_reaches_every_agent() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let coordinator_addr = listener.local_addr()?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let coordinator = tokio::spawn(shoal_coordinator::run(
+        shoal_coordinator::CoordinatorConfig {
+            listen: coordinator_addr,
+            state_dir: dir.path().join("coordinator"),
+            join_token: TOKEN.into(),
+            lease_ms: 5_000,
+            heartbeat_ms: 500,
+            ..Default::default()
+        },
+        listener,
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+
+    let mut agents = Vec::new();
+    for i in 0..3 {
+        let config = AgentConfig {
+            coordinator: format!("http://{coordinator_addr}"),
+            join_token: TOKEN.into(),
+            data_dir: dir.path().join(format!("agent-{i}")),
+            quic_listen: "127.0.0.1:0".parse()?,
+            chunk_size: 64 << 10,
+            quota_bytes: 1 << 30,
+            labels: [("zone".to_string(), "z1".to_string())].into(),
+            ..AgentConfig::default()
+        };
+        agents.push(Agent::start(config).await?);
+    }
+    // Every agent's session is up.
+    wait_until(Duration::from_secs(10), || {
+        agents.iter().all(Agent::is_connected)
+    })
+    .await?;
+
+    let content: Vec<u8> = (0..3_000_000usize)
+        .map(|i| (i * 13 + i / 777) as u8)
+        .collect();
+    let file = dir.path().join("blob.bin");
+    std::fs::write(&file, &content)?;
+    let digest = Digest::of(&content);
+    let mut local = local_api::connect(agents[0].local_socket()).await?;
+    let mut push = local
+        .push(pb::PushRequest {
+            path: file.to_str().context("utf8")?.into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    while push.message().await?.is_some() {}
+
+    let mut coordinator_client =
+        CoordinatorClient::connect(format!("http://{coordinator_addr}")).await?;
+    // The registration travels on the session; retry until the coordinator knows the blob.
+    let started = tokio::time::Instant::now();
+    let job = loop {
+        let r = coordinator_client
+            .distribute(pb::DistributeRequest {
+                blobs: vec![digest.to_string()],
+                targets: Some(pb::TargetSelector {
+                    selector: Some(pb::target_selector::Selector::All(pb::AllAgents {})),
+                }),
+                ..Default::default()
+            })
+            .await;
+        match r {
+            Ok(r) => break r.into_inner(),
+            Err(s)
+                if s.code() == tonic::Code::NotFound
+                    && started.elapsed() < Duration::from_secs(5) =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(s) => anyhow::bail!("distribute: {s}"),
+        }
+    };
+    assert_eq!(job.target_count, 3);
+
+    wait_until(Duration::from_secs(30), || {
+        agents
+            .iter()
+            .all(|a| a.store().is_complete(&digest) && a.stats().active_transfers == 0)
+    })
+    .await
+    .context("every agent holds the blob")?;
+    for a in &agents {
+        a.store().verify_blob(&digest)?;
+    }
+    let from_peers: u64 = agents.iter().map(|a| a.stats().bytes_from_peers).sum();
+    assert_eq!(
+        from_peers,
+        2 * content.len() as u64,
+        "two targets fetched it all"
+    );
+
+    for a in agents {
+        a.shutdown().await;
+    }
+    let _ = stop_tx.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(5), coordinator).await;
+    Ok(())
+}
+
+async fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !cond() {
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!("condition not met within {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}

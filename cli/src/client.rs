@@ -1,0 +1,285 @@
+//! Client commands against the coordinator's public API: distribute, status, watch, agents,
+//! blobs.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use shoal_proto::Digest;
+use shoal_proto::pb::v1::coordinator_client::CoordinatorClient;
+use shoal_proto::pb::v1::{self as pb, JobState, TargetState};
+use tonic::transport::Channel;
+
+pub type Client = CoordinatorClient<Channel>;
+
+pub async fn connect(url: &str) -> Result<Client> {
+    let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
+        .with_context(|| format!("coordinator address {url:?} is not a URL"))?
+        .connect_timeout(Duration::from_secs(5));
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot reach the coordinator at {url}: {e}"))?;
+    Ok(CoordinatorClient::new(channel).max_decoding_message_size(64 << 20))
+}
+
+/// A gRPC status as one line a person reads.
+pub fn explain(status: tonic::Status) -> anyhow::Error {
+    let what = match status.code() {
+        tonic::Code::NotFound => "not found",
+        tonic::Code::InvalidArgument => "invalid request",
+        tonic::Code::Unavailable => "coordinator unavailable",
+        tonic::Code::Unauthenticated => "not authorised",
+        _ => "error",
+    };
+    anyhow::anyhow!("{what}: {}", status.message())
+}
+
+/// Parses `--to`: `all`, `key=value[,key=value]` (labels), or `agents:id1,id2`.
+pub fn selector(to: &str) -> Result<pb::TargetSelector, String> {
+    use pb::target_selector::Selector;
+    let to = to.trim();
+    let selector = if to == "all" {
+        Selector::All(pb::AllAgents {})
+    } else if let Some(ids) = to.strip_prefix("agents:") {
+        let agent_ids: Vec<String> = ids
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect();
+        if agent_ids.is_empty() {
+            return Err("agents: needs at least one agent id".into());
+        }
+        Selector::Agents(pb::AgentIdList { agent_ids })
+    } else {
+        let mut match_labels = HashMap::new();
+        for pair in to.split(',') {
+            let Some((k, v)) = pair.split_once('=') else {
+                return Err(format!(
+                    "{pair:?} is not all, key=value[,key=value] or agents:id[,id]"
+                ));
+            };
+            match_labels.insert(k.trim().to_string(), v.trim().to_string());
+        }
+        Selector::Labels(pb::LabelSelector { match_labels })
+    };
+    Ok(pb::TargetSelector {
+        selector: Some(selector),
+    })
+}
+
+pub async fn distribute(
+    client: &mut Client,
+    blobs: &[Digest],
+    to: pb::TargetSelector,
+    deadline: Option<Duration>,
+) -> Result<String> {
+    let response = client
+        .distribute(pb::DistributeRequest {
+            blobs: blobs.iter().map(Digest::to_string).collect(),
+            targets: Some(to),
+            deadline_ms: deadline.map_or(0, |d| d.as_millis() as u64),
+            ..Default::default()
+        })
+        .await
+        .map_err(explain)?
+        .into_inner();
+    eprintln!(
+        "job {} to {} agents",
+        response.job_id, response.target_count
+    );
+    Ok(response.job_id)
+}
+
+pub async fn status(client: &mut Client, job_id: &str) -> Result<pb::Job> {
+    let job = client
+        .get_job(pb::GetJobRequest {
+            job_id: job_id.to_string(),
+            include_targets: true,
+        })
+        .await
+        .map_err(explain)?
+        .into_inner()
+        .job
+        .context("coordinator answered without a job")?;
+    Ok(job)
+}
+
+pub fn print_job(job: &pb::Job) {
+    let p = job.progress.clone().unwrap_or_default();
+    let c = p.counts.unwrap_or_default();
+    println!("job {}: {}", job.job_id, state_name(job.state()));
+    println!(
+        "targets: {} total, {} done, {} running, {} pending, {} failed, {} cancelled",
+        c.total, c.done, c.running, c.pending, c.failed, c.cancelled
+    );
+    println!("bytes: {} of {}", p.bytes_done, p.bytes_total);
+    for t in &p.targets {
+        let mut line = format!(
+            "  {} {} {}",
+            t.agent_id,
+            short(&t.blob),
+            target_name(t.state())
+        );
+        if !t.message.is_empty() {
+            line.push_str(&format!(" ({})", t.message));
+        }
+        println!("{line}");
+    }
+}
+
+/// Follows a job with progress bars until it ends; returns its final state.
+pub async fn watch(client: &mut Client, job_id: &str, link_bps: Option<u64>) -> Result<pb::Job> {
+    let started = Instant::now();
+    let mut stream = client
+        .watch_job(pb::WatchJobRequest {
+            job_id: job_id.to_string(),
+            include_targets: true,
+        })
+        .await
+        .map_err(explain)?
+        .into_inner();
+    let bars = MultiProgress::new();
+    let style =
+        ProgressStyle::with_template("{prefix:>24} [{bar:30}] {bytes:>10}/{total_bytes:<10} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> ");
+    let total = bars.add(
+        ProgressBar::new(0)
+            .with_style(style.clone())
+            .with_prefix("all"),
+    );
+    let mut per_target: HashMap<(String, String), ProgressBar> = HashMap::new();
+    while let Some(update) = stream.message().await.map_err(explain)? {
+        total.set_length(update.bytes_total);
+        total.set_position(update.bytes_done);
+        total.set_message(format!("{}/s", human(update.rate_bytes_per_sec)));
+        for t in &update.targets {
+            let bar = per_target
+                .entry((t.agent_id.clone(), t.blob.clone()))
+                .or_insert_with(|| {
+                    bars.add(
+                        ProgressBar::new(t.bytes_total)
+                            .with_style(style.clone())
+                            .with_prefix(format!("{} {}", t.agent_id, short(&t.blob))),
+                    )
+                });
+            bar.set_position(t.bytes_done);
+            bar.set_message(target_name(t.state()).to_string());
+            if matches!(
+                t.state(),
+                TargetState::Done | TargetState::Failed | TargetState::Cancelled
+            ) {
+                bar.finish();
+            }
+        }
+    }
+    total.finish();
+    let job = status(client, job_id).await?;
+    let p = job.progress.clone().unwrap_or_default();
+    let secs = started.elapsed().as_secs_f64();
+    eprintln!(
+        "job {} {} in {:.2} s, {}/s aggregate",
+        job.job_id,
+        state_name(job.state()),
+        secs,
+        human((p.bytes_done as f64 / secs.max(1e-3)) as u64)
+    );
+    if let Some(bps) = link_bps {
+        let biggest = p.targets.iter().map(|t| t.bytes_total).max().unwrap_or(0);
+        let bound = biggest as f64 / bps as f64;
+        eprintln!(
+            "bound (blob / link rate) {bound:.2} s: {:.2}x the bound",
+            secs / bound
+        );
+    }
+    Ok(job)
+}
+
+pub async fn agents(client: &mut Client) -> Result<()> {
+    let list = client
+        .list_agents(pb::ListAgentsRequest::default())
+        .await
+        .map_err(explain)?;
+    println!(
+        "{:<20} {:<12} {:<22} {:>6} {:>8}  labels",
+        "AGENT", "STATE", "QUIC", "BLOBS", "PARTIAL"
+    );
+    for a in list.into_inner().agents {
+        let mut labels: Vec<_> = a.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        labels.sort();
+        println!(
+            "{:<20} {:<12} {:<22} {:>6} {:>8}  {}",
+            a.agent_id,
+            format!("{:?}", a.state()).to_lowercase(),
+            a.quic_addresses.first().cloned().unwrap_or_default(),
+            a.blobs_held,
+            a.blobs_partial,
+            labels.join(",")
+        );
+    }
+    Ok(())
+}
+
+pub async fn blobs(client: &mut Client) -> Result<()> {
+    let list = client
+        .list_blobs(pb::ListBlobsRequest::default())
+        .await
+        .map_err(explain)?;
+    println!(
+        "{:<71} {:>12} {:>8} {:>8}",
+        "DIGEST", "SIZE", "HOLDERS", "PARTIAL"
+    );
+    for b in list.into_inner().blobs {
+        println!(
+            "{:<71} {:>12} {:>8} {:>8}",
+            b.digest, b.size, b.complete_holders, b.partial_holders
+        );
+    }
+    Ok(())
+}
+
+pub fn state_name(s: JobState) -> &'static str {
+    match s {
+        JobState::Done => "done",
+        JobState::Failed => "failed",
+        JobState::Cancelled => "cancelled",
+        JobState::Running => "running",
+        JobState::Pending | JobState::Unspecified => "pending",
+    }
+}
+
+fn target_name(s: TargetState) -> &'static str {
+    match s {
+        TargetState::Done => "done",
+        TargetState::Failed => "failed",
+        TargetState::Cancelled => "cancelled",
+        TargetState::Running => "running",
+        TargetState::Pending | TargetState::Unspecified => "pending",
+    }
+}
+
+fn short(blob: &str) -> &str {
+    &blob[..blob.len().min(19)]
+}
+
+pub fn human(bytes: u64) -> String {
+    let b = bytes as f64;
+    if b >= 1e9 {
+        format!("{:.2} GB", b / 1e9)
+    } else if b >= 1e6 {
+        format!("{:.1} MB", b / 1e6)
+    } else {
+        format!("{:.0} kB", b / 1e3)
+    }
+}
+
+/// Fails unless the job ended done.
+pub fn require_done(job: &pb::Job) -> Result<()> {
+    if job.state() != JobState::Done {
+        bail!("job {} ended {}", job.job_id, state_name(job.state()));
+    }
+    Ok(())
+}

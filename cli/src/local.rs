@@ -1,0 +1,107 @@
+//! `shoal push` and `shoal pull`: talk to the local agent over its Unix socket.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use shoal_proto::Digest;
+use shoal_proto::pb::v1::{self as pb, agent_local_client::AgentLocalClient};
+use tonic::transport::Channel;
+
+async fn connect(socket: &Path) -> Result<AgentLocalClient<Channel>> {
+    if !socket.exists() {
+        bail!(
+            "no agent socket at {}: is `shoal agent` running here? (set --socket or SHOAL_AGENT_SOCKET)",
+            socket.display()
+        );
+    }
+    let path = socket.to_path_buf();
+    // The URI is required by tonic but unused: the connector dials the Unix socket.
+    let channel = tonic::transport::Endpoint::from_static("http://agent.local")
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move {
+                let stream = tokio::net::UnixStream::connect(path).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+            }
+        }))
+        .await
+        .with_context(|| format!("connecting to the agent at {}", socket.display()))?;
+    Ok(AgentLocalClient::new(channel).max_decoding_message_size(64 << 20))
+}
+
+fn bar(total: u64) -> ProgressBar {
+    let style = ProgressStyle::with_template("[{bar:40}] {bytes}/{total_bytes} {bytes_per_sec}")
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
+    ProgressBar::new(total).with_style(style)
+}
+
+pub async fn push(socket: &Path, file: &Path) -> Result<()> {
+    let digest = push_file(socket, file, true).await?;
+    println!("{digest}");
+    Ok(())
+}
+
+/// Pushes `file` through the agent at `socket` and returns the blob's digest.
+pub async fn push_file(socket: &Path, file: &Path, show_progress: bool) -> Result<String> {
+    let path =
+        std::fs::canonicalize(file).with_context(|| format!("{}: cannot read", file.display()))?;
+    let mut client = connect(socket).await?;
+    let mut stream = client
+        .push(pb::PushRequest {
+            path: path.display().to_string(),
+            ..Default::default()
+        })
+        .await
+        .map_err(crate::client::explain)?
+        .into_inner();
+    let progress = if show_progress {
+        bar(0)
+    } else {
+        ProgressBar::hidden()
+    };
+    while let Some(p) = stream.message().await.map_err(crate::client::explain)? {
+        progress.set_length(p.bytes_total);
+        progress.set_position(p.bytes_done);
+        if let Some(result) = p.result {
+            progress.finish_and_clear();
+            if !result.registered {
+                eprintln!(
+                    "note: the agent is not connected to a coordinator; it registers the blob when it reconnects"
+                );
+            }
+            return Ok(result.digest);
+        }
+    }
+    bail!("the agent ended the push without a result")
+}
+
+pub async fn pull(socket: &Path, digest: Digest, output: &Path) -> Result<()> {
+    let output = if output.is_absolute() {
+        output.to_path_buf()
+    } else {
+        std::env::current_dir()?.join(output)
+    };
+    let mut client = connect(socket).await?;
+    let mut stream = client
+        .pull(pb::PullRequest {
+            digest: digest.to_string(),
+            output_path: output.display().to_string(),
+            ..Default::default()
+        })
+        .await
+        .map_err(crate::client::explain)?
+        .into_inner();
+    let progress = bar(0);
+    while let Some(p) = stream.message().await.map_err(crate::client::explain)? {
+        progress.set_length(p.bytes_total);
+        progress.set_position(p.bytes_done);
+        if p.state() == pb::PullState::Done {
+            progress.finish_and_clear();
+            eprintln!("{} -> {}", p.digest, output.display());
+            return Ok(());
+        }
+    }
+    bail!("the agent ended the pull before it was done")
+}

@@ -1,0 +1,131 @@
+//! `shoal coordinator` and `shoal agent`: load configuration, install metrics, run until
+//! SIGINT or SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use shoal_coordinator::CoordinatorConfig;
+
+/// A configuration problem: exit code 2.
+#[derive(Debug)]
+pub struct ConfigProblem(pub String);
+
+impl std::fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigProblem {}
+
+#[derive(clap::Args, Debug)]
+pub struct CoordinatorArgs {
+    /// TOML configuration file.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// gRPC listen address (overrides the file and SHOAL_LISTEN).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// State directory (overrides the file and SHOAL_STATE_DIR).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Join token (overrides the file and SHOAL_JOIN_TOKEN).
+    #[arg(long)]
+    join_token: Option<String>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct AgentArgs {
+    /// TOML configuration file.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Coordinator URL (overrides the file and SHOAL_COORDINATOR).
+    #[arg(long)]
+    coordinator: Option<String>,
+    /// Data directory (overrides the file and SHOAL_DATA_DIR).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// QUIC listen address (overrides the file and SHOAL_QUIC_LISTEN).
+    #[arg(long)]
+    quic_listen: Option<SocketAddr>,
+    /// Join token (overrides the file and SHOAL_JOIN_TOKEN).
+    #[arg(long)]
+    join_token: Option<String>,
+    /// Labels, key=value (repeatable), e.g. --label zone=a --label rack=r1.
+    #[arg(long = "label")]
+    labels: Vec<String>,
+}
+
+fn problem(e: impl std::fmt::Display) -> anyhow::Error {
+    ConfigProblem(e.to_string()).into()
+}
+
+fn install_metrics(addr: Option<SocketAddr>) -> Result<()> {
+    if let Some(addr) = addr {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .install()
+            .with_context(|| format!("starting the metrics endpoint on {addr}"))?;
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+pub async fn coordinator(args: CoordinatorArgs) -> Result<()> {
+    let path = |p: Option<PathBuf>| p.map(|p| p.display().to_string());
+    let config: CoordinatorConfig = crate::settings::load(
+        args.config.as_deref(),
+        &[
+            ("listen", args.listen.map(|a| a.to_string())),
+            ("state_dir", path(args.state_dir)),
+            ("join_token", args.join_token),
+        ],
+    )
+    .map_err(problem)?;
+    config.validate().map_err(problem)?;
+    install_metrics(config.metrics_listen)?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    eprintln!("coordinator listening on {}", listener.local_addr()?);
+    shoal_coordinator::run(config, listener, shutdown_signal()).await?;
+    Ok(())
+}
+
+pub async fn agent(args: AgentArgs) -> Result<()> {
+    let path = |p: Option<PathBuf>| p.map(|p| p.display().to_string());
+    let mut overrides = vec![
+        ("coordinator", args.coordinator),
+        ("data_dir", path(args.data_dir)),
+        ("quic_listen", args.quic_listen.map(|a| a.to_string())),
+        ("join_token", args.join_token),
+    ];
+    let mut label_keys = Vec::new();
+    for label in &args.labels {
+        let Some((k, v)) = label.split_once('=') else {
+            return Err(problem(format!("--label {label:?}: expected key=value")));
+        };
+        label_keys.push((format!("labels.{k}"), v.to_string()));
+    }
+    for (k, v) in &label_keys {
+        overrides.push((k.as_str(), Some(v.clone())));
+    }
+    let config: shoal_agent::AgentConfig =
+        crate::settings::load(args.config.as_deref(), &overrides).map_err(problem)?;
+    config.validate().map_err(problem)?;
+    install_metrics(config.metrics_listen)?;
+    shoal_agent::run(config, shutdown_signal()).await?;
+    Ok(())
+}

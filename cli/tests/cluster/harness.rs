@@ -1,0 +1,289 @@
+//! Starts real `shoal` processes: a coordinator and agents on loopback, each with its own
+//! directories, killed and cleaned up on drop.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use shoal_proto::pb::v1::{self as pb, coordinator_client::CoordinatorClient};
+
+pub const TOKEN: &str = "test-token";
+
+pub fn shoal() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_shoal"))
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+pub struct Proc {
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub struct Agent {
+    pub proc: Proc,
+    pub dir: PathBuf,
+    pub metrics: SocketAddr,
+}
+
+impl Agent {
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("agent.sock")
+    }
+
+    /// A counter or gauge from the agent's Prometheus endpoint (summed over labels).
+    pub fn metric(&self, name: &str) -> Result<f64> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(self.metrics)?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
+        let mut body = String::new();
+        s.read_to_string(&mut body)?;
+        Ok(body
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter(|l| l.split(['{', ' ']).next() == Some(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum())
+    }
+}
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub coordinator: Proc,
+    pub addr: SocketAddr,
+    pub agents: Vec<Agent>,
+    lease_ms: u64,
+}
+
+impl Cluster {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn start(agents: usize, agent_env: &[(&str, &str)], lease_ms: u64) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        let coordinator = spawn_coordinator(dir.path(), addr, lease_ms)?;
+        let mut cluster = Self {
+            dir,
+            coordinator,
+            addr,
+            agents: Vec::new(),
+            lease_ms,
+        };
+        cluster.wait_for_coordinator().await?;
+        for i in 0..agents {
+            let agent = cluster.spawn_agent(i, agent_env)?;
+            cluster.agents.push(agent);
+        }
+        cluster.wait_for_agents(agents).await?;
+        Ok(cluster)
+    }
+
+    pub fn restart_coordinator(&mut self) -> Result<()> {
+        self.coordinator.kill();
+        self.coordinator = spawn_coordinator(self.dir.path(), self.addr, self.lease_ms)?;
+        Ok(())
+    }
+
+    fn spawn_agent(&self, i: usize, env: &[(&str, &str)]) -> Result<Agent> {
+        let dir = self.dir.path().join(format!("agent-{i}"));
+        std::fs::create_dir_all(&dir)?;
+        let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        let log = dir.join("log");
+        let mut cmd = shoal();
+        cmd.args(["agent", "--coordinator", &self.url(), "--join-token", TOKEN])
+            .arg("--data-dir")
+            .arg(&dir)
+            .args([
+                "--quic-listen",
+                "127.0.0.1:0",
+                "--label",
+                &format!("host=h{i}"),
+            ])
+            .env("SHOAL_METRICS_LISTEN", metrics.to_string())
+            .env("SHOAL_LOG", "info");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .context("spawning shoal agent")?;
+        Ok(Agent {
+            proc: Proc { child, log },
+            dir,
+            metrics,
+        })
+    }
+
+    pub async fn client(&self) -> Result<CoordinatorClient<tonic::transport::Channel>> {
+        Ok(CoordinatorClient::connect(self.url()).await?)
+    }
+
+    async fn wait_for_coordinator(&self) -> Result<()> {
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(20) {
+            if self.client().await.is_ok() {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!(
+            "coordinator did not come up; log:\n{}",
+            read(&self.coordinator.log)
+        )
+    }
+
+    pub async fn wait_for_agents(&self, n: usize) -> Result<()> {
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(30) {
+            if let Ok(mut c) = self.client().await {
+                if let Ok(r) = c.list_agents(pb::ListAgentsRequest::default()).await {
+                    let ready = r
+                        .into_inner()
+                        .agents
+                        .iter()
+                        .filter(|a| a.state() == pb::AgentState::Ready)
+                        .count();
+                    if ready >= n {
+                        return Ok(());
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let logs: Vec<String> = self.agents.iter().map(|a| read(&a.proc.log)).collect();
+        bail!(
+            "agents did not all become ready; logs:\n{}",
+            logs.join("\n---\n")
+        )
+    }
+
+    /// Runs `shoal ARGS` against this cluster and returns its output.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        shoal()
+            .args(args)
+            .env("SHOAL_COORDINATOR", self.url())
+            .output()
+            .expect("running shoal")
+    }
+
+    pub fn push(&self, agent: usize, file: &Path) -> Result<String> {
+        let out = shoal()
+            .arg("push")
+            .arg(file)
+            .arg("--socket")
+            .arg(self.agents[agent].socket())
+            .output()?;
+        if !out.status.success() {
+            bail!("push failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8(out.stdout)?.trim().to_string())
+    }
+
+    pub fn pull(&self, agent: usize, digest: &str, output: &Path) -> Result<()> {
+        let out = shoal()
+            .args(["pull", digest, "-o"])
+            .arg(output)
+            .arg("--socket")
+            .arg(self.agents[agent].socket())
+            .output()?;
+        if !out.status.success() {
+            bail!("pull failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    }
+
+    /// Polls the job until it is terminal.
+    pub async fn wait_job(&self, job_id: &str, limit: Duration) -> Result<pb::Job> {
+        let started = Instant::now();
+        loop {
+            if let Ok(mut c) = self.client().await {
+                if let Ok(r) = c
+                    .get_job(pb::GetJobRequest {
+                        job_id: job_id.into(),
+                        include_targets: true,
+                    })
+                    .await
+                {
+                    let job = r.into_inner().job.context("no job")?;
+                    if matches!(
+                        job.state(),
+                        pb::JobState::Done | pb::JobState::Failed | pb::JobState::Cancelled
+                    ) {
+                        return Ok(job);
+                    }
+                }
+            }
+            if started.elapsed() > limit {
+                bail!(
+                    "job {job_id} not finished after {limit:?}; coordinator log:\n{}",
+                    read(&self.coordinator.log)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+fn spawn_coordinator(dir: &Path, addr: SocketAddr, lease_ms: u64) -> Result<Proc> {
+    static STARTS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let log = dir.join(format!("coordinator-{n}.log"));
+    let child = shoal()
+        .args([
+            "coordinator",
+            "--listen",
+            &addr.to_string(),
+            "--join-token",
+            TOKEN,
+        ])
+        .arg("--state-dir")
+        .arg(dir.join("coordinator"))
+        .env("SHOAL_LEASE_MS", lease_ms.to_string())
+        .env("SHOAL_HEARTBEAT_MS", (lease_ms / 4).to_string())
+        .env("SHOAL_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()
+        .context("spawning shoal coordinator")?;
+    Ok(Proc { child, log })
+}
+
+pub fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// A file of `len` pseudo-random bytes.
+pub fn random_file(dir: &Path, name: &str, len: usize, seed: u64) -> Result<PathBuf> {
+    let mut x = seed | 1;
+    let mut data = vec![0u8; len];
+    for w in data.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        w.copy_from_slice(&x.to_le_bytes()[..w.len()]);
+    }
+    let path = dir.join(name);
+    std::fs::write(&path, &data)?;
+    Ok(path)
+}

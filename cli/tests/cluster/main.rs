@@ -1,0 +1,244 @@
+//! End-to-end tests with real processes: the built `shoal` binary as coordinator, agents and
+//! client, on loopback. Each test starts its own cluster in temporary directories.
+
+mod harness;
+
+use std::time::Duration;
+
+use anyhow::Result;
+use harness::{Cluster, random_file, read};
+use shoal_proto::pb::v1::{self as pb, FailureReason, JobState, TargetState};
+
+const MIB: usize = 1 << 20;
+
+fn stdout(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A 64 MiB blob pushed on one of six agents reaches all of them, bit-identical, mostly
+/// from peers; the job's status through the CLI says done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pushed_blob_reaches_every_agent_mostly_from_peers() -> Result<()> {
+    let cluster = Cluster::start(6, &[], 3000).await?;
+    let file = random_file(cluster.dir.path(), "blob", 64 * MIB, 1)?;
+    let digest = cluster.push(0, &file)?;
+    assert!(digest.starts_with("sha256:"), "{digest}");
+
+    let out = cluster.cli(&["distribute", &digest, "--to", "all", "--detach"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let job_id = stdout(&out).trim().to_string();
+    let job = cluster.wait_job(&job_id, Duration::from_secs(120)).await?;
+    assert_eq!(job.state(), JobState::Done, "{job:?}");
+
+    let out = cluster.cli(&["status", &job_id]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains(&format!("job {job_id}: done")),
+        "{}",
+        stdout(&out)
+    );
+
+    let original = std::fs::read(&file)?;
+    for i in 0..6 {
+        let copy = cluster.dir.path().join(format!("copy-{i}"));
+        cluster.pull(i, &digest, &copy)?;
+        assert!(
+            std::fs::read(&copy)? == original,
+            "agent {i}'s copy differs"
+        );
+    }
+
+    // Peers carry most bytes: the seeder serves well under one copy per target.
+    let seeder_out = cluster.agents[0].metric("shoal_agent_bytes_out_total")?;
+    let blob = (64 * MIB) as f64;
+    assert!(
+        seeder_out > 0.0,
+        "the seeder served nothing: metrics missing?"
+    );
+    assert!(
+        seeder_out < 3.0 * blob,
+        "seeder uploaded {:.2} copies for 5 targets",
+        seeder_out / blob
+    );
+    let peers_out: f64 = (1..6)
+        .map(|i| {
+            cluster.agents[i]
+                .metric("shoal_agent_bytes_out_total")
+                .unwrap_or(0.0)
+        })
+        .sum();
+    assert!(
+        peers_out > seeder_out,
+        "peers served {peers_out}, the seeder {seeder_out}"
+    );
+    Ok(())
+}
+
+/// An agent killed with SIGKILL mid-transfer: every other target completes, and the job says
+/// exactly what happened to that agent (its targets fail AGENT_LOST; see jobs.rs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_agent_fails_only_its_own_target() -> Result<()> {
+    // 16 MB/s per agent: a 48 MiB blob takes ~3 s, time to kill one mid-way.
+    let limits = [("SHOAL_DOWNLOAD_LIMIT_BYTES_PER_SEC", "16000000")];
+    let mut cluster = Cluster::start(4, &limits, 2000).await?;
+    let file = random_file(cluster.dir.path(), "blob", 48 * MIB, 2)?;
+    let digest = cluster.push(0, &file)?;
+    let out = cluster.cli(&["distribute", &digest, "--detach"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let job_id = stdout(&out).trim().to_string();
+
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    cluster.agents[3].proc.kill();
+    let job = cluster.wait_job(&job_id, Duration::from_secs(120)).await?;
+    assert_eq!(job.state(), JobState::Failed);
+    let targets = job.progress.expect("progress").targets;
+    let mut lost = 0;
+    for t in &targets {
+        if t.state() == TargetState::Failed {
+            lost += 1;
+            assert_eq!(t.reason(), FailureReason::AgentLost, "{t:?}");
+            assert!(t.message.contains("lease"), "{}", t.message);
+        } else {
+            assert_eq!(t.state(), TargetState::Done, "{t:?}");
+        }
+    }
+    assert_eq!(lost, 1, "{targets:?}");
+    let out = cluster.cli(&["status", &job_id]);
+    assert!(
+        stdout(&out).contains("failed (") && stdout(&out).contains("lease"),
+        "{}",
+        stdout(&out)
+    );
+    Ok(())
+}
+
+/// The coordinator killed with SIGKILL mid-job and restarted on the same state: the job
+/// completes and nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_coordinator_finishes_the_job() -> Result<()> {
+    let limits = [("SHOAL_DOWNLOAD_LIMIT_BYTES_PER_SEC", "16000000")];
+    let mut cluster = Cluster::start(3, &limits, 3000).await?;
+    let file = random_file(cluster.dir.path(), "blob", 48 * MIB, 3)?;
+    let digest = cluster.push(0, &file)?;
+    let out = cluster.cli(&["distribute", &digest, "--detach"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let job_id = stdout(&out).trim().to_string();
+
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    cluster.restart_coordinator()?;
+    let job = cluster.wait_job(&job_id, Duration::from_secs(120)).await?;
+    assert_eq!(
+        job.state(),
+        JobState::Done,
+        "{job:?}\n{}",
+        read(&cluster.coordinator.log)
+    );
+    let out = cluster.cli(&["blobs"]);
+    assert!(
+        stdout(&out).contains(&digest),
+        "catalog lost the blob: {}",
+        stdout(&out)
+    );
+    Ok(())
+}
+
+/// Bad input through the CLI and gRPC: a clear one-line error and the right code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_clear_errors_and_the_right_codes() -> Result<()> {
+    let cluster = Cluster::start(1, &[], 3000).await?;
+    let unknown = format!("sha256:{}", "ab".repeat(32));
+
+    // CLI: malformed digest is a usage error (2), the rest are failures (1).
+    let out = cluster.cli(&["distribute", "sha256:xyz"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("invalid character"),
+        "{}",
+        stderr(&out)
+    );
+    let out = cluster.cli(&["distribute", &unknown, "--detach"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("not found") && stderr(&out).contains(&unknown),
+        "{}",
+        stderr(&out)
+    );
+    let out = cluster.cli(&["status", "job-nope"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("not found: job \"job-nope\""),
+        "{}",
+        stderr(&out)
+    );
+    for out in [&out] {
+        assert_eq!(stderr(out).trim().lines().count(), 1, "{}", stderr(out));
+        assert!(!stderr(out).contains("panicked"));
+    }
+
+    // gRPC codes.
+    let file = random_file(cluster.dir.path(), "blob", MIB, 4)?;
+    let digest = cluster.push(0, &file)?;
+    let mut c = cluster.client().await?;
+    let all = || {
+        Some(pb::TargetSelector {
+            selector: Some(pb::target_selector::Selector::All(pb::AllAgents {})),
+        })
+    };
+    let code = |r: Result<tonic::Response<pb::DistributeResponse>, tonic::Status>| {
+        r.err().map(|s| s.code())
+    };
+    let r = c
+        .distribute(pb::DistributeRequest {
+            blobs: vec![unknown.clone()],
+            targets: all(),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(code(r), Some(tonic::Code::NotFound));
+    let r = c
+        .distribute(pb::DistributeRequest {
+            blobs: vec!["sha256:12".into()],
+            targets: all(),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(code(r), Some(tonic::Code::InvalidArgument));
+    let nowhere = pb::TargetSelector {
+        selector: Some(pb::target_selector::Selector::Labels(pb::LabelSelector {
+            match_labels: [("zone".to_string(), "nowhere".to_string())].into(),
+        })),
+    };
+    let r = c
+        .distribute(pb::DistributeRequest {
+            blobs: vec![digest.clone()],
+            targets: Some(nowhere),
+            ..Default::default()
+        })
+        .await;
+    let status = r.expect_err("empty target set");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(
+        status.message().contains("matches no live agent"),
+        "{}",
+        status.message()
+    );
+    let r = c
+        .get_job(pb::GetJobRequest {
+            job_id: "job-nope".into(),
+            include_targets: false,
+        })
+        .await;
+    assert_eq!(r.err().map(|s| s.code()), Some(tonic::Code::NotFound));
+    let out = cluster.cli(&["distribute", &digest, "--to", "zone=nowhere", "--detach"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("matches no live agent"),
+        "{}",
+        stderr(&out)
+    );
+    Ok(())
+}
