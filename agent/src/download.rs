@@ -25,9 +25,12 @@ use crate::pick::{Picker, SourceKey};
 use crate::store::PutOutcome;
 use crate::transport::{ChunkEndpoint, FetchError, HaveUpdate, Peer};
 
-/// Requests kept in flight per source. A source serves at most this many of our chunks at
-/// once; with 1 MiB chunks, 16 covers a 40 Gbit/s link with 3 ms of request latency.
-const WINDOW: usize = 16;
+/// Requests kept in flight per source. Small on purpose: a seeder whose upload is the
+/// bottleneck queues every request it gets, and chunks queued at the seeder are chunks no peer
+/// can serve instead (16 made the seeder carry ~3 of 3 copies in the capped demo; 4 brought it
+/// to ~1.4 of 7). Sizing it per source to bandwidth x delay is the planner's `ChunkPicker`'s
+/// job once it is wired in here.
+const WINDOW: usize = 4;
 /// Pause after a source answered Busy.
 const BUSY_BACKOFF: Duration = Duration::from_millis(100);
 /// Pause after any other failed request.

@@ -20,10 +20,15 @@ fn stderr(out: &std::process::Output) -> String {
 }
 
 /// A 64 MiB blob pushed on one of six agents reaches all of them, bit-identical, mostly
-/// from peers; the job's status through the CLI says done.
+/// from peers; the job's status through the CLI says done. Every agent has the same capped
+/// link each way (as hosts in a datacenter do), so the seeder's upload is what peers relieve.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pushed_blob_reaches_every_agent_mostly_from_peers() -> Result<()> {
-    let cluster = Cluster::start(6, &[], 3000).await?;
+    let links = [
+        ("SHOAL_UPLOAD_LIMIT_BYTES_PER_SEC", "40000000"),
+        ("SHOAL_DOWNLOAD_LIMIT_BYTES_PER_SEC", "40000000"),
+    ];
+    let cluster = Cluster::start(6, &links, 3000).await?;
     let file = random_file(cluster.dir.path(), "blob", 64 * MIB, 1)?;
     let digest = cluster.push(0, &file)?;
     assert!(digest.starts_with("sha256:"), "{digest}");
@@ -174,10 +179,8 @@ async fn bad_input_gets_clear_errors_and_the_right_codes() -> Result<()> {
         "{}",
         stderr(&out)
     );
-    for out in [&out] {
-        assert_eq!(stderr(out).trim().lines().count(), 1, "{}", stderr(out));
-        assert!(!stderr(out).contains("panicked"));
-    }
+    assert_eq!(stderr(&out).trim().lines().count(), 1, "{}", stderr(&out));
+    assert!(!stderr(&out).contains("panicked"));
 
     // gRPC codes.
     let file = random_file(cluster.dir.path(), "blob", MIB, 4)?;
