@@ -205,6 +205,17 @@ impl Job {
     }
 }
 
+/// A job state as a metric label.
+pub fn state_label(s: JobState) -> &'static str {
+    match s {
+        JobState::Pending | JobState::Unspecified => "pending",
+        JobState::Running => "running",
+        JobState::Done => "done",
+        JobState::Failed => "failed",
+        JobState::Cancelled => "cancelled",
+    }
+}
+
 fn eta_ms(remaining: u64, rate: u64) -> u64 {
     if rate == 0 || remaining == 0 {
         0

@@ -9,6 +9,7 @@
 pub mod ca;
 mod db;
 mod jobs;
+pub mod metrics;
 mod service;
 mod state;
 

@@ -232,6 +232,44 @@ impl State {
         self.assigner.handle_timeout(now);
         self.expire_deadlines();
         self.push_watchers();
+        self.export_metrics();
+    }
+
+    fn export_metrics(&self) {
+        use crate::metrics as m;
+        let ready = self
+            .agents
+            .iter()
+            .filter(|a| a.state == pb::AgentState::Ready)
+            .count();
+        metrics::gauge!(m::AGENTS_READY).set(ready as f64);
+        metrics::gauge!(m::BLOBS).set(self.catalog.len() as f64);
+        let mut by_state: BTreeMap<&'static str, usize> = BTreeMap::new();
+        let mut bytes_done = 0;
+        for job in self.jobs.values() {
+            *by_state
+                .entry(crate::jobs::state_label(job.state()))
+                .or_default() += 1;
+            if !job.is_terminal() {
+                bytes_done += job.targets.values().map(|t| t.bytes_done).sum::<u64>();
+            }
+        }
+        for state in ["pending", "running", "done", "failed", "cancelled"] {
+            let n = by_state.get(state).copied().unwrap_or(0);
+            metrics::gauge!(m::JOBS, "state" => state).set(n as f64);
+        }
+        metrics::gauge!(m::JOB_BYTES_DONE).set(bytes_done as f64);
+        let s = self.assigner.stats();
+        for (kind, v) in [
+            ("order", s.orders),
+            ("source_update", s.source_updates),
+            ("cancel", s.cancels),
+            ("replan", s.replans),
+            ("corrupt_report", s.corrupt_reports),
+            ("gave_up", s.gave_up),
+        ] {
+            metrics::counter!(m::PLANNER_DECISIONS, "kind" => kind).absolute(v);
+        }
     }
 
     /// Turns the assigner's decisions into messages to agents and its notices into job

@@ -50,24 +50,34 @@ impl Agent {
 
     /// A counter or gauge from the agent's Prometheus endpoint (summed over labels).
     pub fn metric(&self, name: &str) -> Result<f64> {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(self.metrics)?;
-        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
-        let mut body = String::new();
-        s.read_to_string(&mut body)?;
-        Ok(body
-            .lines()
-            .filter(|l| !l.starts_with('#'))
-            .filter(|l| l.split(['{', ' ']).next() == Some(name))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum())
+        scrape(self.metrics, name)
     }
+}
+
+/// A metric from a Prometheus endpoint, summed over the series whose line starts with
+/// `series` (a name, or a name with its first label, e.g. `jobs{state="done"`).
+pub fn scrape(addr: SocketAddr, series: &str) -> Result<f64> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)?;
+    Ok(body
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.starts_with(series)
+                && matches!(l.as_bytes().get(series.len()), Some(b' ' | b'{' | b','))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
 }
 
 pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub coordinator: Proc,
     pub addr: SocketAddr,
+    pub metrics: SocketAddr,
     pub agents: Vec<Agent>,
     lease_ms: u64,
 }
@@ -80,11 +90,13 @@ impl Cluster {
     pub async fn start(agents: usize, agent_env: &[(&str, &str)], lease_ms: u64) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
-        let coordinator = spawn_coordinator(dir.path(), addr, lease_ms)?;
+        let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        let coordinator = spawn_coordinator(dir.path(), addr, metrics, lease_ms)?;
         let mut cluster = Self {
             dir,
             coordinator,
             addr,
+            metrics,
             agents: Vec::new(),
             lease_ms,
         };
@@ -99,7 +111,8 @@ impl Cluster {
 
     pub fn restart_coordinator(&mut self) -> Result<()> {
         self.coordinator.kill();
-        self.coordinator = spawn_coordinator(self.dir.path(), self.addr, self.lease_ms)?;
+        self.coordinator =
+            spawn_coordinator(self.dir.path(), self.addr, self.metrics, self.lease_ms)?;
         Ok(())
     }
 
@@ -245,7 +258,12 @@ impl Cluster {
     }
 }
 
-fn spawn_coordinator(dir: &Path, addr: SocketAddr, lease_ms: u64) -> Result<Proc> {
+fn spawn_coordinator(
+    dir: &Path,
+    addr: SocketAddr,
+    metrics: SocketAddr,
+    lease_ms: u64,
+) -> Result<Proc> {
     static STARTS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let log = dir.join(format!("coordinator-{n}.log"));
@@ -260,6 +278,7 @@ fn spawn_coordinator(dir: &Path, addr: SocketAddr, lease_ms: u64) -> Result<Proc
         .arg("--state-dir")
         .arg(dir.join("coordinator"))
         .env("SHOAL_LEASE_MS", lease_ms.to_string())
+        .env("SHOAL_METRICS_LISTEN", metrics.to_string())
         .env("SHOAL_HEARTBEAT_MS", (lease_ms / 4).to_string())
         .env("SHOAL_LOG", "info")
         .stdout(Stdio::null())
