@@ -16,7 +16,8 @@
 
 mod client;
 mod server;
-pub mod tls;
+/// The cluster PKI (see `shoal-pki`), re-exported where the transport uses it.
+pub use shoal_pki as tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -6,7 +6,6 @@
 //! redb file under `state_dir`, and the cluster CA that signs agent certificates lives there
 //! too.
 
-pub mod ca;
 mod db;
 mod jobs;
 pub mod metrics;
@@ -112,7 +111,7 @@ pub enum CoordinatorError {
     #[error(transparent)]
     Db(#[from] db::DbError),
     #[error("cluster CA: {0}")]
-    Ca(#[from] ca::CaError),
+    Ca(#[from] shoal_pki::TlsError),
     #[error("loading state: {0}")]
     State(String),
     #[error("reflection service: {0}")]
@@ -133,7 +132,7 @@ pub async fn run(
         source,
     })?;
     let db = db::Db::open(&config.state_dir.join("coordinator.redb"))?;
-    let ca = Arc::new(ca::ClusterCa::load_or_generate(&config.state_dir)?);
+    let ca = Arc::new(shoal_pki::ClusterCa::load_or_generate(&config.state_dir)?);
     let state_config = state::StateConfig {
         join_token: config.join_token.clone(),
         lease: Duration::from_millis(config.lease_ms),

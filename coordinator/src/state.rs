@@ -15,9 +15,9 @@ use shoal_proto::pb::v1::{self as pb, agent_message};
 use shoal_proto::{Digest, Manifest};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::ca::ClusterCa;
 use crate::db::Db;
 use crate::jobs::Job;
+use shoal_pki::ClusterCa;
 
 /// Why a request was refused; the service layer maps each kind to a gRPC code.
 #[derive(Debug, thiserror::Error)]

@@ -1,5 +1,8 @@
 //! Cluster PKI: one CA per cluster signs every agent's certificate; both sides of every QUIC
 //! connection verify the other against it (mutual TLS). There is no skip-verify path.
+//!
+//! The coordinator holds the CA and signs agents' CSRs at Join; agents build their QUIC
+//! identity from the result. Tests, benches and single-process tools use [`ClusterCa::issue`].
 
 use std::fs;
 use std::path::{Path, PathBuf};
