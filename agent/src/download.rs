@@ -21,16 +21,10 @@ use tokio::time::Instant;
 
 use crate::agent::Shared;
 use crate::order::{Control, Failure};
-use crate::pick::{Picker, SourceKey};
 use crate::store::PutOutcome;
 use crate::transport::{ChunkEndpoint, FetchError, HaveUpdate, Peer};
+use shoal_planner::{ChunkPicker, ChunkSet, HostId, PickerConfig, Time};
 
-/// Requests kept in flight per source. Small on purpose: a seeder whose upload is the
-/// bottleneck queues every request it gets, and chunks queued at the seeder are chunks no peer
-/// can serve instead (16 made the seeder carry ~3 of 3 copies in the capped demo; 4 brought it
-/// to ~1.4 of 7). Sizing it per source to bandwidth x delay is the planner's `ChunkPicker`'s
-/// job once it is wired in here.
-const WINDOW: usize = 4;
 /// Pause after a source answered Busy.
 const BUSY_BACKOFF: Duration = Duration::from_millis(100);
 /// Pause after any other failed request.
@@ -61,11 +55,22 @@ struct FetchDone {
     buf: Vec<u8>,
 }
 
+/// Index of a source in `Download::sources`; the picker knows it as `HostId(key)`.
+type SourceKey = usize;
+
+fn host(key: SourceKey) -> HostId {
+    HostId(key as u32)
+}
+
 struct Download<'a> {
     shared: &'a Arc<Shared>,
     order_id: u64,
     manifest: Arc<Manifest>,
-    picker: Picker,
+    /// The planner's per-chunk decisions: random first, rarest first, endgame duplicates,
+    /// and a window per source sized to its rate × RTT.
+    picker: ChunkPicker,
+    /// Time origin for the picker, which takes time as an argument.
+    started: Instant,
     sources: Vec<Option<Source>>,
     by_agent: HashMap<String, SourceKey>,
     /// Sources that sent a bad chunk: never used again for this blob.
@@ -87,15 +92,22 @@ pub(crate) async fn download(
     control: &mut mpsc::UnboundedReceiver<Control>,
 ) -> Result<u64, Failure> {
     let blob = manifest.digest();
-    let have: Vec<bool> = manifest
-        .chunk_indices()
-        .map(|i| shared.store.has_chunk(&blob, i))
-        .collect();
+    let mut have = ChunkSet::empty(manifest.chunk_count());
+    for i in manifest.chunk_indices() {
+        if shared.store.has_chunk(&blob, i) {
+            have.insert(i);
+        }
+    }
+    let config = PickerConfig {
+        chunk_size: manifest.chunk_size(),
+        ..PickerConfig::default()
+    };
     let (events, mut event_rx) = mpsc::channel(256);
     let mut d = Download {
         shared,
         order_id,
-        picker: Picker::new(have, WINDOW, order_id),
+        picker: ChunkPicker::new(have, order_id, config),
+        started: Instant::now(),
         manifest,
         sources: Vec::new(),
         by_agent: HashMap::new(),
@@ -192,7 +204,8 @@ impl Download<'_> {
             addrs,
             self.events.clone(),
         ));
-        self.picker.add_source(key);
+        self.picker
+            .add_source(host(key), ChunkSet::empty(self.manifest.chunk_count()));
         self.by_agent.insert(s.agent_id.clone(), key);
         self.sources.push(Some(Source {
             agent_id: s.agent_id,
@@ -209,7 +222,12 @@ impl Download<'_> {
         if let Some(s) = self.sources[key].take() {
             s.watcher.abort();
         }
-        self.picker.remove_source(key);
+        // Its requests still running finish into the store; the picker forgets them now.
+        self.picker.remove_source(host(key));
+    }
+
+    fn now(&self) -> Time {
+        Time::from_micros(self.started.elapsed().as_micros() as u64)
     }
 
     /// Starts requests up to each ready source's window; returns when a paused source
@@ -231,10 +249,7 @@ impl Download<'_> {
                 }
                 source.paused_until = None;
             }
-            while self.picker.in_flight(key) < self.picker.window(key) {
-                let Some(index) = self.picker.next(key) else {
-                    break;
-                };
+            while let Some(index) = self.picker.next_request(self.now(), host(key)) {
                 let buf = self.buffers.pop().unwrap_or_default();
                 let (peer, store, manifest) = (
                     peer.clone(),
@@ -274,7 +289,8 @@ impl Download<'_> {
         }
         match result {
             Ok(PutOutcome::Stored) => {
-                self.picker.finished(key, index, true);
+                // Endgame duplicates of this chunk elsewhere finish as AlreadyPresent.
+                self.picker.on_chunk_done(self.now(), host(key), index, len);
                 self.bytes_from_peers += len;
                 let c = &self.shared.counters;
                 c.bytes_from_peers.fetch_add(len, Ordering::Relaxed);
@@ -283,9 +299,11 @@ impl Download<'_> {
                     .increment(len);
                 metrics::counter!(crate::metrics::CHUNKS_VERIFIED).increment(1);
             }
-            Ok(PutOutcome::AlreadyPresent) => self.picker.finished(key, index, true),
+            Ok(PutOutcome::AlreadyPresent) => {
+                self.picker.on_chunk_done(self.now(), host(key), index, len);
+            }
             Err(FetchError::Corrupt { peer, reason, .. }) => {
-                self.picker.finished(key, index, false);
+                self.picker.on_chunk_failed(self.now(), host(key), index);
                 self.shared
                     .counters
                     .chunks_rejected
@@ -308,11 +326,11 @@ impl Download<'_> {
                     .await;
             }
             Err(FetchError::Store(e)) => {
-                self.picker.finished(key, index, false);
+                self.picker.on_chunk_failed(self.now(), host(key), index);
                 return Err(Failure::from_store(&e));
             }
             Err(e) => {
-                self.picker.finished(key, index, false);
+                self.picker.on_chunk_failed(self.now(), host(key), index);
                 let pause = if e.is_busy() {
                     BUSY_BACKOFF
                 } else {
@@ -339,12 +357,15 @@ impl Download<'_> {
         match event {
             SourceEvent::Ready(key, peer) => {
                 if let Some(Some(s)) = self.sources.get_mut(key) {
+                    self.picker.set_rtt(host(key), peer.rtt());
                     s.peer = Some(peer);
                 }
             }
             SourceEvent::Have(key, HaveUpdate::Bitfield { chunk_count, bits }) => {
                 if chunk_count == self.manifest.chunk_count() {
-                    self.picker.set_bitfield(key, &bits);
+                    // A bitfield only grows (a resend after lag): add what is new.
+                    let has = ChunkSet::from_bitfield(chunk_count, &bits);
+                    self.picker.source_have(host(key), has.iter());
                 } else {
                     tracing::warn!(
                         order_id = self.order_id,
@@ -354,9 +375,7 @@ impl Download<'_> {
                 }
             }
             SourceEvent::Have(key, HaveUpdate::Delta(indices)) => {
-                for i in indices {
-                    self.picker.source_has(key, i);
-                }
+                self.picker.source_have(host(key), indices);
             }
             SourceEvent::Down(key, why) => {
                 if let Some(Some(s)) = self.sources.get_mut(key) {
@@ -382,7 +401,7 @@ impl Download<'_> {
             .iter()
             .enumerate()
             .filter(|(k, s)| {
-                s.as_ref().is_some_and(|s| s.peer.is_some()) && self.picker.in_flight(*k) > 0
+                s.as_ref().is_some_and(|s| s.peer.is_some()) && self.picker.in_flight(host(*k)) > 0
             })
             .count() as u32;
         self.shared

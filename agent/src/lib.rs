@@ -11,7 +11,6 @@ pub mod limiter;
 pub mod local_api;
 pub mod metrics;
 mod order;
-mod pick;
 mod session;
 pub mod store;
 mod transfers;

@@ -76,6 +76,11 @@ impl Peer {
         }
     }
 
+    /// The connection's current smoothed round-trip time.
+    pub fn rtt(&self) -> Duration {
+        self.conn.rtt()
+    }
+
     pub fn addr(&self) -> SocketAddr {
         self.conn.remote_address()
     }
