@@ -21,6 +21,7 @@ fn status(e: ApiError) -> Status {
     match e {
         ApiError::NotFound(m) => Status::not_found(m),
         ApiError::InvalidArgument(m) => Status::invalid_argument(m),
+        ApiError::FailedPrecondition(m) => Status::failed_precondition(m),
         ApiError::Unauthenticated(m) => Status::unauthenticated(m),
         ApiError::Internal(m) => Status::internal(m),
     }

@@ -27,6 +27,8 @@ pub enum ApiError {
     #[error("{0}")]
     InvalidArgument(String),
     #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
     Unauthenticated(String),
     #[error("{0}")]
     Internal(String),
@@ -106,6 +108,8 @@ pub struct State {
     orders: BTreeMap<(HostId, Digest), Order>,
     next_order: u64,
     watchers: HashMap<String, Vec<Watcher>>,
+    /// Jobs changed since the last write (see `persist`).
+    dirty: BTreeSet<String>,
 }
 
 impl std::fmt::Debug for State {
@@ -133,8 +137,13 @@ impl State {
             jobs: BTreeMap::new(),
             wants: BTreeMap::new(),
             orders: BTreeMap::new(),
-            next_order: 1,
+            // Unique across restarts: agents tell orders apart by id, and an agent may still
+            // run an order of the previous incarnation when this one starts.
+            next_order: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(1, |d| d.as_micros() as u64),
             watchers: HashMap::new(),
+            dirty: BTreeSet::new(),
         };
         state.load()?;
         Ok(state)
@@ -161,6 +170,11 @@ impl State {
                 self.jobs.insert(job.id().to_string(), job);
             }
         }
+        let expected: BTreeSet<String> = (self.jobs.values())
+            .filter(|j| !j.is_terminal())
+            .flat_map(|j| j.targets.keys().map(|(agent, _)| agent.clone()))
+            .collect();
+        self.expect_agents(expected);
         tracing::info!(
             blobs = self.catalog.len(),
             jobs = self.jobs.len(),
@@ -232,6 +246,7 @@ impl State {
         self.assigner.handle_timeout(now);
         self.expire_deadlines();
         self.push_watchers();
+        self.flush_jobs();
         self.export_metrics();
     }
 
@@ -317,30 +332,12 @@ impl State {
     }
 
     fn send_order(&mut self, host: HostId, blob: Digest, sources: Vec<HostId>) {
-        let Some(manifest) = self.catalog.manifest(&blob) else {
+        if self.catalog.manifest(&blob).is_none() {
             tracing::warn!(%blob, "assigner ordered a blob the catalog does not hold");
             return;
-        };
+        }
         let id = self.next_order;
         self.next_order += 1;
-        let order = pb::FetchOrder {
-            order_id: id,
-            blob_digest: blob.as_bytes().to_vec(),
-            manifest: Some(pb::Manifest::from(manifest.as_ref())),
-            sources: sources
-                .iter()
-                .filter_map(|s| self.source(*s, &blob))
-                .collect(),
-            origin: None,
-            priority: pb::Priority::Normal as i32,
-            deadline_ms: 0,
-            job_id: self
-                .wants
-                .get(&(host, blob))
-                .and_then(|j| j.iter().next().cloned())
-                .unwrap_or_default(),
-            pin: false,
-        };
         self.orders.insert(
             (host, blob),
             Order {
@@ -348,9 +345,57 @@ impl State {
                 sources: sources.into_iter().collect(),
             },
         );
+        self.deliver_order(host, blob);
+        self.mark_running(host, blob);
+    }
+
+    /// Sends the recorded order for (host, blob) with its current sources. Called when the
+    /// order is made and again when the agent's session (re)opens: an order made while the
+    /// agent had no session (it just joined, or is reconnecting) would otherwise be lost.
+    fn deliver_order(&mut self, host: HostId, blob: Digest) {
+        let (Some(order), Some(manifest)) =
+            (self.orders.get(&(host, blob)), self.catalog.manifest(&blob))
+        else {
+            return;
+        };
+        let wants = self.wants.get(&(host, blob));
+        let order = pb::FetchOrder {
+            order_id: order.id,
+            blob_digest: blob.as_bytes().to_vec(),
+            manifest: Some(pb::Manifest::from(manifest.as_ref())),
+            sources: (order.sources.iter())
+                .filter_map(|s| self.source(*s, &blob))
+                .collect(),
+            origin: None,
+            priority: self.priority_of(host, blob),
+            deadline_ms: 0,
+            job_id: wants
+                .and_then(|j| j.iter().next().cloned())
+                .unwrap_or_default(),
+            pin: false,
+        };
         self.agents
             .send(host, pb::coordinator_message::Msg::FetchOrder(order));
-        self.mark_running(host, blob);
+    }
+
+    /// The highest priority among the jobs that want (host, blob).
+    fn priority_of(&self, host: HostId, blob: Digest) -> i32 {
+        (self.wants.get(&(host, blob)).into_iter().flatten())
+            .filter_map(|j| self.jobs.get(j))
+            .map(|j| j.record.priority)
+            .max()
+            .unwrap_or(pb::Priority::Normal as i32)
+    }
+
+    /// Resends every order the agent on `host` should be running.
+    fn redeliver_orders(&mut self, host: HostId) {
+        let blobs: Vec<Digest> = (self.orders.keys())
+            .filter(|(h, _)| *h == host)
+            .map(|(_, b)| *b)
+            .collect();
+        for blob in blobs {
+            self.deliver_order(host, blob);
+        }
     }
 
     fn send_source_update(&mut self, host: HostId, blob: Digest, sources: Vec<HostId>) {
@@ -416,6 +461,11 @@ impl State {
                 let Ok(blob) = Digest::from_slice(&failed.blob_digest) else {
                     return;
                 };
+                // Only the current order's failure counts: agents resend recent reports after
+                // a reconnect, and a stale one must not cost the retry another attempt.
+                if self.orders.get(&(host, blob)).map(|o| o.id) != Some(failed.order_id) {
+                    return;
+                }
                 tracing::info!(agent = %self.agents.name(host), %blob, message = %failed.message, "fetch failed");
                 self.orders.remove(&(host, blob));
                 let reason = catalog::fail_reason(failed.reason());
@@ -475,7 +525,8 @@ impl State {
                 .insert(Arc::new(manifest), by, stored.registered_at);
             tracing::info!(blob = %digest, "blob registered");
         }
-        self.holds(host, digest, u32::MAX, true);
+        // The agent holds it whole: if a job wanted it there, that target is done.
+        self.blob_done(host, digest);
     }
 
     /// Records what `host` holds of `blob` (`chunks == u32::MAX` with complete = all).
@@ -500,20 +551,13 @@ impl State {
     }
 
     fn inventory(&mut self, host: HostId, inv: pb::Inventory) {
-        if inv.replace {
-            for blob in self.catalog.forget_host(host) {
-                let now = self.now();
-                self.assigner.handle(
-                    now,
-                    Event::Holds {
-                        host,
-                        blob: blob.into(),
-                        chunks: 0,
-                        complete: false,
-                    },
-                );
-            }
-        }
+        // A snapshot replaces what we knew; blobs it no longer lists are dropped after it is
+        // applied, so holdings that did not change cause no re-planning.
+        let mut dropped: BTreeSet<Digest> = if inv.replace {
+            self.catalog.held_by(host).into_iter().collect()
+        } else {
+            BTreeSet::new()
+        };
         for removed in inv.removed {
             if let Ok(blob) = Digest::from_slice(&removed) {
                 self.holds(host, blob, 0, false);
@@ -528,10 +572,14 @@ impl State {
                 .as_ref()
                 .map(|c| catalog::count_bits(&c.bits))
                 .unwrap_or(0);
+            dropped.remove(&blob);
             self.holds(host, blob, chunks, held.complete);
             if held.complete {
                 self.blob_done(host, blob);
             }
+        }
+        for blob in dropped {
+            self.holds(host, blob, 0, false);
         }
     }
 
@@ -539,7 +587,10 @@ impl State {
         let Ok(blob) = Digest::from_slice(&item.blob_digest) else {
             return;
         };
-        self.holds(host, blob, item.chunks_verified, false);
+        // A late progress report must not make a complete holder look partial again.
+        if !self.catalog.holds_complete(&blob, host) {
+            self.holds(host, blob, item.chunks_verified, false);
+        }
         let agent = self.agents.name(host);
         for job_id in self.wants.get(&(host, blob)).cloned().unwrap_or_default() {
             if let Some(job) = self.jobs.get_mut(&job_id) {
@@ -583,3 +634,6 @@ impl State {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

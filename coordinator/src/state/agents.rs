@@ -75,17 +75,27 @@ impl Agents {
         }
     }
 
-    /// Queues a message on the agent's session; a full or closed session drops it (the
-    /// agent's lease will tell).
-    pub fn send(&self, host: HostId, msg: coordinator_message::Msg) {
-        let Some((_, tx)) = self.by_host.get(&host).and_then(|a| a.session.as_ref()) else {
+    /// Queues a message on the agent's session. Without a session nothing is sent: orders are
+    /// delivered again when it opens. A session whose queue is full (the agent stopped
+    /// reading) is closed rather than silently losing a message; the agent reconnects and
+    /// gets its orders again.
+    pub fn send(&mut self, host: HostId, msg: coordinator_message::Msg) {
+        let Some(agent) = self.by_host.get_mut(&host) else {
+            return;
+        };
+        let Some((_, tx)) = agent.session.as_ref() else {
+            tracing::debug!(agent = %agent.id, "no session; message not sent");
             return;
         };
         if tx
             .try_send(Ok(pb::CoordinatorMessage { msg: Some(msg) }))
             .is_err()
         {
-            tracing::warn!(agent = %self.name(host), "session queue full or closed; message dropped");
+            tracing::warn!(agent = %agent.id, "session queue full or closed; closing the session");
+            agent.session = None;
+            if agent.state == AgentState::Ready {
+                agent.state = AgentState::Disconnected;
+            }
         }
     }
 
@@ -226,6 +236,7 @@ impl State {
         let now = self.now();
         self.assigner.handle(now, Event::Heartbeat { host });
         self.resume_targets(host);
+        self.redeliver_orders(host);
         Ok(SessionId { host, generation })
     }
 
@@ -267,21 +278,46 @@ impl State {
                 humantime_utc(agent.last_seen_wall)
             );
             tracing::warn!(agent = %agent.id, "lease expired");
+            let id = agent.id.clone();
             let now = self.now();
             self.assigner.handle(now, Event::HostDown { host });
-            for blob in self.catalog.forget_host(host) {
-                self.orders.remove(&(host, blob));
+            self.catalog.forget_host(host);
+            self.orders.retain(|(h, _), _| *h != host);
+            self.fail_agent_targets(&id, &message);
+        }
+    }
+
+    /// Agents that unfinished jobs name but that have not joined since this coordinator
+    /// started (after a restart): recorded as disconnected with a lease from now, so that
+    /// either they rejoin and their targets resume, or the lease runs out and the targets
+    /// fail with AGENT_LOST instead of waiting forever.
+    pub(super) fn expect_agents(&mut self, ids: impl IntoIterator<Item = String>) {
+        let now = Instant::now();
+        for id in ids {
+            if self.agents.by_id.contains_key(&id) {
+                continue;
             }
-            let wanted: Vec<_> = self
-                .wants
-                .keys()
-                .filter(|(h, _)| *h == host)
-                .map(|(_, b)| *b)
-                .collect();
-            for blob in wanted {
-                self.orders.remove(&(host, blob));
-                self.fail_targets(host, blob, pb::FailureReason::AgentLost, &message);
-            }
+            let host = HostId(self.agents.by_id.len() as u32);
+            self.agents.by_id.insert(id.clone(), host);
+            self.agents.by_host.insert(
+                host,
+                Agent {
+                    id,
+                    host,
+                    labels: BTreeMap::new(),
+                    addrs: Vec::new(),
+                    upload_bps: 0,
+                    download_bps: 0,
+                    version: String::new(),
+                    token: String::new(),
+                    joined_at: SystemTime::now(),
+                    last_seen: now,
+                    last_seen_wall: SystemTime::now(),
+                    state: AgentState::Disconnected,
+                    session: None,
+                    load: Default::default(),
+                },
+            );
         }
     }
 

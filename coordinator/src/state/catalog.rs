@@ -79,8 +79,7 @@ impl Catalog {
             .map_or(0, |e| e.holders.values().filter(|h| h.1).count())
     }
 
-    /// Sets a holder; returns whether anything changed. A complete holder stays complete
-    /// until an inventory says otherwise.
+    /// Sets a holder; returns whether anything changed.
     pub fn set_holder(&mut self, blob: &Digest, host: HostId, chunks: u32, complete: bool) -> bool {
         let Some(entry) = self.blobs.get_mut(blob) else {
             return false;
@@ -90,6 +89,14 @@ impl Catalog {
         }
         let new = (chunks, complete);
         entry.holders.insert(host, new) != Some(new)
+    }
+
+    /// The blobs `host` holds, complete or partial.
+    pub fn held_by(&self, host: HostId) -> Vec<Digest> {
+        (self.blobs.iter())
+            .filter(|(_, e)| e.holders.contains_key(&host))
+            .map(|(d, _)| *d)
+            .collect()
     }
 
     /// Drops every holding of `host`, returning the blobs it held.

@@ -31,7 +31,7 @@ impl State {
                 )));
             }
             if self.catalog.complete_holders(&d) == 0 {
-                return Err(ApiError::NotFound(format!(
+                return Err(ApiError::FailedPrecondition(format!(
                     "blob {d}: no live agent holds it completely"
                 )));
             }
@@ -75,7 +75,7 @@ impl State {
                         bytes_done: if done { size } else { 0 },
                         bytes_total: size,
                         rate: 0,
-                        version: 1,
+                        version: 0,
                     },
                 );
             }
@@ -83,7 +83,10 @@ impl State {
         job.refresh_state(now);
         let target_count = targets.len() as u32;
         self.jobs.insert(job_id.clone(), job);
-        self.persist(&job_id);
+        if let Err(e) = self.persist_now(&job_id) {
+            self.jobs.remove(&job_id);
+            return Err(e);
+        }
         for host in targets {
             for blob in &blobs {
                 if !self.catalog.holds_complete(blob, host) {
@@ -154,7 +157,7 @@ impl State {
         jobs.insert(job_id.to_string());
         if first {
             let now = self.now();
-            let priority = 0;
+            let priority = self.jobs.get(job_id).map_or(0, |j| j.record.priority);
             self.assigner.handle(
                 now,
                 Event::Want {
@@ -193,9 +196,8 @@ impl State {
                         t.state = TargetState::Running;
                     }
                 });
-                if job.refresh_state(SystemTime::now()) || job.state() == JobState::Running {
-                    self.persist(&job_id);
-                }
+                // Running is not durable (a restart resets it to pending): no write.
+                job.refresh_state(SystemTime::now());
             }
         }
     }
@@ -220,6 +222,41 @@ impl State {
                 t.rate = 0;
             });
             job.refresh_state(SystemTime::now());
+            self.persist(&job_id);
+        }
+    }
+
+    /// The agent's lease expired: each of its unfinished targets, in every job, fails with
+    /// AGENT_LOST (see `jobs.rs` for the rule). Works from the jobs, not from `wants`, so it
+    /// also covers targets loaded after a restart that were never wanted again.
+    pub(super) fn fail_agent_targets(&mut self, agent: &str, message: &str) {
+        let host = self.agents.host_of(agent);
+        let now = SystemTime::now();
+        let mut changed = Vec::new();
+        for job in self.jobs.values_mut().filter(|j| !j.is_terminal()) {
+            let open: Vec<_> = (job.targets.iter())
+                .filter(|((a, _), t)| a == agent && !t.is_terminal())
+                .map(|(k, _)| k.clone())
+                .collect();
+            for key in &open {
+                job.update(key, |t| {
+                    t.state = TargetState::Failed;
+                    t.reason = FailureReason::AgentLost;
+                    t.message = message.to_string();
+                    t.rate = 0;
+                });
+            }
+            if !open.is_empty() {
+                job.refresh_state(now);
+                changed.push((job.id().to_string(), open));
+            }
+        }
+        for (job_id, keys) in changed {
+            if let Some(host) = host {
+                for (_, blob) in keys {
+                    self.unwant(&job_id, host, blob);
+                }
+            }
             self.persist(&job_id);
         }
     }
@@ -394,6 +431,7 @@ impl State {
                 FailureReason::Cancelled,
                 &reason,
             );
+            self.persist_now(&req.job_id)?;
         }
         Ok(pb::CancelJobResponse {
             state: self.job(&req.job_id)?.record.state,
@@ -421,12 +459,31 @@ impl State {
         }
     }
 
-    pub(super) fn persist(&self, job_id: &str) {
+    /// Marks a job for writing at the next tick. Agent-driven changes are batched so a job
+    /// with many targets is written a few times a second, not once per target; what a crash
+    /// loses in between, the agents' inventories restore.
+    pub(super) fn persist(&mut self, job_id: &str) {
+        self.dirty.insert(job_id.to_string());
+    }
+
+    /// Writes a job now: for what a user asked (Distribute, CancelJob), which must not be
+    /// acknowledged unless it is durable.
+    pub(super) fn persist_now(&mut self, job_id: &str) -> Result<(), ApiError> {
+        self.dirty.remove(job_id);
         let Some(job) = self.jobs.get(job_id) else {
-            return;
+            return Ok(());
         };
-        if let Err(e) = self.db.put_job(&job.to_pb(true, SystemTime::now())) {
-            tracing::error!(job = %job_id, error = %e, "persisting job failed");
+        self.db
+            .put_job(&job.to_pb(true, SystemTime::now()))
+            .map_err(|e| ApiError::Internal(format!("storing job {job_id}: {e}")))
+    }
+
+    pub(super) fn flush_jobs(&mut self) {
+        for job_id in std::mem::take(&mut self.dirty) {
+            if let Err(e) = self.persist_now(&job_id) {
+                tracing::error!(job = %job_id, error = %e, "persisting job failed; retrying");
+                self.dirty.insert(job_id);
+            }
         }
     }
 }

@@ -1,0 +1,221 @@
+//! The state machine driven directly, without gRPC: sessions are plain channels, the
+//! database a real redb file in a temporary directory.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use shoal_planner::AssignerConfig;
+use shoal_proto::pb::v1::{self as pb, agent_message::Msg, coordinator_message};
+use shoal_proto::{Digest, Manifest};
+use tokio::sync::mpsc;
+
+use super::{ApiError, SessionId, State, StateConfig};
+use crate::db::Db;
+
+const TOKEN: &str = "t";
+
+fn config(lease: Duration) -> StateConfig {
+    StateConfig {
+        join_token: TOKEN.into(),
+        lease,
+        heartbeat: lease / 4,
+        assigner: AssignerConfig::default(),
+        seed: 7,
+    }
+}
+
+fn state(dir: &std::path::Path, lease: Duration) -> State {
+    let db = Db::open(&dir.join("db.redb")).expect("db");
+    let ca = Arc::new(shoal_pki::ClusterCa::generate().expect("ca"));
+    State::new(config(lease), db, ca).expect("state")
+}
+
+type Inbox = mpsc::Receiver<Result<pb::CoordinatorMessage, tonic::Status>>;
+
+fn join(s: &mut State, id: &str, port: u16) -> pb::JoinResponse {
+    s.join(pb::JoinRequest {
+        token: TOKEN.into(),
+        quic_addresses: vec![format!("127.0.0.1:{port}")],
+        upload_capacity_bytes_per_sec: 1 << 30,
+        download_capacity_bytes_per_sec: 1 << 30,
+        previous_agent_id: id.into(),
+        ..Default::default()
+    })
+    .expect("join")
+}
+
+fn open(s: &mut State, joined: &pb::JoinResponse) -> (SessionId, Inbox) {
+    let (tx, rx) = mpsc::channel(64);
+    let hello = pb::Hello {
+        agent_id: joined.agent_id.clone(),
+        session_token: joined.session_token.clone(),
+        quic_addresses: vec![],
+    };
+    let session = s.open_session(hello, tx).expect("session");
+    s.drive_assigner();
+    (session, rx)
+}
+
+fn say(s: &mut State, session: SessionId, msg: Msg) {
+    s.on_agent_message(session, msg);
+    s.drive_assigner();
+}
+
+fn manifest() -> Manifest {
+    Manifest::from_reader(&[7u8; 3 * 4096][..], 4096).expect("manifest")
+}
+
+fn register(s: &mut State, session: SessionId, m: &Manifest) {
+    let reg = pb::BlobRegistered {
+        manifest: Some(pb::Manifest::from(m)),
+        pinned: false,
+        order_id: 0,
+    };
+    say(s, session, Msg::BlobRegistered(reg));
+}
+
+fn distribute(s: &mut State, blob: Digest, agents: &[&str]) -> Result<String, ApiError> {
+    let targets = pb::TargetSelector {
+        selector: Some(pb::target_selector::Selector::Agents(pb::AgentIdList {
+            agent_ids: agents.iter().map(|a| a.to_string()).collect(),
+        })),
+    };
+    let r = s.distribute(pb::DistributeRequest {
+        blobs: vec![blob.to_string()],
+        targets: Some(targets),
+        ..Default::default()
+    });
+    s.drive_assigner();
+    r.map(|r| r.job_id)
+}
+
+fn orders(inbox: &mut Inbox) -> Vec<pb::FetchOrder> {
+    let mut out = Vec::new();
+    while let Ok(Ok(msg)) = inbox.try_recv() {
+        if let Some(coordinator_message::Msg::FetchOrder(o)) = msg.msg {
+            out.push(o);
+        }
+    }
+    out
+}
+
+fn target_state(s: &State, job: &str) -> (pb::JobState, Vec<pb::TargetProgress>) {
+    let r = s
+        .get_job(pb::GetJobRequest {
+            job_id: job.into(),
+            include_targets: true,
+        })
+        .expect("job");
+    let job = r.job.expect("job");
+    (job.state(), job.progress.expect("progress").targets)
+}
+
+#[test]
+fn an_order_made_before_the_session_opens_is_delivered_when_it_does() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut s = state(dir.path(), Duration::from_secs(30));
+    let seeder = join(&mut s, "seeder", 1);
+    let (seeder_session, _seeder_inbox) = open(&mut s, &seeder);
+    let m = manifest();
+    register(&mut s, seeder_session, &m);
+
+    // The target joined (so it can be named) but its session is not open yet.
+    let target = join(&mut s, "target", 2);
+    distribute(&mut s, m.digest(), &["target"]).expect("distribute");
+    let (_, mut inbox) = open(&mut s, &target);
+    let got = orders(&mut inbox);
+    assert_eq!(got.len(), 1, "the order must arrive once the session opens");
+    assert_eq!(got[0].blob_digest, m.digest().as_bytes().to_vec());
+    assert_eq!(got[0].sources[0].agent_id, "seeder");
+}
+
+#[test]
+fn a_stale_failure_report_does_not_cost_the_current_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut s = state(dir.path(), Duration::from_secs(30));
+    let seeder = join(&mut s, "seeder", 1);
+    let (seeder_session, _i) = open(&mut s, &seeder);
+    let m = manifest();
+    register(&mut s, seeder_session, &m);
+    let target = join(&mut s, "target", 2);
+    let (session, mut inbox) = open(&mut s, &target);
+    distribute(&mut s, m.digest(), &["target"]).expect("distribute");
+    let order = orders(&mut inbox).pop().expect("order");
+
+    let failed = |order_id| {
+        Msg::BlobFailed(pb::BlobFailed {
+            order_id,
+            blob_digest: m.digest().as_bytes().to_vec(),
+            reason: pb::FailureReason::IoError as i32,
+            message: "disk".into(),
+            chunks_verified: 0,
+        })
+    };
+    say(&mut s, session, failed(order.order_id - 1));
+    assert_eq!(s.assigner.stats().failures, 0, "stale report counted");
+    say(&mut s, session, failed(order.order_id));
+    assert_eq!(s.assigner.stats().failures, 1);
+}
+
+#[test]
+fn registering_a_wanted_blob_completes_the_target() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut s = state(dir.path(), Duration::from_secs(30));
+    let seeder = join(&mut s, "seeder", 1);
+    let (seeder_session, _i) = open(&mut s, &seeder);
+    let m = manifest();
+    register(&mut s, seeder_session, &m);
+    let target = join(&mut s, "target", 2);
+    let (session, _inbox) = open(&mut s, &target);
+    let job = distribute(&mut s, m.digest(), &["target"]).expect("distribute");
+
+    // The target got the blob by other means (a local push) and registers it.
+    register(&mut s, session, &m);
+    let (state, targets) = target_state(&s, &job);
+    assert_eq!(state, pb::JobState::Done, "{targets:?}");
+}
+
+#[test]
+fn after_a_restart_targets_of_agents_that_never_return_fail_agent_lost() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let lease = Duration::from_millis(100);
+    let (job, first_order) = {
+        let mut s = state(dir.path(), lease);
+        let seeder = join(&mut s, "seeder", 1);
+        let (seeder_session, _i) = open(&mut s, &seeder);
+        let m = manifest();
+        register(&mut s, seeder_session, &m);
+        let target = join(&mut s, "target", 2);
+        let (_, mut inbox) = open(&mut s, &target);
+        let job = distribute(&mut s, m.digest(), &["target"]).expect("distribute");
+        (job, orders(&mut inbox).pop().expect("order").order_id)
+    };
+
+    // A new incarnation on the same database; only the seeder comes back.
+    let mut s = state(dir.path(), lease);
+    assert!(
+        s.next_order > first_order,
+        "order ids must not repeat across restarts"
+    );
+    let seeder = join(&mut s, "seeder", 1);
+    let (seeder_session, _i) = open(&mut s, &seeder);
+    std::thread::sleep(lease * 2);
+    say(
+        &mut s,
+        seeder_session,
+        Msg::Heartbeat(pb::Heartbeat { seq: 1 }),
+    );
+    s.on_tick();
+    let (state, targets) = target_state(&s, &job);
+    assert_eq!(state, pb::JobState::Failed);
+    assert_eq!(
+        targets[0].reason(),
+        pb::FailureReason::AgentLost,
+        "{targets:?}"
+    );
+    assert!(
+        targets[0].message.contains("target"),
+        "{}",
+        targets[0].message
+    );
+}
