@@ -130,8 +130,18 @@ pub fn print_job(job: &pb::Job) {
     }
 }
 
-/// Follows a job with progress bars until it ends; returns its final state.
-pub async fn watch(client: &mut Client, job_id: &str, link_bps: Option<u64>) -> Result<pb::Job> {
+/// A job followed to its end: its final record, and when each target (agent, blob)
+/// finished, measured from the start of the watch.
+#[derive(Debug)]
+pub struct Watched {
+    pub job: pb::Job,
+    pub finished: HashMap<(String, String), Duration>,
+}
+
+/// Follows a job with progress bars until it ends, then prints a summary: time, throughput,
+/// and time against the bound (the most loaded target's bytes over its agent's download
+/// capacity: no schedule can finish sooner).
+pub async fn watch(client: &mut Client, job_id: &str) -> Result<Watched> {
     let started = Instant::now();
     let mut stream = client
         .watch_job(pb::WatchJobRequest {
@@ -152,34 +162,45 @@ pub async fn watch(client: &mut Client, job_id: &str, link_bps: Option<u64>) -> 
             .with_prefix("all"),
     );
     let mut per_target: HashMap<(String, String), ProgressBar> = HashMap::new();
+    let mut finished = HashMap::new();
     while let Some(update) = stream.message().await.map_err(explain)? {
         total.set_length(update.bytes_total);
         total.set_position(update.bytes_done);
         total.set_message(format!("{}/s", human(update.rate_bytes_per_sec)));
         for t in &update.targets {
-            let bar = per_target
-                .entry((t.agent_id.clone(), t.blob.clone()))
-                .or_insert_with(|| {
-                    bars.add(
-                        ProgressBar::new(t.bytes_total)
-                            .with_style(style.clone())
-                            .with_prefix(format!("{} {}", t.agent_id, short(&t.blob))),
-                    )
-                });
+            let key = (t.agent_id.clone(), t.blob.clone());
+            let bar = per_target.entry(key.clone()).or_insert_with(|| {
+                bars.add(
+                    ProgressBar::new(t.bytes_total)
+                        .with_style(style.clone())
+                        .with_prefix(format!("{} {}", t.agent_id, short(&t.blob))),
+                )
+            });
             bar.set_position(t.bytes_done);
-            bar.set_message(target_name(t.state()).to_string());
-            if matches!(
-                t.state(),
-                TargetState::Done | TargetState::Failed | TargetState::Cancelled
-            ) {
-                bar.finish();
+            match t.state() {
+                TargetState::Done => {
+                    finished.entry(key).or_insert_with(|| started.elapsed());
+                    bar.finish_with_message("done");
+                }
+                TargetState::Failed | TargetState::Cancelled => {
+                    bar.abandon_with_message(format!("{}: {}", target_name(t.state()), t.message));
+                }
+                _ => bar.set_message(format!("{}/s", human(t.rate_bytes_per_sec))),
             }
         }
     }
     total.finish();
     let job = status(client, job_id).await?;
+    summarize(client, &job).await;
+    Ok(Watched { job, finished })
+}
+
+async fn summarize(client: &mut Client, job: &pb::Job) {
     let p = job.progress.clone().unwrap_or_default();
-    let secs = started.elapsed().as_secs_f64();
+    let secs = match (job.created_at, job.finished_at) {
+        (Some(a), Some(b)) => (b.seconds - a.seconds) as f64 + f64::from(b.nanos - a.nanos) / 1e9,
+        _ => return,
+    };
     eprintln!(
         "job {} {} in {:.2} s, {}/s aggregate",
         job.job_id,
@@ -187,15 +208,28 @@ pub async fn watch(client: &mut Client, job_id: &str, link_bps: Option<u64>) -> 
         secs,
         human((p.bytes_done as f64 / secs.max(1e-3)) as u64)
     );
-    if let Some(bps) = link_bps {
-        let biggest = p.targets.iter().map(|t| t.bytes_total).max().unwrap_or(0);
-        let bound = biggest as f64 / bps as f64;
+    let Ok(agents) = client.list_agents(pb::ListAgentsRequest::default()).await else {
+        return;
+    };
+    let capacity: HashMap<String, u64> = (agents.into_inner().agents.into_iter())
+        .map(|a| (a.agent_id, a.download_capacity_bytes_per_sec))
+        .collect();
+    let mut bytes_in: HashMap<&str, u64> = HashMap::new();
+    for t in &p.targets {
+        *bytes_in.entry(t.agent_id.as_str()).or_default() += t.bytes_total;
+    }
+    let bound = (bytes_in.iter())
+        .filter_map(|(agent, bytes)| {
+            let cap = *capacity.get(*agent)?;
+            (cap > 0).then(|| *bytes as f64 / cap as f64)
+        })
+        .fold(0.0, f64::max);
+    if bound > 0.0 {
         eprintln!(
-            "bound (blob / link rate) {bound:.2} s: {:.2}x the bound",
+            "bound (most loaded target's bytes / its download capacity) {bound:.2} s: {:.2}x the bound",
             secs / bound
         );
     }
-    Ok(job)
 }
 
 pub async fn agents(client: &mut Client) -> Result<()> {

@@ -103,8 +103,15 @@ async fn demo(args: DemoArgs) -> Result<()> {
     };
     let started = Instant::now();
     let job_id = client::distribute(&mut c, &[digest], all, None).await?;
-    let finished = follow(&mut c, &job_id, size, started).await?;
+    let watched = client::watch(&mut c, &job_id).await?;
+    client::require_done(&watched.job)?;
     let makespan = started.elapsed();
+    // Per-host completion of the targets that fetched (the seeder held the blob already).
+    let seeder_id = agents[0].agent_id().to_string();
+    let finished: Vec<Duration> = (watched.finished.iter())
+        .filter(|((agent, _), _)| *agent != seeder_id)
+        .map(|(_, at)| *at)
+        .collect();
 
     for agent in &agents {
         let store = agent.store().clone();
@@ -147,70 +154,18 @@ async fn wait_ready(c: &mut client::Client, n: usize) -> Result<()> {
     bail!("agents did not connect to the coordinator within 10 s")
 }
 
-/// Live bars per agent; returns when each target finished, relative to `started`.
-async fn follow(
-    c: &mut client::Client,
-    job_id: &str,
-    size: u64,
-    started: Instant,
-) -> Result<BTreeMap<String, Duration>> {
-    let mut stream = c
-        .watch_job(pb::WatchJobRequest {
-            job_id: job_id.into(),
-            include_targets: true,
-        })
-        .await
-        .map_err(client::explain)?
-        .into_inner();
-    let bars = MultiProgress::new();
-    let style =
-        ProgressStyle::with_template("{prefix:>12} [{bar:40}] {bytes:>10}/{total_bytes} {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> ");
-    let mut per_agent = BTreeMap::new();
-    let mut finished = BTreeMap::new();
-    while let Some(update) = stream.message().await.map_err(client::explain)? {
-        for t in update.targets {
-            let bar = per_agent.entry(t.agent_id.clone()).or_insert_with(|| {
-                bars.add(
-                    ProgressBar::new(size)
-                        .with_style(style.clone())
-                        .with_prefix(t.agent_id.clone()),
-                )
-            });
-            bar.set_position(t.bytes_done);
-            match t.state() {
-                TargetState::Done => {
-                    finished
-                        .entry(t.agent_id.clone())
-                        .or_insert_with(|| started.elapsed());
-                    bar.finish_with_message("done");
-                }
-                TargetState::Failed => {
-                    bar.abandon_with_message(format!("failed: {}", t.message));
-                    bail!("{} failed: {}", t.agent_id, t.message);
-                }
-                _ => bar.set_message(format!("{}/s", client::human(t.rate_bytes_per_sec))),
-            }
-        }
-    }
-    let job = client::status(c, job_id).await?;
-    client::require_done(&job)?;
-    Ok(finished)
-}
-
 #[allow(clippy::too_many_arguments)]
 fn summary(
     args: &DemoArgs,
     size: u64,
     link: u64,
     makespan: Duration,
-    finished: &BTreeMap<String, Duration>,
+    finished: &[Duration],
     seeder: u64,
     peers: u64,
     digest: &Digest,
 ) {
-    let mut times: Vec<f64> = finished.values().map(Duration::as_secs_f64).collect();
+    let mut times: Vec<f64> = finished.iter().map(Duration::as_secs_f64).collect();
     times.sort_by(f64::total_cmp);
     let p50 = times.get(times.len() / 2).copied().unwrap_or(0.0);
     let max = times.last().copied().unwrap_or(0.0);

@@ -119,7 +119,10 @@ enum Command {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => usage_error(e),
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     let subscriber = tracing_subscriber::fmt()
@@ -168,8 +171,8 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             if detach {
                 return Ok(());
             }
-            let job = client::watch(&mut c, &job, None).await?;
-            client::require_done(&job)
+            let watched = client::watch(&mut c, &job).await?;
+            client::require_done(&watched.job)
         }
         Command::Status { job, coordinator } => {
             let mut c = client::connect(&coordinator.coordinator).await?;
@@ -179,8 +182,8 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         }
         Command::Watch { job, coordinator } => {
             let mut c = client::connect(&coordinator.coordinator).await?;
-            let job = client::watch(&mut c, &job, None).await?;
-            client::require_done(&job)
+            let watched = client::watch(&mut c, &job).await?;
+            client::require_done(&watched.job)
         }
         Command::Agents { coordinator } => {
             client::agents(&mut client::connect(&coordinator.coordinator).await?).await
@@ -190,6 +193,23 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         }
         Command::Demo(args) => demo::run(args).await,
     }
+}
+
+/// `--help` and `--version` print in full and succeed; any other usage error is one line
+/// (clap's first line, which names the problem) and exit code 2.
+fn usage_error(e: clap::Error) -> ! {
+    use clap::error::ErrorKind;
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+        let _ = e.print();
+        std::process::exit(0);
+    }
+    if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+        fail(2, "a subcommand is required; see `shoal --help`");
+    }
+    let text = e.to_string();
+    let first = text.lines().next().unwrap_or("invalid usage");
+    let first = first.strip_prefix("error: ").unwrap_or(first);
+    fail(2, &format!("{first} (see `shoal --help`)"));
 }
 
 fn fail(code: i32, message: &str) -> ! {

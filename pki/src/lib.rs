@@ -285,6 +285,22 @@ mod tests {
     }
 
     #[test]
+    fn the_ca_not_the_request_chooses_names() {
+        let ca = ClusterCa::generate().expect("ca");
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::new(vec!["evil.example".to_string()]).expect("params");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "impostor");
+        let csr = params.serialize_request(&key).expect("csr");
+        let cert = ca.sign_csr(csr.der(), "agent-7").expect("sign");
+        // Names are stored as plain strings in the DER encoding.
+        let has = |needle: &str| cert.windows(needle.len()).any(|w| w == needle.as_bytes());
+        assert!(has(SERVER_NAME) && has("agent-7"));
+        assert!(!has("evil.example") && !has("impostor"));
+    }
+
+    #[test]
     fn ca_persists_and_reloads_the_same_root() {
         let dir = tempfile::tempdir().expect("tempdir");
         let a = ClusterCa::load_or_generate(dir.path()).expect("generate");

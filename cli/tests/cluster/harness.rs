@@ -116,6 +116,25 @@ impl Cluster {
         Ok(())
     }
 
+    /// Kills agent `i` (SIGKILL) and starts it again on the same data directory: it keeps
+    /// its id and its store.
+    pub fn restart_agent(&mut self, i: usize, env: &[(&str, &str)]) -> Result<()> {
+        self.agents[i].proc.kill();
+        self.agents[i] = self.spawn_agent(i, env)?;
+        Ok(())
+    }
+
+    /// The job's current record.
+    pub async fn job(&self, job_id: &str) -> Result<pb::Job> {
+        let r = (self.client().await?)
+            .get_job(pb::GetJobRequest {
+                job_id: job_id.into(),
+                include_targets: true,
+            })
+            .await?;
+        r.into_inner().job.context("no job")
+    }
+
     fn spawn_agent(&self, i: usize, env: &[(&str, &str)]) -> Result<Agent> {
         let dir = self.dir.path().join(format!("agent-{i}"));
         std::fs::create_dir_all(&dir)?;

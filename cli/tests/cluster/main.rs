@@ -127,13 +127,20 @@ async fn a_killed_agent_fails_only_its_own_target() -> Result<()> {
 async fn a_restarted_coordinator_finishes_the_job() -> Result<()> {
     let limits = [("SHOAL_DOWNLOAD_LIMIT_BYTES_PER_SEC", "16000000")];
     let mut cluster = Cluster::start(3, &limits, 3000).await?;
-    let file = random_file(cluster.dir.path(), "blob", 48 * MIB, 3)?;
-    let digest = cluster.push(0, &file)?;
-    let out = cluster.cli(&["distribute", &digest, "--detach"]);
+    // Two blobs: orders of the new incarnation must not be mistaken for the old ones.
+    let a = cluster.push(0, &random_file(cluster.dir.path(), "a", 32 * MIB, 3)?)?;
+    let b = cluster.push(0, &random_file(cluster.dir.path(), "b", 32 * MIB, 5)?)?;
+    let out = cluster.cli(&["distribute", &a, &b, "--detach"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let job_id = stdout(&out).trim().to_string();
 
     tokio::time::sleep(Duration::from_millis(1000)).await;
+    let before = cluster.job(&job_id).await?;
+    assert_eq!(
+        before.state(),
+        JobState::Running,
+        "killed too late to test anything"
+    );
     cluster.restart_coordinator()?;
     let job = cluster.wait_job(&job_id, Duration::from_secs(120)).await?;
     assert_eq!(
@@ -143,10 +150,43 @@ async fn a_restarted_coordinator_finishes_the_job() -> Result<()> {
         read(&cluster.coordinator.log)
     );
     let out = cluster.cli(&["blobs"]);
+    for digest in [&a, &b] {
+        assert!(
+            stdout(&out).contains(digest.as_str()),
+            "catalog lost {digest}: {}",
+            stdout(&out)
+        );
+    }
+    Ok(())
+}
+
+/// An agent killed and restarted within its lease, mid-transfer: it rejoins with its id and
+/// store, gets its order again, and the job completes with every target done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_restarted_within_its_lease_finishes_its_target() -> Result<()> {
+    let limits = [("SHOAL_DOWNLOAD_LIMIT_BYTES_PER_SEC", "16000000")];
+    let mut cluster = Cluster::start(3, &limits, 5000).await?;
+    let file = random_file(cluster.dir.path(), "blob", 48 * MIB, 6)?;
+    let digest = cluster.push(0, &file)?;
+    let out = cluster.cli(&["distribute", &digest, "--detach"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let job_id = stdout(&out).trim().to_string();
+
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(cluster.job(&job_id).await?.state(), JobState::Running);
+    cluster.restart_agent(2, &limits)?;
+    let job = cluster.wait_job(&job_id, Duration::from_secs(120)).await?;
+    assert_eq!(
+        job.state(),
+        JobState::Done,
+        "{job:?}\n{}",
+        read(&cluster.agents[2].proc.log)
+    );
+    let copy = cluster.dir.path().join("copy");
+    cluster.pull(2, &digest, &copy)?;
     assert!(
-        stdout(&out).contains(&digest),
-        "catalog lost the blob: {}",
-        stdout(&out)
+        std::fs::read(&copy)? == std::fs::read(&file)?,
+        "restarted agent's copy differs"
     );
     Ok(())
 }
