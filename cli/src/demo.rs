@@ -3,16 +3,14 @@
 //! blob pushed on one agent and distributed to all; live progress; every copy verified; and a
 //! summary that sets the makespan beside the physical bound and beside a single origin.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use shoal_agent::{Agent, AgentConfig};
 use shoal_coordinator::CoordinatorConfig;
 use shoal_proto::Digest;
-use shoal_proto::pb::v1::{self as pb, TargetState};
+use shoal_proto::pb::v1 as pb;
 
 use crate::client;
 
