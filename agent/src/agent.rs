@@ -85,8 +85,10 @@ pub(crate) struct Shared {
     pub quic_addr: SocketAddr,
     /// One HTTP/2 channel to the coordinator: the session and the public API share it.
     pub channel: Channel,
-    /// Messages for the coordinator; the session task sends them when connected.
-    pub outbox: mpsc::Sender<pb::AgentMessage>,
+    /// Messages for the coordinator; the session task sends them when connected. Unbounded
+    /// so that queueing never waits: only reports go here (one or two per order, chunk
+    /// rejections, registrations); progress, load and heartbeats are made by the session.
+    pub outbox: mpsc::UnboundedSender<pb::AgentMessage>,
     pub connected: AtomicBool,
     pub draining: AtomicBool,
     pub transfers: Transfers,
@@ -103,9 +105,9 @@ impl Shared {
             .clone()
     }
 
-    /// Queues a message for the coordinator (waits if the queue is full).
-    pub(crate) async fn send(&self, msg: pb::agent_message::Msg) {
-        let _ = self.outbox.send(pb::AgentMessage { msg: Some(msg) }).await;
+    /// Queues a message for the coordinator. Never waits (see `outbox`).
+    pub(crate) fn send(&self, msg: pb::agent_message::Msg) {
+        let _ = self.outbox.send(pb::AgentMessage { msg: Some(msg) });
     }
 }
 
@@ -366,8 +368,8 @@ fn assemble(
     quic_addr: SocketAddr,
     channel: Channel,
     shutdown: watch::Receiver<bool>,
-) -> (Arc<Shared>, mpsc::Receiver<pb::AgentMessage>) {
-    let (outbox, outbox_rx) = mpsc::channel(1024);
+) -> (Arc<Shared>, mpsc::UnboundedReceiver<pb::AgentMessage>) {
+    let (outbox, outbox_rx) = mpsc::unbounded_channel();
     let shared = Arc::new(Shared {
         store,
         endpoint,

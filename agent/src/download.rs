@@ -16,11 +16,12 @@ use shoal_proto::pb::v1::agent_message::Msg;
 use shoal_proto::wire::ErrorStatus;
 use shoal_proto::{ChunkIndex, Digest, Manifest};
 use tokio::sync::mpsc;
-use tokio::task::{AbortHandle, JoinSet};
+use tokio::task::{AbortHandle, JoinError, JoinSet};
 use tokio::time::Instant;
 
 use crate::agent::Shared;
 use crate::order::{Control, Failure};
+use crate::session::Backoff;
 use crate::store::PutOutcome;
 use crate::transport::{ChunkEndpoint, FetchError, HaveUpdate, Peer};
 use shoal_planner::{ChunkPicker, ChunkSet, HostId, PickerConfig, Time};
@@ -50,6 +51,10 @@ struct Source {
 
 struct FetchDone {
     key: SourceKey,
+    /// The source's agent, kept here because the source may be removed before this arrives.
+    agent_id: String,
+    /// [`Peer::connection_id`] of the connection the request went out on.
+    connection: usize,
     index: ChunkIndex,
     result: Result<PutOutcome, FetchError>,
     buf: Vec<u8>,
@@ -78,6 +83,9 @@ struct Download<'a> {
     watchers: JoinSet<()>,
     events: mpsc::Sender<SourceEvent>,
     fetches: JoinSet<FetchDone>,
+    /// The task of each request the picker counts as in flight, to cancel it when the picker
+    /// drops the request (endgame duplicate lost the race, source removed).
+    requests: HashMap<(SourceKey, ChunkIndex), AbortHandle>,
     buffers: Vec<Vec<u8>>,
     bytes_from_peers: u64,
 }
@@ -92,15 +100,21 @@ pub(crate) async fn download(
     control: &mut mpsc::UnboundedReceiver<Control>,
 ) -> Result<u64, Failure> {
     let blob = manifest.digest();
-    let mut have = ChunkSet::empty(manifest.chunk_count());
-    for i in manifest.chunk_indices() {
-        if shared.store.has_chunk(&blob, i) {
-            have.insert(i);
+    let have = match shared.store.bitfield(&blob) {
+        Some((count, bits)) if count == manifest.chunk_count() => {
+            ChunkSet::from_bitfield(count, &bits)
         }
-    }
+        _ => ChunkSet::empty(manifest.chunk_count()),
+    };
+    // A window beyond what one connection lets us have open would only queue in the transport.
+    let per_connection = shared.endpoint.config().max_requests_in_flight.max(1);
+    let defaults = PickerConfig::default();
     let config = PickerConfig {
         chunk_size: manifest.chunk_size(),
-        ..PickerConfig::default()
+        initial_window: defaults.initial_window.min(per_connection),
+        min_window: defaults.min_window.min(per_connection),
+        max_window: defaults.max_window.min(per_connection),
+        ..defaults
     };
     let (events, mut event_rx) = mpsc::channel(256);
     let mut d = Download {
@@ -115,6 +129,7 @@ pub(crate) async fn download(
         watchers: JoinSet::new(),
         events,
         fetches: JoinSet::new(),
+        requests: HashMap::new(),
         buffers: Vec::new(),
         bytes_from_peers: 0,
     };
@@ -130,8 +145,8 @@ pub(crate) async fn download(
         if shared.store.is_complete(&blob) {
             // Completed by other means (another order, a push): count what already arrived.
             let drain = async {
-                while let Some(Ok(done)) = d.fetches.join_next().await {
-                    d.on_fetch(done).await?;
+                while let Some(joined) = d.fetches.join_next_with_id().await {
+                    d.on_joined(joined)?;
                 }
                 Ok::<(), Failure>(())
             };
@@ -140,12 +155,9 @@ pub(crate) async fn download(
         }
         let wake = d.fill();
         tokio::select! {
-            Some(done) = d.fetches.join_next(), if !d.fetches.is_empty() => match done {
-                Ok(done) => d.on_fetch(done).await?,
-                Err(e) => {
-                    return Err(Failure::new(FailureReason::Internal, format!("fetch task failed: {e}")));
-                }
-            },
+            Some(joined) = d.fetches.join_next_with_id(), if !d.fetches.is_empty() => {
+                d.on_joined(joined)?;
+            }
             Some(event) = event_rx.recv() => d.on_event(event),
             c = control.recv() => match c {
                 Some(Control::Sources { add, remove }) => {
@@ -222,8 +234,16 @@ impl Download<'_> {
         if let Some(s) = self.sources[key].take() {
             s.watcher.abort();
         }
-        // Its requests still running finish into the store; the picker forgets them now.
-        self.picker.remove_source(host(key));
+        for index in self.picker.remove_source(host(key)) {
+            self.cancel(key, index);
+        }
+    }
+
+    /// Stops the task of a request the picker no longer counts.
+    fn cancel(&mut self, key: SourceKey, index: ChunkIndex) {
+        if let Some(task) = self.requests.remove(&(key, index)) {
+            task.abort();
+        }
     }
 
     fn now(&self) -> Time {
@@ -242,6 +262,7 @@ impl Download<'_> {
             let Some(peer) = source.peer.clone() else {
                 continue;
             };
+            let agent_id = source.agent_id.clone();
             if let Some(until) = source.paused_until {
                 if until > now {
                     wake = Some(wake.map_or(until, |w| w.min(until)));
@@ -251,20 +272,24 @@ impl Download<'_> {
             }
             while let Some(index) = self.picker.next_request(self.now(), host(key)) {
                 let buf = self.buffers.pop().unwrap_or_default();
-                let (peer, store, manifest) = (
+                let (peer, store, manifest, agent_id) = (
                     peer.clone(),
                     self.shared.store.clone(),
                     self.manifest.clone(),
+                    agent_id.clone(),
                 );
-                self.fetches.spawn(async move {
+                let task = self.fetches.spawn(async move {
                     let (result, buf) = peer.fetch_into_store(&store, &manifest, index, buf).await;
                     FetchDone {
                         key,
+                        agent_id,
+                        connection: peer.connection_id(),
                         index,
                         result,
                         buf,
                     }
                 });
+                self.requests.insert((key, index), task);
             }
         }
         wake
@@ -276,9 +301,41 @@ impl Download<'_> {
         }
     }
 
-    async fn on_fetch(&mut self, done: FetchDone) -> Result<(), Failure> {
+    /// A fetch task ended: with its result, or cancelled by us, or panicked.
+    fn on_joined(
+        &mut self,
+        joined: Result<(tokio::task::Id, FetchDone), JoinError>,
+    ) -> Result<(), Failure> {
+        match joined {
+            Ok((id, done)) => {
+                let request = (done.key, done.index);
+                if self.requests.get(&request).is_some_and(|t| t.id() == id) {
+                    self.requests.remove(&request);
+                }
+                self.on_fetch(done)
+            }
+            Err(e) => {
+                // Cancelled by `cancel`: already forgotten. Otherwise (a panic) it is one
+                // failed request, not a failed order.
+                let id = e.id();
+                let found = self.requests.iter().find(|(_, t)| t.id() == id);
+                let Some(&(key, index)) = found.map(|(request, _)| request) else {
+                    return Ok(());
+                };
+                self.requests.remove(&(key, index));
+                tracing::warn!(order_id = self.order_id, %index, error = %e, "chunk fetch task failed");
+                self.picker.on_chunk_failed(self.now(), host(key), index);
+                self.pause(key, ERROR_BACKOFF);
+                Ok(())
+            }
+        }
+    }
+
+    fn on_fetch(&mut self, done: FetchDone) -> Result<(), Failure> {
         let FetchDone {
             key,
+            agent_id,
+            connection,
             index,
             result,
             buf,
@@ -289,8 +346,10 @@ impl Download<'_> {
         }
         match result {
             Ok(PutOutcome::Stored) => {
-                // Endgame duplicates of this chunk elsewhere finish as AlreadyPresent.
-                self.picker.on_chunk_done(self.now(), host(key), index, len);
+                // Endgame duplicates of this chunk elsewhere are no longer needed.
+                for other in self.picker.on_chunk_done(self.now(), host(key), index, len) {
+                    self.cancel(other.0 as SourceKey, index);
+                }
                 self.bytes_from_peers += len;
                 let c = &self.shared.counters;
                 c.bytes_from_peers.fetch_add(len, Ordering::Relaxed);
@@ -300,7 +359,9 @@ impl Download<'_> {
                 metrics::counter!(crate::metrics::CHUNKS_VERIFIED).increment(1);
             }
             Ok(PutOutcome::AlreadyPresent) => {
-                self.picker.on_chunk_done(self.now(), host(key), index, len);
+                for other in self.picker.on_chunk_done(self.now(), host(key), index, len) {
+                    self.cancel(other.0 as SourceKey, index);
+                }
             }
             Err(FetchError::Corrupt { peer, reason, .. }) => {
                 self.picker.on_chunk_failed(self.now(), host(key), index);
@@ -309,21 +370,15 @@ impl Download<'_> {
                     .chunks_rejected
                     .fetch_add(1, Ordering::Relaxed);
                 metrics::counter!(crate::metrics::CHUNKS_REJECTED).increment(1);
-                let agent_id = self.sources[key]
-                    .as_ref()
-                    .map(|s| s.agent_id.clone())
-                    .unwrap_or_default();
                 tracing::warn!(order_id = self.order_id, agent = agent_id, %peer, %index, reason, "peer sent a corrupt chunk; dropping it for this blob");
                 self.banned.insert(agent_id.clone());
                 self.remove_source(&agent_id);
-                self.shared
-                    .send(Msg::ChunkRejected(pb::ChunkRejected {
-                        peer_agent_id: agent_id,
-                        blob_digest: self.manifest.digest().as_bytes().to_vec(),
-                        chunk_index: index.0,
-                        order_id: self.order_id,
-                    }))
-                    .await;
+                self.shared.send(Msg::ChunkRejected(pb::ChunkRejected {
+                    peer_agent_id: agent_id,
+                    blob_digest: self.manifest.digest().as_bytes().to_vec(),
+                    chunk_index: index.0,
+                    order_id: self.order_id,
+                }));
             }
             Err(FetchError::Store(e)) => {
                 self.picker.on_chunk_failed(self.now(), host(key), index);
@@ -331,6 +386,16 @@ impl Download<'_> {
             }
             Err(e) => {
                 self.picker.on_chunk_failed(self.now(), host(key), index);
+                if let FetchError::Connection { .. } = e
+                    && let Some(Some(s)) = self.sources.get_mut(key)
+                    && s.peer
+                        .as_ref()
+                        .is_some_and(|p| p.connection_id() == connection)
+                {
+                    // Dead connection: no more requests on it. Its watcher sees it closed
+                    // and redials.
+                    s.peer = None;
+                }
                 let pause = if e.is_busy() {
                     BUSY_BACKOFF
                 } else {
@@ -411,7 +476,8 @@ impl Download<'_> {
 }
 
 /// Keeps a have-stream open to one source, reconnecting with backoff (the source may not
-/// have the blob's manifest yet, or may restart).
+/// have the blob's manifest yet, may restart, or its connection may drop after it finished
+/// announcing a complete blob). Runs until the download drops it.
 async fn watch_source(
     endpoint: ChunkEndpoint,
     blob: Digest,
@@ -419,10 +485,10 @@ async fn watch_source(
     addrs: Vec<SocketAddr>,
     events: mpsc::Sender<SourceEvent>,
 ) {
-    let mut backoff = Duration::from_millis(50);
+    let mut backoff = Backoff::with_max(WATCH_BACKOFF_MAX);
     loop {
         for addr in &addrs {
-            let why = match watch_once(&endpoint, blob, key, *addr, &events).await {
+            let why = match watch_once(&endpoint, blob, key, *addr, &events, &mut backoff).await {
                 Ok(()) => return,
                 Err(e) => e,
             };
@@ -430,28 +496,27 @@ async fn watch_source(
                 return;
             }
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(WATCH_BACKOFF_MAX);
+        tokio::time::sleep(backoff.next_delay()).await;
     }
 }
 
-/// `Ok` when the source holds the whole blob (its have-stream ended) or the download ended.
+/// `Err` with the reason once the source is lost (to be redialled); `Ok` when the download
+/// ended. A source holding the whole blob ends its have-stream (after a final bitfield) and
+/// stays usable until its connection closes.
 async fn watch_once(
     endpoint: &ChunkEndpoint,
     blob: Digest,
     key: SourceKey,
     addr: SocketAddr,
     events: &mpsc::Sender<SourceEvent>,
+    backoff: &mut Backoff,
 ) -> Result<(), String> {
     let peer = endpoint.peer(addr).await.map_err(|e| e.to_string())?;
     let mut have = peer.watch_have(blob).await.map_err(|e| e.to_string())?;
-    let mut ready = Some(peer);
-    loop {
-        let update = have.next().await.map_err(|e| e.to_string())?;
-        let Some(update) = update else {
-            return Ok(());
-        };
+    let mut ready = Some(peer.clone());
+    while let Some(update) = have.next().await.map_err(|e| e.to_string())? {
         if let Some(peer) = ready.take() {
+            backoff.reset();
             if events.send(SourceEvent::Ready(key, peer)).await.is_err() {
                 return Ok(());
             }
@@ -460,4 +525,8 @@ async fn watch_once(
             return Ok(());
         }
     }
+    if ready.is_some() {
+        return Err("have-stream ended without a bitfield".into());
+    }
+    Err(format!("connection closed: {}", peer.closed().await))
 }

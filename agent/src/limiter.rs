@@ -1,7 +1,8 @@
 //! Per-host bandwidth limits: one token bucket for serving peers (upload) and one for
 //! fetching (download), shared by every connection of the agent.
 //!
-//! A caller takes `len` bytes of tokens *before* moving the bytes. The bucket may go into
+//! A caller takes `len` bytes of tokens when it is about to move the bytes (the fetcher once
+//! the chunk's header arrived, so refused requests cost nothing). The bucket may go into
 //! debt: the caller takes its tokens at once and sleeps until the debt is repaid, so a chunk
 //! larger than the burst still passes, and concurrent callers are served in arrival order
 //! at the configured rate on average.
@@ -45,8 +46,8 @@ impl RateLimiter {
         self.bytes_per_sec
     }
 
-    /// How long a caller taking `len` bytes now must wait; takes the tokens.
-    fn reserve(&self, len: u64) -> Duration {
+    /// The bucket, refilled up to now.
+    fn refilled(&self) -> std::sync::MutexGuard<'_, Bucket> {
         let mut bucket = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
         let elapsed = now
@@ -55,12 +56,23 @@ impl RateLimiter {
         bucket.tokens =
             (bucket.tokens + elapsed * self.bytes_per_sec as f64).min(self.burst as f64);
         bucket.refilled_at = now;
-        bucket.tokens -= len as f64;
-        if bucket.tokens >= 0.0 {
+        bucket
+    }
+
+    /// How long a caller must wait once the bucket holds `tokens` (zero if not in debt).
+    fn debt_wait(&self, tokens: f64) -> Duration {
+        if tokens >= 0.0 {
             Duration::ZERO
         } else {
-            Duration::from_secs_f64(-bucket.tokens / self.bytes_per_sec as f64)
+            Duration::from_secs_f64(-tokens / self.bytes_per_sec as f64)
         }
+    }
+
+    /// How long a caller taking `len` bytes now must wait; takes the tokens.
+    fn reserve(&self, len: u64) -> Duration {
+        let mut bucket = self.refilled();
+        bucket.tokens -= len as f64;
+        self.debt_wait(bucket.tokens)
     }
 
     /// Waits until `len` bytes may be moved.
@@ -69,6 +81,24 @@ impl RateLimiter {
         if !wait.is_zero() {
             tokio::time::sleep(wait).await;
         }
+    }
+
+    /// Takes `len` bytes of tokens only if the wait they cost is at most `max_wait`, and
+    /// returns that wait; otherwise takes nothing and returns `None` (the caller should
+    /// refuse the work rather than queue behind the debt).
+    pub fn try_reserve_within(&self, len: u64, max_wait: Duration) -> Option<Duration> {
+        let mut bucket = self.refilled();
+        let wait = self.debt_wait(bucket.tokens - len as f64);
+        if wait > max_wait {
+            return None;
+        }
+        bucket.tokens -= len as f64;
+        Some(wait)
+    }
+
+    /// Bytes that may be moved now without waiting; negative while in debt.
+    pub fn available(&self) -> i64 {
+        self.refilled().tokens as i64
     }
 }
 
@@ -120,6 +150,25 @@ mod tests {
         assert!(
             (Duration::from_millis(1990)..=Duration::from_millis(2010)).contains(&waited),
             "{waited:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reservation_past_the_allowed_wait_takes_nothing() {
+        let limiter = RateLimiter::new(1000, 1000);
+        assert_eq!(
+            limiter.try_reserve_within(1500, Duration::from_secs(1)),
+            Some(Duration::from_millis(500))
+        );
+        assert_eq!(limiter.available(), -500);
+        assert_eq!(
+            limiter.try_reserve_within(1000, Duration::from_secs(1)),
+            None
+        );
+        assert_eq!(
+            limiter.available(),
+            -500,
+            "a refused reservation takes no tokens"
         );
     }
 

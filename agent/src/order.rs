@@ -97,10 +97,11 @@ impl Orders {
     }
 }
 
-/// Acts on one message from the coordinator.
-pub(crate) async fn handle(shared: &Arc<Shared>, msg: Incoming) {
+/// Acts on one message from the coordinator. Never waits: the session task calls it between
+/// draining the outbox, so waiting here on anything the session drains would deadlock.
+pub(crate) fn handle(shared: &Arc<Shared>, msg: Incoming) {
     match msg {
-        Incoming::FetchOrder(order) => start(shared, order).await,
+        Incoming::FetchOrder(order) => start(shared, order),
         Incoming::SourceUpdate(u) => {
             let known = shared.orders.control(
                 u.order_id,
@@ -145,7 +146,7 @@ pub(crate) async fn handle(shared: &Arc<Shared>, msg: Incoming) {
     }
 }
 
-async fn start(shared: &Arc<Shared>, order: pb::FetchOrder) {
+fn start(shared: &Arc<Shared>, order: pb::FetchOrder) {
     let order_id = order.order_id;
     let Ok(digest) = Digest::from_slice(&order.blob_digest) else {
         report_failed(
@@ -153,13 +154,12 @@ async fn start(shared: &Arc<Shared>, order: pb::FetchOrder) {
             order_id,
             &order.blob_digest,
             Failure::new(FailureReason::Invalid, "blob digest is not 32 bytes"),
-        )
-        .await;
+        );
         return;
     };
     if shared.draining.load(Ordering::Relaxed) {
         let f = Failure::new(FailureReason::AgentLost, "agent is draining");
-        report_failed(shared, order_id, &order.blob_digest, f).await;
+        report_failed(shared, order_id, &order.blob_digest, f);
         return;
     }
     let (control, control_rx) = mpsc::unbounded_channel();
@@ -210,46 +210,32 @@ async fn run(
             metrics::counter!(crate::metrics::TRANSFERS_FINISHED, "outcome" => "done").increment(1);
             let duration_ms = started.elapsed().as_millis() as u64;
             tracing::info!(order_id, blob = %digest, duration_ms, bytes_from_peers, "blob complete");
-            shared.transfers.finish(order_id, digest, Ok(()));
             shared
-                .send(Msg::BlobDone(pb::BlobDone {
-                    order_id,
-                    blob_digest: digest.as_bytes().to_vec(),
-                    size,
-                    duration_ms,
-                    bytes_from_peers,
-                    bytes_from_origin: 0,
-                }))
-                .await;
+                .transfers
+                .finish(order_id, digest, order.job_id.clone(), Ok(()));
+            shared.send(Msg::BlobDone(pb::BlobDone {
+                order_id,
+                blob_digest: digest.as_bytes().to_vec(),
+                size,
+                duration_ms,
+                bytes_from_peers,
+                bytes_from_origin: 0,
+            }));
         }
         Err(f) => {
             metrics::counter!(crate::metrics::TRANSFERS_FINISHED, "outcome" => "failed")
                 .increment(1);
             tracing::warn!(order_id, blob = %digest, reason = ?f.reason, message = f.message, "fetch order failed");
-            shared
-                .transfers
-                .finish(order_id, digest, Err(f.message.clone()));
-            report_failed(&shared, order_id, digest.as_bytes(), f).await;
+            shared.transfers.finish(
+                order_id,
+                digest,
+                order.job_id.clone(),
+                Err(f.message.clone()),
+            );
+            report_failed(&shared, order_id, digest.as_bytes(), f);
         }
     }
     shared.orders.lock().remove(&order_id);
-}
-
-/// Keeps a blob pinned while its order runs; unpins on drop unless it was pinned before or
-/// the order asked to keep it pinned.
-struct PinGuard {
-    store: crate::store::Store,
-    digest: Digest,
-    keep: bool,
-}
-
-impl Drop for PinGuard {
-    fn drop(&mut self) {
-        if !self.keep {
-            // In-memory only (no IO): fine on an async thread.
-            let _ = self.store.unpin(&self.digest);
-        }
-    }
 }
 
 /// Returns (size, bytes from peers) once the blob is whole and verified.
@@ -279,21 +265,12 @@ async fn execute(
     let manifest = Arc::new(manifest);
     let store = shared.store.clone();
     let m = manifest.clone();
-    let pinned_before = blocking(move || {
+    // Kept from eviction while the order runs; released on return (a user's pin is separate).
+    let _hold = blocking(move || {
         store.insert_manifest(&m)?;
-        let pinned = store
-            .blobs()
-            .iter()
-            .any(|b| b.digest == m.digest() && b.pinned);
-        store.pin(&m.digest())?;
-        Ok(pinned)
+        store.hold(&m.digest())
     })
     .await?;
-    let mut pin = PinGuard {
-        store: shared.store.clone(),
-        digest,
-        keep: pinned_before,
-    };
     shared.transfers.start(
         order.order_id,
         digest,
@@ -319,8 +296,16 @@ async fn execute(
         download::download(shared, order.order_id, manifest.clone(), sources, control).await?
     };
     let store = shared.store.clone();
-    blocking(move || store.verify_blob(&digest)).await?;
-    pin.keep |= order.pin;
+    let pin = order.pin;
+    blocking(move || {
+        // At most one whole-blob read per blob per process.
+        store.ensure_verified(&digest)?;
+        if pin {
+            store.pin(&digest)?;
+        }
+        Ok(())
+    })
+    .await?;
     Ok((manifest.size(), bytes_from_peers))
 }
 
@@ -338,18 +323,16 @@ async fn blocking<T: Send + 'static>(
     }
 }
 
-async fn report_failed(shared: &Shared, order_id: u64, digest: &[u8], f: Failure) {
+fn report_failed(shared: &Shared, order_id: u64, digest: &[u8], f: Failure) {
     let chunks_verified = Digest::from_slice(digest)
         .ok()
         .and_then(|d| shared.store.present_count(&d))
         .unwrap_or(0);
-    shared
-        .send(Msg::BlobFailed(pb::BlobFailed {
-            order_id,
-            blob_digest: digest.to_vec(),
-            reason: f.reason as i32,
-            message: f.message,
-            chunks_verified,
-        }))
-        .await;
+    shared.send(Msg::BlobFailed(pb::BlobFailed {
+        order_id,
+        blob_digest: digest.to_vec(),
+        reason: f.reason as i32,
+        message: f.message,
+        chunks_verified,
+    }));
 }

@@ -45,20 +45,29 @@ pub(crate) struct Joined {
 #[derive(Debug)]
 pub(crate) struct Backoff {
     next: Duration,
+    max: Duration,
 }
 
 impl Backoff {
     pub(crate) fn new() -> Self {
-        Self { next: BACKOFF_MIN }
+        Self::with_max(BACKOFF_MAX)
+    }
+
+    /// Doubling up to `max` rather than the session's cap.
+    pub(crate) fn with_max(max: Duration) -> Self {
+        Self {
+            next: BACKOFF_MIN.min(max),
+            max,
+        }
     }
 
     pub(crate) fn reset(&mut self) {
-        self.next = BACKOFF_MIN;
+        self.next = BACKOFF_MIN.min(self.max);
     }
 
     pub(crate) fn next_delay(&mut self) -> Duration {
         let cap = self.next;
-        self.next = (self.next * 2).min(BACKOFF_MAX);
+        self.next = (self.next * 2).min(self.max);
         let jitter: f64 = rand::random_range(0.5..1.0);
         cap.mul_f64(jitter)
     }
@@ -137,7 +146,7 @@ enum Ended {
 pub(crate) async fn run(
     shared: Arc<Shared>,
     mut joined: Joined,
-    mut outbox: mpsc::Receiver<pb::AgentMessage>,
+    mut outbox: mpsc::UnboundedReceiver<pb::AgentMessage>,
 ) {
     let mut stop = shared.shutdown.clone();
     let mut backoff = Backoff::new();
@@ -207,7 +216,7 @@ pub(crate) async fn run(
 async fn connect_once(
     shared: &Arc<Shared>,
     joined: &Joined,
-    outbox: &mut mpsc::Receiver<pb::AgentMessage>,
+    outbox: &mut mpsc::UnboundedReceiver<pb::AgentMessage>,
     recent: &mut VecDeque<(Instant, pb::AgentMessage)>,
     backoff: &mut Backoff,
 ) -> Ended {
@@ -271,7 +280,7 @@ async fn connect_once(
                         stable = true;
                     }
                     if let Some(msg) = m.msg {
-                        crate::order::handle(shared, msg).await;
+                        crate::order::handle(shared, msg);
                     }
                     None
                 }

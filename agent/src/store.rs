@@ -49,8 +49,8 @@
 //! blob has one open data file used with positional reads and writes, and a short lock over
 //! its bitmap and journal tail (held across an 8-byte journal append). Inserts, removals and
 //! evictions are serialised among themselves by a separate lock, so file creation never blocks
-//! readers or writers. Pins live in memory only; last-used times in memory, persisted as the
-//! data file's mtime by [`Store::flush`].
+//! readers or writers. Pins (the user's) and holds (running orders', counted) live in memory
+//! only; last-used times in memory, persisted as the data file's mtime by [`Store::flush`].
 
 mod blob;
 mod error;
@@ -99,6 +99,18 @@ pub struct BlobSummary {
     pub chunk_count: u32,
     pub pinned: bool,
     pub last_used: SystemTime,
+}
+
+/// A blob kept from eviction (see [`Store::hold`]); released on drop.
+#[derive(Debug)]
+pub struct Hold {
+    entry: Arc<BlobEntry>,
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        self.entry.holds.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// The content store. Cheap to clone; all clones share one store. Methods block on file IO:
@@ -202,7 +214,7 @@ impl Store {
                     digest: e.manifest.digest(),
                     size: e.manifest.size(),
                     recency: e.recency(),
-                    pinned: e.pinned.load(Ordering::Relaxed),
+                    pinned: e.protected(),
                 })
                 .collect();
             let plan = eviction::plan(&candidates, index.usage, manifest.size(), self.inner.quota)
@@ -289,6 +301,13 @@ impl Store {
         self.known(blob)?.verify()
     }
 
+    /// Like [`Store::verify_blob`], but done at most once per blob per process: a blob that
+    /// passed is not read again (its chunks cannot change once complete). Changes made to
+    /// the data file behind the store's back after that are only found by `verify_blob`.
+    pub fn ensure_verified(&self, blob: &Digest) -> Result<(), StoreError> {
+        self.known(blob)?.ensure_verified()
+    }
+
     /// The blob's data file. Its content is the blob only once [`Store::is_complete`].
     pub fn data_path(&self, blob: &Digest) -> Option<PathBuf> {
         self.entry(blob).map(|e| e.paths.data.clone())
@@ -301,6 +320,27 @@ impl Store {
 
     pub fn unpin(&self, blob: &Digest) -> Result<(), StoreError> {
         self.set_pinned(blob, false)
+    }
+
+    /// Whether the user pinned the blob (`None` if unknown). Holds do not count.
+    pub fn is_pinned(&self, blob: &Digest) -> Option<bool> {
+        self.entry(blob).map(|e| e.pinned.load(Ordering::Relaxed))
+    }
+
+    /// Keeps the blob from eviction while the returned [`Hold`] lives, e.g. while an order
+    /// fetches it. Holds are counted and independent of [`Store::pin`]: releasing one never
+    /// unpins what a user pinned meanwhile.
+    pub fn hold(&self, blob: &Digest) -> Result<Hold, StoreError> {
+        // Under the index lock, like `pin`: eviction sees either the hold or no blob.
+        let index = lock(&self.inner.index);
+        let entry = index
+            .blobs
+            .get(blob)
+            .ok_or(StoreError::UnknownBlob(*blob))?;
+        entry.holds.fetch_add(1, Ordering::Relaxed);
+        Ok(Hold {
+            entry: Arc::clone(entry),
+        })
     }
 
     fn set_pinned(&self, blob: &Digest, pinned: bool) -> Result<(), StoreError> {

@@ -13,6 +13,8 @@ use tokio::time::Instant;
 #[derive(Clone, Debug)]
 pub(crate) struct Finished {
     pub digest: Digest,
+    /// The job the order belonged to (a pull waits on its own job's order only).
+    pub job_id: String,
     pub result: Result<(), String>,
 }
 
@@ -94,9 +96,19 @@ impl Transfers {
         }
     }
 
-    pub(crate) fn finish(&self, order_id: u64, digest: Digest, result: Result<(), String>) {
+    pub(crate) fn finish(
+        &self,
+        order_id: u64,
+        digest: Digest,
+        job_id: String,
+        result: Result<(), String>,
+    ) {
         self.lock().remove(&order_id);
-        let _ = self.finished.send(Finished { digest, result });
+        let _ = self.finished.send(Finished {
+            digest,
+            job_id,
+            result,
+        });
     }
 
     pub(crate) fn subscribe(&self) -> broadcast::Receiver<Finished> {

@@ -182,6 +182,10 @@ impl ChunkEndpoint {
         &self.inner.store
     }
 
+    pub fn config(&self) -> &TransportConfig {
+        &self.inner.config
+    }
+
     /// What the serving side has done so far.
     pub fn serve_stats(&self) -> ServeStats {
         self.inner.stats.snapshot()

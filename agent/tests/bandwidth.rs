@@ -123,3 +123,35 @@ async fn uncapped_endpoints_are_not_slowed() -> Result<()> {
     assert!(started.elapsed() < lower_bound(), "{:?}", started.elapsed());
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_requests_cost_no_download_tokens() -> Result<()> {
+    let ca = ClusterCa::generate()?;
+    let full = node(
+        &ca.issue("full")?,
+        TransportConfig {
+            max_concurrent_served: 0,
+            ..TransportConfig::default()
+        },
+    )?;
+    let limit = Arc::new(RateLimiter::new(LIMIT, BURST));
+    let fetcher = node(
+        &ca.issue("fetcher")?,
+        TransportConfig {
+            download_limit: Some(limit.clone()),
+            ..TransportConfig::default()
+        },
+    )?;
+    let manifest = seeded(&full)?;
+    let peer = fetcher.endpoint.peer(full.endpoint.local_addr()).await?;
+    for i in manifest.chunk_indices().take(8) {
+        let err = peer
+            .fetch_chunk(&manifest, i, &mut Vec::new())
+            .await
+            .expect_err("the server is full");
+        assert!(err.is_busy(), "{err}");
+    }
+    // Eight chunks would have been 4x the burst: the bucket is still full.
+    assert_eq!(limit.available(), BURST as i64);
+    Ok(())
+}

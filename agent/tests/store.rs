@@ -193,6 +193,63 @@ fn store_whole_blob_verification_detects_altered_data_file() {
 }
 
 #[test]
+fn store_ensure_verified_reads_a_blob_once_and_verify_blob_always() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path(), QUOTA);
+    let (data, m) = blob(6, 3 * CHUNK as usize);
+    let d = m.digest();
+    store.insert_manifest(&m).expect("insert");
+    put(&store, &data, &m, 0..2);
+    assert!(matches!(
+        store.ensure_verified(&d),
+        Err(StoreError::ChunkMissing { .. })
+    ));
+    put(&store, &data, &m, [2]);
+    store.ensure_verified(&d).expect("verifies");
+
+    // Altered behind the store's back after it passed: the remembered result stands, and
+    // the full check still reads the data.
+    corrupt_chunk_on_disk(dir.path(), &m, 1);
+    store.ensure_verified(&d).expect("remembered");
+    assert!(matches!(
+        store.verify_blob(&d),
+        Err(StoreError::Verify(VerifyError::WrongBlobDigest { .. }))
+    ));
+}
+
+#[test]
+fn store_holds_keep_a_blob_like_a_pin_without_touching_the_users_pin() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let size = 4 * CHUNK as usize;
+    let (_, a) = blob(20, size);
+    let (_, b) = blob(21, size);
+    let store = open(dir.path(), size as u64 + 100);
+    store.insert_manifest(&a).expect("insert");
+    let first = store.hold(&a.digest()).expect("hold");
+    let second = store.hold(&a.digest()).expect("hold again");
+    assert_eq!(store.is_pinned(&a.digest()), Some(false));
+    assert!(matches!(
+        store.insert_manifest(&b),
+        Err(StoreError::QuotaExceeded { .. })
+    ));
+    // A user pins while the blob is held; releasing every hold keeps the pin.
+    store.pin(&a.digest()).expect("pin");
+    drop(first);
+    drop(second);
+    assert_eq!(store.is_pinned(&a.digest()), Some(true));
+    assert!(store.insert_manifest(&b).is_err(), "still pinned");
+    // Unpinned and released: evictable again. One hold out of two still protects it.
+    store.unpin(&a.digest()).expect("unpin");
+    let hold = store.hold(&a.digest()).expect("hold");
+    let other = store.hold(&a.digest()).expect("hold");
+    drop(other);
+    assert!(store.insert_manifest(&b).is_err(), "one hold left");
+    drop(hold);
+    store.insert_manifest(&b).expect("evicts the released blob");
+    assert!(store.manifest(&a.digest()).is_none());
+}
+
+#[test]
 fn store_conflicting_manifest_and_remove() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open(dir.path(), QUOTA);

@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use shoal_agent::store::{Store, StoreConfig};
 use shoal_agent::transport::tls::{AgentIdentity, ClusterCa};
 use shoal_agent::transport::{ChunkEndpoint, FetchError, HaveUpdate, TransportConfig};
@@ -273,7 +273,9 @@ async fn have_stream_sends_bitfield_then_deltas_until_complete() -> Result<()> {
         let r = (i as usize * 4096)..(i as usize + 1) * 4096;
         store.put_chunk(&manifest.digest(), ChunkIndex(i), &data[r])?;
     }
+    let mut last = None;
     while let Some(update) = tokio::time::timeout(Duration::from_secs(5), have.next()).await?? {
+        last = Some(update.clone());
         match update {
             HaveUpdate::Delta(indices) => seen.extend(indices),
             HaveUpdate::Bitfield { bits, .. } => {
@@ -286,6 +288,14 @@ async fn have_stream_sends_bitfield_then_deltas_until_complete() -> Result<()> {
     }
     seen.sort();
     assert_eq!(seen, (0..4).map(ChunkIndex).collect::<Vec<_>>());
+    // The stream ends with the whole picture, so no delta queued at completion is lost.
+    match last {
+        Some(HaveUpdate::Bitfield { chunk_count, bits }) => {
+            assert_eq!(chunk_count, 4);
+            assert!((0..4).all(|i| bitfield_get(&bits, ChunkIndex(i))));
+        }
+        other => panic!("expected a final full bitfield, got {other:?}"),
+    }
     Ok(())
 }
 
@@ -327,6 +337,43 @@ async fn a_silent_peer_times_out_instead_of_hanging() -> Result<()> {
     let err = a.endpoint.peer(addr).await.expect_err("no answer");
     assert!(err.to_string().contains("timed out"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(5));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_chunk_header_too_short_for_its_index_is_a_protocol_error() -> Result<()> {
+    let ca = ClusterCa::generate()?;
+    // A hostile peer with a valid certificate, speaking raw QUIC: it answers every request
+    // with a chunk-data frame whose length (2) cannot even hold the chunk index.
+    let crypto =
+        quinn::crypto::rustls::QuicServerConfig::try_from(ca.issue("liar")?.server_config()?)?;
+    let liar = quinn::Endpoint::server(
+        quinn::ServerConfig::with_crypto(std::sync::Arc::new(crypto)),
+        LOOPBACK.parse()?,
+    )?;
+    let liar_addr = liar.local_addr()?;
+    tokio::spawn(async move {
+        let conn = liar.accept().await.context("endpoint closed")?.await?;
+        loop {
+            let (mut send, mut recv) = conn.accept_bi().await?;
+            recv.read_to_end(256).await?;
+            let mut frame = shoal_proto::wire::chunk_data_header(ChunkIndex(0), 0);
+            frame[2..6].copy_from_slice(&2u32.to_be_bytes());
+            send.write_all(&frame[..8]).await?;
+            send.finish()?;
+        }
+        #[allow(unreachable_code)]
+        anyhow::Ok(())
+    });
+
+    let b = node(&ca.issue("b")?, TransportConfig::default())?;
+    let manifest = Manifest::from_reader(&pseudo_random(4096, 13)[..], 4096)?;
+    let peer = b.endpoint.peer(liar_addr).await?;
+    let err = peer
+        .fetch_chunk(&manifest, ChunkIndex(0), &mut Vec::new())
+        .await
+        .expect_err("malformed answer");
+    assert!(matches!(err, FetchError::Protocol { .. }), "{err}");
     Ok(())
 }
 

@@ -148,7 +148,7 @@ async fn run(
             tokio::select! {
                 _ = tick.tick() => {}
                 f = finished.recv() => match f {
-                    Ok(f) if f.digest == digest => {
+                    Ok(f) if f.digest == digest && f.job_id == job.job_id => {
                         if let Err(why) = f.result {
                             return Err(Status::aborted(format!("fetching {digest} failed: {why}")));
                         }
@@ -173,7 +173,7 @@ async fn run(
         .await;
     let store = shared.store.clone();
     tokio::task::spawn_blocking(move || {
-        store.verify_blob(&digest)?;
+        store.ensure_verified(&digest)?;
         if pin {
             store.pin(&digest)?;
         }
@@ -205,7 +205,13 @@ fn copy_atomically(from: &Path, to: &Path) -> Result<(), Status> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "blob".into());
-    let tmp = dir.join(format!(".{name}.shoal-{}.tmp", std::process::id()));
+    // Unique per copy: two pulls to the same path (in this process or another) must not
+    // write into one temporary file.
+    let tmp = dir.join(format!(
+        ".{name}.shoal-{}-{:016x}.tmp",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
     let io = |what: &str, e: std::io::Error| {
         let _ = std::fs::remove_file(&tmp);
         Status::internal(format!("{what} {}: {e}", to.display()))

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use shoal_proto::pb::v1 as pb;
 use shoal_proto::pb::v1::agent_message::Msg;
-use shoal_proto::{ChunkIndex, Digest, Manifest, ManifestBuilder};
+use shoal_proto::{Digest, Manifest, ManifestBuilder};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
@@ -149,13 +149,11 @@ async fn ingest(
         size
     });
     let registered = shared.connected.load(Ordering::Relaxed);
-    shared
-        .send(Msg::BlobRegistered(pb::BlobRegistered {
-            manifest: Some(pb::Manifest::from(&manifest)),
-            pinned: pin,
-            order_id: 0,
-        }))
-        .await;
+    shared.send(Msg::BlobRegistered(pb::BlobRegistered {
+        manifest: Some(pb::Manifest::from(&manifest)),
+        pinned: pin,
+        order_id: 0,
+    }));
     tracing::info!(blob = %manifest.digest(), size, already_present, "pushed");
     Ok(pb::PushResult {
         digest: manifest.digest().to_string(),
@@ -220,7 +218,7 @@ fn store_file(
             if n != len {
                 return Err(changed(path));
             }
-            match store.put_chunk(&digest, ChunkIndex(index.0), &buf[..len]) {
+            match store.put_chunk(&digest, index, &buf[..len]) {
                 Ok(_) => {}
                 Err(StoreError::Verify(_)) => return Err(changed(path)),
                 Err(e) => return Err(store_status(&e)),

@@ -3,7 +3,7 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -47,6 +47,12 @@ pub(crate) struct BlobEntry {
     commit: Mutex<()>,
     events: broadcast::Sender<ChunkIndex>,
     pub pinned: AtomicBool,
+    /// Running orders using the blob ([`super::Hold`]s): kept from eviction like a pin, but
+    /// counted, and separate from the user's pin.
+    pub holds: AtomicU32,
+    /// The whole blob was read back and matched its digest in this process. A complete
+    /// blob's chunks are never written again, so this stays true for the entry's life.
+    verified: AtomicBool,
     /// Logical clock value of the last use; eviction order.
     recency: AtomicU64,
     /// Wall-clock time of the last use, for reports and the data file's mtime.
@@ -100,6 +106,8 @@ impl BlobEntry {
             commit: Mutex::new(()),
             events,
             pinned: AtomicBool::new(false),
+            holds: AtomicU32::new(0),
+            verified: AtomicBool::new(false),
             recency: AtomicU64::new(recency),
             last_used_nanos: AtomicU64::new(nanos_since_epoch(last_used)),
         }
@@ -268,7 +276,22 @@ impl BlobEntry {
             self.read_at(piece, range.start)?;
             verifier.update(piece);
         }
-        verifier.finish(blob).map_err(StoreError::Verify)
+        verifier.finish(blob).map_err(StoreError::Verify)?;
+        self.verified.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// [`BlobEntry::verify`], unless it already passed in this process.
+    pub(crate) fn ensure_verified(&self) -> Result<(), StoreError> {
+        if self.verified.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        self.verify()
+    }
+
+    /// Kept from eviction: pinned by the user or held by an order.
+    pub(crate) fn protected(&self) -> bool {
+        self.pinned.load(Ordering::Relaxed) || self.holds.load(Ordering::Relaxed) > 0
     }
 
     /// Commits, then stamps the data file's mtime with the last use so eviction order survives

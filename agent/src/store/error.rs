@@ -18,8 +18,9 @@ pub enum StoreError {
     #[error(transparent)]
     Verify(#[from] VerifyError),
     /// Even after evicting every unpinned blob, `needed` bytes do not fit under the quota.
+    /// `pinned` counts blobs pinned by a user or held by a running order.
     #[error(
-        "blob {blob} needs {needed} bytes; the quota is {quota} bytes and pinned blobs hold {pinned} bytes"
+        "blob {blob} needs {needed} bytes; the quota is {quota} bytes and pinned or in-use blobs hold {pinned} bytes"
     )]
     QuotaExceeded {
         blob: Digest,

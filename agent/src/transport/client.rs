@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use shoal_proto::wire::{self, ErrorStatus, Frame, WireError};
+use shoal_proto::wire::{self, ErrorStatus, Frame};
 use shoal_proto::{ChunkIndex, Digest, Manifest};
 use tokio::sync::Semaphore;
 
@@ -89,6 +89,16 @@ impl Peer {
         self.conn.close_reason().is_none()
     }
 
+    /// Identifies the underlying connection: clones share it, a redialled peer differs.
+    pub fn connection_id(&self) -> usize {
+        self.conn.stable_id()
+    }
+
+    /// Resolves when the connection is closed (by either side, or lost), with the reason.
+    pub async fn closed(&self) -> quinn::ConnectionError {
+        self.conn.closed().await
+    }
+
     /// Fetches chunk `index` of the blob into `buf` (resized to the chunk's length). The bytes
     /// are NOT verified here: the store verifies them once, on put.
     pub async fn fetch_chunk(
@@ -112,16 +122,17 @@ impl Peer {
                 peer,
                 reason: "peer handle closed".into(),
             })?;
-        // Take the tokens before asking, so the peer is never made to wait on our cap.
-        if let Some(limit) = &self.download_limit {
-            limit.acquire(expected as u64).await;
-        }
         let request = Frame::ChunkRequest {
             blob: manifest.digest(),
             index,
         }
         .to_bytes();
-        let exchange = async {
+        let timed_out = || FetchError::Timeout {
+            peer,
+            after: self.request_timeout,
+        };
+        let mut deadline = tokio::time::Instant::now() + self.request_timeout;
+        let asked = async {
             let (mut send, mut recv) = self
                 .conn
                 .open_bi()
@@ -135,6 +146,12 @@ impl Peer {
             if !header.is_chunk_data() {
                 return Err(refusal(header, &mut recv, peer).await);
             }
+            if header.len < 4 {
+                return Err(FetchError::Protocol {
+                    peer,
+                    reason: format!("chunk data frame of {} bytes has no index", header.len),
+                });
+            }
             if header.len != 4 + expected {
                 return Err(FetchError::Corrupt {
                     peer,
@@ -142,6 +159,19 @@ impl Peer {
                     reason: format!("{} bytes sent, chunk is {expected}", header.len - 4),
                 });
             }
+            Ok(recv)
+        };
+        let mut recv = tokio::time::timeout_at(deadline, asked)
+            .await
+            .map_err(|_| timed_out())??;
+        // The chunk is coming: pay for its bytes now (a refusal or failure before this costs
+        // no tokens). Waiting on our own cap does not count against the request's time.
+        if let Some(limit) = &self.download_limit {
+            let started = tokio::time::Instant::now();
+            limit.acquire(expected as u64).await;
+            deadline += started.elapsed();
+        }
+        let body = async {
             let mut got_index = [0u8; 4];
             recv.read_exact(&mut got_index)
                 .await
@@ -159,12 +189,9 @@ impl Peer {
             recv.read_exact(buf).await.map_err(|e| stream(peer, e))?;
             Ok(())
         };
-        tokio::time::timeout(self.request_timeout, exchange)
+        tokio::time::timeout_at(deadline, body)
             .await
-            .map_err(|_| FetchError::Timeout {
-                peer,
-                after: self.request_timeout,
-            })?
+            .map_err(|_| timed_out())?
     }
 
     /// Fetches chunk `index` and puts it in `store`, which verifies it against the manifest.
@@ -321,7 +348,7 @@ impl HaveStream {
                     });
                 }
                 Ok(None) => {}
-                Err(e @ WireError::FrameTooLarge { .. }) | Err(e) => {
+                Err(e) => {
                     return Err(FetchError::Protocol {
                         peer,
                         reason: e.to_string(),

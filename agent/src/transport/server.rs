@@ -6,7 +6,7 @@ use std::sync::{Arc, Weak};
 use bytes::BytesMut;
 use shoal_proto::wire::{self, ErrorStatus, Frame};
 use shoal_proto::{ChunkIndex, Digest};
-use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 
 use super::Inner;
 use crate::store::StoreError;
@@ -197,7 +197,16 @@ async fn serve_chunk(
     };
     let len = data.len() as u64;
     if let Some(limit) = &inner.config.upload_limit {
-        limit.acquire(len).await;
+        // Waiting on our cap counts against the request's timeout: past half of it, tell the
+        // peer to go elsewhere now rather than be reset later.
+        match limit.try_reserve_within(len, inner.config.request_timeout / 2) {
+            Some(wait) if wait.is_zero() => {}
+            Some(wait) => tokio::time::sleep(wait).await,
+            None => {
+                inner.stats.busy_rejections.fetch_add(1, Ordering::Relaxed);
+                return reply_error(send, ErrorStatus::Busy, "upload cap saturated").await;
+            }
+        }
     }
     let header = bytes::Bytes::copy_from_slice(&wire::chunk_data_header(index, data.len()));
     // write_all_chunks hands the Bytes to quinn without copying the chunk.
@@ -223,6 +232,9 @@ async fn serve_have(
     let Some((chunk_count, bits)) = inner.store.bitfield(&blob) else {
         return reply_error(send, ErrorStatus::NotFound, &format!("no blob {blob}")).await;
     };
+    // A full first bitfield already says everything; otherwise the stream ends with one,
+    // which covers whatever deltas were still queued when the blob completed.
+    let mut final_bitfield = bits.iter().map(|b| b.count_ones()).sum::<u32>() < chunk_count;
     send.write_all(&Frame::HaveBitfield { chunk_count, bits }.to_bytes())
         .await?;
     loop {
@@ -234,24 +246,39 @@ async fn serve_have(
             _ = send.stopped() => return Ok(()),
         };
         let mut indices = Vec::new();
+        let mut lagged = false;
         match first {
             Ok(i) => indices.push(i),
-            Err(RecvError::Lagged(_)) => {
-                // Fell behind: resend the whole picture rather than guess.
-                let Some((chunk_count, bits)) = inner.store.bitfield(&blob) else {
-                    break;
-                };
-                send.write_all(&Frame::HaveBitfield { chunk_count, bits }.to_bytes())
-                    .await?;
-                continue;
+            Err(RecvError::Lagged(_)) => lagged = true,
+            Err(RecvError::Closed) => {
+                // The blob is gone from the store: nothing more to tell.
+                final_bitfield = false;
+                break;
             }
-            Err(RecvError::Closed) => break,
         }
         // Batch whatever else is already waiting into the same delta.
-        while let Ok(i) = updates.try_recv() {
-            indices.push(i);
+        while !lagged {
+            match updates.try_recv() {
+                Ok(i) => indices.push(i),
+                Err(TryRecvError::Lagged(_)) => lagged = true,
+                Err(TryRecvError::Empty | TryRecvError::Closed) => break,
+            }
+        }
+        if lagged {
+            // Fell behind: resend the whole picture rather than guess.
+            let Some((chunk_count, bits)) = inner.store.bitfield(&blob) else {
+                final_bitfield = false;
+                break;
+            };
+            send.write_all(&Frame::HaveBitfield { chunk_count, bits }.to_bytes())
+                .await?;
+            continue;
         }
         send.write_all(&Frame::HaveDelta { indices }.to_bytes())
+            .await?;
+    }
+    if final_bitfield && let Some((chunk_count, bits)) = inner.store.bitfield(&blob) {
+        send.write_all(&Frame::HaveBitfield { chunk_count, bits }.to_bytes())
             .await?;
     }
     send.finish()?;
