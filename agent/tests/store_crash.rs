@@ -205,3 +205,30 @@ fn store_unreadable_manifest_and_orphans_are_removed_on_open() {
     store.insert_manifest(&bad).expect("reinsert");
     assert_eq!(store.present_count(&bad.digest()), Some(0));
 }
+
+#[test]
+fn store_one_unrecoverable_blob_does_not_keep_the_store_from_opening() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (good_data, good) = blob(21, 2 * CHUNK as usize);
+    let (bad_data, bad) = blob(22, 2 * CHUNK as usize);
+    {
+        let store = open(dir.path(), QUOTA);
+        for (data, m) in [(&good_data, &good), (&bad_data, &bad)] {
+            store.insert_manifest(m).expect("insert");
+            put(&store, data, m, [0, 1]);
+        }
+        store.flush().expect("flush");
+    }
+    // An IO error on one blob's files (here its journal is not a file at all).
+    let journal = journal_file(dir.path(), &bad.digest());
+    fs::remove_file(&journal).expect("remove journal");
+    fs::create_dir(&journal).expect("journal as a directory");
+
+    let store = open(dir.path(), QUOTA);
+    assert_eq!(present(&store, &good), vec![0, 1]);
+    assert_present_chunks_match(&store, &good_data, &good);
+    assert!(
+        store.manifest(&bad.digest()).is_none(),
+        "the broken blob is dropped"
+    );
+}

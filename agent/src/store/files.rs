@@ -117,11 +117,18 @@ pub(crate) fn recover_all(dir: &Path) -> Result<Vec<Opened>, StoreError> {
         let path = dir.join(name);
         let (stem, ext) = name.split_once('.').unwrap_or((name, ""));
         match ext {
-            MANIFEST_EXT => {
-                if let Some(opened) = recover(dir, stem)? {
-                    blobs.push(opened);
+            MANIFEST_EXT => match recover(dir, stem) {
+                Ok(Some(opened)) => blobs.push(opened),
+                Ok(None) => {}
+                // One blob that cannot be recovered (an IO error on its files) is dropped
+                // like a damaged one, not allowed to keep the whole store from opening.
+                Err(e) => {
+                    tracing::warn!(blob = stem, error = %e, "deleting blob that could not be recovered");
+                    if let Err(e) = remove_stem(dir, stem) {
+                        tracing::warn!(blob = stem, error = %e, "could not delete it either; skipping it");
+                    }
                 }
-            }
+            },
             DATA_EXT | JOURNAL_EXT if manifests.contains(stem) => {}
             _ => {
                 if !ext.ends_with(TMP_EXT) {
