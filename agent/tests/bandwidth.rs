@@ -6,9 +6,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use shoal_agent::RateLimiter;
-use shoal_agent::store::{Store, StoreConfig};
-use shoal_agent::transport::tls::{AgentIdentity, ClusterCa};
-use shoal_agent::transport::{ChunkEndpoint, TransportConfig};
+use shoal_agent::transport::TransportConfig;
+use shoal_agent::transport::tls::ClusterCa;
 use shoal_proto::Manifest;
 
 const CHUNK: u32 = 64 << 10;
@@ -16,38 +15,14 @@ const LIMIT: u64 = 2 << 20;
 const BURST: u64 = 2 * CHUNK as u64;
 const SIZE: usize = 3 << 20;
 
-struct Node {
-    endpoint: ChunkEndpoint,
-    _dir: tempfile::TempDir,
-}
+#[path = "support/node.rs"]
+mod support;
 
-fn node(identity: &AgentIdentity, config: TransportConfig) -> Result<Node> {
-    let dir = tempfile::tempdir()?;
-    let store = Store::open(StoreConfig {
-        root: dir.path().to_path_buf(),
-        quota_bytes: 1 << 30,
-    })?;
-    let endpoint = ChunkEndpoint::bind("127.0.0.1:0".parse()?, identity, store, config)?;
-    Ok(Node {
-        endpoint,
-        _dir: dir,
-    })
-}
+use support::{Node, node, seed};
 
 fn seeded(node: &Node) -> Result<Manifest> {
     let data: Vec<u8> = (0..SIZE).map(|i| (i * 31 % 251) as u8).collect();
-    let manifest = Manifest::from_reader(&data[..], CHUNK)?;
-    let store = node.endpoint.store();
-    store.insert_manifest(&manifest)?;
-    for i in manifest.chunk_indices() {
-        let r = manifest.chunk_range(i)?;
-        store.put_chunk(
-            &manifest.digest(),
-            i,
-            &data[r.start as usize..r.end as usize],
-        )?;
-    }
-    Ok(manifest)
+    seed(node, &data, CHUNK)
 }
 
 fn capped() -> Option<Arc<RateLimiter>> {

@@ -1,7 +1,7 @@
 //! Content store behaviour on real files: round trips, verification, restart, whole-blob
 //! checks, eviction and concurrent readers and writers.
 
-#[path = "store_util.rs"]
+#[path = "support/store.rs"]
 mod util;
 
 use std::collections::HashSet;

@@ -1,7 +1,7 @@
 //! Crash recovery of the content store: files are left as a crash or power loss would leave
 //! them, then the store is reopened.
 
-#[path = "store_util.rs"]
+#[path = "support/store.rs"]
 mod util;
 
 use std::fs;

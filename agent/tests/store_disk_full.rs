@@ -1,7 +1,7 @@
 //! The content store on a real, small, full filesystem: a 4 MiB tmpfs. Needs root to mount
 //! (CI runs as root); fails rather than skips without it.
 
-#[path = "store_util.rs"]
+#[path = "support/store.rs"]
 mod util;
 
 use std::fs::{File, OpenOptions};

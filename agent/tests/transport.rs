@@ -4,59 +4,17 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use shoal_agent::store::{Store, StoreConfig};
 use shoal_agent::transport::tls::{AgentIdentity, ClusterCa};
-use shoal_agent::transport::{ChunkEndpoint, FetchError, HaveUpdate, TransportConfig};
+use shoal_agent::transport::{FetchError, HaveUpdate, TransportConfig};
 use shoal_proto::wire::{ErrorStatus, bitfield_get};
 use shoal_proto::{CHUNK_SIZE, ChunkIndex, Manifest};
 
+#[path = "support/node.rs"]
+mod support;
+
+use support::{node, pseudo_random, seed};
+
 const LOOPBACK: &str = "127.0.0.1:0";
-
-struct Node {
-    endpoint: ChunkEndpoint,
-    _dir: tempfile::TempDir,
-}
-
-fn node(identity: &AgentIdentity, config: TransportConfig) -> Result<Node> {
-    let dir = tempfile::tempdir()?;
-    let store = Store::open(StoreConfig {
-        root: dir.path().to_path_buf(),
-        quota_bytes: 1 << 30,
-    })?;
-    let endpoint = ChunkEndpoint::bind(LOOPBACK.parse()?, identity, store, config)?;
-    Ok(Node {
-        endpoint,
-        _dir: dir,
-    })
-}
-
-fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-/// Puts a whole blob into a node's store, as `push` would.
-fn seed(node: &Node, data: &[u8], chunk_size: u32) -> Result<Manifest> {
-    let manifest = Manifest::from_reader(data, chunk_size)?;
-    let store = node.endpoint.store();
-    store.insert_manifest(&manifest)?;
-    for i in manifest.chunk_indices() {
-        let r = manifest.chunk_range(i)?;
-        store.put_chunk(
-            &manifest.digest(),
-            i,
-            &data[r.start as usize..r.end as usize],
-        )?;
-    }
-    Ok(manifest)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn moves_a_64_mib_blob_with_every_chunk_verified() -> Result<()> {
