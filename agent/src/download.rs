@@ -218,6 +218,8 @@ impl Download<'_> {
         ));
         self.picker
             .add_source(host(key), ChunkSet::empty(self.manifest.chunk_count()));
+        // Ask this source for our own stripe first, so its downloaders don't overlap.
+        self.picker.set_stripe(host(key), s.stripe, s.stripes);
         self.by_agent.insert(s.agent_id.clone(), key);
         self.sources.push(Some(Source {
             agent_id: s.agent_id,

@@ -290,7 +290,7 @@ async fn execute(
                 agent_id: p.agent_id.clone(),
                 quic_addresses: p.quic_addresses.clone(),
                 complete: true,
-                chunks: None,
+                ..Default::default()
             });
         }
         download::download(shared, order.order_id, manifest.clone(), sources, control).await?

@@ -85,7 +85,8 @@ pub struct StateConfig {
 #[derive(Debug)]
 struct Order {
     id: u64,
-    sources: BTreeSet<HostId>,
+    /// Each source with the stripe this download asks it for (see `stripe_for`).
+    sources: BTreeMap<HostId, u32>,
 }
 
 struct Watcher {
@@ -342,9 +343,15 @@ impl State {
             (host, blob),
             Order {
                 id,
-                sources: sources.into_iter().collect(),
+                sources: BTreeMap::new(),
             },
         );
+        for source in sources {
+            let stripe = self.stripe_for(blob, source);
+            if let Some(order) = self.orders.get_mut(&(host, blob)) {
+                order.sources.insert(source, stripe);
+            }
+        }
         self.deliver_order(host, blob);
         self.mark_running(host, blob);
     }
@@ -364,7 +371,7 @@ impl State {
             blob_digest: blob.as_bytes().to_vec(),
             manifest: Some(pb::Manifest::from(manifest.as_ref())),
             sources: (order.sources.iter())
-                .filter_map(|s| self.source(*s, &blob))
+                .filter_map(|(s, stripe)| self.source(*s, &blob, *stripe))
                 .collect(),
             origin: None,
             priority: self.priority_of(host, blob),
@@ -403,16 +410,29 @@ impl State {
             return;
         };
         let new: BTreeSet<HostId> = sources.into_iter().collect();
-        let add = new
-            .difference(&order.sources)
-            .filter_map(|s| self.source(*s, &blob))
+        let order_id = order.id;
+        let removed: Vec<HostId> = (order.sources.keys())
+            .filter(|s| !new.contains(s))
+            .copied()
             .collect();
-        let remove = order
-            .sources
-            .difference(&new)
+        let added: Vec<HostId> = (new.iter())
+            .filter(|s| !order.sources.contains_key(s))
+            .copied()
+            .collect();
+        let mut add = Vec::new();
+        for source in added {
+            let stripe = self.stripe_for(blob, source);
+            add.extend(self.source(source, &blob, stripe));
+            if let Some(order) = self.orders.get_mut(&(host, blob)) {
+                order.sources.insert(source, stripe);
+            }
+        }
+        let remove = (removed.iter())
             .filter_map(|s| self.agents.get(*s).map(|a| a.id.clone()))
             .collect();
-        let order_id = order.id;
+        if let Some(order) = self.orders.get_mut(&(host, blob)) {
+            order.sources.retain(|s, _| !removed.contains(s));
+        }
         self.agents.send(
             host,
             pb::coordinator_message::Msg::SourceUpdate(pb::SourceUpdate {
@@ -421,19 +441,34 @@ impl State {
                 remove,
             }),
         );
-        if let Some(order) = self.orders.get_mut(&(host, blob)) {
-            order.sources = new;
-        }
     }
 
-    fn source(&self, host: HostId, blob: &Digest) -> Option<pb::Source> {
+    /// The lowest stripe no other running download of `blob` asks `source` for. Downloaders
+    /// of one source then ask it for different chunks, so its upload puts new chunks into the
+    /// swarm rather than one chunk into several hosts that could relay it to each other.
+    fn stripe_for(&self, blob: Digest, source: HostId) -> u32 {
+        let taken: BTreeSet<u32> = (self.orders.iter())
+            .filter(|((_, b), _)| *b == blob)
+            .filter_map(|(_, o)| o.sources.get(&source).copied())
+            .collect();
+        (0..).find(|s| !taken.contains(s)).unwrap_or(0)
+    }
+
+    fn source(&self, host: HostId, blob: &Digest, stripe: u32) -> Option<pb::Source> {
         let agent = self.agents.get(host)?;
         Some(pb::Source {
             agent_id: agent.id.clone(),
             quic_addresses: agent.addrs.clone(),
             complete: self.catalog.holds_complete(blob, host),
             chunks: None,
+            stripe: stripe % self.stripes(),
+            stripes: self.stripes(),
         })
+    }
+
+    /// Stripes per source: as many as downloads a source serves at once.
+    fn stripes(&self) -> u32 {
+        self.config.assigner.max_uploads.max(1) as u32
     }
 
     fn on_agent_message(&mut self, session: SessionId, msg: agent_message::Msg) {

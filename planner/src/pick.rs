@@ -78,6 +78,8 @@ struct Source {
     rtt_sampled: Option<Duration>,
     rtt_given: Option<Duration>,
     last_done: Time,
+    /// Chunks to prefer from this source (its stripe), if the driver gave one.
+    preferred: Option<ChunkSet>,
 }
 
 /// Chunk picking for one blob download: per-chunk decisions across its assigned sources.
@@ -135,6 +137,7 @@ impl ChunkPicker {
                 rtt_sampled: None,
                 rtt_given: None,
                 last_done: Time::ZERO,
+                preferred: None,
             },
         );
         self.source_have(source, has.iter());
@@ -172,6 +175,25 @@ impl ChunkPicker {
         abandoned
     }
 
+    /// Prefer, from `source`, chunks `i` with `i % stripes == stripe` while any is eligible.
+    /// The coordinator gives each downloader of one source its own stripe, so that they ask
+    /// it for different chunks: a source's upload (a seeder's above all) then injects new
+    /// chunks into the swarm instead of the same chunk to several downloaders, which peers
+    /// could have relayed. `stripes == 0` clears the preference.
+    pub fn set_stripe(&mut self, source: HostId, stripe: u32, stripes: u32) {
+        let n = self.have.len();
+        let Some(s) = self.sources.get_mut(&source) else {
+            return;
+        };
+        s.preferred = (stripes > 1).then(|| {
+            let mut set = ChunkSet::empty(n);
+            for i in (stripe % stripes..n).step_by(stripes as usize) {
+                set.insert(ChunkIndex(i));
+            }
+            set
+        });
+    }
+
     /// Sets the RTT to `source` as measured by the transport (e.g. QUIC's smoothed RTT);
     /// overrides the picker's own estimate.
     pub fn set_rtt(&mut self, source: HostId, rtt: Duration) {
@@ -191,14 +213,30 @@ impl ChunkPicker {
         }
         let nwords = self.have.words().len();
         let has = s.has.words();
+        // The source's stripe first (all ones when it has none), then anything.
+        let preferred = s.preferred.as_ref().map(ChunkSet::words);
+        let masks: [&dyn Fn(usize) -> u64; 2] =
+            [&|w| preferred.map_or(u64::MAX, |p| p[w]), &|_| u64::MAX];
+        let masks = if preferred.is_some() {
+            &masks[..]
+        } else {
+            &masks[1..]
+        };
         let pick = if self.picks < self.config.random_first {
             let (have, busy) = (self.have.words(), self.in_flight_bits.words());
-            random_bit(&mut self.rng, nwords, |w| has[w] & !have[w] & !busy[w])
+            let rng = &mut self.rng;
+            masks
+                .iter()
+                .find_map(|m| random_bit(rng, nwords, |w| has[w] & !have[w] & !busy[w] & m(w)))
         } else {
             let rng = &mut self.rng;
             (self.buckets.iter().skip(1))
                 .filter(|b| !b.is_empty())
-                .find_map(|b| random_bit(rng, nwords, |w| b.words()[w] & has[w]))
+                .find_map(|b| {
+                    masks
+                        .iter()
+                        .find_map(|m| random_bit(rng, nwords, |w| b.words()[w] & has[w] & m(w)))
+                })
         };
         let (index, duplicate) = match pick {
             Some(i) => {

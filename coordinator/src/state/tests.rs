@@ -1,6 +1,7 @@
 //! The state machine driven directly, without gRPC: sessions are plain channels, the
 //! database a real redb file in a temporary directory.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -217,5 +218,38 @@ fn after_a_restart_targets_of_agents_that_never_return_fail_agent_lost() {
         targets[0].message.contains("target"),
         "{}",
         targets[0].message
+    );
+}
+
+#[test]
+fn downloaders_of_one_source_get_different_stripes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut s = state(dir.path(), Duration::from_secs(30));
+    let seeder = join(&mut s, "seeder", 1);
+    let (seeder_session, _i) = open(&mut s, &seeder);
+    let m = manifest();
+    register(&mut s, seeder_session, &m);
+    let mut inboxes = Vec::new();
+    for (i, id) in ["t1", "t2", "t3"].iter().enumerate() {
+        let joined = join(&mut s, id, 10 + i as u16);
+        inboxes.push(open(&mut s, &joined).1);
+    }
+    distribute(&mut s, m.digest(), &["t1", "t2", "t3"]).expect("distribute");
+    let mut stripes = BTreeSet::new();
+    for inbox in &mut inboxes {
+        let order = orders(inbox).pop().expect("order");
+        let from_seeder = (order.sources.iter())
+            .find(|src| src.agent_id == "seeder")
+            .expect("the seeder is a source");
+        assert_eq!(
+            from_seeder.stripes,
+            AssignerConfig::default().max_uploads as u32
+        );
+        stripes.insert(from_seeder.stripe);
+    }
+    assert_eq!(
+        stripes.len(),
+        3,
+        "each downloader of the seeder has its own stripe"
     );
 }

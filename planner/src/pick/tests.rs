@@ -313,3 +313,31 @@ fn no_duplicates_while_another_source_has_unrequested_chunks() {
     assert!(from_c.iter().all(|i| !from_b.contains(i)));
     assert_eq!(p.stats().duplicate_requests, 5);
 }
+
+#[test]
+fn downloaders_of_one_source_ask_it_for_their_own_stripes() {
+    let n = 64;
+    let picks = |stripe: u32, seed: u64| {
+        let mut p = ChunkPicker::new(ChunkSet::empty(n), seed, config(8));
+        p.add_source(A, set(n, 0..n));
+        p.set_stripe(A, stripe, 3);
+        drain(&mut p, A)
+    };
+    // Random-first and rarest-first picks alike stay in the stripe while it has chunks.
+    for (stripe, seed) in [(0, 1), (1, 2), (2, 3)] {
+        let got = picks(stripe, seed);
+        assert_eq!(got.len(), 8);
+        assert!(
+            got.iter().all(|i| i % 3 == stripe),
+            "stripe {stripe}: {got:?}"
+        );
+    }
+
+    // Once the stripe is exhausted, anything the source has is still picked.
+    let mut p = ChunkPicker::new(set(n, 0..n - 2), 9, config(8));
+    p.add_source(A, set(n, 0..n));
+    p.set_stripe(A, 0, 3); // chunk 63 is in stripe 0, chunk 62 in stripe 2
+    let mut got = drain(&mut p, A);
+    got.sort();
+    assert_eq!(got, vec![62, 63]);
+}
