@@ -73,3 +73,47 @@ fn usage_errors_exit_2_with_one_line() {
     assert_eq!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stdout).contains("Usage"));
 }
+
+#[test]
+fn a_bad_configuration_value_exits_2_and_names_the_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = shoal()
+        .args([
+            "coordinator",
+            "--join-token",
+            "t",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--state-dir")
+        .arg(dir.path())
+        .env("SHOAL_LEASE_MS", "soon")
+        .output()
+        .expect("run shoal");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("lease_ms"), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+
+    let file = dir.path().join("agent.toml");
+    std::fs::write(&file, "join_token = \"t\"\nquota_gb = 5\n").expect("write");
+    let out = shoal()
+        .arg("agent")
+        .arg("--config")
+        .arg(&file)
+        .output()
+        .expect("run shoal");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("quota_gb"), "{stderr}");
+
+    let out = shoal()
+        .args(["coordinator", "--listen", "127.0.0.1:0"])
+        .arg("--state-dir")
+        .arg(dir.path())
+        .env_remove("SHOAL_JOIN_TOKEN")
+        .output()
+        .expect("run shoal");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("join_token"));
+}
