@@ -121,6 +121,24 @@ impl std::fmt::Debug for State {
     }
 }
 
+/// One page of `items` in the order of their keys: those after `token` (a key from the
+/// previous page), at most `size` (0 = 100). Returns the page and the token for the next
+/// one (empty when none is left). Keys are stable, so inserts between pages skip or
+/// repeat nothing.
+fn page<T>(mut items: Vec<(String, T)>, size: u32, token: &str) -> (Vec<T>, String) {
+    items.sort_by(|a, b| a.0.cmp(&b.0));
+    let size = if size == 0 { 100 } else { size as usize };
+    let mut rest = items
+        .into_iter()
+        .skip_while(|(key, _)| !token.is_empty() && key.as_str() <= token);
+    let page: Vec<(String, T)> = rest.by_ref().take(size).collect();
+    let next = match (rest.next(), page.last()) {
+        (Some(_), Some((key, _))) => key.clone(),
+        _ => String::new(),
+    };
+    (page.into_iter().map(|(_, t)| t).collect(), next)
+}
+
 /// How often the state task looks at leases, deadlines and watchers.
 const TICK: Duration = Duration::from_millis(250);
 

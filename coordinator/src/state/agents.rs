@@ -331,6 +331,10 @@ impl State {
                     .all(|(k, v)| a.labels.get(k) == Some(v))
             })
             .filter(|a| req.state == 0 || a.state as i32 == req.state)
+            .map(|a| (a.id.clone(), a))
+            .collect();
+        let (page, next_page_token) = super::page(agents, req.page_size, &req.page_token);
+        let agents = (page.into_iter())
             .map(|a| {
                 let (held, partial) = self.catalog.counts_for(a.host);
                 pb::AgentInfo {
@@ -353,7 +357,7 @@ impl State {
             .collect();
         pb::ListAgentsResponse {
             agents,
-            next_page_token: String::new(),
+            next_page_token,
         }
     }
 }

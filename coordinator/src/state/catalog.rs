@@ -136,10 +136,14 @@ impl Catalog {
         }
     }
 
-    pub fn list(&self, _req: pb::ListBlobsRequest) -> pb::ListBlobsResponse {
+    pub fn list(&self, req: pb::ListBlobsRequest) -> pb::ListBlobsResponse {
+        let blobs = (self.blobs.iter())
+            .map(|(d, e)| (d.to_string(), e))
+            .collect();
+        let (page, next_page_token) = super::page(blobs, req.page_size, &req.page_token);
         pb::ListBlobsResponse {
-            blobs: self.blobs.values().map(|e| self.info(e)).collect(),
-            next_page_token: String::new(),
+            blobs: page.into_iter().map(|e| self.info(e)).collect(),
+            next_page_token,
         }
     }
 }

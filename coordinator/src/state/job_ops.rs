@@ -440,22 +440,20 @@ impl State {
 
     pub(super) fn list_jobs(&self, req: pb::ListJobsRequest) -> pb::ListJobsResponse {
         let now = SystemTime::now();
-        let mut jobs: Vec<pb::Job> = self
-            .jobs
-            .values()
+        // Most recent first: the key inverts the creation time, then the id breaks ties.
+        let jobs = (self.jobs.values())
             .filter(|j| req.state == 0 || j.record.state == req.state)
-            .map(|j| j.to_pb(false, now))
+            .map(|j| {
+                let t = j.record.created_at.unwrap_or_default();
+                let age = i64::MAX - t.seconds;
+                let key = format!("{age:020}{:09}{}", 999_999_999 - t.nanos.max(0), j.id());
+                (key, j)
+            })
             .collect();
-        jobs.sort_by_key(|j| std::cmp::Reverse(j.created_at.map(|t| (t.seconds, t.nanos))));
-        let limit = if req.page_size == 0 {
-            100
-        } else {
-            req.page_size as usize
-        };
-        jobs.truncate(limit);
+        let (page, next_page_token) = super::page(jobs, req.page_size, &req.page_token);
         pb::ListJobsResponse {
-            jobs,
-            next_page_token: String::new(),
+            jobs: page.into_iter().map(|j| j.to_pb(false, now)).collect(),
+            next_page_token,
         }
     }
 

@@ -253,3 +253,43 @@ fn downloaders_of_one_source_get_different_stripes() {
         "each downloader of the seeder has its own stripe"
     );
 }
+
+#[test]
+fn lists_page_through_everything_once() {
+    fn items(keys: &[&'static str]) -> Vec<(String, &'static str)> {
+        keys.iter().map(|k| (k.to_string(), *k)).collect()
+    }
+    let all = ["d", "a", "c", "e", "b"];
+    let (first, token) = super::page(items(&all), 2, "");
+    assert_eq!((first, token.as_str()), (vec!["a", "b"], "b"));
+    // An item inserted before the cursor meanwhile does not shift the next page.
+    let (second, token) = super::page(items(&["d", "a", "aa", "c", "e", "b"]), 2, &token);
+    assert_eq!((second, token.as_str()), (vec!["c", "d"], "d"));
+    let (third, token) = super::page(items(&all), 2, &token);
+    assert_eq!((third, token.as_str()), (vec!["e"], ""));
+
+    // ListJobs: most recent first, pages of one.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut s = state(dir.path(), Duration::from_secs(30));
+    let seeder = join(&mut s, "seeder", 1);
+    let (session, _i) = open(&mut s, &seeder);
+    let m = manifest();
+    register(&mut s, session, &m);
+    let target = join(&mut s, "target", 2);
+    let _t = open(&mut s, &target);
+    let older = distribute(&mut s, m.digest(), &["target"]).expect("job");
+    std::thread::sleep(Duration::from_millis(5));
+    let newer = distribute(&mut s, m.digest(), &["target"]).expect("job");
+    let list = |token: &str| {
+        s.list_jobs(pb::ListJobsRequest {
+            state: 0,
+            page_size: 1,
+            page_token: token.into(),
+        })
+    };
+    let p1 = list("");
+    assert_eq!(p1.jobs[0].job_id, newer);
+    let p2 = list(&p1.next_page_token);
+    assert_eq!(p2.jobs[0].job_id, older);
+    assert!(p2.next_page_token.is_empty());
+}
