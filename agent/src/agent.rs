@@ -73,6 +73,8 @@ pub(crate) struct Counters {
     pub bytes_from_peers: AtomicU64,
     pub chunks_verified: AtomicU64,
     pub chunks_rejected: AtomicU64,
+    /// Bytes per second served to peers, as of the last load report.
+    pub upload_rate: AtomicU64,
 }
 
 /// State every task of the agent shares.
@@ -98,6 +100,13 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// What the store may still take under its quota.
+    pub(crate) fn disk_free(&self) -> u64 {
+        self.config
+            .quota_bytes
+            .saturating_sub(self.store.usage_bytes())
+    }
+
     pub(crate) fn agent_id(&self) -> String {
         self.agent_id
             .read()

@@ -264,6 +264,7 @@ async fn connect_once(
     load.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut seq = 0u64;
     let mut last_sent = Instant::now();
+    let mut uploaded = UploadRate::new(shared);
     let connected_at = Instant::now();
     let mut stable = false;
     loop {
@@ -300,7 +301,10 @@ async fn connect_once(
             _ = progress.tick() => {
                 shared.transfers.progress_batch().map(|b| pb::AgentMessage { msg: Some(Msg::Progress(b)) })
             }
-            _ = load.tick() => Some(pb::AgentMessage { msg: Some(Msg::Load(load_report(shared))) }),
+            _ = load.tick() => {
+                let report = load_report(shared, uploaded.rate(shared));
+                Some(pb::AgentMessage { msg: Some(Msg::Load(report)) })
+            }
             _ = heartbeat.tick() => {
                 if last_sent.elapsed() >= beat_every {
                     seq += 1;
@@ -379,16 +383,38 @@ async fn inventory(shared: &Arc<Shared>) -> Vec<pb::Inventory> {
     messages
 }
 
-fn load_report(shared: &Shared) -> pb::Load {
+/// Bytes served to peers per second since the previous load report.
+struct UploadRate {
+    bytes: u64,
+    at: Instant,
+}
+
+impl UploadRate {
+    fn new(shared: &Shared) -> Self {
+        Self {
+            bytes: shared.endpoint.serve_stats().bytes_served,
+            at: Instant::now(),
+        }
+    }
+
+    /// Measures, and records the rate for the local Status call too.
+    fn rate(&mut self, shared: &Shared) -> u64 {
+        let now = Self::new(shared);
+        let secs = now.at.duration_since(self.at).as_secs_f64();
+        let rate = (now.bytes.saturating_sub(self.bytes) as f64 / secs.max(1e-3)) as u64;
+        *self = now;
+        shared.counters.upload_rate.store(rate, Ordering::Relaxed);
+        rate
+    }
+}
+
+fn load_report(shared: &Shared, upload_bytes_per_sec: u64) -> pb::Load {
     pb::Load {
-        upload_bytes_per_sec: 0,
+        upload_bytes_per_sec,
         download_bytes_per_sec: shared.transfers.download_rate(),
-        active_uploads: 0,
+        active_uploads: shared.endpoint.active_uploads() as u32,
         active_downloads: shared.transfers.len() as u32,
-        disk_free_bytes: shared
-            .config
-            .quota_bytes
-            .saturating_sub(shared.store.usage_bytes()),
+        disk_free_bytes: shared.disk_free(),
         disk_total_bytes: shared.config.quota_bytes,
     }
 }

@@ -187,6 +187,12 @@ impl ChunkEndpoint {
     }
 
     /// What the serving side has done so far.
+    /// Chunk requests being served right now.
+    pub fn active_uploads(&self) -> usize {
+        (self.inner.config.max_concurrent_served)
+            .saturating_sub(self.inner.served_limit.available_permits())
+    }
+
     pub fn serve_stats(&self) -> ServeStats {
         self.inner.stats.snapshot()
     }
