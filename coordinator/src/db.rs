@@ -63,6 +63,15 @@ impl Db {
         txn.commit().map_err(err)
     }
 
+    pub fn delete_job(&self, job_id: &str) -> Result<(), DbError> {
+        let txn = self.db.begin_write().map_err(err)?;
+        txn.open_table(JOBS)
+            .map_err(err)?
+            .remove(job_id)
+            .map_err(err)?;
+        txn.commit().map_err(err)
+    }
+
     pub fn blobs(&self) -> Result<Vec<StoredBlob>, DbError> {
         let txn = self.db.begin_read().map_err(err)?;
         let table = txn.open_table(BLOBS).map_err(err)?;

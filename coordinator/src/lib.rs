@@ -42,6 +42,8 @@ pub struct CoordinatorConfig {
     pub max_sources: usize,
     /// Most downloads one agent serves at once.
     pub max_uploads: usize,
+    /// Finished jobs are forgotten this many hours after they end.
+    pub job_retention_hours: u64,
     /// Prometheus metrics address (installed by the binary); none = off.
     pub metrics_listen: Option<SocketAddr>,
 }
@@ -56,6 +58,7 @@ impl Default for CoordinatorConfig {
             heartbeat_ms: 2_000,
             max_sources: 6,
             max_uploads: 8,
+            job_retention_hours: 168,
             metrics_listen: None,
         }
     }
@@ -137,6 +140,7 @@ pub async fn run(
         join_token: config.join_token.clone(),
         lease: Duration::from_millis(config.lease_ms),
         heartbeat: Duration::from_millis(config.heartbeat_ms),
+        job_retention: Duration::from_secs(config.job_retention_hours * 3600),
         assigner: AssignerConfig {
             max_sources: config.max_sources,
             max_uploads: config.max_uploads,

@@ -77,6 +77,8 @@ pub struct StateConfig {
     pub join_token: String,
     pub lease: Duration,
     pub heartbeat: Duration,
+    /// Finished jobs are dropped this long after they end.
+    pub job_retention: Duration,
     pub assigner: AssignerConfig,
     pub seed: u64,
 }
@@ -266,6 +268,7 @@ impl State {
         self.expire_deadlines();
         self.push_watchers();
         self.flush_jobs();
+        self.forget_old_jobs();
         self.export_metrics();
     }
 

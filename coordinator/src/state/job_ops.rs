@@ -476,6 +476,32 @@ impl State {
             .map_err(|e| ApiError::Internal(format!("storing job {job_id}: {e}")))
     }
 
+    /// Drops jobs that ended longer than the retention ago, from memory and disk, so a
+    /// long-running coordinator does not grow without bound.
+    pub(super) fn forget_old_jobs(&mut self) {
+        let Some(cutoff) = SystemTime::now().checked_sub(self.config.job_retention) else {
+            return;
+        };
+        let old: Vec<String> = (self.jobs.values())
+            .filter(|j| j.is_terminal())
+            .filter(|j| {
+                (j.record.finished_at)
+                    .and_then(|t| SystemTime::try_from(t).ok())
+                    .is_some_and(|t| t <= cutoff)
+            })
+            .map(|j| j.id().to_string())
+            .collect();
+        for job_id in old {
+            match self.db.delete_job(&job_id) {
+                Ok(()) => {
+                    self.jobs.remove(&job_id);
+                    self.dirty.remove(&job_id);
+                }
+                Err(e) => tracing::error!(job = %job_id, error = %e, "deleting an old job failed"),
+            }
+        }
+    }
+
     pub(super) fn flush_jobs(&mut self) {
         for job_id in std::mem::take(&mut self.dirty) {
             if let Err(e) = self.persist_now(&job_id) {

@@ -20,6 +20,7 @@ fn config(lease: Duration) -> StateConfig {
         join_token: TOKEN.into(),
         lease,
         heartbeat: lease / 4,
+        job_retention: Duration::from_secs(3600),
         assigner: AssignerConfig::default(),
         seed: 7,
     }
@@ -292,4 +293,34 @@ fn lists_page_through_everything_once() {
     let p2 = list(&p1.next_page_token);
     assert_eq!(p2.jobs[0].job_id, older);
     assert!(p2.next_page_token.is_empty());
+}
+
+#[test]
+fn finished_jobs_are_forgotten_after_the_retention() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut s = state(dir.path(), Duration::from_secs(30));
+    let seeder = join(&mut s, "seeder", 1);
+    let (session, _i) = open(&mut s, &seeder);
+    let m = manifest();
+    register(&mut s, session, &m);
+    // Targeting the holder: done at once.
+    let job = distribute(&mut s, m.digest(), &["seeder"]).expect("job");
+    let get = |s: &State| {
+        s.get_job(pb::GetJobRequest {
+            job_id: job.clone(),
+            include_targets: false,
+        })
+    };
+    s.on_tick();
+    assert!(get(&s).is_ok(), "kept within the retention");
+
+    s.config.job_retention = Duration::ZERO;
+    s.on_tick();
+    assert!(matches!(get(&s), Err(ApiError::NotFound(_))));
+    drop(s);
+    let s = state(dir.path(), Duration::from_secs(30));
+    assert!(
+        matches!(get(&s), Err(ApiError::NotFound(_))),
+        "deleted from disk too"
+    );
 }
