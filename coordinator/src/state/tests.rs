@@ -112,14 +112,20 @@ fn target_state(s: &State, job: &str) -> (pb::JobState, Vec<pb::TargetProgress>)
     (job.state(), job.progress.expect("progress").targets)
 }
 
+/// A state with agent "seeder" connected and holding `manifest()`.
+fn with_seeder(dir: &std::path::Path, lease: Duration) -> (State, Manifest, Inbox) {
+    let mut s = state(dir, lease);
+    let seeder = join(&mut s, "seeder", 1);
+    let (session, inbox) = open(&mut s, &seeder);
+    let m = manifest();
+    register(&mut s, session, &m);
+    (s, m, inbox)
+}
+
 #[test]
 fn an_order_made_before_the_session_opens_is_delivered_when_it_does() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut s = state(dir.path(), Duration::from_secs(30));
-    let seeder = join(&mut s, "seeder", 1);
-    let (seeder_session, _seeder_inbox) = open(&mut s, &seeder);
-    let m = manifest();
-    register(&mut s, seeder_session, &m);
+    let (mut s, m, _seeder_inbox) = with_seeder(dir.path(), Duration::from_secs(30));
 
     // The target joined (so it can be named) but its session is not open yet.
     let target = join(&mut s, "target", 2);
@@ -134,11 +140,7 @@ fn an_order_made_before_the_session_opens_is_delivered_when_it_does() {
 #[test]
 fn a_stale_failure_report_does_not_cost_the_current_order() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut s = state(dir.path(), Duration::from_secs(30));
-    let seeder = join(&mut s, "seeder", 1);
-    let (seeder_session, _i) = open(&mut s, &seeder);
-    let m = manifest();
-    register(&mut s, seeder_session, &m);
+    let (mut s, m, _i) = with_seeder(dir.path(), Duration::from_secs(30));
     let target = join(&mut s, "target", 2);
     let (session, mut inbox) = open(&mut s, &target);
     distribute(&mut s, m.digest(), &["target"]).expect("distribute");
@@ -162,11 +164,7 @@ fn a_stale_failure_report_does_not_cost_the_current_order() {
 #[test]
 fn registering_a_wanted_blob_completes_the_target() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut s = state(dir.path(), Duration::from_secs(30));
-    let seeder = join(&mut s, "seeder", 1);
-    let (seeder_session, _i) = open(&mut s, &seeder);
-    let m = manifest();
-    register(&mut s, seeder_session, &m);
+    let (mut s, m, _i) = with_seeder(dir.path(), Duration::from_secs(30));
     let target = join(&mut s, "target", 2);
     let (session, _inbox) = open(&mut s, &target);
     let job = distribute(&mut s, m.digest(), &["target"]).expect("distribute");
@@ -182,11 +180,7 @@ fn after_a_restart_targets_of_agents_that_never_return_fail_agent_lost() {
     let dir = tempfile::tempdir().expect("tempdir");
     let lease = Duration::from_millis(100);
     let (job, first_order) = {
-        let mut s = state(dir.path(), lease);
-        let seeder = join(&mut s, "seeder", 1);
-        let (seeder_session, _i) = open(&mut s, &seeder);
-        let m = manifest();
-        register(&mut s, seeder_session, &m);
+        let (mut s, m, _i) = with_seeder(dir.path(), lease);
         let target = join(&mut s, "target", 2);
         let (_, mut inbox) = open(&mut s, &target);
         let job = distribute(&mut s, m.digest(), &["target"]).expect("distribute");
@@ -225,11 +219,7 @@ fn after_a_restart_targets_of_agents_that_never_return_fail_agent_lost() {
 #[test]
 fn downloaders_of_one_source_get_different_stripes() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut s = state(dir.path(), Duration::from_secs(30));
-    let seeder = join(&mut s, "seeder", 1);
-    let (seeder_session, _i) = open(&mut s, &seeder);
-    let m = manifest();
-    register(&mut s, seeder_session, &m);
+    let (mut s, m, _i) = with_seeder(dir.path(), Duration::from_secs(30));
     let mut inboxes = Vec::new();
     for (i, id) in ["t1", "t2", "t3"].iter().enumerate() {
         let joined = join(&mut s, id, 10 + i as u16);
@@ -271,11 +261,7 @@ fn lists_page_through_everything_once() {
 
     // ListJobs: most recent first, pages of one.
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut s = state(dir.path(), Duration::from_secs(30));
-    let seeder = join(&mut s, "seeder", 1);
-    let (session, _i) = open(&mut s, &seeder);
-    let m = manifest();
-    register(&mut s, session, &m);
+    let (mut s, m, _i) = with_seeder(dir.path(), Duration::from_secs(30));
     let target = join(&mut s, "target", 2);
     let _t = open(&mut s, &target);
     let older = distribute(&mut s, m.digest(), &["target"]).expect("job");
@@ -298,11 +284,7 @@ fn lists_page_through_everything_once() {
 #[test]
 fn finished_jobs_are_forgotten_after_the_retention() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut s = state(dir.path(), Duration::from_secs(30));
-    let seeder = join(&mut s, "seeder", 1);
-    let (session, _i) = open(&mut s, &seeder);
-    let m = manifest();
-    register(&mut s, session, &m);
+    let (mut s, m, _i) = with_seeder(dir.path(), Duration::from_secs(30));
     // Targeting the holder: done at once.
     let job = distribute(&mut s, m.digest(), &["seeder"]).expect("job");
     let get = |s: &State| {
