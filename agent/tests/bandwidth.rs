@@ -34,17 +34,12 @@ fn lower_bound() -> Duration {
     Duration::from_secs_f64((SIZE as u64 - BURST) as f64 / LIMIT as f64 * 0.9)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_capped_uploader_serves_no_faster_than_its_limit() -> Result<()> {
+/// How long a fetcher with `fetcher` takes to move the test blob from a seeder with
+/// `seeder`, every chunk verified.
+async fn timed_fetch(seeder: TransportConfig, fetcher: TransportConfig) -> Result<Duration> {
     let ca = ClusterCa::generate()?;
-    let seeder = node(
-        &ca.issue("seeder")?,
-        TransportConfig {
-            upload_limit: capped(),
-            ..TransportConfig::default()
-        },
-    )?;
-    let fetcher = node(&ca.issue("fetcher")?, TransportConfig::default())?;
+    let seeder = node(&ca.issue("seeder")?, seeder)?;
+    let fetcher = node(&ca.issue("fetcher")?, fetcher)?;
     let manifest = seeded(&seeder)?;
     fetcher.endpoint.store().insert_manifest(&manifest)?;
     let started = Instant::now();
@@ -53,49 +48,37 @@ async fn a_capped_uploader_serves_no_faster_than_its_limit() -> Result<()> {
         .fetch_blob(seeder.endpoint.local_addr(), &manifest)
         .await?;
     let took = started.elapsed();
+    fetcher.endpoint.store().verify_blob(&manifest.digest())?;
+    Ok(took)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capped_uploader_serves_no_faster_than_its_limit() -> Result<()> {
+    let seeder = TransportConfig {
+        upload_limit: capped(),
+        ..TransportConfig::default()
+    };
+    let took = timed_fetch(seeder, TransportConfig::default()).await?;
     assert!(took >= lower_bound(), "3 MiB at 2 MiB/s took only {took:?}");
     assert!(took < Duration::from_secs(10), "far too slow: {took:?}");
-    fetcher.endpoint.store().verify_blob(&manifest.digest())?;
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_capped_downloader_fetches_no_faster_than_its_limit() -> Result<()> {
-    let ca = ClusterCa::generate()?;
-    let seeder = node(&ca.issue("seeder")?, TransportConfig::default())?;
-    let fetcher = node(
-        &ca.issue("fetcher")?,
-        TransportConfig {
-            download_limit: capped(),
-            ..TransportConfig::default()
-        },
-    )?;
-    let manifest = seeded(&seeder)?;
-    fetcher.endpoint.store().insert_manifest(&manifest)?;
-    let started = Instant::now();
-    fetcher
-        .endpoint
-        .fetch_blob(seeder.endpoint.local_addr(), &manifest)
-        .await?;
-    let took = started.elapsed();
+    let fetcher = TransportConfig {
+        download_limit: capped(),
+        ..TransportConfig::default()
+    };
+    let took = timed_fetch(TransportConfig::default(), fetcher).await?;
     assert!(took >= lower_bound(), "3 MiB at 2 MiB/s took only {took:?}");
-    fetcher.endpoint.store().verify_blob(&manifest.digest())?;
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uncapped_endpoints_are_not_slowed() -> Result<()> {
-    let ca = ClusterCa::generate()?;
-    let seeder = node(&ca.issue("seeder")?, TransportConfig::default())?;
-    let fetcher = node(&ca.issue("fetcher")?, TransportConfig::default())?;
-    let manifest = seeded(&seeder)?;
-    fetcher.endpoint.store().insert_manifest(&manifest)?;
-    let started = Instant::now();
-    fetcher
-        .endpoint
-        .fetch_blob(seeder.endpoint.local_addr(), &manifest)
-        .await?;
-    assert!(started.elapsed() < lower_bound(), "{:?}", started.elapsed());
+    let took = timed_fetch(TransportConfig::default(), TransportConfig::default()).await?;
+    assert!(took < lower_bound(), "{took:?}");
     Ok(())
 }
 
