@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use shoal_planner::{Assigner, AssignerConfig, Command, Event, HostId, Notice, Time};
+use shoal_planner::{Assigner, AssignerConfig, BlobId, Command, Event, HostId, Notice, Time};
 use shoal_proto::pb::v1::{self as pb, agent_message};
 use shoal_proto::{Digest, Manifest};
 use tokio::sync::{mpsc, oneshot};
@@ -87,7 +87,7 @@ pub struct StateConfig {
 #[derive(Debug)]
 struct Order {
     id: u64,
-    /// Each source with the stripe this download asks it for (see `stripe_for`).
+    /// Each source with the stripe this download asks it for (see `Assigner::stripe`).
     sources: BTreeMap<HostId, u32>,
 }
 
@@ -368,7 +368,7 @@ impl State {
             },
         );
         for source in sources {
-            let stripe = self.stripe_for(blob, source);
+            let stripe = self.stripe_for(host, blob, source);
             if let Some(order) = self.orders.get_mut(&(host, blob)) {
                 order.sources.insert(source, stripe);
             }
@@ -442,7 +442,7 @@ impl State {
             .collect();
         let mut add = Vec::new();
         for source in added {
-            let stripe = self.stripe_for(blob, source);
+            let stripe = self.stripe_for(host, blob, source);
             add.extend(self.source(source, &blob, stripe));
             if let Some(order) = self.orders.get_mut(&(host, blob)) {
                 order.sources.insert(source, stripe);
@@ -464,15 +464,11 @@ impl State {
         );
     }
 
-    /// The lowest stripe no other running download of `blob` asks `source` for. Downloaders
-    /// of one source then ask it for different chunks, so its upload puts new chunks into the
-    /// swarm rather than one chunk into several hosts that could relay it to each other.
-    fn stripe_for(&self, blob: Digest, source: HostId) -> u32 {
-        let taken: BTreeSet<u32> = (self.orders.iter())
-            .filter(|((_, b), _)| *b == blob)
-            .filter_map(|(_, o)| o.sources.get(&source).copied())
-            .collect();
-        (0..).find(|s| !taken.contains(s)).unwrap_or(0)
+    /// The stripe the planner gave (host, blob) on `source`.
+    fn stripe_for(&self, host: HostId, blob: Digest, source: HostId) -> u32 {
+        self.assigner
+            .stripe(BlobId(blob), host, source)
+            .unwrap_or(0)
     }
 
     fn source(&self, host: HostId, blob: &Digest, stripe: u32) -> Option<pb::Source> {
@@ -487,9 +483,8 @@ impl State {
         })
     }
 
-    /// Stripes per source: as many as downloads a source serves at once.
     fn stripes(&self) -> u32 {
-        self.config.assigner.max_uploads.max(1) as u32
+        self.assigner.stripes().max(1)
     }
 
     fn on_agent_message(&mut self, session: SessionId, msg: agent_message::Msg) {

@@ -68,10 +68,18 @@ struct Host {
     lease_expiry: Time,
     salt: u64,
     holdings: BTreeMap<BlobId, Holding>,
-    /// Downloads this host serves, with the upload rate reserved for each.
-    serving: BTreeMap<(BlobId, HostId), u64>,
+    /// Downloads this host serves, with the upload rate reserved for each and its stripe.
+    serving: BTreeMap<(BlobId, HostId), Serve>,
     committed_bps: u64,
     wants: BTreeSet<BlobId>,
+}
+
+/// One download a source serves: the upload rate reserved for it, and its stripe (see
+/// [`Assigner::stripe`]).
+#[derive(Clone, Copy, Debug)]
+struct Serve {
+    rate: u64,
+    stripe: u32,
 }
 
 #[derive(Debug)]
@@ -240,6 +248,21 @@ impl Assigner {
             .downloads
             .get(&host)
             .map(|d| d.sources.as_slice())
+    }
+
+    /// The stripe `target` should prefer from `source` for `blob`, out of [`Self::stripes`]:
+    /// the lowest one no other download of `blob` from `source` had when it was assigned.
+    /// Downloaders of one source then ask it for different chunks, so its upload puts new
+    /// chunks into the swarm rather than one chunk into several hosts that could relay it to
+    /// each other.
+    pub fn stripe(&self, blob: BlobId, target: HostId, source: HostId) -> Option<u32> {
+        let s = self.hosts.get(&source)?;
+        s.serving.get(&(blob, target)).map(|v| v.stripe)
+    }
+
+    /// Stripes per source: as many as downloads a source serves at once.
+    pub fn stripes(&self) -> u32 {
+        u32::try_from(self.config.max_uploads).unwrap_or(u32::MAX)
     }
 
     /// Downloads `host` is serving right now, over all blobs.

@@ -3,7 +3,9 @@
 
 use std::cmp::Reverse;
 
-use super::{Assigner, Blob, Command, Download, HolderKey, Holding, HungryKey, OFFER_SCAN_LIMIT};
+use super::{
+    Assigner, Blob, Command, Download, HolderKey, Holding, HungryKey, OFFER_SCAN_LIMIT, Serve,
+};
 use crate::{BlobId, HostId};
 
 impl Assigner {
@@ -14,7 +16,7 @@ impl Assigner {
             if h.serving.len() > self.config.max_uploads {
                 return Err(format!("{id} serves {} > F", h.serving.len()));
             }
-            let sum: u64 = h.serving.values().sum();
+            let sum: u64 = h.serving.values().map(|v| v.rate).sum();
             if sum != h.committed_bps || sum > h.upload_bps {
                 return Err(format!("{id} committed {sum} of {} bps", h.upload_bps));
             }
@@ -185,7 +187,13 @@ impl Assigner {
     pub(super) fn assign(&mut self, blob: BlobId, target: HostId, source: HostId, rate: u64) {
         let was_full = self.is_full(source);
         let s = self.hosts.get_mut(&source).expect("known host");
-        s.serving.insert((blob, target), rate);
+        let taken: Vec<u32> = (s
+            .serving
+            .range((blob, HostId(0))..=(blob, HostId(u32::MAX))))
+        .map(|(_, v)| v.stripe)
+        .collect();
+        let stripe = (0..).find(|i| !taken.contains(i)).unwrap_or(0);
+        s.serving.insert((blob, target), Serve { rate, stripe });
         s.committed_bps += rate;
         let d = self.download_mut(blob, target).expect("download exists");
         d.sources.push(source);
@@ -201,8 +209,8 @@ impl Assigner {
     pub(super) fn release(&mut self, blob: BlobId, target: HostId, source: HostId) {
         let was_full = self.is_full(source);
         let s = self.hosts.get_mut(&source).expect("known host");
-        if let Some(rate) = s.serving.remove(&(blob, target)) {
-            s.committed_bps -= rate;
+        if let Some(v) = s.serving.remove(&(blob, target)) {
+            s.committed_bps -= v.rate;
         }
         if was_full && !self.is_full(source) {
             self.sync_all_holdings(source);
