@@ -88,7 +88,7 @@ pub struct StateConfig {
 struct Order {
     id: u64,
     /// Each source with the stripe this download asks it for (see `Assigner::stripe`).
-    sources: BTreeMap<HostId, u32>,
+    sources: BTreeMap<HostId, (u32, u32)>,
 }
 
 struct Watcher {
@@ -464,27 +464,23 @@ impl State {
         );
     }
 
-    /// The stripe the planner gave (host, blob) on `source`.
-    fn stripe_for(&self, host: HostId, blob: Digest, source: HostId) -> u32 {
+    /// The stripe the planner gave (host, blob) on `source`, and how many there are.
+    fn stripe_for(&self, host: HostId, blob: Digest, source: HostId) -> (u32, u32) {
         self.assigner
             .stripe(BlobId(blob), host, source)
-            .unwrap_or(0)
+            .unwrap_or((0, 1))
     }
 
-    fn source(&self, host: HostId, blob: &Digest, stripe: u32) -> Option<pb::Source> {
+    fn source(&self, host: HostId, blob: &Digest, stripe: (u32, u32)) -> Option<pb::Source> {
         let agent = self.agents.get(host)?;
         Some(pb::Source {
             agent_id: agent.id.clone(),
             quic_addresses: agent.addrs.clone(),
             complete: self.catalog.holds_complete(blob, host),
             chunks: None,
-            stripe: stripe % self.stripes(),
-            stripes: self.stripes(),
+            stripe: stripe.0,
+            stripes: stripe.1,
         })
-    }
-
-    fn stripes(&self) -> u32 {
-        self.assigner.stripes().max(1)
     }
 
     fn on_agent_message(&mut self, session: SessionId, msg: agent_message::Msg) {

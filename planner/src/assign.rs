@@ -80,6 +80,7 @@ struct Host {
 struct Serve {
     rate: u64,
     stripe: u32,
+    stripes: u32,
 }
 
 #[derive(Debug)]
@@ -250,19 +251,17 @@ impl Assigner {
             .map(|d| d.sources.as_slice())
     }
 
-    /// The stripe `target` should prefer from `source` for `blob`, out of [`Self::stripes`]:
-    /// the lowest one no other download of `blob` from `source` had when it was assigned.
-    /// Downloaders of one source then ask it for different chunks, so its upload puts new
-    /// chunks into the swarm rather than one chunk into several hosts that could relay it to
-    /// each other.
-    pub fn stripe(&self, blob: BlobId, target: HostId, source: HostId) -> Option<u32> {
+    /// The stripe `target` should prefer from `source` for `blob`, and how many there are:
+    /// the lowest stripe no other download of `blob` from `source` had when it was assigned,
+    /// out of as many as downloads the source can serve at once (its upload ÷ the rate
+    /// reserved per download, at most F). Downloaders of one source then ask it for
+    /// different chunks, so its upload puts new chunks into the swarm rather than one chunk
+    /// into several hosts that could relay it to each other.
+    pub fn stripe(&self, blob: BlobId, target: HostId, source: HostId) -> Option<(u32, u32)> {
         let s = self.hosts.get(&source)?;
-        s.serving.get(&(blob, target)).map(|v| v.stripe)
-    }
-
-    /// Stripes per source: as many as downloads a source serves at once.
-    pub fn stripes(&self) -> u32 {
-        u32::try_from(self.config.max_uploads).unwrap_or(u32::MAX)
+        s.serving
+            .get(&(blob, target))
+            .map(|v| (v.stripe % v.stripes, v.stripes))
     }
 
     /// Downloads `host` is serving right now, over all blobs.
@@ -389,14 +388,13 @@ impl Assigner {
         };
         let before = self.hosts[&id].holdings.get(&blob).copied();
         if chunks == 0 && !complete {
-            self.set_holding(id, blob, None);
-            // Evicted while serving: its downloaders need other sources.
-            let served: Vec<HostId> = (self.hosts[&id].serving.keys())
-                .filter(|(b, _)| *b == blob)
-                .map(|(_, t)| *t)
-                .collect();
-            for target in served {
-                self.drop_source(blob, target, id);
+            // A running download is a source from its order on (see `flush`): nothing
+            // verified yet is not an eviction.
+            let running = self
+                .download_mut(blob, id)
+                .is_some_and(|d| d.sent.is_some());
+            if !running {
+                self.evict(id, blob);
             }
             return;
         }
@@ -409,6 +407,18 @@ impl Assigner {
         let newly_useful = before.is_none() || (complete && !before.is_some_and(|h| h.complete));
         if newly_useful {
             self.offer(id, blob);
+        }
+    }
+
+    /// `id` no longer holds any of `blob`: its downloaders need other sources.
+    pub(super) fn evict(&mut self, id: HostId, blob: BlobId) {
+        self.set_holding(id, blob, None);
+        let served: Vec<HostId> = (self.hosts[&id].serving.keys())
+            .filter(|(b, _)| *b == blob)
+            .map(|(_, t)| *t)
+            .collect();
+        for target in served {
+            self.drop_source(blob, target, id);
         }
     }
 
@@ -461,6 +471,7 @@ impl Assigner {
             self.commands.push_back(Command::Cancel { host: id, blob });
             self.stats.cancels += 1;
         }
+        self.drop_empty_holding(blob, id);
     }
 
     fn failed(&mut self, now: Time, id: HostId, blob: BlobId) {
@@ -474,6 +485,7 @@ impl Assigner {
         let attempts = d.attempts;
         if attempts >= max_attempts {
             self.forget_download(blob, id);
+            self.drop_empty_holding(blob, id);
             self.stats.gave_up += 1;
             self.notices.push_back(Notice::GaveUp {
                 host: id,
@@ -493,6 +505,7 @@ impl Assigner {
             self.release(blob, id, s);
             self.offer_everything(s, blob);
         }
+        self.drop_empty_holding(blob, id);
     }
 
     fn stalled(&mut self, id: HostId, blob: BlobId, source: HostId) {

@@ -4,7 +4,7 @@
 //! source has (so early chunks differ between peers and everybody soon has something to
 //! trade); after that, rarest first among what the source has, where rarity is how many of
 //! *our* sources hold the chunk, ties broken by the seeded RNG. A chunk held or in flight is
-//! never picked, except in endgame: once every missing chunk any source has is in flight,
+//! never picked, except in endgame: once every missing chunk is in flight,
 //! a source with spare window may duplicate one of them (at most
 //! `endgame_max_requests` requests per chunk); the first copy to arrive wins and the others
 //! are returned for cancelling.
@@ -259,9 +259,11 @@ impl ChunkPicker {
         Some(index)
     }
 
-    /// Whether no missing chunk that any source holds is left unrequested.
+    /// Whether every missing chunk is requested. Only then may a source duplicate a request:
+    /// while some missing chunk is not held by any source yet (a swarm waiting for the next
+    /// chunks to arrive), duplicates would spend upload on data already on its way.
     pub fn in_endgame(&self) -> bool {
-        !self.have.is_full() && self.buckets.iter().skip(1).all(|b| b.is_empty())
+        !self.have.is_full() && self.in_flight.len() as u64 == u64::from(self.missing())
     }
 
     fn endgame_pick(&mut self, source: HostId) -> Option<ChunkIndex> {

@@ -232,9 +232,11 @@ fn downloaders_of_one_source_get_different_stripes() {
         let from_seeder = (order.sources.iter())
             .find(|src| src.agent_id == "seeder")
             .expect("the seeder is a source");
+        // Equal links: the seeder serves K downloads at once (each reserves 1/K of a
+        // downloader's link), so K stripes.
         assert_eq!(
             from_seeder.stripes,
-            AssignerConfig::default().max_uploads as u32
+            AssignerConfig::default().max_sources as u32
         );
         stripes.insert(from_seeder.stripe);
     }

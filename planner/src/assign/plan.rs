@@ -193,7 +193,16 @@ impl Assigner {
         .map(|(_, v)| v.stripe)
         .collect();
         let stripe = (0..).find(|i| !taken.contains(i)).unwrap_or(0);
-        s.serving.insert((blob, target), Serve { rate, stripe });
+        let slots = (s.upload_bps / rate.max(1)).clamp(1, self.config.max_uploads as u64);
+        let stripes = u32::try_from(slots).unwrap_or(u32::MAX);
+        s.serving.insert(
+            (blob, target),
+            Serve {
+                rate,
+                stripe,
+                stripes,
+            },
+        );
         s.committed_bps += rate;
         let d = self.download_mut(blob, target).expect("download exists");
         d.sources.push(source);
@@ -358,35 +367,61 @@ impl Assigner {
         Some(d.sent.is_some())
     }
 
-    /// Turns changed source lists into commands, once per download per call.
+    /// Turns changed source lists into commands, once per download per call. A target that
+    /// gets its order becomes a source of the blob at once, holding nothing yet: its peers
+    /// connect to it now and learn each chunk from its have-stream as it is verified, instead
+    /// of waiting for progress reports to reach the coordinator. This is what lets a swarm
+    /// relay a chunk within milliseconds of it leaving the origin.
     pub(super) fn flush(&mut self) {
-        for (blob, target) in std::mem::take(&mut self.dirty) {
-            if !self.is_up(target) {
-                continue;
+        while !self.dirty.is_empty() {
+            let mut ordered = Vec::new();
+            for (blob, target) in std::mem::take(&mut self.dirty) {
+                if !self.is_up(target) {
+                    continue;
+                }
+                let Some(d) = self.download_mut(blob, target) else {
+                    continue;
+                };
+                let command = match &d.sent {
+                    None if d.sources.is_empty() => continue,
+                    None => Command::Fetch {
+                        host: target,
+                        blob,
+                        sources: d.sources.clone(),
+                    },
+                    Some(sent) if *sent == d.sources => continue,
+                    Some(_) => Command::UpdateSources {
+                        host: target,
+                        blob,
+                        sources: d.sources.clone(),
+                    },
+                };
+                d.sent = Some(d.sources.clone());
+                match command {
+                    Command::Fetch { .. } => {
+                        self.stats.orders += 1;
+                        ordered.push((blob, target));
+                    }
+                    _ => self.stats.source_updates += 1,
+                }
+                self.commands.push_back(command);
             }
-            let Some(d) = self.download_mut(blob, target) else {
-                continue;
-            };
-            let command = match &d.sent {
-                None if d.sources.is_empty() => continue,
-                None => Command::Fetch {
-                    host: target,
-                    blob,
-                    sources: d.sources.clone(),
-                },
-                Some(sent) if *sent == d.sources => continue,
-                Some(_) => Command::UpdateSources {
-                    host: target,
-                    blob,
-                    sources: d.sources.clone(),
-                },
-            };
-            d.sent = Some(d.sources.clone());
-            match command {
-                Command::Fetch { .. } => self.stats.orders += 1,
-                _ => self.stats.source_updates += 1,
+            for (blob, target) in ordered {
+                if !self.hosts[&target].holdings.contains_key(&blob) {
+                    self.set_holding(target, blob, Some((0, false)));
+                    self.offer(target, blob);
+                }
             }
-            self.commands.push_back(command);
+        }
+    }
+
+    /// Forgets a download's empty holding when the download stops without a chunk.
+    pub(super) fn drop_empty_holding(&mut self, blob: BlobId, host: HostId) {
+        let empty = (self.hosts.get(&host))
+            .and_then(|h| h.holdings.get(&blob))
+            .is_some_and(|h| h.chunks == 0 && !h.complete);
+        if empty && self.is_up(host) {
+            self.evict(host, blob);
         }
     }
 }

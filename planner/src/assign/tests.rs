@@ -183,43 +183,38 @@ fn more_complete_holders_come_first_within_a_tier() {
 }
 
 #[test]
-fn targets_become_sources_partial_then_complete() {
+fn targets_become_sources_when_ordered_then_complete() {
     let x = blob(1);
-    let mut t = Harness::new(cfg(2, 1));
+    let mut t = Harness::new(cfg(1, 1));
     t.seed(0, 0, 0, GBPS, x);
-    for host in 1..=3 {
+    for host in 1..=4 {
         t.up(host, 0, 0, GBPS);
     }
     assert_eq!(t.want(1, x), vec![fetch(1, x, &[0])]);
-    assert!(t.want(2, x).is_empty(), "seed full: host 2 waits");
-    // Host 1 verified a few chunks: it is now a (partial) source for host 2.
+    // Host 1 holds nothing yet, but it is downloading: host 2 relays from it (its
+    // have-stream will announce each chunk), instead of waiting for the seed.
+    assert_eq!(t.want(2, x), vec![fetch(2, x, &[1])]);
+    assert_eq!(t.want(3, x), vec![fetch(3, x, &[2])], "K = F = 1: a chain");
+    // Progress reports change nothing that is already planned.
     let out = t.ev(Event::Holds {
         host: h(1),
         blob: x,
         chunks: 3,
         complete: false,
     });
-    assert_eq!(out, vec![fetch(2, x, &[1])]);
-    assert!(t.want(3, x).is_empty(), "hosts 0 and 1 are full (F = 1)");
-    // Host 1 finishes: the seed's slot goes to the neediest target (host 3, no sources,
-    // before host 2, one source).
-    let out = t.ev(Event::Done {
-        host: h(1),
-        blob: x,
-    });
-    assert_eq!(out, vec![fetch(3, x, &[0])]);
+    assert!(out.is_empty(), "{out:?}");
+    // Host 1 finishes: the seed's slot is free again, and nobody is short of sources.
+    assert!(
+        t.ev(Event::Done {
+            host: h(1),
+            blob: x
+        })
+        .is_empty()
+    );
     assert_eq!(t.a.stats().completions, 1);
-    // Host 2 finishes: host 1's slot goes to host 3.
-    let out = t.ev(Event::Holds {
-        host: h(2),
-        blob: x,
-        chunks: 0,
-        complete: true,
-    });
-    assert_eq!(out, vec![update(3, x, &[0, 1])]);
-    // A late target is served by host 2, a completed target and the only one with room.
-    t.up(4, 0, 0, GBPS);
-    assert_eq!(t.want(4, x), vec![fetch(4, x, &[2])]);
+    // A late target gets the freed seed.
+    assert_eq!(t.want(4, x), vec![fetch(4, x, &[0])]);
+    t.a.check_invariants().unwrap();
 }
 
 #[test]
@@ -304,8 +299,12 @@ fn lease_expired_host_gets_no_orders_until_it_is_back() {
     }); // ignored
     t.up(3, 0, 0, GBPS);
     assert_eq!(t.want(3, x), vec![fetch(3, x, &[0])]);
-    // Host 1 comes back: its want survived, it is ordered now.
-    assert_eq!(t.up(1, 0, 0, GBPS), vec![fetch(1, x, &[0])]);
+    // Host 1 comes back: its want survived, it is ordered now, from the seed and from host
+    // 3 (downloading), and host 3 relays from it in turn.
+    assert_eq!(
+        t.up(1, 0, 0, GBPS),
+        vec![fetch(1, x, &[0, 3]), update(3, x, &[0, 1])]
+    );
 }
 
 #[test]
@@ -340,7 +339,9 @@ fn corrupt_source_is_never_used_again_for_that_blob() {
         complete: true,
     });
     t.up(2, 0, 0, GBPS);
-    assert!(t.want(2, x).is_empty());
+    // Hosts 1 and 2, both downloading x, become each other's sources (they relay what
+    // they get); host 0 is never one.
+    assert_eq!(t.want(2, x), vec![fetch(2, x, &[1]), update(1, x, &[2])]);
     // Still fine for other blobs.
     assert_eq!(t.want(2, y), vec![fetch(2, y, &[0])]);
     // Even a reconnect does not clear it.
@@ -351,7 +352,7 @@ fn corrupt_source_is_never_used_again_for_that_blob() {
         chunks: 0,
         complete: true,
     });
-    assert!(t.sources(1, x).is_empty() && t.sources(2, x).is_empty());
+    assert!(!t.sources(1, x).contains(&h(0)) && !t.sources(2, x).contains(&h(0)));
     assert_eq!(t.a.stats().corrupt_reports, 1);
     assert_eq!(t.a.corrupt_sources().collect::<Vec<_>>(), vec![(x, h(0))]);
 }
@@ -432,7 +433,9 @@ fn unwant_cancels_and_frees_the_source() {
     t.up(1, 0, 0, GBPS);
     t.up(2, 0, 0, GBPS);
     t.want(1, x);
-    assert!(t.want(2, x).is_empty());
+    assert_eq!(t.want(2, x), vec![fetch(2, x, &[1])]);
+    // Host 1 is cancelled before it verified anything: it stops being a source too, and
+    // the seed's freed slot goes to host 2.
     let out = t.ev(Event::Unwant {
         blob: x,
         host: h(1),
@@ -444,9 +447,10 @@ fn unwant_cancels_and_frees_the_source() {
                 host: h(1),
                 blob: x
             },
-            fetch(2, x, &[0])
+            update(2, x, &[0])
         ]
     );
+    t.a.check_invariants().unwrap();
 }
 
 #[test]
@@ -468,7 +472,10 @@ fn higher_priority_is_served_first() {
         chunks: 0,
         complete: true,
     });
-    assert_eq!(out, vec![fetch(3, x, &[0])]);
+    // The seeder's one slot goes to the most urgent target; the others then relay from
+    // targets that are already downloading (F = K = 1 makes that a chain).
+    assert_eq!(out[0], fetch(3, x, &[0]));
+    assert_eq!(out[1..], [fetch(2, x, &[3]), fetch(1, x, &[2])]);
 }
 
 /// A random workload; the command stream must be a pure function of the seeds.

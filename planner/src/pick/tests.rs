@@ -341,3 +341,21 @@ fn downloaders_of_one_source_ask_it_for_their_own_stripes() {
     got.sort();
     assert_eq!(got, vec![62, 63]);
 }
+
+#[test]
+fn no_endgame_while_missing_chunks_are_not_out_anywhere() {
+    // A swarm peer holds the first half so far; the rest is still on its way to it.
+    let n = 20;
+    let mut p = ChunkPicker::new(ChunkSet::empty(n), 4, config(64));
+    p.add_source(A, set(n, 0..10));
+    p.add_source(B, set(n, 0..10));
+    let mut picked = drain(&mut p, A);
+    picked.extend(drain(&mut p, B));
+    assert_eq!(picked.len(), 10, "each available chunk once: {picked:?}");
+    assert!(!p.in_endgame());
+    assert_eq!(p.stats().duplicate_requests, 0);
+    // The rest arrives at A: requested once each, then endgame may duplicate.
+    p.source_have(A, (10..n).map(ChunkIndex));
+    assert_eq!(drain(&mut p, A).len(), 10);
+    assert!(p.in_endgame());
+}
