@@ -52,7 +52,9 @@ pub struct AgentArgs {
     /// Join token (overrides the file and SHOAL_JOIN_TOKEN).
     #[arg(long)]
     join_token: Option<String>,
-    /// Labels, key=value (repeatable), e.g. --label zone=a --label rack=r1.
+    /// Labels, key=value (repeatable), e.g. --label zone=a --label rack=r1. A label with an
+    /// empty value (`--label zone=`) is not announced, so a Kubernetes `$(VAR)` that expands
+    /// to nothing leaves the label unset instead of grouping every such host together.
     #[arg(long = "label")]
     labels: Vec<String>,
 }
@@ -117,6 +119,9 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
         let Some((k, v)) = label.split_once('=') else {
             return Err(problem(format!("--label {label:?}: expected key=value")));
         };
+        if v.is_empty() {
+            continue;
+        }
         label_keys.push((format!("labels.{k}"), v.to_string()));
     }
     for (k, v) in &label_keys {
