@@ -50,6 +50,7 @@ fn render() -> Result<Rendered> {
         Err(e) => bail!("cannot run python3 ({e}); install it and the chart tools: {INSTALL}"),
     };
     let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = stderr.trim_end();
     match out.status.code() {
         Some(0) => {}
         Some(2) => bail!(
