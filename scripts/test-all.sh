@@ -7,6 +7,10 @@ cd "$(dirname "$0")/.."
 need_apt=()
 command -v mount >/dev/null || need_apt+=(mount)
 command -v ip >/dev/null || need_apt+=(iproute2)
+# The Helm chart's checks (scripts/helm-render.py, tests/tests/helm_chart.rs) run Helm's Go
+# SDK and the Kubernetes schemas from PyPI.
+command -v python3 >/dev/null || need_apt+=(python3)
+python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "==> installing ${need_apt[*]} (apt-get)"
     apt-get update -qq && apt-get install -y -qq "${need_apt[@]}"
@@ -15,7 +19,21 @@ if ! cargo nextest --version >/dev/null 2>&1; then
     echo "==> installing cargo-nextest"
     cargo install --locked cargo-nextest
 fi
+helm_tools=(helm-python-sdk==0.2.2 kubernetes-validate==1.37.0)
+if ! python3 - "${helm_tools[@]}" 2>/dev/null <<'PY'
+import sys
+from importlib.metadata import version
+import helm_python, kubernetes_validate  # noqa: F401 (importable, not only installed)
+sys.exit(any(version(n) != v for n, v in (a.split("==") for a in sys.argv[1:])))
+PY
+then
+    echo "==> installing ${helm_tools[*]} (pip)"
+    # Debian marks its Python as externally managed; CI machines are throwaway.
+    python3 -m pip install --quiet --break-system-packages "${helm_tools[@]}"
+fi
 
+echo "==> helm chart: lint, render (defaults and every toggle on), kubernetes-validate --strict"
+python3 scripts/helm-render.py
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 echo "==> cargo clippy"

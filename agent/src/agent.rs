@@ -13,6 +13,7 @@ use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 
 use crate::config::{AgentConfig, coordinator_host_port};
+use crate::health::HealthEndpoint;
 use crate::order::Orders;
 use crate::session::{self, Joined};
 use crate::store::{Store, StoreConfig, StoreError};
@@ -134,6 +135,7 @@ pub struct Agent {
     stop: watch::Sender<bool>,
     session: JoinHandle<()>,
     local_api: JoinHandle<()>,
+    health: Option<HealthEndpoint>,
 }
 
 impl Agent {
@@ -161,6 +163,9 @@ impl Agent {
             source,
         })?;
         let quic_addr = advertise_addr(&config, bound).await;
+        // Live from here on (store open, socket bound), ready only once joined: a liveness
+        // probe must not restart an agent that is waiting for its coordinator.
+        let health = start_health(&config, &stop_rx).await?;
 
         let channel = coordinator_channel(&config)?;
 
@@ -200,7 +205,7 @@ impl Agent {
             config, store, endpoint, agent_id, quic_addr, channel, stop_rx,
         );
         let session = tokio::spawn(session::run(shared.clone(), joined, outbox_rx));
-        Self::finish_start(shared, stop, session)
+        Self::finish_start(shared, stop, session, health).await
     }
 
     /// Runs the store, the QUIC endpoint (with `identity`) and the local API, without a
@@ -222,6 +227,7 @@ impl Agent {
             config.transport(),
         )?;
         let quic_addr = advertise_addr(&config, endpoint.local_addr()).await;
+        let health = start_health(&config, &stop_rx).await?;
         let channel = coordinator_channel(&config)?;
         let (shared, mut outbox_rx) = assemble(
             config,
@@ -237,13 +243,14 @@ impl Agent {
                 tracing::debug!(?m, "detached agent: dropping message for the coordinator");
             }
         });
-        Self::finish_start(shared, stop, session)
+        Self::finish_start(shared, stop, session, health).await
     }
 
-    fn finish_start(
+    async fn finish_start(
         shared: Arc<Shared>,
         stop: watch::Sender<bool>,
         session: JoinHandle<()>,
+        health: Option<HealthEndpoint>,
     ) -> Result<Agent, AgentError> {
         let socket_path = shared.config.local_socket_path();
         let agent_id = shared.agent_id();
@@ -258,6 +265,9 @@ impl Agent {
                 });
             }
         };
+        if let Some(h) = &health {
+            h.set_ready().await;
+        }
         Ok(Agent {
             shared,
             agent_id,
@@ -265,6 +275,7 @@ impl Agent {
             stop,
             session,
             local_api,
+            health,
         })
     }
 
@@ -275,6 +286,11 @@ impl Agent {
     /// The QUIC address announced to peers.
     pub fn quic_addr(&self) -> SocketAddr {
         self.shared.quic_addr
+    }
+
+    /// The address of the `grpc.health.v1` endpoint, if `health_listen` is set.
+    pub fn health_addr(&self) -> Option<SocketAddr> {
+        self.health.as_ref().map(HealthEndpoint::local_addr)
     }
 
     /// The Unix socket of the local API.
@@ -307,6 +323,9 @@ impl Agent {
     /// Stops gracefully: ends the session, stops running orders (verified chunks stay),
     /// stops the local API and removes its socket, closes the QUIC endpoint, flushes the store.
     pub async fn shutdown(self) {
+        if let Some(h) = &self.health {
+            h.set_stopping().await;
+        }
         let _ = self.stop.send(true);
         let _ = tokio::time::timeout(Duration::from_secs(5), self.session).await;
         self.shared.orders.abort_all().await;
@@ -318,6 +337,9 @@ impl Agent {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "flushing the store on shutdown failed"),
             Err(e) => tracing::warn!(error = %e, "store flush task failed"),
+        }
+        if let Some(h) = self.health {
+            h.join().await;
         }
         tracing::info!(agent_id = self.agent_id, "agent stopped");
     }
@@ -355,6 +377,16 @@ async fn open_store(config: &AgentConfig) -> Result<Store, AgentError> {
         .await
         .map_err(|e| AgentError::Config(format!("store open task failed: {e}")))?
         .map_err(AgentError::from)
+}
+
+async fn start_health(
+    config: &AgentConfig,
+    stop: &watch::Receiver<bool>,
+) -> Result<Option<HealthEndpoint>, AgentError> {
+    match config.health_listen {
+        Some(addr) => Ok(Some(HealthEndpoint::serve(addr, stop.clone()).await?)),
+        None => Ok(None),
+    }
 }
 
 fn coordinator_channel(config: &AgentConfig) -> Result<Channel, AgentError> {

@@ -41,6 +41,9 @@ pub struct AgentConfig {
     pub download_limit_bytes_per_sec: u64,
     /// Prometheus endpoint; the binary installs the exporter.
     pub metrics_listen: Option<SocketAddr>,
+    /// TCP address of a `grpc.health.v1` endpoint for probes (see [`crate::health`]);
+    /// none = off.
+    pub health_listen: Option<SocketAddr>,
     /// Chunk requests one QUIC connection may have open at once.
     pub max_requests_in_flight: u32,
     /// Chunk requests served at once across all peers; more are answered `Busy`.
@@ -70,6 +73,7 @@ impl Default for AgentConfig {
             upload_limit_bytes_per_sec: 0,
             download_limit_bytes_per_sec: 0,
             metrics_listen: None,
+            health_listen: None,
             max_requests_in_flight: transport.max_requests_in_flight,
             max_concurrent_served: transport.max_concurrent_served,
             request_timeout_ms: transport.request_timeout.as_millis() as u64,

@@ -7,6 +7,7 @@
 mod agent;
 pub mod config;
 mod download;
+pub mod health;
 pub mod limiter;
 pub mod local_api;
 pub mod metrics;

@@ -3,6 +3,7 @@
 //! Exit codes: 0 success, 1 failure, 2 usage or configuration error. Every error is one line.
 
 mod client;
+mod containerd;
 mod demo;
 mod local;
 mod serve;
@@ -116,6 +117,8 @@ enum Command {
     },
     /// A coordinator and agents on loopback distributing a generated blob, with a summary.
     Demo(demo::DemoArgs),
+    /// Write containerd hosts.toml files that pull through the local agent's mirror.
+    ContainerdConfig(containerd::ContainerdArgs),
 }
 
 fn main() {
@@ -192,6 +195,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             client::blobs(&mut client::connect(&coordinator.coordinator).await?).await
         }
         Command::Demo(args) => demo::run(args).await,
+        Command::ContainerdConfig(args) => containerd::run(args),
     }
 }
 

@@ -52,7 +52,9 @@ pub struct AgentArgs {
     /// Join token (overrides the file and SHOAL_JOIN_TOKEN).
     #[arg(long)]
     join_token: Option<String>,
-    /// Labels, key=value (repeatable), e.g. --label zone=a --label rack=r1.
+    /// Labels, key=value (repeatable), e.g. --label zone=a --label rack=r1. A label with an
+    /// empty value (`--label zone=`) is not announced, so a Kubernetes `$(VAR)` that expands
+    /// to nothing leaves the label unset instead of grouping every such host together.
     #[arg(long = "label")]
     labels: Vec<String>,
 }
@@ -112,13 +114,7 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
         ("quic_listen", args.quic_listen.map(|a| a.to_string())),
         ("join_token", args.join_token),
     ];
-    let mut label_keys = Vec::new();
-    for label in &args.labels {
-        let Some((k, v)) = label.split_once('=') else {
-            return Err(problem(format!("--label {label:?}: expected key=value")));
-        };
-        label_keys.push((format!("labels.{k}"), v.to_string()));
-    }
+    let label_keys = label_overrides(&args.labels).map_err(problem)?;
     for (k, v) in &label_keys {
         overrides.push((k.as_str(), Some(v.clone())));
     }
@@ -128,4 +124,38 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
     install_metrics(config.metrics_listen)?;
     shoal_agent::run(config, shutdown_signal()).await?;
     Ok(())
+}
+
+/// `--label key=value` flags as configuration overrides (`labels.key`). Empty values are
+/// dropped (see `AgentArgs::labels`).
+fn label_overrides(labels: &[String]) -> Result<Vec<(String, String)>, String> {
+    let mut overrides = Vec::new();
+    for label in labels {
+        let Some((k, v)) = label.split_once('=') else {
+            return Err(format!("--label {label:?}: expected key=value"));
+        };
+        if !v.is_empty() {
+            overrides.push((format!("labels.{k}"), v.to_string()));
+        }
+    }
+    Ok(overrides)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_label_values_are_not_announced() {
+        let flags = ["host=node-7", "zone=", "rack=r1"].map(String::from);
+        assert_eq!(
+            label_overrides(&flags),
+            Ok(vec![
+                ("labels.host".to_string(), "node-7".to_string()),
+                ("labels.rack".to_string(), "r1".to_string()),
+            ])
+        );
+        let err = label_overrides(&["zone".to_string()]).unwrap_err();
+        assert!(err.starts_with("--label \"zone\""), "{err}");
+    }
 }

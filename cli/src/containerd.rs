@@ -1,0 +1,210 @@
+//! `shoal containerd-config`: writes containerd's registry host files
+//! (`<dir>/<registry>/hosts.toml`, see containerd's `docs/hosts.md`) so image pulls go
+//! through the local agent's OCI mirror first and fall back to the registry itself.
+//!
+//! containerd reads these files at each pull (with `config_path` set in its CRI registry
+//! configuration), so no restart is needed.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+
+use crate::serve::ConfigProblem;
+
+/// The agent's OCI mirror on the node.
+pub const DEFAULT_MIRROR: &str = "http://127.0.0.1:7403";
+/// Where containerd looks for host files by convention.
+pub const DEFAULT_DIR: &str = "/etc/containerd/certs.d";
+
+#[derive(clap::Args, Debug)]
+pub struct ContainerdArgs {
+    /// A registry to pull through the mirror, as images name it (repeatable), e.g.
+    /// docker.io, ghcr.io, registry.example:5000.
+    #[arg(long = "registry", value_parser = registry_host)]
+    registries: Vec<String>,
+    /// Also write `_default/hosts.toml`: every registry without its own file.
+    #[arg(long)]
+    default: bool,
+    /// The agent's mirror URL.
+    #[arg(long, default_value = DEFAULT_MIRROR, value_parser = mirror_url)]
+    mirror: String,
+    /// containerd's `config_path` directory.
+    #[arg(long, default_value = DEFAULT_DIR)]
+    dir: PathBuf,
+}
+
+/// Writes one file per registry (and `_default` with `--default`), printing each path.
+pub fn run(args: ContainerdArgs) -> Result<()> {
+    if args.registries.is_empty() && !args.default {
+        return Err(ConfigProblem(
+            "containerd-config: give at least one --registry, or --default".into(),
+        )
+        .into());
+    }
+    let mut namespaces: Vec<Option<&str>> = args.registries.iter().map(|r| Some(&**r)).collect();
+    if args.default {
+        namespaces.push(None);
+    }
+    for namespace in namespaces {
+        let name = namespace.unwrap_or("_default");
+        let path = args.dir.join(name).join("hosts.toml");
+        write_atomically(&path, &hosts_toml(namespace, &args.mirror))?;
+        println!("{}", path.display());
+    }
+    Ok(())
+}
+
+/// The `hosts.toml` of one registry namespace (`None`: `_default`). The mirror is the only
+/// `[host]`, so containerd tries it first; when it fails containerd falls back to `server`
+/// (for `_default`, the registry the image names).
+pub fn hosts_toml(registry: Option<&str>, mirror: &str) -> String {
+    let mut out = String::from(
+        "# Written by `shoal containerd-config`: pull through the local Shoal agent's mirror,\n\
+         # fall back to the registry itself.\n",
+    );
+    if let Some(registry) = registry {
+        out.push_str(&format!("server = \"https://{}\"\n", upstream(registry)));
+    }
+    out.push_str(&format!(
+        "\n[host.\"{mirror}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
+    ));
+    out
+}
+
+/// The host that serves a registry's API: docker.io's is registry-1.docker.io.
+fn upstream(registry: &str) -> &str {
+    match registry {
+        "docker.io" | "index.docker.io" => "registry-1.docker.io",
+        other => other,
+    }
+}
+
+/// A registry as images name it: a DNS name or IPv4 address, optionally `:port`. Nothing
+/// that could leave the directory (`/`, `..`) or that containerd would not match.
+pub fn registry_host(s: &str) -> Result<String, String> {
+    let bad = |why: &str| Err(format!("registry {s:?}: {why}"));
+    let (host, port) = match s.rsplit_once(':') {
+        Some((h, p)) => (h, Some(p)),
+        None => (s, None),
+    };
+    if let Some(p) = port {
+        if p.parse::<u16>().map_or(true, |p| p == 0) {
+            return bad("the port must be a number from 1 to 65535");
+        }
+    }
+    if host.is_empty() || host.len() > 253 {
+        return bad("expected a host name like docker.io or registry.example:5000");
+    }
+    if s.contains("://") || s.contains('/') {
+        return bad("give the host only, without scheme or path");
+    }
+    for label in host.split('.') {
+        let ok = !label.is_empty()
+            && label.len() <= 63
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        if !ok {
+            return bad("not a valid host name (letters, digits, '-' and '.' only)");
+        }
+    }
+    Ok(s.to_ascii_lowercase())
+}
+
+/// The mirror must be an http(s) URL with a host.
+fn mirror_url(s: &str) -> Result<String, String> {
+    let rest = s
+        .strip_prefix("http://")
+        .or_else(|| s.strip_prefix("https://"));
+    match rest {
+        Some(r) if !r.is_empty() && !r.starts_with('/') && !r.contains(char::is_whitespace) => {
+            Ok(s.trim_end_matches('/').to_string())
+        }
+        _ => Err(format!(
+            "mirror {s:?}: expected an http:// or https:// URL with a host"
+        )),
+    }
+}
+
+/// Writes `contents` to `path` through a temporary file in the same directory and a rename,
+/// so containerd never reads half a file.
+fn write_atomically(path: &Path, contents: &str) -> Result<()> {
+    let dir = path.parent().context("hosts.toml path has no parent")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".hosts.toml.")
+        .tempfile_in(dir)
+        .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
+    tmp.write_all(contents.as_bytes())
+        .and_then(|()| tmp.as_file().sync_all())
+        .with_context(|| format!("writing {}", tmp.path().display()))?;
+    // Readable by anyone, like the rest of containerd's configuration.
+    std::fs::set_permissions(
+        tmp.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .with_context(|| format!("setting permissions of {}", tmp.path().display()))?;
+    tmp.persist(path)
+        .with_context(|| format!("renaming into {}", path.display()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registry_names() {
+        for ok in [
+            "docker.io",
+            "ghcr.io",
+            "registry.example:5000",
+            "10.0.0.1:5000",
+            "quay.io",
+        ] {
+            assert_eq!(registry_host(ok).as_deref(), Ok(ok), "{ok}");
+        }
+        assert_eq!(registry_host("GHCR.io").as_deref(), Ok("ghcr.io"));
+        for bad in [
+            "",
+            "https://docker.io",
+            "docker.io/library",
+            "../etc",
+            "..",
+            "a..b",
+            "-bad.io",
+            "bad_name.io",
+            "host:0",
+            "host:99999",
+            "host:",
+            "with space.io",
+            "_default",
+        ] {
+            let err = registry_host(bad).expect_err(bad);
+            assert!(err.starts_with("registry "), "{err}");
+            assert!(!err.contains('\n'), "{err}");
+        }
+    }
+
+    #[test]
+    fn mirror_urls() {
+        assert_eq!(
+            mirror_url("http://127.0.0.1:7403/").as_deref(),
+            Ok("http://127.0.0.1:7403")
+        );
+        for bad in ["127.0.0.1:7403", "http://", "ftp://x", "http:///x"] {
+            assert!(mirror_url(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn docker_hub_falls_back_to_its_api_host() {
+        let text = hosts_toml(Some("docker.io"), DEFAULT_MIRROR);
+        assert!(text.contains("server = \"https://registry-1.docker.io\""));
+        let text = hosts_toml(None, DEFAULT_MIRROR);
+        assert!(!text.contains("server"), "{text}");
+    }
+}

@@ -1,0 +1,146 @@
+//! `shoal containerd-config` as an init container runs it: real files in a directory, read
+//! back with a TOML parser the way containerd reads them.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use anyhow::{Context, Result};
+
+fn shoal(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(args)
+        .output()
+        .expect("run shoal")
+}
+
+fn read_hosts(path: &Path) -> Result<toml::Table> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(toml::from_str(&text)?)
+}
+
+/// The one `[host."<mirror>"]` table and its capabilities.
+fn mirror_capabilities(hosts: &toml::Table, mirror: &str) -> Vec<String> {
+    let host = hosts
+        .get("host")
+        .and_then(|h| h.as_table())
+        .expect("a [host] table");
+    assert_eq!(host.len(), 1, "only the mirror is a host: {host:?}");
+    host.get(mirror)
+        .and_then(|m| m.get("capabilities"))
+        .and_then(|c| c.as_array())
+        .expect("capabilities of the mirror")
+        .iter()
+        .map(|c| c.as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+#[test]
+fn writes_one_hosts_file_per_registry_and_the_default() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let certs = dir.path().join("certs.d");
+    let out = shoal(&[
+        "containerd-config",
+        "--registry",
+        "docker.io",
+        "--registry",
+        "registry.example:5000",
+        "--default",
+        "--dir",
+        certs.to_str().context("utf8")?,
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+
+    let docker = read_hosts(&certs.join("docker.io/hosts.toml"))?;
+    assert_eq!(
+        docker.get("server").and_then(|s| s.as_str()),
+        Some("https://registry-1.docker.io")
+    );
+    assert_eq!(
+        mirror_capabilities(&docker, "http://127.0.0.1:7403"),
+        ["pull", "resolve"]
+    );
+
+    let private = read_hosts(&certs.join("registry.example:5000/hosts.toml"))?;
+    assert_eq!(
+        private.get("server").and_then(|s| s.as_str()),
+        Some("https://registry.example:5000")
+    );
+    assert_eq!(
+        mirror_capabilities(&private, "http://127.0.0.1:7403"),
+        ["pull", "resolve"]
+    );
+
+    // `_default` has no server: containerd falls back to the registry the image names.
+    let default = read_hosts(&certs.join("_default/hosts.toml"))?;
+    assert!(default.get("server").is_none(), "{default:?}");
+    assert_eq!(
+        mirror_capabilities(&default, "http://127.0.0.1:7403"),
+        ["pull", "resolve"]
+    );
+
+    // Each written path is printed; no temporary file is left behind.
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(stdout.lines().count(), 3, "{stdout}");
+    for entry in std::fs::read_dir(certs.join("docker.io"))? {
+        let name = entry?.file_name();
+        assert_eq!(name, "hosts.toml", "stray file {name:?}");
+    }
+    Ok(())
+}
+
+#[test]
+fn rewrites_an_existing_file_with_a_custom_mirror() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("ghcr.io/hosts.toml");
+    std::fs::create_dir_all(file.parent().context("parent")?)?;
+    std::fs::write(&file, "server = \"https://stale\"\n")?;
+    let out = shoal(&[
+        "containerd-config",
+        "--registry",
+        "ghcr.io",
+        "--mirror",
+        "http://10.1.2.3:7403",
+        "--dir",
+        dir.path().to_str().context("utf8")?,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let hosts = read_hosts(&file)?;
+    assert_eq!(
+        hosts.get("server").and_then(|s| s.as_str()),
+        Some("https://ghcr.io")
+    );
+    assert_eq!(
+        mirror_capabilities(&hosts, "http://10.1.2.3:7403"),
+        ["pull", "resolve"]
+    );
+    Ok(())
+}
+
+#[test]
+fn bad_registry_names_exit_2_with_one_line_and_write_nothing() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let target = dir.path().to_str().context("utf8")?;
+    for bad in [
+        "../escape",
+        "https://docker.io",
+        "bad_name.io",
+        "host:99999",
+    ] {
+        let out = shoal(&["containerd-config", "--registry", bad, "--dir", target]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{bad}: {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{bad}: {stderr}");
+        assert!(stderr.contains("registry"), "{bad}: {stderr}");
+    }
+    let out = shoal(&["containerd-config", "--dir", target]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--registry"));
+    assert_eq!(std::fs::read_dir(dir.path())?.count(), 0, "nothing written");
+    Ok(())
+}
