@@ -57,7 +57,7 @@ impl Default for CoordinatorConfig {
             lease_ms: 10_000,
             heartbeat_ms: 2_000,
             max_sources: 6,
-            max_uploads: 8,
+            max_uploads: 256,
             job_retention_hours: 168,
             metrics_listen: None,
         }

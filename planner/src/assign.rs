@@ -32,6 +32,9 @@ pub use api::{AssignerConfig, AssignerStats, Command, Event, FailReason, Notice,
 /// costing a scan of every waiting target when none of them fits.
 const OFFER_SCAN_LIMIT: usize = 256;
 
+/// Partial holders a target's top-up draws its sources from at random (nearest first).
+const TOP_UP_SCAN: usize = 64;
+
 /// Order among available holders of one blob: complete first, then more chunks, then salt.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
 struct HolderKey {

@@ -418,11 +418,13 @@ impl ChunkPicker {
         let old = *r;
         let new = (i32::from(old) + delta).clamp(0, i32::from(u16::MAX)) as u16;
         *r = new;
+        // Grow the buckets even for a chunk in flight: it returns to the pool under its
+        // rarity then (`release_request`), which may be higher than any pooled chunk's.
+        while self.buckets.len() <= usize::from(new) {
+            self.buckets.push(ChunkSet::empty(self.have.len()));
+        }
         if self.pooled(i) {
             self.buckets[usize::from(old)].remove(i);
-            while self.buckets.len() <= usize::from(new) {
-                self.buckets.push(ChunkSet::empty(self.have.len()));
-            }
             self.buckets[usize::from(new)].insert(i);
         }
     }

@@ -234,6 +234,8 @@ struct Sim<'a> {
     rng: SmallRng,
     unfinished: usize,
     out: Outcome,
+    /// `SHOAL_SIM_DEBUG` set: print the network's state every simulated second.
+    debug: bool,
     // Scratch for the bandwidth step.
     active: Vec<usize>,
     demand: Vec<f64>,
@@ -298,6 +300,7 @@ impl<'a> Sim<'a> {
             swarm: vec![Vec::new(); spec.blobs.len()],
             rng: SmallRng::seed_from_u64(mix(spec.seed, 0x51_4d)),
             unfinished,
+            debug: std::env::var_os("SHOAL_SIM_DEBUG").is_some(),
             out: Outcome {
                 strategy,
                 finished: Vec::new(),
@@ -681,6 +684,9 @@ impl<'a> Sim<'a> {
                     .collect(),
                 Command::Cancel { .. } => Vec::new(),
             };
+            if std::env::var_os("SHOAL_SIM_TRACE").is_some() {
+                eprintln!("{now:?} {command:?}");
+            }
             out.push((command, stripes));
         }
         let epoch = c.epoch;
@@ -1266,6 +1272,28 @@ impl<'a> Sim<'a> {
                     }
                 }
             }
+        }
+        if self.debug && now.as_micros() % 1_000_000 < self.tick().as_micros() as u64 {
+            let downloading: Vec<&Host> = (self.hosts.iter())
+                .filter(|h| h.alive && !h.downloads.is_empty())
+                .collect();
+            let want_rate: f64 = downloading.iter().map(|h| h.down).sum();
+            let dls: usize = downloading.iter().map(|h| h.downloads.len()).sum();
+            let srcs: usize = (downloading.iter())
+                .flat_map(|h| h.downloads.values())
+                .map(|d| d.sources.len())
+                .sum();
+            let no_src = (downloading.iter())
+                .flat_map(|h| h.downloads.values())
+                .filter(|d| d.sources.is_empty())
+                .count();
+            eprintln!(
+                "{now:?}: flows {} active {n} moving {:.2} GB/s of {:.2} downlink; downloads {dls} sources/dl {:.1} without {no_src}",
+                self.flows.len() - self.free_flows.len(),
+                moved / dt / 1e9,
+                want_rate / 1e9,
+                srcs as f64 / dls.max(1) as f64
+            );
         }
         self.out.origin_egress += egress.round() as u64;
         self.out.bytes_moved += moved.round() as u64;

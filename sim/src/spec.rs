@@ -70,13 +70,15 @@ pub struct Params {
     pub stall_timeout: Duration,
     /// Give up simulating at this simulated time.
     pub max_time: Duration,
-    /// Assigner fan-out and fan-in (the coordinator's `max_sources`, `max_uploads`).
+    /// Assigner fan-out and fan-in (the coordinator's `max_sources`, `max_uploads`);
+    /// the planner's defaults.
     pub max_sources: usize,
     pub max_uploads: usize,
 }
 
 impl Default for Params {
     fn default() -> Self {
+        let planner = shoal_planner::AssignerConfig::default();
         Self {
             tick: Duration::from_micros(500),
             chunk_size: 1 << 20,
@@ -89,8 +91,8 @@ impl Default for Params {
             lease: Duration::from_secs(10),
             stall_timeout: Duration::from_secs(1),
             max_time: Duration::from_secs(600),
-            max_sources: 6,
-            max_uploads: 8,
+            max_sources: planner.max_sources,
+            max_uploads: planner.max_uploads,
         }
     }
 }

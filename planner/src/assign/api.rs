@@ -148,7 +148,7 @@ impl Default for AssignerConfig {
     fn default() -> Self {
         Self {
             max_sources: 6,
-            max_uploads: 8,
+            max_uploads: 256,
             lease: Duration::from_secs(10),
             max_attempts: 3,
             retry_backoff: Duration::from_secs(1),

@@ -3,8 +3,11 @@
 
 use std::cmp::Reverse;
 
+use rand::Rng;
+
 use super::{
     Assigner, Blob, Command, Download, HolderKey, Holding, HungryKey, OFFER_SCAN_LIMIT, Serve,
+    TOP_UP_SCAN,
 };
 use crate::{BlobId, HostId};
 
@@ -63,8 +66,12 @@ impl Assigner {
         h.serving.len() >= self.config.max_uploads || h.committed_bps >= h.upload_bps
     }
 
+    /// Upload a source reserves for one download of `target`: the target's downlink split
+    /// over K sources and over the downloads it wants at once (they share that downlink).
     pub(super) fn rate_for(&self, target: HostId) -> u64 {
-        (self.hosts[&target].download_bps / self.config.max_sources as u64).max(1)
+        let t = &self.hosts[&target];
+        let downloads = t.wants.len().max(1) as u64;
+        (t.download_bps / (self.config.max_sources as u64 * downloads)).max(1)
     }
 
     /// Records what `host` holds of `blob` (`None`: nothing) and re-indexes it.
@@ -259,16 +266,39 @@ impl Assigner {
         }
         let need = self.config.max_sources - d.sources.len();
         let rate = self.rate_for(target);
-        let mut picked: Vec<HostId> = Vec::with_capacity(need);
+        // Complete holders first, nearest first. Partial holders (targets still
+        // downloading, most with nothing yet) are drawn at random from the nearest
+        // TOP_UP_SCAN that fit: taking them in index order gives every target the same
+        // few, the newest once those are full, and the swarm becomes a long chain that
+        // each chunk has to walk down hop by hop; a random draw makes it an expander.
+        let mut complete: Vec<HostId> = Vec::with_capacity(need);
+        let mut partial: Vec<(HostId, u32)> = Vec::new();
         for key in b.available.nearest(t.zone, t.rack) {
-            if picked.len() == need {
+            if complete.len() == need || partial.len() == TOP_UP_SCAN {
                 break;
             }
-            if !picked.contains(&key.host) && self.fits(b, d, target, key.host, rate) {
-                picked.push(key.host);
+            let taken = complete.contains(&key.host) || partial.iter().any(|p| p.0 == key.host);
+            if !taken && self.fits(b, d, target, key.host, rate) {
+                if key.incomplete {
+                    partial.push((key.host, key.chunks.0));
+                } else {
+                    complete.push(key.host);
+                }
             }
         }
-        for source in picked {
+        // Weighted by chunks + 1: a holder further along likely has more of what we lack.
+        let mut picked: Vec<HostId> = Vec::new();
+        while picked.len() < need - complete.len() && !partial.is_empty() {
+            let total: u64 = partial.iter().map(|p| u64::from(p.1) + 1).sum();
+            let mut x = self.rng.random_range(0..total);
+            let mut i = 0;
+            while x >= u64::from(partial[i].1) + 1 {
+                x -= u64::from(partial[i].1) + 1;
+                i += 1;
+            }
+            picked.push(partial.swap_remove(i).0);
+        }
+        for source in complete.into_iter().chain(picked) {
             self.assign(blob, target, source, rate);
         }
     }

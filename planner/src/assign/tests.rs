@@ -161,25 +161,36 @@ fn prefers_same_rack_then_same_zone_then_elsewhere() {
 }
 
 #[test]
-fn more_complete_holders_come_first_within_a_tier() {
+fn partial_holders_are_drawn_by_progress() {
     let x = blob(1);
-    let mut t = Harness::new(cfg(2, 8));
-    t.ev(Event::BlobKnown {
-        blob: x,
-        size: 100 << 20,
-        chunk_count: 100,
-    });
-    for (host, chunks) in [(10, 5), (11, 80), (12, 40)] {
-        t.up(host, 0, 0, GBPS);
-        t.ev(Event::Holds {
-            host: h(host),
+    let mut wins = std::collections::BTreeMap::new();
+    for seed in 0..40 {
+        let mut t = Harness::new(cfg(1, 8));
+        t.a = Assigner::new(cfg(1, 8), seed);
+        t.ev(Event::BlobKnown {
             blob: x,
-            chunks,
-            complete: false,
+            size: 100 << 20,
+            chunk_count: 100,
         });
+        for (host, chunks) in [(10, 1), (11, 80), (12, 40)] {
+            t.up(host, 0, 0, GBPS);
+            t.ev(Event::Holds {
+                host: h(host),
+                blob: x,
+                chunks,
+                complete: false,
+            });
+        }
+        t.up(1, 0, 0, GBPS);
+        let out = t.want(1, x);
+        let Some(Command::Fetch { sources, .. }) = out.first() else {
+            panic!("{out:?}")
+        };
+        *wins.entry(sources[0].0).or_insert(0) += 1;
     }
-    t.up(1, 0, 0, GBPS);
-    assert_eq!(t.want(1, x), vec![fetch(1, x, &[11, 12])]);
+    // Drawn at random (so targets spread over holders), weighted by chunks held.
+    let won = |host| wins.get(&host).copied().unwrap_or(0);
+    assert!(won(11) > won(12) && won(12) > won(10), "{wins:?}");
 }
 
 #[test]

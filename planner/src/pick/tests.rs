@@ -359,3 +359,19 @@ fn no_endgame_while_missing_chunks_are_not_out_anywhere() {
     assert_eq!(drain(&mut p, A).len(), 10);
     assert!(p.in_endgame());
 }
+
+#[test]
+fn a_chunk_whose_rarity_rose_in_flight_returns_to_the_pool() {
+    // Found by the simulator: the chunk's rarity passed every pooled chunk's while it was
+    // requested, so putting it back after a failure indexed past the buckets (a panic in
+    // the agent, triggered by peers' have-messages).
+    let n = 4;
+    let mut p = ChunkPicker::new(ChunkSet::empty(n), 1, config(8));
+    p.add_source(A, set(n, 0..1));
+    assert_eq!(p.next_request(Time::ZERO, A), Some(ChunkIndex(0)));
+    p.add_source(B, set(n, 0..1));
+    p.add_source(C, set(n, 0..1));
+    assert_eq!(p.rarity(ChunkIndex(0)), 3);
+    p.on_chunk_failed(Time::ZERO, A, ChunkIndex(0));
+    assert_eq!(p.next_request(Time::ZERO, B), Some(ChunkIndex(0)));
+}
