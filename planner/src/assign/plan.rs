@@ -292,7 +292,7 @@ impl Assigner {
             let total: u64 = partial.iter().map(|p| u64::from(p.1) + 1).sum();
             let mut x = self.rng.random_range(0..total);
             let mut i = 0;
-            while x >= u64::from(partial[i].1) + 1 {
+            while x > u64::from(partial[i].1) {
                 x -= u64::from(partial[i].1) + 1;
                 i += 1;
             }
