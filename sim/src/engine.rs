@@ -64,6 +64,10 @@ pub struct Outcome {
     /// Hosts that want something and are alive at the end (crashed and never restarted
     /// ones are not).
     pub live: Vec<bool>,
+    /// Hosts that want something and had no fault of their own (never crashed, full-speed
+    /// NIC): completion percentiles are taken over these, since no planner can make a
+    /// host with a tenth of the bandwidth finish on time.
+    pub healthy: Vec<bool>,
     /// Simulated seconds when the run stopped.
     pub end: f64,
     /// Bytes sent by origin hosts (including any sent twice).
@@ -107,10 +111,11 @@ impl Outcome {
         )
     }
 
-    /// Nearest-rank percentile of live hosts' completion times; unfinished count as the end.
+    /// Nearest-rank percentile of healthy hosts' completion times; unfinished ones count as
+    /// never.
     pub fn percentile(&self, p: f64) -> f64 {
-        let mut times: Vec<f64> = (self.finished.iter().zip(&self.live))
-            .filter(|(_, l)| **l)
+        let mut times: Vec<f64> = (self.finished.iter().zip(&self.healthy))
+            .filter(|(_, ok)| **ok)
             .map(|(f, _)| f.unwrap_or(f64::INFINITY))
             .collect();
         if times.is_empty() {
@@ -305,6 +310,7 @@ impl<'a> Sim<'a> {
                 strategy,
                 finished: Vec::new(),
                 live: Vec::new(),
+                healthy: Vec::new(),
                 end: 0.0,
                 origin_egress: 0,
                 bytes_moved: 0,
@@ -417,6 +423,11 @@ impl<'a> Sim<'a> {
             out.finished
                 .push(h.finished_at.map(|t| t.as_micros() as f64 / 1e6));
             out.live.push(!h.gone);
+            let faulty = self.spec.faults.iter().any(|f| match *f {
+                Fault::Crash { host, .. } | Fault::Slow { host, .. } => host as usize == i,
+                _ => false,
+            });
+            out.healthy.push(!faulty);
         }
         out.end = self.now.as_micros() as f64 / 1e6;
         out.planner = self.coord.as_ref().map(|c| c.assigner.stats().clone());
@@ -1319,6 +1330,7 @@ fn empty_outcome(strategy: Strategy) -> Outcome {
         strategy,
         finished: Vec::new(),
         live: Vec::new(),
+        healthy: Vec::new(),
         end: 0.0,
         origin_egress: 0,
         bytes_moved: 0,
