@@ -404,11 +404,21 @@ impl Assigner {
         let complete = complete || before.is_some_and(|h| h.complete);
         let chunks = chunks.max(before.map_or(0, |h| h.chunks));
         self.set_holding(id, blob, Some((chunks, complete)));
+        let newly_complete = complete && !before.is_some_and(|h| h.complete);
+        if newly_complete {
+            // Its downloaders now have an upstream: they may stop being hungry.
+            let served: Vec<HostId> = (self.hosts[&id].serving.keys())
+                .filter(|(b, _)| *b == blob)
+                .map(|(_, t)| *t)
+                .collect();
+            for target in served {
+                self.sync_hungry(blob, target);
+            }
+        }
         if complete && self.download_mut(blob, id).is_some() {
             self.finish_download(blob, id);
         }
-        let newly_useful = before.is_none() || (complete && !before.is_some_and(|h| h.complete));
-        if newly_useful {
+        if before.is_none() || newly_complete {
             self.offer(id, blob);
         }
     }

@@ -290,10 +290,16 @@ pub fn random_faults(seed: u64) -> Spec {
         origins,
         Duration::from_millis(rng.random_range(0..2_000)),
     );
-    // Small blobs keep it quick: 8–64 MB.
+    // 1 Gbit/s NICs and 32–256 MB blobs: transfers take seconds, so the faults land
+    // mid-transfer, and a run is still only a few thousand chunks.
     for b in &mut spec.blobs {
-        *b = rng.random_range(8 * MB..=64 * MB);
+        *b = rng.random_range(32 * MB..=256 * MB);
     }
+    for h in &mut spec.hosts {
+        h.up_bps = 125.0e6;
+        h.down_bps = 125.0e6;
+    }
+    spec.params.tick = Duration::from_millis(1);
     let mut pool: Vec<u32> = (origins..origins + n).collect();
     for _ in 0..rng.random_range(0..=4) {
         let h = pool.swap_remove(rng.random_range(0..pool.len()));
@@ -302,7 +308,7 @@ pub fn random_faults(seed: u64) -> Spec {
             .then(|| Duration::from_millis(rng.random_range(100..3_000)));
         spec.faults.push(Fault::Crash {
             host: h,
-            at: Duration::from_millis(rng.random_range(0..2_500)),
+            at: Duration::from_millis(rng.random_range(200..4_000)),
             restart_after,
         });
     }
@@ -319,7 +325,7 @@ pub fn random_faults(seed: u64) -> Spec {
     }
     if rng.random_bool(0.5) {
         spec.faults.push(Fault::CoordinatorRestart {
-            at: Duration::from_millis(rng.random_range(0..2_000)),
+            at: Duration::from_millis(rng.random_range(200..4_000)),
             downtime: Duration::from_millis(rng.random_range(10..1_500)),
         });
     }

@@ -149,7 +149,16 @@ impl Assigner {
         let Some(d) = b.downloads.get_mut(&target) else {
             return;
         };
-        let want = (alive && d.retry_at.is_none() && d.sources.len() < k).then_some(HungryKey {
+        // Short of K, or with no complete source: a download fed only by partial holders can
+        // sit in an island of peers that all lack the same chunks, so it stays hungry for a
+        // complete holder (see `offer`).
+        let upstream = (d.sources.iter()).any(|s| {
+            (self.hosts.get(s))
+                .and_then(|h| h.holdings.get(&blob))
+                .is_some_and(|h| h.complete)
+        });
+        let short = d.sources.len() < k || !upstream;
+        let want = (alive && d.retry_at.is_none() && short).then_some(HungryKey {
             priority: Reverse(d.priority),
             sources: d.sources.len(),
             seq: d.seq,
@@ -313,6 +322,8 @@ impl Assigner {
         if !indexed {
             return;
         }
+        let complete = s.holdings.get(&blob).is_some_and(|h| h.complete);
+        let k = self.config.max_sources;
         let mut slots = self.config.max_uploads.saturating_sub(s.serving.len());
         let mut spare = s.upload_bps.saturating_sub(s.committed_bps);
         let mut picked: Vec<(HostId, u64)> = Vec::new();
@@ -325,14 +336,42 @@ impl Assigner {
             if rate > spare || picked.iter().any(|(t, _)| *t == target) {
                 continue;
             }
-            if self.fits(b, &b.downloads[&target], target, source, rate) {
+            let d = &b.downloads[&target];
+            // A full download is hungry only for a complete holder (an upstream).
+            if d.sources.len() >= k && !complete {
+                continue;
+            }
+            if self.fits(b, d, target, source, rate) {
                 picked.push((target, rate));
                 slots -= 1;
                 spare -= rate;
             }
         }
+        let mut freed = Vec::new();
         for (target, rate) in picked {
+            let full = self
+                .blobs
+                .get(&blob)
+                .and_then(|b| b.downloads.get(&target))
+                .is_some_and(|d| d.sources.len() >= k);
+            if full {
+                // Make room: the partial source that has verified least leaves.
+                let victim = (self.blobs[&blob].downloads[&target].sources.iter())
+                    .copied()
+                    .min_by_key(|v| (self.hosts[v].holdings.get(&blob)).map_or(0, |h| h.chunks));
+                if let Some(victim) = victim {
+                    if let Some(d) = self.download_mut(blob, target) {
+                        d.sources.retain(|s| *s != victim);
+                    }
+                    self.release(blob, target, victim);
+                    self.stats.replans += 1;
+                    freed.push(victim);
+                }
+            }
             self.assign(blob, target, source, rate);
+        }
+        for victim in freed {
+            self.offer_everything(victim, blob);
         }
     }
 
