@@ -408,6 +408,39 @@ impl<'a> Sim<'a> {
     }
 
     fn outcome(mut self) -> Outcome {
+        if self.debug {
+            for (i, h) in self.hosts.iter().enumerate() {
+                for b in &h.pending {
+                    let planned = (self.coord.as_ref())
+                        .and_then(|c| c.assigner.sources(blob_id(*b), HostId(i as u32)))
+                        .map(<[HostId]>::to_vec);
+                    let holders: Vec<(usize, u32, bool, usize)> = (self.hosts.iter().enumerate())
+                        .filter_map(|(j, o)| {
+                            o.store.get(b).map(|c| {
+                                (
+                                    j,
+                                    c.count(),
+                                    o.alive,
+                                    self.coord
+                                        .as_ref()
+                                        .map_or(0, |c| c.assigner.uploads(HostId(j as u32))),
+                                )
+                            })
+                        })
+                        .filter(|x| x.1 > 0)
+                        .collect();
+                    eprintln!("  holders of {b}: {holders:?}");
+                    eprintln!(
+                        "unfinished: host{i} blob {b} alive {} download {:?} planned {planned:?}",
+                        h.alive,
+                        h.downloads.get(b).map(|d| (
+                            d.picker.have().count(),
+                            d.sources.keys().collect::<Vec<_>>()
+                        )),
+                    );
+                }
+            }
+        }
         let mut out = std::mem::replace(&mut self.out, empty_outcome(self.strategy));
         for h in &self.hosts {
             for d in h.downloads.values() {

@@ -167,6 +167,7 @@ impl Zipf {
 /// `hosts` hosts each pull `per_host` distinct blobs drawn Zipf(1.1) from a catalog of
 /// `catalog` blobs of 100 MB–1 GB, seeded at `origins` origin hosts (each blob at one,
 /// balanced by bytes), arriving uniformly over `arrivals`.
+#[allow(clippy::too_many_arguments)]
 fn catalog_workload(
     name: &str,
     seed: u64,
@@ -174,6 +175,7 @@ fn catalog_workload(
     catalog: usize,
     per_host: usize,
     origins: u32,
+    origin_bps: f64,
     arrivals: Duration,
 ) -> Spec {
     let mut rng = SmallRng::seed_from_u64(seed);
@@ -188,7 +190,7 @@ fn catalog_workload(
         .map(|i| {
             host(
                 i * RACK * RACKS_PER_ZONE + (RACK - 1),
-                GBIT40,
+                origin_bps,
                 Duration::ZERO,
             )
         })
@@ -228,17 +230,44 @@ fn catalog_workload(
 }
 
 /// 20,000 blob downloads: 2,000 hosts × 10 blobs from a catalog of 500 at 4 origins, hosts
-/// arriving over 5 s (quick: 200 hosts, catalog 50).
+/// arriving over 5 s. Quick: a tenth of the hosts, the catalog and the origins' links, so
+/// the origins stay the bottleneck as at full scale.
 fn peak(quick: bool, seed: u64) -> Spec {
-    let (n, catalog) = if quick { (200, 50) } else { (2_000, 500) };
-    catalog_workload("peak", seed, n, catalog, 10, 4, Duration::from_secs(5))
+    let (n, catalog, origin_bps) = if quick {
+        (200, 50, GBIT40 / 10.0)
+    } else {
+        (2_000, 500, GBIT40)
+    };
+    catalog_workload(
+        "peak",
+        seed,
+        n,
+        catalog,
+        10,
+        4,
+        origin_bps,
+        Duration::from_secs(5),
+    )
 }
 
 /// `peak` at 500 hosts (quick: 100) with 5% crashing mid-transfer (half restart), 2% slow,
 /// one host serving corrupt chunks and one coordinator restart.
 fn faults(quick: bool, seed: u64) -> Spec {
-    let (n, catalog) = if quick { (100, 100) } else { (500, 500) };
-    let mut spec = catalog_workload("faults", seed, n, catalog, 10, 4, Duration::from_secs(5));
+    let (n, catalog, origin_bps) = if quick {
+        (100, 100, GBIT40 / 5.0)
+    } else {
+        (500, 500, GBIT40)
+    };
+    let mut spec = catalog_workload(
+        "faults",
+        seed,
+        n,
+        catalog,
+        10,
+        4,
+        origin_bps,
+        Duration::from_secs(5),
+    );
     let mut rng = SmallRng::seed_from_u64(seed ^ 0xfa_17);
     let origins = 4;
     let mut pool: Vec<u32> = (origins..origins + n).collect();
@@ -288,6 +317,7 @@ pub fn random_faults(seed: u64) -> Spec {
         catalog,
         rng.random_range(1..=3usize),
         origins,
+        GBIT40,
         Duration::from_millis(rng.random_range(0..2_000)),
     );
     // 1 Gbit/s NICs and 32–256 MB blobs: transfers take seconds, so the faults land

@@ -90,7 +90,7 @@ impl Default for Params {
             heartbeat: Duration::from_secs(2),
             lease: Duration::from_secs(10),
             stall_timeout: Duration::from_secs(1),
-            max_time: Duration::from_secs(600),
+            max_time: Duration::from_secs(3_000),
             max_sources: planner.max_sources,
             max_uploads: planner.max_uploads,
         }

@@ -27,6 +27,22 @@ impl Assigner {
             if !h.alive && !idle {
                 return Err(format!("{id} is down but still serves or holds"));
             }
+            let full = self.is_full(*id);
+            for (b, holding) in &h.holdings {
+                let corrupt = self.blobs.get(b).is_some_and(|x| x.corrupt.contains(id));
+                let should = h.alive && !full && !corrupt;
+                if should != holding.indexed.is_some() {
+                    return Err(format!(
+                        "{id}'s holding of {b} is {}indexed (alive {}, full {full}, corrupt {corrupt})",
+                        if holding.indexed.is_some() {
+                            ""
+                        } else {
+                            "not "
+                        },
+                        h.alive
+                    ));
+                }
+            }
         }
         for (b, blob) in &self.blobs {
             if self.hungry_blobs.contains(b) == blob.hungry.is_empty() {
@@ -39,6 +55,13 @@ impl Assigner {
                 }
                 if d.sources.len() > self.config.max_sources {
                     return Err(format!("{t} has {} sources > K", d.sources.len()));
+                }
+                if target.alive
+                    && d.retry_at.is_none()
+                    && d.sources.is_empty()
+                    && d.hungry.is_none()
+                {
+                    return Err(format!("{t} has no source for {b} and is not hungry"));
                 }
                 for s in &d.sources {
                     let src = &self.hosts[s];
@@ -68,10 +91,13 @@ impl Assigner {
 
     /// Upload a source reserves for one download of `target`: the target's downlink split
     /// over K sources and over the downloads it wants at once (they share that downlink).
-    pub(super) fn rate_for(&self, target: HostId) -> u64 {
+    /// Capped at the source's whole upload: a source slower than that share can still
+    /// serve the target, just not at the share.
+    pub(super) fn rate_for(&self, target: HostId, source: HostId) -> u64 {
         let t = &self.hosts[&target];
         let downloads = t.wants.len().max(1) as u64;
-        (t.download_bps / (self.config.max_sources as u64 * downloads)).max(1)
+        let share = (t.download_bps / (self.config.max_sources as u64 * downloads)).max(1);
+        share.min(self.hosts[&source].upload_bps.max(1))
     }
 
     /// Records what `host` holds of `blob` (`None`: nothing) and re-indexes it.
@@ -274,7 +300,6 @@ impl Assigner {
             return;
         }
         let need = self.config.max_sources - d.sources.len();
-        let rate = self.rate_for(target);
         // Complete holders first, nearest first. Partial holders (targets still
         // downloading, most with nothing yet) are drawn at random from the nearest
         // TOP_UP_SCAN that fit: taking them in index order gives every target the same
@@ -287,7 +312,7 @@ impl Assigner {
                 break;
             }
             let taken = complete.contains(&key.host) || partial.iter().any(|p| p.0 == key.host);
-            if !taken && self.fits(b, d, target, key.host, rate) {
+            if !taken && self.fits(b, d, target, key.host, self.rate_for(target, key.host)) {
                 if key.incomplete {
                     partial.push((key.host, key.chunks.0));
                 } else {
@@ -308,6 +333,7 @@ impl Assigner {
             picked.push(partial.swap_remove(i).0);
         }
         for source in complete.into_iter().chain(picked) {
+            let rate = self.rate_for(target, source);
             self.assign(blob, target, source, rate);
         }
     }
@@ -332,7 +358,7 @@ impl Assigner {
                 break;
             }
             let target = key.host;
-            let rate = self.rate_for(target);
+            let rate = self.rate_for(target, source);
             if rate > spare || picked.iter().any(|(t, _)| *t == target) {
                 continue;
             }

@@ -576,3 +576,15 @@ fn same_seed_and_events_give_same_commands() {
     );
     assert_eq!(scripted_run(3), (first, stats));
 }
+
+#[test]
+fn a_source_slower_than_the_share_still_serves() {
+    // Found by the simulator: a 1 Gbit/s origin never served a 10 Gbit/s target, whose
+    // share (link ÷ K) was more than the origin's whole upload, so the want waited forever.
+    let x = blob(1);
+    let mut t = Harness::new(cfg(2, 8));
+    t.seed(0, 0, 0, GBPS / 10, x);
+    t.up(1, 0, 0, 10 * GBPS);
+    assert_eq!(t.want(1, x), vec![fetch(1, x, &[0])]);
+    t.a.check_invariants().unwrap();
+}
