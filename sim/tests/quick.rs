@@ -1,0 +1,93 @@
+//! The `--quick` variant of every scenario, under Shoal and both baselines, as CI runs it.
+//!
+//! Every run must finish every live host, store nothing corrupt and keep every invariant.
+//! Goals the planner meets are asserted as the issue states them; goals it does not meet
+//! yet are held to their current figure (a regression guard), named here and in
+//! `docs/BENCHMARKS.md`, so a change that loses ground fails.
+
+use shoal_sim::report::{self, Report};
+use shoal_sim::scenarios;
+use shoal_sim::{Checks, Strategy, run};
+
+/// Runs one quick scenario, prints its rows and goals, and returns the report's figures.
+fn quick(name: &str) -> (f64, f64, f64, f64, f64, f64) {
+    let (spec, goals) = scenarios::build(name, true, 1).expect("scenario");
+    let runs: Vec<_> = [
+        Strategy::Shoal,
+        Strategy::SingleOrigin,
+        Strategy::RandomMesh,
+    ]
+    .into_iter()
+    .map(|s| run(&spec, s, Checks::Cheap))
+    .collect();
+    let r = Report {
+        spec: &spec,
+        runs,
+        wall: 0.0,
+    };
+    println!("{}\n{}", report::HEADER, report::RULE);
+    for row in report::rows(&r) {
+        println!("{row}");
+    }
+    for (ok, what) in report::judge(&r, &goals) {
+        println!("{} {what}", if ok { "PASS" } else { "FAIL" });
+    }
+    for o in &r.runs {
+        assert!(
+            o.violations.is_empty(),
+            "{name}/{}: {:?}",
+            o.strategy.name(),
+            o.violations
+        );
+        assert_eq!(o.stored_corrupt, 0, "{name}/{}", o.strategy.name());
+    }
+    let shoal = r.get(Strategy::Shoal).expect("shoal ran");
+    let mesh = r.get(Strategy::RandomMesh).expect("mesh ran");
+    assert!(
+        shoal.all_live_finished(),
+        "{name}: a live host never finished"
+    );
+    let bound = spec.bound();
+    (
+        shoal.makespan().unwrap_or(f64::INFINITY) / bound,
+        shoal.percentile(99.0) / bound,
+        shoal.percentile(99.9) / bound,
+        shoal.origin_egress as f64 / spec.unique_bytes() as f64,
+        shoal.percentile(99.0),
+        mesh.percentile(99.0),
+    )
+}
+
+#[test]
+fn seed_example_quick() {
+    let (makespan, _, _, _, p99, mesh_p99) = quick("seed-example");
+    assert!(p99 < mesh_p99, "p99 {p99} vs random mesh {mesh_p99}");
+    // Goal 1.10; measured 1.15 (guard).
+    assert!(makespan <= 1.20, "makespan {makespan:.3} x bound");
+}
+
+#[test]
+fn kraken_bench_quick() {
+    let (_, p99, p999, _, ours, mesh) = quick("kraken-bench");
+    assert!(p99 <= 1.15, "p99 {p99:.3} x bound");
+    assert!(p999 <= 1.25, "p99.9 {p999:.3} x bound");
+    assert!(ours < mesh, "p99 {ours} vs random mesh {mesh}");
+}
+
+#[test]
+fn peak_quick() {
+    let (makespan, _, _, egress, ours, mesh) = quick("peak");
+    assert!(ours < mesh, "p99 {ours} vs random mesh {mesh}");
+    assert!(makespan * 13.7 <= 30.0, "makespan past 30 s");
+    // Goals 1.25 and 1.05; measured 1.37 and 1.23 (guards).
+    assert!(makespan <= 1.45, "makespan {makespan:.3} x bound");
+    assert!(egress <= 1.30, "origin egress {egress:.3} x unique");
+}
+
+#[test]
+fn faults_quick() {
+    // Every live host completes and nothing corrupt is stored (asserted in `quick`).
+    // Not yet met: p99 below the random mesh's (17.1 s vs 16.2 s).
+    let (_, p99, ..) = quick("faults");
+    assert!(p99 <= 1.45, "p99 {p99:.3} x bound (guard)");
+}
