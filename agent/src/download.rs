@@ -195,8 +195,10 @@ impl Download<'_> {
         if s.agent_id == self.shared.agent_id() {
             return;
         }
-        if self.by_agent.contains_key(&s.agent_id) {
-            // Known: the have-stream is the authority on what it holds.
+        if let Some(&key) = self.by_agent.get(&s.agent_id) {
+            // Known: the have-stream is the authority on what it holds; only its stripe
+            // may have changed (another downloader of it came or went).
+            self.picker.set_stripe(host(key), s.stripe, s.stripes);
             return;
         }
         let addrs: Vec<SocketAddr> = s
@@ -346,6 +348,15 @@ impl Download<'_> {
         if buf.capacity() > 0 {
             self.buffers.push(buf);
         }
+        // Endgame duplicates race: the one that stored the chunk may report after one that
+        // found it present (and may be cancelled then). The first report of a chunk counts
+        // it, whichever outcome it carries; later reports never do.
+        let first = !self.picker.have().contains(index);
+        let result = match result {
+            Ok(PutOutcome::AlreadyPresent) if first => Ok(PutOutcome::Stored),
+            Ok(PutOutcome::Stored) if !first => Ok(PutOutcome::AlreadyPresent),
+            other => other,
+        };
         match result {
             Ok(PutOutcome::Stored) => {
                 // Endgame duplicates of this chunk elsewhere are no longer needed.

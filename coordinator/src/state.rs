@@ -436,8 +436,10 @@ impl State {
             .filter(|s| !new.contains(s))
             .copied()
             .collect();
+        // New sources, and kept ones whose stripe changed (a co-downloader came or went):
+        // the agent takes a source it already has as a stripe update.
         let added: Vec<HostId> = (new.iter())
-            .filter(|s| !order.sources.contains_key(s))
+            .filter(|s| order.sources.get(s) != Some(&self.stripe_for(host, blob, **s)))
             .copied()
             .collect();
         let mut add = Vec::new();

@@ -71,19 +71,16 @@ struct Host {
     lease_expiry: Time,
     salt: u64,
     holdings: BTreeMap<BlobId, Holding>,
-    /// Downloads this host serves, with the upload rate reserved for each and its stripe.
+    /// Downloads this host serves, with the upload rate reserved for each.
     serving: BTreeMap<(BlobId, HostId), Serve>,
     committed_bps: u64,
     wants: BTreeSet<BlobId>,
 }
 
-/// One download a source serves: the upload rate reserved for it, and its stripe (see
-/// [`Assigner::stripe`]).
+/// One download a source serves: the upload rate reserved for it.
 #[derive(Clone, Copy, Debug)]
 struct Serve {
     rate: u64,
-    stripe: u32,
-    stripes: u32,
 }
 
 #[derive(Debug)]
@@ -93,6 +90,8 @@ struct Download {
     sources: Vec<HostId>,
     /// The source list the agent was last told; `None` while no order is outstanding.
     sent: Option<Vec<HostId>>,
+    /// The stripes it was last told, one per source in `sent`.
+    sent_stripes: Vec<(u32, u32)>,
     excluded: BTreeSet<HostId>,
     attempts: u32,
     retry_at: Option<Time>,
@@ -255,16 +254,26 @@ impl Assigner {
     }
 
     /// The stripe `target` should prefer from `source` for `blob`, and how many there are:
-    /// the lowest stripe no other download of `blob` from `source` had when it was assigned,
-    /// out of as many as downloads the source can serve at once (its upload ÷ the rate
-    /// reserved per download, at most F). Downloaders of one source then ask it for
-    /// different chunks, so its upload puts new chunks into the swarm rather than one chunk
-    /// into several hosts that could relay it to each other.
+    /// the downloads of `blob` that `source` serves right now split its chunks between them
+    /// (chunk `i` is in stripe `i % stripes`), so they ask it for different chunks and its
+    /// upload puts new chunks into the swarm rather than one chunk into several hosts that
+    /// could relay it to each other. Every command carries the current stripes, and a
+    /// download whose stripes change (a co-downloader came or went) gets an
+    /// `UpdateSources`, so no stripe is left without a downloader.
     pub fn stripe(&self, blob: BlobId, target: HostId, source: HostId) -> Option<(u32, u32)> {
         let s = self.hosts.get(&source)?;
-        s.serving
-            .get(&(blob, target))
-            .map(|v| (v.stripe % v.stripes, v.stripes))
+        let mut rank = None;
+        let mut count = 0u32;
+        for (k, _) in s
+            .serving
+            .range((blob, HostId(0))..=(blob, HostId(u32::MAX)))
+        {
+            if k.1 == target {
+                rank = Some(count);
+            }
+            count += 1;
+        }
+        rank.map(|r| (r, count))
     }
 
     /// Downloads `host` is serving right now, over all blobs.
@@ -465,6 +474,7 @@ impl Assigner {
                     seq: self.next_seq,
                     sources: Vec::new(),
                     sent: None,
+                    sent_stripes: Vec::new(),
                     excluded: BTreeSet::new(),
                     attempts: 0,
                     retry_at: None,

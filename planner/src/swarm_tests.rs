@@ -208,7 +208,10 @@ fn apply(agents: &mut BTreeMap<HostId, Agent>, command: Command, seed: u64) {
             cfg,
         ));
     }
-    let picker = agent.download.as_mut().unwrap();
+    // An update may cross the download finishing: the agent ignores it, as agents do.
+    let Some(picker) = agent.download.as_mut() else {
+        return;
+    };
     let old: Vec<HostId> = picker.sources().filter(|s| !sources.contains(s)).collect();
     let mut abandoned = Vec::new();
     for s in old {

@@ -938,10 +938,17 @@ impl<'a> Sim<'a> {
         if s == h {
             return;
         }
-        let Some(d) = self.hosts[h as usize].downloads.get(&b) else {
+        let Some(d) = self.hosts[h as usize].downloads.get_mut(&b) else {
             return;
         };
-        if d.sources.contains_key(&s) || d.banned.contains(&s) {
+        if d.banned.contains(&s) {
+            return;
+        }
+        if d.sources.contains_key(&s) {
+            // Known source: only its stripe may have changed.
+            if let Some((stripe, stripes)) = stripe {
+                d.picker.set_stripe(HostId(s), stripe, stripes);
+            }
             return;
         }
         let n = self.spec.chunk_count(b);

@@ -232,12 +232,8 @@ fn downloaders_of_one_source_get_different_stripes() {
         let from_seeder = (order.sources.iter())
             .find(|src| src.agent_id == "seeder")
             .expect("the seeder is a source");
-        // Equal links: the seeder serves K downloads at once (each reserves 1/K of a
-        // downloader's link), so K stripes.
-        assert_eq!(
-            from_seeder.stripes,
-            AssignerConfig::default().max_sources as u32
-        );
+        // The seeder's chunks are split between its three downloaders.
+        assert_eq!(from_seeder.stripes, 3);
         stripes.insert(from_seeder.stripe);
     }
     assert_eq!(
@@ -245,6 +241,34 @@ fn downloaders_of_one_source_get_different_stripes() {
         3,
         "each downloader of the seeder has its own stripe"
     );
+}
+
+#[test]
+fn a_downloader_hears_when_its_stripe_changes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut s, m, _i) = with_seeder(dir.path(), Duration::from_secs(30));
+    let first = join(&mut s, "t1", 10);
+    let mut inbox = open(&mut s, &first).1;
+    distribute(&mut s, m.digest(), &["t1"]).expect("distribute");
+    let order = orders(&mut inbox).pop().expect("order");
+    let seeder = |sources: &[pb::Source]| {
+        (sources.iter())
+            .find(|src| src.agent_id == "seeder")
+            .map(|src| (src.stripe, src.stripes))
+    };
+    assert_eq!(seeder(&order.sources), Some((0, 1)), "alone: every chunk");
+    // A second downloader of the seeder: t1 is told its new stripe, or both would ask the
+    // seeder for every chunk.
+    let second = join(&mut s, "t2", 11);
+    let _i2 = open(&mut s, &second).1;
+    distribute(&mut s, m.digest(), &["t2"]).expect("distribute");
+    let mut stripe = None;
+    while let Ok(Ok(msg)) = inbox.try_recv() {
+        if let Some(coordinator_message::Msg::SourceUpdate(u)) = msg.msg {
+            stripe = seeder(&u.add).or(stripe);
+        }
+    }
+    assert_eq!(stripe.map(|(_, n)| n), Some(2), "t1 got no stripe update");
 }
 
 #[test]

@@ -2,6 +2,7 @@
 //! accounting, topping targets up, offering freed sources, and turning changes into commands.
 
 use std::cmp::Reverse;
+use std::collections::BTreeSet;
 
 use rand::Rng;
 
@@ -229,23 +230,9 @@ impl Assigner {
     pub(super) fn assign(&mut self, blob: BlobId, target: HostId, source: HostId, rate: u64) {
         let was_full = self.is_full(source);
         let s = self.hosts.get_mut(&source).expect("known host");
-        let taken: Vec<u32> = (s
-            .serving
-            .range((blob, HostId(0))..=(blob, HostId(u32::MAX))))
-        .map(|(_, v)| v.stripe)
-        .collect();
-        let stripe = (0..).find(|i| !taken.contains(i)).unwrap_or(0);
-        let slots = (s.upload_bps / rate.max(1)).clamp(1, self.config.max_uploads as u64);
-        let stripes = u32::try_from(slots).unwrap_or(u32::MAX);
-        s.serving.insert(
-            (blob, target),
-            Serve {
-                rate,
-                stripe,
-                stripes,
-            },
-        );
+        s.serving.insert((blob, target), Serve { rate });
         s.committed_bps += rate;
+        self.restripe(blob, source);
         let d = self.download_mut(blob, target).expect("download exists");
         d.sources.push(source);
         self.stats.assignments += 1;
@@ -256,12 +243,26 @@ impl Assigner {
         }
     }
 
+    /// The downloads of `blob` that `source` serves changed, so their stripes did: each
+    /// gets the new ones with its next command.
+    fn restripe(&mut self, blob: BlobId, source: HostId) {
+        let s = &self.hosts[&source];
+        for (_, t) in s
+            .serving
+            .range((blob, HostId(0))..=(blob, HostId(u32::MAX)))
+            .map(|(k, _)| *k)
+        {
+            self.dirty.insert((blob, t));
+        }
+    }
+
     /// Returns the capacity `source` reserved for `target`; does not touch the download.
     pub(super) fn release(&mut self, blob: BlobId, target: HostId, source: HostId) {
         let was_full = self.is_full(source);
         let s = self.hosts.get_mut(&source).expect("known host");
         if let Some(v) = s.serving.remove(&(blob, target)) {
             s.committed_bps -= v.rate;
+            self.restripe(blob, source);
         }
         if was_full && !self.is_full(source) {
             self.sync_all_holdings(source);
@@ -468,38 +469,23 @@ impl Assigner {
     /// of waiting for progress reports to reach the coordinator. This is what lets a swarm
     /// relay a chunk within milliseconds of it leaving the origin.
     pub(super) fn flush(&mut self) {
+        // Settle first: a target about to get its first order becomes a holder, which may
+        // give others sources (and change stripes), which may order more targets. Then
+        // one command per changed download, with its final sources and stripes.
+        let mut seen = BTreeSet::new();
+        let mut touched = Vec::new();
         while !self.dirty.is_empty() {
             let mut ordered = Vec::new();
             for (blob, target) in std::mem::take(&mut self.dirty) {
-                if !self.is_up(target) {
-                    continue;
+                if seen.insert((blob, target)) {
+                    touched.push((blob, target));
                 }
-                let Some(d) = self.download_mut(blob, target) else {
-                    continue;
-                };
-                let command = match &d.sent {
-                    None if d.sources.is_empty() => continue,
-                    None => Command::Fetch {
-                        host: target,
-                        blob,
-                        sources: d.sources.clone(),
-                    },
-                    Some(sent) if *sent == d.sources => continue,
-                    Some(_) => Command::UpdateSources {
-                        host: target,
-                        blob,
-                        sources: d.sources.clone(),
-                    },
-                };
-                d.sent = Some(d.sources.clone());
-                match command {
-                    Command::Fetch { .. } => {
-                        self.stats.orders += 1;
-                        ordered.push((blob, target));
-                    }
-                    _ => self.stats.source_updates += 1,
+                let first = (self.blobs.get(&blob))
+                    .and_then(|b| b.downloads.get(&target))
+                    .is_some_and(|d| d.sent.is_none() && !d.sources.is_empty());
+                if first && self.is_up(target) {
+                    ordered.push((blob, target));
                 }
-                self.commands.push_back(command);
             }
             for (blob, target) in ordered {
                 if !self.hosts[&target].holdings.contains_key(&blob) {
@@ -507,6 +493,39 @@ impl Assigner {
                     self.offer(target, blob);
                 }
             }
+        }
+        for (blob, target) in touched {
+            if !self.is_up(target) {
+                continue;
+            }
+            let Some(sources) = self.sources(blob, target).map(<[HostId]>::to_vec) else {
+                continue;
+            };
+            let stripes: Vec<(u32, u32)> = (sources.iter())
+                .map(|s| self.stripe(blob, target, *s).unwrap_or((0, 1)))
+                .collect();
+            let d = self.download_mut(blob, target).expect("checked above");
+            let command = match &d.sent {
+                None if d.sources.is_empty() => continue,
+                None => Command::Fetch {
+                    host: target,
+                    blob,
+                    sources: d.sources.clone(),
+                },
+                Some(sent) if *sent == d.sources && d.sent_stripes == stripes => continue,
+                Some(_) => Command::UpdateSources {
+                    host: target,
+                    blob,
+                    sources: d.sources.clone(),
+                },
+            };
+            d.sent = Some(d.sources.clone());
+            d.sent_stripes = stripes;
+            match command {
+                Command::Fetch { .. } => self.stats.orders += 1,
+                _ => self.stats.source_updates += 1,
+            }
+            self.commands.push_back(command);
         }
     }
 
