@@ -229,14 +229,16 @@ impl ChunkPicker {
                 .iter()
                 .find_map(|m| random_bit(rng, nwords, |w| has[w] & !have[w] & !busy[w] & m(w)))
         } else {
+            // The whole stripe, rarest first, before anything outside it: a rare chunk
+            // outside our stripe is most likely on its way to the downloader whose stripe
+            // it is, who will relay it.
             let rng = &mut self.rng;
-            (self.buckets.iter().skip(1))
-                .filter(|b| !b.is_empty())
-                .find_map(|b| {
-                    masks
-                        .iter()
-                        .find_map(|m| random_bit(rng, nwords, |w| b.words()[w] & has[w] & m(w)))
-                })
+            let buckets = &self.buckets;
+            masks.iter().find_map(|m| {
+                (buckets.iter().skip(1))
+                    .filter(|b| !b.is_empty())
+                    .find_map(|b| random_bit(rng, nwords, |w| b.words()[w] & has[w] & m(w)))
+            })
         };
         let (index, duplicate) = match pick {
             Some(i) => {

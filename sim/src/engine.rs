@@ -907,6 +907,12 @@ impl<'a> Sim<'a> {
             mix(seed, self.out.events),
             PickerConfig {
                 chunk_size: self.spec.params.chunk_size as u32,
+                random_first: env_or(
+                    "SHOAL_SIM_RANDOM_FIRST",
+                    PickerConfig::default().random_first,
+                ),
+                initial_window: env_or("SHOAL_SIM_WINDOW", PickerConfig::default().initial_window),
+                min_window: env_or("SHOAL_SIM_MIN_WINDOW", PickerConfig::default().min_window),
                 ..PickerConfig::default()
             },
         );
@@ -1324,7 +1330,7 @@ impl<'a> Sim<'a> {
                 }
             }
         }
-        if self.debug && now.as_micros() % 1_000_000 < self.tick().as_micros() as u64 {
+        if self.debug && now.as_micros() % 100_000 < self.tick().as_micros() as u64 {
             let downloading: Vec<&Host> = (self.hosts.iter())
                 .filter(|h| h.alive && !h.downloads.is_empty())
                 .collect();
@@ -1338,6 +1344,18 @@ impl<'a> Sim<'a> {
                 .flat_map(|h| h.downloads.values())
                 .filter(|d| d.sources.is_empty())
                 .count();
+            let origin_rate: f64 = (0..n)
+                .filter(|&k| self.hosts[src[k] as usize].origin)
+                .map(|k| self.alloc_b[k])
+                .sum();
+            let origin_flows = (0..n)
+                .filter(|&k| self.hosts[src[k] as usize].origin)
+                .count();
+            let origin_up: f64 = self.hosts.iter().filter(|h| h.origin).map(|h| h.up).sum();
+            eprintln!(
+                "  origins send {:.0}% of their uplink over {origin_flows} active flows",
+                100.0 * origin_rate / origin_up
+            );
             eprintln!(
                 "{now:?}: flows {} active {n} moving {:.2} GB/s of {:.2} downlink; downloads {dls} sources/dl {:.1} without {no_src}",
                 self.flows.len() - self.free_flows.len(),
@@ -1352,11 +1370,18 @@ impl<'a> Sim<'a> {
     }
 }
 
+fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
+    std::env::var(key)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 fn new_assigner(spec: &Spec, salt: u64) -> Assigner {
     let p = &spec.params;
     Assigner::new(
         AssignerConfig {
-            max_sources: p.max_sources,
+            max_sources: env_or("SHOAL_SIM_K", p.max_sources),
             max_uploads: p.max_uploads,
             lease: p.lease,
             ..AssignerConfig::default()

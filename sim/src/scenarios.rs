@@ -73,7 +73,11 @@ pub fn build(name: &str, quick: bool, seed: u64) -> Result<(Spec, Vec<Goal>), St
 }
 
 fn host(index: u32, bps: f64, arrival: Duration) -> HostSpec {
-    let rack = index / RACK;
+    let rack = if std::env::var_os("SHOAL_SIM_FLAT").is_some() {
+        0
+    } else {
+        index / RACK
+    };
     HostSpec {
         zone: rack / RACKS_PER_ZONE,
         rack,
