@@ -96,6 +96,11 @@ struct Download {
     attempts: u32,
     retry_at: Option<Time>,
     hungry: Option<HungryKey>,
+    /// When it last made progress (its order, or more chunks reported).
+    progress_at: Time,
+    /// No progress for `stuck_after` without a complete source: it may be in an island of
+    /// partial holders that all lack the same chunks, so it wants a complete holder.
+    stuck: bool,
 }
 
 #[derive(Debug, Default)]
@@ -122,6 +127,10 @@ pub struct Assigner {
     blobs: BTreeMap<BlobId, Blob>,
     leases: BTreeSet<(Time, HostId)>,
     retries: BTreeSet<(Time, BlobId, HostId)>,
+    /// When to check whether a download is stuck: (progress_at + stuck_after, blob, host).
+    stuck_checks: BTreeSet<(Time, BlobId, HostId)>,
+    /// The latest `now` passed in.
+    now: Time,
     dirty: BTreeSet<(BlobId, HostId)>,
     /// Blobs with at least one hungry target: what freed capacity is offered to.
     hungry_blobs: BTreeSet<BlobId>,
@@ -145,6 +154,8 @@ impl Assigner {
             blobs: BTreeMap::new(),
             leases: BTreeSet::new(),
             retries: BTreeSet::new(),
+            stuck_checks: BTreeSet::new(),
+            now: Time::ZERO,
             dirty: BTreeSet::new(),
             hungry_blobs: BTreeSet::new(),
             commands: VecDeque::new(),
@@ -157,6 +168,7 @@ impl Assigner {
     /// Applies one event. Leases that ran out by `now` expire first, so a lapsed host gets
     /// nothing even if the driver is late calling `handle_timeout`.
     pub fn handle(&mut self, now: Time, event: Event) {
+        self.now = self.now.max(now);
         self.expire_leases(now);
         match event {
             Event::HostUp {
@@ -207,7 +219,15 @@ impl Assigner {
 
     /// Expires leases and starts retries due by `now`.
     pub fn handle_timeout(&mut self, now: Time) {
+        self.now = self.now.max(now);
         self.expire_leases(now);
+        while let Some(&(at, blob, host)) = self.stuck_checks.first() {
+            if at > now {
+                break;
+            }
+            self.stuck_checks.pop_first();
+            self.check_stuck(blob, host);
+        }
         while let Some(&(at, blob, host)) = self.retries.first() {
             if at > now {
                 break;
@@ -226,7 +246,8 @@ impl Assigner {
     pub fn poll_timeout(&self) -> Option<Time> {
         let lease = self.leases.first().map(|&(t, _)| t);
         let retry = self.retries.first().map(|&(t, _, _)| t);
-        lease.into_iter().chain(retry).min()
+        let stuck = self.stuck_checks.first().map(|&(t, _, _)| t);
+        lease.into_iter().chain(retry).chain(stuck).min()
     }
 
     /// The next command for an agent, in the order they were decided.
@@ -411,6 +432,9 @@ impl Assigner {
             return;
         }
         let complete = complete || before.is_some_and(|h| h.complete);
+        if chunks > before.map_or(0, |h| h.chunks) && !complete {
+            self.progressed(blob, id);
+        }
         let chunks = chunks.max(before.map_or(0, |h| h.chunks));
         self.set_holding(id, blob, Some((chunks, complete)));
         let newly_complete = complete && !before.is_some_and(|h| h.complete);
@@ -479,6 +503,8 @@ impl Assigner {
                     attempts: 0,
                     retry_at: None,
                     hungry: None,
+                    progress_at: self.now,
+                    stuck: false,
                 },
             );
         }

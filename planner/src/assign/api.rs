@@ -136,6 +136,9 @@ pub struct AssignerConfig {
     pub max_sources: usize,
     /// F: most downloads one source serves at once, over all blobs.
     pub max_uploads: usize,
+    /// A download with no complete source that reports no progress for this long is
+    /// given one (it may sit among partial holders that all lack the same chunks).
+    pub stuck_after: Duration,
     /// A host silent (no `Heartbeat`/`HostUp`) for this long is down.
     pub lease: Duration,
     /// Orders per (blob, host) before giving up on repeated `Failed`.
@@ -149,6 +152,7 @@ impl Default for AssignerConfig {
         Self {
             max_sources: 6,
             max_uploads: 256,
+            stuck_after: Duration::from_secs(2),
             lease: Duration::from_secs(10),
             max_attempts: 3,
             retry_backoff: Duration::from_secs(1),

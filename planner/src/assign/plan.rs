@@ -184,7 +184,7 @@ impl Assigner {
                 .and_then(|h| h.holdings.get(&blob))
                 .is_some_and(|h| h.complete)
         });
-        let short = d.sources.len() < k || !upstream;
+        let short = d.sources.len() < k || (d.stuck && !upstream);
         let want = (alive && d.retry_at.is_none() && short).then_some(HungryKey {
             priority: Reverse(d.priority),
             sources: d.sources.len(),
@@ -521,12 +521,93 @@ impl Assigner {
             };
             d.sent = Some(d.sources.clone());
             d.sent_stripes = stripes;
+            let first = matches!(command, Command::Fetch { .. });
             match command {
                 Command::Fetch { .. } => self.stats.orders += 1,
                 _ => self.stats.source_updates += 1,
             }
             self.commands.push_back(command);
+            if first {
+                self.progressed(blob, target);
+            }
         }
+    }
+
+    /// The download made progress: not stuck; check again `stuck_after` from now.
+    pub(super) fn progressed(&mut self, blob: BlobId, target: HostId) {
+        let now = self.now;
+        let after = self.config.stuck_after;
+        let Some(d) = self.download_mut(blob, target) else {
+            return;
+        };
+        let old = (d.progress_at + after, blob, target);
+        d.progress_at = now;
+        let was_stuck = std::mem::replace(&mut d.stuck, false);
+        self.stuck_checks.remove(&old);
+        self.stuck_checks.insert((now + after, blob, target));
+        if was_stuck {
+            self.sync_hungry(blob, target);
+        }
+    }
+
+    /// A download with no progress for `stuck_after` and no complete source becomes stuck:
+    /// hungry for a complete holder, which replaces its least advanced partial source.
+    pub(super) fn check_stuck(&mut self, blob: BlobId, target: HostId) {
+        let now = self.now;
+        let after = self.config.stuck_after;
+        let Some(d) = (self.blobs.get(&blob)).and_then(|b| b.downloads.get(&target)) else {
+            return;
+        };
+        if d.sent.is_none() || now.saturating_since(d.progress_at) < after {
+            return;
+        }
+        let upstream = (d.sources.iter()).any(|s| {
+            (self.hosts.get(s))
+                .and_then(|h| h.holdings.get(&blob))
+                .is_some_and(|h| h.complete)
+        });
+        if upstream {
+            // Check again later: its complete source may go.
+            self.stuck_checks.insert((now + after, blob, target));
+            return;
+        }
+        if let Some(d) = self.download_mut(blob, target) {
+            d.stuck = true;
+        }
+        self.sync_hungry(blob, target);
+        // Complete holders with room, nearest first.
+        let candidates: Vec<HostId> = {
+            let b = &self.blobs[&blob];
+            let t = &self.hosts[&target];
+            (b.available.nearest(t.zone, t.rack))
+                .filter(|k| !k.incomplete)
+                .map(|k| k.host)
+                .take(16)
+                .collect()
+        };
+        for source in candidates {
+            let rate = self.rate_for(target, source);
+            let b = &self.blobs[&blob];
+            if self.fits(b, &b.downloads[&target], target, source, rate) {
+                let victim = (b.downloads[&target].sources.iter())
+                    .copied()
+                    .min_by_key(|v| (self.hosts[v].holdings.get(&blob)).map_or(0, |h| h.chunks));
+                let full = b.downloads[&target].sources.len() >= self.config.max_sources;
+                if let (true, Some(victim)) = (full, victim) {
+                    if let Some(d) = self.download_mut(blob, target) {
+                        d.sources.retain(|s| *s != victim);
+                    }
+                    self.release(blob, target, victim);
+                    self.stats.replans += 1;
+                    self.assign(blob, target, source, rate);
+                    self.offer_everything(victim, blob);
+                } else {
+                    self.assign(blob, target, source, rate);
+                }
+                break;
+            }
+        }
+        self.stuck_checks.insert((now + after, blob, target));
     }
 
     /// Forgets a download's empty holding when the download stops without a chunk.
