@@ -227,6 +227,27 @@ impl Assigner {
             && s.committed_bps + rate <= s.upload_bps
     }
 
+    /// Upload `source` may commit to `blob`, and what it has committed to it: its upload
+    /// split evenly between the blobs it holds that are in demand (wanted by a hungry
+    /// target, or being served), so that the first blob ordered cannot take every slot
+    /// while the others wait for it to finish.
+    pub(super) fn blob_share(&self, blob: BlobId, source: HostId) -> (u64, u64) {
+        let s = &self.hosts[&source];
+        let of = |b: BlobId| s.serving.range((b, HostId(0))..=(b, HostId(u32::MAX)));
+        let in_demand = (s.holdings.keys())
+            .filter(|b| **b == blob || self.hungry_blobs.contains(b) || of(**b).next().is_some())
+            .count()
+            .max(1) as u64;
+        let used = of(blob).map(|(_, v)| v.rate).sum();
+        (s.upload_bps / in_demand, used)
+    }
+
+    /// Whether `source` may give `blob` another `rate` (always, for its first download).
+    pub(super) fn blob_share_ok(&self, blob: BlobId, source: HostId, rate: u64) -> bool {
+        let (share, used) = self.blob_share(blob, source);
+        used == 0 || used + rate <= share
+    }
+
     pub(super) fn assign(&mut self, blob: BlobId, target: HostId, source: HostId, rate: u64) {
         let was_full = self.is_full(source);
         let s = self.hosts.get_mut(&source).expect("known host");
@@ -313,7 +334,11 @@ impl Assigner {
                 break;
             }
             let taken = complete.contains(&key.host) || partial.iter().any(|p| p.0 == key.host);
-            if !taken && self.fits(b, d, target, key.host, self.rate_for(target, key.host)) {
+            let rate = self.rate_for(target, key.host);
+            if !taken
+                && self.fits(b, d, target, key.host, rate)
+                && self.blob_share_ok(blob, key.host, rate)
+            {
                 if key.incomplete {
                     partial.push((key.host, key.chunks.0));
                 } else {
@@ -354,6 +379,7 @@ impl Assigner {
         let mut slots = self.config.max_uploads.saturating_sub(s.serving.len());
         let mut spare = s.upload_bps.saturating_sub(s.committed_bps);
         let mut picked: Vec<(HostId, u64)> = Vec::new();
+        let (share, mut used) = self.blob_share(blob, source);
         for key in b.hungry.nearest(s.zone, s.rack).take(OFFER_SCAN_LIMIT) {
             if slots == 0 {
                 break;
@@ -362,6 +388,9 @@ impl Assigner {
             let rate = self.rate_for(target, source);
             if rate > spare || picked.iter().any(|(t, _)| *t == target) {
                 continue;
+            }
+            if used > 0 && used + rate > share {
+                break;
             }
             let d = &b.downloads[&target];
             // A full download is hungry only for a complete holder (an upstream).
@@ -372,6 +401,7 @@ impl Assigner {
                 picked.push((target, rate));
                 slots -= 1;
                 spare -= rate;
+                used += rate;
             }
         }
         let mut freed = Vec::new();
@@ -588,7 +618,9 @@ impl Assigner {
         for source in candidates {
             let rate = self.rate_for(target, source);
             let b = &self.blobs[&blob];
-            if self.fits(b, &b.downloads[&target], target, source, rate) {
+            if self.fits(b, &b.downloads[&target], target, source, rate)
+                && self.blob_share_ok(blob, source, rate)
+            {
                 let victim = (b.downloads[&target].sources.iter())
                     .copied()
                     .min_by_key(|v| (self.hosts[v].holdings.get(&blob)).map_or(0, |h| h.chunks));

@@ -600,3 +600,30 @@ fn a_source_slower_than_the_share_still_serves() {
     assert_eq!(t.want(1, x), vec![fetch(1, x, &[0])]);
     t.a.check_invariants().unwrap();
 }
+
+#[test]
+fn a_source_splits_its_upload_between_the_blobs_in_demand() {
+    // Found by the simulator (peak: full scale 1.48x -> 1.02x the bound): an origin gave
+    // every slot to whichever of its blobs was ordered first, and the others waited.
+    let (x, y) = (blob(1), blob(2));
+    let mut t = Harness::new(cfg(1, 8));
+    t.seed(0, 0, 0, 4 * GBPS, x);
+    t.ev(Event::Holds {
+        host: h(0),
+        blob: y,
+        chunks: 0,
+        complete: true,
+    });
+    t.up(9, 0, 0, GBPS);
+    assert_eq!(t.want(9, y), vec![fetch(9, y, &[0])]);
+    for host in 1..=4 {
+        t.up(host, 0, 0, GBPS);
+        t.want(host, x);
+    }
+    let from_seed = (1..=4)
+        .filter(|&host| t.sources(host, x).contains(&h(0)))
+        .count();
+    assert_eq!(from_seed, 2, "half the seed's upload for x, half for y");
+    assert_eq!(t.a.uploads(h(0)), 3);
+    t.a.check_invariants().unwrap();
+}
