@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use shoal_planner::ChunkIndex;
+
 /// Bytes per second of a 40 Gbit/s NIC.
 pub const GBIT40: f64 = 5.0e9;
 
@@ -112,6 +114,12 @@ pub struct Spec {
 impl Spec {
     pub fn chunk_count(&self, blob: u32) -> u32 {
         self.blobs[blob as usize].div_ceil(self.params.chunk_size) as u32
+    }
+
+    /// Bytes of chunk `index` of `blob` (the last one may be short).
+    pub fn chunk_bytes(&self, blob: u32, index: ChunkIndex) -> f64 {
+        let c = self.params.chunk_size;
+        (self.blobs[blob as usize] - u64::from(index.0) * c).min(c) as f64
     }
 
     /// Bytes of blob downloads (every want counted once).

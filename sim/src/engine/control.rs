@@ -1,0 +1,262 @@
+//! The control plane under Shoal: agents' sessions to the coordinator (the real `Assigner`),
+//! with latency, leases, progress batching and coordinator restarts.
+
+use super::*;
+
+impl Sim<'_> {
+    // ---- control plane (Shoal) ----
+
+    /// The agent (re)opens its session: HostUp, then its inventory.
+    pub(super) fn announce(&mut self, h: u32) {
+        let s = &self.spec.hosts[h as usize];
+        self.send(
+            h,
+            Event::HostUp {
+                host: HostId(h),
+                zone: ZoneId(s.zone),
+                rack: RackId(s.rack),
+                upload_bps: s.up_bps as u64,
+                download_bps: s.down_bps as u64,
+            },
+        );
+        let inventory: Vec<(u32, u32, bool)> = (self.hosts[h as usize].store.iter())
+            .filter(|(_, c)| c.count() > 0)
+            .map(|(b, c)| (*b, c.count(), c.is_full()))
+            .collect();
+        for (b, chunks, complete) in inventory {
+            self.send(
+                h,
+                Event::Holds {
+                    host: HostId(h),
+                    blob: blob_id(b),
+                    chunks,
+                    complete,
+                },
+            );
+        }
+    }
+
+    /// A deploy job asks for `b` on `h` (through the coordinator's API, not the agent).
+    pub(super) fn job_want(&mut self, h: u32, b: u32) {
+        let Some(c) = &self.coord else { return };
+        let epoch = c.epoch;
+        let t = self.now + self.spec.params.control_latency;
+        self.at(
+            t,
+            Ev::ToCoord {
+                epoch,
+                from: None,
+                event: Event::Want {
+                    blob: blob_id(b),
+                    host: HostId(h),
+                    priority: 0,
+                },
+            },
+        );
+    }
+
+    /// An agent message over its session; lost if the coordinator is down.
+    pub(super) fn send(&mut self, h: u32, event: Event) {
+        let Some(c) = &self.coord else { return };
+        if !c.up || !self.hosts[h as usize].alive {
+            return;
+        }
+        let epoch = c.epoch;
+        let t = self.now + self.spec.params.control_latency;
+        self.at(
+            t,
+            Ev::ToCoord {
+                epoch,
+                from: Some(h),
+                event,
+            },
+        );
+    }
+
+    pub(super) fn coordinator_receive(&mut self, epoch: u32, from: Option<u32>, event: Event) {
+        let now = self.now;
+        let Some(c) = &mut self.coord else { return };
+        if !c.up || c.epoch != epoch {
+            return;
+        }
+        if let Some(h) = from {
+            c.last_heard[h as usize] = Some(now);
+            let up = matches!(event, Event::HostUp { .. });
+            c.assigner.handle(now, event);
+            if !up {
+                c.assigner.handle(now, Event::Heartbeat { host: HostId(h) });
+            }
+        } else {
+            c.assigner.handle(now, event);
+        }
+        self.drain_commands();
+    }
+
+    pub(super) fn coordinator_timers(&mut self) {
+        let now = self.now;
+        let Some(c) = &mut self.coord else { return };
+        if !c.up {
+            return;
+        }
+        if c.assigner.poll_timeout().is_some_and(|t| t <= now) {
+            c.assigner.handle_timeout(now);
+            self.drain_commands();
+        }
+    }
+
+    pub(super) fn drain_commands(&mut self) {
+        let now = self.now;
+        let lease = self.spec.params.lease;
+        let latency = self.spec.params.control_latency;
+        let Some(c) = &mut self.coord else { return };
+        let mut out = Vec::new();
+        let mut bad = Vec::new();
+        while let Some(command) = c.assigner.poll_command() {
+            let host = command.host();
+            let heard = c.last_heard[host.0 as usize];
+            if heard.is_none_or(|t| now.saturating_since(t) >= lease) {
+                bad.push(format!("order {command:?} to a host whose lease expired"));
+            }
+            let stripes = match &command {
+                Command::Fetch { blob, sources, .. }
+                | Command::UpdateSources { blob, sources, .. } => (sources.iter())
+                    .map(|s| (s.0, c.assigner.stripe(*blob, host, *s).unwrap_or((0, 1))))
+                    .collect(),
+                Command::Cancel { .. } => Vec::new(),
+            };
+            if std::env::var_os("SHOAL_SIM_TRACE").is_some() {
+                eprintln!("{now:?} {command:?}");
+            }
+            out.push((command, stripes));
+        }
+        let epoch = c.epoch;
+        for (command, stripes) in out {
+            self.at(
+                now + latency,
+                Ev::ToAgent {
+                    epoch,
+                    command,
+                    stripes,
+                },
+            );
+        }
+        for b in bad {
+            self.violation(b);
+        }
+    }
+
+    pub(super) fn coordinator_up(&mut self) {
+        let seed = self.spec.seed;
+        let Some(c) = &mut self.coord else { return };
+        c.epoch += 1;
+        c.up = true;
+        c.assigner = new_assigner(self.spec, mix(seed, u64::from(c.epoch)));
+        c.last_heard.iter_mut().for_each(|t| *t = None);
+        for b in 0..self.spec.blobs.len() as u32 {
+            c.assigner.handle(
+                self.now,
+                Event::BlobKnown {
+                    blob: blob_id(b),
+                    size: self.spec.blobs[b as usize],
+                    chunk_count: self.spec.chunk_count(b),
+                },
+            );
+        }
+        // Agents reconnect and report; the job records still want what is not done.
+        for h in 0..self.hosts.len() as u32 {
+            if self.hosts[h as usize].alive {
+                self.announce(h);
+            }
+            if self.hosts[h as usize].arrived {
+                let pending: Vec<u32> = self.hosts[h as usize].pending.iter().copied().collect();
+                for b in pending {
+                    self.job_want(h, b);
+                }
+            }
+        }
+    }
+
+    pub(super) fn agent_receive(
+        &mut self,
+        epoch: u32,
+        command: Command,
+        stripes: Vec<(u32, (u32, u32))>,
+    ) {
+        let Some(c) = &self.coord else { return };
+        let h = command.host().0;
+        // Orders from a coordinator session that has since broken never arrive.
+        if !c.up || c.epoch != epoch || !self.hosts[h as usize].alive {
+            return;
+        }
+        match command {
+            Command::Fetch { blob, sources, .. } | Command::UpdateSources { blob, sources, .. } => {
+                let b = blob_index(blob);
+                if !self.hosts[h as usize].downloads.contains_key(&b) && !self.start_download(h, b)
+                {
+                    // Already complete here: say so again.
+                    self.send(
+                        h,
+                        Event::Done {
+                            host: HostId(h),
+                            blob,
+                        },
+                    );
+                    return;
+                }
+                let want: BTreeSet<u32> = sources.iter().map(|s| s.0).collect();
+                let have: Vec<u32> = self.hosts[h as usize].downloads[&b]
+                    .sources
+                    .keys()
+                    .copied()
+                    .collect();
+                for s in have {
+                    if !want.contains(&s) {
+                        self.remove_source(h, b, s);
+                    }
+                }
+                for (s, stripe) in stripes {
+                    self.add_source(h, b, s, Some(stripe));
+                }
+                self.refill(h, b);
+            }
+            Command::Cancel { blob, .. } => {
+                self.drop_download(h, blob_index(blob));
+            }
+        }
+    }
+
+    pub(super) fn report_progress(&mut self, h: u32) {
+        if !self.hosts[h as usize].alive {
+            return;
+        }
+        let mut reports = Vec::new();
+        for (b, d) in &mut self.hosts[h as usize].downloads {
+            let chunks = d.picker.have().count();
+            if chunks != d.reported {
+                d.reported = chunks;
+                reports.push((*b, chunks));
+            }
+        }
+        for (b, chunks) in reports {
+            self.send(
+                h,
+                Event::Holds {
+                    host: HostId(h),
+                    blob: blob_id(b),
+                    chunks,
+                    complete: false,
+                },
+            );
+        }
+    }
+
+    pub(super) fn check_planner(&mut self) {
+        let Some(c) = &self.coord else { return };
+        if !c.up {
+            return;
+        }
+        if let Err(e) = c.assigner.check_invariants() {
+            self.violation(format!("planner invariant: {e}"));
+        }
+    }
+}
