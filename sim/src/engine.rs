@@ -245,6 +245,10 @@ struct Sim<'a> {
     out: Outcome,
     /// `SHOAL_SIM_DEBUG` set: print the network's state every simulated second.
     debug: bool,
+    /// `SHOAL_SIM_TRACE` set: print every order the planner makes.
+    trace: bool,
+    /// The agents' picker tunables (the defaults; `SHOAL_SIM_*` overrides for experiments).
+    picker: PickerConfig,
     // Scratch for the bandwidth step.
     active: Vec<usize>,
     demand: Vec<f64>,
@@ -310,6 +314,17 @@ impl<'a> Sim<'a> {
             rng: SmallRng::seed_from_u64(mix(spec.seed, 0x51_4d)),
             unfinished,
             debug: std::env::var_os("SHOAL_SIM_DEBUG").is_some(),
+            trace: std::env::var_os("SHOAL_SIM_TRACE").is_some(),
+            picker: PickerConfig {
+                chunk_size: spec.params.chunk_size as u32,
+                random_first: env_or(
+                    "SHOAL_SIM_RANDOM_FIRST",
+                    PickerConfig::default().random_first,
+                ),
+                initial_window: env_or("SHOAL_SIM_WINDOW", PickerConfig::default().initial_window),
+                min_window: env_or("SHOAL_SIM_MIN_WINDOW", PickerConfig::default().min_window),
+                ..PickerConfig::default()
+            },
             out: empty_outcome(strategy),
             active: Vec::new(),
             demand: Vec::new(),

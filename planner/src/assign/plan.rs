@@ -412,18 +412,7 @@ impl Assigner {
                 .and_then(|b| b.downloads.get(&target))
                 .is_some_and(|d| d.sources.len() >= k);
             if full {
-                // Make room: the partial source that has verified least leaves.
-                let victim = (self.blobs[&blob].downloads[&target].sources.iter())
-                    .copied()
-                    .min_by_key(|v| (self.hosts[v].holdings.get(&blob)).map_or(0, |h| h.chunks));
-                if let Some(victim) = victim {
-                    if let Some(d) = self.download_mut(blob, target) {
-                        d.sources.retain(|s| *s != victim);
-                    }
-                    self.release(blob, target, victim);
-                    self.stats.replans += 1;
-                    freed.push(victim);
-                }
+                freed.extend(self.make_room(blob, target));
             }
             self.assign(blob, target, source, rate);
         }
@@ -563,6 +552,21 @@ impl Assigner {
         }
     }
 
+    /// Drops the source of (blob, target) that has verified least, to make room for a
+    /// complete holder. Returns it; its freed capacity is the caller's to offer.
+    fn make_room(&mut self, blob: BlobId, target: HostId) -> Option<HostId> {
+        let d = self.blobs.get(&blob)?.downloads.get(&target)?;
+        let victim = (d.sources.iter())
+            .copied()
+            .min_by_key(|v| (self.hosts[v].holdings.get(&blob)).map_or(0, |h| h.chunks))?;
+        if let Some(d) = self.download_mut(blob, target) {
+            d.sources.retain(|s| *s != victim);
+        }
+        self.release(blob, target, victim);
+        self.stats.replans += 1;
+        Some(victim)
+    }
+
     /// The download made progress: not stuck; check again `stuck_after` from now.
     pub(super) fn progressed(&mut self, blob: BlobId, target: HostId) {
         let now = self.now;
@@ -621,20 +625,15 @@ impl Assigner {
             if self.fits(b, &b.downloads[&target], target, source, rate)
                 && self.blob_share_ok(blob, source, rate)
             {
-                let victim = (b.downloads[&target].sources.iter())
-                    .copied()
-                    .min_by_key(|v| (self.hosts[v].holdings.get(&blob)).map_or(0, |h| h.chunks));
                 let full = b.downloads[&target].sources.len() >= self.config.max_sources;
-                if let (true, Some(victim)) = (full, victim) {
-                    if let Some(d) = self.download_mut(blob, target) {
-                        d.sources.retain(|s| *s != victim);
-                    }
-                    self.release(blob, target, victim);
-                    self.stats.replans += 1;
-                    self.assign(blob, target, source, rate);
-                    self.offer_everything(victim, blob);
+                let freed = if full {
+                    self.make_room(blob, target)
                 } else {
-                    self.assign(blob, target, source, rate);
+                    None
+                };
+                self.assign(blob, target, source, rate);
+                if let Some(victim) = freed {
+                    self.offer_everything(victim, blob);
                 }
                 break;
             }

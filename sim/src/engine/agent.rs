@@ -50,16 +50,7 @@ impl Sim<'_> {
         let picker = ChunkPicker::new(
             have.clone(),
             mix(seed, self.out.events),
-            PickerConfig {
-                chunk_size: self.spec.params.chunk_size as u32,
-                random_first: env_or(
-                    "SHOAL_SIM_RANDOM_FIRST",
-                    PickerConfig::default().random_first,
-                ),
-                initial_window: env_or("SHOAL_SIM_WINDOW", PickerConfig::default().initial_window),
-                min_window: env_or("SHOAL_SIM_MIN_WINDOW", PickerConfig::default().min_window),
-                ..PickerConfig::default()
-            },
+            self.picker.clone(),
         );
         host.downloads.insert(
             b,

@@ -108,6 +108,7 @@ impl Sim<'_> {
         let now = self.now;
         let lease = self.spec.params.lease;
         let latency = self.spec.params.control_latency;
+        let trace = self.trace;
         let Some(c) = &mut self.coord else { return };
         let mut out = Vec::new();
         let mut bad = Vec::new();
@@ -124,7 +125,7 @@ impl Sim<'_> {
                     .collect(),
                 Command::Cancel { .. } => Vec::new(),
             };
-            if std::env::var_os("SHOAL_SIM_TRACE").is_some() {
+            if trace {
                 eprintln!("{now:?} {command:?}");
             }
             out.push((command, stripes));
