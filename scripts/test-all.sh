@@ -11,6 +11,11 @@ command -v ip >/dev/null || need_apt+=(iproute2)
 # SDK and the Kubernetes schemas from PyPI.
 command -v python3 >/dev/null || need_apt+=(python3)
 python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
+# The OCI mirror's end-to-end tests (tests/tests/oci_tools.rs, with the fixtures in
+# tests/src/{registry,oci_image,containerd}.rs) start a real registry, skopeo, containerd and ctr.
+command -v /usr/bin/docker-registry >/dev/null || need_apt+=(docker-registry)
+command -v skopeo >/dev/null || need_apt+=(skopeo)
+{ command -v containerd && command -v ctr; } >/dev/null || need_apt+=(containerd)
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "==> installing ${need_apt[*]} (apt-get)"
     apt-get update -qq && apt-get install -y -qq "${need_apt[@]}"

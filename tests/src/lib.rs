@@ -1,1 +1,10 @@
 //! Shared helpers for Shoal's end-to-end tests (see `tests/tests/`).
+//!
+//! Real-tool fixtures, started by the tests themselves on loopback: an OCI registry
+//! ([`registry`]), OCI images built offline and moved with skopeo ([`oci_image`]), and
+//! containerd with `ctr` ([`containerd`]). [`tools`] finds their binaries.
+
+pub mod containerd;
+pub mod oci_image;
+pub mod registry;
+pub mod tools;
