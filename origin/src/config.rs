@@ -1,0 +1,224 @@
+//! Settings for origins, read from the agent's and coordinator's TOML (`[origin]`).
+
+use std::fmt;
+use std::path::PathBuf;
+
+use crate::OriginError;
+
+/// Per-registry settings (section `[[origin.registries]]`). Registries without an entry are
+/// reached over HTTPS, anonymously.
+#[derive(Clone, Default, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistryConfig {
+    /// The registry as written in image references: `"docker.io"`, `"ghcr.io"`,
+    /// `"127.0.0.1:5000"`.
+    pub host: String,
+    /// Base URL override, e.g. `"http://127.0.0.1:5000"`. Default: `https://<host>`, or
+    /// `http://<host>` with `plain_http`; `docker.io` maps to `https://registry-1.docker.io`.
+    pub endpoint: Option<String>,
+    /// Use `http://` instead of `https://` when `endpoint` is not given.
+    pub plain_http: bool,
+    /// Username for the token endpoint (HTTP Basic) or for a registry that asks for Basic.
+    pub username: Option<String>,
+    /// Password, inline. Prefer `password_file`.
+    pub password: Option<String>,
+    /// A file holding the password (e.g. a mounted Kubernetes secret). Read at each token fetch
+    /// so a rotated secret is picked up; one trailing newline is trimmed. Wins over `password`.
+    pub password_file: Option<PathBuf>,
+}
+
+// Hand-written so a logged config never shows the password.
+impl fmt::Debug for RegistryConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RegistryConfig")
+            .field("host", &self.host)
+            .field("endpoint", &self.endpoint)
+            .field("plain_http", &self.plain_http)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("password_file", &self.password_file)
+            .finish()
+    }
+}
+
+impl RegistryConfig {
+    /// The base URL requests go to, without a trailing slash (`/v2/...` is appended).
+    pub fn base_url(&self) -> String {
+        if let Some(endpoint) = &self.endpoint {
+            return endpoint.trim_end_matches('/').to_string();
+        }
+        let scheme = if self.plain_http { "http" } else { "https" };
+        let host = if self.host == "docker.io" {
+            "registry-1.docker.io"
+        } else {
+            &self.host
+        };
+        format!("{scheme}://{host}")
+    }
+
+    /// The configured username and password, reading `password_file` now. `None` when no
+    /// username is configured (anonymous).
+    pub(crate) fn credentials(&self) -> Result<Option<Credentials>, OriginError> {
+        let Some(username) = &self.username else {
+            return Ok(None);
+        };
+        let password = match (&self.password_file, &self.password) {
+            (Some(path), _) => {
+                let mut text = std::fs::read_to_string(path).map_err(|e| {
+                    OriginError::Unauthorized(format!(
+                        "cannot read password_file {} for registry {}: {e}",
+                        path.display(),
+                        self.host
+                    ))
+                })?;
+                if text.ends_with('\n') {
+                    text.pop();
+                    if text.ends_with('\r') {
+                        text.pop();
+                    }
+                }
+                text
+            }
+            (None, Some(password)) => password.clone(),
+            (None, None) => String::new(),
+        };
+        Ok(Some(Credentials {
+            username: username.clone(),
+            password,
+        }))
+    }
+}
+
+/// A username and password, only ever sent as HTTP Basic. Debug does not show the password.
+#[derive(Clone)]
+pub(crate) struct Credentials {
+    pub(crate) username: String,
+    pub(crate) password: String,
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials")
+            .field("username", &self.username)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Settings for every origin request (section `[origin]`).
+#[derive(Clone, Debug, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OriginConfig {
+    /// Registries that need something other than anonymous HTTPS.
+    pub registries: Vec<RegistryConfig>,
+    /// Manifests larger than this are refused with [`OriginError::TooLarge`]. Default 4 MiB.
+    pub manifest_max_bytes: u64,
+    /// TCP connect timeout. Default 5000.
+    pub connect_timeout_ms: u64,
+    /// How long to wait for response headers, and for each further piece of a body; not a
+    /// limit on the whole transfer of a large blob. Default 30000.
+    pub request_timeout_ms: u64,
+    /// `User-Agent` of every request. Default `shoal/<version>`.
+    pub user_agent: String,
+}
+
+impl Default for OriginConfig {
+    fn default() -> Self {
+        Self {
+            registries: Vec::new(),
+            manifest_max_bytes: 4 << 20,
+            connect_timeout_ms: 5000,
+            request_timeout_ms: 30_000,
+            user_agent: concat!("shoal/", env!("CARGO_PKG_VERSION")).to_string(),
+        }
+    }
+}
+
+impl OriginConfig {
+    /// The settings for `host`, or the defaults (HTTPS, anonymous) when it has no entry.
+    pub fn registry(&self, host: &str) -> RegistryConfig {
+        self.registries
+            .iter()
+            .find(|r| r.host.eq_ignore_ascii_case(host))
+            .cloned()
+            .unwrap_or_else(|| RegistryConfig {
+                host: host.to_string(),
+                ..RegistryConfig::default()
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base_urls() {
+        let cfg = OriginConfig {
+            registries: vec![
+                RegistryConfig {
+                    host: "127.0.0.1:5000".into(),
+                    plain_http: true,
+                    ..Default::default()
+                },
+                RegistryConfig {
+                    host: "mirror.local".into(),
+                    endpoint: Some("http://10.0.0.1:8080/".into()),
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        };
+        assert_eq!(
+            cfg.registry("127.0.0.1:5000").base_url(),
+            "http://127.0.0.1:5000"
+        );
+        assert_eq!(
+            cfg.registry("mirror.local").base_url(),
+            "http://10.0.0.1:8080"
+        );
+        assert_eq!(cfg.registry("ghcr.io").base_url(), "https://ghcr.io");
+        assert_eq!(
+            cfg.registry("docker.io").base_url(),
+            "https://registry-1.docker.io"
+        );
+    }
+
+    #[test]
+    fn debug_hides_password_and_file_is_trimmed() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pw");
+        std::fs::write(&file, "s3cret\r\n").unwrap();
+        let reg = RegistryConfig {
+            host: "r".into(),
+            username: Some("u".into()),
+            password: Some("inline-secret".into()),
+            password_file: Some(file),
+            ..Default::default()
+        };
+        assert!(!format!("{reg:?}").contains("inline-secret"));
+        let creds = reg.credentials().unwrap().unwrap();
+        assert_eq!(creds.password, "s3cret");
+        assert!(!format!("{creds:?}").contains("s3cret"));
+        let missing = RegistryConfig {
+            password_file: Some(dir.path().join("absent")),
+            ..reg
+        };
+        let err = missing.credentials().unwrap_err();
+        assert!(
+            matches!(err, OriginError::Unauthorized(ref m) if m.contains("absent")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn toml_shape_is_strict() {
+        let cfg: OriginConfig = serde_json::from_str(
+            r#"{"registries":[{"host":"ghcr.io","username":"bot"}],"manifest_max_bytes":10}"#,
+        )
+        .unwrap();
+        assert_eq!(cfg.manifest_max_bytes, 10);
+        assert_eq!(cfg.request_timeout_ms, 30_000);
+        assert_eq!(cfg.registries[0].username.as_deref(), Some("bot"));
+        assert!(serde_json::from_str::<OriginConfig>(r#"{"registry":[]}"#).is_err());
+    }
+}

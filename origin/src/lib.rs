@@ -1,0 +1,35 @@
+//! Shoal's client for upstream origins: OCI Distribution registries (image manifests and
+//! blobs) and plain HTTP(S) URLs (model files).
+//!
+//! [`Client`] does the requests, with the registry token flow, redirects to blob storage, and
+//! streaming bodies; [`Reference`] parses image references; [`resolve_image`] turns one into
+//! the blobs a node needs. Everything fails with an [`OriginError`] that names the URL.
+
+mod auth;
+mod body;
+mod client;
+mod config;
+mod error;
+mod http;
+mod image;
+mod reference;
+
+pub use body::{Body, ByteRange};
+pub use client::{Client, FetchedManifest, ManifestHead, UrlInfo};
+pub use config::{OriginConfig, RegistryConfig};
+pub use error::OriginError;
+pub use image::{
+    DEFAULT_PLATFORM, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST,
+    ResolvedImage, resolve_image,
+};
+pub use reference::{DOCKER_HUB, NAME_MAX_LEN, Reference, validate_repository, validate_tag};
+pub use shoal_proto::Digest;
+
+/// Media types a mirror or puller should send in `Accept` for manifests: OCI index and
+/// manifest, Docker manifest list and schema 2 manifest, most general first.
+pub const MANIFEST_MEDIA_TYPES: &[&str] = &[
+    OCI_INDEX,
+    DOCKER_MANIFEST_LIST,
+    OCI_MANIFEST,
+    DOCKER_MANIFEST,
+];

@@ -1,0 +1,317 @@
+//! Plain HTTP(S) origins: HEAD and GET with ETag and ranges, origins that ignore Range,
+//! bodies that break off, dead and silent servers.
+
+use std::net::SocketAddr;
+
+use axum::Router;
+use axum::body::Body as AxumBody;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::Response;
+use axum::routing::get;
+use bytes::Bytes;
+use shoal_origin::{Body, ByteRange, Client, OriginConfig, OriginError};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const ETAG: &str = "\"model-v1\"";
+
+fn model() -> Bytes {
+    (0..50_000u32)
+        .map(|i| (i % 251) as u8)
+        .collect::<Vec<u8>>()
+        .into()
+}
+
+/// Serves `model()` at /model.bin with ETag and ranges, and at /plain.bin ignoring Range;
+/// /private needs `Authorization: Bearer hf_x`.
+async fn start_files() -> SocketAddr {
+    async fn ranged(headers: HeaderMap) -> Response {
+        let bytes = model();
+        let builder = Response::builder()
+            .header(header::ETAG, ETAG)
+            .header(header::ACCEPT_RANGES, "bytes");
+        let range = headers
+            .get(header::RANGE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("bytes="))
+            .and_then(|v| v.split_once('-'));
+        match range {
+            Some((start, end)) => {
+                let start: usize = start.parse().unwrap();
+                let end: usize = if end.is_empty() {
+                    bytes.len() - 1
+                } else {
+                    end.parse().unwrap()
+                };
+                builder
+                    .status(StatusCode::PARTIAL_CONTENT)
+                    .header(
+                        header::CONTENT_RANGE,
+                        format!("bytes {start}-{end}/{}", bytes.len()),
+                    )
+                    .body(AxumBody::from(bytes.slice(start..=end)))
+                    .unwrap()
+            }
+            None => builder.body(AxumBody::from(bytes)).unwrap(),
+        }
+    }
+    async fn plain() -> Response {
+        Response::new(AxumBody::from(model()))
+    }
+    async fn private(headers: HeaderMap) -> Response {
+        if headers
+            .get(header::AUTHORIZATION)
+            .is_some_and(|v| v == "Bearer hf_x")
+        {
+            Response::new(AxumBody::from("secret weights"))
+        } else {
+            Response::builder()
+                .status(StatusCode::FORBIDDEN)
+                .body(AxumBody::from("<html>\n  <b>Access denied</b>\n</html>"))
+                .unwrap()
+        }
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = Router::new()
+        .route("/model.bin", get(ranged))
+        .route("/plain.bin", get(plain))
+        .route("/private", get(private));
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+fn client(request_timeout_ms: u64) -> Client {
+    Client::new(OriginConfig {
+        request_timeout_ms,
+        connect_timeout_ms: 2000,
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+async fn read_all(mut body: Body) -> Result<Vec<u8>, OriginError> {
+    let mut out = Vec::new();
+    while let Some(piece) = body.chunk().await? {
+        out.extend_from_slice(&piece);
+    }
+    Ok(out)
+}
+
+#[tokio::test]
+async fn head_and_get_with_etag_and_ranges() {
+    let addr = start_files().await;
+    let client = client(5000);
+    let url = format!("http://{addr}/model.bin?token=abc");
+    let info = client.head_url(&url, &[]).await.unwrap();
+    assert_eq!(info.size, Some(50_000));
+    assert_eq!(info.etag.as_deref(), Some(ETAG));
+    assert!(info.accept_ranges);
+
+    let body = client.get_url(&url, &[], None).await.unwrap();
+    assert_eq!(body.etag.as_deref(), Some(ETAG));
+    assert_eq!(body.len, Some(50_000));
+    assert!(!body.partial);
+    assert_eq!(read_all(body).await.unwrap(), model());
+
+    let range = ByteRange {
+        start: 12_345,
+        end_inclusive: Some(22_344),
+    };
+    let body = client.get_url(&url, &[], Some(range)).await.unwrap();
+    assert!(body.partial);
+    assert_eq!((body.len, body.total), (Some(10_000), Some(50_000)));
+    assert_eq!(read_all(body).await.unwrap(), &model()[12_345..22_345]);
+}
+
+#[tokio::test]
+async fn origin_ignoring_range_still_yields_exactly_the_range() {
+    let addr = start_files().await;
+    let client = client(5000);
+    let url = format!("http://{addr}/plain.bin");
+    let info = client.head_url(&url, &[]).await.unwrap();
+    assert!(!info.accept_ranges);
+    assert_eq!(info.etag, None);
+    for (start, end, want) in [
+        (40_000, Some(40_099), 40_000..40_100),
+        (49_990, None, 49_990..50_000),
+        (49_990, Some(60_000), 49_990..50_000),
+    ] {
+        let range = ByteRange {
+            start,
+            end_inclusive: end,
+        };
+        let body = client.get_url(&url, &[], Some(range)).await.unwrap();
+        assert!(!body.partial);
+        assert_eq!(body.len, Some(want.len() as u64));
+        assert_eq!(read_all(body).await.unwrap(), &model()[want]);
+    }
+    let past_end = ByteRange {
+        start: 50_000,
+        end_inclusive: None,
+    };
+    assert!(matches!(
+        client.get_url(&url, &[], Some(past_end)).await,
+        Err(OriginError::Invalid(_))
+    ));
+}
+
+#[tokio::test]
+async fn caller_headers_are_sent_and_denials_are_unauthorized() {
+    let addr = start_files().await;
+    let client = client(5000);
+    let url = format!("http://{addr}/private");
+    let auth = [("Authorization".to_string(), "Bearer hf_x".to_string())];
+    let body = client.get_url(&url, &auth, None).await.unwrap();
+    assert_eq!(read_all(body).await.unwrap(), b"secret weights");
+    let err = client.get_url(&url, &[], None).await.unwrap_err();
+    let OriginError::Unauthorized(message) = &err else {
+        panic!("want Unauthorized, got {err:?}")
+    };
+    assert!(
+        message.contains("403") && message.contains("/private"),
+        "{message}"
+    );
+    assert!(message.contains("Access denied"), "{message}");
+    let err = client
+        .get_url(&format!("http://{addr}/absent?sig=SECRET"), &[], None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, OriginError::NotFound(m) if m.contains("/absent") && !m.contains("SECRET")),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn urls_must_be_absolute_http() {
+    let client = client(5000);
+    for bad in ["file:///etc/passwd", "ftp://h/x", "/model.bin", "model.bin"] {
+        assert!(
+            matches!(
+                client.get_url(bad, &[], None).await,
+                Err(OriginError::Invalid(_))
+            ),
+            "{bad}"
+        );
+        assert!(
+            matches!(
+                client.head_url(bad, &[]).await,
+                Err(OriginError::Invalid(_))
+            ),
+            "{bad}"
+        );
+    }
+}
+
+/// A raw server that promises `Content-Length: 1000`, sends 100 bytes and closes.
+#[tokio::test]
+async fn body_closed_early_is_an_error_not_a_truncation() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut request = vec![0u8; 4096];
+                let _ = socket.read(&mut request).await;
+                let head = "HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n";
+                socket.write_all(head.as_bytes()).await.unwrap();
+                socket.write_all(&[7u8; 100]).await.unwrap();
+                socket.shutdown().await.unwrap();
+            });
+        }
+    });
+    let url = format!("http://{addr}/short.bin");
+    let mut body = client(5000).get_url(&url, &[], None).await.unwrap();
+    assert_eq!(body.len, Some(1000));
+    let mut got = 0;
+    let err = loop {
+        match body.chunk().await {
+            Ok(Some(piece)) => got += piece.len(),
+            Ok(None) => panic!("body ended silently after {got} of 1000 bytes"),
+            Err(e) => break e,
+        }
+    };
+    assert!(got <= 100);
+    let OriginError::Unreachable(message) = &err else {
+        panic!("want Unreachable, got {err:?}")
+    };
+    assert!(message.contains("/short.bin"), "{message}");
+    assert!(matches!(body.chunk().await, Ok(None)), "stays ended");
+}
+
+#[tokio::test]
+async fn connection_refused_is_unreachable_naming_the_url() {
+    // Bind and drop to get a port that nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}/model.bin?X-Signature=SECRET");
+    let err = client(5000).get_url(&url, &[], None).await.unwrap_err();
+    let OriginError::Unreachable(message) = &err else {
+        panic!("want Unreachable, got {err:?}")
+    };
+    assert!(
+        message.contains(&format!("http://127.0.0.1:{port}/model.bin")),
+        "{message}"
+    );
+    assert!(!message.contains("SECRET"), "{message}");
+    assert!(message.to_lowercase().contains("refused"), "{message}");
+
+    // Registries too.
+    let err = client(5000)
+        .head_blob(
+            &format!("127.0.0.1:{port}"),
+            "library/x",
+            &shoal_origin::Digest::of(b""),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, OriginError::Unreachable(m) if m.contains(&format!("https://127.0.0.1:{port}/v2/library/x/blobs/"))),
+        "{err:?}"
+    );
+}
+
+/// Headers that never come are bounded by `request_timeout_ms`; so is a body that stalls.
+#[tokio::test]
+async fn silent_servers_time_out() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        loop {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut request = vec![0u8; 4096];
+            let n = socket.read(&mut request).await.unwrap();
+            if String::from_utf8_lossy(&request[..n]).contains("/stall-body") {
+                let head = "HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc";
+                socket.write_all(head.as_bytes()).await.unwrap();
+            }
+            held.push(socket);
+        }
+    });
+    let client = client(300);
+    let started = std::time::Instant::now();
+    let err = client
+        .head_url(&format!("http://{addr}/no-headers"), &[])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, OriginError::Unreachable(m) if m.contains("/no-headers") && m.contains("300 ms")),
+        "{err:?}"
+    );
+    let mut body = client
+        .get_url(&format!("http://{addr}/stall-body"), &[], None)
+        .await
+        .unwrap();
+    assert_eq!(body.chunk().await.unwrap().as_deref(), Some(&b"abc"[..]));
+    let err = body.chunk().await.unwrap_err();
+    assert!(
+        matches!(&err, OriginError::Unreachable(m) if m.contains("no data for 300 ms")),
+        "{err:?}"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+}
