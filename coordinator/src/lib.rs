@@ -46,6 +46,10 @@ pub struct CoordinatorConfig {
     pub job_retention_hours: u64,
     /// Prometheus metrics address (installed by the binary); none = off.
     pub metrics_listen: Option<SocketAddr>,
+    /// Platforms Preheat picks from an image index when the request names none.
+    pub preheat_platforms: Vec<String>,
+    /// Registries Preheat resolves image references at (scheme, credentials, limits).
+    pub origin: shoal_origin::OriginConfig,
 }
 
 impl Default for CoordinatorConfig {
@@ -60,6 +64,8 @@ impl Default for CoordinatorConfig {
             max_uploads: 256,
             job_retention_hours: 168,
             metrics_listen: None,
+            preheat_platforms: vec!["linux/amd64".into()],
+            origin: Default::default(),
         }
     }
 }
@@ -121,6 +127,8 @@ pub enum CoordinatorError {
     Reflection(String),
     #[error("gRPC server: {0}")]
     Serve(#[from] tonic::transport::Error),
+    #[error("origin: {0}")]
+    Origin(#[from] shoal_origin::OriginError),
 }
 
 /// Serves the coordinator on `listener` until `shutdown` resolves.
@@ -155,7 +163,8 @@ pub async fn run(
     let (tx, rx) = tokio::sync::mpsc::channel(4096);
     let state_task = tokio::spawn(state.run(rx));
 
-    let api = service::Api::new(tx);
+    let origin = shoal_origin::Client::new(config.origin.clone())?;
+    let api = service::Api::new(tx, origin, config.preheat_platforms.clone());
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<CoordinatorServer<service::Api>>()

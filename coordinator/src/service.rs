@@ -15,6 +15,9 @@ use crate::state::{ApiError, Reply, Request};
 #[derive(Clone, Debug)]
 pub struct Api {
     state: mpsc::Sender<Request>,
+    /// Resolves image references for Preheat.
+    origin: shoal_origin::Client,
+    preheat_platforms: Vec<String>,
 }
 
 fn status(e: ApiError) -> Status {
@@ -28,8 +31,16 @@ fn status(e: ApiError) -> Status {
 }
 
 impl Api {
-    pub fn new(state: mpsc::Sender<Request>) -> Self {
-        Self { state }
+    pub fn new(
+        state: mpsc::Sender<Request>,
+        origin: shoal_origin::Client,
+        preheat_platforms: Vec<String>,
+    ) -> Self {
+        Self {
+            state,
+            origin,
+            preheat_platforms,
+        }
     }
 
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Request) -> Result<T, Status> {
@@ -53,7 +64,7 @@ impl pb::coordinator_server::Coordinator for Api {
         req: GrpcRequest<pb::DistributeRequest>,
     ) -> Result<Response<pb::DistributeResponse>, Status> {
         let req = req.into_inner();
-        self.call(|r| Request::Distribute(req, r))
+        self.call(|r| Request::Distribute(req, String::new(), r))
             .await
             .map(Response::new)
     }
@@ -131,11 +142,75 @@ impl pb::coordinator_server::Coordinator for Api {
 
     async fn preheat(
         &self,
-        _req: GrpcRequest<pb::PreheatRequest>,
+        req: GrpcRequest<pb::PreheatRequest>,
     ) -> Result<Response<pb::PreheatResponse>, Status> {
-        Err(Status::unimplemented(
-            "preheat needs the OCI registry origin, which is not built yet",
-        ))
+        let req = req.into_inner();
+        if req.image.is_empty() {
+            return Err(Status::invalid_argument("image is required"));
+        }
+        if req.targets.is_none() {
+            return Err(Status::invalid_argument(
+                "targets: a selector (all, labels or agents) is required",
+            ));
+        }
+        let reference: shoal_origin::Reference = req
+            .image
+            .parse()
+            .map_err(|e| Status::invalid_argument(format!("image {:?}: {e}", req.image)))?;
+        let platforms = if req.platforms.is_empty() {
+            self.preheat_platforms.clone()
+        } else {
+            req.platforms.clone()
+        };
+        let resolved = shoal_origin::resolve_image(&self.origin, &reference, &platforms)
+            .await
+            .map_err(|e| {
+                use shoal_origin::OriginError as E;
+                let message = format!("resolving {reference}: {e}");
+                match e {
+                    E::NotFound(_) => Status::not_found(message),
+                    E::Invalid(_) | E::TooLarge { .. } => Status::invalid_argument(message),
+                    E::Unauthorized(_) => Status::permission_denied(message),
+                    _ => Status::unavailable(message),
+                }
+            })?;
+        let origin = pb::Origin {
+            origin: Some(pb::origin::Origin::Oci(pb::OciOrigin {
+                registry: reference.registry.clone(),
+                repository: reference.repository.clone(),
+                plain_http: self
+                    .origin
+                    .config()
+                    .registry(&reference.registry)
+                    .plain_http,
+            })),
+        };
+        let blobs: Vec<String> = resolved.blobs.iter().map(|(d, _)| d.to_string()).collect();
+        if blobs.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "{reference} has no layers for {platforms:?}"
+            )));
+        }
+        let distribute = pb::DistributeRequest {
+            origins: (blobs.iter())
+                .map(|b| (b.clone(), origin.clone()))
+                .collect(),
+            blobs: blobs.clone(),
+            targets: req.targets,
+            priority: req.priority,
+            deadline_ms: req.deadline_ms,
+            description: format!("preheat {reference}"),
+        };
+        let image = reference.to_string();
+        let job = self
+            .call(|r| Request::Distribute(distribute, image, r))
+            .await?;
+        Ok(Response::new(pb::PreheatResponse {
+            job_id: job.job_id,
+            manifest_digest: resolved.manifest_digest.to_string(),
+            blobs,
+            target_count: job.target_count,
+        }))
     }
 }
 

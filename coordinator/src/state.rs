@@ -5,6 +5,7 @@
 mod agents;
 mod catalog;
 mod job_ops;
+mod seeding;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -61,7 +62,8 @@ pub enum Request {
     SessionClosed {
         session: SessionId,
     },
-    Distribute(pb::DistributeRequest, Reply<pb::DistributeResponse>),
+    /// A Distribute request, and the image reference for a job made by Preheat.
+    Distribute(pb::DistributeRequest, String, Reply<pb::DistributeResponse>),
     GetJob(pb::GetJobRequest, Reply<pb::GetJobResponse>),
     WatchJob(pb::WatchJobRequest, Reply<WatchRx>),
     CancelJob(pb::CancelJobRequest, Reply<pb::CancelJobResponse>),
@@ -109,6 +111,8 @@ pub struct State {
     /// Which jobs want (host, blob); the assigner is told Want once and Unwant when empty.
     wants: BTreeMap<(HostId, Digest), BTreeSet<String>>,
     orders: BTreeMap<(HostId, Digest), Order>,
+    /// Blobs being brought in from their origin (see `seeding.rs`).
+    seeding: BTreeMap<Digest, seeding::Seeding>,
     next_order: u64,
     watchers: HashMap<String, Vec<Watcher>>,
     /// Jobs changed since the last write (see `persist`).
@@ -158,6 +162,7 @@ impl State {
             jobs: BTreeMap::new(),
             wants: BTreeMap::new(),
             orders: BTreeMap::new(),
+            seeding: BTreeMap::new(),
             // Unique across restarts: agents tell orders apart by id, and an agent may still
             // run an order of the previous incarnation when this one starts.
             next_order: SystemTime::now()
@@ -220,6 +225,9 @@ impl State {
                 }
                 _ = tick.tick() => self.on_tick(),
             }
+            if !self.seeding.is_empty() {
+                self.elect_seeders();
+            }
             self.drive_assigner();
         }
     }
@@ -234,8 +242,8 @@ impl State {
             }
             Request::FromAgent { session, msg } => self.on_agent_message(session, msg),
             Request::SessionClosed { session } => self.session_closed(session),
-            Request::Distribute(req, reply) => {
-                let _ = reply.send(self.distribute(req));
+            Request::Distribute(req, image, reply) => {
+                let _ = reply.send(self.distribute(req, image));
             }
             Request::GetJob(req, reply) => {
                 let _ = reply.send(self.get_job(req));
@@ -381,6 +389,9 @@ impl State {
     /// order is made and again when the agent's session (re)opens: an order made while the
     /// agent had no session (it just joined, or is reconnecting) would otherwise be lost.
     fn deliver_order(&mut self, host: HostId, blob: Digest) {
+        if self.is_seeding(host, &blob) {
+            return; // Its order carries the origin, not a manifest: see `seeding.rs`.
+        }
         let (Some(order), Some(manifest)) =
             (self.orders.get(&(host, blob)), self.catalog.manifest(&blob))
         else {
@@ -510,6 +521,10 @@ impl State {
                 let Ok(blob) = Digest::from_slice(&failed.blob_digest) else {
                     return;
                 };
+                let reason = failed.reason();
+                if self.seed_failed(host, blob, failed.order_id, reason, &failed.message) {
+                    return;
+                }
                 // Only the current order's failure counts: agents resend recent reports after
                 // a reconnect, and a stale one must not cost the retry another attempt.
                 if self.orders.get(&(host, blob)).map(|o| o.id) != Some(failed.order_id) {
@@ -517,7 +532,7 @@ impl State {
                 }
                 tracing::info!(agent = %self.agents.name(host), %blob, message = %failed.message, "fetch failed");
                 self.orders.remove(&(host, blob));
-                let reason = catalog::fail_reason(failed.reason());
+                let reason = catalog::fail_reason(reason);
                 self.assigner.handle(
                     now,
                     Event::Failed {
@@ -574,8 +589,10 @@ impl State {
                 .insert(Arc::new(manifest), by, stored.registered_at);
             tracing::info!(blob = %digest, "blob registered");
         }
-        // The agent holds it whole: if a job wanted it there, that target is done.
+        // The agent holds it whole: if a job wanted it there, that target is done; targets
+        // waiting for it to be seeded can now fetch it from peers.
         self.blob_done(host, digest);
+        self.seeded(digest);
     }
 
     /// Records what `host` holds of `blob` (`chunks == u32::MAX` with complete = all).

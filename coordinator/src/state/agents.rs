@@ -237,6 +237,7 @@ impl State {
         self.assigner.handle(now, Event::Heartbeat { host });
         self.resume_targets(host);
         self.redeliver_orders(host);
+        self.redeliver_seeds(host);
         Ok(SessionId { host, generation })
     }
 

@@ -14,6 +14,7 @@ impl State {
     pub(super) fn distribute(
         &mut self,
         req: pb::DistributeRequest,
+        image: String,
     ) -> Result<pb::DistributeResponse, ApiError> {
         if req.blobs.is_empty() {
             return Err(ApiError::InvalidArgument(
@@ -21,23 +22,36 @@ impl State {
             ));
         }
         let mut blobs = Vec::new();
+        // Blobs that no agent holds whole, with the origin to seed them from.
+        let mut origins = std::collections::BTreeMap::new();
+        for key in req.origins.keys() {
+            key.parse::<Digest>()
+                .map_err(|e| ApiError::InvalidArgument(format!("origins: key {key:?}: {e}")))?;
+        }
         for b in &req.blobs {
             let d: Digest = b
                 .parse()
                 .map_err(|e| ApiError::InvalidArgument(format!("blobs: {b:?}: {e}")))?;
-            if self.catalog.manifest(&d).is_none() {
-                return Err(ApiError::NotFound(format!(
-                    "blob {d} is not in the catalog: push it on an agent first"
-                )));
+            if blobs.contains(&d) {
+                continue;
             }
-            if self.catalog.complete_holders(&d) == 0 {
-                return Err(ApiError::FailedPrecondition(format!(
-                    "blob {d}: no live agent holds it completely"
-                )));
+            let held = self.catalog.manifest(&d).is_some() && self.catalog.complete_holders(&d) > 0;
+            if !held {
+                let origin = req.origins.get(&d.to_string()).ok_or_else(|| {
+                    if self.catalog.manifest(&d).is_none() {
+                        ApiError::NotFound(format!(
+                            "blob {d} is not in the catalog: push it on an agent first, or give an origin"
+                        ))
+                    } else {
+                        ApiError::FailedPrecondition(format!(
+                            "blob {d}: no live agent holds it completely, and no origin was given"
+                        ))
+                    }
+                })?;
+                super::seeding::check_origin(&d, origin).map_err(ApiError::InvalidArgument)?;
+                origins.insert(d, origin.clone());
             }
-            if !blobs.contains(&d) {
-                blobs.push(d);
-            }
+            blobs.push(d);
         }
         let targets = self.resolve(req.targets.as_ref())?;
         let now = SystemTime::now();
@@ -53,8 +67,11 @@ impl State {
             created_at: Some(now.into()),
             finished_at: None,
             description: req.description.clone(),
-            image: String::new(),
+            image,
             progress: None,
+            origins: (origins.iter())
+                .map(|(d, o)| (d.to_string(), o.clone()))
+                .collect(),
         };
         let mut job = Job::new(record, deadline);
         for host in &targets {
@@ -89,8 +106,12 @@ impl State {
         }
         for host in targets {
             for blob in &blobs {
-                if !self.catalog.holds_complete(blob, host) {
-                    self.want(&job_id, host, *blob);
+                if self.catalog.holds_complete(blob, host) {
+                    continue;
+                }
+                match origins.get(blob) {
+                    Some(origin) => self.wait_for_seed(&job_id, host, *blob, origin),
+                    None => self.want(&job_id, host, *blob),
                 }
             }
         }
@@ -151,7 +172,7 @@ impl State {
         Ok(hosts)
     }
 
-    fn want(&mut self, job_id: &str, host: HostId, blob: Digest) {
+    pub(super) fn want(&mut self, job_id: &str, host: HostId, blob: Digest) {
         let jobs = self.wants.entry((host, blob)).or_default();
         let first = jobs.is_empty();
         jobs.insert(job_id.to_string());
@@ -291,8 +312,14 @@ impl State {
             }
         }
         for (job_id, blob) in wanted {
+            let held =
+                self.catalog.manifest(&blob).is_some() && self.catalog.complete_holders(&blob) > 0;
             if self.catalog.holds_complete(&blob, host) {
                 self.blob_done(host, blob);
+            } else if let Some(origin) = (!held).then(|| self.job_origin(&job_id, &blob)).flatten()
+            {
+                // Nobody holds it (yet, or any more, e.g. after a coordinator restart).
+                self.wait_for_seed(&job_id, host, blob, &origin);
             } else {
                 self.want(&job_id, host, blob);
             }

@@ -82,11 +82,14 @@ fn distribute(s: &mut State, blob: Digest, agents: &[&str]) -> Result<String, Ap
             agent_ids: agents.iter().map(|a| a.to_string()).collect(),
         })),
     };
-    let r = s.distribute(pb::DistributeRequest {
-        blobs: vec![blob.to_string()],
-        targets: Some(targets),
-        ..Default::default()
-    });
+    let r = s.distribute(
+        pb::DistributeRequest {
+            blobs: vec![blob.to_string()],
+            targets: Some(targets),
+            ..Default::default()
+        },
+        String::new(),
+    );
     s.drive_assigner();
     r.map(|r| r.job_id)
 }
@@ -332,3 +335,6 @@ fn finished_jobs_are_forgotten_after_the_retention() {
         "deleted from disk too"
     );
 }
+
+#[cfg(test)]
+mod seeding;

@@ -1,0 +1,245 @@
+//! Seeding a blob that no agent holds from its origin: one seeder, the others wait, then
+//! fetch from peers; failures move the seed to another agent or end the targets.
+
+use super::*;
+
+fn http_origin() -> pb::Origin {
+    pb::Origin {
+        origin: Some(pb::origin::Origin::Http(pb::HttpOrigin {
+            url: "http://127.0.0.1:1/model.bin".into(),
+            headers: Default::default(),
+        })),
+    }
+}
+
+fn distribute_from_origin(
+    s: &mut State,
+    blob: Digest,
+    agents: &[&str],
+    origin: pb::Origin,
+) -> Result<String, ApiError> {
+    let r = s.distribute(
+        pb::DistributeRequest {
+            blobs: vec![blob.to_string()],
+            targets: Some(pb::TargetSelector {
+                selector: Some(pb::target_selector::Selector::Agents(pb::AgentIdList {
+                    agent_ids: agents.iter().map(|a| a.to_string()).collect(),
+                })),
+            }),
+            origins: [(blob.to_string(), origin)].into(),
+            ..Default::default()
+        },
+        String::new(),
+    );
+    s.elect_seeders();
+    s.drive_assigner();
+    r.map(|r| r.job_id)
+}
+
+struct Cluster {
+    s: State,
+    sessions: Vec<SessionId>,
+    inboxes: Vec<Inbox>,
+}
+
+fn cluster(dir: &std::path::Path, n: usize) -> Cluster {
+    let mut s = state(dir, Duration::from_secs(30));
+    let mut sessions = Vec::new();
+    let mut inboxes = Vec::new();
+    for i in 0..n {
+        let joined = join(&mut s, &format!("a{i}"), 10 + i as u16);
+        let (session, inbox) = open(&mut s, &joined);
+        sessions.push(session);
+        inboxes.push(inbox);
+    }
+    Cluster {
+        s,
+        sessions,
+        inboxes,
+    }
+}
+
+impl Cluster {
+    /// (agent index, order) of every order sent since the last call.
+    fn orders(&mut self) -> Vec<(usize, pb::FetchOrder)> {
+        let mut out = Vec::new();
+        for (i, inbox) in self.inboxes.iter_mut().enumerate() {
+            out.extend(orders(inbox).into_iter().map(|o| (i, o)));
+        }
+        out
+    }
+
+    fn fail(&mut self, agent: usize, order: &pb::FetchOrder, reason: pb::FailureReason) {
+        let msg = Msg::BlobFailed(pb::BlobFailed {
+            order_id: order.order_id,
+            blob_digest: order.blob_digest.clone(),
+            reason: reason as i32,
+            message: "upstream said no".into(),
+            chunks_verified: 0,
+        });
+        say(&mut self.s, self.sessions[agent], msg);
+        self.s.elect_seeders();
+        self.s.drive_assigner();
+    }
+}
+
+#[test]
+fn one_seeder_fetches_from_the_origin_and_the_others_then_fetch_from_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = cluster(dir.path(), 3);
+    let m = manifest();
+    let job = distribute_from_origin(&mut c.s, m.digest(), &["a0", "a1", "a2"], http_origin())
+        .expect("distribute");
+    // A second job for the same blob while it is being seeded: still one fetch.
+    distribute_from_origin(&mut c.s, m.digest(), &["a1"], http_origin()).expect("second job");
+
+    let sent = c.orders();
+    assert_eq!(sent.len(), 1, "exactly one seed order: {sent:?}");
+    let (seeder, order) = &sent[0];
+    assert!(order.manifest.is_none(), "a seed order carries no manifest");
+    assert_eq!(order.origin, Some(http_origin()));
+
+    register(&mut c.s, c.sessions[*seeder], &m);
+    let sent = c.orders();
+    let others: BTreeSet<usize> = (0..3).filter(|i| i != seeder).collect();
+    let ordered: BTreeSet<usize> = sent.iter().map(|(i, _)| *i).collect();
+    assert_eq!(ordered, others, "the waiting targets get ordinary orders");
+    for (_, o) in &sent {
+        assert!(o.manifest.is_some());
+        let sources: Vec<&str> = o.sources.iter().map(|s| s.agent_id.as_str()).collect();
+        assert!(
+            sources.contains(&format!("a{seeder}").as_str()),
+            "{sources:?}"
+        );
+    }
+    let (_, targets) = target_state(&c.s, &job);
+    let size = m.size();
+    assert!(targets.iter().all(|t| t.bytes_total == size), "{targets:?}");
+    let done: Vec<_> = (targets.iter())
+        .filter(|t| t.state() == pb::TargetState::Done)
+        .map(|t| t.agent_id.clone())
+        .collect();
+    assert_eq!(done, vec![format!("a{seeder}")]);
+}
+
+#[test]
+fn a_failed_seed_moves_to_another_agent_then_fails_every_target() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = cluster(dir.path(), 3);
+    let m = manifest();
+    let job = distribute_from_origin(&mut c.s, m.digest(), &["a0", "a1", "a2"], http_origin())
+        .expect("distribute");
+    let mut seeders = BTreeSet::new();
+    for _ in 0..3 {
+        let sent = c.orders();
+        assert_eq!(sent.len(), 1, "{sent:?}");
+        let (agent, order) = sent.into_iter().next().expect("order");
+        assert!(seeders.insert(agent), "agent {agent} seeded twice");
+        c.fail(agent, &order, pb::FailureReason::OriginError);
+    }
+    assert!(c.orders().is_empty(), "no fourth seeder");
+    let (state, targets) = target_state(&c.s, &job);
+    assert_eq!(state, pb::JobState::Failed);
+    for t in &targets {
+        assert_eq!(t.reason(), pb::FailureReason::OriginError, "{t:?}");
+        assert!(t.message.contains("upstream said no"), "{t:?}");
+    }
+}
+
+#[test]
+fn an_origin_without_the_blob_fails_every_target_at_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = cluster(dir.path(), 3);
+    let m = manifest();
+    let job = distribute_from_origin(&mut c.s, m.digest(), &["a0", "a1", "a2"], http_origin())
+        .expect("distribute");
+    let (agent, order) = c.orders().pop().expect("seed order");
+    c.fail(agent, &order, pb::FailureReason::Invalid);
+    assert!(c.orders().is_empty(), "a 404 is not retried elsewhere");
+    let (state, targets) = target_state(&c.s, &job);
+    assert_eq!(state, pb::JobState::Failed, "{targets:?}");
+}
+
+#[test]
+fn a_lone_target_whose_seed_fails_does_not_wait_forever() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = cluster(dir.path(), 1);
+    let m = manifest();
+    let job =
+        distribute_from_origin(&mut c.s, m.digest(), &["a0"], http_origin()).expect("distribute");
+    let (agent, order) = c.orders().pop().expect("seed order");
+    c.fail(agent, &order, pb::FailureReason::OriginError);
+    let (state, _) = target_state(&c.s, &job);
+    assert_eq!(state, pb::JobState::Failed);
+}
+
+#[test]
+fn origins_are_checked() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = cluster(dir.path(), 1);
+    let m = manifest();
+    let err = distribute(&mut c.s, m.digest(), &["a0"]).expect_err("no origin");
+    assert!(matches!(err, ApiError::NotFound(_)), "{err:?}");
+    for bad in [
+        pb::origin::Origin::Http(pb::HttpOrigin {
+            url: "ftp://x/y".into(),
+            headers: Default::default(),
+        }),
+        pb::origin::Origin::Oci(pb::OciOrigin {
+            registry: "127.0.0.1:5000".into(),
+            repository: "../etc".into(),
+            plain_http: true,
+        }),
+        pb::origin::Origin::Peer(pb::PeerOrigin::default()),
+    ] {
+        let origin = pb::Origin { origin: Some(bad) };
+        let err =
+            distribute_from_origin(&mut c.s, m.digest(), &["a0"], origin).expect_err("bad origin");
+        assert!(matches!(err, ApiError::InvalidArgument(_)), "{err:?}");
+    }
+    assert!(c.orders().is_empty());
+}
+
+#[test]
+fn a_seed_survives_a_coordinator_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let m = manifest();
+    let job = {
+        let mut c = cluster(dir.path(), 2);
+        let job = distribute_from_origin(&mut c.s, m.digest(), &["a0", "a1"], http_origin())
+            .expect("distribute");
+        c.s.flush_jobs();
+        job
+    };
+    // A new coordinator on the same state: the agents come back, the seed starts again.
+    let mut c = {
+        let mut s = state(dir.path(), Duration::from_secs(30));
+        let mut sessions = Vec::new();
+        let mut inboxes = Vec::new();
+        for i in 0..2 {
+            let joined = join(&mut s, &format!("a{i}"), 10 + i as u16);
+            let (session, inbox) = open(&mut s, &joined);
+            sessions.push(session);
+            inboxes.push(inbox);
+        }
+        s.elect_seeders();
+        s.drive_assigner();
+        Cluster {
+            s,
+            sessions,
+            inboxes,
+        }
+    };
+    let sent = c.orders();
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    let (seeder, order) = &sent[0];
+    assert!(order.manifest.is_none());
+    register(&mut c.s, c.sessions[*seeder], &m);
+    assert_eq!(
+        c.orders().len(),
+        1,
+        "the other target fetches from the seeder"
+    );
+    let (state, _) = target_state(&c.s, &job);
+    assert_ne!(state, pb::JobState::Failed);
+}
