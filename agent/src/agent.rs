@@ -98,6 +98,10 @@ pub(crate) struct Shared {
     pub orders: Orders,
     pub counters: Counters,
     pub shutdown: watch::Receiver<bool>,
+    /// Client of upstream registries and HTTP origins.
+    pub origin: shoal_origin::Client,
+    /// Blobs this agent is seeding from their origin right now.
+    pub ingests: crate::ingest::Ingests,
 }
 
 impl Shared {
@@ -136,6 +140,7 @@ pub struct Agent {
     session: JoinHandle<()>,
     local_api: JoinHandle<()>,
     health: Option<HealthEndpoint>,
+    mirror: Option<(SocketAddr, JoinHandle<()>)>,
 }
 
 impl Agent {
@@ -154,6 +159,7 @@ impl Agent {
         stop_rx: watch::Receiver<bool>,
     ) -> Result<Agent, AgentError> {
         let data_dir = config.data_dir.clone();
+        let origin = origin_client(&config)?;
         let store = open_store(&config).await?;
 
         let socket = transport::bind_udp_socket(config.quic_listen, config.socket_buffer_bytes)?;
@@ -202,7 +208,7 @@ impl Agent {
         let agent_id = response.agent_id.clone();
         tracing::info!(agent_id, %quic_addr, coordinator = %config.coordinator, "agent joined");
         let (shared, outbox_rx) = assemble(
-            config, store, endpoint, agent_id, quic_addr, channel, stop_rx,
+            config, store, endpoint, agent_id, quic_addr, channel, stop_rx, origin,
         );
         let session = tokio::spawn(session::run(shared.clone(), joined, outbox_rx));
         Self::finish_start(shared, stop, session, health).await
@@ -219,6 +225,7 @@ impl Agent {
     ) -> Result<Agent, AgentError> {
         config.validate().map_err(AgentError::Config)?;
         let (stop, stop_rx) = watch::channel(false);
+        let origin = origin_client(&config)?;
         let store = open_store(&config).await?;
         let endpoint = ChunkEndpoint::bind(
             config.quic_listen,
@@ -237,6 +244,7 @@ impl Agent {
             quic_addr,
             channel,
             stop_rx,
+            origin,
         );
         let session = tokio::spawn(async move {
             while let Some(m) = outbox_rx.recv().await {
@@ -265,6 +273,20 @@ impl Agent {
                 });
             }
         };
+        let mirror = match shared.config.mirror_listen {
+            None => None,
+            Some(addr) => match crate::mirror::serve(shared.clone(), addr).await {
+                Ok(m) => Some(m),
+                Err(source) => {
+                    let _ = stop.send(true);
+                    return Err(AgentError::Io {
+                        context: "binding the OCI mirror (mirror_listen) on",
+                        path: addr.to_string().into(),
+                        source,
+                    });
+                }
+            },
+        };
         if let Some(h) = &health {
             h.set_ready().await;
         }
@@ -276,7 +298,13 @@ impl Agent {
             session,
             local_api,
             health,
+            mirror,
         })
+    }
+
+    /// The address of the OCI registry mirror, if `mirror_listen` is set.
+    pub fn mirror_addr(&self) -> Option<SocketAddr> {
+        self.mirror.as_ref().map(|m| m.0)
     }
 
     pub fn agent_id(&self) -> &str {
@@ -330,6 +358,9 @@ impl Agent {
         let _ = tokio::time::timeout(Duration::from_secs(5), self.session).await;
         self.shared.orders.abort_all().await;
         let _ = tokio::time::timeout(Duration::from_secs(5), self.local_api).await;
+        if let Some((_, mirror)) = self.mirror {
+            let _ = tokio::time::timeout(Duration::from_secs(5), mirror).await;
+        }
         let _ = std::fs::remove_file(&self.socket_path);
         self.shared.endpoint.close().await;
         let store = self.shared.store.clone();
@@ -401,6 +432,12 @@ fn coordinator_channel(config: &AgentConfig) -> Result<Channel, AgentError> {
     )
 }
 
+fn origin_client(config: &AgentConfig) -> Result<shoal_origin::Client, AgentError> {
+    shoal_origin::Client::new(config.origin.clone())
+        .map_err(|e| AgentError::Config(format!("origin: {e}")))
+}
+
+#[allow(clippy::too_many_arguments)]
 fn assemble(
     config: AgentConfig,
     store: Store,
@@ -409,6 +446,7 @@ fn assemble(
     quic_addr: SocketAddr,
     channel: Channel,
     shutdown: watch::Receiver<bool>,
+    origin: shoal_origin::Client,
 ) -> (Arc<Shared>, mpsc::UnboundedReceiver<pb::AgentMessage>) {
     let (outbox, outbox_rx) = mpsc::unbounded_channel();
     let shared = Arc::new(Shared {
@@ -424,6 +462,8 @@ fn assemble(
         orders: Orders::default(),
         counters: Counters::default(),
         shutdown,
+        origin,
+        ingests: Default::default(),
         config,
     });
     (shared, outbox_rx)

@@ -56,6 +56,13 @@ pub struct AgentConfig {
     pub max_udp_payload_size: u16,
     /// Chunk size of manifests built by Push (a power of two, 4 KiB–16 MiB).
     pub chunk_size: u32,
+    /// TCP address of the OCI registry mirror (see [`crate::mirror`]); none = off. The Helm
+    /// chart serves it on 127.0.0.1:7403, where `shoal containerd-config` points containerd.
+    pub mirror_listen: Option<SocketAddr>,
+    /// The mirror's settings.
+    pub mirror: crate::mirror::MirrorConfig,
+    /// Upstream registries (scheme, credentials) and limits for origin fetches.
+    pub origin: shoal_origin::OriginConfig,
 }
 
 impl Default for AgentConfig {
@@ -80,6 +87,9 @@ impl Default for AgentConfig {
             socket_buffer_bytes: transport.socket_buffer_bytes,
             max_udp_payload_size: transport.max_udp_payload_size,
             chunk_size: shoal_proto::CHUNK_SIZE,
+            mirror_listen: None,
+            mirror: Default::default(),
+            origin: Default::default(),
         }
     }
 }
@@ -136,6 +146,7 @@ impl AgentConfig {
                 return Err(format!("labels: empty key (value {value:?})"));
             }
         }
+        self.mirror.validate()?;
         Ok(())
     }
 

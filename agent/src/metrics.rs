@@ -18,6 +18,17 @@ pub const SESSION_CONNECTED: &str = "shoal_agent_session_connected";
 /// Bytes ingested by local pushes.
 pub const BYTES_PUSHED: &str = "shoal_agent_bytes_pushed_total";
 
+/// Requests the OCI mirror answered, labelled `kind` = `manifest` | `blob`.
+pub const MIRROR_REQUESTS: &str = "shoal_mirror_requests_total";
+/// Blob bytes the mirror sent to clients, labelled `source`: `local` (held before the
+/// request), `peers` (fetched from peers for it), `seed` (fetched from the upstream by this
+/// agent as the cluster's seeder), `fallback` (from the upstream directly, Shoal bypassed).
+pub const MIRROR_BYTES: &str = "shoal_mirror_bytes_total";
+/// Blob pulls that fell back to the upstream (peers stalled or the distribution failed).
+pub const MIRROR_FALLBACKS: &str = "shoal_mirror_fallbacks_total";
+/// Seconds from a blob request to its first byte, labelled `source` as `MIRROR_BYTES`.
+pub const MIRROR_FIRST_BYTE: &str = "shoal_mirror_first_byte_seconds";
+
 /// Label value of [`BYTES_IN`] for bytes from peer agents.
 pub const SOURCE_PEER: &str = "peer";
 /// Label value of [`BYTES_IN`] for bytes from an origin.
@@ -25,7 +36,7 @@ pub const SOURCE_ORIGIN: &str = "origin";
 
 /// Describes every metric (units and help text) to whichever recorder is installed.
 pub fn describe() {
-    use metrics::{Unit, describe_counter, describe_gauge};
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
     describe_counter!(
         BYTES_IN,
         Unit::Bytes,
@@ -38,4 +49,22 @@ pub fn describe() {
     describe_counter!(TRANSFERS_FINISHED, "Fetch orders finished, by outcome");
     describe_gauge!(SESSION_CONNECTED, "1 while the coordinator session is up");
     describe_counter!(BYTES_PUSHED, Unit::Bytes, "Bytes ingested by local pushes");
+    describe_counter!(
+        MIRROR_REQUESTS,
+        "Requests answered by the OCI mirror, by kind"
+    );
+    describe_counter!(
+        MIRROR_BYTES,
+        Unit::Bytes,
+        "Blob bytes the OCI mirror sent, by where they came from"
+    );
+    describe_counter!(
+        MIRROR_FALLBACKS,
+        "Mirror blob pulls that fell back to the upstream"
+    );
+    describe_histogram!(
+        MIRROR_FIRST_BYTE,
+        Unit::Seconds,
+        "Time from a mirror blob request to its first byte"
+    );
 }

@@ -206,7 +206,7 @@ async fn run(
     };
     metrics::gauge!(crate::metrics::ACTIVE_TRANSFERS).decrement(1.0);
     match result {
-        Ok((size, bytes_from_peers)) => {
+        Ok((size, bytes_from_peers, bytes_from_origin)) => {
             metrics::counter!(crate::metrics::TRANSFERS_FINISHED, "outcome" => "done").increment(1);
             let duration_ms = started.elapsed().as_millis() as u64;
             tracing::info!(order_id, blob = %digest, duration_ms, bytes_from_peers, "blob complete");
@@ -219,7 +219,7 @@ async fn run(
                 size,
                 duration_ms,
                 bytes_from_peers,
-                bytes_from_origin: 0,
+                bytes_from_origin,
             }));
         }
         Err(f) => {
@@ -238,18 +238,18 @@ async fn run(
     shared.orders.lock().remove(&order_id);
 }
 
-/// Returns (size, bytes from peers) once the blob is whole and verified.
+/// Returns (size, bytes from peers, bytes from the origin) once the blob is whole and
+/// verified.
 async fn execute(
     shared: &Arc<Shared>,
     order: &pb::FetchOrder,
     digest: Digest,
     control: &mut mpsc::UnboundedReceiver<Control>,
-) -> Result<(u64, u64), Failure> {
+) -> Result<(u64, u64, u64), Failure> {
     let Some(wire) = &order.manifest else {
-        return Err(Failure::new(
-            FailureReason::OriginError,
-            "orders without a manifest (origin ingest) are not supported by this agent yet",
-        ));
+        // Nobody holds it yet: this agent seeds it from the origin.
+        let (size, from_origin) = crate::ingest::ingest(shared, order, digest).await?;
+        return Ok((size, 0, from_origin));
     };
     let manifest = Manifest::try_from(wire)
         .map_err(|e| Failure::new(FailureReason::Invalid, format!("manifest: {e}")))?;
@@ -306,7 +306,7 @@ async fn execute(
         Ok(())
     })
     .await?;
-    Ok((manifest.size(), bytes_from_peers))
+    Ok((manifest.size(), bytes_from_peers, 0))
 }
 
 /// Runs store work off the async threads, mapping its errors to order failures.

@@ -75,12 +75,29 @@ pub async fn distribute(
     blobs: &[Digest],
     to: pb::TargetSelector,
     deadline: Option<Duration>,
+    from_url: Option<&str>,
 ) -> Result<String> {
+    // An HTTP origin for a blob no agent holds yet (e.g. a model file): seeded once.
+    let origins = match (from_url, blobs) {
+        (None, _) => Default::default(),
+        (Some(url), [blob]) => [(
+            blob.to_string(),
+            pb::Origin {
+                origin: Some(pb::origin::Origin::Http(pb::HttpOrigin {
+                    url: url.to_string(),
+                    headers: Default::default(),
+                })),
+            },
+        )]
+        .into(),
+        (Some(_), _) => anyhow::bail!("--from-url names the origin of exactly one digest"),
+    };
     let response = client
         .distribute(pb::DistributeRequest {
             blobs: blobs.iter().map(Digest::to_string).collect(),
             targets: Some(to),
             deadline_ms: deadline.map_or(0, |d| d.as_millis() as u64),
+            origins,
             ..Default::default()
         })
         .await
@@ -89,6 +106,36 @@ pub async fn distribute(
     eprintln!(
         "job {} to {} agents",
         response.job_id, response.target_count
+    );
+    Ok(response.job_id)
+}
+
+/// Preheat: resolve an image on the coordinator and distribute its config and layers.
+pub async fn preheat(
+    client: &mut Client,
+    image: &str,
+    to: pb::TargetSelector,
+    platforms: Vec<String>,
+    deadline: Option<Duration>,
+) -> Result<String> {
+    let response = client
+        .preheat(pb::PreheatRequest {
+            image: image.to_string(),
+            targets: Some(to),
+            platforms,
+            priority: 0,
+            deadline_ms: deadline.map_or(0, |d| d.as_millis() as u64),
+        })
+        .await
+        .map_err(explain)?
+        .into_inner();
+    eprintln!(
+        "job {}: {} ({}) — {} blobs to {} agents",
+        response.job_id,
+        image,
+        response.manifest_digest,
+        response.blobs.len(),
+        response.target_count
     );
     Ok(response.job_id)
 }

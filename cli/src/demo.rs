@@ -100,7 +100,7 @@ async fn demo(args: DemoArgs) -> Result<()> {
         selector: Some(pb::target_selector::Selector::All(pb::AllAgents {})),
     };
     let started = Instant::now();
-    let job_id = client::distribute(&mut c, &[digest], all, None).await?;
+    let job_id = client::distribute(&mut c, &[digest], all, None, None).await?;
     let watched = client::watch(&mut c, &job_id).await?;
     client::require_done(&watched.job)?;
     let makespan = started.elapsed();

@@ -77,7 +77,13 @@ pub async fn push_file(socket: &Path, file: &Path, show_progress: bool) -> Resul
     bail!("the agent ended the push without a result")
 }
 
-pub async fn pull(socket: &Path, digest: Digest, output: &Path) -> Result<()> {
+/// What to pull: a digest, or an HTTP(S) URL (with the digest it must have, if known).
+pub enum PullSource {
+    Digest(Digest),
+    Url { url: String, digest: Option<Digest> },
+}
+
+pub async fn pull(socket: &Path, source: PullSource, output: &Path) -> Result<()> {
     let output = if output.is_absolute() {
         output.to_path_buf()
     } else {
@@ -85,10 +91,18 @@ pub async fn pull(socket: &Path, digest: Digest, output: &Path) -> Result<()> {
     };
     let mut client = connect(socket).await?;
     let mut stream = client
-        .pull(pb::PullRequest {
-            digest: digest.to_string(),
-            output_path: output.display().to_string(),
-            ..Default::default()
+        .pull(match source {
+            PullSource::Digest(d) => pb::PullRequest {
+                digest: d.to_string(),
+                output_path: output.display().to_string(),
+                ..Default::default()
+            },
+            PullSource::Url { url, digest } => pb::PullRequest {
+                digest: digest.map(|d| d.to_string()).unwrap_or_default(),
+                url,
+                output_path: output.display().to_string(),
+                ..Default::default()
+            },
         })
         .await
         .map_err(crate::client::explain)?

@@ -69,13 +69,38 @@ enum Command {
         #[command(flatten)]
         agent: AgentSocket,
     },
-    /// Fetch a blob through the local agent into a file.
+    /// Fetch a blob through the local agent into a file: by digest, or from an HTTP(S) URL
+    /// (a model file). With `--digest`, the cluster fetches the URL once and shares it.
     Pull {
-        digest: Digest,
+        /// `sha256:<hex>`, or an http:// or https:// URL.
+        source: String,
+        /// The digest the URL's content must have.
+        #[arg(long)]
+        digest: Option<Digest>,
         #[arg(short, long)]
         output: PathBuf,
         #[command(flatten)]
         agent: AgentSocket,
+    },
+    /// Distribute an image's config and layers to agents ahead of a deploy, and follow it.
+    Preheat {
+        /// Image reference, e.g. registry.example.com/team/app:v1 or ghcr.io/org/app@sha256:…
+        image: String,
+        /// Targets: all | key=value[,key=value] | agents:id[,id].
+        #[arg(long, default_value = "all", value_parser = client::selector)]
+        to: shoal_proto::pb::v1::TargetSelector,
+        /// Platform of an image index, e.g. linux/arm64 (repeatable); default: the
+        /// coordinator's `preheat_platforms`.
+        #[arg(long = "platform")]
+        platforms: Vec<String>,
+        /// Fail targets not done within this many seconds.
+        #[arg(long)]
+        deadline_secs: Option<u64>,
+        /// Print the job id and return at once instead of watching.
+        #[arg(long)]
+        detach: bool,
+        #[command(flatten)]
+        coordinator: CoordinatorAddr,
     },
     /// Distribute blobs to agents and follow the job.
     Distribute {
@@ -90,6 +115,9 @@ enum Command {
         /// Print the job id and return at once instead of watching.
         #[arg(long)]
         detach: bool,
+        /// HTTP(S) URL to seed the (single) blob from if no agent holds it.
+        #[arg(long)]
+        from_url: Option<String>,
         #[command(flatten)]
         coordinator: CoordinatorAddr,
     },
@@ -155,21 +183,56 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Agent(args) => serve::agent(args).await,
         Command::Push { file, agent } => local::push(&agent.socket, &file).await,
         Command::Pull {
+            source,
             digest,
             output,
             agent,
-        } => local::pull(&agent.socket, digest, &output).await,
-        Command::Distribute {
-            digests,
+        } => {
+            let source = if source.starts_with("http://") || source.starts_with("https://") {
+                local::PullSource::Url {
+                    url: source,
+                    digest,
+                }
+            } else {
+                let d: Digest = source.parse().map_err(|e| {
+                    serve::ConfigProblem(format!(
+                        "{source:?} is neither a digest ({e}) nor an http(s) URL"
+                    ))
+                })?;
+                local::PullSource::Digest(d)
+            };
+            local::pull(&agent.socket, source, &output).await
+        }
+        Command::Preheat {
+            image,
             to,
+            platforms,
             deadline_secs,
             detach,
             coordinator,
         } => {
             let mut c = client::connect(&coordinator.coordinator).await?;
+            let deadline = deadline_secs.map(Duration::from_secs);
+            let job = client::preheat(&mut c, &image, to, platforms, deadline).await?;
+            println!("{job}");
+            if detach {
+                return Ok(());
+            }
+            let watched = client::watch(&mut c, &job).await?;
+            client::require_done(&watched.job)
+        }
+        Command::Distribute {
+            digests,
+            to,
+            deadline_secs,
+            detach,
+            from_url,
+            coordinator,
+        } => {
+            let mut c = client::connect(&coordinator.coordinator).await?;
+            let deadline = deadline_secs.map(Duration::from_secs);
             let job =
-                client::distribute(&mut c, &digests, to, deadline_secs.map(Duration::from_secs))
-                    .await?;
+                client::distribute(&mut c, &digests, to, deadline, from_url.as_deref()).await?;
             println!("{job}");
             if detach {
                 return Ok(());

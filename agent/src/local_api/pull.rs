@@ -26,17 +26,33 @@ pub(super) async fn pull(
     shared: Arc<Shared>,
     request: pb::PullRequest,
 ) -> Result<ReceiverStream<Result<pb::PullProgress, Status>>, Status> {
-    if request.digest.is_empty() {
-        return Err(if request.url.is_empty() {
-            Status::invalid_argument("digest is required")
-        } else {
-            Status::unimplemented("pulling from a URL is not supported yet; give a digest")
-        });
+    let url = (!request.url.is_empty()).then(|| request.url.clone());
+    if let Some(url) = &url {
+        let origin = pb::Origin {
+            origin: Some(pb::origin::Origin::Http(pb::HttpOrigin {
+                url: url.clone(),
+                headers: Default::default(),
+            })),
+        };
+        let digest = request
+            .digest
+            .parse::<Digest>()
+            .unwrap_or(Digest::from_bytes([0; 32]));
+        shoal_coordinator_check(&digest, &origin)?;
     }
-    let digest: Digest = request
-        .digest
-        .parse()
-        .map_err(|e| Status::invalid_argument(format!("digest: {e}")))?;
+    if request.digest.is_empty() && url.is_none() {
+        return Err(Status::invalid_argument("digest or url is required"));
+    }
+    let digest: Option<Digest> = if request.digest.is_empty() {
+        None
+    } else {
+        Some(
+            request
+                .digest
+                .parse()
+                .map_err(|e| Status::invalid_argument(format!("digest: {e}")))?,
+        )
+    };
     let output = if request.output_path.is_empty() {
         None
     } else {
@@ -48,18 +64,39 @@ pub(super) async fn pull(
         .then(|| Instant::now() + Duration::from_millis(request.deadline_ms));
     let (tx, rx) = mpsc::channel(16);
     tokio::spawn(async move {
-        let work = run(
-            &shared,
-            digest,
-            output,
-            request.pin,
-            request.deadline_ms,
-            &tx,
-        );
+        let work = async {
+            let digest = match digest {
+                Some(d) => d,
+                // No digest to name it by: this agent fetches the URL itself.
+                None => {
+                    let url = url.clone().unwrap_or_default();
+                    let _ = tx
+                        .send(Ok(pb::PullProgress {
+                            state: PullState::Fetching as i32,
+                            ..Default::default()
+                        }))
+                        .await;
+                    crate::ingest::fetch_url(&shared, &url)
+                        .await
+                        .map_err(|f| Status::unavailable(format!("fetching {url}: {}", f.message)))?
+                        .digest()
+                }
+            };
+            run(
+                &shared,
+                digest,
+                url.as_deref(),
+                output,
+                request.pin,
+                request.deadline_ms,
+                &tx,
+            )
+            .await
+        };
         let outcome = match deadline {
             Some(at) => tokio::time::timeout_at(at, work).await.unwrap_or_else(|_| {
                 Err(Status::deadline_exceeded(format!(
-                    "{digest} not pulled within {} ms",
+                    "not pulled within {} ms",
                     request.deadline_ms
                 )))
             }),
@@ -114,6 +151,7 @@ fn progress(shared: &Shared, digest: Digest, state: PullState) -> pb::PullProgre
 async fn run(
     shared: &Arc<Shared>,
     digest: Digest,
+    url: Option<&str>,
     output: Option<PathBuf>,
     pin: bool,
     deadline_ms: u64,
@@ -136,7 +174,18 @@ async fn run(
                 }),
                 priority: pb::Priority::Normal as i32,
                 deadline_ms,
-                origins: Default::default(),
+                origins: url
+                    .map(|u| {
+                        let origin = pb::Origin {
+                            origin: Some(pb::origin::Origin::Http(pb::HttpOrigin {
+                                url: u.to_string(),
+                                headers: Default::default(),
+                            })),
+                        };
+                        (digest.to_string(), origin)
+                    })
+                    .into_iter()
+                    .collect(),
                 description: format!("pull on agent {}", shared.agent_id()),
             })
             .await
@@ -144,9 +193,16 @@ async fn run(
             .into_inner();
         tracing::info!(blob = %digest, job = job.job_id, "pull: asked the coordinator");
         let mut tick = tokio::time::interval(POLL_EVERY);
+        let mut ticks = 0u32;
         while !shared.store.is_complete(&digest) {
             tokio::select! {
-                _ = tick.tick() => {}
+                _ = tick.tick() => {
+                    ticks += 1;
+                    // The target may fail without an order here (another agent's seeding).
+                    if ticks % 4 == 0 {
+                        check_job(&mut client, &job.job_id, digest).await?;
+                    }
+                }
                 f = finished.recv() => match f {
                     Ok(f) if f.digest == digest && f.job_id == job.job_id => {
                         if let Err(why) = f.result {
@@ -196,6 +252,49 @@ async fn run(
     }
     let _ = tx.send(Ok(progress(shared, digest, PullState::Done))).await;
     Ok(())
+}
+
+/// Fails if the coordinator says this pull's target failed.
+async fn check_job(
+    client: &mut CoordinatorClient<tonic::transport::Channel>,
+    job_id: &str,
+    digest: Digest,
+) -> Result<(), Status> {
+    let Ok(job) = client
+        .get_job(pb::GetJobRequest {
+            job_id: job_id.to_string(),
+            include_targets: true,
+        })
+        .await
+    else {
+        return Ok(()); // Coordinator unreachable for now: keep waiting.
+    };
+    let failed = (job.into_inner().job)
+        .and_then(|j| j.progress)
+        .into_iter()
+        .flat_map(|p| p.targets)
+        .find(|t| t.state() == pb::TargetState::Failed);
+    match failed {
+        Some(t) => Err(Status::aborted(format!(
+            "fetching {digest} failed: {}",
+            t.message
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// A URL the coordinator would refuse, refused here first with the same message.
+fn shoal_coordinator_check(digest: &Digest, origin: &pb::Origin) -> Result<(), Status> {
+    match &origin.origin {
+        Some(pb::origin::Origin::Http(h))
+            if h.url.starts_with("http://") || h.url.starts_with("https://") =>
+        {
+            Ok(())
+        }
+        _ => Err(Status::invalid_argument(format!(
+            "url for {digest}: not an absolute http(s) URL"
+        ))),
+    }
 }
 
 /// Copies to a temporary file beside `to`, then renames it over `to`.

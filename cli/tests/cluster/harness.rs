@@ -1,3 +1,5 @@
+//! (Shared by the `cluster` and `oci` test binaries; each uses part of it.)
+#![allow(dead_code)]
 //! Starts real `shoal` processes: a coordinator and agents on loopback, each with its own
 //! directories, killed and cleaned up on drop.
 
@@ -41,6 +43,8 @@ pub struct Agent {
     pub proc: Proc,
     pub dir: PathBuf,
     pub metrics: SocketAddr,
+    /// Its OCI registry mirror.
+    pub mirror: SocketAddr,
 }
 
 impl Agent {
@@ -67,7 +71,10 @@ pub fn scrape(addr: SocketAddr, series: &str) -> Result<f64> {
         .filter(|l| !l.starts_with('#'))
         .filter(|l| {
             l.starts_with(series)
-                && matches!(l.as_bytes().get(series.len()), Some(b' ' | b'{' | b','))
+                && matches!(
+                    l.as_bytes().get(series.len()),
+                    Some(b' ' | b'{' | b',' | b'}')
+                )
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum())
@@ -80,6 +87,9 @@ pub struct Cluster {
     pub metrics: SocketAddr,
     pub agents: Vec<Agent>,
     lease_ms: u64,
+    /// `--config` files of the coordinator and of every agent, if any.
+    coordinator_config: Option<PathBuf>,
+    agent_config: Option<PathBuf>,
 }
 
 impl Cluster {
@@ -88,10 +98,38 @@ impl Cluster {
     }
 
     pub async fn start(agents: usize, agent_env: &[(&str, &str)], lease_ms: u64) -> Result<Self> {
+        Self::start_configured(agents, agent_env, lease_ms, "", "").await
+    }
+
+    /// Like [`Cluster::start`], with TOML config files for the coordinator and the agents
+    /// (empty: none).
+    pub async fn start_configured(
+        agents: usize,
+        agent_env: &[(&str, &str)],
+        lease_ms: u64,
+        coordinator_toml: &str,
+        agent_toml: &str,
+    ) -> Result<Self> {
         let dir = tempfile::tempdir()?;
+        let write = |name: &str, text: &str| -> Result<Option<PathBuf>> {
+            if text.is_empty() {
+                return Ok(None);
+            }
+            let path = dir.path().join(name);
+            std::fs::write(&path, text)?;
+            Ok(Some(path))
+        };
+        let coordinator_config = write("coordinator.toml", coordinator_toml)?;
+        let agent_config = write("agent.toml", agent_toml)?;
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
         let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
-        let coordinator = spawn_coordinator(dir.path(), addr, metrics, lease_ms)?;
+        let coordinator = spawn_coordinator(
+            dir.path(),
+            addr,
+            metrics,
+            lease_ms,
+            coordinator_config.as_deref(),
+        )?;
         let mut cluster = Self {
             dir,
             coordinator,
@@ -99,6 +137,8 @@ impl Cluster {
             metrics,
             agents: Vec::new(),
             lease_ms,
+            coordinator_config,
+            agent_config,
         };
         cluster.wait_for_coordinator().await?;
         for i in 0..agents {
@@ -111,8 +151,13 @@ impl Cluster {
 
     pub fn restart_coordinator(&mut self) -> Result<()> {
         self.coordinator.kill();
-        self.coordinator =
-            spawn_coordinator(self.dir.path(), self.addr, self.metrics, self.lease_ms)?;
+        self.coordinator = spawn_coordinator(
+            self.dir.path(),
+            self.addr,
+            self.metrics,
+            self.lease_ms,
+            self.coordinator_config.as_deref(),
+        )?;
         Ok(())
     }
 
@@ -139,10 +184,14 @@ impl Cluster {
         let dir = self.dir.path().join(format!("agent-{i}"));
         std::fs::create_dir_all(&dir)?;
         let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        let mirror: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
         let log = dir.join("log");
         let mut cmd = shoal();
-        cmd.args(["agent", "--coordinator", &self.url(), "--join-token", TOKEN])
-            .arg("--data-dir")
+        cmd.args(["agent", "--coordinator", &self.url(), "--join-token", TOKEN]);
+        if let Some(config) = &self.agent_config {
+            cmd.arg("--config").arg(config);
+        }
+        cmd.arg("--data-dir")
             .arg(&dir)
             .args([
                 "--quic-listen",
@@ -151,6 +200,7 @@ impl Cluster {
                 &format!("host=h{i}"),
             ])
             .env("SHOAL_METRICS_LISTEN", metrics.to_string())
+            .env("SHOAL_MIRROR_LISTEN", mirror.to_string())
             .env("SHOAL_LOG", "info");
         for (k, v) in env {
             cmd.env(k, v);
@@ -164,6 +214,7 @@ impl Cluster {
             proc: Proc { child, log },
             dir,
             metrics,
+            mirror,
         })
     }
 
@@ -282,18 +333,19 @@ fn spawn_coordinator(
     addr: SocketAddr,
     metrics: SocketAddr,
     lease_ms: u64,
+    config: Option<&Path>,
 ) -> Result<Proc> {
     static STARTS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let log = dir.join(format!("coordinator-{n}.log"));
-    let child = shoal()
-        .args([
-            "coordinator",
-            "--listen",
-            &addr.to_string(),
-            "--join-token",
-            TOKEN,
-        ])
+    let mut cmd = shoal();
+    if let Some(config) = config {
+        cmd.args(["coordinator", "--config"]).arg(config);
+    } else {
+        cmd.arg("coordinator");
+    }
+    let child = cmd
+        .args(["--listen", &addr.to_string(), "--join-token", TOKEN])
         .arg("--state-dir")
         .arg(dir.join("coordinator"))
         .env("SHOAL_LEASE_MS", lease_ms.to_string())

@@ -1,0 +1,375 @@
+//! Seeding: an order without a manifest. This agent fetches the blob from its origin (an OCI
+//! registry or an HTTP URL), builds the manifest while the bytes arrive, checks the whole
+//! blob against its digest, stores it and registers the manifest, so that every other agent
+//! can fetch it from peers (see the coordinator's `seeding.rs`).
+//!
+//! The bytes go to a part file first: chunk digests are unknown until the end, and the store
+//! holds only verified chunks. While the fetch runs, the part file and how much of it is
+//! written are published in [`Ingests`], so that the OCI mirror can stream the blob to a
+//! client on this agent from its first byte (the client checks the digest itself, as it
+//! does with any registry; the store never holds an unverified byte).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use shoal_origin::{ByteRange, OriginError};
+use shoal_proto::pb::v1 as pb;
+use shoal_proto::pb::v1::FailureReason;
+use shoal_proto::pb::v1::agent_message::Msg;
+use shoal_proto::{Digest, Manifest, ManifestBuilder};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::watch;
+
+use crate::agent::Shared;
+use crate::order::Failure;
+
+/// Attempts per seed order; after the first, each resumes where the last one stopped.
+const ATTEMPTS: u32 = 3;
+const RETRY_AFTER: Duration = Duration::from_millis(500);
+
+/// Where a running ingest stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum IngestState {
+    /// Bytes written to the part file so far, and the size if the origin said.
+    Writing {
+        written: u64,
+        size: Option<u64>,
+    },
+    /// Verified and in the store.
+    Done,
+    Failed(String),
+}
+
+/// A running ingest, as the mirror sees it.
+#[derive(Clone, Debug)]
+pub(crate) struct Ingest {
+    pub part: PathBuf,
+    pub state: watch::Receiver<IngestState>,
+}
+
+/// The ingests running on this agent, by blob.
+#[derive(Debug, Default)]
+pub(crate) struct Ingests {
+    table: Mutex<HashMap<Digest, Ingest>>,
+}
+
+impl Ingests {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Digest, Ingest>> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn get(&self, blob: &Digest) -> Option<Ingest> {
+        self.lock().get(blob).cloned()
+    }
+}
+
+/// Removes the table entry and the part file, however the ingest ends.
+struct Registration<'a> {
+    ingests: &'a Ingests,
+    blob: Digest,
+    part: PathBuf,
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        self.ingests.lock().remove(&self.blob);
+        // Readers that opened the part file keep reading it; nobody new finds it.
+        let _ = std::fs::remove_file(&self.part);
+    }
+}
+
+/// Maps an origin's answer to what the coordinator should do: a definitive answer (the
+/// origin lacks the blob, or serves other bytes) fails every target; anything else lets
+/// another agent try.
+fn origin_failure(e: &OriginError) -> Failure {
+    let reason = match e {
+        OriginError::NotFound(_) | OriginError::Invalid(_) | OriginError::TooLarge { .. } => {
+            FailureReason::Invalid
+        }
+        OriginError::DigestMismatch { .. } => FailureReason::DigestMismatch,
+        _ => FailureReason::OriginError,
+    };
+    Failure::new(reason, e.to_string())
+}
+
+/// Fetches `blob` from `origin` into the store and registers it. Returns (size, bytes
+/// fetched from the origin).
+pub(crate) async fn ingest(
+    shared: &Arc<Shared>,
+    order: &pb::FetchOrder,
+    blob: Digest,
+) -> Result<(u64, u64), Failure> {
+    let origin = (order.origin.as_ref().and_then(|o| o.origin.clone())).ok_or_else(|| {
+        Failure::new(
+            FailureReason::Invalid,
+            "the order has neither a manifest nor an origin",
+        )
+    })?;
+    if let Some(m) = shared
+        .store
+        .manifest(&blob)
+        .filter(|_| shared.store.is_complete(&blob))
+    {
+        register(shared, &m, order);
+        return Ok((m.size(), 0));
+    }
+    let dir = shared.config.data_dir.join("ingest");
+    tokio::fs::create_dir_all(&dir).await.map_err(|e| {
+        Failure::new(
+            FailureReason::IoError,
+            format!("creating {}: {e}", dir.display()),
+        )
+    })?;
+    let part = dir.join(format!("{}.{}.part", blob.hex(), order.order_id));
+    let (tx, rx) = watch::channel(IngestState::Writing {
+        written: 0,
+        size: None,
+    });
+    shared.ingests.lock().insert(
+        blob,
+        Ingest {
+            part: part.clone(),
+            state: rx,
+        },
+    );
+    let _registration = Registration {
+        ingests: &shared.ingests,
+        blob,
+        part: part.clone(),
+    };
+    let outcome = fetch_and_store(shared, order, blob, &origin, &part, &tx).await;
+    let _ = tx.send(match &outcome {
+        Ok(_) => IngestState::Done,
+        Err(f) => IngestState::Failed(f.message.clone()),
+    });
+    outcome
+}
+
+async fn fetch_and_store(
+    shared: &Arc<Shared>,
+    order: &pb::FetchOrder,
+    blob: Digest,
+    origin: &pb::origin::Origin,
+    part: &std::path::Path,
+    tx: &watch::Sender<IngestState>,
+) -> Result<(u64, u64), Failure> {
+    let (manifest, written) = fetch(shared, origin, Some(blob), part, tx).await?;
+    store_part(shared, &manifest, part).await?;
+    register(shared, &manifest, order);
+    Ok((manifest.size(), written))
+}
+
+/// Fetches the origin's content into `part`, resuming after a broken transfer, and builds
+/// its manifest; checks it against `expected` if given. Returns (manifest, bytes fetched).
+async fn fetch(
+    shared: &Shared,
+    origin: &pb::origin::Origin,
+    expected: Option<Digest>,
+    part: &std::path::Path,
+    tx: &watch::Sender<IngestState>,
+) -> Result<(Manifest, u64), Failure> {
+    // OCI origins are addressed by digest; URLs are not, and may go without one.
+    let blob = expected.unwrap_or(Digest::from_bytes([0; 32]));
+    let io = |what: &str, e: std::io::Error| {
+        Failure::new(
+            FailureReason::IoError,
+            format!("{what} {}: {e}", part.display()),
+        )
+    };
+    let mut file = tokio::fs::File::create(part)
+        .await
+        .map_err(|e| io("creating", e))?;
+    let mut builder = ManifestBuilder::new(shared.config.chunk_size)
+        .map_err(|e| Failure::new(FailureReason::Internal, e.to_string()))?;
+    let mut written = 0u64;
+    let mut size = None;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let range = (written > 0).then_some(ByteRange {
+            start: written,
+            end_inclusive: None,
+        });
+        let read = async {
+            let mut body = open(shared, origin, &blob, range).await?;
+            if range.is_some() && !body.partial {
+                return Err(OriginError::Upstream {
+                    status: 200,
+                    message: "the origin ignored a Range request; cannot resume".into(),
+                });
+            }
+            if size.is_none() {
+                size = body.len.map(|l| l + written);
+                tx.send_replace(IngestState::Writing { written, size });
+            }
+            while let Some(bytes) = body.chunk().await? {
+                if written + bytes.len() as u64 > shoal_proto::MAX_BLOB_SIZE {
+                    return Err(OriginError::TooLarge {
+                        what: "blob".into(),
+                        limit: shoal_proto::MAX_BLOB_SIZE,
+                    });
+                }
+                file.write_all(&bytes)
+                    .await
+                    .map_err(|e| OriginError::Unreachable(format!("writing the part file: {e}")))?;
+                builder.update(&bytes);
+                written += bytes.len() as u64;
+                metrics::counter!(crate::metrics::BYTES_IN, "source" => crate::metrics::SOURCE_ORIGIN)
+                    .increment(bytes.len() as u64);
+                tx.send_replace(IngestState::Writing { written, size });
+            }
+            Ok(())
+        };
+        match read.await {
+            Ok(()) => break,
+            Err(e) => {
+                let failure = origin_failure(&e);
+                let retry = failure.reason == FailureReason::OriginError && attempt < ATTEMPTS;
+                tracing::warn!(?expected, attempt, written, error = %e, retry, "origin fetch failed");
+                if !retry {
+                    return Err(failure);
+                }
+                tokio::time::sleep(RETRY_AFTER).await;
+            }
+        }
+    }
+    file.flush().await.map_err(|e| io("writing", e))?;
+    drop(file);
+    if size.is_some_and(|s| s != written) {
+        return Err(Failure::new(
+            FailureReason::OriginError,
+            format!("the origin announced {size:?} bytes and sent {written}"),
+        ));
+    }
+    let manifest = builder.finish().map_err(|e| {
+        Failure::new(
+            FailureReason::Invalid,
+            format!("the origin's content cannot be a blob: {e}"),
+        )
+    })?;
+    if let Some(want) = expected.filter(|d| *d != manifest.digest()) {
+        return Err(Failure::new(
+            FailureReason::DigestMismatch,
+            format!(
+                "the origin's content hashes to {}, expected {want}",
+                manifest.digest()
+            ),
+        ));
+    }
+    Ok((manifest, written))
+}
+
+/// Fetches a URL whose digest is not known into the store, on this agent alone, and
+/// registers it. (With a digest, a pull goes through the coordinator's seeding instead, so
+/// that the cluster fetches it once.)
+pub(crate) async fn fetch_url(shared: &Arc<Shared>, url: &str) -> Result<Manifest, Failure> {
+    let origin = pb::origin::Origin::Http(pb::HttpOrigin {
+        url: url.to_string(),
+        headers: Default::default(),
+    });
+    let dir = shared.config.data_dir.join("ingest");
+    tokio::fs::create_dir_all(&dir).await.map_err(|e| {
+        Failure::new(
+            FailureReason::IoError,
+            format!("creating {}: {e}", dir.display()),
+        )
+    })?;
+    let part = dir.join(format!("url-{:016x}.part", rand::random::<u64>()));
+    let (tx, _rx) = watch::channel(IngestState::Writing {
+        written: 0,
+        size: None,
+    });
+    let outcome = async {
+        let (manifest, _) = fetch(shared, &origin, None, &part, &tx).await?;
+        store_part(shared, &manifest, &part).await?;
+        register(shared, &manifest, &pb::FetchOrder::default());
+        Ok(manifest)
+    }
+    .await;
+    let _ = tokio::fs::remove_file(&part).await;
+    outcome
+}
+
+async fn open(
+    shared: &Shared,
+    origin: &pb::origin::Origin,
+    blob: &Digest,
+    range: Option<ByteRange>,
+) -> Result<shoal_origin::Body, OriginError> {
+    use pb::origin::Origin as O;
+    match origin {
+        O::Http(h) => {
+            let headers: Vec<(String, String)> = (h.headers.iter())
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            shared.origin.get_url(&h.url, &headers, range).await
+        }
+        O::Oci(o) => {
+            (shared.origin)
+                .get_blob(&o.registry, &o.repository, blob, range)
+                .await
+        }
+        O::Peer(_) => Err(OriginError::Invalid(
+            "a peer is not an origin to seed from".into(),
+        )),
+    }
+}
+
+/// Copies the verified part file into the store, chunk by chunk (the store checks each
+/// chunk against the manifest once more).
+async fn store_part(
+    shared: &Shared,
+    manifest: &Manifest,
+    part: &std::path::Path,
+) -> Result<(), Failure> {
+    let store = shared.store.clone();
+    let manifest = manifest.clone();
+    let part = part.to_path_buf();
+    let copied = tokio::task::spawn_blocking(move || -> Result<(), Failure> {
+        use std::io::Read;
+        let from_store = |e: &crate::store::StoreError| Failure::from_store(e);
+        store
+            .insert_manifest(&manifest)
+            .map_err(|e| from_store(&e))?;
+        let digest = manifest.digest();
+        let _hold = store.hold(&digest).map_err(|e| from_store(&e))?;
+        let mut file = std::fs::File::open(&part).map_err(|e| {
+            Failure::new(
+                FailureReason::IoError,
+                format!("reading {}: {e}", part.display()),
+            )
+        })?;
+        let mut buf = vec![0u8; manifest.chunk_size() as usize];
+        for index in manifest.chunk_indices() {
+            let len = manifest
+                .chunk_len(index)
+                .map_err(|e| Failure::new(FailureReason::Internal, e.to_string()))?;
+            file.read_exact(&mut buf[..len]).map_err(|e| {
+                Failure::new(
+                    FailureReason::IoError,
+                    format!("reading {}: {e}", part.display()),
+                )
+            })?;
+            if !store.has_chunk(&digest, index) {
+                store
+                    .put_chunk(&digest, index, &buf[..len])
+                    .map_err(|e| from_store(&e))?;
+            }
+        }
+        store.ensure_verified(&digest).map_err(|e| from_store(&e))
+    });
+    copied
+        .await
+        .map_err(|e| Failure::new(FailureReason::Internal, format!("store task failed: {e}")))?
+}
+
+fn register(shared: &Shared, manifest: &Manifest, order: &pb::FetchOrder) {
+    tracing::info!(blob = %manifest.digest(), size = manifest.size(), "seeded from the origin");
+    shared.send(Msg::BlobRegistered(pb::BlobRegistered {
+        manifest: Some(pb::Manifest::from(manifest)),
+        pinned: order.pin,
+        order_id: order.order_id,
+    }));
+}

@@ -1,0 +1,290 @@
+//! The OCI registry mirror: the read side of the OCI Distribution API on a local port, so
+//! that containerd (a `hosts.toml` mirror entry), skopeo and docker pull through Shoal
+//! unchanged.
+//!
+//! - `GET /v2/` answers that this is a registry.
+//! - Manifests and tags pass through to the upstream registry, with its token flow and this
+//!   agent's credentials (`[origin]` in the config), and are cached briefly.
+//! - Blobs come through Shoal: the mirror asks the coordinator to distribute the blob to
+//!   this agent, with the upstream as its origin, and streams it to the client in order as
+//!   verified chunks arrive (see `mirror/blobs.rs`).
+//!
+//! The upstream is the registry named by containerd's `?ns=` parameter, else
+//! `mirror.default_registry`.
+
+mod blobs;
+mod manifests;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use tokio::task::JoinHandle;
+
+use crate::agent::Shared;
+
+/// Settings of the mirror (`[mirror]` in the agent's config).
+#[derive(Clone, Debug, serde::Deserialize, serde::Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MirrorConfig {
+    /// Upstream registry when a request has no `?ns=` (skopeo and docker send none).
+    pub default_registry: String,
+    /// How long a manifest fetched by tag is served from the cache, milliseconds. By
+    /// digest, manifests are immutable and kept ten times longer.
+    pub manifest_cache_ttl_ms: u64,
+    /// If no byte of a blob arrives from peers for this long, the rest is fetched from the
+    /// upstream directly (logged, and counted in `shoal_mirror_fallbacks_total`).
+    pub fallback_after_ms: u64,
+}
+
+impl Default for MirrorConfig {
+    fn default() -> Self {
+        Self {
+            default_registry: "docker.io".into(),
+            manifest_cache_ttl_ms: 30_000,
+            fallback_after_ms: 30_000,
+        }
+    }
+}
+
+impl MirrorConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if !valid_registry(&self.default_registry) {
+            return Err(format!(
+                "mirror.default_registry: {:?} is not a registry host[:port]",
+                self.default_registry
+            ));
+        }
+        if self.fallback_after_ms == 0 {
+            return Err("mirror.fallback_after_ms: must be positive".into());
+        }
+        Ok(())
+    }
+}
+
+/// A registry host as in image references: `host[:port]`, no scheme, no path.
+fn valid_registry(host: &str) -> bool {
+    !host.is_empty()
+        && host.len() <= 255
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']'))
+}
+
+#[derive(Clone)]
+pub(crate) struct Mirror {
+    shared: Arc<Shared>,
+    manifests: Arc<Mutex<HashMap<manifests::Key, manifests::Cached>>>,
+}
+
+/// Binds `addr` and serves the mirror until the agent shuts down. Returns the bound address.
+pub(crate) async fn serve(
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let mut stop = shared.shutdown.clone();
+    let mirror = Mirror {
+        shared,
+        manifests: Arc::default(),
+    };
+    let app = Router::new()
+        .route("/v2/", get(base))
+        .route("/v2", get(base))
+        .route("/v2/{*rest}", any(dispatch))
+        .fallback(|| async {
+            error(
+                StatusCode::NOT_FOUND,
+                "NOT_FOUND",
+                "not an OCI registry path",
+            )
+        })
+        .with_state(mirror);
+    tracing::info!(%bound, "OCI registry mirror listening");
+    let task = tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { crate::agent::stopped(&mut stop).await })
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "mirror server failed");
+        }
+    });
+    Ok((bound, task))
+}
+
+async fn base() -> Response {
+    let mut r = (StatusCode::OK, "{}").into_response();
+    api_headers(r.headers_mut());
+    r
+}
+
+fn api_headers(h: &mut HeaderMap) {
+    h.insert(
+        "Docker-Distribution-API-Version",
+        HeaderValue::from_static("registry/2.0"),
+    );
+}
+
+/// An OCI error response: `{"errors":[{"code":..,"message":..}]}`.
+pub(crate) fn error(status: StatusCode, code: &str, message: &str) -> Response {
+    let body = serde_json::json!({"errors": [{"code": code, "message": message}]});
+    let mut r = (status, body.to_string()).into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    api_headers(r.headers_mut());
+    r
+}
+
+/// The upstream's failure as a response for the client.
+pub(crate) fn upstream_error(e: &shoal_origin::OriginError, unknown_code: &str) -> Response {
+    use shoal_origin::OriginError as E;
+    match e {
+        E::NotFound(m) => error(StatusCode::NOT_FOUND, unknown_code, m),
+        E::Unauthorized(m) => error(
+            StatusCode::FORBIDDEN,
+            "DENIED",
+            &format!("the upstream registry refused this agent's credentials: {m}"),
+        ),
+        other => error(
+            StatusCode::BAD_GATEWAY,
+            "UNAVAILABLE",
+            &format!("upstream registry: {other}"),
+        ),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct Params {
+    ns: Option<String>,
+}
+
+/// What a `/v2/<name>/...` path asks for.
+#[derive(Debug, PartialEq, Eq)]
+enum Target<'a> {
+    Manifest { name: &'a str, reference: &'a str },
+    Blob { name: &'a str, digest: &'a str },
+}
+
+/// Splits `<name>/manifests/<reference>` or `<name>/blobs/<digest>`; the name may have
+/// several components. None for any other path (uploads, tags/list, referrers).
+fn parse_target(rest: &str) -> Option<Target<'_>> {
+    if let Some((name, reference)) = rest.rsplit_once("/manifests/") {
+        return (!reference.contains('/')).then_some(Target::Manifest { name, reference });
+    }
+    if let Some((name, digest)) = rest.rsplit_once("/blobs/") {
+        return (!digest.contains('/')).then_some(Target::Blob { name, digest });
+    }
+    None
+}
+
+async fn dispatch(
+    State(mirror): State<Mirror>,
+    method: Method,
+    Path(rest): Path<String>,
+    Query(params): Query<Params>,
+    headers: HeaderMap,
+) -> Response {
+    if method != Method::GET && method != Method::HEAD {
+        return error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "UNSUPPORTED",
+            "this is a pull-through mirror: only GET and HEAD are served",
+        );
+    }
+    let Some(target) = parse_target(&rest) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "UNSUPPORTED",
+            &format!("/v2/{rest}: the mirror serves manifests and blobs only"),
+        );
+    };
+    let registry = match params.ns.as_deref() {
+        Some(ns) if valid_registry(ns) => ns.to_string(),
+        Some(ns) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "NAME_INVALID",
+                &format!("ns={ns:?} is not a registry host[:port]"),
+            );
+        }
+        None => mirror.shared.config.mirror.default_registry.clone(),
+    };
+    let name = match target {
+        Target::Manifest { name, .. } | Target::Blob { name, .. } => name,
+    };
+    if let Err(e) = shoal_origin::validate_repository(name) {
+        return error(StatusCode::BAD_REQUEST, "NAME_INVALID", &e.to_string());
+    }
+    let head = method == Method::HEAD;
+    let mut response = match target {
+        Target::Manifest { name, reference } => {
+            manifests::serve(&mirror, &registry, name, reference, &headers, head).await
+        }
+        Target::Blob { name, digest } => {
+            blobs::serve(&mirror, &registry, name, digest, &headers, head).await
+        }
+    };
+    api_headers(response.headers_mut());
+    response
+}
+
+/// A streamed body fed by a task: `Ok` pieces, or an error that cuts the response short
+/// (the client sees a truncated body, never wrong bytes presented as whole).
+pub(crate) fn channel_body() -> (
+    tokio::sync::mpsc::Sender<Result<bytes::Bytes, std::io::Error>>,
+    Body,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    (
+        tx,
+        Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx)),
+    )
+}
+
+pub(crate) fn ms(v: u64) -> Duration {
+    Duration::from_millis(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_split_multi_component_names() {
+        assert_eq!(
+            parse_target("library/ubuntu/manifests/22.04"),
+            Some(Target::Manifest {
+                name: "library/ubuntu",
+                reference: "22.04"
+            })
+        );
+        assert_eq!(
+            parse_target("a/b/c/blobs/sha256:00"),
+            Some(Target::Blob {
+                name: "a/b/c",
+                digest: "sha256:00"
+            })
+        );
+        assert_eq!(parse_target("a/blobs/uploads/"), None);
+        assert_eq!(parse_target("a/tags/list"), None);
+    }
+
+    #[test]
+    fn registries_are_host_and_port_only() {
+        assert!(valid_registry("127.0.0.1:5000"));
+        assert!(valid_registry("docker.io"));
+        assert!(!valid_registry("http://x"));
+        assert!(!valid_registry("a/b"));
+        assert!(!valid_registry(""));
+    }
+}

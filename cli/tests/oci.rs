@@ -1,0 +1,474 @@
+//! Container images and model files through Shoal, with the real tools: the CNCF registry
+//! (`docker-registry`) as the upstream, `skopeo` and `containerd` as clients, Python's
+//! `http.server` as a model file origin, and real `shoal` processes (coordinator, four
+//! agents with their OCI mirrors). Every tool is installed by `scripts/test-all.sh`; a
+//! missing one fails the test with the command that installs it.
+//!
+//! These are the slowest tests of the suite after the simulator's (each starts a registry
+//! and a cluster): about 10–30 s each.
+
+#[path = "cluster/harness.rs"]
+mod harness;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use harness::{Cluster, read};
+use shoal_proto::pb::v1 as pb;
+use shoal_tests::oci_image::{self, BuiltImage, ImageSpec};
+use shoal_tests::registry::{Registry, http_get};
+
+/// Agents and coordinator configured for a plain-HTTP registry on loopback.
+fn configs(registry: &str, manifest_cap: Option<u64>) -> (String, String) {
+    let origin = format!(
+        "[origin]\n{}\n[[origin.registries]]\nhost = \"{registry}\"\nplain_http = true\n",
+        manifest_cap.map_or(String::new(), |c| format!("manifest_max_bytes = {c}"))
+    );
+    let agent = format!(
+        "chunk_size = 262144\n\n[mirror]\ndefault_registry = \"{registry}\"\nfallback_after_ms = 20000\n\n{origin}"
+    );
+    (origin, agent)
+}
+
+struct Setup {
+    registry: Registry,
+    cluster: Cluster,
+    _layouts: tempfile::TempDir,
+}
+
+async fn setup(agents: usize, manifest_cap: Option<u64>) -> Result<Setup> {
+    let registry = Registry::start()?;
+    let (coordinator_toml, agent_toml) = configs(&registry.host(), manifest_cap);
+    let cluster =
+        Cluster::start_configured(agents, &[], 10_000, &coordinator_toml, &agent_toml).await?;
+    Ok(Setup {
+        registry,
+        cluster,
+        _layouts: tempfile::tempdir()?,
+    })
+}
+
+impl Setup {
+    /// Builds the sample image `seed` and pushes it as `<repository>:<tag>`.
+    fn image(&self, repository: &str, tag: &str, seed: u64) -> Result<Image> {
+        let layout = (self._layouts.path()).join(format!("{repository}-{tag}").replace('/', "_"));
+        let built = oci_image::build_layout(&layout, &ImageSpec::sample(tag, seed))?;
+        oci_image::push_to_registry(&layout, tag, &self.registry.host(), repository)?;
+        Ok(Image { built, layout })
+    }
+
+    /// Blob GETs the upstream served for `repository`, by digest, and their bytes.
+    fn upstream_blob_gets(&self, repository: &str) -> (BTreeMap<String, usize>, u64) {
+        let prefix = format!("/v2/{repository}/blobs/");
+        let mut gets = BTreeMap::new();
+        let mut bytes = 0;
+        for e in self.registry.access_log() {
+            if e.method == "GET" && e.status / 100 == 2 {
+                if let Some(d) = e.path.strip_prefix(&prefix) {
+                    *gets.entry(d.to_string()).or_default() += 1;
+                    bytes += e.bytes;
+                }
+            }
+        }
+        (gets, bytes)
+    }
+
+    fn agent_logs(&self) -> String {
+        (self.cluster.agents.iter())
+            .map(|a| read(&a.proc.log))
+            .collect::<Vec<_>>()
+            .join("\n---\n")
+    }
+}
+
+struct Image {
+    built: BuiltImage,
+    layout: std::path::PathBuf,
+}
+
+impl Image {
+    /// A blob's bytes, from the layout.
+    fn blob(&self, digest: &str) -> Vec<u8> {
+        let hex = digest.trim_start_matches("sha256:");
+        std::fs::read(self.layout.join("blobs/sha256").join(hex)).expect("blob in the layout")
+    }
+}
+
+/// The image's blobs (config and layers): digest → size.
+fn blobs(image: &Image) -> BTreeMap<String, u64> {
+    let mut out: BTreeMap<String, u64> = image.built.layers.iter().cloned().collect();
+    let config = image.blob(&image.built.config_digest).len() as u64;
+    out.insert(image.built.config_digest.clone(), config);
+    out
+}
+
+/// `skopeo copy` through a mirror into a fresh directory; returns its files' digests.
+fn pull_through(
+    mirror: std::net::SocketAddr,
+    image: &str,
+    dest: &Path,
+) -> Result<BTreeMap<String, String>> {
+    oci_image::skopeo_copy_to_dir(&format!("docker://{mirror}/{image}"), dest, &[])?;
+    oci_image::dir_file_digests(dest)
+}
+
+/// Every blob of the image is in the copy, bit for bit.
+fn check_copy(copy: &BTreeMap<String, String>, image: &Image) -> Result<()> {
+    for digest in blobs(image).keys() {
+        let hex = digest.trim_start_matches("sha256:");
+        ensure!(
+            copy.get(hex) == Some(digest),
+            "blob {digest} missing or different in the copy: {copy:?}"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skopeo_through_the_mirrors_fetches_each_blob_from_upstream_once() -> Result<()> {
+    let s = setup(4, None).await?;
+    let image = s.image("team/app", "v1", 1)?;
+    let out = tempfile::tempdir()?;
+
+    // One after the other through A and B: B's blobs come from A, not the upstream.
+    let a = pull_through(
+        s.cluster.agents[0].mirror,
+        "team/app:v1",
+        &out.path().join("a"),
+    )
+    .with_context(|| s.agent_logs())?;
+    let b = pull_through(
+        s.cluster.agents[1].mirror,
+        "team/app:v1",
+        &out.path().join("b"),
+    )
+    .with_context(|| s.agent_logs())?;
+    check_copy(&a, &image)?;
+    assert_eq!(a, b, "the two pulls differ");
+    let (gets, _) = s.upstream_blob_gets("team/app");
+    for digest in blobs(&image).keys() {
+        assert_eq!(
+            gets.get(digest),
+            Some(&1),
+            "upstream GETs of {digest}: {gets:?}"
+        );
+    }
+    let b_agent = &s.cluster.agents[1];
+    let from_peers = b_agent.metric("shoal_mirror_bytes_total{source=\"peers\"")?;
+    let total: u64 = blobs(&image).values().sum();
+    assert_eq!(
+        from_peers as u64, total,
+        "B's mirror served every byte from peers"
+    );
+    assert_eq!(b_agent.metric("shoal_mirror_fallbacks_total")?, 0.0);
+
+    // A second image through all four mirrors at once: still one upstream fetch per blob.
+    let image = s.image("team/other", "v2", 2)?;
+    let mut pulls = Vec::new();
+    for (i, agent) in s.cluster.agents.iter().enumerate() {
+        let mirror = agent.mirror;
+        let dest = out.path().join(format!("c{i}"));
+        pulls.push(std::thread::spawn(move || {
+            pull_through(mirror, "team/other:v2", &dest)
+        }));
+    }
+    let copies: Vec<_> = pulls
+        .into_iter()
+        .map(|p| p.join().expect("pull thread"))
+        .collect::<Result<_>>()
+        .with_context(|| s.agent_logs())?;
+    for copy in &copies {
+        check_copy(copy, &image)?;
+    }
+    let (gets, bytes) = s.upstream_blob_gets("team/other");
+    for digest in blobs(&image).keys() {
+        assert_eq!(
+            gets.get(digest),
+            Some(&1),
+            "upstream GETs of {digest}: {gets:?}"
+        );
+    }
+    let unique: u64 = blobs(&image).values().sum();
+    let ratio = bytes as f64 / unique as f64;
+    eprintln!("4 concurrent pulls: upstream blob bytes / unique bytes = {ratio:.3}");
+    assert!(ratio <= 1.05, "upstream bytes {bytes} for {unique} unique");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preheated_image_reaches_containerd_through_the_mirror_not_the_upstream() -> Result<()> {
+    let s = setup(3, None).await?;
+    let image = s.image("team/svc", "v3", 3)?;
+    let reference = format!("{}/team/svc:v3", s.registry.host());
+
+    // Preheat to every agent with the CLI, which follows the job to the end.
+    let out = harness::shoal()
+        .args([
+            "preheat",
+            &reference,
+            "--to",
+            "all",
+            "--coordinator",
+            &s.cluster.url(),
+        ])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "preheat failed: {}\ncoordinator: {}\nagents: {}",
+        String::from_utf8_lossy(&out.stderr),
+        read(&s.cluster.coordinator.log),
+        s.agent_logs()
+    );
+    let (gets, _) = s.upstream_blob_gets("team/svc");
+    for digest in blobs(&image).keys() {
+        assert_eq!(
+            gets.get(digest),
+            Some(&1),
+            "upstream GETs of {digest}: {gets:?}"
+        );
+    }
+
+    // containerd, pointed at agent 0's mirror by `shoal containerd-config`.
+    let hosts = tempfile::tempdir()?;
+    let mirror = format!("http://{}", s.cluster.agents[0].mirror);
+    let out = harness::shoal()
+        .args([
+            "containerd-config",
+            "--registry",
+            &s.registry.host(),
+            "--mirror",
+            &mirror,
+        ])
+        .arg("--dir")
+        .arg(hosts.path())
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let containerd = shoal_tests::containerd::Containerd::start()?;
+    containerd
+        .pull(
+            &reference,
+            hosts.path(),
+            shoal_tests::containerd::DEFAULT_SNAPSHOTTER,
+        )
+        .with_context(|| format!("containerd log:\n{}", containerd.log()))?;
+    assert!(
+        containerd.images()?.iter().any(|i| i == &reference),
+        "{:?}",
+        containerd.images()
+    );
+    // The bytes came through Shoal: no blob GET from containerd reached the upstream, and
+    // the agent's mirror served every blob from its store.
+    let direct: Vec<_> = (s.registry.access_log().into_iter())
+        .filter(|e| e.path.contains("/blobs/") && e.user_agent.contains("containerd"))
+        .collect();
+    assert!(
+        direct.is_empty(),
+        "containerd went to the upstream: {direct:?}"
+    );
+    let (gets_after, _) = s.upstream_blob_gets("team/svc");
+    assert_eq!(gets, gets_after, "the pull fetched from the upstream again");
+    let local = s.cluster.agents[0].metric("shoal_mirror_bytes_total{source=\"local\"")?;
+    let layers: u64 = image.built.layers.iter().map(|(_, n)| n).sum();
+    assert!(
+        local as u64 >= layers,
+        "mirror served {local} bytes, layers are {layers}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_oci_errors_and_nothing_is_stored() -> Result<()> {
+    let s = setup(1, Some(300)).await?;
+    let image = s.image("team/app", "v1", 4)?;
+    let mirror = s.cluster.agents[0].mirror.to_string();
+    let code = |r: &shoal_tests::registry::HttpResponse| -> String {
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_default();
+        v["errors"][0]["code"].as_str().unwrap_or("").to_string()
+    };
+    let unknown = format!("sha256:{}", "ab".repeat(32));
+
+    let r = http_get(&mirror, &format!("/v2/team/app/blobs/{unknown}"), &[])?;
+    assert_eq!(
+        (r.status, code(&r).as_str()),
+        (404, "BLOB_UNKNOWN"),
+        "{r:?}"
+    );
+    let r = http_get(&mirror, "/v2/team/../etc/blobs/sha256:00", &[])?;
+    assert_eq!(
+        (r.status, code(&r).as_str()),
+        (400, "NAME_INVALID"),
+        "{r:?}"
+    );
+    let r = http_get(&mirror, "/v2/Team_App!/manifests/v1", &[])?;
+    assert_eq!(
+        (r.status, code(&r).as_str()),
+        (400, "NAME_INVALID"),
+        "{r:?}"
+    );
+    let r = http_get(&mirror, "/v2/team/app/blobs/sha256:xyz", &[])?;
+    assert_eq!(
+        (r.status, code(&r).as_str()),
+        (400, "DIGEST_INVALID"),
+        "{r:?}"
+    );
+
+    // The manifest is larger than the 300-byte cap of this cluster.
+    let r = http_get(&mirror, "/v2/team/app/manifests/v1", &[])?;
+    assert_eq!(r.status, 502, "{r:?}");
+    let body = String::from_utf8_lossy(&r.body);
+    assert!(body.contains("300"), "the error names the limit: {body}");
+
+    // A range of a layer, served through Shoal.
+    let (layer, size) = image.built.layers[1].clone();
+    let r = http_get(
+        &mirror,
+        &format!("/v2/team/app/blobs/{layer}"),
+        &[("Range", "bytes=1000-1999")],
+    )?;
+    assert_eq!(r.status, 206, "{r:?}");
+    assert_eq!(
+        r.header("content-range"),
+        Some(format!("bytes 1000-1999/{size}").as_str())
+    );
+    let whole = image.blob(&layer);
+    assert_eq!(r.body, whole[1000..2000], "the range's bytes");
+
+    // An upstream that is down: 502 with a message, and no blob appears anywhere.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        l.local_addr()?.to_string()
+    };
+    let r = http_get(
+        &mirror,
+        &format!("/v2/team/app/blobs/{unknown}?ns={dead}"),
+        &[],
+    )?;
+    assert_eq!(r.status, 502, "{r:?}");
+    let body = String::from_utf8_lossy(&r.body);
+    assert!(body.contains(&dead), "the error names the upstream: {body}");
+    let listed = (s.cluster.client().await?)
+        .list_blobs(pb::ListBlobsRequest::default())
+        .await?
+        .into_inner();
+    assert!(
+        listed.blobs.iter().all(|b| b.digest != unknown),
+        "{listed:?}"
+    );
+    Ok(())
+}
+
+/// Python's http.server on loopback serving `dir`, its request log in a file.
+struct HttpServer {
+    child: std::process::Child,
+    port: u16,
+    log: std::path::PathBuf,
+}
+
+impl HttpServer {
+    fn start(dir: &Path) -> Result<Self> {
+        let python = shoal_tests::tools::require("python3", "python3");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let log = dir.join("http.log");
+        let child = Command::new(python)
+            .args([
+                "-m",
+                "http.server",
+                "--bind",
+                "127.0.0.1",
+                &port.to_string(),
+            ])
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()?;
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if started.elapsed() > Duration::from_secs(10) {
+                bail!("http.server did not start: {}", read(&log));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(Self { child, port, log })
+    }
+
+    fn gets(&self, path: &str) -> usize {
+        read(&self.log)
+            .lines()
+            .filter(|l| l.contains(&format!("\"GET {path} ")))
+            .count()
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_file_reaches_four_agents_with_one_upstream_fetch() -> Result<()> {
+    let cluster = Cluster::start_configured(4, &[], 10_000, "", "chunk_size = 262144\n").await?;
+    let files = tempfile::tempdir()?;
+    let model = harness::random_file(files.path(), "model.safetensors", 3 << 20, 11)?;
+    let content = std::fs::read(&model)?;
+    let digest = shoal_proto::Digest::of(&content).to_string();
+    let server = HttpServer::start(files.path())?;
+    let url = format!("http://127.0.0.1:{}/model.safetensors", server.port);
+
+    let out = harness::shoal()
+        .args(["distribute", &digest, "--from-url", &url, "--to", "all"])
+        .args(["--coordinator", &cluster.url()])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "distribute failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        read(&cluster.coordinator.log)
+    );
+    assert_eq!(
+        server.gets("/model.safetensors"),
+        1,
+        "{}",
+        read(&server.log)
+    );
+
+    // A pull by URL and digest on an agent that holds it: no new fetch, same bytes.
+    let dest = files.path().join("pulled");
+    let out = harness::shoal()
+        .args(["pull", &url, "--digest", &digest, "-o"])
+        .arg(&dest)
+        .arg("--socket")
+        .arg(cluster.agents[3].socket())
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(&dest)?, content);
+    assert_eq!(server.gets("/model.safetensors"), 1);
+
+    // A URL whose content does not match the digest given: a clear failure, nothing kept.
+    let wrong = format!("sha256:{}", "cd".repeat(32));
+    let out = harness::shoal()
+        .args(["pull", &url, "--digest", &wrong, "-o"])
+        .arg(files.path().join("wrong"))
+        .arg("--socket")
+        .arg(cluster.agents[0].socket())
+        .output()?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("hashes to") || err.contains(&digest), "{err}");
+    assert!(!files.path().join("wrong").exists());
+    Ok(())
+}
