@@ -102,6 +102,8 @@ pub(crate) struct Shared {
     pub origin: shoal_origin::Client,
     /// Blobs this agent is seeding from their origin right now.
     pub ingests: crate::ingest::Ingests,
+    /// Where in-order readers (mirror clients) of blobs being fetched are.
+    pub readers: crate::mirror::Readers,
 }
 
 impl Shared {
@@ -464,6 +466,7 @@ fn assemble(
         shutdown,
         origin,
         ingests: Default::default(),
+        readers: Default::default(),
         config,
     });
     (shared, outbox_rx)

@@ -259,6 +259,9 @@ impl Download<'_> {
     fn fill(&mut self) -> Option<Instant> {
         let now = Instant::now();
         let mut wake: Option<Instant> = None;
+        let reader = self.shared.readers.position(&self.manifest.digest());
+        self.picker
+            .set_sequential(reader.map(shoal_proto::ChunkIndex));
         for key in 0..self.sources.len() {
             let Some(source) = &mut self.sources[key] else {
                 continue;

@@ -251,6 +251,65 @@ pub(crate) fn channel_body() -> (
     )
 }
 
+/// The chunk each blob's in-order readers wait for (the lowest, when several read one
+/// blob), so that its download fetches those chunks first (`ChunkPicker::set_sequential`).
+#[derive(Debug, Default)]
+pub(crate) struct Readers {
+    table: Mutex<HashMap<shoal_proto::Digest, Vec<(u64, u32)>>>,
+    next_id: std::sync::atomic::AtomicU64,
+}
+
+impl Readers {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<shoal_proto::Digest, Vec<(u64, u32)>>> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn position(&self, blob: &shoal_proto::Digest) -> Option<u32> {
+        self.lock().get(blob)?.iter().map(|(_, c)| *c).min()
+    }
+
+    /// Registers a reader at `chunk`; the guard moves it on and removes it when dropped.
+    pub(crate) fn enter(&self, blob: shoal_proto::Digest, chunk: u32) -> Reader<'_> {
+        let id = self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.lock().entry(blob).or_default().push((id, chunk));
+        Reader {
+            readers: self,
+            blob,
+            id,
+        }
+    }
+}
+
+pub(crate) struct Reader<'a> {
+    readers: &'a Readers,
+    blob: shoal_proto::Digest,
+    id: u64,
+}
+
+impl Reader<'_> {
+    pub(crate) fn at(&self, chunk: u32) {
+        if let Some(list) = self.readers.lock().get_mut(&self.blob) {
+            for r in list.iter_mut().filter(|r| r.0 == self.id) {
+                r.1 = chunk;
+            }
+        }
+    }
+}
+
+impl Drop for Reader<'_> {
+    fn drop(&mut self) {
+        let mut table = self.readers.lock();
+        if let Some(list) = table.get_mut(&self.blob) {
+            list.retain(|r| r.0 != self.id);
+            if list.is_empty() {
+                table.remove(&self.blob);
+            }
+        }
+    }
+}
+
 pub(crate) fn ms(v: u64) -> Duration {
     Duration::from_millis(v)
 }

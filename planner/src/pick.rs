@@ -104,7 +104,12 @@ pub struct ChunkPicker {
     sources: BTreeMap<HostId, Source>,
     picks: u32,
     stats: PickerStats,
+    /// A reader streams the blob in order from this chunk (see `set_sequential`).
+    sequential: Option<ChunkIndex>,
 }
+
+/// How many missing chunks ahead of an in-order reader go before any other pick.
+pub const SEQUENTIAL_AHEAD: u32 = 8;
 
 impl ChunkPicker {
     /// `have` is what is already verified locally; its length is the blob's chunk count.
@@ -120,8 +125,17 @@ impl ChunkPicker {
             sources: BTreeMap::new(),
             picks: 0,
             stats: PickerStats::default(),
+            sequential: None,
             have,
         }
+    }
+
+    /// A reader (the OCI mirror streaming to a client) waits for the chunks from `from` on,
+    /// in order: the first [`SEQUENTIAL_AHEAD`] missing ones go before rarest-first, from
+    /// any source that holds them, so the reader's first byte need not wait for the rest of
+    /// the blob. `None`: nobody reads in order.
+    pub fn set_sequential(&mut self, from: Option<ChunkIndex>) {
+        self.sequential = from;
     }
 
     /// Adds (or replaces) a source with the chunks it announced.
@@ -222,7 +236,16 @@ impl ChunkPicker {
         } else {
             &masks[1..]
         };
-        let pick = if self.picks < self.config.random_first {
+        let sequential = self.sequential.and_then(|from| {
+            (from.get()..self.have.len())
+                .map(ChunkIndex)
+                .filter(|i| !self.have.contains(*i))
+                .take(SEQUENTIAL_AHEAD as usize)
+                .find(|i| !self.in_flight_bits.contains(*i) && s.has.contains(*i))
+        });
+        let pick = if sequential.is_some() {
+            sequential
+        } else if self.picks < self.config.random_first {
             let (have, busy) = (self.have.words(), self.in_flight_bits.words());
             let rng = &mut self.rng;
             masks

@@ -252,6 +252,8 @@ impl Pull {
         }
         let fallback_after = ms(shared.config.mirror.fallback_after_ms);
         let mut last_progress = Instant::now();
+        // Tells the download which chunks this client needs next (in-order streaming).
+        let reader = shared.readers.enter(digest, 0);
         while pos <= end {
             // 1. The chunk is in the store: verified bytes.
             if let Some(manifest) = shared.store.manifest(&digest) {
@@ -259,6 +261,7 @@ impl Pull {
                     hold = shared.store.hold(&digest).ok();
                 }
                 let chunk = (pos / u64::from(manifest.chunk_size())) as u32;
+                reader.at(chunk);
                 let index = ChunkIndex(chunk);
                 if shared.store.has_chunk(&digest, index) {
                     let store = shared.store.clone();

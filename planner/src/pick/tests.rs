@@ -375,3 +375,23 @@ fn a_chunk_whose_rarity_rose_in_flight_returns_to_the_pool() {
     p.on_chunk_failed(Time::ZERO, A, ChunkIndex(0));
     assert_eq!(p.next_request(Time::ZERO, B), Some(ChunkIndex(0)));
 }
+
+#[test]
+fn an_in_order_reader_gets_its_next_chunks_first() {
+    let n = 64;
+    let mut have = ChunkSet::empty(n);
+    have.insert(ChunkIndex(10));
+    let mut p = ChunkPicker::new(have, 3, config(4));
+    p.add_source(A, ChunkSet::full(n));
+    p.set_sequential(Some(ChunkIndex(8)));
+    // 8, 9, then 11 and 12 (10 is held): the reader's next chunks, in order.
+    assert_eq!(drain(&mut p, A), vec![8, 9, 11, 12]);
+    p.set_sequential(None);
+    let mut q = ChunkPicker::new(ChunkSet::empty(n), 3, config(4));
+    q.add_source(A, ChunkSet::full(n));
+    assert_ne!(
+        drain(&mut q, A),
+        vec![0, 1, 2, 3],
+        "without a reader, no order"
+    );
+}
