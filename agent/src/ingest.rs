@@ -25,6 +25,23 @@ use tokio::sync::watch;
 use crate::agent::Shared;
 use crate::order::Failure;
 
+/// Bytes written to the part file between two flushes that let readers see them.
+const PUBLISH_EVERY: u64 = 256 << 10;
+
+/// Flushes the part file, then tells readers how much of it they may read.
+async fn publish(
+    file: &mut tokio::fs::File,
+    written: u64,
+    size: Option<u64>,
+    tx: &watch::Sender<IngestState>,
+) -> Result<(), OriginError> {
+    file.flush()
+        .await
+        .map_err(|e| OriginError::Unreachable(format!("writing the part file: {e}")))?;
+    tx.send_replace(IngestState::Writing { written, size });
+    Ok(())
+}
+
 /// Attempts per seed order; after the first, each resumes where the last one stopped.
 const ATTEMPTS: u32 = 3;
 const RETRY_AFTER: Duration = Duration::from_millis(500);
@@ -184,6 +201,7 @@ async fn fetch(
     let mut builder = ManifestBuilder::new(shared.config.chunk_size)
         .map_err(|e| Failure::new(FailureReason::Internal, e.to_string()))?;
     let mut written = 0u64;
+    let mut published = 0u64;
     let mut size = None;
     let mut attempt = 0;
     loop {
@@ -218,8 +236,15 @@ async fn fetch(
                 written += bytes.len() as u64;
                 metrics::counter!(crate::metrics::BYTES_IN, "source" => crate::metrics::SOURCE_ORIGIN)
                     .increment(bytes.len() as u64);
-                tx.send_replace(IngestState::Writing { written, size });
+                // Readers of the part file (the mirror) may only see flushed bytes: a tokio
+                // File hands writes to a background thread and they land later.
+                if written - published >= PUBLISH_EVERY {
+                    publish(&mut file, written, size, tx).await?;
+                    published = written;
+                }
             }
+            publish(&mut file, written, size, tx).await?;
+            published = written;
             Ok(())
         };
         match read.await {

@@ -28,17 +28,11 @@ pub(super) async fn pull(
 ) -> Result<ReceiverStream<Result<pb::PullProgress, Status>>, Status> {
     let url = (!request.url.is_empty()).then(|| request.url.clone());
     if let Some(url) = &url {
-        let origin = pb::Origin {
-            origin: Some(pb::origin::Origin::Http(pb::HttpOrigin {
-                url: url.clone(),
-                headers: Default::default(),
-            })),
-        };
-        let digest = request
-            .digest
-            .parse::<Digest>()
-            .unwrap_or(Digest::from_bytes([0; 32]));
-        shoal_coordinator_check(&digest, &origin)?;
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(Status::invalid_argument(format!(
+                "url {url:?} is not an absolute http(s) URL"
+            )));
+        }
     }
     if request.digest.is_empty() && url.is_none() {
         return Err(Status::invalid_argument("digest or url is required"));
@@ -280,20 +274,6 @@ async fn check_job(
             t.message
         ))),
         None => Ok(()),
-    }
-}
-
-/// A URL the coordinator would refuse, refused here first with the same message.
-fn shoal_coordinator_check(digest: &Digest, origin: &pb::Origin) -> Result<(), Status> {
-    match &origin.origin {
-        Some(pb::origin::Origin::Http(h))
-            if h.url.starts_with("http://") || h.url.starts_with("https://") =>
-        {
-            Ok(())
-        }
-        _ => Err(Status::invalid_argument(format!(
-            "url for {digest}: not an absolute http(s) URL"
-        ))),
     }
 }
 

@@ -468,7 +468,8 @@ impl Pull {
             let piece = piece.slice(..piece.len().min((want - sent) as usize));
             sent += piece.len() as u64;
             if !self.send(tx, piece, Source::Fallback).await {
-                break;
+                counts[Source::Fallback as usize] += sent;
+                return Ok(counts); // The client went away.
             }
             if sent >= want {
                 break;
