@@ -97,6 +97,18 @@ impl Drop for Registration<'_> {
     }
 }
 
+/// The directory of part files, beside the store (same filesystem), created if missing.
+async fn part_dir(shared: &Shared) -> Result<PathBuf, Failure> {
+    let dir = shared.config.data_dir.join("ingest");
+    tokio::fs::create_dir_all(&dir).await.map_err(|e| {
+        Failure::new(
+            FailureReason::IoError,
+            format!("creating {}: {e}", dir.display()),
+        )
+    })?;
+    Ok(dir)
+}
+
 /// Maps an origin's answer to what the coordinator should do: a definitive answer (the
 /// origin lacks the blob, or serves other bytes) fails every target; anything else lets
 /// another agent try.
@@ -132,13 +144,7 @@ pub(crate) async fn ingest(
         register(shared, &m, order);
         return Ok((m.size(), 0));
     }
-    let dir = shared.config.data_dir.join("ingest");
-    tokio::fs::create_dir_all(&dir).await.map_err(|e| {
-        Failure::new(
-            FailureReason::IoError,
-            format!("creating {}: {e}", dir.display()),
-        )
-    })?;
+    let dir = part_dir(shared).await?;
     let part = dir.join(format!("{}.{}.part", blob.hex(), order.order_id));
     let (tx, rx) = watch::channel(IngestState::Writing {
         written: 0,
@@ -294,13 +300,7 @@ pub(crate) async fn fetch_url(shared: &Arc<Shared>, url: &str) -> Result<Manifes
         url: url.to_string(),
         headers: Default::default(),
     });
-    let dir = shared.config.data_dir.join("ingest");
-    tokio::fs::create_dir_all(&dir).await.map_err(|e| {
-        Failure::new(
-            FailureReason::IoError,
-            format!("creating {}: {e}", dir.display()),
-        )
-    })?;
+    let dir = part_dir(shared).await?;
     let part = dir.join(format!("url-{:016x}.part", rand::random::<u64>()));
     let (tx, _rx) = watch::channel(IngestState::Writing {
         written: 0,
