@@ -32,6 +32,8 @@ type Tx = mpsc::Sender<Result<Bytes, std::io::Error>>;
 const PIECE: usize = 256 << 10;
 /// Longest wait between looks at the store when no notification comes.
 const POLL: std::time::Duration = std::time::Duration::from_millis(20);
+/// Wait between looks for the manifest, before the order has reached the store.
+const POLL_MANIFEST: std::time::Duration = std::time::Duration::from_millis(2);
 
 pub(super) async fn serve(
     mirror: &Mirror,
@@ -254,8 +256,13 @@ impl Pull {
         let mut last_progress = Instant::now();
         // Tells the download which chunks this client needs next (in-order streaming).
         let reader = shared.readers.enter(digest, 0);
+        let mut arrivals = None;
         while pos <= end {
             // 1. The chunk is in the store: verified bytes.
+            // Subscribed before looking, so a chunk landing in between is not missed.
+            if arrivals.is_none() {
+                arrivals = shared.store.subscribe(&digest);
+            }
             if let Some(manifest) = shared.store.manifest(&digest) {
                 if hold.is_none() {
                     hold = shared.store.hold(&digest).ok();
@@ -313,11 +320,11 @@ impl Pull {
                 let why = format!("no data from peers for {} ms", fallback_after.as_millis());
                 return self.fallback(pos, end, tx, counts, &why).await;
             }
-            match shared.store.subscribe(&digest) {
-                Some(mut arrivals) => {
+            match arrivals.as_mut() {
+                Some(arrivals) => {
                     let _ = tokio::time::timeout(POLL, arrivals.recv()).await;
                 }
-                None => tokio::time::sleep(POLL).await,
+                None => tokio::time::sleep(POLL_MANIFEST).await,
             }
         }
         Ok(counts)

@@ -148,6 +148,13 @@ fn image(dir: &std::path::Path, tag: &str, seed: u64, layer_mib: u64) -> Result<
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> Result<()> {
     let args = Args::parse();
+    // SHOAL_LOG=info shows where the time of a pull goes.
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG") {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let registry = Registry::start()?;
     let host = registry.host();
     let work = tempfile::tempdir()?;
@@ -171,6 +178,16 @@ async fn main() -> Result<()> {
         anyhow::ensure!(n == size, "upstream sent {n} of {size}");
         upstream.push(t);
         for (list, agent) in [(&mut seeded, 0usize), (&mut peer, 1)] {
+            if agent == 1 {
+                // "Already on a peer": wait until the seeder has stored and registered it.
+                let digest: shoal_proto::Digest = layer.parse()?;
+                let started = Instant::now();
+                while !c.agents[0].store().is_complete(&digest) {
+                    anyhow::ensure!(started.elapsed() < Duration::from_secs(30), "seed stuck");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
             let addr = c.agents[agent].mirror_addr().context("mirror")?;
             let path = path.clone();
             let (t, n) = tokio::task::spawn_blocking(move || timed_get(addr, &path)).await??;
