@@ -22,13 +22,13 @@ use shoal_tests::oci_image::{self, BuiltImage, ImageSpec};
 use shoal_tests::registry::{Registry, http_get};
 
 /// Agents and coordinator configured for a plain-HTTP registry on loopback.
-fn configs(registry: &str, manifest_cap: Option<u64>) -> (String, String) {
+fn configs_with(registry: &str, manifest_cap: Option<u64>, fallback_ms: u64) -> (String, String) {
     let origin = format!(
         "[origin]\n{}\n[[origin.registries]]\nhost = \"{registry}\"\nplain_http = true\n",
         manifest_cap.map_or(String::new(), |c| format!("manifest_max_bytes = {c}"))
     );
     let agent = format!(
-        "chunk_size = 262144\n\n[mirror]\ndefault_registry = \"{registry}\"\nfallback_after_ms = 20000\n\n{origin}"
+        "chunk_size = 262144\n\n[mirror]\ndefault_registry = \"{registry}\"\nfallback_after_ms = {fallback_ms}\n\n{origin}"
     );
     (origin, agent)
 }
@@ -40,8 +40,12 @@ struct Setup {
 }
 
 async fn setup(agents: usize, manifest_cap: Option<u64>) -> Result<Setup> {
+    setup_with(agents, manifest_cap, 20_000).await
+}
+
+async fn setup_with(agents: usize, manifest_cap: Option<u64>, fallback_ms: u64) -> Result<Setup> {
     let registry = Registry::start()?;
-    let (coordinator_toml, agent_toml) = configs(&registry.host(), manifest_cap);
+    let (coordinator_toml, agent_toml) = configs_with(&registry.host(), manifest_cap, fallback_ms);
     let cluster =
         Cluster::start_configured(agents, &[], 10_000, &coordinator_toml, &agent_toml).await?;
     Ok(Setup {
@@ -360,6 +364,64 @@ async fn bad_requests_get_oci_errors_and_nothing_is_stored() -> Result<()> {
     assert!(
         listed.blobs.iter().all(|b| b.digest != unknown),
         "{listed:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_peer_makes_the_mirror_fall_back_to_the_upstream() -> Result<()> {
+    let s = setup_with(2, None, 1_000).await?;
+    let image = s.image("team/app", "v1", 5)?;
+    let (layer, size) = image.built.layers[1].clone();
+    let path = format!("/v2/team/app/blobs/{layer}");
+    // Agent 0 seeds the layer, then freezes: alive to the coordinator for its lease (10 s),
+    // silent to peers.
+    let r = http_get(&s.cluster.agents[0].mirror.to_string(), &path, &[])?;
+    assert_eq!((r.status, r.body.len() as u64), (200, size));
+    let digest: shoal_proto::Digest = layer.parse()?;
+    let started = Instant::now();
+    loop {
+        let blob = (s.cluster.client().await?)
+            .get_blob(pb::GetBlobRequest {
+                digest: digest.to_string(),
+                include_manifest: false,
+            })
+            .await;
+        if blob.is_ok_and(|b| b.into_inner().blob.is_some_and(|b| b.complete_holders == 1)) {
+            break;
+        }
+        ensure!(
+            started.elapsed() < Duration::from_secs(10),
+            "seed never registered"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    s.cluster.agents[0].proc.signal("STOP")?;
+    let pulled = std::thread::spawn({
+        let mirror = s.cluster.agents[1].mirror.to_string();
+        move || http_get(&mirror, &path, &[])
+    })
+    .join()
+    .expect("pull thread");
+    s.cluster.agents[0].proc.signal("CONT")?;
+    let r = pulled?;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, image.blob(&layer), "the fallback's bytes");
+    let b = &s.cluster.agents[1];
+    assert_eq!(b.metric("shoal_mirror_fallbacks_total")?, 1.0);
+    assert_eq!(
+        b.metric("shoal_mirror_bytes_total{source=\"fallback\"")? as u64,
+        size
+    );
+    assert!(
+        read(&b.proc.log).contains("fetching from the upstream directly"),
+        "the fallback is logged"
+    );
+    let (gets, _) = s.upstream_blob_gets("team/app");
+    assert_eq!(
+        gets.get(&layer),
+        Some(&2),
+        "the seed and the fallback: {gets:?}"
     );
     Ok(())
 }

@@ -195,6 +195,13 @@ async fn main() -> Result<()> {
             list.push(t);
         }
     }
+    let ms = |v: &[Duration]| -> Vec<u64> { v.iter().map(|d| d.as_millis() as u64).collect() };
+    eprintln!(
+        "TTFB per round, ms: upstream {:?}, seeding {:?}, peer {:?}",
+        ms(&upstream),
+        ms(&seeded),
+        ms(&peer)
+    );
     let (u, s, p) = (median(upstream), median(seeded), median(peer));
     println!(
         "time to first byte of a {} MiB layer (median of {}):",

@@ -27,6 +27,16 @@ pub struct Proc {
 }
 
 impl Proc {
+    /// Freezes (SIGSTOP) or thaws (SIGCONT) the process: a peer that hangs without closing
+    /// its connections.
+    pub fn signal(&self, signal: &str) -> Result<()> {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()?;
+        anyhow::ensure!(status.success(), "kill -{signal} failed");
+        Ok(())
+    }
+
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
