@@ -534,3 +534,37 @@ async fn a_model_file_reaches_four_agents_with_one_upstream_fetch() -> Result<()
     assert!(!files.path().join("wrong").exists());
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_agents_pulling_a_url_without_digest_fetch_it_once() -> Result<()> {
+    let cluster = Cluster::start_configured(4, &[], 10_000, "", "chunk_size = 262144\n").await?;
+    let files = tempfile::tempdir()?;
+    let model = harness::random_file(files.path(), "model.bin", 5 << 20, 12)?;
+    let content = std::fs::read(&model)?;
+    let server = HttpServer::start(files.path())?;
+    let url = format!("http://127.0.0.1:{}/model.bin", server.port);
+    let pulls: Vec<_> = (cluster.agents.iter().enumerate())
+        .map(|(i, agent)| {
+            let mut cmd = harness::shoal();
+            cmd.args(["pull", &url, "-o"])
+                .arg(files.path().join(format!("out-{i}")))
+                .arg("--socket")
+                .arg(agent.socket());
+            std::thread::spawn(move || cmd.output())
+        })
+        .collect();
+    for (i, p) in pulls.into_iter().enumerate() {
+        let out = p.join().expect("pull thread")?;
+        ensure!(
+            out.status.success(),
+            "pull {i}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            std::fs::read(files.path().join(format!("out-{i}")))?,
+            content
+        );
+    }
+    assert_eq!(server.gets("/model.bin"), 1, "{}", read(&server.log));
+    Ok(())
+}

@@ -140,6 +140,16 @@ impl pb::coordinator_server::Coordinator for Api {
             .map(Response::new)
     }
 
+    async fn resolve_url(
+        &self,
+        req: GrpcRequest<pb::ResolveUrlRequest>,
+    ) -> Result<Response<pb::ResolveUrlResponse>, Status> {
+        let req = req.into_inner();
+        self.call(|r| Request::ResolveUrl(req, r))
+            .await
+            .map(Response::new)
+    }
+
     async fn preheat(
         &self,
         req: GrpcRequest<pb::PreheatRequest>,

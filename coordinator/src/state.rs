@@ -6,6 +6,7 @@ mod agents;
 mod catalog;
 mod job_ops;
 mod seeding;
+mod urls;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -71,6 +72,7 @@ pub enum Request {
     ListAgents(pb::ListAgentsRequest, Reply<pb::ListAgentsResponse>),
     ListBlobs(pb::ListBlobsRequest, Reply<pb::ListBlobsResponse>),
     GetBlob(pb::GetBlobRequest, Reply<pb::GetBlobResponse>),
+    ResolveUrl(pb::ResolveUrlRequest, Reply<pb::ResolveUrlResponse>),
 }
 
 /// Settings the state task needs.
@@ -113,6 +115,8 @@ pub struct State {
     orders: BTreeMap<(HostId, Digest), Order>,
     /// Blobs being brought in from their origin (see `seeding.rs`).
     seeding: BTreeMap<Digest, seeding::Seeding>,
+    /// URLs pulled without a digest (see `urls.rs`).
+    urls: urls::Urls,
     next_order: u64,
     watchers: HashMap<String, Vec<Watcher>>,
     /// Jobs changed since the last write (see `persist`).
@@ -163,6 +167,7 @@ impl State {
             wants: BTreeMap::new(),
             orders: BTreeMap::new(),
             seeding: BTreeMap::new(),
+            urls: Default::default(),
             // Unique across restarts: agents tell orders apart by id, and an agent may still
             // run an order of the previous incarnation when this one starts.
             next_order: SystemTime::now()
@@ -265,6 +270,9 @@ impl State {
             }
             Request::GetBlob(req, reply) => {
                 let _ = reply.send(self.get_blob(req));
+            }
+            Request::ResolveUrl(req, reply) => {
+                let _ = reply.send(self.resolve_url(req));
             }
         }
     }

@@ -62,19 +62,8 @@ pub(super) async fn pull(
             let digest = match digest {
                 Some(d) => d,
                 // No digest to name it by: this agent fetches the URL itself.
-                None => {
-                    let url = url.clone().unwrap_or_default();
-                    let _ = tx
-                        .send(Ok(pb::PullProgress {
-                            state: PullState::Fetching as i32,
-                            ..Default::default()
-                        }))
-                        .await;
-                    crate::ingest::fetch_url(&shared, &url)
-                        .await
-                        .map_err(|f| Status::unavailable(format!("fetching {url}: {}", f.message)))?
-                        .digest()
-                }
+                // No digest to name it by: find out which blob it is (see `identify`).
+                None => identify(&shared, &url.clone().unwrap_or_default(), &tx).await?,
             };
             run(
                 &shared,
@@ -246,6 +235,82 @@ async fn run(
     }
     let _ = tx.send(Ok(progress(shared, digest, PullState::Done))).await;
     Ok(())
+}
+
+/// Which blob a URL without a digest is. The coordinator keeps one fetch per (URL, ETag,
+/// size): the first agent to ask fetches it and reports its digest, the others wait for
+/// that digest and then pull it like any blob, from peers. An origin that gives neither
+/// ETag nor size cannot be told apart from a changed file: this agent fetches it alone.
+async fn identify(shared: &Arc<Shared>, url: &str, tx: &Tx) -> Result<Digest, Status> {
+    let fetch = || async {
+        let _ = tx
+            .send(Ok(pb::PullProgress {
+                state: PullState::Fetching as i32,
+                ..Default::default()
+            }))
+            .await;
+        crate::ingest::fetch_url(shared, url)
+            .await
+            .map(|m| m.digest())
+            .map_err(|f| Status::unavailable(format!("fetching {url}: {}", f.message)))
+    };
+    let info = match shared.origin.head_url(url, &[]).await {
+        Ok(info) => info,
+        Err(e) => return Err(Status::unavailable(format!("{url}: {e}"))),
+    };
+    let (etag, size) = (info.etag.unwrap_or_default(), info.size.unwrap_or(0));
+    if etag.is_empty() && size == 0 {
+        tracing::info!(url, "no ETag or size: fetching alone");
+        return fetch().await;
+    }
+    let me = shared.agent_id();
+    let client = CoordinatorClient::new(shared.channel.clone());
+    let ask = |fetched: Option<Digest>, gave_up: bool| {
+        let request = pb::ResolveUrlRequest {
+            url: url.to_string(),
+            etag: etag.clone(),
+            size,
+            agent_id: me.clone(),
+            fetched_digest: fetched.map(|d| d.to_string()).unwrap_or_default(),
+            gave_up,
+        };
+        let mut client = client.clone();
+        async move {
+            client
+                .resolve_url(request)
+                .await
+                .map(tonic::Response::into_inner)
+                .map_err(|s| Status::new(s.code(), format!("coordinator: {}", s.message())))
+        }
+    };
+    loop {
+        let answer = ask(None, false).await?;
+        if !answer.digest.is_empty() {
+            return answer
+                .digest
+                .parse()
+                .map_err(|e| Status::internal(format!("coordinator sent a bad digest: {e}")));
+        }
+        if answer.fetcher == me {
+            return match fetch().await {
+                Ok(digest) => {
+                    ask(Some(digest), false).await?;
+                    Ok(digest)
+                }
+                Err(status) => {
+                    let _ = ask(None, true).await;
+                    Err(status)
+                }
+            };
+        }
+        let _ = tx
+            .send(Ok(pb::PullProgress {
+                state: PullState::Queued as i32,
+                ..Default::default()
+            }))
+            .await;
+        tokio::time::sleep(POLL_EVERY).await;
+    }
 }
 
 /// Fails if the coordinator says this pull's target failed.

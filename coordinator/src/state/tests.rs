@@ -336,5 +336,5 @@ fn finished_jobs_are_forgotten_after_the_retention() {
     );
 }
 
-#[cfg(test)]
 mod seeding;
+mod urls;
