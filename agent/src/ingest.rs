@@ -66,10 +66,19 @@ pub(crate) struct Ingest {
     pub state: watch::Receiver<IngestState>,
 }
 
-/// The ingests running on this agent, by blob.
+/// The ingests running on this agent, by blob, and the ranges it seeded.
 #[derive(Debug, Default)]
 pub(crate) struct Ingests {
     table: Mutex<HashMap<Digest, Ingest>>,
+    ranges: Mutex<HashMap<Digest, RangePart>>,
+}
+
+/// A range seeded here, waiting in its part file for the blob's manifest.
+#[derive(Debug)]
+struct RangePart {
+    part: PathBuf,
+    first_chunk: u32,
+    chunks: u32,
 }
 
 impl Ingests {
@@ -178,7 +187,7 @@ async fn fetch_and_store(
     part: &std::path::Path,
     tx: &watch::Sender<IngestState>,
 ) -> Result<(u64, u64), Failure> {
-    let (manifest, written) = fetch(shared, origin, Some(blob), part, tx).await?;
+    let (manifest, written) = fetch(shared, origin, blob, Some(blob), part, tx, None).await?;
     store_part(shared, &manifest, part).await?;
     register(shared, &manifest, order);
     Ok((manifest.size(), written))
@@ -186,15 +195,26 @@ async fn fetch_and_store(
 
 /// Fetches the origin's content into `part`, resuming after a broken transfer, and builds
 /// its manifest; checks it against `expected` if given. Returns (manifest, bytes fetched).
+/// A range of a blob to fetch, and the chunk size its digests are computed with.
+#[derive(Clone, Copy, Debug)]
+struct Span {
+    start: u64,
+    end: u64,
+    chunk_size: u32,
+}
+
+/// `blob` addresses the content at an OCI origin; `expected` is the digest the content
+/// must have, checked at the end (none for a range, or a URL without a digest).
+#[allow(clippy::too_many_arguments)]
 async fn fetch(
     shared: &Shared,
     origin: &pb::origin::Origin,
+    blob: Digest,
     expected: Option<Digest>,
     part: &std::path::Path,
     tx: &watch::Sender<IngestState>,
+    span: Option<Span>,
 ) -> Result<(Manifest, u64), Failure> {
-    // OCI origins are addressed by digest; URLs are not, and may go without one.
-    let blob = expected.unwrap_or(Digest::from_bytes([0; 32]));
     let io = |what: &str, e: std::io::Error| {
         Failure::new(
             FailureReason::IoError,
@@ -204,7 +224,8 @@ async fn fetch(
     let mut file = tokio::fs::File::create(part)
         .await
         .map_err(|e| io("creating", e))?;
-    let mut builder = ManifestBuilder::new(shared.config.chunk_size)
+    let chunk_size = span.map_or(shared.config.chunk_size, |s| s.chunk_size);
+    let mut builder = ManifestBuilder::new(chunk_size)
         .map_err(|e| Failure::new(FailureReason::Internal, e.to_string()))?;
     let mut written = 0u64;
     let mut published = 0u64;
@@ -212,18 +233,20 @@ async fn fetch(
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let range = (written > 0).then_some(ByteRange {
-            start: written,
-            end_inclusive: None,
-        });
+        let range = match span {
+            Some(s) => Some(ByteRange {
+                start: s.start + written,
+                end_inclusive: Some(s.end - 1),
+            }),
+            None => (written > 0).then_some(ByteRange {
+                start: written,
+                end_inclusive: None,
+            }),
+        };
         let read = async {
+            // An origin that ignores Range still gives exactly the range: the client skips
+            // what comes before it.
             let mut body = open(shared, origin, &blob, range).await?;
-            if range.is_some() && !body.partial {
-                return Err(OriginError::Upstream {
-                    status: 200,
-                    message: "the origin ignored a Range request; cannot resume".into(),
-                });
-            }
             if size.is_none() {
                 size = body.len.map(|l| l + written);
                 tx.send_replace(IngestState::Writing { written, size });
@@ -299,6 +322,7 @@ pub(crate) async fn fetch_url(shared: &Arc<Shared>, url: &str) -> Result<Manifes
     let origin = pb::origin::Origin::Http(pb::HttpOrigin {
         url: url.to_string(),
         headers: Default::default(),
+        size: 0,
     });
     let dir = part_dir(shared).await?;
     let part = dir.join(format!("url-{:016x}.part", rand::random::<u64>()));
@@ -307,7 +331,16 @@ pub(crate) async fn fetch_url(shared: &Arc<Shared>, url: &str) -> Result<Manifes
         size: None,
     });
     let outcome = async {
-        let (manifest, _) = fetch(shared, &origin, None, &part, &tx).await?;
+        let (manifest, _) = fetch(
+            shared,
+            &origin,
+            Digest::from_bytes([0; 32]),
+            None,
+            &part,
+            &tx,
+            None,
+        )
+        .await?;
         store_part(shared, &manifest, &part).await?;
         register(shared, &manifest, &pb::FetchOrder::default());
         Ok(manifest)
@@ -397,4 +430,132 @@ fn register(shared: &Shared, manifest: &Manifest, order: &pb::FetchOrder) {
         pinned: order.pin,
         order_id: order.order_id,
     }));
+}
+
+/// A striped seed order: fetches one range of the blob from the origin, keeps the bytes in
+/// a part file, and reports the range's chunk digests (`RangeSeeded`). The bytes go into the
+/// store when the manifest comes, with the blob's ordinary order ([`import_range`]).
+pub(crate) async fn seed_range(
+    shared: &Arc<Shared>,
+    order: &pb::FetchOrder,
+    blob: Digest,
+) -> Result<(), Failure> {
+    let origin = (order.origin.as_ref().and_then(|o| o.origin.clone())).ok_or_else(|| {
+        Failure::new(
+            FailureReason::Invalid,
+            "a range seed order without an origin",
+        )
+    })?;
+    let span = Span {
+        start: order.range_start,
+        end: order.range_end,
+        chunk_size: order.chunk_size,
+    };
+    let chunk = u64::from(span.chunk_size);
+    if chunk == 0 || span.start % chunk != 0 || span.end <= span.start {
+        return Err(Failure::new(
+            FailureReason::Invalid,
+            format!(
+                "bad range {}..{} of chunk size {chunk}",
+                span.start, span.end
+            ),
+        ));
+    }
+    let dir = part_dir(shared).await?;
+    let part = dir.join(format!("{}.range-{}.part", blob.hex(), span.start));
+    let (tx, _rx) = watch::channel(IngestState::Writing {
+        written: 0,
+        size: None,
+    });
+    let fetched = fetch(shared, &origin, blob, None, &part, &tx, Some(span)).await;
+    let (range, _) = match fetched {
+        Ok(f) => f,
+        Err(f) => {
+            let _ = tokio::fs::remove_file(&part).await;
+            return Err(f);
+        }
+    };
+    if range.size() != span.end - span.start {
+        let _ = tokio::fs::remove_file(&part).await;
+        return Err(Failure::new(
+            FailureReason::OriginError,
+            format!(
+                "the origin sent {} bytes for a range of {}",
+                range.size(),
+                span.end - span.start
+            ),
+        ));
+    }
+    let first_chunk = (span.start / chunk) as u32;
+    let old = (shared
+        .ingests
+        .ranges
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()))
+    .insert(
+        blob,
+        RangePart {
+            part,
+            first_chunk,
+            chunks: range.chunk_count(),
+        },
+    );
+    if let Some(old) = old {
+        let _ = std::fs::remove_file(old.part);
+    }
+    tracing::info!(%blob, start = span.start, end = span.end, "seeded a range from the origin");
+    shared.send(Msg::RangeSeeded(pb::RangeSeeded {
+        order_id: order.order_id,
+        blob_digest: blob.as_bytes().to_vec(),
+        first_chunk,
+        chunk_digests: (range.chunk_digests().iter())
+            .map(|d| d.as_bytes().to_vec())
+            .collect(),
+    }));
+    Ok(())
+}
+
+/// Moves a range seeded here into the store, now that the blob's manifest is known (each
+/// chunk is verified against it); then removes the part file. A range that does not fit is
+/// dropped: those chunks are fetched from peers instead.
+pub(crate) async fn import_range(shared: &Shared, manifest: &Manifest) {
+    let digest = manifest.digest();
+    let Some(range) = (shared
+        .ingests
+        .ranges
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()))
+    .remove(&digest) else {
+        return;
+    };
+    let store = shared.store.clone();
+    let manifest = manifest.clone();
+    let imported = tokio::task::spawn_blocking(move || -> Result<u32, String> {
+        use std::io::Read;
+        let mut file = std::fs::File::open(&range.part).map_err(|e| e.to_string())?;
+        let mut buf = vec![0u8; manifest.chunk_size() as usize];
+        let mut n = 0;
+        for i in 0..range.chunks {
+            let index = shoal_proto::ChunkIndex(range.first_chunk + i);
+            let len = manifest.chunk_len(index).map_err(|e| e.to_string())?;
+            file.read_exact(&mut buf[..len])
+                .map_err(|e| e.to_string())?;
+            if !store.has_chunk(&digest, index) {
+                store
+                    .put_chunk(&digest, index, &buf[..len])
+                    .map_err(|e| e.to_string())?;
+                n += 1;
+            }
+        }
+        let _ = std::fs::remove_file(&range.part);
+        Ok(n)
+    })
+    .await;
+    match imported {
+        Ok(Ok(n)) => {
+            tracing::info!(blob = %digest, chunks = n, "seeded range moved into the store")
+        }
+        Ok(Err(e)) => tracing::warn!(blob = %digest, error = e, "seeded range dropped"),
+        Err(e) => tracing::warn!(blob = %digest, error = %e, "seeded range import failed"),
+    }
 }

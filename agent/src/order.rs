@@ -206,7 +206,8 @@ async fn run(
     };
     metrics::gauge!(crate::metrics::ACTIVE_TRANSFERS).decrement(1.0);
     match result {
-        Ok((size, bytes_from_peers, bytes_from_origin)) => {
+        Ok(None) => {}
+        Ok(Some((size, bytes_from_peers, bytes_from_origin))) => {
             metrics::counter!(crate::metrics::TRANSFERS_FINISHED, "outcome" => "done").increment(1);
             let duration_ms = started.elapsed().as_millis() as u64;
             tracing::info!(order_id, blob = %digest, duration_ms, bytes_from_peers, "blob complete");
@@ -239,17 +240,22 @@ async fn run(
 }
 
 /// Returns (size, bytes from peers, bytes from the origin) once the blob is whole and
-/// verified.
+/// verified; None for a range seed order (it reports itself).
 async fn execute(
     shared: &Arc<Shared>,
     order: &pb::FetchOrder,
     digest: Digest,
     control: &mut mpsc::UnboundedReceiver<Control>,
-) -> Result<(u64, u64, u64), Failure> {
+) -> Result<Option<(u64, u64, u64)>, Failure> {
+    if order.manifest.is_none() && order.range_end > 0 {
+        // One range of a large blob: reported with RangeSeeded, not BlobDone.
+        crate::ingest::seed_range(shared, order, digest).await?;
+        return Ok(None);
+    }
     let Some(wire) = &order.manifest else {
         // Nobody holds it yet: this agent seeds it from the origin.
         let (size, from_origin) = crate::ingest::ingest(shared, order, digest).await?;
-        return Ok((size, 0, from_origin));
+        return Ok(Some((size, 0, from_origin)));
     };
     let manifest = Manifest::try_from(wire)
         .map_err(|e| Failure::new(FailureReason::Invalid, format!("manifest: {e}")))?;
@@ -271,6 +277,8 @@ async fn execute(
         store.hold(&m.digest())
     })
     .await?;
+    // A range this agent seeded for the blob goes in first: it is what peers lack.
+    crate::ingest::import_range(shared, &manifest).await;
     shared.transfers.start(
         order.order_id,
         digest,
@@ -306,7 +314,7 @@ async fn execute(
         Ok(())
     })
     .await?;
-    Ok((manifest.size(), bytes_from_peers, 0))
+    Ok(Some((manifest.size(), bytes_from_peers, 0)))
 }
 
 /// Runs store work off the async threads, mapping its errors to order failures.

@@ -86,6 +86,7 @@ pub async fn distribute(
                 origin: Some(pb::origin::Origin::Http(pb::HttpOrigin {
                     url: url.to_string(),
                     headers: Default::default(),
+                    size: 0, // The coordinator asks the origin.
                 })),
             },
         )]

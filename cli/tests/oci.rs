@@ -40,12 +40,19 @@ struct Setup {
 }
 
 async fn setup(agents: usize, manifest_cap: Option<u64>) -> Result<Setup> {
-    setup_with(agents, manifest_cap, 20_000).await
+    setup_with(agents, manifest_cap, 20_000, "").await
 }
 
-async fn setup_with(agents: usize, manifest_cap: Option<u64>, fallback_ms: u64) -> Result<Setup> {
+/// `coordinator_extra`: more top-level keys of the coordinator's config.
+async fn setup_with(
+    agents: usize,
+    manifest_cap: Option<u64>,
+    fallback_ms: u64,
+    coordinator_extra: &str,
+) -> Result<Setup> {
     let registry = Registry::start()?;
-    let (coordinator_toml, agent_toml) = configs_with(&registry.host(), manifest_cap, fallback_ms);
+    let (origin_toml, agent_toml) = configs_with(&registry.host(), manifest_cap, fallback_ms);
+    let coordinator_toml = format!("{coordinator_extra}\n{origin_toml}");
     let cluster =
         Cluster::start_configured(agents, &[], 10_000, &coordinator_toml, &agent_toml).await?;
     Ok(Setup {
@@ -66,14 +73,23 @@ impl Setup {
 
     /// Blob GETs the upstream served for `repository`, by digest, and their bytes.
     fn upstream_blob_gets(&self, repository: &str) -> (BTreeMap<String, usize>, u64) {
+        let (gets, bytes) = self.upstream_blob_bytes(repository);
+        (gets, bytes.values().sum())
+    }
+
+    /// Blob GETs the upstream served for `repository`, and their bytes, by digest.
+    fn upstream_blob_bytes(
+        &self,
+        repository: &str,
+    ) -> (BTreeMap<String, usize>, BTreeMap<String, u64>) {
         let prefix = format!("/v2/{repository}/blobs/");
         let mut gets = BTreeMap::new();
-        let mut bytes = 0;
+        let mut bytes = BTreeMap::new();
         for e in self.registry.access_log() {
             if e.method == "GET" && e.status / 100 == 2 {
                 if let Some(d) = e.path.strip_prefix(&prefix) {
                     *gets.entry(d.to_string()).or_default() += 1;
-                    bytes += e.bytes;
+                    *bytes.entry(d.to_string()).or_default() += e.bytes;
                 }
             }
         }
@@ -204,7 +220,8 @@ async fn skopeo_through_the_mirrors_fetches_each_blob_from_upstream_once() -> Re
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn preheated_image_reaches_containerd_through_the_mirror_not_the_upstream() -> Result<()> {
-    let s = setup(3, None).await?;
+    // Blobs from 1 MiB up are seeded in ranges by several agents at once.
+    let s = setup_with(3, None, 20_000, "stripe_seed_min_bytes = 1048576").await?;
     let image = s.image("team/svc", "v3", 3)?;
     let reference = format!("{}/team/svc:v3", s.registry.host());
 
@@ -226,11 +243,18 @@ async fn preheated_image_reaches_containerd_through_the_mirror_not_the_upstream(
         read(&s.cluster.coordinator.log),
         s.agent_logs()
     );
-    let (gets, _) = s.upstream_blob_gets("team/svc");
-    for digest in blobs(&image).keys() {
+    // Every byte left the upstream once; the 4 MiB layer in three ranges, one per agent.
+    let (gets, bytes) = s.upstream_blob_bytes("team/svc");
+    for (digest, size) in blobs(&image) {
         assert_eq!(
-            gets.get(digest),
-            Some(&1),
+            bytes.get(&digest),
+            Some(&size),
+            "upstream bytes of {digest}: {bytes:?}"
+        );
+        let expected = if size >= 1 << 20 { 3 } else { 1 };
+        assert_eq!(
+            gets.get(&digest),
+            Some(&expected),
             "upstream GETs of {digest}: {gets:?}"
         );
     }
@@ -370,7 +394,7 @@ async fn bad_requests_get_oci_errors_and_nothing_is_stored() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_peer_makes_the_mirror_fall_back_to_the_upstream() -> Result<()> {
-    let s = setup_with(2, None, 1_000).await?;
+    let s = setup_with(2, None, 1_000, "").await?;
     let image = s.image("team/app", "v1", 5)?;
     let (layer, size) = image.built.layers[1].clone();
     let path = format!("/v2/team/app/blobs/{layer}");

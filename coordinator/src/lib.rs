@@ -48,6 +48,10 @@ pub struct CoordinatorConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// Platforms Preheat picks from an image index when the request names none.
     pub preheat_platforms: Vec<String>,
+    /// A blob at least this large that several agents wait for is fetched from its origin
+    /// in ranges, by up to `max_seeders_per_blob` of them at once (when its size is known).
+    pub stripe_seed_min_bytes: u64,
+    pub max_seeders_per_blob: usize,
     /// Registries Preheat resolves image references at (scheme, credentials, limits).
     pub origin: shoal_origin::OriginConfig,
 }
@@ -65,6 +69,8 @@ impl Default for CoordinatorConfig {
             job_retention_hours: 168,
             metrics_listen: None,
             preheat_platforms: vec!["linux/amd64".into()],
+            stripe_seed_min_bytes: 256 << 20,
+            max_seeders_per_blob: 4,
             origin: Default::default(),
         }
     }
@@ -103,6 +109,9 @@ impl CoordinatorConfig {
         }
         if self.max_uploads == 0 {
             return bad("max_uploads", "must be at least 1");
+        }
+        if self.max_seeders_per_blob == 0 {
+            return bad("max_seeders_per_blob", "must be at least 1");
         }
         Ok(())
     }
@@ -157,6 +166,8 @@ pub async fn run(
             ..AssignerConfig::default()
         },
         seed: rand::random(),
+        stripe_seed_min_bytes: config.stripe_seed_min_bytes,
+        max_seeders_per_blob: config.max_seeders_per_blob,
     };
     let state = state::State::new(state_config, db, ca)
         .map_err(|e| CoordinatorError::State(e.to_string()))?;

@@ -11,6 +11,9 @@ use tonic::{Request as GrpcRequest, Response, Status, Streaming};
 
 use crate::state::{ApiError, Reply, Request};
 
+/// How long Distribute waits for an origin to tell a blob's size.
+const ORIGIN_HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The coordinator's gRPC services, both the public job API and the agent sessions.
 #[derive(Clone, Debug)]
 pub struct Api {
@@ -43,6 +46,43 @@ impl Api {
         }
     }
 
+    /// Fills in the size of origins that lack it, by asking the origin (HEAD), so that a
+    /// large blob can be seeded in ranges. Best effort: an origin that does not answer is
+    /// left for the seeder to meet.
+    async fn size_origins(&self, req: &mut pb::DistributeRequest) {
+        use pb::origin::Origin as O;
+        for (blob, origin) in req.origins.iter_mut() {
+            let size = match &origin.origin {
+                Some(O::Http(h)) if h.size == 0 => {
+                    let headers: Vec<(String, String)> = h
+                        .headers
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect();
+                    let head = self.origin.head_url(&h.url, &headers);
+                    match tokio::time::timeout(ORIGIN_HEAD_TIMEOUT, head).await {
+                        Ok(Ok(info)) => info.size.unwrap_or(0),
+                        _ => 0,
+                    }
+                }
+                Some(O::Oci(o)) if o.size == 0 => {
+                    let Ok(digest) = blob.parse() else { continue };
+                    let head = self.origin.head_blob(&o.registry, &o.repository, &digest);
+                    match tokio::time::timeout(ORIGIN_HEAD_TIMEOUT, head).await {
+                        Ok(Ok(size)) => size,
+                        _ => 0,
+                    }
+                }
+                _ => continue,
+            };
+            match &mut origin.origin {
+                Some(O::Http(h)) => h.size = size,
+                Some(O::Oci(o)) => o.size = size,
+                _ => {}
+            }
+        }
+    }
+
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Request) -> Result<T, Status> {
         let (reply, rx) = oneshot::channel();
         self.state
@@ -63,7 +103,8 @@ impl pb::coordinator_server::Coordinator for Api {
         &self,
         req: GrpcRequest<pb::DistributeRequest>,
     ) -> Result<Response<pb::DistributeResponse>, Status> {
-        let req = req.into_inner();
+        let mut req = req.into_inner();
+        self.size_origins(&mut req).await;
         self.call(|r| Request::Distribute(req, String::new(), r))
             .await
             .map(Response::new)
@@ -184,15 +225,17 @@ impl pb::coordinator_server::Coordinator for Api {
                     _ => Status::unavailable(message),
                 }
             })?;
-        let origin = pb::Origin {
+        let plain_http = self
+            .origin
+            .config()
+            .registry(&reference.registry)
+            .plain_http;
+        let origin = |size| pb::Origin {
             origin: Some(pb::origin::Origin::Oci(pb::OciOrigin {
                 registry: reference.registry.clone(),
                 repository: reference.repository.clone(),
-                plain_http: self
-                    .origin
-                    .config()
-                    .registry(&reference.registry)
-                    .plain_http,
+                plain_http,
+                size,
             })),
         };
         let blobs: Vec<String> = resolved.blobs.iter().map(|(d, _)| d.to_string()).collect();
@@ -202,8 +245,8 @@ impl pb::coordinator_server::Coordinator for Api {
             )));
         }
         let distribute = pb::DistributeRequest {
-            origins: (blobs.iter())
-                .map(|b| (b.clone(), origin.clone()))
+            origins: (resolved.blobs.iter())
+                .map(|(d, size)| (d.to_string(), origin(*size)))
                 .collect(),
             blobs: blobs.clone(),
             targets: req.targets,

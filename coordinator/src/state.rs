@@ -85,6 +85,11 @@ pub struct StateConfig {
     pub job_retention: Duration,
     pub assigner: AssignerConfig,
     pub seed: u64,
+    /// Blobs at least this large, with several targets waiting, are seeded in ranges by
+    /// several agents at once (see `seeding.rs`).
+    pub stripe_seed_min_bytes: u64,
+    /// The most agents that seed one blob at once.
+    pub max_seeders_per_blob: usize,
 }
 
 /// A running fetch order: what we told the agent, so updates can be sent as differences.
@@ -420,6 +425,7 @@ impl State {
                 .and_then(|j| j.iter().next().cloned())
                 .unwrap_or_default(),
             pin: false,
+            ..Default::default()
         };
         self.agents
             .send(host, pb::coordinator_message::Msg::FetchOrder(order));
@@ -552,6 +558,7 @@ impl State {
             }
             agent_message::Msg::Load(load) => self.agents.set_load(host, load),
             agent_message::Msg::BlobRegistered(reg) => self.register(host, reg),
+            agent_message::Msg::RangeSeeded(range) => self.range_seeded(host, range),
             agent_message::Msg::ChunkRejected(rej) => {
                 let Ok(blob) = Digest::from_slice(&rej.blob_digest) else {
                     return;
@@ -581,26 +588,33 @@ impl State {
             return;
         };
         let digest = manifest.digest();
-        if self.catalog.manifest(&digest).is_none() {
-            let by = self.agents.name(host);
-            let stored = crate::db::StoredBlob {
-                manifest: reg.manifest.clone(),
-                registered_by: by.clone(),
-                registered_at: Some(SystemTime::now().into()),
-            };
-            if let Err(e) = self.db.put_blob(digest.as_bytes(), &stored) {
-                tracing::error!(error = %e, "persisting a registered blob failed");
-            }
-            let now = self.now();
-            self.assigner.handle(now, catalog::known_event(&manifest));
-            self.catalog
-                .insert(Arc::new(manifest), by, stored.registered_at);
-            tracing::info!(blob = %digest, "blob registered");
-        }
+        let by = self.agents.name(host);
+        self.add_to_catalog(manifest, by);
         // The agent holds it whole: if a job wanted it there, that target is done; targets
         // waiting for it to be seeded can now fetch it from peers.
         self.blob_done(host, digest);
         self.seeded(digest);
+    }
+
+    /// Persists and records a manifest new to the catalog (a known one is kept).
+    fn add_to_catalog(&mut self, manifest: Manifest, by: String) {
+        let digest = manifest.digest();
+        if self.catalog.manifest(&digest).is_some() {
+            return;
+        }
+        let stored = crate::db::StoredBlob {
+            manifest: Some(pb::Manifest::from(&manifest)),
+            registered_by: by.clone(),
+            registered_at: Some(SystemTime::now().into()),
+        };
+        if let Err(e) = self.db.put_blob(digest.as_bytes(), &stored) {
+            tracing::error!(error = %e, "persisting a registered blob failed");
+        }
+        let now = self.now();
+        self.assigner.handle(now, catalog::known_event(&manifest));
+        self.catalog
+            .insert(Arc::new(manifest), by, stored.registered_at);
+        tracing::info!(blob = %digest, "blob registered");
     }
 
     /// Records what `host` holds of `blob` (`chunks == u32::MAX` with complete = all).

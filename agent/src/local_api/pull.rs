@@ -163,6 +163,7 @@ async fn run(
                             origin: Some(pb::origin::Origin::Http(pb::HttpOrigin {
                                 url: u.to_string(),
                                 headers: Default::default(),
+                                size: 0,
                             })),
                         };
                         (digest.to_string(), origin)

@@ -396,6 +396,7 @@ impl Pull {
                 registry: self.registry.clone(),
                 repository: self.name.clone(),
                 plain_http,
+                size: self.size,
             })),
         };
         let mut client = CoordinatorClient::new(shared.channel.clone());

@@ -9,6 +9,13 @@
 //! therefore leaves the origin once (single flight), whatever the number of targets or of
 //! jobs that ask for the blob at the same time.
 //!
+//! A large blob of known size that several targets wait for is seeded in ranges: up to
+//! `max_seeders_per_blob` agents each fetch one chunk-aligned range and report its chunk
+//! digests (`RangeSeeded`), keeping the bytes; the coordinator assembles the manifest from
+//! the ranges and the blob then spreads as usual, every seeder holding its range. The whole
+//! blob's digest, which no single seeder could check, is checked by every target at the
+//! end, as always.
+//!
 //! A seeder that fails, or is lost, is replaced by another waiting target, at most
 //! [`MAX_SEEDERS`] in all; an answer that another seeder would get too (the origin does not
 //! have the blob, or its content does not match the digest) fails every waiting target at
@@ -27,16 +34,66 @@ use super::{Order, State};
 /// How many different agents may try to seed one blob before its targets fail.
 pub const MAX_SEEDERS: usize = 3;
 
+/// One range of a blob to seed; the whole blob when not striped.
+#[derive(Debug)]
+pub struct SeedRange {
+    /// Byte range; `end == 0`: the whole blob (an order without a range).
+    pub start: u64,
+    pub end: u64,
+    /// The current seeder and its order id.
+    pub seeder: Option<(HostId, u64)>,
+    /// Agents that tried this range and failed.
+    pub tried: BTreeSet<HostId>,
+    /// The range's chunk digests, once seeded.
+    pub digests: Option<Vec<Digest>>,
+}
+
 #[derive(Debug)]
 pub struct Seeding {
     pub origin: pb::Origin,
     /// Targets waiting for the manifest: (job, host).
     pub waiting: BTreeSet<(String, HostId)>,
-    /// The current seeder and its order id.
-    pub seeder: Option<(HostId, u64)>,
-    /// Agents that tried and failed.
-    pub tried: BTreeSet<HostId>,
+    /// Planned at the first election; one whole range unless striped.
+    pub ranges: Vec<SeedRange>,
     pub last_error: String,
+}
+
+impl Seeding {
+    fn size(&self) -> u64 {
+        match &self.origin.origin {
+            Some(pb::origin::Origin::Http(h)) => h.size,
+            Some(pb::origin::Origin::Oci(o)) => o.size,
+            _ => 0,
+        }
+    }
+
+    fn range_of(&self, host: HostId, order_id: Option<u64>) -> Option<usize> {
+        (self.ranges.iter()).position(|r| {
+            r.digests.is_none()
+                && r.seeder
+                    .is_some_and(|(h, id)| h == host && order_id.is_none_or(|o| o == id))
+        })
+    }
+}
+
+/// Chunk size of manifests assembled from ranges.
+const STRIPE_CHUNK: u32 = shoal_proto::CHUNK_SIZE;
+
+/// Splits `size` bytes into `k` chunk-aligned ranges (the first ones a chunk longer).
+fn split(size: u64, k: usize) -> Vec<(u64, u64)> {
+    let chunk = u64::from(STRIPE_CHUNK);
+    let chunks = size.div_ceil(chunk);
+    let k = (k as u64).clamp(1, chunks.max(1));
+    let (base, extra) = (chunks / k, chunks % k);
+    let mut out = Vec::new();
+    let mut first = 0;
+    for i in 0..k {
+        let n = base + u64::from(i < extra);
+        let (start, end) = (first * chunk, ((first + n) * chunk).min(size));
+        out.push((start, end));
+        first += n;
+    }
+    out
 }
 
 /// Checks an origin given by a user; returns a message for INVALID_ARGUMENT.
@@ -94,8 +151,7 @@ impl State {
         let seeding = self.seeding.entry(blob).or_insert_with(|| Seeding {
             origin: origin.clone(),
             waiting: BTreeSet::new(),
-            seeder: None,
-            tried: BTreeSet::new(),
+            ranges: Vec::new(),
             last_error: String::new(),
         });
         seeding.waiting.insert((job_id.to_string(), host));
@@ -110,90 +166,140 @@ impl State {
             .is_some_and(|t| !t.is_terminal())
     }
 
-    /// Gives every blob being seeded a live seeder, drops targets that ended, and fails the
-    /// targets of blobs that cannot be seeded. Called after each request and tick.
+    /// Gives every range of every blob being seeded a live seeder, drops targets that
+    /// ended, and fails the targets of blobs that cannot be seeded. Called after each
+    /// request and tick.
     pub(super) fn elect_seeders(&mut self) {
         let blobs: Vec<Digest> = self.seeding.keys().copied().collect();
         for blob in blobs {
-            let Some(seeding) = self.seeding.get(&blob) else {
-                continue;
-            };
-            let waiting: BTreeSet<(String, HostId)> = (seeding.waiting.iter())
-                .filter(|(job, host)| self.target_open(job, *host, blob))
-                .cloned()
-                .collect();
-            let seeder = seeding.seeder;
-            let live =
-                |s: &Self, h: HostId| s.agents.get(h).is_some_and(|a| a.state != AgentState::Gone);
-            let mut lost = None;
-            if let Some((host, order_id)) = seeder {
-                let still_ordered = self.orders.get(&(host, blob)).map(|o| o.id) == Some(order_id);
-                if live(self, host) && still_ordered {
-                    if let Some(s) = self.seeding.get_mut(&blob) {
-                        s.waiting = waiting;
-                    }
-                    continue;
-                }
-                lost = Some(host);
-            }
-            if waiting.is_empty() {
-                // Nobody needs it any more (jobs cancelled or timed out).
-                if let Some((host, _)) = seeder {
-                    self.cancel_order(host, blob, "no target needs the blob any more");
-                }
-                self.seeding.remove(&blob);
-                continue;
-            }
-            let Some(seeding) = self.seeding.get_mut(&blob) else {
-                continue;
-            };
-            seeding.waiting = waiting;
-            seeding.seeder = None;
-            if let Some(host) = lost {
-                seeding.tried.insert(host);
-                seeding.last_error = format!("seeder {} was lost", self.agents.name(host));
-            }
-            if seeding.tried.len() >= MAX_SEEDERS {
-                let message = format!(
-                    "fetching from the origin failed on {} agents; last: {}",
-                    seeding.tried.len(),
-                    seeding.last_error
-                );
-                self.fail_seeding(blob, FailureReason::OriginError, &message);
-                continue;
-            }
-            let candidate = (seeding.waiting.iter())
-                .map(|(_, h)| *h)
-                .filter(|h| !seeding.tried.contains(h))
-                .find(|h| {
-                    self.agents
-                        .get(*h)
-                        .is_some_and(|a| a.state == AgentState::Ready)
-                });
-            let all_tried = (seeding.waiting.iter()).all(|(_, h)| seeding.tried.contains(h));
-            match candidate {
-                Some(host) => self.order_seed(host, blob),
-                None if all_tried => {
-                    let message = format!(
-                        "fetching from the origin failed on every agent that needs it; last: {}",
-                        seeding.last_error
-                    );
-                    self.fail_seeding(blob, FailureReason::OriginError, &message);
-                }
-                // An untried agent is disconnected: wait for it to come back (or for the
-                // lease and deadline rules to end its targets).
-                None => {}
-            }
+            self.elect_for(blob);
         }
     }
 
-    fn order_seed(&mut self, host: HostId, blob: Digest) {
+    fn elect_for(&mut self, blob: Digest) {
+        let Some(seeding) = self.seeding.get(&blob) else {
+            return;
+        };
+        let waiting: BTreeSet<(String, HostId)> = (seeding.waiting.iter())
+            .filter(|(job, host)| self.target_open(job, *host, blob))
+            .cloned()
+            .collect();
+        if waiting.is_empty() {
+            // Nobody needs it any more (jobs cancelled or timed out).
+            let seeders: Vec<HostId> = (seeding.ranges.iter())
+                .filter(|r| r.digests.is_none())
+                .filter_map(|r| r.seeder.map(|(h, _)| h))
+                .collect();
+            for host in seeders {
+                self.cancel_order(host, blob, "no target needs the blob any more");
+            }
+            self.seeding.remove(&blob);
+            return;
+        }
+        // Seeders lost (gone, or their order dropped with them) count as failed attempts.
+        let mut lost = Vec::new();
+        for (i, r) in seeding.ranges.iter().enumerate() {
+            if let (None, Some((host, id))) = (&r.digests, r.seeder) {
+                let ordered = self.orders.get(&(host, blob)).map(|o| o.id) == Some(id);
+                let live = (self.agents.get(host)).is_some_and(|a| a.state != AgentState::Gone);
+                if !(ordered && live) {
+                    lost.push((i, host));
+                }
+            }
+        }
+        let max_seeders = self.config.max_seeders_per_blob;
+        let stripe_min = self.config.stripe_seed_min_bytes;
+        let ready: Vec<HostId> = (waiting.iter())
+            .map(|(_, h)| *h)
+            .filter(|h| {
+                self.agents
+                    .get(*h)
+                    .is_some_and(|a| a.state == AgentState::Ready)
+            })
+            .collect();
+        let Some(seeding) = self.seeding.get_mut(&blob) else {
+            return;
+        };
+        seeding.waiting = waiting;
+        for (i, host) in lost {
+            let r = &mut seeding.ranges[i];
+            r.seeder = None;
+            r.tried.insert(host);
+            seeding.last_error = format!("seeder {} was lost", self.agents.name(host));
+        }
+        if seeding.ranges.is_empty() {
+            let size = seeding.size();
+            let hosts: BTreeSet<HostId> = ready.iter().copied().collect();
+            let k = if size >= stripe_min && stripe_min > 0 {
+                max_seeders.min(hosts.len())
+            } else {
+                1
+            };
+            let ranges = if k > 1 { split(size, k) } else { vec![(0, 0)] };
+            seeding.ranges = (ranges.into_iter())
+                .map(|(start, end)| SeedRange {
+                    start,
+                    end,
+                    seeder: None,
+                    tried: BTreeSet::new(),
+                    digests: None,
+                })
+                .collect();
+        }
+        let mut orders = Vec::new();
+        let mut failure = None;
+        let mut busy: BTreeSet<HostId> = (seeding.ranges.iter())
+            .filter(|r| r.digests.is_none())
+            .filter_map(|r| r.seeder.map(|(h, _)| h))
+            .collect();
+        for (i, r) in seeding.ranges.iter().enumerate() {
+            if r.digests.is_some() || r.seeder.is_some() {
+                continue;
+            }
+            if r.tried.len() >= MAX_SEEDERS {
+                failure = Some(format!(
+                    "fetching from the origin failed on {} agents; last: {}",
+                    r.tried.len(),
+                    seeding.last_error
+                ));
+                break;
+            }
+            let candidate = (ready.iter())
+                .find(|h| !r.tried.contains(h) && !busy.contains(h))
+                .copied();
+            let all_tried = (seeding.waiting.iter()).all(|(_, h)| r.tried.contains(h));
+            match candidate {
+                Some(host) => {
+                    busy.insert(host);
+                    orders.push((i, host));
+                }
+                None if all_tried => {
+                    failure = Some(format!(
+                        "fetching from the origin failed on every agent that needs it; last: {}",
+                        seeding.last_error
+                    ));
+                    break;
+                }
+                // An untried agent is busy seeding another range or disconnected: wait.
+                None => {}
+            }
+        }
+        if let Some(message) = failure {
+            self.fail_seeding(blob, FailureReason::OriginError, &message);
+            return;
+        }
+        for (i, host) in orders {
+            self.order_seed(host, blob, i);
+        }
+    }
+
+    fn order_seed(&mut self, host: HostId, blob: Digest, range: usize) {
         let id = self.next_order;
         self.next_order += 1;
         let Some(seeding) = self.seeding.get_mut(&blob) else {
             return;
         };
-        seeding.seeder = Some((host, id));
+        seeding.ranges[range].seeder = Some((host, id));
         self.orders.insert(
             (host, blob),
             Order {
@@ -201,7 +307,7 @@ impl State {
                 sources: BTreeMap::new(),
             },
         );
-        tracing::info!(agent = %self.agents.name(host), %blob, "seeding from the origin");
+        tracing::info!(agent = %self.agents.name(host), %blob, range, "seeding from the origin");
         self.send_seed_order(host, blob);
         self.set_seed_targets(blob, |t| {
             if t.state == TargetState::Pending {
@@ -216,7 +322,10 @@ impl State {
         let Some(seeding) = self.seeding.get(&blob) else {
             return;
         };
-        let Some((seeder, id)) = seeding.seeder.filter(|(h, _)| *h == host) else {
+        let Some(range) = seeding.range_of(host, None).map(|i| &seeding.ranges[i]) else {
+            return;
+        };
+        let Some((seeder, id)) = range.seeder else {
             return;
         };
         let job_id = (seeding.waiting.iter())
@@ -235,6 +344,9 @@ impl State {
             deadline_ms: 0,
             job_id,
             pin: false,
+            range_start: range.start,
+            range_end: range.end,
+            chunk_size: if range.end > 0 { STRIPE_CHUNK } else { 0 },
         };
         self.agents
             .send(host, pb::coordinator_message::Msg::FetchOrder(order));
@@ -243,7 +355,7 @@ impl State {
     /// Resends the seed orders of `host` (its session reopened).
     pub(super) fn redeliver_seeds(&mut self, host: HostId) {
         let mine: Vec<Digest> = (self.seeding.iter())
-            .filter(|(_, s)| s.seeder.is_some_and(|(h, _)| h == host))
+            .filter(|(_, s)| s.range_of(host, None).is_some())
             .map(|(b, _)| *b)
             .collect();
         for blob in mine {
@@ -253,7 +365,7 @@ impl State {
 
     /// Whether `host` is seeding `blob` (its order carries no manifest).
     pub(super) fn is_seeding(&self, host: HostId, blob: &Digest) -> bool {
-        (self.seeding.get(blob)).is_some_and(|s| s.seeder.is_some_and(|(h, _)| h == host))
+        (self.seeding.get(blob)).is_some_and(|s| s.range_of(host, None).is_some())
     }
 
     fn cancel_order(&mut self, host: HostId, blob: Digest, reason: &str) {
@@ -281,21 +393,79 @@ impl State {
         let Some(seeding) = self.seeding.get_mut(&blob) else {
             return false;
         };
-        if seeding.seeder != Some((host, order_id)) {
+        let Some(i) = seeding.range_of(host, Some(order_id)) else {
             return false;
-        }
+        };
         tracing::warn!(agent = %self.agents.name(host), %blob, message, "seeding failed");
         self.orders.remove(&(host, blob));
-        seeding.seeder = None;
-        seeding.tried.insert(host);
+        let r = &mut seeding.ranges[i];
+        r.seeder = None;
+        r.tried.insert(host);
         seeding.last_error = format!("{}: {message}", self.agents.name(host));
         if definitive(reason) {
             let message = format!("the origin cannot provide {blob}: {message}");
             self.fail_seeding(blob, reason, &message);
         } else {
-            self.elect_seeders();
+            self.elect_for(blob);
         }
         true
+    }
+
+    /// A seeder fetched its range: keep its chunk digests; with every range in, the
+    /// manifest is complete and the blob spreads like any other.
+    pub(super) fn range_seeded(&mut self, host: HostId, msg: pb::RangeSeeded) {
+        let Ok(blob) = Digest::from_slice(&msg.blob_digest) else {
+            return;
+        };
+        let Some(seeding) = self.seeding.get_mut(&blob) else {
+            return;
+        };
+        let Some(i) = seeding.range_of(host, Some(msg.order_id)) else {
+            return; // Stale: not the current seeder of any range.
+        };
+        let r = &mut seeding.ranges[i];
+        let chunk = u64::from(STRIPE_CHUNK);
+        let expected = (r.end - r.start).div_ceil(chunk) as usize;
+        let digests: Vec<Digest> = (msg.chunk_digests.iter())
+            .filter_map(|d| Digest::from_slice(d).ok())
+            .collect();
+        if u64::from(msg.first_chunk) * chunk != r.start || digests.len() != expected {
+            tracing::warn!(agent = %self.agents.name(host), %blob, "a seeder reported a range that does not fit");
+            r.seeder = None;
+            r.tried.insert(host);
+            self.orders.remove(&(host, blob));
+            self.elect_for(blob);
+            return;
+        }
+        r.digests = Some(digests);
+        self.orders.remove(&(host, blob));
+        if seeding.ranges.iter().any(|r| r.digests.is_none()) {
+            return;
+        }
+        let size = seeding.size();
+        let chunks: Vec<Digest> = (seeding.ranges.iter())
+            .flat_map(|r| r.digests.clone().unwrap_or_default())
+            .collect();
+        // Each seeder holds its range (it moves it into its store on its order): the
+        // assigner counts it as a partial source from now on.
+        let held: Vec<(HostId, u32)> = (seeding.ranges.iter())
+            .filter_map(|r| Some((r.seeder?.0, r.digests.as_ref()?.len() as u32)))
+            .collect();
+        let seeders: Vec<String> = held.iter().map(|(h, _)| self.agents.name(*h)).collect();
+        match shoal_proto::Manifest::new(blob, size, STRIPE_CHUNK, chunks) {
+            Ok(manifest) => {
+                tracing::info!(%blob, ranges = seeders.len(), "manifest assembled from seeded ranges");
+                self.add_to_catalog(manifest, seeders.join(","));
+                for (host, chunks) in held {
+                    self.holds(host, blob, chunks, false);
+                }
+                self.seeded(blob);
+            }
+            Err(e) => {
+                let message = format!("the seeded ranges do not make a manifest: {e}");
+                self.fail_seeding(blob, FailureReason::Internal, &message);
+            }
+        }
     }
 
     fn fail_seeding(&mut self, blob: Digest, reason: FailureReason, message: &str) {
@@ -333,8 +503,12 @@ impl State {
         let Some(seeding) = self.seeding.remove(&blob) else {
             return;
         };
-        if let Some((host, _)) = seeding.seeder {
-            self.orders.remove(&(host, blob));
+        for r in &seeding.ranges {
+            if let Some((host, id)) = r.seeder {
+                if self.orders.get(&(host, blob)).map(|o| o.id) == Some(id) {
+                    self.orders.remove(&(host, blob));
+                }
+            }
         }
         let size = self.catalog.manifest(&blob).map_or(0, |m| m.size());
         self.set_seed_targets(blob, |t| t.bytes_total = size);

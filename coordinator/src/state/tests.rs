@@ -23,6 +23,8 @@ fn config(lease: Duration) -> StateConfig {
         job_retention: Duration::from_secs(3600),
         assigner: AssignerConfig::default(),
         seed: 7,
+        stripe_seed_min_bytes: 8 << 10,
+        max_seeders_per_blob: 4,
     }
 }
 

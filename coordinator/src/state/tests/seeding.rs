@@ -8,6 +8,7 @@ fn http_origin() -> pb::Origin {
         origin: Some(pb::origin::Origin::Http(pb::HttpOrigin {
             url: "http://127.0.0.1:1/model.bin".into(),
             headers: Default::default(),
+            size: 0,
         })),
     }
 }
@@ -184,11 +185,13 @@ fn origins_are_checked() {
         pb::origin::Origin::Http(pb::HttpOrigin {
             url: "ftp://x/y".into(),
             headers: Default::default(),
+            size: 0,
         }),
         pb::origin::Origin::Oci(pb::OciOrigin {
             registry: "127.0.0.1:5000".into(),
             repository: "../etc".into(),
             plain_http: true,
+            size: 0,
         }),
         pb::origin::Origin::Peer(pb::PeerOrigin::default()),
     ] {
@@ -242,4 +245,109 @@ fn a_seed_survives_a_coordinator_restart() {
     );
     let (state, _) = target_state(&c.s, &job);
     assert_ne!(state, pb::JobState::Failed);
+}
+
+/// A 4 MiB blob of 1 MiB chunks (the chunk size of manifests assembled from ranges).
+fn big_manifest() -> Manifest {
+    let data: Vec<u8> = (0..4u32 << 20).map(|i| (i * 7 + i / 4099) as u8).collect();
+    Manifest::from_reader(&data[..], shoal_proto::CHUNK_SIZE).expect("manifest")
+}
+
+fn sized_origin(size: u64) -> pb::Origin {
+    pb::Origin {
+        origin: Some(pb::origin::Origin::Http(pb::HttpOrigin {
+            url: "http://127.0.0.1:1/big.bin".into(),
+            headers: Default::default(),
+            size,
+        })),
+    }
+}
+
+fn range_seeded(c: &mut Cluster, agent: usize, order: &pb::FetchOrder, m: &Manifest) {
+    let chunk = u64::from(order.chunk_size);
+    let first = (order.range_start / chunk) as usize;
+    let n = (order.range_end - order.range_start).div_ceil(chunk) as usize;
+    let msg = Msg::RangeSeeded(pb::RangeSeeded {
+        order_id: order.order_id,
+        blob_digest: order.blob_digest.clone(),
+        first_chunk: first as u32,
+        chunk_digests: m.chunk_digests()[first..first + n]
+            .iter()
+            .map(|d| d.as_bytes().to_vec())
+            .collect(),
+    });
+    say(&mut c.s, c.sessions[agent], msg);
+    c.s.elect_seeders();
+    c.s.drive_assigner();
+}
+
+#[test]
+fn a_large_blob_is_seeded_in_ranges_and_its_manifest_assembled() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = cluster(dir.path(), 3);
+    let m = big_manifest();
+    let job = distribute_from_origin(
+        &mut c.s,
+        m.digest(),
+        &["a0", "a1", "a2"],
+        sized_origin(m.size()),
+    )
+    .expect("distribute");
+    let sent = c.orders();
+    assert_eq!(sent.len(), 3, "one range per agent: {sent:?}");
+    let mut covered: Vec<(u64, u64)> = sent
+        .iter()
+        .map(|(_, o)| (o.range_start, o.range_end))
+        .collect();
+    covered.sort();
+    assert_eq!(
+        covered,
+        vec![(0, 2 << 20), (2 << 20, 3 << 20), (3 << 20, 4 << 20)]
+    );
+    for (_, o) in &sent {
+        assert!(o.manifest.is_none());
+        assert_eq!(o.chunk_size, shoal_proto::CHUNK_SIZE);
+    }
+    // Two ranges in: still waiting. The third: the manifest is the blob's, and every
+    // target gets an ordinary order (each seeder holds only its range).
+    for (agent, order) in &sent[..2] {
+        range_seeded(&mut c, *agent, order, &m);
+    }
+    assert!(c.orders().is_empty());
+    let (agent, order) = &sent[2];
+    range_seeded(&mut c, *agent, order, &m);
+    let got =
+        c.s.catalog
+            .manifest(&m.digest())
+            .expect("manifest assembled");
+    assert_eq!(got.as_ref(), &m);
+    let ordered: BTreeSet<usize> = c.orders().iter().map(|(i, _)| *i).collect();
+    assert_eq!(ordered, (0..3).collect(), "every target fetches the rest");
+    let (state, targets) = target_state(&c.s, &job);
+    assert_eq!(state, pb::JobState::Running, "{targets:?}");
+}
+
+#[test]
+fn a_failed_range_moves_to_another_agent() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = cluster(dir.path(), 3);
+    let m = big_manifest();
+    distribute_from_origin(&mut c.s, m.digest(), &["a0", "a1"], sized_origin(m.size()))
+        .expect("distribute");
+    let sent = c.orders();
+    assert_eq!(sent.len(), 2, "{sent:?}");
+    let (agent, order) = sent[0].clone();
+    c.fail(agent, &order, pb::FailureReason::OriginError);
+    // The other agent finishes its range first, then takes the failed one.
+    let (other, other_order) = sent[1].clone();
+    range_seeded(&mut c, other, &other_order, &m);
+    let again = c.orders();
+    assert_eq!(again.len(), 1, "{again:?}");
+    assert_eq!(again[0].0, other);
+    assert_eq!(
+        (again[0].1.range_start, again[0].1.range_end),
+        (order.range_start, order.range_end)
+    );
+    range_seeded(&mut c, other, &again[0].1, &m);
+    assert!(c.s.catalog.manifest(&m.digest()).is_some());
 }
