@@ -402,6 +402,8 @@ async fn open_store(config: &AgentConfig) -> Result<Store, AgentError> {
         path: config.data_dir.clone(),
         source,
     })?;
+    // Part files of origin fetches a previous run left: nothing refers to them any more.
+    let _ = std::fs::remove_dir_all(config.data_dir.join("ingest"));
     let store_config = StoreConfig {
         root: config.data_dir.join("store"),
         quota_bytes: config.quota_bytes,
