@@ -109,6 +109,13 @@ pub(crate) async fn serve(
         })
         .with_state(mirror);
     tracing::info!(%bound, "OCI registry mirror listening");
+    // Responses start with small writes (headers, a first piece): without NODELAY, Nagle
+    // and the client's delayed ACK can hold them back for 40 ms.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY on a mirror connection failed");
+        }
+    });
     let task = tokio::spawn(async move {
         let served = axum::serve(listener, app)
             .with_graceful_shutdown(async move { crate::agent::stopped(&mut stop).await })

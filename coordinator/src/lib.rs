@@ -140,6 +140,21 @@ pub enum CoordinatorError {
     Origin(#[from] shoal_origin::OriginError),
 }
 
+/// Accepted connections with TCP_NODELAY: session messages are small writes, and Nagle's
+/// algorithm against the peer's delayed ACK held fetch orders back by 40 ms.
+fn incoming(
+    listener: tokio::net::TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt;
+    TcpListenerStream::new(listener).map(|stream| {
+        let stream = stream?;
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY on an accepted connection failed");
+        }
+        Ok(stream)
+    })
+}
+
 /// Serves the coordinator on `listener` until `shutdown` resolves.
 pub async fn run(
     config: CoordinatorConfig,
@@ -201,7 +216,7 @@ pub async fn run(
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
         )
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await?;
     state_task.abort();
     Ok(())
