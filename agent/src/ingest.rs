@@ -70,7 +70,8 @@ pub(crate) struct Ingest {
 #[derive(Debug, Default)]
 pub(crate) struct Ingests {
     table: Mutex<HashMap<Digest, Ingest>>,
-    ranges: Mutex<HashMap<Digest, RangePart>>,
+    /// By (blob, first chunk): an agent may seed several ranges of one blob.
+    ranges: Mutex<HashMap<(Digest, u32), RangePart>>,
 }
 
 /// A range seeded here, waiting in its part file for the blob's manifest.
@@ -88,6 +89,10 @@ impl Ingests {
 
     pub(crate) fn get(&self, blob: &Digest) -> Option<Ingest> {
         self.lock().get(blob).cloned()
+    }
+
+    fn ranges_lock(&self) -> std::sync::MutexGuard<'_, HashMap<(Digest, u32), RangePart>> {
+        self.ranges.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -487,22 +492,15 @@ pub(crate) async fn seed_range(
         ));
     }
     let first_chunk = (span.start / chunk) as u32;
-    let old = (shared
-        .ingests
-        .ranges
-        .lock()
-        .unwrap_or_else(|e| e.into_inner()))
-    .insert(
-        blob,
+    // The same range seeded again (its order resent) has the same part file: replace it.
+    shared.ingests.ranges_lock().insert(
+        (blob, first_chunk),
         RangePart {
             part,
             first_chunk,
             chunks: range.chunk_count(),
         },
     );
-    if let Some(old) = old {
-        let _ = std::fs::remove_file(old.part);
-    }
     tracing::info!(%blob, start = span.start, end = span.end, "seeded a range from the origin");
     shared.send(Msg::RangeSeeded(pb::RangeSeeded {
         order_id: order.order_id,
@@ -520,14 +518,18 @@ pub(crate) async fn seed_range(
 /// dropped: those chunks are fetched from peers instead.
 pub(crate) async fn import_range(shared: &Shared, manifest: &Manifest) {
     let digest = manifest.digest();
-    let Some(range) = (shared
-        .ingests
-        .ranges
-        .lock()
-        .unwrap_or_else(|e| e.into_inner()))
-    .remove(&digest) else {
-        return;
+    let ranges: Vec<RangePart> = {
+        let mut table = shared.ingests.ranges_lock();
+        let keys: Vec<(Digest, u32)> = table.keys().filter(|k| k.0 == digest).copied().collect();
+        keys.iter().filter_map(|k| table.remove(k)).collect()
     };
+    for range in ranges {
+        import_one(shared, manifest, range).await;
+    }
+}
+
+async fn import_one(shared: &Shared, manifest: &Manifest, range: RangePart) {
+    let digest = manifest.digest();
     let store = shared.store.clone();
     let manifest = manifest.clone();
     let imported = tokio::task::spawn_blocking(move || -> Result<u32, String> {

@@ -307,7 +307,15 @@ async fn execute(
     let pin = order.pin;
     blocking(move || {
         // At most one whole-blob read per blob per process.
-        store.ensure_verified(&digest)?;
+        if let Err(e) = store.ensure_verified(&digest) {
+            if matches!(e, StoreError::Verify(_)) {
+                // Every chunk matched a manifest that does not describe the blob (one
+                // assembled from seeded ranges of an origin serving other bytes): drop it,
+                // or the store would offer it as complete.
+                let _ = store.remove(&digest);
+            }
+            return Err(e);
+        }
         if pin {
             store.pin(&digest)?;
         }

@@ -290,7 +290,7 @@ async fn connect_once(
             },
             m = outbox.recv() => {
                 let Some(m) = m else { return Ended::Shutdown };
-                if matches!(m.msg, Some(Msg::BlobDone(_) | Msg::BlobFailed(_) | Msg::BlobRegistered(_))) {
+                if matches!(m.msg, Some(Msg::BlobDone(_) | Msg::BlobFailed(_) | Msg::BlobRegistered(_) | Msg::RangeSeeded(_))) {
                     recent.push_back((Instant::now(), m.clone()));
                     if recent.len() > 4096 {
                         recent.pop_front();

@@ -122,6 +122,9 @@ pub struct State {
     seeding: BTreeMap<Digest, seeding::Seeding>,
     /// URLs pulled without a digest (see `urls.rs`).
     urls: urls::Urls,
+    /// Manifests assembled from seeded ranges that no agent has verified whole yet: kept in
+    /// memory only, and dropped if a target finds the blob does not match its digest.
+    provisional: BTreeSet<Digest>,
     next_order: u64,
     watchers: HashMap<String, Vec<Watcher>>,
     /// Jobs changed since the last write (see `persist`).
@@ -173,6 +176,7 @@ impl State {
             orders: BTreeMap::new(),
             seeding: BTreeMap::new(),
             urls: Default::default(),
+            provisional: BTreeSet::new(),
             // Unique across restarts: agents tell orders apart by id, and an agent may still
             // run an order of the previous incarnation when this one starts.
             next_order: SystemTime::now()
@@ -529,6 +533,10 @@ impl State {
                 let Ok(blob) = Digest::from_slice(&done.blob_digest) else {
                     return;
                 };
+                if self.provisional.remove(&blob) {
+                    // One agent has read the whole blob and checked its digest.
+                    self.persist_manifest(&blob);
+                }
                 self.blob_done(host, blob);
             }
             agent_message::Msg::BlobFailed(failed) => {
@@ -537,6 +545,10 @@ impl State {
                 };
                 let reason = failed.reason();
                 if self.seed_failed(host, blob, failed.order_id, reason, &failed.message) {
+                    return;
+                }
+                if reason == pb::FailureReason::DigestMismatch && self.provisional.contains(&blob) {
+                    self.reject_provisional(blob, &failed.message);
                     return;
                 }
                 // Only the current order's failure counts: agents resend recent reports after
@@ -589,17 +601,21 @@ impl State {
         };
         let digest = manifest.digest();
         let by = self.agents.name(host);
-        self.add_to_catalog(manifest, by);
+        self.add_to_catalog(manifest, by, true);
         // The agent holds it whole: if a job wanted it there, that target is done; targets
         // waiting for it to be seeded can now fetch it from peers.
         self.blob_done(host, digest);
         self.seeded(digest);
     }
 
-    /// Persists and records a manifest new to the catalog (a known one is kept).
-    fn add_to_catalog(&mut self, manifest: Manifest, by: String) {
+    /// Records a manifest new to the catalog (a known one is kept), and persists it unless
+    /// it is provisional (assembled from ranges: see `provisional`).
+    fn add_to_catalog(&mut self, manifest: Manifest, by: String, verified: bool) {
         let digest = manifest.digest();
         if self.catalog.manifest(&digest).is_some() {
+            if verified && self.provisional.remove(&digest) {
+                self.persist_manifest(&digest);
+            }
             return;
         }
         let stored = crate::db::StoredBlob {
@@ -607,14 +623,62 @@ impl State {
             registered_by: by.clone(),
             registered_at: Some(SystemTime::now().into()),
         };
-        if let Err(e) = self.db.put_blob(digest.as_bytes(), &stored) {
-            tracing::error!(error = %e, "persisting a registered blob failed");
+        if verified {
+            if let Err(e) = self.db.put_blob(digest.as_bytes(), &stored) {
+                tracing::error!(error = %e, "persisting a registered blob failed");
+            }
+        } else {
+            self.provisional.insert(digest);
         }
         let now = self.now();
         self.assigner.handle(now, catalog::known_event(&manifest));
         self.catalog
             .insert(Arc::new(manifest), by, stored.registered_at);
         tracing::info!(blob = %digest, "blob registered");
+    }
+
+    /// Writes a catalog manifest to the database.
+    fn persist_manifest(&mut self, blob: &Digest) {
+        let Some(entry) = self.catalog.entry(blob) else {
+            return;
+        };
+        let stored = crate::db::StoredBlob {
+            manifest: Some(pb::Manifest::from(entry.manifest.as_ref())),
+            registered_by: entry.registered_by.clone(),
+            registered_at: entry.registered_at,
+        };
+        if let Err(e) = self.db.put_blob(blob.as_bytes(), &stored) {
+            tracing::error!(error = %e, "persisting a verified blob failed");
+        }
+    }
+
+    /// A target found that the blob assembled from seeded ranges does not match its digest:
+    /// the origin serves other bytes. The manifest is dropped and every target of the blob
+    /// fails, rather than fetching it again and again.
+    fn reject_provisional(&mut self, blob: Digest, message: &str) {
+        if !self.provisional.remove(&blob) {
+            return;
+        }
+        tracing::warn!(%blob, message, "the seeded blob does not match its digest");
+        let message = format!("the origin's content does not match {blob}: {message}");
+        let hosts: Vec<HostId> = (self.wants.keys())
+            .filter(|(_, b)| *b == blob)
+            .map(|(h, _)| *h)
+            .collect();
+        for host in hosts {
+            if let Some(order) = self.orders.remove(&(host, blob)) {
+                self.agents.send(
+                    host,
+                    pb::coordinator_message::Msg::Cancel(pb::Cancel {
+                        order_id: order.id,
+                        blob_digest: blob.as_bytes().to_vec(),
+                        reason: "the blob does not match its digest".into(),
+                    }),
+                );
+            }
+            self.fail_targets(host, blob, pb::FailureReason::DigestMismatch, &message);
+        }
+        self.catalog.remove(&blob);
     }
 
     /// Records what `host` holds of `blob` (`chunks == u32::MAX` with complete = all).

@@ -320,27 +320,48 @@ async fn check_job(
     job_id: &str,
     digest: Digest,
 ) -> Result<(), Status> {
-    let Ok(job) = client
+    let job = match client
         .get_job(pb::GetJobRequest {
             job_id: job_id.to_string(),
             include_targets: true,
         })
         .await
-    else {
-        return Ok(()); // Coordinator unreachable for now: keep waiting.
+    {
+        Ok(r) => r.into_inner().job,
+        Err(s) if s.code() == tonic::Code::NotFound => {
+            return Err(Status::aborted(format!(
+                "the job fetching {digest} ({job_id}) is gone from the coordinator"
+            )));
+        }
+        Err(_) => return Ok(()), // Coordinator unreachable for now: keep waiting.
     };
-    let failed = (job.into_inner().job)
-        .and_then(|j| j.progress)
-        .into_iter()
-        .flat_map(|p| p.targets)
-        .find(|t| t.state() == pb::TargetState::Failed);
-    match failed {
-        Some(t) => Err(Status::aborted(format!(
-            "fetching {digest} failed: {}",
+    let Some(job) = job else { return Ok(()) };
+    let ended = (job.progress.iter())
+        .flat_map(|p| p.targets.iter())
+        .find(|t| {
+            matches!(
+                t.state(),
+                pb::TargetState::Failed | pb::TargetState::Cancelled
+            )
+        });
+    if let Some(t) = ended {
+        return Err(Status::aborted(format!(
+            "fetching {digest} {}: {}",
+            if t.state() == pb::TargetState::Cancelled {
+                "was cancelled"
+            } else {
+                "failed"
+            },
             t.message
-        ))),
-        None => Ok(()),
+        )));
     }
+    if matches!(job.state(), pb::JobState::Failed | pb::JobState::Cancelled) {
+        return Err(Status::aborted(format!(
+            "the job fetching {digest} ended {:?}",
+            job.state()
+        )));
+    }
+    Ok(())
 }
 
 /// Copies to a temporary file beside `to`, then renames it over `to`.

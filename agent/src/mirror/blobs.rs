@@ -52,7 +52,12 @@ pub(super) async fn serve(
         Ok(s) => s,
         Err(r) => return r,
     };
-    let range = match headers.get(header::RANGE).map(|v| v.to_str().unwrap_or("")) {
+    // RFC 9110: a Range of another unit, or one that does not parse, is ignored (whole
+    // blob, 200); HEAD answers for the whole blob too. A bytes range beyond the end is 416.
+    let spec = (headers.get(header::RANGE))
+        .and_then(|v| v.to_str().ok())
+        .filter(|s| !head && s.trim_start().starts_with("bytes=") && !s.contains(','));
+    let range = match spec {
         None => None,
         Some(spec) => match parse_range(spec, size) {
             Some(r) => Some(r),
@@ -257,6 +262,8 @@ impl Pull {
         // Tells the download which chunks this client needs next (in-order streaming).
         let reader = shared.readers.enter(digest, 0);
         let mut arrivals = None;
+        // Looks for the manifest soon, then less often while a long seed runs.
+        let mut manifest_wait = POLL_MANIFEST;
         while pos <= end {
             // 1. The chunk is in the store: verified bytes.
             // Subscribed before looking, so a chunk landing in between is not missed.
@@ -284,6 +291,14 @@ impl Pull {
                     } else {
                         Source::Peers
                     };
+                    if from >= to {
+                        // The blob is shorter than the size announced to the client.
+                        return Err(format!(
+                            "{digest} is {} bytes, not the {} announced",
+                            manifest.size(),
+                            self.size
+                        ));
+                    }
                     let piece = data.slice(from..to);
                     let n = piece.len() as u64;
                     if !self.send(tx, piece, source).await {
@@ -316,7 +331,12 @@ impl Pull {
             if let Some(why) = failed.as_ref().and_then(|f| f.borrow().clone()) {
                 return self.fallback(pos, end, tx, counts, &why).await;
             }
-            if last_progress.elapsed() >= fallback_after {
+            // The stall clock runs only once chunks can flow (the manifest is here): before
+            // that the blob is being seeded, which takes as long as the upstream needs, and
+            // a failed seed ends the wait through `failed`.
+            if arrivals.is_none() {
+                last_progress = Instant::now();
+            } else if last_progress.elapsed() >= fallback_after {
                 let why = format!("no data from peers for {} ms", fallback_after.as_millis());
                 return self.fallback(pos, end, tx, counts, &why).await;
             }
@@ -324,7 +344,10 @@ impl Pull {
                 Some(arrivals) => {
                     let _ = tokio::time::timeout(POLL, arrivals.recv()).await;
                 }
-                None => tokio::time::sleep(POLL_MANIFEST).await,
+                None => {
+                    tokio::time::sleep(manifest_wait).await;
+                    manifest_wait = (manifest_wait * 2).min(POLL);
+                }
             }
         }
         Ok(counts)

@@ -62,6 +62,15 @@ impl Catalog {
         });
     }
 
+    pub fn entry(&self, blob: &Digest) -> Option<&Entry> {
+        self.blobs.get(blob)
+    }
+
+    /// Forgets a blob (a manifest that turned out not to describe it).
+    pub fn remove(&mut self, blob: &Digest) {
+        self.blobs.remove(blob);
+    }
+
     pub fn manifest(&self, blob: &Digest) -> Option<Arc<Manifest>> {
         self.blobs.get(blob).map(|e| e.manifest.clone())
     }

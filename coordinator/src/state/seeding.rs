@@ -417,6 +417,13 @@ impl State {
         let Ok(blob) = Digest::from_slice(&msg.blob_digest) else {
             return;
         };
+        // Seeders whose own target is still open: they will get the blob's order, and move
+        // their range into their store with it. Others would hold their range nowhere.
+        let open: BTreeSet<HostId> = (self.seeding.get(&blob).into_iter())
+            .flat_map(|s| s.waiting.iter())
+            .filter(|(job, h)| self.target_open(job, *h, blob))
+            .map(|(_, h)| *h)
+            .collect();
         let Some(seeding) = self.seeding.get_mut(&blob) else {
             return;
         };
@@ -442,6 +449,18 @@ impl State {
         if seeding.ranges.iter().any(|r| r.digests.is_none()) {
             return;
         }
+        let mut orphaned = false;
+        for r in &mut seeding.ranges {
+            if r.seeder.is_some_and(|(h, _)| !open.contains(&h)) {
+                r.seeder = None;
+                r.digests = None;
+                orphaned = true;
+            }
+        }
+        if orphaned {
+            self.elect_for(blob); // Seed those ranges again, on agents that will keep them.
+            return;
+        }
         let size = seeding.size();
         let chunks: Vec<Digest> = (seeding.ranges.iter())
             .flat_map(|r| r.digests.clone().unwrap_or_default())
@@ -455,7 +474,7 @@ impl State {
         match shoal_proto::Manifest::new(blob, size, STRIPE_CHUNK, chunks) {
             Ok(manifest) => {
                 tracing::info!(%blob, ranges = seeders.len(), "manifest assembled from seeded ranges");
-                self.add_to_catalog(manifest, seeders.join(","));
+                self.add_to_catalog(manifest, seeders.join(","), false);
                 for (host, chunks) in held {
                     self.holds(host, blob, chunks, false);
                 }

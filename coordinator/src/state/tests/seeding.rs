@@ -351,3 +351,30 @@ fn a_failed_range_moves_to_another_agent() {
     range_seeded(&mut c, other, &again[0].1, &m);
     assert!(c.s.catalog.manifest(&m.digest()).is_some());
 }
+
+#[test]
+fn a_blob_assembled_from_ranges_that_fails_its_digest_is_dropped() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = cluster(dir.path(), 2);
+    let m = big_manifest();
+    let job = distribute_from_origin(&mut c.s, m.digest(), &["a0", "a1"], sized_origin(m.size()))
+        .expect("distribute");
+    for (agent, order) in c.orders() {
+        range_seeded(&mut c, agent, &order, &m);
+    }
+    assert!(c.s.catalog.manifest(&m.digest()).is_some());
+    let (agent, order) = c.orders().pop().expect("an ordinary order");
+    c.fail(agent, &order, pb::FailureReason::DigestMismatch);
+    assert!(
+        c.s.catalog.manifest(&m.digest()).is_none(),
+        "the unverified manifest is dropped"
+    );
+    let (state, targets) = target_state(&c.s, &job);
+    assert_eq!(state, pb::JobState::Failed, "{targets:?}");
+    assert!(
+        targets
+            .iter()
+            .all(|t| t.reason() == pb::FailureReason::DigestMismatch),
+        "{targets:?}"
+    );
+}
