@@ -96,6 +96,17 @@ impl Ingests {
     }
 }
 
+/// A part file removed when dropped, unless taken.
+struct PartFile(Option<PathBuf>);
+
+impl Drop for PartFile {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
 /// Removes the table entry and the part file, however the ingest ends.
 struct Registration<'a> {
     ingests: &'a Ingests,
@@ -392,7 +403,15 @@ async fn store_part(
     let part = part.to_path_buf();
     let copied = tokio::task::spawn_blocking(move || -> Result<(), Failure> {
         use std::io::Read;
-        let from_store = |e: &crate::store::StoreError| Failure::from_store(e);
+        // This agent's store disagreeing (another manifest for the digest) says nothing
+        // about the origin: another seeder may succeed, so not a definitive failure.
+        let from_store = |e: &crate::store::StoreError| {
+            let mut f = Failure::from_store(e);
+            if matches!(e, crate::store::StoreError::ManifestConflict(_)) {
+                f.reason = FailureReason::IoError;
+            }
+            f
+        };
         store
             .insert_manifest(&manifest)
             .map_err(|e| from_store(&e))?;
@@ -472,16 +491,11 @@ pub(crate) async fn seed_range(
         written: 0,
         size: None,
     });
-    let fetched = fetch(shared, &origin, blob, None, &part, &tx, Some(span)).await;
-    let (range, _) = match fetched {
-        Ok(f) => f,
-        Err(f) => {
-            let _ = tokio::fs::remove_file(&part).await;
-            return Err(f);
-        }
-    };
+    // Removed unless the range is kept: on failure, and when the order is cancelled (this
+    // future dropped).
+    let mut unkept = PartFile(Some(part.clone()));
+    let (range, _) = fetch(shared, &origin, blob, None, &part, &tx, Some(span)).await?;
     if range.size() != span.end - span.start {
-        let _ = tokio::fs::remove_file(&part).await;
         return Err(Failure::new(
             FailureReason::OriginError,
             format!(
@@ -492,6 +506,7 @@ pub(crate) async fn seed_range(
         ));
     }
     let first_chunk = (span.start / chunk) as u32;
+    unkept.0 = None;
     // The same range seeded again (its order resent) has the same part file: replace it.
     shared.ingests.ranges_lock().insert(
         (blob, first_chunk),

@@ -249,12 +249,14 @@ async fn execute(
 ) -> Result<Option<(u64, u64, u64)>, Failure> {
     if order.manifest.is_none() && order.range_end > 0 {
         // One range of a large blob: reported with RangeSeeded, not BlobDone.
-        crate::ingest::seed_range(shared, order, digest).await?;
+        let seed = crate::ingest::seed_range(shared, order, digest);
+        unless_cancelled(control, seed).await?;
         return Ok(None);
     }
     let Some(wire) = &order.manifest else {
         // Nobody holds it yet: this agent seeds it from the origin.
-        let (size, from_origin) = crate::ingest::ingest(shared, order, digest).await?;
+        let seed = crate::ingest::ingest(shared, order, digest);
+        let (size, from_origin) = unless_cancelled(control, seed).await?;
         return Ok(Some((size, 0, from_origin)));
     };
     let manifest = Manifest::try_from(wire)
@@ -323,6 +325,27 @@ async fn execute(
     })
     .await?;
     Ok(Some((manifest.size(), bytes_from_peers, 0)))
+}
+
+/// Runs `work` until it ends or the order is cancelled (dropping it: its part files go with
+/// it). Source updates mean nothing to a seed order.
+async fn unless_cancelled<T>(
+    control: &mut mpsc::UnboundedReceiver<Control>,
+    work: impl std::future::Future<Output = Result<T, Failure>>,
+) -> Result<T, Failure> {
+    let cancelled = async {
+        loop {
+            match control.recv().await {
+                Some(Control::Cancel(why)) => return why,
+                Some(Control::Sources { .. }) => {}
+                None => std::future::pending::<()>().await,
+            }
+        }
+    };
+    tokio::select! {
+        result = work => result,
+        why = cancelled => Err(Failure::new(FailureReason::Cancelled, format!("cancelled: {why}"))),
+    }
 }
 
 /// Runs store work off the async threads, mapping its errors to order failures.

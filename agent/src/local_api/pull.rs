@@ -266,9 +266,10 @@ async fn identify(shared: &Arc<Shared>, url: &str, tx: &Tx) -> Result<Digest, St
     }
     let me = shared.agent_id();
     let client = CoordinatorClient::new(shared.channel.clone());
-    let ask = |fetched: Option<Digest>, gave_up: bool| {
+    let owned_url = url.to_string();
+    let ask = move |fetched: Option<Digest>, gave_up: bool| {
         let request = pb::ResolveUrlRequest {
-            url: url.to_string(),
+            url: owned_url.clone(),
             etag: etag.clone(),
             size,
             agent_id: me.clone(),
@@ -292,17 +293,32 @@ async fn identify(shared: &Arc<Shared>, url: &str, tx: &Tx) -> Result<Digest, St
                 .parse()
                 .map_err(|e| Status::internal(format!("coordinator sent a bad digest: {e}")));
         }
-        if answer.fetcher == me {
-            return match fetch().await {
-                Ok(digest) => {
-                    ask(Some(digest), false).await?;
-                    Ok(digest)
+        if answer.fetcher == shared.agent_id() {
+            let _ = tx
+                .send(Ok(pb::PullProgress {
+                    state: PullState::Fetching as i32,
+                    ..Default::default()
+                }))
+                .await;
+            // Its own task: the others wait for its report, so it finishes and reports even
+            // if this pull is dropped (deadline, client gone).
+            let (shared, url) = (shared.clone(), url.to_string());
+            let report = ask.clone();
+            let fetched = tokio::spawn(async move {
+                let result = crate::ingest::fetch_url(&shared, &url)
+                    .await
+                    .map(|m| m.digest())
+                    .map_err(|f| Status::unavailable(format!("fetching {url}: {}", f.message)));
+                match &result {
+                    // The blob is stored either way: a lost report costs others a refetch.
+                    Ok(digest) => drop(report(Some(*digest), false).await),
+                    Err(_) => drop(report(None, true).await),
                 }
-                Err(status) => {
-                    let _ = ask(None, true).await;
-                    Err(status)
-                }
-            };
+                result
+            });
+            return fetched
+                .await
+                .map_err(|e| Status::internal(format!("fetch task failed: {e}")))?;
         }
         let _ = tx
             .send(Ok(pb::PullProgress {

@@ -487,11 +487,23 @@ impl State {
         }
     }
 
+    /// Cancels the seed orders of `seeding` still running.
+    fn stop_seeders(&mut self, blob: Digest, seeding: &Seeding, reason: &str) {
+        for r in &seeding.ranges {
+            if let (None, Some((host, id))) = (&r.digests, r.seeder) {
+                if self.orders.get(&(host, blob)).map(|o| o.id) == Some(id) {
+                    self.cancel_order(host, blob, reason);
+                }
+            }
+        }
+    }
+
     fn fail_seeding(&mut self, blob: Digest, reason: FailureReason, message: &str) {
         let Some(seeding) = self.seeding.remove(&blob) else {
             return;
         };
         tracing::warn!(%blob, message, "giving up seeding");
+        self.stop_seeders(blob, &seeding, "seeding failed");
         let mut changed = BTreeSet::new();
         for (job_id, host) in &seeding.waiting {
             let agent = self.agents.name(*host);
@@ -522,13 +534,8 @@ impl State {
         let Some(seeding) = self.seeding.remove(&blob) else {
             return;
         };
-        for r in &seeding.ranges {
-            if let Some((host, id)) = r.seeder {
-                if self.orders.get(&(host, blob)).map(|o| o.id) == Some(id) {
-                    self.orders.remove(&(host, blob));
-                }
-            }
-        }
+        // Seeders still fetching (another agent registered the blob first) stop.
+        self.stop_seeders(blob, &seeding, "the blob is known now");
         let size = self.catalog.manifest(&blob).map_or(0, |m| m.size());
         self.set_seed_targets(blob, |t| t.bytes_total = size);
         for (job_id, host) in seeding.waiting {
