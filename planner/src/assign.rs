@@ -101,6 +101,10 @@ struct Download {
     /// No progress for `stuck_after` without a complete source: it may be in an island of
     /// partial holders that all lack the same chunks, so it wants a complete holder.
     stuck: bool,
+    /// (when, chunks held) at the last rate check.
+    mark: (Time, u32),
+    /// A check is scheduled in `stuck_checks`.
+    checking: bool,
 }
 
 #[derive(Debug, Default)]
@@ -505,6 +509,8 @@ impl Assigner {
                     hungry: None,
                     progress_at: self.now,
                     stuck: false,
+                    mark: (self.now, 0),
+                    checking: false,
                 },
             );
         }

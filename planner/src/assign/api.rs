@@ -145,6 +145,10 @@ pub struct AssignerConfig {
     pub max_attempts: u32,
     /// Wait before the first retry after `Failed`; doubles each further attempt.
     pub retry_backoff: Duration,
+    /// A download without a complete source whose rate over `stuck_after` is below this
+    /// fraction of its share of the target's link is slow: like a stuck one, it gets a
+    /// complete holder with room in place of its least advanced source. 0 = off.
+    pub slow_fraction: f64,
 }
 
 impl Default for AssignerConfig {
@@ -156,6 +160,7 @@ impl Default for AssignerConfig {
             lease: Duration::from_secs(10),
             max_attempts: 3,
             retry_backoff: Duration::from_secs(1),
+            slow_fraction: 0.5,
         }
     }
 }

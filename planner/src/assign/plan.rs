@@ -567,21 +567,52 @@ impl Assigner {
         Some(victim)
     }
 
-    /// The download made progress: not stuck; check again `stuck_after` from now.
+    /// The download made progress: not stuck. Its checks run every `stuck_after` while it
+    /// has an order (see `check_stuck`).
     pub(super) fn progressed(&mut self, blob: BlobId, target: HostId) {
         let now = self.now;
         let after = self.config.stuck_after;
         let Some(d) = self.download_mut(blob, target) else {
             return;
         };
-        let old = (d.progress_at + after, blob, target);
         d.progress_at = now;
         let was_stuck = std::mem::replace(&mut d.stuck, false);
-        self.stuck_checks.remove(&old);
-        self.stuck_checks.insert((now + after, blob, target));
+        if !d.checking {
+            d.checking = true;
+            d.mark = (now, d.mark.1);
+            self.stuck_checks.insert((now + after, blob, target));
+        }
         if was_stuck {
             self.sync_hungry(blob, target);
         }
+    }
+
+    /// Whether the download ran below `slow_fraction` of its share of the target's link
+    /// since the last check; moves the mark.
+    fn slow(&mut self, blob: BlobId, target: HostId) -> bool {
+        let now = self.now;
+        let fraction = self.config.slow_fraction;
+        let chunks = (self.hosts.get(&target))
+            .and_then(|h| h.holdings.get(&blob))
+            .map_or(0, |h| h.chunks);
+        let (share, chunk_bytes) = {
+            let t = &self.hosts[&target];
+            let b = &self.blobs[&blob];
+            (
+                t.download_bps as f64 / t.wants.len().max(1) as f64,
+                b.size as f64 / f64::from(b.chunk_count.max(1)),
+            )
+        };
+        let Some(d) = self.download_mut(blob, target) else {
+            return false;
+        };
+        let (at, before) = std::mem::replace(&mut d.mark, (now, chunks));
+        let secs = now.saturating_since(at).as_secs_f64();
+        if fraction <= 0.0 || secs <= 0.0 || chunks < before {
+            return false;
+        }
+        let rate = f64::from(chunks - before) * chunk_bytes / secs;
+        rate < fraction * share
     }
 
     /// A download with no progress for `stuck_after` and no complete source becomes stuck:
@@ -592,23 +623,30 @@ impl Assigner {
         let Some(d) = (self.blobs.get(&blob)).and_then(|b| b.downloads.get(&target)) else {
             return;
         };
-        if d.sent.is_none() || now.saturating_since(d.progress_at) < after {
+        if d.sent.is_none() {
+            if let Some(d) = self.download_mut(blob, target) {
+                d.checking = false; // Rescheduled at its next progress.
+            }
             return;
         }
+        let idle = now.saturating_since(d.progress_at) >= after;
         let upstream = (d.sources.iter()).any(|s| {
             (self.hosts.get(s))
                 .and_then(|h| h.holdings.get(&blob))
                 .is_some_and(|h| h.complete)
         });
-        if upstream {
-            // Check again later: its complete source may go.
+        let slow = self.slow(blob, target);
+        if upstream || !(idle || slow) {
+            // Check again later: its complete source may go, or it may slow down.
             self.stuck_checks.insert((now + after, blob, target));
             return;
         }
-        if let Some(d) = self.download_mut(blob, target) {
-            d.stuck = true;
+        if idle {
+            if let Some(d) = self.download_mut(blob, target) {
+                d.stuck = true;
+            }
+            self.sync_hungry(blob, target);
         }
-        self.sync_hungry(blob, target);
         // Complete holders with room, nearest first.
         let candidates: Vec<HostId> = {
             let b = &self.blobs[&blob];
