@@ -350,16 +350,7 @@ impl State {
                     sources,
                 } => self.send_source_update(host, blob.0, sources),
                 Command::Cancel { host, blob } => {
-                    if let Some(order) = self.orders.remove(&(host, blob.0)) {
-                        self.agents.send(
-                            host,
-                            pb::coordinator_message::Msg::Cancel(pb::Cancel {
-                                order_id: order.id,
-                                blob_digest: blob.0.as_bytes().to_vec(),
-                                reason: "no longer wanted".into(),
-                            }),
-                        );
-                    }
+                    self.cancel_order(host, blob.0, "no longer wanted");
                 }
             }
         }
@@ -666,16 +657,7 @@ impl State {
             .map(|(h, _)| *h)
             .collect();
         for host in hosts {
-            if let Some(order) = self.orders.remove(&(host, blob)) {
-                self.agents.send(
-                    host,
-                    pb::coordinator_message::Msg::Cancel(pb::Cancel {
-                        order_id: order.id,
-                        blob_digest: blob.as_bytes().to_vec(),
-                        reason: "the blob does not match its digest".into(),
-                    }),
-                );
-            }
+            self.cancel_order(host, blob, "the blob does not match its digest");
             self.fail_targets(host, blob, pb::FailureReason::DigestMismatch, &message);
         }
         self.catalog.remove(&blob);

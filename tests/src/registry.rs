@@ -19,11 +19,10 @@
 //! a client finished are complete. The fixture's own requests (readiness, markers,
 //! [`http_get`]) carry the user agent [`FIXTURE_USER_AGENT`] and are left out of the counts.
 
-use std::fs::OpenOptions;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -113,18 +112,10 @@ http:
             storage = storage.display(),
         );
         std::fs::write(&config_path, config)?;
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)?;
-        let child = Command::new(binary)
-            .arg("serve")
-            .arg(&config_path)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("spawning {}", binary.display()))?;
+        let child = tools::spawn_logged(
+            Command::new(binary).arg("serve").arg(&config_path),
+            &log_path,
+        )?;
         let mut registry = Registry {
             child,
             addr,

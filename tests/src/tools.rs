@@ -43,6 +43,23 @@ fn is_executable(path: &Path) -> bool {
 }
 
 /// The last `lines` lines of `text`, for error messages that quote a daemon's log.
+/// Spawns a daemon with stdin closed and stdout and stderr appended to `log`.
+pub fn spawn_logged(
+    command: &mut std::process::Command,
+    log: &Path,
+) -> Result<std::process::Child> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    command
+        .stdin(std::process::Stdio::null())
+        .stdout(file.try_clone()?)
+        .stderr(file)
+        .spawn()
+        .with_context(|| format!("spawning {:?}", command.get_program()))
+}
+
 pub fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")

@@ -368,7 +368,8 @@ impl State {
         (self.seeding.get(blob)).is_some_and(|s| s.range_of(host, None).is_some())
     }
 
-    fn cancel_order(&mut self, host: HostId, blob: Digest, reason: &str) {
+    /// Forgets the order for (host, blob) and tells the agent to stop it.
+    pub(super) fn cancel_order(&mut self, host: HostId, blob: Digest, reason: &str) {
         if let Some(order) = self.orders.remove(&(host, blob)) {
             self.agents.send(
                 host,
