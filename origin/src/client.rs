@@ -274,9 +274,8 @@ impl Client {
         headers: &[(String, String)],
     ) -> Result<UrlInfo, OriginError> {
         let url = parse_http_url(url)?;
-        let response = self
-            .url_request(Method::HEAD, url, user_headers(headers)?)
-            .await?;
+        let headers = self.with_configured(url.as_str(), headers)?;
+        let response = self.url_request(Method::HEAD, url, headers).await?;
         let headers = response.headers();
         Ok(UrlInfo {
             size: content_length(headers),
@@ -295,13 +294,24 @@ impl Client {
         range: Option<ByteRange>,
     ) -> Result<Body, OriginError> {
         let url = parse_http_url(url)?;
-        let mut headers = user_headers(headers)?;
+        let mut headers = self.with_configured(url.as_str(), headers)?;
         headers.extend(range_headers(range)?);
         let response = self.url_request(Method::GET, url, headers).await?;
         self.ranged_body(response, range)
     }
 
     // ---- internals ---------------------------------------------------------------------
+
+    /// The caller's headers, then the configured ones for `url` (`[[origin.http]]`).
+    fn with_configured(
+        &self,
+        url: &str,
+        headers: &[(String, String)],
+    ) -> Result<HeaderMap, OriginError> {
+        let mut all = headers.to_vec();
+        all.extend(self.inner.config.http_headers(url)?);
+        user_headers(&all)
+    }
 
     async fn url_request(
         &self,

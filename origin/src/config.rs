@@ -104,12 +104,39 @@ impl fmt::Debug for Credentials {
     }
 }
 
+/// Headers for HTTP(S) origins whose URL starts with `url_prefix` (section
+/// `[[origin.http]]`): e.g. an `Authorization` token for a private model host. Values come
+/// from the config or, for secrets, from files (a mounted Kubernetes Secret), read at each
+/// request with a trailing newline trimmed.
+#[derive(Clone, Default, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpOriginConfig {
+    /// E.g. `https://models.internal/` (compared byte for byte, so end it with `/`).
+    pub url_prefix: String,
+    pub headers: std::collections::BTreeMap<String, String>,
+    /// Header name -> file holding its value.
+    pub header_files: std::collections::BTreeMap<String, std::path::PathBuf>,
+}
+
+impl fmt::Debug for HttpOriginConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Header values may be credentials: names only.
+        f.debug_struct("HttpOriginConfig")
+            .field("url_prefix", &self.url_prefix)
+            .field("headers", &self.headers.keys().collect::<Vec<_>>())
+            .field("header_files", &self.header_files)
+            .finish()
+    }
+}
+
 /// Settings for every origin request (section `[origin]`).
 #[derive(Clone, Debug, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OriginConfig {
     /// Registries that need something other than anonymous HTTPS.
     pub registries: Vec<RegistryConfig>,
+    /// Headers for HTTP(S) origins, by URL prefix (every matching entry applies).
+    pub http: Vec<HttpOriginConfig>,
     /// Manifests larger than this are refused with [`OriginError::TooLarge`]. Default 4 MiB.
     pub manifest_max_bytes: u64,
     /// TCP connect timeout. Default 5000.
@@ -125,6 +152,7 @@ impl Default for OriginConfig {
     fn default() -> Self {
         Self {
             registries: Vec::new(),
+            http: Vec::new(),
             manifest_max_bytes: 4 << 20,
             connect_timeout_ms: 5000,
             request_timeout_ms: 30_000,
@@ -134,6 +162,28 @@ impl Default for OriginConfig {
 }
 
 impl OriginConfig {
+    /// The configured headers for `url`: every `[[origin.http]]` entry whose prefix it has.
+    pub fn http_headers(&self, url: &str) -> Result<Vec<(String, String)>, OriginError> {
+        let mut out = Vec::new();
+        for entry in self.http.iter().filter(|e| url.starts_with(&e.url_prefix)) {
+            out.extend(entry.headers.iter().map(|(k, v)| (k.clone(), v.clone())));
+            for (name, path) in &entry.header_files {
+                let value = std::fs::read_to_string(path).map_err(|e| {
+                    OriginError::Invalid(format!(
+                        "header {name} for {}: reading {}: {e}",
+                        entry.url_prefix,
+                        path.display()
+                    ))
+                })?;
+                out.push((
+                    name.clone(),
+                    value.trim_end_matches(['\n', '\r']).to_string(),
+                ));
+            }
+        }
+        Ok(out)
+    }
+
     /// The settings for `host`, or the defaults (HTTPS, anonymous) when it has no entry.
     pub fn registry(&self, host: &str) -> RegistryConfig {
         self.registries

@@ -16,7 +16,7 @@ mod reference;
 
 pub use body::{Body, ByteRange};
 pub use client::{Client, FetchedManifest, ManifestHead, UrlInfo};
-pub use config::{OriginConfig, RegistryConfig};
+pub use config::{HttpOriginConfig, OriginConfig, RegistryConfig};
 pub use error::OriginError;
 pub use image::{
     DEFAULT_PLATFORM, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST,

@@ -315,3 +315,35 @@ async fn silent_servers_time_out() {
     );
     assert!(started.elapsed() < std::time::Duration::from_secs(5));
 }
+
+#[tokio::test]
+async fn configured_headers_apply_by_url_prefix_and_read_secret_files() {
+    let addr = start_files().await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("token");
+    std::fs::write(&secret, "Bearer hf_x\n").unwrap();
+    let config = |prefix: String| OriginConfig {
+        http: vec![shoal_origin::HttpOriginConfig {
+            url_prefix: prefix,
+            header_files: [("Authorization".to_string(), secret.clone())].into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let url = format!("http://{addr}/private");
+    let client = Client::new(config(format!("http://{addr}/"))).unwrap();
+    let body = client.get_url(&url, &[], None).await.unwrap();
+    assert_eq!(read_all(body).await.unwrap(), b"secret weights");
+    // Another host's prefix: no header, denied.
+    let client = Client::new(config("http://elsewhere.example/".into())).unwrap();
+    let err = client.get_url(&url, &[], None).await.unwrap_err();
+    assert!(matches!(err, OriginError::Unauthorized(_)), "{err:?}");
+    // A secret file that is missing: a clear error naming the file.
+    std::fs::remove_file(&secret).unwrap();
+    let client = Client::new(config(format!("http://{addr}/"))).unwrap();
+    let err = client.get_url(&url, &[], None).await.unwrap_err();
+    assert!(
+        matches!(&err, OriginError::Invalid(m) if m.contains("token")),
+        "{err:?}"
+    );
+}
