@@ -108,17 +108,16 @@ impl Drop for PartFile {
 }
 
 /// Removes the table entry and the part file, however the ingest ends.
+/// (Readers that opened the part file keep reading it; nobody new finds it.)
 struct Registration<'a> {
     ingests: &'a Ingests,
     blob: Digest,
-    part: PathBuf,
+    _part: PartFile,
 }
 
 impl Drop for Registration<'_> {
     fn drop(&mut self) {
         self.ingests.lock().remove(&self.blob);
-        // Readers that opened the part file keep reading it; nobody new finds it.
-        let _ = std::fs::remove_file(&self.part);
     }
 }
 
@@ -185,7 +184,7 @@ pub(crate) async fn ingest(
     let _registration = Registration {
         ingests: &shared.ingests,
         blob,
-        part: part.clone(),
+        _part: PartFile(Some(part.clone())),
     };
     let outcome = fetch_and_store(shared, order, blob, &origin, &part, &tx).await;
     let _ = tx.send(match &outcome {
@@ -346,24 +345,13 @@ pub(crate) async fn fetch_url(shared: &Arc<Shared>, url: &str) -> Result<Manifes
         written: 0,
         size: None,
     });
-    let outcome = async {
-        let (manifest, _) = fetch(
-            shared,
-            &origin,
-            Digest::from_bytes([0; 32]),
-            None,
-            &part,
-            &tx,
-            None,
-        )
-        .await?;
-        store_part(shared, &manifest, &part).await?;
-        register(shared, &manifest, &pb::FetchOrder::default());
-        Ok(manifest)
-    }
-    .await;
-    let _ = tokio::fs::remove_file(&part).await;
-    outcome
+    let _part = PartFile(Some(part.clone()));
+    // A URL addresses its content itself: the digest argument is unused for it.
+    let unaddressed = Digest::from_bytes([0; 32]);
+    let (manifest, _) = fetch(shared, &origin, unaddressed, None, &part, &tx, None).await?;
+    store_part(shared, &manifest, &part).await?;
+    register(shared, &manifest, &pb::FetchOrder::default());
+    Ok(manifest)
 }
 
 async fn open(

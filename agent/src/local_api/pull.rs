@@ -243,17 +243,13 @@ async fn run(
 /// that digest and then pull it like any blob, from peers. An origin that gives neither
 /// ETag nor size cannot be told apart from a changed file: this agent fetches it alone.
 async fn identify(shared: &Arc<Shared>, url: &str, tx: &Tx) -> Result<Digest, Status> {
-    let fetch = || async {
+    let state = |state: PullState| async move {
         let _ = tx
             .send(Ok(pb::PullProgress {
-                state: PullState::Fetching as i32,
+                state: state as i32,
                 ..Default::default()
             }))
             .await;
-        crate::ingest::fetch_url(shared, url)
-            .await
-            .map(|m| m.digest())
-            .map_err(|f| Status::unavailable(format!("fetching {url}: {}", f.message)))
     };
     let info = match shared.origin.head_url(url, &[]).await {
         Ok(info) => info,
@@ -262,7 +258,8 @@ async fn identify(shared: &Arc<Shared>, url: &str, tx: &Tx) -> Result<Digest, St
     let (etag, size) = (info.etag.unwrap_or_default(), info.size.unwrap_or(0));
     if etag.is_empty() && size == 0 {
         tracing::info!(url, "no ETag or size: fetching alone");
-        return fetch().await;
+        state(PullState::Fetching).await;
+        return fetch_url(shared.clone(), url.to_string()).await;
     }
     let me = shared.agent_id();
     let client = CoordinatorClient::new(shared.channel.clone());
@@ -294,21 +291,13 @@ async fn identify(shared: &Arc<Shared>, url: &str, tx: &Tx) -> Result<Digest, St
                 .map_err(|e| Status::internal(format!("coordinator sent a bad digest: {e}")));
         }
         if answer.fetcher == shared.agent_id() {
-            let _ = tx
-                .send(Ok(pb::PullProgress {
-                    state: PullState::Fetching as i32,
-                    ..Default::default()
-                }))
-                .await;
+            state(PullState::Fetching).await;
             // Its own task: the others wait for its report, so it finishes and reports even
             // if this pull is dropped (deadline, client gone).
             let (shared, url) = (shared.clone(), url.to_string());
             let report = ask.clone();
             let fetched = tokio::spawn(async move {
-                let result = crate::ingest::fetch_url(&shared, &url)
-                    .await
-                    .map(|m| m.digest())
-                    .map_err(|f| Status::unavailable(format!("fetching {url}: {}", f.message)));
+                let result = fetch_url(shared, url).await;
                 match &result {
                     // The blob is stored either way: a lost report costs others a refetch.
                     Ok(digest) => drop(report(Some(*digest), false).await),
@@ -320,14 +309,17 @@ async fn identify(shared: &Arc<Shared>, url: &str, tx: &Tx) -> Result<Digest, St
                 .await
                 .map_err(|e| Status::internal(format!("fetch task failed: {e}")))?;
         }
-        let _ = tx
-            .send(Ok(pb::PullProgress {
-                state: PullState::Queued as i32,
-                ..Default::default()
-            }))
-            .await;
+        state(PullState::Queued).await;
         tokio::time::sleep(POLL_EVERY).await;
     }
+}
+
+/// Fetches `url` into the store on this agent; its digest.
+async fn fetch_url(shared: Arc<Shared>, url: String) -> Result<Digest, Status> {
+    crate::ingest::fetch_url(&shared, &url)
+        .await
+        .map(|m| m.digest())
+        .map_err(|f| Status::unavailable(format!("fetching {url}: {}", f.message)))
 }
 
 /// Fails if the coordinator says this pull's target failed.

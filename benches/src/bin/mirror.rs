@@ -134,15 +134,15 @@ async fn cluster(n: usize, registry: &str) -> Result<Cluster> {
     })
 }
 
-fn image(dir: &std::path::Path, tag: &str, seed: u64, layer_mib: u64) -> Result<ImageSpec> {
-    let _ = dir;
-    Ok(ImageSpec {
+/// A small config layer and one incompressible layer of `layer_mib` MiB.
+fn image(tag: &str, seed: u64, layer_mib: u64) -> ImageSpec {
+    ImageSpec {
         layers: vec![
             LayerSpec::default().file("etc/app/config", 4096, seed * 10 + 1),
             LayerSpec::default().file("opt/model.bin", layer_mib << 20, seed * 10 + 2),
         ],
         tag: tag.to_string(),
-    })
+    }
 }
 
 #[tokio::main(flavor = "multi_thread")]
@@ -164,7 +164,7 @@ async fn main() -> Result<()> {
     let (mut upstream, mut seeded, mut peer) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..args.rounds {
         let layout = work.path().join(format!("ttfb-{round}"));
-        let spec = image(&layout, "v1", 100 + round as u64, args.layer_mib)?;
+        let spec = image("v1", 100 + round as u64, args.layer_mib);
         let built = oci_image::build_layout(&layout, &spec)?;
         let repo = format!("bench/ttfb{round}");
         oci_image::push_to_registry(&layout, "v1", &host, &repo)?;
@@ -231,7 +231,7 @@ async fn main() -> Result<()> {
     println!("|---|---|");
     for n in [4usize, 8] {
         let layout = work.path().join(format!("fan-{n}"));
-        let spec = image(&layout, "v1", 200 + n as u64, args.layer_mib)?;
+        let spec = image("v1", 200 + n as u64, args.layer_mib);
         let built = oci_image::build_layout(&layout, &spec)?;
         let repo = format!("bench/fan{n}");
         oci_image::push_to_registry(&layout, "v1", &host, &repo)?;

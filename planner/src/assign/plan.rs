@@ -615,8 +615,10 @@ impl Assigner {
         rate < fraction * share
     }
 
-    /// A download with no progress for `stuck_after` and no complete source becomes stuck:
-    /// hungry for a complete holder, which replaces its least advanced partial source.
+    /// Runs every `stuck_after` per download with an order. One with no complete source
+    /// that made no progress (stuck: hungry for a complete holder) or ran below
+    /// `slow_fraction` of its share of the link (slow) gets a complete holder with room,
+    /// which replaces its least advanced partial source.
     pub(super) fn check_stuck(&mut self, blob: BlobId, target: HostId) {
         let now = self.now;
         let after = self.config.stuck_after;
