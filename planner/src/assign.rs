@@ -35,6 +35,9 @@ const OFFER_SCAN_LIMIT: usize = 256;
 /// Partial holders a target's top-up draws its sources from at random (nearest first).
 const TOP_UP_SCAN: usize = 64;
 
+/// Targets short of sources that a new download of their blob lets try again.
+const HUNGRY_RETRY: usize = 4;
+
 /// Order among available holders of one blob: complete first, then more chunks, then salt.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
 struct HolderKey {
@@ -105,6 +108,8 @@ struct Download {
     mark: (Time, u32),
     /// A check is scheduled in `stuck_checks`.
     checking: bool,
+    /// Its index in its blob's `members`.
+    member: usize,
 }
 
 #[derive(Debug, Default)]
@@ -114,6 +119,8 @@ struct Blob {
     available: Tiered<HolderKey>,
     hungry: Tiered<HungryKey>,
     downloads: BTreeMap<HostId, Download>,
+    /// The keys of `downloads`, in no particular order: for drawing one at random.
+    members: Vec<HostId>,
     corrupt: BTreeSet<HostId>,
 }
 
@@ -495,6 +502,7 @@ impl Assigner {
             d.priority = priority;
         } else {
             self.next_seq += 1;
+            b.members.push(id);
             b.downloads.insert(
                 id,
                 Download {
@@ -511,11 +519,13 @@ impl Assigner {
                     stuck: false,
                     mark: (self.now, 0),
                     checking: false,
+                    member: b.members.len() - 1,
                 },
             );
         }
         self.sync_hungry(blob, id);
         self.top_up(blob, id);
+        self.top_up_hungry(blob, id);
     }
 
     fn unwant(&mut self, blob: BlobId, id: HostId) {

@@ -178,6 +178,8 @@ pub struct AssignerStats {
     pub assignments: u64,
     /// Downloads re-planned because a source left, stalled, lied or was evicted.
     pub replans: u64,
+    /// Sources found by splitting an edge (see `Assigner::split_edges`).
+    pub splits: u64,
     /// Downloads finished.
     pub completions: u64,
     /// `Failed` events.

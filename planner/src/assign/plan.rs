@@ -7,8 +7,8 @@ use std::collections::BTreeSet;
 use rand::Rng;
 
 use super::{
-    Assigner, Blob, Command, Download, HolderKey, Holding, HungryKey, OFFER_SCAN_LIMIT, Serve,
-    TOP_UP_SCAN,
+    Assigner, Blob, Command, Download, HUNGRY_RETRY, HolderKey, Holding, HungryKey,
+    OFFER_SCAN_LIMIT, Serve, TOP_UP_SCAN,
 };
 use crate::{BlobId, HostId};
 
@@ -48,6 +48,12 @@ impl Assigner {
         for (b, blob) in &self.blobs {
             if self.hungry_blobs.contains(b) == blob.hungry.is_empty() {
                 return Err(format!("hungry_blobs out of sync for {b}"));
+            }
+            if blob.members.len() != blob.downloads.len()
+                || (blob.members.iter().enumerate())
+                    .any(|(i, h)| blob.downloads.get(h).is_none_or(|d| d.member != i))
+            {
+                return Err(format!("members out of sync for {b}"));
             }
             for (t, d) in &blob.downloads {
                 let target = &self.hosts[t];
@@ -346,9 +352,15 @@ impl Assigner {
                 }
             }
         }
+        let need = need - complete.len();
+        for source in complete {
+            let rate = self.rate_for(target, source);
+            self.assign(blob, target, source, rate);
+        }
+        let need = need - self.split_edges(blob, target, need);
         // Weighted by chunks + 1: a holder further along likely has more of what we lack.
-        let mut picked: Vec<HostId> = Vec::new();
-        while picked.len() < need - complete.len() && !partial.is_empty() {
+        let mut picked = 0;
+        while picked < need && !partial.is_empty() {
             let total: u64 = partial.iter().map(|p| u64::from(p.1) + 1).sum();
             let mut x = self.rng.random_range(0..total);
             let mut i = 0;
@@ -356,12 +368,112 @@ impl Assigner {
                 x -= u64::from(partial[i].1) + 1;
                 i += 1;
             }
-            picked.push(partial.swap_remove(i).0);
-        }
-        for source in complete.into_iter().chain(picked) {
+            let source = partial.swap_remove(i).0;
             let rate = self.rate_for(target, source);
-            self.assign(blob, target, source, rate);
+            let b = &self.blobs[&blob];
+            if self.fits(b, &b.downloads[&target], target, source, rate)
+                && self.blob_share_ok(blob, source, rate)
+            {
+                self.assign(blob, target, source, rate);
+                picked += 1;
+            }
         }
+    }
+
+    /// A new download of `blob` brought edges to split: targets near `near` still short
+    /// of K sources (the first few of a swarm, which arrived when there was nobody to
+    /// split) try again.
+    pub(super) fn top_up_hungry(&mut self, blob: BlobId, near: HostId) {
+        let k = self.config.max_sources;
+        let (zone, rack) = (self.hosts[&near].zone, self.hosts[&near].rack);
+        let short: Vec<HostId> = (self.blobs.get(&blob).into_iter())
+            .flat_map(|b| b.hungry.nearest(zone, rack))
+            .filter(|key| key.host != near && key.sources < k)
+            .take(HUNGRY_RETRY)
+            .map(|key| key.host)
+            .collect();
+        for target in short {
+            self.top_up(blob, target);
+        }
+    }
+
+    /// Gives `target` up to `need` sources by splitting edges: a source `s` serving a
+    /// download `u` of the same blob that has nothing verified yet serves `target` instead,
+    /// and `target` serves `u`. Every host keeps its in- and out-degree, and the graph stays
+    /// random. Without it, targets that arrive together take their sources from the only
+    /// holders with room left, the latest arrivals, and the swarm becomes a band in arrival
+    /// order (each host's sources its few neighbours) that every chunk walks down hop by hop:
+    /// seed-example's slowest hosts received at a seventh of their link for half a second.
+    /// Only downloads with nothing yet are split, so no running transfer loses a source
+    /// with chunks; only partial sources, so nobody loses a complete upstream. Returns how
+    /// many sources it gave.
+    fn split_edges(&mut self, blob: BlobId, target: HostId, need: usize) -> usize {
+        let mut given = 0;
+        for _ in 0..need * 4 {
+            if given == need {
+                break;
+            }
+            let members = self.blobs[&blob].members.len();
+            if members < 2 {
+                break;
+            }
+            let u = self.blobs[&blob].members[self.rng.random_range(0..members)];
+            let Some(du) = self.blobs[&blob].downloads.get(&u) else {
+                continue;
+            };
+            if u == target || du.sources.is_empty() {
+                continue;
+            }
+            let s = du.sources[self.rng.random_range(0..du.sources.len())];
+            if self.can_split(blob, target, u, s) {
+                let rate_st = self.rate_for(target, s);
+                let rate_tu = self.rate_for(u, target);
+                if let Some(d) = self.download_mut(blob, u) {
+                    d.sources.retain(|x| *x != s);
+                }
+                self.release(blob, u, s);
+                self.assign(blob, target, s, rate_st);
+                self.assign(blob, u, target, rate_tu);
+                self.stats.splits += 1;
+                given += 1;
+            }
+        }
+        given
+    }
+
+    /// Whether the edge `s` → `u` may become `s` → `target` → `u` (see `split_edges`).
+    fn can_split(&self, blob: BlobId, target: HostId, u: HostId, s: HostId) -> bool {
+        let b = &self.blobs[&blob];
+        let (Some(dt), Some(du)) = (b.downloads.get(&target), b.downloads.get(&u)) else {
+            return false;
+        };
+        let holding = |h: HostId| self.hosts[&h].holdings.get(&blob).copied();
+        let u_started = holding(u).is_some_and(|h| h.chunks > 0 || h.complete);
+        let s_partial = holding(s).is_some_and(|h| !h.complete);
+        if u_started
+            || !s_partial
+            || s == target
+            || dt.sources.contains(&s)
+            || dt.excluded.contains(&s)
+            || du.sources.contains(&target)
+            || du.excluded.contains(&target)
+            || b.corrupt.contains(&target)
+        {
+            return false;
+        }
+        let t = &self.hosts[&target];
+        let rate_tu = self.rate_for(u, target);
+        let target_room = t.alive
+            && t.serving.len() < self.config.max_uploads
+            && t.committed_bps + rate_tu <= t.upload_bps
+            && self.blob_share_ok(blob, target, rate_tu);
+        let src = &self.hosts[&s];
+        let rate_su = src.serving.get(&(blob, u)).map_or(0, |v| v.rate);
+        let rate_st = self.rate_for(target, s);
+        let (share, used) = self.blob_share(blob, s);
+        let source_room = src.committed_bps - rate_su + rate_st <= src.upload_bps
+            && (used - rate_su == 0 || used - rate_su + rate_st <= share);
+        target_room && source_room
     }
 
     /// Gives `source`'s spare capacity to hungry targets of `blob`, nearest first.
@@ -462,6 +574,13 @@ impl Assigner {
         let (zone, rack) = (h.zone, h.rack);
         let b = self.blobs.get_mut(&blob)?;
         let d = b.downloads.remove(&target)?;
+        b.members.swap_remove(d.member);
+        if let Some(&moved) = b.members.get(d.member) {
+            b.downloads
+                .get_mut(&moved)
+                .expect("members mirror downloads")
+                .member = d.member;
+        }
         h.wants.remove(&blob);
         if let Some(key) = d.hungry {
             b.hungry.remove(zone, rack, &key);

@@ -138,6 +138,53 @@ impl Sim<'_> {
                 .filter(|&k| self.hosts[src[k] as usize].origin)
                 .count();
             let origin_up: f64 = self.hosts.iter().filter(|h| h.origin).map(|h| h.up).sum();
+            {
+                // Per-download progress, and whether each flow's source has anything its
+                // target lacks (starved: no; idle: yes, but no request ready).
+                let mut held: Vec<u32> = Vec::new();
+                let (mut starved, mut useful_idle, mut useful_active) = (0, 0, 0);
+                let mut useful_sum = 0u64;
+                let activeset: std::collections::BTreeSet<usize> =
+                    self.active.iter().copied().collect();
+                for h in self
+                    .hosts
+                    .iter()
+                    .filter(|h| h.alive && !h.downloads.is_empty())
+                {
+                    for (b, d) in &h.downloads {
+                        let mine = &h.store[b];
+                        held.push(mine.count());
+                        for (&s, &fid) in &d.sources {
+                            let theirs = self.hosts[s as usize].store.get(b);
+                            let useful = theirs
+                                .map_or(0, |t| t.iter().filter(|i| !mine.contains(*i)).count());
+                            useful_sum += useful as u64;
+                            if useful == 0 {
+                                starved += 1
+                            } else if activeset.contains(&fid) {
+                                useful_active += 1
+                            } else {
+                                useful_idle += 1
+                            }
+                        }
+                    }
+                }
+                held.sort_unstable();
+                let q = |p: f64| {
+                    held.get(((held.len() as f64 - 1.0) * p) as usize)
+                        .copied()
+                        .unwrap_or(0)
+                };
+                eprintln!(
+                    "  held min {} p10 {} p50 {} p90 {} max {}; flows starved {starved} useful-idle {useful_idle} useful-active {useful_active}; mean useful {:.1}",
+                    q(0.0),
+                    q(0.1),
+                    q(0.5),
+                    q(0.9),
+                    q(1.0),
+                    useful_sum as f64 / (starved + useful_idle + useful_active).max(1) as f64
+                );
+            }
             eprintln!(
                 "  origins send {:.0}% of their uplink over {origin_flows} active flows",
                 100.0 * origin_rate / origin_up
