@@ -232,6 +232,9 @@ impl State {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            // One batch per request: a job's targets, or a report that re-plans many
+            // downloads, give each download one order or update with its final sources.
+            self.assigner.begin_batch();
             tokio::select! {
                 request = requests.recv() => {
                     let Some(request) = request else { return };
@@ -242,6 +245,7 @@ impl State {
             if !self.seeding.is_empty() {
                 self.elect_seeders();
             }
+            self.assigner.end_batch();
             self.drive_assigner();
         }
     }

@@ -143,6 +143,11 @@ pub struct Assigner {
     /// The latest `now` passed in.
     now: Time,
     dirty: BTreeSet<(BlobId, HostId)>,
+    /// Downloads changed since the last commands went out, in order (see `flush`).
+    touched: Vec<(BlobId, HostId)>,
+    touched_set: BTreeSet<(BlobId, HostId)>,
+    /// Inside `begin_batch`..`end_batch`: commands wait for the end.
+    batching: bool,
     /// Blobs with at least one hungry target: what freed capacity is offered to.
     hungry_blobs: BTreeSet<BlobId>,
     commands: VecDeque<Command>,
@@ -168,6 +173,9 @@ impl Assigner {
             stuck_checks: BTreeSet::new(),
             now: Time::ZERO,
             dirty: BTreeSet::new(),
+            touched: Vec::new(),
+            touched_set: BTreeSet::new(),
+            batching: false,
             hungry_blobs: BTreeSet::new(),
             commands: VecDeque::new(),
             notices: VecDeque::new(),
@@ -250,6 +258,20 @@ impl Assigner {
                 self.top_up(blob, host);
             }
         }
+        self.flush();
+    }
+
+    /// Withholds commands until [`Assigner::end_batch`]: feed a job's wants for many
+    /// targets between the two and each download gets one command with its final
+    /// sources, not a `Fetch` followed by `UpdateSources` as later targets arrive and
+    /// re-plan it. Decisions are the same as without the batch.
+    pub fn begin_batch(&mut self) {
+        self.batching = true;
+    }
+
+    /// Ends a batch: one command per download changed in it.
+    pub fn end_batch(&mut self) {
+        self.batching = false;
         self.flush();
     }
 

@@ -380,6 +380,11 @@ impl<'a> Sim<'a> {
         let tick = self.tick();
         let max = Time::ZERO + self.spec.params.max_time;
         loop {
+            // The coordinator handles what reaches it in one step as one batch (as it
+            // handles a job's targets): one command per changed download.
+            if let Some(c) = &mut self.coord {
+                c.assigner.begin_batch();
+            }
             while let Some(entry) = self.events.first_entry() {
                 if entry.key().0 > self.now {
                     break;
@@ -387,6 +392,14 @@ impl<'a> Sim<'a> {
                 let ev = entry.remove();
                 self.out.events += 1;
                 self.handle(ev);
+            }
+            if let Some(c) = &mut self.coord {
+                c.assigner.end_batch();
+                if c.up {
+                    self.drain_commands();
+                } else {
+                    while c.assigner.poll_command().is_some() {} // Lost with the coordinator.
+                }
             }
             self.coordinator_timers();
             if self.unfinished == 0 || self.now >= max {

@@ -2,7 +2,6 @@
 //! accounting, topping targets up, offering freed sources, and turning changes into commands.
 
 use std::cmp::Reverse;
-use std::collections::BTreeSet;
 
 use rand::Rng;
 
@@ -601,7 +600,8 @@ impl Assigner {
         Some(d.sent.is_some())
     }
 
-    /// Turns changed source lists into commands, once per download per call. A target that
+    /// Turns changed source lists into commands, once per download per call (or per
+    /// batch, see `begin_batch`). A target that
     /// gets its order becomes a source of the blob at once, holding nothing yet: its peers
     /// connect to it now and learn each chunk from its have-stream as it is verified, instead
     /// of waiting for progress reports to reach the coordinator. This is what lets a swarm
@@ -610,13 +610,11 @@ impl Assigner {
         // Settle first: a target about to get its first order becomes a holder, which may
         // give others sources (and change stripes), which may order more targets. Then
         // one command per changed download, with its final sources and stripes.
-        let mut seen = BTreeSet::new();
-        let mut touched = Vec::new();
         while !self.dirty.is_empty() {
             let mut ordered = Vec::new();
             for (blob, target) in std::mem::take(&mut self.dirty) {
-                if seen.insert((blob, target)) {
-                    touched.push((blob, target));
+                if self.touched_set.insert((blob, target)) {
+                    self.touched.push((blob, target));
                 }
                 let first = (self.blobs.get(&blob))
                     .and_then(|b| b.downloads.get(&target))
@@ -632,7 +630,11 @@ impl Assigner {
                 }
             }
         }
-        for (blob, target) in touched {
+        if self.batching {
+            return;
+        }
+        self.touched_set.clear();
+        for (blob, target) in std::mem::take(&mut self.touched) {
             if !self.is_up(target) {
                 continue;
             }

@@ -671,3 +671,101 @@ fn a_source_splits_its_upload_between_the_blobs_in_demand() {
     assert_eq!(t.a.uploads(h(0)), 3);
     t.a.check_invariants().unwrap();
 }
+
+/// Hops from the seed (host 0) to every target over source edges, the longest of them.
+fn depth(t: &Harness, b: BlobId, targets: std::ops::RangeInclusive<u32>) -> usize {
+    let mut dist: BTreeMap<u32, usize> = BTreeMap::from([(0, 0)]);
+    let mut changed = true;
+    while changed {
+        changed = false;
+        for target in targets.clone() {
+            let best = (t.sources(target, b).iter())
+                .filter_map(|s| dist.get(&s.0).map(|d| d + 1))
+                .min();
+            if let Some(d) = best
+                && dist.get(&target).is_none_or(|old| d < *old)
+            {
+                dist.insert(target, d);
+                changed = true;
+            }
+        }
+    }
+    assert_eq!(
+        dist.len(),
+        targets.count() + 1,
+        "every target reaches the seed"
+    );
+    dist.values().copied().max().unwrap_or(0)
+}
+
+#[test]
+fn targets_arriving_together_form_a_shallow_graph_not_a_band() {
+    // 400 targets want one blob at once; each host's upload covers exactly K downloads,
+    // so the only holders with room are the latest arrivals. Taking those made a band in
+    // arrival order, about 400 / K hops deep; splitting edges keeps it logarithmic.
+    let x = blob(1);
+    let mut t = Harness::new(cfg(4, 256));
+    t.seed(0, 0, 0, GBPS, x);
+    for host in 1..=400 {
+        t.up(host, 0, host / 40, GBPS);
+    }
+    for host in 1..=400 {
+        t.want(host, x);
+    }
+    for host in 1..=400 {
+        assert_eq!(t.sources(host, x).len(), 4, "host {host} has K sources");
+        assert!(
+            t.a.uploads(h(host)) <= 4,
+            "host {host} serves at most its upload"
+        );
+    }
+    let d = depth(&t, x, 1..=400);
+    assert!(d <= 10, "the source graph is {d} hops deep");
+    assert!(t.a.stats().splits > 1000, "{:?}", t.a.stats());
+}
+
+#[test]
+fn a_batch_sends_one_command_per_download() {
+    let x = blob(1);
+    let run = |batch: bool| {
+        let mut t = Harness::new(cfg(4, 256));
+        t.seed(0, 0, 0, GBPS, x);
+        for host in 1..=60 {
+            t.up(host, 0, 0, GBPS);
+        }
+        if batch {
+            t.a.begin_batch();
+        }
+        let mut out = Vec::new();
+        for host in 1..=60 {
+            out.extend(t.want(host, x));
+        }
+        if batch {
+            assert!(out.is_empty(), "withheld until the batch ends: {out:?}");
+            t.a.end_batch();
+            t.a.check_invariants().unwrap();
+            out = t.drain();
+        }
+        let sources: Vec<Vec<HostId>> = (1..=60).map(|host| t.sources(host, x)).collect();
+        (out, sources)
+    };
+    let (batched, planned) = run(true);
+    // The same decisions, but each target's first command already has its final sources.
+    let (unbatched, same) = run(false);
+    assert_eq!(planned, same);
+    assert!(
+        (unbatched.iter()).any(|c| matches!(c, Command::UpdateSources { .. })),
+        "without a batch, later arrivals re-plan earlier ones"
+    );
+    let mut expected: Vec<Command> = (1..=60u32)
+        .map(|host| Command::Fetch {
+            host: h(host),
+            blob: x,
+            sources: planned[host as usize - 1].clone(),
+        })
+        .collect();
+    let mut got = batched;
+    got.sort_by_key(Command::host);
+    expected.sort_by_key(Command::host);
+    assert_eq!(got, expected);
+}
