@@ -2,12 +2,14 @@
 //!
 //! Policy (v1): a target gets up to K sources among hosts that hold the blob, complete or
 //! partial (partial holders are how a swarm forms: targets become sources for later
-//! targets). Candidates are taken same rack first, then same zone, then anywhere; within a
-//! tier complete before partial, more chunks before fewer, then a per-host random salt so
-//! load spreads. A source serves at most F downloads and at most its `upload_bps`, where
-//! each download is expected to take `download_bps / K` of it. Targets short of K sources
-//! are topped up when capacity frees or a new holder appears (nearest hungry target first,
-//! higher priority and fewer sources first within a tier).
+//! targets). Complete holders are taken same rack first, then same zone, then anywhere.
+//! Then the target splits random edges of downloads that have nothing yet (s -> u becomes
+//! s -> t -> u, see `split_edges`), which keeps a swarm that arrives at once a shallow
+//! random graph; then partial holders with room, drawn at random weighted by progress. A
+//! source serves at most F downloads and at most its `upload_bps`, where each download is
+//! expected to take `download_bps / K` of it. Targets short of K sources are topped up when
+//! capacity frees, a new holder appears (nearest hungry target first, higher priority and
+//! fewer sources first within a tier) or a new download brings edges to split.
 //!
 //! Cost per event is O(log n) index updates plus the handful of hosts touched; a host's
 //! holdings are re-indexed only when it crosses between "has spare upload" and "full".

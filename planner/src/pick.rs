@@ -131,7 +131,7 @@ impl ChunkPicker {
     }
 
     /// A reader (the OCI mirror streaming to a client) waits for the chunks from `from` on,
-    /// in order: the first [`SEQUENTIAL_AHEAD`] missing ones go before rarest-first, from
+    /// in order: the first `SEQUENTIAL_AHEAD` missing ones go before rarest-first, from
     /// any source that holds them, so the reader's first byte need not wait for the rest of
     /// the blob. `None`: nobody reads in order.
     pub fn set_sequential(&mut self, from: Option<ChunkIndex>) {

@@ -142,9 +142,10 @@ fn main() -> ExitCode {
         if let Some(shoal) = r.get(Strategy::Shoal) {
             if let Some(p) = &shoal.planner {
                 println!(
-                    "{}: planner orders {} source updates {} replans {} stalls {} corrupt reports {} lease expiries {}; endgame duplicates {} wasted chunks {}",
+                    "{}: planner orders {} edge splits {} source updates {} replans {} stalls {} corrupt reports {} lease expiries {}; endgame duplicates {} wasted chunks {}",
                     r.spec.name,
                     p.orders,
+                    p.splits,
                     p.source_updates,
                     p.replans,
                     p.stalls,
