@@ -110,8 +110,8 @@ struct Download {
     mark: (Time, u32),
     /// A check is scheduled in `stuck_checks`.
     checking: bool,
-    /// Its index in its blob's `members`.
-    member: usize,
+    /// Where it sits in its blob's `members`: the zone it was filed under, and its index.
+    member: (ZoneId, usize),
 }
 
 #[derive(Debug, Default)]
@@ -121,9 +121,54 @@ struct Blob {
     available: Tiered<HolderKey>,
     hungry: Tiered<HungryKey>,
     downloads: BTreeMap<HostId, Download>,
-    /// The keys of `downloads`, in no particular order: for drawing one at random.
-    members: Vec<HostId>,
+    /// The keys of `downloads` by zone: for drawing one at random.
+    members: Members,
     corrupt: BTreeSet<HostId>,
+}
+
+/// The downloads of one blob by the zone of their target, for drawing one at random
+/// (see `split_edges`).
+#[derive(Debug, Default)]
+struct Members {
+    by_zone: BTreeMap<ZoneId, Vec<HostId>>,
+    len: usize,
+}
+
+impl Members {
+    /// Files `host` under `zone`; returns where it sits.
+    fn insert(&mut self, zone: ZoneId, host: HostId) -> (ZoneId, usize) {
+        let v = self.by_zone.entry(zone).or_default();
+        v.push(host);
+        self.len += 1;
+        (zone, v.len() - 1)
+    }
+
+    /// Removes the entry at `at`; returns the host moved into its place, if any.
+    fn remove(&mut self, at: (ZoneId, usize)) -> Option<HostId> {
+        let v = self.by_zone.get_mut(&at.0)?;
+        v.swap_remove(at.1);
+        self.len -= 1;
+        let moved = v.get(at.1).copied();
+        if v.is_empty() {
+            self.by_zone.remove(&at.0);
+        }
+        moved
+    }
+
+    fn in_zone(&self, zone: ZoneId) -> &[HostId] {
+        self.by_zone.get(&zone).map_or(&[], Vec::as_slice)
+    }
+
+    /// The `x`-th over all zones (`x < len`).
+    fn nth(&self, mut x: usize) -> Option<HostId> {
+        for v in self.by_zone.values() {
+            if x < v.len() {
+                return Some(v[x]);
+            }
+            x -= v.len();
+        }
+        None
+    }
 }
 
 /// The coordinator's source-assignment state machine.
@@ -526,7 +571,7 @@ impl Assigner {
             d.priority = priority;
         } else {
             self.next_seq += 1;
-            b.members.push(id);
+            let member = b.members.insert(host.zone, id);
             b.downloads.insert(
                 id,
                 Download {
@@ -543,7 +588,7 @@ impl Assigner {
                     stuck: false,
                     mark: (self.now, 0),
                     checking: false,
-                    member: b.members.len() - 1,
+                    member,
                 },
             );
         }

@@ -78,6 +78,8 @@ pub struct Outcome {
     pub origin_egress: u64,
     /// Bytes moved between hosts in all.
     pub bytes_moved: u64,
+    /// Of those, bytes moved between hosts in different zones.
+    pub cross_zone_bytes: u64,
     /// Chunks that failed verification and were dropped.
     pub rejected_chunks: u64,
     /// Chunks stored although their source served corrupt data: must be zero.
@@ -654,6 +656,7 @@ fn empty_outcome(strategy: Strategy) -> Outcome {
         end: 0.0,
         origin_egress: 0,
         bytes_moved: 0,
+        cross_zone_bytes: 0,
         rejected_chunks: 0,
         stored_corrupt: 0,
         violations: Vec::new(),

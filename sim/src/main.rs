@@ -142,7 +142,7 @@ fn main() -> ExitCode {
         if let Some(shoal) = r.get(Strategy::Shoal) {
             if let Some(p) = &shoal.planner {
                 println!(
-                    "{}: planner orders {} edge splits {} source updates {} replans {} stalls {} corrupt reports {} lease expiries {}; endgame duplicates {} wasted chunks {}",
+                    "{}: planner orders {} edge splits {} source updates {} replans {} stalls {} corrupt reports {} lease expiries {}; endgame duplicates {} wasted chunks {}; {:.0}% of bytes crossed zones",
                     r.spec.name,
                     p.orders,
                     p.splits,
@@ -152,7 +152,8 @@ fn main() -> ExitCode {
                     p.corrupt_reports,
                     p.lease_expiries,
                     shoal.duplicate_requests,
-                    shoal.wasted_chunks
+                    shoal.wasted_chunks,
+                    100.0 * shoal.cross_zone_bytes as f64 / shoal.bytes_moved.max(1) as f64
                 );
             }
             for v in &shoal.violations {

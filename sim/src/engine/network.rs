@@ -85,6 +85,7 @@ impl Sim<'_> {
         let spec = self.spec;
         let mut egress = 0.0;
         let mut moved = 0.0;
+        let mut cross = 0.0;
         for k in 0..n {
             let id = self.active[k];
             let mut budget = self.alloc_b[k] * dt;
@@ -93,6 +94,9 @@ impl Sim<'_> {
                 f.last_progress = now;
                 f.stall_reported = false;
                 moved += budget;
+                if self.hosts[f.src as usize].zone != self.hosts[f.dst as usize].zone {
+                    cross += budget;
+                }
                 if self.hosts[f.src as usize].origin {
                     egress += budget;
                 }
@@ -199,6 +203,7 @@ impl Sim<'_> {
         }
         self.out.origin_egress += egress.round() as u64;
         self.out.bytes_moved += moved.round() as u64;
+        self.out.cross_zone_bytes += cross.round() as u64;
         done
     }
 }
