@@ -622,12 +622,12 @@ impl Assigner {
         Some(d.sent.is_some())
     }
 
-    /// Turns changed source lists into commands, once per download per call (or per
-    /// batch, see `begin_batch`). A target that
-    /// gets its order becomes a source of the blob at once, holding nothing yet: its peers
-    /// connect to it now and learn each chunk from its have-stream as it is verified, instead
-    /// of waiting for progress reports to reach the coordinator. This is what lets a swarm
-    /// relay a chunk within milliseconds of it leaving the origin.
+    /// Turns changed source lists into commands, once per download per call (or per batch,
+    /// see `begin_batch`). A target that gets its order becomes a source of the blob at
+    /// once, holding nothing yet: its peers connect to it now and learn each chunk from its
+    /// have-stream as it is verified, instead of waiting for progress reports to reach the
+    /// coordinator. This is what lets a swarm relay a chunk within milliseconds of it
+    /// leaving the origin.
     pub(super) fn flush(&mut self) {
         // Settle first: a target about to get its first order becomes a holder, which may
         // give others sources (and change stripes), which may order more targets. Then
