@@ -16,6 +16,7 @@
 
 mod api;
 mod plan;
+mod split;
 #[cfg(test)]
 mod tests;
 
