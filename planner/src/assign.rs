@@ -191,6 +191,9 @@ pub struct Assigner {
     /// The latest `now` passed in.
     now: Time,
     dirty: BTreeSet<(BlobId, HostId)>,
+    /// Downloads whose stripes changed, due to be told at the time (see `restripe`).
+    restripes: BTreeSet<(Time, BlobId, HostId)>,
+    restripe_due: BTreeMap<(BlobId, HostId), Time>,
     /// Downloads changed since the last commands went out, in order (see `flush`).
     touched: Vec<(BlobId, HostId)>,
     touched_set: BTreeSet<(BlobId, HostId)>,
@@ -221,6 +224,8 @@ impl Assigner {
             stuck_checks: BTreeSet::new(),
             now: Time::ZERO,
             dirty: BTreeSet::new(),
+            restripes: BTreeSet::new(),
+            restripe_due: BTreeMap::new(),
             touched: Vec::new(),
             touched_set: BTreeSet::new(),
             batching: false,
@@ -295,6 +300,14 @@ impl Assigner {
             self.stuck_checks.pop_first();
             self.check_stuck(blob, host);
         }
+        while let Some(&(at, blob, host)) = self.restripes.first() {
+            if at > now {
+                break;
+            }
+            self.restripes.pop_first();
+            self.restripe_due.remove(&(blob, host));
+            self.dirty.insert((blob, host));
+        }
         while let Some(&(at, blob, host)) = self.retries.first() {
             if at > now {
                 break;
@@ -328,7 +341,12 @@ impl Assigner {
         let lease = self.leases.first().map(|&(t, _)| t);
         let retry = self.retries.first().map(|&(t, _, _)| t);
         let stuck = self.stuck_checks.first().map(|&(t, _, _)| t);
-        lease.into_iter().chain(retry).chain(stuck).min()
+        let restripe = self.restripes.first().map(|&(t, _, _)| t);
+        (lease.into_iter())
+            .chain(retry)
+            .chain(stuck)
+            .chain(restripe)
+            .min()
     }
 
     /// The next command for an agent, in the order they were decided.

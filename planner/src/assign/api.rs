@@ -129,6 +129,9 @@ pub enum Notice {
     },
 }
 
+/// Default of [`AssignerConfig::restripe_delay`].
+pub const RESTRIPE_DELAY_MS: u64 = 100;
+
 /// Tunables. [`Default`] gives the v1 policy.
 #[derive(Clone, Debug)]
 pub struct AssignerConfig {
@@ -149,6 +152,10 @@ pub struct AssignerConfig {
     /// fraction of its share of the target's link is slow: like a stuck one, it gets a
     /// complete holder with room in place of its least advanced source. 0 = off.
     pub slow_fraction: f64,
+    /// How long the other downloaders of a source wait before their stripes follow a
+    /// change in who it serves (see `Assigner::stripe`): changes within this window go out
+    /// as one `UpdateSources` per download. Zero: at once.
+    pub restripe_delay: Duration,
 }
 
 impl Default for AssignerConfig {
@@ -161,6 +168,7 @@ impl Default for AssignerConfig {
             max_attempts: 3,
             retry_backoff: Duration::from_secs(1),
             slow_fraction: 0.5,
+            restripe_delay: Duration::from_millis(RESTRIPE_DELAY_MS),
         }
     }
 }
@@ -180,6 +188,8 @@ pub struct AssignerStats {
     pub replans: u64,
     /// Sources found by splitting an edge (see `Assigner::split_edges`).
     pub splits: u64,
+    /// Stripe changes folded into a later command by `restripe_delay`.
+    pub restripes_coalesced: u64,
     /// Downloads finished.
     pub completions: u64,
     /// `Failed` events.

@@ -275,14 +275,34 @@ impl Assigner {
 
     /// The downloads of `blob` that `source` serves changed, so their stripes did: each
     /// gets the new ones with its next command.
+    ///
+    /// After `restripe_delay`, not at once: when downloads finish in a large swarm, each
+    /// re-stripes its sources' other downloaders, and one update per change sent tens per
+    /// download. Stripes are a preference, so a stale one for a moment costs little; a
+    /// download whose sources change meanwhile gets its current stripes with that command.
     fn restripe(&mut self, blob: BlobId, source: HostId) {
+        let delay = self.config.restripe_delay;
+        let at = self.now + delay;
         let s = &self.hosts[&source];
-        for (_, t) in s
+        let others: Vec<HostId> = (s
             .serving
-            .range((blob, HostId(0))..=(blob, HostId(u32::MAX)))
-            .map(|(k, _)| *k)
-        {
-            self.dirty.insert((blob, t));
+            .range((blob, HostId(0))..=(blob, HostId(u32::MAX))))
+        .map(|(k, _)| k.1)
+        .collect();
+        for t in others {
+            if delay.is_zero() {
+                self.dirty.insert((blob, t));
+                continue;
+            }
+            match self.restripe_due.entry((blob, t)) {
+                std::collections::btree_map::Entry::Occupied(_) => {
+                    self.stats.restripes_coalesced += 1;
+                }
+                std::collections::btree_map::Entry::Vacant(e) => {
+                    e.insert(at);
+                    self.restripes.insert((at, blob, t));
+                }
+            }
         }
     }
 

@@ -78,10 +78,13 @@ impl Harness {
     }
 }
 
+/// K and F as given; stripe changes told at once (`stripe_updates_wait_and_coalesce`
+/// covers the delay).
 fn cfg(k: usize, f: usize) -> AssignerConfig {
     AssignerConfig {
         max_sources: k,
         max_uploads: f,
+        restripe_delay: Duration::ZERO,
         ..AssignerConfig::default()
     }
 }
@@ -778,4 +781,38 @@ fn random_event_scripts_keep_every_invariant() {
     for seed in 0..40 {
         scripted_run(seed);
     }
+}
+
+#[test]
+fn stripe_updates_wait_and_coalesce() {
+    let x = blob(1);
+    let delay = Duration::from_millis(100);
+    let mut t = Harness::new(AssignerConfig {
+        restripe_delay: delay,
+        ..cfg(1, 8)
+    });
+    t.seed(0, 0, 0, 10 * GBPS, x);
+    for host in 1..=3 {
+        t.up(host, 0, 0, GBPS);
+    }
+    assert_eq!(t.want(1, x), vec![fetch(1, x, &[0])]);
+    // Each newcomer's order goes out at once; the stripes of the seed's other downloaders
+    // change twice, but they hear of it once, after the delay.
+    assert_eq!(t.want(2, x), vec![fetch(2, x, &[0])]);
+    t.now += delay / 2;
+    assert_eq!(t.want(3, x), vec![fetch(3, x, &[0])]);
+    assert_eq!(t.a.stripe(x, h(1), h(0)), Some((0, 3)));
+    let due = t.a.poll_timeout().expect("a stripe update is due");
+    assert_eq!(due, Time::ZERO + delay);
+    t.now = due;
+    t.a.handle_timeout(t.now);
+    let mut out = t.drain();
+    out.sort_by_key(Command::host);
+    assert_eq!(out, vec![update(1, x, &[0]), update(2, x, &[0])]);
+    assert!(t.a.stats().restripes_coalesced >= 2, "{:?}", t.a.stats());
+    // Host 3's order already had its stripe: nothing more for anyone.
+    t.now += delay;
+    t.a.handle_timeout(t.now);
+    assert!(t.drain().is_empty());
+    t.a.check_invariants().unwrap();
 }
