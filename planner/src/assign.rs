@@ -111,6 +111,8 @@ struct Download {
     mark: (Time, u32),
     /// A check is scheduled in `stuck_checks`.
     checking: bool,
+    /// A stripe update is scheduled in `restripes`.
+    restripe_pending: bool,
     /// Where it sits in its blob's `members`: the zone it was filed under, and its index.
     member: (ZoneId, usize),
 }
@@ -193,7 +195,6 @@ pub struct Assigner {
     dirty: BTreeSet<(BlobId, HostId)>,
     /// Downloads whose stripes changed, due to be told at the time (see `restripe`).
     restripes: BTreeSet<(Time, BlobId, HostId)>,
-    restripe_due: BTreeMap<(BlobId, HostId), Time>,
     /// Downloads changed since the last commands went out, in order (see `flush`).
     touched: Vec<(BlobId, HostId)>,
     touched_set: BTreeSet<(BlobId, HostId)>,
@@ -225,7 +226,6 @@ impl Assigner {
             now: Time::ZERO,
             dirty: BTreeSet::new(),
             restripes: BTreeSet::new(),
-            restripe_due: BTreeMap::new(),
             touched: Vec::new(),
             touched_set: BTreeSet::new(),
             batching: false,
@@ -305,8 +305,10 @@ impl Assigner {
                 break;
             }
             self.restripes.pop_first();
-            self.restripe_due.remove(&(blob, host));
-            self.dirty.insert((blob, host));
+            if let Some(d) = self.download_mut(blob, host) {
+                d.restripe_pending = false;
+                self.dirty.insert((blob, host));
+            }
         }
         while let Some(&(at, blob, host)) = self.retries.first() {
             if at > now {
@@ -607,6 +609,7 @@ impl Assigner {
                     stuck: false,
                     mark: (self.now, 0),
                     checking: false,
+                    restripe_pending: false,
                     member,
                 },
             );

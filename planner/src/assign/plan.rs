@@ -294,14 +294,13 @@ impl Assigner {
                 self.dirty.insert((blob, t));
                 continue;
             }
-            match self.restripe_due.entry((blob, t)) {
-                std::collections::btree_map::Entry::Occupied(_) => {
-                    self.stats.restripes_coalesced += 1;
-                }
-                std::collections::btree_map::Entry::Vacant(e) => {
-                    e.insert(at);
-                    self.restripes.insert((at, blob, t));
-                }
+            let Some(d) = self.download_mut(blob, t) else {
+                continue;
+            };
+            if std::mem::replace(&mut d.restripe_pending, true) {
+                self.stats.restripes_coalesced += 1;
+            } else {
+                self.restripes.insert((at, blob, t));
             }
         }
     }

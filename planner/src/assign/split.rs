@@ -69,9 +69,7 @@ impl Assigner {
                 continue;
             }
             let s = du.sources[self.rng.random_range(0..du.sources.len())];
-            if self.can_split(blob, target, u, s) {
-                let rate_st = self.rate_for(target, s);
-                let rate_tu = self.rate_for(u, target);
+            if let Some((rate_st, rate_tu)) = self.can_split(blob, target, u, s) {
                 if let Some(d) = self.download_mut(blob, u) {
                     d.sources.retain(|x| *x != s);
                 }
@@ -85,11 +83,12 @@ impl Assigner {
         given
     }
 
-    /// Whether the edge `s` → `u` may become `s` → `target` → `u` (see `split_edges`).
-    fn can_split(&self, blob: BlobId, target: HostId, u: HostId, s: HostId) -> bool {
+    /// Whether the edge `s` → `u` may become `s` → `target` → `u` (see `split_edges`), and
+    /// if so the rates `s` → `target` and `target` → `u` would reserve.
+    fn can_split(&self, blob: BlobId, target: HostId, u: HostId, s: HostId) -> Option<(u64, u64)> {
         let b = &self.blobs[&blob];
         let (Some(dt), Some(du)) = (b.downloads.get(&target), b.downloads.get(&u)) else {
-            return false;
+            return None;
         };
         let holding = |h: HostId| self.hosts[&h].holdings.get(&blob).copied();
         let u_started = holding(u).is_some_and(|h| h.chunks > 0 || h.complete);
@@ -105,7 +104,7 @@ impl Assigner {
             || b.corrupt.contains(&s)
             || !self.hosts[&s].alive
         {
-            return false;
+            return None;
         }
         let t = &self.hosts[&target];
         let rate_tu = self.rate_for(u, target);
@@ -119,6 +118,6 @@ impl Assigner {
         let (share, used) = self.blob_share(blob, s);
         let source_room = src.committed_bps - rate_su + rate_st <= src.upload_bps
             && (used - rate_su == 0 || used - rate_su + rate_st <= share);
-        target_room && source_room
+        (target_room && source_room).then_some((rate_st, rate_tu))
     }
 }
