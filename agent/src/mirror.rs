@@ -264,6 +264,9 @@ pub(crate) fn channel_body() -> (
 pub(crate) struct Readers {
     table: Mutex<HashMap<shoal_proto::Digest, Vec<(u64, u32)>>>,
     next_id: std::sync::atomic::AtomicU64,
+    /// Readers registered, over all blobs: downloads ask on every fill, and most of the
+    /// time nobody reads, so that answer needs no lock.
+    count: std::sync::atomic::AtomicUsize,
 }
 
 impl Readers {
@@ -272,6 +275,9 @@ impl Readers {
     }
 
     pub(crate) fn position(&self, blob: &shoal_proto::Digest) -> Option<u32> {
+        if self.count.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+            return None;
+        }
         self.lock().get(blob)?.iter().map(|(_, c)| *c).min()
     }
 
@@ -281,6 +287,8 @@ impl Readers {
             .next_id
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.lock().entry(blob).or_default().push((id, chunk));
+        self.count
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Reader {
             readers: self,
             blob,
@@ -308,6 +316,7 @@ impl Reader<'_> {
 impl Drop for Reader<'_> {
     fn drop(&mut self) {
         let mut table = self.readers.lock();
+        (self.readers.count).fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         if let Some(list) = table.get_mut(&self.blob) {
             list.retain(|r| r.0 != self.id);
             if list.is_empty() {

@@ -52,7 +52,7 @@ impl Api {
     async fn size_origins(&self, req: &mut pb::DistributeRequest) {
         use pb::origin::Origin as O;
         for (blob, origin) in req.origins.iter_mut() {
-            let size = match &origin.origin {
+            match &mut origin.origin {
                 Some(O::Http(h)) if h.size == 0 => {
                     let headers: Vec<(String, String)> = h
                         .headers
@@ -60,24 +60,17 @@ impl Api {
                         .map(|(k, v)| (k.clone(), v.clone()))
                         .collect();
                     let head = self.origin.head_url(&h.url, &headers);
-                    match tokio::time::timeout(ORIGIN_HEAD_TIMEOUT, head).await {
-                        Ok(Ok(info)) => info.size.unwrap_or(0),
-                        _ => 0,
+                    if let Ok(Ok(info)) = tokio::time::timeout(ORIGIN_HEAD_TIMEOUT, head).await {
+                        h.size = info.size.unwrap_or(0);
                     }
                 }
                 Some(O::Oci(o)) if o.size == 0 => {
                     let Ok(digest) = blob.parse() else { continue };
                     let head = self.origin.head_blob(&o.registry, &o.repository, &digest);
-                    match tokio::time::timeout(ORIGIN_HEAD_TIMEOUT, head).await {
-                        Ok(Ok(size)) => size,
-                        _ => 0,
+                    if let Ok(Ok(size)) = tokio::time::timeout(ORIGIN_HEAD_TIMEOUT, head).await {
+                        o.size = size;
                     }
                 }
-                _ => continue,
-            };
-            match &mut origin.origin {
-                Some(O::Http(h)) => h.size = size,
-                Some(O::Oci(o)) => o.size = size,
                 _ => {}
             }
         }

@@ -236,8 +236,9 @@ pub(crate) fn media_type(headers: &HeaderMap) -> Option<String> {
     (!essence.is_empty()).then(|| essence.to_string())
 }
 
-/// Parses and checks an absolute `http://` or `https://` URL.
-pub(crate) fn parse_http_url(url: &str) -> Result<Url, OriginError> {
+/// Parses and checks an absolute `http://` or `https://` URL with a host. Its error never
+/// shows the query, which may hold a signature.
+pub fn parse_http_url(url: &str) -> Result<Url, OriginError> {
     let parsed = Url::parse(url).map_err(|e| {
         // The raw text may hold a signature; show only what precedes the query.
         let shown = url.split(['?', '#']).next().unwrap_or("");

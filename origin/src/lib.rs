@@ -18,6 +18,7 @@ pub use body::{Body, ByteRange};
 pub use client::{Client, FetchedManifest, ManifestHead, UrlInfo};
 pub use config::{HttpOriginConfig, OriginConfig, RegistryConfig};
 pub use error::OriginError;
+pub use http::parse_http_url;
 pub use image::{
     DEFAULT_PLATFORM, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST,
     ResolvedImage, resolve_image,

@@ -42,7 +42,6 @@ fn is_executable(path: &Path) -> bool {
         .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
-/// The last `lines` lines of `text`, for error messages that quote a daemon's log.
 /// Spawns a daemon with stdin closed and stdout and stderr appended to `log`.
 pub fn spawn_logged(
     command: &mut std::process::Command,
@@ -60,6 +59,7 @@ pub fn spawn_logged(
         .with_context(|| format!("spawning {:?}", command.get_program()))
 }
 
+/// The last `lines` lines of `text`, for error messages that quote a daemon's log.
 pub fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")

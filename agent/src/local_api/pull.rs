@@ -28,11 +28,7 @@ pub(super) async fn pull(
 ) -> Result<ReceiverStream<Result<pb::PullProgress, Status>>, Status> {
     let url = (!request.url.is_empty()).then(|| request.url.clone());
     if let Some(url) = &url {
-        if !(url.starts_with("http://") || url.starts_with("https://")) {
-            return Err(Status::invalid_argument(format!(
-                "url {url:?} is not an absolute http(s) URL"
-            )));
-        }
+        shoal_origin::parse_http_url(url).map_err(|e| Status::invalid_argument(e.to_string()))?;
     }
     if request.digest.is_empty() && url.is_none() {
         return Err(Status::invalid_argument("digest or url is required"));

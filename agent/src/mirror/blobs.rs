@@ -378,7 +378,6 @@ impl Pull {
             .await
             .map_err(|e| format!("reading the part file: {e}"))?;
         let mut sent = 0u64;
-        let mut buf = vec![0u8; PIECE];
         loop {
             let available = match state.borrow_and_update().clone() {
                 IngestState::Writing { written, .. } => written,
@@ -396,13 +395,11 @@ impl Pull {
                 continue;
             }
             let n = (want as usize).min(PIECE);
-            file.read_exact(&mut buf[..n])
+            let mut piece = bytes::BytesMut::zeroed(n);
+            file.read_exact(&mut piece)
                 .await
                 .map_err(|e| format!("reading the part file: {e}"))?;
-            if !self
-                .send(tx, Bytes::copy_from_slice(&buf[..n]), Source::Seed)
-                .await
-            {
+            if !self.send(tx, piece.freeze(), Source::Seed).await {
                 return Ok(sent);
             }
             sent += n as u64;

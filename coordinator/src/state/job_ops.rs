@@ -35,7 +35,7 @@ impl State {
             if blobs.contains(&d) {
                 continue;
             }
-            let held = self.catalog.manifest(&d).is_some() && self.catalog.complete_holders(&d) > 0;
+            let held = self.catalog.complete_holders(&d) > 0;
             if !held {
                 let origin = req.origins.get(&d.to_string()).ok_or_else(|| {
                     if self.catalog.manifest(&d).is_none() {
@@ -312,8 +312,7 @@ impl State {
             }
         }
         for (job_id, blob) in wanted {
-            let held =
-                self.catalog.manifest(&blob).is_some() && self.catalog.complete_holders(&blob) > 0;
+            let held = self.catalog.complete_holders(&blob) > 0;
             if self.catalog.holds_complete(&blob, host) {
                 self.blob_done(host, blob);
             } else if let Some(origin) = (!held).then(|| self.job_origin(&job_id, &blob)).flatten()

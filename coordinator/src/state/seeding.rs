@@ -104,20 +104,9 @@ pub fn check_origin(blob: &Digest, origin: &pb::Origin) -> Result<(), String> {
         Some(O::Peer(_)) => Err(format!(
             "origins[{blob}]: peer origins are chosen by the coordinator; give an http or oci origin"
         )),
-        Some(O::Http(h)) => {
-            let rest = (h.url.strip_prefix("https://"))
-                .or_else(|| h.url.strip_prefix("http://"))
-                .ok_or_else(|| {
-                    format!(
-                        "origins[{blob}]: url {:?} is not an absolute http(s) URL",
-                        h.url
-                    )
-                })?;
-            if rest.is_empty() || rest.starts_with('/') {
-                return Err(format!("origins[{blob}]: url {:?} has no host", h.url));
-            }
-            Ok(())
-        }
+        Some(O::Http(h)) => shoal_origin::parse_http_url(&h.url)
+            .map(|_| ())
+            .map_err(|e| format!("origins[{blob}]: {e}")),
         Some(O::Oci(o)) => {
             if o.registry.is_empty() || o.registry.contains('/') {
                 return Err(format!(
@@ -186,14 +175,9 @@ impl State {
             .collect();
         if waiting.is_empty() {
             // Nobody needs it any more (jobs cancelled or timed out).
-            let seeders: Vec<HostId> = (seeding.ranges.iter())
-                .filter(|r| r.digests.is_none())
-                .filter_map(|r| r.seeder.map(|(h, _)| h))
-                .collect();
-            for host in seeders {
-                self.cancel_order(host, blob, "no target needs the blob any more");
+            if let Some(seeding) = self.seeding.remove(&blob) {
+                self.stop_seeders(blob, &seeding, "no target needs the blob any more");
             }
-            self.seeding.remove(&blob);
             return;
         }
         // Seeders lost (gone, or their order dropped with them) count as failed attempts.
@@ -543,11 +527,9 @@ impl State {
             if !self.target_open(&job_id, host, blob) {
                 continue;
             }
+            self.want(&job_id, host, blob);
             if self.catalog.holds_complete(&blob, host) {
-                self.want(&job_id, host, blob);
                 self.blob_done(host, blob);
-            } else {
-                self.want(&job_id, host, blob);
             }
         }
     }

@@ -32,12 +32,8 @@ impl State {
         &mut self,
         req: pb::ResolveUrlRequest,
     ) -> Result<pb::ResolveUrlResponse, ApiError> {
-        if !(req.url.starts_with("http://") || req.url.starts_with("https://")) {
-            return Err(ApiError::InvalidArgument(format!(
-                "url {:?} is not an absolute http(s) URL",
-                req.url
-            )));
-        }
+        shoal_origin::parse_http_url(&req.url)
+            .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
         if req.etag.is_empty() && req.size == 0 {
             return Err(ApiError::InvalidArgument(
                 "a URL without ETag or size cannot be told apart from a changed one: give a digest"

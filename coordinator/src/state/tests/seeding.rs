@@ -78,6 +78,12 @@ impl Cluster {
             message: "upstream said no".into(),
             chunks_verified: 0,
         });
+        self.say(agent, msg);
+    }
+
+    /// Agent `agent` sends `msg`; the coordinator then does what its loop does after any
+    /// message.
+    fn say(&mut self, agent: usize, msg: Msg) {
         say(&mut self.s, self.sessions[agent], msg);
         self.s.elect_seeders();
         self.s.drive_assigner();
@@ -215,24 +221,9 @@ fn a_seed_survives_a_coordinator_restart() {
         job
     };
     // A new coordinator on the same state: the agents come back, the seed starts again.
-    let mut c = {
-        let mut s = state(dir.path(), Duration::from_secs(30));
-        let mut sessions = Vec::new();
-        let mut inboxes = Vec::new();
-        for i in 0..2 {
-            let joined = join(&mut s, &format!("a{i}"), 10 + i as u16);
-            let (session, inbox) = open(&mut s, &joined);
-            sessions.push(session);
-            inboxes.push(inbox);
-        }
-        s.elect_seeders();
-        s.drive_assigner();
-        Cluster {
-            s,
-            sessions,
-            inboxes,
-        }
-    };
+    let mut c = cluster(dir.path(), 2);
+    c.s.elect_seeders();
+    c.s.drive_assigner();
     let sent = c.orders();
     assert_eq!(sent.len(), 1, "{sent:?}");
     let (seeder, order) = &sent[0];
@@ -276,9 +267,7 @@ fn range_seeded(c: &mut Cluster, agent: usize, order: &pb::FetchOrder, m: &Manif
             .map(|d| d.as_bytes().to_vec())
             .collect(),
     });
-    say(&mut c.s, c.sessions[agent], msg);
-    c.s.elect_seeders();
-    c.s.drive_assigner();
+    c.say(agent, msg);
 }
 
 #[test]
@@ -369,12 +358,17 @@ fn a_blob_assembled_from_ranges_that_fails_its_digest_is_dropped() {
         c.s.catalog.manifest(&m.digest()).is_none(),
         "the unverified manifest is dropped"
     );
-    let (state, targets) = target_state(&c.s, &job);
-    assert_eq!(state, pb::JobState::Failed, "{targets:?}");
+    let (job_state, targets) = target_state(&c.s, &job);
+    assert_eq!(job_state, pb::JobState::Failed, "{targets:?}");
     assert!(
         targets
             .iter()
             .all(|t| t.reason() == pb::FailureReason::DigestMismatch),
         "{targets:?}"
     );
+    // It was never written down either: a restarted coordinator does not know it.
+    c.s.flush_jobs();
+    drop(c);
+    let s = state(dir.path(), Duration::from_secs(30));
+    assert!(s.catalog.manifest(&m.digest()).is_none());
 }
