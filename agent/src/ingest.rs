@@ -392,7 +392,6 @@ async fn store_part(
     let manifest = manifest.clone();
     let part = part.to_path_buf();
     let copied = tokio::task::spawn_blocking(move || -> Result<(), Failure> {
-        use std::io::Read;
         // This agent's store disagreeing (another manifest for the digest) says nothing
         // about the origin: another seeder may succeed, so not a definitive failure.
         let from_store = |e: &crate::store::StoreError| {
@@ -407,34 +406,49 @@ async fn store_part(
             .map_err(|e| from_store(&e))?;
         let digest = manifest.digest();
         let _hold = store.hold(&digest).map_err(|e| from_store(&e))?;
-        let mut file = std::fs::File::open(&part).map_err(|e| {
-            Failure::new(
+        copy_chunks(&store, &manifest, &part, manifest.chunk_indices()).map_err(|e| match e {
+            CopyError::Read(e) => Failure::new(
                 FailureReason::IoError,
                 format!("reading {}: {e}", part.display()),
-            )
+            ),
+            CopyError::Store(e) => from_store(&e),
         })?;
-        let mut buf = vec![0u8; manifest.chunk_size() as usize];
-        for index in manifest.chunk_indices() {
-            let len = manifest
-                .chunk_len(index)
-                .map_err(|e| Failure::new(FailureReason::Internal, e.to_string()))?;
-            file.read_exact(&mut buf[..len]).map_err(|e| {
-                Failure::new(
-                    FailureReason::IoError,
-                    format!("reading {}: {e}", part.display()),
-                )
-            })?;
-            if !store.has_chunk(&digest, index) {
-                store
-                    .put_chunk(&digest, index, &buf[..len])
-                    .map_err(|e| from_store(&e))?;
-            }
-        }
         store.ensure_verified(&digest).map_err(|e| from_store(&e))
     });
     copied
         .await
         .map_err(|e| Failure::new(FailureReason::Internal, format!("store task failed: {e}")))?
+}
+
+enum CopyError {
+    Read(std::io::Error),
+    Store(crate::store::StoreError),
+}
+
+/// Moves the chunks `indices` of `manifest`, laid out one after another in the file at
+/// `part`, into the store (each verified there); returns how many were new. Blocking.
+fn copy_chunks(
+    store: &crate::store::Store,
+    manifest: &Manifest,
+    part: &std::path::Path,
+    indices: impl Iterator<Item = shoal_proto::ChunkIndex>,
+) -> Result<u32, CopyError> {
+    use std::io::Read;
+    let digest = manifest.digest();
+    let mut file = std::fs::File::open(part).map_err(CopyError::Read)?;
+    let mut buf = vec![0u8; manifest.chunk_size() as usize];
+    let mut stored = 0;
+    for index in indices {
+        let len = manifest
+            .chunk_len(index)
+            .map_err(|e| CopyError::Store(e.into()))?;
+        file.read_exact(&mut buf[..len]).map_err(CopyError::Read)?;
+        let outcome = (store.put_chunk(&digest, index, &buf[..len])).map_err(CopyError::Store)?;
+        if outcome == crate::store::PutOutcome::Stored {
+            stored += 1;
+        }
+    }
+    Ok(stored)
 }
 
 fn register(shared: &Shared, manifest: &Manifest, order: &pb::FetchOrder) {
@@ -538,22 +552,11 @@ async fn import_one(shared: &Shared, manifest: &Manifest, range: RangePart) {
     let store = shared.store.clone();
     let manifest = manifest.clone();
     let imported = tokio::task::spawn_blocking(move || -> Result<u32, String> {
-        use std::io::Read;
-        let mut file = std::fs::File::open(&range.part).map_err(|e| e.to_string())?;
-        let mut buf = vec![0u8; manifest.chunk_size() as usize];
-        let mut n = 0;
-        for i in 0..range.chunks {
-            let index = shoal_proto::ChunkIndex(range.first_chunk + i);
-            let len = manifest.chunk_len(index).map_err(|e| e.to_string())?;
-            file.read_exact(&mut buf[..len])
-                .map_err(|e| e.to_string())?;
-            if !store.has_chunk(&digest, index) {
-                store
-                    .put_chunk(&digest, index, &buf[..len])
-                    .map_err(|e| e.to_string())?;
-                n += 1;
-            }
-        }
+        let indices = (0..range.chunks).map(|i| shoal_proto::ChunkIndex(range.first_chunk + i));
+        let n = copy_chunks(&store, &manifest, &range.part, indices).map_err(|e| match e {
+            CopyError::Read(e) => e.to_string(),
+            CopyError::Store(e) => e.to_string(),
+        })?;
         let _ = std::fs::remove_file(&range.part);
         Ok(n)
     })
