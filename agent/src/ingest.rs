@@ -33,7 +33,6 @@ async fn publish(
     file: &mut tokio::io::BufWriter<tokio::fs::File>,
     written: u64,
     published: &mut u64,
-    size: Option<u64>,
     tx: &watch::Sender<IngestState>,
 ) -> Result<(), OriginError> {
     file.flush()
@@ -42,7 +41,7 @@ async fn publish(
     metrics::counter!(crate::metrics::BYTES_IN, "source" => crate::metrics::SOURCE_ORIGIN)
         .increment(written - *published);
     *published = written;
-    tx.send_replace(IngestState::Writing { written, size });
+    tx.send_replace(IngestState::Writing { written });
     Ok(())
 }
 
@@ -53,10 +52,9 @@ const RETRY_AFTER: Duration = Duration::from_millis(500);
 /// Where a running ingest stands.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum IngestState {
-    /// Bytes written to the part file so far, and the size if the origin said.
+    /// Bytes written to the part file so far.
     Writing {
         written: u64,
-        size: Option<u64>,
     },
     /// Verified and in the store.
     Done,
@@ -174,10 +172,7 @@ pub(crate) async fn ingest(
     }
     let dir = part_dir(shared).await?;
     let part = dir.join(format!("{}.{}.part", blob.hex(), order.order_id));
-    let (tx, rx) = watch::channel(IngestState::Writing {
-        written: 0,
-        size: None,
-    });
+    let (tx, rx) = watch::channel(IngestState::Writing { written: 0 });
     shared.ingests.lock().insert(
         blob,
         Ingest {
@@ -271,7 +266,6 @@ async fn fetch(
             let mut body = open(shared, origin, &blob, range).await?;
             if size.is_none() {
                 size = body.len.map(|l| l + written);
-                tx.send_replace(IngestState::Writing { written, size });
             }
             while let Some(bytes) = body.chunk().await? {
                 if written + bytes.len() as u64 > shoal_proto::MAX_BLOB_SIZE {
@@ -287,10 +281,10 @@ async fn fetch(
                 written += bytes.len() as u64;
                 // Readers of the part file (the mirror) may only see flushed bytes.
                 if written - published >= PUBLISH_EVERY {
-                    publish(&mut file, written, &mut published, size, tx).await?;
+                    publish(&mut file, written, &mut published, tx).await?;
                 }
             }
-            publish(&mut file, written, &mut published, size, tx).await?;
+            publish(&mut file, written, &mut published, tx).await?;
             Ok(())
         };
         match read.await {
@@ -343,10 +337,7 @@ pub(crate) async fn fetch_url(shared: &Arc<Shared>, url: &str) -> Result<Manifes
     });
     let dir = part_dir(shared).await?;
     let part = dir.join(format!("url-{:016x}.part", rand::random::<u64>()));
-    let (tx, _rx) = watch::channel(IngestState::Writing {
-        written: 0,
-        size: None,
-    });
+    let (tx, _rx) = watch::channel(IngestState::Writing { written: 0 });
     let _part = PartFile(Some(part.clone()));
     // A URL addresses its content itself: the digest argument is unused for it.
     let unaddressed = Digest::from_bytes([0; 32]);
@@ -491,10 +482,7 @@ pub(crate) async fn seed_range(
     }
     let dir = part_dir(shared).await?;
     let part = dir.join(format!("{}.range-{}.part", blob.hex(), span.start));
-    let (tx, _rx) = watch::channel(IngestState::Writing {
-        written: 0,
-        size: None,
-    });
+    let (tx, _rx) = watch::channel(IngestState::Writing { written: 0 });
     // Removed unless the range is kept: on failure, and when the order is cancelled (this
     // future dropped).
     let mut unkept = PartFile(Some(part.clone()));

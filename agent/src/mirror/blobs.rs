@@ -380,7 +380,7 @@ impl Pull {
         let mut sent = 0u64;
         loop {
             let available = match state.borrow_and_update().clone() {
-                IngestState::Writing { written, .. } => written,
+                IngestState::Writing { written } => written,
                 IngestState::Done => self.size,
                 IngestState::Failed(m) => return Err(m),
             };
