@@ -136,15 +136,8 @@ impl Client {
         reference: &str,
         accept: &[&str],
     ) -> Result<FetchedManifest, OriginError> {
-        let requested = parse_manifest_reference(reference)?;
-        let response = self
-            .registry_request(
-                Method::GET,
-                registry,
-                repository,
-                &format!("manifests/{reference}"),
-                accept_headers(accept)?,
-            )
+        let (requested, response) = self
+            .manifest_request(Method::GET, registry, repository, reference, accept)
             .await?;
         let shown = display_url(response.url());
         let header_type = media_type(response.headers());
@@ -181,6 +174,28 @@ impl Client {
         })
     }
 
+    /// A manifest request by tag or digest; returns the digest asked for, if any.
+    async fn manifest_request(
+        &self,
+        method: Method,
+        registry: &str,
+        repository: &str,
+        reference: &str,
+        accept: &[&str],
+    ) -> Result<(Option<Digest>, reqwest::Response), OriginError> {
+        let requested = parse_manifest_reference(reference)?;
+        let response = self
+            .registry_request(
+                method,
+                registry,
+                repository,
+                &format!("manifests/{reference}"),
+                accept_headers(accept)?,
+            )
+            .await?;
+        Ok((requested, response))
+    }
+
     /// `HEAD` on a manifest: its size, media type and, if sent, its digest. When `reference` is
     /// a digest and the registry announces another, `DigestMismatch`.
     pub async fn head_manifest(
@@ -190,15 +205,8 @@ impl Client {
         reference: &str,
         accept: &[&str],
     ) -> Result<ManifestHead, OriginError> {
-        let requested = parse_manifest_reference(reference)?;
-        let response = self
-            .registry_request(
-                Method::HEAD,
-                registry,
-                repository,
-                &format!("manifests/{reference}"),
-                accept_headers(accept)?,
-            )
+        let (requested, response) = self
+            .manifest_request(Method::HEAD, registry, repository, reference, accept)
             .await?;
         let size = required_length(&response)?;
         let digest = announced_digest(response.headers());
