@@ -93,7 +93,6 @@ pub(crate) struct Shared {
     /// rejections, registrations); progress, load and heartbeats are made by the session.
     pub outbox: mpsc::UnboundedSender<pb::AgentMessage>,
     pub connected: AtomicBool,
-    pub draining: AtomicBool,
     pub transfers: Transfers,
     pub orders: Orders,
     pub counters: Counters,
@@ -461,7 +460,6 @@ fn assemble(
         channel,
         outbox,
         connected: AtomicBool::new(false),
-        draining: AtomicBool::new(false),
         transfers: Transfers::default(),
         orders: Orders::default(),
         counters: Counters::default(),

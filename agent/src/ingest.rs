@@ -154,14 +154,11 @@ fn origin_failure(e: &OriginError) -> Failure {
 pub(crate) async fn ingest(
     shared: &Arc<Shared>,
     order: &pb::FetchOrder,
+    from: &pb::FromOrigin,
     blob: Digest,
 ) -> Result<(u64, u64), Failure> {
-    let origin = (order.origin.as_ref().and_then(|o| o.origin.clone())).ok_or_else(|| {
-        Failure::new(
-            FailureReason::Invalid,
-            "the order has neither a manifest nor an origin",
-        )
-    })?;
+    let origin = (from.origin.as_ref().and_then(|o| o.origin.clone()))
+        .ok_or_else(|| Failure::new(FailureReason::Invalid, "a seed order without an origin"))?;
     if let Some(m) = shared
         .store
         .manifest(&blob)
@@ -366,9 +363,6 @@ async fn open(
                 .get_blob(&o.registry, &o.repository, blob, range)
                 .await
         }
-        O::Peer(_) => Err(OriginError::Invalid(
-            "a peer is not an origin to seed from".into(),
-        )),
     }
 }
 
@@ -446,7 +440,7 @@ fn register(shared: &Shared, manifest: &Manifest, order: &pb::FetchOrder) {
     tracing::info!(blob = %manifest.digest(), size = manifest.size(), "seeded from the origin");
     shared.send(Msg::BlobRegistered(pb::BlobRegistered {
         manifest: Some(pb::Manifest::from(manifest)),
-        pinned: order.pin,
+        pinned: false,
         order_id: order.order_id,
     }));
 }
@@ -457,18 +451,19 @@ fn register(shared: &Shared, manifest: &Manifest, order: &pb::FetchOrder) {
 pub(crate) async fn seed_range(
     shared: &Arc<Shared>,
     order: &pb::FetchOrder,
+    range: &pb::OriginRange,
     blob: Digest,
 ) -> Result<(), Failure> {
-    let origin = (order.origin.as_ref().and_then(|o| o.origin.clone())).ok_or_else(|| {
+    let origin = (range.origin.as_ref().and_then(|o| o.origin.clone())).ok_or_else(|| {
         Failure::new(
             FailureReason::Invalid,
             "a range seed order without an origin",
         )
     })?;
     let span = Span {
-        start: order.range_start,
-        end: order.range_end,
-        chunk_size: order.chunk_size,
+        start: range.start,
+        end: range.end,
+        chunk_size: range.chunk_size,
     };
     let chunk = u64::from(span.chunk_size);
     if chunk == 0 || span.start % chunk != 0 || span.end <= span.start {

@@ -2,7 +2,6 @@
 //! reports (BlobDone / BlobFailed) that end them.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -134,15 +133,6 @@ pub(crate) fn handle(shared: &Arc<Shared>, msg: Incoming) {
                 shared.orders.control(id, Control::Cancel(c.reason.clone()));
             }
         }
-        Incoming::LeaseRenewal(_) => {}
-        Incoming::Drain(d) => {
-            tracing::warn!(
-                reason = d.reason,
-                shutdown = d.shutdown,
-                "coordinator asked to drain; refusing new orders"
-            );
-            shared.draining.store(true, Ordering::Relaxed);
-        }
     }
 }
 
@@ -157,19 +147,16 @@ fn start(shared: &Arc<Shared>, order: pb::FetchOrder) {
         );
         return;
     };
-    if shared.draining.load(Ordering::Relaxed) {
-        let f = Failure::new(FailureReason::AgentLost, "agent is draining");
-        report_failed(shared, order_id, &order.blob_digest, f);
-        return;
-    }
     let (control, control_rx) = mpsc::unbounded_channel();
     let mut table = shared.orders.lock();
     if let Some(running) = table.get(&order_id) {
         // Sent again (e.g. after a reconnect): take any new sources, keep going.
-        let _ = running.control.send(Control::Sources {
-            add: order.sources,
-            remove: Vec::new(),
-        });
+        if let Some(pb::fetch_order::Kind::Peers(p)) = order.kind {
+            let _ = running.control.send(Control::Sources {
+                add: p.sources,
+                remove: Vec::new(),
+            });
+        }
         return;
     }
     let task = tokio::spawn(run(shared.clone(), order, digest, control_rx));
@@ -191,19 +178,9 @@ async fn run(
 ) {
     let started = Instant::now();
     let order_id = order.order_id;
-    tracing::info!(order_id, blob = %digest, job = order.job_id, sources = order.sources.len(), "fetch order");
+    tracing::info!(order_id, blob = %digest, job = order.job_id, "fetch order");
     metrics::gauge!(crate::metrics::ACTIVE_TRANSFERS).increment(1.0);
-    let deadline = (order.deadline_ms > 0).then(|| Duration::from_millis(order.deadline_ms));
-    let work = execute(&shared, &order, digest, &mut control);
-    let result = match deadline {
-        Some(d) => tokio::time::timeout(d, work).await.unwrap_or_else(|_| {
-            Err(Failure::new(
-                FailureReason::DeadlineExceeded,
-                format!("not complete within {} ms", d.as_millis()),
-            ))
-        }),
-        None => work.await,
-    };
+    let result = execute(&shared, &order, digest, &mut control).await;
     metrics::gauge!(crate::metrics::ACTIVE_TRANSFERS).decrement(1.0);
     match result {
         Ok(None) => {}
@@ -247,17 +224,32 @@ async fn execute(
     digest: Digest,
     control: &mut mpsc::UnboundedReceiver<Control>,
 ) -> Result<Option<(u64, u64, u64)>, Failure> {
-    if order.manifest.is_none() && order.range_end > 0 {
-        // One range of a large blob: reported with RangeSeeded, not BlobDone.
-        let seed = crate::ingest::seed_range(shared, order, digest);
-        unless_cancelled(control, seed).await?;
-        return Ok(None);
-    }
-    let Some(wire) = &order.manifest else {
-        // Nobody holds it yet: this agent seeds it from the origin.
-        let seed = crate::ingest::ingest(shared, order, digest);
-        let (size, from_origin) = unless_cancelled(control, seed).await?;
-        return Ok(Some((size, 0, from_origin)));
+    let peers = match &order.kind {
+        Some(pb::fetch_order::Kind::Peers(p)) => p,
+        Some(pb::fetch_order::Kind::OriginRange(range)) => {
+            // One range of a large blob: reported with RangeSeeded, not BlobDone.
+            let seed = crate::ingest::seed_range(shared, order, range, digest);
+            unless_cancelled(control, seed).await?;
+            return Ok(None);
+        }
+        Some(pb::fetch_order::Kind::Origin(from)) => {
+            // Nobody holds it yet: this agent seeds it from the origin.
+            let seed = crate::ingest::ingest(shared, order, from, digest);
+            let (size, from_origin) = unless_cancelled(control, seed).await?;
+            return Ok(Some((size, 0, from_origin)));
+        }
+        None => {
+            return Err(Failure::new(
+                FailureReason::Invalid,
+                "the order has no kind (an agent newer than its coordinator?)",
+            ));
+        }
+    };
+    let Some(wire) = &peers.manifest else {
+        return Err(Failure::new(
+            FailureReason::Invalid,
+            "a peer fetch order without a manifest",
+        ));
     };
     let manifest = Manifest::try_from(wire)
         .map_err(|e| Failure::new(FailureReason::Invalid, format!("manifest: {e}")))?;
@@ -292,21 +284,10 @@ async fn execute(
     let bytes_from_peers = if shared.store.is_complete(&digest) {
         0
     } else {
-        let mut sources = order.sources.clone();
-        if let Some(pb::origin::Origin::Peer(p)) =
-            order.origin.as_ref().and_then(|o| o.origin.as_ref())
-        {
-            sources.push(pb::Source {
-                agent_id: p.agent_id.clone(),
-                quic_addresses: p.quic_addresses.clone(),
-                complete: true,
-                ..Default::default()
-            });
-        }
+        let sources = peers.sources.clone();
         download::download(shared, order.order_id, manifest.clone(), sources, control).await?
     };
     let store = shared.store.clone();
-    let pin = order.pin;
     blocking(move || {
         // At most one whole-blob read per blob per process.
         if let Err(e) = store.ensure_verified(&digest) {
@@ -317,9 +298,6 @@ async fn execute(
                 let _ = store.remove(&digest);
             }
             return Err(e);
-        }
-        if pin {
-            store.pin(&digest)?;
         }
         Ok(())
     })

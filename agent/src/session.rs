@@ -88,6 +88,7 @@ fn join_request(
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         previous_agent_id: previous_id.to_string(),
         csr_der: csr_der.to_vec(),
+        protocol: shoal_proto::SESSION_PROTOCOL,
     }
 }
 
@@ -114,7 +115,10 @@ pub(crate) async fn join_until_accepted(
             Err(s)
                 if matches!(
                     s.code(),
-                    Code::Unauthenticated | Code::InvalidArgument | Code::PermissionDenied
+                    Code::Unauthenticated
+                        | Code::InvalidArgument
+                        | Code::PermissionDenied
+                        | Code::FailedPrecondition
                 ) =>
             {
                 return Err(AgentError::Join {

@@ -413,18 +413,16 @@ impl State {
         let order = pb::FetchOrder {
             order_id: order.id,
             blob_digest: blob.as_bytes().to_vec(),
-            manifest: Some(pb::Manifest::from(manifest.as_ref())),
-            sources: (order.sources.iter())
-                .filter_map(|(s, stripe)| self.source(*s, &blob, *stripe))
-                .collect(),
-            origin: None,
             priority: self.priority_of(host, blob),
-            deadline_ms: 0,
             job_id: wants
                 .and_then(|j| j.iter().next().cloned())
                 .unwrap_or_default(),
-            pin: false,
-            ..Default::default()
+            kind: Some(pb::fetch_order::Kind::Peers(pb::FromPeers {
+                manifest: Some(pb::Manifest::from(manifest.as_ref())),
+                sources: (order.sources.iter())
+                    .filter_map(|(s, stripe)| self.source(*s, *stripe))
+                    .collect(),
+            })),
         };
         self.agents
             .send(host, pb::coordinator_message::Msg::FetchOrder(order));
@@ -469,7 +467,7 @@ impl State {
         let mut add = Vec::new();
         for source in added {
             let stripe = self.stripe_for(host, blob, source);
-            add.extend(self.source(source, &blob, stripe));
+            add.extend(self.source(source, stripe));
             if let Some(order) = self.orders.get_mut(&(host, blob)) {
                 order.sources.insert(source, stripe);
             }
@@ -497,13 +495,11 @@ impl State {
             .unwrap_or((0, 1))
     }
 
-    fn source(&self, host: HostId, blob: &Digest, stripe: (u32, u32)) -> Option<pb::Source> {
+    fn source(&self, host: HostId, stripe: (u32, u32)) -> Option<pb::Source> {
         let agent = self.agents.get(host)?;
         Some(pb::Source {
             agent_id: agent.id.clone(),
             quic_addresses: agent.addrs.clone(),
-            complete: self.catalog.holds_complete(blob, host),
-            chunks: None,
             stripe: stripe.0,
             stripes: stripe.1,
         })
@@ -566,6 +562,26 @@ impl State {
             agent_message::Msg::Load(load) => self.agents.set_load(host, load),
             agent_message::Msg::BlobRegistered(reg) => self.register(host, reg),
             agent_message::Msg::RangeSeeded(range) => self.range_seeded(host, range),
+            agent_message::Msg::SourceStalled(stalled) => {
+                let Ok(blob) = Digest::from_slice(&stalled.blob_digest) else {
+                    return;
+                };
+                // Only the running order's report counts (a resent one may be stale).
+                if self.orders.get(&(host, blob)).map(|o| o.id) != Some(stalled.order_id) {
+                    return;
+                }
+                if let Some(source) = self.agents.host_of(&stalled.peer_agent_id) {
+                    tracing::info!(agent = %self.agents.name(host), peer = %stalled.peer_agent_id, %blob, reason = %stalled.reason, "source stalled");
+                    self.assigner.handle(
+                        now,
+                        Event::SourceStalled {
+                            host,
+                            blob: blob.into(),
+                            source,
+                        },
+                    );
+                }
+            }
             agent_message::Msg::ChunkRejected(rej) => {
                 let Ok(blob) = Digest::from_slice(&rej.blob_digest) else {
                     return;

@@ -16,3 +16,8 @@ pub use digest::{BlobId, ChunkIndex, Digest, DigestParseError};
 pub use manifest::{
     BlobVerifier, CHUNK_SIZE, MAX_BLOB_SIZE, Manifest, ManifestBuilder, ManifestError, VerifyError,
 };
+
+/// The agent-to-coordinator session protocol this build speaks (`JoinRequest.protocol`).
+/// The coordinator refuses a Join that speaks another: orders of one version mean
+/// something else to another (see `session.proto`).
+pub const SESSION_PROTOCOL: u32 = 1;

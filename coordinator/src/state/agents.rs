@@ -130,6 +130,14 @@ impl State {
         if req.token != self.config.join_token {
             return Err(ApiError::Unauthenticated("wrong join token".into()));
         }
+        if req.protocol != shoal_proto::SESSION_PROTOCOL {
+            return Err(ApiError::FailedPrecondition(format!(
+                "the agent speaks session protocol {}, this coordinator {}: run agents and \
+                 the coordinator of the same Shoal release",
+                req.protocol,
+                shoal_proto::SESSION_PROTOCOL
+            )));
+        }
         if req.quic_addresses.is_empty() {
             return Err(ApiError::InvalidArgument(
                 "quic_addresses: at least one is required".into(),

@@ -101,9 +101,6 @@ pub fn check_origin(blob: &Digest, origin: &pb::Origin) -> Result<(), String> {
     use pb::origin::Origin as O;
     match &origin.origin {
         None => Err(format!("origins[{blob}]: no origin kind is set")),
-        Some(O::Peer(_)) => Err(format!(
-            "origins[{blob}]: peer origins are chosen by the coordinator; give an http or oci origin"
-        )),
         Some(O::Http(h)) => shoal_origin::parse_http_url(&h.url)
             .map(|_| ())
             .map_err(|e| format!("origins[{blob}]: {e}")),
@@ -318,19 +315,23 @@ impl State {
             .unwrap_or_default();
         let priority =
             (self.jobs.get(&job_id)).map_or(pb::Priority::Normal as i32, |j| j.record.priority);
+        let origin = Some(seeding.origin.clone());
+        let kind = if range.end > 0 {
+            pb::fetch_order::Kind::OriginRange(pb::OriginRange {
+                origin,
+                start: range.start,
+                end: range.end,
+                chunk_size: STRIPE_CHUNK,
+            })
+        } else {
+            pb::fetch_order::Kind::Origin(pb::FromOrigin { origin })
+        };
         let order = pb::FetchOrder {
             order_id: id,
             blob_digest: blob.as_bytes().to_vec(),
-            manifest: None,
-            sources: Vec::new(),
-            origin: Some(seeding.origin.clone()),
             priority,
-            deadline_ms: 0,
             job_id,
-            pin: false,
-            range_start: range.start,
-            range_end: range.end,
-            chunk_size: if range.end > 0 { STRIPE_CHUNK } else { 0 },
+            kind: Some(kind),
         };
         self.agents
             .send(host, pb::coordinator_message::Msg::FetchOrder(order));

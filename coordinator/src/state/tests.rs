@@ -43,6 +43,7 @@ fn join(s: &mut State, id: &str, port: u16) -> pb::JoinResponse {
         upload_capacity_bytes_per_sec: 1 << 30,
         download_capacity_bytes_per_sec: 1 << 30,
         previous_agent_id: id.into(),
+        protocol: shoal_proto::SESSION_PROTOCOL,
         ..Default::default()
     })
     .expect("join")
@@ -128,6 +129,30 @@ fn with_seeder(dir: &std::path::Path, lease: Duration) -> (State, Manifest, Inbo
 }
 
 #[test]
+fn an_agent_of_another_session_protocol_is_refused_at_join() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut s = state(dir.path(), Duration::from_secs(10));
+    let err = s
+        .join(pb::JoinRequest {
+            token: TOKEN.into(),
+            quic_addresses: vec!["127.0.0.1:7401".into()],
+            protocol: 0,
+            ..Default::default()
+        })
+        .expect_err("protocol 0 is refused");
+    match err {
+        ApiError::FailedPrecondition(m) => {
+            assert!(
+                m.contains("protocol 0") && m.contains("same Shoal release"),
+                "{m}"
+            )
+        }
+        other => panic!("expected FailedPrecondition, got {other:?}"),
+    }
+    assert_eq!(s.agents.iter().count(), 0, "nothing was recorded");
+}
+
+#[test]
 fn an_order_made_before_the_session_opens_is_delivered_when_it_does() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (mut s, m, _seeder_inbox) = with_seeder(dir.path(), Duration::from_secs(30));
@@ -139,7 +164,7 @@ fn an_order_made_before_the_session_opens_is_delivered_when_it_does() {
     let got = orders(&mut inbox);
     assert_eq!(got.len(), 1, "the order must arrive once the session opens");
     assert_eq!(got[0].blob_digest, m.digest().as_bytes().to_vec());
-    assert_eq!(got[0].sources[0].agent_id, "seeder");
+    assert_eq!(sources_of(&got[0])[0].agent_id, "seeder");
 }
 
 #[test]
@@ -234,7 +259,7 @@ fn downloaders_of_one_source_get_different_stripes() {
     let mut stripes = BTreeSet::new();
     for inbox in &mut inboxes {
         let order = orders(inbox).pop().expect("order");
-        let from_seeder = (order.sources.iter())
+        let from_seeder = (sources_of(&order).iter())
             .find(|src| src.agent_id == "seeder")
             .expect("the seeder is a source");
         // The seeder's chunks are split between its three downloaders.
@@ -261,7 +286,11 @@ fn a_downloader_hears_when_its_stripe_changes() {
             .find(|src| src.agent_id == "seeder")
             .map(|src| (src.stripe, src.stripes))
     };
-    assert_eq!(seeder(&order.sources), Some((0, 1)), "alone: every chunk");
+    assert_eq!(
+        seeder(sources_of(&order)),
+        Some((0, 1)),
+        "alone: every chunk"
+    );
     // A second downloader of the seeder: t1 is told its new stripe, or both would ask the
     // seeder for every chunk.
     let second = join(&mut s, "t2", 11);
@@ -340,3 +369,11 @@ fn finished_jobs_are_forgotten_after_the_retention() {
 
 mod seeding;
 mod urls;
+
+/// The sources of a FromPeers order (none for any other kind).
+fn sources_of(o: &pb::FetchOrder) -> &[pb::Source] {
+    match &o.kind {
+        Some(pb::fetch_order::Kind::Peers(p)) => &p.sources,
+        _ => &[],
+    }
+}

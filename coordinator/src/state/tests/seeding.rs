@@ -103,8 +103,8 @@ fn one_seeder_fetches_from_the_origin_and_the_others_then_fetch_from_it() {
     let sent = c.orders();
     assert_eq!(sent.len(), 1, "exactly one seed order: {sent:?}");
     let (seeder, order) = &sent[0];
-    assert!(order.manifest.is_none(), "a seed order carries no manifest");
-    assert_eq!(order.origin, Some(http_origin()));
+    assert!(!is_peer_fetch(order), "a seed order carries no manifest");
+    assert_eq!(origin_of(order), Some(&http_origin()));
 
     register(&mut c.s, c.sessions[*seeder], &m);
     let sent = c.orders();
@@ -112,8 +112,11 @@ fn one_seeder_fetches_from_the_origin_and_the_others_then_fetch_from_it() {
     let ordered: BTreeSet<usize> = sent.iter().map(|(i, _)| *i).collect();
     assert_eq!(ordered, others, "the waiting targets get ordinary orders");
     for (_, o) in &sent {
-        assert!(o.manifest.is_some());
-        let sources: Vec<&str> = o.sources.iter().map(|s| s.agent_id.as_str()).collect();
+        assert!(is_peer_fetch(o));
+        let sources: Vec<&str> = super::sources_of(o)
+            .iter()
+            .map(|s| s.agent_id.as_str())
+            .collect();
         assert!(
             sources.contains(&format!("a{seeder}").as_str()),
             "{sources:?}"
@@ -199,7 +202,6 @@ fn origins_are_checked() {
             plain_http: true,
             size: 0,
         }),
-        pb::origin::Origin::Peer(pb::PeerOrigin::default()),
     ] {
         let origin = pb::Origin { origin: Some(bad) };
         let err =
@@ -227,7 +229,7 @@ fn a_seed_survives_a_coordinator_restart() {
     let sent = c.orders();
     assert_eq!(sent.len(), 1, "{sent:?}");
     let (seeder, order) = &sent[0];
-    assert!(order.manifest.is_none());
+    assert!(!is_peer_fetch(order));
     register(&mut c.s, c.sessions[*seeder], &m);
     assert_eq!(
         c.orders().len(),
@@ -255,9 +257,9 @@ fn sized_origin(size: u64) -> pb::Origin {
 }
 
 fn range_seeded(c: &mut Cluster, agent: usize, order: &pb::FetchOrder, m: &Manifest) {
-    let chunk = u64::from(order.chunk_size);
-    let first = (order.range_start / chunk) as usize;
-    let n = (order.range_end - order.range_start).div_ceil(chunk) as usize;
+    let chunk = u64::from(range_of(order).2);
+    let first = (range_of(order).0 / chunk) as usize;
+    let n = (range_of(order).1 - range_of(order).0).div_ceil(chunk) as usize;
     let msg = Msg::RangeSeeded(pb::RangeSeeded {
         order_id: order.order_id,
         blob_digest: order.blob_digest.clone(),
@@ -286,7 +288,7 @@ fn a_large_blob_is_seeded_in_ranges_and_its_manifest_assembled() {
     assert_eq!(sent.len(), 3, "one range per agent: {sent:?}");
     let mut covered: Vec<(u64, u64)> = sent
         .iter()
-        .map(|(_, o)| (o.range_start, o.range_end))
+        .map(|(_, o)| (range_of(o).0, range_of(o).1))
         .collect();
     covered.sort();
     assert_eq!(
@@ -294,8 +296,8 @@ fn a_large_blob_is_seeded_in_ranges_and_its_manifest_assembled() {
         vec![(0, 2 << 20), (2 << 20, 3 << 20), (3 << 20, 4 << 20)]
     );
     for (_, o) in &sent {
-        assert!(o.manifest.is_none());
-        assert_eq!(o.chunk_size, shoal_proto::CHUNK_SIZE);
+        assert!(!is_peer_fetch(o));
+        assert_eq!(range_of(o).2, shoal_proto::CHUNK_SIZE);
     }
     // Two ranges in: still waiting. The third: the manifest is the blob's, and every
     // target gets an ordinary order (each seeder holds only its range).
@@ -334,8 +336,8 @@ fn a_failed_range_moves_to_another_agent() {
     assert_eq!(again.len(), 1, "{again:?}");
     assert_eq!(again[0].0, other);
     assert_eq!(
-        (again[0].1.range_start, again[0].1.range_end),
-        (order.range_start, order.range_end)
+        (range_of(&again[0].1).0, range_of(&again[0].1).1),
+        (range_of(&order).0, range_of(&order).1)
     );
     range_seeded(&mut c, other, &again[0].1, &m);
     assert!(c.s.catalog.manifest(&m.digest()).is_some());
@@ -371,4 +373,24 @@ fn a_blob_assembled_from_ranges_that_fails_its_digest_is_dropped() {
     drop(c);
     let s = state(dir.path(), Duration::from_secs(30));
     assert!(s.catalog.manifest(&m.digest()).is_none());
+}
+
+fn is_peer_fetch(o: &pb::FetchOrder) -> bool {
+    matches!(o.kind, Some(pb::fetch_order::Kind::Peers(_)))
+}
+
+fn origin_of(o: &pb::FetchOrder) -> Option<&pb::Origin> {
+    match &o.kind {
+        Some(pb::fetch_order::Kind::Origin(f)) => f.origin.as_ref(),
+        Some(pb::fetch_order::Kind::OriginRange(r)) => r.origin.as_ref(),
+        _ => None,
+    }
+}
+
+/// (start, end, chunk size) of a range seed order; zeros for any other.
+fn range_of(o: &pb::FetchOrder) -> (u64, u64, u32) {
+    match &o.kind {
+        Some(pb::fetch_order::Kind::OriginRange(r)) => (r.start, r.end, r.chunk_size),
+        _ => (0, 0, 0),
+    }
 }
