@@ -1,6 +1,6 @@
 //! Every scheduling decision in Shoal, IO-free: no tokio, no sockets, no clock.
 //!
-//! Two state machines, in the style of `quinn-proto` (events in, `poll_*` out, time passed
+//! Three state machines, in the style of `quinn-proto` (events in, `poll_*` out, time passed
 //! in, randomness seeded by the caller, deterministic iteration):
 //!
 //! - [`Assigner`] (coordinator side, per (blob, host)): which hosts each target pulls a blob
@@ -9,13 +9,17 @@
 //! - [`ChunkPicker`] (agent side, per chunk of one download): which chunk to ask which
 //!   assigned source for next (random first, then rarest-first, endgame duplicates), and how
 //!   many requests to keep in flight per source (bandwidth × delay).
+//! - [`Seeder`] (coordinator side, per blob nobody holds): which targets fetch a blob from
+//!   its origin (whole, or in ranges), failover when they fail, and single flight for URLs
+//!   pulled without a digest.
 //!
 //! The coordinator, the agent and the simulator are drivers; given the same seed and the
-//! same inputs, both machines produce the same outputs.
+//! same inputs, the machines produce the same outputs.
 
 mod assign;
 mod chunkset;
 mod pick;
+mod seed;
 mod tiered;
 mod time;
 
@@ -27,6 +31,10 @@ pub use assign::{
 };
 pub use chunkset::ChunkSet;
 pub use pick::{ChunkPicker, PickerConfig, PickerStats};
+pub use seed::{
+    GiveUp, LastError, SeedCommand, SeedEvent, SeedFault, SeedNotice, Seeder, SeederConfig,
+    SeederStats, UrlAnswer, UrlKey,
+};
 pub use time::Time;
 
 pub use shoal_proto::{BlobId, ChunkIndex};
