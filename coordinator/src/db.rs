@@ -1,5 +1,5 @@
-//! Durable state in one redb file: the blob catalog and the jobs. Everything else is soft,
-//! rebuilt when agents reconnect.
+//! Durable state in one redb file: the blob catalog, the jobs, and the order-id counter.
+//! Everything else is soft, rebuilt when agents reconnect.
 
 use std::path::Path;
 
@@ -9,6 +9,9 @@ use shoal_proto::pb::v1 as pb;
 
 const BLOBS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("blobs");
 const JOBS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("jobs");
+/// Small named values: `order_ceiling`, the order id no order of this state reaches.
+const META: TableDefinition<'_, &str, u64> = TableDefinition::new("meta");
+const ORDER_CEILING: &str = "order_ceiling";
 
 #[derive(Debug, thiserror::Error)]
 #[error("coordinator state database: {0}")]
@@ -40,8 +43,26 @@ impl Db {
         let txn = db.begin_write().map_err(err)?;
         txn.open_table(BLOBS).map_err(err)?;
         txn.open_table(JOBS).map_err(err)?;
+        txn.open_table(META).map_err(err)?;
         txn.commit().map_err(err)?;
         Ok(Self { db })
+    }
+
+    /// The order-id ceiling last reserved, if any was.
+    pub fn order_ceiling(&self) -> Result<Option<u64>, DbError> {
+        let txn = self.db.begin_read().map_err(err)?;
+        let table = txn.open_table(META).map_err(err)?;
+        Ok(table.get(ORDER_CEILING).map_err(err)?.map(|v| v.value()))
+    }
+
+    /// Reserves order ids below `ceiling`: once this returns, no later run issues them.
+    pub fn set_order_ceiling(&self, ceiling: u64) -> Result<(), DbError> {
+        let txn = self.db.begin_write().map_err(err)?;
+        txn.open_table(META)
+            .map_err(err)?
+            .insert(ORDER_CEILING, ceiling)
+            .map_err(err)?;
+        txn.commit().map_err(err)
     }
 
     pub fn put_blob(&self, digest: &[u8; 32], blob: &StoredBlob) -> Result<(), DbError> {

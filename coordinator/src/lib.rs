@@ -2,12 +2,13 @@
 //!
 //! [`run`] serves, on one gRPC listener: the public job API (`shoal.v1.Coordinator`), the
 //! agent sessions (`shoal.v1.AgentSession`), `grpc.health.v1` and server reflection (so
-//! `grpcurl` works). One task owns all state (`state.rs`); the catalog and jobs persist in a
+//! `grpcurl` works). One task owns all state (`state.rs`, driven by `driver.rs`); the
+//! catalog, jobs and order-id counter persist in a
 //! redb file under `state_dir`, and the cluster CA that signs agent certificates lives there
 //! too.
 
 mod db;
-mod jobs;
+mod driver;
 pub mod metrics;
 mod service;
 mod state;
@@ -180,14 +181,18 @@ pub async fn run(
             lease: Duration::from_millis(config.lease_ms) * 4,
             ..AssignerConfig::default()
         },
+        seeder: shoal_planner::SeederConfig {
+            stripe_min_bytes: config.stripe_seed_min_bytes,
+            max_seeders_per_blob: config.max_seeders_per_blob,
+            ..Default::default()
+        },
         seed: rand::random(),
-        stripe_seed_min_bytes: config.stripe_seed_min_bytes,
-        max_seeders_per_blob: config.max_seeders_per_blob,
     };
-    let state = state::State::new(state_config, db, ca)
+    let clock = driver::Clock::new();
+    let state = state::State::new(state_config, db, ca, clock.now())
         .map_err(|e| CoordinatorError::State(e.to_string()))?;
     let (tx, rx) = tokio::sync::mpsc::channel(4096);
-    let state_task = tokio::spawn(state.run(rx));
+    let state_task = tokio::spawn(driver::run(state, clock, rx));
 
     let origin = shoal_origin::Client::new(config.origin.clone())?;
     let api = service::Api::new(tx, origin, config.preheat_platforms.clone());

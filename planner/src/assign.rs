@@ -29,7 +29,7 @@ use rand::{Rng, SeedableRng};
 use crate::tiered::Tiered;
 use crate::{BlobId, HostId, RackId, Time, ZoneId};
 
-pub use api::{AssignerConfig, AssignerStats, Command, Event, FailReason, Notice, Priority};
+pub use api::{AssignerConfig, AssignerStats, Command, Event, Notice, Priority};
 
 /// Hungry targets an offered source looks at before giving up: keeps a free slot from
 /// costing a scan of every waiting target when none of them fits.
@@ -274,11 +274,7 @@ impl Assigner {
             } => self.want(blob, host, priority),
             Event::Unwant { blob, host } => self.unwant(blob, host),
             Event::Done { host, blob } => self.holds(host, blob, u32::MAX, true),
-            Event::Failed {
-                host,
-                blob,
-                reason: _,
-            } => self.failed(now, host, blob),
+            Event::Failed { host, blob } => self.failed(now, host, blob),
             Event::SourceStalled { host, blob, source } => self.stalled(host, blob, source),
             Event::SourceCorrupt {
                 host: _,

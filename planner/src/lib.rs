@@ -26,9 +26,7 @@ mod time;
 #[cfg(test)]
 mod swarm_tests;
 
-pub use assign::{
-    Assigner, AssignerConfig, AssignerStats, Command, Event, FailReason, Notice, Priority,
-};
+pub use assign::{Assigner, AssignerConfig, AssignerStats, Command, Event, Notice, Priority};
 pub use chunkset::ChunkSet;
 pub use pick::{ChunkPicker, PickerConfig, PickerStats};
 pub use seed::{

@@ -606,6 +606,8 @@ impl Seeder {
         r.digests = Some(digests);
         self.stats.ranges_seeded += 1;
         if b.ranges.iter().any(|r| r.digests.is_none()) {
+            // Its seeder is free again: it may take a range that lost its own.
+            self.dirty.insert(blob);
             return;
         }
         // Seeders that no longer wait for the blob would hold their range nowhere (they

@@ -1,13 +1,14 @@
-//! Agents: Join, sessions, leases, and ListAgents.
+//! The agents: who joined, their sessions, their leases. Soft state, rebuilt when agents
+//! join again after a coordinator restart.
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use rand::Rng as _;
-use shoal_planner::{Event, HostId, RackId, ZoneId};
+use shoal_planner::{HostId, RackId, Time, ZoneId};
 use shoal_proto::pb::v1::{self as pb, AgentState, coordinator_message};
 
-use super::{ApiError, SessionId, SessionTx, State};
+use super::{ApiError, Now, SessionId, SessionTx};
 
 #[derive(Debug)]
 pub struct Agent {
@@ -20,11 +21,42 @@ pub struct Agent {
     pub version: String,
     pub token: String,
     pub joined_at: SystemTime,
-    pub last_seen: Instant,
+    pub last_seen: Time,
     pub last_seen_wall: SystemTime,
     pub state: AgentState,
     pub session: Option<(u64, SessionTx)>,
     pub load: pb::Load,
+}
+
+/// What a Join asks for, checked.
+#[derive(Debug)]
+pub struct Admission {
+    /// From [`agent_id_for`].
+    pub id: String,
+    pub labels: BTreeMap<String, String>,
+    pub addrs: Vec<String>,
+    pub upload_bps: u64,
+    pub download_bps: u64,
+    pub version: String,
+}
+
+/// An agent admitted by Join.
+#[derive(Debug)]
+pub struct Admitted {
+    pub host: HostId,
+    pub id: String,
+    pub token: String,
+    pub zone: ZoneId,
+    pub rack: RackId,
+}
+
+/// An agent whose lease ran out.
+#[derive(Debug)]
+pub struct Expired {
+    pub host: HostId,
+    pub id: String,
+    /// For its targets: who stopped renewing which lease when.
+    pub message: String,
 }
 
 #[derive(Debug, Default)]
@@ -56,22 +88,177 @@ impl Agents {
         self.by_host.values()
     }
 
-    /// Renews the lease of the agent behind `session`; false if the session is stale.
-    pub fn touch(&mut self, session: SessionId) -> bool {
+    fn host_for(&mut self, id: &str) -> HostId {
+        match self.by_id.get(id) {
+            Some(h) => *h,
+            None => {
+                let h = HostId(self.by_id.len() as u32);
+                self.by_id.insert(id.to_string(), h);
+                h
+            }
+        }
+    }
+
+    /// Records a Join: the agent keeps its host id if it was known, and gets a new session
+    /// token. Not ready until its session opens.
+    pub fn admit(&mut self, a: Admission, now: Now) -> Admitted {
+        let id = a.id;
+        let (zone, rack) = self.intern(&a.labels);
+        let host = self.host_for(&id);
+        let token = random_hex(16);
+        let previous = self.by_host.remove(&host);
+        self.by_host.insert(
+            host,
+            Agent {
+                id: id.clone(),
+                host,
+                labels: a.labels,
+                addrs: a.addrs,
+                upload_bps: a.upload_bps,
+                download_bps: a.download_bps,
+                version: a.version,
+                token: token.clone(),
+                joined_at: previous.as_ref().map_or(now.wall, |p| p.joined_at),
+                last_seen: now.mono,
+                last_seen_wall: now.wall,
+                state: AgentState::Disconnected,
+                session: None,
+                load: Default::default(),
+            },
+        );
+        Admitted {
+            host,
+            id,
+            token,
+            zone,
+            rack,
+        }
+    }
+
+    /// Opens a session for the agent that `hello` names, replacing any older one.
+    pub fn open_session(
+        &mut self,
+        hello: pb::Hello,
+        tx: SessionTx,
+        now: Now,
+    ) -> Result<SessionId, ApiError> {
+        let Some(host) = self.host_of(&hello.agent_id) else {
+            return Err(ApiError::Unauthenticated(format!(
+                "unknown agent {:?}: join first",
+                hello.agent_id
+            )));
+        };
+        self.next_generation += 1;
+        let generation = self.next_generation;
+        let Some(agent) = self.by_host.get_mut(&host) else {
+            return Err(ApiError::Unauthenticated("join first".into()));
+        };
+        if agent.token != hello.session_token || agent.state == AgentState::Gone {
+            return Err(ApiError::Unauthenticated(
+                "session token expired: join again".into(),
+            ));
+        }
+        if !hello.quic_addresses.is_empty() {
+            agent.addrs = hello.quic_addresses;
+        }
+        agent.session = Some((generation, tx));
+        agent.state = AgentState::Ready;
+        agent.last_seen = now.mono;
+        agent.last_seen_wall = now.wall;
+        Ok(SessionId { host, generation })
+    }
+
+    /// The session ended; true if it was the agent's current one (its lease still runs).
+    pub fn close_session(&mut self, session: SessionId) -> bool {
         let Some(agent) = self.by_host.get_mut(&session.host) else {
             return false;
         };
         if agent.session.as_ref().map(|(g, _)| *g) != Some(session.generation) {
             return false;
         }
-        agent.last_seen = Instant::now();
-        agent.last_seen_wall = SystemTime::now();
+        agent.session = None;
+        if agent.state == AgentState::Ready {
+            agent.state = AgentState::Disconnected;
+        }
+        tracing::info!(agent = %agent.id, "session closed; lease still running");
+        true
+    }
+
+    /// Renews the lease of the agent behind `session`; false if the session is stale.
+    pub fn touch(&mut self, session: SessionId, now: Now) -> bool {
+        let Some(agent) = self.by_host.get_mut(&session.host) else {
+            return false;
+        };
+        if agent.session.as_ref().map(|(g, _)| *g) != Some(session.generation) {
+            return false;
+        }
+        agent.last_seen = now.mono;
+        agent.last_seen_wall = now.wall;
         true
     }
 
     pub fn set_load(&mut self, host: HostId, load: pb::Load) {
         if let Some(agent) = self.by_host.get_mut(&host) {
             agent.load = load;
+        }
+    }
+
+    /// Agents silent past `lease` are gone: their session and token are dropped.
+    pub fn expire(&mut self, now: Now, lease: Duration) -> Vec<Expired> {
+        let mut out = Vec::new();
+        for agent in self.by_host.values_mut() {
+            if agent.state == AgentState::Gone
+                || now.mono.saturating_since(agent.last_seen) <= lease
+            {
+                continue;
+            }
+            agent.state = AgentState::Gone;
+            agent.session = None;
+            agent.token.clear();
+            tracing::warn!(agent = %agent.id, "lease expired");
+            out.push(Expired {
+                host: agent.host,
+                id: agent.id.clone(),
+                message: format!(
+                    "{} stopped renewing its lease ({} ms) at {}",
+                    agent.id,
+                    lease.as_millis(),
+                    humantime_utc(agent.last_seen_wall)
+                ),
+            });
+        }
+        out
+    }
+
+    /// Agents that unfinished jobs name but that have not joined since this coordinator
+    /// started (after a restart): recorded as disconnected with a lease from now, so that
+    /// either they rejoin and their targets resume, or the lease runs out and the targets
+    /// fail with AGENT_LOST instead of waiting forever.
+    pub fn expect(&mut self, ids: impl IntoIterator<Item = String>, now: Now) {
+        for id in ids {
+            if self.by_id.contains_key(&id) {
+                continue;
+            }
+            let host = self.host_for(&id);
+            self.by_host.insert(
+                host,
+                Agent {
+                    id,
+                    host,
+                    labels: BTreeMap::new(),
+                    addrs: Vec::new(),
+                    upload_bps: 0,
+                    download_bps: 0,
+                    version: String::new(),
+                    token: String::new(),
+                    joined_at: now.wall,
+                    last_seen: now.mono,
+                    last_seen_wall: now.wall,
+                    state: AgentState::Disconnected,
+                    session: None,
+                    load: Default::default(),
+                },
+            );
         }
     }
 
@@ -108,231 +295,14 @@ impl Agents {
         let r = *self.racks.entry((zone, rack)).or_insert(next);
         (ZoneId(z), RackId(r))
     }
-}
 
-fn valid_agent_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 64
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-}
-
-pub(super) fn random_hex(bytes: usize) -> String {
-    let mut rng = rand::rng();
-    (0..bytes)
-        .map(|_| format!("{:02x}", rng.random::<u8>()))
-        .collect()
-}
-
-impl State {
-    pub(super) fn join(&mut self, req: pb::JoinRequest) -> Result<pb::JoinResponse, ApiError> {
-        if req.token != self.config.join_token {
-            return Err(ApiError::Unauthenticated("wrong join token".into()));
-        }
-        if req.protocol != shoal_proto::SESSION_PROTOCOL {
-            return Err(ApiError::FailedPrecondition(format!(
-                "the agent speaks session protocol {}, this coordinator {}: run agents and \
-                 the coordinator of the same Shoal release",
-                req.protocol,
-                shoal_proto::SESSION_PROTOCOL
-            )));
-        }
-        if req.quic_addresses.is_empty() {
-            return Err(ApiError::InvalidArgument(
-                "quic_addresses: at least one is required".into(),
-            ));
-        }
-        for a in &req.quic_addresses {
-            if a.parse::<std::net::SocketAddr>().is_err() {
-                return Err(ApiError::InvalidArgument(format!(
-                    "quic_addresses: {a:?} is not host:port with an IP address"
-                )));
-            }
-        }
-        let id = if valid_agent_id(&req.previous_agent_id) {
-            req.previous_agent_id.clone()
-        } else {
-            format!("agent-{}", random_hex(4))
-        };
-        let certificate_der = if req.csr_der.is_empty() {
-            Vec::new()
-        } else {
-            self.ca
-                .sign_csr(&req.csr_der, &id)
-                .map_err(|e| ApiError::InvalidArgument(format!("csr_der: {e}")))?
-        };
-        let labels: BTreeMap<String, String> = req.labels.into_iter().collect();
-        let (zone, rack) = self.agents.intern(&labels);
-        let host = match self.agents.by_id.get(&id) {
-            Some(h) => *h,
-            None => {
-                let h = HostId(self.agents.by_id.len() as u32);
-                self.agents.by_id.insert(id.clone(), h);
-                h
-            }
-        };
-        let token = random_hex(16);
-        let now_wall = SystemTime::now();
-        let previous = self.agents.by_host.remove(&host);
-        let agent = Agent {
-            id: id.clone(),
-            host,
-            labels,
-            addrs: req.quic_addresses,
-            upload_bps: req.upload_capacity_bytes_per_sec,
-            download_bps: req.download_capacity_bytes_per_sec,
-            version: req.agent_version,
-            token: token.clone(),
-            joined_at: previous.as_ref().map(|p| p.joined_at).unwrap_or(now_wall),
-            last_seen: Instant::now(),
-            last_seen_wall: now_wall,
-            state: AgentState::Disconnected,
-            session: None,
-            load: Default::default(),
-        };
-        let now = self.now();
-        self.assigner.handle(
-            now,
-            Event::HostUp {
-                host,
-                zone,
-                rack,
-                upload_bps: agent.upload_bps.max(1),
-                download_bps: agent.download_bps.max(1),
-            },
-        );
-        self.agents.by_host.insert(host, agent);
-        tracing::info!(agent = %id, "agent joined");
-        Ok(pb::JoinResponse {
-            agent_id: id,
-            lease_ms: self.config.lease.as_millis() as u64,
-            session_token: token,
-            heartbeat_interval_ms: self.config.heartbeat.as_millis() as u64,
-            certificate_der,
-            ca_certificates_der: vec![self.ca.cert_der().to_vec()],
-        })
-    }
-
-    pub(super) fn open_session(
-        &mut self,
-        hello: pb::Hello,
-        tx: SessionTx,
-    ) -> Result<SessionId, ApiError> {
-        let Some(host) = self.agents.host_of(&hello.agent_id) else {
-            return Err(ApiError::Unauthenticated(format!(
-                "unknown agent {:?}: join first",
-                hello.agent_id
-            )));
-        };
-        self.agents.next_generation += 1;
-        let generation = self.agents.next_generation;
-        let Some(agent) = self.agents.by_host.get_mut(&host) else {
-            return Err(ApiError::Unauthenticated("join first".into()));
-        };
-        if agent.token != hello.session_token || agent.state == AgentState::Gone {
-            return Err(ApiError::Unauthenticated(
-                "session token expired: join again".into(),
-            ));
-        }
-        if !hello.quic_addresses.is_empty() {
-            agent.addrs = hello.quic_addresses;
-        }
-        agent.session = Some((generation, tx));
-        agent.state = AgentState::Ready;
-        agent.last_seen = Instant::now();
-        let now = self.now();
-        self.assigner.handle(now, Event::Heartbeat { host });
-        self.resume_targets(host);
-        self.redeliver_orders(host);
-        self.redeliver_seeds(host);
-        Ok(SessionId { host, generation })
-    }
-
-    pub(super) fn session_closed(&mut self, session: SessionId) {
-        let Some(agent) = self.agents.by_host.get_mut(&session.host) else {
-            return;
-        };
-        if agent.session.as_ref().map(|(g, _)| *g) == Some(session.generation) {
-            agent.session = None;
-            if agent.state == AgentState::Ready {
-                agent.state = AgentState::Disconnected;
-            }
-            tracing::info!(agent = %agent.id, "session closed; lease still running");
-        }
-    }
-
-    /// Agents silent past their lease are gone: their orders are re-planned and their
-    /// unfinished targets fail with AGENT_LOST (see `jobs.rs` for the rule).
-    pub(super) fn expire_leases(&mut self) {
-        let lease = self.config.lease;
-        let expired: Vec<HostId> = self
-            .agents
-            .by_host
-            .values()
-            .filter(|a| a.state != AgentState::Gone && a.last_seen.elapsed() > lease)
-            .map(|a| a.host)
-            .collect();
-        for host in expired {
-            let Some(agent) = self.agents.by_host.get_mut(&host) else {
-                continue;
-            };
-            agent.state = AgentState::Gone;
-            agent.session = None;
-            agent.token.clear();
-            let message = format!(
-                "{} stopped renewing its lease ({} ms) at {}",
-                agent.id,
-                lease.as_millis(),
-                humantime_utc(agent.last_seen_wall)
-            );
-            tracing::warn!(agent = %agent.id, "lease expired");
-            let id = agent.id.clone();
-            let now = self.now();
-            self.assigner.handle(now, Event::HostDown { host });
-            self.catalog.forget_host(host);
-            self.orders.retain(|(h, _), _| *h != host);
-            self.fail_agent_targets(&id, &message);
-        }
-    }
-
-    /// Agents that unfinished jobs name but that have not joined since this coordinator
-    /// started (after a restart): recorded as disconnected with a lease from now, so that
-    /// either they rejoin and their targets resume, or the lease runs out and the targets
-    /// fail with AGENT_LOST instead of waiting forever.
-    pub(super) fn expect_agents(&mut self, ids: impl IntoIterator<Item = String>) {
-        let now = Instant::now();
-        for id in ids {
-            if self.agents.by_id.contains_key(&id) {
-                continue;
-            }
-            let host = HostId(self.agents.by_id.len() as u32);
-            self.agents.by_id.insert(id.clone(), host);
-            self.agents.by_host.insert(
-                host,
-                Agent {
-                    id,
-                    host,
-                    labels: BTreeMap::new(),
-                    addrs: Vec::new(),
-                    upload_bps: 0,
-                    download_bps: 0,
-                    version: String::new(),
-                    token: String::new(),
-                    joined_at: SystemTime::now(),
-                    last_seen: now,
-                    last_seen_wall: SystemTime::now(),
-                    state: AgentState::Disconnected,
-                    session: None,
-                    load: Default::default(),
-                },
-            );
-        }
-    }
-
-    pub(super) fn list_agents(&self, req: pb::ListAgentsRequest) -> pb::ListAgentsResponse {
+    /// One page of agents, with each one's (complete, partial) blob counts from `counts`.
+    pub fn list(
+        &self,
+        req: pb::ListAgentsRequest,
+        counts: impl Fn(HostId) -> (u32, u32),
+    ) -> pb::ListAgentsResponse {
         let agents = self
-            .agents
             .iter()
             .filter(|a| {
                 req.match_labels
@@ -345,7 +315,7 @@ impl State {
         let (page, next_page_token) = super::page(agents, req.page_size, &req.page_token);
         let agents = (page.into_iter())
             .map(|a| {
-                let (held, partial) = self.catalog.counts_for(a.host);
+                let (held, partial) = counts(a.host);
                 pb::AgentInfo {
                     agent_id: a.id.clone(),
                     labels: a.labels.clone().into_iter().collect(),
@@ -369,6 +339,30 @@ impl State {
             next_page_token,
         }
     }
+}
+
+/// The id a joining agent gets: its previous one if it gives a valid one, else a new one.
+pub fn agent_id_for(previous: &str) -> String {
+    if valid_agent_id(previous) {
+        previous.to_string()
+    } else {
+        format!("agent-{}", random_hex(4))
+    }
+}
+
+fn valid_agent_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+pub(super) fn random_hex(bytes: usize) -> String {
+    let mut rng = rand::rng();
+    (0..bytes)
+        .map(|_| format!("{:02x}", rng.random::<u8>()))
+        .collect()
 }
 
 fn humantime_utc(t: SystemTime) -> String {

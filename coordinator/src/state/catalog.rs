@@ -1,25 +1,33 @@
-//! The blob catalog: manifests (persisted) and who holds what (soft).
+//! The blob catalog: manifests (persisted once verified) and who holds what (soft).
+//!
+//! A manifest assembled from seeded ranges is provisional until one agent has read the
+//! whole blob and checked its digest: kept in memory only, and dropped if a target finds
+//! that the blob does not match (the origin serves other bytes).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::SystemTime;
 
-use shoal_planner::{Event, FailReason, HostId};
+use shoal_planner::{Event, HostId};
 use shoal_proto::pb::v1 as pb;
 use shoal_proto::{Digest, Manifest};
 
-use super::{ApiError, State};
+use crate::db::{Db, StoredBlob};
 
 #[derive(Debug)]
 pub struct Entry {
     pub manifest: Arc<Manifest>,
     pub registered_by: String,
     pub registered_at: Option<prost_types::Timestamp>,
+    /// Someone checked the whole blob against its digest (and it is persisted).
+    pub verified: bool,
     /// host -> (chunks held, complete)
     pub holders: BTreeMap<HostId, (u32, bool)>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Catalog {
+    db: Arc<Db>,
     blobs: BTreeMap<Digest, Entry>,
 }
 
@@ -31,35 +39,95 @@ pub fn known_event(m: &Manifest) -> Event {
     }
 }
 
-pub fn fail_reason(r: pb::FailureReason) -> FailReason {
-    match r {
-        pb::FailureReason::DigestMismatch => FailReason::BlobDigest,
-        pb::FailureReason::DiskFull | pb::FailureReason::IoError => FailReason::Storage,
-        _ => FailReason::Other,
-    }
-}
-
 pub fn count_bits(bits: &[u8]) -> u32 {
     bits.iter().map(|b| b.count_ones()).sum()
 }
 
 impl Catalog {
+    /// Loads the persisted manifests; unreadable ones are skipped with a warning.
+    pub fn load(db: Arc<Db>) -> Result<Self, crate::db::DbError> {
+        let mut blobs = BTreeMap::new();
+        for stored in db.blobs()? {
+            let Some(m) = (stored.manifest.as_ref()).and_then(|m| Manifest::try_from(m).ok())
+            else {
+                tracing::warn!("skipping an unreadable manifest in the catalog");
+                continue;
+            };
+            blobs.insert(
+                m.digest(),
+                Entry {
+                    manifest: Arc::new(m),
+                    registered_by: stored.registered_by,
+                    registered_at: stored.registered_at,
+                    verified: true,
+                    holders: BTreeMap::new(),
+                },
+            );
+        }
+        Ok(Self { db, blobs })
+    }
+
     pub fn len(&self) -> usize {
         self.blobs.len()
     }
 
+    pub fn manifests(&self) -> impl Iterator<Item = &Manifest> {
+        self.blobs.values().map(|e| e.manifest.as_ref())
+    }
+
+    /// Records a manifest new to the catalog and returns true; a known one is kept (and
+    /// becomes verified if this one is). A verified manifest is persisted.
     pub fn insert(
         &mut self,
-        manifest: Arc<Manifest>,
-        registered_by: String,
-        registered_at: Option<prost_types::Timestamp>,
-    ) {
-        self.blobs.entry(manifest.digest()).or_insert(Entry {
-            manifest,
-            registered_by,
-            registered_at,
-            holders: BTreeMap::new(),
-        });
+        manifest: Manifest,
+        by: String,
+        now: SystemTime,
+        verified: bool,
+    ) -> bool {
+        let digest = manifest.digest();
+        if let Some(entry) = self.blobs.get(&digest) {
+            if verified && !entry.verified {
+                self.mark_verified(&digest);
+            }
+            return false;
+        }
+        self.blobs.insert(
+            digest,
+            Entry {
+                manifest: Arc::new(manifest),
+                registered_by: by,
+                registered_at: Some(now.into()),
+                verified: false,
+                holders: BTreeMap::new(),
+            },
+        );
+        if verified {
+            self.mark_verified(&digest);
+        }
+        true
+    }
+
+    /// One agent read the whole blob and checked its digest: the manifest is persisted.
+    pub fn mark_verified(&mut self, blob: &Digest) {
+        let Some(entry) = self.blobs.get_mut(blob) else {
+            return;
+        };
+        if entry.verified {
+            return;
+        }
+        let stored = StoredBlob {
+            manifest: Some(pb::Manifest::from(entry.manifest.as_ref())),
+            registered_by: entry.registered_by.clone(),
+            registered_at: entry.registered_at,
+        };
+        match self.db.put_blob(blob.as_bytes(), &stored) {
+            Ok(()) => entry.verified = true,
+            Err(e) => tracing::error!(error = %e, "persisting a verified blob failed"),
+        }
+    }
+
+    pub fn is_provisional(&self, blob: &Digest) -> bool {
+        self.blobs.get(blob).is_some_and(|e| !e.verified)
     }
 
     pub fn entry(&self, blob: &Digest) -> Option<&Entry> {
@@ -132,7 +200,7 @@ impl Catalog {
         out
     }
 
-    fn info(&self, e: &Entry) -> pb::BlobInfo {
+    pub fn info(&self, e: &Entry) -> pb::BlobInfo {
         pb::BlobInfo {
             digest: e.manifest.digest().to_string(),
             size: e.manifest.size(),
@@ -154,39 +222,5 @@ impl Catalog {
             blobs: page.into_iter().map(|e| self.info(e)).collect(),
             next_page_token,
         }
-    }
-}
-
-impl State {
-    pub(super) fn get_blob(
-        &self,
-        req: pb::GetBlobRequest,
-    ) -> Result<pb::GetBlobResponse, ApiError> {
-        let digest: Digest = req
-            .digest
-            .parse()
-            .map_err(|e| ApiError::InvalidArgument(format!("digest: {e}")))?;
-        let Some(entry) = self.catalog.blobs.get(&digest) else {
-            return Err(ApiError::NotFound(format!(
-                "blob {digest} is not in the catalog"
-            )));
-        };
-        let holders = entry
-            .holders
-            .iter()
-            .map(|(host, (chunks, complete))| pb::BlobHolder {
-                agent_id: self.agents.name(*host),
-                complete: *complete,
-                chunks_held: *chunks,
-                pinned: false,
-            })
-            .collect();
-        Ok(pb::GetBlobResponse {
-            blob: Some(self.catalog.info(entry)),
-            holders,
-            manifest: req
-                .include_manifest
-                .then(|| pb::Manifest::from(entry.manifest.as_ref())),
-        })
     }
 }

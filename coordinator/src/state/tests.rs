@@ -1,16 +1,17 @@
-//! The state machine driven directly, without gRPC: sessions are plain channels, the
-//! database a real redb file in a temporary directory.
+//! The state machine driven directly through [`State::step`] and
+//! [`State::handle_timeout`], as the driver drives it, on a fake clock: no sleeps. Sessions
+//! are plain channels, the database a real redb file in a temporary directory.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use shoal_planner::AssignerConfig;
+use shoal_planner::{AssignerConfig, SeederConfig, Time};
 use shoal_proto::pb::v1::{self as pb, agent_message::Msg, coordinator_message};
 use shoal_proto::{Digest, Manifest};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
-use super::{ApiError, SessionId, State, StateConfig};
+use super::{ApiError, Now, Reply, Request, SessionId, State, StateConfig};
 use crate::db::Db;
 
 const TOKEN: &str = "t";
@@ -22,22 +23,93 @@ fn config(lease: Duration) -> StateConfig {
         heartbeat: lease / 4,
         job_retention: Duration::from_secs(3600),
         assigner: AssignerConfig::default(),
+        seeder: SeederConfig {
+            stripe_min_bytes: 8 << 10,
+            max_seeders_per_blob: 4,
+            ..SeederConfig::default()
+        },
         seed: 7,
-        stripe_seed_min_bytes: 8 << 10,
-        max_seeders_per_blob: 4,
     }
 }
 
-fn state(dir: &std::path::Path, lease: Duration) -> State {
+/// A state and its fake clock.
+struct S {
+    s: State,
+    now: Now,
+}
+
+impl std::ops::Deref for S {
+    type Target = State;
+    fn deref(&self) -> &State {
+        &self.s
+    }
+}
+
+impl std::ops::DerefMut for S {
+    fn deref_mut(&mut self) -> &mut State {
+        &mut self.s
+    }
+}
+
+impl S {
+    /// Sends a request through `step`, as the gRPC layer does, and takes its answer.
+    fn ask<R>(&mut self, make: impl FnOnce(Reply<R>) -> Request) -> Result<R, ApiError> {
+        let (tx, mut rx) = oneshot::channel();
+        let now = self.now;
+        self.s.step(make(tx), now);
+        rx.try_recv()
+            .expect("every request is answered within its step")
+    }
+
+    /// Moves the clock on by `d`, running every timer that falls due on the way, in order.
+    fn advance(&mut self, d: Duration) {
+        let end = self.now.mono + d;
+        loop {
+            let due = self.s.poll_timeout();
+            if due > end {
+                break;
+            }
+            self.set_clock(due.max(self.now.mono));
+            let now = self.now;
+            self.s.handle_timeout(now);
+        }
+        self.set_clock(end);
+    }
+
+    fn set_clock(&mut self, t: Time) {
+        let elapsed = t.saturating_since(self.now.mono);
+        self.now = Now {
+            mono: t,
+            wall: self.now.wall + elapsed,
+        };
+    }
+}
+
+/// The fake clock starts at 2026-01-01 on the wall and 0 on the monotonic clock.
+fn start() -> Now {
+    Now {
+        mono: Time::ZERO,
+        wall: SystemTime::UNIX_EPOCH + Duration::from_secs(1_767_225_600),
+    }
+}
+
+fn state(dir: &std::path::Path, lease: Duration) -> S {
+    state_at(dir, lease, start())
+}
+
+fn state_at(dir: &std::path::Path, lease: Duration, now: Now) -> S {
     let db = Db::open(&dir.join("db.redb")).expect("db");
     let ca = Arc::new(shoal_pki::ClusterCa::generate().expect("ca"));
-    State::new(config(lease), db, ca).expect("state")
+    S {
+        s: State::new(config(lease), db, ca, now).expect("state"),
+        now,
+    }
 }
 
 type Inbox = mpsc::Receiver<Result<pb::CoordinatorMessage, tonic::Status>>;
 
-fn join(s: &mut State, id: &str, port: u16) -> pb::JoinResponse {
-    s.join(pb::JoinRequest {
+fn join(s: &mut S, id: &str, port: u16) -> pb::JoinResponse {
+    let req = pb::JoinRequest {
         token: TOKEN.into(),
         quic_addresses: vec![format!("127.0.0.1:{port}")],
         upload_capacity_bytes_per_sec: 1 << 30,
@@ -45,32 +117,33 @@ fn join(s: &mut State, id: &str, port: u16) -> pb::JoinResponse {
         previous_agent_id: id.into(),
         protocol: shoal_proto::SESSION_PROTOCOL,
         ..Default::default()
-    })
-    .expect("join")
+    };
+    s.ask(|r| Request::Join(req, r)).expect("join")
 }
 
-fn open(s: &mut State, joined: &pb::JoinResponse) -> (SessionId, Inbox) {
+fn open(s: &mut S, joined: &pb::JoinResponse) -> (SessionId, Inbox) {
     let (tx, rx) = mpsc::channel(64);
     let hello = pb::Hello {
         agent_id: joined.agent_id.clone(),
         session_token: joined.session_token.clone(),
         quic_addresses: vec![],
     };
-    let session = s.open_session(hello, tx).expect("session");
-    s.drive_assigner();
+    let session = s
+        .ask(|reply| Request::OpenSession { hello, tx, reply })
+        .expect("session");
     (session, rx)
 }
 
-fn say(s: &mut State, session: SessionId, msg: Msg) {
-    s.on_agent_message(session, msg);
-    s.drive_assigner();
+fn say(s: &mut S, session: SessionId, msg: Msg) {
+    let now = s.now;
+    s.s.step(Request::FromAgent { session, msg }, now);
 }
 
 fn manifest() -> Manifest {
     Manifest::from_reader(&[7u8; 3 * 4096][..], 4096).expect("manifest")
 }
 
-fn register(s: &mut State, session: SessionId, m: &Manifest) {
+fn register(s: &mut S, session: SessionId, m: &Manifest) {
     let reg = pb::BlobRegistered {
         manifest: Some(pb::Manifest::from(m)),
         pinned: false,
@@ -79,22 +152,26 @@ fn register(s: &mut State, session: SessionId, m: &Manifest) {
     say(s, session, Msg::BlobRegistered(reg));
 }
 
-fn distribute(s: &mut State, blob: Digest, agents: &[&str]) -> Result<String, ApiError> {
-    let targets = pb::TargetSelector {
+fn agents(ids: &[&str]) -> Option<pb::TargetSelector> {
+    Some(pb::TargetSelector {
         selector: Some(pb::target_selector::Selector::Agents(pb::AgentIdList {
-            agent_ids: agents.iter().map(|a| a.to_string()).collect(),
+            agent_ids: ids.iter().map(|a| a.to_string()).collect(),
         })),
+    })
+}
+
+fn distribute_req(s: &mut S, req: pb::DistributeRequest) -> Result<String, ApiError> {
+    s.ask(|r| Request::Distribute(req, String::new(), r))
+        .map(|r| r.job_id)
+}
+
+fn distribute(s: &mut S, blob: Digest, ids: &[&str]) -> Result<String, ApiError> {
+    let req = pb::DistributeRequest {
+        blobs: vec![blob.to_string()],
+        targets: agents(ids),
+        ..Default::default()
     };
-    let r = s.distribute(
-        pb::DistributeRequest {
-            blobs: vec![blob.to_string()],
-            targets: Some(targets),
-            ..Default::default()
-        },
-        String::new(),
-    );
-    s.drive_assigner();
-    r.map(|r| r.job_id)
+    distribute_req(s, req)
 }
 
 fn orders(inbox: &mut Inbox) -> Vec<pb::FetchOrder> {
@@ -107,19 +184,22 @@ fn orders(inbox: &mut Inbox) -> Vec<pb::FetchOrder> {
     out
 }
 
-fn target_state(s: &State, job: &str) -> (pb::JobState, Vec<pb::TargetProgress>) {
-    let r = s
-        .get_job(pb::GetJobRequest {
-            job_id: job.into(),
-            include_targets: true,
-        })
-        .expect("job");
-    let job = r.job.expect("job");
+fn get_job(s: &mut S, job: &str, include_targets: bool) -> Result<pb::Job, ApiError> {
+    let req = pb::GetJobRequest {
+        job_id: job.into(),
+        include_targets,
+    };
+    s.ask(|r| Request::GetJob(req, r))
+        .map(|r| r.job.expect("job"))
+}
+
+fn target_state(s: &mut S, job: &str) -> (pb::JobState, Vec<pb::TargetProgress>) {
+    let job = get_job(s, job, true).expect("job");
     (job.state(), job.progress.expect("progress").targets)
 }
 
 /// A state with agent "seeder" connected and holding `manifest()`.
-fn with_seeder(dir: &std::path::Path, lease: Duration) -> (State, Manifest, Inbox) {
+fn with_seeder(dir: &std::path::Path, lease: Duration) -> (S, Manifest, Inbox) {
     let mut s = state(dir, lease);
     let seeder = join(&mut s, "seeder", 1);
     let (session, inbox) = open(&mut s, &seeder);
@@ -132,13 +212,14 @@ fn with_seeder(dir: &std::path::Path, lease: Duration) -> (State, Manifest, Inbo
 fn an_agent_of_another_session_protocol_is_refused_at_join() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut s = state(dir.path(), Duration::from_secs(10));
+    let req = pb::JoinRequest {
+        token: TOKEN.into(),
+        quic_addresses: vec!["127.0.0.1:7401".into()],
+        protocol: 0,
+        ..Default::default()
+    };
     let err = s
-        .join(pb::JoinRequest {
-            token: TOKEN.into(),
-            quic_addresses: vec!["127.0.0.1:7401".into()],
-            protocol: 0,
-            ..Default::default()
-        })
+        .ask(|r| Request::Join(req, r))
         .expect_err("protocol 0 is refused");
     match err {
         ApiError::FailedPrecondition(m) => {
@@ -201,38 +282,54 @@ fn registering_a_wanted_blob_completes_the_target() {
 
     // The target got the blob by other means (a local push) and registers it.
     register(&mut s, session, &m);
-    let (state, targets) = target_state(&s, &job);
+    let (state, targets) = target_state(&mut s, &job);
     assert_eq!(state, pb::JobState::Done, "{targets:?}");
 }
 
 #[test]
 fn after_a_restart_targets_of_agents_that_never_return_fail_agent_lost() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let lease = Duration::from_millis(100);
-    let (job, first_order) = {
+    let lease = Duration::from_secs(10);
+    let (job, first_order, stopped) = {
         let (mut s, m, _i) = with_seeder(dir.path(), lease);
         let target = join(&mut s, "target", 2);
         let (_, mut inbox) = open(&mut s, &target);
         let job = distribute(&mut s, m.digest(), &["target"]).expect("distribute");
-        (job, orders(&mut inbox).pop().expect("order").order_id)
+        let order = orders(&mut inbox).pop().expect("order").order_id;
+        s.advance(Duration::from_secs(1));
+        (job, order, s.now)
     };
 
-    // A new incarnation on the same database; only the seeder comes back.
-    let mut s = state(dir.path(), lease);
-    assert!(
-        s.next_order > first_order,
-        "order ids must not repeat across restarts"
-    );
+    // A new incarnation on the same database, its wall clock stepped back an hour and its
+    // monotonic clock from zero; only the seeder comes back.
+    let restarted = Now {
+        mono: Time::ZERO,
+        wall: stopped.wall - Duration::from_secs(3600),
+    };
+    let mut s = state_at(dir.path(), lease, restarted);
     let seeder = join(&mut s, "seeder", 1);
     let (seeder_session, _i) = open(&mut s, &seeder);
-    std::thread::sleep(lease * 2);
-    say(
-        &mut s,
-        seeder_session,
-        Msg::Heartbeat(pb::Heartbeat { seq: 1 }),
+    let m = manifest();
+    register(&mut s, seeder_session, &m);
+    let target = join(&mut s, "late", 3);
+    let (_, mut inbox) = open(&mut s, &target);
+    distribute(&mut s, m.digest(), &["late"]).expect("distribute");
+    let order = orders(&mut inbox).pop().expect("order").order_id;
+    assert!(
+        order > first_order,
+        "order ids must not repeat across restarts, whatever the clock: {order} after {first_order}"
     );
-    s.on_tick();
-    let (state, targets) = target_state(&s, &job);
+    // The seeder keeps its lease alive; "target" never returns.
+    for _ in 0..4 {
+        s.advance(lease / 4);
+        say(
+            &mut s,
+            seeder_session,
+            Msg::Heartbeat(pb::Heartbeat { seq: 1 }),
+        );
+    }
+    s.advance(Duration::from_secs(1));
+    let (state, targets) = target_state(&mut s, &job);
     assert_eq!(state, pb::JobState::Failed);
     assert_eq!(
         targets[0].reason(),
@@ -325,14 +422,15 @@ fn lists_page_through_everything_once() {
     let target = join(&mut s, "target", 2);
     let _t = open(&mut s, &target);
     let older = distribute(&mut s, m.digest(), &["target"]).expect("job");
-    std::thread::sleep(Duration::from_millis(5));
+    s.advance(Duration::from_millis(5));
     let newer = distribute(&mut s, m.digest(), &["target"]).expect("job");
-    let list = |token: &str| {
-        s.list_jobs(pb::ListJobsRequest {
+    let mut list = |token: &str| {
+        let req = pb::ListJobsRequest {
             state: 0,
             page_size: 1,
             page_token: token.into(),
-        })
+        };
+        s.ask(|r| Request::ListJobs(req, r)).expect("list")
     };
     let p1 = list("");
     assert_eq!(p1.jobs[0].job_id, newer);
@@ -347,22 +445,21 @@ fn finished_jobs_are_forgotten_after_the_retention() {
     let (mut s, m, _i) = with_seeder(dir.path(), Duration::from_secs(30));
     // Targeting the holder: done at once.
     let job = distribute(&mut s, m.digest(), &["seeder"]).expect("job");
-    let get = |s: &State| {
-        s.get_job(pb::GetJobRequest {
-            job_id: job.clone(),
-            include_targets: false,
-        })
-    };
-    s.on_tick();
-    assert!(get(&s).is_ok(), "kept within the retention");
-
-    s.config.job_retention = Duration::ZERO;
-    s.on_tick();
-    assert!(matches!(get(&s), Err(ApiError::NotFound(_))));
-    drop(s);
-    let s = state(dir.path(), Duration::from_secs(30));
+    s.advance(Duration::from_secs(3599));
     assert!(
-        matches!(get(&s), Err(ApiError::NotFound(_))),
+        get_job(&mut s, &job, false).is_ok(),
+        "kept within the retention"
+    );
+    s.advance(Duration::from_secs(2));
+    assert!(matches!(
+        get_job(&mut s, &job, false),
+        Err(ApiError::NotFound(_))
+    ));
+    let now = s.now;
+    drop(s);
+    let mut s = state_at(dir.path(), Duration::from_secs(30), now);
+    assert!(
+        matches!(get_job(&mut s, &job, false), Err(ApiError::NotFound(_))),
         "deleted from disk too"
     );
 }

@@ -52,12 +52,9 @@ pub enum Event {
     /// The host finished and verified the blob.
     Done { host: HostId, blob: BlobId },
     /// The host's download failed and stopped. Retried with exponential backoff up to
-    /// [`AssignerConfig::max_attempts`] orders, then dropped with [`Notice::GaveUp`].
-    Failed {
-        host: HostId,
-        blob: BlobId,
-        reason: FailReason,
-    },
+    /// [`AssignerConfig::max_attempts`] orders, then dropped with [`Notice::GaveUp`]. Why
+    /// it failed is the driver's to report: every failure is retried alike.
+    Failed { host: HostId, blob: BlobId },
     /// `source` made no progress for `host`: it is replaced and never given to this target
     /// for this download again.
     SourceStalled {
@@ -72,17 +69,6 @@ pub enum Event {
         blob: BlobId,
         source: HostId,
     },
-}
-
-/// Why a download failed, as the agent saw it. Recorded in stats; all are retried.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub enum FailReason {
-    /// Local disk or content store error.
-    Storage,
-    /// Every chunk verified but the whole blob did not match its digest.
-    BlobDigest,
-    /// Anything else.
-    Other,
 }
 
 /// An order for one agent. Every command names the host it must be sent to.

@@ -437,8 +437,7 @@ fn failures_back_off_then_give_up() {
     assert!(
         t.ev(Event::Failed {
             host: h(1),
-            blob: x,
-            reason: FailReason::Storage
+            blob: x
         })
         .is_empty()
     );
@@ -454,7 +453,6 @@ fn failures_back_off_then_give_up() {
     t.ev(Event::Failed {
         host: h(1),
         blob: x,
-        reason: FailReason::BlobDigest,
     });
     assert_eq!(
         t.a.poll_notice(),

@@ -14,31 +14,22 @@ fn http_origin() -> pb::Origin {
 }
 
 fn distribute_from_origin(
-    s: &mut State,
+    s: &mut S,
     blob: Digest,
-    agents: &[&str],
+    ids: &[&str],
     origin: pb::Origin,
 ) -> Result<String, ApiError> {
-    let r = s.distribute(
-        pb::DistributeRequest {
-            blobs: vec![blob.to_string()],
-            targets: Some(pb::TargetSelector {
-                selector: Some(pb::target_selector::Selector::Agents(pb::AgentIdList {
-                    agent_ids: agents.iter().map(|a| a.to_string()).collect(),
-                })),
-            }),
-            origins: [(blob.to_string(), origin)].into(),
-            ..Default::default()
-        },
-        String::new(),
-    );
-    s.elect_seeders();
-    s.drive_assigner();
-    r.map(|r| r.job_id)
+    let req = pb::DistributeRequest {
+        blobs: vec![blob.to_string()],
+        targets: agents(ids),
+        origins: [(blob.to_string(), origin)].into(),
+        ..Default::default()
+    };
+    distribute_req(s, req)
 }
 
 struct Cluster {
-    s: State,
+    s: S,
     sessions: Vec<SessionId>,
     inboxes: Vec<Inbox>,
 }
@@ -81,12 +72,9 @@ impl Cluster {
         self.say(agent, msg);
     }
 
-    /// Agent `agent` sends `msg`; the coordinator then does what its loop does after any
-    /// message.
+    /// Agent `agent` sends `msg`.
     fn say(&mut self, agent: usize, msg: Msg) {
         say(&mut self.s, self.sessions[agent], msg);
-        self.s.elect_seeders();
-        self.s.drive_assigner();
     }
 }
 
@@ -122,7 +110,7 @@ fn one_seeder_fetches_from_the_origin_and_the_others_then_fetch_from_it() {
             "{sources:?}"
         );
     }
-    let (_, targets) = target_state(&c.s, &job);
+    let (_, targets) = target_state(&mut c.s, &job);
     let size = m.size();
     assert!(targets.iter().all(|t| t.bytes_total == size), "{targets:?}");
     let done: Vec<_> = (targets.iter())
@@ -148,7 +136,7 @@ fn a_failed_seed_moves_to_another_agent_then_fails_every_target() {
         c.fail(agent, &order, pb::FailureReason::OriginError);
     }
     assert!(c.orders().is_empty(), "no fourth seeder");
-    let (state, targets) = target_state(&c.s, &job);
+    let (state, targets) = target_state(&mut c.s, &job);
     assert_eq!(state, pb::JobState::Failed);
     for t in &targets {
         assert_eq!(t.reason(), pb::FailureReason::OriginError, "{t:?}");
@@ -166,7 +154,7 @@ fn an_origin_without_the_blob_fails_every_target_at_once() {
     let (agent, order) = c.orders().pop().expect("seed order");
     c.fail(agent, &order, pb::FailureReason::Invalid);
     assert!(c.orders().is_empty(), "a 404 is not retried elsewhere");
-    let (state, targets) = target_state(&c.s, &job);
+    let (state, targets) = target_state(&mut c.s, &job);
     assert_eq!(state, pb::JobState::Failed, "{targets:?}");
 }
 
@@ -179,7 +167,7 @@ fn a_lone_target_whose_seed_fails_does_not_wait_forever() {
         distribute_from_origin(&mut c.s, m.digest(), &["a0"], http_origin()).expect("distribute");
     let (agent, order) = c.orders().pop().expect("seed order");
     c.fail(agent, &order, pb::FailureReason::OriginError);
-    let (state, _) = target_state(&c.s, &job);
+    let (state, _) = target_state(&mut c.s, &job);
     assert_eq!(state, pb::JobState::Failed);
 }
 
@@ -219,13 +207,11 @@ fn a_seed_survives_a_coordinator_restart() {
         let mut c = cluster(dir.path(), 2);
         let job = distribute_from_origin(&mut c.s, m.digest(), &["a0", "a1"], http_origin())
             .expect("distribute");
-        c.s.flush_jobs();
+        c.s.advance(super::super::HOUSEKEEPING);
         job
     };
     // A new coordinator on the same state: the agents come back, the seed starts again.
     let mut c = cluster(dir.path(), 2);
-    c.s.elect_seeders();
-    c.s.drive_assigner();
     let sent = c.orders();
     assert_eq!(sent.len(), 1, "{sent:?}");
     let (seeder, order) = &sent[0];
@@ -236,7 +222,7 @@ fn a_seed_survives_a_coordinator_restart() {
         1,
         "the other target fetches from the seeder"
     );
-    let (state, _) = target_state(&c.s, &job);
+    let (state, _) = target_state(&mut c.s, &job);
     assert_ne!(state, pb::JobState::Failed);
 }
 
@@ -314,7 +300,7 @@ fn a_large_blob_is_seeded_in_ranges_and_its_manifest_assembled() {
     assert_eq!(got.as_ref(), &m);
     let ordered: BTreeSet<usize> = c.orders().iter().map(|(i, _)| *i).collect();
     assert_eq!(ordered, (0..3).collect(), "every target fetches the rest");
-    let (state, targets) = target_state(&c.s, &job);
+    let (state, targets) = target_state(&mut c.s, &job);
     assert_eq!(state, pb::JobState::Running, "{targets:?}");
 }
 
@@ -360,7 +346,7 @@ fn a_blob_assembled_from_ranges_that_fails_its_digest_is_dropped() {
         c.s.catalog.manifest(&m.digest()).is_none(),
         "the unverified manifest is dropped"
     );
-    let (job_state, targets) = target_state(&c.s, &job);
+    let (job_state, targets) = target_state(&mut c.s, &job);
     assert_eq!(job_state, pb::JobState::Failed, "{targets:?}");
     assert!(
         targets
@@ -369,7 +355,7 @@ fn a_blob_assembled_from_ranges_that_fails_its_digest_is_dropped() {
         "{targets:?}"
     );
     // It was never written down either: a restarted coordinator does not know it.
-    c.s.flush_jobs();
+    c.s.advance(super::super::HOUSEKEEPING);
     drop(c);
     let s = state(dir.path(), Duration::from_secs(30));
     assert!(s.catalog.manifest(&m.digest()).is_none());

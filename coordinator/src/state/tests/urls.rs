@@ -2,16 +2,16 @@
 
 use super::*;
 
-fn ask(s: &mut State, agent: &str, fetched: &str, gave_up: bool) -> pb::ResolveUrlResponse {
-    s.resolve_url(pb::ResolveUrlRequest {
+fn ask(s: &mut S, agent: &str, fetched: &str, gave_up: bool) -> pb::ResolveUrlResponse {
+    let req = pb::ResolveUrlRequest {
         url: "http://models.example/m.bin".into(),
         etag: "\"v1\"".into(),
         size: 12_288,
         agent_id: agent.into(),
         fetched_digest: fetched.into(),
         gave_up,
-    })
-    .expect("resolve")
+    };
+    s.ask(|r| Request::ResolveUrl(req, r)).expect("resolve")
 }
 
 #[test]
@@ -46,12 +46,13 @@ fn a_url_without_etag_or_size_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut s = state(dir.path(), Duration::from_secs(30));
     join(&mut s, "a", 10);
+    let req = pb::ResolveUrlRequest {
+        url: "http://x/y".into(),
+        agent_id: "a".into(),
+        ..Default::default()
+    };
     let err = s
-        .resolve_url(pb::ResolveUrlRequest {
-            url: "http://x/y".into(),
-            agent_id: "a".into(),
-            ..Default::default()
-        })
+        .ask(|r| Request::ResolveUrl(req, r))
         .expect_err("no identity");
     assert!(matches!(err, ApiError::InvalidArgument(_)), "{err:?}");
 }

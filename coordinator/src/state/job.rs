@@ -1,5 +1,9 @@
-//! Jobs: a set of blobs that a set of agents must end up holding, and the state of every
+//! One job: a set of blobs that a set of agents must end up holding, and the state of every
 //! target (one agent × one blob).
+//!
+//! A target changes state only through its transitions ([`Target::start`],
+//! [`Target::finish`], [`Target::fail`], …), each of which says whether anything changed,
+//! so that a job's `version` grows on every change a watcher should see.
 //!
 //! The rule for a lost agent: when an agent's lease expires, each of its unfinished targets
 //! fails with `AGENT_LOST` and a message naming the agent and when it was last heard from. If
@@ -12,25 +16,126 @@ use std::time::SystemTime;
 use shoal_proto::Digest;
 use shoal_proto::pb::v1::{self as pb, FailureReason, JobState, TargetState};
 
-/// One target's state. `version` grows on every change, so watchers send only changes.
-#[derive(Clone, Debug)]
+/// A target's key: (agent id, blob).
+pub type TargetKey = (String, Digest);
+
+/// One target's state. `version` is the job's version at its last change, so watchers send
+/// only what changed.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Target {
-    pub state: TargetState,
-    pub reason: FailureReason,
-    pub message: String,
-    pub bytes_done: u64,
-    pub bytes_total: u64,
-    pub rate: u64,
-    pub version: u64,
+    state: TargetState,
+    reason: FailureReason,
+    message: String,
+    bytes_done: u64,
+    bytes_total: u64,
+    rate: u64,
+    version: u64,
 }
 
 impl Target {
+    /// A new target of a blob of `bytes_total` bytes (0 while unknown), done already if the
+    /// agent holds it.
+    pub fn new(bytes_total: u64, done: bool) -> Self {
+        Self {
+            state: if done {
+                TargetState::Done
+            } else {
+                TargetState::Pending
+            },
+            reason: FailureReason::Unspecified,
+            message: String::new(),
+            bytes_done: if done { bytes_total } else { 0 },
+            bytes_total,
+            rate: 0,
+            version: 0,
+        }
+    }
+
+    pub fn bytes_done(&self) -> u64 {
+        self.bytes_done
+    }
+
     pub fn is_terminal(&self) -> bool {
         matches!(
             self.state,
             TargetState::Done | TargetState::Failed | TargetState::Cancelled
         )
     }
+
+    /// An order (or a seed order for its blob) went out: pending becomes running.
+    fn start(&mut self) {
+        if self.state == TargetState::Pending {
+            self.state = TargetState::Running;
+        }
+    }
+
+    /// The agent reported progress.
+    fn progress(&mut self, bytes_done: u64, rate: u64) {
+        if !self.is_terminal() {
+            self.state = TargetState::Running;
+            self.bytes_done = bytes_done.min(self.bytes_total);
+            self.rate = rate;
+        }
+    }
+
+    /// The blob's size became known (seeded from its origin).
+    fn set_total(&mut self, bytes_total: u64) {
+        self.bytes_total = bytes_total;
+        if self.state == TargetState::Done {
+            self.bytes_done = bytes_total;
+        }
+    }
+
+    /// The agent holds the whole blob, verified. A failed or cancelled target stays so.
+    fn finish(&mut self) {
+        if !self.is_terminal() {
+            self.state = TargetState::Done;
+            self.bytes_done = self.bytes_total;
+            self.rate = 0;
+        }
+    }
+
+    /// It cannot complete. Only an unfinished target fails.
+    fn fail(&mut self, reason: FailureReason, message: &str) {
+        if !self.is_terminal() {
+            self.state = TargetState::Failed;
+            self.reason = reason;
+            self.message = message.to_string();
+            self.rate = 0;
+        }
+    }
+
+    /// The job was cancelled. Only an unfinished target is.
+    fn cancel(&mut self, message: &str) {
+        if !self.is_terminal() {
+            self.state = TargetState::Cancelled;
+            self.reason = FailureReason::Cancelled;
+            self.message = message.to_string();
+            self.rate = 0;
+        }
+    }
+
+    /// Its agent came back: a target it lost is pending again. True if the target still
+    /// needs the blob (pending, running, or just resumed).
+    fn resume(&mut self) -> bool {
+        if self.state == TargetState::Failed && self.reason == FailureReason::AgentLost {
+            self.state = TargetState::Pending;
+            self.reason = FailureReason::Unspecified;
+            self.message.clear();
+        }
+        matches!(self.state, TargetState::Pending | TargetState::Running)
+    }
+}
+
+/// A transition of one target.
+#[derive(Clone, Copy, Debug)]
+pub enum Transition<'a> {
+    Start,
+    Progress { bytes_done: u64, rate: u64 },
+    SetTotal(u64),
+    Finish,
+    Fail(FailureReason, &'a str),
+    Cancel(&'a str),
 }
 
 #[derive(Debug)]
@@ -38,8 +143,8 @@ pub struct Job {
     /// Everything but the targets and the aggregate progress.
     pub record: pb::Job,
     pub deadline: Option<SystemTime>,
-    pub targets: BTreeMap<(String, Digest), Target>,
-    pub version: u64,
+    targets: BTreeMap<TargetKey, Target>,
+    version: u64,
 }
 
 impl Job {
@@ -60,6 +165,10 @@ impl Job {
         self.record.state()
     }
 
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
     pub fn is_terminal(&self) -> bool {
         matches!(
             self.state(),
@@ -67,19 +176,54 @@ impl Job {
         )
     }
 
-    /// Changes one target; returns true if anything changed.
-    pub fn update(&mut self, key: &(String, Digest), f: impl FnOnce(&mut Target)) -> bool {
-        let Some(t) = self.targets.get_mut(key) else {
+    pub fn targets(&self) -> impl Iterator<Item = (&TargetKey, &Target)> {
+        self.targets.iter()
+    }
+
+    /// Adds a target while the job is built.
+    pub fn add_target(&mut self, key: TargetKey, target: Target) {
+        self.targets.insert(key, target);
+    }
+
+    /// Applies a transition to one target; true if anything changed (the job's version
+    /// then grows and the target carries it).
+    pub fn apply(&mut self, key: &TargetKey, t: Transition<'_>) -> bool {
+        let Some(target) = self.targets.get_mut(key) else {
             return false;
         };
-        let before = (t.state, t.reason, t.bytes_done, t.rate);
-        f(t);
-        if before != (t.state, t.reason, t.bytes_done, t.rate) {
-            self.version += 1;
-            t.version = self.version;
-            return true;
+        let before = target.clone();
+        match t {
+            Transition::Start => target.start(),
+            Transition::Progress { bytes_done, rate } => target.progress(bytes_done, rate),
+            Transition::SetTotal(n) => target.set_total(n),
+            Transition::Finish => target.finish(),
+            Transition::Fail(reason, message) => target.fail(reason, message),
+            Transition::Cancel(message) => target.cancel(message),
         }
-        false
+        self.bump(key, before)
+    }
+
+    /// Resumes a target its agent lost; true if it still needs the blob.
+    pub fn resume(&mut self, key: &TargetKey) -> bool {
+        let Some(target) = self.targets.get_mut(key) else {
+            return false;
+        };
+        let before = target.clone();
+        let open = target.resume();
+        self.bump(key, before);
+        open
+    }
+
+    fn bump(&mut self, key: &TargetKey, before: Target) -> bool {
+        let Some(target) = self.targets.get_mut(key) else {
+            return false;
+        };
+        if *target == before {
+            return false;
+        }
+        self.version += 1;
+        target.version = self.version;
+        true
     }
 
     /// Recomputes the aggregate state; returns true if it became terminal just now.
@@ -100,6 +244,7 @@ impl Job {
         self.set_state(state, now)
     }
 
+    /// Sets the aggregate state; returns true if it became terminal just now.
     pub fn set_state(&mut self, state: JobState, now: SystemTime) -> bool {
         if self.state() == state {
             return false;
@@ -237,18 +382,9 @@ mod tests {
             None,
         );
         for (i, s) in states.iter().enumerate() {
-            job.targets.insert(
-                (format!("a{i}"), Digest::of(b"x")),
-                Target {
-                    state: *s,
-                    reason: FailureReason::Unspecified,
-                    message: String::new(),
-                    bytes_done: 0,
-                    bytes_total: 10,
-                    rate: 0,
-                    version: 0,
-                },
-            );
+            let mut t = Target::new(10, false);
+            t.state = *s;
+            job.add_target((format!("a{i}"), Digest::of(b"x")), t);
         }
         job
     }
@@ -276,7 +412,47 @@ mod tests {
         let now = SystemTime::UNIX_EPOCH;
         let j = job_with(&[TargetState::Done, TargetState::Running]);
         let back = Job::from_pb(j.to_pb(true, now)).expect("decodes");
-        let states: Vec<_> = back.targets.values().map(|t| t.state).collect();
+        let states: Vec<_> = back.targets().map(|(_, t)| t.state).collect();
         assert_eq!(states, vec![TargetState::Done, TargetState::Pending]);
+    }
+
+    #[test]
+    fn every_change_a_watcher_should_see_bumps_the_version() {
+        let mut j = job_with(&[TargetState::Pending]);
+        let key = ("a0".to_string(), Digest::of(b"x"));
+        // A seeded size and a failure message are changes too (they were not once).
+        assert!(j.apply(&key, Transition::SetTotal(99)));
+        assert_eq!(j.version(), 1);
+        assert!(
+            !j.apply(&key, Transition::SetTotal(99)),
+            "no change, no version"
+        );
+        assert!(j.apply(&key, Transition::Start));
+        assert!(j.apply(&key, Transition::Fail(FailureReason::NoSource, "why")));
+        assert!(
+            !j.apply(&key, Transition::Fail(FailureReason::NoSource, "other")),
+            "a terminal target does not fail again"
+        );
+        assert!(!j.apply(&key, Transition::Cancel("late")));
+        let p = j.progress(true, 2, SystemTime::UNIX_EPOCH);
+        assert_eq!(p.targets.len(), 1, "changed after version 2");
+        assert_eq!(
+            (p.targets[0].bytes_total, p.targets[0].message.as_str()),
+            (99, "why")
+        );
+    }
+
+    #[test]
+    fn only_a_target_its_agent_lost_resumes() {
+        let mut j = job_with(&[TargetState::Pending]);
+        let key = ("a0".to_string(), Digest::of(b"x"));
+        j.apply(&key, Transition::Fail(FailureReason::AgentLost, "gone"));
+        assert!(j.resume(&key));
+        assert_eq!(
+            j.targets.get(&key).map(|t| t.state),
+            Some(TargetState::Pending)
+        );
+        j.apply(&key, Transition::Fail(FailureReason::NoSource, "no"));
+        assert!(!j.resume(&key), "another failure stays");
     }
 }

@@ -1,0 +1,549 @@
+//! The jobs: their records and targets, which jobs want which blob on which agent, who
+//! watches them, and their persistence. Every target transition goes through a method here
+//! (see [`Transition`]); each says what the planner must hear of.
+//!
+//! Persistence: what a user asked (Distribute, CancelJob) is written before it is
+//! acknowledged; agent-driven changes mark the job dirty and are written a few times a
+//! second by [`Jobs::flush`], not once per target; what a crash loses in between, the
+//! agents' inventories restore.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use shoal_planner::HostId;
+use shoal_proto::Digest;
+use shoal_proto::pb::v1::{self as pb, FailureReason, JobState};
+use tokio::sync::mpsc;
+
+use super::job::{Job, TargetKey, Transition};
+use super::{ApiError, WatchRx};
+use crate::db::Db;
+
+struct Watcher {
+    tx: mpsc::Sender<Result<pb::JobProgress, tonic::Status>>,
+    with_targets: bool,
+    sent_version: u64,
+}
+
+pub struct Jobs {
+    db: Arc<Db>,
+    jobs: BTreeMap<String, Job>,
+    /// The unfinished jobs with a target of each blob.
+    by_blob: BTreeMap<Digest, BTreeSet<String>>,
+    /// Which jobs want (host, blob): the planner is told once, when the first one does,
+    /// and again when the last one stops.
+    wants: BTreeMap<(HostId, Digest), BTreeSet<String>>,
+    watchers: HashMap<String, Vec<Watcher>>,
+    /// Jobs changed since the last write.
+    dirty: BTreeSet<String>,
+}
+
+impl std::fmt::Debug for Jobs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Jobs")
+            .field("jobs", &self.jobs.len())
+            .field("wants", &self.wants.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A job's targets were ended by the job (cancel, deadline): the planner stops planning
+/// those of them no other job wants.
+pub type Ended = Vec<(String, Digest)>;
+
+impl Jobs {
+    pub fn load(db: Arc<Db>) -> Result<Self, crate::db::DbError> {
+        let mut jobs = Self {
+            db,
+            jobs: BTreeMap::new(),
+            by_blob: BTreeMap::new(),
+            wants: BTreeMap::new(),
+            watchers: HashMap::new(),
+            dirty: BTreeSet::new(),
+        };
+        for record in jobs.db.jobs()? {
+            if let Some(job) = Job::from_pb(record) {
+                jobs.index(&job);
+                jobs.jobs.insert(job.id().to_string(), job);
+            }
+        }
+        Ok(jobs)
+    }
+
+    fn index(&mut self, job: &Job) {
+        if job.is_terminal() {
+            return;
+        }
+        for ((_, blob), _) in job.targets() {
+            (self.by_blob.entry(*blob).or_default()).insert(job.id().to_string());
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.jobs.len()
+    }
+
+    pub fn get(&self, id: &str) -> Result<&Job, ApiError> {
+        if id.is_empty() {
+            return Err(ApiError::InvalidArgument("job_id is required".into()));
+        }
+        self.jobs
+            .get(id)
+            .ok_or_else(|| ApiError::NotFound(format!("job {id:?} does not exist")))
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Job> {
+        self.jobs.values()
+    }
+
+    /// The agents that unfinished jobs have targets on.
+    pub fn open_agents(&self) -> BTreeSet<String> {
+        (self.jobs.values())
+            .filter(|j| !j.is_terminal())
+            .flat_map(|j| j.targets().map(|((agent, _), _)| agent.clone()))
+            .collect()
+    }
+
+    /// Adds a new job and writes it; nothing is kept if it cannot be written.
+    pub fn create(&mut self, job: Job, now: SystemTime) -> Result<(), ApiError> {
+        let id = job.id().to_string();
+        self.db
+            .put_job(&job.to_pb(true, now))
+            .map_err(|e| ApiError::Internal(format!("storing job {id}: {e}")))?;
+        self.index(&job);
+        self.jobs.insert(id, job);
+        Ok(())
+    }
+
+    // ---- wants ----
+
+    /// `job` wants `blob` on `host`; true if it is the first job to.
+    pub fn want(&mut self, job: &str, host: HostId, blob: Digest) -> bool {
+        let jobs = self.wants.entry((host, blob)).or_default();
+        let first = jobs.is_empty();
+        jobs.insert(job.to_string());
+        first
+    }
+
+    /// `job` no longer wants `blob` on `host`; true if no job does any more.
+    pub fn unwant(&mut self, job: &str, host: HostId, blob: Digest) -> bool {
+        let Some(jobs) = self.wants.get_mut(&(host, blob)) else {
+            return false;
+        };
+        if !jobs.remove(job) {
+            return false;
+        }
+        if jobs.is_empty() {
+            self.wants.remove(&(host, blob));
+            return true;
+        }
+        false
+    }
+
+    pub fn is_wanted(&self, host: HostId, blob: Digest) -> bool {
+        self.wants.contains_key(&(host, blob))
+    }
+
+    /// The jobs that want `blob` on `host`.
+    pub fn wanting(&self, host: HostId, blob: Digest) -> impl Iterator<Item = &str> {
+        (self.wants.get(&(host, blob)).into_iter()).flat_map(|j| j.iter().map(String::as_str))
+    }
+
+    /// The highest priority among the jobs that want `blob` on `host`.
+    pub fn priority(&self, host: HostId, blob: Digest) -> i32 {
+        (self.wanting(host, blob))
+            .filter_map(|j| self.jobs.get(j))
+            .map(|j| j.record.priority)
+            .max()
+            .unwrap_or(pb::Priority::Normal as i32)
+    }
+
+    /// The origin a job recorded for `blob`, if any.
+    pub fn origin(&self, job: &str, blob: &Digest) -> Option<pb::Origin> {
+        (self.jobs.get(job))
+            .and_then(|j| j.record.origins.get(&blob.to_string()))
+            .cloned()
+    }
+
+    // ---- transitions ----
+
+    /// Applies `t` to the target (agent, blob) of every job that wants `blob` on `host`.
+    fn apply_wanting(
+        &mut self,
+        agent: &str,
+        host: HostId,
+        blob: Digest,
+        t: Transition<'_>,
+        now: SystemTime,
+        durable: bool,
+    ) {
+        let key = (agent.to_string(), blob);
+        let ids: Vec<String> = self.wanting(host, blob).map(str::to_string).collect();
+        for id in ids {
+            self.apply(&id, &key, t, now, durable);
+        }
+    }
+
+    fn apply(
+        &mut self,
+        id: &str,
+        key: &TargetKey,
+        t: Transition<'_>,
+        now: SystemTime,
+        durable: bool,
+    ) {
+        let Some(job) = self.jobs.get_mut(id) else {
+            return;
+        };
+        let changed = job.apply(key, t);
+        let ended = job.refresh_state(now);
+        if ended {
+            self.ended(id);
+        }
+        if durable && (changed || ended) {
+            self.dirty.insert(id.to_string());
+        }
+    }
+
+    /// A job became terminal: it no longer counts for its blobs.
+    fn ended(&mut self, id: &str) {
+        let Some(job) = self.jobs.get(id) else {
+            return;
+        };
+        for ((_, blob), _) in job.targets() {
+            if let Some(ids) = self.by_blob.get_mut(blob) {
+                ids.remove(id);
+                if ids.is_empty() {
+                    self.by_blob.remove(blob);
+                }
+            }
+        }
+    }
+
+    /// An order for (host, blob) went out: its pending targets run. Not durable (a restart
+    /// makes running targets pending again).
+    pub fn start(&mut self, agent: &str, host: HostId, blob: Digest, now: SystemTime) {
+        self.apply_wanting(agent, host, blob, Transition::Start, now, false);
+    }
+
+    /// A seed order for `blob` went out: every pending target of it runs.
+    pub fn start_blob(&mut self, blob: Digest, now: SystemTime) {
+        self.apply_blob(blob, Transition::Start, now, false);
+    }
+
+    /// The blob's size is known now: every unfinished target of it shows it.
+    pub fn set_size(&mut self, blob: Digest, size: u64, now: SystemTime) {
+        self.apply_blob(blob, Transition::SetTotal(size), now, true);
+    }
+
+    fn apply_blob(&mut self, blob: Digest, t: Transition<'_>, now: SystemTime, durable: bool) {
+        let ids: Vec<String> = (self.by_blob.get(&blob).into_iter().flatten())
+            .cloned()
+            .collect();
+        for id in ids {
+            let keys: Vec<TargetKey> = (self.jobs.get(&id).into_iter())
+                .flat_map(|j| j.targets().map(|(k, _)| k.clone()))
+                .filter(|(_, b)| *b == blob)
+                .collect();
+            for key in keys {
+                self.apply(&id, &key, t, now, durable);
+            }
+        }
+    }
+
+    /// Progress of (host, blob): its targets run, with these bytes and rate. Not durable.
+    pub fn progress(
+        &mut self,
+        agent: &str,
+        host: HostId,
+        blob: Digest,
+        bytes_done: u64,
+        rate: u64,
+        now: SystemTime,
+    ) {
+        let t = Transition::Progress { bytes_done, rate };
+        self.apply_wanting(agent, host, blob, t, now, false);
+    }
+
+    /// The agent holds the whole blob: every job that wanted it there is done with it.
+    /// True if any job wanted it (the planner's download is done).
+    pub fn finish(&mut self, agent: &str, host: HostId, blob: Digest, now: SystemTime) -> bool {
+        let key = (agent.to_string(), blob);
+        let Some(ids) = self.wants.remove(&(host, blob)) else {
+            return false;
+        };
+        for id in ids {
+            self.apply(&id, &key, Transition::Finish, now, true);
+        }
+        true
+    }
+
+    /// (host, blob) cannot complete: the targets of every job that wants it fail. True if
+    /// any job wanted it (the planner must stop planning it).
+    pub fn fail(
+        &mut self,
+        agent: &str,
+        host: HostId,
+        blob: Digest,
+        reason: FailureReason,
+        message: &str,
+        now: SystemTime,
+    ) -> bool {
+        let key = (agent.to_string(), blob);
+        let Some(ids) = self.wants.remove(&(host, blob)) else {
+            return false;
+        };
+        for id in ids {
+            self.apply(&id, &key, Transition::Fail(reason, message), now, true);
+        }
+        true
+    }
+
+    /// The agent's lease expired: each of its unfinished targets, in every job, fails with
+    /// AGENT_LOST. Works from the jobs, not from the wants, so it also covers targets loaded
+    /// after a restart that were never wanted again. Returns the (host, blob) pairs no job
+    /// wants any more.
+    pub fn lose_agent(
+        &mut self,
+        agent: &str,
+        host: Option<HostId>,
+        message: &str,
+        now: SystemTime,
+    ) -> Vec<Digest> {
+        let mut open = Vec::new();
+        for job in self.jobs.values().filter(|j| !j.is_terminal()) {
+            for (key, t) in job.targets() {
+                if key.0 == agent && !t.is_terminal() {
+                    open.push((job.id().to_string(), key.clone()));
+                }
+            }
+        }
+        let mut unwanted = Vec::new();
+        for (id, key) in open {
+            let t = Transition::Fail(FailureReason::AgentLost, message);
+            self.apply(&id, &key, t, now, true);
+            if let Some(host) = host {
+                if self.unwant(&id, host, key.1) {
+                    unwanted.push(key.1);
+                }
+            }
+        }
+        unwanted
+    }
+
+    /// The agent (re)connected: the (job, blob) pairs unfinished jobs still need of it,
+    /// targets it lost pending again.
+    pub fn resume(&mut self, agent: &str) -> Vec<(String, Digest)> {
+        let mut out = Vec::new();
+        let mut changed = Vec::new();
+        for job in self.jobs.values_mut().filter(|j| !j.is_terminal()) {
+            let keys: Vec<TargetKey> = (job.targets())
+                .filter(|((a, _), _)| a == agent)
+                .map(|(k, _)| k.clone())
+                .collect();
+            let before = job.version();
+            for key in keys {
+                if job.resume(&key) {
+                    out.push((job.id().to_string(), key.1));
+                }
+            }
+            if job.version() != before {
+                changed.push(job.id().to_string());
+            }
+        }
+        self.dirty.extend(changed);
+        out
+    }
+
+    /// Ends every unfinished target of a job (cancel: the job is cancelled; deadline: the
+    /// targets fail). Returns the ended targets.
+    fn end(&mut self, id: &str, cancel: bool, message: &str, now: SystemTime) -> Ended {
+        let Some(job) = self.jobs.get_mut(id) else {
+            return Vec::new();
+        };
+        let open: Vec<TargetKey> = (job.targets())
+            .filter(|(_, t)| !t.is_terminal())
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in &open {
+            let t = if cancel {
+                Transition::Cancel(message)
+            } else {
+                Transition::Fail(FailureReason::DeadlineExceeded, message)
+            };
+            job.apply(key, t);
+        }
+        let ended = if cancel {
+            job.set_state(JobState::Cancelled, now)
+        } else {
+            job.refresh_state(now)
+        };
+        if ended {
+            self.ended(id);
+        }
+        self.dirty.insert(id.to_string());
+        open
+    }
+
+    /// CancelJob: ends the job's unfinished targets and writes it before answering.
+    pub fn cancel(
+        &mut self,
+        id: &str,
+        reason: &str,
+        now: SystemTime,
+    ) -> Result<(JobState, Ended), ApiError> {
+        let job = self.get(id)?;
+        if job.is_terminal() {
+            return Ok((job.state(), Vec::new()));
+        }
+        let reason = if reason.is_empty() {
+            "cancelled"
+        } else {
+            reason
+        };
+        let ended = self.end(id, true, reason, now);
+        self.write(id, now)?;
+        Ok((self.get(id)?.state(), ended))
+    }
+
+    /// Jobs past their deadline: their unfinished targets fail with DEADLINE_EXCEEDED.
+    pub fn expire_deadlines(&mut self, now: SystemTime) -> Vec<(String, Ended)> {
+        let expired: Vec<String> = (self.jobs.values())
+            .filter(|j| !j.is_terminal() && j.deadline.is_some_and(|d| d <= now))
+            .map(|j| j.id().to_string())
+            .collect();
+        (expired.into_iter())
+            .map(|id| {
+                let ended = self.end(&id, false, "deadline passed", now);
+                (id, ended)
+            })
+            .collect()
+    }
+
+    // ---- watchers ----
+
+    pub fn watch(
+        &mut self,
+        req: pb::WatchJobRequest,
+        now: SystemTime,
+    ) -> Result<WatchRx, ApiError> {
+        let job = self.get(&req.job_id)?;
+        let (tx, rx) = mpsc::channel(16);
+        let first = job.progress(req.include_targets, 0, now);
+        let version = job.version();
+        let terminal = job.is_terminal();
+        // The first message always fits: the channel is new.
+        let _ = tx.try_send(Ok(first));
+        if !terminal {
+            self.watchers.entry(req.job_id).or_default().push(Watcher {
+                tx,
+                with_targets: req.include_targets,
+                sent_version: version,
+            });
+        }
+        Ok(rx)
+    }
+
+    /// Sends each watcher what changed; ends streams of finished jobs.
+    pub fn push_watchers(&mut self, now: SystemTime) {
+        let jobs = &self.jobs;
+        self.watchers.retain(|job_id, watchers| {
+            let Some(job) = jobs.get(job_id) else {
+                return false;
+            };
+            watchers.retain_mut(|w| {
+                if job.version() == w.sent_version && !job.is_terminal() {
+                    return !w.tx.is_closed();
+                }
+                let update = job.progress(w.with_targets, w.sent_version, now);
+                match w.tx.try_send(Ok(update)) {
+                    Ok(()) => w.sent_version = job.version(),
+                    Err(mpsc::error::TrySendError::Full(_)) => return true, // slow reader: next time
+                    Err(mpsc::error::TrySendError::Closed(_)) => return false,
+                }
+                !job.is_terminal()
+            });
+            !watchers.is_empty()
+        });
+    }
+
+    // ---- reading ----
+
+    pub fn get_pb(
+        &self,
+        req: pb::GetJobRequest,
+        now: SystemTime,
+    ) -> Result<pb::GetJobResponse, ApiError> {
+        let job = self.get(&req.job_id)?;
+        Ok(pb::GetJobResponse {
+            job: Some(job.to_pb(req.include_targets, now)),
+        })
+    }
+
+    pub fn list(&self, req: pb::ListJobsRequest, now: SystemTime) -> pb::ListJobsResponse {
+        // Most recent first: the key inverts the creation time, then the id breaks ties.
+        let jobs = (self.jobs.values())
+            .filter(|j| req.state == 0 || j.record.state == req.state)
+            .map(|j| {
+                let t = j.record.created_at.unwrap_or_default();
+                let age = i64::MAX - t.seconds;
+                let key = format!("{age:020}{:09}{}", 999_999_999 - t.nanos.max(0), j.id());
+                (key, j)
+            })
+            .collect();
+        let (page, next_page_token) = super::page(jobs, req.page_size, &req.page_token);
+        pb::ListJobsResponse {
+            jobs: page.into_iter().map(|j| j.to_pb(false, now)).collect(),
+            next_page_token,
+        }
+    }
+
+    // ---- persistence ----
+
+    fn write(&mut self, id: &str, now: SystemTime) -> Result<(), ApiError> {
+        self.dirty.remove(id);
+        let Some(job) = self.jobs.get(id) else {
+            return Ok(());
+        };
+        self.db
+            .put_job(&job.to_pb(true, now))
+            .map_err(|e| ApiError::Internal(format!("storing job {id}: {e}")))
+    }
+
+    /// Writes the jobs changed since the last flush; a failed write is retried next time.
+    pub fn flush(&mut self, now: SystemTime) {
+        for id in std::mem::take(&mut self.dirty) {
+            if let Err(e) = self.write(&id, now) {
+                tracing::error!(job = %id, error = %e, "persisting job failed; retrying");
+                self.dirty.insert(id);
+            }
+        }
+    }
+
+    /// Drops jobs that ended longer than `retention` ago, from memory and disk, so a
+    /// long-running coordinator does not grow without bound.
+    pub fn forget_old(&mut self, retention: Duration, now: SystemTime) {
+        let Some(cutoff) = now.checked_sub(retention) else {
+            return;
+        };
+        let old: Vec<String> = (self.jobs.values())
+            .filter(|j| j.is_terminal())
+            .filter(|j| {
+                (j.record.finished_at)
+                    .and_then(|t| SystemTime::try_from(t).ok())
+                    .is_some_and(|t| t <= cutoff)
+            })
+            .map(|j| j.id().to_string())
+            .collect();
+        for id in old {
+            match self.db.delete_job(&id) {
+                Ok(()) => {
+                    self.jobs.remove(&id);
+                    self.dirty.remove(&id);
+                }
+                Err(e) => tracing::error!(job = %id, error = %e, "deleting an old job failed"),
+            }
+        }
+    }
+}

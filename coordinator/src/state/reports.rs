@@ -1,0 +1,206 @@
+//! What agents report on their sessions, and what each report changes.
+//!
+//! Reports are keyed by (agent, blob), not by order id, where that is safe: an agent that
+//! finishes an order issued by a previous coordinator incarnation still completes the
+//! target. Failures and stalls are the exception: only the current order's count, since
+//! agents resend recent reports after a reconnect.
+
+use std::collections::BTreeSet;
+
+use shoal_planner::{Event, HostId, SeedEvent};
+use shoal_proto::pb::v1::{self as pb, agent_message::Msg};
+use shoal_proto::{Digest, Manifest};
+
+use super::{Now, SessionId, State, catalog};
+
+impl State {
+    pub(super) fn on_agent_message(&mut self, session: SessionId, msg: Msg, now: Now) {
+        if !self.agents.touch(session, now) {
+            return; // A message from a replaced session.
+        }
+        let host = session.host;
+        self.assigner.handle(now.mono, Event::Heartbeat { host });
+        match msg {
+            Msg::Hello(_) | Msg::Heartbeat(_) => {}
+            Msg::Inventory(inv) => self.inventory(host, inv, now),
+            Msg::Progress(batch) => {
+                for item in batch.items {
+                    self.progress(host, item, now);
+                }
+            }
+            Msg::BlobDone(done) => {
+                let Ok(blob) = Digest::from_slice(&done.blob_digest) else {
+                    return;
+                };
+                // One agent has read the whole blob and checked its digest.
+                self.catalog.mark_verified(&blob);
+                self.blob_done(host, blob, now);
+            }
+            Msg::BlobFailed(failed) => self.blob_failed(host, failed, now),
+            Msg::Load(load) => self.agents.set_load(host, load),
+            Msg::BlobRegistered(reg) => self.register(host, reg, now),
+            Msg::RangeSeeded(range) => self.range_seeded(host, range, now),
+            Msg::SourceStalled(stalled) => {
+                let Ok(blob) = Digest::from_slice(&stalled.blob_digest) else {
+                    return;
+                };
+                if !self.orders.is_current(host, blob, stalled.order_id) {
+                    return;
+                }
+                if let Some(source) = self.agents.host_of(&stalled.peer_agent_id) {
+                    tracing::info!(agent = %self.agents.name(host), peer = %stalled.peer_agent_id, %blob, reason = %stalled.reason, "source stalled");
+                    let event = Event::SourceStalled {
+                        host,
+                        blob: blob.into(),
+                        source,
+                    };
+                    self.assigner.handle(now.mono, event);
+                }
+            }
+            Msg::ChunkRejected(rej) => {
+                let Ok(blob) = Digest::from_slice(&rej.blob_digest) else {
+                    return;
+                };
+                if let Some(source) = self.agents.host_of(&rej.peer_agent_id) {
+                    tracing::warn!(agent = %self.agents.name(host), peer = %rej.peer_agent_id, %blob, chunk = rej.chunk_index, "peer served a corrupted chunk");
+                    let event = Event::SourceCorrupt {
+                        host,
+                        blob: blob.into(),
+                        source,
+                    };
+                    self.assigner.handle(now.mono, event);
+                }
+            }
+        }
+    }
+
+    fn blob_failed(&mut self, host: HostId, failed: pb::BlobFailed, now: Now) {
+        let Ok(blob) = Digest::from_slice(&failed.blob_digest) else {
+            return;
+        };
+        // Only the current order's failure counts: agents resend recent reports after a
+        // reconnect, and a stale one must not cost the retry another attempt.
+        if !self.orders.is_current(host, blob, failed.order_id) {
+            return;
+        }
+        let reason = failed.reason();
+        if self.orders.is_seed(host, blob) {
+            self.seed_failed(host, blob, reason, &failed.message, now);
+            return;
+        }
+        if reason == pb::FailureReason::DigestMismatch && self.catalog.is_provisional(&blob) {
+            self.reject_provisional(blob, &failed.message, now);
+            return;
+        }
+        tracing::info!(agent = %self.agents.name(host), %blob, message = %failed.message, "fetch failed");
+        self.orders.remove(host, blob);
+        let event = Event::Failed {
+            host,
+            blob: blob.into(),
+        };
+        self.assigner.handle(now.mono, event);
+    }
+
+    /// An agent ingested a blob (a push, or a whole-blob seed): it holds it whole.
+    fn register(&mut self, host: HostId, reg: pb::BlobRegistered, now: Now) {
+        let Some(manifest) = (reg.manifest.as_ref()).and_then(|m| Manifest::try_from(m).ok())
+        else {
+            tracing::warn!(agent = %self.agents.name(host), "agent registered an invalid manifest");
+            return;
+        };
+        let digest = manifest.digest();
+        let by = self.agents.name(host);
+        self.add_to_catalog(manifest, by, true, now);
+        // If a job wanted it there, that target is done; targets waiting for it to be
+        // seeded can now fetch it from peers.
+        self.blob_done(host, digest, now);
+        let event = SeedEvent::Known {
+            blob: digest.into(),
+            by: Some(host),
+        };
+        self.seeder.handle(now.mono, event);
+    }
+
+    /// A range seeder fetched its range: the seeder keeps its chunk digests.
+    fn range_seeded(&mut self, host: HostId, msg: pb::RangeSeeded, now: Now) {
+        let Ok(blob) = Digest::from_slice(&msg.blob_digest) else {
+            return;
+        };
+        if !self.orders.is_current(host, blob, msg.order_id) || !self.orders.is_seed(host, blob) {
+            return; // Stale: not the current seed order.
+        }
+        self.orders.remove(host, blob);
+        let digests = (msg.chunk_digests.iter())
+            .filter_map(|d| Digest::from_slice(d).ok())
+            .collect();
+        let event = SeedEvent::RangeSeeded {
+            blob: blob.into(),
+            host,
+            first_chunk: msg.first_chunk,
+            digests,
+        };
+        self.seeder.handle(now.mono, event);
+    }
+
+    /// A target found that the blob assembled from seeded ranges does not match its digest:
+    /// the origin serves other bytes. The manifest is dropped and every target of the blob
+    /// fails, rather than fetching it again and again.
+    fn reject_provisional(&mut self, blob: Digest, message: &str, now: Now) {
+        tracing::warn!(%blob, message, "the seeded blob does not match its digest");
+        let message = format!("the origin's content does not match {blob}: {message}");
+        let hosts: Vec<HostId> = (self.agents.iter())
+            .map(|a| a.host)
+            .filter(|h| self.jobs.is_wanted(*h, blob))
+            .collect();
+        for host in hosts {
+            self.cancel_order(host, blob, "the blob does not match its digest");
+            self.fail_targets(host, blob, pb::FailureReason::DigestMismatch, &message, now);
+        }
+        self.catalog.remove(&blob);
+    }
+
+    fn inventory(&mut self, host: HostId, inv: pb::Inventory, now: Now) {
+        // A snapshot replaces what we knew; blobs it no longer lists are dropped after it is
+        // applied, so holdings that did not change cause no re-planning.
+        let mut dropped: BTreeSet<Digest> = if inv.replace {
+            self.catalog.held_by(host).into_iter().collect()
+        } else {
+            BTreeSet::new()
+        };
+        for removed in inv.removed {
+            if let Ok(blob) = Digest::from_slice(&removed) {
+                self.holds(host, blob, 0, false, now);
+            }
+        }
+        for held in inv.blobs {
+            let Ok(blob) = Digest::from_slice(&held.blob_digest) else {
+                continue;
+            };
+            let chunks = (held.chunks.as_ref())
+                .map(|c| catalog::count_bits(&c.bits))
+                .unwrap_or(0);
+            dropped.remove(&blob);
+            self.holds(host, blob, chunks, held.complete, now);
+            if held.complete {
+                self.blob_done(host, blob, now);
+            }
+        }
+        for blob in dropped {
+            self.holds(host, blob, 0, false, now);
+        }
+    }
+
+    fn progress(&mut self, host: HostId, item: pb::BlobProgress, now: Now) {
+        let Ok(blob) = Digest::from_slice(&item.blob_digest) else {
+            return;
+        };
+        // A late progress report must not make a complete holder look partial again.
+        if !self.catalog.holds_complete(&blob, host) {
+            self.holds(host, blob, item.chunks_verified, false, now);
+        }
+        let agent = self.agents.name(host);
+        let (bytes, rate) = (item.bytes_done, item.rate_bytes_per_sec);
+        self.jobs
+            .progress(&agent, host, blob, bytes, rate, now.wall);
+    }
+}

@@ -1,0 +1,142 @@
+//! Agents coming and going: Join, sessions opening and closing, leases running out, and
+//! what each means for the planner and the jobs.
+
+use std::collections::BTreeMap;
+
+use shoal_planner::{Event, HostId, SeedEvent};
+use shoal_proto::pb::v1 as pb;
+
+use super::agents::Admission;
+use super::{ApiError, Now, SessionId, SessionTx, State};
+
+impl State {
+    pub(super) fn join(
+        &mut self,
+        req: pb::JoinRequest,
+        now: Now,
+    ) -> Result<pb::JoinResponse, ApiError> {
+        if req.token != self.config.join_token {
+            return Err(ApiError::Unauthenticated("wrong join token".into()));
+        }
+        if req.protocol != shoal_proto::SESSION_PROTOCOL {
+            return Err(ApiError::FailedPrecondition(format!(
+                "the agent speaks session protocol {}, this coordinator {}: run agents and \
+                 the coordinator of the same Shoal release",
+                req.protocol,
+                shoal_proto::SESSION_PROTOCOL
+            )));
+        }
+        if req.quic_addresses.is_empty() {
+            return Err(ApiError::InvalidArgument(
+                "quic_addresses: at least one is required".into(),
+            ));
+        }
+        for a in &req.quic_addresses {
+            if a.parse::<std::net::SocketAddr>().is_err() {
+                return Err(ApiError::InvalidArgument(format!(
+                    "quic_addresses: {a:?} is not host:port with an IP address"
+                )));
+            }
+        }
+        // The certificate names the agent's id: sign it (refusing a bad CSR) before
+        // anything is recorded.
+        let id = super::agents::agent_id_for(&req.previous_agent_id);
+        let certificate_der = if req.csr_der.is_empty() {
+            Vec::new()
+        } else {
+            (self.ca.sign_csr(&req.csr_der, &id))
+                .map_err(|e| ApiError::InvalidArgument(format!("csr_der: {e}")))?
+        };
+        let (upload_bps, download_bps) = (
+            req.upload_capacity_bytes_per_sec,
+            req.download_capacity_bytes_per_sec,
+        );
+        let a = self.agents.admit(
+            Admission {
+                id,
+                labels: req.labels.into_iter().collect::<BTreeMap<_, _>>(),
+                addrs: req.quic_addresses,
+                upload_bps,
+                download_bps,
+                version: req.agent_version,
+            },
+            now,
+        );
+        self.assigner.handle(
+            now.mono,
+            Event::HostUp {
+                host: a.host,
+                zone: a.zone,
+                rack: a.rack,
+                upload_bps: upload_bps.max(1),
+                download_bps: download_bps.max(1),
+            },
+        );
+        // Known and alive, not ready for orders until its session opens.
+        let host = a.host;
+        self.seeder.handle(now.mono, SeedEvent::HostAway { host });
+        tracing::info!(agent = %a.id, "agent joined");
+        Ok(pb::JoinResponse {
+            agent_id: a.id,
+            lease_ms: self.config.lease.as_millis() as u64,
+            session_token: a.token,
+            heartbeat_interval_ms: self.config.heartbeat.as_millis() as u64,
+            certificate_der,
+            ca_certificates_der: vec![self.ca.cert_der().to_vec()],
+        })
+    }
+
+    pub(super) fn open_session(
+        &mut self,
+        hello: pb::Hello,
+        tx: SessionTx,
+        now: Now,
+    ) -> Result<SessionId, ApiError> {
+        let session = self.agents.open_session(hello, tx, now)?;
+        let host = session.host;
+        self.assigner.handle(now.mono, Event::Heartbeat { host });
+        self.seeder.handle(now.mono, SeedEvent::HostReady { host });
+        self.resume_targets(host, now);
+        self.redeliver_orders(host);
+        Ok(session)
+    }
+
+    pub(super) fn session_closed(&mut self, session: SessionId, now: Now) {
+        if self.agents.close_session(session) {
+            let host = session.host;
+            self.seeder.handle(now.mono, SeedEvent::HostAway { host });
+        }
+    }
+
+    /// Agents silent past their lease are gone: their orders are re-planned and their
+    /// unfinished targets fail with AGENT_LOST (see `job.rs` for the rule).
+    pub(super) fn expire_leases(&mut self, now: Now) {
+        for gone in self.agents.expire(now, self.config.lease) {
+            let host = gone.host;
+            self.assigner.handle(now.mono, Event::HostDown { host });
+            self.seeder.handle(now.mono, SeedEvent::HostGone { host });
+            self.catalog.forget_host(host);
+            self.orders.drop_host(host);
+            for blob in self
+                .jobs
+                .lose_agent(&gone.id, Some(host), &gone.message, now.wall)
+            {
+                self.unwanted(host, blob, now);
+            }
+        }
+    }
+
+    /// An agent (re)connected: want again what unfinished jobs still need from it, including
+    /// targets that failed because it was lost.
+    fn resume_targets(&mut self, host: HostId, now: Now) {
+        let agent = self.agents.name(host);
+        for (job, blob) in self.jobs.resume(&agent) {
+            if self.catalog.holds_complete(&blob, host) {
+                self.jobs.want(&job, host, blob);
+                self.blob_done(host, blob, now);
+            } else {
+                self.want(&job, host, blob, now);
+            }
+        }
+    }
+}
