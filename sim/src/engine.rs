@@ -16,7 +16,8 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use shoal_planner::{
     Assigner, AssignerConfig, AssignerStats, BlobId, ChunkIndex, ChunkPicker, ChunkSet, Command,
-    Event, HostId, PickerConfig, RackId, Time, ZoneId,
+    Event, HostId, PickerConfig, RackId, SeedCommand, Seeder, SeederConfig, SeederStats, Time,
+    ZoneId,
 };
 use shoal_proto::Digest;
 
@@ -25,6 +26,7 @@ use crate::spec::{Fault, Spec};
 mod agent;
 mod control;
 mod network;
+mod seeding;
 
 /// Who decides which hosts a download pulls from.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -90,6 +92,8 @@ pub struct Outcome {
     pub duplicate_requests: u64,
     pub wasted_chunks: u64,
     pub planner: Option<AssignerStats>,
+    /// The coordinator's seeding decisions (blobs only external origins hold).
+    pub seeding: Option<SeederStats>,
     /// Events and steps processed (the simulator's own cost).
     pub events: u64,
     pub steps: u64,
@@ -175,6 +179,17 @@ enum Ev {
         command: Command,
         stripes: Vec<(u32, (u32, u32))>,
     },
+    /// A seed order (or its cancellation) to an agent from coordinator `epoch`.
+    SeedToAgent {
+        epoch: u32,
+        command: SeedCommand,
+    },
+    /// A seeder's report to the coordinator, sent on session `epoch`.
+    SeedToCoord {
+        epoch: u32,
+        from: u32,
+        report: SeedReport,
+    },
     Crash(u32),
     Restart(u32),
     CoordDown(Duration),
@@ -182,6 +197,24 @@ enum Ev {
     Heartbeats,
     Progress,
     StallCheck,
+}
+
+/// What a seeder tells the coordinator.
+#[derive(Debug)]
+enum SeedReport {
+    /// It fetched `count` chunks from `first` from the origin (a range order).
+    Range { blob: u32, first: u32, count: u32 },
+    /// It fetched the whole blob, checked and registered it.
+    Registered { blob: u32 },
+}
+
+/// One origin fetch of a seed order on its agent.
+struct SeedFetch {
+    flow: usize,
+    first: u32,
+    count: u32,
+    got: u32,
+    whole: bool,
 }
 
 struct Host {
@@ -202,6 +235,12 @@ struct Host {
     finished_at: Option<Time>,
     /// Flows this host serves.
     out: Vec<usize>,
+    /// An external origin: never an agent.
+    external: bool,
+    /// Origin fetches of its seed orders, by blob.
+    seeding: BTreeMap<u32, SeedFetch>,
+    /// Ranges it seeded, waiting in part files for the blob's order: (first, count).
+    parts: BTreeMap<u32, Vec<(u32, u32)>>,
 }
 
 struct Dl {
@@ -220,13 +259,21 @@ struct Flow {
     head_left: f64,
     last_progress: Time,
     stall_reported: bool,
+    /// An origin fetch of a seed order, not a peer download.
+    seed: bool,
 }
 
 struct Coord {
     assigner: Assigner,
+    /// The production seeding machine: who fetches blobs nobody holds from their origin.
+    seeder: Seeder,
+    /// Blobs whose manifest this coordinator knows.
+    known: BTreeSet<u32>,
     up: bool,
     epoch: u32,
     last_heard: Vec<Option<Time>>,
+    /// Hosts whose lease ran out, as the seeder was told.
+    gone: Vec<bool>,
 }
 
 struct Sim<'a> {
@@ -240,6 +287,11 @@ struct Sim<'a> {
     flows: Vec<Option<Flow>>,
     free_flows: Vec<usize>,
     coord: Option<Coord>,
+    /// Inside one step's batch of events: nothing is drained until its end.
+    batching: bool,
+    /// Cold blobs whose manifest the coordinator persisted (registered whole, or verified by
+    /// a download): known again after a coordinator restart.
+    durable: BTreeSet<u32>,
     /// Random mesh: members of each blob's swarm, in join order.
     swarm: Vec<Vec<u32>>,
     rng: SmallRng,
@@ -280,8 +332,16 @@ impl<'a> Sim<'a> {
                 pending: h.wants.iter().copied().collect(),
                 finished_at: None,
                 out: Vec::new(),
+                external: h.external,
+                seeding: BTreeMap::new(),
+                parts: BTreeMap::new(),
             })
             .collect();
+        // External origins are up from the start and never join.
+        for h in hosts.iter_mut().filter(|h| h.external) {
+            h.arrived = true;
+            h.alive = true;
+        }
         for fault in &spec.faults {
             match *fault {
                 Fault::Slow { host, factor } => {
@@ -297,9 +357,12 @@ impl<'a> Sim<'a> {
         let p = &spec.params;
         let coord = (strategy == Strategy::Shoal).then(|| Coord {
             assigner: new_assigner(spec, 0),
+            seeder: new_seeder(spec),
+            known: BTreeSet::new(),
             up: true,
             epoch: 0,
             last_heard: vec![None; spec.hosts.len()],
+            gone: vec![false; spec.hosts.len()],
         });
         let mut sim = Sim {
             spec,
@@ -312,6 +375,8 @@ impl<'a> Sim<'a> {
             flows: Vec::new(),
             free_flows: Vec::new(),
             coord,
+            batching: false,
+            durable: BTreeSet::new(),
             swarm: vec![Vec::new(); spec.blobs.len()],
             rng: SmallRng::seed_from_u64(mix(spec.seed, 0x51_4d)),
             unfinished,
@@ -336,7 +401,8 @@ impl<'a> Sim<'a> {
             spent: Vec::new(),
         };
         if let Some(c) = &mut sim.coord {
-            for b in 0..spec.blobs.len() as u32 {
+            for b in (0..spec.blobs.len() as u32).filter(|b| !spec.is_cold(*b)) {
+                c.known.insert(b);
                 c.assigner.handle(
                     Time::ZERO,
                     Event::BlobKnown {
@@ -348,7 +414,14 @@ impl<'a> Sim<'a> {
             }
         }
         for (i, h) in spec.hosts.iter().enumerate() {
-            sim.at(Time::ZERO + h.arrival, Ev::Arrive(i as u32));
+            if h.external {
+                // A web seed for the random mesh from the start.
+                for &b in &h.holds {
+                    sim.swarm[b as usize].push(i as u32);
+                }
+            } else {
+                sim.at(Time::ZERO + h.arrival, Ev::Arrive(i as u32));
+            }
         }
         for fault in &spec.faults {
             match *fault {
@@ -387,6 +460,8 @@ impl<'a> Sim<'a> {
             if let Some(c) = &mut self.coord {
                 c.assigner.begin_batch();
             }
+            // The seeder's elections, too, wait for the whole batch of wants.
+            self.batching = true;
             while let Some(entry) = self.events.first_entry() {
                 if entry.key().0 > self.now {
                     break;
@@ -395,12 +470,16 @@ impl<'a> Sim<'a> {
                 self.out.events += 1;
                 self.handle(ev);
             }
+            self.batching = false;
             if let Some(c) = &mut self.coord {
                 c.assigner.end_batch();
                 if c.up {
                     self.drain_commands();
                 } else {
-                    while c.assigner.poll_command().is_some() {} // Lost with the coordinator.
+                    // Lost with the coordinator.
+                    while c.assigner.poll_command().is_some() {}
+                    while c.seeder.poll_command().is_some() {}
+                    while c.seeder.poll_notice().is_some() {}
                 }
             }
             self.coordinator_timers();
@@ -482,6 +561,9 @@ impl<'a> Sim<'a> {
         }
         out.end = self.now.as_micros() as f64 / 1e6;
         out.planner = self.coord.as_ref().map(|c| c.assigner.stats().clone());
+        out.seeding = (self.coord.as_ref())
+            .filter(|_| (0..self.spec.blobs.len() as u32).any(|b| self.spec.is_cold(b)))
+            .map(|c| c.seeder.stats().clone());
         out
     }
 
@@ -496,6 +578,12 @@ impl<'a> Sim<'a> {
                 command,
                 stripes,
             } => self.agent_receive(epoch, command, stripes),
+            Ev::SeedToAgent { epoch, command } => self.agent_seed(epoch, command),
+            Ev::SeedToCoord {
+                epoch,
+                from,
+                report,
+            } => self.coordinator_seed_report(epoch, from, report),
             Ev::Crash(h) => self.crash(h),
             Ev::Restart(h) => self.restart(h),
             Ev::CoordDown(downtime) => {
@@ -579,6 +667,9 @@ impl<'a> Sim<'a> {
         for b in blobs {
             self.drop_download(h, b);
         }
+        // Its origin fetches die with it, and the agent drops its part files on restart.
+        self.drop_seed_fetches(h);
+        self.hosts[h as usize].parts.clear();
         // Flows it served stop delivering; their downloaders find out by the stall timeout.
         let restart = self.spec.faults.iter().find_map(|f| match *f {
             Fault::Crash {
@@ -647,6 +738,16 @@ fn new_assigner(spec: &Spec, salt: u64) -> Assigner {
     )
 }
 
+fn new_seeder(spec: &Spec) -> Seeder {
+    let p = &spec.params;
+    Seeder::new(SeederConfig {
+        stripe_min_bytes: p.stripe_seed_min_bytes,
+        max_seeders_per_blob: p.max_seeders_per_blob,
+        chunk_size: p.chunk_size as u32,
+        ..SeederConfig::default()
+    })
+}
+
 fn empty_outcome(strategy: Strategy) -> Outcome {
     Outcome {
         strategy,
@@ -663,6 +764,7 @@ fn empty_outcome(strategy: Strategy) -> Outcome {
         duplicate_requests: 0,
         wasted_chunks: 0,
         planner: None,
+        seeding: None,
         events: 0,
         steps: 0,
     }

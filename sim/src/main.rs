@@ -9,7 +9,7 @@ use shoal_sim::report::{self, Report};
 use shoal_sim::scenarios::{self, NAMES};
 use shoal_sim::{Checks, Strategy, run};
 
-const USAGE: &str = "usage: shoal-sim <seed-example|kraken-bench|peak|faults|random-faults|all> [--quick] [--seed N] [--only shoal|single-origin|random-mesh] [--check]";
+const USAGE: &str = "usage: shoal-sim <seed-example|kraken-bench|peak|faults|random-faults|cold|all> [--quick] [--seed N] [--only shoal|single-origin|random-mesh] [--check]";
 
 struct Args {
     scenarios: Vec<String>,
@@ -154,6 +154,19 @@ fn main() -> ExitCode {
                     shoal.duplicate_requests,
                     shoal.wasted_chunks,
                     100.0 * shoal.cross_zone_bytes as f64 / shoal.bytes_moved.max(1) as f64
+                );
+            }
+            if let Some(s) = &shoal.seeding {
+                println!(
+                    "{}: seeder orders {} (ranges {}) ranges seeded {} failed seeds {} (local faults {}) blobs seeded {} gave up {}",
+                    r.spec.name,
+                    s.seed_orders,
+                    s.range_orders,
+                    s.ranges_seeded,
+                    s.failed_seeds,
+                    s.local_faults,
+                    s.seeded,
+                    s.gave_up
                 );
             }
             for v in &shoal.violations {

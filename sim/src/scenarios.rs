@@ -8,7 +8,7 @@ use rand::{Rng, SeedableRng};
 use crate::spec::{Fault, GBIT40, HostSpec, Params, Spec};
 
 /// Names accepted by [`build`], in the order `all` runs them.
-pub const NAMES: [&str; 4] = ["seed-example", "kraken-bench", "peak", "faults"];
+pub const NAMES: [&str; 5] = ["seed-example", "kraken-bench", "peak", "faults", "cold"];
 
 const MB: u64 = 1_000_000;
 const GB: u64 = 1_000_000_000;
@@ -64,6 +64,10 @@ pub fn build(name: &str, quick: bool, seed: u64) -> Result<(Spec, Vec<Goal>), St
             faults(quick, seed),
             goals_mesh(vec![Goal::LiveCompleteNoCorruption]),
         )),
+        "cold" => Ok((
+            cold(quick, seed),
+            vec![Goal::LiveCompleteNoCorruption, Goal::OriginEgress(1.25)],
+        )),
         "random-faults" => Ok((random_faults(seed), vec![Goal::LiveCompleteNoCorruption])),
         _ => Err(format!(
             "unknown scenario {name:?}: expected one of {}, random-faults, or all",
@@ -86,6 +90,7 @@ fn host(index: u32, bps: f64, arrival: Duration) -> HostSpec {
         arrival,
         holds: Vec::new(),
         wants: Vec::new(),
+        external: false,
     }
 }
 
@@ -306,6 +311,43 @@ fn faults(quick: bool, seed: u64) -> Spec {
         downtime: Duration::from_secs(1),
     });
     spec
+}
+
+/// Blobs nobody holds yet, behind one external origin whose uplink (10 Gbit/s) is a
+/// quarter of a host's: 400 hosts (quick: 40) arriving at once want a 2 GB blob, seeded in
+/// ranges by four of them, and four 200 MB blobs, each seeded whole by one. One range
+/// seeder dies mid-range and never comes back: its lease runs out and another host fetches
+/// the range again. Every live host must finish, and the origin send little more than each
+/// byte once.
+fn cold(quick: bool, seed: u64) -> Spec {
+    let n = if quick { 40 } else { 400 };
+    let mut origin = host(0, GBIT40 / 4.0, Duration::ZERO);
+    origin.external = true;
+    origin.holds = vec![0, 1, 2, 3, 4];
+    let mut hosts = vec![origin];
+    for i in 1..=n {
+        let mut h = host(i, GBIT40, Duration::ZERO);
+        h.wants = vec![0, 1, 2, 3, 4];
+        hosts.push(h);
+    }
+    Spec {
+        name: "cold".into(),
+        seed,
+        hosts,
+        blobs: vec![2 * GB, 200 * MB, 200 * MB, 200 * MB, 200 * MB],
+        // Host 2 is the second of the 2 GB blob's four range seeders (the Seeder elects
+        // the first ready waiting hosts); its 500 MB range takes about 3 s at its share
+        // of the origin.
+        faults: vec![Fault::Crash {
+            host: 2,
+            at: Duration::from_secs(1),
+            restart_after: None,
+        }],
+        params: Params {
+            tick: Duration::from_millis(1),
+            ..Params::default()
+        },
+    }
 }
 
 /// Tens of hosts with random faults of every kind, for the deterministic fault test.

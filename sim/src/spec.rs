@@ -22,6 +22,11 @@ pub struct HostSpec {
     pub holds: Vec<u32>,
     /// Blobs it must download.
     pub wants: Vec<u32>,
+    /// Not an agent but an external origin (an HTTP server or a registry) with `holds`:
+    /// it never joins the coordinator, which does not know its blobs' manifests; under
+    /// Shoal the planner's `Seeder` elects agents to fetch them from it (whole, or in
+    /// ranges), as production does. The baselines fetch from it like from any origin.
+    pub external: bool,
 }
 
 impl HostSpec {
@@ -76,11 +81,16 @@ pub struct Params {
     /// the planner's defaults.
     pub max_sources: usize,
     pub max_uploads: usize,
+    /// Seeding of blobs only external origins hold (the coordinator's
+    /// `stripe_seed_min_bytes`, `max_seeders_per_blob`); the planner's defaults.
+    pub stripe_seed_min_bytes: u64,
+    pub max_seeders_per_blob: usize,
 }
 
 impl Default for Params {
     fn default() -> Self {
         let planner = shoal_planner::AssignerConfig::default();
+        let seeder = shoal_planner::SeederConfig::default();
         Self {
             tick: Duration::from_micros(500),
             chunk_size: 1 << 20,
@@ -95,6 +105,8 @@ impl Default for Params {
             max_time: Duration::from_secs(3_000),
             max_sources: planner.max_sources,
             max_uploads: planner.max_uploads,
+            stripe_seed_min_bytes: seeder.stripe_min_bytes,
+            max_seeders_per_blob: seeder.max_seeders_per_blob,
         }
     }
 }
@@ -120,6 +132,13 @@ impl Spec {
     pub fn chunk_bytes(&self, blob: u32, index: ChunkIndex) -> f64 {
         let c = self.params.chunk_size;
         (self.blobs[blob as usize] - u64::from(index.0) * c).min(c) as f64
+    }
+
+    /// Whether only external origins hold `blob` at the start: under Shoal it must be
+    /// seeded (its manifest is unknown until an agent has read it).
+    pub fn is_cold(&self, blob: u32) -> bool {
+        let mut holders = self.hosts.iter().filter(|h| h.holds.contains(&blob));
+        holders.clone().next().is_some() && holders.all(|h| h.external)
     }
 
     /// Bytes of blob downloads (every want counted once).

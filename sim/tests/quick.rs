@@ -86,3 +86,25 @@ fn faults_quick() {
     let (_, _, _, _, ours, mesh) = quick("faults");
     assert!(ours < mesh, "p99 {ours} vs random mesh {mesh}");
 }
+
+/// Blobs only an external origin holds: the simulator runs production's `Seeder`
+/// (`shoal_planner::Seeder`, the code the coordinator runs), which elects seeders, splits
+/// the 2 GB blob into origin ranges, and re-elects when a range seeder crashes mid-fetch.
+#[test]
+fn cold_quick_runs_the_production_seeder() {
+    let (_, _, _, egress, _, _) = quick("cold");
+    let (spec, _) = scenarios::build("cold", true, 1).expect("scenario");
+    let o = run(&spec, Strategy::Shoal, Checks::EveryEvent);
+    assert!(o.violations.is_empty(), "{:?}", o.violations);
+    assert!(o.all_live_finished(), "a live host never finished");
+    let s = o.seeding.expect("the Shoal run drives the Seeder");
+    assert!(s.range_orders >= 2, "the 2 GB blob was not split: {s:?}");
+    assert!(s.ranges_seeded >= 2, "{s:?}");
+    assert!(
+        s.failed_seeds >= 1,
+        "the crashed range seeder was never noticed: {s:?}"
+    );
+    assert_eq!(s.seeded, 5, "every blob is seeded once: {s:?}");
+    assert_eq!(s.gave_up, 0, "{s:?}");
+    assert!(egress <= 1.25, "origin egress {egress:.3} x unique");
+}

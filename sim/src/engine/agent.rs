@@ -37,6 +37,8 @@ impl Sim<'_> {
     /// Starts a download of `b` on `h` unless the store has it complete. Returns whether a
     /// download now runs.
     pub(super) fn start_download(&mut self, h: u32, b: u32) -> bool {
+        // Ranges it seeded go into the store first (their part files wait for this order).
+        self.import_parts(h, b);
         let n = self.spec.chunk_count(b);
         let seed = mix(self.spec.seed, (u64::from(h) << 32) | u64::from(b));
         let host = &mut self.hosts[h as usize];
@@ -98,7 +100,7 @@ impl Sim<'_> {
             .filter(|_| self.hosts[s as usize].alive)
             .cloned()
             .unwrap_or_else(|| ChunkSet::empty(n));
-        let flow = Flow {
+        let id = self.new_flow(Flow {
             src: s,
             dst: h,
             blob: b,
@@ -107,7 +109,22 @@ impl Sim<'_> {
             head_left: 0.0,
             last_progress: self.now,
             stall_reported: false,
-        };
+            seed: false,
+        });
+        let d = self.hosts[h as usize]
+            .downloads
+            .get_mut(&b)
+            .expect("checked");
+        d.sources.insert(s, id);
+        d.picker.add_source(HostId(s), has);
+        if let Some((stripe, stripes)) = stripe {
+            d.picker.set_stripe(HostId(s), stripe, stripes);
+        }
+    }
+
+    /// Adds a flow served by its source; returns its id.
+    pub(super) fn new_flow(&mut self, flow: Flow) -> usize {
+        let src = flow.src;
         let id = match self.free_flows.pop() {
             Some(id) => {
                 self.flows[id] = Some(flow);
@@ -118,16 +135,8 @@ impl Sim<'_> {
                 self.flows.len() - 1
             }
         };
-        self.hosts[s as usize].out.push(id);
-        let d = self.hosts[h as usize]
-            .downloads
-            .get_mut(&b)
-            .expect("checked");
-        d.sources.insert(s, id);
-        d.picker.add_source(HostId(s), has);
-        if let Some((stripe, stripes)) = stripe {
-            d.picker.set_stripe(HostId(s), stripe, stripes);
-        }
+        self.hosts[src as usize].out.push(id);
+        id
     }
 
     pub(super) fn remove_flow(&mut self, id: usize) {
@@ -197,6 +206,10 @@ impl Sim<'_> {
             return;
         };
         let (s, h, b) = (f.src, f.dst, f.blob);
+        if f.seed {
+            self.seed_chunk_arrived(h, b);
+            return;
+        }
         let now = self.now;
         let bytes = self.spec.chunk_bytes(b, i);
         let corrupt = self.hosts[s as usize].corrupt;
@@ -282,12 +295,7 @@ impl Sim<'_> {
 
     pub(super) fn finish_download(&mut self, h: u32, b: u32) {
         self.drop_download(h, b);
-        let host = &mut self.hosts[h as usize];
-        host.pending.remove(&b);
-        if host.pending.is_empty() && host.finished_at.is_none() {
-            host.finished_at = Some(self.now);
-            self.unfinished -= 1;
-        }
+        self.blob_complete(h, b);
         if self.strategy == Strategy::Shoal {
             self.send(
                 h,
@@ -299,11 +307,21 @@ impl Sim<'_> {
         }
     }
 
+    /// `h` holds `b` whole: one want less, and the host is finished when none is left.
+    pub(super) fn blob_complete(&mut self, h: u32, b: u32) {
+        let host = &mut self.hosts[h as usize];
+        host.pending.remove(&b);
+        if host.pending.is_empty() && host.finished_at.is_none() {
+            host.finished_at = Some(self.now);
+            self.unfinished -= 1;
+        }
+    }
+
     pub(super) fn stall_check(&mut self) {
         let now = self.now;
         let timeout = self.spec.params.stall_timeout;
         let mut stalled = Vec::new();
-        for f in self.flows.iter_mut().flatten() {
+        for f in self.flows.iter_mut().flatten().filter(|f| !f.seed) {
             let waiting = f.queue.front().is_some_and(|(_, ready)| *ready <= now);
             if waiting && !f.stall_reported && now.saturating_since(f.last_progress) >= timeout {
                 f.stall_reported = true;

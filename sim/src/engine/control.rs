@@ -82,12 +82,28 @@ impl Sim<'_> {
         if let Some(h) = from {
             c.last_heard[h as usize] = Some(now);
             let up = matches!(event, Event::HostUp { .. });
+            if let Event::Done { blob, .. } = &event {
+                // A target checked the whole blob: its manifest is persisted.
+                self.durable.insert(blob_index(*blob));
+            }
             c.assigner.handle(now, event);
-            if !up {
+            if up {
+                c.gone[h as usize] = false;
+                let ready = shoal_planner::SeedEvent::HostReady { host: HostId(h) };
+                c.seeder.handle(now, ready);
+            } else {
                 c.assigner.handle(now, Event::Heartbeat { host: HostId(h) });
             }
         } else {
-            c.assigner.handle(now, event);
+            match event {
+                // A want of a blob whose manifest nobody knows waits for it to be seeded.
+                Event::Want { blob, host, .. } if !c.known.contains(&blob_index(blob)) => {
+                    let size = self.spec.blobs[blob_index(blob) as usize];
+                    let wait = shoal_planner::SeedEvent::Wait { blob, host, size };
+                    c.seeder.handle(now, wait);
+                }
+                event => c.assigner.handle(now, event),
+            }
         }
         self.drain_commands();
     }
@@ -102,9 +118,44 @@ impl Sim<'_> {
             c.assigner.handle_timeout(now);
             self.drain_commands();
         }
+        self.seeder_leases();
+        self.drain_commands();
     }
 
+    /// Sends what both planner machines decided, until neither has anything to say.
     pub(super) fn drain_commands(&mut self) {
+        if self.batching {
+            return; // The end of the step drains.
+        }
+        loop {
+            self.drain_assigner();
+            let seeded = self.drain_seeder();
+            if !self.seeder_notices() && !seeded {
+                return;
+            }
+        }
+    }
+
+    /// Seed orders to agents; returns whether there were any.
+    fn drain_seeder(&mut self) -> bool {
+        let now = self.now;
+        let latency = self.spec.params.control_latency;
+        let Some(c) = &mut self.coord else {
+            return false;
+        };
+        let epoch = c.epoch;
+        let commands: Vec<SeedCommand> = std::iter::from_fn(|| c.seeder.poll_command()).collect();
+        let any = !commands.is_empty();
+        for command in commands {
+            if self.trace {
+                eprintln!("{now:?} {command:?}");
+            }
+            self.at(now + latency, Ev::SeedToAgent { epoch, command });
+        }
+        any
+    }
+
+    fn drain_assigner(&mut self) {
         let now = self.now;
         let lease = self.spec.params.lease;
         let latency = self.spec.params.control_latency;
@@ -152,8 +203,16 @@ impl Sim<'_> {
         c.epoch += 1;
         c.up = true;
         c.assigner = new_assigner(self.spec, mix(seed, u64::from(c.epoch)));
+        // Seeding state is soft: elections start again from what agents and jobs say.
+        c.seeder = new_seeder(self.spec);
         c.last_heard.iter_mut().for_each(|t| *t = None);
-        for b in 0..self.spec.blobs.len() as u32 {
+        c.gone.iter_mut().for_each(|g| *g = false);
+        let spec = self.spec;
+        let durable = &self.durable;
+        c.known = (0..spec.blobs.len() as u32)
+            .filter(|b| !spec.is_cold(*b) || durable.contains(b))
+            .collect();
+        for b in c.known.clone() {
             c.assigner.handle(
                 self.now,
                 Event::BlobKnown {
