@@ -3,54 +3,29 @@
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
-use shoal_proto::pb::v1 as pb;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 
 use crate::config::{AgentConfig, coordinator_host_port};
+use crate::counters::Counters;
+use crate::download::Downloader;
+use crate::error::AgentError;
+use crate::execute::Executor;
 use crate::health::HealthEndpoint;
-use crate::order::Orders;
-use crate::session::{self, Joined};
-use crate::store::{Store, StoreConfig, StoreError};
-use crate::transfers::Transfers;
-use crate::transport::tls::{CertificateRequest, TlsError};
-use crate::transport::{self, ChunkEndpoint, TransportError};
-
-/// Why an agent could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum AgentError {
-    #[error("invalid configuration: {0}")]
-    Config(String),
-    #[error("{context} {}: {source}", path.display())]
-    Io {
-        context: &'static str,
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("content store: {0}")]
-    Store(#[from] StoreError),
-    #[error("QUIC endpoint: {0}")]
-    Transport(#[from] TransportError),
-    #[error("TLS: {0}")]
-    Tls(#[from] TlsError),
-    #[error("joining the coordinator at {coordinator}: {message}")]
-    Join {
-        coordinator: String,
-        message: String,
-    },
-    #[error("local API socket {}: {source}", path.display())]
-    LocalApi {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("start interrupted by shutdown")]
-    Interrupted,
-}
+use crate::ingest::{Ingester, SeededRanges};
+use crate::link::{Coordinator, Outbox};
+use crate::local_api::LocalApi;
+use crate::mirror::Mirror;
+use crate::orders::RunningOrders;
+use crate::readers::Readers;
+use crate::session::{self, Joined, Session};
+use crate::store::{Store, StoreConfig};
+use crate::transport::tls::CertificateRequest;
+use crate::transport::{self, ChunkEndpoint};
 
 /// What the agent has moved so far.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -69,72 +44,22 @@ pub struct AgentStats {
     pub active_transfers: u64,
 }
 
-#[derive(Debug, Default)]
-pub(crate) struct Counters {
-    pub bytes_from_peers: AtomicU64,
-    pub chunks_verified: AtomicU64,
-    pub chunks_rejected: AtomicU64,
-    /// Bytes per second served to peers, as of the last load report.
-    pub upload_rate: AtomicU64,
-}
-
-/// State every task of the agent shares.
+/// The parts of a started agent, each handed to the tasks that need it.
 #[derive(Debug)]
-pub(crate) struct Shared {
-    pub config: AgentConfig,
-    pub store: Store,
-    pub endpoint: ChunkEndpoint,
-    pub agent_id: RwLock<String>,
-    pub quic_addr: SocketAddr,
-    /// One HTTP/2 channel to the coordinator: the session and the public API share it.
-    pub channel: Channel,
-    /// Messages for the coordinator; the session task sends them when connected. Unbounded
-    /// so that queueing never waits: only reports go here (one or two per order, chunk
-    /// rejections, registrations); progress, load and heartbeats are made by the session.
-    pub outbox: mpsc::UnboundedSender<pb::AgentMessage>,
-    pub connected: AtomicBool,
-    pub transfers: Transfers,
-    pub orders: Orders,
-    pub counters: Counters,
-    pub shutdown: watch::Receiver<bool>,
-    /// Client of upstream registries and HTTP origins.
-    pub origin: shoal_origin::Client,
-    /// Blobs this agent is seeding from their origin right now.
-    pub ingests: crate::ingest::Ingests,
-    /// Where in-order readers (mirror clients) of blobs being fetched are.
-    pub readers: crate::mirror::Readers,
-}
-
-impl Shared {
-    /// What the store may still take under its quota.
-    pub(crate) fn disk_free(&self) -> u64 {
-        self.config
-            .quota_bytes
-            .saturating_sub(self.store.usage_bytes())
-    }
-
-    pub(crate) fn agent_id(&self) -> String {
-        self.agent_id
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    /// Queues a message for the coordinator. Never waits (see `outbox`).
-    pub(crate) fn send(&self, msg: pb::agent_message::Msg) {
-        let _ = self.outbox.send(pb::AgentMessage { msg: Some(msg) });
-    }
-}
-
-/// Resolves once the agent is told to stop (or its stop signal is gone).
-pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
+struct Parts {
+    config: Arc<AgentConfig>,
+    quic_addr: SocketAddr,
+    endpoint: ChunkEndpoint,
+    counters: Counters,
+    readers: Readers,
+    executor: Executor,
+    stop: watch::Receiver<bool>,
 }
 
 /// A running agent. Stop it with [`Agent::shutdown`].
 #[derive(Debug)]
 pub struct Agent {
-    shared: Arc<Shared>,
+    parts: Parts,
     agent_id: String,
     socket_path: PathBuf,
     stop: watch::Sender<bool>,
@@ -208,11 +133,19 @@ impl Agent {
             ChunkEndpoint::from_socket(socket, &identity, store.clone(), config.transport())?;
         let agent_id = response.agent_id.clone();
         tracing::info!(agent_id, %quic_addr, coordinator = %config.coordinator, "agent joined");
-        let (shared, outbox_rx) = assemble(
+        let (parts, outbox_rx) = assemble(
             config, store, endpoint, agent_id, quic_addr, channel, stop_rx, origin,
         );
-        let session = tokio::spawn(session::run(shared.clone(), joined, outbox_rx));
-        Self::finish_start(shared, stop, session, health).await
+        let session = Session {
+            config: parts.config.clone(),
+            quic_addr,
+            endpoint: parts.endpoint.clone(),
+            counters: parts.counters.clone(),
+            executor: parts.executor.clone(),
+            stop: parts.stop.clone(),
+        };
+        let session = tokio::spawn(session::run(session, joined, outbox_rx));
+        Self::finish_start(parts, stop, session, health).await
     }
 
     /// Runs the store, the QUIC endpoint (with `identity`) and the local API, without a
@@ -237,7 +170,7 @@ impl Agent {
         let quic_addr = advertise_addr(&config, endpoint.local_addr()).await;
         let health = start_health(&config, &stop_rx).await?;
         let channel = coordinator_channel(&config)?;
-        let (shared, mut outbox_rx) = assemble(
+        let (parts, mut outbox_rx) = assemble(
             config,
             store,
             endpoint,
@@ -252,18 +185,28 @@ impl Agent {
                 tracing::debug!(?m, "detached agent: dropping message for the coordinator");
             }
         });
-        Self::finish_start(shared, stop, session, health).await
+        Self::finish_start(parts, stop, session, health).await
     }
 
     async fn finish_start(
-        shared: Arc<Shared>,
+        parts: Parts,
         stop: watch::Sender<bool>,
         session: JoinHandle<()>,
         health: Option<HealthEndpoint>,
     ) -> Result<Agent, AgentError> {
-        let socket_path = shared.config.local_socket_path();
-        let agent_id = shared.agent_id();
-        let local_api = match crate::local_api::serve(shared.clone(), &socket_path) {
+        let socket_path = parts.config.local_socket_path();
+        let ex = &parts.executor;
+        let agent_id = ex.coordinator.agent_id();
+        let api = LocalApi {
+            config: parts.config.clone(),
+            quic_addr: parts.quic_addr,
+            store: ex.store.clone(),
+            coordinator: ex.coordinator.clone(),
+            orders: ex.orders.clone(),
+            counters: parts.counters.clone(),
+            ingester: ex.ingester.clone(),
+        };
+        let local_api = match crate::local_api::serve(api, &socket_path, parts.stop.clone()) {
             Ok(task) => task,
             Err(source) => {
                 // Ends the session task, which holds the store open.
@@ -274,9 +217,17 @@ impl Agent {
                 });
             }
         };
-        let mirror = match shared.config.mirror_listen {
+        let mirror = Mirror::new(
+            ex.store.clone(),
+            ex.coordinator.clone(),
+            ex.ingester.origin.clone(),
+            ex.orders.clone(),
+            parts.readers.clone(),
+            parts.config.mirror.clone(),
+        );
+        let mirror = match parts.config.mirror_listen {
             None => None,
-            Some(addr) => match crate::mirror::serve(shared.clone(), addr).await {
+            Some(addr) => match crate::mirror::serve(mirror, addr, parts.stop.clone()).await {
                 Ok(m) => Some(m),
                 Err(source) => {
                     let _ = stop.send(true);
@@ -292,7 +243,7 @@ impl Agent {
             h.set_ready().await;
         }
         Ok(Agent {
-            shared,
+            parts,
             agent_id,
             socket_path,
             stop,
@@ -314,7 +265,7 @@ impl Agent {
 
     /// The QUIC address announced to peers.
     pub fn quic_addr(&self) -> SocketAddr {
-        self.shared.quic_addr
+        self.parts.quic_addr
     }
 
     /// The address of the `grpc.health.v1` endpoint, if `health_listen` is set.
@@ -328,24 +279,24 @@ impl Agent {
     }
 
     pub fn store(&self) -> &Store {
-        &self.shared.store
+        &self.parts.executor.store
     }
 
     /// True while the session with the coordinator is up.
     pub fn is_connected(&self) -> bool {
-        self.shared.connected.load(Ordering::Relaxed)
+        self.parts.executor.coordinator.is_connected()
     }
 
     pub fn stats(&self) -> AgentStats {
-        let served = self.shared.endpoint.serve_stats();
-        let c = &self.shared.counters;
+        let served = self.parts.endpoint.serve_stats();
+        let (bytes_from_peers, chunks_verified, chunks_rejected) = self.parts.counters.fetched();
         AgentStats {
             bytes_served: served.bytes_served,
             chunks_served: served.chunks_served,
-            bytes_from_peers: c.bytes_from_peers.load(Ordering::Relaxed),
-            chunks_verified: c.chunks_verified.load(Ordering::Relaxed),
-            chunks_rejected: c.chunks_rejected.load(Ordering::Relaxed),
-            active_transfers: self.shared.transfers.len() as u64,
+            bytes_from_peers,
+            chunks_verified,
+            chunks_rejected,
+            active_transfers: self.parts.executor.orders.len() as u64,
         }
     }
 
@@ -357,14 +308,14 @@ impl Agent {
         }
         let _ = self.stop.send(true);
         let _ = tokio::time::timeout(Duration::from_secs(5), self.session).await;
-        self.shared.orders.abort_all().await;
+        self.parts.executor.orders.abort_all().await;
         let _ = tokio::time::timeout(Duration::from_secs(5), self.local_api).await;
         if let Some((_, mirror)) = self.mirror {
             let _ = tokio::time::timeout(Duration::from_secs(5), mirror).await;
         }
         let _ = std::fs::remove_file(&self.socket_path);
-        self.shared.endpoint.close().await;
-        let store = self.shared.store.clone();
+        self.parts.endpoint.close().await;
+        let store = self.parts.executor.store.clone();
         match tokio::task::spawn_blocking(move || store.flush()).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "flushing the store on shutdown failed"),
@@ -440,6 +391,8 @@ fn origin_client(config: &AgentConfig) -> Result<shoal_origin::Client, AgentErro
         .map_err(|e| AgentError::Config(format!("origin: {e}")))
 }
 
+/// Builds the agent's parts: the order table and the handles over it, and the link to the
+/// coordinator (whose outbox the session task drains).
 #[allow(clippy::too_many_arguments)]
 fn assemble(
     config: AgentConfig,
@@ -448,28 +401,48 @@ fn assemble(
     agent_id: String,
     quic_addr: SocketAddr,
     channel: Channel,
-    shutdown: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
     origin: shoal_origin::Client,
-) -> (Arc<Shared>, mpsc::UnboundedReceiver<pb::AgentMessage>) {
-    let (outbox, outbox_rx) = mpsc::unbounded_channel();
-    let shared = Arc::new(Shared {
-        store,
-        endpoint,
-        agent_id: RwLock::new(agent_id),
-        quic_addr,
-        channel,
-        outbox,
-        connected: AtomicBool::new(false),
-        transfers: Transfers::default(),
-        orders: Orders::default(),
-        counters: Counters::default(),
-        shutdown,
+) -> (Parts, Outbox) {
+    let (coordinator, outbox) = Coordinator::new(channel, agent_id);
+    let orders = RunningOrders::default();
+    let counters = Counters::default();
+    let readers = Readers::default();
+    let downloader = Downloader {
+        store: store.clone(),
+        endpoint: endpoint.clone(),
+        coordinator: coordinator.clone(),
+        counters: counters.clone(),
+        readers: readers.clone(),
+        orders: orders.clone(),
+        stop: stop.clone(),
+    };
+    let ingester = Ingester {
+        store: store.clone(),
         origin,
-        ingests: Default::default(),
-        readers: Default::default(),
-        config,
-    });
-    (shared, outbox_rx)
+        part_dir: config.data_dir.join("ingest"),
+        chunk_size: config.chunk_size,
+        coordinator: coordinator.clone(),
+        orders: orders.clone(),
+        ranges: SeededRanges::default(),
+    };
+    let executor = Executor {
+        orders,
+        coordinator,
+        store,
+        downloader,
+        ingester,
+    };
+    let parts = Parts {
+        config: Arc::new(config),
+        quic_addr,
+        endpoint,
+        counters,
+        readers,
+        executor,
+        stop,
+    };
+    (parts, outbox)
 }
 
 /// The address peers dial: configured, else the bound port on the bound IP, or on the IP of

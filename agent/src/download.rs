@@ -7,7 +7,6 @@
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use shoal_proto::pb::v1 as pb;
@@ -19,10 +18,14 @@ use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinError, JoinSet};
 use tokio::time::Instant;
 
-use crate::agent::Shared;
-use crate::order::{Control, Failure};
-use crate::session::Backoff;
-use crate::store::PutOutcome;
+use crate::backoff::Backoff;
+use crate::counters::Counters;
+use crate::failure::Failure;
+use crate::link::Coordinator;
+use crate::orders::{Control, RunningOrders};
+use crate::readers::Readers;
+use crate::shutdown::{Stop, stopped};
+use crate::store::{PutOutcome, Store};
 use crate::transport::{ChunkEndpoint, FetchError, HaveUpdate, Peer};
 use shoal_planner::{ChunkPicker, ChunkSet, HostId, PickerConfig, Time};
 
@@ -67,8 +70,22 @@ fn host(key: SourceKey) -> HostId {
     HostId(key as u32)
 }
 
+/// What downloads need: the store, the QUIC endpoint, the coordinator (to report bad and
+/// stalled sources), the counters, the mirror's readers (to fetch what they wait for
+/// first), the order table (progress) and the stop signal. Cheap to clone.
+#[derive(Clone, Debug)]
+pub(crate) struct Downloader {
+    pub store: Store,
+    pub endpoint: ChunkEndpoint,
+    pub coordinator: Coordinator,
+    pub counters: Counters,
+    pub readers: Readers,
+    pub orders: RunningOrders,
+    pub stop: Stop,
+}
+
 struct Download<'a> {
-    shared: &'a Arc<Shared>,
+    shared: &'a Downloader,
     order_id: u64,
     manifest: Arc<Manifest>,
     /// The planner's per-chunk decisions: random first, rarest first, endgame duplicates,
@@ -92,8 +109,20 @@ struct Download<'a> {
 
 /// Fetches every missing chunk of `manifest` from `sources` (and the ones control messages
 /// add); returns the bytes received from peers.
-pub(crate) async fn download(
-    shared: &Arc<Shared>,
+impl Downloader {
+    pub(crate) async fn download(
+        &self,
+        order_id: u64,
+        manifest: Arc<Manifest>,
+        sources: Vec<pb::Source>,
+        control: &mut mpsc::UnboundedReceiver<Control>,
+    ) -> Result<u64, Failure> {
+        download(self, order_id, manifest, sources, control).await
+    }
+}
+
+async fn download(
+    shared: &Downloader,
     order_id: u64,
     manifest: Arc<Manifest>,
     sources: Vec<pb::Source>,
@@ -136,7 +165,7 @@ pub(crate) async fn download(
     for s in sources {
         d.add_source(s);
     }
-    let mut stop = shared.shutdown.clone();
+    let mut stop = shared.stop.clone();
     loop {
         d.report_progress();
         if d.picker.missing() == 0 {
@@ -174,7 +203,7 @@ pub(crate) async fn download(
                 None => return Err(Failure::new(FailureReason::Cancelled, "order dropped")),
             },
             () = sleep_until(wake), if wake.is_some() => {}
-            () = crate::agent::stopped(&mut stop) => {
+            () = stopped(&mut stop) => {
                 return Err(Failure::new(FailureReason::AgentLost, "agent shutting down"));
             }
         }
@@ -192,7 +221,7 @@ impl Download<'_> {
         if self.banned.contains(&s.agent_id) {
             return;
         }
-        if s.agent_id == self.shared.agent_id() {
+        if s.agent_id == self.shared.coordinator.agent_id() {
             return;
         }
         if let Some(&key) = self.by_agent.get(&s.agent_id) {
@@ -367,9 +396,7 @@ impl Download<'_> {
                     self.cancel(other.0 as SourceKey, index);
                 }
                 self.bytes_from_peers += len;
-                let c = &self.shared.counters;
-                c.bytes_from_peers.fetch_add(len, Ordering::Relaxed);
-                c.chunks_verified.fetch_add(1, Ordering::Relaxed);
+                self.shared.counters.verified(len);
                 metrics::counter!(crate::metrics::BYTES_IN, "source" => crate::metrics::SOURCE_PEER)
                     .increment(len);
                 metrics::counter!(crate::metrics::CHUNKS_VERIFIED).increment(1);
@@ -381,20 +408,19 @@ impl Download<'_> {
             }
             Err(FetchError::Corrupt { peer, reason, .. }) => {
                 self.picker.on_chunk_failed(self.now(), host(key), index);
-                self.shared
-                    .counters
-                    .chunks_rejected
-                    .fetch_add(1, Ordering::Relaxed);
+                self.shared.counters.rejected();
                 metrics::counter!(crate::metrics::CHUNKS_REJECTED).increment(1);
                 tracing::warn!(order_id = self.order_id, agent = agent_id, %peer, %index, reason, "peer sent a corrupt chunk; dropping it for this blob");
                 self.banned.insert(agent_id.clone());
                 self.remove_source(&agent_id);
-                self.shared.send(Msg::ChunkRejected(pb::ChunkRejected {
-                    peer_agent_id: agent_id,
-                    blob_digest: self.manifest.digest().as_bytes().to_vec(),
-                    chunk_index: index.0,
-                    order_id: self.order_id,
-                }));
+                self.shared
+                    .coordinator
+                    .send(Msg::ChunkRejected(pb::ChunkRejected {
+                        peer_agent_id: agent_id,
+                        blob_digest: self.manifest.digest().as_bytes().to_vec(),
+                        chunk_index: index.0,
+                        order_id: self.order_id,
+                    }));
             }
             Err(FetchError::Store(e)) => {
                 self.picker.on_chunk_failed(self.now(), host(key), index);
@@ -486,7 +512,7 @@ impl Download<'_> {
             })
             .count() as u32;
         self.shared
-            .transfers
+            .orders
             .update(self.order_id, verified, bytes, active);
     }
 }

@@ -16,7 +16,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
-use crate::agent::AgentError;
+use crate::error::AgentError;
 
 /// The health service name that reports whether the agent has joined and serves.
 pub const READINESS_SERVICE: &str = "shoal.agent.ready";
@@ -56,7 +56,7 @@ impl HealthEndpoint {
             let served = tonic::transport::Server::builder()
                 .add_service(service)
                 .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-                    crate::agent::stopped(&mut stop).await;
+                    crate::shutdown::stopped(&mut stop).await;
                 })
                 .await;
             if let Err(e) = served {

@@ -5,20 +5,29 @@
 //! [`Agent::start`] runs it all; [`run`] adds waiting for a shutdown signal.
 
 mod agent;
+mod backoff;
+mod bring;
 pub mod config;
+mod counters;
 mod download;
+mod error;
+mod execute;
+mod failure;
 pub mod health;
 mod ingest;
 pub mod limiter;
+mod link;
 pub mod local_api;
 pub mod metrics;
 pub mod mirror;
-mod order;
+mod orders;
+mod readers;
 mod session;
+mod shutdown;
 pub mod store;
-mod transfers;
 pub mod transport;
 
-pub use agent::{Agent, AgentError, AgentStats, run};
+pub use agent::{Agent, AgentStats, run};
 pub use config::AgentConfig;
+pub use error::AgentError;
 pub use limiter::RateLimiter;

@@ -5,9 +5,9 @@ mod pull;
 mod push;
 
 use std::io;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use shoal_proto::pb::v1 as pb;
 use shoal_proto::pb::v1::agent_local_client::AgentLocalClient;
@@ -17,11 +17,30 @@ use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
-use crate::agent::Shared;
+use crate::config::AgentConfig;
+use crate::counters::Counters;
+use crate::ingest::Ingester;
+use crate::link::Coordinator;
+use crate::orders::RunningOrders;
+use crate::shutdown::{Stop, stopped};
+use crate::store::Store;
+
+/// What the local API serves from. Cheap to clone.
+#[derive(Clone, Debug)]
+pub(crate) struct LocalApi {
+    pub config: Arc<AgentConfig>,
+    pub quic_addr: SocketAddr,
+    pub store: Store,
+    pub coordinator: Coordinator,
+    pub orders: RunningOrders,
+    pub counters: Counters,
+    /// For URLs fetched by this agent alone.
+    pub ingester: Ingester,
+}
 
 /// Binds the Unix socket (replacing a stale one) and serves the local API until the agent
 /// shuts down.
-pub(crate) fn serve(shared: Arc<Shared>, path: &Path) -> io::Result<JoinHandle<()>> {
+pub(crate) fn serve(api: LocalApi, path: &Path, mut stop: Stop) -> io::Result<JoinHandle<()>> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -39,13 +58,12 @@ pub(crate) fn serve(shared: Arc<Shared>, path: &Path) -> io::Result<JoinHandle<(
         Err(e) => return Err(e),
     }
     let listener = tokio::net::UnixListener::bind(path)?;
-    let mut stop = shared.shutdown.clone();
-    let service = AgentLocalServer::new(LocalApi { shared });
+    let service = AgentLocalServer::new(api);
     Ok(tokio::spawn(async move {
         let served = tonic::transport::Server::builder()
             .add_service(service)
             .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
-                crate::agent::stopped(&mut stop).await;
+                stopped(&mut stop).await;
             })
             .await;
         if let Err(e) = served {
@@ -72,11 +90,6 @@ pub async fn connect(
     Ok(AgentLocalClient::new(channel))
 }
 
-#[derive(Debug)]
-struct LocalApi {
-    shared: Arc<Shared>,
-}
-
 type ProgressStream<T> = ReceiverStream<Result<T, Status>>;
 
 #[tonic::async_trait]
@@ -88,7 +101,7 @@ impl AgentLocal for LocalApi {
         &self,
         request: Request<pb::PushRequest>,
     ) -> Result<Response<Self::PushStream>, Status> {
-        push::push(self.shared.clone(), request.into_inner())
+        push::push(self.clone(), request.into_inner())
             .await
             .map(Response::new)
     }
@@ -97,7 +110,7 @@ impl AgentLocal for LocalApi {
         &self,
         request: Request<pb::PullRequest>,
     ) -> Result<Response<Self::PullStream>, Status> {
-        pull::pull(self.shared.clone(), request.into_inner())
+        pull::pull(self.clone(), request.into_inner())
             .await
             .map(Response::new)
     }
@@ -107,7 +120,7 @@ impl AgentLocal for LocalApi {
         request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
         let include_blobs = request.into_inner().include_blobs;
-        let shared = &self.shared;
+        let shared = self;
         let store = shared.store.clone();
         let summaries = tokio::task::spawn_blocking(move || store.blobs())
             .await
@@ -116,16 +129,13 @@ impl AgentLocal for LocalApi {
             .iter()
             .filter(|b| b.present == b.chunk_count)
             .count() as u32;
-        let transfers = shared
-            .transfers
-            .snapshot()
-            .into_iter()
+        let transfers = (shared.orders.transfers().into_iter())
             .map(|t| pb::LocalTransfer {
                 digest: t.digest.to_string(),
-                bytes_done: t.bytes_done,
-                bytes_total: t.bytes_total,
-                rate_bytes_per_sec: t.rate_bytes_per_sec,
-                active_sources: t.active_sources,
+                bytes_done: t.progress.bytes_done,
+                bytes_total: t.progress.bytes_total,
+                rate_bytes_per_sec: t.progress.rate_bytes_per_sec,
+                active_sources: t.progress.active_sources,
                 job_id: t.job_id,
                 priority: t.priority,
             })
@@ -147,18 +157,18 @@ impl AgentLocal for LocalApi {
         };
         let usage = shared.store.usage_bytes();
         Ok(Response::new(pb::StatusResponse {
-            agent_id: shared.agent_id(),
-            connected: shared.connected.load(Ordering::Relaxed),
+            agent_id: shared.coordinator.agent_id(),
+            connected: shared.coordinator.is_connected(),
             coordinator_address: shared.config.coordinator.clone(),
             labels: shared.config.labels.clone().into_iter().collect(),
             quic_addresses: vec![shared.quic_addr.to_string()],
             version: env!("CARGO_PKG_VERSION").to_string(),
             disk_used_bytes: usage,
-            disk_free_bytes: shared.disk_free(),
+            disk_free_bytes: shared.store.free_bytes(),
             blobs_complete: complete,
             blobs_partial: summaries.len() as u32 - complete,
-            upload_bytes_per_sec: shared.counters.upload_rate.load(Ordering::Relaxed),
-            download_bytes_per_sec: shared.transfers.download_rate(),
+            upload_bytes_per_sec: shared.counters.upload_rate(),
+            download_bytes_per_sec: shared.orders.download_rate(),
             transfers,
             blobs,
         }))

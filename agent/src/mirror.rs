@@ -28,7 +28,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use tokio::task::JoinHandle;
 
-use crate::agent::Shared;
+use crate::link::Coordinator;
+use crate::orders::RunningOrders;
+use crate::readers::Readers;
+use crate::shutdown::{Stop, stopped};
+use crate::store::Store;
 
 /// Settings of the mirror (`[mirror]` in the agent's config).
 #[derive(Clone, Debug, serde::Deserialize, serde::Serialize)]
@@ -78,24 +82,49 @@ fn valid_registry(host: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']'))
 }
 
-#[derive(Clone)]
+/// What the mirror serves from: the store, the coordinator (to have blobs brought here),
+/// the upstream client, the order table (part files of running origin fetches), the
+/// readers table (what its clients wait for), and its manifest cache. Cheap to clone.
+#[derive(Clone, Debug)]
 pub(crate) struct Mirror {
-    shared: Arc<Shared>,
+    pub store: Store,
+    pub coordinator: Coordinator,
+    pub origin: shoal_origin::Client,
+    pub orders: RunningOrders,
+    pub readers: Readers,
+    pub config: MirrorConfig,
     manifests: Arc<Mutex<HashMap<manifests::Key, manifests::Cached>>>,
+}
+
+impl Mirror {
+    pub(crate) fn new(
+        store: Store,
+        coordinator: Coordinator,
+        origin: shoal_origin::Client,
+        orders: RunningOrders,
+        readers: Readers,
+        config: MirrorConfig,
+    ) -> Self {
+        Self {
+            store,
+            coordinator,
+            origin,
+            orders,
+            readers,
+            config,
+            manifests: Arc::default(),
+        }
+    }
 }
 
 /// Binds `addr` and serves the mirror until the agent shuts down. Returns the bound address.
 pub(crate) async fn serve(
-    shared: Arc<Shared>,
+    mirror: Mirror,
     addr: SocketAddr,
+    mut stop: Stop,
 ) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
-    let mut stop = shared.shutdown.clone();
-    let mirror = Mirror {
-        shared,
-        manifests: Arc::default(),
-    };
     let app = Router::new()
         .route("/v2/", get(base))
         .route("/v2", get(base))
@@ -118,7 +147,7 @@ pub(crate) async fn serve(
     });
     let task = tokio::spawn(async move {
         let served = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { crate::agent::stopped(&mut stop).await })
+            .with_graceful_shutdown(async move { stopped(&mut stop).await })
             .await;
         if let Err(e) = served {
             tracing::error!(error = %e, "mirror server failed");
@@ -224,7 +253,7 @@ async fn dispatch(
                 &format!("ns={ns:?} is not a registry host[:port]"),
             );
         }
-        None => mirror.shared.config.mirror.default_registry.clone(),
+        None => mirror.config.default_registry.clone(),
     };
     let name = match target {
         Target::Manifest { name, .. } | Target::Blob { name, .. } => name,
@@ -256,74 +285,6 @@ pub(crate) fn channel_body() -> (
         tx,
         Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx)),
     )
-}
-
-/// The chunk each blob's in-order readers wait for (the lowest, when several read one
-/// blob), so that its download fetches those chunks first (`ChunkPicker::set_sequential`).
-#[derive(Debug, Default)]
-pub(crate) struct Readers {
-    table: Mutex<HashMap<shoal_proto::Digest, Vec<(u64, u32)>>>,
-    next_id: std::sync::atomic::AtomicU64,
-    /// Readers registered, over all blobs: downloads ask on every fill, and most of the
-    /// time nobody reads, so that answer needs no lock.
-    count: std::sync::atomic::AtomicUsize,
-}
-
-impl Readers {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<shoal_proto::Digest, Vec<(u64, u32)>>> {
-        self.table.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    pub(crate) fn position(&self, blob: &shoal_proto::Digest) -> Option<u32> {
-        if self.count.load(std::sync::atomic::Ordering::Relaxed) == 0 {
-            return None;
-        }
-        self.lock().get(blob)?.iter().map(|(_, c)| *c).min()
-    }
-
-    /// Registers a reader at `chunk`; the guard moves it on and removes it when dropped.
-    pub(crate) fn enter(&self, blob: shoal_proto::Digest, chunk: u32) -> Reader<'_> {
-        let id = self
-            .next_id
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.lock().entry(blob).or_default().push((id, chunk));
-        self.count
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Reader {
-            readers: self,
-            blob,
-            id,
-        }
-    }
-}
-
-pub(crate) struct Reader<'a> {
-    readers: &'a Readers,
-    blob: shoal_proto::Digest,
-    id: u64,
-}
-
-impl Reader<'_> {
-    pub(crate) fn at(&self, chunk: u32) {
-        if let Some(list) = self.readers.lock().get_mut(&self.blob) {
-            for r in list.iter_mut().filter(|r| r.0 == self.id) {
-                r.1 = chunk;
-            }
-        }
-    }
-}
-
-impl Drop for Reader<'_> {
-    fn drop(&mut self) {
-        let mut table = self.readers.lock();
-        (self.readers.count).fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-        if let Some(list) = table.get_mut(&self.blob) {
-            list.retain(|r| r.0 != self.id);
-            if list.is_empty() {
-                table.remove(&self.blob);
-            }
-        }
-    }
 }
 
 pub(crate) fn ms(v: u64) -> Duration {

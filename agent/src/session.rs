@@ -5,7 +5,6 @@
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use shoal_proto::pb::v1 as pb;
@@ -17,11 +16,15 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 use tonic::transport::Channel;
 
-use crate::agent::{AgentError, Shared};
+use crate::backoff::Backoff;
 use crate::config::AgentConfig;
+use crate::counters::Counters;
+use crate::error::AgentError;
+use crate::execute::Executor;
+use crate::link::Outbox;
+use crate::shutdown::{Stop, stopped};
+use crate::transport::ChunkEndpoint;
 
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Progress is reported at most this often (one batch across all orders).
 const PROGRESS_EVERY: Duration = Duration::from_millis(500);
 /// A session up this long (or that received a message) resets the reconnect backoff.
@@ -35,42 +38,22 @@ const INVENTORY_BATCH: usize = 2000;
 /// repeated report for the same order id as a no-op.
 const RESEND_WINDOW: Duration = Duration::from_secs(10);
 
+/// What the session task needs: the executor (the order table, the store and the link to
+/// the coordinator, whose other end this task is) and what it reports on.
+#[derive(Debug)]
+pub(crate) struct Session {
+    pub config: Arc<AgentConfig>,
+    pub quic_addr: SocketAddr,
+    pub endpoint: ChunkEndpoint,
+    pub counters: Counters,
+    pub executor: Executor,
+    pub stop: Stop,
+}
+
 /// A successful Join.
 #[derive(Clone, Debug)]
 pub(crate) struct Joined {
     pub response: pb::JoinResponse,
-}
-
-/// Exponential backoff with full jitter.
-#[derive(Debug)]
-pub(crate) struct Backoff {
-    next: Duration,
-    max: Duration,
-}
-
-impl Backoff {
-    pub(crate) fn new() -> Self {
-        Self::with_max(BACKOFF_MAX)
-    }
-
-    /// Doubling up to `max` rather than the session's cap.
-    pub(crate) fn with_max(max: Duration) -> Self {
-        Self {
-            next: BACKOFF_MIN.min(max),
-            max,
-        }
-    }
-
-    pub(crate) fn reset(&mut self) {
-        self.next = BACKOFF_MIN.min(self.max);
-    }
-
-    pub(crate) fn next_delay(&mut self) -> Duration {
-        let cap = self.next;
-        self.next = (self.next * 2).min(self.max);
-        let jitter: f64 = rand::random_range(0.5..1.0);
-        cap.mul_f64(jitter)
-    }
 }
 
 fn join_request(
@@ -131,7 +114,7 @@ pub(crate) async fn join_until_accepted(
                 tracing::warn!(coordinator = %config.coordinator, code = ?s.code(), error = s.message(), retry_in = ?delay, "join failed");
                 tokio::select! {
                     () = tokio::time::sleep(delay) => {}
-                    () = crate::agent::stopped(&mut stop) => return Err(AgentError::Interrupted),
+                    () = stopped(&mut stop) => return Err(AgentError::Interrupted),
                 }
             }
         }
@@ -147,17 +130,14 @@ enum Ended {
 }
 
 /// Runs the session until shutdown, reconnecting forever.
-pub(crate) async fn run(
-    shared: Arc<Shared>,
-    mut joined: Joined,
-    mut outbox: mpsc::UnboundedReceiver<pb::AgentMessage>,
-) {
-    let mut stop = shared.shutdown.clone();
+pub(crate) async fn run(shared: Session, mut joined: Joined, mut outbox: Outbox) {
+    let link = shared.executor.coordinator.clone();
+    let mut stop = shared.stop.clone();
     let mut backoff = Backoff::new();
     let mut recent: VecDeque<(Instant, pb::AgentMessage)> = VecDeque::new();
     loop {
         let ended = connect_once(&shared, &joined, &mut outbox, &mut recent, &mut backoff).await;
-        shared.connected.store(false, Ordering::Relaxed);
+        link.set_connected(false);
         metrics::gauge!(crate::metrics::SESSION_CONNECTED).set(0.0);
         let rejoin = match ended {
             Ended::Shutdown => return,
@@ -176,15 +156,15 @@ pub(crate) async fn run(
         let delay = backoff.next_delay();
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
-            () = crate::agent::stopped(&mut stop) => return,
+            () = stopped(&mut stop) => return,
         }
         if rejoin {
-            let id = shared.agent_id();
+            let id = link.agent_id();
             // The endpoint keeps the certificate from the first join; it stays valid while
             // the cluster CA does.
             let request_id = id.clone();
             match join_until_accepted(
-                &shared.channel,
+                link.channel(),
                 &shared.config,
                 shared.quic_addr,
                 &request_id,
@@ -200,8 +180,7 @@ pub(crate) async fn run(
                             new = j.response.agent_id,
                             "coordinator assigned a new agent id"
                         );
-                        *shared.agent_id.write().unwrap_or_else(|e| e.into_inner()) =
-                            j.response.agent_id.clone();
+                        link.set_agent_id(j.response.agent_id.clone());
                         let path = shared.config.data_dir.join("agent-id");
                         let _ = std::fs::write(path, format!("{}\n", j.response.agent_id));
                     }
@@ -218,13 +197,14 @@ pub(crate) async fn run(
 
 /// One session stream, from Hello to its end.
 async fn connect_once(
-    shared: &Arc<Shared>,
+    shared: &Session,
     joined: &Joined,
     outbox: &mut mpsc::UnboundedReceiver<pb::AgentMessage>,
     recent: &mut VecDeque<(Instant, pb::AgentMessage)>,
     backoff: &mut Backoff,
 ) -> Ended {
-    let mut stop = shared.shutdown.clone();
+    let link = &shared.executor.coordinator;
+    let mut stop = shared.stop.clone();
     if *stop.borrow() {
         return Ended::Shutdown;
     }
@@ -246,16 +226,16 @@ async fn connect_once(
         let _ = tx.try_send(m.clone());
     }
 
-    let mut client = AgentSessionClient::new(shared.channel.clone());
+    let mut client = AgentSessionClient::new(link.channel().clone());
     let connect = client.session(ReceiverStream::new(rx));
     let mut inbound = tokio::select! {
         r = connect => match r {
             Ok(r) => r.into_inner(),
             Err(s) => return ended_by(s),
         },
-        () = crate::agent::stopped(&mut stop) => return Ended::Shutdown,
+        () = stopped(&mut stop) => return Ended::Shutdown,
     };
-    shared.connected.store(true, Ordering::Relaxed);
+    link.set_connected(true);
     metrics::gauge!(crate::metrics::SESSION_CONNECTED).set(1.0);
     tracing::info!(agent_id = joined.response.agent_id, "session established");
 
@@ -285,7 +265,7 @@ async fn connect_once(
                         stable = true;
                     }
                     if let Some(msg) = m.msg {
-                        crate::order::handle(shared, msg);
+                        shared.executor.handle(msg);
                     }
                     None
                 }
@@ -303,7 +283,7 @@ async fn connect_once(
                 Some(m)
             }
             _ = progress.tick() => {
-                shared.transfers.progress_batch().map(|b| pb::AgentMessage { msg: Some(Msg::Progress(b)) })
+                shared.executor.orders.progress_batch().map(|b| pb::AgentMessage { msg: Some(Msg::Progress(b)) })
             }
             _ = load.tick() => {
                 let report = load_report(shared, uploaded.rate(shared));
@@ -317,7 +297,7 @@ async fn connect_once(
                     None
                 }
             }
-            () = crate::agent::stopped(&mut stop) => return Ended::Shutdown,
+            () = stopped(&mut stop) => return Ended::Shutdown,
         };
         if let Some(m) = out {
             if tx.send(m).await.is_err() {
@@ -345,8 +325,8 @@ fn heartbeat_interval(r: &pb::JoinResponse) -> Duration {
 }
 
 /// The full inventory: a replace=true message, then more if the store is large.
-async fn inventory(shared: &Arc<Shared>) -> Vec<pb::Inventory> {
-    let store = shared.store.clone();
+async fn inventory(shared: &Session) -> Vec<pb::Inventory> {
+    let store = shared.executor.store.clone();
     let held = tokio::task::spawn_blocking(move || {
         store
             .blobs()
@@ -394,7 +374,7 @@ struct UploadRate {
 }
 
 impl UploadRate {
-    fn new(shared: &Shared) -> Self {
+    fn new(shared: &Session) -> Self {
         Self {
             bytes: shared.endpoint.serve_stats().bytes_served,
             at: Instant::now(),
@@ -402,23 +382,24 @@ impl UploadRate {
     }
 
     /// Measures, and records the rate for the local Status call too.
-    fn rate(&mut self, shared: &Shared) -> u64 {
+    fn rate(&mut self, shared: &Session) -> u64 {
         let now = Self::new(shared);
         let secs = now.at.duration_since(self.at).as_secs_f64();
         let rate = (now.bytes.saturating_sub(self.bytes) as f64 / secs.max(1e-3)) as u64;
         *self = now;
-        shared.counters.upload_rate.store(rate, Ordering::Relaxed);
+        shared.counters.set_upload_rate(rate);
         rate
     }
 }
 
-fn load_report(shared: &Shared, upload_bytes_per_sec: u64) -> pb::Load {
+fn load_report(shared: &Session, upload_bytes_per_sec: u64) -> pb::Load {
+    let orders = &shared.executor.orders;
     pb::Load {
         upload_bytes_per_sec,
-        download_bytes_per_sec: shared.transfers.download_rate(),
+        download_bytes_per_sec: orders.download_rate(),
         active_uploads: shared.endpoint.active_uploads() as u32,
-        active_downloads: shared.transfers.len() as u32,
-        disk_free_bytes: shared.disk_free(),
+        active_downloads: orders.len() as u32,
+        disk_free_bytes: shared.executor.store.free_bytes(),
         disk_total_bytes: shared.config.quota_bytes,
     }
 }

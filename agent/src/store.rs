@@ -56,6 +56,7 @@ mod blob;
 mod error;
 mod eviction;
 mod files;
+mod import;
 mod journal;
 
 use std::collections::HashMap;
@@ -73,6 +74,7 @@ use self::blob::BlobEntry;
 pub use self::error::StoreError;
 use self::error::io_err;
 use self::eviction::Candidate;
+pub use self::import::{ImportError, read_full};
 
 /// Where the store lives and how much it may hold.
 #[derive(Clone, Debug)]
@@ -388,6 +390,11 @@ impl Store {
     /// Sum of the sizes of all stored blobs, complete or not.
     pub fn usage_bytes(&self) -> u64 {
         lock(&self.inner.index).usage
+    }
+
+    /// What the store may still take under its quota.
+    pub fn free_bytes(&self) -> u64 {
+        self.inner.quota.saturating_sub(self.usage_bytes())
     }
 
     /// Makes every present chunk durable (fdatasync of data files, then sync records and

@@ -2,28 +2,27 @@
 //! agent if it is not here), verify it, and copy it to a path atomically.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use shoal_proto::Digest;
 use shoal_proto::pb::v1 as pb;
-use shoal_proto::pb::v1::coordinator_client::CoordinatorClient;
-use shoal_proto::pb::v1::{PullState, target_selector};
+use shoal_proto::pb::v1::PullState;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
-use super::{absolute_path, store_status};
-use crate::agent::Shared;
+use super::{LocalApi, absolute_path, store_status};
+use crate::bring;
 
+/// Progress is sent this often while the blob arrives.
 const POLL_EVERY: Duration = Duration::from_millis(250);
 
 type Tx = mpsc::Sender<Result<pb::PullProgress, Status>>;
 
 pub(super) async fn pull(
-    shared: Arc<Shared>,
+    shared: LocalApi,
     request: pb::PullRequest,
 ) -> Result<ReceiverStream<Result<pb::PullProgress, Status>>, Status> {
     let url = (!request.url.is_empty()).then(|| request.url.clone());
@@ -105,10 +104,10 @@ fn check_output(path: &Path) -> Result<(), Status> {
     Ok(())
 }
 
-fn progress(shared: &Shared, digest: Digest, state: PullState) -> pb::PullProgress {
+fn progress(shared: &LocalApi, digest: Digest, state: PullState) -> pb::PullProgress {
     let manifest = shared.store.manifest(&digest);
     let bytes_total = manifest.as_ref().map_or(0, |m| m.size());
-    let running = shared.transfers.running_for(&digest);
+    let running = shared.orders.transfer_of(&digest).map(|t| t.progress);
     let bytes_done = match (&running, &manifest) {
         (Some(t), _) => t.bytes_done,
         (None, Some(m)) => (u64::from(shared.store.present_count(&digest).unwrap_or(0))
@@ -128,7 +127,7 @@ fn progress(shared: &Shared, digest: Digest, state: PullState) -> pb::PullProgre
 }
 
 async fn run(
-    shared: &Arc<Shared>,
+    shared: &LocalApi,
     digest: Digest,
     url: Option<&str>,
     output: Option<PathBuf>,
@@ -136,55 +135,38 @@ async fn run(
     deadline_ms: u64,
     tx: &Tx,
 ) -> Result<(), Status> {
-    // Subscribe before asking, so a failure of the order is not missed.
-    let mut finished = shared.transfers.subscribe();
+    // Subscribed before asking, so a failure of the order is not missed.
+    let mut finished = shared.orders.subscribe();
     if !shared.store.is_complete(&digest) {
         let _ = tx
             .send(Ok(progress(shared, digest, PullState::Queued)))
             .await;
-        let mut client = CoordinatorClient::new(shared.channel.clone());
-        let job = client
-            .distribute(pb::DistributeRequest {
-                blobs: vec![digest.to_string()],
-                targets: Some(pb::TargetSelector {
-                    selector: Some(target_selector::Selector::Agents(pb::AgentIdList {
-                        agent_ids: vec![shared.agent_id()],
-                    })),
-                }),
-                priority: pb::Priority::Normal as i32,
-                deadline_ms,
-                origins: url
-                    .map(|u| {
-                        let origin = pb::Origin {
-                            origin: Some(pb::origin::Origin::Http(pb::HttpOrigin {
-                                url: u.to_string(),
-                                headers: Default::default(),
-                                size: 0,
-                            })),
-                        };
-                        (digest.to_string(), origin)
-                    })
-                    .into_iter()
-                    .collect(),
-                description: format!("pull on agent {}", shared.agent_id()),
-            })
-            .await
-            .map_err(|s| Status::new(s.code(), format!("coordinator: {}", s.message())))?
-            .into_inner();
-        tracing::info!(blob = %digest, job = job.job_id, "pull: asked the coordinator");
+        let origin = url.map(|u| pb::Origin {
+            origin: Some(pb::origin::Origin::Http(pb::HttpOrigin {
+                url: u.to_string(),
+                headers: Default::default(),
+                size: 0,
+            })),
+        });
+        let request = bring::Request {
+            blob: digest,
+            origin,
+            priority: pb::Priority::Normal,
+            deadline_ms,
+            description: format!("pull on agent {}", shared.coordinator.agent_id()),
+        };
+        let mut bringing = bring::bring_here(&shared.coordinator, request).await?;
+        let job_id = bringing.job_id.clone();
+        tracing::info!(blob = %digest, job = job_id, "pull: asked the coordinator");
         let mut tick = tokio::time::interval(POLL_EVERY);
-        let mut ticks = 0u32;
         while !shared.store.is_complete(&digest) {
             tokio::select! {
-                _ = tick.tick() => {
-                    ticks += 1;
-                    // The target may fail without an order here (another agent's seeding).
-                    if ticks % 4 == 0 {
-                        check_job(&mut client, &job.job_id, digest).await?;
-                    }
+                _ = tick.tick() => {}
+                why = bringing.failed() => {
+                    return Err(Status::aborted(format!("fetching {digest} {why}")));
                 }
                 f = finished.recv() => match f {
-                    Ok(f) if f.digest == digest && f.job_id == job.job_id => {
+                    Ok(f) if f.digest == digest && f.job_id == job_id => {
                         if let Err(why) = f.result {
                             return Err(Status::aborted(format!("fetching {digest} failed: {why}")));
                         }
@@ -238,7 +220,7 @@ async fn run(
 /// size): the first agent to ask fetches it and reports its digest, the others wait for
 /// that digest and then pull it like any blob, from peers. An origin that gives neither
 /// ETag nor size cannot be told apart from a changed file: this agent fetches it alone.
-async fn identify(shared: &Arc<Shared>, url: &str, tx: &Tx) -> Result<Digest, Status> {
+async fn identify(shared: &LocalApi, url: &str, tx: &Tx) -> Result<Digest, Status> {
     let state = |state: PullState| async move {
         let _ = tx
             .send(Ok(pb::PullProgress {
@@ -247,7 +229,7 @@ async fn identify(shared: &Arc<Shared>, url: &str, tx: &Tx) -> Result<Digest, St
             }))
             .await;
     };
-    let info = match shared.origin.head_url(url, &[]).await {
+    let info = match shared.ingester.origin.head_url(url, &[]).await {
         Ok(info) => info,
         Err(e) => return Err(Status::unavailable(format!("{url}: {e}"))),
     };
@@ -257,8 +239,8 @@ async fn identify(shared: &Arc<Shared>, url: &str, tx: &Tx) -> Result<Digest, St
         state(PullState::Fetching).await;
         return fetch_url(shared.clone(), url.to_string()).await;
     }
-    let me = shared.agent_id();
-    let client = CoordinatorClient::new(shared.channel.clone());
+    let me = shared.coordinator.agent_id();
+    let client = shared.coordinator.client();
     let owned_url = url.to_string();
     let ask = move |fetched: Option<Digest>, gave_up: bool| {
         let request = pb::ResolveUrlRequest {
@@ -286,7 +268,7 @@ async fn identify(shared: &Arc<Shared>, url: &str, tx: &Tx) -> Result<Digest, St
                 .parse()
                 .map_err(|e| Status::internal(format!("coordinator sent a bad digest: {e}")));
         }
-        if answer.fetcher == shared.agent_id() {
+        if answer.fetcher == shared.coordinator.agent_id() {
             state(PullState::Fetching).await;
             // Its own task: the others wait for its report, so it finishes and reports even
             // if this pull is dropped (deadline, client gone).
@@ -311,61 +293,10 @@ async fn identify(shared: &Arc<Shared>, url: &str, tx: &Tx) -> Result<Digest, St
 }
 
 /// Fetches `url` into the store on this agent; its digest.
-async fn fetch_url(shared: Arc<Shared>, url: String) -> Result<Digest, Status> {
-    crate::ingest::fetch_url(&shared, &url)
-        .await
+async fn fetch_url(shared: LocalApi, url: String) -> Result<Digest, Status> {
+    (shared.ingester.fetch_url(&url).await)
         .map(|m| m.digest())
         .map_err(|f| Status::unavailable(format!("fetching {url}: {}", f.message)))
-}
-
-/// Fails if the coordinator says this pull's target failed.
-async fn check_job(
-    client: &mut CoordinatorClient<tonic::transport::Channel>,
-    job_id: &str,
-    digest: Digest,
-) -> Result<(), Status> {
-    let job = match client
-        .get_job(pb::GetJobRequest {
-            job_id: job_id.to_string(),
-            include_targets: true,
-        })
-        .await
-    {
-        Ok(r) => r.into_inner().job,
-        Err(s) if s.code() == tonic::Code::NotFound => {
-            return Err(Status::aborted(format!(
-                "the job fetching {digest} ({job_id}) is gone from the coordinator"
-            )));
-        }
-        Err(_) => return Ok(()), // Coordinator unreachable for now: keep waiting.
-    };
-    let Some(job) = job else { return Ok(()) };
-    let ended = (job.progress.iter())
-        .flat_map(|p| p.targets.iter())
-        .find(|t| {
-            matches!(
-                t.state(),
-                pb::TargetState::Failed | pb::TargetState::Cancelled
-            )
-        });
-    if let Some(t) = ended {
-        return Err(Status::aborted(format!(
-            "fetching {digest} {}: {}",
-            if t.state() == pb::TargetState::Cancelled {
-                "was cancelled"
-            } else {
-                "failed"
-            },
-            t.message
-        )));
-    }
-    if matches!(job.state(), pb::JobState::Failed | pb::JobState::Cancelled) {
-        return Err(Status::aborted(format!(
-            "the job fetching {digest} ended {:?}",
-            job.state()
-        )));
-    }
-    Ok(())
 }
 
 /// Copies to a temporary file beside `to`, then renames it over `to`.

@@ -3,10 +3,8 @@
 //! manifest (so a file changed in between is caught rather than stored torn).
 
 use std::fs::File;
-use std::io::{self, Read};
+use std::io;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use shoal_proto::pb::v1 as pb;
@@ -16,15 +14,14 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
-use super::{absolute_path, store_status};
-use crate::agent::Shared;
-use crate::store::{Store, StoreError};
+use super::{LocalApi, absolute_path, store_status};
+use crate::store::{ImportError, Store, StoreError, read_full};
 
 /// Progress messages at most this often.
 const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
 
 pub(super) async fn push(
-    shared: Arc<Shared>,
+    shared: LocalApi,
     request: pb::PushRequest,
 ) -> Result<ReceiverStream<Result<pb::PushProgress, Status>>, Status> {
     let path = absolute_path("path", &request.path)?;
@@ -122,7 +119,7 @@ impl Progress {
 }
 
 async fn ingest(
-    shared: &Arc<Shared>,
+    shared: &LocalApi,
     path: PathBuf,
     size: u64,
     pin: bool,
@@ -148,12 +145,14 @@ async fn ingest(
     } else {
         size
     });
-    let registered = shared.connected.load(Ordering::Relaxed);
-    shared.send(Msg::BlobRegistered(pb::BlobRegistered {
-        manifest: Some(pb::Manifest::from(&manifest)),
-        pinned: pin,
-        order_id: 0,
-    }));
+    let registered = shared.coordinator.is_connected();
+    shared
+        .coordinator
+        .send(Msg::BlobRegistered(pb::BlobRegistered {
+            manifest: Some(pb::Manifest::from(&manifest)),
+            pinned: pin,
+            order_id: 0,
+        }));
     tracing::info!(blob = %manifest.digest(), size, already_present, "pushed");
     Ok(pb::PushResult {
         digest: manifest.digest().to_string(),
@@ -210,21 +209,17 @@ fn store_file(
             .map_err(|e| store_status(&e))?;
         let mut file = open()?;
         let mut stored = 0u64;
-        for index in manifest.chunk_indices() {
-            let len = manifest
-                .chunk_len(index)
-                .map_err(|e| Status::internal(e.to_string()))?;
-            let n = read_full(&mut file, &mut buf[..len]).map_err(read_err)?;
-            if n != len {
+        let imported = store.import_chunks(&manifest, &mut file, manifest.chunk_indices(), |n| {
+            stored += n;
+            progress.report(hashed, stored);
+        });
+        match imported {
+            Ok(_) => {}
+            Err(ImportError::Short { .. } | ImportError::Store(StoreError::Verify(_))) => {
                 return Err(changed(path));
             }
-            match store.put_chunk(&digest, index, &buf[..len]) {
-                Ok(_) => {}
-                Err(StoreError::Verify(_)) => return Err(changed(path)),
-                Err(e) => return Err(store_status(&e)),
-            }
-            stored += len as u64;
-            progress.report(hashed, stored);
+            Err(ImportError::Read(e)) => return Err(read_err(e)),
+            Err(ImportError::Store(e)) => return Err(store_status(&e)),
         }
     }
     if pin {
@@ -238,18 +233,4 @@ fn changed(path: &std::path::Path) -> Status {
         "{} changed while it was being pushed; push it again",
         path.display()
     ))
-}
-
-/// Reads until `buf` is full or the file ends.
-fn read_full(file: &mut File, buf: &mut [u8]) -> io::Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match file.read(&mut buf[filled..]) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(filled)
 }

@@ -8,7 +8,6 @@
 //! If nothing arrives for `mirror.fallback_after_ms`, or the distribution fails, the rest of
 //! the requested range comes from the upstream directly.
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -16,15 +15,14 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use shoal_origin::ByteRange;
 use shoal_proto::pb::v1 as pb;
-use shoal_proto::pb::v1::coordinator_client::CoordinatorClient;
 use shoal_proto::{ChunkIndex, Digest};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
 use super::{Mirror, channel_body, error, ms, upstream_error};
-use crate::agent::Shared;
-use crate::ingest::IngestState;
+use crate::bring::{self, Bringing};
 use crate::metrics as m;
+use crate::orders::{IngestState, IngestView};
 
 type Tx = mpsc::Sender<Result<Bytes, std::io::Error>>;
 
@@ -47,8 +45,7 @@ pub(super) async fn serve(
         Ok(d) => d,
         Err(e) => return error(StatusCode::BAD_REQUEST, "DIGEST_INVALID", &e.to_string()),
     };
-    let shared = &mirror.shared;
-    let size = match size_of(shared, registry, name, &digest).await {
+    let size = match size_of(mirror, registry, name, &digest).await {
         Ok(s) => s,
         Err(r) => return r,
     };
@@ -82,7 +79,7 @@ pub(super) async fn serve(
     } else {
         let (tx, body) = channel_body();
         let pull = Pull {
-            shared: shared.clone(),
+            shared: mirror.clone(),
             registry: registry.to_string(),
             name: name.to_string(),
             digest,
@@ -115,7 +112,7 @@ pub(super) async fn serve(
 /// The blob's size: from the store, else the coordinator's catalog, else a HEAD to the
 /// upstream (which also tells whether the upstream has it at all).
 async fn size_of(
-    shared: &Shared,
+    shared: &Mirror,
     registry: &str,
     name: &str,
     digest: &Digest,
@@ -123,8 +120,7 @@ async fn size_of(
     if let Some(manifest) = shared.store.manifest(digest) {
         return Ok(manifest.size());
     }
-    let mut coordinator = CoordinatorClient::new(shared.channel.clone());
-    let known = coordinator
+    let known = (shared.coordinator.client())
         .get_blob(pb::GetBlobRequest {
             digest: digest.to_string(),
             include_manifest: false,
@@ -174,7 +170,7 @@ fn parse_range(spec: &str, size: u64) -> Option<(u64, u64)> {
 
 /// One GET of a blob being streamed to a client.
 struct Pull {
-    shared: Arc<Shared>,
+    shared: Mirror,
     registry: String,
     name: String,
     digest: Digest,
@@ -247,17 +243,17 @@ impl Pull {
         let complete_at_start = shared.store.is_complete(&digest);
         // Kept from eviction while served; released when the response ends.
         let mut hold = None;
-        let mut failed: Option<watch::Receiver<Option<String>>> = None;
+        let mut failed: Option<Bringing> = None;
         if !complete_at_start {
             match self.distribute().await {
-                Ok(rx) => failed = Some(rx),
+                Ok(b) => failed = Some(b),
                 Err(e) => {
                     tracing::warn!(blob = %digest, error = e, "mirror: the coordinator cannot distribute the blob; falling back to the upstream");
                     return self.fallback(pos, end, tx, counts, &e).await;
                 }
             }
         }
-        let fallback_after = ms(shared.config.mirror.fallback_after_ms);
+        let fallback_after = ms(shared.config.fallback_after_ms);
         let mut last_progress = Instant::now();
         // Tells the download which chunks this client needs next (in-order streaming).
         let reader = shared.readers.enter(digest, 0);
@@ -311,7 +307,7 @@ impl Pull {
                 }
             }
             // 2. This agent is the seeder: the upstream's bytes, as they land.
-            if let Some(ingest) = shared.ingests.get(&digest) {
+            if let Some(ingest) = shared.orders.ingest(&digest) {
                 match self.stream_part_file(&ingest, pos, end, tx).await {
                     Ok(n) => {
                         counts[Source::Seed as usize] += n;
@@ -328,7 +324,8 @@ impl Pull {
                 }
             }
             // 3. Wait for the next chunk, a failure, or the stall deadline.
-            if let Some(why) = failed.as_ref().and_then(|f| f.borrow().clone()) {
+            if let Some(why) = failed.as_ref().and_then(Bringing::has_failed) {
+                let why = format!("distribution {why}");
                 return self.fallback(pos, end, tx, counts, &why).await;
             }
             // The stall clock runs only once chunks can flow (the manifest is here): before
@@ -356,7 +353,7 @@ impl Pull {
     /// Streams from the seeder's part file; returns the bytes sent (0 if none were ready).
     async fn stream_part_file(
         &mut self,
-        ingest: &crate::ingest::Ingest,
+        ingest: &IngestView,
         pos: u64,
         end: u64,
         tx: &Tx,
@@ -406,9 +403,8 @@ impl Pull {
         }
     }
 
-    /// Asks the coordinator to bring the blob here from the upstream, and watches the job:
-    /// the returned channel gets a message if this agent's target fails.
-    async fn distribute(&self) -> Result<watch::Receiver<Option<String>>, String> {
+    /// Asks the coordinator to bring the blob here from the upstream, and watches the job.
+    async fn distribute(&self) -> Result<Bringing, String> {
         let shared = &self.shared;
         let plain_http = shared.origin.config().registry(&self.registry).plain_http;
         let origin = pb::Origin {
@@ -419,47 +415,14 @@ impl Pull {
                 size: self.size,
             })),
         };
-        let mut client = CoordinatorClient::new(shared.channel.clone());
-        let job = client
-            .distribute(pb::DistributeRequest {
-                blobs: vec![self.digest.to_string()],
-                targets: Some(pb::TargetSelector {
-                    selector: Some(pb::target_selector::Selector::Agents(pb::AgentIdList {
-                        agent_ids: vec![shared.agent_id()],
-                    })),
-                }),
-                priority: pb::Priority::High as i32,
-                deadline_ms: 0,
-                origins: [(self.digest.to_string(), origin)].into(),
-                description: format!("mirror pull of {}/{}", self.registry, self.name),
-            })
-            .await
-            .map_err(|s| format!("coordinator: {}", s.message()))?
-            .into_inner();
-        let mut stream = client
-            .watch_job(pb::WatchJobRequest {
-                job_id: job.job_id.clone(),
-                include_targets: true,
-            })
-            .await
-            .map_err(|s| format!("coordinator: {}", s.message()))?
-            .into_inner();
-        let (tx, rx) = watch::channel(None);
-        tokio::spawn(async move {
-            while let Ok(Some(progress)) = stream.message().await {
-                let failed = (progress.targets.iter())
-                    .find(|t| t.state() == pb::TargetState::Failed)
-                    .map(|t| t.message.clone());
-                if let Some(message) = failed {
-                    let _ = tx.send(Some(format!("distribution failed: {message}")));
-                    return;
-                }
-                if tx.is_closed() {
-                    return;
-                }
-            }
-        });
-        Ok(rx)
+        let request = bring::Request {
+            blob: self.digest,
+            origin: Some(origin),
+            priority: pb::Priority::High,
+            deadline_ms: 0,
+            description: format!("mirror pull of {}/{}", self.registry, self.name),
+        };
+        (bring::bring_here(&shared.coordinator, request).await).map_err(|s| s.message().to_string())
     }
 
     /// Streams [pos, end] from the upstream, bypassing Shoal.

@@ -15,7 +15,7 @@ const CACHE_ENTRIES: usize = 1024;
 /// (registry, repository, reference, Accept).
 pub(super) type Key = (String, String, String, String);
 
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub(super) struct Cached {
     bytes: bytes::Bytes,
     media_type: String,
@@ -64,7 +64,7 @@ pub(super) async fn serve(
             } else {
                 accept.split(',').map(str::trim).collect()
             };
-            let fetched = (mirror.shared.origin)
+            let fetched = (mirror.origin)
                 .get_manifest(registry, name, reference, &types)
                 .await;
             let fetched = match fetched {
@@ -74,7 +74,7 @@ pub(super) async fn serve(
                     return upstream_error(&e, "MANIFEST_UNKNOWN");
                 }
             };
-            let ttl = mirror.shared.config.mirror.manifest_cache_ttl_ms;
+            let ttl = mirror.config.manifest_cache_ttl_ms;
             let ttl = if by_digest {
                 ttl.saturating_mul(10)
             } else {

@@ -1,0 +1,79 @@
+//! The agent's link to its coordinator, as the rest of the agent sees it: a queue for
+//! reports, the gRPC channel for the public API, the agent id and whether the session is up.
+//!
+//! The session task (`session.rs`) owns the other end: it drains the queue onto the
+//! session stream and is the only writer of the id (a re-join may assign a new one) and of
+//! the connected flag. Everyone else holds a clone.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+
+use shoal_proto::pb::v1 as pb;
+use shoal_proto::pb::v1::agent_message::Msg;
+use shoal_proto::pb::v1::coordinator_client::CoordinatorClient;
+use tokio::sync::mpsc;
+use tonic::transport::Channel;
+
+/// Messages for the coordinator, as the session task receives them.
+pub(crate) type Outbox = mpsc::UnboundedReceiver<pb::AgentMessage>;
+
+#[derive(Clone, Debug)]
+pub(crate) struct Coordinator {
+    /// One HTTP/2 channel to the coordinator: the session and the public API share it.
+    channel: Channel,
+    /// Unbounded so that queueing never waits: only reports go here (one or two per order,
+    /// chunk rejections, stalls, registrations); progress, load and heartbeats are made by
+    /// the session itself.
+    outbox: mpsc::UnboundedSender<pb::AgentMessage>,
+    agent_id: Arc<RwLock<String>>,
+    connected: Arc<AtomicBool>,
+}
+
+impl Coordinator {
+    pub(crate) fn new(channel: Channel, agent_id: String) -> (Self, Outbox) {
+        let (outbox, rx) = mpsc::unbounded_channel();
+        let link = Self {
+            channel,
+            outbox,
+            agent_id: Arc::new(RwLock::new(agent_id)),
+            connected: Arc::default(),
+        };
+        (link, rx)
+    }
+
+    /// Queues a message for the coordinator. Never waits; dropped if the agent is stopping.
+    pub(crate) fn send(&self, msg: Msg) {
+        let _ = self.outbox.send(pb::AgentMessage { msg: Some(msg) });
+    }
+
+    pub(crate) fn agent_id(&self) -> String {
+        self.agent_id
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The coordinator's public API, on the shared channel.
+    pub(crate) fn client(&self) -> CoordinatorClient<Channel> {
+        CoordinatorClient::new(self.channel.clone())
+    }
+
+    pub(crate) fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
+    /// True while the session is up.
+    pub(crate) fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+
+    /// For the session task only.
+    pub(crate) fn set_connected(&self, up: bool) {
+        self.connected.store(up, Ordering::Relaxed);
+    }
+
+    /// For the session task only: the coordinator assigned another id on a re-join.
+    pub(crate) fn set_agent_id(&self, id: String) {
+        *self.agent_id.write().unwrap_or_else(|e| e.into_inner()) = id;
+    }
+}
