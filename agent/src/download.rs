@@ -50,7 +50,17 @@ struct Source {
     peer: Option<Peer>,
     paused_until: Option<Instant>,
     watcher: AbortHandle,
+    /// The connection's received bytes when last seen to change (or when nothing was
+    /// asked of it), and when: the stall clock.
+    rx_mark: (u64, Instant),
+    /// A have-stream was open once: losing it since then counts towards a stall.
+    was_ready: bool,
+    /// Since when the source has had no usable connection, after being ready once.
+    lost_since: Option<Instant>,
 }
+
+/// How much longer than `stall_timeout` a source once reached may stay unreachable.
+const UNREACHABLE_STALLS: u32 = 5;
 
 struct FetchDone {
     key: SourceKey,
@@ -105,6 +115,8 @@ struct Download<'a> {
     requests: HashMap<(SourceKey, ChunkIndex), AbortHandle>,
     buffers: Vec<Vec<u8>>,
     bytes_from_peers: u64,
+    /// A source silent this long with requests in flight is dropped and reported.
+    stall_timeout: Duration,
 }
 
 /// Fetches every missing chunk of `manifest` from `sources` (and the ones control messages
@@ -145,6 +157,7 @@ async fn download(
         max_window: defaults.max_window.min(per_connection),
         ..defaults
     };
+    let stall_timeout = config.stall_timeout;
     let (events, mut event_rx) = mpsc::channel(256);
     let mut d = Download {
         shared,
@@ -161,6 +174,7 @@ async fn download(
         requests: HashMap::new(),
         buffers: Vec::new(),
         bytes_from_peers: 0,
+        stall_timeout,
     };
     for s in sources {
         d.add_source(s);
@@ -182,7 +196,7 @@ async fn download(
             let _ = tokio::time::timeout(Duration::from_millis(500), drain).await;
             return Ok(d.bytes_from_peers);
         }
-        let wake = d.fill();
+        let wake = [d.fill(), d.check_stalls()].into_iter().flatten().min();
         tokio::select! {
             Some(joined) = d.fetches.join_next_with_id(), if !d.fetches.is_empty() => {
                 d.on_joined(joined)?;
@@ -257,6 +271,9 @@ impl Download<'_> {
             peer: None,
             paused_until: None,
             watcher,
+            rx_mark: (0, Instant::now()),
+            was_ready: false,
+            lost_since: None,
         }));
     }
 
@@ -465,7 +482,10 @@ impl Download<'_> {
             SourceEvent::Ready(key, peer) => {
                 if let Some(Some(s)) = self.sources.get_mut(key) {
                     self.picker.set_rtt(host(key), peer.rtt());
+                    s.rx_mark = (peer.rx_bytes(), Instant::now());
                     s.peer = Some(peer);
+                    s.was_ready = true;
+                    s.lost_since = None;
                 }
             }
             SourceEvent::Have(key, HaveUpdate::Bitfield { chunk_count, bits }) => {
@@ -496,6 +516,80 @@ impl Download<'_> {
                 }
             }
         }
+    }
+
+    /// Drops and reports the sources that stalled: with requests in flight, the
+    /// connection received nothing for `stall_timeout` (a frozen or black-holed peer; a
+    /// live one answers within `max_upload_wait`, if only with Busy); or, once reached,
+    /// it has been unreachable for `UNREACHABLE_STALLS` times that. Returns when to look
+    /// again, if a stall clock runs.
+    fn check_stalls(&mut self) -> Option<Instant> {
+        let now = Instant::now();
+        let timeout = self.stall_timeout;
+        // Waiting on our own download cap, we stop reading: the silence is ours.
+        let throttled = (self.shared.endpoint.config().download_limit.as_ref())
+            .is_some_and(|l| l.available() < 0);
+        let mut wake: Option<Instant> = None;
+        let mut stalled = Vec::new();
+        for key in 0..self.sources.len() {
+            let in_flight = self.picker.in_flight(host(key));
+            let Some(s) = &mut self.sources[key] else {
+                continue;
+            };
+            let deadline = match &s.peer {
+                Some(peer) => {
+                    let rx = peer.rx_bytes();
+                    if in_flight == 0 || throttled || rx != s.rx_mark.0 {
+                        s.rx_mark = (rx, now);
+                    }
+                    if in_flight == 0 {
+                        continue;
+                    }
+                    let deadline = s.rx_mark.1 + timeout;
+                    if now >= deadline {
+                        let silent = now.duration_since(s.rx_mark.1).as_millis();
+                        stalled.push((
+                            s.agent_id.clone(),
+                            format!(
+                                "nothing received for {silent} ms with {in_flight} requests in flight"
+                            ),
+                        ));
+                        continue;
+                    }
+                    deadline
+                }
+                None if s.was_ready => {
+                    let since = *s.lost_since.get_or_insert(now);
+                    let deadline = since + timeout * UNREACHABLE_STALLS;
+                    if now >= deadline {
+                        let lost = now.duration_since(since).as_millis();
+                        stalled.push((s.agent_id.clone(), format!("unreachable for {lost} ms")));
+                        continue;
+                    }
+                    deadline
+                }
+                None => continue,
+            };
+            wake = Some(wake.map_or(deadline, |w| w.min(deadline)));
+        }
+        for (agent_id, reason) in stalled {
+            tracing::warn!(
+                order_id = self.order_id,
+                agent = agent_id,
+                reason,
+                "source stalled; dropping it"
+            );
+            self.remove_source(&agent_id);
+            self.shared
+                .coordinator
+                .send(Msg::SourceStalled(pb::SourceStalled {
+                    order_id: self.order_id,
+                    blob_digest: self.manifest.digest().as_bytes().to_vec(),
+                    peer_agent_id: agent_id,
+                    reason,
+                }));
+        }
+        wake
     }
 
     fn report_progress(&self) {

@@ -41,6 +41,10 @@ pub struct TransportConfig {
     pub idle_timeout: Duration,
     /// A single chunk request (open, send, receive all bytes) must finish within this.
     pub request_timeout: Duration,
+    /// Longest a request waits on `upload_limit` before its bytes go out; past it, the
+    /// request is answered `Busy`. Keeps a live source from going silent on a downloader
+    /// for longer than the downloaders' stall timeout (`PickerConfig::stall_timeout`).
+    pub max_upload_wait: Duration,
     /// Kernel send and receive buffer of the UDP socket.
     pub socket_buffer_bytes: usize,
     /// Largest UDP payload we accept, and the upper bound of MTU discovery. Loopback and
@@ -59,6 +63,7 @@ impl Default for TransportConfig {
             max_concurrent_served: 256,
             idle_timeout: Duration::from_secs(30),
             request_timeout: Duration::from_secs(30),
+            max_upload_wait: Duration::from_millis(500),
             socket_buffer_bytes: 4 << 20,
             max_udp_payload_size: 1472,
             upload_limit: None,

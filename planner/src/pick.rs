@@ -37,6 +37,10 @@ pub struct PickerConfig {
     pub max_window: u32,
     /// In endgame, most requests outstanding for one chunk (over all sources).
     pub endgame_max_requests: u8,
+    /// For the driver: a source with requests in flight that sends nothing for this long is
+    /// stalled; the downloader drops it and reports `SourceStalled` (the simulator's agents
+    /// and the real one apply the same rule).
+    pub stall_timeout: Duration,
 }
 
 impl Default for PickerConfig {
@@ -48,6 +52,7 @@ impl Default for PickerConfig {
             min_window: 2,
             max_window: 64,
             endgame_max_requests: 2,
+            stall_timeout: Duration::from_secs(1),
         }
     }
 }

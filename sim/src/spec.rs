@@ -101,7 +101,7 @@ impl Default for Params {
             progress_interval: Duration::from_millis(500),
             heartbeat: Duration::from_secs(2),
             lease: Duration::from_secs(10),
-            stall_timeout: Duration::from_secs(1),
+            stall_timeout: shoal_planner::PickerConfig::default().stall_timeout,
             max_time: Duration::from_secs(3_000),
             max_sources: planner.max_sources,
             max_uploads: planner.max_uploads,

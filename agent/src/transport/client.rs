@@ -89,6 +89,12 @@ impl Peer {
         self.conn.close_reason().is_none()
     }
 
+    /// Bytes received on the connection so far (every packet: chunk data, have-streams,
+    /// acknowledgements, keep-alives): whether the peer is still sending anything at all.
+    pub fn rx_bytes(&self) -> u64 {
+        self.conn.stats().udp_rx.bytes
+    }
+
     /// Identifies the underlying connection: clones share it, a redialled peer differs.
     pub fn connection_id(&self) -> usize {
         self.conn.stable_id()

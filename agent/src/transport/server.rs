@@ -197,9 +197,10 @@ async fn serve_chunk(
     };
     let len = data.len() as u64;
     if let Some(limit) = &inner.config.upload_limit {
-        // Waiting on our cap counts against the request's timeout: past half of it, tell the
-        // peer to go elsewhere now rather than be reset later.
-        match limit.try_reserve_within(len, inner.config.request_timeout / 2) {
+        // Past a short wait, tell the peer to go elsewhere now: a request held longer would
+        // leave it without a byte from us long enough to take us for stalled.
+        let max_wait = (inner.config.max_upload_wait).min(inner.config.request_timeout / 2);
+        match limit.try_reserve_within(len, max_wait) {
             Some(wait) if wait.is_zero() => {}
             Some(wait) => tokio::time::sleep(wait).await,
             None => {
