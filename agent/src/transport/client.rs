@@ -380,6 +380,9 @@ impl HaveStream {
     }
 }
 
+/// Pause before asking again a peer that answered Busy.
+const BUSY_RETRY: Duration = Duration::from_millis(50);
+
 /// What [`ChunkEndpoint::fetch_blob`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FetchReport {
@@ -391,7 +394,8 @@ pub struct FetchReport {
 impl ChunkEndpoint {
     /// Fetches every chunk of `manifest` that the local store lacks from `peer`, keeping
     /// `max_requests_in_flight` requests going, verifying each on put. The manifest must be in
-    /// the local store already. Stops at the first error; chunks stored so far stay stored.
+    /// the local store already. A Busy answer is asked again after a pause; any other error stops
+    /// it, and chunks stored so far stay stored.
     pub async fn fetch_blob(
         &self,
         peer: SocketAddr,
@@ -426,9 +430,17 @@ impl ChunkEndpoint {
                     let Some(&index) = missing.get(n) else {
                         return Ok((chunks, bytes));
                     };
-                    let (result, returned) =
-                        peer.fetch_into_store(&store, &manifest, index, buf).await;
-                    buf = returned;
+                    // Busy is back-pressure (a full server, a saturated upload cap): ask
+                    // again shortly, as downloads do.
+                    let result = loop {
+                        let (result, returned) =
+                            peer.fetch_into_store(&store, &manifest, index, buf).await;
+                        buf = returned;
+                        match result {
+                            Err(e) if e.is_busy() => tokio::time::sleep(BUSY_RETRY).await,
+                            other => break other,
+                        }
+                    };
                     if result? == PutOutcome::Stored {
                         chunks += 1;
                         bytes += buf.len() as u64;
