@@ -5,6 +5,7 @@
 //! containerd with `ctr` ([`containerd`]). [`tools`] finds their binaries.
 
 pub mod containerd;
+pub mod netns;
 pub mod oci_image;
 pub mod registry;
 pub mod tools;

@@ -1,0 +1,287 @@
+//! A shaped network of hosts, each in its own network namespace: one veth per host into a
+//! bridge that lives in a namespace of its own, `tbf` on both ends of every veth (the host's
+//! upload on its side, its download on the bridge's side). Nothing touches the root
+//! namespace's interfaces, and every namespace is deleted on drop (and, for fabrics whose
+//! process died, by the next fabric made).
+//!
+//! Needs root, `ip` and `tc` (iproute2).
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, Result, bail};
+
+/// Names of every fabric's namespaces start with this, then the owning process id in hex.
+const PREFIX: &str = "shoalfab";
+
+/// A running fabric.
+#[derive(Debug)]
+pub struct Fabric {
+    tag: String,
+    rates_mbit: Vec<u32>,
+}
+
+/// Fails with how to get what a fabric needs, if anything is missing.
+pub fn require() -> Result<()> {
+    if !nix_is_root() {
+        bail!("network namespaces need root: run this as root");
+    }
+    for tool in ["ip", "tc"] {
+        let found = Command::new(tool)
+            .arg("-V")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok();
+        if !found {
+            bail!("`{tool}` not found: install it with `apt-get install iproute2`");
+        }
+    }
+    Ok(())
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|ids| ids.split_whitespace().nth(1).map(|euid| euid == "0"))
+            .unwrap_or(false)
+    })
+}
+
+fn run(args: &[&str]) -> Result<()> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {}", args[0]))?;
+    if !out.status.success() {
+        bail!(
+            "`{}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Deletes the namespaces of fabrics whose process is gone.
+fn remove_stale() {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or("");
+        let Some(rest) = name.strip_prefix(PREFIX) else {
+            continue;
+        };
+        let pid = rest.split('-').next().unwrap_or("");
+        let alive = u32::from_str_radix(pid, 16)
+            .is_ok_and(|p| PathBuf::from(format!("/proc/{p}")).exists());
+        if !alive {
+            let _ = run(&["ip", "netns", "del", name]);
+        }
+    }
+}
+
+impl Fabric {
+    /// Hosts `0..rates.len()`, host `i` with a link of `rates[i]` Mbit/s each way, at
+    /// 10.77.0.(i+1)/24.
+    pub fn new(rates_mbit: &[u32]) -> Result<Fabric> {
+        require()?;
+        if rates_mbit.is_empty() || rates_mbit.len() > 200 {
+            bail!("a fabric has 1 to 200 hosts, not {}", rates_mbit.len());
+        }
+        remove_stale();
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let fabric = Fabric {
+            tag: format!("{:x}-{n}", std::process::id()),
+            rates_mbit: rates_mbit.to_vec(),
+        };
+        // From here on, drop removes whatever was made.
+        fabric.build().context("building the network namespaces")?;
+        Ok(fabric)
+    }
+
+    fn bridge(&self) -> String {
+        format!("{PREFIX}{}-br", self.tag)
+    }
+
+    /// The namespace of host `i`.
+    pub fn ns(&self, i: usize) -> String {
+        format!("{PREFIX}{}-h{i}", self.tag)
+    }
+
+    pub fn ip(&self, i: usize) -> Ipv4Addr {
+        Ipv4Addr::new(10, 77, 0, i as u8 + 1)
+    }
+
+    pub fn hosts(&self) -> usize {
+        self.rates_mbit.len()
+    }
+
+    /// Host `i`'s link rate, bytes per second.
+    pub fn rate_bytes(&self, i: usize) -> f64 {
+        f64::from(self.rates_mbit[i]) * 125_000.0
+    }
+
+    fn build(&self) -> Result<()> {
+        let br = self.bridge();
+        run(&["ip", "netns", "add", &br])?;
+        run(&["ip", "-n", &br, "link", "set", "lo", "up"])?;
+        run(&["ip", "-n", &br, "link", "add", "br0", "type", "bridge"])?;
+        run(&["ip", "-n", &br, "link", "set", "br0", "up"])?;
+        for (i, &mbit) in self.rates_mbit.iter().enumerate() {
+            let ns = self.ns(i);
+            // Short, unique in the root namespace while they pass through it.
+            let (vh, vb) = (
+                format!("sfh{}{i}", self.tag.replace('-', "")),
+                format!("sfb{}{i}", self.tag.replace('-', "")),
+            );
+            let (vh, vb) = (truncate(&vh), truncate(&vb));
+            run(&["ip", "netns", "add", &ns])?;
+            run(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
+            run(&[
+                "ip", "link", "add", &vh, "netns", &ns, "type", "veth", "peer", "name", &vb,
+                "netns", &br,
+            ])?;
+            run(&["ip", "-n", &ns, "link", "set", &vh, "name", "eth0"])?;
+            let addr = format!("{}/24", self.ip(i));
+            run(&["ip", "-n", &ns, "addr", "add", &addr, "dev", "eth0"])?;
+            run(&["ip", "-n", &ns, "link", "set", "eth0", "up"])?;
+            run(&["ip", "-n", &br, "link", "set", &vb, "master", "br0"])?;
+            run(&["ip", "-n", &br, "link", "set", &vb, "up"])?;
+            shape(&ns, "eth0", mbit)?;
+            shape(&br, &vb, mbit)?;
+        }
+        Ok(())
+    }
+
+    /// `program` run in host `i`'s namespace.
+    pub fn command(&self, i: usize, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.ns(i)]).arg(program);
+        c
+    }
+
+    /// Runs `f` on a thread in host `i`'s namespace: sockets it opens are on that host.
+    pub fn run_in<T: Send + 'static>(
+        &self,
+        i: usize,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T> {
+        let path = format!("/run/netns/{}", self.ns(i));
+        std::thread::spawn(move || -> Result<T> {
+            let file = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+                .with_context(|| format!("setns {path}"))?;
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("the thread in {} panicked", self.ns(i)))?
+    }
+}
+
+/// Interface names are at most 15 bytes.
+fn truncate(name: &str) -> String {
+    name.chars().take(15).collect()
+}
+
+/// A token bucket on `dev`'s egress: `mbit` with a burst of about 5 ms (at least 32 KiB)
+/// and at most 20 ms of queue.
+fn shape(ns: &str, dev: &str, mbit: u32) -> Result<()> {
+    let rate = u64::from(mbit) * 125_000;
+    let burst = (rate / 200).max(32 << 10);
+    run(&[
+        "tc",
+        "-n",
+        ns,
+        "qdisc",
+        "add",
+        "dev",
+        dev,
+        "root",
+        "tbf",
+        "rate",
+        &format!("{mbit}mbit"),
+        "burst",
+        &burst.to_string(),
+        "latency",
+        "20ms",
+    ])
+}
+
+impl Drop for Fabric {
+    fn drop(&mut self) {
+        for i in 0..self.rates_mbit.len() {
+            let _ = run(&["ip", "netns", "del", &self.ns(i)]);
+        }
+        let _ = run(&["ip", "netns", "del", &self.bridge()]);
+    }
+}
+
+/// CPU time of a set of processes, counted by a cgroup (v1 `cpuacct`, else v2): every
+/// process started through [`CpuGroup::wrap`] and its children.
+#[derive(Debug)]
+pub struct CpuGroup {
+    dir: PathBuf,
+    v2: bool,
+}
+
+impl CpuGroup {
+    pub fn new(name: &str) -> Result<CpuGroup> {
+        let v1 = PathBuf::from("/sys/fs/cgroup/cpuacct");
+        let (base, v2) = if v1.join("cpuacct.usage").exists() {
+            (v1, false)
+        } else if PathBuf::from("/sys/fs/cgroup/cgroup.controllers").exists() {
+            (PathBuf::from("/sys/fs/cgroup"), true)
+        } else if PathBuf::from("/sys/fs/cgroup/unified/cgroup.procs").exists() {
+            (PathBuf::from("/sys/fs/cgroup/unified"), true)
+        } else {
+            bail!("no cgroup hierarchy to count CPU time in under /sys/fs/cgroup");
+        };
+        let dir = base.join(format!("{PREFIX}-{:x}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir(&dir);
+        std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(CpuGroup { dir, v2 })
+    }
+
+    /// `command`, made to join this group before it runs (so all of its CPU time counts):
+    /// a shell writes its own pid into the group, then execs the command.
+    pub fn wrap(&self, command: Command) -> Command {
+        let mut c = Command::new("sh");
+        c.arg("-c")
+            .arg(format!(
+                "echo $$ > '{}' && exec \"$@\"",
+                self.dir.join("cgroup.procs").display()
+            ))
+            .arg("sh")
+            .arg(command.get_program())
+            .args(command.get_args());
+        c
+    }
+
+    /// CPU seconds used so far.
+    pub fn seconds(&self) -> Result<f64> {
+        if self.v2 {
+            let stat = std::fs::read_to_string(self.dir.join("cpu.stat"))?;
+            let usec = stat
+                .lines()
+                .find_map(|l| l.strip_prefix("usage_usec "))
+                .context("cpu.stat has no usage_usec")?;
+            Ok(usec.trim().parse::<f64>()? / 1e6)
+        } else {
+            let ns = std::fs::read_to_string(self.dir.join("cpuacct.usage"))?;
+            Ok(ns.trim().parse::<f64>()? / 1e9)
+        }
+    }
+}
+
+impl Drop for CpuGroup {
+    fn drop(&mut self) {
+        // Empty once its processes are gone; the caller kills them first.
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
