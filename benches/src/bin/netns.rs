@@ -125,8 +125,15 @@ fn helper(h: Helper) -> Result<()> {
             for s in listener.incoming() {
                 let (mut s, file) = (s?, file.clone());
                 std::thread::spawn(move || -> Result<()> {
-                    let mut head = [0u8; 4096];
-                    let _ = s.read(&mut head)?;
+                    // The whole request, or closing with part of it unread resets the
+                    // connection and the client loses the end of the body.
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        let n = s.read(&mut buf)?;
+                        ensure!(n > 0, "client closed before its request ended");
+                        head.extend_from_slice(&buf[..n]);
+                    }
                     let mut f = std::fs::File::open(&file)?;
                     let len = f.metadata()?.len();
                     write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {len}\r\n\r\n")?;
@@ -137,7 +144,7 @@ fn helper(h: Helper) -> Result<()> {
         }
         Helper::Get { addr, out } => {
             let mut s = connect_retry(addr)?;
-            write!(s, "GET /blob HTTP/1.1\r\nHost: {addr}\r\n\r\n")?;
+            s.write_all(format!("GET /blob HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())?;
             let mut f = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&out)?);
             let mut buf = vec![0u8; 1 << 20];
             let mut head = Vec::new();
