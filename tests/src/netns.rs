@@ -6,6 +6,8 @@
 //!
 //! Needs root, `ip` and `tc` (iproute2).
 
+pub mod shoal;
+
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};

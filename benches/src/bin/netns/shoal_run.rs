@@ -1,63 +1,15 @@
 //! The Shoal systems of the netns benchmark: real `shoal` processes, one per role and host,
-//! as a user runs them.
+//! as a user runs them (`shoal_tests::netns::shoal`).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use shoal_proto::pb::v1 as pb;
-use shoal_proto::pb::v1::coordinator_client::CoordinatorClient;
 use shoal_tests::netns::CpuGroup;
+use shoal_tests::netns::shoal::{Cluster, Options};
 
-use super::{Bench, Outcome, Procs, sha_of, wall_us};
-
-const TOKEN: &str = "netns-bench";
-const COORDINATOR_PORT: u16 = 7000;
-
-/// Runs `f` with a coordinator client, on a thread in host 0's namespace.
-fn with_client<T: Send + 'static>(
-    bench: &Bench,
-    f: impl AsyncFnOnce(CoordinatorClient<tonic::transport::Channel>) -> Result<T> + Send + 'static,
-) -> Result<T> {
-    let url = format!("http://{}:{COORDINATOR_PORT}", bench.fabric.ip(0));
-    bench.fabric.run_in(0, move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        rt.block_on(async move {
-            let deadline = Instant::now() + Duration::from_secs(20);
-            let client = loop {
-                match CoordinatorClient::connect(url.clone()).await {
-                    Ok(c) => break c,
-                    Err(_) if Instant::now() < deadline => {
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                    Err(e) => return Err(e).context("connecting to the coordinator"),
-                }
-            };
-            f(client).await
-        })
-    })?
-}
-
-/// A Prometheus series summed over its labels, from `addr`, scraped in host `host`'s namespace.
-fn scrape(bench: &Bench, host: usize, port: u16, series: &'static str) -> Result<f64> {
-    let addr = std::net::SocketAddr::new(bench.fabric.ip(host).into(), port);
-    bench.fabric.run_in(host, move || -> Result<f64> {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(addr)?;
-        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
-        let mut body = String::new();
-        s.read_to_string(&mut body)?;
-        Ok(body
-            .lines()
-            .filter(|l| l.starts_with(series))
-            .filter(|l| matches!(l.as_bytes().get(series.len()), Some(b' ' | b'{')))
-            .filter(|l| !l.contains("source=\"origin\""))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum())
-    })?
-}
+use super::{Bench, Outcome, sha_of, wall_us};
 
 impl Bench {
     /// `shoal distribute` (or, with `pull`, a `shoal pull` on every target at once) of the
@@ -66,118 +18,26 @@ impl Bench {
         let name = if pull { "pull" } else { "distribute" };
         let run = self.dir.join(format!("shoal-{name}"));
         let _ = std::fs::remove_dir_all(&run);
-        std::fs::create_dir_all(&run)?;
         let cpu = CpuGroup::new(name)?;
-        let mut procs = Procs::default();
-        let coordinator_url = format!("http://{}:{COORDINATOR_PORT}", self.fabric.ip(0));
-
-        let config = run.join("coordinator.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "listen = \"{ip}:{COORDINATOR_PORT}\"\nstate_dir = \"{dir}\"\njoin_token = \"{TOKEN}\"\nmetrics_listen = \"{ip}:9000\"\n",
-                ip = self.fabric.ip(0),
-                dir = run.join("coordinator").display(),
-            ),
+        let fraction = self.args.shoal_rate_fraction;
+        let rates = |h: usize| {
+            if fraction <= 0.0 {
+                return String::new();
+            }
+            let rate = (self.fabric.rate_bytes(h) * fraction) as u64;
+            format!("upload_limit_bytes_per_sec = {rate}\ndownload_limit_bytes_per_sec = {rate}\n")
+        };
+        let wrap = |c| cpu.wrap(c);
+        let mut cluster = Cluster::start(
+            &self.fabric,
+            Options {
+                shoal: self.shoal.clone(),
+                dir: run.clone(),
+                agent_toml: &rates,
+                wrap: &wrap,
+            },
         )?;
-        let mut c = self.fabric.command(0, &self.shoal);
-        c.args(["coordinator", "--config"]).arg(&config);
-        let c = cpu.wrap(c);
-        procs.spawn(c, &self.log(&format!("{name}-coordinator")))?;
-
-        for h in 0..self.fabric.hosts() {
-            let dir = run.join(format!("h{h}"));
-            std::fs::create_dir_all(&dir)?;
-            let mut toml = format!(
-                "coordinator = \"{coordinator_url}\"\njoin_token = \"{TOKEN}\"\ndata_dir = \"{}\"\nquic_listen = \"{ip}:7001\"\nmetrics_listen = \"{ip}:9100\"\nquota_bytes = {}\n",
-                dir.display(),
-                4 * self.size.max(1 << 30),
-                ip = self.fabric.ip(h),
-            );
-            if self.args.shoal_rate_fraction > 0.0 {
-                let rate = (self.fabric.rate_bytes(h) * self.args.shoal_rate_fraction) as u64;
-                toml += &format!(
-                    "upload_limit_bytes_per_sec = {rate}\ndownload_limit_bytes_per_sec = {rate}\n"
-                );
-            }
-            let config = dir.join("agent.toml");
-            std::fs::write(&config, toml)?;
-            let role = if h == 0 { "seed" } else { "target" };
-            let mut c = self.fabric.command(h, &self.shoal);
-            c.args(["agent", "--config"]).arg(&config).args([
-                "--label",
-                &format!("role={role}"),
-                "--label",
-                &format!("host=h{h}"),
-            ]);
-            let c = cpu.wrap(c);
-            procs.spawn(c, &self.log(&format!("{name}-agent-{h}")))?;
-        }
-
-        // Every agent joined; which agent id is which host.
-        let hosts = self.fabric.hosts();
-        let ids: BTreeMap<String, usize> = with_client(self, async move |mut client| {
-            let deadline = Instant::now() + Duration::from_secs(30);
-            loop {
-                let agents = client
-                    .list_agents(pb::ListAgentsRequest::default())
-                    .await?
-                    .into_inner()
-                    .agents;
-                if agents.len() >= hosts {
-                    return Ok(agents
-                        .into_iter()
-                        .filter_map(|a| {
-                            let host = a.labels.get("host")?.strip_prefix('h')?.parse().ok()?;
-                            Some((a.agent_id, host))
-                        })
-                        .collect());
-                }
-                ensure!(
-                    Instant::now() < deadline,
-                    "only {} of {hosts} agents joined",
-                    agents.len()
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        })?;
-        ensure!(ids.len() == hosts, "agents by host: {ids:?}");
-
-        let socket = |h: usize| run.join(format!("h{h}/agent.sock"));
-        let pushed = self
-            .fabric
-            .command(0, &self.shoal)
-            .arg("push")
-            .arg(&self.blob)
-            .arg("--socket")
-            .arg(socket(0))
-            .output()?;
-        ensure!(
-            pushed.status.success(),
-            "push: {}",
-            String::from_utf8_lossy(&pushed.stderr)
-        );
-        let digest = format!("sha256:{}", hex(&self.sha));
-        let known = digest.clone();
-        with_client(self, async move |mut client| {
-            let deadline = Instant::now() + Duration::from_secs(20);
-            loop {
-                let blob = client
-                    .get_blob(pb::GetBlobRequest {
-                        digest: known.clone(),
-                        include_manifest: false,
-                    })
-                    .await;
-                if blob.is_ok_and(|b| b.into_inner().blob.is_some_and(|b| b.complete_holders > 0)) {
-                    return Ok(());
-                }
-                ensure!(
-                    Instant::now() < deadline,
-                    "the coordinator never learnt of the push"
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })?;
+        let digest = cluster.push(&self.blob)?;
 
         let before = cpu.seconds()?;
         let t0 = wall_us();
@@ -187,13 +47,12 @@ impl Bench {
         if pull {
             let mut pulls = Vec::new();
             for h in self.targets() {
-                let mut c = self.fabric.command(h, &self.shoal);
+                let mut c = cluster.shoal(h);
                 c.args(["pull", &digest, "-o"])
                     .arg(run.join(format!("h{h}.out")))
                     .arg("--socket")
-                    .arg(socket(h));
-                let c = cpu.wrap(c);
-                pulls.push((h, procs.spawn(c, &self.log(&format!("pull-{h}")))?));
+                    .arg(cluster.socket(h));
+                pulls.push((h, cluster.spawn(c, &format!("pull-{h}"))?));
             }
             while done.len() < pulls.len() {
                 ensure!(started.elapsed() < limit, "the pulls did not finish");
@@ -201,7 +60,7 @@ impl Bench {
                     if done.contains_key(&h) {
                         continue;
                     }
-                    if let Some(status) = procs.0[p].try_wait()? {
+                    if let Some(status) = cluster.proc(p).try_wait()? {
                         ensure!(status.success(), "pull on host {h} failed (see its log)");
                         done.insert(h, started.elapsed().as_secs_f64());
                     }
@@ -209,26 +68,23 @@ impl Bench {
                 std::thread::sleep(Duration::from_millis(5));
             }
         } else {
-            let mut c = self.fabric.command(0, &self.shoal);
+            let mut c = cluster.shoal(0);
             c.args([
                 "distribute",
                 &digest,
                 "--to",
                 "role=target",
                 "--coordinator",
-                &coordinator_url,
-            ]);
-            let c = cpu.wrap(c);
-            let cli = procs.spawn(c, &self.log("distribute-cli"))?;
+            ])
+            .arg(cluster.coordinator_url());
+            let cli = cluster.spawn(c, "distribute-cli")?;
             let targets = self.args.targets;
-            let times: BTreeMap<String, u64> = with_client(self, async move |mut client| {
+            let times: BTreeMap<String, u64> = cluster.with_client(async move |mut client| {
                 let mut times = BTreeMap::new();
                 let deadline = Instant::now() + limit;
                 while times.len() < targets {
                     ensure!(Instant::now() < deadline, "the job did not finish");
-                    let jobs = client
-                        .list_jobs(pb::ListJobsRequest::default())
-                        .await?
+                    let jobs = (client.list_jobs(pb::ListJobsRequest::default()).await?)
                         .into_inner()
                         .jobs;
                     if let Some(job) = jobs.first() {
@@ -257,38 +113,32 @@ impl Bench {
                 Ok(times)
             })?;
             for (id, end) in times {
-                let host = *ids.get(&id).context("a target of another agent")?;
+                let host = *cluster
+                    .hosts
+                    .get(&id)
+                    .context("a target of another agent")?;
                 done.insert(host, end.saturating_sub(t0) as f64 / 1e6);
             }
-            let status = procs.0[cli].wait()?;
+            let status = cluster.proc(cli).wait()?;
             ensure!(status.success(), "shoal distribute failed (see its log)");
         }
         let cpu_seconds = cpu.seconds()? - before;
 
         // What the seeder served, and what peers sent in all, in copies of the blob.
-        let seeder = scrape(self, 0, 9100, "shoal_agent_bytes_out_total")? / self.size as f64;
+        let seeder = cluster.metric(0, "shoal_agent_bytes_out_total")? / self.size as f64;
         let mut received = 0.0;
         for h in self.targets() {
-            received += scrape(self, h, 9100, "shoal_agent_bytes_in_total")?;
+            received += cluster.metric(h, "shoal_agent_bytes_in_total")?;
         }
         let kept = (self.args.targets as u64 * self.size) as f64;
-        // Every copy, bit for bit, out of each target's store.
         for h in self.targets() {
             let out = run.join(format!("h{h}.out"));
             if !pull {
-                let status = self
-                    .fabric
-                    .command(h, &self.shoal)
-                    .args(["pull", &digest, "-o"])
-                    .arg(&out)
-                    .arg("--socket")
-                    .arg(socket(h))
-                    .output()?;
-                ensure!(status.status.success(), "reading host {h}'s copy failed");
+                cluster.copy_out(h, &digest, &out)?;
             }
             ensure!(sha_of(&out)? == self.sha, "host {h}'s copy differs");
         }
-        drop(procs);
+        drop(cluster);
         let _ = std::fs::remove_dir_all(&run);
         drop(cpu);
         Ok(Outcome {
@@ -300,8 +150,4 @@ impl Bench {
             ),
         })
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -1,0 +1,78 @@
+//! Shoal on real, shaped links (network namespaces, `tbf`, one `shoal` process per role and
+//! host; `shoal_tests::netns`): a blob pushed on one host reaches three others through
+//! `shoal distribute`, every copy bit-identical, the seeder's uplink carrying little more
+//! than one copy, and no more bytes received than kept beyond a few chunks.
+//!
+//! Correctness only: timing goals live in the `netns` benchmark (`docs/BENCHMARKS.md`).
+//! Needs root and iproute2 (`apt-get install iproute2`; scripts/test-all.sh does).
+
+use anyhow::Result;
+use shoal_tests::netns::Fabric;
+use shoal_tests::netns::shoal::{Cluster, Options};
+
+const SIZE: usize = 32 << 20;
+
+#[test]
+fn distribute_on_shaped_links_delivers_identical_copies_without_waste() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    // Host 0 seeds; hosts 1-3 are targets. 4 × 100 Mbit/s is well within two cores.
+    let fabric = Fabric::new(&[100; 4])?;
+    let no_extra = |_: usize| String::new();
+    let as_is = |c| c;
+    let cluster = Cluster::start(
+        &fabric,
+        Options {
+            shoal: env!("CARGO_BIN_EXE_shoal").into(),
+            dir: dir.path().join("cluster"),
+            agent_toml: &no_extra,
+            wrap: &as_is,
+        },
+    )?;
+    let content: Vec<u8> = (0..SIZE)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let file = dir.path().join("blob");
+    std::fs::write(&file, &content)?;
+    let digest = cluster.push(&file)?;
+
+    let out = cluster
+        .shoal(0)
+        .args([
+            "distribute",
+            &digest,
+            "--to",
+            "role=target",
+            "--coordinator",
+        ])
+        .arg(cluster.coordinator_url())
+        .output()?;
+    assert!(
+        out.status.success(),
+        "distribute: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    for h in 1..=3 {
+        let copy = dir.path().join(format!("copy-{h}"));
+        cluster.copy_out(h, &digest, &copy)?;
+        assert!(std::fs::read(&copy)? == content, "host {h}'s copy differs");
+    }
+    let size = SIZE as f64;
+    let seeder = cluster.metric(0, "shoal_agent_bytes_out_total")? / size;
+    // Issue 13's goal is 1.3; today the seeder sends 1.3-1.6 copies here (a planner that
+    // does not know the links over-asks it; see BENCHMARKS.md). This bound catches a seeder
+    // serving every target itself (3.0); tighten it to 1.3 with the fix.
+    assert!(seeder <= 2.0, "the seeder sent {seeder:.2} copies");
+    let mut received = 0.0;
+    for h in 1..=3 {
+        received += cluster.metric(h, "shoal_agent_bytes_in_total")?;
+    }
+    // Endgame duplicates are the only bytes received and not kept: a few chunks per target.
+    let wasted = received - 3.0 * size;
+    assert!(
+        wasted <= 3.0 * 4.0 * f64::from(1u32 << 20),
+        "{:.1} MiB received beyond the copies kept",
+        wasted / f64::from(1u32 << 20)
+    );
+    Ok(())
+}

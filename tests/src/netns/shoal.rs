@@ -1,0 +1,273 @@
+//! Shoal on a [`Fabric`]: a coordinator and an agent on host 0, an agent on every other
+//! host, each its own `shoal` process in its host's namespace, as a user runs them. Agents
+//! are labelled `role=seed` (host 0) or `role=target`, and `host=h<i>`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use shoal_proto::pb::v1 as pb;
+use shoal_proto::pb::v1::coordinator_client::CoordinatorClient;
+
+use super::Fabric;
+
+const TOKEN: &str = "netns";
+const COORDINATOR_PORT: u16 = 7000;
+const QUIC_PORT: u16 = 7001;
+/// Every agent's Prometheus endpoint, on its host's address.
+pub const METRICS_PORT: u16 = 9100;
+
+/// How to start the processes.
+pub struct Options<'a> {
+    /// The `shoal` binary.
+    pub shoal: PathBuf,
+    /// Data directories, configuration files and logs go here.
+    pub dir: PathBuf,
+    /// Extra lines for host `i`'s agent.toml.
+    pub agent_toml: &'a dyn Fn(usize) -> String,
+    /// Applied to every command before it is spawned (e.g. to count its CPU time).
+    pub wrap: &'a dyn Fn(Command) -> Command,
+}
+
+impl std::fmt::Debug for Options<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Options")
+            .field("shoal", &self.shoal)
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The running processes, killed on drop.
+#[derive(Debug)]
+pub struct Cluster<'a> {
+    fabric: &'a Fabric,
+    opts: Options<'a>,
+    procs: Vec<Child>,
+    /// Agent id → host.
+    pub hosts: BTreeMap<String, usize>,
+}
+
+impl<'a> Cluster<'a> {
+    /// Starts everything and waits until every agent has joined.
+    pub fn start(fabric: &'a Fabric, opts: Options<'a>) -> Result<Cluster<'a>> {
+        std::fs::create_dir_all(&opts.dir)?;
+        let mut cluster = Cluster {
+            fabric,
+            opts,
+            procs: Vec::new(),
+            hosts: BTreeMap::new(),
+        };
+        let ip0 = fabric.ip(0);
+        let config = cluster.opts.dir.join("coordinator.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "listen = \"{ip0}:{COORDINATOR_PORT}\"\nstate_dir = \"{}\"\njoin_token = \"{TOKEN}\"\n",
+                cluster.opts.dir.join("coordinator").display(),
+            ),
+        )?;
+        let mut c = cluster.shoal(0);
+        c.args(["coordinator", "--config"]).arg(&config);
+        cluster.spawn(c, "coordinator")?;
+        for h in 0..fabric.hosts() {
+            let dir = cluster.opts.dir.join(format!("h{h}"));
+            std::fs::create_dir_all(&dir)?;
+            let ip = fabric.ip(h);
+            let toml = format!(
+                "coordinator = \"{}\"\njoin_token = \"{TOKEN}\"\ndata_dir = \"{}\"\nquic_listen = \"{ip}:{QUIC_PORT}\"\nmetrics_listen = \"{ip}:{METRICS_PORT}\"\nquota_bytes = {}\n{}",
+                cluster.coordinator_url(),
+                dir.display(),
+                64u64 << 30,
+                (cluster.opts.agent_toml)(h),
+            );
+            let config = dir.join("agent.toml");
+            std::fs::write(&config, toml)?;
+            let role = if h == 0 { "seed" } else { "target" };
+            let mut c = cluster.shoal(h);
+            c.args(["agent", "--config"]).arg(&config).args([
+                "--label",
+                &format!("role={role}"),
+                "--label",
+                &format!("host=h{h}"),
+            ]);
+            cluster.spawn(c, &format!("agent-{h}"))?;
+        }
+        let hosts = fabric.hosts();
+        cluster.hosts = cluster.with_client(async move |mut client| {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let agents = (client.list_agents(pb::ListAgentsRequest::default()).await)
+                    .map(|r| r.into_inner().agents)
+                    .unwrap_or_default();
+                if agents.len() >= hosts {
+                    return Ok(agents
+                        .into_iter()
+                        .filter_map(|a| {
+                            let host = a.labels.get("host")?.strip_prefix('h')?.parse().ok()?;
+                            Some((a.agent_id, host))
+                        })
+                        .collect());
+                }
+                ensure!(
+                    Instant::now() < deadline,
+                    "only {} of {hosts} agents joined",
+                    agents.len()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })?;
+        ensure!(
+            cluster.hosts.len() == hosts,
+            "agents by host: {:?}",
+            cluster.hosts
+        );
+        Ok(cluster)
+    }
+
+    pub fn coordinator_url(&self) -> String {
+        format!("http://{}:{COORDINATOR_PORT}", self.fabric.ip(0))
+    }
+
+    /// Host `h`'s agent's local API socket.
+    pub fn socket(&self, h: usize) -> PathBuf {
+        self.opts.dir.join(format!("h{h}/agent.sock"))
+    }
+
+    /// `shoal` in host `h`'s namespace.
+    pub fn shoal(&self, h: usize) -> Command {
+        self.fabric.command(h, &self.opts.shoal)
+    }
+
+    /// Spawns `c` (wrapped), logging its stderr to `<dir>/<name>.log`; its index.
+    pub fn spawn(&mut self, c: Command, name: &str) -> Result<usize> {
+        let log = std::fs::File::create(self.opts.dir.join(format!("{name}.log")))?;
+        let mut c = (self.opts.wrap)(c);
+        c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
+        self.procs
+            .push(c.spawn().with_context(|| format!("spawning {name}"))?);
+        Ok(self.procs.len() - 1)
+    }
+
+    /// A process spawned with [`Cluster::spawn`].
+    pub fn proc(&mut self, i: usize) -> &mut Child {
+        &mut self.procs[i]
+    }
+
+    /// Pushes `file` on host 0's agent and waits until the coordinator knows the blob; its
+    /// digest.
+    pub fn push(&self, file: &Path) -> Result<String> {
+        let out = self
+            .shoal(0)
+            .arg("push")
+            .arg(file)
+            .arg("--socket")
+            .arg(self.socket(0))
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "push: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let digest = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .find(|w| w.starts_with("sha256:"))
+            .context("push printed no digest")?
+            .to_string();
+        let known = digest.clone();
+        self.with_client(async move |mut client| {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                let blob = client
+                    .get_blob(pb::GetBlobRequest {
+                        digest: known.clone(),
+                        include_manifest: false,
+                    })
+                    .await;
+                if blob.is_ok_and(|b| b.into_inner().blob.is_some_and(|b| b.complete_holders > 0)) {
+                    return Ok(());
+                }
+                ensure!(
+                    Instant::now() < deadline,
+                    "the coordinator never learnt of the push"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })?;
+        Ok(digest)
+    }
+
+    /// Copies host `h`'s copy of `digest` out of its store (`shoal pull`, verified).
+    pub fn copy_out(&self, h: usize, digest: &str, out: &Path) -> Result<()> {
+        let pulled = self
+            .shoal(h)
+            .args(["pull", digest, "-o"])
+            .arg(out)
+            .arg("--socket")
+            .arg(self.socket(h))
+            .output()?;
+        ensure!(
+            pulled.status.success(),
+            "reading host {h}'s copy: {}",
+            String::from_utf8_lossy(&pulled.stderr)
+        );
+        Ok(())
+    }
+
+    /// Runs `f` with a coordinator client, on a thread in host 0's namespace.
+    pub fn with_client<T: Send + 'static>(
+        &self,
+        f: impl AsyncFnOnce(CoordinatorClient<tonic::transport::Channel>) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let url = self.coordinator_url();
+        self.fabric.run_in(0, move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async move {
+                let deadline = Instant::now() + Duration::from_secs(20);
+                let client = loop {
+                    match CoordinatorClient::connect(url.clone()).await {
+                        Ok(c) => break c,
+                        Err(_) if Instant::now() < deadline => {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                        Err(e) => return Err(e).context("connecting to the coordinator"),
+                    }
+                };
+                f(client).await
+            })
+        })?
+    }
+
+    /// A series of host `h`'s agent's metrics, summed over its labels (except bytes from
+    /// the origin).
+    pub fn metric(&self, h: usize, series: &'static str) -> Result<f64> {
+        let addr = std::net::SocketAddr::new(self.fabric.ip(h).into(), METRICS_PORT);
+        self.fabric.run_in(h, move || -> Result<f64> {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect(addr)?;
+            s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
+            let mut body = String::new();
+            s.read_to_string(&mut body)?;
+            Ok(body
+                .lines()
+                .filter(|l| l.starts_with(series))
+                .filter(|l| matches!(l.as_bytes().get(series.len()), Some(b' ' | b'{')))
+                .filter(|l| !l.contains("source=\"origin\""))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum())
+        })?
+    }
+}
+
+impl Drop for Cluster<'_> {
+    fn drop(&mut self) {
+        for c in &mut self.procs {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
