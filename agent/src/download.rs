@@ -436,7 +436,6 @@ impl Download<'_> {
                         peer_agent_id: agent_id,
                         blob_digest: self.manifest.digest().as_bytes().to_vec(),
                         chunk_index: index.0,
-                        order_id: self.order_id,
                     }));
             }
             Err(FetchError::Store(e)) => {

@@ -48,15 +48,8 @@ impl Executor {
                 }
             }
             Incoming::Cancel(c) => {
-                let targets: Vec<u64> = if c.order_id != 0 {
-                    vec![c.order_id]
-                } else {
-                    Digest::from_slice(&c.blob_digest)
-                        .map(|d| self.orders.for_blob(&d))
-                        .unwrap_or_default()
-                };
-                for id in targets {
-                    self.orders.control(id, Control::Cancel(c.reason.clone()));
+                if !self.orders.control(c.order_id, Control::Cancel(c.reason)) {
+                    tracing::debug!(order_id = c.order_id, "cancel for an order not running");
                 }
             }
         }
@@ -108,15 +101,10 @@ impl Executor {
                 metrics::counter!(crate::metrics::TRANSFERS_FINISHED, "outcome" => "done")
                     .increment(1);
                 let duration_ms = started.elapsed().as_millis() as u64;
-                tracing::info!(order_id, blob = %digest, duration_ms, bytes_from_peers, "blob complete");
+                tracing::info!(order_id, blob = %digest, size, duration_ms, bytes_from_peers, bytes_from_origin, "blob complete");
                 self.orders.finish(order_id, Ok(()));
                 self.coordinator.send(Msg::BlobDone(pb::BlobDone {
-                    order_id,
                     blob_digest: digest.as_bytes().to_vec(),
-                    size,
-                    duration_ms,
-                    bytes_from_peers,
-                    bytes_from_origin,
                 }));
             }
             Err(f) => {
@@ -188,8 +176,7 @@ impl Executor {
         .await?;
         // A range this agent seeded for the blob goes in first: it is what peers lack.
         self.ingester.import_ranges(&manifest).await;
-        self.orders
-            .set_size(order.order_id, manifest.chunk_count(), manifest.size());
+        self.orders.set_size(order.order_id, manifest.size());
         let bytes_from_peers = if self.store.is_complete(&digest) {
             0
         } else {
@@ -204,16 +191,11 @@ impl Executor {
     }
 
     fn report_failed(&self, order_id: u64, digest: &[u8], f: Failure) {
-        let chunks_verified = Digest::from_slice(digest)
-            .ok()
-            .and_then(|d| self.store.present_count(&d))
-            .unwrap_or(0);
         self.coordinator.send(Msg::BlobFailed(pb::BlobFailed {
             order_id,
             blob_digest: digest.to_vec(),
             reason: f.reason as i32,
             message: f.message,
-            chunks_verified,
         }));
     }
 }

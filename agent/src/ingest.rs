@@ -404,12 +404,10 @@ impl Ingester {
     }
 
     fn register(&self, manifest: &Manifest, order_id: u64) {
-        tracing::info!(blob = %manifest.digest(), size = manifest.size(), "seeded from the origin");
+        tracing::info!(order_id, blob = %manifest.digest(), size = manifest.size(), "seeded from the origin");
         self.coordinator
             .send(Msg::BlobRegistered(pb::BlobRegistered {
                 manifest: Some(pb::Manifest::from(manifest)),
-                pinned: false,
-                order_id,
             }));
     }
 

@@ -73,7 +73,6 @@ pub(crate) struct IngestView {
 /// How far a fetch from peers is (known once the order's manifest is in the store).
 #[derive(Clone, Debug)]
 pub(crate) struct Progress {
-    pub chunk_count: u32,
     pub chunks_verified: u32,
     pub bytes_total: u64,
     pub bytes_done: u64,
@@ -222,19 +221,10 @@ impl RunningOrders {
         }
     }
 
-    /// The running orders for `blob`.
-    pub(crate) fn for_blob(&self, blob: &Digest) -> Vec<u64> {
-        (self.lock().iter())
-            .filter(|(_, o)| o.digest == *blob)
-            .map(|(id, _)| *id)
-            .collect()
-    }
-
     /// The order's manifest is in the store: its progress starts being reported.
-    pub(crate) fn set_size(&self, order_id: u64, chunk_count: u32, bytes_total: u64) {
+    pub(crate) fn set_size(&self, order_id: u64, bytes_total: u64) {
         self.with(order_id, |o| {
             o.progress = Some(Progress {
-                chunk_count,
                 chunks_verified: 0,
                 bytes_total,
                 bytes_done: 0,
@@ -323,10 +313,8 @@ impl RunningOrders {
                 order_id: *order_id,
                 blob_digest: o.digest.as_bytes().to_vec(),
                 chunks_verified: p.chunks_verified,
-                chunk_count: p.chunk_count,
                 bytes_done: p.bytes_done,
                 rate_bytes_per_sec: p.rate_bytes_per_sec,
-                active_sources: p.active_sources,
             });
         }
         (!items.is_empty()).then_some(pb::ProgressBatch { items })
@@ -368,12 +356,12 @@ mod tests {
             })
         });
         assert!(started);
-        assert_eq!(orders.for_blob(&blob), vec![5]);
+        assert_eq!(orders.len(), 1);
         assert!(
             orders.transfers().is_empty(),
             "no progress before the manifest"
         );
-        orders.set_size(5, 4, 4 << 20);
+        orders.set_size(5, 4 << 20);
         orders.update(5, 2, 2 << 20, 1);
         let batch = orders.progress_batch().expect("dirty");
         assert_eq!(batch.items[0].chunks_verified, 2);

@@ -246,7 +246,6 @@ async fn connect_once(
     progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut load = tokio::time::interval(LOAD_EVERY);
     load.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut seq = 0u64;
     let mut last_sent = Instant::now();
     let mut uploaded = UploadRate::new(shared);
     let connected_at = Instant::now();
@@ -291,8 +290,7 @@ async fn connect_once(
             }
             _ = heartbeat.tick() => {
                 if last_sent.elapsed() >= beat_every {
-                    seq += 1;
-                    Some(pb::AgentMessage { msg: Some(Msg::Heartbeat(pb::Heartbeat { seq })) })
+                    Some(pb::AgentMessage { msg: Some(Msg::Heartbeat(pb::Heartbeat {})) })
                 } else {
                     None
                 }
@@ -342,10 +340,8 @@ async fn inventory(shared: &Session) -> Vec<pb::Inventory> {
                 });
                 pb::HeldBlob {
                     blob_digest: b.digest.as_bytes().to_vec(),
-                    size: b.size,
                     complete,
                     chunks,
-                    pinned: b.pinned,
                 }
             })
             .collect::<Vec<_>>()
@@ -357,7 +353,6 @@ async fn inventory(shared: &Session) -> Vec<pb::Inventory> {
         .map(|c| pb::Inventory {
             replace: false,
             blobs: c.to_vec(),
-            removed: Vec::new(),
         })
         .collect();
     if messages.is_empty() {
@@ -397,9 +392,6 @@ fn load_report(shared: &Session, upload_bytes_per_sec: u64) -> pb::Load {
     pb::Load {
         upload_bytes_per_sec,
         download_bytes_per_sec: orders.download_rate(),
-        active_uploads: shared.endpoint.active_uploads() as u32,
-        active_downloads: orders.len() as u32,
         disk_free_bytes: shared.executor.store.free_bytes(),
-        disk_total_bytes: shared.config.quota_bytes,
     }
 }

@@ -150,8 +150,6 @@ async fn ingest(
         .coordinator
         .send(Msg::BlobRegistered(pb::BlobRegistered {
             manifest: Some(pb::Manifest::from(&manifest)),
-            pinned: pin,
-            order_id: 0,
         }));
     tracing::info!(blob = %manifest.digest(), size, already_present, "pushed");
     Ok(pb::PushResult {

@@ -13,6 +13,7 @@ use std::time::SystemTime;
 
 use shoal_planner::HostId;
 use shoal_proto::Digest;
+use shoal_proto::pb::v1::FailureReason;
 
 use crate::db::Db;
 
@@ -43,6 +44,9 @@ pub struct Orders {
     next_id: u64,
     /// Ids below this are reserved in the database.
     ceiling: u64,
+    /// The last failure reported for (host, blob), for the target's message if the
+    /// planner gives up on it.
+    failures: BTreeMap<(HostId, Digest), (FailureReason, String)>,
 }
 
 impl Orders {
@@ -60,6 +64,7 @@ impl Orders {
             out: BTreeMap::new(),
             next_id: start,
             ceiling: start,
+            failures: BTreeMap::new(),
         })
     }
 
@@ -107,6 +112,16 @@ impl Orders {
         self.out.remove(&(host, blob))
     }
 
+    /// Records why the order for (host, blob) failed.
+    pub fn failed(&mut self, host: HostId, blob: Digest, reason: FailureReason, message: String) {
+        self.failures.insert((host, blob), (reason, message));
+    }
+
+    /// The last failure recorded for (host, blob), forgotten once read.
+    pub fn last_failure(&mut self, host: HostId, blob: Digest) -> Option<(FailureReason, String)> {
+        self.failures.remove(&(host, blob))
+    }
+
     /// The blobs `host` has orders for.
     pub fn of_host(&self, host: HostId) -> Vec<Digest> {
         (self.out.range((host, Digest::from_bytes([0; 32]))..))
@@ -120,6 +135,7 @@ impl Orders {
         for blob in self.of_host(host) {
             self.out.remove(&(host, blob));
         }
+        self.failures.retain(|(h, _), _| *h != host);
     }
 }
 

@@ -199,9 +199,20 @@ impl State {
                         blob,
                         attempts,
                     } => {
-                        let message = format!("gave up after {attempts} failed attempts");
                         self.orders.remove(host, blob.0);
-                        let reason = FailureReason::NoSource;
+                        // The last failure says why, if one was reported.
+                        let (reason, message) = match self.orders.last_failure(host, blob.0) {
+                            Some((reason, why)) => (
+                                reason,
+                                format!(
+                                    "gave up after {attempts} failed attempts; the last: {why}"
+                                ),
+                            ),
+                            None => (
+                                FailureReason::NoSource,
+                                format!("gave up after {attempts} failed attempts"),
+                            ),
+                        };
                         self.fail_targets(host, blob.0, reason, &message, now);
                     }
                 }
@@ -351,7 +362,6 @@ impl State {
                 host,
                 pb::coordinator_message::Msg::Cancel(pb::Cancel {
                     order_id: order.id,
-                    blob_digest: blob.as_bytes().to_vec(),
                     reason: reason.into(),
                 }),
             );

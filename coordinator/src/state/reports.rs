@@ -34,6 +34,7 @@ impl State {
                 };
                 // One agent has read the whole blob and checked its digest.
                 self.catalog.mark_verified(&blob);
+                self.orders.last_failure(host, blob);
                 self.blob_done(host, blob, now);
             }
             Msg::BlobFailed(failed) => self.blob_failed(host, failed, now),
@@ -94,6 +95,7 @@ impl State {
         }
         tracing::info!(agent = %self.agents.name(host), %blob, message = %failed.message, "fetch failed");
         self.orders.remove(host, blob);
+        self.orders.failed(host, blob, reason, failed.message);
         let event = Event::Failed {
             host,
             blob: blob.into(),
@@ -167,18 +169,21 @@ impl State {
         } else {
             BTreeSet::new()
         };
-        for removed in inv.removed {
-            if let Ok(blob) = Digest::from_slice(&removed) {
-                self.holds(host, blob, 0, false, now);
-            }
-        }
         for held in inv.blobs {
             let Ok(blob) = Digest::from_slice(&held.blob_digest) else {
                 continue;
             };
-            let chunks = (held.chunks.as_ref())
-                .map(|c| catalog::count_bits(&c.bits))
-                .unwrap_or(0);
+            let expected = self.catalog.manifest(&blob).map(|m| m.chunk_count());
+            let chunks = match held.chunks.as_ref() {
+                // A bitmap of another length describes another blob layout: misread, it
+                // would count chunks that are not there.
+                Some(c) if expected.is_some_and(|n| n != c.chunk_count) => {
+                    tracing::warn!(agent = %self.agents.name(host), %blob, bitmap = c.chunk_count, chunks = ?expected, "inventory bitmap of the wrong length ignored");
+                    0
+                }
+                Some(c) => catalog::count_bits(&c.bits),
+                None => 0,
+            };
             dropped.remove(&blob);
             self.holds(host, blob, chunks, held.complete, now);
             if held.complete {
@@ -197,6 +202,11 @@ impl State {
         // A late progress report must not make a complete holder look partial again.
         if !self.catalog.holds_complete(&blob, host) {
             self.holds(host, blob, item.chunks_verified, false, now);
+        }
+        // Chunks held are a fact whatever the order; bytes and rate belong to the order out
+        // now (a replaced order's late report must not move the target).
+        if !self.orders.is_current(host, blob, item.order_id) {
+            return;
         }
         let agent = self.agents.name(host);
         let (bytes, rate) = (item.bytes_done, item.rate_bytes_per_sec);

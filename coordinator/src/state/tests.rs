@@ -146,8 +146,6 @@ fn manifest() -> Manifest {
 fn register(s: &mut S, session: SessionId, m: &Manifest) {
     let reg = pb::BlobRegistered {
         manifest: Some(pb::Manifest::from(m)),
-        pinned: false,
-        order_id: 0,
     };
     say(s, session, Msg::BlobRegistered(reg));
 }
@@ -263,7 +261,6 @@ fn a_stale_failure_report_does_not_cost_the_current_order() {
             blob_digest: m.digest().as_bytes().to_vec(),
             reason: pb::FailureReason::IoError as i32,
             message: "disk".into(),
-            chunks_verified: 0,
         })
     };
     say(&mut s, session, failed(order.order_id - 1));
@@ -322,11 +319,7 @@ fn after_a_restart_targets_of_agents_that_never_return_fail_agent_lost() {
     // The seeder keeps its lease alive; "target" never returns.
     for _ in 0..4 {
         s.advance(lease / 4);
-        say(
-            &mut s,
-            seeder_session,
-            Msg::Heartbeat(pb::Heartbeat { seq: 1 }),
-        );
+        say(&mut s, seeder_session, Msg::Heartbeat(pb::Heartbeat {}));
     }
     s.advance(Duration::from_secs(1));
     let (state, targets) = target_state(&mut s, &job);
@@ -464,6 +457,7 @@ fn finished_jobs_are_forgotten_after_the_retention() {
     );
 }
 
+mod reports;
 mod seeding;
 mod urls;
 

@@ -67,7 +67,6 @@ impl Cluster {
             blob_digest: order.blob_digest.clone(),
             reason: reason as i32,
             message: "upstream said no".into(),
-            chunks_verified: 0,
         });
         self.say(agent, msg);
     }

@@ -1,0 +1,118 @@
+//! What agents report, and what of it the coordinator acts on.
+
+use super::*;
+
+fn failed(order_id: u64, blob: Digest, reason: pb::FailureReason, message: &str) -> Msg {
+    Msg::BlobFailed(pb::BlobFailed {
+        order_id,
+        blob_digest: blob.as_bytes().to_vec(),
+        reason: reason as i32,
+        message: message.into(),
+    })
+}
+
+fn progress(order_id: u64, blob: Digest, bytes_done: u64) -> Msg {
+    Msg::Progress(pb::ProgressBatch {
+        items: vec![pb::BlobProgress {
+            order_id,
+            blob_digest: blob.as_bytes().to_vec(),
+            chunks_verified: 1,
+            bytes_done,
+            rate_bytes_per_sec: 1000,
+        }],
+    })
+}
+
+#[test]
+fn progress_of_a_replaced_order_moves_no_bytes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut s, m, _i) = with_seeder(dir.path(), Duration::from_secs(30));
+    let target = join(&mut s, "target", 2);
+    let (session, mut inbox) = open(&mut s, &target);
+    let job = distribute(&mut s, m.digest(), &["target"]).expect("distribute");
+    let order = orders(&mut inbox).pop().expect("order").order_id;
+
+    say(&mut s, session, progress(order - 1, m.digest(), 3000));
+    let (_, targets) = target_state(&mut s, &job);
+    assert_eq!(targets[0].bytes_done, 0, "a stale order's report counted");
+    say(&mut s, session, progress(order, m.digest(), 2000));
+    let (_, targets) = target_state(&mut s, &job);
+    assert_eq!(targets[0].bytes_done, 2000);
+}
+
+#[test]
+fn a_target_given_up_on_says_why_its_last_attempt_failed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut s, m, _i) = with_seeder(dir.path(), Duration::from_secs(30));
+    let target = join(&mut s, "target", 2);
+    let (session, mut inbox) = open(&mut s, &target);
+    let job = distribute(&mut s, m.digest(), &["target"]).expect("distribute");
+    let mut attempts = 0;
+    loop {
+        let (state, targets) = target_state(&mut s, &job);
+        if state == pb::JobState::Failed {
+            assert_eq!(
+                targets[0].reason(),
+                pb::FailureReason::DiskFull,
+                "{targets:?}"
+            );
+            assert!(
+                targets[0].message.contains("no space left on device"),
+                "{}",
+                targets[0].message
+            );
+            break;
+        }
+        assert!(attempts < 10, "never gave up: {targets:?}");
+        if let Some(order) = orders(&mut inbox).pop() {
+            attempts += 1;
+            let why = format!("attempt {attempts}: no space left on device");
+            say(
+                &mut s,
+                session,
+                failed(
+                    order.order_id,
+                    m.digest(),
+                    pb::FailureReason::DiskFull,
+                    &why,
+                ),
+            );
+        }
+        s.advance(Duration::from_secs(5));
+    }
+    assert!(attempts >= 2, "gave up after {attempts}");
+}
+
+#[test]
+fn an_inventory_bitmap_of_the_wrong_length_counts_no_chunks() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut s, m, _i) = with_seeder(dir.path(), Duration::from_secs(30));
+    let target = join(&mut s, "target", 2);
+    let (session, _inbox) = open(&mut s, &target);
+    let held = |chunk_count: u32| {
+        Msg::Inventory(pb::Inventory {
+            replace: true,
+            blobs: vec![pb::HeldBlob {
+                blob_digest: m.digest().as_bytes().to_vec(),
+                complete: false,
+                chunks: Some(pb::ChunkBitmap {
+                    chunk_count,
+                    bits: vec![0b1000_0000],
+                }),
+            }],
+        })
+    };
+    let chunks_of_target = |s: &S| {
+        let entry = s.catalog.entry(&m.digest()).expect("known");
+        let host = s.agents.host_of("target").expect("joined");
+        entry.holders.get(&host).map(|h| h.0)
+    };
+    say(&mut s, session, held(m.chunk_count() + 7));
+    assert_eq!(
+        chunks_of_target(&s).unwrap_or(0),
+        0,
+        "a misread bitmap counted"
+    );
+    say(&mut s, session, held(m.chunk_count()));
+    assert_eq!(chunks_of_target(&s), Some(1));
+}
