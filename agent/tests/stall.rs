@@ -20,6 +20,11 @@ use shoal_proto::pb::v1 as pb;
 use shoal_proto::pb::v1::coordinator_client::CoordinatorClient;
 use tokio::net::UdpSocket;
 
+#[path = "support/coordinator.rs"]
+mod support;
+
+use support::{Coordinator, wait_until};
+
 const TOKEN: &str = "stall-test-token";
 
 /// Forwards datagrams between any client and `target` (one back socket per client), until
@@ -92,25 +97,10 @@ fn stalls(metrics: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_source_is_dropped_reported_and_the_blob_completes_from_another() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let coordinator_addr = listener.local_addr()?;
     // The coordinator runs in this process: its counters land in this recorder.
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let coordinator = tokio::spawn(shoal_coordinator::run(
-        shoal_coordinator::CoordinatorConfig {
-            listen: coordinator_addr,
-            state_dir: dir.path().join("coordinator"),
-            join_token: TOKEN.into(),
-            lease_ms: 30_000,
-            heartbeat_ms: 500,
-            ..Default::default()
-        },
-        listener,
-        async move {
-            let _ = stop_rx.await;
-        },
-    ));
+    let coordinator = Coordinator::start(dir.path(), TOKEN, 30_000).await?;
+    let coordinator_addr = coordinator.addr;
 
     let silent_quic = free_udp_port()?;
     let relay = relay(silent_quic).await?;
@@ -219,19 +209,6 @@ async fn a_silent_source_is_dropped_reported_and_the_blob_completes_from_another
     for a in [silent, healthy, target] {
         a.shutdown().await;
     }
-    let _ = stop_tx.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(5), coordinator).await;
-    Ok(())
-}
-
-async fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> Result<()> {
-    let deadline = tokio::time::Instant::now() + limit;
-    while !cond() {
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "condition not met within {limit:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    coordinator.stop().await;
     Ok(())
 }

@@ -9,28 +9,18 @@ use shoal_proto::Digest;
 use shoal_proto::pb::v1 as pb;
 use shoal_proto::pb::v1::coordinator_client::CoordinatorClient;
 
+#[path = "support/coordinator.rs"]
+mod support;
+
+use support::{Coordinator, wait_until};
+
 const TOKEN: &str = "swarm-test-token";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pushed_blob_reaches_every_agent() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let coordinator_addr = listener.local_addr()?;
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let coordinator = tokio::spawn(shoal_coordinator::run(
-        shoal_coordinator::CoordinatorConfig {
-            listen: coordinator_addr,
-            state_dir: dir.path().join("coordinator"),
-            join_token: TOKEN.into(),
-            lease_ms: 5_000,
-            heartbeat_ms: 500,
-            ..Default::default()
-        },
-        listener,
-        async move {
-            let _ = stop_rx.await;
-        },
-    ));
+    let coordinator = Coordinator::start(dir.path(), TOKEN, 5_000).await?;
+    let coordinator_addr = coordinator.addr;
 
     let mut agents = Vec::new();
     for i in 0..3 {
@@ -115,18 +105,6 @@ async fn a_pushed_blob_reaches_every_agent() -> Result<()> {
     for a in agents {
         a.shutdown().await;
     }
-    let _ = stop_tx.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(5), coordinator).await;
-    Ok(())
-}
-
-async fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> Result<()> {
-    let deadline = tokio::time::Instant::now() + limit;
-    while !cond() {
-        if tokio::time::Instant::now() > deadline {
-            anyhow::bail!("condition not met within {limit:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    coordinator.stop().await;
     Ok(())
 }

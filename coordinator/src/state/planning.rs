@@ -33,13 +33,7 @@ impl State {
         if !self.jobs.want(job, host, blob) {
             // Another job wants it there already; a higher priority still counts.
             if !self.seeder.is_waiting(blob.into(), host) {
-                let priority = self.jobs.priority(host, blob);
-                let event = Event::Want {
-                    blob: blob.into(),
-                    host,
-                    priority,
-                };
-                self.assigner.handle(now.mono, event);
+                self.want_from_peers(host, blob, now);
             }
             return;
         }
@@ -57,16 +51,19 @@ impl State {
                 };
                 self.seeder.handle(now.mono, event);
             }
-            None => {
-                let priority = self.jobs.priority(host, blob);
-                let event = Event::Want {
-                    blob: blob.into(),
-                    host,
-                    priority,
-                };
-                self.assigner.handle(now.mono, event);
-            }
+            None => self.want_from_peers(host, blob, now),
         }
+    }
+
+    /// Tells the assigner `host` wants `blob`, at the priority of its jobs.
+    fn want_from_peers(&mut self, host: HostId, blob: Digest, now: Now) {
+        let priority = self.jobs.priority(host, blob);
+        let event = Event::Want {
+            blob: blob.into(),
+            host,
+            priority,
+        };
+        self.assigner.handle(now.mono, event);
     }
 
     /// No job wants `blob` on `host` any more: whichever machine plans it stops.
@@ -457,13 +454,7 @@ impl State {
                     if !self.jobs.is_wanted(host, blob) {
                         continue;
                     }
-                    let priority = self.jobs.priority(host, blob);
-                    let event = Event::Want {
-                        blob: blob.into(),
-                        host,
-                        priority,
-                    };
-                    self.assigner.handle(now.mono, event);
+                    self.want_from_peers(host, blob, now);
                     if self.catalog.holds_complete(&blob, host) {
                         self.blob_done(host, blob, now);
                     }
