@@ -9,7 +9,7 @@ use shoal_sim::report::{self, Report};
 use shoal_sim::scenarios::{self, NAMES};
 use shoal_sim::{Checks, Strategy, run};
 
-const USAGE: &str = "usage: shoal-sim <seed-example|kraken-bench|peak|faults|random-faults|cold|all> [--quick] [--seed N] [--only shoal|single-origin|random-mesh] [--check]";
+const USAGE: &str = "usage: shoal-sim <seed-example|kraken-bench|peak|faults|random-faults|cold|netns|netns-known|all> [--quick] [--seed N] [--only shoal|single-origin|random-mesh] [--check]";
 
 struct Args {
     scenarios: Vec<String>,

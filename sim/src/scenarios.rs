@@ -69,6 +69,8 @@ pub fn build(name: &str, quick: bool, seed: u64) -> Result<(Spec, Vec<Goal>), St
             vec![Goal::LiveCompleteNoCorruption, Goal::OriginEgress(1.25)],
         )),
         "random-faults" => Ok((random_faults(seed), vec![Goal::LiveCompleteNoCorruption])),
+        "netns" => Ok((netns(seed, false), vec![Goal::LiveCompleteNoCorruption])),
+        "netns-known" => Ok((netns(seed, true), vec![Goal::LiveCompleteNoCorruption])),
         _ => Err(format!(
             "unknown scenario {name:?}: expected one of {}, random-faults, or all",
             NAMES.join(", ")
@@ -91,6 +93,7 @@ fn host(index: u32, bps: f64, arrival: Duration) -> HostSpec {
         holds: Vec::new(),
         wants: Vec::new(),
         external: false,
+        announced_bps: None,
     }
 }
 
@@ -348,6 +351,44 @@ fn cold(quick: bool, seed: u64) -> Spec {
             ..Params::default()
         },
     }
+}
+
+/// The shape of the real-network benchmark's default run (`benches/src/bin/netns.rs`): a
+/// 256 MiB blob on host 0, 8 targets, every link 200 Mbit/s. With `known` false the agents
+/// announce what an agent without configured rates does (10 Gbit/s), as in that run;
+/// its measured makespan is what this must predict (`docs/BENCHMARKS.md`).
+fn netns(seed: u64, known: bool) -> Spec {
+    let rate = 200e6 / 8.0;
+    let announced = (!known).then_some(shoal_proto_unlimited());
+    let mut hosts = Vec::new();
+    for i in 0..9 {
+        let mut h = host(i, rate, Duration::ZERO);
+        h.zone = 0;
+        h.rack = 0;
+        h.announced_bps = announced;
+        if i == 0 {
+            h.holds = vec![0];
+        } else {
+            h.wants = vec![0];
+        }
+        hosts.push(h);
+    }
+    Spec {
+        name: if known { "netns-known" } else { "netns" }.into(),
+        seed,
+        hosts,
+        blobs: vec![256 << 20],
+        faults: Vec::new(),
+        params: Params {
+            tick: Duration::from_micros(200),
+            ..Params::default()
+        },
+    }
+}
+
+/// What an agent without configured rates announces (`shoal_agent::config`).
+fn shoal_proto_unlimited() -> f64 {
+    1_250_000_000.0
 }
 
 /// Tens of hosts with random faults of every kind, for the deterministic fault test.

@@ -27,6 +27,9 @@ pub struct HostSpec {
     /// Shoal the planner's `Seeder` elects agents to fetch them from it (whole, or in
     /// ranges), as production does. The baselines fetch from it like from any origin.
     pub external: bool,
+    /// The capacity its agent announces to the planner each way, if not its NIC's: an
+    /// agent with no rate configured announces 10 Gbit/s, whatever its link.
+    pub announced_bps: Option<f64>,
 }
 
 impl HostSpec {

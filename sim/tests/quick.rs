@@ -108,3 +108,16 @@ fn cold_quick_runs_the_production_seeder() {
     assert_eq!(s.gave_up, 0, "{s:?}");
     assert!(egress <= 1.25, "origin egress {egress:.3} x unique");
 }
+
+/// The real-network benchmark's shape, with the capacity the agents announce unknown (10
+/// Gbit/s) and known: both complete with every invariant kept. How far the predictions are
+/// from the measured runs is in docs/BENCHMARKS.md.
+#[test]
+fn netns_shape_runs_with_capacity_unknown_and_known() {
+    for name in ["netns", "netns-known"] {
+        let (spec, _) = scenarios::build(name, true, 1).expect("scenario");
+        let o = run(&spec, Strategy::Shoal, Checks::EveryEvent);
+        assert!(o.violations.is_empty(), "{name}: {:?}", o.violations);
+        assert!(o.all_live_finished(), "{name}: a target never finished");
+    }
+}

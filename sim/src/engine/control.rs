@@ -15,8 +15,8 @@ impl Sim<'_> {
                 host: HostId(h),
                 zone: ZoneId(s.zone),
                 rack: RackId(s.rack),
-                upload_bps: s.up_bps as u64,
-                download_bps: s.down_bps as u64,
+                upload_bps: s.announced_bps.unwrap_or(s.up_bps) as u64,
+                download_bps: s.announced_bps.unwrap_or(s.down_bps) as u64,
             },
         );
         let inventory: Vec<(u32, u32, bool)> = (self.hosts[h as usize].store.iter())
