@@ -62,6 +62,9 @@ struct Args {
     /// (0: none, the default: capacity unknown to Shoal, as in most deployments).
     #[arg(long, default_value_t = 0.0)]
     shoal_rate_fraction: f64,
+    /// Extra lines for every agent's agent.toml (`\n` separates lines), to try settings.
+    #[arg(long, default_value = "")]
+    agent_toml: String,
     /// Where the blob, the copies and the logs go (default: a temporary directory).
     #[arg(long)]
     work_dir: Option<PathBuf>,

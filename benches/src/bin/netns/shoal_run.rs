@@ -20,12 +20,16 @@ impl Bench {
         let _ = std::fs::remove_dir_all(&run);
         let cpu = CpuGroup::new(name)?;
         let fraction = self.args.shoal_rate_fraction;
+        let extra = self.args.agent_toml.replace("\\n", "\n");
         let rates = |h: usize| {
-            if fraction <= 0.0 {
-                return String::new();
+            let mut toml = format!("{extra}\n");
+            if fraction > 0.0 {
+                let rate = (self.fabric.rate_bytes(h) * fraction) as u64;
+                toml += &format!(
+                    "upload_limit_bytes_per_sec = {rate}\ndownload_limit_bytes_per_sec = {rate}\n"
+                );
             }
-            let rate = (self.fabric.rate_bytes(h) * fraction) as u64;
-            format!("upload_limit_bytes_per_sec = {rate}\ndownload_limit_bytes_per_sec = {rate}\n")
+            toml
         };
         let wrap = |c| cpu.wrap(c);
         let mut cluster = Cluster::start(
