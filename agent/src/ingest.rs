@@ -1,13 +1,14 @@
 //! Seeding: an order without a manifest. This agent fetches the blob from its origin (an OCI
 //! registry or an HTTP URL), builds the manifest while the bytes arrive, checks the whole
 //! blob against its digest, stores it and registers the manifest, so that every other agent
-//! can fetch it from peers (see the coordinator's `seeding.rs`).
+//! can fetch it from peers (the planner's `Seeder` decides who seeds what).
 //!
 //! The bytes go to a part file first: chunk digests are unknown until the end, and the store
 //! holds only verified chunks. While the fetch runs, the part file and how much of it is
-//! written are published in [`Ingests`], so that the OCI mirror can stream the blob to a
-//! client on this agent from its first byte (the client checks the digest itself, as it
-//! does with any registry; the store never holds an unverified byte).
+//! written are published in the order's entry ([`RunningOrders::set_ingest`]), so that the
+//! OCI mirror can stream the blob to a client on this agent from its first byte (the client
+//! checks the digest itself, as it does with any registry; the store never holds an
+//! unverified byte).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
