@@ -117,6 +117,9 @@ struct Download<'a> {
     bytes_from_peers: u64,
     /// A source silent this long with requests in flight is dropped and reported.
     stall_timeout: Duration,
+    /// Chunks stored from each source (by agent id), logged at the end: where a blob came
+    /// from is what tells a seeder that sent too many copies from a swarm that relayed.
+    stored_from: HashMap<String, u32>,
 }
 
 /// Fetches every missing chunk of `manifest` from `sources` (and the ones control messages
@@ -175,6 +178,7 @@ async fn download(
         buffers: Vec::new(),
         bytes_from_peers: 0,
         stall_timeout,
+        stored_from: HashMap::new(),
     };
     for s in sources {
         d.add_source(s);
@@ -183,6 +187,7 @@ async fn download(
     loop {
         d.report_progress();
         if d.picker.missing() == 0 {
+            d.log_sources();
             return Ok(d.bytes_from_peers);
         }
         if shared.store.is_complete(&blob) {
@@ -194,6 +199,7 @@ async fn download(
                 Ok::<(), Failure>(())
             };
             let _ = tokio::time::timeout(Duration::from_millis(500), drain).await;
+            d.log_sources();
             return Ok(d.bytes_from_peers);
         }
         let wake = [d.fill(), d.check_stalls()].into_iter().flatten().min();
@@ -413,6 +419,7 @@ impl Download<'_> {
                     self.cancel(other.0 as SourceKey, index);
                 }
                 self.bytes_from_peers += len;
+                *self.stored_from.entry(agent_id.clone()).or_default() += 1;
                 self.shared.counters.verified(len);
                 metrics::counter!(crate::metrics::BYTES_IN, "source" => crate::metrics::SOURCE_PEER)
                     .increment(len);
@@ -589,6 +596,19 @@ impl Download<'_> {
                 }));
         }
         wake
+    }
+
+    fn log_sources(&self) {
+        let stats = self.picker.stats();
+        tracing::info!(
+            order_id = self.order_id,
+            blob = %self.manifest.digest(),
+            chunks_by_source = ?self.stored_from,
+            requests = stats.requests,
+            duplicate_requests = stats.duplicate_requests,
+            wasted_chunks = stats.wasted_chunks,
+            "download finished"
+        );
     }
 
     fn report_progress(&self) {

@@ -143,7 +143,11 @@ impl Bench {
             ensure!(sha_of(&out)? == self.sha, "host {h}'s copy differs");
         }
         drop(cluster);
-        let _ = std::fs::remove_dir_all(&run);
+        // The stores and copies go; the logs stay (in --work-dir) for a look afterwards.
+        for h in 0..self.fabric.hosts() {
+            let _ = std::fs::remove_dir_all(run.join(format!("h{h}/store")));
+            let _ = std::fs::remove_file(run.join(format!("h{h}.out")));
+        }
         drop(cpu);
         Ok(Outcome {
             done,
