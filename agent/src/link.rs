@@ -8,6 +8,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
+use shoal_proto::Digest;
 use shoal_proto::pb::v1 as pb;
 use shoal_proto::pb::v1::agent_message::Msg;
 use shoal_proto::pb::v1::coordinator_client::CoordinatorClient;
@@ -22,8 +23,8 @@ pub(crate) struct Coordinator {
     /// One HTTP/2 channel to the coordinator: the session and the public API share it.
     channel: Channel,
     /// Unbounded so that queueing never waits: only reports go here (one or two per order,
-    /// chunk rejections, stalls, registrations); progress, load and heartbeats are made by
-    /// the session itself.
+    /// chunk rejections, stalls, registrations, pins); progress, load and heartbeats are
+    /// made by the session itself.
     outbox: mpsc::UnboundedSender<pb::AgentMessage>,
     agent_id: Arc<RwLock<String>>,
     connected: Arc<AtomicBool>,
@@ -44,6 +45,20 @@ impl Coordinator {
     /// Queues a message for the coordinator. Never waits; dropped if the agent is stopping.
     pub(crate) fn send(&self, msg: Msg) {
         let _ = self.outbox.send(pb::AgentMessage { msg: Some(msg) });
+    }
+
+    /// A user pinned `blob`, held whole: the coordinator, which shows pins in GetBlob's
+    /// holders, hears it in an inventory update rather than at the next snapshot.
+    pub(crate) fn announce_pin(&self, blob: &Digest) {
+        self.send(Msg::Inventory(pb::Inventory {
+            replace: false,
+            blobs: vec![pb::HeldBlob {
+                blob_digest: blob.as_bytes().to_vec(),
+                complete: true,
+                chunks: None,
+                pinned: true,
+            }],
+        }));
     }
 
     pub(crate) fn agent_id(&self) -> String {

@@ -342,6 +342,7 @@ async fn inventory(shared: &Session) -> Vec<pb::Inventory> {
                     blob_digest: b.digest.as_bytes().to_vec(),
                     complete,
                     chunks,
+                    pinned: b.pinned,
                 }
             })
             .collect::<Vec<_>>()

@@ -1,5 +1,6 @@
 //! In-process end to end: a real coordinator (`shoal_coordinator::run` on a loopback
-//! port) and three real agents. A blob pushed on one reaches all through their peers.
+//! port) and three real agents. A blob pushed (and pinned) on one reaches all through their
+//! peers.
 
 use std::time::Duration;
 
@@ -52,6 +53,7 @@ async fn a_pushed_blob_reaches_every_agent() -> Result<()> {
     let mut push = local
         .push(pb::PushRequest {
             path: file.to_str().context("utf8")?.into(),
+            pin: true,
             ..Default::default()
         })
         .await?
@@ -84,6 +86,27 @@ async fn a_pushed_blob_reaches_every_agent() -> Result<()> {
         }
     };
     assert_eq!(job.target_count, 3);
+    // The pin travels too: the coordinator shows it among the blob's holders.
+    let pusher = agents[0].agent_id().to_string();
+    let started = tokio::time::Instant::now();
+    loop {
+        let blob = coordinator_client
+            .get_blob(pb::GetBlobRequest {
+                digest: digest.to_string(),
+                include_manifest: false,
+            })
+            .await?
+            .into_inner();
+        if (blob.holders.iter()).any(|h| h.agent_id == pusher && h.pinned) {
+            break;
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(5),
+            "the coordinator never showed the pusher's pin: {:?}",
+            blob.holders
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     wait_until(Duration::from_secs(30), || {
         agents

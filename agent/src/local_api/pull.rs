@@ -200,6 +200,9 @@ async fn run(
     .await
     .map_err(|e| Status::internal(format!("verify task failed: {e}")))?
     .map_err(|e| store_status(&e))?;
+    if pin {
+        shared.coordinator.announce_pin(&digest);
+    }
 
     if let Some(path) = output {
         let _ = tx

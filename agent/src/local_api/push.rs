@@ -151,7 +151,11 @@ async fn ingest(
         .send(Msg::BlobRegistered(pb::BlobRegistered {
             manifest: Some(pb::Manifest::from(&manifest)),
         }));
-    tracing::info!(blob = %manifest.digest(), size, already_present, "pushed");
+    if pin {
+        // After the registration: the coordinator ignores holdings of blobs it does not know.
+        shared.coordinator.announce_pin(&manifest.digest());
+    }
+    tracing::info!(blob = %manifest.digest(), size, already_present, pin, "pushed");
     Ok(pb::PushResult {
         digest: manifest.digest().to_string(),
         size,

@@ -205,11 +205,11 @@ impl State {
         let holders = entry
             .holders
             .iter()
-            .map(|(host, (chunks, complete))| pb::BlobHolder {
+            .map(|(host, h)| pb::BlobHolder {
                 agent_id: self.agents.name(*host),
-                complete: *complete,
-                chunks_held: *chunks,
-                pinned: false,
+                complete: h.complete,
+                chunks_held: h.chunks,
+                pinned: h.pinned,
             })
             .collect();
         Ok(pb::GetBlobResponse {

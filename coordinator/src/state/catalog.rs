@@ -21,8 +21,17 @@ pub struct Entry {
     pub registered_at: Option<prost_types::Timestamp>,
     /// Someone checked the whole blob against its digest (and it is persisted).
     pub verified: bool,
-    /// host -> (chunks held, complete)
-    pub holders: BTreeMap<HostId, (u32, bool)>,
+    pub holders: BTreeMap<HostId, Holding>,
+}
+
+/// What one agent holds of a blob, as it last reported.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Holding {
+    /// Verified chunks held.
+    pub chunks: u32,
+    pub complete: bool,
+    /// A user pinned it on the agent (from its inventory; shown in GetBlob).
+    pub pinned: bool,
 }
 
 #[derive(Debug)]
@@ -147,16 +156,16 @@ impl Catalog {
         self.blobs
             .get(blob)
             .and_then(|e| e.holders.get(&host))
-            .is_some_and(|h| h.1)
+            .is_some_and(|h| h.complete)
     }
 
     pub fn complete_holders(&self, blob: &Digest) -> usize {
         self.blobs
             .get(blob)
-            .map_or(0, |e| e.holders.values().filter(|h| h.1).count())
+            .map_or(0, |e| e.holders.values().filter(|h| h.complete).count())
     }
 
-    /// Sets a holder; returns whether anything changed.
+    /// Sets what a holder holds (its pin is kept); returns whether that changed.
     pub fn set_holder(&mut self, blob: &Digest, host: HostId, chunks: u32, complete: bool) -> bool {
         let Some(entry) = self.blobs.get_mut(blob) else {
             return false;
@@ -164,8 +173,17 @@ impl Catalog {
         if chunks == 0 && !complete {
             return entry.holders.remove(&host).is_some();
         }
-        let new = (chunks, complete);
-        entry.holders.insert(host, new) != Some(new)
+        let holding = entry.holders.entry(host).or_default();
+        let old = (holding.chunks, holding.complete);
+        (holding.chunks, holding.complete) = (chunks, complete);
+        old != (chunks, complete)
+    }
+
+    /// Records whether a holder pinned the blob; nothing if it holds none of it.
+    pub fn set_pinned(&mut self, blob: &Digest, host: HostId, pinned: bool) {
+        if let Some(holding) = (self.blobs.get_mut(blob)).and_then(|e| e.holders.get_mut(&host)) {
+            holding.pinned = pinned;
+        }
     }
 
     /// The blobs `host` holds, complete or partial.
@@ -191,9 +209,9 @@ impl Catalog {
     pub fn counts_for(&self, host: HostId) -> (u32, u32) {
         let mut out = (0, 0);
         for e in self.blobs.values() {
-            match e.holders.get(&host) {
-                Some((_, true)) => out.0 += 1,
-                Some((_, false)) => out.1 += 1,
+            match e.holders.get(&host).map(|h| h.complete) {
+                Some(true) => out.0 += 1,
+                Some(false) => out.1 += 1,
                 None => {}
             }
         }
@@ -206,8 +224,8 @@ impl Catalog {
             size: e.manifest.size(),
             chunk_size: e.manifest.chunk_size(),
             chunk_count: e.manifest.chunk_count(),
-            complete_holders: e.holders.values().filter(|h| h.1).count() as u32,
-            partial_holders: e.holders.values().filter(|h| !h.1).count() as u32,
+            complete_holders: e.holders.values().filter(|h| h.complete).count() as u32,
+            partial_holders: e.holders.values().filter(|h| !h.complete).count() as u32,
             registered_at: e.registered_at,
             registered_by: e.registered_by.clone(),
         }

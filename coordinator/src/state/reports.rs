@@ -189,6 +189,7 @@ impl State {
             if held.complete {
                 self.blob_done(host, blob, now);
             }
+            self.catalog.set_pinned(&blob, host, held.pinned);
         }
         for blob in dropped {
             self.holds(host, blob, 0, false, now);

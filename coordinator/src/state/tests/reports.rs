@@ -23,6 +23,12 @@ fn progress(order_id: u64, blob: Digest, bytes_done: u64) -> Msg {
     })
 }
 
+/// What `agent` holds of `blob`, as the catalog has it.
+fn holding(s: &S, agent: &str, blob: Digest) -> Option<super::super::catalog::Holding> {
+    let host = s.agents.host_of(agent).expect("joined");
+    s.catalog.entry(&blob)?.holders.get(&host).copied()
+}
+
 #[test]
 fn progress_of_a_replaced_order_moves_no_bytes() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -99,14 +105,11 @@ fn an_inventory_bitmap_of_the_wrong_length_counts_no_chunks() {
                     chunk_count,
                     bits: vec![0b1000_0000],
                 }),
+                pinned: false,
             }],
         })
     };
-    let chunks_of_target = |s: &S| {
-        let entry = s.catalog.entry(&m.digest()).expect("known");
-        let host = s.agents.host_of("target").expect("joined");
-        entry.holders.get(&host).map(|h| h.0)
-    };
+    let chunks_of_target = |s: &S| holding(s, "target", m.digest()).map(|h| h.chunks);
     say(&mut s, session, held(m.chunk_count() + 7));
     assert_eq!(
         chunks_of_target(&s).unwrap_or(0),
@@ -115,4 +118,43 @@ fn an_inventory_bitmap_of_the_wrong_length_counts_no_chunks() {
     );
     say(&mut s, session, held(m.chunk_count()));
     assert_eq!(chunks_of_target(&s), Some(1));
+}
+
+fn held(blob: Digest, replace: bool, pinned: bool) -> Msg {
+    Msg::Inventory(pb::Inventory {
+        replace,
+        blobs: vec![pb::HeldBlob {
+            blob_digest: blob.as_bytes().to_vec(),
+            complete: true,
+            chunks: None,
+            pinned,
+        }],
+    })
+}
+
+#[test]
+fn get_blob_shows_which_holders_pinned_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut s, m, _i) = with_seeder(dir.path(), Duration::from_secs(30));
+    let other = join(&mut s, "other", 2);
+    let (session, _inbox) = open(&mut s, &other);
+    let pins = |s: &mut S| {
+        let req = pb::GetBlobRequest {
+            digest: m.digest().to_string(),
+            include_manifest: false,
+        };
+        let blob = s.ask(|r| Request::GetBlob(req, r)).expect("get blob");
+        (blob.holders.into_iter())
+            .map(|h| (h.agent_id, h.pinned))
+            .collect::<BTreeSet<_>>()
+    };
+    say(&mut s, session, held(m.digest(), true, false));
+    let unpinned = BTreeSet::from([("other".to_string(), false), ("seeder".to_string(), false)]);
+    assert_eq!(pins(&mut s), unpinned);
+    // A user pinned it on "other": the agent sends an update, not a snapshot.
+    say(&mut s, session, held(m.digest(), false, true));
+    assert!(pins(&mut s).contains(&("other".to_string(), true)));
+    // The next snapshot is the truth again.
+    say(&mut s, session, held(m.digest(), true, false));
+    assert_eq!(pins(&mut s), unpinned);
 }
