@@ -313,11 +313,11 @@ fn ended_by(s: tonic::Status) -> Ended {
     }
 }
 
+/// The coordinator's interval; 5 s if it names none (every coordinator of protocol 1 does).
 fn heartbeat_interval(r: &pb::JoinResponse) -> Duration {
-    let ms = match (r.heartbeat_interval_ms, r.lease_ms) {
-        (0, 0) => 5_000,
-        (0, lease) => lease / 3,
-        (hb, _) => hb,
+    let ms = match r.heartbeat_interval_ms {
+        0 => 5_000,
+        hb => hb,
     };
     Duration::from_millis(ms.max(100))
 }
@@ -394,5 +394,23 @@ fn load_report(shared: &Session, upload_bytes_per_sec: u64) -> pb::Load {
         upload_bytes_per_sec,
         download_bytes_per_sec: orders.download_rate(),
         disk_free_bytes: shared.executor.store.free_bytes(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_agent_beats_at_the_interval_its_coordinator_names() {
+        let joined = |ms| pb::JoinResponse {
+            heartbeat_interval_ms: ms,
+            ..Default::default()
+        };
+        assert_eq!(
+            heartbeat_interval(&joined(1_250)),
+            Duration::from_millis(1_250)
+        );
+        assert_eq!(heartbeat_interval(&joined(0)), Duration::from_secs(5));
     }
 }

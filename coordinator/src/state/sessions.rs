@@ -78,7 +78,6 @@ impl State {
         tracing::info!(agent = %a.id, "agent joined");
         Ok(pb::JoinResponse {
             agent_id: a.id,
-            lease_ms: self.config.lease.as_millis() as u64,
             session_token: a.token,
             heartbeat_interval_ms: self.config.heartbeat.as_millis() as u64,
             certificate_der,
