@@ -338,8 +338,8 @@ mod tests {
             order_id: id,
             blob_digest: blob.as_bytes().to_vec(),
             job_id: "job".into(),
+            priority: pb::Priority::High as i32,
             kind: Some(pb::fetch_order::Kind::Peers(pb::FromPeers::default())),
-            ..Default::default()
         }
     }
 
@@ -362,6 +362,11 @@ mod tests {
             "no progress before the manifest"
         );
         orders.set_size(5, 4 << 20);
+        let shown = orders.transfer_of(&blob).expect("known once sized");
+        assert_eq!(
+            (shown.job_id.as_str(), shown.priority),
+            ("job", pb::Priority::High as i32)
+        );
         orders.update(5, 2, 2 << 20, 1);
         let batch = orders.progress_batch().expect("dirty");
         assert_eq!(batch.items[0].chunks_verified, 2);

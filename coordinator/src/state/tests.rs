@@ -459,6 +459,7 @@ fn finished_jobs_are_forgotten_after_the_retention() {
 
 mod reports;
 mod seeding;
+mod session;
 mod urls;
 
 /// The sources of a FromPeers order (none for any other kind).

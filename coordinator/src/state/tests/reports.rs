@@ -41,9 +41,15 @@ fn progress_of_a_replaced_order_moves_no_bytes() {
     say(&mut s, session, progress(order - 1, m.digest(), 3000));
     let (_, targets) = target_state(&mut s, &job);
     assert_eq!(targets[0].bytes_done, 0, "a stale order's report counted");
+    assert_eq!(
+        holding(&s, "target", m.digest()).map(|h| h.chunks),
+        Some(1),
+        "chunks held are a fact whatever the order"
+    );
     say(&mut s, session, progress(order, m.digest(), 2000));
     let (_, targets) = target_state(&mut s, &job);
     assert_eq!(targets[0].bytes_done, 2000);
+    assert_eq!(targets[0].rate_bytes_per_sec, 1000);
 }
 
 #[test]
@@ -157,4 +163,91 @@ fn get_blob_shows_which_holders_pinned_it() {
     // The next snapshot is the truth again.
     say(&mut s, session, held(m.digest(), true, false));
     assert_eq!(pins(&mut s), unpinned);
+}
+
+#[test]
+fn an_inventory_completes_targets_and_a_snapshot_drops_what_it_no_longer_lists() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut s, m, _i) = with_seeder(dir.path(), Duration::from_secs(30));
+    let target = join(&mut s, "target", 2);
+    let (session, _inbox) = open(&mut s, &target);
+    let job = distribute(&mut s, m.digest(), &["target"]).expect("distribute");
+    say(&mut s, session, held(m.digest(), true, false));
+    let (state, targets) = target_state(&mut s, &job);
+    assert_eq!(state, pb::JobState::Done, "{targets:?}");
+    assert!(holding(&s, "target", m.digest()).is_some_and(|h| h.complete));
+    // An empty snapshot: the blob was evicted.
+    let empty = pb::Inventory {
+        replace: true,
+        blobs: vec![],
+    };
+    say(&mut s, session, Msg::Inventory(empty));
+    assert_eq!(holding(&s, "target", m.digest()), None);
+}
+
+#[test]
+fn blob_done_completes_the_target() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut s, m, _i) = with_seeder(dir.path(), Duration::from_secs(30));
+    let target = join(&mut s, "target", 2);
+    let (session, mut inbox) = open(&mut s, &target);
+    let job = distribute(&mut s, m.digest(), &["target"]).expect("distribute");
+    assert_eq!(orders(&mut inbox).len(), 1);
+    let done = pb::BlobDone {
+        blob_digest: m.digest().as_bytes().to_vec(),
+    };
+    say(&mut s, session, Msg::BlobDone(done));
+    let (state, targets) = target_state(&mut s, &job);
+    assert_eq!(state, pb::JobState::Done, "{targets:?}");
+    assert_eq!(targets[0].bytes_done, m.size());
+}
+
+#[test]
+fn any_message_renews_the_lease_a_heartbeat_included() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let lease = Duration::from_secs(10);
+    let mut s = state(dir.path(), lease);
+    let joined = join(&mut s, "a", 2);
+    let (session, _inbox) = open(&mut s, &joined);
+    for _ in 0..4 {
+        s.advance(lease / 2);
+        say(&mut s, session, Msg::Heartbeat(pb::Heartbeat {}));
+    }
+    let state_of = |s: &S| s.agents.iter().next().map(|a| a.state);
+    assert_eq!(state_of(&s), Some(pb::AgentState::Ready));
+    s.advance(lease + Duration::from_secs(1));
+    assert_eq!(
+        state_of(&s),
+        Some(pb::AgentState::Gone),
+        "silent past its lease"
+    );
+}
+
+#[test]
+fn a_source_that_served_a_corrupt_chunk_is_removed_from_the_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut s, m, _i) = with_seeder(dir.path(), Duration::from_secs(30));
+    let other = join(&mut s, "other", 2);
+    let (other_session, _other_inbox) = open(&mut s, &other);
+    register(&mut s, other_session, &m);
+    let target = join(&mut s, "target", 3);
+    let (session, mut inbox) = open(&mut s, &target);
+    distribute(&mut s, m.digest(), &["target"]).expect("distribute");
+    let order = orders(&mut inbox).pop().expect("order");
+    let bad = super::sources_of(&order)[0].agent_id.clone();
+
+    let rejected = pb::ChunkRejected {
+        peer_agent_id: bad.clone(),
+        blob_digest: m.digest().as_bytes().to_vec(),
+        chunk_index: 0,
+    };
+    say(&mut s, session, Msg::ChunkRejected(rejected));
+    let mut removed = Vec::new();
+    while let Ok(Ok(msg)) = inbox.try_recv() {
+        if let Some(coordinator_message::Msg::SourceUpdate(u)) = msg.msg {
+            assert_eq!(u.order_id, order.order_id);
+            removed.extend(u.remove);
+        }
+    }
+    assert_eq!(removed, vec![bad]);
 }
