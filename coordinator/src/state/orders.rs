@@ -122,6 +122,11 @@ impl Orders {
         self.failures.remove(&(host, blob))
     }
 
+    /// (host, blob) is done with, whichever way: its failures are history.
+    pub fn forget_failure(&mut self, host: HostId, blob: Digest) {
+        self.failures.remove(&(host, blob));
+    }
+
     /// The blobs `host` has orders for.
     pub fn of_host(&self, host: HostId) -> Vec<Digest> {
         (self.out.range((host, Digest::from_bytes([0; 32]))..))

@@ -68,6 +68,7 @@ impl State {
 
     /// No job wants `blob` on `host` any more: whichever machine plans it stops.
     pub(super) fn unwanted(&mut self, host: HostId, blob: Digest, now: Now) {
+        self.orders.forget_failure(host, blob);
         let id = BlobId::from(blob);
         if self.seeder.is_waiting(id, host) {
             self.seeder
@@ -112,6 +113,7 @@ impl State {
     pub(super) fn blob_done(&mut self, host: HostId, blob: Digest, now: Now) {
         self.holds(host, blob, u32::MAX, true, now);
         self.orders.remove(host, blob);
+        self.orders.forget_failure(host, blob);
         let agent = self.agents.name(host);
         if self.jobs.finish(&agent, host, blob, now.wall) {
             let event = Event::Done {

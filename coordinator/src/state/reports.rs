@@ -34,7 +34,6 @@ impl State {
                 };
                 // One agent has read the whole blob and checked its digest.
                 self.catalog.mark_verified(&blob);
-                self.orders.last_failure(host, blob);
                 self.blob_done(host, blob, now);
             }
             Msg::BlobFailed(failed) => self.blob_failed(host, failed, now),

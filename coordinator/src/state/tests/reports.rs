@@ -251,3 +251,19 @@ fn a_source_that_served_a_corrupt_chunk_is_removed_from_the_order() {
     }
     assert_eq!(removed, vec![bad]);
 }
+
+#[test]
+fn a_failure_is_forgotten_once_the_blob_arrives_another_way() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut s, m, _i) = with_seeder(dir.path(), Duration::from_secs(30));
+    let target = join(&mut s, "target", 2);
+    let (session, mut inbox) = open(&mut s, &target);
+    distribute(&mut s, m.digest(), &["target"]).expect("distribute");
+    let order = orders(&mut inbox).pop().expect("order").order_id;
+    let why = failed(order, m.digest(), pb::FailureReason::IoError, "disk");
+    say(&mut s, session, why);
+    // A user pushed it there meanwhile.
+    register(&mut s, session, &m);
+    let host = s.agents.host_of("target").expect("joined");
+    assert_eq!(s.orders.last_failure(host, m.digest()), None);
+}
