@@ -16,6 +16,7 @@
 
 mod client;
 mod server;
+mod uplink;
 /// The cluster PKI (see `shoal-pki`), re-exported where the transport uses it.
 pub use shoal_pki as tls;
 
@@ -30,6 +31,9 @@ use crate::limiter::RateLimiter;
 use crate::store::Store;
 use tls::{AgentIdentity, TlsError};
 
+/// Bytes a source queues for sending before it has measured its uplink (see `uplink`).
+const INITIAL_UPLOAD_BACKLOG: u64 = 8 << 20;
+
 /// Tuning of the transport. The defaults suit a datacenter link of 10–40 Gbit/s.
 #[derive(Clone, Debug)]
 pub struct TransportConfig {
@@ -41,9 +45,12 @@ pub struct TransportConfig {
     pub idle_timeout: Duration,
     /// A single chunk request (open, send, receive all bytes) must finish within this.
     pub request_timeout: Duration,
-    /// Longest a request waits on `upload_limit` before its bytes go out; past it, the
-    /// request is answered `Busy`. Keeps a live source from going silent on a downloader
-    /// for longer than the downloaders' stall timeout (`PickerConfig::stall_timeout`).
+    /// Longest a request may wait before its bytes go out: behind the uplink's backlog (at
+    /// the rate the uplink was measured to drain it) and on `upload_limit`; past it, the
+    /// request is answered `Busy` and the downloader asks another source. Keeps a source's
+    /// queue short enough that peers relay what it would have sent late, and a live source
+    /// from going silent on a downloader for longer than the downloaders' stall timeout
+    /// (`PickerConfig::stall_timeout`).
     pub max_upload_wait: Duration,
     /// Kernel send and receive buffer of the UDP socket.
     pub socket_buffer_bytes: usize,
@@ -113,6 +120,7 @@ struct Inner {
     pool: std::sync::Mutex<std::collections::HashMap<SocketAddr, Peer>>,
     stats: Arc<server::Counters>,
     served_limit: Arc<tokio::sync::Semaphore>,
+    uplink: Arc<uplink::Uplink>,
 }
 
 impl ChunkEndpoint {
@@ -166,6 +174,10 @@ impl ChunkEndpoint {
             endpoint,
             client_config,
             served_limit: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_served)),
+            uplink: Arc::new(uplink::Uplink::new(
+                config.max_upload_wait,
+                INITIAL_UPLOAD_BACKLOG,
+            )),
             config,
             store,
             pool: Default::default(),
@@ -191,13 +203,19 @@ impl ChunkEndpoint {
         &self.inner.config
     }
 
-    /// What the serving side has done so far.
+    /// What the uplink delivered while it had chunks to send, in bytes per second: the
+    /// agent's learned upload capacity. `None` until measured.
+    pub fn upload_rate(&self) -> Option<f64> {
+        self.inner.uplink.rate()
+    }
+
     /// Chunk requests being served right now.
     pub fn active_uploads(&self) -> usize {
         (self.inner.config.max_concurrent_served)
             .saturating_sub(self.inner.served_limit.available_permits())
     }
 
+    /// What the serving side has done so far.
     pub fn serve_stats(&self) -> ServeStats {
         self.inner.stats.snapshot()
     }
@@ -279,7 +297,13 @@ fn transport_config(config: &TransportConfig) -> quinn::TransportConfig {
         .send_window(u64::from(chunk_window) * u64::from(config.max_requests_in_flight).min(64))
         .max_idle_timeout(config.idle_timeout.try_into().ok())
         .keep_alive_interval(Some(config.idle_timeout / 3))
-        .enable_segmentation_offload(true);
+        .enable_segmentation_offload(true)
+        // A connection sends its chunks one after another in the order they were written
+        // (the order requests arrived), not round-robin: a downloader gets each chunk whole
+        // as early as possible and can verify and relay it, instead of every requested chunk
+        // finishing together at the end of the window. Have-streams outrank chunk data (see
+        // `server::serve_have`).
+        .send_fairness(false);
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     mtu.upper_bound(config.max_udp_payload_size.max(1200));
     t.mtu_discovery_config(Some(mtu));

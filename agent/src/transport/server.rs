@@ -14,6 +14,9 @@ use crate::store::StoreError;
 /// Requests are tiny; anything longer than this before a full frame is a bad request.
 const MAX_REQUEST_LEN: usize = 256;
 
+/// Send priority of have-streams; chunk streams keep quinn's default of 0.
+const HAVE_STREAM_PRIORITY: i32 = 1;
+
 /// Counters of the serving side.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ServeStats {
@@ -196,6 +199,12 @@ async fn serve_chunk(
         }
     };
     let len = data.len() as u64;
+    // Past a short wait behind what the uplink already has to send, the peer had better ask
+    // someone else (see `uplink`).
+    let Some(admitted) = inner.uplink.admit(len) else {
+        inner.stats.busy_rejections.fetch_add(1, Ordering::Relaxed);
+        return reply_error(send, ErrorStatus::Busy, "upload queue full").await;
+    };
     if let Some(limit) = &inner.config.upload_limit {
         // Past a short wait, tell the peer to go elsewhere now: a request held longer would
         // leave it without a byte from us long enough to take us for stalled.
@@ -213,6 +222,11 @@ async fn serve_chunk(
     // write_all_chunks hands the Bytes to quinn without copying the chunk.
     send.write_all_chunks(&mut [header, data]).await?;
     send.finish()?;
+    // The bytes are queued in QUIC, not sent: they leave the backlog when the peer has
+    // acknowledged them all.
+    if let Ok(None) = send.stopped().await {
+        admitted.delivered();
+    }
     inner.stats.chunks_served.fetch_add(1, Ordering::Relaxed);
     inner.stats.bytes_served.fetch_add(len, Ordering::Relaxed);
     metrics::counter!(crate::metrics::BYTES_OUT).increment(len);
@@ -226,6 +240,9 @@ async fn serve_have(
     send: &mut quinn::SendStream,
     blob: Digest,
 ) -> Result<(), StreamError> {
+    // Availability news is tiny and everyone's picks wait on it: it goes before any chunk
+    // data queued on this connection.
+    let _ = send.set_priority(HAVE_STREAM_PRIORITY);
     // Subscribe before the snapshot so no chunk verified in between is missed.
     let Some(mut updates) = inner.store.subscribe(&blob) else {
         return reply_error(send, ErrorStatus::NotFound, &format!("no blob {blob}")).await;
