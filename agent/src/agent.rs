@@ -239,6 +239,7 @@ impl Agent {
                 }
             },
         };
+        tokio::spawn(record_transport(parts.endpoint.clone(), parts.stop.clone()));
         if let Some(h) = &health {
             h.set_ready().await;
         }
@@ -479,5 +480,17 @@ fn persist_agent_id(path: &Path, id: &str) {
         std::fs::write(&tmp, format!("{id}\n")).and_then(|()| std::fs::rename(&tmp, path));
     if let Err(e) = written {
         tracing::warn!(path = %path.display(), error = %e, "could not persist the agent id");
+    }
+}
+
+/// Exports the transport's congestion state (see [`crate::metrics::record_transport`]) until
+/// the agent stops.
+async fn record_transport(endpoint: ChunkEndpoint, mut stop: crate::shutdown::Stop) {
+    loop {
+        crate::metrics::record_transport(&endpoint);
+        tokio::select! {
+            _ = crate::shutdown::stopped(&mut stop) => return,
+            _ = tokio::time::sleep(crate::metrics::TRANSPORT_INTERVAL) => {}
+        }
     }
 }

@@ -50,6 +50,11 @@ pub struct AgentConfig {
     pub max_concurrent_served: usize,
     /// A single chunk request must finish within this many milliseconds.
     pub request_timeout_ms: u64,
+    /// Longest a chunk request waits behind this agent's upload queue before it is answered
+    /// `Busy` and the peer asks another source, milliseconds.
+    pub max_upload_wait_ms: u64,
+    /// QUIC congestion controller: `cubic` (the default), `bbr` or `newreno`.
+    pub congestion: crate::transport::Congestion,
     /// Kernel buffer of the UDP socket, bytes.
     pub socket_buffer_bytes: usize,
     /// Largest UDP payload (upper bound of MTU discovery).
@@ -84,6 +89,8 @@ impl Default for AgentConfig {
             max_requests_in_flight: transport.max_requests_in_flight,
             max_concurrent_served: transport.max_concurrent_served,
             request_timeout_ms: transport.request_timeout.as_millis() as u64,
+            max_upload_wait_ms: transport.max_upload_wait.as_millis() as u64,
+            congestion: transport.congestion,
             socket_buffer_bytes: transport.socket_buffer_bytes,
             max_udp_payload_size: transport.max_udp_payload_size,
             chunk_size: shoal_proto::CHUNK_SIZE,
@@ -131,6 +138,12 @@ impl AgentConfig {
         }
         if self.request_timeout_ms == 0 {
             return Err("request_timeout_ms: must be positive".into());
+        }
+        if self.max_upload_wait_ms == 0 || self.max_upload_wait_ms >= self.request_timeout_ms {
+            return Err(format!(
+                "max_upload_wait_ms: must be positive and below request_timeout_ms ({})",
+                self.request_timeout_ms
+            ));
         }
         if self.max_udp_payload_size < 1200 {
             return Err("max_udp_payload_size: must be at least 1200 (QUIC's minimum)".into());
@@ -183,6 +196,8 @@ impl AgentConfig {
             max_requests_in_flight: self.max_requests_in_flight,
             max_concurrent_served: self.max_concurrent_served,
             request_timeout: Duration::from_millis(self.request_timeout_ms),
+            max_upload_wait: Duration::from_millis(self.max_upload_wait_ms),
+            congestion: self.congestion,
             socket_buffer_bytes: self.socket_buffer_bytes,
             max_udp_payload_size: self.max_udp_payload_size,
             upload_limit: bucket(self.upload_limit_bytes_per_sec),
@@ -244,6 +259,28 @@ mod tests {
             ..AgentConfig::default()
         };
         assert!(bad.validate().unwrap_err().starts_with("advertise:"));
+        let bad = AgentConfig {
+            max_upload_wait_ms: 30_000,
+            ..AgentConfig::default()
+        };
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .starts_with("max_upload_wait_ms:")
+        );
+    }
+
+    #[test]
+    fn transport_settings_reach_the_transport() {
+        // The same serde shape as agent.toml.
+        let c: AgentConfig =
+            serde_json::from_str(r#"{"max_upload_wait_ms": 250, "congestion": "newreno"}"#)
+                .expect("parses");
+        c.validate().expect("valid");
+        let t = c.transport();
+        assert_eq!(t.max_upload_wait, Duration::from_millis(250));
+        assert_eq!(t.congestion, crate::transport::Congestion::NewReno);
+        assert!(serde_json::from_str::<AgentConfig>(r#"{"congestion": "vegas"}"#).is_err());
     }
 
     #[test]

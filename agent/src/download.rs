@@ -122,6 +122,16 @@ struct Download<'a> {
     stored_from: HashMap<String, u32>,
 }
 
+impl Drop for Download<'_> {
+    /// However the download ends, what its picker spent on duplicates counts.
+    fn drop(&mut self) {
+        let stats = self.picker.stats();
+        metrics::counter!(crate::metrics::DUPLICATE_REQUESTS).increment(stats.duplicate_requests);
+        metrics::counter!(crate::metrics::WASTED_BYTES)
+            .increment(stats.wasted_chunks * u64::from(self.manifest.chunk_size()));
+    }
+}
+
 /// Fetches every missing chunk of `manifest` from `sources` (and the ones control messages
 /// add); returns the bytes received from peers.
 impl Downloader {
@@ -248,6 +258,7 @@ impl Download<'_> {
             // Known: the have-stream is the authority on what it holds; only its stripe
             // may have changed (another downloader of it came or went).
             self.picker.set_stripe(host(key), s.stripe, s.stripes);
+            tracing::debug!(order_id = self.order_id, source = %s.agent_id, stripe = s.stripe, stripes = s.stripes, "stripe");
             return;
         }
         let addrs: Vec<SocketAddr> = s
@@ -271,6 +282,7 @@ impl Download<'_> {
             .add_source(host(key), ChunkSet::empty(self.manifest.chunk_count()));
         // Ask this source for our own stripe first, so its downloaders don't overlap.
         self.picker.set_stripe(host(key), s.stripe, s.stripes);
+        tracing::debug!(order_id = self.order_id, source = %s.agent_id, stripe = s.stripe, stripes = s.stripes, "stripe");
         self.by_agent.insert(s.agent_id.clone(), key);
         self.sources.push(Some(Source {
             agent_id: s.agent_id,
@@ -420,6 +432,7 @@ impl Download<'_> {
                 }
                 self.bytes_from_peers += len;
                 *self.stored_from.entry(agent_id.clone()).or_default() += 1;
+                tracing::debug!(order_id = self.order_id, %index, source = %agent_id, in_endgame = self.picker.in_endgame(), "chunk stored");
                 self.shared.counters.verified(len);
                 metrics::counter!(crate::metrics::BYTES_IN, "source" => crate::metrics::SOURCE_PEER)
                     .increment(len);

@@ -29,6 +29,41 @@ pub const MIRROR_FALLBACKS: &str = "shoal_mirror_fallbacks_total";
 /// Seconds from a blob request to its first byte, labelled `source` as `MIRROR_BYTES`.
 pub const MIRROR_FIRST_BYTE: &str = "shoal_mirror_first_byte_seconds";
 
+/// What this agent's uplink delivered while it had chunks to send (its learned upload
+/// capacity), bytes per second.
+pub const UPLOAD_CAPACITY: &str = "shoal_agent_upload_capacity_bytes_per_second";
+/// Per QUIC connection, labelled `peer` (the peer's endpoint address): smoothed RTT.
+pub const QUIC_RTT: &str = "shoal_agent_quic_rtt_seconds";
+/// Per QUIC connection: congestion window.
+pub const QUIC_CWND: &str = "shoal_agent_quic_congestion_window_bytes";
+/// Per QUIC connection: packets sent, and those declared lost.
+pub const QUIC_SENT_PACKETS: &str = "shoal_agent_quic_sent_packets_total";
+pub const QUIC_LOST_PACKETS: &str = "shoal_agent_quic_lost_packets_total";
+/// Per QUIC connection: congestion events (window reductions).
+pub const QUIC_CONGESTION_EVENTS: &str = "shoal_agent_quic_congestion_events_total";
+/// Endgame duplicate chunk requests made by downloads.
+pub const DUPLICATE_REQUESTS: &str = "shoal_agent_duplicate_requests_total";
+/// Chunk bytes received that were already held (lost endgame races, late replies).
+pub const WASTED_BYTES: &str = "shoal_agent_wasted_bytes_total";
+
+/// How often [`record_transport`] runs.
+pub const TRANSPORT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Records the uplink's learned capacity and every pooled connection's QUIC state.
+pub fn record_transport(endpoint: &crate::transport::ChunkEndpoint) {
+    if let Some(rate) = endpoint.upload_rate() {
+        metrics::gauge!(UPLOAD_CAPACITY).set(rate);
+    }
+    for c in endpoint.connection_stats() {
+        let peer = c.peer.to_string();
+        metrics::gauge!(QUIC_RTT, "peer" => peer.clone()).set(c.rtt.as_secs_f64());
+        metrics::gauge!(QUIC_CWND, "peer" => peer.clone()).set(c.cwnd as f64);
+        metrics::counter!(QUIC_SENT_PACKETS, "peer" => peer.clone()).absolute(c.sent_packets);
+        metrics::counter!(QUIC_LOST_PACKETS, "peer" => peer.clone()).absolute(c.lost_packets);
+        metrics::counter!(QUIC_CONGESTION_EVENTS, "peer" => peer).absolute(c.congestion_events);
+    }
+}
+
 /// Label value of [`BYTES_IN`] for bytes from peer agents.
 pub const SOURCE_PEER: &str = "peer";
 /// Label value of [`BYTES_IN`] for bytes from an origin.
@@ -61,6 +96,28 @@ pub fn describe() {
     describe_counter!(
         MIRROR_FALLBACKS,
         "Mirror blob pulls that fell back to the upstream"
+    );
+    describe_gauge!(
+        UPLOAD_CAPACITY,
+        "Learned upload capacity: what the uplink delivered while it had chunks to send"
+    );
+    describe_gauge!(QUIC_RTT, Unit::Seconds, "Smoothed RTT per QUIC connection");
+    describe_gauge!(
+        QUIC_CWND,
+        Unit::Bytes,
+        "Congestion window per QUIC connection"
+    );
+    describe_counter!(QUIC_SENT_PACKETS, "Packets sent per QUIC connection");
+    describe_counter!(QUIC_LOST_PACKETS, "Packets lost per QUIC connection");
+    describe_counter!(
+        QUIC_CONGESTION_EVENTS,
+        "Congestion events per QUIC connection"
+    );
+    describe_counter!(DUPLICATE_REQUESTS, "Endgame duplicate chunk requests");
+    describe_counter!(
+        WASTED_BYTES,
+        Unit::Bytes,
+        "Chunk bytes received that were already held"
     );
     describe_histogram!(
         MIRROR_FIRST_BYTE,

@@ -57,6 +57,8 @@ pub struct TransportConfig {
     /// Largest UDP payload we accept, and the upper bound of MTU discovery. Loopback and
     /// jumbo-frame fabrics allow far more than the 1500-byte Ethernet default.
     pub max_udp_payload_size: u16,
+    /// QUIC congestion controller of every connection.
+    pub congestion: Congestion,
     /// Caps the bytes this agent serves to peers, across all connections; `None` = no cap.
     pub upload_limit: Option<Arc<RateLimiter>>,
     /// Caps the bytes this agent fetches from peers, across all connections; `None` = no cap.
@@ -73,8 +75,53 @@ impl Default for TransportConfig {
             max_upload_wait: Duration::from_millis(500),
             socket_buffer_bytes: 4 << 20,
             max_udp_payload_size: 1472,
+            congestion: Congestion::default(),
             upload_limit: None,
             download_limit: None,
+        }
+    }
+}
+
+/// Which congestion controller QUIC runs (quinn's implementations).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Congestion {
+    #[default]
+    Cubic,
+    Bbr,
+    NewReno,
+}
+
+/// One connection's path as QUIC's congestion control sees it (see
+/// [`ChunkEndpoint::connection_stats`]); counters are since the connection opened.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ConnectionStats {
+    /// The peer's endpoint address (the pool's key).
+    pub peer: SocketAddr,
+    pub rtt: Duration,
+    /// Congestion window, bytes.
+    pub cwnd: u64,
+    pub sent_packets: u64,
+    pub lost_packets: u64,
+    pub lost_bytes: u64,
+    pub congestion_events: u64,
+    /// UDP bytes sent and received, all packets.
+    pub tx_bytes: u64,
+    pub rx_bytes: u64,
+}
+
+impl ConnectionStats {
+    fn of(peer: SocketAddr, s: &quinn::ConnectionStats) -> Self {
+        Self {
+            peer,
+            rtt: s.path.rtt,
+            cwnd: s.path.cwnd,
+            sent_packets: s.path.sent_packets,
+            lost_packets: s.path.lost_packets,
+            lost_bytes: s.path.lost_bytes,
+            congestion_events: s.path.congestion_events,
+            tx_bytes: s.udp_tx.bytes,
+            rx_bytes: s.udp_rx.bytes,
         }
     }
 }
@@ -209,6 +256,14 @@ impl ChunkEndpoint {
         self.inner.uplink.rate()
     }
 
+    /// Congestion state of every pooled connection, as QUIC sees it.
+    pub fn connection_stats(&self) -> Vec<ConnectionStats> {
+        let pool = self.inner.pool.lock().unwrap_or_else(|e| e.into_inner());
+        (pool.iter())
+            .map(|(&peer, p)| ConnectionStats::of(peer, &p.connection_stats()))
+            .collect()
+    }
+
     /// Chunk requests being served right now.
     pub fn active_uploads(&self) -> usize {
         (self.inner.config.max_concurrent_served)
@@ -304,6 +359,17 @@ fn transport_config(config: &TransportConfig) -> quinn::TransportConfig {
         // finishing together at the end of the window. Have-streams outrank chunk data (see
         // `server::serve_have`).
         .send_fairness(false);
+    match config.congestion {
+        Congestion::Cubic => {
+            t.congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default()))
+        }
+        Congestion::Bbr => {
+            t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()))
+        }
+        Congestion::NewReno => {
+            t.congestion_controller_factory(Arc::new(quinn::congestion::NewRenoConfig::default()))
+        }
+    };
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     mtu.upper_bound(config.max_udp_payload_size.max(1200));
     t.mtu_discovery_config(Some(mtu));

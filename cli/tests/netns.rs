@@ -25,6 +25,7 @@ fn distribute_on_shaped_links_delivers_identical_copies_without_waste() -> Resul
             shoal: env!("CARGO_BIN_EXE_shoal").into(),
             dir: dir.path().join("cluster"),
             agent_toml: &no_extra,
+            coordinator_toml: "",
             wrap: &as_is,
         },
     )?;
@@ -59,16 +60,43 @@ fn distribute_on_shaped_links_delivers_identical_copies_without_waste() -> Resul
     }
     let size = SIZE as f64;
     let seeder = cluster.metric(0, "shoal_agent_bytes_out_total")? / size;
-    // Issue 13's goal is 1.3; today the seeder sends 1.3-1.6 copies here (a planner that
-    // does not know the links over-asks it; see BENCHMARKS.md). This bound catches a seeder
-    // serving every target itself (3.0); tighten it to 1.3 with the fix.
-    assert!(seeder <= 2.0, "the seeder sent {seeder:.2} copies");
+    eprintln!("the seeder sent {seeder:.2} copies");
+    // A seeder that queues only what its uplink drains soon (transport/uplink.rs) leaves the
+    // rest to peers: 1.22-1.38 copies measured here, where it sent 1.34-1.53 before. Issue
+    // 13 asks for 1.3, not met yet in this small shape (32 chunks, three targets); this bound
+    // catches a seeder that serves targets what peers could relay.
+    assert!(seeder <= 1.5, "the seeder sent {seeder:.2} copies");
+    // The agents' view of their links is exported: QUIC's packets and losses per connection,
+    // and the seeder's learned upload capacity, below the 100 Mbit/s link and not far off it.
+    // The metrics are sampled every second: wait for a sample after the transfer.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let sent = cluster.metric(0, "shoal_agent_quic_sent_packets_total")?;
+    let lost = cluster.metric(0, "shoal_agent_quic_lost_packets_total")?;
+    // Counters of pooled connections only (a connection closed meanwhile drops out).
+    assert!(
+        sent > 1000.0 && lost < sent,
+        "{sent} packets sent, {lost} lost"
+    );
+    let capacity = cluster.metric(0, "shoal_agent_upload_capacity_bytes_per_second")?;
+    assert!(
+        (0.5e6 * 12.5..=1.05 * 12.5e6).contains(&capacity),
+        "learned upload capacity {capacity} B/s on a 12.5 MB/s link"
+    );
     let mut received = 0.0;
     for h in 1..=3 {
         received += cluster.metric(h, "shoal_agent_bytes_in_total")?;
     }
-    // Endgame duplicates are the only bytes received and not kept: a few chunks per target.
+    // Endgame duplicates are the only bytes received and not kept: a few chunks per target,
+    // which the targets count themselves.
     let wasted = received - 3.0 * size;
+    let mut counted = 0.0;
+    for h in 1..=3 {
+        counted += cluster.metric(h, "shoal_agent_wasted_bytes_total")?;
+    }
+    assert!(
+        (counted - wasted).abs() <= f64::from(1u32 << 20),
+        "targets counted {counted} wasted bytes, {wasted} received beyond the copies"
+    );
     assert!(
         wasted <= 3.0 * 4.0 * f64::from(1u32 << 20),
         "{:.1} MiB received beyond the copies kept",

@@ -95,6 +95,10 @@ impl Peer {
         self.conn.stats().udp_rx.bytes
     }
 
+    pub(super) fn connection_stats(&self) -> quinn::ConnectionStats {
+        self.conn.stats()
+    }
+
     /// Identifies the underlying connection: clones share it, a redialled peer differs.
     pub fn connection_id(&self) -> usize {
         self.conn.stable_id()

@@ -65,6 +65,9 @@ struct Args {
     /// Extra lines for every agent's agent.toml (`\n` separates lines), to try settings.
     #[arg(long, default_value = "")]
     agent_toml: String,
+    /// Extra lines for coordinator.toml (`\n` separates lines), to try settings.
+    #[arg(long, default_value = "")]
+    coordinator_toml: String,
     /// Where the blob, the copies and the logs go (default: a temporary directory).
     #[arg(long)]
     work_dir: Option<PathBuf>,

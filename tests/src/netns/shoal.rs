@@ -27,6 +27,8 @@ pub struct Options<'a> {
     pub dir: PathBuf,
     /// Extra lines for host `i`'s agent.toml.
     pub agent_toml: &'a dyn Fn(usize) -> String,
+    /// Extra lines for coordinator.toml.
+    pub coordinator_toml: &'a str,
     /// Applied to every command before it is spawned (e.g. to count its CPU time).
     pub wrap: &'a dyn Fn(Command) -> Command,
 }
@@ -65,8 +67,9 @@ impl<'a> Cluster<'a> {
         std::fs::write(
             &config,
             format!(
-                "listen = \"{ip0}:{COORDINATOR_PORT}\"\nstate_dir = \"{}\"\njoin_token = \"{TOKEN}\"\n",
+                "listen = \"{ip0}:{COORDINATOR_PORT}\"\nstate_dir = \"{}\"\njoin_token = \"{TOKEN}\"\n{}\n",
                 cluster.opts.dir.join("coordinator").display(),
+                cluster.opts.coordinator_toml,
             ),
         )?;
         let mut c = cluster.shoal(0);

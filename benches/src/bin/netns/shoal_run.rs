@@ -21,6 +21,7 @@ impl Bench {
         let cpu = CpuGroup::new(name)?;
         let fraction = self.args.shoal_rate_fraction;
         let extra = self.args.agent_toml.replace("\\n", "\n");
+        let coordinator_toml = self.args.coordinator_toml.replace("\\n", "\n");
         let rates = |h: usize| {
             let mut toml = format!("{extra}\n");
             if fraction > 0.0 {
@@ -38,6 +39,7 @@ impl Bench {
                 shoal: self.shoal.clone(),
                 dir: run.clone(),
                 agent_toml: &rates,
+                coordinator_toml: &coordinator_toml,
                 wrap: &wrap,
             },
         )?;
@@ -135,6 +137,12 @@ impl Bench {
             received += cluster.metric(h, "shoal_agent_bytes_in_total")?;
         }
         let kept = (self.args.targets as u64 * self.size) as f64;
+        // QUIC's own view of the links (sampled every second by each agent).
+        let (mut sent, mut lost) = (0.0, 0.0);
+        for h in 0..self.fabric.hosts() {
+            sent += cluster.metric(h, "shoal_agent_quic_sent_packets_total")?;
+            lost += cluster.metric(h, "shoal_agent_quic_lost_packets_total")?;
+        }
         for h in self.targets() {
             let out = run.join(format!("h{h}.out"));
             if !pull {
@@ -153,8 +161,10 @@ impl Bench {
             done,
             cpu_seconds,
             note: format!(
-                "seeder sent {seeder:.2} copies; peers sent {:.2}× what targets kept",
-                received / kept
+                "seeder sent {seeder:.2} copies; peers sent {:.2}× what targets kept; \
+                 QUIC lost {:.1}% of packets",
+                received / kept,
+                100.0 * lost / sent.max(1.0)
             ),
         })
     }
