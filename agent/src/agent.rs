@@ -483,14 +483,32 @@ fn persist_agent_id(path: &Path, id: &str) {
     }
 }
 
-/// Exports the transport's congestion state (see [`crate::metrics::record_transport`]) until
-/// the agent stops.
+/// Exports the transport's congestion state (see [`record_transport_once`]) until the agent
+/// stops.
 async fn record_transport(endpoint: ChunkEndpoint, mut stop: crate::shutdown::Stop) {
     loop {
-        crate::metrics::record_transport(&endpoint);
+        record_transport_once(&endpoint);
         tokio::select! {
             _ = crate::shutdown::stopped(&mut stop) => return,
             _ = tokio::time::sleep(crate::metrics::TRANSPORT_INTERVAL) => {}
         }
+    }
+}
+
+/// Records the uplink's learned capacity and every pooled connection's QUIC state.
+fn record_transport_once(endpoint: &ChunkEndpoint) {
+    if let Some(rate) = endpoint.upload_rate() {
+        metrics::gauge!(crate::metrics::UPLOAD_CAPACITY).set(rate);
+    }
+    for c in endpoint.connection_stats() {
+        let peer = c.peer.to_string();
+        metrics::gauge!(crate::metrics::QUIC_RTT, "peer" => peer.clone()).set(c.rtt.as_secs_f64());
+        metrics::gauge!(crate::metrics::QUIC_CWND, "peer" => peer.clone()).set(c.cwnd as f64);
+        metrics::counter!(crate::metrics::QUIC_SENT_PACKETS, "peer" => peer.clone())
+            .absolute(c.sent_packets);
+        metrics::counter!(crate::metrics::QUIC_LOST_PACKETS, "peer" => peer.clone())
+            .absolute(c.lost_packets);
+        metrics::counter!(crate::metrics::QUIC_CONGESTION_EVENTS, "peer" => peer)
+            .absolute(c.congestion_events);
     }
 }

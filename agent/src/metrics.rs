@@ -46,23 +46,8 @@ pub const DUPLICATE_REQUESTS: &str = "shoal_agent_duplicate_requests_total";
 /// Chunk bytes received that were already held (lost endgame races, late replies).
 pub const WASTED_BYTES: &str = "shoal_agent_wasted_bytes_total";
 
-/// How often [`record_transport`] runs.
+/// How often the agent records its transport's state.
 pub const TRANSPORT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// Records the uplink's learned capacity and every pooled connection's QUIC state.
-pub fn record_transport(endpoint: &crate::transport::ChunkEndpoint) {
-    if let Some(rate) = endpoint.upload_rate() {
-        metrics::gauge!(UPLOAD_CAPACITY).set(rate);
-    }
-    for c in endpoint.connection_stats() {
-        let peer = c.peer.to_string();
-        metrics::gauge!(QUIC_RTT, "peer" => peer.clone()).set(c.rtt.as_secs_f64());
-        metrics::gauge!(QUIC_CWND, "peer" => peer.clone()).set(c.cwnd as f64);
-        metrics::counter!(QUIC_SENT_PACKETS, "peer" => peer.clone()).absolute(c.sent_packets);
-        metrics::counter!(QUIC_LOST_PACKETS, "peer" => peer.clone()).absolute(c.lost_packets);
-        metrics::counter!(QUIC_CONGESTION_EVENTS, "peer" => peer).absolute(c.congestion_events);
-    }
-}
 
 /// Label value of [`BYTES_IN`] for bytes from peer agents.
 pub const SOURCE_PEER: &str = "peer";
