@@ -10,7 +10,10 @@
 //! - `distribute`: a coordinator and an agent on host 0, an agent on every target, the blob
 //!   pushed on host 0, then `shoal distribute --to role=target`;
 //! - `pull`: the same cluster, fresh, and every target runs `shoal pull DIGEST -o FILE` at
-//!   once.
+//!   once;
+//! - `pull-url`: the same cluster, fresh, nothing pushed, an HTTP origin on host 0 (GET, HEAD,
+//!   ranges), and every target runs `shoal pull http://h0/blob.bin -o FILE` at once (a model
+//!   rollout, issue 14).
 //!
 //! Printed per system: makespan, p50 and p99 of the targets' completion times, each as a
 //! multiple of the target's own bound (size ÷ its link rate), and CPU seconds per delivered
@@ -55,8 +58,8 @@ struct Args {
     /// This many targets (the last ones) run at half the rate.
     #[arg(long, default_value_t = 0)]
     slow: usize,
-    /// Systems to run, comma-separated: floor,http,bt,distribute,pull.
-    #[arg(long, default_value = "floor,http,bt,distribute,pull")]
+    /// Systems to run, comma-separated: floor,http,bt,distribute,pull,pull-url.
+    #[arg(long, default_value = "floor,http,bt,distribute,pull,pull-url")]
     systems: String,
     /// Also give every agent upload and download limits of this fraction of its link
     /// (0: none, the default: capacity unknown to Shoal, as in most deployments).
@@ -82,7 +85,8 @@ enum Helper {
     /// Sends `bytes` of zeros to `to`.
     #[command(hide = true)]
     Source { to: SocketAddr, bytes: u64 },
-    /// Serves `file` to every GET on `port`.
+    /// Serves `file` on `port` as a plain origin does: GET and HEAD, single byte ranges,
+    /// keep-alive.
     #[command(hide = true)]
     Serve { port: u16, file: PathBuf },
     /// GETs `url`'s path from `addr` into `out`, prints the wall-clock µs it ended.
@@ -130,22 +134,7 @@ fn helper(h: Helper) -> Result<()> {
             std::io::stdout().flush()?;
             for s in listener.incoming() {
                 let (mut s, file) = (s?, file.clone());
-                std::thread::spawn(move || -> Result<()> {
-                    // The whole request, or closing with part of it unread resets the
-                    // connection and the client loses the end of the body.
-                    let mut head = Vec::new();
-                    let mut buf = [0u8; 1024];
-                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                        let n = s.read(&mut buf)?;
-                        ensure!(n > 0, "client closed before its request ended");
-                        head.extend_from_slice(&buf[..n]);
-                    }
-                    let mut f = std::fs::File::open(&file)?;
-                    let len = f.metadata()?.len();
-                    write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {len}\r\n\r\n")?;
-                    std::io::copy(&mut f, &mut s)?;
-                    Ok(())
-                });
+                std::thread::spawn(move || serve_connection(&mut s, &file));
             }
         }
         Helper::Get { addr, out } => {
@@ -189,6 +178,66 @@ fn helper(h: Helper) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Answers the requests of one client connection until it closes.
+fn serve_connection(s: &mut TcpStream, file: &Path) -> Result<()> {
+    use std::io::{Seek, SeekFrom};
+    let mut pending = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        // The whole head, or closing with part of it unread resets the connection and the
+        // client loses the end of the body.
+        let end = loop {
+            if let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                break end;
+            }
+            let n = s.read(&mut buf)?;
+            if n == 0 {
+                return Ok(());
+            }
+            pending.extend_from_slice(&buf[..n]);
+        };
+        let head = String::from_utf8_lossy(&pending[..end]).to_lowercase();
+        pending.drain(..end + 4);
+        let head_only = head.starts_with("head ");
+        let mut f = std::fs::File::open(file)?;
+        let len = f.metadata()?.len();
+        let range = head
+            .lines()
+            .find_map(|l| l.strip_prefix("range:"))
+            .and_then(|r| r.trim().strip_prefix("bytes="))
+            .and_then(|r| {
+                let (a, b) = r.split_once('-')?;
+                let a: u64 = a.parse().ok()?;
+                let b: u64 = if b.is_empty() {
+                    len - 1
+                } else {
+                    b.parse().ok()?
+                };
+                (a <= b && b < len).then_some((a, b))
+            });
+        let (status, first, count) = match range {
+            Some((a, b)) => ("206 Partial Content", a, b - a + 1),
+            None => ("200 OK", 0, len),
+        };
+        write!(
+            s,
+            "HTTP/1.1 {status}\r\nContent-Length: {count}\r\nAccept-Ranges: bytes\r\n"
+        )?;
+        if range.is_some() {
+            write!(
+                s,
+                "Content-Range: bytes {first}-{}/{len}\r\n",
+                first + count - 1
+            )?;
+        }
+        write!(s, "\r\n")?;
+        if !head_only {
+            f.seek(SeekFrom::Start(first))?;
+            std::io::copy(&mut f.take(count), s)?;
+        }
+    }
 }
 
 fn connect_retry(to: SocketAddr) -> Result<TcpStream> {
@@ -282,7 +331,7 @@ fn main() -> Result<()> {
     let systems: Vec<String> = args.systems.split(',').map(str::to_string).collect();
     for s in &systems {
         ensure!(
-            ["floor", "http", "bt", "distribute", "pull"].contains(&s.as_str()),
+            ["floor", "http", "bt", "distribute", "pull", "pull-url"].contains(&s.as_str()),
             "unknown system {s:?}"
         );
     }
@@ -348,8 +397,9 @@ fn main() -> Result<()> {
             "floor" => bench.floor(),
             "http" => bench.http(),
             "bt" => bench.bittorrent(),
-            "distribute" => bench.shoal(false),
-            _ => bench.shoal(true),
+            "distribute" => bench.shoal(shoal_run::Mode::Distribute),
+            "pull" => bench.shoal(shoal_run::Mode::Pull),
+            _ => bench.shoal(shoal_run::Mode::PullUrl),
         };
         match outcome {
             Ok(o) => println!("{}", bench.row(system, &o)),

@@ -11,11 +11,25 @@ use shoal_tests::netns::shoal::{Cluster, Options};
 
 use super::{Bench, Outcome, sha_of, wall_us};
 
+/// Which Shoal path a run takes.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) enum Mode {
+    Distribute,
+    Pull,
+    PullUrl,
+}
+
 impl Bench {
-    /// `shoal distribute` (or, with `pull`, a `shoal pull` on every target at once) of the
-    /// blob pushed on host 0.
-    pub(super) fn shoal(&self, pull: bool) -> Result<Outcome> {
-        let name = if pull { "pull" } else { "distribute" };
+    /// `shoal distribute` of the blob pushed on host 0, or a `shoal pull` of it on every
+    /// target at once, or (`PullUrl`) a `shoal pull URL` on every target at once of the blob
+    /// served by a plain HTTP origin on host 0 that no agent holds yet (a model rollout).
+    pub(super) fn shoal(&self, mode: Mode) -> Result<Outcome> {
+        let name = match mode {
+            Mode::Distribute => "distribute",
+            Mode::Pull => "pull",
+            Mode::PullUrl => "pull-url",
+        };
+        let pull = mode != Mode::Distribute;
         let run = self.dir.join(format!("shoal-{name}"));
         let _ = std::fs::remove_dir_all(&run);
         let cpu = CpuGroup::new(name)?;
@@ -43,7 +57,14 @@ impl Bench {
                 wrap: &wrap,
             },
         )?;
-        let digest = cluster.push(&self.blob)?;
+        let digest = if mode == Mode::PullUrl {
+            let mut c = self.fabric.command(0, &self.exe);
+            c.args(["serve", "8080"]).arg(&self.blob);
+            cluster.spawn(c, "origin")?;
+            format!("http://{}:8080/blob.bin", self.fabric.ip(0))
+        } else {
+            cluster.push(&self.blob)?
+        };
 
         let before = cpu.seconds()?;
         let t0 = wall_us();
@@ -130,8 +151,15 @@ impl Bench {
         }
         let cpu_seconds = cpu.seconds()? - before;
 
-        // What the seeder served, and what peers sent in all, in copies of the blob.
-        let seeder = cluster.metric(0, "shoal_agent_bytes_out_total")? / self.size as f64;
+        // What the seeder served (for a URL, the busiest agent: whichever was elected),
+        // and what peers sent in all, in copies of the blob.
+        let mut seeder = cluster.metric(0, "shoal_agent_bytes_out_total")? / self.size as f64;
+        if mode == Mode::PullUrl {
+            for h in self.targets() {
+                seeder = seeder
+                    .max(cluster.metric(h, "shoal_agent_bytes_out_total")? / self.size as f64);
+            }
+        }
         let mut received = 0.0;
         for h in self.targets() {
             received += cluster.metric(h, "shoal_agent_bytes_in_total")?;
