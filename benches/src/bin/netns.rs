@@ -13,7 +13,7 @@
 //!   once;
 //! - `pull-url`: the same cluster, fresh, nothing pushed, an HTTP origin on host 0 (GET, HEAD,
 //!   ranges), and every target runs `shoal pull http://h0/blob.bin -o FILE` at once (a model
-//!   rollout, issue 14).
+//!   rollout, issue 14); `pull-url-digest` the same with `--digest`.
 //!
 //! Printed per system: makespan, p50 and p99 of the targets' completion times, each as a
 //! multiple of the target's own bound (size ÷ its link rate), and CPU seconds per delivered
@@ -58,8 +58,12 @@ struct Args {
     /// This many targets (the last ones) run at half the rate.
     #[arg(long, default_value_t = 0)]
     slow: usize,
-    /// Systems to run, comma-separated: floor,http,bt,distribute,pull,pull-url.
-    #[arg(long, default_value = "floor,http,bt,distribute,pull,pull-url")]
+    /// Systems to run, comma-separated: floor,http,bt,distribute,pull,pull-url,
+    /// pull-url-digest.
+    #[arg(
+        long,
+        default_value = "floor,http,bt,distribute,pull,pull-url,pull-url-digest"
+    )]
     systems: String,
     /// Also give every agent upload and download limits of this fraction of its link
     /// (0: none, the default: capacity unknown to Shoal, as in most deployments).
@@ -331,7 +335,16 @@ fn main() -> Result<()> {
     let systems: Vec<String> = args.systems.split(',').map(str::to_string).collect();
     for s in &systems {
         ensure!(
-            ["floor", "http", "bt", "distribute", "pull", "pull-url"].contains(&s.as_str()),
+            [
+                "floor",
+                "http",
+                "bt",
+                "distribute",
+                "pull",
+                "pull-url",
+                "pull-url-digest"
+            ]
+            .contains(&s.as_str()),
             "unknown system {s:?}"
         );
     }
@@ -399,7 +412,8 @@ fn main() -> Result<()> {
             "bt" => bench.bittorrent(),
             "distribute" => bench.shoal(shoal_run::Mode::Distribute),
             "pull" => bench.shoal(shoal_run::Mode::Pull),
-            _ => bench.shoal(shoal_run::Mode::PullUrl),
+            "pull-url" => bench.shoal(shoal_run::Mode::PullUrl),
+            _ => bench.shoal(shoal_run::Mode::PullUrlDigest),
         };
         match outcome {
             Ok(o) => println!("{}", bench.row(system, &o)),

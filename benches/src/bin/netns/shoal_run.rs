@@ -17,6 +17,8 @@ pub(super) enum Mode {
     Distribute,
     Pull,
     PullUrl,
+    /// `PullUrl` with `--digest`.
+    PullUrlDigest,
 }
 
 impl Bench {
@@ -28,7 +30,9 @@ impl Bench {
             Mode::Distribute => "distribute",
             Mode::Pull => "pull",
             Mode::PullUrl => "pull-url",
+            Mode::PullUrlDigest => "pull-url-digest",
         };
+        let by_url = matches!(mode, Mode::PullUrl | Mode::PullUrlDigest);
         let pull = mode != Mode::Distribute;
         let run = self.dir.join(format!("shoal-{name}"));
         let _ = std::fs::remove_dir_all(&run);
@@ -57,7 +61,7 @@ impl Bench {
                 wrap: &wrap,
             },
         )?;
-        let digest = if mode == Mode::PullUrl {
+        let digest = if by_url {
             let mut c = self.fabric.command(0, &self.exe);
             c.args(["serve", "8080"]).arg(&self.blob);
             cluster.spawn(c, "origin")?;
@@ -76,9 +80,12 @@ impl Bench {
             for h in self.targets() {
                 let mut c = cluster.shoal(h);
                 c.args(["pull", &digest, "-o"])
-                    .arg(run.join(format!("h{h}.out")))
-                    .arg("--socket")
-                    .arg(cluster.socket(h));
+                    .arg(run.join(format!("h{h}.out")));
+                if mode == Mode::PullUrlDigest {
+                    let hex: String = self.sha.iter().map(|b| format!("{b:02x}")).collect();
+                    c.args(["--digest", &format!("sha256:{hex}")]);
+                }
+                c.arg("--socket").arg(cluster.socket(h));
                 pulls.push((h, cluster.spawn(c, &format!("pull-{h}"))?));
             }
             while done.len() < pulls.len() {
@@ -154,7 +161,7 @@ impl Bench {
         // What the seeder served (for a URL, the busiest agent: whichever was elected),
         // and what peers sent in all, in copies of the blob.
         let mut seeder = cluster.metric(0, "shoal_agent_bytes_out_total")? / self.size as f64;
-        if mode == Mode::PullUrl {
+        if by_url {
             for h in self.targets() {
                 seeder = seeder
                     .max(cluster.metric(h, "shoal_agent_bytes_out_total")? / self.size as f64);
