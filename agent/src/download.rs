@@ -257,8 +257,7 @@ impl Download<'_> {
         if let Some(&key) = self.by_agent.get(&s.agent_id) {
             // Known: the have-stream is the authority on what it holds; only its stripe
             // may have changed (another downloader of it came or went).
-            self.picker.set_stripe(host(key), s.stripe, s.stripes);
-            tracing::debug!(order_id = self.order_id, source = %s.agent_id, stripe = s.stripe, stripes = s.stripes, "stripe");
+            self.set_stripe(key, &s);
             return;
         }
         let addrs: Vec<SocketAddr> = s
@@ -281,8 +280,7 @@ impl Download<'_> {
         self.picker
             .add_source(host(key), ChunkSet::empty(self.manifest.chunk_count()));
         // Ask this source for our own stripe first, so its downloaders don't overlap.
-        self.picker.set_stripe(host(key), s.stripe, s.stripes);
-        tracing::debug!(order_id = self.order_id, source = %s.agent_id, stripe = s.stripe, stripes = s.stripes, "stripe");
+        self.set_stripe(key, &s);
         self.by_agent.insert(s.agent_id.clone(), key);
         self.sources.push(Some(Source {
             agent_id: s.agent_id,
@@ -305,6 +303,12 @@ impl Download<'_> {
         for index in self.picker.remove_source(host(key)) {
             self.cancel(key, index);
         }
+    }
+
+    /// The stripe the coordinator gave us of this source's chunks (see `ChunkPicker::set_stripe`).
+    fn set_stripe(&mut self, key: SourceKey, s: &pb::Source) {
+        self.picker.set_stripe(host(key), s.stripe, s.stripes);
+        tracing::debug!(order_id = self.order_id, source = %s.agent_id, stripe = s.stripe, stripes = s.stripes, "stripe");
     }
 
     /// Stops the task of a request the picker no longer counts.

@@ -103,11 +103,7 @@ pub struct ConnectionStats {
     pub cwnd: u64,
     pub sent_packets: u64,
     pub lost_packets: u64,
-    pub lost_bytes: u64,
     pub congestion_events: u64,
-    /// UDP bytes sent and received, all packets.
-    pub tx_bytes: u64,
-    pub rx_bytes: u64,
 }
 
 impl ConnectionStats {
@@ -118,10 +114,7 @@ impl ConnectionStats {
             cwnd: s.path.cwnd,
             sent_packets: s.path.sent_packets,
             lost_packets: s.path.lost_packets,
-            lost_bytes: s.path.lost_bytes,
             congestion_events: s.path.congestion_events,
-            tx_bytes: s.udp_tx.bytes,
-            rx_bytes: s.udp_rx.bytes,
         }
     }
 }

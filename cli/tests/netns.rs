@@ -79,7 +79,7 @@ fn distribute_on_shaped_links_delivers_identical_copies_without_waste() -> Resul
     );
     let capacity = cluster.metric(0, "shoal_agent_upload_capacity_bytes_per_second")?;
     assert!(
-        (0.5e6 * 12.5..=1.05 * 12.5e6).contains(&capacity),
+        (0.5 * 12.5e6..=1.05 * 12.5e6).contains(&capacity),
         "learned upload capacity {capacity} B/s on a 12.5 MB/s link"
     );
     let mut received = 0.0;

@@ -215,7 +215,7 @@ fn serve_connection(s: &mut TcpStream, file: &Path) -> Result<()> {
                 let (a, b) = r.split_once('-')?;
                 let a: u64 = a.parse().ok()?;
                 let b: u64 = if b.is_empty() {
-                    len - 1
+                    len.checked_sub(1)?
                 } else {
                     b.parse().ok()?
                 };
@@ -335,16 +335,8 @@ fn main() -> Result<()> {
     let systems: Vec<String> = args.systems.split(',').map(str::to_string).collect();
     for s in &systems {
         ensure!(
-            [
-                "floor",
-                "http",
-                "bt",
-                "distribute",
-                "pull",
-                "pull-url",
-                "pull-url-digest"
-            ]
-            .contains(&s.as_str()),
+            ["floor", "http", "bt"].contains(&s.as_str())
+                || shoal_run::Mode::of_system(s).is_some(),
             "unknown system {s:?}"
         );
     }
@@ -410,10 +402,10 @@ fn main() -> Result<()> {
             "floor" => bench.floor(),
             "http" => bench.http(),
             "bt" => bench.bittorrent(),
-            "distribute" => bench.shoal(shoal_run::Mode::Distribute),
-            "pull" => bench.shoal(shoal_run::Mode::Pull),
-            "pull-url" => bench.shoal(shoal_run::Mode::PullUrl),
-            _ => bench.shoal(shoal_run::Mode::PullUrlDigest),
+            shoal => match shoal_run::Mode::of_system(shoal) {
+                Some(mode) => bench.shoal(mode),
+                None => Err(anyhow::anyhow!("unknown system {shoal}")),
+            },
         };
         match outcome {
             Ok(o) => println!("{}", bench.row(system, &o)),

@@ -21,17 +21,35 @@ pub(super) enum Mode {
     PullUrlDigest,
 }
 
+impl Mode {
+    const ALL: [Mode; 4] = [
+        Mode::Distribute,
+        Mode::Pull,
+        Mode::PullUrl,
+        Mode::PullUrlDigest,
+    ];
+
+    /// The system's name on the command line and in the table.
+    pub(super) fn name(self) -> &'static str {
+        match self {
+            Mode::Distribute => "distribute",
+            Mode::Pull => "pull",
+            Mode::PullUrl => "pull-url",
+            Mode::PullUrlDigest => "pull-url-digest",
+        }
+    }
+
+    pub(super) fn of_system(name: &str) -> Option<Mode> {
+        Self::ALL.into_iter().find(|m| m.name() == name)
+    }
+}
+
 impl Bench {
     /// `shoal distribute` of the blob pushed on host 0, or a `shoal pull` of it on every
     /// target at once, or (`PullUrl`) a `shoal pull URL` on every target at once of the blob
     /// served by a plain HTTP origin on host 0 that no agent holds yet (a model rollout).
     pub(super) fn shoal(&self, mode: Mode) -> Result<Outcome> {
-        let name = match mode {
-            Mode::Distribute => "distribute",
-            Mode::Pull => "pull",
-            Mode::PullUrl => "pull-url",
-            Mode::PullUrlDigest => "pull-url-digest",
-        };
+        let name = mode.name();
         let by_url = matches!(mode, Mode::PullUrl | Mode::PullUrlDigest);
         let pull = mode != Mode::Distribute;
         let run = self.dir.join(format!("shoal-{name}"));
