@@ -120,6 +120,11 @@ struct Download<'a> {
     /// Chunks stored from each source (by agent id), logged at the end: where a blob came
     /// from is what tells a seeder that sent too many copies from a swarm that relayed.
     stored_from: HashMap<String, u32>,
+    /// While the manifest is provisional (the blob is being seeded): chunks whose digests
+    /// are known. The rest are never asked for; what sources announce of them waits in
+    /// `deferred` until their digests come (`Control::Digests`).
+    known: Option<ChunkSet>,
+    deferred: HashMap<SourceKey, Vec<ChunkIndex>>,
 }
 
 impl Drop for Download<'_> {
@@ -189,7 +194,18 @@ async fn download(
         bytes_from_peers: 0,
         stall_timeout,
         stored_from: HashMap::new(),
+        known: None,
+        deferred: HashMap::new(),
     };
+    if let Some(m) = shared.store.manifest(&blob).filter(|m| m.is_provisional()) {
+        let mut known = ChunkSet::empty(m.chunk_count());
+        for (i, d) in m.chunk_digests().iter().enumerate() {
+            if !d.is_unknown() {
+                known.insert(ChunkIndex(i as u32));
+            }
+        }
+        d.known = Some(known);
+    }
     for s in sources {
         d.add_source(s);
     }
@@ -227,6 +243,7 @@ async fn download(
                         d.add_source(s);
                     }
                 }
+                Some(Control::Digests { first, digests }) => d.learn(first, &digests)?,
                 Some(Control::Cancel(reason)) => {
                     return Err(Failure::new(FailureReason::Cancelled, format!("cancelled: {reason}")));
                 }
@@ -293,10 +310,59 @@ impl Download<'_> {
         }));
     }
 
+    /// Digests of chunks `first..` arrived for a provisional manifest: those chunks may be
+    /// fetched now, from the sources that announced them meanwhile.
+    fn learn(&mut self, first: u32, digests: &[Digest]) -> Result<(), Failure> {
+        let blob = self.manifest.digest();
+        let learned = (self.shared.store)
+            .learn_digests(&blob, first, digests)
+            .map_err(|e| Failure::from_store(&e))?;
+        metrics::counter!(crate::metrics::STREAMED_DIGESTS).increment(u64::from(learned));
+        let Some(known) = &mut self.known else {
+            return Ok(());
+        };
+        for (i, d) in digests.iter().enumerate() {
+            if !d.is_unknown() {
+                known.insert(ChunkIndex(first + i as u32));
+            }
+        }
+        let known = known.clone();
+        for (key, waiting) in &mut self.deferred {
+            let ready: Vec<ChunkIndex> = waiting
+                .iter()
+                .copied()
+                .filter(|i| known.contains(*i))
+                .collect();
+            if !ready.is_empty() {
+                waiting.retain(|i| !known.contains(*i));
+                self.picker.source_have(host(*key), ready);
+            }
+        }
+        if known.is_full() {
+            self.known = None;
+            self.deferred.clear();
+        }
+        Ok(())
+    }
+
+    /// Passes what a source announced to the picker, but only chunks whose digest is known.
+    fn source_have(&mut self, key: SourceKey, indices: impl IntoIterator<Item = ChunkIndex>) {
+        match &self.known {
+            None => self.picker.source_have(host(key), indices),
+            Some(known) => {
+                let (ready, wait): (Vec<ChunkIndex>, Vec<ChunkIndex>) =
+                    indices.into_iter().partition(|i| known.contains(*i));
+                self.deferred.entry(key).or_default().extend(wait);
+                self.picker.source_have(host(key), ready);
+            }
+        }
+    }
+
     fn remove_source(&mut self, agent_id: &str) {
         let Some(key) = self.by_agent.remove(agent_id) else {
             return;
         };
+        self.deferred.remove(&key);
         if let Some(s) = self.sources[key].take() {
             s.watcher.abort();
         }
@@ -308,7 +374,8 @@ impl Download<'_> {
     /// The stripe the coordinator gave us of this source's chunks (see `ChunkPicker::set_stripe`).
     fn set_stripe(&mut self, key: SourceKey, s: &pb::Source) {
         self.picker.set_stripe(host(key), s.stripe, s.stripes);
-        tracing::debug!(order_id = self.order_id, source = %s.agent_id, stripe = s.stripe, stripes = s.stripes, "stripe");
+        self.picker.set_stripe_only(host(key), s.stripe_only);
+        tracing::debug!(order_id = self.order_id, source = %s.agent_id, stripe = s.stripe, stripes = s.stripes, only = s.stripe_only, "stripe");
     }
 
     /// Stops the task of a request the picker no longer counts.
@@ -515,7 +582,7 @@ impl Download<'_> {
                 if chunk_count == self.manifest.chunk_count() {
                     // A bitfield only grows (a resend after lag): add what is new.
                     let has = ChunkSet::from_bitfield(chunk_count, &bits);
-                    self.picker.source_have(host(key), has.iter());
+                    self.source_have(key, has.iter().collect::<Vec<_>>());
                 } else {
                     tracing::warn!(
                         order_id = self.order_id,
@@ -525,7 +592,7 @@ impl Download<'_> {
                 }
             }
             SourceEvent::Have(key, HaveUpdate::Delta(indices)) => {
-                self.picker.source_have(host(key), indices);
+                self.source_have(key, indices);
             }
             SourceEvent::Down(key, why) => {
                 if let Some(Some(s)) = self.sources.get_mut(key) {

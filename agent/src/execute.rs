@@ -47,6 +47,18 @@ impl Executor {
                     );
                 }
             }
+            Incoming::ChunkDigests(c) => {
+                let control = Control::Digests {
+                    first: c.first_chunk,
+                    digests: crate::orders::digest_table(&c.chunk_digests),
+                };
+                if !self.orders.control(c.order_id, control) {
+                    tracing::debug!(
+                        order_id = c.order_id,
+                        "chunk digests for an order not running"
+                    );
+                }
+            }
             Incoming::Cancel(c) => {
                 if !self.orders.control(c.order_id, Control::Cancel(c.reason)) {
                     tracing::debug!(order_id = c.order_id, "cancel for an order not running");
@@ -174,8 +186,11 @@ impl Executor {
             store.hold(&m.digest())
         })
         .await?;
-        // A range this agent seeded for the blob goes in first: it is what peers lack.
-        self.ingester.import_ranges(&manifest).await;
+        // A range this agent seeded for the blob goes in first: it is what peers lack. (A
+        // provisional manifest is of a blob seeded whole, elsewhere.)
+        if !manifest.is_provisional() {
+            self.ingester.import_ranges(&manifest).await;
+        }
         self.orders.set_size(order.order_id, manifest.size());
         let bytes_from_peers = if self.store.is_complete(&digest) {
             0
@@ -224,7 +239,7 @@ async fn unless_cancelled<T>(
         loop {
             match control.recv().await {
                 Some(Control::Cancel(why)) => return why,
-                Some(Control::Sources { .. }) => {}
+                Some(Control::Sources { .. } | Control::Digests { .. }) => {}
                 None => std::future::pending::<()>().await,
             }
         }

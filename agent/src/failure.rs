@@ -26,6 +26,7 @@ impl Failure {
                 FailureReason::DiskFull
             }
             StoreError::ManifestConflict(_) => FailureReason::Invalid,
+            StoreError::DigestConflict(_) => FailureReason::DigestMismatch,
             StoreError::Verify(_) => FailureReason::DigestMismatch,
             _ => FailureReason::IoError,
         };

@@ -28,6 +28,9 @@ use crate::link::Coordinator;
 use crate::orders::{IngestState, IngestView, RunningOrders};
 use crate::store::{ImportError, Store, StoreError};
 
+mod stream;
+use stream::Streamer;
+
 /// What seeding needs: the store, the origin client, where part files go, the coordinator
 /// (to register what it seeded) and the order table (to publish a running fetch's part
 /// file). Cheap to clone.
@@ -146,6 +149,13 @@ fn origin_failure(e: &OriginError) -> Failure {
     Failure::new(reason, e.to_string())
 }
 
+/// What of the origin's content a fetch brings: all of it (streamed into the store as it
+/// comes, with a [`Streamer`]), or one range.
+enum Extent<'a> {
+    Whole(Option<&'a mut Streamer>),
+    Range(Span),
+}
+
 /// A range of a blob to fetch, and the chunk size its digests are computed with.
 #[derive(Clone, Copy, Debug)]
 struct Span {
@@ -192,10 +202,32 @@ impl Ingester {
             order_id: order.order_id,
             _part: PartFile(Some(part.clone())),
         };
+        let mut streamer = Streamer::new(
+            self.store.clone(),
+            self.coordinator.clone(),
+            blob,
+            order.order_id,
+            self.chunk_size,
+        );
         let outcome = async {
-            let (manifest, written) = self
-                .fetch(&origin, blob, Some(blob), &part, &tx, None)
-                .await?;
+            let fetched = self
+                .fetch(
+                    &origin,
+                    blob,
+                    Some(blob),
+                    &part,
+                    &tx,
+                    Extent::Whole(Some(&mut streamer)),
+                )
+                .await;
+            let (manifest, written) = match fetched {
+                Ok(f) => f,
+                Err(f) => {
+                    streamer.discard();
+                    return Err(f);
+                }
+            };
+            streamer.finish(&manifest).await;
             self.store_part(&manifest, &part).await?;
             self.register(&manifest, order.order_id);
             Ok::<_, Failure>((manifest.size(), written))
@@ -219,8 +251,12 @@ impl Ingester {
         expected: Option<Digest>,
         part: &Path,
         tx: &watch::Sender<IngestState>,
-        span: Option<Span>,
+        extent: Extent<'_>,
     ) -> Result<(Manifest, u64), Failure> {
+        let (span, mut stream) = match extent {
+            Extent::Whole(stream) => (None, stream),
+            Extent::Range(span) => (Some(span), None),
+        };
         let local = |what: &str, e: std::io::Error| {
             Failure::from_local_io(&format!("{what} {}", part.display()), &e)
         };
@@ -256,6 +292,9 @@ impl Ingester {
                 if size.is_none() {
                     size = body.len.map(|l| l + written);
                 }
+                if let (Some(s), Some(size)) = (stream.as_deref_mut(), size) {
+                    s.start(size).await;
+                }
                 while let Some(bytes) = body.chunk().await? {
                     if written + bytes.len() as u64 > shoal_proto::MAX_BLOB_SIZE {
                         return Err(FetchError::Origin(OriginError::TooLarge {
@@ -267,6 +306,9 @@ impl Ingester {
                         FetchError::Local(Failure::from_local_io("writing the part file", &e))
                     })?;
                     builder.update(&bytes);
+                    if let Some(s) = stream.as_deref_mut() {
+                        s.feed(&bytes, builder.chunks_done()).await;
+                    }
                     written += bytes.len() as u64;
                     // Readers of the part file (the mirror) may only see flushed bytes.
                     if written - published >= PUBLISH_EVERY {
@@ -340,7 +382,7 @@ impl Ingester {
         // A URL addresses its content itself: the digest argument is unused for it.
         let unaddressed = Digest::from_bytes([0; 32]);
         let (manifest, _) = self
-            .fetch(&origin, unaddressed, None, &part, &tx, None)
+            .fetch(&origin, unaddressed, None, &part, &tx, Extent::Whole(None))
             .await?;
         self.store_part(&manifest, &part).await?;
         self.register(&manifest, 0);
@@ -390,13 +432,18 @@ impl Ingester {
                 .map_err(|e| from_store(&e))?;
             let digest = manifest.digest();
             let _hold = store.hold(&digest).map_err(|e| from_store(&e))?;
-            copy_part(&store, &manifest, &part, manifest.chunk_indices()).map_err(|e| match e {
-                ImportError::Store(e) => from_store(&e),
-                other => Failure::new(
-                    FailureReason::IoError,
-                    format!("reading {}: {other}", part.display()),
-                ),
-            })?;
+            // Streamed into the store while it came: nothing left to copy.
+            let streamed = store.is_complete(&digest);
+            (!streamed)
+                .then(|| copy_part(&store, &manifest, &part, manifest.chunk_indices()))
+                .transpose()
+                .map_err(|e| match e {
+                    ImportError::Store(e) => from_store(&e),
+                    other => Failure::new(
+                        FailureReason::IoError,
+                        format!("reading {}: {other}", part.display()),
+                    ),
+                })?;
             store.ensure_verified(&digest).map_err(|e| from_store(&e))
         });
         copied
@@ -450,7 +497,7 @@ impl Ingester {
         // (this future dropped).
         let mut unkept = PartFile(Some(part.clone()));
         let (range, _) = self
-            .fetch(&origin, blob, None, &part, &tx, Some(span))
+            .fetch(&origin, blob, None, &part, &tx, Extent::Range(span))
             .await?;
         if range.size() != span.end - span.start {
             return Err(Failure::new(
@@ -605,7 +652,14 @@ mod tests {
         // Every write to /dev/full fails with ENOSPC, as a full filesystem would.
         let blob = Digest::from_bytes([0; 32]);
         let failed = ingester
-            .fetch(&http(&url), blob, None, Path::new("/dev/full"), &tx, None)
+            .fetch(
+                &http(&url),
+                blob,
+                None,
+                Path::new("/dev/full"),
+                &tx,
+                Extent::Whole(None),
+            )
             .await
             .expect_err("nothing can be written");
         assert_eq!(failed.reason, FailureReason::DiskFull, "{failed:?}");
@@ -623,7 +677,7 @@ mod tests {
         let part = ingester.part_dir.join("broken.part");
         let blob = Digest::from_bytes([0; 32]);
         let failed = ingester
-            .fetch(&http(&url), blob, None, &part, &tx, None)
+            .fetch(&http(&url), blob, None, &part, &tx, Extent::Whole(None))
             .await
             .expect_err("the origin never sends it all");
         assert_eq!(failed.reason, FailureReason::OriginError, "{failed:?}");

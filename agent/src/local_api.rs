@@ -194,7 +194,7 @@ fn store_status(e: &crate::store::StoreError) -> Status {
     use crate::store::StoreError as E;
     match e {
         E::QuotaExceeded { .. } | E::DiskFull { .. } => Status::resource_exhausted(e.to_string()),
-        E::ManifestConflict(_) => Status::failed_precondition(e.to_string()),
+        E::ManifestConflict(_) | E::DigestConflict(_) => Status::failed_precondition(e.to_string()),
         E::Verify(_) => Status::data_loss(e.to_string()),
         E::UnknownBlob(_) | E::ChunkMissing { .. } => Status::not_found(e.to_string()),
         _ => Status::internal(e.to_string()),

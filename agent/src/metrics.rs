@@ -45,6 +45,9 @@ pub const QUIC_CONGESTION_EVENTS: &str = "shoal_agent_quic_congestion_events_tot
 pub const DUPLICATE_REQUESTS: &str = "shoal_agent_duplicate_requests_total";
 /// Chunk bytes received that were already held (lost endgame races, late replies).
 pub const WASTED_BYTES: &str = "shoal_agent_wasted_bytes_total";
+/// Chunk digests learned from a seed still running elsewhere (orders with a provisional
+/// manifest): those chunks came from peers before the blob was whole anywhere.
+pub const STREAMED_DIGESTS: &str = "shoal_agent_streamed_digests_total";
 
 /// How often the agent records its transport's state.
 pub const TRANSPORT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
@@ -103,6 +106,10 @@ pub fn describe() {
         WASTED_BYTES,
         Unit::Bytes,
         "Chunk bytes received that were already held"
+    );
+    describe_counter!(
+        STREAMED_DIGESTS,
+        "Chunk digests learned from a seed still running on another agent"
     );
     describe_histogram!(
         MIRROR_FIRST_BYTE,

@@ -48,7 +48,19 @@ pub(crate) enum Control {
         add: Vec<pb::Source>,
         remove: Vec<String>,
     },
+    /// Digests of chunks `first..` of a blob whose manifest was provisional.
+    Digests {
+        first: u32,
+        digests: Vec<Digest>,
+    },
     Cancel(String),
+}
+
+/// The digests in a wire table of 32 bytes each (a ragged tail is ignored).
+pub(crate) fn digest_table(table: &[u8]) -> Vec<Digest> {
+    (table.chunks_exact(Digest::LEN))
+        .filter_map(|d| Digest::from_slice(d).ok())
+        .collect()
 }
 
 /// Where a running origin fetch stands.
@@ -164,6 +176,14 @@ impl RunningOrders {
                     add: p.sources.clone(),
                     remove: Vec::new(),
                 });
+                // Sent again with the manifest the seeding completed: the digests still
+                // unknown to a provisional download.
+                if let Some(m) = &p.manifest {
+                    let _ = running.control.send(Control::Digests {
+                        first: 0,
+                        digests: digest_table(&m.chunk_digests),
+                    });
+                }
             }
             return false;
         }

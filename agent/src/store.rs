@@ -163,8 +163,10 @@ impl Store {
         for opened in recovered {
             clock += 1;
             let entry = BlobEntry::new(opened, clock);
-            index.usage += entry.manifest.size();
-            index.blobs.insert(entry.manifest.digest(), Arc::new(entry));
+            index.usage += entry.manifest().size();
+            index
+                .blobs
+                .insert(entry.manifest().digest(), Arc::new(entry));
         }
         Ok(Store {
             inner: Arc::new(Inner {
@@ -191,7 +193,11 @@ impl Store {
     }
 
     /// Registers a blob so its chunks can be put. Idempotent: the same manifest again is `Ok`
-    /// (a different one for the same digest is [`StoreError::ManifestConflict`]). Evicts
+    /// (a different one for the same digest is [`StoreError::ManifestConflict`]). A
+    /// provisional manifest (some chunk digests unknown, see [`Manifest::provisional`])
+    /// registers a blob being seeded; its chunks can be put once their digests are learned
+    /// ([`Store::learn_digests`]), and a manifest for it that agrees with what is known
+    /// teaches the rest. Evicts
     /// least-recently-used unpinned blobs if it would not fit under the quota; if it still does
     /// not, evicts nothing and returns [`StoreError::QuotaExceeded`]. A full disk is
     /// [`StoreError::DiskFull`] (the blob's space is reserved here).
@@ -201,11 +207,19 @@ impl Store {
         let victims = {
             let mut index = lock(&self.inner.index);
             if let Some(existing) = index.blobs.get(&digest) {
-                if *existing.manifest != *manifest {
-                    return Err(StoreError::ManifestConflict(digest));
-                }
                 let existing = Arc::clone(existing);
                 drop(index);
+                let known = existing.manifest();
+                if *known != *manifest {
+                    let same_blob = known.size() == manifest.size()
+                        && known.chunk_size() == manifest.chunk_size();
+                    if !same_blob || !(known.is_provisional() || manifest.is_provisional()) {
+                        return Err(StoreError::ManifestConflict(digest));
+                    }
+                    existing
+                        .learn(0, manifest.chunk_digests())
+                        .map_err(|_| StoreError::ManifestConflict(digest))?;
+                }
                 self.touch(&existing);
                 return Ok(());
             }
@@ -213,8 +227,8 @@ impl Store {
                 .blobs
                 .values()
                 .map(|e| Candidate {
-                    digest: e.manifest.digest(),
-                    size: e.manifest.size(),
+                    digest: e.manifest().digest(),
+                    size: e.manifest().size(),
                     recency: e.recency(),
                     pinned: e.protected(),
                 })
@@ -233,12 +247,12 @@ impl Store {
                 .collect::<Vec<_>>()
         };
         for victim in victims {
-            tracing::info!(blob = %victim.manifest.digest(), "evicting least recently used blob");
+            tracing::info!(blob = %victim.manifest().digest(), "evicting least recently used blob");
             // Already out of the index and the usage: finish every deletion rather than stop
             // at the first error and leave the rest behind. A blob whose manifest could not
             // be deleted comes back at the next open, where eviction meets it again.
             if let Err(e) = victim.paths.remove() {
-                tracing::warn!(blob = %victim.manifest.digest(), error = %e, "deleting an evicted blob failed");
+                tracing::warn!(blob = %victim.manifest().digest(), error = %e, "deleting an evicted blob failed");
             }
         }
 
@@ -251,9 +265,21 @@ impl Store {
         Ok(())
     }
 
-    /// The manifest of a stored blob.
+    /// The manifest of a stored blob (provisional while its digests are being learned).
     pub fn manifest(&self, blob: &Digest) -> Option<Arc<Manifest>> {
-        self.entry(blob).map(|e| Arc::clone(&e.manifest))
+        self.entry(blob).map(|e| e.manifest())
+    }
+
+    /// Learns digests of chunks `first..` of a blob registered with a provisional manifest;
+    /// how many were new. Digests that contradict known ones, or do not fit, are
+    /// [`StoreError::DigestConflict`] and change nothing.
+    pub fn learn_digests(
+        &self,
+        blob: &Digest,
+        first: u32,
+        digests: &[Digest],
+    ) -> Result<u32, StoreError> {
+        self.known(blob)?.learn(first, digests)
     }
 
     /// Verifies `data` (length and SHA-256) against the manifest, writes it in place and marks
@@ -285,7 +311,7 @@ impl Store {
     /// byte `i / 8`, least significant bit first.
     pub fn bitfield(&self, blob: &Digest) -> Option<(u32, Bytes)> {
         self.entry(blob)
-            .map(|e| (e.manifest.chunk_count(), e.bitfield()))
+            .map(|e| (e.manifest().chunk_count(), e.bitfield()))
     }
 
     /// Yields each chunk index of `blob` as it becomes present. Subscribe, then read
@@ -375,10 +401,10 @@ impl Store {
         let mut out: Vec<BlobSummary> = entries
             .iter()
             .map(|e| BlobSummary {
-                digest: e.manifest.digest(),
-                size: e.manifest.size(),
+                digest: e.manifest().digest(),
+                size: e.manifest().size(),
                 present: e.present_count(),
-                chunk_count: e.manifest.chunk_count(),
+                chunk_count: e.manifest().chunk_count(),
                 pinned: e.pinned.load(Ordering::Relaxed),
                 last_used: e.last_used(),
             })
@@ -405,7 +431,7 @@ impl Store {
         let mut first_error = None;
         for entry in entries {
             if let Err(e) = entry.flush() {
-                tracing::warn!(blob = %entry.manifest.digest(), error = %e, "flush failed");
+                tracing::warn!(blob = %entry.manifest().digest(), error = %e, "flush failed");
                 first_error.get_or_insert(e);
             }
         }
@@ -416,7 +442,7 @@ impl Store {
 impl Index {
     fn remove(&mut self, digest: &Digest) -> Option<Arc<BlobEntry>> {
         let entry = self.blobs.remove(digest)?;
-        self.usage -= entry.manifest.size();
+        self.usage -= entry.manifest().size();
         Some(entry)
     }
 }

@@ -457,21 +457,50 @@ struct HttpServer {
     log: std::path::PathBuf,
 }
 
+/// http.server's handler, sending bodies at `rate` bytes per second (argv: port, rate).
+const THROTTLED_SERVER: &str = r#"
+import http.server, sys, time
+rate = float(sys.argv[2])
+class Handler(http.server.SimpleHTTPRequestHandler):
+    def copyfile(self, src, dst):
+        while True:
+            piece = src.read(65536)
+            if not piece:
+                break
+            dst.write(piece)
+            dst.flush()
+            time.sleep(len(piece) / rate)
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+"#;
+
 impl HttpServer {
     fn start(dir: &Path) -> Result<Self> {
+        Self::spawn(dir, None)
+    }
+
+    /// One that sends bodies at `rate` bytes per second: an origin slower than the agents.
+    fn start_throttled(dir: &Path, rate: u64) -> Result<Self> {
+        Self::spawn(dir, Some(rate))
+    }
+
+    fn spawn(dir: &Path, rate: Option<u64>) -> Result<Self> {
         let python = shoal_tests::tools::require("python3", "python3");
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
         let log = dir.join("http.log");
-        let child = Command::new(python)
-            .args([
+        let mut cmd = Command::new(python);
+        match rate {
+            None => cmd.args([
                 "-m",
                 "http.server",
                 "--bind",
                 "127.0.0.1",
                 &port.to_string(),
-            ])
+            ]),
+            Some(rate) => cmd.args(["-c", THROTTLED_SERVER, &port.to_string(), &rate.to_string()]),
+        };
+        let child = cmd
             .current_dir(dir)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?)
@@ -590,5 +619,53 @@ async fn four_agents_pulling_a_url_without_digest_fetch_it_once() -> Result<()> 
         );
     }
     assert_eq!(server.gets("/model.bin"), 1, "{}", read(&server.log));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simultaneous_pulls_by_digest_fetch_from_the_seeder_while_it_seeds() -> Result<()> {
+    // An origin slower than the agents, as a registry or model store is for a whole
+    // cluster: the first pull seeds the file, and the others fetch its chunks from the
+    // seeder (and each other) as they arrive, not after the whole file.
+    let cluster = Cluster::start_configured(4, &[], 10_000, "", "chunk_size = 262144\n").await?;
+    let files = tempfile::tempdir()?;
+    let model = harness::random_file(files.path(), "model.bin", 6 << 20, 13)?;
+    let content = std::fs::read(&model)?;
+    let digest = shoal_proto::Digest::of(&content).to_string();
+    let server = HttpServer::start_throttled(files.path(), 4 << 20)?;
+    let url = format!("http://127.0.0.1:{}/model.bin", server.port);
+    let pulls: Vec<_> = (cluster.agents.iter().enumerate())
+        .map(|(i, agent)| {
+            let mut cmd = harness::shoal();
+            cmd.args(["pull", &url, "--digest", &digest, "-o"])
+                .arg(files.path().join(format!("out-{i}")))
+                .arg("--socket")
+                .arg(agent.socket());
+            std::thread::spawn(move || cmd.output())
+        })
+        .collect();
+    for (i, p) in pulls.into_iter().enumerate() {
+        let out = p.join().expect("pull thread")?;
+        ensure!(
+            out.status.success(),
+            "pull {i}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            std::fs::read(files.path().join(format!("out-{i}")))? == content,
+            "pull {i}'s copy differs"
+        );
+    }
+    assert_eq!(server.gets("/model.bin"), 1, "{}", read(&server.log));
+    // Every agent but the seeder learned chunk digests from the running seed.
+    let mut streamed = Vec::new();
+    for agent in &cluster.agents {
+        streamed.push(agent.metric("shoal_agent_streamed_digests_total")?);
+    }
+    let joined = streamed.iter().filter(|n| **n > 0.0).count();
+    assert_eq!(
+        joined, 3,
+        "agents that fetched while the seed ran: {streamed:?}"
+    );
     Ok(())
 }

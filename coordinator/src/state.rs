@@ -9,7 +9,9 @@
 //! - [`orders::Orders`]: the one order out per (agent, blob), its kind, and the durable
 //!   order-id counter;
 //! - the planner's [`Assigner`] (who fetches from whom) and [`Seeder`] (who fetches what
-//!   nobody holds from its origin, and URL single flight).
+//!   nobody holds from its origin, and URL single flight);
+//! - [`streams::Streams`]: blobs seeded whole whose other targets fetch them while the
+//!   seed runs (provisional manifests, `streaming.rs` is their glue).
 //!
 //! `State` itself is the glue: it turns requests and agent reports into events for those
 //! owners, and the planner's commands into messages to agents (`planning.rs`). It never
@@ -26,6 +28,8 @@ mod orders;
 mod planning;
 mod reports;
 mod sessions;
+mod streaming;
+mod streams;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -130,6 +134,8 @@ pub struct State {
     orders: orders::Orders,
     /// The origin each blob being seeded is fetched from (the first job's that named one).
     origins: BTreeMap<shoal_proto::Digest, pb::Origin>,
+    /// Blobs seeded whole that their other targets fetch while the seed runs.
+    streams: streams::Streams,
     /// When housekeeping is due next.
     housekeeping_at: Time,
 }
@@ -191,6 +197,7 @@ impl State {
             jobs,
             orders,
             origins: BTreeMap::new(),
+            streams: streams::Streams::default(),
             housekeeping_at: now.mono,
         };
         state.agents.expect(state.jobs.open_agents(), now);

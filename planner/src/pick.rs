@@ -85,6 +85,8 @@ struct Source {
     last_done: Time,
     /// Chunks to prefer from this source (its stripe), if the driver gave one.
     preferred: Option<ChunkSet>,
+    /// Ask this source for its stripe only (outside the endgame), see `set_stripe_only`.
+    stripe_only: bool,
 }
 
 /// Chunk picking for one blob download: per-chunk decisions across its assigned sources.
@@ -157,6 +159,7 @@ impl ChunkPicker {
                 rtt_given: None,
                 last_done: Time::ZERO,
                 preferred: None,
+                stripe_only: false,
             },
         );
         self.source_have(source, has.iter());
@@ -213,6 +216,17 @@ impl ChunkPicker {
         });
     }
 
+    /// Asks `source` for chunks of its stripe only (endgame duplicates aside), not merely
+    /// first. For a source seeding the blob right now: every chunk reaches it once, from
+    /// its origin, and each other chunk of it reaches this downloader sooner through the
+    /// downloader whose stripe it is than through the seeder's uplink, which all of them
+    /// share. No effect without a stripe.
+    pub fn set_stripe_only(&mut self, source: HostId, only: bool) {
+        if let Some(s) = self.sources.get_mut(&source) {
+            s.stripe_only = only;
+        }
+    }
+
     /// Sets the RTT to `source` as measured by the transport (e.g. QUIC's smoothed RTT);
     /// overrides the picker's own estimate.
     pub fn set_rtt(&mut self, source: HostId, rtt: Duration) {
@@ -236,17 +250,22 @@ impl ChunkPicker {
         let preferred = s.preferred.as_ref().map(ChunkSet::words);
         let masks: [&dyn Fn(usize) -> u64; 2] =
             [&|w| preferred.map_or(u64::MAX, |p| p[w]), &|_| u64::MAX];
-        let masks = if preferred.is_some() {
+        let strict = s.stripe_only && s.preferred.is_some();
+        let masks = if strict {
+            &masks[..1]
+        } else if preferred.is_some() {
             &masks[..]
         } else {
             &masks[1..]
         };
+        let in_stripe =
+            |i: ChunkIndex| !strict || s.preferred.as_ref().is_some_and(|p| p.contains(i));
         let sequential = self.sequential.and_then(|from| {
             (from.get()..self.have.len())
                 .map(ChunkIndex)
                 .filter(|i| !self.have.contains(*i))
                 .take(SEQUENTIAL_AHEAD as usize)
-                .find(|i| !self.in_flight_bits.contains(*i) && s.has.contains(*i))
+                .find(|i| !self.in_flight_bits.contains(*i) && s.has.contains(*i) && in_stripe(*i))
         });
         let pick = if sequential.is_some() {
             sequential

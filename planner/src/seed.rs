@@ -306,6 +306,11 @@ impl Seeder {
         (self.blobs.get(&blob)).is_some_and(|b| b.waiting.contains(&host))
     }
 
+    /// The hosts waiting for `blob` to be seeded (its seeders among them).
+    pub fn waiting(&self, blob: BlobId) -> Vec<HostId> {
+        (self.blobs.get(&blob)).map_or_else(Vec::new, |b| b.waiting.iter().copied().collect())
+    }
+
     /// Whether `blob` is being seeded (someone waits for it).
     pub fn is_seeding(&self, blob: BlobId) -> bool {
         self.blobs.contains_key(&blob)

@@ -13,6 +13,14 @@ impl Digest {
     /// The length of the raw digest in bytes.
     pub const LEN: usize = 32;
     const PREFIX: &'static str = "sha256:";
+    /// 32 zero bytes: in a provisional manifest, a chunk whose digest is not known yet. No
+    /// input is known to hash to it.
+    pub const UNKNOWN: Digest = Digest([0; 32]);
+
+    /// True for [`Digest::UNKNOWN`].
+    pub fn is_unknown(&self) -> bool {
+        *self == Self::UNKNOWN
+    }
 
     pub const fn from_bytes(bytes: [u8; 32]) -> Self {
         Self(bytes)

@@ -48,6 +48,14 @@ pub enum ManifestError {
     ChunkTableLength(usize),
     #[error("blob digest: {0}")]
     BlobDigest(DigestParseError),
+    #[error("chunk {index} was said to hash to {new}, but it is known to hash to {known}")]
+    DigestConflict {
+        index: ChunkIndex,
+        known: Digest,
+        new: Digest,
+    },
+    #[error("digests for chunks {first}..{end} do not fit a blob of {count} chunks")]
+    DigestsOutOfRange { first: u32, end: u64, count: u32 },
 }
 
 /// Why data did not match the manifest.
@@ -69,6 +77,8 @@ pub enum VerifyError {
     },
     #[error("blob hashes to {got}; expected {want}")]
     WrongBlobDigest { got: Digest, want: Digest },
+    #[error("chunk {index}'s digest is not known yet")]
+    UnknownDigest { index: ChunkIndex },
 }
 
 impl Manifest {
@@ -104,6 +114,65 @@ impl Manifest {
             chunk_size,
             chunks,
         })
+    }
+
+    /// The manifest of a blob being seeded: size and chunk size final, every chunk digest
+    /// [`Digest::UNKNOWN`] until [`Manifest::learn`] fills it in.
+    pub fn provisional(digest: Digest, size: u64, chunk_size: u32) -> Result<Self, ManifestError> {
+        let count = size.div_ceil(u64::from(chunk_size.max(1)));
+        if count > MAX_BLOB_SIZE / u64::from(MIN_CHUNK_SIZE) {
+            return Err(ManifestError::TooLarge(size));
+        }
+        Self::new(
+            digest,
+            size,
+            chunk_size,
+            vec![Digest::UNKNOWN; count as usize],
+        )
+    }
+
+    /// Some chunk digest is not known yet.
+    pub fn is_provisional(&self) -> bool {
+        self.chunks.iter().any(Digest::is_unknown)
+    }
+
+    /// Chunks whose digest is known.
+    pub fn known_count(&self) -> u32 {
+        self.chunks.iter().filter(|d| !d.is_unknown()).count() as u32
+    }
+
+    /// Fills in the digests of chunks `first..` (an unknown entry of `digests` teaches
+    /// nothing). A digest that contradicts a known one is refused and nothing changes.
+    /// Returns how many digests were new.
+    pub fn learn(&mut self, first: u32, digests: &[Digest]) -> Result<u32, ManifestError> {
+        let end = u64::from(first) + digests.len() as u64;
+        if end > u64::from(self.chunk_count()) {
+            return Err(ManifestError::DigestsOutOfRange {
+                first,
+                end,
+                count: self.chunk_count(),
+            });
+        }
+        let at = first as usize;
+        for (i, new) in digests.iter().enumerate() {
+            let known = self.chunks[at + i];
+            if !new.is_unknown() && !known.is_unknown() && known != *new {
+                return Err(ManifestError::DigestConflict {
+                    index: ChunkIndex(first + i as u32),
+                    known,
+                    new: *new,
+                });
+            }
+        }
+        let mut learned = 0;
+        for (i, new) in digests.iter().enumerate() {
+            let slot = &mut self.chunks[at + i];
+            if slot.is_unknown() && !new.is_unknown() {
+                *slot = *new;
+                learned += 1;
+            }
+        }
+        Ok(learned)
     }
 
     /// Reads `reader` to the end and builds its manifest with the given chunk size, hashing
@@ -168,8 +237,11 @@ impl Manifest {
                 want: want_len,
             });
         }
-        let got = Digest::of(data);
         let want = self.chunks[index.as_usize()];
+        if want.is_unknown() {
+            return Err(VerifyError::UnknownDigest { index });
+        }
+        let got = Digest::of(data);
         if got != want {
             return Err(VerifyError::WrongDigest { index, got, want });
         }
@@ -276,6 +348,12 @@ impl ManifestBuilder {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// Digests of the chunks completed so far, in order (the last, short chunk only after
+    /// [`ManifestBuilder::finish`]).
+    pub fn chunks_done(&self) -> &[Digest] {
+        &self.chunks
     }
 
     pub fn finish(mut self) -> Result<Manifest, ManifestError> {
@@ -449,5 +527,42 @@ mod tests {
             Manifest::try_from(&odd),
             Err(ManifestError::BadChunkSize(5000))
         );
+    }
+
+    #[test]
+    fn a_provisional_manifest_learns_digests_and_refuses_contradictions() {
+        let data = blob(9000);
+        let full = Manifest::from_reader(&data[..], 4096).expect("manifest");
+        let mut m = Manifest::provisional(full.digest(), 9000, 4096).expect("provisional");
+        assert!(m.is_provisional());
+        assert_eq!(m.known_count(), 0);
+        assert_eq!(
+            m.verify_chunk(ChunkIndex(0), &data[..4096]),
+            Err(VerifyError::UnknownDigest {
+                index: ChunkIndex(0)
+            })
+        );
+        let digests = full.chunk_digests();
+        assert_eq!(m.learn(1, &digests[1..]), Ok(2));
+        assert_eq!(m.learn(1, &digests[1..2]), Ok(0), "nothing new");
+        assert_eq!(m.known_count(), 2);
+        assert!(m.verify_chunk(ChunkIndex(2), &data[8192..]).is_ok());
+        // A contradiction changes nothing, even the unknown entries beside it.
+        let wrong = [digests[0], Digest::of(b"other")];
+        assert!(matches!(
+            m.learn(0, &wrong),
+            Err(ManifestError::DigestConflict { .. })
+        ));
+        assert_eq!(m.known_count(), 2);
+        assert!(matches!(
+            m.learn(2, &digests[..2]),
+            Err(ManifestError::DigestsOutOfRange { .. })
+        ));
+        assert_eq!(m.learn(0, &[digests[0], Digest::UNKNOWN]), Ok(1));
+        assert!(!m.is_provisional());
+        assert_eq!(m, full);
+        // A provisional manifest survives the wire (unknown entries are zero bytes).
+        let p = pb::v1::Manifest::from(&Manifest::provisional(full.digest(), 9000, 4096).unwrap());
+        assert_eq!(Manifest::try_from(&p).map(|m| m.known_count()), Ok(0));
     }
 }

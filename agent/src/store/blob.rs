@@ -4,7 +4,7 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, TryLockError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
@@ -38,7 +38,9 @@ struct ChunkState {
 /// proceed in parallel through positional IO on the one open data file.
 #[derive(Debug)]
 pub(crate) struct BlobEntry {
-    pub manifest: Arc<Manifest>,
+    /// Replaced only while provisional (digests learned); size, digest and chunk size never
+    /// change.
+    manifest: RwLock<Arc<Manifest>>,
     pub paths: BlobPaths,
     data: File,
     journal: File,
@@ -98,7 +100,7 @@ impl BlobEntry {
         };
         let (events, _) = broadcast::channel(EVENTS_CAPACITY);
         Self {
-            manifest: Arc::new(manifest),
+            manifest: RwLock::new(Arc::new(manifest)),
             paths,
             data,
             journal,
@@ -111,6 +113,47 @@ impl BlobEntry {
             recency: AtomicU64::new(recency),
             last_used_nanos: AtomicU64::new(nanos_since_epoch(last_used)),
         }
+    }
+
+    pub(crate) fn manifest(&self) -> Arc<Manifest> {
+        Arc::clone(&self.manifest.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Fills in chunk digests of a provisional manifest (see [`Manifest::learn`]); when the
+    /// last one is known, the manifest file is rewritten (until then it stays provisional on
+    /// disk, and a provisional blob is dropped at the next open). Returns how many were new.
+    pub(crate) fn learn(
+        &self,
+        first: u32,
+        digests: &[shoal_proto::Digest],
+    ) -> Result<u32, StoreError> {
+        let completed = {
+            let mut cell = self
+                .manifest
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            if !cell.is_provisional() {
+                // Everything is known: only a contradiction matters.
+                let mut check = (**cell).clone();
+                check
+                    .learn(first, digests)
+                    .map_err(|e| StoreError::DigestConflict(e.to_string()))?;
+                return Ok(0);
+            }
+            let mut next = (**cell).clone();
+            let learned = (next.learn(first, digests))
+                .map_err(|e| StoreError::DigestConflict(e.to_string()))?;
+            if learned == 0 {
+                return Ok(0);
+            }
+            let completed = !next.is_provisional();
+            *cell = Arc::new(next);
+            (learned, completed.then(|| Arc::clone(&cell)))
+        };
+        if let (_, Some(manifest)) = &completed {
+            super::files::rewrite_manifest(&self.paths, manifest)?;
+        }
+        Ok(completed.0)
     }
 
     fn state(&self) -> MutexGuard<'_, ChunkState> {
@@ -126,7 +169,7 @@ impl BlobEntry {
     }
 
     pub(crate) fn is_complete(&self) -> bool {
-        self.present_count() == self.manifest.chunk_count()
+        self.present_count() == self.manifest().chunk_count()
     }
 
     pub(crate) fn bitfield(&self) -> Bytes {
@@ -154,11 +197,12 @@ impl BlobEntry {
     /// Verifies, writes in place, then records and marks the chunk. The record is appended only
     /// after the data write returned, so a crash in between leaves the chunk absent.
     pub(crate) fn put(&self, index: ChunkIndex, data: &[u8]) -> Result<PutOutcome, StoreError> {
-        let range = self.manifest.chunk_range(index)?;
+        let manifest = self.manifest();
+        let range = manifest.chunk_range(index)?;
         if self.has(index) {
             return Ok(PutOutcome::AlreadyPresent);
         }
-        self.manifest.verify_chunk(index, data)?;
+        manifest.verify_chunk(index, data)?;
         self.data
             .write_all_at(data, range.start)
             .map_err(io_err("writing chunk to", &self.paths.data))?;
@@ -181,7 +225,7 @@ impl BlobEntry {
             state.uncovered += 1;
             state.present += 1;
             bitfield_set(&mut state.bits, index);
-            let complete = state.present == self.manifest.chunk_count();
+            let complete = state.present == manifest.chunk_count();
             (complete, complete || state.uncovered >= SYNC_EVERY)
         };
         // No receivers is fine.
@@ -196,10 +240,11 @@ impl BlobEntry {
 
     /// The bytes of a present chunk: one read into a fresh buffer.
     pub(crate) fn get(&self, index: ChunkIndex) -> Result<Bytes, StoreError> {
-        let range = self.manifest.chunk_range(index)?;
+        let manifest = self.manifest();
+        let range = manifest.chunk_range(index)?;
         if !self.has(index) {
             return Err(StoreError::ChunkMissing {
-                blob: self.manifest.digest(),
+                blob: manifest.digest(),
                 index,
             });
         }
@@ -264,14 +309,15 @@ impl BlobEntry {
 
     /// Re-reads the whole blob and checks it against the blob digest.
     pub(crate) fn verify(&self) -> Result<(), StoreError> {
-        let blob = self.manifest.digest();
-        if let Some(index) = self.manifest.chunk_indices().find(|&i| !self.has(i)) {
+        let manifest = self.manifest();
+        let blob = manifest.digest();
+        if let Some(index) = manifest.chunk_indices().find(|&i| !self.has(i)) {
             return Err(StoreError::ChunkMissing { blob, index });
         }
         let mut verifier = BlobVerifier::default();
-        let mut buf = vec![0u8; self.manifest.chunk_size() as usize];
-        for index in self.manifest.chunk_indices() {
-            let range = self.manifest.chunk_range(index)?;
+        let mut buf = vec![0u8; manifest.chunk_size() as usize];
+        for index in manifest.chunk_indices() {
+            let range = manifest.chunk_range(index)?;
             let piece = &mut buf[..(range.end - range.start) as usize];
             self.read_at(piece, range.start)?;
             verifier.update(piece);

@@ -39,6 +39,9 @@ pub enum StoreError {
     /// The same digest was inserted with a different chunk table or chunk size.
     #[error("blob {0} is already stored with a different manifest")]
     ManifestConflict(Digest),
+    /// Chunk digests for a provisional manifest that do not fit it or contradict it.
+    #[error("chunk digests refused: {0}")]
+    DigestConflict(String),
     #[error("{context} {}: {source}", path.display())]
     Io {
         context: &'static str,

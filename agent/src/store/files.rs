@@ -232,10 +232,22 @@ fn recover(dir: &Path, hex: &str) -> Result<Option<Opened>, StoreError> {
     }))
 }
 
+/// Replaces a provisional blob's manifest file with its complete manifest.
+pub(crate) fn rewrite_manifest(paths: &BlobPaths, manifest: &Manifest) -> Result<(), StoreError> {
+    let dir = paths.manifest.parent().unwrap_or(Path::new("."));
+    let encoded = pb::v1::Manifest::from(manifest).encode_to_vec();
+    write_durably(dir, &paths.manifest, &encoded)
+}
+
 fn read_manifest(path: &Path, hex: &str) -> Result<Manifest, String> {
     let bytes = fs::read(path).map_err(|e| e.to_string())?;
     let pb = pb::v1::Manifest::decode(&bytes[..]).map_err(|e| e.to_string())?;
     let manifest = Manifest::try_from(&pb).map_err(|e| e.to_string())?;
+    if manifest.is_provisional() {
+        // Its chunks were checked against digests a seeder reported while the blob was
+        // coming in; nothing vouches for the rest. It is fetched again if still wanted.
+        return Err("provisional manifest of a blob whose seeding was interrupted".into());
+    }
     if manifest.digest().hex() != hex {
         return Err(format!(
             "file name does not match digest {}",

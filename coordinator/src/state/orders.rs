@@ -90,6 +90,25 @@ impl Orders {
         id
     }
 
+    /// Records an order from peers for (host, blob). One from peers already out keeps its
+    /// id (the agent runs one download per order id: a resend only brings sources);
+    /// returns the id.
+    pub fn issue_peers(
+        &mut self,
+        host: HostId,
+        blob: Digest,
+        sources: BTreeMap<HostId, (u32, u32)>,
+    ) -> u64 {
+        let kind = OrderKind::Peers { sources };
+        match self.out.get_mut(&(host, blob)) {
+            Some(o) if matches!(o.kind, OrderKind::Peers { .. }) => {
+                o.kind = kind;
+                o.id
+            }
+            _ => self.issue(host, blob, kind),
+        }
+    }
+
     pub fn get(&self, host: HostId, blob: Digest) -> Option<&Order> {
         self.out.get(&(host, blob))
     }

@@ -50,6 +50,8 @@ impl State {
                     size,
                 };
                 self.seeder.handle(now.mono, event);
+                // A seed already streaming: this target joins it at once.
+                self.stream_to_waiting(blob, false, now);
             }
             None => self.want_from_peers(host, blob, now),
         }
@@ -73,6 +75,7 @@ impl State {
         if self.seeder.is_waiting(id, host) {
             self.seeder
                 .handle(now.mono, SeedEvent::Unwait { blob: id, host });
+            self.leave_stream(host, blob, "no longer wanted", now);
         } else {
             self.assigner
                 .handle(now.mono, Event::Unwant { blob: id, host });
@@ -223,6 +226,7 @@ impl State {
                         host, blob, range, ..
                     } => self.order_seed(host, blob.0, range, now),
                     SeedCommand::Stop { host, blob } => {
+                        self.streams.remove_seeder(&blob.0, host);
                         if self.orders.is_seed(host, blob.0) {
                             self.cancel_order(host, blob.0, "seeding stopped");
                         }
@@ -247,13 +251,17 @@ impl State {
         let sources = (sources.into_iter())
             .map(|s| (s, self.stripe_for(host, blob, s)))
             .collect();
-        self.orders.issue(host, blob, OrderKind::Peers { sources });
+        // A download running already (one that began while the blob was streamed from its
+        // seeder) goes on under its id: the agent takes the resend's sources and digests.
+        self.orders.issue_peers(host, blob, sources);
         self.deliver_order(host, blob);
         let agent = self.agents.name(host);
         self.jobs.start(&agent, host, blob, now.wall);
     }
 
     fn order_seed(&mut self, host: HostId, blob: Digest, range: Option<(u64, u64)>, now: Now) {
+        // A target fetching the streamed blob from peers seeds it instead.
+        self.leave_stream(host, blob, "seeding it from the origin instead", now);
         self.orders.issue(host, blob, OrderKind::Seed { range });
         tracing::info!(agent = %self.agents.name(host), %blob, ?range, "seeding from the origin");
         self.deliver_order(host, blob);
@@ -270,14 +278,19 @@ impl State {
         };
         let kind = match &order.kind {
             OrderKind::Peers { sources } => {
-                let Some(manifest) = self.catalog.manifest(&blob) else {
-                    return;
+                let (manifest, provisional) = match self.catalog.manifest(&blob) {
+                    Some(m) => (pb::Manifest::from(m.as_ref()), false),
+                    None => match self.streams.get(&blob) {
+                        Some(s) => (pb::Manifest::from(&s.manifest), true),
+                        None => return,
+                    },
                 };
                 pb::fetch_order::Kind::Peers(pb::FromPeers {
-                    manifest: Some(pb::Manifest::from(manifest.as_ref())),
+                    manifest: Some(manifest),
                     sources: (sources.iter())
-                        .filter_map(|(s, stripe)| self.source(*s, *stripe))
+                        .filter_map(|(s, stripe)| self.source(blob, *s, *stripe))
                         .collect(),
+                    provisional,
                 })
             }
             OrderKind::Seed { range } => {
@@ -317,6 +330,18 @@ impl State {
         let stripes: Vec<(HostId, (u32, u32))> = (sources.iter())
             .map(|s| (*s, self.stripe_for(host, blob, *s)))
             .collect();
+        self.tell_sources(host, blob, stripes);
+    }
+
+    /// Tells the agent on `host` the sources of its order for `blob` that changed (each
+    /// with its stripe), and those that are gone; nothing if nothing changed.
+    pub(super) fn tell_sources(
+        &mut self,
+        host: HostId,
+        blob: Digest,
+        stripes: Vec<(HostId, (u32, u32))>,
+    ) {
+        let sources: Vec<HostId> = stripes.iter().map(|(s, _)| *s).collect();
         let Some(order) = self.orders.get_mut(host, blob) else {
             return;
         };
@@ -339,11 +364,14 @@ impl State {
         }
         told.retain(|s, _| !removed.contains(s));
         let add = (changed.iter())
-            .filter_map(|(s, stripe)| self.source(*s, *stripe))
+            .filter_map(|(s, stripe)| self.source(blob, *s, *stripe))
             .collect();
-        let remove = (removed.iter())
+        let remove: Vec<String> = (removed.iter())
             .filter_map(|s| self.agents.get(*s).map(|a| a.id.clone()))
             .collect();
+        if changed.is_empty() && remove.is_empty() {
+            return;
+        }
         self.agents.send(
             host,
             pb::coordinator_message::Msg::SourceUpdate(pb::SourceUpdate {
@@ -374,13 +402,15 @@ impl State {
             .unwrap_or((0, 1))
     }
 
-    fn source(&self, host: HostId, stripe: (u32, u32)) -> Option<pb::Source> {
+    /// `host` as a source of `blob`, with the order's stripe of it.
+    fn source(&self, blob: Digest, host: HostId, stripe: (u32, u32)) -> Option<pb::Source> {
         let agent = self.agents.get(host)?;
         Some(pb::Source {
             agent_id: agent.id.clone(),
             quic_addresses: agent.addrs.clone(),
             stripe: stripe.0,
             stripes: stripe.1,
+            stripe_only: (self.streams.get(&blob)).is_some_and(|s| s.seeders.contains(&host)),
         })
     }
 
@@ -397,6 +427,7 @@ impl State {
     ) {
         tracing::warn!(agent = %self.agents.name(host), %blob, message, "seeding failed");
         self.orders.remove(host, blob);
+        self.streams.remove_seeder(&blob, host);
         let fault = match reason {
             FailureReason::Invalid => SeedFault::Missing,
             FailureReason::DigestMismatch => SeedFault::Mismatch,
@@ -450,6 +481,7 @@ impl State {
             SeedNotice::Seeded { blob, waiting } => {
                 let blob = blob.0;
                 self.origins.remove(&blob);
+                self.end_stream(blob, true, now);
                 let size = self.catalog.manifest(&blob).map_or(0, |m| m.size());
                 self.jobs.set_size(blob, size, now.wall);
                 for host in waiting {
@@ -469,6 +501,7 @@ impl State {
             } => {
                 let blob = blob.0;
                 self.origins.remove(&blob);
+                self.end_stream(blob, false, now);
                 let name = |h: HostId| self.agents.name(h);
                 let last = |l: &Option<LastError>| match l {
                     Some(LastError::Failed { host, message }) => {

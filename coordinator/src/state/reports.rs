@@ -34,12 +34,17 @@ impl State {
                 };
                 // One agent has read the whole blob and checked its digest.
                 self.catalog.mark_verified(&blob);
+                // A target of a streamed seed may finish before the seeder registers it.
+                if self.catalog.manifest(&blob).is_none() {
+                    self.streams.finished(&blob, host);
+                }
                 self.blob_done(host, blob, now);
             }
             Msg::BlobFailed(failed) => self.blob_failed(host, failed, now),
             Msg::Load(load) => self.agents.set_load(host, load),
             Msg::BlobRegistered(reg) => self.register(host, reg, now),
             Msg::RangeSeeded(range) => self.range_seeded(host, range, now),
+            Msg::ChunksSeeded(chunks) => self.chunks_seeded(host, chunks, now),
             Msg::SourceStalled(stalled) => {
                 let Ok(blob) = Digest::from_slice(&stalled.blob_digest) else {
                     return;

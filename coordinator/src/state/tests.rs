@@ -2,7 +2,7 @@
 //! [`State::handle_timeout`], as the driver drives it, on a fake clock: no sleeps. Sessions
 //! are plain channels, the database a real redb file in a temporary directory.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -460,6 +460,7 @@ fn finished_jobs_are_forgotten_after_the_retention() {
 mod reports;
 mod seeding;
 mod session;
+mod streaming;
 mod urls;
 
 /// The sources of a FromPeers order (none for any other kind).

@@ -343,6 +343,32 @@ fn downloaders_of_one_source_ask_it_for_their_own_stripes() {
 }
 
 #[test]
+fn a_source_seeding_now_is_asked_for_its_stripe_only() {
+    // The seeder has chunks 0..6 so far; our stripe of it is 0 of 3; peer B has 0..3.
+    let n = 12;
+    let mut p = ChunkPicker::new(ChunkSet::empty(n), 5, config(8));
+    p.add_source(A, set(n, 0..6));
+    p.set_stripe(A, 0, 3);
+    p.set_stripe_only(A, true);
+    p.add_source(B, set(n, 0..3));
+    let mut from_a = drain(&mut p, A);
+    from_a.sort();
+    assert_eq!(from_a, vec![0, 3], "the stripe, nothing else");
+    let mut from_b = drain(&mut p, B);
+    from_b.sort();
+    assert_eq!(from_b, vec![1, 2], "the rest from the peer");
+    // An in-order reader does not pull the seeder's other chunks either.
+    p.set_sequential(Some(ChunkIndex(4)));
+    p.source_have(A, [ChunkIndex(6)]);
+    assert_eq!(drain(&mut p, A), vec![6]);
+    // Back to a plain stripe (the seed ended): anything it has.
+    p.set_stripe_only(A, false);
+    let mut rest = drain(&mut p, A);
+    rest.sort();
+    assert_eq!(rest, vec![4, 5]);
+}
+
+#[test]
 fn no_endgame_while_missing_chunks_are_not_out_anywhere() {
     // A swarm peer holds the first half so far; the rest is still on its way to it.
     let n = 20;

@@ -3,7 +3,7 @@
 
 use super::*;
 
-fn http_origin() -> pb::Origin {
+pub(super) fn http_origin() -> pb::Origin {
     pb::Origin {
         origin: Some(pb::origin::Origin::Http(pb::HttpOrigin {
             url: "http://127.0.0.1:1/model.bin".into(),
@@ -13,7 +13,7 @@ fn http_origin() -> pb::Origin {
     }
 }
 
-fn distribute_from_origin(
+pub(super) fn distribute_from_origin(
     s: &mut S,
     blob: Digest,
     ids: &[&str],
@@ -28,13 +28,13 @@ fn distribute_from_origin(
     distribute_req(s, req)
 }
 
-struct Cluster {
-    s: S,
-    sessions: Vec<SessionId>,
-    inboxes: Vec<Inbox>,
+pub(super) struct Cluster {
+    pub(super) s: S,
+    pub(super) sessions: Vec<SessionId>,
+    pub(super) inboxes: Vec<Inbox>,
 }
 
-fn cluster(dir: &std::path::Path, n: usize) -> Cluster {
+pub(super) fn cluster(dir: &std::path::Path, n: usize) -> Cluster {
     let mut s = state(dir, Duration::from_secs(30));
     let mut sessions = Vec::new();
     let mut inboxes = Vec::new();
@@ -53,7 +53,7 @@ fn cluster(dir: &std::path::Path, n: usize) -> Cluster {
 
 impl Cluster {
     /// (agent index, order) of every order sent since the last call.
-    fn orders(&mut self) -> Vec<(usize, pb::FetchOrder)> {
+    pub(super) fn orders(&mut self) -> Vec<(usize, pb::FetchOrder)> {
         let mut out = Vec::new();
         for (i, inbox) in self.inboxes.iter_mut().enumerate() {
             out.extend(orders(inbox).into_iter().map(|o| (i, o)));
@@ -61,7 +61,7 @@ impl Cluster {
         out
     }
 
-    fn fail(&mut self, agent: usize, order: &pb::FetchOrder, reason: pb::FailureReason) {
+    pub(super) fn fail(&mut self, agent: usize, order: &pb::FetchOrder, reason: pb::FailureReason) {
         let msg = Msg::BlobFailed(pb::BlobFailed {
             order_id: order.order_id,
             blob_digest: order.blob_digest.clone(),
@@ -72,7 +72,7 @@ impl Cluster {
     }
 
     /// Agent `agent` sends `msg`.
-    fn say(&mut self, agent: usize, msg: Msg) {
+    pub(super) fn say(&mut self, agent: usize, msg: Msg) {
         say(&mut self.s, self.sessions[agent], msg);
     }
 }

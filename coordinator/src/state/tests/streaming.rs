@@ -1,0 +1,201 @@
+//! Streaming seeds: the targets waiting for a blob seeded whole fetch it from the seeder
+//! while the seed runs, with a provisional manifest whose digests the coordinator passes on
+//! as the seeder reports them; the seed's end hands their orders to the assigner unchanged.
+
+use super::seeding::{Cluster, cluster, distribute_from_origin, http_origin};
+use super::*;
+
+/// Every message agent `agent` received since the last call.
+fn messages(c: &mut Cluster, agent: usize) -> Vec<coordinator_message::Msg> {
+    let mut out = Vec::new();
+    while let Ok(Ok(m)) = c.inboxes[agent].try_recv() {
+        out.extend(m.msg);
+    }
+    out
+}
+
+fn table(digests: &[Digest]) -> Vec<u8> {
+    digests.iter().flat_map(|d| d.as_bytes().to_vec()).collect()
+}
+
+fn chunks_seeded(order: &pb::FetchOrder, m: &Manifest, first: u32, n: usize) -> Msg {
+    let digests = &m.chunk_digests()[first as usize..first as usize + n];
+    Msg::ChunksSeeded(pb::ChunksSeeded {
+        order_id: order.order_id,
+        blob_digest: order.blob_digest.clone(),
+        first_chunk: first,
+        chunk_digests: table(digests),
+        size: m.size(),
+        chunk_size: m.chunk_size(),
+    })
+}
+
+fn peers(o: &pb::FetchOrder) -> &pb::FromPeers {
+    match &o.kind {
+        Some(pb::fetch_order::Kind::Peers(p)) => p,
+        other => panic!("not an order from peers: {other:?}"),
+    }
+}
+
+fn a_blob() -> Manifest {
+    let data: Vec<u8> = (0..4 * 4096u32).map(|i| (i % 251) as u8).collect();
+    Manifest::from_reader(&data[..], 4096).expect("manifest")
+}
+
+#[test]
+fn waiting_targets_fetch_a_whole_seed_while_it_runs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = cluster(dir.path(), 4);
+    let m = a_blob();
+    let job = distribute_from_origin(&mut c.s, m.digest(), &["a0", "a1", "a2"], http_origin())
+        .expect("distribute");
+    let (seeder, seed) = c.orders().pop().expect("one seed order");
+    let targets: Vec<usize> = (0..3).filter(|i| *i != seeder).collect();
+
+    // The first digests: the other targets get orders from peers at once.
+    c.say(seeder, chunks_seeded(&seed, &m, 0, 1));
+    let sent = c.orders();
+    let ordered: Vec<usize> = sent.iter().map(|(i, _)| *i).collect();
+    assert_eq!(ordered, targets, "{sent:?}");
+    let mut order_of = BTreeMap::new();
+    let mut stripes = BTreeSet::new();
+    for (agent, o) in &sent {
+        let p = peers(o);
+        assert!(p.provisional, "{o:?}");
+        let wire = Manifest::try_from(p.manifest.as_ref().expect("manifest")).expect("valid");
+        assert_eq!(wire.known_count(), 1);
+        assert_eq!(wire.chunk_digests()[0], m.chunk_digests()[0]);
+        let ids: BTreeSet<&str> = p.sources.iter().map(|s| s.agent_id.as_str()).collect();
+        let other = targets
+            .iter()
+            .find(|t| *t != agent)
+            .expect("another target");
+        assert_eq!(
+            ids,
+            [format!("a{seeder}"), format!("a{other}")]
+                .iter()
+                .map(String::as_str)
+                .collect(),
+            "the seeder and the other target"
+        );
+        let of_seeder = (p.sources.iter())
+            .find(|s| s.agent_id == format!("a{seeder}"))
+            .expect("seeder");
+        assert_eq!(of_seeder.stripes, 2);
+        stripes.insert(of_seeder.stripe);
+        order_of.insert(*agent, o.order_id);
+    }
+    assert_eq!(stripes.len(), 2, "each target its own stripe of the seeder");
+    let (_, progress) = target_state(&mut c.s, &job);
+    assert!(
+        (progress.iter()).all(|t| t.state() == pb::TargetState::Running),
+        "{progress:?}"
+    );
+
+    // A stale report (another order id) teaches nothing.
+    let mut stale = seed.clone();
+    stale.order_id += 1000;
+    c.say(seeder, chunks_seeded(&stale, &m, 1, 1));
+    for t in &targets {
+        assert!(messages(&mut c, *t).is_empty());
+    }
+
+    // Later digests go to every target's order.
+    c.say(seeder, chunks_seeded(&seed, &m, 1, 2));
+    for t in &targets {
+        let got = messages(&mut c, *t);
+        let digests: Vec<&pb::ChunkDigests> = (got.iter())
+            .filter_map(|m| match m {
+                coordinator_message::Msg::ChunkDigests(d) => Some(d),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(digests.len(), 1, "{got:?}");
+        assert_eq!(digests[0].order_id, order_of[t]);
+        assert_eq!(digests[0].first_chunk, 1);
+        assert_eq!(digests[0].chunk_digests, table(&m.chunk_digests()[1..3]));
+    }
+
+    // A target that asks while the stream runs joins it at once; the others' stripe of
+    // the seeder changes.
+    distribute_from_origin(&mut c.s, m.digest(), &["a3"], http_origin()).expect("second job");
+    let got: Vec<Vec<coordinator_message::Msg>> = (0..4).map(|a| messages(&mut c, a)).collect();
+    let order = match &got[3][..] {
+        [coordinator_message::Msg::FetchOrder(o)] => o,
+        other => panic!("one order for a3: {other:?}"),
+    };
+    let wire = peers(order).manifest.as_ref().expect("manifest");
+    assert_eq!(Manifest::try_from(wire).expect("valid").known_count(), 3);
+    order_of.insert(3, order.order_id);
+    for t in &targets {
+        let got = &got[*t];
+        assert!(
+            got.iter().any(|m| matches!(m,
+                coordinator_message::Msg::SourceUpdate(u) if u.add.iter().any(|s| s.stripes == 3))),
+            "{got:?}"
+        );
+    }
+
+    // The seed ends: the targets' orders go on under the same ids, with the manifest whole.
+    c.say(seeder, chunks_seeded(&seed, &m, 3, 1));
+    register(&mut c.s, c.sessions[seeder], &m);
+    let resent = c.orders();
+    assert_eq!(resent.len(), 3, "{resent:?}");
+    for (agent, o) in resent {
+        assert_eq!(
+            Some(&o.order_id),
+            order_of.get(&agent),
+            "agent {agent} kept its order id"
+        );
+        let p = peers(&o);
+        assert!(!p.provisional);
+        let wire = Manifest::try_from(p.manifest.as_ref().expect("manifest")).expect("valid");
+        assert_eq!(wire, m);
+    }
+    for t in targets.into_iter().chain([3]) {
+        let done = Msg::BlobDone(pb::BlobDone {
+            blob_digest: m.digest().as_bytes().to_vec(),
+        });
+        c.say(t, done);
+    }
+    let (_, progress) = target_state(&mut c.s, &job);
+    assert!(
+        (progress.iter()).all(|t| t.state() == pb::TargetState::Done),
+        "{progress:?}"
+    );
+}
+
+#[test]
+fn a_seeder_whose_digests_contradict_the_stream_fails_it_and_its_targets() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = cluster(dir.path(), 3);
+    let m = a_blob();
+    let job = distribute_from_origin(&mut c.s, m.digest(), &["a0", "a1", "a2"], http_origin())
+        .expect("distribute");
+    let (seeder, seed) = c.orders().pop().expect("one seed order");
+    c.say(seeder, chunks_seeded(&seed, &m, 0, 2));
+    assert_eq!(c.orders().len(), 2);
+    let other = a_blob_of_other_bytes();
+    let mut contradiction = chunks_seeded(&seed, &other, 1, 1);
+    if let Msg::ChunksSeeded(c) = &mut contradiction {
+        c.blob_digest = m.digest().as_bytes().to_vec();
+    }
+    c.say(seeder, contradiction);
+    let (state, progress) = target_state(&mut c.s, &job);
+    assert_eq!(state, pb::JobState::Failed, "{progress:?}");
+    for t in &progress {
+        assert_eq!(t.reason(), pb::FailureReason::DigestMismatch, "{t:?}");
+    }
+    for agent in 0..3 {
+        let got = messages(&mut c, agent);
+        assert!(
+            got.iter()
+                .any(|m| matches!(m, coordinator_message::Msg::Cancel(_))),
+            "agent {agent}'s order is cancelled: {got:?}"
+        );
+    }
+}
+
+fn a_blob_of_other_bytes() -> Manifest {
+    Manifest::from_reader(&[9u8; 4 * 4096][..], 4096).expect("manifest")
+}
