@@ -51,6 +51,10 @@ pub struct CoordinatorConfig {
     pub preheat_platforms: Vec<String>,
     /// A blob at least this large that several agents wait for is fetched from its origin
     /// in ranges, by up to `max_seeders_per_blob` of them at once (when its size is known).
+    /// 0 (the default) = never: one agent seeds the blob whole and streams it to the others
+    /// as it comes. Ranges pay only for an origin much faster than one agent's link: each
+    /// range seeder gets the rest of the blob only once every range is in (on links as fast
+    /// as the origin's, 2.41x the bound against 1.30x streamed; docs/BENCHMARKS.md).
     pub stripe_seed_min_bytes: u64,
     pub max_seeders_per_blob: usize,
     /// Registries Preheat resolves image references at (scheme, credentials, limits).
@@ -70,7 +74,7 @@ impl Default for CoordinatorConfig {
             job_retention_hours: 168,
             metrics_listen: None,
             preheat_platforms: vec!["linux/amd64".into()],
-            stripe_seed_min_bytes: 256 << 20,
+            stripe_seed_min_bytes: 0,
             max_seeders_per_blob: 4,
             origin: Default::default(),
         }

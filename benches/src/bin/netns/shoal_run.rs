@@ -19,14 +19,18 @@ pub(super) enum Mode {
     PullUrl,
     /// `PullUrl` with `--digest`.
     PullUrlDigest,
+    /// `shoal distribute DIGEST --from-url URL` to every target: the job's targets arrive
+    /// together, so a large blob may be seeded in ranges.
+    DistributeUrl,
 }
 
 impl Mode {
-    const ALL: [Mode; 4] = [
+    const ALL: [Mode; 5] = [
         Mode::Distribute,
         Mode::Pull,
         Mode::PullUrl,
         Mode::PullUrlDigest,
+        Mode::DistributeUrl,
     ];
 
     /// The system's name on the command line and in the table.
@@ -36,6 +40,7 @@ impl Mode {
             Mode::Pull => "pull",
             Mode::PullUrl => "pull-url",
             Mode::PullUrlDigest => "pull-url-digest",
+            Mode::DistributeUrl => "distribute-url",
         }
     }
 
@@ -50,8 +55,13 @@ impl Bench {
     /// served by a plain HTTP origin on host 0 that no agent holds yet (a model rollout).
     pub(super) fn shoal(&self, mode: Mode) -> Result<Outcome> {
         let name = mode.name();
-        let by_url = matches!(mode, Mode::PullUrl | Mode::PullUrlDigest);
-        let pull = mode != Mode::Distribute;
+        let by_url = matches!(
+            mode,
+            Mode::PullUrl | Mode::PullUrlDigest | Mode::DistributeUrl
+        );
+        let pull = matches!(mode, Mode::Pull | Mode::PullUrl | Mode::PullUrlDigest);
+        let sha: String = self.sha.iter().map(|b| format!("{b:02x}")).collect();
+        let sha = format!("sha256:{sha}");
         let run = self.dir.join(format!("shoal-{name}"));
         let _ = std::fs::remove_dir_all(&run);
         let cpu = CpuGroup::new(name)?;
@@ -100,8 +110,7 @@ impl Bench {
                 c.args(["pull", &digest, "-o"])
                     .arg(run.join(format!("h{h}.out")));
                 if mode == Mode::PullUrlDigest {
-                    let hex: String = self.sha.iter().map(|b| format!("{b:02x}")).collect();
-                    c.args(["--digest", &format!("sha256:{hex}")]);
+                    c.args(["--digest", &sha]);
                 }
                 c.arg("--socket").arg(cluster.socket(h));
                 pulls.push((h, cluster.spawn(c, &format!("pull-{h}"))?));
@@ -121,14 +130,13 @@ impl Bench {
             }
         } else {
             let mut c = cluster.shoal(0);
-            c.args([
-                "distribute",
-                &digest,
-                "--to",
-                "role=target",
-                "--coordinator",
-            ])
-            .arg(cluster.coordinator_url());
+            if mode == Mode::DistributeUrl {
+                c.args(["distribute", &sha, "--from-url", &digest]);
+            } else {
+                c.args(["distribute", &digest]);
+            }
+            c.args(["--to", "role=target", "--coordinator"])
+                .arg(cluster.coordinator_url());
             let cli = cluster.spawn(c, "distribute-cli")?;
             let targets = self.args.targets;
             let times: BTreeMap<String, u64> = cluster.with_client(async move |mut client| {
