@@ -278,6 +278,9 @@ async fn preheated_image_reaches_containerd_through_the_mirror_not_the_upstream(
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let from_peers =
+        |s: &Setup| s.cluster.agents[0].metric("shoal_agent_bytes_in_total{source=\"peer\"");
+    let peer_bytes = from_peers(&s)?;
     let containerd = shoal_tests::containerd::Containerd::start()?;
     containerd
         .pull(
@@ -302,6 +305,11 @@ async fn preheated_image_reaches_containerd_through_the_mirror_not_the_upstream(
     );
     let (gets_after, _) = s.upstream_blob_gets("team/svc");
     assert_eq!(gets, gets_after, "the pull fetched from the upstream again");
+    assert_eq!(
+        from_peers(&s)?,
+        peer_bytes,
+        "a preheated image is served from the node's own store, not fetched from peers"
+    );
     let local = s.cluster.agents[0].metric("shoal_mirror_bytes_total{source=\"local\"")?;
     let layers: u64 = image.built.layers.iter().map(|(_, n)| n).sum();
     assert!(

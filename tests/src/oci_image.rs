@@ -23,6 +23,8 @@ use crate::tools;
 pub const MANIFEST_MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const CONFIG_MEDIA_TYPE: &str = "application/vnd.oci.image.config.v1+json";
 pub const LAYER_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+/// An uncompressed layer ([`build_layout_uncompressed`]).
+pub const TAR_LAYER_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.v1.tar";
 const REF_NAME_ANNOTATION: &str = "org.opencontainers.image.ref.name";
 /// Every tar entry's mtime, so that layers are reproducible (2023-11-14).
 const MTIME: u64 = 1_700_000_000;
@@ -103,6 +105,16 @@ pub fn sha256_digest(bytes: &[u8]) -> String {
 /// `blobs/sha256/*` (layers, config, manifest) and an `index.json` naming the manifest with
 /// `spec.tag`. An existing `index.json` is replaced. The same spec gives the same bytes.
 pub fn build_layout(dir: &Path, spec: &ImageSpec) -> Result<BuiltImage> {
+    build(dir, spec, true)
+}
+
+/// [`build_layout`] with uncompressed tar layers (`application/vnd.oci.image.layer.v1.tar`):
+/// for benchmarks, where gzip of random bytes only costs CPU.
+pub fn build_layout_uncompressed(dir: &Path, spec: &ImageSpec) -> Result<BuiltImage> {
+    build(dir, spec, false)
+}
+
+fn build(dir: &Path, spec: &ImageSpec, gzip: bool) -> Result<BuiltImage> {
     ensure!(!spec.layers.is_empty(), "an image needs at least one layer");
     let blobs = dir.join("blobs/sha256");
     std::fs::create_dir_all(&blobs).with_context(|| format!("creating {}", blobs.display()))?;
@@ -118,9 +130,13 @@ pub fn build_layout(dir: &Path, spec: &ImageSpec) -> Result<BuiltImage> {
     for (index, layer) in spec.layers.iter().enumerate() {
         let tar = layer_tar(layer).with_context(|| format!("layer {index}"))?;
         diff_ids.push(sha256_digest(&tar));
-        let mut gzip = GzEncoder::new(Vec::new(), Compression::default());
-        gzip.write_all(&tar)?;
-        layers.push(write_blob(&gzip.finish()?)?);
+        if gzip {
+            let mut gz = GzEncoder::new(Vec::new(), Compression::default());
+            gz.write_all(&tar)?;
+            layers.push(write_blob(&gz.finish()?)?);
+        } else {
+            layers.push(write_blob(&tar)?);
+        }
     }
 
     let config = json!({
@@ -141,7 +157,10 @@ pub fn build_layout(dir: &Path, spec: &ImageSpec) -> Result<BuiltImage> {
         "config": descriptor(CONFIG_MEDIA_TYPE, &config_digest, config_size),
         "layers": layers
             .iter()
-            .map(|(digest, size)| descriptor(LAYER_MEDIA_TYPE, digest, *size))
+            .map(|(digest, size)| {
+                let media_type = if gzip { LAYER_MEDIA_TYPE } else { TAR_LAYER_MEDIA_TYPE };
+                descriptor(media_type, digest, *size)
+            })
             .collect::<Vec<_>>(),
     });
     let manifest_bytes = serde_json::to_vec(&manifest)?;

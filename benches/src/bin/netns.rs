@@ -13,7 +13,12 @@
 //!   once;
 //! - `pull-url`: the same cluster, fresh, nothing pushed, an HTTP origin on host 0 (GET, HEAD,
 //!   ranges), and every target runs `shoal pull http://h0/blob.bin -o FILE` at once (a model
-//!   rollout, issue 14); `pull-url-digest` the same with `--digest`.
+//!   rollout, issue 14); `pull-url-digest` the same with `--digest`; `distribute-url` a
+//!   `shoal distribute --from-url` of it;
+//! - `containerd-direct` / `containerd-shoal`: a `docker-registry` on host 0 holding a
+//!   two-layer image of the blob's size, a containerd on every target, and `ctr images pull`
+//!   on every target at once, from the registry or through each host's agent's OCI mirror
+//!   (issue 14's deploy; needs docker-registry, skopeo and containerd).
 //!
 //! Printed per system: makespan, p50 and p99 of the targets' completion times, each as a
 //! multiple of the target's own bound (size ÷ its link rate), and CPU seconds per delivered
@@ -59,7 +64,7 @@ struct Args {
     #[arg(long, default_value_t = 0)]
     slow: usize,
     /// Systems to run, comma-separated: floor,http,bt,distribute,pull,pull-url,
-    /// pull-url-digest.
+    /// pull-url-digest,distribute-url,containerd-direct,containerd-shoal.
     #[arg(
         long,
         default_value = "floor,http,bt,distribute,pull,pull-url,pull-url-digest"
@@ -270,6 +275,20 @@ impl Procs {
         Ok(self.0.len() - 1)
     }
 
+    /// Spawns with stdout and stderr both into `log` (for chatty tools nobody reads).
+    fn spawn_logged(&mut self, mut c: Command, log: &Path) -> Result<usize> {
+        let file = std::fs::File::create(log)?;
+        c.stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file);
+        self.0.push(c.spawn().context("spawning")?);
+        Ok(self.0.len() - 1)
+    }
+
+    fn child(&mut self, i: usize) -> &mut Child {
+        &mut self.0[i]
+    }
+
     /// The first line the process prints.
     fn line(&mut self, i: usize) -> Result<String> {
         let out = self.0[i].stdout.as_mut().context("no stdout")?;
@@ -335,7 +354,14 @@ fn main() -> Result<()> {
     let systems: Vec<String> = args.systems.split(',').map(str::to_string).collect();
     for s in &systems {
         ensure!(
-            ["floor", "http", "bt"].contains(&s.as_str())
+            [
+                "floor",
+                "http",
+                "bt",
+                "containerd-direct",
+                "containerd-shoal"
+            ]
+            .contains(&s.as_str())
                 || shoal_run::Mode::of_system(s).is_some(),
             "unknown system {s:?}"
         );
@@ -402,6 +428,8 @@ fn main() -> Result<()> {
             "floor" => bench.floor(),
             "http" => bench.http(),
             "bt" => bench.bittorrent(),
+            "containerd-direct" => bench.containerd(false),
+            "containerd-shoal" => bench.containerd(true),
             shoal => match shoal_run::Mode::of_system(shoal) {
                 Some(mode) => bench.shoal(mode),
                 None => Err(anyhow::anyhow!("unknown system {shoal}")),
@@ -707,5 +735,7 @@ impl Bench {
     }
 }
 
+#[path = "netns/containerd_run.rs"]
+mod containerd_run;
 #[path = "netns/shoal_run.rs"]
 mod shoal_run;

@@ -1,0 +1,235 @@
+//! Issue 14's deploy: an image in a real `docker-registry` on host 0, a real containerd on
+//! every target, and `ctr images pull` on every target at once, either straight from the
+//! registry (`containerd-direct`) or through each host's agent's OCI mirror
+//! (`containerd-shoal`: coordinator and agents as in the other Shoal systems, each target's
+//! containerd configured with a `hosts.toml` naming its own agent's mirror on
+//! `127.0.0.1:7403` of its namespace).
+//!
+//! The image has two uncompressed layers, each a file of half the blob size (random bytes:
+//! gzip would only cost CPU). The bound is the image's size ÷ the link. Reported besides the
+//! times: the registry's blob bytes ÷ the image's, and for Shoal the mirrors' fallbacks to
+//! the registry (which should be 0) and how many chunks the targets fetched while the seed
+//! ran. `ctr` runs in the target's namespace (containerd 1.6's client fetches the content
+//! itself); the daemons need no network.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, ensure};
+use shoal_tests::containerd::{Containerd, write_hosts_toml};
+use shoal_tests::netns::CpuGroup;
+use shoal_tests::netns::shoal::{Cluster, Options};
+use shoal_tests::oci_image::{self, ImageSpec, LayerSpec};
+use shoal_tests::registry::parse_access_log;
+use shoal_tests::tools;
+
+use super::{Bench, Outcome, Procs};
+
+const REGISTRY_PORT: u16 = 5000;
+const MIRROR: &str = "127.0.0.1:7403";
+const REPOSITORY: &str = "bench/app";
+
+/// The image pushed to the registry, and its total size in bytes.
+pub(super) struct Image {
+    reference: String,
+    bytes: u64,
+}
+
+impl Bench {
+    fn registry_host(&self) -> String {
+        format!("{}:{REGISTRY_PORT}", self.fabric.ip(0))
+    }
+
+    /// Starts `docker-registry` on host 0 and pushes the image (built once) with skopeo.
+    fn registry(&self, procs: &mut Procs, cpu: &CpuGroup) -> Result<(Image, PathBuf)> {
+        let registry = tools::require("/usr/bin/docker-registry", "docker-registry");
+        let skopeo = tools::require("skopeo", "skopeo");
+        let dir = self.dir.join("registry");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let config = dir.join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  accesslog:\n    disabled: false\n  level: info\n  formatter: text\n\
+                 storage:\n  filesystem:\n    rootdirectory: {}\n\
+                 http:\n  addr: {}\n  secret: shoal-bench-not-a-secret\n",
+                dir.join("storage").display(),
+                self.registry_host()
+            ),
+        )?;
+        let log = self.log("registry");
+        let mut c = self.fabric.command(0, registry);
+        c.arg("serve").arg(&config);
+        procs.spawn_logged(cpu.wrap(c), &log)?;
+
+        let layout = self.dir.join("image");
+        let half = self.size / 2;
+        let spec = ImageSpec {
+            layers: vec![
+                LayerSpec::default().file("opt/app/a.bin", half, 1),
+                LayerSpec::default().file("opt/app/b.bin", self.size - half, 2),
+            ],
+            tag: "v1".into(),
+        };
+        if !layout.join("index.json").exists() {
+            oci_image::build_layout_uncompressed(&layout, &spec)?;
+        }
+        let built = oci_image::build_layout_uncompressed(&layout, &spec)?;
+        let bytes = built.layers.iter().map(|(_, s)| s).sum::<u64>();
+        let reference = format!("{}/{REPOSITORY}:v1", self.registry_host());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = self
+                .fabric
+                .command(0, &skopeo)
+                .args(["copy", "--dest-tls-verify=false", "--quiet"])
+                .arg(format!("oci:{}:v1", layout.display()))
+                .arg(format!("docker://{reference}"))
+                .output()?;
+            if out.status.success() {
+                break;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "skopeo copy to the registry: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Ok((Image { reference, bytes }, log))
+    }
+
+    /// Blob bytes the registry sent since `from` lines of its log.
+    fn registry_blob_bytes(log: &Path, from: usize) -> Result<u64> {
+        let text = std::fs::read_to_string(log)?;
+        let lines: Vec<&str> = text.lines().skip(from).collect();
+        Ok(parse_access_log(&lines.join("\n"))
+            .iter()
+            .filter(|e| e.method == "GET" && e.path.contains("/blobs/"))
+            .map(|e| e.bytes)
+            .sum())
+    }
+
+    pub(super) fn containerd(&self, through_shoal: bool) -> Result<Outcome> {
+        let name = if through_shoal {
+            "containerd-shoal"
+        } else {
+            "containerd-direct"
+        };
+        let ctr = tools::require("ctr", "containerd");
+        let run = self.dir.join(name);
+        let _ = std::fs::remove_dir_all(&run);
+        std::fs::create_dir_all(&run)?;
+        let cpu = CpuGroup::new(name)?;
+        let mut procs = Procs::default();
+        let (image, registry_log) = self.registry(&mut procs, &cpu)?;
+
+        let registry = self.registry_host();
+        let agent_toml = |_: usize| {
+            format!(
+                "mirror_listen = \"{MIRROR}\"\n\n[mirror]\ndefault_registry = \"{registry}\"\n\n\
+                 [origin]\n[[origin.registries]]\nhost = \"{registry}\"\nplain_http = true\n"
+            )
+        };
+        let wrap = |c| cpu.wrap(c);
+        let coordinator_toml = self.args.coordinator_toml.replace("\\n", "\n");
+        let cluster = if through_shoal {
+            Some(Cluster::start(
+                &self.fabric,
+                Options {
+                    shoal: self.shoal.clone(),
+                    dir: run.join("cluster"),
+                    agent_toml: &agent_toml,
+                    coordinator_toml: &coordinator_toml,
+                    wrap: &wrap,
+                },
+            )?)
+        } else {
+            None
+        };
+        let mut daemons = BTreeMap::new();
+        for h in self.targets() {
+            let hosts_dir = run.join(format!("hosts-{h}"));
+            let mirror = format!("http://{MIRROR}");
+            let mirrors: &[&str] = if through_shoal { &[&mirror] } else { &[] };
+            write_hosts_toml(&hosts_dir, &registry, mirrors)?;
+            daemons.insert(h, (Containerd::start()?, hosts_dir));
+        }
+        let log_start = std::fs::read_to_string(&registry_log)?.lines().count();
+
+        let before = cpu.seconds()?;
+        let started = Instant::now();
+        let mut pulls = Vec::new();
+        for (h, (daemon, hosts_dir)) in &daemons {
+            let mut c = self.fabric.command(*h, &ctr);
+            c.arg("--address")
+                .arg(daemon.socket())
+                .args(["images", "pull", "--hosts-dir"])
+                .arg(hosts_dir)
+                .args(["--snapshotter", "overlayfs", &image.reference]);
+            let p = procs.spawn_logged(cpu.wrap(c), &self.log(&format!("{name}-ctr-{h}")))?;
+            pulls.push((*h, p));
+        }
+        let limit = Duration::from_secs_f64(self.bound(1) * 20.0 + 60.0);
+        let mut done = BTreeMap::new();
+        while done.len() < pulls.len() {
+            ensure!(started.elapsed() < limit, "the pulls did not finish");
+            for &(h, p) in &pulls {
+                if done.contains_key(&h) {
+                    continue;
+                }
+                if let Some(status) = procs.child(p).try_wait()? {
+                    ensure!(
+                        status.success(),
+                        "ctr images pull on host {h} failed (see {})",
+                        self.log(&format!("{name}-ctr-{h}")).display()
+                    );
+                    done.insert(h, started.elapsed().as_secs_f64());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let cpu_seconds = cpu.seconds()? - before;
+        for (h, (daemon, _)) in &daemons {
+            let images = daemon.images()?;
+            ensure!(
+                images.iter().any(|i| *i == image.reference),
+                "host {h}'s containerd lacks the image: {images:?}"
+            );
+        }
+        // The outcome per system is in bound multiples of the blob; the image is the blob
+        // plus two tar headers.
+        let scale = self.size as f64 / image.bytes as f64;
+        let done = done.into_iter().map(|(h, t)| (h, t * scale)).collect();
+        let registry_bytes = Self::registry_blob_bytes(&registry_log, log_start)?;
+        let mut note = format!(
+            "registry sent {:.2}× the image",
+            registry_bytes as f64 / image.bytes as f64
+        );
+        if let Some(cluster) = &cluster {
+            let (mut fallbacks, mut streamed) = (0.0, 0.0);
+            for h in self.targets() {
+                fallbacks += cluster.metric(h, "shoal_mirror_fallbacks_total")?;
+                streamed += cluster.metric(h, "shoal_agent_streamed_digests_total")?;
+            }
+            note += &format!(
+                "; {fallbacks} mirror fallbacks; {streamed} chunk digests streamed to targets"
+            );
+        }
+        drop(daemons);
+        drop(cluster);
+        drop(procs);
+        let _ = std::fs::remove_dir_all(self.dir.join("registry/storage"));
+        // The stores go; the logs stay (in --work-dir) for a look afterwards.
+        for h in 0..self.fabric.hosts() {
+            let _ = std::fs::remove_dir_all(run.join(format!("cluster/h{h}/store")));
+        }
+        Ok(Outcome {
+            done,
+            cpu_seconds,
+            note,
+        })
+    }
+}
