@@ -355,10 +355,12 @@ impl Client {
         let tokens = &self.inner.tokens;
         let (first_auth, sent_key) = match tokens.lookup(registry, &default_scope, Instant::now()) {
             Some(Known::Bearer(token)) => (Auth::Bearer(token), Some(default_scope.clone())),
-            Some(Known::Basic) => match settings.credentials()? {
-                Some(c) => (Auth::Basic(c), None),
-                None => (Auth::Anonymous, None),
-            },
+            Some(Known::Basic) => {
+                match settings.credentials(self.inner.config.auth_file.as_deref())? {
+                    Some(c) => (Auth::Basic(c), None),
+                    None => (Auth::Anonymous, None),
+                }
+            }
             None => (Auth::Anonymous, None),
         };
         let response = self
@@ -404,7 +406,7 @@ impl Client {
             };
             Auth::Bearer(token)
         } else if challenges.contains(&Challenge::Basic) {
-            match settings.credentials()? {
+            match settings.credentials(self.inner.config.auth_file.as_deref())? {
                 Some(creds) => Auth::Basic(creds),
                 None => {
                     return Err(OriginError::Unauthorized(format!(
@@ -469,7 +471,7 @@ impl Client {
             query.append_pair("scope", scope);
         }
         let shown = display_url(&url);
-        let credentials = settings.credentials()?;
+        let credentials = settings.credentials(self.inner.config.auth_file.as_deref())?;
         let mut request = self.inner.http.get(url);
         if let Some(c) = &credentials {
             request = request.basic_auth(&c.username, Some(&c.password));

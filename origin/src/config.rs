@@ -56,11 +56,18 @@ impl RegistryConfig {
         format!("{scheme}://{host}")
     }
 
-    /// The configured username and password, reading `password_file` now. `None` when no
-    /// username is configured (anonymous).
-    pub(crate) fn credentials(&self) -> Result<Option<Credentials>, OriginError> {
+    /// The configured username and password, reading `password_file` now; without a
+    /// username, what `auth_file` (`[origin] auth_file`) gives for this registry. `None`:
+    /// anonymous.
+    pub(crate) fn credentials(
+        &self,
+        auth_file: Option<&std::path::Path>,
+    ) -> Result<Option<Credentials>, OriginError> {
         let Some(username) = &self.username else {
-            return Ok(None);
+            return match auth_file {
+                Some(path) => crate::docker_auth::lookup(path, &self.host),
+                None => Ok(None),
+            };
         };
         let password = match (&self.password_file, &self.password) {
             (Some(path), _) => {
@@ -146,6 +153,12 @@ pub struct OriginConfig {
     pub request_timeout_ms: u64,
     /// `User-Agent` of every request. Default `shoal/<version>`.
     pub user_agent: String,
+    /// A Docker `config.json` holding registry credentials (a mounted
+    /// `kubernetes.io/dockerconfigjson` Secret's `.dockerconfigjson`): `auths` entries and
+    /// credential helpers (`credHelpers`, `credsStore`). Used for registries whose
+    /// `[[origin.registries]]` entry names no username; read at each token fetch, so a
+    /// rotated Secret is picked up.
+    pub auth_file: Option<PathBuf>,
 }
 
 impl Default for OriginConfig {
@@ -157,6 +170,7 @@ impl Default for OriginConfig {
             connect_timeout_ms: 5000,
             request_timeout_ms: 30_000,
             user_agent: concat!("shoal/", env!("CARGO_PKG_VERSION")).to_string(),
+            auth_file: None,
         }
     }
 }
@@ -186,8 +200,7 @@ impl OriginConfig {
 
     /// The settings for `host`, or the defaults (HTTPS, anonymous) when it has no entry.
     pub fn registry(&self, host: &str) -> RegistryConfig {
-        self.registries
-            .iter()
+        (self.registries.iter())
             .find(|r| r.host.eq_ignore_ascii_case(host))
             .cloned()
             .unwrap_or_else(|| RegistryConfig {
@@ -246,14 +259,14 @@ mod tests {
             ..Default::default()
         };
         assert!(!format!("{reg:?}").contains("inline-secret"));
-        let creds = reg.credentials().unwrap().unwrap();
+        let creds = reg.credentials(None).unwrap().unwrap();
         assert_eq!(creds.password, "s3cret");
         assert!(!format!("{creds:?}").contains("s3cret"));
         let missing = RegistryConfig {
             password_file: Some(dir.path().join("absent")),
             ..reg
         };
-        let err = missing.credentials().unwrap_err();
+        let err = missing.credentials(None).unwrap_err();
         assert!(
             matches!(err, OriginError::Unauthorized(ref m) if m.contains("absent")),
             "{err}"

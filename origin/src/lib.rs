@@ -9,6 +9,7 @@ mod auth;
 mod body;
 mod client;
 mod config;
+mod docker_auth;
 mod error;
 mod http;
 mod image;

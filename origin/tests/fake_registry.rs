@@ -709,3 +709,47 @@ async fn resolves_a_docker_manifest_list_per_platform() {
     );
     assert_eq!(one.blobs.len(), 2);
 }
+
+/// A client with no `[[origin.registries]]` credentials, only `[origin] auth_file`.
+fn client_with_auth_file(h: &Harness, auth_file: std::path::PathBuf) -> Client {
+    Client::new(OriginConfig {
+        registries: vec![RegistryConfig {
+            host: h.host(),
+            plain_http: true,
+            ..Default::default()
+        }],
+        auth_file: Some(auth_file),
+        request_timeout_ms: 5000,
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_docker_config_json_gives_credentials_and_is_read_again_when_rotated() {
+    let h = Harness::start(Mode::Bearer).await;
+    let auth_file = h._dir.path().join("config.json");
+    // As a kubernetes.io/dockerconfigjson Secret holds it: `auth` is base64 of user:password.
+    let write = |password: &str| {
+        let auth = base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{password}"));
+        let json = format!(
+            r#"{{"auths": {{"http://{}/v2/": {{"auth": "{auth}"}}}}}}"#,
+            h.host()
+        );
+        std::fs::write(&auth_file, json).unwrap();
+    };
+    write("stale");
+    let client = client_with_auth_file(&h, auth_file.clone());
+    let err = client
+        .get_manifest(&h.host(), REPO, "v1", &[])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, OriginError::Unauthorized(_)), "{err:?}");
+    // The Secret is rotated: the next token fetch reads it again.
+    write(PASSWORD);
+    let m = client
+        .get_manifest(&h.host(), REPO, "v1", &[])
+        .await
+        .unwrap();
+    assert_eq!(m.bytes, h.fake.manifest);
+}

@@ -269,6 +269,56 @@ fn rendered_agent_configuration_is_what_the_agent_reads() -> Result<()> {
         init.iter().any(|c| c["args"][0] == "containerd-config"),
         "all-on: no containerd-config init container"
     );
+    // registryAuthSecret: the Secret is mounted where origin.auth_file points, in the
+    // agents and the coordinator; the defaults mount nothing.
+    let (_, defaults) = &rendered.renders[0];
+    assert_registry_auth(all_on, "DaemonSet", "shoal-agent", "agent", true)?;
+    assert_registry_auth(defaults, "DaemonSet", "shoal-agent", "agent", false)?;
+    assert_eq!(
+        config.origin.auth_file.as_deref(),
+        Some(Path::new(REGISTRY_AUTH_FILE))
+    );
+    Ok(())
+}
+
+const REGISTRY_AUTH_FILE: &str = "/var/run/secrets/shoal/registry-auth/.dockerconfigjson";
+
+/// Whether `workload`'s pod mounts the registryAuthSecret (registry-credentials in the
+/// all-on values) at the directory of [`REGISTRY_AUTH_FILE`].
+fn assert_registry_auth(
+    objects: &[Value],
+    kind: &str,
+    name: &str,
+    container_name: &str,
+    mounted: bool,
+) -> Result<()> {
+    let workload = object(objects, kind, name)?;
+    let volumes = workload["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .context("volumes")?;
+    let volume = volumes.iter().find(|v| v["name"] == "registry-auth");
+    let c = container(workload, container_name)?;
+    let mounts = c["volumeMounts"].as_array().context("volumeMounts")?;
+    let mount = mounts.iter().find(|m| m["name"] == "registry-auth");
+    if !mounted {
+        ensure!(
+            volume.is_none() && mount.is_none(),
+            "{name}: mounts registry auth unasked"
+        );
+        return Ok(());
+    }
+    let volume = volume.with_context(|| format!("{name}: no registry-auth volume"))?;
+    assert_eq!(
+        volume["secret"]["secretName"], "registry-credentials",
+        "{name}"
+    );
+    let mount = mount.with_context(|| format!("{name}: registry-auth not mounted"))?;
+    let dir = Path::new(REGISTRY_AUTH_FILE).parent().context("dir")?;
+    assert_eq!(
+        mount["mountPath"].as_str().map(Path::new),
+        Some(dir),
+        "{name}"
+    );
     Ok(())
 }
 
@@ -290,6 +340,19 @@ fn rendered_coordinator_configuration_is_what_the_coordinator_reads() -> Result<
         let statefulset = object(objects, "StatefulSet", "shoal-coordinator")?;
         let coordinator = container(statefulset, "coordinator")?;
         assert_token_from_secret(coordinator)?;
+        let all_on = *name == "all-on";
+        assert_registry_auth(
+            objects,
+            "StatefulSet",
+            "shoal-coordinator",
+            "coordinator",
+            all_on,
+        )?;
+        assert_eq!(
+            config.origin.auth_file.is_some(),
+            all_on,
+            "{name}: origin.auth_file"
+        );
         assert_eq!(
             container_port(coordinator, "grpc")?,
             config.listen.port(),
