@@ -66,6 +66,10 @@ pub fn describe() {
         "Bytes received and verified, by source kind"
     );
     describe_counter!(BYTES_OUT, Unit::Bytes, "Bytes of chunks served to peers");
+    describe_counter!(
+        shoal_origin::THROTTLED,
+        "429 Too Many Requests answers from registries, by registry"
+    );
     describe_counter!(CHUNKS_VERIFIED, "Chunks received, verified and stored");
     describe_counter!(CHUNKS_REJECTED, "Chunks received that failed verification");
     describe_gauge!(ACTIVE_TRANSFERS, "Fetch orders running");

@@ -42,6 +42,7 @@ struct Inner {
     http: reqwest::Client,
     config: OriginConfig,
     tokens: TokenCache,
+    pacing: crate::pacing::Pacing,
 }
 
 /// A manifest read in full, within `manifest_max_bytes`.
@@ -111,6 +112,7 @@ impl Client {
                 http,
                 config,
                 tokens: TokenCache::default(),
+                pacing: Default::default(),
             }),
         })
     }
@@ -364,7 +366,7 @@ impl Client {
             None => (Auth::Anonymous, None),
         };
         let response = self
-            .send_with(&method, &url, &headers, &first_auth, &shown)
+            .send_paced(&settings, &method, &url, &headers, &first_auth, &shown)
             .await?;
         if response.status() != StatusCode::UNAUTHORIZED {
             return check_status(response, &shown, self.timeout()).await;
@@ -419,12 +421,42 @@ impl Client {
         };
         let is_basic = matches!(retry_auth, Auth::Basic(_));
         let response = self
-            .send_with(&method, &url, &headers, &retry_auth, &shown)
+            .send_paced(&settings, &method, &url, &headers, &retry_auth, &shown)
             .await?;
         if is_basic && response.status() != StatusCode::UNAUTHORIZED {
             tokens.mark_basic(registry);
         }
         check_status(response, &shown, self.timeout()).await
+    }
+
+    /// [`Client::send_with`] within the registry's pacing: waits for its request budget and
+    /// any pause a 429 set, and tries again after a 429 (see `pacing.rs`).
+    async fn send_paced(
+        &self,
+        settings: &RegistryConfig,
+        method: &Method,
+        url: &Url,
+        headers: &HeaderMap,
+        auth: &Auth,
+        shown: &str,
+    ) -> Result<Response, OriginError> {
+        let pacing = &self.inner.pacing;
+        let max_wait = Duration::from_millis(self.inner.config.max_retry_wait_ms);
+        let mut throttled = 0;
+        loop {
+            pacing
+                .wait(&settings.host, settings.max_requests_per_second)
+                .await;
+            let response = self.send_with(method, url, headers, auth, shown).await?;
+            if response.status() != StatusCode::TOO_MANY_REQUESTS
+                || throttled >= crate::pacing::THROTTLED_RETRIES
+            {
+                return Ok(response);
+            }
+            throttled += 1;
+            let wait = pacing.throttled(&settings.host, response.headers(), max_wait);
+            tracing::warn!(registry = %settings.host, url = %shown, ?wait, attempt = throttled, "registry answered 429 Too Many Requests: pausing requests to it");
+        }
     }
 
     async fn send_with(

@@ -25,6 +25,9 @@ pub struct RegistryConfig {
     /// A file holding the password (e.g. a mounted Kubernetes secret). Read at each token fetch
     /// so a rotated secret is picked up; one trailing newline is trimmed. Wins over `password`.
     pub password_file: Option<PathBuf>,
+    /// A request budget for this registry: requests wait for their slot instead of being
+    /// refused with 429 (e.g. below Docker Hub's pull limit). None: no budget.
+    pub max_requests_per_second: Option<f64>,
 }
 
 // Hand-written so a logged config never shows the password.
@@ -159,6 +162,9 @@ pub struct OriginConfig {
     /// `[[origin.registries]]` entry names no username; read at each token fetch, so a
     /// rotated Secret is picked up.
     pub auth_file: Option<PathBuf>,
+    /// The longest a registry's `429 Too Many Requests` may pause requests to it (its
+    /// `Retry-After`, capped). Default 60000.
+    pub max_retry_wait_ms: u64,
 }
 
 impl Default for OriginConfig {
@@ -171,6 +177,7 @@ impl Default for OriginConfig {
             request_timeout_ms: 30_000,
             user_agent: concat!("shoal/", env!("CARGO_PKG_VERSION")).to_string(),
             auth_file: None,
+            max_retry_wait_ms: 60_000,
         }
     }
 }

@@ -13,6 +13,7 @@ mod docker_auth;
 mod error;
 mod http;
 mod image;
+mod pacing;
 mod reference;
 
 pub use body::{Body, ByteRange};
@@ -24,6 +25,7 @@ pub use image::{
     DEFAULT_PLATFORM, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST,
     ResolvedImage, resolve_image,
 };
+pub use pacing::THROTTLED;
 pub use reference::{DOCKER_HUB, NAME_MAX_LEN, Reference, validate_repository, validate_tag};
 pub use shoal_proto::Digest;
 

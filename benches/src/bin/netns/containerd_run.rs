@@ -195,7 +195,7 @@ impl Bench {
         for (h, (daemon, _)) in &daemons {
             let images = daemon.images()?;
             ensure!(
-                images.iter().any(|i| *i == image.reference),
+                images.contains(&image.reference),
                 "host {h}'s containerd lacks the image: {images:?}"
             );
         }

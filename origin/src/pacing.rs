@@ -1,0 +1,185 @@
+//! Being a good client of a rate-limited registry (Docker Hub's pull limits, a busy internal
+//! registry): a `429 Too Many Requests` pauses every request of this process to that registry
+//! for its `Retry-After` (1 s if it names none, never more than `max_retry_wait_ms`), then
+//! the request is tried again, up to [`THROTTLED_RETRIES`] times; and a registry may be given a
+//! request budget (`[[origin.registries]] max_requests_per_second`) that requests wait for
+//! rather than spend. Each 429 counts in `shoal_origin_throttled_total{registry}`.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use reqwest::header::{HeaderMap, RETRY_AFTER};
+use tokio::time::Instant;
+
+/// Attempts again after a 429 before the request fails with it.
+pub(crate) const THROTTLED_RETRIES: u32 = 3;
+/// What a 429 without a usable `Retry-After` waits.
+const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(1);
+/// Counter of 429 answers, by registry.
+pub const THROTTLED: &str = "shoal_origin_throttled_total";
+
+/// When each registry may be sent the next request.
+#[derive(Debug, Default)]
+pub(crate) struct Pacing {
+    next: Mutex<HashMap<String, Instant>>,
+}
+
+impl Pacing {
+    /// Waits until `registry` may be sent a request, and with a budget of `rate` requests
+    /// per second reserves this one's slot.
+    pub(crate) async fn wait(&self, registry: &str, rate: Option<f64>) {
+        let at = {
+            let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
+            let now = Instant::now();
+            let slot = next.get(registry).copied().unwrap_or(now).max(now);
+            match rate.filter(|r| *r > 0.0) {
+                Some(rate) => {
+                    next.insert(
+                        registry.to_string(),
+                        slot + Duration::from_secs_f64(1.0 / rate),
+                    );
+                }
+                None => {
+                    if next.get(registry).is_some_and(|t| *t <= now) {
+                        next.remove(registry);
+                    }
+                }
+            }
+            slot
+        };
+        tokio::time::sleep_until(at).await;
+    }
+
+    /// `registry` answered 429: nobody sends it anything for `wait`. Returns the pause.
+    pub(crate) fn throttled(&self, registry: &str, headers: &HeaderMap, max: Duration) -> Duration {
+        metrics::counter!(THROTTLED, "registry" => registry.to_string()).increment(1);
+        let wait = retry_after(headers, SystemTime::now())
+            .unwrap_or(DEFAULT_RETRY_AFTER)
+            .min(max);
+        let until = Instant::now() + wait;
+        let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = next.entry(registry.to_string()).or_insert(until);
+        *entry = (*entry).max(until);
+        wait
+    }
+}
+
+/// `Retry-After`: delay-seconds, or an HTTP date (RFC 9110), as a wait from `now`.
+fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+    let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate(value)?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+/// An IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`), the form servers send.
+fn httpdate(s: &str) -> Option<SystemTime> {
+    let mut parts = s.split_whitespace();
+    let _weekday = parts.next()?;
+    let day: u64 = parts.next()?.parse().ok()?;
+    let month = match parts.next()? {
+        "Jan" => 1,
+        "Feb" => 2,
+        "Mar" => 3,
+        "Apr" => 4,
+        "May" => 5,
+        "Jun" => 6,
+        "Jul" => 7,
+        "Aug" => 8,
+        "Sep" => 9,
+        "Oct" => 10,
+        "Nov" => 11,
+        "Dec" => 12,
+        _ => return None,
+    };
+    let year: i64 = parts.next()?.parse().ok()?;
+    let mut hms = parts.next()?.split(':');
+    let (h, m, sec): (u64, u64, u64) = (
+        hms.next()?.parse().ok()?,
+        hms.next()?.parse().ok()?,
+        hms.next()?.parse().ok()?,
+    );
+    if parts.next()? != "GMT" || !(1..=31).contains(&day) || h > 23 || m > 59 || sec > 60 {
+        return None;
+    }
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let (y, mo) = if month <= 2 {
+        (year - 1, month + 9)
+    } else {
+        (year, month - 3)
+    };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * mo + 2) / 5 + day as i64 - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days.checked_mul(86_400)? + (h * 3600 + m * 60 + sec) as i64;
+    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(value: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(RETRY_AFTER, value.parse().unwrap());
+        h
+    }
+
+    #[test]
+    fn retry_after_in_seconds_or_as_a_date() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(784_111_777); // 1994-11-06 08:49:37
+        assert_eq!(
+            retry_after(&headers("120"), now),
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(
+            retry_after(&headers("Sun, 06 Nov 1994 08:49:47 GMT"), now),
+            Some(Duration::from_secs(10))
+        );
+        assert_eq!(
+            retry_after(&headers("Sun, 06 Nov 1994 08:49:00 GMT"), now),
+            Some(Duration::ZERO),
+            "a date in the past: at once"
+        );
+        assert_eq!(retry_after(&headers("soon"), now), None);
+        assert_eq!(retry_after(&HeaderMap::new(), now), None);
+        assert_eq!(
+            httpdate("Thu, 01 Jan 1970 00:00:00 GMT"),
+            Some(SystemTime::UNIX_EPOCH)
+        );
+        assert_eq!(httpdate("Thu, 31 Feb 1970 25:00:00 GMT"), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_budget_spaces_requests_and_a_429_pauses_them_all() {
+        let pacing = Pacing::default();
+        let start = Instant::now();
+        for _ in 0..3 {
+            pacing.wait("r", Some(10.0)).await;
+        }
+        assert_eq!(
+            start.elapsed(),
+            Duration::from_millis(200),
+            "three requests at 10/s"
+        );
+        pacing.wait("other", None).await;
+        assert_eq!(
+            start.elapsed(),
+            Duration::from_millis(200),
+            "another registry waits not"
+        );
+        let start = Instant::now();
+        let paused = pacing.throttled("other", &headers("5"), Duration::from_secs(2));
+        assert_eq!(paused, Duration::from_secs(2), "capped at the maximum");
+        pacing.wait("other", None).await;
+        assert_eq!(start.elapsed(), Duration::from_secs(2));
+        let start = Instant::now();
+        pacing.wait("other", None).await;
+        assert_eq!(start.elapsed(), Duration::ZERO, "the pause is over");
+    }
+}
