@@ -46,6 +46,13 @@ pub struct MirrorConfig {
     /// If no byte of a blob arrives from peers for this long, the rest is fetched from the
     /// upstream directly (logged, and counted in `shoal_mirror_fallbacks_total`).
     pub fallback_after_ms: u64,
+    /// Without `?ns=`, a first path component that names a registry host
+    /// (`/v2/quay.io/org/app/...`, a port written `__`: `/v2/10.0.0.5__5000/app/...`) is the
+    /// upstream, the rest the repository: how CRI-O, Podman and Skopeo name the upstream
+    /// through a `registries.conf` mirror location (`shoal registries-conf`). A host is what
+    /// has a `.` or `__`, or is `localhost`, as Docker decides for image references. Off: such
+    /// a path is a repository of `default_registry`.
+    pub route_by_path: bool,
 }
 
 impl Default for MirrorConfig {
@@ -54,6 +61,7 @@ impl Default for MirrorConfig {
             default_registry: "docker.io".into(),
             manifest_cache_ttl_ms: 30_000,
             fallback_after_ms: 30_000,
+            route_by_path: true,
         }
     }
 }
@@ -223,6 +231,30 @@ fn parse_target(rest: &str) -> Option<Target<'_>> {
     None
 }
 
+fn target_name<'a>(target: &Target<'a>) -> &'a str {
+    match target {
+        Target::Manifest { name, .. } | Target::Blob { name, .. } => name,
+    }
+}
+
+impl<'a> Target<'a> {
+    fn with_name(self, name: &'a str) -> Target<'a> {
+        match self {
+            Target::Manifest { reference, .. } => Target::Manifest { name, reference },
+            Target::Blob { digest, .. } => Target::Blob { name, digest },
+        }
+    }
+}
+
+/// The upstream a repository path names in its first component, and the repository after
+/// it (see [`MirrorConfig::route_by_path`]); None if the first component is no host.
+fn routed_by_path(name: &str) -> Option<(String, &str)> {
+    let (first, rest) = name.split_once('/')?;
+    let host = first.contains('.') || first.contains("__") || first == "localhost";
+    let registry = first.replace("__", ":");
+    (host && !rest.is_empty() && valid_registry(&registry)).then_some((registry, rest))
+}
+
 async fn dispatch(
     State(mirror): State<Mirror>,
     method: Method,
@@ -244,20 +276,28 @@ async fn dispatch(
             &format!("/v2/{rest}: the mirror serves manifests and blobs only"),
         );
     };
-    let registry = match params.ns.as_deref() {
-        Some(ns) if valid_registry(ns) => ns.to_string(),
-        Some(ns) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "NAME_INVALID",
-                &format!("ns={ns:?} is not a registry host[:port]"),
-            );
-        }
-        None => mirror.config.default_registry.clone(),
+    let routed = (params.ns.is_none() && mirror.config.route_by_path)
+        .then(|| routed_by_path(target_name(&target)))
+        .flatten();
+    let (registry, target) = match routed {
+        Some((registry, name)) => (Some(registry), target.with_name(name)),
+        None => (None, target),
     };
-    let name = match target {
-        Target::Manifest { name, .. } | Target::Blob { name, .. } => name,
+    let registry = match (registry, params.ns.as_deref()) {
+        (Some(routed), _) => routed,
+        (None, ns) => match ns {
+            Some(ns) if valid_registry(ns) => ns.to_string(),
+            Some(ns) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "NAME_INVALID",
+                    &format!("ns={ns:?} is not a registry host[:port]"),
+                );
+            }
+            None => mirror.config.default_registry.clone(),
+        },
     };
+    let name = target_name(&target);
     if let Err(e) = shoal_origin::validate_repository(name) {
         return error(StatusCode::BAD_REQUEST, "NAME_INVALID", &e.to_string());
     }
@@ -313,6 +353,25 @@ mod tests {
         );
         assert_eq!(parse_target("a/blobs/uploads/"), None);
         assert_eq!(parse_target("a/tags/list"), None);
+    }
+
+    #[test]
+    fn a_first_component_that_is_a_host_names_the_upstream() {
+        assert_eq!(
+            routed_by_path("docker.io/library/alpine"),
+            Some(("docker.io".into(), "library/alpine"))
+        );
+        assert_eq!(
+            routed_by_path("10.0.0.5__5000/team/app"),
+            Some(("10.0.0.5:5000".into(), "team/app"))
+        );
+        assert_eq!(
+            routed_by_path("localhost/app"),
+            Some(("localhost".into(), "app"))
+        );
+        assert_eq!(routed_by_path("library/alpine"), None);
+        assert_eq!(routed_by_path("app"), None);
+        assert_eq!(routed_by_path("quay.io/"), None);
     }
 
     #[test]

@@ -131,11 +131,11 @@ fn mirror_url(s: &str) -> Result<String, String> {
 
 /// Writes `contents` to `path` through a temporary file in the same directory and a rename,
 /// so containerd never reads half a file.
-fn write_atomically(path: &Path, contents: &str) -> Result<()> {
-    let dir = path.parent().context("hosts.toml path has no parent")?;
+pub fn write_atomically(path: &Path, contents: &str) -> Result<()> {
+    let dir = path.parent().context("the file's path has no parent")?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut tmp = tempfile::Builder::new()
-        .prefix(".hosts.toml.")
+        .prefix(".shoal-config.")
         .tempfile_in(dir)
         .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
     tmp.write_all(contents.as_bytes())

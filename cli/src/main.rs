@@ -6,6 +6,7 @@ mod client;
 mod containerd;
 mod demo;
 mod local;
+mod registries;
 mod serve;
 mod settings;
 
@@ -147,6 +148,8 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Write containerd hosts.toml files that pull through the local agent's mirror.
     ContainerdConfig(containerd::ContainerdArgs),
+    /// Write a registries.conf drop-in so CRI-O, Podman and Skopeo pull through the mirror.
+    RegistriesConf(registries::RegistriesArgs),
 }
 
 fn main() {
@@ -259,6 +262,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         }
         Command::Demo(args) => demo::run(args).await,
         Command::ContainerdConfig(args) => containerd::run(args),
+        Command::RegistriesConf(args) => registries::run(args),
     }
 }
 
