@@ -18,7 +18,9 @@
 //! - `containerd-direct` / `containerd-shoal`: a `docker-registry` on host 0 holding a
 //!   two-layer image of the blob's size, a containerd on every target, and `ctr images pull`
 //!   on every target at once, from the registry or through each host's agent's OCI mirror
-//!   (issue 14's deploy; needs docker-registry, skopeo and containerd).
+//!   (issue 14's deploy; needs docker-registry, skopeo and containerd); `deploy-direct` /
+//!   `deploy-shoal` the same with six images sharing a base layer, target `h` pulling image
+//!   `(h - 1) % 6`.
 //!
 //! Printed per system: makespan, p50 and p99 of the targets' completion times, each as a
 //! multiple of the target's own bound (size ÷ its link rate), and CPU seconds per delivered
@@ -64,7 +66,8 @@ struct Args {
     #[arg(long, default_value_t = 0)]
     slow: usize,
     /// Systems to run, comma-separated: floor,http,bt,distribute,pull,pull-url,
-    /// pull-url-digest,distribute-url,containerd-direct,containerd-shoal.
+    /// pull-url-digest,distribute-url,containerd-direct,containerd-shoal,deploy-direct,
+    /// deploy-shoal.
     #[arg(
         long,
         default_value = "floor,http,bt,distribute,pull,pull-url,pull-url-digest"
@@ -80,6 +83,9 @@ struct Args {
     /// Extra lines for coordinator.toml (`\n` separates lines), to try settings.
     #[arg(long, default_value = "")]
     coordinator_toml: String,
+    /// Layers of the containerd systems' image (the blob's size split evenly).
+    #[arg(long, default_value_t = 2)]
+    layers: u64,
     /// Where the blob, the copies and the logs go (default: a temporary directory).
     #[arg(long)]
     work_dir: Option<PathBuf>,
@@ -359,7 +365,9 @@ fn main() -> Result<()> {
                 "http",
                 "bt",
                 "containerd-direct",
-                "containerd-shoal"
+                "containerd-shoal",
+                "deploy-direct",
+                "deploy-shoal",
             ]
             .contains(&s.as_str())
                 || shoal_run::Mode::of_system(s).is_some(),
@@ -428,8 +436,10 @@ fn main() -> Result<()> {
             "floor" => bench.floor(),
             "http" => bench.http(),
             "bt" => bench.bittorrent(),
-            "containerd-direct" => bench.containerd(false),
-            "containerd-shoal" => bench.containerd(true),
+            "containerd-direct" => bench.containerd(false, false),
+            "containerd-shoal" => bench.containerd(true, false),
+            "deploy-direct" => bench.containerd(false, true),
+            "deploy-shoal" => bench.containerd(true, true),
             shoal => match shoal_run::Mode::of_system(shoal) {
                 Some(mode) => bench.shoal(mode),
                 None => Err(anyhow::anyhow!("unknown system {shoal}")),

@@ -5,8 +5,8 @@
 //! containerd configured with a `hosts.toml` naming its own agent's mirror on
 //! `127.0.0.1:7403` of its namespace).
 //!
-//! The image has two uncompressed layers, each a file of half the blob size (random bytes:
-//! gzip would only cost CPU). The bound is the image's size ÷ the link. Reported besides the
+//! The image has `--layers` uncompressed layers (two by default) that split the blob size
+//! (random bytes: gzip would only cost CPU). The bound is the image's size ÷ the link. Reported besides the
 //! times: the registry's blob bytes ÷ the image's, and for Shoal the mirrors' fallbacks to
 //! the registry (which should be 0) and how many chunks the targets fetched while the seed
 //! ran. `ctr` runs in the target's namespace (containerd 1.6's client fetches the content
@@ -30,10 +30,11 @@ const REGISTRY_PORT: u16 = 5000;
 const MIRROR: &str = "127.0.0.1:7403";
 const REPOSITORY: &str = "bench/app";
 
-/// The image pushed to the registry, and its total size in bytes.
+/// An image pushed to the registry, and its layers' size in bytes.
 pub(super) struct Image {
     reference: String,
     bytes: u64,
+    layers: Vec<(String, u64)>,
 }
 
 impl Bench {
@@ -41,8 +42,50 @@ impl Bench {
         format!("{}:{REGISTRY_PORT}", self.fabric.ip(0))
     }
 
-    /// Starts `docker-registry` on host 0 and pushes the image (built once) with skopeo.
-    fn registry(&self, procs: &mut Procs, cpu: &CpuGroup) -> Result<(Image, PathBuf)> {
+    /// The images of a run: one of `--layers` layers (`deploy`: six that share a base layer
+    /// of half the size and each add a layer of their own), by repository.
+    fn images(&self, deploy: bool) -> Vec<(String, ImageSpec)> {
+        if deploy {
+            let half = self.size / 2;
+            return (0..6u64)
+                .map(|i| {
+                    let spec = ImageSpec {
+                        layers: vec![
+                            LayerSpec::default().file("opt/base.bin", half, 100),
+                            LayerSpec::default().file("opt/app.bin", self.size - half, i + 1),
+                        ],
+                        tag: "v1".into(),
+                    };
+                    (format!("{REPOSITORY}{i}"), spec)
+                })
+                .collect();
+        }
+        let n = self.args.layers.max(1);
+        let each = self.size / n;
+        let spec = ImageSpec {
+            layers: (0..n)
+                .map(|i| {
+                    let size = if i + 1 == n {
+                        self.size - each * (n - 1)
+                    } else {
+                        each
+                    };
+                    LayerSpec::default().file(&format!("opt/app/{i}.bin"), size, i + 1)
+                })
+                .collect(),
+            tag: "v1".into(),
+        };
+        vec![(REPOSITORY.to_string(), spec)]
+    }
+
+    /// Starts `docker-registry` on host 0 and pushes `images` with skopeo. Returns them and
+    /// the registry's log.
+    fn registry(
+        &self,
+        procs: &mut Procs,
+        cpu: &CpuGroup,
+        images: &[(String, ImageSpec)],
+    ) -> Result<(Vec<Image>, PathBuf)> {
         let registry = tools::require("/usr/bin/docker-registry", "docker-registry");
         let skopeo = tools::require("skopeo", "skopeo");
         let dir = self.dir.join("registry");
@@ -64,41 +107,42 @@ impl Bench {
         c.arg("serve").arg(&config);
         procs.spawn_logged(cpu.wrap(c), &log)?;
 
-        let layout = self.dir.join("image");
-        let half = self.size / 2;
-        let spec = ImageSpec {
-            layers: vec![
-                LayerSpec::default().file("opt/app/a.bin", half, 1),
-                LayerSpec::default().file("opt/app/b.bin", self.size - half, 2),
-            ],
-            tag: "v1".into(),
-        };
-        if !layout.join("index.json").exists() {
-            oci_image::build_layout_uncompressed(&layout, &spec)?;
-        }
-        let built = oci_image::build_layout_uncompressed(&layout, &spec)?;
-        let bytes = built.layers.iter().map(|(_, s)| s).sum::<u64>();
-        let reference = format!("{}/{REPOSITORY}:v1", self.registry_host());
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let out = self
-                .fabric
-                .command(0, &skopeo)
-                .args(["copy", "--dest-tls-verify=false", "--quiet"])
-                .arg(format!("oci:{}:v1", layout.display()))
-                .arg(format!("docker://{reference}"))
-                .output()?;
-            if out.status.success() {
-                break;
+        let mut out = Vec::new();
+        for (repository, spec) in images {
+            let layout = self
+                .dir
+                .join(format!("image-{}", repository.replace('/', "_")));
+            let _ = std::fs::remove_dir_all(&layout);
+            let built = oci_image::build_layout_uncompressed(&layout, spec)?;
+            let bytes = built.layers.iter().map(|(_, s)| s).sum::<u64>();
+            let reference = format!("{}/{repository}:v1", self.registry_host());
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let pushed = self
+                    .fabric
+                    .command(0, &skopeo)
+                    .args(["copy", "--dest-tls-verify=false", "--quiet"])
+                    .arg(format!("oci:{}:v1", layout.display()))
+                    .arg(format!("docker://{reference}"))
+                    .output()?;
+                if pushed.status.success() {
+                    break;
+                }
+                ensure!(
+                    Instant::now() < deadline,
+                    "skopeo copy to the registry: {}",
+                    String::from_utf8_lossy(&pushed.stderr)
+                );
+                std::thread::sleep(Duration::from_millis(200));
             }
-            ensure!(
-                Instant::now() < deadline,
-                "skopeo copy to the registry: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            std::thread::sleep(Duration::from_millis(200));
+            let _ = std::fs::remove_dir_all(&layout);
+            out.push(Image {
+                reference,
+                bytes,
+                layers: built.layers.clone(),
+            });
         }
-        Ok((Image { reference, bytes }, log))
+        Ok((out, log))
     }
 
     /// Blob bytes the registry sent since `from` lines of its log.
@@ -112,11 +156,14 @@ impl Bench {
             .sum())
     }
 
-    pub(super) fn containerd(&self, through_shoal: bool) -> Result<Outcome> {
-        let name = if through_shoal {
-            "containerd-shoal"
-        } else {
-            "containerd-direct"
+    /// `deploy`: every target pulls one of six images that share a base layer (target `h`
+    /// the image `(h - 1) % 6`), else all the same image.
+    pub(super) fn containerd(&self, through_shoal: bool, deploy: bool) -> Result<Outcome> {
+        let name = match (deploy, through_shoal) {
+            (false, true) => "containerd-shoal",
+            (false, false) => "containerd-direct",
+            (true, true) => "deploy-shoal",
+            (true, false) => "deploy-direct",
         };
         let ctr = tools::require("ctr", "containerd");
         let run = self.dir.join(name);
@@ -124,7 +171,14 @@ impl Bench {
         std::fs::create_dir_all(&run)?;
         let cpu = CpuGroup::new(name)?;
         let mut procs = Procs::default();
-        let (image, registry_log) = self.registry(&mut procs, &cpu)?;
+        let (images, registry_log) = self.registry(&mut procs, &cpu, &self.images(deploy))?;
+        let image_of = |h: usize| &images[(h - 1) % images.len()];
+        // The distinct layers the targets pull: what the registry should send once.
+        let unique: u64 = (self.targets())
+            .flat_map(|h| image_of(h).layers.iter().cloned())
+            .collect::<BTreeMap<String, u64>>()
+            .values()
+            .sum();
 
         let registry = self.registry_host();
         let agent_toml = |_: usize| {
@@ -168,7 +222,7 @@ impl Bench {
                 .arg(daemon.socket())
                 .args(["images", "pull", "--hosts-dir"])
                 .arg(hosts_dir)
-                .args(["--snapshotter", "overlayfs", &image.reference]);
+                .args(["--snapshotter", "overlayfs", &image_of(*h).reference]);
             let p = procs.spawn_logged(cpu.wrap(c), &self.log(&format!("{name}-ctr-{h}")))?;
             pulls.push((*h, p));
         }
@@ -193,20 +247,21 @@ impl Bench {
         }
         let cpu_seconds = cpu.seconds()? - before;
         for (h, (daemon, _)) in &daemons {
-            let images = daemon.images()?;
+            let have = daemon.images()?;
             ensure!(
-                images.contains(&image.reference),
-                "host {h}'s containerd lacks the image: {images:?}"
+                have.contains(&image_of(*h).reference),
+                "host {h}'s containerd lacks its image: {have:?}"
             );
         }
-        // The outcome per system is in bound multiples of the blob; the image is the blob
-        // plus two tar headers.
-        let scale = self.size as f64 / image.bytes as f64;
-        let done = done.into_iter().map(|(h, t)| (h, t * scale)).collect();
+        // The outcome per system is in bound multiples of the blob; an image is the blob
+        // plus its tar headers.
+        let done = (done.into_iter())
+            .map(|(h, t)| (h, t * self.size as f64 / image_of(h).bytes as f64))
+            .collect();
         let registry_bytes = Self::registry_blob_bytes(&registry_log, log_start)?;
         let mut note = format!(
-            "registry sent {:.2}× the image",
-            registry_bytes as f64 / image.bytes as f64
+            "registry sent {:.2}× the distinct layers",
+            registry_bytes as f64 / unique as f64
         );
         if let Some(cluster) = &cluster {
             let (mut fallbacks, mut streamed) = (0.0, 0.0);
