@@ -227,6 +227,9 @@ impl State {
                     } => self.order_seed(host, blob.0, range, now),
                     SeedCommand::Stop { host, blob } => {
                         self.streams.remove_seeder(&blob.0, host);
+                        // Dropped because nobody waits: its targets left already. (Stopped
+                        // because the blob is known: the Seeded notice ends it.)
+                        self.streams.end_if_idle(&blob.0);
                         if self.orders.is_seed(host, blob.0) {
                             self.cancel_order(host, blob.0, "seeding stopped");
                         }

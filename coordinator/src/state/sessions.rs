@@ -116,6 +116,10 @@ impl State {
             self.seeder.handle(now.mono, SeedEvent::HostGone { host });
             self.catalog.forget_host(host);
             self.orders.drop_host(host);
+            // Streams it seeded or fetched: the other targets' sources and stripes change.
+            for blob in self.streams.drop_host(host) {
+                self.stream_to_waiting(blob, true, now);
+            }
             for blob in self
                 .jobs
                 .lose_agent(&gone.id, Some(host), &gone.message, now.wall)

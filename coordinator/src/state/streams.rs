@@ -138,6 +138,29 @@ impl Streams {
         }
     }
 
+    /// Forgets a stream nobody takes part in any more (its seed stopped, its targets left);
+    /// true if it ended.
+    pub fn end_if_idle(&mut self, blob: &Digest) -> bool {
+        let idle =
+            (self.blobs.get(blob)).is_some_and(|s| s.seeders.is_empty() && s.targets.is_empty());
+        if idle {
+            self.blobs.remove(blob);
+        }
+        idle
+    }
+
+    /// `host` is gone (its lease expired): it seeds nothing and is no target any more.
+    /// Returns the blobs whose streams it took part in.
+    pub fn drop_host(&mut self, host: HostId) -> Vec<Digest> {
+        let mut touched = Vec::new();
+        for (blob, s) in &mut self.blobs {
+            if s.seeders.remove(&host) | s.targets.remove(&host) {
+                touched.push(*blob);
+            }
+        }
+        touched
+    }
+
     /// A target holds the blob whole: remembered until the catalog knows the manifest.
     pub fn finished(&mut self, blob: &Digest, host: HostId) {
         if let Some(s) = self.blobs.get_mut(blob) {
@@ -185,6 +208,19 @@ mod tests {
             s.sources_of(HostId(1)),
             vec![(HostId(0), (0, 1)), (HostId(2), (0, 1))]
         );
+    }
+
+    #[test]
+    fn a_lost_host_leaves_every_stream_and_an_idle_stream_ends() {
+        let blob = Digest::of(b"blob");
+        let mut streams = Streams::default();
+        streams.start(blob, 10 << 20, 1 << 20, HostId(0)).unwrap();
+        streams.add_target(&blob, HostId(1));
+        assert_eq!(streams.drop_host(HostId(0)), vec![blob]);
+        assert!(!streams.end_if_idle(&blob), "a target is left");
+        assert!(streams.remove_target(&blob, HostId(1)));
+        assert!(streams.end_if_idle(&blob));
+        assert!(!streams.contains(&blob));
     }
 
     #[test]

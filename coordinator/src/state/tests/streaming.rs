@@ -199,3 +199,66 @@ fn a_seeder_whose_digests_contradict_the_stream_fails_it_and_its_targets() {
 fn a_blob_of_other_bytes() -> Manifest {
     Manifest::from_reader(&[9u8; 4 * 4096][..], 4096).expect("manifest")
 }
+
+#[test]
+fn a_lost_seeder_leaves_the_stream_and_its_successor_joins_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = cluster(dir.path(), 4);
+    let m = a_blob();
+    distribute_from_origin(
+        &mut c.s,
+        m.digest(),
+        &["a0", "a1", "a2", "a3"],
+        http_origin(),
+    )
+    .expect("distribute");
+    let (seeder, seed) = c.orders().pop().expect("one seed order");
+    c.say(seeder, chunks_seeded(&seed, &m, 0, 2));
+    let targets: Vec<usize> = (0..4).filter(|i| *i != seeder).collect();
+    assert_eq!(c.orders().len(), 3);
+
+    // Everyone but the seeder keeps its lease; the seeder's runs out.
+    c.s.advance(Duration::from_secs(20));
+    for t in &targets {
+        c.say(*t, Msg::Heartbeat(pb::Heartbeat::default()));
+    }
+    c.s.advance(Duration::from_secs(15));
+    let lost = format!("a{seeder}");
+    let mut successor = None;
+    let mut told_lost = 0;
+    for t in &targets {
+        for msg in messages(&mut c, *t) {
+            match msg {
+                coordinator_message::Msg::FetchOrder(o)
+                    if !matches!(o.kind, Some(pb::fetch_order::Kind::Peers(_))) =>
+                {
+                    successor = Some((*t, o));
+                }
+                coordinator_message::Msg::SourceUpdate(u) => {
+                    assert!(!u.add.iter().any(|s| s.agent_id == lost), "{u:?}");
+                    told_lost += usize::from(u.remove.contains(&lost));
+                }
+                _ => {}
+            }
+        }
+    }
+    assert!(told_lost >= 2, "the targets stop asking the lost seeder: {told_lost}");
+    let (successor, seed2) = successor.expect("another target seeds the blob");
+    // The successor's chunks join the stream: the others take it as a strict source.
+    c.say(successor, chunks_seeded(&seed2, &m, 0, 3));
+    for t in targets.iter().filter(|t| **t != successor) {
+        let got = messages(&mut c, *t);
+        let added: Vec<&pb::Source> = (got.iter())
+            .filter_map(|m| match m {
+                coordinator_message::Msg::SourceUpdate(u) => Some(u.add.iter()),
+                _ => None,
+            })
+            .flatten()
+            .filter(|s| s.agent_id == format!("a{successor}"))
+            .collect();
+        assert!(
+            added.iter().any(|s| s.stripe_only),
+            "target {t} takes the new seeder as a strict source: {got:?}"
+        );
+    }
+}
