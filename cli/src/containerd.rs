@@ -3,7 +3,9 @@
 //! through the local agent's OCI mirror first and fall back to the registry itself.
 //!
 //! containerd reads these files at each pull (with `config_path` set in its CRI registry
-//! configuration), so no restart is needed.
+//! configuration), so no restart is needed. An existing file keeps what it says (its
+//! `server`, a `ca`, client certificates, other mirrors): the mirror becomes its first host.
+//! `--remove` takes the mirror out again.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -32,6 +34,10 @@ pub struct ContainerdArgs {
     /// containerd's `config_path` directory.
     #[arg(long, default_value = DEFAULT_DIR)]
     dir: PathBuf,
+    /// Take the mirror out of the files instead (what else they say stays; a file with
+    /// nothing else is deleted).
+    #[arg(long)]
+    remove: bool,
 }
 
 /// Writes one file per registry (and `_default` with `--default`), printing each path.
@@ -49,27 +55,123 @@ pub fn run(args: ContainerdArgs) -> Result<()> {
     for namespace in namespaces {
         let name = namespace.unwrap_or("_default");
         let path = args.dir.join(name).join("hosts.toml");
-        write_atomically(&path, &hosts_toml(namespace, &args.mirror))?;
+        let existing = match std::fs::read_to_string(&path) {
+            Ok(text) => Some(text),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        if args.remove {
+            match existing.map(|text| without_mirror(&text, &args.mirror)) {
+                Some(Some(rest)) => write_atomically(&path, &rest)?,
+                Some(None) => std::fs::remove_file(&path)
+                    .with_context(|| format!("removing {}", path.display()))?,
+                None => continue,
+            }
+        } else {
+            let text = match &existing {
+                Some(text) => merged(text, namespace, &args.mirror),
+                None => hosts_toml(namespace, &args.mirror),
+            };
+            write_atomically(&path, &text)?;
+        }
         println!("{}", path.display());
     }
     Ok(())
+}
+
+/// The header of a `[host."URL"]` table (or one of its subtables) that names `mirror`.
+fn is_mirror_header(line: &str, mirror: &str) -> bool {
+    let t = line.trim();
+    let Some(inner) = t.strip_prefix('[').and_then(|r| r.split(']').next()) else {
+        return false;
+    };
+    let inner = inner.trim();
+    [format!("host.\"{mirror}\""), format!("host.'{mirror}'")]
+        .iter()
+        .any(|h| inner == h || inner.starts_with(&format!("{h}.")))
+}
+
+fn is_header(line: &str) -> bool {
+    line.trim_start().starts_with('[')
+}
+
+/// `text` without the tables of `mirror` and without this tool's comment lines.
+fn strip_mirror(text: &str, mirror: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut skipping = false;
+    for line in text.lines() {
+        if is_header(line) {
+            skipping = is_mirror_header(line, mirror);
+        }
+        if !skipping && !line.starts_with(COMMENT_PREFIX) {
+            out.push(line.to_string());
+        }
+    }
+    while out.last().is_some_and(|l| l.trim().is_empty()) {
+        out.pop();
+    }
+    out
+}
+
+/// An existing file with the mirror added as its first host: what it already says (its
+/// `server`, a `ca`, client certificates, other mirrors, which containerd tries after ours)
+/// is kept. A file without `server` gets the registry's.
+pub fn merged(existing: &str, registry: Option<&str>, mirror: &str) -> String {
+    let lines = strip_mirror(existing, mirror);
+    let first_table = lines
+        .iter()
+        .position(|l| is_header(l))
+        .unwrap_or(lines.len());
+    let (top, tables) = lines.split_at(first_table);
+    let has_server = top.iter().any(|l| l.trim_start().starts_with("server"));
+    let mut out = String::from(HEADER);
+    if let (false, Some(registry)) = (has_server, registry) {
+        out.push_str(&format!("server = \"https://{}\"\n", upstream(registry)));
+    }
+    let mut top: Vec<&String> = top.iter().skip_while(|l| l.trim().is_empty()).collect();
+    while top.last().is_some_and(|l| l.trim().is_empty()) {
+        top.pop();
+    }
+    for l in top {
+        out.push_str(l);
+        out.push('\n');
+    }
+    out.push_str(&mirror_table(mirror));
+    if !tables.is_empty() {
+        out.push('\n');
+        for l in tables {
+            out.push_str(l);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// The file without the mirror (`shoal containerd-config --remove`); None when nothing of
+/// the file's own would be left (it was this tool's): delete it.
+pub fn without_mirror(existing: &str, mirror: &str) -> Option<String> {
+    let lines = strip_mirror(existing, mirror);
+    let own = lines.iter().any(|l| {
+        let t = l.trim();
+        !t.is_empty() && !t.starts_with('#') && !t.starts_with("server")
+    });
+    own.then(|| lines.join("\n") + "\n")
+}
+
+/// Every line this tool writes that is not the user's starts with this.
+const COMMENT_PREFIX: &str = "# Written by `shoal containerd-config`";
+const HEADER: &str = "# Written by `shoal containerd-config`: pull through the local Shoal agent's mirror,\n\
+                      # Written by `shoal containerd-config`: then the hosts below, then the registry itself.\n";
+
+fn mirror_table(mirror: &str) -> String {
+    format!("\n[host.\"{mirror}\"]\n  capabilities = [\"pull\", \"resolve\"]\n")
 }
 
 /// The `hosts.toml` of one registry namespace (`None`: `_default`). The mirror is the only
 /// `[host]`, so containerd tries it first; when it fails containerd falls back to `server`
 /// (for `_default`, the registry the image names).
 pub fn hosts_toml(registry: Option<&str>, mirror: &str) -> String {
-    let mut out = String::from(
-        "# Written by `shoal containerd-config`: pull through the local Shoal agent's mirror,\n\
-         # fall back to the registry itself.\n",
-    );
-    if let Some(registry) = registry {
-        out.push_str(&format!("server = \"https://{}\"\n", upstream(registry)));
-    }
-    out.push_str(&format!(
-        "\n[host.\"{mirror}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
-    ));
-    out
+    merged("", registry, mirror)
 }
 
 /// The host that serves a registry's API: docker.io's is registry-1.docker.io.
@@ -198,6 +300,44 @@ mod tests {
         for bad in ["127.0.0.1:7403", "http://", "ftp://x", "http:///x"] {
             assert!(mirror_url(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn an_existing_file_keeps_what_it_says_and_the_mirror_goes_first() {
+        let existing = "server = \"https://registry.internal:5000\"\nca = \"/etc/certs/ca.pem\"\n\n\
+                        [host.\"https://other-mirror.internal\"]\n  capabilities = [\"pull\"]\n  \
+                        client = [\"/etc/certs/c.pem\", \"/etc/certs/c.key\"]\n";
+        let text = merged(existing, Some("registry.internal:5000"), DEFAULT_MIRROR);
+        assert_eq!(text.matches("server =").count(), 1, "{text}");
+        assert!(text.contains("ca = \"/etc/certs/ca.pem\""), "{text}");
+        let ours = text
+            .find(&format!("[host.\"{DEFAULT_MIRROR}\"]"))
+            .expect("ours");
+        let theirs = text
+            .find("[host.\"https://other-mirror.internal\"]")
+            .expect("theirs");
+        assert!(ours < theirs, "the mirror is tried first: {text}");
+        assert!(text.contains("client = [\"/etc/certs/c.pem\""), "{text}");
+        // Written again: the same file, not a second mirror table.
+        assert_eq!(
+            merged(&text, Some("registry.internal:5000"), DEFAULT_MIRROR),
+            text
+        );
+        // Removed: what the file said before, and nothing of ours.
+        let back = without_mirror(&text, DEFAULT_MIRROR).expect("theirs stays");
+        assert!(
+            !back.contains(DEFAULT_MIRROR) && !back.contains("shoal"),
+            "{back}"
+        );
+        assert!(
+            back.contains("other-mirror") && back.contains("ca ="),
+            "{back}"
+        );
+        // A file that was ours alone goes.
+        assert_eq!(
+            without_mirror(&hosts_toml(Some("ghcr.io"), DEFAULT_MIRROR), DEFAULT_MIRROR),
+            None
+        );
     }
 
     #[test]

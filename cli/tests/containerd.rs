@@ -19,13 +19,12 @@ fn read_hosts(path: &Path) -> Result<toml::Table> {
     Ok(toml::from_str(&text)?)
 }
 
-/// The one `[host."<mirror>"]` table and its capabilities.
+/// The capabilities of the `[host."<mirror>"]` table.
 fn mirror_capabilities(hosts: &toml::Table, mirror: &str) -> Vec<String> {
     let host = hosts
         .get("host")
         .and_then(|h| h.as_table())
         .expect("a [host] table");
-    assert_eq!(host.len(), 1, "only the mirror is a host: {host:?}");
     host.get(mirror)
         .and_then(|m| m.get("capabilities"))
         .and_then(|c| c.as_array())
@@ -61,6 +60,12 @@ fn writes_one_hosts_file_per_registry_and_the_default() -> Result<()> {
         mirror_capabilities(&docker, "http://127.0.0.1:7403"),
         ["pull", "resolve"]
     );
+    let hosts = docker.get("host").and_then(|h| h.as_table());
+    assert_eq!(
+        hosts.map(|h| h.len()),
+        Some(1),
+        "a new file's one host is the mirror"
+    );
 
     let private = read_hosts(&certs.join("registry.example:5000/hosts.toml"))?;
     assert_eq!(
@@ -91,11 +96,15 @@ fn writes_one_hosts_file_per_registry_and_the_default() -> Result<()> {
 }
 
 #[test]
-fn rewrites_an_existing_file_with_a_custom_mirror() -> Result<()> {
+fn adds_the_mirror_to_an_existing_file_and_keeps_what_it_says() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let file = dir.path().join("ghcr.io/hosts.toml");
     std::fs::create_dir_all(file.parent().context("parent")?)?;
-    std::fs::write(&file, "server = \"https://stale\"\n")?;
+    std::fs::write(
+        &file,
+        "server = \"https://ghcr-proxy.internal\"\nca = \"/etc/certs/ca.pem\"\n\n\
+         [host.\"https://other.internal\"]\n  capabilities = [\"pull\"]\n",
+    )?;
     let out = shoal(&[
         "containerd-config",
         "--registry",
@@ -113,12 +122,57 @@ fn rewrites_an_existing_file_with_a_custom_mirror() -> Result<()> {
     let hosts = read_hosts(&file)?;
     assert_eq!(
         hosts.get("server").and_then(|s| s.as_str()),
-        Some("https://ghcr.io")
+        Some("https://ghcr-proxy.internal"),
+        "the file's own server stays"
+    );
+    assert_eq!(
+        hosts.get("ca").and_then(|s| s.as_str()),
+        Some("/etc/certs/ca.pem")
     );
     assert_eq!(
         mirror_capabilities(&hosts, "http://10.1.2.3:7403"),
         ["pull", "resolve"]
     );
+    assert_eq!(
+        mirror_capabilities(&hosts, "https://other.internal"),
+        ["pull"]
+    );
+    let text = std::fs::read_to_string(&file)?;
+    assert!(
+        text.find("10.1.2.3").context("ours")? < text.find("other.internal").context("theirs")?,
+        "the mirror is tried first: {text}"
+    );
+
+    // --remove takes only the mirror out.
+    let out = shoal(&[
+        "containerd-config",
+        "--registry",
+        "ghcr.io",
+        "--mirror",
+        "http://10.1.2.3:7403",
+        "--remove",
+        "--dir",
+        dir.path().to_str().context("utf8")?,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let hosts = read_hosts(&file)?;
+    let host_table = hosts
+        .get("host")
+        .and_then(|h| h.as_table())
+        .context("hosts")?;
+    assert!(
+        !host_table.contains_key("http://10.1.2.3:7403"),
+        "{hosts:?}"
+    );
+    assert!(
+        host_table.contains_key("https://other.internal"),
+        "{hosts:?}"
+    );
+    assert!(hosts.contains_key("ca"), "{hosts:?}");
     Ok(())
 }
 

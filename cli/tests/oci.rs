@@ -259,9 +259,20 @@ async fn preheated_image_reaches_containerd_through_the_mirror_not_the_upstream(
         );
     }
 
-    // containerd, pointed at agent 0's mirror by `shoal containerd-config`.
+    // containerd, pointed at agent 0's mirror by `shoal containerd-config`, which adds it
+    // to the node's existing file (a plain-HTTP server and a mirror of its own that is down):
+    // containerd reads the merged file and tries Shoal's mirror first.
     let hosts = tempfile::tempdir()?;
     let mirror = format!("http://{}", s.cluster.agents[0].mirror);
+    let existing = hosts.path().join(s.registry.host()).join("hosts.toml");
+    std::fs::create_dir_all(existing.parent().context("parent")?)?;
+    std::fs::write(
+        &existing,
+        format!(
+            "server = \"http://{}\"\n\n[host.\"http://127.0.0.1:9\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+            s.registry.host()
+        ),
+    )?;
     let out = harness::shoal()
         .args([
             "containerd-config",

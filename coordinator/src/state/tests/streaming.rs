@@ -242,7 +242,10 @@ fn a_lost_seeder_leaves_the_stream_and_its_successor_joins_it() {
             }
         }
     }
-    assert!(told_lost >= 2, "the targets stop asking the lost seeder: {told_lost}");
+    assert!(
+        told_lost >= 2,
+        "the targets stop asking the lost seeder: {told_lost}"
+    );
     let (successor, seed2) = successor.expect("another target seeds the blob");
     // The successor's chunks join the stream: the others take it as a strict source.
     c.say(successor, chunks_seeded(&seed2, &m, 0, 3));
