@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, ensure};
 
 fn shoal(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_shoal"))
@@ -105,20 +105,20 @@ fn adds_the_mirror_to_an_existing_file_and_keeps_what_it_says() -> Result<()> {
         "server = \"https://ghcr-proxy.internal\"\nca = \"/etc/certs/ca.pem\"\n\n\
          [host.\"https://other.internal\"]\n  capabilities = [\"pull\"]\n",
     )?;
-    let out = shoal(&[
-        "containerd-config",
-        "--registry",
-        "ghcr.io",
-        "--mirror",
-        "http://10.1.2.3:7403",
-        "--dir",
-        dir.path().to_str().context("utf8")?,
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let dir_arg = dir.path().to_str().context("utf8")?;
+    let config = |extra: &[&str]| -> Result<()> {
+        let mut args = vec!["containerd-config", "--registry", "ghcr.io"];
+        args.extend(["--mirror", "http://10.1.2.3:7403", "--dir", dir_arg]);
+        args.extend(extra);
+        let out = shoal(&args);
+        ensure!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    };
+    config(&[])?;
     let hosts = read_hosts(&file)?;
     assert_eq!(
         hosts.get("server").and_then(|s| s.as_str()),
@@ -144,21 +144,7 @@ fn adds_the_mirror_to_an_existing_file_and_keeps_what_it_says() -> Result<()> {
     );
 
     // --remove takes only the mirror out.
-    let out = shoal(&[
-        "containerd-config",
-        "--registry",
-        "ghcr.io",
-        "--mirror",
-        "http://10.1.2.3:7403",
-        "--remove",
-        "--dir",
-        dir.path().to_str().context("utf8")?,
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    config(&["--remove"])?;
     let hosts = read_hosts(&file)?;
     let host_table = hosts
         .get("host")

@@ -615,11 +615,29 @@ async fn four_agents_pulling_a_url_without_digest_fetch_it_once() -> Result<()> 
     let content = std::fs::read(&model)?;
     let server = HttpServer::start(files.path())?;
     let url = format!("http://127.0.0.1:{}/model.bin", server.port);
+    pull_everywhere(&cluster, &url, None, files.path(), &content)?;
+    assert_eq!(server.gets("/model.bin"), 1, "{}", read(&server.log));
+    Ok(())
+}
+
+/// `shoal pull URL [--digest D] -o out-<i>` on every agent at once; each copy must be
+/// `content`.
+fn pull_everywhere(
+    cluster: &Cluster,
+    url: &str,
+    digest: Option<&str>,
+    dir: &Path,
+    content: &[u8],
+) -> Result<()> {
     let pulls: Vec<_> = (cluster.agents.iter().enumerate())
         .map(|(i, agent)| {
             let mut cmd = harness::shoal();
-            cmd.args(["pull", &url, "-o"])
-                .arg(files.path().join(format!("out-{i}")))
+            cmd.args(["pull", url]);
+            if let Some(d) = digest {
+                cmd.args(["--digest", d]);
+            }
+            cmd.arg("-o")
+                .arg(dir.join(format!("out-{i}")))
                 .arg("--socket")
                 .arg(agent.socket());
             std::thread::spawn(move || cmd.output())
@@ -632,12 +650,11 @@ async fn four_agents_pulling_a_url_without_digest_fetch_it_once() -> Result<()> 
             "pull {i}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        assert_eq!(
-            std::fs::read(files.path().join(format!("out-{i}")))?,
-            content
+        ensure!(
+            std::fs::read(dir.join(format!("out-{i}")))? == content,
+            "pull {i}'s copy differs"
         );
     }
-    assert_eq!(server.gets("/model.bin"), 1, "{}", read(&server.log));
     Ok(())
 }
 
@@ -653,28 +670,7 @@ async fn simultaneous_pulls_by_digest_fetch_from_the_seeder_while_it_seeds() -> 
     let digest = shoal_proto::Digest::of(&content).to_string();
     let server = HttpServer::start_throttled(files.path(), 4 << 20)?;
     let url = format!("http://127.0.0.1:{}/model.bin", server.port);
-    let pulls: Vec<_> = (cluster.agents.iter().enumerate())
-        .map(|(i, agent)| {
-            let mut cmd = harness::shoal();
-            cmd.args(["pull", &url, "--digest", &digest, "-o"])
-                .arg(files.path().join(format!("out-{i}")))
-                .arg("--socket")
-                .arg(agent.socket());
-            std::thread::spawn(move || cmd.output())
-        })
-        .collect();
-    for (i, p) in pulls.into_iter().enumerate() {
-        let out = p.join().expect("pull thread")?;
-        ensure!(
-            out.status.success(),
-            "pull {i}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(
-            std::fs::read(files.path().join(format!("out-{i}")))? == content,
-            "pull {i}'s copy differs"
-        );
-    }
+    pull_everywhere(&cluster, &url, Some(&digest), files.path(), &content)?;
     assert_eq!(server.gets("/model.bin"), 1, "{}", read(&server.log));
     // Every agent but the seeder learned chunk digests from the running seed.
     let mut streamed = Vec::new();

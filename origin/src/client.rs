@@ -82,6 +82,10 @@ enum Auth {
     Basic(Credentials),
 }
 
+/// One registry request to send: method, URL, headers, auth, and the URL as errors show it.
+#[derive(Clone, Copy)]
+struct Request<'a>(&'a Method, &'a Url, &'a HeaderMap, &'a Auth, &'a str);
+
 impl Client {
     /// Builds a client. `Invalid` if a registry entry has a bad host or endpoint, or the TLS
     /// setup fails.
@@ -366,7 +370,10 @@ impl Client {
             None => (Auth::Anonymous, None),
         };
         let response = self
-            .send_paced(&settings, &method, &url, &headers, &first_auth, &shown)
+            .send_paced(
+                &settings,
+                Request(&method, &url, &headers, &first_auth, &shown),
+            )
             .await?;
         if response.status() != StatusCode::UNAUTHORIZED {
             return check_status(response, &shown, self.timeout()).await;
@@ -421,7 +428,10 @@ impl Client {
         };
         let is_basic = matches!(retry_auth, Auth::Basic(_));
         let response = self
-            .send_paced(&settings, &method, &url, &headers, &retry_auth, &shown)
+            .send_paced(
+                &settings,
+                Request(&method, &url, &headers, &retry_auth, &shown),
+            )
             .await?;
         if is_basic && response.status() != StatusCode::UNAUTHORIZED {
             tokens.mark_basic(registry);
@@ -434,12 +444,9 @@ impl Client {
     async fn send_paced(
         &self,
         settings: &RegistryConfig,
-        method: &Method,
-        url: &Url,
-        headers: &HeaderMap,
-        auth: &Auth,
-        shown: &str,
+        request: Request<'_>,
     ) -> Result<Response, OriginError> {
+        let Request(method, url, headers, auth, shown) = request;
         let pacing = &self.inner.pacing;
         let max_wait = Duration::from_millis(self.inner.config.max_retry_wait_ms);
         let mut throttled = 0;
