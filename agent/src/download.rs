@@ -125,7 +125,13 @@ struct Download<'a> {
     /// `deferred` until their digests come (`Control::Digests`).
     known: Option<ChunkSet>,
     deferred: HashMap<SourceKey, Vec<ChunkIndex>>,
+    /// When a digest was last learned and a chunk last stored (see `check_provisional`).
+    last_digests: Instant,
+    last_stored: Instant,
 }
+
+/// How long a provisional download may go without a new digest or chunk.
+const PROVISIONAL_STALL: Duration = Duration::from_secs(120);
 
 impl Drop for Download<'_> {
     /// However the download ends, what its picker spent on duplicates counts.
@@ -196,6 +202,8 @@ async fn download(
         stored_from: HashMap::new(),
         known: None,
         deferred: HashMap::new(),
+        last_digests: Instant::now(),
+        last_stored: Instant::now(),
     };
     if let Some(m) = shared.store.manifest(&blob).filter(|m| m.is_provisional()) {
         let mut known = ChunkSet::empty(m.chunk_count());
@@ -228,7 +236,10 @@ async fn download(
             d.log_sources();
             return Ok(d.bytes_from_peers);
         }
-        let wake = [d.fill(), d.check_stalls()].into_iter().flatten().min();
+        let wake = [d.fill(), d.check_stalls(), d.check_provisional()?]
+            .into_iter()
+            .flatten()
+            .min();
         tokio::select! {
             Some(joined) = d.fetches.join_next_with_id(), if !d.fetches.is_empty() => {
                 d.on_joined(joined)?;
@@ -338,11 +349,38 @@ impl Download<'_> {
                 self.picker.source_have(host(*key), ready);
             }
         }
+        self.last_digests = Instant::now();
         if known.is_full() {
             self.known = None;
             self.deferred.clear();
+            // The seed is over: its seeder is a source like any other now.
+            for key in 0..self.sources.len() {
+                self.picker.set_stripe_only(host(key), false);
+            }
         }
         Ok(())
+    }
+
+    /// A provisional download that has learned no digest and stored no chunk for
+    /// [`PROVISIONAL_STALL`] has lost its seed (a coordinator that restarted does not know
+    /// the stream; a seed that died): it fails rather than wait forever. Returns when to look
+    /// again.
+    fn check_provisional(&mut self) -> Result<Option<Instant>, Failure> {
+        if self.known.is_none() {
+            return Ok(None);
+        }
+        let quiet_since = self.last_digests.max(self.last_stored);
+        let due = quiet_since + PROVISIONAL_STALL;
+        if Instant::now() >= due && self.picker.in_flight_total() == 0 {
+            return Err(Failure::new(
+                FailureReason::NoSource,
+                format!(
+                    "no chunk digests from the seed of this blob for {} s",
+                    PROVISIONAL_STALL.as_secs()
+                ),
+            ));
+        }
+        Ok(Some(due))
     }
 
     /// Passes what a source announced to the picker, but only chunks whose digest is known.
@@ -502,6 +540,7 @@ impl Download<'_> {
                     self.cancel(other.0 as SourceKey, index);
                 }
                 self.bytes_from_peers += len;
+                self.last_stored = Instant::now();
                 *self.stored_from.entry(agent_id.clone()).or_default() += 1;
                 tracing::debug!(order_id = self.order_id, %index, source = %agent_id, in_endgame = self.picker.in_endgame(), "chunk stored");
                 self.shared.counters.verified(len);

@@ -196,9 +196,20 @@ impl Executor {
             0
         } else {
             let sources = peers.sources.clone();
-            (self.downloader)
+            let fetched = (self.downloader)
                 .download(order.order_id, manifest.clone(), sources, control)
-                .await?
+                .await;
+            if fetched.is_err()
+                && self
+                    .store
+                    .manifest(&digest)
+                    .is_some_and(|m| m.is_provisional())
+            {
+                // A stream that ended here leaves nothing: a later order brings the real
+                // manifest, which the provisional one might contradict.
+                let _ = self.store.remove(&digest);
+            }
+            fetched?
         };
         let store = self.store.clone();
         blocking(move || verify_whole(&store, &digest)).await?;

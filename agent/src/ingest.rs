@@ -187,8 +187,16 @@ impl Ingester {
             Failure::new(FailureReason::Invalid, "a seed order without an origin")
         })?;
         if let Some(m) = (self.store.manifest(&blob)).filter(|_| self.store.is_complete(&blob)) {
-            self.register(&m, order.order_id);
-            return Ok((m.size(), 0));
+            // Registered only if it still matches its digest (never on trust: it may have
+            // come from a stream whose seed did not finish).
+            let store = self.store.clone();
+            let checked = tokio::task::spawn_blocking(move || store.ensure_verified(&blob)).await;
+            if matches!(checked, Ok(Ok(()))) {
+                self.register(&m, order.order_id);
+                return Ok((m.size(), 0));
+            }
+            tracing::warn!(%blob, "a complete blob in the store does not match its digest: fetching it again");
+            let _ = self.store.remove(&blob);
         }
         let part = (self.part_dir().await?).join(format!("{}.{}.part", blob.hex(), order.order_id));
         let (tx, rx) = watch::channel(IngestState::Writing { written: 0 });

@@ -433,6 +433,11 @@ impl ChunkPicker {
         self.have.len() - self.have.count()
     }
 
+    /// Requests outstanding, to every source.
+    pub fn in_flight_total(&self) -> usize {
+        self.in_flight.len()
+    }
+
     /// Requests outstanding to `source`.
     pub fn in_flight(&self, source: HostId) -> usize {
         self.sources.get(&source).map_or(0, |s| s.in_flight.len())

@@ -24,6 +24,8 @@ use crate::store::{Hold, Store};
 const REPORT_CHUNKS: usize = 8;
 /// ...or the oldest has waited this long.
 const REPORT_AFTER: Duration = Duration::from_millis(50);
+/// Every this many reports, the whole table so far goes again.
+const RESEND_EVERY: u32 = 16;
 
 /// The streaming side of one whole-blob seed order.
 pub(super) struct Streamer {
@@ -40,8 +42,12 @@ pub(super) struct Streamer {
 
 struct Live {
     size: u64,
+    /// Chunks of the blob.
+    count: u32,
     /// Keeps the blob from eviction while it streams.
     _hold: Hold,
+    /// Removes the blob if it is still provisional when streaming ends.
+    _provisional: Provisional,
     /// Bytes of chunk `next` received so far.
     buf: Vec<u8>,
     /// The next chunk to store.
@@ -49,6 +55,30 @@ struct Live {
     /// Digests stored but not reported yet, from chunk `next - unreported.len()`.
     unreported: Vec<Digest>,
     oldest: Option<Instant>,
+    /// Digests reported so far, from chunk 0, and how many reports went out.
+    sent: Vec<Digest>,
+    reports: u32,
+}
+
+/// Removes the blob from the store if its manifest is still provisional: a seed that
+/// stopped before its blob matched its digest leaves nothing behind.
+struct Provisional {
+    store: Store,
+    blob: Digest,
+}
+
+impl Drop for Provisional {
+    fn drop(&mut self) {
+        if self
+            .store
+            .manifest(&self.blob)
+            .is_some_and(|m| m.is_provisional())
+        {
+            if let Err(e) = self.store.remove(&self.blob) {
+                tracing::warn!(blob = %self.blob, error = %e, "removing an unfinished streamed seed failed");
+            }
+        }
+    }
 }
 
 impl Streamer {
@@ -91,11 +121,18 @@ impl Streamer {
             Ok(hold) => {
                 self.state = Some(Live {
                     size,
+                    count: size.div_ceil(self.chunk_size as u64) as u32,
                     _hold: hold,
+                    _provisional: Provisional {
+                        store: self.store.clone(),
+                        blob: self.blob,
+                    },
                     buf: Vec::with_capacity(self.chunk_size),
                     next: 0,
                     unreported: Vec::new(),
                     oldest: None,
+                    sent: Vec::new(),
+                    reports: 0,
                 })
             }
             Err(e) => self.give_up(&e),
@@ -109,7 +146,12 @@ impl Streamer {
             return;
         };
         live.buf.extend_from_slice(bytes);
-        while live.buf.len() >= self.chunk_size && (live.next as usize) < done.len() {
+        // Never the last chunk: its digest would complete the table, and nobody may hold a
+        // complete blob before this seed has checked it against its digest (`finish`).
+        while live.buf.len() >= self.chunk_size
+            && (live.next as usize) < done.len()
+            && live.next + 1 < live.count
+        {
             let rest = live.buf.split_off(self.chunk_size);
             let chunk = std::mem::replace(&mut live.buf, rest);
             let digest = done[live.next as usize];
@@ -143,11 +185,10 @@ impl Streamer {
         self.report(true);
     }
 
-    /// The seed failed: what was stored streaming goes, since the blob never matched.
+    /// The seed failed or was cancelled: what was stored streaming goes (its provisional
+    /// manifest would make a later, correct one conflict).
     pub(super) fn discard(&mut self) {
-        if self.state.take().is_some() {
-            let _ = self.store.remove(&self.blob);
-        }
+        self.state = None;
     }
 
     fn report(&mut self, now: bool) {
@@ -163,10 +204,21 @@ impl Streamer {
         if !due {
             return;
         }
-        let first = live.next - live.unreported.len() as u32;
+        let mut first = live.next - live.unreported.len() as u32;
         let mut table = Vec::with_capacity(live.unreported.len() * Digest::LEN);
+        live.reports += 1;
+        if live.reports % RESEND_EVERY == 0 {
+            // Every so often the whole table so far: a batch lost with a broken session
+            // (reports are not resent) leaves a hole until the seed ends otherwise.
+            table.clear();
+            for d in &live.sent {
+                table.extend_from_slice(d.as_bytes());
+            }
+            first = 0;
+        }
         for d in live.unreported.drain(..) {
             table.extend_from_slice(d.as_bytes());
+            live.sent.push(d);
         }
         live.oldest = None;
         self.coordinator.send(Msg::ChunksSeeded(pb::ChunksSeeded {
@@ -182,7 +234,7 @@ impl Streamer {
     fn give_up(&mut self, why: &str) {
         tracing::warn!(blob = %self.blob, error = why, "seeding goes on without streaming to peers");
         self.off = true;
-        // Chunks already reported stay: they are verified against the digests the peers got.
+        // The provisional blob goes (`Provisional`); the seed goes on into its part file.
         self.state = None;
     }
 }

@@ -38,9 +38,11 @@ struct ChunkState {
 /// proceed in parallel through positional IO on the one open data file.
 #[derive(Debug)]
 pub(crate) struct BlobEntry {
-    /// Replaced only while provisional (digests learned); size, digest and chunk size never
+    /// Changed only while provisional (digests learned); size, digest and chunk size never
     /// change.
     manifest: RwLock<Arc<Manifest>>,
+    /// Chunk digests of the manifest still unknown (0 unless provisional).
+    unknown: AtomicU32,
     pub paths: BlobPaths,
     data: File,
     journal: File,
@@ -99,7 +101,9 @@ impl BlobEntry {
             uncovered,
         };
         let (events, _) = broadcast::channel(EVENTS_CAPACITY);
+        let unknown = manifest.chunk_count() - manifest.known_count();
         Self {
+            unknown: AtomicU32::new(unknown),
             manifest: RwLock::new(Arc::new(manifest)),
             paths,
             data,
@@ -122,38 +126,29 @@ impl BlobEntry {
     /// Fills in chunk digests of a provisional manifest (see [`Manifest::learn`]); when the
     /// last one is known, the manifest file is rewritten (until then it stays provisional on
     /// disk, and a provisional blob is dropped at the next open). Returns how many were new.
+    /// In place (a reader holding the manifest meanwhile costs one copy), so learning a
+    /// blob's digests one by one costs O(chunks), not O(chunks²).
     pub(crate) fn learn(
         &self,
         first: u32,
         digests: &[shoal_proto::Digest],
     ) -> Result<u32, StoreError> {
-        let completed = {
-            let mut cell = self
-                .manifest
-                .write()
-                .unwrap_or_else(PoisonError::into_inner);
-            if !cell.is_provisional() {
-                // Everything is known: only a contradiction matters.
-                let mut check = (**cell).clone();
-                check
-                    .learn(first, digests)
-                    .map_err(|e| StoreError::DigestConflict(e.to_string()))?;
-                return Ok(0);
-            }
-            let mut next = (**cell).clone();
-            let learned = (next.learn(first, digests))
-                .map_err(|e| StoreError::DigestConflict(e.to_string()))?;
-            if learned == 0 {
-                return Ok(0);
-            }
-            let completed = !next.is_provisional();
-            *cell = Arc::new(next);
-            (learned, completed.then(|| Arc::clone(&cell)))
-        };
-        if let (_, Some(manifest)) = &completed {
-            super::files::rewrite_manifest(&self.paths, manifest)?;
+        let mut cell = self
+            .manifest
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let learned = Arc::make_mut(&mut *cell)
+            .learn(first, digests)
+            .map_err(|e| StoreError::DigestConflict(e.to_string()))?;
+        if learned == 0 {
+            return Ok(0);
         }
-        Ok(completed.0)
+        let before = self.unknown.fetch_sub(learned, Ordering::Relaxed);
+        if before == learned {
+            // The last one: under the lock, so the file is never older than the entry.
+            super::files::rewrite_manifest(&self.paths, &cell)?;
+        }
+        Ok(learned)
     }
 
     fn state(&self) -> MutexGuard<'_, ChunkState> {

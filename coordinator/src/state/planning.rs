@@ -431,6 +431,12 @@ impl State {
         tracing::warn!(agent = %self.agents.name(host), %blob, message, "seeding failed");
         self.orders.remove(host, blob);
         self.streams.remove_seeder(&blob, host);
+        if self.streams.contains(&blob) && !self.streams.has_seeder(&blob) {
+            // What it streamed is not to be trusted for the next seeder's stream (its origin
+            // may have served other bytes before failing): the targets drop it and start
+            // over with the next seed.
+            self.end_stream(blob, false, now);
+        }
         let fault = match reason {
             FailureReason::Invalid => SeedFault::Missing,
             FailureReason::DigestMismatch => SeedFault::Mismatch,

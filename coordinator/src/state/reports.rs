@@ -93,6 +93,15 @@ impl State {
             self.seed_failed(host, blob, reason, &failed.message, now);
             return;
         }
+        if self.streams.target_failed(&blob, host) {
+            // A target of a streamed seed: another order for it, while the seed runs (a
+            // few times at most), and its stripe of the seeder goes to the others meanwhile.
+            tracing::info!(agent = %self.agents.name(host), %blob, message = %failed.message, "fetch from a running seed failed");
+            self.orders.remove(host, blob);
+            self.orders.failed(host, blob, reason, failed.message);
+            self.stream_to_waiting(blob, true, now);
+            return;
+        }
         if reason == pb::FailureReason::DigestMismatch && self.catalog.is_provisional(&blob) {
             self.reject_provisional(blob, &failed.message, now);
             return;

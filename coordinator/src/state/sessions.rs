@@ -119,6 +119,7 @@ impl State {
             // Streams it seeded or fetched: the other targets' sources and stripes change.
             for blob in self.streams.drop_host(host) {
                 self.stream_to_waiting(blob, true, now);
+                self.streams.end_if_idle(&blob);
             }
             for blob in self
                 .jobs

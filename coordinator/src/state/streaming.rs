@@ -123,12 +123,13 @@ impl State {
             self.cancel_order(host, blob, why);
             // Its stripe of the seeder goes to the others.
             self.stream_to_waiting(blob, true, now);
+            self.streams.end_if_idle(&blob);
         }
     }
 
     /// The seed of `blob` ended. Seeded: the targets that finished meanwhile hold it (their
-    /// orders now pass to the assigner, see `send_order`). Failed: every target's order
-    /// stops (the targets fail with the seed).
+    /// orders now pass to the assigner, see `send_order`). Failed (or its last seeder failed,
+    /// and another seed starts a new stream): every target's order stops.
     pub(super) fn end_stream(&mut self, blob: Digest, seeded: bool, now: Now) {
         let Some(stream) = self.streams.end(&blob) else {
             return;

@@ -30,7 +30,12 @@ pub struct Stream {
     pub targets: BTreeSet<HostId>,
     /// Targets that reported the blob whole before the catalog knew its manifest.
     pub finished: BTreeSet<HostId>,
+    /// Failed orders per target: after [`MAX_TARGET_FAILURES`] it waits for the seed's end.
+    failures: BTreeMap<HostId, u32>,
 }
+
+/// A stream target whose orders failed this often gets no more until the seed ends.
+pub const MAX_TARGET_FAILURES: u32 = 3;
 
 impl Stream {
     /// The stripe of the seeder's chunks `host` is given: its rank among the targets, so
@@ -95,6 +100,7 @@ impl Streams {
                     seeders: BTreeSet::new(),
                     targets: BTreeSet::new(),
                     finished: BTreeSet::new(),
+                    failures: BTreeMap::new(),
                 },
             );
         }
@@ -121,9 +127,32 @@ impl Streams {
     /// stream runs.
     pub fn add_target(&mut self, blob: &Digest, host: HostId) -> bool {
         match self.blobs.get_mut(blob) {
-            Some(s) if !s.seeders.contains(&host) => s.targets.insert(host),
+            Some(s)
+                if !s.seeders.contains(&host)
+                    && s.failures.get(&host).copied().unwrap_or(0) < MAX_TARGET_FAILURES =>
+            {
+                s.targets.insert(host)
+            }
             _ => false,
         }
+    }
+
+    /// The order of target `host` failed: it leaves, and may be given another; true if it
+    /// was a target.
+    pub fn target_failed(&mut self, blob: &Digest, host: HostId) -> bool {
+        let Some(s) = self.blobs.get_mut(blob) else {
+            return false;
+        };
+        if !s.targets.remove(&host) {
+            return false;
+        }
+        *s.failures.entry(host).or_default() += 1;
+        true
+    }
+
+    /// Whether `host` seeds `blob` in a running stream.
+    pub fn has_seeder(&self, blob: &Digest) -> bool {
+        self.blobs.get(blob).is_some_and(|s| !s.seeders.is_empty())
     }
 
     /// `host` no longer takes part (it seeds instead, or is no longer wanted).
@@ -208,6 +237,19 @@ mod tests {
             s.sources_of(HostId(1)),
             vec![(HostId(0), (0, 1)), (HostId(2), (0, 1))]
         );
+    }
+
+    #[test]
+    fn a_target_that_keeps_failing_gets_no_more_orders() {
+        let blob = Digest::of(b"blob");
+        let mut streams = Streams::default();
+        streams.start(blob, 10 << 20, 1 << 20, HostId(0)).unwrap();
+        for _ in 0..MAX_TARGET_FAILURES {
+            assert!(streams.add_target(&blob, HostId(1)));
+            assert!(streams.target_failed(&blob, HostId(1)));
+        }
+        assert!(!streams.add_target(&blob, HostId(1)));
+        assert!(!streams.target_failed(&blob, HostId(2)), "not a target");
     }
 
     #[test]

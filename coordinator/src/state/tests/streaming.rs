@@ -265,3 +265,72 @@ fn a_lost_seeder_leaves_the_stream_and_its_successor_joins_it() {
         );
     }
 }
+
+#[test]
+fn a_failed_seed_ends_its_stream_and_the_next_seed_starts_afresh() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = cluster(dir.path(), 3);
+    let m = a_blob();
+    let job = distribute_from_origin(&mut c.s, m.digest(), &["a0", "a1", "a2"], http_origin())
+        .expect("distribute");
+    let (seeder, seed) = c.orders().pop().expect("one seed order");
+    // The first seeder streams digests of other bytes (a stale object at the origin), then
+    // fails as an origin failure would.
+    let mut wrong = chunks_seeded(&seed, &a_blob_of_other_bytes(), 0, 2);
+    if let Msg::ChunksSeeded(w) = &mut wrong {
+        w.blob_digest = m.digest().as_bytes().to_vec();
+    }
+    c.say(seeder, wrong);
+    let streamed: Vec<usize> = c.orders().into_iter().map(|(i, _)| i).collect();
+    assert_eq!(streamed.len(), 2);
+    c.fail(seeder, &seed, pb::FailureReason::OriginError);
+    let mut next = None;
+    for t in &streamed {
+        let got = messages(&mut c, *t);
+        assert!(
+            got.iter()
+                .any(|m| matches!(m, coordinator_message::Msg::Cancel(_))),
+            "target {t}'s stream order stops: {got:?}"
+        );
+        for msg in got {
+            if let coordinator_message::Msg::FetchOrder(o) = msg {
+                next = Some((*t, o));
+            }
+        }
+    }
+    let (seeder2, seed2) = next.expect("another target seeds it");
+    // The right digests now: no contradiction with the failed seed's, and the stream
+    // starts again for the other two targets (the failed seeder among them).
+    c.say(seeder2, chunks_seeded(&seed2, &m, 0, 2));
+    let sent = c.orders();
+    let to: BTreeSet<usize> = sent.iter().map(|(i, _)| *i).collect();
+    assert_eq!(to, (0..3).filter(|i| *i != seeder2).collect(), "{sent:?}");
+    for (_, o) in &sent {
+        let wire = peers(o).manifest.as_ref().expect("manifest");
+        let wire = Manifest::try_from(wire).expect("valid");
+        assert_eq!(&wire.chunk_digests()[..2], &m.chunk_digests()[..2]);
+    }
+    let (state, _) = target_state(&mut c.s, &job);
+    assert_eq!(state, pb::JobState::Running);
+}
+
+#[test]
+fn a_stream_target_whose_order_fails_gets_another() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = cluster(dir.path(), 3);
+    let m = a_blob();
+    distribute_from_origin(&mut c.s, m.digest(), &["a0", "a1", "a2"], http_origin())
+        .expect("distribute");
+    let (seeder, seed) = c.orders().pop().expect("one seed order");
+    c.say(seeder, chunks_seeded(&seed, &m, 0, 1));
+    let (target, order) = c.orders().pop().expect("stream orders");
+    c.fail(target, &order, pb::FailureReason::IoError);
+    let again: Vec<_> = c
+        .orders()
+        .into_iter()
+        .filter(|(i, _)| *i == target)
+        .collect();
+    assert_eq!(again.len(), 1, "{again:?}");
+    assert_ne!(again[0].1.order_id, order.order_id, "a new order");
+    assert!(peers(&again[0].1).provisional);
+}
