@@ -18,6 +18,8 @@ use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinError, JoinSet};
 use tokio::time::Instant;
 
+mod pending;
+
 use crate::backoff::Backoff;
 use crate::counters::Counters;
 use crate::failure::Failure;
@@ -27,6 +29,7 @@ use crate::readers::Readers;
 use crate::shutdown::{Stop, stopped};
 use crate::store::{PutOutcome, Store};
 use crate::transport::{ChunkEndpoint, FetchError, HaveUpdate, Peer};
+use pending::Pending;
 use shoal_planner::{ChunkPicker, ChunkSet, HostId, PickerConfig, Time};
 
 /// Pause after a source answered Busy.
@@ -120,18 +123,10 @@ struct Download<'a> {
     /// Chunks stored from each source (by agent id), logged at the end: where a blob came
     /// from is what tells a seeder that sent too many copies from a swarm that relayed.
     stored_from: HashMap<String, u32>,
-    /// While the manifest is provisional (the blob is being seeded): chunks whose digests
-    /// are known. The rest are never asked for; what sources announce of them waits in
-    /// `deferred` until their digests come (`Control::Digests`).
-    known: Option<ChunkSet>,
-    deferred: HashMap<SourceKey, Vec<ChunkIndex>>,
-    /// When a digest was last learned and a chunk last stored (see `check_provisional`).
-    last_digests: Instant,
-    last_stored: Instant,
+    /// While the manifest is provisional (the blob is being seeded): which digests are
+    /// known, and what waits for them.
+    pending: Option<Pending>,
 }
-
-/// How long a provisional download may go without a new digest or chunk.
-const PROVISIONAL_STALL: Duration = Duration::from_secs(120);
 
 impl Drop for Download<'_> {
     /// However the download ends, what its picker spent on duplicates counts.
@@ -200,20 +195,9 @@ async fn download(
         bytes_from_peers: 0,
         stall_timeout,
         stored_from: HashMap::new(),
-        known: None,
-        deferred: HashMap::new(),
-        last_digests: Instant::now(),
-        last_stored: Instant::now(),
+        pending: None,
     };
-    if let Some(m) = shared.store.manifest(&blob).filter(|m| m.is_provisional()) {
-        let mut known = ChunkSet::empty(m.chunk_count());
-        for (i, d) in m.chunk_digests().iter().enumerate() {
-            if !d.is_unknown() {
-                known.insert(ChunkIndex(i as u32));
-            }
-        }
-        d.known = Some(known);
-    }
+    d.pending = shared.store.manifest(&blob).and_then(|m| Pending::of(&m));
     for s in sources {
         d.add_source(s);
     }
@@ -236,7 +220,11 @@ async fn download(
             d.log_sources();
             return Ok(d.bytes_from_peers);
         }
-        let wake = [d.fill(), d.check_stalls(), d.check_provisional()?]
+        let pending = match &d.pending {
+            Some(p) => Some(p.check(d.picker.in_flight_total())?),
+            None => None,
+        };
+        let wake = [d.fill(), d.check_stalls(), pending]
             .into_iter()
             .flatten()
             .min();
@@ -329,30 +317,14 @@ impl Download<'_> {
             .learn_digests(&blob, first, digests)
             .map_err(|e| Failure::from_store(&e))?;
         metrics::counter!(crate::metrics::STREAMED_DIGESTS).increment(u64::from(learned));
-        let Some(known) = &mut self.known else {
+        let Some(pending) = &mut self.pending else {
             return Ok(());
         };
-        for (i, d) in digests.iter().enumerate() {
-            if !d.is_unknown() {
-                known.insert(ChunkIndex(first + i as u32));
-            }
+        for (key, ready) in pending.learned(first, digests) {
+            self.picker.source_have(host(key), ready);
         }
-        let known = known.clone();
-        for (key, waiting) in &mut self.deferred {
-            let ready: Vec<ChunkIndex> = waiting
-                .iter()
-                .copied()
-                .filter(|i| known.contains(*i))
-                .collect();
-            if !ready.is_empty() {
-                waiting.retain(|i| !known.contains(*i));
-                self.picker.source_have(host(*key), ready);
-            }
-        }
-        self.last_digests = Instant::now();
-        if known.is_full() {
-            self.known = None;
-            self.deferred.clear();
+        if pending.is_complete() {
+            self.pending = None;
             // The seed is over: its seeder is a source like any other now.
             for key in 0..self.sources.len() {
                 self.picker.set_stripe_only(host(key), false);
@@ -361,36 +333,12 @@ impl Download<'_> {
         Ok(())
     }
 
-    /// A provisional download that has learned no digest and stored no chunk for
-    /// [`PROVISIONAL_STALL`] has lost its seed (a coordinator that restarted does not know
-    /// the stream; a seed that died): it fails rather than wait forever. Returns when to look
-    /// again.
-    fn check_provisional(&mut self) -> Result<Option<Instant>, Failure> {
-        if self.known.is_none() {
-            return Ok(None);
-        }
-        let quiet_since = self.last_digests.max(self.last_stored);
-        let due = quiet_since + PROVISIONAL_STALL;
-        if Instant::now() >= due && self.picker.in_flight_total() == 0 {
-            return Err(Failure::new(
-                FailureReason::NoSource,
-                format!(
-                    "no chunk digests from the seed of this blob for {} s",
-                    PROVISIONAL_STALL.as_secs()
-                ),
-            ));
-        }
-        Ok(Some(due))
-    }
-
     /// Passes what a source announced to the picker, but only chunks whose digest is known.
     fn source_have(&mut self, key: SourceKey, indices: impl IntoIterator<Item = ChunkIndex>) {
-        match &self.known {
+        match &mut self.pending {
             None => self.picker.source_have(host(key), indices),
-            Some(known) => {
-                let (ready, wait): (Vec<ChunkIndex>, Vec<ChunkIndex>) =
-                    indices.into_iter().partition(|i| known.contains(*i));
-                self.deferred.entry(key).or_default().extend(wait);
+            Some(pending) => {
+                let ready = pending.admit(key, indices);
                 self.picker.source_have(host(key), ready);
             }
         }
@@ -400,7 +348,9 @@ impl Download<'_> {
         let Some(key) = self.by_agent.remove(agent_id) else {
             return;
         };
-        self.deferred.remove(&key);
+        if let Some(pending) = &mut self.pending {
+            pending.forget_source(key);
+        }
         if let Some(s) = self.sources[key].take() {
             s.watcher.abort();
         }
@@ -540,7 +490,9 @@ impl Download<'_> {
                     self.cancel(other.0 as SourceKey, index);
                 }
                 self.bytes_from_peers += len;
-                self.last_stored = Instant::now();
+                if let Some(pending) = &mut self.pending {
+                    pending.stored();
+                }
                 *self.stored_from.entry(agent_id.clone()).or_default() += 1;
                 tracing::debug!(order_id = self.order_id, %index, source = %agent_id, in_endgame = self.picker.in_endgame(), "chunk stored");
                 self.shared.counters.verified(len);
