@@ -168,19 +168,10 @@ fn waiting_targets_fetch_a_whole_seed_while_it_runs() {
 #[test]
 fn a_seeder_whose_digests_contradict_the_stream_fails_it_and_its_targets() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut c = cluster(dir.path(), 3);
-    let m = a_blob();
-    let job = distribute_from_origin(&mut c.s, m.digest(), &["a0", "a1", "a2"], http_origin())
-        .expect("distribute");
-    let (seeder, seed) = c.orders().pop().expect("one seed order");
+    let (mut c, job, m, seeder, seed) = seeding_three(dir.path());
     c.say(seeder, chunks_seeded(&seed, &m, 0, 2));
     assert_eq!(c.orders().len(), 2);
-    let other = a_blob_of_other_bytes();
-    let mut contradiction = chunks_seeded(&seed, &other, 1, 1);
-    if let Msg::ChunksSeeded(c) = &mut contradiction {
-        c.blob_digest = m.digest().as_bytes().to_vec();
-    }
-    c.say(seeder, contradiction);
+    c.say(seeder, wrong_digests(&seed, &m, 1, 1));
     let (state, progress) = target_state(&mut c.s, &job);
     assert_eq!(state, pb::JobState::Failed, "{progress:?}");
     for t in &progress {
@@ -194,6 +185,26 @@ fn a_seeder_whose_digests_contradict_the_stream_fails_it_and_its_targets() {
             "agent {agent}'s order is cancelled: {got:?}"
         );
     }
+}
+
+/// Three agents wanting `a_blob()` from an HTTP origin: the cluster, the job, the blob, and
+/// the seeder with its seed order.
+fn seeding_three(dir: &std::path::Path) -> (Cluster, String, Manifest, usize, pb::FetchOrder) {
+    let mut c = cluster(dir, 3);
+    let m = a_blob();
+    let job = distribute_from_origin(&mut c.s, m.digest(), &["a0", "a1", "a2"], http_origin())
+        .expect("distribute");
+    let (seeder, seed) = c.orders().pop().expect("one seed order");
+    (c, job, m, seeder, seed)
+}
+
+/// A `ChunksSeeded` for `m`'s blob carrying the digests of other bytes.
+fn wrong_digests(seed: &pb::FetchOrder, m: &Manifest, first: u32, n: usize) -> Msg {
+    let mut wrong = chunks_seeded(seed, &a_blob_of_other_bytes(), first, n);
+    if let Msg::ChunksSeeded(w) = &mut wrong {
+        w.blob_digest = m.digest().as_bytes().to_vec();
+    }
+    wrong
 }
 
 fn a_blob_of_other_bytes() -> Manifest {
@@ -269,18 +280,10 @@ fn a_lost_seeder_leaves_the_stream_and_its_successor_joins_it() {
 #[test]
 fn a_failed_seed_ends_its_stream_and_the_next_seed_starts_afresh() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut c = cluster(dir.path(), 3);
-    let m = a_blob();
-    let job = distribute_from_origin(&mut c.s, m.digest(), &["a0", "a1", "a2"], http_origin())
-        .expect("distribute");
-    let (seeder, seed) = c.orders().pop().expect("one seed order");
+    let (mut c, job, m, seeder, seed) = seeding_three(dir.path());
     // The first seeder streams digests of other bytes (a stale object at the origin), then
     // fails as an origin failure would.
-    let mut wrong = chunks_seeded(&seed, &a_blob_of_other_bytes(), 0, 2);
-    if let Msg::ChunksSeeded(w) = &mut wrong {
-        w.blob_digest = m.digest().as_bytes().to_vec();
-    }
-    c.say(seeder, wrong);
+    c.say(seeder, wrong_digests(&seed, &m, 0, 2));
     let streamed: Vec<usize> = c.orders().into_iter().map(|(i, _)| i).collect();
     assert_eq!(streamed.len(), 2);
     c.fail(seeder, &seed, pb::FailureReason::OriginError);
@@ -317,11 +320,7 @@ fn a_failed_seed_ends_its_stream_and_the_next_seed_starts_afresh() {
 #[test]
 fn a_stream_target_whose_order_fails_gets_another() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut c = cluster(dir.path(), 3);
-    let m = a_blob();
-    distribute_from_origin(&mut c.s, m.digest(), &["a0", "a1", "a2"], http_origin())
-        .expect("distribute");
-    let (seeder, seed) = c.orders().pop().expect("one seed order");
+    let (mut c, _, m, seeder, seed) = seeding_three(dir.path());
     c.say(seeder, chunks_seeded(&seed, &m, 0, 1));
     let (target, order) = c.orders().pop().expect("stream orders");
     c.fail(target, &order, pb::FailureReason::IoError);
