@@ -111,3 +111,31 @@ fn a_provisional_manifest_for_a_blob_held_whole_changes_nothing() {
         Err(StoreError::ManifestConflict(_))
     ));
 }
+
+#[test]
+fn a_complete_blob_vouched_for_by_a_verified_manifest_is_not_read_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path(), QUOTA);
+    let (data, m) = blob(5, 3 * CHUNK as usize);
+    let d = m.digest();
+    store.insert_manifest(&m).expect("insert");
+    put(&store, &data, &m, [0, 1]);
+    assert!(matches!(
+        store.trust_verified(&d),
+        Err(StoreError::ChunkMissing { .. })
+    ));
+    put(&store, &data, &m, [2]);
+    store.trust_verified(&d).expect("complete");
+    // Trusted: not read again, even after the data changed behind the store's back (which
+    // only a full verify_blob finds).
+    let data_file = store.data_path(&d).expect("data file");
+    std::fs::write(&data_file, vec![0u8; data.len()]).expect("alter");
+    store.ensure_verified(&d).expect("trusted, not read");
+    assert!(matches!(store.verify_blob(&d), Err(StoreError::Verify(_))));
+    // A provisional manifest vouches for nothing.
+    let (pdata, pm) = blob(6, CHUNK as usize);
+    let provisional = Manifest::provisional(pm.digest(), pm.size(), CHUNK).expect("provisional");
+    store.insert_manifest(&provisional).expect("insert");
+    assert!(store.trust_verified(&pm.digest()).is_err());
+    let _ = pdata;
+}

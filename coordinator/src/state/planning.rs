@@ -288,12 +288,14 @@ impl State {
                         None => return,
                     },
                 };
+                let verified = !provisional && !self.catalog.is_provisional(&blob);
                 pb::fetch_order::Kind::Peers(pb::FromPeers {
                     manifest: Some(manifest),
                     sources: (sources.iter())
                         .filter_map(|(s, stripe)| self.source(blob, *s, *stripe))
                         .collect(),
                     provisional,
+                    verified,
                 })
             }
             OrderKind::Seed { range } => {

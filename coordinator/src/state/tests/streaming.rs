@@ -61,7 +61,7 @@ fn waiting_targets_fetch_a_whole_seed_while_it_runs() {
     let mut stripes = BTreeSet::new();
     for (agent, o) in &sent {
         let p = peers(o);
-        assert!(p.provisional, "{o:?}");
+        assert!(p.provisional && !p.verified, "{o:?}");
         let wire = Manifest::try_from(p.manifest.as_ref().expect("manifest")).expect("valid");
         assert_eq!(wire.known_count(), 1);
         assert_eq!(wire.chunk_digests()[0], m.chunk_digests()[0]);
@@ -149,6 +149,7 @@ fn waiting_targets_fetch_a_whole_seed_while_it_runs() {
         );
         let p = peers(&o);
         assert!(!p.provisional);
+        assert!(p.verified, "the seeder registered the blob it read whole");
         let wire = Manifest::try_from(p.manifest.as_ref().expect("manifest")).expect("valid");
         assert_eq!(wire, m);
     }
