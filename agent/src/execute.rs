@@ -213,8 +213,13 @@ impl Executor {
         };
         let store = self.store.clone();
         // A manifest checked against the blob digest by an agent that read the whole blob
-        // vouches for a blob whose every chunk matched it: no second read of the blob.
-        let vouched = peers.verified && !peers.provisional;
+        // vouches for a blob whose every chunk matched it: no second read of the blob. So
+        // does a streamed one once complete: its seeder publishes the last digest only after
+        // the whole blob matched (`ingest/stream.rs`), and the coordinator's resend carries
+        // the manifest that seeder registered.
+        let streamed_whole = peers.provisional
+            && (self.store.manifest(&digest)).is_some_and(|m| !m.is_provisional());
+        let vouched = (peers.verified && !peers.provisional) || streamed_whole;
         blocking(move || {
             if vouched {
                 store.trust_verified(&digest)
