@@ -113,7 +113,13 @@ pub async fn pull(socket: &Path, source: PullSource, output: &Path) -> Result<()
         progress.set_position(p.bytes_done);
         if p.state() == pb::PullState::Done {
             progress.finish_and_clear();
-            eprintln!("{} -> {}", p.digest, output.display());
+            // "cloned": a reflink of the agent's copy, no second copy on disk.
+            let how = if p.output.is_empty() {
+                "written"
+            } else {
+                &p.output
+            };
+            eprintln!("{} -> {} ({how})", p.digest, output.display());
             return Ok(());
         }
     }

@@ -123,6 +123,7 @@ fn progress(shared: &LocalApi, digest: Digest, state: PullState) -> pb::PullProg
         active_sources: running.as_ref().map_or(0, |t| t.active_sources),
         digest: digest.to_string(),
         bytes_from_origin: 0,
+        output: String::new(),
     }
 }
 
@@ -211,9 +212,13 @@ async fn run(
         let source = shared.store.data_path(&digest).ok_or_else(|| {
             Status::not_found(format!("{digest} was evicted before it was copied"))
         })?;
-        tokio::task::spawn_blocking(move || copy_atomically(&source, &path))
+        let written = tokio::task::spawn_blocking(move || copy_atomically(&source, &path))
             .await
             .map_err(|e| Status::internal(format!("copy task failed: {e}")))??;
+        let mut done = progress(shared, digest, PullState::Done);
+        done.output = written.into();
+        let _ = tx.send(Ok(done)).await;
+        return Ok(());
     }
     let _ = tx.send(Ok(progress(shared, digest, PullState::Done))).await;
     Ok(())
@@ -303,7 +308,9 @@ async fn fetch_url(shared: LocalApi, url: String) -> Result<Digest, Status> {
 }
 
 /// Copies to a temporary file beside `to`, then renames it over `to`.
-fn copy_atomically(from: &Path, to: &Path) -> Result<(), Status> {
+/// Writes `to` from `from` through a temporary file and a rename: a reflink where the
+/// filesystem can (no second copy of the blob's bytes on disk), else a copy. Returns which.
+fn copy_atomically(from: &Path, to: &Path) -> Result<&'static str, Status> {
     let dir = to.parent().unwrap_or(Path::new("/"));
     let name = to
         .file_name()
@@ -320,10 +327,18 @@ fn copy_atomically(from: &Path, to: &Path) -> Result<(), Status> {
         let _ = std::fs::remove_file(&tmp);
         Status::internal(format!("{what} {}: {e}", to.display()))
     };
-    std::fs::copy(from, &tmp).map_err(|e| io("writing", e))?;
+    let cloned = (|| -> std::io::Result<bool> {
+        let source = std::fs::File::open(from)?;
+        let target = std::fs::File::create(&tmp)?;
+        Ok(rustix::fs::ioctl_ficlone(&target, &source).is_ok())
+    })()
+    .map_err(|e| io("writing", e))?;
+    if !cloned {
+        std::fs::copy(from, &tmp).map_err(|e| io("writing", e))?;
+    }
     std::fs::File::open(&tmp)
         .and_then(|f| f.sync_all())
         .map_err(|e| io("syncing", e))?;
     std::fs::rename(&tmp, to).map_err(|e| io("renaming into", e))?;
-    Ok(())
+    Ok(if cloned { "cloned" } else { "copied" })
 }

@@ -300,8 +300,17 @@ impl Cluster {
             .arg("--socket")
             .arg(self.agents[agent].socket())
             .output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
         if !out.status.success() {
-            bail!("pull failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!("pull failed: {stderr}");
+        }
+        // The agent says how it wrote the file: a reflink where the filesystem can clone,
+        // else a copy.
+        if !(stderr.contains("(cloned)") || stderr.contains("(copied)")) {
+            bail!(
+                "pull did not say how it wrote {}: {stderr}",
+                output.display()
+            );
         }
         Ok(())
     }
