@@ -50,7 +50,7 @@ impl Executor {
             Incoming::ChunkDigests(c) => {
                 let control = Control::Digests {
                     first: c.first_chunk,
-                    digests: crate::orders::digest_table(&c.chunk_digests),
+                    digests: Digest::from_table(&c.chunk_digests).unwrap_or_default(),
                 };
                 if !self.orders.control(c.order_id, control) {
                     tracing::debug!(

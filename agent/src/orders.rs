@@ -56,13 +56,6 @@ pub(crate) enum Control {
     Cancel(String),
 }
 
-/// The digests in a wire table of 32 bytes each (a ragged tail is ignored).
-pub(crate) fn digest_table(table: &[u8]) -> Vec<Digest> {
-    (table.chunks_exact(Digest::LEN))
-        .filter_map(|d| Digest::from_slice(d).ok())
-        .collect()
-}
-
 /// Where a running origin fetch stands.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum IngestState {
@@ -181,7 +174,7 @@ impl RunningOrders {
                 if let Some(m) = &p.manifest {
                     let _ = running.control.send(Control::Digests {
                         first: 0,
-                        digests: digest_table(&m.chunk_digests),
+                        digests: Digest::from_table(&m.chunk_digests).unwrap_or_default(),
                     });
                 }
             }

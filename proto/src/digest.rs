@@ -22,6 +22,25 @@ impl Digest {
         *self == Self::UNKNOWN
     }
 
+    /// A table of digests as the wire carries it: 32 raw bytes each, concatenated.
+    pub fn table_bytes(digests: &[Digest]) -> Vec<u8> {
+        let mut table = Vec::with_capacity(digests.len() * Self::LEN);
+        for d in digests {
+            table.extend_from_slice(d.as_bytes());
+        }
+        table
+    }
+
+    /// The digests of a wire table ([`Digest::table_bytes`]); `None` if its length is not a
+    /// multiple of 32.
+    pub fn from_table(table: &[u8]) -> Option<Vec<Digest>> {
+        (table.len() % Self::LEN == 0).then(|| {
+            (table.chunks_exact(Self::LEN))
+                .map(|d| Digest(d.try_into().expect("32-byte chunks")))
+                .collect()
+        })
+    }
+
     pub const fn from_bytes(bytes: [u8; 32]) -> Self {
         Self(bytes)
     }

@@ -261,15 +261,11 @@ impl Manifest {
 
 impl From<&Manifest> for pb::v1::Manifest {
     fn from(m: &Manifest) -> Self {
-        let mut table = Vec::with_capacity(m.chunks.len() * Digest::LEN);
-        for d in &m.chunks {
-            table.extend_from_slice(d.as_bytes());
-        }
         Self {
             digest: m.digest.as_bytes().to_vec(),
             size: m.size,
             chunk_size: m.chunk_size,
-            chunk_digests: table,
+            chunk_digests: Digest::table_bytes(&m.chunks),
         }
     }
 }
@@ -281,14 +277,8 @@ impl TryFrom<&pb::v1::Manifest> for Manifest {
     /// count, size bounds. The table's allocation is bounded by the message size limit.
     fn try_from(m: &pb::v1::Manifest) -> Result<Self, Self::Error> {
         let digest = Digest::from_slice(&m.digest).map_err(ManifestError::BlobDigest)?;
-        if m.chunk_digests.len() % Digest::LEN != 0 {
-            return Err(ManifestError::ChunkTableLength(m.chunk_digests.len()));
-        }
-        let chunks = m
-            .chunk_digests
-            .chunks_exact(Digest::LEN)
-            .map(|c| Digest::from_slice(c).map_err(ManifestError::BlobDigest))
-            .collect::<Result<Vec<_>, _>>()?;
+        let chunks = Digest::from_table(&m.chunk_digests)
+            .ok_or(ManifestError::ChunkTableLength(m.chunk_digests.len()))?;
         Self::new(digest, m.size, m.chunk_size, chunks)
     }
 }

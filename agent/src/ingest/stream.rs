@@ -205,21 +205,14 @@ impl Streamer {
             return;
         }
         let mut first = live.next - live.unreported.len() as u32;
-        let mut table = Vec::with_capacity(live.unreported.len() * Digest::LEN);
         live.reports += 1;
         if live.reports % RESEND_EVERY == 0 {
             // Every so often the whole table so far: a batch lost with a broken session
             // (reports are not resent) leaves a hole until the seed ends otherwise.
-            table.clear();
-            for d in &live.sent {
-                table.extend_from_slice(d.as_bytes());
-            }
             first = 0;
         }
-        for d in live.unreported.drain(..) {
-            table.extend_from_slice(d.as_bytes());
-            live.sent.push(d);
-        }
+        live.sent.append(&mut live.unreported);
+        let table = Digest::table_bytes(&live.sent[first as usize..]);
         live.oldest = None;
         self.coordinator.send(Msg::ChunksSeeded(pb::ChunksSeeded {
             order_id: self.order_id,

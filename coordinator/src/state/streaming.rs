@@ -11,16 +11,6 @@ use shoal_proto::pb::v1::{self as pb, FailureReason};
 use super::orders::OrderKind;
 use super::{Now, State};
 
-/// The digests in a wire table of 32 bytes each; None if it is ragged.
-fn digest_table(table: &[u8]) -> Option<Vec<Digest>> {
-    if table.len() % Digest::LEN != 0 {
-        return None;
-    }
-    (table.chunks_exact(Digest::LEN))
-        .map(|d| Digest::from_slice(d).ok())
-        .collect()
-}
-
 impl State {
     /// The agent seeding `blob` whole stored chunks and reports their digests: the blob's
     /// waiting targets may fetch them now.
@@ -35,7 +25,7 @@ impl State {
         if self.catalog.manifest(&blob).is_some() {
             return; // Known already: the assigner plans it.
         }
-        let Some(digests) = digest_table(&msg.chunk_digests) else {
+        let Some(digests) = Digest::from_table(&msg.chunk_digests) else {
             tracing::warn!(agent = %self.agents.name(host), %blob, "ragged chunk digest table");
             return;
         };

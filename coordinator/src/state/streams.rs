@@ -150,7 +150,7 @@ impl Streams {
         true
     }
 
-    /// Whether `host` seeds `blob` in a running stream.
+    /// Whether a running stream of `blob` has a seeder.
     pub fn has_seeder(&self, blob: &Digest) -> bool {
         self.blobs.get(blob).is_some_and(|s| !s.seeders.is_empty())
     }

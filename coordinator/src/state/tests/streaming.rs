@@ -15,7 +15,7 @@ fn messages(c: &mut Cluster, agent: usize) -> Vec<coordinator_message::Msg> {
 }
 
 fn table(digests: &[Digest]) -> Vec<u8> {
-    digests.iter().flat_map(|d| d.as_bytes().to_vec()).collect()
+    Digest::table_bytes(digests)
 }
 
 fn chunks_seeded(order: &pb::FetchOrder, m: &Manifest, first: u32, n: usize) -> Msg {
