@@ -5,7 +5,10 @@
 //! containerd reads these files at each pull (with `config_path` set in its CRI registry
 //! configuration), so no restart is needed. An existing file keeps what it says (its
 //! `server`, a `ca`, client certificates, other mirrors): the mirror becomes its first host.
-//! `--remove` takes the mirror out again.
+//! `--remove` takes the mirror out again. `--hold` writes, then waits for SIGTERM or SIGINT
+//! and takes the mirror out before exiting: the chart runs it as a sidecar of the agent, so
+//! a node whose agent is gone (uninstalled, or between two versions) pulls straight from
+//! the registry instead of dialling a dead mirror first.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -36,18 +39,41 @@ pub struct ContainerdArgs {
     dir: PathBuf,
     /// Take the mirror out of the files instead (what else they say stays; a file with
     /// nothing else is deleted).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "hold")]
     remove: bool,
+    /// Write, then wait for SIGTERM or SIGINT and take the mirror out again before exiting
+    /// (a sidecar that lives as long as the agent).
+    #[arg(long)]
+    hold: bool,
 }
 
-/// Writes one file per registry (and `_default` with `--default`), printing each path.
-pub fn run(args: ContainerdArgs) -> Result<()> {
+/// Writes one file per registry (and `_default` with `--default`), printing each path;
+/// with `--hold`, takes them out again at SIGTERM or SIGINT.
+pub async fn run(mut args: ContainerdArgs) -> Result<()> {
     if args.registries.is_empty() && !args.default {
         return Err(ConfigProblem(
             "containerd-config: give at least one --registry, or --default".into(),
         )
         .into());
     }
+    if !args.hold {
+        return apply(&args);
+    }
+    use tokio::signal::unix::{SignalKind, signal};
+    // Installed before the files are written: a signal from then on is not lost.
+    let mut term = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
+    apply(&args)?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    args.remove = true;
+    apply(&args)
+}
+
+/// Writes (or with `--remove`, takes the mirror out of) each file, printing each path.
+fn apply(args: &ContainerdArgs) -> Result<()> {
     let mut namespaces: Vec<Option<&str>> = args.registries.iter().map(|r| Some(&**r)).collect();
     if args.default {
         namespaces.push(None);

@@ -261,7 +261,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             client::blobs(&mut client::connect(&coordinator.coordinator).await?).await
         }
         Command::Demo(args) => demo::run(args).await,
-        Command::ContainerdConfig(args) => containerd::run(args),
+        Command::ContainerdConfig(args) => containerd::run(args).await,
         Command::RegistriesConf(args) => registries::run(args),
     }
 }

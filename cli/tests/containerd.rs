@@ -184,3 +184,88 @@ fn bad_registry_names_exit_2_with_one_line_and_write_nothing() -> Result<()> {
     assert_eq!(std::fs::read_dir(dir.path())?.count(), 0, "nothing written");
     Ok(())
 }
+
+/// `--hold`, as the chart's sidecar runs it: the files are there while it runs, and at
+/// SIGTERM the mirror is taken out again (a file that was the user's before keeps what it
+/// said; a file of its own is deleted) and it exits 0.
+#[test]
+fn hold_writes_then_takes_the_mirror_out_at_sigterm() -> Result<()> {
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir()?;
+    let certs = dir.path().join("certs.d");
+    let users = certs.join("ghcr.io/hosts.toml");
+    std::fs::create_dir_all(users.parent().context("parent")?)?;
+    let before = "server = \"https://ghcr.io\"\nca = \"/etc/ssl/ghcr.pem\"\n";
+    std::fs::write(&users, before)?;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args([
+            "containerd-config",
+            "--registry",
+            "ghcr.io",
+            "--default",
+            "--hold",
+        ])
+        .arg("--dir")
+        .arg(&certs)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let own = certs.join("_default/hosts.toml");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !(own.exists() && std::fs::read_to_string(&users)?.contains("127.0.0.1:7403")) {
+        ensure!(Instant::now() < deadline, "--hold never wrote its files");
+        ensure!(child.try_wait()?.is_none(), "--hold exited before a signal");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Still running, files still there: it holds.
+    std::thread::sleep(Duration::from_millis(300));
+    ensure!(child.try_wait()?.is_none(), "--hold exited before a signal");
+    assert_eq!(
+        mirror_capabilities(&read_hosts(&own)?, "http://127.0.0.1:7403"),
+        ["pull", "resolve"]
+    );
+
+    let pid = i32::try_from(child.id())?;
+    let killed = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()?;
+    ensure!(killed.success(), "kill -TERM failed");
+    let out = child.wait_with_output()?;
+    assert!(
+        out.status.success(),
+        "--hold after SIGTERM: {:?} {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!own.exists(), "a file of its own is deleted at SIGTERM");
+    let left = read_hosts(&users)?;
+    assert!(
+        left.get("host").is_none(),
+        "the mirror is out of the user's file: {left:?}"
+    );
+    assert_eq!(
+        left.get("ca").and_then(|c| c.as_str()),
+        Some("/etc/ssl/ghcr.pem")
+    );
+    assert_eq!(
+        left.get("server").and_then(|c| c.as_str()),
+        Some("https://ghcr.io")
+    );
+    Ok(())
+}
+
+#[test]
+fn hold_and_remove_together_are_a_usage_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = shoal(&[
+        "containerd-config",
+        "--registry",
+        "ghcr.io",
+        "--hold",
+        "--remove",
+        "--dir",
+        dir.path().to_str().expect("utf8"),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--remove"));
+}

@@ -262,12 +262,15 @@ fn rendered_agent_configuration_is_what_the_agent_reads() -> Result<()> {
     assert_eq!(config.upload_limit_bytes_per_sec, 2_500_000_000);
     assert_eq!(config.labels.get("rack").map(String::as_str), Some("r17"));
     let daemonset = object(all_on, "DaemonSet", "shoal-agent")?;
-    let init = daemonset["spec"]["template"]["spec"]["initContainers"]
-        .as_array()
-        .context("initContainers")?;
+    // A sidecar, not an init container: it takes the mirror out of the node's hosts files
+    // when the pod stops (uninstall included).
+    let hosts = container(daemonset, "containerd-hosts")?;
     ensure!(
-        init.iter().any(|c| c["args"][0] == "containerd-config"),
-        "all-on: no containerd-config init container"
+        hosts["args"][0] == "containerd-config"
+            && hosts["args"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|x| x == "--hold")),
+        "all-on: no containerd-config --hold sidecar: {hosts}"
     );
     // registryAuthSecret: the Secret is mounted where origin.auth_file points, in the
     // agents and the coordinator; the defaults mount nothing.
