@@ -20,7 +20,10 @@
 //!   on every target at once, from the registry or through each host's agent's OCI mirror
 //!   (issue 14's deploy; needs docker-registry, skopeo and containerd); `deploy-direct` /
 //!   `deploy-shoal` the same with six images sharing a base layer, target `h` pulling image
-//!   `(h - 1) % 6`.
+//!   `(h - 1) % 6`; `containerd-preheated` / `deploy-preheated` through the mirror after
+//!   `shoal preheat` put the layers in every target's store (containerd's own cost here: the
+//!   floor of the other two). Each also prints when the first layer byte reached each node's
+//!   containerd (p50 and max), to set against the direct pull's.
 //!
 //! Printed per system: makespan, p50 and p99 of the targets' completion times, each as a
 //! multiple of the target's own bound (size ÷ its link rate), and CPU seconds per delivered
@@ -40,6 +43,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, ensure};
 use clap::{Parser, Subcommand};
+use containerd_run::Via;
 use sha2::{Digest as _, Sha256};
 use shoal_tests::netns::{CpuGroup, Fabric};
 
@@ -66,8 +70,8 @@ struct Args {
     #[arg(long, default_value_t = 0)]
     slow: usize,
     /// Systems to run, comma-separated: floor,http,bt,distribute,pull,pull-url,
-    /// pull-url-digest,distribute-url,containerd-direct,containerd-shoal,deploy-direct,
-    /// deploy-shoal.
+    /// pull-url-digest,distribute-url,containerd-direct,containerd-shoal,
+    /// containerd-preheated,deploy-direct,deploy-shoal,deploy-preheated.
     #[arg(
         long,
         default_value = "floor,http,bt,distribute,pull,pull-url,pull-url-digest"
@@ -366,8 +370,10 @@ fn main() -> Result<()> {
                 "bt",
                 "containerd-direct",
                 "containerd-shoal",
+                "containerd-preheated",
                 "deploy-direct",
                 "deploy-shoal",
+                "deploy-preheated",
             ]
             .contains(&s.as_str())
                 || shoal_run::Mode::of_system(s).is_some(),
@@ -436,10 +442,12 @@ fn main() -> Result<()> {
             "floor" => bench.floor(),
             "http" => bench.http(),
             "bt" => bench.bittorrent(),
-            "containerd-direct" => bench.containerd(false, false),
-            "containerd-shoal" => bench.containerd(true, false),
-            "deploy-direct" => bench.containerd(false, true),
-            "deploy-shoal" => bench.containerd(true, true),
+            "containerd-direct" => bench.containerd(Via::Direct, false),
+            "containerd-shoal" => bench.containerd(Via::Shoal, false),
+            "containerd-preheated" => bench.containerd(Via::Preheated, false),
+            "deploy-direct" => bench.containerd(Via::Direct, true),
+            "deploy-shoal" => bench.containerd(Via::Shoal, true),
+            "deploy-preheated" => bench.containerd(Via::Preheated, true),
             shoal => match shoal_run::Mode::of_system(shoal) {
                 Some(mode) => bench.shoal(mode),
                 None => Err(anyhow::anyhow!("unknown system {shoal}")),

@@ -30,6 +30,45 @@ const REGISTRY_PORT: u16 = 5000;
 const MIRROR: &str = "127.0.0.1:7403";
 const REPOSITORY: &str = "bench/app";
 
+/// How the targets' containerds get the image.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) enum Via {
+    /// Straight from the registry.
+    Direct,
+    /// Through each host's agent's mirror, cold.
+    Shoal,
+    /// Through the mirror after `shoal preheat --to role=target` has put the layers in every
+    /// target's store: what containerd itself costs here (fetching from a local mirror,
+    /// verifying, unpacking), the floor of the other two.
+    Preheated,
+}
+
+/// Whether a layer's bytes have reached containerd `root`'s content store: an ingest whose
+/// ref names a layer (containerd's fetcher names them `layer-sha256:…`, and its metadata
+/// store prefixes the namespace) with data, or a layer's blob already committed (a small
+/// layer can finish between two looks).
+fn layer_bytes_arrived(root: &Path) -> bool {
+    let content = root.join("io.containerd.content.v1.content");
+    let ingests = std::fs::read_dir(content.join("ingest"))
+        .into_iter()
+        .flatten();
+    for ingest in ingests.flatten() {
+        let dir = ingest.path();
+        let is_layer =
+            std::fs::read_to_string(dir.join("ref")).is_ok_and(|r| r.contains("layer-sha256:"));
+        if is_layer && std::fs::metadata(dir.join("data")).is_ok_and(|m| m.len() > 0) {
+            return true;
+        }
+    }
+    // Manifests and configs are a few KiB; a committed blob of over 1 MiB is a layer.
+    let blobs = std::fs::read_dir(content.join("blobs/sha256"))
+        .into_iter()
+        .flatten();
+    blobs
+        .flatten()
+        .any(|b| b.metadata().is_ok_and(|m| m.len() > 1 << 20))
+}
+
 /// An image pushed to the registry, and its layers' size in bytes.
 pub(super) struct Image {
     reference: String,
@@ -158,12 +197,15 @@ impl Bench {
 
     /// `deploy`: every target pulls one of six images that share a base layer (target `h`
     /// the image `(h - 1) % 6`), else all the same image.
-    pub(super) fn containerd(&self, through_shoal: bool, deploy: bool) -> Result<Outcome> {
-        let name = match (deploy, through_shoal) {
-            (false, true) => "containerd-shoal",
-            (false, false) => "containerd-direct",
-            (true, true) => "deploy-shoal",
-            (true, false) => "deploy-direct",
+    pub(super) fn containerd(&self, via: Via, deploy: bool) -> Result<Outcome> {
+        let through_shoal = via != Via::Direct;
+        let name = match (deploy, via) {
+            (false, Via::Shoal) => "containerd-shoal",
+            (false, Via::Preheated) => "containerd-preheated",
+            (false, Via::Direct) => "containerd-direct",
+            (true, Via::Shoal) => "deploy-shoal",
+            (true, Via::Preheated) => "deploy-preheated",
+            (true, Via::Direct) => "deploy-direct",
         };
         let ctr = tools::require("ctr", "containerd");
         let run = self.dir.join(name);
@@ -188,7 +230,11 @@ impl Bench {
             )
         };
         let wrap = |c| cpu.wrap(c);
-        let coordinator_toml = self.args.coordinator_toml.replace("\\n", "\n");
+        // The coordinator resolves a preheated image's layers from the registry.
+        let coordinator_toml = format!(
+            "{}\n\n[origin]\n[[origin.registries]]\nhost = \"{registry}\"\nplain_http = true\n",
+            self.args.coordinator_toml.replace("\\n", "\n")
+        );
         let cluster = if through_shoal {
             Some(Cluster::start(
                 &self.fabric,
@@ -211,6 +257,20 @@ impl Bench {
             write_hosts_toml(&hosts_dir, &registry, mirrors)?;
             daemons.insert(h, (Containerd::start()?, hosts_dir));
         }
+        if let (Via::Preheated, Some(cluster)) = (via, &cluster) {
+            for image in &images {
+                let out = (cluster.shoal(0))
+                    .args(["preheat", &image.reference, "--to", "role=target"])
+                    .args(["--coordinator", &cluster.coordinator_url()])
+                    .output()?;
+                ensure!(
+                    out.status.success(),
+                    "shoal preheat {}: {}",
+                    image.reference,
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
         let log_start = std::fs::read_to_string(&registry_log)?.lines().count();
 
         let before = cpu.seconds()?;
@@ -227,10 +287,13 @@ impl Bench {
             pulls.push((*h, p));
         }
         let limit = Duration::from_secs_f64(self.bound(1) * 20.0 + 60.0);
-        let mut done = BTreeMap::new();
+        let (mut done, mut first_byte) = (BTreeMap::new(), BTreeMap::new());
         while done.len() < pulls.len() {
             ensure!(started.elapsed() < limit, "the pulls did not finish");
             for &(h, p) in &pulls {
+                if !first_byte.contains_key(&h) && layer_bytes_arrived(daemons[&h].0.root()) {
+                    first_byte.insert(h, started.elapsed().as_secs_f64());
+                }
                 if done.contains_key(&h) {
                     continue;
                 }
@@ -259,8 +322,12 @@ impl Bench {
             .map(|(h, t)| (h, t * self.size as f64 / image_of(h).bytes as f64))
             .collect();
         let registry_bytes = Self::registry_blob_bytes(&registry_log, log_start)?;
+        let mut firsts: Vec<f64> = first_byte.values().copied().collect();
+        firsts.sort_by(f64::total_cmp);
         let mut note = format!(
-            "registry sent {:.2}× the distinct layers",
+            "first layer byte p50 {:.2} s, max {:.2} s; registry sent {:.2}× the distinct layers",
+            firsts.get(firsts.len() / 2).copied().unwrap_or(f64::NAN),
+            firsts.last().copied().unwrap_or(f64::NAN),
             registry_bytes as f64 / unique as f64
         );
         if let Some(cluster) = &cluster {
