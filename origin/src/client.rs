@@ -103,7 +103,7 @@ impl Client {
             .connect_timeout(Duration::from_millis(config.connect_timeout_ms))
             // A Referer would carry the previous URL, query and all, to the storage host.
             .referer(false)
-            .redirect(reqwest::redirect::Policy::limited(10))
+            .redirect(crate::redirects::reqwest_policy(&config))
             .build()
             .map_err(|e| {
                 OriginError::Invalid(format!(
@@ -510,7 +510,20 @@ impl Client {
             query.append_pair("scope", scope);
         }
         let shown = display_url(&url);
-        let credentials = settings.credentials(self.inner.config.auth_file.as_deref())?;
+        // The registry names its realm: credentials go only where they cannot be read on
+        // the way or collected by a host the registry merely pointed at, i.e. over https,
+        // or to the registry's own host.
+        let registry_host = Url::parse(&settings.base_url())
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_ascii_lowercase));
+        let realm_host = url.host_str().map(str::to_ascii_lowercase);
+        let safe_realm = url.scheme() == "https" || realm_host == registry_host;
+        let configured = settings.credentials(self.inner.config.auth_file.as_deref())?;
+        let withheld = configured.is_some() && !safe_realm;
+        if withheld {
+            tracing::warn!(registry = %settings.host, realm = %shown, "the registry's token realm is plain http on another host: asking it anonymously, the credentials withheld");
+        }
+        let credentials = configured.filter(|_| !withheld);
         let mut request = self.inner.http.get(url);
         if let Some(c) = &credentials {
             request = request.basic_auth(&c.username, Some(&c.password));
@@ -529,6 +542,7 @@ impl Client {
         ) {
             let who = match &credentials {
                 Some(c) => format!("the credentials of user {:?}", c.username),
+                None if withheld => "anonymous access (the configured credentials are only sent to an https realm or the registry's own host)".to_string(),
                 None => "anonymous access (no credentials configured)".to_string(),
             };
             let status = response.status();

@@ -165,6 +165,11 @@ pub struct OriginConfig {
     /// The longest a registry's `429 Too Many Requests` may pause requests to it (its
     /// `Retry-After`, capped). Default 60000.
     pub max_retry_wait_ms: u64,
+    /// Hosts a redirect may lead to over plain http or at an internal address (`host` for
+    /// any port, or `host:port`), e.g. a registry's storage on the cluster network. Public
+    /// https, the same host, and every `[[origin.registries]]` host and endpoint need no
+    /// entry; other redirects are refused.
+    pub redirect_hosts: Vec<String>,
 }
 
 impl Default for OriginConfig {
@@ -178,6 +183,7 @@ impl Default for OriginConfig {
             user_agent: concat!("shoal/", env!("CARGO_PKG_VERSION")).to_string(),
             auth_file: None,
             max_retry_wait_ms: 60_000,
+            redirect_hosts: Vec::new(),
         }
     }
 }

@@ -14,6 +14,7 @@ mod error;
 mod http;
 mod image;
 mod pacing;
+mod redirects;
 mod reference;
 
 pub use body::{Body, ByteRange};
