@@ -10,7 +10,8 @@
 //!   verified chunks arrive (see `mirror/blobs.rs`).
 //!
 //! The upstream is the registry named by containerd's `?ns=` parameter, else
-//! `mirror.default_registry`.
+//! `mirror.default_registry`. Only registries the mirror is meant for are served
+//! (`mirror.registries`): the mirror is not a proxy to wherever a client points it.
 
 mod blobs;
 mod manifests;
@@ -53,6 +54,13 @@ pub struct MirrorConfig {
     /// has a `.` or `__`, or is `localhost`, as Docker decides for image references. Off: such
     /// a path is a repository of `default_registry`.
     pub route_by_path: bool,
+    /// The upstream registries this mirror pulls from, whichever way a request names them
+    /// (`?ns=`, a routed path, `default_registry`); others are refused with 403 DENIED.
+    /// Empty (the default): `default_registry` and every `[[origin.registries]]` host. `"*"`
+    /// allows any registry: then whoever reaches the mirror's port can make this agent
+    /// fetch from any host it can reach (only with a loopback listener, on a node whose
+    /// local users are trusted).
+    pub registries: Vec<String>,
 }
 
 impl Default for MirrorConfig {
@@ -62,6 +70,7 @@ impl Default for MirrorConfig {
             manifest_cache_ttl_ms: 30_000,
             fallback_after_ms: 30_000,
             route_by_path: true,
+            registries: Vec::new(),
         }
     }
 }
@@ -72,6 +81,11 @@ impl MirrorConfig {
             return Err(format!(
                 "mirror.default_registry: {:?} is not a registry host[:port]",
                 self.default_registry
+            ));
+        }
+        if let Some(bad) = (self.registries.iter()).find(|r| *r != "*" && !valid_registry(r)) {
+            return Err(format!(
+                "mirror.registries: {bad:?} is not a registry host[:port] (or \"*\" for any)"
             ));
         }
         if self.fallback_after_ms == 0 {
@@ -101,6 +115,8 @@ pub(crate) struct Mirror {
     pub orders: RunningOrders,
     pub readers: Readers,
     pub config: MirrorConfig,
+    /// The registries served, lower-cased; None: any (see [`MirrorConfig::registries`]).
+    allowed: Option<Arc<std::collections::HashSet<String>>>,
     manifests: Arc<Mutex<HashMap<manifests::Key, manifests::Cached>>>,
 }
 
@@ -113,6 +129,17 @@ impl Mirror {
         readers: Readers,
         config: MirrorConfig,
     ) -> Self {
+        let allowed = (!config.registries.iter().any(|r| r == "*")).then(|| {
+            let named: Vec<&str> = if config.registries.is_empty() {
+                let configured = origin.config().registries.iter().map(|r| &*r.host);
+                std::iter::once(&*config.default_registry)
+                    .chain(configured)
+                    .collect()
+            } else {
+                config.registries.iter().map(|r| &**r).collect()
+            };
+            Arc::new(named.iter().map(|r| r.to_ascii_lowercase()).collect())
+        });
         Self {
             store,
             coordinator,
@@ -120,8 +147,14 @@ impl Mirror {
             orders,
             readers,
             config,
+            allowed,
             manifests: Arc::default(),
         }
+    }
+
+    /// Whether the mirror serves `registry` (see [`MirrorConfig::registries`]).
+    fn serves(&self, registry: &str) -> bool {
+        (self.allowed.as_ref()).is_none_or(|a| a.contains(&registry.to_ascii_lowercase()))
     }
 }
 
@@ -297,6 +330,19 @@ async fn dispatch(
             None => mirror.config.default_registry.clone(),
         },
     };
+    if !mirror.serves(&registry) {
+        tracing::warn!(
+            registry,
+            "mirror: refused a request for a registry it does not serve"
+        );
+        return error(
+            StatusCode::FORBIDDEN,
+            "DENIED",
+            &format!(
+                "this mirror does not pull from {registry:?}: add it to mirror.registries (or [[origin.registries]]) in the agent's config"
+            ),
+        );
+    }
     let name = target_name(&target);
     if let Err(e) = shoal_origin::validate_repository(name) {
         return error(StatusCode::BAD_REQUEST, "NAME_INVALID", &e.to_string());

@@ -387,19 +387,38 @@ async fn bad_requests_get_oci_errors_and_nothing_is_stored() -> Result<()> {
     let whole = image.blob(&layer);
     assert_eq!(r.body, whole[1000..2000], "the range's bytes");
 
-    // An upstream that is down: 502 with a message, and no blob appears anywhere.
-    let dead = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-        l.local_addr()?.to_string()
-    };
-    let r = http_get(
-        &mirror,
-        &format!("/v2/team/app/blobs/{unknown}?ns={dead}"),
-        &[],
-    )?;
-    assert_eq!(r.status, 502, "{r:?}");
-    let body = String::from_utf8_lossy(&r.body);
-    assert!(body.contains(&dead), "the error names the upstream: {body}");
+    // A registry the mirror does not serve (not its default_registry, not configured):
+    // 403 DENIED, and nothing connects to it, whether named by `?ns=` or routed by path
+    // (the mirror is no proxy to wherever a client points it).
+    let other = std::net::TcpListener::bind("127.0.0.1:0")?;
+    other.set_nonblocking(true)?;
+    let other_addr = other.local_addr()?.to_string();
+    let paths = [
+        format!("/v2/team/app/blobs/{unknown}?ns={other_addr}"),
+        format!("/v2/team/app/manifests/v1?ns={other_addr}"),
+        "/v2/team/app/manifests/v1?ns=169.254.169.254".to_string(),
+        format!(
+            "/v2/{}/team/app/manifests/v1",
+            other_addr.replace(':', "__")
+        ),
+    ];
+    for path in &paths {
+        let r = http_get(&mirror, path, &[])?;
+        assert_eq!(
+            (r.status, code(&r).as_str()),
+            (403, "DENIED"),
+            "{path}: {r:?}"
+        );
+        let body = String::from_utf8_lossy(&r.body);
+        assert!(
+            body.contains("mirror.registries"),
+            "the error says what to configure: {body}"
+        );
+    }
+    match other.accept() {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("the mirror connected to a registry it does not serve: {other:?}"),
+    }
     let listed = (s.cluster.client().await?)
         .list_blobs(pb::ListBlobsRequest::default())
         .await?

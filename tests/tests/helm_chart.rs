@@ -261,6 +261,8 @@ fn rendered_agent_configuration_is_what_the_agent_reads() -> Result<()> {
     let config: AgentConfig = toml::from_str(str_of(&map["data"]["agent.toml"], "agent.toml")?)?;
     assert_eq!(config.upload_limit_bytes_per_sec, 2_500_000_000);
     assert_eq!(config.labels.get("rack").map(String::as_str), Some("r17"));
+    // containerd.default sends every registry through the mirror: it serves any.
+    assert_eq!(config.mirror.registries, ["*"]);
     let daemonset = object(all_on, "DaemonSet", "shoal-agent")?;
     // A sidecar, not an init container: it takes the mirror out of the node's hosts files
     // when the pod stops (uninstall included).

@@ -87,9 +87,15 @@ null means "leave the binary's default".
 {{- else if kindIs "map" $value }}
 {{- $pairs := list }}
 {{- range $k, $v := $value }}
+{{- if kindIs "slice" $v }}
+{{- $pairs = append $pairs (printf "%s = %s" (toJson (toString $k)) (include "shoal.tomlList" (dict "key" (printf "%s.%s" $key $k) "list" $v))) }}
+{{- else }}
 {{- $pairs = append $pairs (printf "%s = %s" (toJson (toString $k)) (toJson (toString $v))) }}
 {{- end }}
+{{- end }}
 {{ $key }} = { {{ join ", " $pairs }} }
+{{- else if kindIs "slice" $value }}
+{{ $key }} = {{ include "shoal.tomlList" (dict "key" $key "list" $value) }}
 {{- else if kindIs "bool" $value }}
 {{ $key }} = {{ $value }}
 {{- else if or (kindIs "float64" $value) (kindIs "int" $value) (kindIs "int64" $value) }}
@@ -103,6 +109,16 @@ null means "leave the binary's default".
 {{- fail (printf "config key %s: a %s cannot be written as Shoal configuration" $key (kindOf $value)) }}
 {{- end }}
 {{- end }}
+{{- end }}
+
+{{/* A TOML array of strings (JSON's syntax is TOML's for them); fails on anything else. */}}
+{{- define "shoal.tomlList" -}}
+{{- range .list }}
+{{- if not (kindIs "string" .) }}
+{{- fail (printf "config key %s: only lists of strings can be written as Shoal configuration" $.key) }}
+{{- end }}
+{{- end }}
+{{- toJson .list }}
 {{- end }}
 
 {{/* Fails when a user-given config map sets a key the chart derives itself. */}}
