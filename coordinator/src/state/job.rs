@@ -16,6 +16,9 @@ use std::time::SystemTime;
 use shoal_proto::Digest;
 use shoal_proto::pb::v1::{self as pb, FailureReason, JobState, TargetState};
 
+/// What GetJob and ListJobs show instead of an origin header's value.
+pub const REDACTED: &str = "<redacted>";
+
 /// A target's key: (agent id, blob).
 pub type TargetKey = (String, Digest);
 
@@ -308,10 +311,26 @@ impl Job {
         }
     }
 
-    /// The record as persisted and as returned by GetJob (targets optional).
+    /// The record as persisted (targets optional). The API returns
+    /// [`Job::to_pb_redacted`].
     pub fn to_pb(&self, with_targets: bool, now: SystemTime) -> pb::Job {
         let mut job = self.record.clone();
         job.progress = Some(self.progress(with_targets, 0, now));
+        job
+    }
+
+    /// The record as GetJob and ListJobs return it: [`Job::to_pb`] with every origin
+    /// header's value replaced (they may be credentials; the names stay, so a caller can
+    /// see which headers a job carries).
+    pub fn to_pb_redacted(&self, with_targets: bool, now: SystemTime) -> pb::Job {
+        let mut job = self.to_pb(with_targets, now);
+        for origin in job.origins.values_mut() {
+            if let Some(pb::origin::Origin::Http(h)) = &mut origin.origin {
+                for value in h.headers.values_mut() {
+                    *value = REDACTED.to_string();
+                }
+            }
+        }
         job
     }
 

@@ -477,7 +477,7 @@ impl Jobs {
     ) -> Result<pb::GetJobResponse, ApiError> {
         let job = self.get(&req.job_id)?;
         Ok(pb::GetJobResponse {
-            job: Some(job.to_pb(req.include_targets, now)),
+            job: Some(job.to_pb_redacted(req.include_targets, now)),
         })
     }
 
@@ -494,7 +494,9 @@ impl Jobs {
             .collect();
         let (page, next_page_token) = super::page(jobs, req.page_size, &req.page_token);
         pb::ListJobsResponse {
-            jobs: page.into_iter().map(|j| j.to_pb(false, now)).collect(),
+            jobs: (page.into_iter())
+                .map(|j| j.to_pb_redacted(false, now))
+                .collect(),
             next_page_token,
         }
     }

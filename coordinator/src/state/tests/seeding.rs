@@ -379,3 +379,46 @@ fn range_of(o: &pb::FetchOrder) -> (u64, u64, u32) {
         _ => (0, 0, 0),
     }
 }
+
+/// Origin headers (credentials, often) reach the seeder's order, but GetJob and ListJobs
+/// show only their names.
+#[test]
+fn origin_header_values_reach_the_seeder_but_never_the_api() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = cluster(dir.path(), 2);
+    let m = manifest();
+    let mut origin = http_origin();
+    if let Some(pb::origin::Origin::Http(h)) = &mut origin.origin {
+        h.headers
+            .insert("Authorization".into(), "Bearer hf_secret".into());
+    }
+    let job = distribute_from_origin(&mut c.s, m.digest(), &["a0", "a1"], origin.clone())
+        .expect("distribute");
+    let sent = c.orders();
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(
+        origin_of(&sent[0].1),
+        Some(&origin),
+        "the seeder needs the header's value"
+    );
+
+    let shown = |j: &pb::Job| -> Vec<(String, String)> {
+        (j.origins.values())
+            .filter_map(|o| match &o.origin {
+                Some(pb::origin::Origin::Http(h)) => Some(h.headers.clone()),
+                _ => None,
+            })
+            .flatten()
+            .collect()
+    };
+    let redacted = vec![("Authorization".to_string(), "<redacted>".to_string())];
+    let got = get_job(&mut c.s, &job, true).expect("job");
+    assert_eq!(shown(&got), redacted);
+    let listed =
+        c.s.ask(|r| Request::ListJobs(pb::ListJobsRequest::default(), r))
+            .expect("list");
+    assert_eq!(listed.jobs.len(), 1);
+    assert_eq!(shown(&listed.jobs[0]), redacted);
+    let text = format!("{got:?}{listed:?}");
+    assert!(!text.contains("hf_secret"), "{text}");
+}
