@@ -18,6 +18,9 @@ use crate::bring;
 
 /// Progress is sent this often while the blob arrives.
 const POLL_EVERY: Duration = Duration::from_millis(250);
+/// How often a fetched URL's digest is reported before the coordinator has the blob's
+/// registration (every [`POLL_EVERY`]: 15 s in all).
+const REPORT_TRIES: u32 = 60;
 
 type Tx = mpsc::Sender<Result<pb::PullProgress, Status>>;
 
@@ -286,7 +289,18 @@ async fn identify(shared: &LocalApi, url: &str, tx: &Tx) -> Result<Digest, Statu
                 let result = fetch_url(shared, url).await;
                 match &result {
                     // The blob is stored either way: a lost report costs others a refetch.
-                    Ok(digest) => drop(report(Some(*digest), false).await),
+                    Ok(digest) => {
+                        // The coordinator takes the digest only once it has our registration
+                        // of the blob, which travels on the session, not with this call.
+                        for _ in 0..REPORT_TRIES {
+                            match report(Some(*digest), false).await {
+                                Err(s) if s.code() == tonic::Code::FailedPrecondition => {
+                                    tokio::time::sleep(POLL_EVERY).await;
+                                }
+                                _ => break,
+                            }
+                        }
+                    }
                     Err(_) => drop(report(None, true).await),
                 }
                 result

@@ -248,6 +248,19 @@ impl State {
                     .map_err(|e| ApiError::InvalidArgument(format!("fetched_digest: {e}")))?,
             )
         };
+        if let Some(d) = fetched {
+            // The caller's word is not enough: the agent it names must have registered that
+            // blob, whole and of the URL's size, over its own session (so a caller cannot
+            // make later pulls of the URL return bytes of its choosing).
+            let size = self.catalog.manifest(&d).map(|m| m.size());
+            let held = self.catalog.holds_complete(&d, host);
+            if !held || (req.size > 0 && size != Some(req.size)) {
+                return Err(ApiError::FailedPrecondition(format!(
+                    "agent {:?} has not registered a complete {d} of {} bytes: a URL's digest is taken only from the agent that fetched it, once it holds the blob",
+                    req.agent_id, req.size
+                )));
+            }
+        }
         let key = UrlKey {
             url: req.url,
             etag: req.etag,

@@ -15,7 +15,7 @@ impl State {
         req: pb::JoinRequest,
         now: Now,
     ) -> Result<pb::JoinResponse, ApiError> {
-        if req.token != self.config.join_token {
+        if !same_secret(&req.token, &self.config.join_token) {
             return Err(ApiError::Unauthenticated("wrong join token".into()));
         }
         if req.protocol != shoal_proto::SESSION_PROTOCOL {
@@ -142,5 +142,32 @@ impl State {
                 self.want(&job, host, blob, now);
             }
         }
+    }
+}
+
+/// Whether two secrets are equal, in time that depends on neither: their SHA-256 digests
+/// (fixed length, so no early exit on a length difference either) compared byte for byte
+/// without stopping at the first difference.
+fn same_secret(given: &str, expected: &str) -> bool {
+    let (a, b) = (
+        shoal_proto::Digest::of(given.as_bytes()),
+        shoal_proto::Digest::of(expected.as_bytes()),
+    );
+    let differ = (a.as_bytes().iter())
+        .zip(b.as_bytes())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(differ) == 0
+}
+
+#[cfg(test)]
+mod secret_tests {
+    #[test]
+    fn same_secret_is_equality() {
+        use super::same_secret;
+        assert!(same_secret("tok", "tok"));
+        assert!(!same_secret("tok", "tok2"));
+        assert!(!same_secret("", "tok"));
+        assert!(!same_secret("tOk", "tok"));
+        assert!(same_secret("", ""));
     }
 }
