@@ -16,7 +16,6 @@
 mod blobs;
 mod manifests;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -44,6 +43,8 @@ pub struct MirrorConfig {
     /// How long a manifest fetched by tag is served from the cache, milliseconds. By
     /// digest, manifests are immutable and kept ten times longer.
     pub manifest_cache_ttl_ms: u64,
+    /// The most bytes the manifest cache holds (manifests and their keys). Default 64 MiB.
+    pub manifest_cache_bytes: u64,
     /// If no byte of a blob arrives from peers for this long, the rest is fetched from the
     /// upstream directly (logged, and counted in `shoal_mirror_fallbacks_total`).
     pub fallback_after_ms: u64,
@@ -68,6 +69,7 @@ impl Default for MirrorConfig {
         Self {
             default_registry: "docker.io".into(),
             manifest_cache_ttl_ms: 30_000,
+            manifest_cache_bytes: 64 << 20,
             fallback_after_ms: 30_000,
             route_by_path: true,
             registries: Vec::new(),
@@ -117,7 +119,7 @@ pub(crate) struct Mirror {
     pub config: MirrorConfig,
     /// The registries served, lower-cased; None: any (see [`MirrorConfig::registries`]).
     allowed: Option<Arc<std::collections::HashSet<String>>>,
-    manifests: Arc<Mutex<HashMap<manifests::Key, manifests::Cached>>>,
+    manifests: Arc<Mutex<manifests::Cache>>,
 }
 
 impl Mirror {

@@ -57,6 +57,10 @@ pub struct CoordinatorConfig {
     /// as the origin's, 2.41x the bound against 1.30x streamed; docs/BENCHMARKS.md).
     pub stripe_seed_min_bytes: u64,
     pub max_seeders_per_blob: usize,
+    /// The most targets (agents × blobs) one Distribute or Preheat may create; more is
+    /// refused with INVALID_ARGUMENT, so that one request cannot fill the coordinator.
+    /// Default 2,000,000 (20,000 agents × 100 blobs).
+    pub max_targets_per_job: u64,
     /// Registries Preheat resolves image references at (scheme, credentials, limits).
     pub origin: shoal_origin::OriginConfig,
 }
@@ -76,6 +80,7 @@ impl Default for CoordinatorConfig {
             preheat_platforms: vec!["linux/amd64".into()],
             stripe_seed_min_bytes: 0,
             max_seeders_per_blob: 4,
+            max_targets_per_job: 2_000_000,
             origin: Default::default(),
         }
     }
@@ -99,6 +104,9 @@ impl CoordinatorConfig {
         };
         if self.join_token.is_empty() {
             return bad("join_token", "must be set (agents present it at Join)");
+        }
+        if self.max_targets_per_job == 0 {
+            return bad("max_targets_per_job", "must be positive");
         }
         if self.lease_ms < 500 {
             return bad("lease_ms", "must be at least 500");
@@ -191,6 +199,7 @@ pub async fn run(
             ..Default::default()
         },
         seed: rand::random(),
+        max_targets_per_job: config.max_targets_per_job,
     };
     let clock = driver::Clock::new();
     let state = state::State::new(state_config, db, ca, clock.now())

@@ -117,6 +117,8 @@ pub struct StateConfig {
     pub assigner: AssignerConfig,
     pub seeder: SeederConfig,
     pub seed: u64,
+    /// The most targets (agents × blobs) one job may have.
+    pub max_targets_per_job: u64,
 }
 
 /// How often leases, deadlines, watchers and job writes are looked at. The planner's own

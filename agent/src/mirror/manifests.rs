@@ -15,6 +15,52 @@ const CACHE_ENTRIES: usize = 1024;
 /// (registry, repository, reference, Accept).
 pub(super) type Key = (String, String, String, String);
 
+/// The manifests cached, within [`CACHE_ENTRIES`] and `mirror.manifest_cache_bytes` (keys
+/// and manifests counted): what clients can make the agent hold is bounded whatever they
+/// ask for (names, tags, Accept headers).
+#[derive(Debug, Default)]
+pub(super) struct Cache {
+    entries: std::collections::HashMap<Key, Cached>,
+    bytes: usize,
+}
+
+fn weight(key: &Key, entry: &Cached) -> usize {
+    key.0.len() + key.1.len() + key.2.len() + key.3.len() + entry.bytes.len()
+}
+
+impl Cache {
+    fn get(&self, key: &Key, now: Instant) -> Option<Cached> {
+        self.entries.get(key).filter(|c| c.expires > now).cloned()
+    }
+
+    /// Caches `entry` unless it alone is over `cap` bytes, evicting expired entries first,
+    /// then others, until it fits.
+    fn insert(&mut self, key: Key, entry: Cached, cap: usize, now: Instant) {
+        let w = weight(&key, &entry);
+        if w > cap {
+            return;
+        }
+        if let Some(old) = self.entries.remove(&key) {
+            self.bytes -= weight(&key, &old);
+        }
+        let full = |c: &Self| c.entries.len() >= CACHE_ENTRIES || c.bytes + w > cap;
+        if full(self) {
+            self.entries.retain(|_, c| c.expires > now);
+            self.bytes = self.entries.iter().map(|(k, c)| weight(k, c)).sum();
+        }
+        while full(self) {
+            let Some(k) = self.entries.keys().next().cloned() else {
+                break;
+            };
+            if let Some(c) = self.entries.remove(&k) {
+                self.bytes -= weight(&k, &c);
+            }
+        }
+        self.bytes += w;
+        self.entries.insert(key, entry);
+    }
+}
+
 #[derive(Clone, Debug)]
 pub(super) struct Cached {
     bytes: bytes::Bytes,
@@ -51,10 +97,7 @@ pub(super) async fn serve(
     );
     let cached = {
         let cache = mirror.manifests.lock().unwrap_or_else(|e| e.into_inner());
-        cache
-            .get(&key)
-            .filter(|c| c.expires > Instant::now())
-            .cloned()
+        cache.get(&key, Instant::now())
     };
     let manifest = match cached {
         Some(c) => c,
@@ -86,15 +129,9 @@ pub(super) async fn serve(
                 digest: fetched.digest,
                 expires: Instant::now() + ms(ttl),
             };
+            let cap = usize::try_from(mirror.config.manifest_cache_bytes).unwrap_or(usize::MAX);
             let mut cache = mirror.manifests.lock().unwrap_or_else(|e| e.into_inner());
-            if cache.len() >= CACHE_ENTRIES {
-                let now = Instant::now();
-                cache.retain(|_, c| c.expires > now);
-                if cache.len() >= CACHE_ENTRIES {
-                    cache.clear();
-                }
-            }
-            cache.insert(key, entry.clone());
+            cache.insert(key, entry.clone(), cap, Instant::now());
             entry
         }
     };
@@ -114,4 +151,63 @@ pub(super) async fn serve(
     }
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn entry(len: usize, expires: Instant) -> Cached {
+        let bytes = bytes::Bytes::from(vec![b'{'; len]);
+        Cached {
+            digest: Digest::of(&bytes),
+            bytes,
+            media_type: String::new(),
+            expires,
+        }
+    }
+
+    fn key(i: usize) -> Key {
+        (String::new(), "r".into(), format!("t{i}"), String::new())
+    }
+
+    #[test]
+    fn the_cache_stays_within_its_bytes_expired_entries_first() {
+        let now = Instant::now();
+        let later = now + Duration::from_secs(60);
+        let mut cache = Cache::default();
+        let cap = 10_000;
+        // One entry, already expired, and three live ones of ~2 KB each.
+        cache.insert(key(0), entry(2000, now), cap, now);
+        for i in 1..=3 {
+            cache.insert(key(i), entry(2000, later), cap, now);
+        }
+        assert_eq!(cache.entries.len(), 4);
+        // A fifth does not fit: the expired one goes, the live ones stay.
+        let after = now + Duration::from_millis(1);
+        cache.insert(key(4), entry(3000, later), cap, after);
+        assert!(cache.get(&key(0), after).is_none());
+        assert!((1..=4).all(|i| cache.get(&key(i), after).is_some()));
+        assert!(cache.bytes <= cap, "{}", cache.bytes);
+        // Nothing expired: live entries go until it fits.
+        cache.insert(key(5), entry(6000, later), cap, after);
+        assert!(cache.get(&key(5), after).is_some());
+        assert!(cache.bytes <= cap, "{}", cache.bytes);
+        assert_eq!(
+            cache.bytes,
+            (cache.entries.iter())
+                .map(|(k, c)| weight(k, c))
+                .sum::<usize>()
+        );
+        // Over the cap alone: not cached, nothing evicted for it.
+        let before = cache.entries.len();
+        cache.insert(key(6), entry(cap + 1, later), cap, after);
+        assert!(cache.get(&key(6), after).is_none());
+        assert_eq!(cache.entries.len(), before);
+        // Replacing an entry does not count it twice.
+        cache.insert(key(5), entry(6000, later), cap, after);
+        assert!(cache.bytes <= cap, "{}", cache.bytes);
+    }
 }

@@ -16,6 +16,16 @@ pub fn check_origin(blob: &Digest, origin: &pb::Origin) -> Result<(), String> {
     use pb::origin::Origin as O;
     match &origin.origin {
         None => Err(format!("origins[{blob}]: no origin kind is set")),
+        Some(O::Http(h)) if h.size > shoal_proto::MAX_BLOB_SIZE => Err(format!(
+            "origins[{blob}]: size {} is over the largest blob ({} bytes)",
+            h.size,
+            shoal_proto::MAX_BLOB_SIZE
+        )),
+        Some(O::Oci(o)) if o.size > shoal_proto::MAX_BLOB_SIZE => Err(format!(
+            "origins[{blob}]: size {} is over the largest blob ({} bytes)",
+            o.size,
+            shoal_proto::MAX_BLOB_SIZE
+        )),
         Some(O::Http(h)) => shoal_origin::parse_http_url(&h.url)
             .map(|_| ())
             .map_err(|e| format!("origins[{blob}]: {e}")),
@@ -77,6 +87,15 @@ impl State {
             blobs.push(d);
         }
         let targets = self.resolve(req.targets.as_ref())?;
+        let count = (targets.len() as u64).saturating_mul(blobs.len() as u64);
+        if count > self.config.max_targets_per_job {
+            return Err(ApiError::InvalidArgument(format!(
+                "{} agents × {} blobs = {count} targets, over the coordinator's max_targets_per_job ({}): split the job",
+                targets.len(),
+                blobs.len(),
+                self.config.max_targets_per_job
+            )));
+        }
         let deadline =
             (req.deadline_ms > 0).then(|| now.wall + Duration::from_millis(req.deadline_ms));
         let job_id = format!("job-{}", super::agents::random_hex(6));

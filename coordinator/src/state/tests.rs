@@ -29,6 +29,9 @@ fn config(lease: Duration) -> StateConfig {
             ..SeederConfig::default()
         },
         seed: 7,
+        // Every test's jobs stay under it; `one_job_cannot_create_more_targets_than_the_limit`
+        // sets its own.
+        max_targets_per_job: 10_000,
     }
 }
 
@@ -98,10 +101,14 @@ fn state(dir: &std::path::Path, lease: Duration) -> S {
 }
 
 fn state_at(dir: &std::path::Path, lease: Duration, now: Now) -> S {
+    state_with(dir, config(lease), now)
+}
+
+fn state_with(dir: &std::path::Path, config: StateConfig, now: Now) -> S {
     let db = Db::open(&dir.join("db.redb")).expect("db");
     let ca = Arc::new(shoal_pki::ClusterCa::generate().expect("ca"));
     S {
-        s: State::new(config(lease), db, ca, now).expect("state"),
+        s: State::new(config, db, ca, now).expect("state"),
         now,
     }
 }

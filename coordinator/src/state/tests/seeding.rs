@@ -422,3 +422,45 @@ fn origin_header_values_reach_the_seeder_but_never_the_api() {
     let text = format!("{got:?}{listed:?}");
     assert!(!text.contains("hf_secret"), "{text}");
 }
+
+/// One Distribute cannot create more targets than `max_targets_per_job`, and cannot give an
+/// origin a size past the largest blob (which would overflow range arithmetic).
+#[test]
+fn one_job_cannot_create_more_targets_than_the_limit_or_a_giant_origin() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = StateConfig {
+        max_targets_per_job: 4,
+        ..super::config(Duration::from_secs(30))
+    };
+    let mut s = super::state_with(dir.path(), config, super::start());
+    for (i, id) in ["a0", "a1", "a2"].iter().enumerate() {
+        join(&mut s, id, 10 + i as u16);
+    }
+    let blobs: Vec<Digest> = (0..2u8).map(|i| Digest::of(&[i])).collect();
+    let req = |ids: &[&str]| pb::DistributeRequest {
+        blobs: blobs.iter().map(|b| b.to_string()).collect(),
+        targets: agents(ids),
+        origins: blobs
+            .iter()
+            .map(|b| (b.to_string(), http_origin()))
+            .collect(),
+        ..Default::default()
+    };
+    let err = distribute_req(&mut s, req(&["a0", "a1", "a2"])).expect_err("6 targets > 4");
+    assert!(
+        matches!(&err, ApiError::InvalidArgument(m) if m.contains("max_targets_per_job")),
+        "{err:?}"
+    );
+    distribute_req(&mut s, req(&["a0", "a1"])).expect("4 targets");
+
+    let mut giant = http_origin();
+    if let Some(pb::origin::Origin::Http(h)) = &mut giant.origin {
+        h.size = u64::MAX - 1;
+    }
+    let err = distribute_from_origin(&mut s, Digest::of(b"giant"), &["a0"], giant)
+        .expect_err("a size past the largest blob");
+    assert!(
+        matches!(&err, ApiError::InvalidArgument(m) if m.contains("largest blob")),
+        "{err:?}"
+    );
+}
