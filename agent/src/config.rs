@@ -31,8 +31,15 @@ pub struct AgentConfig {
     /// Address peers dial; default: the listen port on the IP of the route to the
     /// coordinator (127.0.0.1 if listening on loopback).
     pub advertise: Option<SocketAddr>,
-    /// Unix socket of the local gRPC API; default `data_dir/agent.sock`.
+    /// Unix socket of the local gRPC API; default `data_dir/agent.sock`. It is created
+    /// mode 0660: the agent's user, root and `local_socket_group` may connect.
     pub local_socket: Option<PathBuf>,
+    /// The socket's group (a name from /etc/group, or a number); default the agent's own.
+    pub local_socket_group: Option<String>,
+    /// Directories that callers other than root and the agent's own user may push files from
+    /// and pull files into (checked with the socket's peer credentials, after resolving
+    /// symbolic links). Empty (the default): such callers may only ask for `status`.
+    pub local_allowed_paths: Vec<PathBuf>,
     /// Labels announced to the coordinator: `zone`, `rack`, `host`, any other.
     pub labels: BTreeMap<String, String>,
     /// Cap on bytes served to peers per second; 0 = unlimited.
@@ -81,6 +88,8 @@ impl Default for AgentConfig {
             quic_listen: SocketAddr::from(([0, 0, 0, 0], 7401)),
             advertise: None,
             local_socket: None,
+            local_socket_group: None,
+            local_allowed_paths: Vec::new(),
             labels: BTreeMap::new(),
             upload_limit_bytes_per_sec: 0,
             download_limit_bytes_per_sec: 0,
@@ -159,6 +168,15 @@ impl AgentConfig {
                 return Err(format!("labels: empty key (value {value:?})"));
             }
         }
+        if let Some(bad) = (self.local_allowed_paths.iter()).find(|p| !p.is_absolute()) {
+            return Err(format!(
+                "local_allowed_paths: {} is not an absolute path",
+                bad.display()
+            ));
+        }
+        if let Some(group) = &self.local_socket_group {
+            group_id(group)?;
+        }
         self.mirror.validate()?;
         Ok(())
     }
@@ -231,6 +249,24 @@ pub(crate) fn coordinator_host_port(url: &str) -> Option<(String, u16)> {
         Some((host, port)) => Some((host.to_string(), port.parse().ok()?)),
         None => Some((authority.to_string(), default_port)),
     }
+}
+
+/// The id of `group`: a number, or a name in /etc/group.
+pub fn group_id(group: &str) -> Result<u32, String> {
+    if let Ok(gid) = group.parse::<u32>() {
+        return Ok(gid);
+    }
+    let text = std::fs::read_to_string("/etc/group")
+        .map_err(|e| format!("local_socket_group {group:?}: reading /etc/group: {e}"))?;
+    text.lines()
+        .filter_map(|line| {
+            let mut fields = line.split(':');
+            let name = fields.next()?;
+            let gid = fields.nth(1)?.parse::<u32>().ok()?;
+            (name == group).then_some(gid)
+        })
+        .next()
+        .ok_or_else(|| format!("local_socket_group: no group {group:?} in /etc/group"))
 }
 
 #[cfg(test)]

@@ -1,8 +1,11 @@
 //! The agent's local API: gRPC `AgentLocal` on a Unix socket, for the `shoal` CLI on the same
 //! host. Push and pull live in `local_api/push.rs` and `local_api/pull.rs`.
 
+mod caller;
 mod pull;
 mod push;
+
+use caller::Caller;
 
 use std::io;
 use std::net::SocketAddr;
@@ -58,6 +61,12 @@ pub(crate) fn serve(api: LocalApi, path: &Path, mut stop: Stop) -> io::Result<Jo
         Err(e) => return Err(e),
     }
     let listener = tokio::net::UnixListener::bind(path)?;
+    // Not left to the umask: the agent's user, root and the configured group only.
+    if let Some(group) = &api.config.local_socket_group {
+        let gid = crate::config::group_id(group).map_err(io::Error::other)?;
+        std::os::unix::fs::chown(path, None, Some(gid))?;
+    }
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o660))?;
     let service = AgentLocalServer::new(api);
     Ok(tokio::spawn(async move {
         let served = tonic::transport::Server::builder()
@@ -101,7 +110,8 @@ impl AgentLocal for LocalApi {
         &self,
         request: Request<pb::PushRequest>,
     ) -> Result<Response<Self::PushStream>, Status> {
-        push::push(self.clone(), request.into_inner())
+        let caller = Caller::of(&request);
+        push::push(self.clone(), caller, request.into_inner())
             .await
             .map(Response::new)
     }
@@ -110,7 +120,8 @@ impl AgentLocal for LocalApi {
         &self,
         request: Request<pb::PullRequest>,
     ) -> Result<Response<Self::PullStream>, Status> {
-        pull::pull(self.clone(), request.into_inner())
+        let caller = Caller::of(&request);
+        pull::pull(self.clone(), caller, request.into_inner())
             .await
             .map(Response::new)
     }

@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
-use super::{LocalApi, absolute_path, store_status};
+use super::{Caller, LocalApi, absolute_path, store_status};
 use crate::bring;
 
 /// Progress is sent this often while the blob arrives.
@@ -26,8 +26,11 @@ type Tx = mpsc::Sender<Result<pb::PullProgress, Status>>;
 
 pub(super) async fn pull(
     shared: LocalApi,
+    caller: Caller,
     request: pb::PullRequest,
 ) -> Result<ReceiverStream<Result<pb::PullProgress, Status>>, Status> {
+    let allowed = &shared.config.local_allowed_paths;
+    caller.may_transfer(allowed)?;
     let url = (!request.url.is_empty()).then(|| request.url.clone());
     if let Some(url) = &url {
         shoal_origin::parse_http_url(url).map_err(|e| Status::invalid_argument(e.to_string()))?;
@@ -50,6 +53,7 @@ pub(super) async fn pull(
     } else {
         let path = absolute_path("output_path", &request.output_path)?;
         check_output(&path)?;
+        caller.may_write(&path, allowed)?;
         Some(path)
     };
     let deadline = (request.deadline_ms > 0)

@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
-use super::{LocalApi, absolute_path, store_status};
+use super::{Caller, LocalApi, absolute_path, store_status};
 use crate::store::{ImportError, Store, StoreError, read_full};
 
 /// Progress messages at most this often.
@@ -22,9 +22,13 @@ const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis(200
 
 pub(super) async fn push(
     shared: LocalApi,
+    caller: Caller,
     request: pb::PushRequest,
 ) -> Result<ReceiverStream<Result<pb::PushProgress, Status>>, Status> {
+    let allowed = &shared.config.local_allowed_paths;
+    caller.may_transfer(allowed)?;
     let path = absolute_path("path", &request.path)?;
+    caller.may_read(&path, allowed)?;
     let expected = if request.expected_digest.is_empty() {
         None
     } else {
