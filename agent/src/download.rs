@@ -19,8 +19,8 @@ use tokio::task::{AbortHandle, JoinError, JoinSet};
 use tokio::time::Instant;
 
 mod pending;
+mod sources;
 
-use crate::backoff::Backoff;
 use crate::counters::Counters;
 use crate::failure::Failure;
 use crate::link::Coordinator;
@@ -28,43 +28,15 @@ use crate::orders::{Control, RunningOrders};
 use crate::readers::Readers;
 use crate::shutdown::{Stop, stopped};
 use crate::store::{PutOutcome, Store};
-use crate::transport::{ChunkEndpoint, FetchError, HaveUpdate, Peer};
+use crate::transport::{ChunkEndpoint, FetchError, HaveUpdate};
 use pending::Pending;
 use shoal_planner::{ChunkPicker, ChunkSet, HostId, PickerConfig, Time};
+use sources::{NOT_FOUND_LIMIT, Source, SourceEvent, watch_source};
 
 /// Pause after a source answered Busy.
 const BUSY_BACKOFF: Duration = Duration::from_millis(100);
 /// Pause after any other failed request.
 const ERROR_BACKOFF: Duration = Duration::from_millis(300);
-/// Longest pause between attempts to reach a source's have-stream.
-const WATCH_BACKOFF_MAX: Duration = Duration::from_secs(2);
-
-/// What a source's watcher task reports.
-#[derive(Debug)]
-enum SourceEvent {
-    Ready(SourceKey, Peer),
-    Have(SourceKey, HaveUpdate),
-    Down(SourceKey, String),
-}
-
-#[derive(Debug)]
-struct Source {
-    agent_id: String,
-    peer: Option<Peer>,
-    paused_until: Option<Instant>,
-    watcher: AbortHandle,
-    /// The connection's received bytes when last seen to change (or when nothing was
-    /// asked of it), and when: the stall clock.
-    rx_mark: (u64, Instant),
-    /// A have-stream was open once: losing it since then counts towards a stall.
-    was_ready: bool,
-    /// Since when the source has had no usable connection, after being ready once.
-    lost_since: Option<Instant>,
-}
-
-/// How much longer than `stall_timeout` a source once reached may stay unreachable.
-const UNREACHABLE_STALLS: u32 = 5;
-
 struct FetchDone {
     key: SourceKey,
     /// The source's agent, kept here because the source may be removed before this arrives.
@@ -306,6 +278,8 @@ impl Download<'_> {
             rx_mark: (0, Instant::now()),
             was_ready: false,
             lost_since: None,
+            added: Instant::now(),
+            not_found: 0,
         }));
     }
 
@@ -483,6 +457,11 @@ impl Download<'_> {
             Ok(PutOutcome::Stored) if !first => Ok(PutOutcome::AlreadyPresent),
             other => other,
         };
+        if result.is_ok()
+            && let Some(Some(s)) = self.sources.get_mut(key)
+        {
+            s.not_found = 0;
+        }
         match result {
             Ok(PutOutcome::Stored) => {
                 // Endgame duplicates of this chunk elsewhere are no longer needed.
@@ -547,6 +526,20 @@ impl Download<'_> {
                             ..
                         }
                     ) {
+                        let count = match self.sources.get_mut(key) {
+                            Some(Some(s)) => {
+                                s.not_found += 1;
+                                s.not_found
+                            }
+                            _ => 0,
+                        };
+                        if count >= NOT_FOUND_LIMIT {
+                            let reason = format!(
+                                "answered NotFound to {count} requests in a row for chunks it announced"
+                            );
+                            self.drop_stalled(agent_id, reason);
+                            return Ok(());
+                        }
                         BUSY_BACKOFF
                     } else {
                         ERROR_BACKOFF
@@ -599,80 +592,6 @@ impl Download<'_> {
         }
     }
 
-    /// Drops and reports the sources that stalled: with requests in flight, the
-    /// connection received nothing for `stall_timeout` (a frozen or black-holed peer; a
-    /// live one answers within `max_upload_wait`, if only with Busy); or, once reached,
-    /// it has been unreachable for `UNREACHABLE_STALLS` times that. Returns when to look
-    /// again, if a stall clock runs.
-    fn check_stalls(&mut self) -> Option<Instant> {
-        let now = Instant::now();
-        let timeout = self.stall_timeout;
-        // Waiting on our own download cap, we stop reading: the silence is ours.
-        let throttled = (self.shared.endpoint.config().download_limit.as_ref())
-            .is_some_and(|l| l.available() < 0);
-        let mut wake: Option<Instant> = None;
-        let mut stalled = Vec::new();
-        for key in 0..self.sources.len() {
-            let in_flight = self.picker.in_flight(host(key));
-            let Some(s) = &mut self.sources[key] else {
-                continue;
-            };
-            let deadline = match &s.peer {
-                Some(peer) => {
-                    let rx = peer.rx_bytes();
-                    if in_flight == 0 || throttled || rx != s.rx_mark.0 {
-                        s.rx_mark = (rx, now);
-                    }
-                    if in_flight == 0 {
-                        continue;
-                    }
-                    let deadline = s.rx_mark.1 + timeout;
-                    if now >= deadline {
-                        let silent = now.duration_since(s.rx_mark.1).as_millis();
-                        stalled.push((
-                            s.agent_id.clone(),
-                            format!(
-                                "nothing received for {silent} ms with {in_flight} requests in flight"
-                            ),
-                        ));
-                        continue;
-                    }
-                    deadline
-                }
-                None if s.was_ready => {
-                    let since = *s.lost_since.get_or_insert(now);
-                    let deadline = since + timeout * UNREACHABLE_STALLS;
-                    if now >= deadline {
-                        let lost = now.duration_since(since).as_millis();
-                        stalled.push((s.agent_id.clone(), format!("unreachable for {lost} ms")));
-                        continue;
-                    }
-                    deadline
-                }
-                None => continue,
-            };
-            wake = Some(wake.map_or(deadline, |w| w.min(deadline)));
-        }
-        for (agent_id, reason) in stalled {
-            tracing::warn!(
-                order_id = self.order_id,
-                agent = agent_id,
-                reason,
-                "source stalled; dropping it"
-            );
-            self.remove_source(&agent_id);
-            self.shared
-                .coordinator
-                .send(Msg::SourceStalled(pb::SourceStalled {
-                    order_id: self.order_id,
-                    blob_digest: self.manifest.digest().as_bytes().to_vec(),
-                    peer_agent_id: agent_id,
-                    reason,
-                }));
-        }
-        wake
-    }
-
     fn log_sources(&self) {
         let stats = self.picker.stats();
         tracing::info!(
@@ -703,60 +622,4 @@ impl Download<'_> {
             .orders
             .update(self.order_id, verified, bytes, active);
     }
-}
-
-/// Keeps a have-stream open to one source, reconnecting with backoff (the source may not
-/// have the blob's manifest yet, may restart, or its connection may drop after it finished
-/// announcing a complete blob). Runs until the download drops it.
-async fn watch_source(
-    endpoint: ChunkEndpoint,
-    blob: Digest,
-    key: SourceKey,
-    addrs: Vec<SocketAddr>,
-    events: mpsc::Sender<SourceEvent>,
-) {
-    let mut backoff = Backoff::with_max(WATCH_BACKOFF_MAX);
-    loop {
-        for addr in &addrs {
-            let why = match watch_once(&endpoint, blob, key, *addr, &events, &mut backoff).await {
-                Ok(()) => return,
-                Err(e) => e,
-            };
-            if events.send(SourceEvent::Down(key, why)).await.is_err() {
-                return;
-            }
-        }
-        tokio::time::sleep(backoff.next_delay()).await;
-    }
-}
-
-/// `Err` with the reason once the source is lost (to be redialled); `Ok` when the download
-/// ended. A source holding the whole blob ends its have-stream (after a final bitfield) and
-/// stays usable until its connection closes.
-async fn watch_once(
-    endpoint: &ChunkEndpoint,
-    blob: Digest,
-    key: SourceKey,
-    addr: SocketAddr,
-    events: &mpsc::Sender<SourceEvent>,
-    backoff: &mut Backoff,
-) -> Result<(), String> {
-    let peer = endpoint.peer(addr).await.map_err(|e| e.to_string())?;
-    let mut have = peer.watch_have(blob).await.map_err(|e| e.to_string())?;
-    let mut ready = Some(peer.clone());
-    while let Some(update) = have.next().await.map_err(|e| e.to_string())? {
-        if let Some(peer) = ready.take() {
-            backoff.reset();
-            if events.send(SourceEvent::Ready(key, peer)).await.is_err() {
-                return Ok(());
-            }
-        }
-        if events.send(SourceEvent::Have(key, update)).await.is_err() {
-            return Ok(());
-        }
-    }
-    if ready.is_some() {
-        return Err("have-stream ended without a bitfield".into());
-    }
-    Err(format!("connection closed: {}", peer.closed().await))
 }

@@ -6,6 +6,9 @@
 //!
 //! The silent source is reached through a UDP relay in this test that forwards both ways
 //! until it has passed some of the source's chunk data, then drops everything.
+//!
+//! Likewise a source that does not hold the blob it is listed for (its have-stream answers
+//! NotFound): dropped and reported after 20 stall timeouts rather than kept for ever.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -207,6 +210,110 @@ async fn a_silent_source_is_dropped_reported_and_the_blob_completes_from_another
     );
 
     for a in [silent, healthy, target] {
+        a.shutdown().await;
+    }
+    coordinator.stop().await;
+    Ok(())
+}
+
+/// A holder that lost the blob without telling the coordinator (an unreported eviction, or
+/// an agent that claims what it does not hold) answers its have-stream with NotFound: it
+/// is dropped within `NEVER_READY_STALLS` stall timeouts and reported, instead of being
+/// kept as a source for ever; the blob completes from the honest holder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_that_does_not_hold_the_blob_is_dropped_and_reported() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
+    let coordinator = Coordinator::start(dir.path(), TOKEN, 30_000).await?;
+    let coordinator_addr = coordinator.addr;
+    let config = |name: &str| AgentConfig {
+        coordinator: format!("http://{coordinator_addr}"),
+        join_token: TOKEN.into(),
+        data_dir: dir.path().join(name),
+        quic_listen: "127.0.0.1:0".parse().expect("addr"),
+        chunk_size: 64 << 10,
+        quota_bytes: 1 << 30,
+        ..AgentConfig::default()
+    };
+    let liar = Agent::start(config("liar")).await?;
+    // Slow enough that the download outlasts the 20 s a source has to become ready.
+    let healthy = Agent::start(AgentConfig {
+        upload_limit_bytes_per_sec: 600_000,
+        ..config("healthy")
+    })
+    .await?;
+    let target = Agent::start(config("target")).await?;
+    let agents = [&liar, &healthy, &target];
+    wait_until(Duration::from_secs(10), || {
+        agents.iter().all(|a| a.is_connected())
+    })
+    .await?;
+
+    let content: Vec<u8> = (0..16_000_000usize)
+        .map(|i| (i * 7 + i / 613) as u8)
+        .collect();
+    let file = dir.path().join("blob.bin");
+    std::fs::write(&file, &content)?;
+    let digest = Digest::of(&content);
+    for holder in [&liar, &healthy] {
+        let mut local = local_api::connect(holder.local_socket()).await?;
+        let mut push = local
+            .push(pb::PushRequest {
+                path: file.to_str().context("utf8")?.into(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        while push.message().await?.is_some() {}
+    }
+    let mut client = CoordinatorClient::connect(format!("http://{coordinator_addr}")).await?;
+    let holders = async |client: &mut CoordinatorClient<_>| -> u32 {
+        let known = client
+            .get_blob(pb::GetBlobRequest {
+                digest: digest.to_string(),
+                include_manifest: false,
+            })
+            .await;
+        known.map_or(0, |b| b.into_inner().blob.map_or(0, |b| b.complete_holders))
+    };
+    let started = tokio::time::Instant::now();
+    while holders(&mut client).await < 2 {
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(10),
+            "the coordinator never learnt of both holders"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Gone from the liar's store; the coordinator is not told.
+    liar.store().remove(&digest)?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    anyhow::ensure!(
+        holders(&mut client).await == 2,
+        "the coordinator learnt of the removal: this test needs a holder it still believes"
+    );
+    client
+        .distribute(pb::DistributeRequest {
+            blobs: vec![digest.to_string()],
+            targets: Some(pb::TargetSelector {
+                selector: Some(pb::target_selector::Selector::Agents(pb::AgentIdList {
+                    agent_ids: vec![target.agent_id().to_string()],
+                })),
+            }),
+            ..Default::default()
+        })
+        .await?;
+    wait_until(Duration::from_secs(90), || {
+        target.store().is_complete(&digest)
+    })
+    .await
+    .context("the blob did not complete from the honest holder")?;
+    target.store().verify_blob(&digest)?;
+    let reported = stalls(&metrics.render());
+    assert!(
+        reported >= 1,
+        "the holder without the blob was never dropped and reported ({reported})"
+    );
+    for a in [liar, healthy, target] {
         a.shutdown().await;
     }
     coordinator.stop().await;
