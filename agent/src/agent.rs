@@ -240,6 +240,9 @@ impl Agent {
             },
         };
         tokio::spawn(record_transport(parts.endpoint.clone(), parts.stop.clone()));
+        tokio::spawn(
+            (ex.coordinator.clone()).report_removals(ex.store.removals(), parts.stop.clone()),
+        );
         if let Some(h) = &health {
             h.set_ready().await;
         }

@@ -58,7 +58,49 @@ impl Coordinator {
                 chunks: None,
                 pinned: true,
             }],
+            removed_blobs: Vec::new(),
         }));
+    }
+
+    /// Tells the coordinator of every blob that leaves the store (`removals`, see
+    /// `Store::removals`) as it happens, batched, until the agent stops; a lagging receiver
+    /// leaves the rest to the next snapshot.
+    pub(crate) async fn report_removals(
+        self,
+        mut removals: tokio::sync::broadcast::Receiver<Digest>,
+        mut stop: crate::shutdown::Stop,
+    ) {
+        use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+        loop {
+            let first = tokio::select! {
+                _ = crate::shutdown::stopped(&mut stop) => return,
+                r = removals.recv() => r,
+            };
+            let mut removed = match first {
+                Ok(d) => vec![d],
+                Err(RecvError::Closed) => return,
+                Err(RecvError::Lagged(n)) => {
+                    tracing::warn!(
+                        missed = n,
+                        "removal reports fell behind: the next inventory snapshot carries them"
+                    );
+                    continue;
+                }
+            };
+            loop {
+                match removals.try_recv() {
+                    Ok(d) => removed.push(d),
+                    Err(TryRecvError::Lagged(_)) => continue,
+                    Err(_) => break,
+                }
+            }
+            tracing::debug!(count = removed.len(), "reporting removed blobs");
+            self.send(Msg::Inventory(pb::Inventory {
+                replace: false,
+                blobs: Vec::new(),
+                removed_blobs: removed.iter().map(|d| d.as_bytes().to_vec()).collect(),
+            }));
+        }
     }
 
     pub(crate) fn agent_id(&self) -> String {

@@ -354,6 +354,7 @@ async fn inventory(shared: &Session) -> Vec<pb::Inventory> {
         .map(|c| pb::Inventory {
             replace: false,
             blobs: c.to_vec(),
+            removed_blobs: Vec::new(),
         })
         .collect();
     if messages.is_empty() {

@@ -134,6 +134,8 @@ struct Inner {
     admin: Mutex<()>,
     /// Logical clock for eviction order.
     clock: AtomicU64,
+    /// Every blob that leaves the store (removed, evicted), for the coordinator.
+    removals: broadcast::Sender<Digest>,
 }
 
 #[derive(Debug, Default)]
@@ -142,6 +144,9 @@ struct Index {
     /// Sum of the sizes of `blobs`.
     usage: u64,
 }
+
+/// Removals queued for a slow [`Store::removals`] receiver.
+pub const REMOVALS_QUEUED: usize = 4096;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -176,8 +181,15 @@ impl Store {
                 index: Mutex::new(index),
                 admin: Mutex::new(()),
                 clock: AtomicU64::new(clock),
+                removals: broadcast::channel(REMOVALS_QUEUED).0,
             }),
         })
+    }
+
+    /// Blobs that leave the store from now on (removed or evicted), in order. A receiver
+    /// that falls [`REMOVALS_QUEUED`] behind gets `Lagged`.
+    pub fn removals(&self) -> broadcast::Receiver<Digest> {
+        self.inner.removals.subscribe()
     }
 
     fn entry(&self, blob: &Digest) -> Option<Arc<BlobEntry>> {
@@ -248,6 +260,7 @@ impl Store {
         };
         for victim in victims {
             tracing::info!(blob = %victim.manifest().digest(), "evicting least recently used blob");
+            let _ = self.inner.removals.send(victim.manifest().digest());
             // Already out of the index and the usage: finish every deletion rather than stop
             // at the first error and leave the rest behind. A blob whose manifest could not
             // be deleted comes back at the next open, where eviction meets it again.
@@ -400,6 +413,7 @@ impl Store {
         let entry = lock(&self.inner.index)
             .remove(blob)
             .ok_or(StoreError::UnknownBlob(*blob))?;
+        let _ = self.inner.removals.send(*blob);
         entry.paths.remove()
     }
 

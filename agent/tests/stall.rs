@@ -216,15 +216,20 @@ async fn a_silent_source_is_dropped_reported_and_the_blob_completes_from_another
     Ok(())
 }
 
-/// A holder that lost the blob without telling the coordinator (an unreported eviction, or
-/// an agent that claims what it does not hold) answers its have-stream with NotFound: it
-/// is dropped within `NEVER_READY_STALLS` stall timeouts and reported, instead of being
-/// kept as a source for ever; the blob completes from the honest holder.
+/// A holder the coordinator believes but that does not hold the blob (an agent claiming
+/// what it does not have: here a session of this test's own, speaking the real protocol,
+/// whose QUIC address is a real agent without the blob) answers its have-stream with
+/// NotFound: it is dropped within `NEVER_READY_STALLS` stall timeouts and reported,
+/// instead of being kept as a source for ever; the blob completes from the honest holder.
+/// First, an honest agent that removes the blob tells the coordinator at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_source_that_does_not_hold_the_blob_is_dropped_and_reported() -> Result<()> {
+    use shoal_proto::pb::v1::agent_message::Msg;
+    use shoal_proto::pb::v1::agent_session_client::AgentSessionClient;
+
     let dir = tempfile::tempdir()?;
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
-    let coordinator = Coordinator::start(dir.path(), TOKEN, 30_000).await?;
+    let coordinator = Coordinator::start(dir.path(), TOKEN, 60_000).await?;
     let coordinator_addr = coordinator.addr;
     let config = |name: &str| AgentConfig {
         coordinator: format!("http://{coordinator_addr}"),
@@ -235,7 +240,7 @@ async fn a_source_that_does_not_hold_the_blob_is_dropped_and_reported() -> Resul
         quota_bytes: 1 << 30,
         ..AgentConfig::default()
     };
-    let liar = Agent::start(config("liar")).await?;
+    let empty = Agent::start(config("empty")).await?;
     // Slow enough that the download outlasts the 20 s a source has to become ready.
     let healthy = Agent::start(AgentConfig {
         upload_limit_bytes_per_sec: 600_000,
@@ -243,7 +248,7 @@ async fn a_source_that_does_not_hold_the_blob_is_dropped_and_reported() -> Resul
     })
     .await?;
     let target = Agent::start(config("target")).await?;
-    let agents = [&liar, &healthy, &target];
+    let agents = [&empty, &healthy, &target];
     wait_until(Duration::from_secs(10), || {
         agents.iter().all(|a| a.is_connected())
     })
@@ -255,7 +260,7 @@ async fn a_source_that_does_not_hold_the_blob_is_dropped_and_reported() -> Resul
     let file = dir.path().join("blob.bin");
     std::fs::write(&file, &content)?;
     let digest = Digest::of(&content);
-    for holder in [&liar, &healthy] {
+    for holder in [&empty, &healthy] {
         let mut local = local_api::connect(holder.local_socket()).await?;
         let mut push = local
             .push(pb::PushRequest {
@@ -276,21 +281,66 @@ async fn a_source_that_does_not_hold_the_blob_is_dropped_and_reported() -> Resul
             .await;
         known.map_or(0, |b| b.into_inner().blob.map_or(0, |b| b.complete_holders))
     };
-    let started = tokio::time::Instant::now();
-    while holders(&mut client).await < 2 {
-        anyhow::ensure!(
-            started.elapsed() < Duration::from_secs(10),
-            "the coordinator never learnt of both holders"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    // Gone from the liar's store; the coordinator is not told.
-    liar.store().remove(&digest)?;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    anyhow::ensure!(
-        holders(&mut client).await == 2,
-        "the coordinator learnt of the removal: this test needs a holder it still believes"
-    );
+    let wait_for = async |client: &mut CoordinatorClient<_>, want: u32, what: &str| {
+        let started = tokio::time::Instant::now();
+        while holders(client).await != want {
+            anyhow::ensure!(started.elapsed() < Duration::from_secs(10), "{what}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    };
+    wait_for(
+        &mut client,
+        2,
+        "the coordinator never learnt of both holders",
+    )
+    .await?;
+    // An honest removal reaches the coordinator at once, not at the next snapshot.
+    empty.store().remove(&digest)?;
+    wait_for(&mut client, 1, "the removal was not reported").await?;
+
+    // The liar: joins with the empty agent's address and claims the blob whole.
+    let mut session = AgentSessionClient::connect(format!("http://{coordinator_addr}")).await?;
+    let joined = session
+        .join(pb::JoinRequest {
+            token: TOKEN.into(),
+            quic_addresses: vec![empty.quic_addr().to_string()],
+            protocol: shoal_proto::SESSION_PROTOCOL,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let say = |msg| pb::AgentMessage { msg: Some(msg) };
+    tx.send(say(Msg::Hello(pb::Hello {
+        agent_id: joined.agent_id.clone(),
+        session_token: joined.session_token.clone(),
+        quic_addresses: vec![],
+    })))
+    .await?;
+    tx.send(say(Msg::Inventory(pb::Inventory {
+        replace: true,
+        blobs: vec![pb::HeldBlob {
+            blob_digest: digest.as_bytes().to_vec(),
+            complete: true,
+            chunks: None,
+            pinned: false,
+        }],
+        removed_blobs: vec![],
+    })))
+    .await?;
+    let mut from_coordinator = session
+        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    tokio::spawn(async move { while let Ok(Some(_)) = from_coordinator.message().await {} });
+    wait_for(
+        &mut client,
+        2,
+        "the coordinator did not take the liar's claim",
+    )
+    .await?;
+
     client
         .distribute(pb::DistributeRequest {
             blobs: vec![digest.to_string()],
@@ -313,7 +363,8 @@ async fn a_source_that_does_not_hold_the_blob_is_dropped_and_reported() -> Resul
         reported >= 1,
         "the holder without the blob was never dropped and reported ({reported})"
     );
-    for a in [liar, healthy, target] {
+    drop(tx);
+    for a in [empty, healthy, target] {
         a.shutdown().await;
     }
     coordinator.stop().await;

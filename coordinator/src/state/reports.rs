@@ -204,6 +204,9 @@ impl State {
             }
             self.catalog.set_pinned(&blob, host, held.pinned);
         }
+        // Blobs the agent reports gone since its last message (evicted, removed).
+        let removed = (inv.removed_blobs.iter()).filter_map(|d| Digest::from_slice(d).ok());
+        dropped.extend(removed);
         for blob in dropped {
             self.holds(host, blob, 0, false, now);
         }

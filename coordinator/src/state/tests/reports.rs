@@ -113,6 +113,7 @@ fn an_inventory_bitmap_of_the_wrong_length_counts_no_chunks() {
                 }),
                 pinned: false,
             }],
+            removed_blobs: vec![],
         })
     };
     let chunks_of_target = |s: &S| holding(s, "target", m.digest()).map(|h| h.chunks);
@@ -135,6 +136,7 @@ fn held(blob: Digest, replace: bool, pinned: bool) -> Msg {
             chunks: None,
             pinned,
         }],
+        removed_blobs: vec![],
     })
 }
 
@@ -180,9 +182,32 @@ fn an_inventory_completes_targets_and_a_snapshot_drops_what_it_no_longer_lists()
     let empty = pb::Inventory {
         replace: true,
         blobs: vec![],
+        removed_blobs: vec![],
     };
     say(&mut s, session, Msg::Inventory(empty));
     assert_eq!(holding(&s, "target", m.digest()), None);
+}
+
+#[test]
+fn a_removal_report_drops_the_holder_at_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut s, m, _i) = with_seeder(dir.path(), Duration::from_secs(30));
+    let other = join(&mut s, "other", 2);
+    let (session, _inbox) = open(&mut s, &other);
+    say(&mut s, session, held(m.digest(), true, false));
+    assert!(holding(&s, "other", m.digest()).is_some_and(|h| h.complete));
+    // Evicted: an update (not a snapshot) naming it removed.
+    let removed = pb::Inventory {
+        replace: false,
+        blobs: vec![],
+        removed_blobs: vec![m.digest().as_bytes().to_vec()],
+    };
+    say(&mut s, session, Msg::Inventory(removed));
+    assert_eq!(holding(&s, "other", m.digest()), None);
+    assert!(
+        holding(&s, "seeder", m.digest()).is_some_and(|h| h.complete),
+        "only the reporting agent's holding goes"
+    );
 }
 
 #[test]
