@@ -167,7 +167,10 @@ mod tests {
         drop(db);
         let db = Db::open(&path).expect("reopen");
         let jobs = db.jobs().expect("jobs load");
-        assert_eq!(jobs.iter().map(|j| j.job_id.as_str()).collect::<Vec<_>>(), ["job-good"]);
+        assert_eq!(
+            jobs.iter().map(|j| j.job_id.as_str()).collect::<Vec<_>>(),
+            ["job-good"]
+        );
         let blobs = db.blobs().expect("blobs load");
         assert_eq!(blobs, vec![blob]);
         db.put_job(&pb::Job {

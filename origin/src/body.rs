@@ -87,6 +87,11 @@ pub struct Body {
     expected_from_origin: Option<u64>,
     received_from_origin: u64,
     idle_timeout: Duration,
+    /// The slowest the body may come, bytes per second over each window (see
+    /// `OriginConfig::min_bytes_per_sec`); None: no floor.
+    min_rate: Option<(u64, Duration)>,
+    /// Bytes received and when, at the start of the current rate window.
+    rate_mark: (u64, tokio::time::Instant),
     done: bool,
 }
 
@@ -112,6 +117,7 @@ pub(crate) struct BodyParts {
     pub(crate) skip: u64,
     pub(crate) content_length: Option<u64>,
     pub(crate) idle_timeout: Duration,
+    pub(crate) min_rate: Option<(u64, Duration)>,
 }
 
 impl Body {
@@ -128,8 +134,35 @@ impl Body {
             expected_from_origin: p.content_length,
             received_from_origin: 0,
             idle_timeout: p.idle_timeout,
+            min_rate: p.min_rate,
+            rate_mark: (0, tokio::time::Instant::now()),
             done: false,
         }
+    }
+
+    /// Fails a body slower than its floor over a whole window: an origin that drips a few
+    /// bytes within every idle timeout would otherwise hold its waiters for ever.
+    fn check_rate(&mut self) -> Result<(), OriginError> {
+        let Some((min, window)) = self.min_rate else {
+            return Ok(());
+        };
+        let (bytes, since) = self.rate_mark;
+        let elapsed = since.elapsed();
+        if elapsed < window {
+            return Ok(());
+        }
+        let got = self.received_from_origin - bytes;
+        if (got as f64) < min as f64 * elapsed.as_secs_f64() {
+            self.done = true;
+            return Err(OriginError::Unreachable(format!(
+                "{}: {got} bytes in the last {} ms, under the floor of {min} bytes/s (origin.min_bytes_per_sec), after {} bytes",
+                self.url,
+                elapsed.as_millis(),
+                self.received_from_origin
+            )));
+        }
+        self.rate_mark = (self.received_from_origin, tokio::time::Instant::now());
+        Ok(())
     }
 
     /// The URL this body comes from, without query.
@@ -188,6 +221,7 @@ impl Body {
                 break;
             };
             self.received_from_origin += piece.len() as u64;
+            self.check_rate()?;
             if self.skip > 0 {
                 let drop = self.skip.min(piece.len() as u64);
                 self.skip -= drop;

@@ -643,6 +643,12 @@ impl Client {
             skip,
             content_length,
             idle_timeout: self.timeout(),
+            min_rate: (self.inner.config.min_bytes_per_sec > 0).then(|| {
+                (
+                    self.inner.config.min_bytes_per_sec,
+                    Duration::from_millis(self.inner.config.min_rate_window_ms.max(1)),
+                )
+            }),
         }))
     }
 }

@@ -170,6 +170,14 @@ pub struct OriginConfig {
     /// https, the same host, and every `[[origin.registries]]` host and endpoint need no
     /// entry; other redirects are refused.
     pub redirect_hosts: Vec<String>,
+    /// The slowest a body may come, bytes per second, measured over each
+    /// `min_rate_window_ms`: a slower one fails (Unreachable), so that a seed from an origin
+    /// that drips a few bytes within every `request_timeout_ms` ends, and another seeder or
+    /// the targets' failure takes over, instead of holding every waiting target. 0: no
+    /// floor. Default 65536 (64 KiB/s).
+    pub min_bytes_per_sec: u64,
+    /// The window `min_bytes_per_sec` is measured over. Default 30000.
+    pub min_rate_window_ms: u64,
 }
 
 impl Default for OriginConfig {
@@ -184,6 +192,8 @@ impl Default for OriginConfig {
             auth_file: None,
             max_retry_wait_ms: 60_000,
             redirect_hosts: Vec::new(),
+            min_bytes_per_sec: 64 << 10,
+            min_rate_window_ms: 30_000,
         }
     }
 }

@@ -203,6 +203,8 @@ pub(crate) fn plain_body(response: Response, shown_url: &str, idle_timeout: Dura
         skip: 0,
         content_length: length,
         idle_timeout,
+        // Small documents (manifests, tokens), capped in size: the idle timeout bounds them.
+        min_rate: None,
     })
 }
 

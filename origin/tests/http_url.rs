@@ -316,6 +316,69 @@ async fn silent_servers_time_out() {
     assert!(started.elapsed() < std::time::Duration::from_secs(5));
 }
 
+/// A body that keeps coming, a few bytes within every idle timeout, but slower than
+/// `min_bytes_per_sec` over a window, fails instead of holding its reader for ever; a body
+/// at a healthy rate is unaffected.
+#[tokio::test]
+async fn a_dripping_body_fails_under_the_rate_floor() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut request = vec![0u8; 4096];
+                let n = socket.read(&mut request).await.unwrap_or(0);
+                let drip = String::from_utf8_lossy(&request[..n]).contains("/drip");
+                let total = 200_000;
+                let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {total}\r\n\r\n");
+                if socket.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                let piece = vec![7u8; if drip { 10 } else { 20_000 }];
+                let mut sent = 0;
+                while sent < total {
+                    if socket.write_all(&piece).await.is_err() {
+                        return;
+                    }
+                    sent += piece.len();
+                    // The drip: 10 bytes every 50 ms, 200 B/s, always within the idle timeout.
+                    tokio::time::sleep(std::time::Duration::from_millis(if drip { 50 } else { 1 }))
+                        .await;
+                }
+            });
+        }
+    });
+    let client = Client::new(OriginConfig {
+        request_timeout_ms: 2000,
+        connect_timeout_ms: 2000,
+        min_bytes_per_sec: 10_000,
+        min_rate_window_ms: 500,
+        ..Default::default()
+    })
+    .unwrap();
+    let started = std::time::Instant::now();
+    let body = client
+        .get_url(&format!("http://{addr}/drip"), &[], None)
+        .await
+        .unwrap();
+    let err = read_all(body).await.unwrap_err();
+    assert!(
+        matches!(&err, OriginError::Unreachable(m) if m.contains("min_bytes_per_sec")),
+        "{err:?}"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    let body = client
+        .get_url(&format!("http://{addr}/steady"), &[], None)
+        .await
+        .unwrap();
+    assert_eq!(read_all(body).await.unwrap().len(), 200_000);
+}
+
 #[tokio::test]
 async fn configured_headers_apply_by_url_prefix_and_read_secret_files() {
     let addr = start_files().await;
