@@ -127,7 +127,14 @@ struct Blob {
     /// The keys of `downloads` by zone: for drawing one at random.
     members: Members,
     corrupt: BTreeSet<HostId>,
+    /// Who reported each source corrupt, until [`CORRUPT_QUORUM`] distinct reporters make
+    /// it corrupt for everyone.
+    corrupt_reports: BTreeMap<HostId, BTreeSet<HostId>>,
 }
+
+/// Distinct downloaders that must report a source corrupt before no one uses it for the
+/// blob: one reporter (which may itself be lying) only stops using it itself.
+pub const CORRUPT_QUORUM: usize = 2;
 
 /// The downloads of one blob by the zone of their target, for drawing one at random
 /// (see `split_edges`).
@@ -276,11 +283,7 @@ impl Assigner {
             Event::Done { host, blob } => self.holds(host, blob, u32::MAX, true),
             Event::Failed { host, blob } => self.failed(now, host, blob),
             Event::SourceStalled { host, blob, source } => self.stalled(host, blob, source),
-            Event::SourceCorrupt {
-                host: _,
-                blob,
-                source,
-            } => self.corrupt(blob, source),
+            Event::SourceCorrupt { host, blob, source } => self.corrupt(host, blob, source),
         }
         self.flush();
     }
@@ -669,10 +672,17 @@ impl Assigner {
         self.drop_source(blob, id, source);
     }
 
-    fn corrupt(&mut self, blob: BlobId, source: HostId) {
+    fn corrupt(&mut self, reporter: HostId, blob: BlobId, source: HostId) {
         self.stats.corrupt_reports += 1;
+        // The reporter never uses it again for this blob, whatever the others say.
+        if let Some(d) = self.download_mut(blob, reporter) {
+            d.excluded.insert(source);
+            self.drop_source(blob, reporter, source);
+        }
         let b = self.blobs.entry(blob).or_default();
-        if !b.corrupt.insert(source) {
+        let reporters = b.corrupt_reports.entry(source).or_default();
+        reporters.insert(reporter);
+        if reporters.len() < CORRUPT_QUORUM || !b.corrupt.insert(source) {
             return;
         }
         let targets: Vec<HostId> = (b.downloads.iter())

@@ -62,8 +62,9 @@ pub enum Event {
         blob: BlobId,
         source: HostId,
     },
-    /// `source` sent a chunk of `blob` that failed verification: it is never used as a
-    /// source of that blob again (by anyone), and it is counted in the stats.
+    /// `source` sent a chunk of `blob` that failed verification: `host` never uses it for
+    /// that blob again; once [`super::CORRUPT_QUORUM`] distinct hosts have reported it, no
+    /// one does. Every report is counted in the stats.
     SourceCorrupt {
         host: HostId,
         blob: BlobId,
