@@ -72,6 +72,36 @@ fn join_request(
         previous_agent_id: previous_id.to_string(),
         csr_der: csr_der.to_vec(),
         protocol: shoal_proto::SESSION_PROTOCOL,
+        agent_secret: std::fs::read_to_string(secret_path(config))
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default(),
+    }
+}
+
+/// Where the secret that proves the agent's id is kept (`data_dir/agent-secret`, 0600).
+fn secret_path(config: &AgentConfig) -> std::path::PathBuf {
+    config.data_dir.join("agent-secret")
+}
+
+/// Keeps a secret the coordinator issued with our id, readable by the agent's user only.
+fn persist_secret(config: &AgentConfig, secret: &str) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = secret_path(config);
+    let tmp = path.with_extension("tmp");
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .and_then(|mut f| {
+            f.write_all(format!("{secret}\n").as_bytes())
+                .and_then(|()| f.sync_all())
+        })
+        .and_then(|()| std::fs::rename(&tmp, &path));
+    if let Err(e) = written {
+        tracing::warn!(path = %path.display(), error = %e, "could not keep the agent's secret: the next join gets a new id");
     }
 }
 
@@ -91,9 +121,11 @@ pub(crate) async fn join_until_accepted(
         let request = join_request(config, quic_addr, previous_id, csr_der);
         match client.join(request).await {
             Ok(r) => {
-                return Ok(Joined {
-                    response: r.into_inner(),
-                });
+                let response = r.into_inner();
+                if !response.agent_secret.is_empty() {
+                    persist_secret(config, &response.agent_secret);
+                }
+                return Ok(Joined { response });
             }
             Err(s)
                 if matches!(

@@ -12,6 +12,8 @@ const JOBS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("jobs");
 /// Small named values: `order_ceiling`, the order id no order of this state reaches.
 const META: TableDefinition<'_, &str, u64> = TableDefinition::new("meta");
 const ORDER_CEILING: &str = "order_ceiling";
+/// Agent id -> SHA-256 of the secret issued with it (the proof a rejoin under that id needs).
+const AGENT_SECRETS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("agent_secrets");
 
 #[derive(Debug, thiserror::Error)]
 #[error("coordinator state database: {0}")]
@@ -52,6 +54,7 @@ impl Db {
         txn.open_table(BLOBS).map_err(err)?;
         txn.open_table(JOBS).map_err(err)?;
         txn.open_table(META).map_err(err)?;
+        txn.open_table(AGENT_SECRETS).map_err(err)?;
         txn.commit().map_err(err)?;
         Ok(Self { db })
     }
@@ -69,6 +72,23 @@ impl Db {
         txn.open_table(META)
             .map_err(err)?
             .insert(ORDER_CEILING, ceiling)
+            .map_err(err)?;
+        txn.commit().map_err(err)
+    }
+
+    /// The hash of the secret issued with agent id `id`, if one was.
+    pub fn agent_secret(&self, id: &str) -> Result<Option<[u8; 32]>, DbError> {
+        let txn = self.db.begin_read().map_err(err)?;
+        let table = txn.open_table(AGENT_SECRETS).map_err(err)?;
+        let hash = table.get(id).map_err(err)?;
+        Ok(hash.and_then(|h| <[u8; 32]>::try_from(h.value()).ok()))
+    }
+
+    pub fn put_agent_secret(&self, id: &str, hash: &[u8; 32]) -> Result<(), DbError> {
+        let txn = self.db.begin_write().map_err(err)?;
+        txn.open_table(AGENT_SECRETS)
+            .map_err(err)?
+            .insert(id, &hash[..])
             .map_err(err)?;
         txn.commit().map_err(err)
     }

@@ -140,6 +140,9 @@ pub struct State {
     streams: streams::Streams,
     /// When housekeeping is due next.
     housekeeping_at: Time,
+    /// For the agents' secrets (see `sessions.rs`); the catalog, jobs and orders keep
+    /// their own handle to their own tables.
+    db: Arc<Db>,
 }
 
 impl std::fmt::Debug for State {
@@ -188,7 +191,7 @@ impl State {
             assigner.handle(now.mono, catalog::known_event(m));
         }
         let jobs = jobs::Jobs::load(db.clone()).map_err(db_error)?;
-        let orders = orders::Orders::load(db, now.wall).map_err(db_error)?;
+        let orders = orders::Orders::load(db.clone(), now.wall).map_err(db_error)?;
         let mut state = Self {
             seeder: Seeder::new(config.seeder.clone()),
             config,
@@ -201,6 +204,7 @@ impl State {
             origins: BTreeMap::new(),
             streams: streams::Streams::default(),
             housekeeping_at: now.mono,
+            db,
         };
         state.agents.expect(state.jobs.open_agents(), now);
         tracing::info!(

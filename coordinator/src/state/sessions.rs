@@ -38,14 +38,19 @@ impl State {
                 )));
             }
         }
+        let (id, needs_secret) = self.claim_id(&req.previous_agent_id, &req.agent_secret)?;
         // The certificate names the agent's id: sign it (refusing a bad CSR) before
         // anything is recorded.
-        let id = super::agents::agent_id_for(&req.previous_agent_id);
         let certificate_der = if req.csr_der.is_empty() {
             Vec::new()
         } else {
             (self.ca.sign_csr(&req.csr_der, &id))
                 .map_err(|e| ApiError::InvalidArgument(format!("csr_der: {e}")))?
+        };
+        let agent_secret = if needs_secret {
+            self.issue_secret(&id)?
+        } else {
+            String::new()
         };
         let (upload_bps, download_bps) = (
             req.upload_capacity_bytes_per_sec,
@@ -82,7 +87,38 @@ impl State {
             heartbeat_interval_ms: self.config.heartbeat.as_millis() as u64,
             certificate_der,
             ca_certificates_der: vec![self.ca.cert_der().to_vec()],
+            agent_secret,
         })
+    }
+
+    /// The id a joining agent gets, and whether it needs a new secret. Its previous id
+    /// comes back only with proof: the secret issued with it, whose hash is on record. An
+    /// id with no secret on record (new, or an agent older than this rule) is taken as
+    /// given and gets one; a wrong or missing secret gets a new id, so that a token holder
+    /// cannot take over another agent's id and its orders. Records nothing.
+    fn claim_id(&self, previous: &str, secret: &str) -> Result<(String, bool), ApiError> {
+        let id = super::agents::agent_id_for(previous);
+        if id == previous {
+            let on_record = self.db.agent_secret(&id).map_err(super::db_error)?;
+            match on_record {
+                Some(hash) if same_hash(&hash, secret) => return Ok((id, false)),
+                Some(_) => {
+                    let fresh = super::agents::agent_id_for("");
+                    tracing::warn!(claimed = %id, given = %fresh, "a join claimed an agent id without its secret: given a new id");
+                    return Ok((fresh, true));
+                }
+                None => {}
+            }
+        }
+        Ok((id, true))
+    }
+
+    /// A new secret for `id`, its hash recorded.
+    fn issue_secret(&mut self, id: &str) -> Result<String, ApiError> {
+        let secret = super::agents::random_hex(32);
+        let hash = shoal_proto::Digest::of(secret.as_bytes());
+        (self.db.put_agent_secret(id, hash.as_bytes())).map_err(super::db_error)?;
+        Ok(secret)
     }
 
     pub(super) fn open_session(
@@ -143,6 +179,15 @@ impl State {
             }
         }
     }
+}
+
+/// Whether `secret` hashes to `hash`, in time that does not depend on where they differ.
+fn same_hash(hash: &[u8; 32], secret: &str) -> bool {
+    let given = shoal_proto::Digest::of(secret.as_bytes());
+    let differ = (given.as_bytes().iter())
+        .zip(hash)
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(differ) == 0
 }
 
 /// Whether two secrets are equal, in time that depends on neither: their SHA-256 digests

@@ -115,7 +115,18 @@ fn state_with(dir: &std::path::Path, config: StateConfig, now: Now) -> S {
 
 type Inbox = mpsc::Receiver<Result<pb::CoordinatorMessage, tonic::Status>>;
 
+thread_local! {
+    /// The secret each agent id was issued in this test, as an agent keeps it on disk: a
+    /// rejoin (also after a coordinator restart) presents it.
+    static SECRETS: std::cell::RefCell<BTreeMap<String, String>> = Default::default();
+}
+
 fn join(s: &mut S, id: &str, port: u16) -> pb::JoinResponse {
+    let secret = SECRETS.with(|m| m.borrow().get(id).cloned().unwrap_or_default());
+    join_with_secret(s, id, &secret, port)
+}
+
+fn join_with_secret(s: &mut S, id: &str, secret: &str, port: u16) -> pb::JoinResponse {
     let req = pb::JoinRequest {
         token: TOKEN.into(),
         quic_addresses: vec![format!("127.0.0.1:{port}")],
@@ -123,9 +134,16 @@ fn join(s: &mut S, id: &str, port: u16) -> pb::JoinResponse {
         download_capacity_bytes_per_sec: 1 << 30,
         previous_agent_id: id.into(),
         protocol: shoal_proto::SESSION_PROTOCOL,
+        agent_secret: secret.into(),
         ..Default::default()
     };
-    s.ask(|r| Request::Join(req, r)).expect("join")
+    let joined = s.ask(|r| Request::Join(req, r)).expect("join");
+    if !joined.agent_secret.is_empty() {
+        SECRETS.with(|m| {
+            (m.borrow_mut()).insert(joined.agent_id.clone(), joined.agent_secret.clone())
+        });
+    }
+    joined
 }
 
 fn open(s: &mut S, joined: &pb::JoinResponse) -> (SessionId, Inbox) {

@@ -195,3 +195,37 @@ fn list_agents_shows_what_agents_said_at_join_and_in_their_load() {
     assert_eq!(to_zone("z1").expect("distribute"), 1);
     assert!(matches!(to_zone("z2"), Err(ApiError::InvalidArgument(_))));
 }
+
+/// An agent id comes back only with the secret issued with it, also after a coordinator
+/// restart (the hashes are in redb): a join that claims another agent's id without it
+/// gets a new id, so it cannot take over that agent's orders.
+#[test]
+fn rejoining_under_an_id_needs_its_secret() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut s = state(dir.path(), Duration::from_secs(30));
+    let first = join_with_secret(&mut s, "agent-0001", "", 10);
+    assert_eq!(first.agent_id, "agent-0001", "a new id is taken as given");
+    assert_eq!(first.agent_secret.len(), 64, "and gets a secret");
+    let again = join_with_secret(&mut s, "agent-0001", &first.agent_secret, 10);
+    assert_eq!(again.agent_id, "agent-0001");
+    assert!(
+        again.agent_secret.is_empty(),
+        "the secret it has stays valid"
+    );
+    for wrong in ["", "0123", &first.agent_secret[1..]] {
+        let thief = join_with_secret(&mut s, "agent-0001", wrong, 11);
+        assert_ne!(thief.agent_id, "agent-0001", "claimed with {wrong:?}");
+        assert_eq!(
+            thief.agent_secret.len(),
+            64,
+            "the new id gets its own secret"
+        );
+    }
+    // After a restart: the same rules, from the database.
+    drop(s);
+    let mut s = state(dir.path(), Duration::from_secs(30));
+    let back = join_with_secret(&mut s, "agent-0001", &first.agent_secret, 10);
+    assert_eq!(back.agent_id, "agent-0001");
+    let thief = join_with_secret(&mut s, "agent-0001", "", 11);
+    assert_ne!(thief.agent_id, "agent-0001");
+}
