@@ -55,6 +55,10 @@ pub struct AgentConfig {
     pub max_requests_in_flight: u32,
     /// Chunk requests served at once across all peers; more are answered `Busy`.
     pub max_concurrent_served: usize,
+    /// Chunk requests served at once to one peer; more are answered `Busy`.
+    pub max_served_per_peer: usize,
+    /// Connections one peer may have open to this agent at once; more are closed.
+    pub max_connections_per_peer: usize,
     /// A single chunk request must finish within this many milliseconds.
     pub request_timeout_ms: u64,
     /// Longest a chunk request waits behind this agent's upload queue before it is answered
@@ -97,6 +101,8 @@ impl Default for AgentConfig {
             health_listen: None,
             max_requests_in_flight: transport.max_requests_in_flight,
             max_concurrent_served: transport.max_concurrent_served,
+            max_served_per_peer: 64,
+            max_connections_per_peer: 4,
             request_timeout_ms: transport.request_timeout.as_millis() as u64,
             max_upload_wait_ms: transport.max_upload_wait.as_millis() as u64,
             congestion: transport.congestion,
@@ -168,6 +174,11 @@ impl AgentConfig {
                 return Err(format!("labels: empty key (value {value:?})"));
             }
         }
+        if self.max_served_per_peer == 0 || self.max_connections_per_peer == 0 {
+            return Err(
+                "max_served_per_peer and max_connections_per_peer: must be positive".into(),
+            );
+        }
         if let Some(bad) = (self.local_allowed_paths.iter()).find(|p| !p.is_absolute()) {
             return Err(format!(
                 "local_allowed_paths: {} is not an absolute path",
@@ -213,6 +224,8 @@ impl AgentConfig {
         TransportConfig {
             max_requests_in_flight: self.max_requests_in_flight,
             max_concurrent_served: self.max_concurrent_served,
+            max_served_per_peer: self.max_served_per_peer,
+            max_connections_per_peer: self.max_connections_per_peer,
             request_timeout: Duration::from_millis(self.request_timeout_ms),
             max_upload_wait: Duration::from_millis(self.max_upload_wait_ms),
             congestion: self.congestion,

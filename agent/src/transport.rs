@@ -15,6 +15,7 @@
 //! connection can keep many chunks in flight, and no copy from store to stream on send.
 
 mod client;
+mod peers;
 mod server;
 mod uplink;
 /// The cluster PKI (see `shoal-pki`), re-exported where the transport uses it.
@@ -41,6 +42,11 @@ pub struct TransportConfig {
     pub max_requests_in_flight: u32,
     /// Chunk requests this agent serves at once across all peers; more are answered `Busy`.
     pub max_concurrent_served: usize,
+    /// Chunk requests served at once to one peer (one certificate), across its
+    /// connections; more are answered `Busy`, so that one peer cannot hold every slot.
+    pub max_served_per_peer: usize,
+    /// Connections one peer may have open to this agent at once; more are closed.
+    pub max_connections_per_peer: usize,
     /// A connection with no traffic for this long is closed.
     pub idle_timeout: Duration,
     /// A single chunk request (open, send, receive all bytes) must finish within this.
@@ -70,6 +76,8 @@ impl Default for TransportConfig {
         Self {
             max_requests_in_flight: 32,
             max_concurrent_served: 256,
+            max_served_per_peer: 64,
+            max_connections_per_peer: 4,
             idle_timeout: Duration::from_secs(30),
             request_timeout: Duration::from_secs(30),
             max_upload_wait: Duration::from_millis(500),
@@ -160,6 +168,8 @@ struct Inner {
     pool: std::sync::Mutex<std::collections::HashMap<SocketAddr, Peer>>,
     stats: Arc<server::Counters>,
     served_limit: Arc<tokio::sync::Semaphore>,
+    /// What each peer holds of the serving side (see `peers.rs`).
+    peers: Arc<peers::Peers>,
     uplink: Arc<uplink::Uplink>,
 }
 
@@ -222,6 +232,7 @@ impl ChunkEndpoint {
             store,
             pool: Default::default(),
             stats: Default::default(),
+            peers: Default::default(),
         });
         tokio::spawn(server::accept_loop(Arc::downgrade(&inner)));
         Ok(Self { inner })

@@ -205,6 +205,67 @@ async fn unknown_blobs_are_not_found_and_a_full_server_says_busy() -> Result<()>
     Ok(())
 }
 
+/// One peer (one certificate) cannot take what all share: its connections past
+/// `max_connections_per_peer` are closed, and its requests past `max_served_per_peer` are
+/// answered Busy while another peer's are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_peer_gets_its_share_of_connections_and_serving_slots() -> Result<()> {
+    use std::sync::Arc;
+    let ca = ClusterCa::generate()?;
+    // 1 MiB chunks at 1 MB/s: a request holds its slot for about a second.
+    let a = node(
+        &ca.issue("a")?,
+        TransportConfig {
+            max_connections_per_peer: 2,
+            max_served_per_peer: 1,
+            upload_limit: Some(Arc::new(shoal_agent::RateLimiter::new(1_000_000, 64 << 10))),
+            // Requests wait for the cap rather than being answered Busy for it.
+            max_upload_wait: Duration::from_secs(20),
+            ..Default::default()
+        },
+    )?;
+    let data = pseudo_random(3 << 20, 5);
+    let manifest = seed(&a, &data, 1 << 20)?;
+    let b_identity = ca.issue("b")?;
+    let b: Vec<_> = (0..3)
+        .map(|_| node(&b_identity, TransportConfig::default()))
+        .collect::<Result<_>>()?;
+    let c = node(&ca.issue("c")?, TransportConfig::default())?;
+    let server = a.endpoint.local_addr();
+
+    // Two of b's requests at once (two connections, the same certificate), and c's.
+    let fetch = |n: &support::Node, index: u32| {
+        let endpoint = n.endpoint.clone();
+        let manifest = manifest.clone();
+        async move {
+            let peer = endpoint.peer(server).await?;
+            peer.fetch_chunk(&manifest, ChunkIndex(index), &mut Vec::new())
+                .await
+                .map_err(anyhow::Error::from)
+        }
+    };
+    let (b0, b1, c0) = tokio::join!(fetch(&b[0], 0), fetch(&b[1], 1), fetch(&c, 2));
+    let busy = |r: &Result<_>| {
+        r.as_ref()
+            .err()
+            .and_then(|e| e.downcast_ref::<FetchError>())
+            .is_some_and(FetchError::is_busy)
+    };
+    assert!(
+        [&b0, &b1].iter().filter(|r| busy(r)).count() == 1
+            && [&b0, &b1].iter().filter(|r| r.is_ok()).count() == 1,
+        "b's two requests at once: one served, one Busy: {b0:?} {b1:?}"
+    );
+    assert!(c0.is_ok(), "another peer is served meanwhile: {c0:?}");
+
+    // A third connection under b's certificate is closed.
+    let third = fetch(&b[2], 0).await;
+    assert!(third.is_err() && !busy(&third), "{third:?}");
+    // The first two still work.
+    fetch(&b[0], 2).await.context("b's first connection")?;
+    Ok(())
+}
+
 #[tokio::test]
 async fn have_stream_sends_bitfield_then_deltas_until_complete() -> Result<()> {
     let ca = ClusterCa::generate()?;

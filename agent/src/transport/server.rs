@@ -9,10 +9,14 @@ use shoal_proto::{ChunkIndex, Digest};
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 
 use super::Inner;
+use super::peers::{PeerKey, peer_key};
 use crate::store::StoreError;
 
 /// Requests are tiny; anything longer than this before a full frame is a bad request.
 const MAX_REQUEST_LEN: usize = 256;
+
+/// The application close code of a connection refused for the peer's connection count.
+const TOO_MANY_CONNECTIONS: u32 = 0x5301;
 
 /// Send priority of have-streams; chunk streams keep quinn's default of 0.
 const HAVE_STREAM_PRIORITY: i32 = 1;
@@ -70,8 +74,22 @@ pub(super) async fn accept_loop(inner: Weak<Inner>) {
     }
 }
 
-/// Serves every stream the peer opens on `conn` until it closes.
+/// Serves every stream the peer opens on `conn` until it closes; closes it at once if the
+/// peer already has `max_connections_per_peer` others.
 pub(super) async fn serve_connection(inner: Weak<Inner>, conn: quinn::Connection) {
+    let key = peer_key(&conn);
+    let slot = inner.upgrade().and_then(|i| {
+        let peers = i.peers.clone();
+        peers.connect(key, i.config.max_connections_per_peer)
+    });
+    let Some(_slot) = slot else {
+        tracing::warn!(peer = %conn.remote_address(), "closing a connection: the peer has too many");
+        conn.close(
+            TOO_MANY_CONNECTIONS.into(),
+            b"too many connections from this peer",
+        );
+        return;
+    };
     loop {
         let (send, recv) = match conn.accept_bi().await {
             Ok(s) => s,
@@ -82,7 +100,7 @@ pub(super) async fn serve_connection(inner: Weak<Inner>, conn: quinn::Connection
         };
         let Some(inner) = inner.upgrade() else { return };
         tokio::spawn(async move {
-            if let Err(e) = serve_stream(&inner, send, recv).await {
+            if let Err(e) = serve_stream(&inner, key, send, recv).await {
                 tracing::debug!(error = %e, "stream ended with error");
             }
         });
@@ -103,6 +121,7 @@ enum StreamError {
 
 async fn serve_stream(
     inner: &Arc<Inner>,
+    peer: PeerKey,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) -> Result<(), StreamError> {
@@ -113,7 +132,7 @@ async fn serve_stream(
         Ok(Frame::ChunkRequest { blob, index }) => {
             let served = tokio::time::timeout(
                 inner.config.request_timeout,
-                serve_chunk(inner, &mut send, blob, index),
+                serve_chunk(inner, peer, &mut send, blob, index),
             )
             .await;
             match served {
@@ -168,6 +187,7 @@ async fn read_request(
 
 async fn serve_chunk(
     inner: &Arc<Inner>,
+    peer: PeerKey,
     send: &mut quinn::SendStream,
     blob: Digest,
     index: ChunkIndex,
@@ -175,6 +195,10 @@ async fn serve_chunk(
     let Ok(_permit) = inner.served_limit.clone().try_acquire_owned() else {
         inner.stats.busy_rejections.fetch_add(1, Ordering::Relaxed);
         return reply_error(send, ErrorStatus::Busy, "serving at capacity").await;
+    };
+    let Some(_share) = inner.peers.serve(peer, inner.config.max_served_per_peer) else {
+        inner.stats.busy_rejections.fetch_add(1, Ordering::Relaxed);
+        return reply_error(send, ErrorStatus::Busy, "serving this peer's share").await;
     };
     let store = inner.store.clone();
     let read = tokio::task::spawn_blocking(move || store.get_chunk(&blob, index)).await;
