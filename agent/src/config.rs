@@ -59,6 +59,8 @@ pub struct AgentConfig {
     pub max_served_per_peer: usize,
     /// Connections one peer may have open to this agent at once; more are closed.
     pub max_connections_per_peer: usize,
+    /// Connections all peers may have open to this agent at once; more are closed.
+    pub max_peer_connections: usize,
     /// A single chunk request must finish within this many milliseconds.
     pub request_timeout_ms: u64,
     /// Longest a chunk request waits behind this agent's upload queue before it is answered
@@ -103,6 +105,7 @@ impl Default for AgentConfig {
             max_concurrent_served: transport.max_concurrent_served,
             max_served_per_peer: 64,
             max_connections_per_peer: 4,
+            max_peer_connections: 4096,
             request_timeout_ms: transport.request_timeout.as_millis() as u64,
             max_upload_wait_ms: transport.max_upload_wait.as_millis() as u64,
             congestion: transport.congestion,
@@ -174,9 +177,13 @@ impl AgentConfig {
                 return Err(format!("labels: empty key (value {value:?})"));
             }
         }
-        if self.max_served_per_peer == 0 || self.max_connections_per_peer == 0 {
+        if self.max_served_per_peer == 0
+            || self.max_connections_per_peer == 0
+            || self.max_peer_connections == 0
+        {
             return Err(
-                "max_served_per_peer and max_connections_per_peer: must be positive".into(),
+                "max_served_per_peer, max_connections_per_peer and max_peer_connections: must be positive"
+                    .into(),
             );
         }
         if let Some(bad) = (self.local_allowed_paths.iter()).find(|p| !p.is_absolute()) {
@@ -226,6 +233,7 @@ impl AgentConfig {
             max_concurrent_served: self.max_concurrent_served,
             max_served_per_peer: self.max_served_per_peer,
             max_connections_per_peer: self.max_connections_per_peer,
+            max_connections: self.max_peer_connections,
             request_timeout: Duration::from_millis(self.request_timeout_ms),
             max_upload_wait: Duration::from_millis(self.max_upload_wait_ms),
             congestion: self.congestion,

@@ -47,6 +47,8 @@ pub struct TransportConfig {
     pub max_served_per_peer: usize,
     /// Connections one peer may have open to this agent at once; more are closed.
     pub max_connections_per_peer: usize,
+    /// Connections all peers may have open to this agent at once; more are closed.
+    pub max_connections: usize,
     /// A connection with no traffic for this long is closed.
     pub idle_timeout: Duration,
     /// A single chunk request (open, send, receive all bytes) must finish within this.
@@ -78,6 +80,7 @@ impl Default for TransportConfig {
             max_concurrent_served: 256,
             max_served_per_peer: 64,
             max_connections_per_peer: 4,
+            max_connections: 4096,
             idle_timeout: Duration::from_secs(30),
             request_timeout: Duration::from_secs(30),
             max_upload_wait: Duration::from_millis(500),

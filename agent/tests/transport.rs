@@ -266,6 +266,43 @@ async fn one_peer_gets_its_share_of_connections_and_serving_slots() -> Result<()
     Ok(())
 }
 
+/// Past `max_connections` connections in all, a new peer's connection is closed; those
+/// already open go on.
+#[tokio::test]
+async fn connections_past_the_total_cap_are_closed() -> Result<()> {
+    let ca = ClusterCa::generate()?;
+    let a = node(
+        &ca.issue("a")?,
+        TransportConfig {
+            max_connections: 2,
+            ..Default::default()
+        },
+    )?;
+    let manifest = seed(&a, &pseudo_random(4096, 6), 4096)?;
+    let peers: Vec<_> = ["b", "c", "d"]
+        .iter()
+        .map(|n| node(&ca.issue(n)?, TransportConfig::default()))
+        .collect::<Result<_>>()?;
+    let mut results = Vec::new();
+    for p in &peers {
+        let fetched = async {
+            let peer = p.endpoint.peer(a.endpoint.local_addr()).await?;
+            peer.fetch_chunk(&manifest, ChunkIndex(0), &mut Vec::new())
+                .await
+                .map_err(anyhow::Error::from)
+        }
+        .await;
+        results.push(fetched.is_ok());
+    }
+    assert_eq!(results, [true, true, false], "the third peer's connection");
+    let again = peers[0].endpoint.peer(a.endpoint.local_addr()).await?;
+    again
+        .fetch_chunk(&manifest, ChunkIndex(0), &mut Vec::new())
+        .await
+        .context("an open connection goes on")?;
+    Ok(())
+}
+
 #[tokio::test]
 async fn have_stream_sends_bitfield_then_deltas_until_complete() -> Result<()> {
     let ca = ClusterCa::generate()?;

@@ -57,6 +57,10 @@ pub struct CoordinatorConfig {
     /// as the origin's, 2.41x the bound against 1.30x streamed; docs/BENCHMARKS.md).
     pub stripe_seed_min_bytes: u64,
     pub max_seeders_per_blob: usize,
+    /// The largest job-API request (Distribute, Preheat, ...) the coordinator decodes;
+    /// larger is refused (OUT_OF_RANGE) before it is read into memory. Default 16 MiB.
+    /// Agent sessions keep 64 MiB: a 1 TiB blob's manifest is 32 MiB.
+    pub max_api_request_bytes: usize,
     /// The most targets (agents × blobs) one Distribute or Preheat may create; more is
     /// refused with INVALID_ARGUMENT, so that one request cannot fill the coordinator.
     /// Default 2,000,000 (20,000 agents × 100 blobs).
@@ -81,6 +85,7 @@ impl Default for CoordinatorConfig {
             stripe_seed_min_bytes: 0,
             max_seeders_per_blob: 4,
             max_targets_per_job: 2_000_000,
+            max_api_request_bytes: 16 << 20,
             origin: Default::default(),
         }
     }
@@ -107,6 +112,9 @@ impl CoordinatorConfig {
         }
         if self.max_targets_per_job == 0 {
             return bad("max_targets_per_job", "must be positive");
+        }
+        if self.max_api_request_bytes < 4096 {
+            return bad("max_api_request_bytes", "must be at least 4096");
         }
         if self.lease_ms < 500 {
             return bad("lease_ms", "must be at least 500");
@@ -218,15 +226,18 @@ pub async fn run(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| CoordinatorError::Reflection(e.to_string()))?;
-    // Manifests of 100 GB blobs are ~3 MiB: raise the 4 MiB default with room to spare.
+    // Manifests of 100 GB blobs are ~3 MiB, of 1 TiB 32 MiB: raise the 4 MiB default with
+    // room to spare for what the coordinator sends and agents register; callers' requests
+    // are small.
     let max = 64 << 20;
+    let max_request = config.max_api_request_bytes;
     tracing::info!(addr = ?listener.local_addr().ok(), "coordinator serving");
     tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
         .add_service(
             CoordinatorServer::new(api.clone())
-                .max_decoding_message_size(max)
+                .max_decoding_message_size(max_request)
                 .max_encoding_message_size(max),
         )
         .add_service(

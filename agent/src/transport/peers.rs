@@ -1,6 +1,6 @@
 //! Per-peer limits on the serving side, so that one peer cannot take what all share: at most
 //! `max_connections_per_peer` connections and `max_served_per_peer` requests served at once
-//! per peer. A peer is its certificate (the cluster CA issues one per agent join), or its
+//! per peer, and `max_connections` connections in all. A peer is its certificate (the cluster CA issues one per agent join), or its
 //! address if it showed none.
 
 use std::collections::HashMap;
@@ -37,6 +37,9 @@ pub(super) struct Peers {
     by_key: Mutex<HashMap<PeerKey, Use>>,
 }
 
+/// The key under which all connections are counted together.
+const ALL: PeerKey = [0; 32];
+
 /// One of a peer's connections, or one request served to it; released on drop.
 #[derive(Debug)]
 pub(super) struct Slot {
@@ -46,9 +49,17 @@ pub(super) struct Slot {
 }
 
 impl Peers {
-    /// A connection slot for `key`, if it has fewer than `max` connections.
-    pub(super) fn connect(self: &Arc<Self>, key: PeerKey, max: usize) -> Option<Slot> {
-        self.take(key, max, true)
+    /// A connection slot for `key`, if it has fewer than `max` connections and all peers
+    /// fewer than `max_all`; both released on drop.
+    pub(super) fn connect(
+        self: &Arc<Self>,
+        key: PeerKey,
+        max: usize,
+        max_all: usize,
+    ) -> Option<(Slot, Slot)> {
+        let all = self.take(ALL, max_all, true)?;
+        let own = self.take(key, max, true)?;
+        Some((all, own))
     }
 
     /// A serving slot for `key`, if fewer than `max` of its requests are being served.
@@ -104,8 +115,14 @@ mod tests {
         let second = peers.serve(a, 2).expect("second");
         assert!(peers.serve(a, 2).is_none(), "a third for the same peer");
         assert!(peers.serve(b, 2).is_some(), "another peer is not affected");
-        let conn = peers.connect(a, 1).expect("connections count apart");
-        assert!(peers.connect(a, 1).is_none());
+        let conn = peers.connect(a, 1, 2).expect("connections count apart");
+        assert!(
+            peers.connect(a, 1, 2).is_none(),
+            "a second for the same peer"
+        );
+        let other = peers.connect(b, 1, 2).expect("another peer's");
+        assert!(peers.connect([3; 32], 1, 2).is_none(), "a third in all");
+        drop(other);
         drop(first);
         assert!(peers.serve(a, 2).is_some(), "a released slot is free again");
         drop((second, conn));

@@ -75,12 +75,16 @@ pub(super) async fn accept_loop(inner: Weak<Inner>) {
 }
 
 /// Serves every stream the peer opens on `conn` until it closes; closes it at once if the
-/// peer already has `max_connections_per_peer` others.
+/// peer already has `max_connections_per_peer` others, or all peers `max_connections`.
 pub(super) async fn serve_connection(inner: Weak<Inner>, conn: quinn::Connection) {
     let key = peer_key(&conn);
     let slot = inner.upgrade().and_then(|i| {
         let peers = i.peers.clone();
-        peers.connect(key, i.config.max_connections_per_peer)
+        peers.connect(
+            key,
+            i.config.max_connections_per_peer,
+            i.config.max_connections,
+        )
     });
     let Some(_slot) = slot else {
         tracing::warn!(peer = %conn.remote_address(), "closing a connection: the peer has too many");

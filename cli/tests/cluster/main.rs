@@ -283,5 +283,23 @@ async fn bad_input_gets_clear_errors_and_the_right_codes() -> Result<()> {
         "{}",
         stderr(&out)
     );
+    // A request past max_api_request_bytes (16 MiB) is refused unread; the next one works.
+    let r = c
+        .distribute(pb::DistributeRequest {
+            blobs: vec![digest.clone()],
+            targets: all(),
+            description: "x".repeat(17 << 20),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(code(r), Some(tonic::Code::OutOfRange));
+    let r = c
+        .distribute(pb::DistributeRequest {
+            blobs: vec![digest.clone()],
+            targets: all(),
+            ..Default::default()
+        })
+        .await;
+    assert!(r.is_ok(), "{r:?}");
     Ok(())
 }
