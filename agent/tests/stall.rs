@@ -97,6 +97,113 @@ fn stalls(metrics: &str) -> u64 {
         .map_or(0, |v| v as u64)
 }
 
+/// An agent's config for this file's tests: in `dir/name`, joined to `coordinator`.
+fn agent_config(dir: &std::path::Path, coordinator: SocketAddr, name: &str) -> AgentConfig {
+    AgentConfig {
+        coordinator: format!("http://{coordinator}"),
+        join_token: TOKEN.into(),
+        data_dir: dir.join(name),
+        quic_listen: "127.0.0.1:0".parse().expect("addr"),
+        chunk_size: 64 << 10,
+        quota_bytes: 1 << 30,
+        ..AgentConfig::default()
+    }
+}
+
+/// Pushes `file` on each of `holders` through its local API.
+async fn push_on(holders: &[&Agent], file: &std::path::Path) -> Result<()> {
+    for holder in holders {
+        let mut local = local_api::connect(holder.local_socket()).await?;
+        let mut push = local
+            .push(pb::PushRequest {
+                path: file.to_str().context("utf8")?.into(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        while push.message().await?.is_some() {}
+    }
+    Ok(())
+}
+
+/// Complete holders of `digest` the coordinator knows of.
+async fn holders(client: &mut CoordinatorClient<tonic::transport::Channel>, digest: Digest) -> u32 {
+    let known = client
+        .get_blob(pb::GetBlobRequest {
+            digest: digest.to_string(),
+            include_manifest: false,
+        })
+        .await;
+    known.map_or(0, |b| b.into_inner().blob.map_or(0, |b| b.complete_holders))
+}
+
+/// Waits until the coordinator counts `want` complete holders of `digest`.
+async fn wait_for_holders(
+    client: &mut CoordinatorClient<tonic::transport::Channel>,
+    digest: Digest,
+    want: u32,
+    what: &str,
+) -> Result<()> {
+    let started = tokio::time::Instant::now();
+    while holders(client, digest).await != want {
+        anyhow::ensure!(started.elapsed() < Duration::from_secs(10), "{what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+/// Once every agent in `all` is connected: a 16 MB blob (bytes per `seed`) pushed on each of
+/// `holders`, and a coordinator client that has seen them all hold it.
+async fn blob_on(
+    dir: &std::path::Path,
+    coordinator: SocketAddr,
+    all: &[&Agent],
+    holders: &[&Agent],
+    seed: usize,
+) -> Result<(Digest, CoordinatorClient<tonic::transport::Channel>)> {
+    wait_until(Duration::from_secs(10), || {
+        all.iter().all(|a| a.is_connected())
+    })
+    .await?;
+    let content: Vec<u8> = (0..16_000_000usize)
+        .map(|i| (i * seed + i / 991) as u8)
+        .collect();
+    let file = dir.join("blob.bin");
+    std::fs::write(&file, &content)?;
+    let digest = Digest::of(&content);
+    push_on(holders, &file).await?;
+    let mut client = CoordinatorClient::connect(format!("http://{coordinator}")).await?;
+    let n = holders.len() as u32;
+    wait_for_holders(
+        &mut client,
+        digest,
+        n,
+        "the coordinator never learnt of every holder",
+    )
+    .await?;
+    Ok((digest, client))
+}
+
+/// Distributes `digest` to `target` alone.
+async fn distribute_to(
+    client: &mut CoordinatorClient<tonic::transport::Channel>,
+    digest: Digest,
+    target: &Agent,
+) -> Result<()> {
+    client
+        .distribute(pb::DistributeRequest {
+            blobs: vec![digest.to_string()],
+            targets: Some(pb::TargetSelector {
+                selector: Some(pb::target_selector::Selector::Agents(pb::AgentIdList {
+                    agent_ids: vec![target.agent_id().to_string()],
+                })),
+            }),
+            ..Default::default()
+        })
+        .await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_source_is_dropped_reported_and_the_blob_completes_from_another() -> Result<()> {
     let dir = tempfile::tempdir()?;
@@ -108,15 +215,9 @@ async fn a_silent_source_is_dropped_reported_and_the_blob_completes_from_another
     let silent_quic = free_udp_port()?;
     let relay = relay(silent_quic).await?;
     let config = |name: &str| AgentConfig {
-        coordinator: format!("http://{coordinator_addr}"),
-        join_token: TOKEN.into(),
-        data_dir: dir.path().join(name),
-        quic_listen: "127.0.0.1:0".parse().expect("addr"),
-        chunk_size: 64 << 10,
-        quota_bytes: 1 << 30,
         // Without stall detection the silent source's requests would hang this long.
         request_timeout_ms: 120_000,
-        ..AgentConfig::default()
+        ..agent_config(dir.path(), coordinator_addr, name)
     };
     let silent = Agent::start(AgentConfig {
         quic_listen: silent_quic,
@@ -131,59 +232,15 @@ async fn a_silent_source_is_dropped_reported_and_the_blob_completes_from_another
     })
     .await?;
     let target = Agent::start(config("target")).await?;
-    let agents = [&silent, &healthy, &target];
-    wait_until(Duration::from_secs(10), || {
-        agents.iter().all(|a| a.is_connected())
-    })
+    let (digest, mut client) = blob_on(
+        dir.path(),
+        coordinator_addr,
+        &[&silent, &healthy, &target],
+        &[&silent, &healthy],
+        31,
+    )
     .await?;
-
-    let content: Vec<u8> = (0..16_000_000usize)
-        .map(|i| (i * 31 + i / 991) as u8)
-        .collect();
-    let file = dir.path().join("blob.bin");
-    std::fs::write(&file, &content)?;
-    let digest = Digest::of(&content);
-    for holder in [&silent, &healthy] {
-        let mut local = local_api::connect(holder.local_socket()).await?;
-        let mut push = local
-            .push(pb::PushRequest {
-                path: file.to_str().context("utf8")?.into(),
-                ..Default::default()
-            })
-            .await?
-            .into_inner();
-        while push.message().await?.is_some() {}
-    }
-
-    let mut client = CoordinatorClient::connect(format!("http://{coordinator_addr}")).await?;
-    let started = tokio::time::Instant::now();
-    loop {
-        let known = client
-            .get_blob(pb::GetBlobRequest {
-                digest: digest.to_string(),
-                include_manifest: false,
-            })
-            .await;
-        if known.is_ok_and(|b| b.into_inner().blob.is_some_and(|b| b.complete_holders == 2)) {
-            break;
-        }
-        anyhow::ensure!(
-            started.elapsed() < Duration::from_secs(10),
-            "the coordinator never learnt of both holders"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    client
-        .distribute(pb::DistributeRequest {
-            blobs: vec![digest.to_string()],
-            targets: Some(pb::TargetSelector {
-                selector: Some(pb::target_selector::Selector::Agents(pb::AgentIdList {
-                    agent_ids: vec![target.agent_id().to_string()],
-                })),
-            }),
-            ..Default::default()
-        })
-        .await?;
+    distribute_to(&mut client, digest, &target).await?;
 
     // Let some chunk data through from the silent source, then silence it.
     wait_until(Duration::from_secs(10), || {
@@ -231,15 +288,7 @@ async fn a_source_that_does_not_hold_the_blob_is_dropped_and_reported() -> Resul
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
     let coordinator = Coordinator::start(dir.path(), TOKEN, 60_000).await?;
     let coordinator_addr = coordinator.addr;
-    let config = |name: &str| AgentConfig {
-        coordinator: format!("http://{coordinator_addr}"),
-        join_token: TOKEN.into(),
-        data_dir: dir.path().join(name),
-        quic_listen: "127.0.0.1:0".parse().expect("addr"),
-        chunk_size: 64 << 10,
-        quota_bytes: 1 << 30,
-        ..AgentConfig::default()
-    };
+    let config = |name: &str| agent_config(dir.path(), coordinator_addr, name);
     let empty = Agent::start(config("empty")).await?;
     // Slow enough that the download outlasts the 20 s a source has to become ready.
     let healthy = Agent::start(AgentConfig {
@@ -248,56 +297,17 @@ async fn a_source_that_does_not_hold_the_blob_is_dropped_and_reported() -> Resul
     })
     .await?;
     let target = Agent::start(config("target")).await?;
-    let agents = [&empty, &healthy, &target];
-    wait_until(Duration::from_secs(10), || {
-        agents.iter().all(|a| a.is_connected())
-    })
-    .await?;
-
-    let content: Vec<u8> = (0..16_000_000usize)
-        .map(|i| (i * 7 + i / 613) as u8)
-        .collect();
-    let file = dir.path().join("blob.bin");
-    std::fs::write(&file, &content)?;
-    let digest = Digest::of(&content);
-    for holder in [&empty, &healthy] {
-        let mut local = local_api::connect(holder.local_socket()).await?;
-        let mut push = local
-            .push(pb::PushRequest {
-                path: file.to_str().context("utf8")?.into(),
-                ..Default::default()
-            })
-            .await?
-            .into_inner();
-        while push.message().await?.is_some() {}
-    }
-    let mut client = CoordinatorClient::connect(format!("http://{coordinator_addr}")).await?;
-    let holders = async |client: &mut CoordinatorClient<_>| -> u32 {
-        let known = client
-            .get_blob(pb::GetBlobRequest {
-                digest: digest.to_string(),
-                include_manifest: false,
-            })
-            .await;
-        known.map_or(0, |b| b.into_inner().blob.map_or(0, |b| b.complete_holders))
-    };
-    let wait_for = async |client: &mut CoordinatorClient<_>, want: u32, what: &str| {
-        let started = tokio::time::Instant::now();
-        while holders(client).await != want {
-            anyhow::ensure!(started.elapsed() < Duration::from_secs(10), "{what}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Ok(())
-    };
-    wait_for(
-        &mut client,
-        2,
-        "the coordinator never learnt of both holders",
+    let (digest, mut client) = blob_on(
+        dir.path(),
+        coordinator_addr,
+        &[&empty, &healthy, &target],
+        &[&empty, &healthy],
+        7,
     )
     .await?;
     // An honest removal reaches the coordinator at once, not at the next snapshot.
     empty.store().remove(&digest)?;
-    wait_for(&mut client, 1, "the removal was not reported").await?;
+    wait_for_holders(&mut client, digest, 1, "the removal was not reported").await?;
 
     // The liar: joins with the empty agent's address and claims the blob whole.
     let mut session = AgentSessionClient::connect(format!("http://{coordinator_addr}")).await?;
@@ -334,24 +344,14 @@ async fn a_source_that_does_not_hold_the_blob_is_dropped_and_reported() -> Resul
         .await?
         .into_inner();
     tokio::spawn(async move { while let Ok(Some(_)) = from_coordinator.message().await {} });
-    wait_for(
+    wait_for_holders(
         &mut client,
+        digest,
         2,
         "the coordinator did not take the liar's claim",
     )
     .await?;
-
-    client
-        .distribute(pb::DistributeRequest {
-            blobs: vec![digest.to_string()],
-            targets: Some(pb::TargetSelector {
-                selector: Some(pb::target_selector::Selector::Agents(pb::AgentIdList {
-                    agent_ids: vec![target.agent_id().to_string()],
-                })),
-            }),
-            ..Default::default()
-        })
-        .await?;
+    distribute_to(&mut client, digest, &target).await?;
     wait_until(Duration::from_secs(90), || {
         target.store().is_complete(&digest)
     })
