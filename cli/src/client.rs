@@ -280,49 +280,6 @@ async fn summarize(client: &mut Client, job: &pb::Job) {
     }
 }
 
-pub async fn agents(client: &mut Client) -> Result<()> {
-    let list = client
-        .list_agents(pb::ListAgentsRequest::default())
-        .await
-        .map_err(explain)?;
-    println!(
-        "{:<20} {:<12} {:<22} {:>6} {:>8}  labels",
-        "AGENT", "STATE", "QUIC", "BLOBS", "PARTIAL"
-    );
-    for a in list.into_inner().agents {
-        let mut labels: Vec<_> = a.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        labels.sort();
-        println!(
-            "{:<20} {:<12} {:<22} {:>6} {:>8}  {}",
-            a.agent_id,
-            format!("{:?}", a.state()).to_lowercase(),
-            a.quic_addresses.first().cloned().unwrap_or_default(),
-            a.blobs_held,
-            a.blobs_partial,
-            labels.join(",")
-        );
-    }
-    Ok(())
-}
-
-pub async fn blobs(client: &mut Client) -> Result<()> {
-    let list = client
-        .list_blobs(pb::ListBlobsRequest::default())
-        .await
-        .map_err(explain)?;
-    println!(
-        "{:<71} {:>12} {:>8} {:>8}",
-        "DIGEST", "SIZE", "HOLDERS", "PARTIAL"
-    );
-    for b in list.into_inner().blobs {
-        println!(
-            "{:<71} {:>12} {:>8} {:>8}",
-            b.digest, b.size, b.complete_holders, b.partial_holders
-        );
-    }
-    Ok(())
-}
-
 pub fn state_name(s: JobState) -> &'static str {
     match s {
         JobState::Done => "done",
@@ -333,7 +290,7 @@ pub fn state_name(s: JobState) -> &'static str {
     }
 }
 
-fn target_name(s: TargetState) -> &'static str {
+pub fn target_name(s: TargetState) -> &'static str {
     match s {
         TargetState::Done => "done",
         TargetState::Failed => "failed",

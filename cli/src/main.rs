@@ -6,6 +6,7 @@ mod client;
 mod containerd;
 mod demo;
 mod local;
+mod output;
 mod registries;
 mod serve;
 mod settings;
@@ -26,6 +27,10 @@ struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value = "text")]
     log_format: LogFormat,
+    /// Log level on stderr: error, warn, info, debug, trace; wins over SHOAL_LOG (which
+    /// also takes per-module filters, e.g. `info,shoal_agent::download=debug`).
+    #[arg(long, global = true, value_enum)]
+    log_level: Option<LogLevel>,
     #[command(subcommand)]
     command: Command,
 }
@@ -34,6 +39,49 @@ struct Cli {
 enum LogFormat {
     Text,
     Json,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum JobStateArg {
+    Pending,
+    Running,
+    Done,
+    Failed,
+    Cancelled,
+}
+
+impl From<JobStateArg> for shoal_proto::pb::v1::JobState {
+    fn from(s: JobStateArg) -> Self {
+        use shoal_proto::pb::v1::JobState as S;
+        match s {
+            JobStateArg::Pending => S::Pending,
+            JobStateArg::Running => S::Running,
+            JobStateArg::Done => S::Done,
+            JobStateArg::Failed => S::Failed,
+            JobStateArg::Cancelled => S::Cancelled,
+        }
+    }
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl LogLevel {
+    fn directive(self) -> &'static str {
+        match self {
+            LogLevel::Error => "error",
+            LogLevel::Warn => "warn",
+            LogLevel::Info => "info",
+            LogLevel::Debug => "debug",
+            LogLevel::Trace => "trace",
+        }
+    }
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -125,6 +173,9 @@ enum Command {
     /// Show a job's state and its targets.
     Status {
         job: String,
+        /// Output: a summary for people, or the job as JSON.
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: output::Output,
         #[command(flatten)]
         coordinator: CoordinatorAddr,
     },
@@ -136,14 +187,33 @@ enum Command {
     },
     /// List agents.
     Agents {
+        /// Output: a table, or a JSON array.
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: output::Output,
         #[command(flatten)]
         coordinator: CoordinatorAddr,
     },
     /// List blobs in the catalog.
     Blobs {
+        /// Output: a table, or a JSON array.
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: output::Output,
         #[command(flatten)]
         coordinator: CoordinatorAddr,
     },
+    /// List jobs, most recent first.
+    Jobs {
+        /// Only jobs in this state.
+        #[arg(long, value_enum)]
+        state: Option<JobStateArg>,
+        /// Output: a table, or a JSON array.
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: output::Output,
+        #[command(flatten)]
+        coordinator: CoordinatorAddr,
+    },
+    /// Print a shell completion script, e.g. `shoal completions bash > /etc/bash_completion.d/shoal`.
+    Completions { shell: clap_complete::Shell },
     /// A coordinator and agents on loopback distributing a generated blob, with a summary.
     Demo(demo::DemoArgs),
     /// Write containerd hosts.toml files that pull through the local agent's mirror.
@@ -157,8 +227,11 @@ fn main() {
         Ok(cli) => cli,
         Err(e) => usage_error(e),
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let filter = match cli.log_level {
+        Some(level) => tracing_subscriber::EnvFilter::new(level.directive()),
+        None => tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG")
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+    };
     let subscriber = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -243,10 +316,19 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             let watched = client::watch(&mut c, &job).await?;
             client::require_done(&watched.job)
         }
-        Command::Status { job, coordinator } => {
+        Command::Status {
+            job,
+            output,
+            coordinator,
+        } => {
             let mut c = client::connect(&coordinator.coordinator).await?;
             let job = client::status(&mut c, &job).await?;
-            client::print_job(&job);
+            match output {
+                output::Output::Table => client::print_job(&job),
+                output::Output::Json => {
+                    println!("{}", serde_json::to_string_pretty(&output::job_json(&job))?)
+                }
+            }
             Ok(())
         }
         Command::Watch { job, coordinator } => {
@@ -254,11 +336,43 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             let watched = client::watch(&mut c, &job).await?;
             client::require_done(&watched.job)
         }
-        Command::Agents { coordinator } => {
-            client::agents(&mut client::connect(&coordinator.coordinator).await?).await
+        Command::Agents {
+            output,
+            coordinator,
+        } => {
+            output::agents(
+                &mut client::connect(&coordinator.coordinator).await?,
+                output,
+            )
+            .await
         }
-        Command::Blobs { coordinator } => {
-            client::blobs(&mut client::connect(&coordinator.coordinator).await?).await
+        Command::Blobs {
+            output,
+            coordinator,
+        } => {
+            output::blobs(
+                &mut client::connect(&coordinator.coordinator).await?,
+                output,
+            )
+            .await
+        }
+        Command::Jobs {
+            state,
+            output,
+            coordinator,
+        } => {
+            let state = state.map_or(shoal_proto::pb::v1::JobState::Unspecified, Into::into);
+            output::jobs(
+                &mut client::connect(&coordinator.coordinator).await?,
+                state,
+                output,
+            )
+            .await
+        }
+        Command::Completions { shell } => {
+            use clap::CommandFactory as _;
+            clap_complete::generate(shell, &mut Cli::command(), "shoal", &mut std::io::stdout());
+            Ok(())
         }
         Command::Demo(args) => demo::run(args).await,
         Command::ContainerdConfig(args) => containerd::run(args).await,

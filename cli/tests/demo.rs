@@ -72,6 +72,41 @@ fn usage_errors_exit_2_with_one_line() {
     let out = shoal().arg("--help").output().expect("run shoal");
     assert_eq!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stdout).contains("Usage"));
+
+    let out = shoal()
+        .args(["--log-level", "loud", "agents"])
+        .output()
+        .expect("run shoal");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("loud"), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    let out = shoal()
+        .args(["agents", "-o", "xml"])
+        .output()
+        .expect("run shoal");
+    assert_eq!(out.status.code(), Some(2));
+}
+
+/// `shoal completions SHELL` prints a script that knows the subcommands and their flags.
+#[test]
+fn completions_know_the_commands() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = shoal()
+            .args(["completions", shell])
+            .output()
+            .expect("run shoal");
+        assert!(out.status.success(), "{shell}");
+        let script = String::from_utf8_lossy(&out.stdout);
+        for word in ["distribute", "preheat", "containerd-config", "log-level"] {
+            assert!(script.contains(word), "{shell}: no {word}");
+        }
+    }
+    let out = shoal()
+        .args(["completions", "cmd.exe"])
+        .output()
+        .expect("run shoal");
+    assert_eq!(out.status.code(), Some(2));
 }
 
 #[test]

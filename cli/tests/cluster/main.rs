@@ -46,6 +46,34 @@ async fn a_pushed_blob_reaches_every_agent_mostly_from_peers() -> Result<()> {
         "{}",
         stdout(&out)
     );
+    // The same, and the listings, as JSON for scripts.
+    let json = |args: &[&str]| -> Result<serde_json::Value> {
+        let out = cluster.cli(args);
+        anyhow::ensure!(out.status.success(), "{args:?}: {}", stderr(&out));
+        Ok(serde_json::from_str(&stdout(&out))?)
+    };
+    let status = json(&["status", &job_id, "-o", "json"])?;
+    assert_eq!(status["state"], "done", "{status}");
+    assert_eq!(status["counts"]["done"], 6, "{status}");
+    let agents = json(&["agents", "-o", "json"])?;
+    let agents = agents.as_array().cloned().unwrap_or_default();
+    assert_eq!(agents.len(), 6, "{agents:?}");
+    assert!(
+        agents
+            .iter()
+            .all(|a| a["blobs_held"] == 1 && a["state"] == "ready"),
+        "{agents:?}"
+    );
+    let blobs = json(&["blobs", "-o", "json"])?;
+    assert_eq!(blobs[0]["digest"], digest.as_str(), "{blobs}");
+    assert_eq!(blobs[0]["complete_holders"], 6, "{blobs}");
+    let jobs = json(&["jobs", "-o", "json"])?;
+    assert_eq!(jobs[0]["job_id"], job_id.as_str(), "{jobs}");
+    assert_eq!(jobs[0]["state"], "done", "{jobs}");
+    let running = json(&["jobs", "--state", "running", "-o", "json"])?;
+    assert_eq!(running, serde_json::json!([]), "{running}");
+    let out = cluster.cli(&["jobs"]);
+    assert!(stdout(&out).contains(&job_id), "{}", stdout(&out));
 
     let original = std::fs::read(&file)?;
     for i in 0..6 {
