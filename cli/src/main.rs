@@ -135,8 +135,9 @@ enum Command {
     Preheat {
         /// Image reference, e.g. registry.example.com/team/app:v1 or ghcr.io/org/app@sha256:…
         image: String,
-        /// Targets: all | key=value[,key=value] | agents:id[,id].
-        #[arg(long, default_value = "all", value_parser = client::selector)]
+        /// Targets, required (the whole cluster is spelled out): all | key=value[,key=value]
+        /// | agents:id[,id].
+        #[arg(long, value_parser = client::selector)]
         to: shoal_proto::pb::v1::TargetSelector,
         /// Platform of an image index, e.g. linux/arm64 (repeatable); default: the
         /// coordinator's `preheat_platforms`.
@@ -155,8 +156,9 @@ enum Command {
     Distribute {
         #[arg(required = true)]
         digests: Vec<Digest>,
-        /// Targets: all | key=value[,key=value] | agents:id[,id].
-        #[arg(long, default_value = "all", value_parser = client::selector)]
+        /// Targets, required (the whole cluster is spelled out): all | key=value[,key=value]
+        /// | agents:id[,id].
+        #[arg(long, value_parser = client::selector)]
         to: shoal_proto::pb::v1::TargetSelector,
         /// Fail targets not done within this many seconds.
         #[arg(long)]
@@ -390,6 +392,15 @@ fn usage_error(e: clap::Error) -> ! {
     }
     if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
         fail(2, "a subcommand is required; see `shoal --help`");
+    }
+    if e.kind() == ErrorKind::MissingRequiredArgument
+        && let Some(clap::error::ContextValue::Strings(missing)) =
+            e.get(clap::error::ContextKind::InvalidArg)
+    {
+        fail(
+            2,
+            &format!("missing {} (see `shoal --help`)", missing.join(", ")),
+        );
     }
     let text = e.to_string();
     let first = text.lines().next().unwrap_or("invalid usage");

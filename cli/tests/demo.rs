@@ -86,6 +86,19 @@ fn usage_errors_exit_2_with_one_line() {
         .output()
         .expect("run shoal");
     assert_eq!(out.status.code(), Some(2));
+
+    // The whole cluster is never a default: --to is spelled out.
+    let digest = format!("sha256:{}", "ab".repeat(32));
+    for args in [
+        vec!["distribute", digest.as_str()],
+        vec!["preheat", "ghcr.io/org/app:v1"],
+    ] {
+        let out = shoal().args(&args).output().expect("run shoal");
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("--to"), "{args:?}: {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    }
 }
 
 /// `shoal completions SHELL` prints a script that knows the subcommands and their flags.

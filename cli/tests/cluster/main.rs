@@ -120,7 +120,7 @@ async fn a_killed_agent_fails_only_its_own_target() -> Result<()> {
     let mut cluster = Cluster::start(4, &limits, 2000).await?;
     let file = random_file(cluster.dir.path(), "blob", 48 * MIB, 2)?;
     let digest = cluster.push(0, &file)?;
-    let out = cluster.cli(&["distribute", &digest, "--detach"]);
+    let out = cluster.cli(&["distribute", &digest, "--to", "all", "--detach"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let job_id = stdout(&out).trim().to_string();
 
@@ -158,7 +158,7 @@ async fn a_restarted_coordinator_finishes_the_job() -> Result<()> {
     // Two blobs: orders of the new incarnation must not be mistaken for the old ones.
     let a = cluster.push(0, &random_file(cluster.dir.path(), "a", 32 * MIB, 3)?)?;
     let b = cluster.push(0, &random_file(cluster.dir.path(), "b", 32 * MIB, 5)?)?;
-    let out = cluster.cli(&["distribute", &a, &b, "--detach"]);
+    let out = cluster.cli(&["distribute", &a, &b, "--to", "all", "--detach"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let job_id = stdout(&out).trim().to_string();
 
@@ -196,7 +196,7 @@ async fn an_agent_restarted_within_its_lease_finishes_its_target() -> Result<()>
     let mut cluster = Cluster::start(3, &limits, 5000).await?;
     let file = random_file(cluster.dir.path(), "blob", 48 * MIB, 6)?;
     let digest = cluster.push(0, &file)?;
-    let out = cluster.cli(&["distribute", &digest, "--detach"]);
+    let out = cluster.cli(&["distribute", &digest, "--to", "all", "--detach"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let job_id = stdout(&out).trim().to_string();
 
@@ -226,14 +226,14 @@ async fn bad_input_gets_clear_errors_and_the_right_codes() -> Result<()> {
     let unknown = format!("sha256:{}", "ab".repeat(32));
 
     // CLI: malformed digest is a usage error (2), the rest are failures (1).
-    let out = cluster.cli(&["distribute", "sha256:xyz"]);
+    let out = cluster.cli(&["distribute", "sha256:xyz", "--to", "all"]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(
         stderr(&out).contains("invalid character"),
         "{}",
         stderr(&out)
     );
-    let out = cluster.cli(&["distribute", &unknown, "--detach"]);
+    let out = cluster.cli(&["distribute", &unknown, "--to", "all", "--detach"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
         stderr(&out).contains("not found") && stderr(&out).contains(&unknown),
