@@ -24,11 +24,12 @@ if ! cargo nextest --version >/dev/null 2>&1; then
     echo "==> installing cargo-nextest"
     cargo install --locked cargo-nextest
 fi
-helm_tools=(helm-python-sdk==0.2.2 kubernetes-validate==1.37.0)
+# PyYAML also reads the CLI's `-o yaml` back in cli/tests/cluster.
+helm_tools=(helm-python-sdk==0.2.2 kubernetes-validate==1.37.0 PyYAML==6.0.3)
 if ! python3 - "${helm_tools[@]}" 2>/dev/null <<'PY'
 import sys
 from importlib.metadata import version
-import helm_python, kubernetes_validate  # noqa: F401 (importable, not only installed)
+import helm_python, kubernetes_validate, yaml  # noqa: F401 (importable, not only installed)
 sys.exit(any(version(n) != v for n, v in (a.split("==") for a in sys.argv[1:])))
 PY
 then

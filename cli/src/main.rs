@@ -7,6 +7,7 @@ mod containerd;
 mod demo;
 mod local;
 mod output;
+mod process_metrics;
 mod registries;
 mod serve;
 mod settings;
@@ -175,7 +176,7 @@ enum Command {
     /// Show a job's state and its targets.
     Status {
         job: String,
-        /// Output: a summary for people, or the job as JSON.
+        /// Output: a summary for people, or the job as JSON or YAML.
         #[arg(short, long, value_enum, default_value = "table")]
         output: output::Output,
         #[command(flatten)]
@@ -189,7 +190,7 @@ enum Command {
     },
     /// List agents.
     Agents {
-        /// Output: a table, or a JSON array.
+        /// Output: a table, or a JSON or YAML list.
         #[arg(short, long, value_enum, default_value = "table")]
         output: output::Output,
         #[command(flatten)]
@@ -197,7 +198,7 @@ enum Command {
     },
     /// List blobs in the catalog.
     Blobs {
-        /// Output: a table, or a JSON array.
+        /// Output: a table, or a JSON or YAML list.
         #[arg(short, long, value_enum, default_value = "table")]
         output: output::Output,
         #[command(flatten)]
@@ -208,7 +209,7 @@ enum Command {
         /// Only jobs in this state.
         #[arg(long, value_enum)]
         state: Option<JobStateArg>,
-        /// Output: a table, or a JSON array.
+        /// Output: a table, or a JSON or YAML list.
         #[arg(short, long, value_enum, default_value = "table")]
         output: output::Output,
         #[command(flatten)]
@@ -326,12 +327,12 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             let mut c = client::connect(&coordinator.coordinator).await?;
             let job = client::status(&mut c, &job).await?;
             match output {
-                output::Output::Table => client::print_job(&job),
-                output::Output::Json => {
-                    println!("{}", serde_json::to_string_pretty(&output::job_json(&job))?)
+                output::Output::Table => {
+                    client::print_job(&job);
+                    Ok(())
                 }
+                other => output::print_document(&output::job_json(&job), other),
             }
-            Ok(())
         }
         Command::Watch { job, coordinator } => {
             let mut c = client::connect(&coordinator.coordinator).await?;

@@ -1,5 +1,5 @@
-//! How listings print: a table for people (the default), or JSON for scripts (`-o json`),
-//! one document per command with every page fetched.
+//! How listings print: a table for people (the default), or JSON or YAML for scripts
+//! (`-o json`, `-o yaml`), one document per command with every page fetched.
 
 use anyhow::Result;
 use shoal_proto::pb::v1 as pb;
@@ -12,6 +12,7 @@ pub enum Output {
     #[default]
     Table,
     Json,
+    Yaml,
 }
 
 /// Every agent, every page.
@@ -82,10 +83,9 @@ async fn all_jobs(client: &mut Client, state: pb::JobState) -> Result<Vec<pb::Jo
 /// `shoal jobs`: every job the coordinator keeps, most recent first.
 pub async fn jobs(client: &mut Client, state: pb::JobState, output: Output) -> Result<()> {
     let jobs = all_jobs(client, state).await?;
-    if output == Output::Json {
+    if output != Output::Table {
         let rows: Vec<_> = jobs.iter().map(job_json).collect();
-        println!("{}", serde_json::to_string_pretty(&rows)?);
-        return Ok(());
+        return print_document(&serde_json::Value::Array(rows), output);
     }
     println!(
         "{:<17} {:<10} {:>6} {:>8} {:>7}  description",
@@ -124,7 +124,7 @@ fn agent_state(a: &pb::AgentInfo) -> String {
 
 pub async fn agents(client: &mut Client, output: Output) -> Result<()> {
     let agents = all_agents(client).await?;
-    if output == Output::Json {
+    if output != Output::Table {
         let rows: Vec<_> = (agents.iter())
             .map(|a| {
                 serde_json::json!({
@@ -137,8 +137,7 @@ pub async fn agents(client: &mut Client, output: Output) -> Result<()> {
                 })
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&rows)?);
-        return Ok(());
+        return print_document(&serde_json::Value::Array(rows), output);
     }
     println!(
         "{:<20} {:<12} {:<22} {:>6} {:>8}  labels",
@@ -160,7 +159,7 @@ pub async fn agents(client: &mut Client, output: Output) -> Result<()> {
 
 pub async fn blobs(client: &mut Client, output: Output) -> Result<()> {
     let blobs = all_blobs(client).await?;
-    if output == Output::Json {
+    if output != Output::Table {
         let rows: Vec<_> = (blobs.iter())
             .map(|b| {
                 serde_json::json!({
@@ -171,8 +170,7 @@ pub async fn blobs(client: &mut Client, output: Output) -> Result<()> {
                 })
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&rows)?);
-        return Ok(());
+        return print_document(&serde_json::Value::Array(rows), output);
     }
     println!(
         "{:<71} {:>12} {:>8} {:>8}",
@@ -220,4 +218,121 @@ pub fn job_json(job: &pb::Job) -> serde_json::Value {
         "bytes_total": p.bytes_total,
         "targets": targets,
     })
+}
+
+/// Prints `value` in `output` (JSON or YAML; tables are each command's own).
+pub fn print_document(value: &serde_json::Value, output: Output) -> Result<()> {
+    match output {
+        Output::Yaml => print!("{}", yaml(value)),
+        _ => println!("{}", serde_json::to_string_pretty(value)?),
+    }
+    Ok(())
+}
+
+/// `value` as a YAML document: block style, every string double-quoted (JSON's escapes are
+/// a subset of YAML's, so a JSON string is a YAML one), keys plain.
+pub fn yaml(value: &serde_json::Value) -> String {
+    let mut out = String::new();
+    match value {
+        serde_json::Value::Array(items) if items.is_empty() => out.push_str("[]\n"),
+        serde_json::Value::Object(map) if map.is_empty() => out.push_str("{}\n"),
+        serde_json::Value::Array(_) | serde_json::Value::Object(_) => {
+            yaml_block(value, 0, &mut out)
+        }
+        scalar => {
+            out.push_str(&yaml_scalar(scalar));
+            out.push('\n');
+        }
+    }
+    out
+}
+
+fn yaml_scalar(value: &serde_json::Value) -> String {
+    match value {
+        serde_json::Value::Array(a) if a.is_empty() => "[]".into(),
+        serde_json::Value::Object(o) if o.is_empty() => "{}".into(),
+        // Strings come out JSON-quoted; numbers, booleans and null as JSON writes them.
+        other => other.to_string(),
+    }
+}
+
+fn is_block(value: &serde_json::Value) -> bool {
+    match value {
+        serde_json::Value::Array(a) => !a.is_empty(),
+        serde_json::Value::Object(o) => !o.is_empty(),
+        _ => false,
+    }
+}
+
+fn yaml_key(key: &str) -> String {
+    let plain = !key.is_empty()
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'/'));
+    if plain {
+        key.to_string()
+    } else {
+        serde_json::Value::String(key.to_string()).to_string()
+    }
+}
+
+fn yaml_block(value: &serde_json::Value, indent: usize, out: &mut String) {
+    let pad = " ".repeat(indent);
+    match value {
+        serde_json::Value::Object(map) => {
+            for (k, v) in map {
+                if is_block(v) {
+                    out.push_str(&format!("{pad}{}:\n", yaml_key(k)));
+                    yaml_block(v, indent + 2, out);
+                } else {
+                    out.push_str(&format!("{pad}{}: {}\n", yaml_key(k), yaml_scalar(v)));
+                }
+            }
+        }
+        serde_json::Value::Array(items) => {
+            for item in items {
+                if is_block(item) {
+                    // The item's block at indent + 2, its first line's indent turned into "- ".
+                    let mut inner = String::new();
+                    yaml_block(item, indent + 2, &mut inner);
+                    out.push_str(&pad);
+                    out.push_str("- ");
+                    out.push_str(&inner[indent + 2..]);
+                } else {
+                    out.push_str(&format!("{pad}- {}\n", yaml_scalar(item)));
+                }
+            }
+        }
+        scalar => out.push_str(&format!("{pad}{}\n", yaml_scalar(scalar))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn yaml_of_nested_documents() {
+        let doc = serde_json::json!([
+            {"agent_id": "a-1", "labels": {"zone": "z1", "odd key": "x"}, "addrs": ["1.2.3.4:1"], "n": 3},
+            {"agent_id": "quote\"d", "labels": {}, "addrs": [], "nested": [[1, 2], {"k": null}]},
+        ]);
+        let want = r#"- addrs:
+    - "1.2.3.4:1"
+  agent_id: "a-1"
+  labels:
+    "odd key": "x"
+    zone: "z1"
+  n: 3
+- addrs: []
+  agent_id: "quote\"d"
+  labels: {}
+  nested:
+    - - 1
+      - 2
+    - k: null
+"#;
+        assert_eq!(yaml(&doc), want);
+        assert_eq!(yaml(&serde_json::json!([])), "[]\n");
+    }
 }

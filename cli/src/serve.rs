@@ -63,12 +63,15 @@ fn problem(e: impl std::fmt::Display) -> anyhow::Error {
     ConfigProblem(e.to_string()).into()
 }
 
-fn install_metrics(addr: Option<SocketAddr>) -> Result<()> {
+fn install_metrics(addr: Option<SocketAddr>, role: &'static str) -> Result<()> {
     if let Some(addr) = addr {
         metrics_exporter_prometheus::PrometheusBuilder::new()
+            .set_buckets(crate::process_metrics::LATENCY_BUCKETS)
+            .context("histogram buckets")?
             .with_http_listener(addr)
             .install()
             .with_context(|| format!("starting the metrics endpoint on {addr}"))?;
+        crate::process_metrics::start(role);
     }
     Ok(())
 }
@@ -97,7 +100,7 @@ pub async fn coordinator(args: CoordinatorArgs) -> Result<()> {
     )
     .map_err(problem)?;
     config.validate().map_err(problem)?;
-    install_metrics(config.metrics_listen)?;
+    install_metrics(config.metrics_listen, "coordinator")?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
@@ -121,7 +124,7 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
     let config: shoal_agent::AgentConfig =
         crate::settings::load(args.config.as_deref(), &overrides).map_err(problem)?;
     config.validate().map_err(problem)?;
-    install_metrics(config.metrics_listen)?;
+    install_metrics(config.metrics_listen, "agent")?;
     shoal_agent::run(config, shutdown_signal()).await?;
     Ok(())
 }

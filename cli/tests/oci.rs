@@ -214,6 +214,20 @@ async fn skopeo_through_the_mirrors_fetches_each_blob_from_upstream_once() -> Re
     let unique: u64 = blobs(&image).values().sum();
     let ratio = bytes as f64 / unique as f64;
     eprintln!("4 concurrent pulls: upstream blob bytes / unique bytes = {ratio:.3}");
+    // The first-byte latency is a Prometheus histogram (buckets), which aggregates across
+    // nodes, not a summary; build and process series are there too.
+    let mut bucket_counts = 0.0;
+    for agent in &s.cluster.agents {
+        bucket_counts += agent.metric("shoal_mirror_first_byte_seconds_bucket")?;
+        assert_eq!(agent.metric("shoal_build_info")?, 1.0, "shoal_build_info");
+        assert!(agent.metric("process_resident_memory_bytes")? > 0.0);
+        assert!(agent.metric("process_open_fds")? > 0.0);
+        assert!(agent.metric("process_start_time_seconds")? > 1.0e9);
+    }
+    assert!(
+        bucket_counts > 0.0,
+        "no first-byte histogram buckets exported"
+    );
     assert!(ratio <= 1.05, "upstream bytes {bytes} for {unique} unique");
     Ok(())
 }

@@ -19,6 +19,33 @@ fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// A YAML document as JSON, through PyYAML (installed with the helm tools by
+/// scripts/test-all.sh).
+fn yaml_to_json(text: &str) -> Result<serde_json::Value> {
+    use std::io::Write;
+    let mut child = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import sys, json, yaml; json.dump(yaml.safe_load(sys.stdin), sys.stdout)",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())?;
+    let out = child.wait_with_output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "python3 with PyYAML (`pip install pyyaml`, which scripts/test-all.sh installs) could not read it: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
 /// A 64 MiB blob pushed on one of six agents reaches all of them, bit-identical, mostly
 /// from peers; the job's status through the CLI says done. Every agent has the same capped
 /// link each way (as hosts in a datacenter do), so the seeder's upload is what peers relieve.
@@ -74,6 +101,19 @@ async fn a_pushed_blob_reaches_every_agent_mostly_from_peers() -> Result<()> {
     assert_eq!(running, serde_json::json!([]), "{running}");
     let out = cluster.cli(&["jobs"]);
     assert!(stdout(&out).contains(&job_id), "{}", stdout(&out));
+    // -o yaml says the same as -o json, read back by a real YAML parser (PyYAML).
+    for args in [
+        vec!["status", job_id.as_str()],
+        vec!["agents"],
+        vec!["blobs"],
+        vec!["jobs"],
+    ] {
+        let as_json = json(&[&args[..], &["-o", "json"]].concat())?;
+        let out = cluster.cli(&[&args[..], &["-o", "yaml"]].concat());
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        let as_yaml = yaml_to_json(&stdout(&out))?;
+        assert_eq!(as_yaml, as_json, "{args:?} -o yaml:\n{}", stdout(&out));
+    }
 
     let original = std::fs::read(&file)?;
     for i in 0..6 {
