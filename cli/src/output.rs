@@ -15,69 +15,65 @@ pub enum Output {
     Yaml,
 }
 
-/// Every agent, every page.
+/// Every item of a paged listing: `fetch` gets a page token (empty first) and returns a
+/// page and the next token (empty after the last page).
+async fn all_pages<T>(
+    mut fetch: impl AsyncFnMut(String) -> Result<(Vec<T>, String)>,
+) -> Result<Vec<T>> {
+    let (mut out, mut token) = (Vec::new(), String::new());
+    loop {
+        let (items, next) = fetch(token).await?;
+        out.extend(items);
+        if next.is_empty() {
+            return Ok(out);
+        }
+        token = next;
+    }
+}
+
+/// Pages of this size: a thousand agents, blobs or jobs per request.
+const PAGE: u32 = 1000;
+
 async fn all_agents(client: &mut Client) -> Result<Vec<pb::AgentInfo>> {
-    let mut out = Vec::new();
-    let mut page_token = String::new();
-    loop {
-        let page = client
-            .list_agents(pb::ListAgentsRequest {
-                page_size: 1000,
-                page_token: page_token.clone(),
-                ..Default::default()
-            })
-            .await
-            .map_err(explain)?
-            .into_inner();
-        out.extend(page.agents);
-        if page.next_page_token.is_empty() {
-            return Ok(out);
-        }
-        page_token = page.next_page_token;
-    }
+    all_pages(async |page_token| {
+        let request = pb::ListAgentsRequest {
+            page_size: PAGE,
+            page_token,
+            ..Default::default()
+        };
+        let page = client.list_agents(request).await.map_err(explain)?;
+        let page = page.into_inner();
+        Ok((page.agents, page.next_page_token))
+    })
+    .await
 }
 
-/// Every blob in the catalog, every page.
 async fn all_blobs(client: &mut Client) -> Result<Vec<pb::BlobInfo>> {
-    let mut out = Vec::new();
-    let mut page_token = String::new();
-    loop {
-        let page = client
-            .list_blobs(pb::ListBlobsRequest {
-                page_size: 1000,
-                page_token: page_token.clone(),
-            })
-            .await
-            .map_err(explain)?
-            .into_inner();
-        out.extend(page.blobs);
-        if page.next_page_token.is_empty() {
-            return Ok(out);
-        }
-        page_token = page.next_page_token;
-    }
+    all_pages(async |page_token| {
+        let request = pb::ListBlobsRequest {
+            page_size: PAGE,
+            page_token,
+        };
+        let page = client.list_blobs(request).await.map_err(explain)?;
+        let page = page.into_inner();
+        Ok((page.blobs, page.next_page_token))
+    })
+    .await
 }
 
-/// Every job (in `state`, if given), most recent first, every page.
+/// Every job (in `state`, if given), most recent first.
 async fn all_jobs(client: &mut Client, state: pb::JobState) -> Result<Vec<pb::Job>> {
-    let mut out = Vec::new();
-    let mut page_token = String::new();
-    loop {
-        let page = client
-            .list_jobs(pb::ListJobsRequest {
-                state: state as i32,
-                page_size: 1000,
-                page_token: page_token.clone(),
-            })
-            .await
-            .map_err(explain)?
-            .into_inner();
-        out.extend(page.jobs);
-        if page.next_page_token.is_empty() {
-            return Ok(out);
-        }
-        page_token = page.next_page_token;
-    }
+    all_pages(async |page_token| {
+        let request = pb::ListJobsRequest {
+            state: state as i32,
+            page_size: PAGE,
+            page_token,
+        };
+        let page = client.list_jobs(request).await.map_err(explain)?;
+        let page = page.into_inner();
+        Ok((page.jobs, page.next_page_token))
+    })
+    .await
 }
 
 /// `shoal jobs`: every job the coordinator keeps, most recent first.
