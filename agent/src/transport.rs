@@ -296,7 +296,7 @@ impl ChunkEndpoint {
             .await
             .map_err(|_| TransportError::ConnectTimeout { peer })?
             .map_err(|source| TransportError::Connection { peer, source })?;
-        Ok(self.inner.adopt(conn))
+        Ok(self.inner.adopt(conn, false))
     }
 
     /// Peers this endpoint holds an open connection to, whichever side dialled.
@@ -325,7 +325,8 @@ impl Inner {
     }
 
     /// Puts a connection in the pool (whoever dialled) and starts serving requests on it.
-    fn adopt(self: &Arc<Self>, conn: quinn::Connection) -> Peer {
+    /// `incoming`: the peer dialled us (the connection caps apply), else we dialled it.
+    fn adopt(self: &Arc<Self>, conn: quinn::Connection, incoming: bool) -> Peer {
         let peer_addr = conn.remote_address();
         let peer = Peer::new(conn.clone(), &self.config);
         {
@@ -334,12 +335,20 @@ impl Inner {
                 // Both sides dialled at once: keep serving on this one, hand out the first.
                 let existing = existing.clone();
                 drop(pool);
-                tokio::spawn(server::serve_connection(Arc::downgrade(self), conn));
+                tokio::spawn(server::serve_connection(
+                    Arc::downgrade(self),
+                    conn,
+                    incoming,
+                ));
                 return existing;
             }
             pool.insert(peer_addr, peer.clone());
         }
-        tokio::spawn(server::serve_connection(Arc::downgrade(self), conn));
+        tokio::spawn(server::serve_connection(
+            Arc::downgrade(self),
+            conn,
+            incoming,
+        ));
         peer
     }
 }

@@ -131,6 +131,22 @@ async fn other_users_use_the_socket_only_as_configured() -> Result<()> {
     );
     assert!(std::fs::read(&out)? == blob, "the pulled copy differs");
 
+    // A URL is fetched from the agent's network position: root and the agent's user only.
+    let url_out = shared.join("url-out");
+    let o = shoal_as(
+        GROUP,
+        &[
+            "pull",
+            "http://127.0.0.1:9/x",
+            "-o",
+            &path(&url_out)?,
+            "--socket",
+            sock,
+        ],
+    )?;
+    ensure!(!o.status.success(), "a group member had a URL fetched");
+    ensure!(stderr(&o).contains("URL"), "{}", stderr(&o));
+
     // Root may use any path.
     let o = Command::new(env!("CARGO_BIN_EXE_shoal"))
         .args(["push", &path(&in_private)?, "--socket", sock])

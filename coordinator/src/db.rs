@@ -81,7 +81,9 @@ impl Db {
         let txn = self.db.begin_read().map_err(err)?;
         let table = txn.open_table(AGENT_SECRETS).map_err(err)?;
         let hash = table.get(id).map_err(err)?;
-        Ok(hash.and_then(|h| <[u8; 32]>::try_from(h.value()).ok()))
+        // A row of the wrong length still says a secret was issued: no secret matches it
+        // (never "none on record", which would let the next claimer take the id).
+        Ok(hash.map(|h| <[u8; 32]>::try_from(h.value()).unwrap_or([0; 32])))
     }
 
     pub fn put_agent_secret(&self, id: &str, hash: &[u8; 32]) -> Result<(), DbError> {

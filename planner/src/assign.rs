@@ -674,10 +674,17 @@ impl Assigner {
 
     fn corrupt(&mut self, reporter: HostId, blob: BlobId, source: HostId) {
         self.stats.corrupt_reports += 1;
-        // The reporter never uses it again for this blob, whatever the others say.
-        if let Some(d) = self.download_mut(blob, reporter) {
-            d.excluded.insert(source);
-            self.drop_source(blob, reporter, source);
+        // The reporter never uses it again for this blob, whatever the others say. Its
+        // report counts towards the quorum only if it was downloading the blob from that
+        // source: anyone else's report is noise.
+        let Some(d) = self.download_mut(blob, reporter) else {
+            return;
+        };
+        d.excluded.insert(source);
+        let was_source = d.sources.contains(&source);
+        self.drop_source(blob, reporter, source);
+        if !was_source {
+            return;
         }
         let b = self.blobs.entry(blob).or_default();
         let reporters = b.corrupt_reports.entry(source).or_default();

@@ -25,6 +25,19 @@ impl Caller {
         Self { uid }
     }
 
+    /// Whether this caller may have the agent fetch a URL: only root and the agent's own
+    /// user (a URL is fetched from the agent's network position, with its configured
+    /// origin headers).
+    pub(crate) fn may_fetch_url(&self) -> Result<(), Status> {
+        if self.privileged() {
+            return Ok(());
+        }
+        Err(Status::permission_denied(format!(
+            "{} may not have the agent fetch a URL: only root and the agent's own user may",
+            self.who()
+        )))
+    }
+
     /// Root, or the agent's own user.
     fn privileged(&self) -> bool {
         self.uid

@@ -32,6 +32,9 @@ pub(super) async fn pull(
     let allowed = &shared.config.local_allowed_paths;
     caller.may_transfer(allowed)?;
     let url = (!request.url.is_empty()).then(|| request.url.clone());
+    if url.is_some() {
+        caller.may_fetch_url()?;
+    }
     if let Some(url) = &url {
         shoal_origin::parse_http_url(url).map_err(|e| Status::invalid_argument(e.to_string()))?;
     }

@@ -64,7 +64,7 @@ pub(super) async fn accept_loop(inner: Weak<Inner>) {
             match incoming.await {
                 Ok(conn) => {
                     if let Some(inner) = inner.upgrade() {
-                        inner.adopt(conn);
+                        inner.adopt(conn, true);
                     }
                 }
                 // A peer with a certificate the CA did not sign ends here.
@@ -74,18 +74,27 @@ pub(super) async fn accept_loop(inner: Weak<Inner>) {
     }
 }
 
-/// Serves every stream the peer opens on `conn` until it closes; closes it at once if the
-/// peer already has `max_connections_per_peer` others, or all peers `max_connections`.
-pub(super) async fn serve_connection(inner: Weak<Inner>, conn: quinn::Connection) {
+/// Serves every stream the peer opens on `conn` until it closes; closes an `incoming` one at
+/// once if the peer already has `max_connections_per_peer` others, or all peers
+/// `max_connections`.
+pub(super) async fn serve_connection(inner: Weak<Inner>, conn: quinn::Connection, incoming: bool) {
     let key = peer_key(&conn);
-    let slot = inner.upgrade().and_then(|i| {
-        let peers = i.peers.clone();
-        peers.connect(
-            key,
-            i.config.max_connections_per_peer,
-            i.config.max_connections,
-        )
-    });
+    // Only connections peers open count against the caps: this agent's own dials (to its
+    // sources) must never be closed because others filled them.
+    let slot = match inner.upgrade() {
+        Some(i) if incoming => {
+            let peers = i.peers.clone();
+            peers
+                .connect(
+                    key,
+                    i.config.max_connections_per_peer,
+                    i.config.max_connections,
+                )
+                .map(Some)
+        }
+        Some(_) => Some(None),
+        None => None,
+    };
     let Some(_slot) = slot else {
         tracing::warn!(peer = %conn.remote_address(), "closing a connection: the peer has too many");
         conn.close(

@@ -273,7 +273,8 @@ impl State {
             // make later pulls of the URL return bytes of its choosing).
             let size = self.catalog.manifest(&d).map(|m| m.size());
             let held = self.catalog.holds_complete(&d, host);
-            if !held || (req.size > 0 && size != Some(req.size)) {
+            // Without a size from the origin there is nothing to check the claim against.
+            if !held || req.size == 0 || size != Some(req.size) {
                 return Err(ApiError::FailedPrecondition(format!(
                     "agent {:?} has not registered a complete {d} of {} bytes: a URL's digest is taken only from the agent that fetched it, once it holds the blob",
                     req.agent_id, req.size

@@ -19,6 +19,26 @@ use shoal_proto::pb::v1::{self as pb, FailureReason, JobState, TargetState};
 /// What GetJob and ListJobs show instead of an origin header's value.
 pub const REDACTED: &str = "<redacted>";
 
+/// A URL without what may be a credential: its user and password, and its query's values
+/// (presigned URLs carry their signature there); the names of the query's keys stay.
+fn redacted_url(url: &str) -> String {
+    let Ok(mut parsed) = shoal_origin::parse_http_url(url) else {
+        return REDACTED.to_string();
+    };
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        let _ = parsed.set_username(REDACTED);
+        let _ = parsed.set_password(None);
+    }
+    if parsed.query().is_some() {
+        let keys: Vec<String> = parsed.query_pairs().map(|(k, _)| k.into_owned()).collect();
+        parsed
+            .query_pairs_mut()
+            .clear()
+            .extend_pairs(keys.iter().map(|k| (k.as_str(), REDACTED)));
+    }
+    parsed.to_string()
+}
+
 /// A target's key: (agent id, blob).
 pub type TargetKey = (String, Digest);
 
@@ -329,6 +349,7 @@ impl Job {
                 for value in h.headers.values_mut() {
                     *value = REDACTED.to_string();
                 }
+                h.url = redacted_url(&h.url);
             }
         }
         job

@@ -77,7 +77,12 @@ impl Urls {
             .fetcher
             .is_some_and(|(h, since)| alive(h) && now.saturating_since(since) < timeout);
         entry.touched = now;
-        if let Some(digest) = fetched {
+        // Only the elected fetcher names the content, and only once: a digest already known
+        // is never replaced.
+        if let Some(digest) = fetched
+            && entry.digest.is_none()
+            && entry.fetcher.is_some_and(|(h, _)| h == host)
+        {
             entry.digest = Some(digest);
             entry.fetcher = None;
         }

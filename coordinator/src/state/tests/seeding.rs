@@ -391,6 +391,7 @@ fn origin_header_values_reach_the_seeder_but_never_the_api() {
     if let Some(pb::origin::Origin::Http(h)) = &mut origin.origin {
         h.headers
             .insert("Authorization".into(), "Bearer hf_secret".into());
+        h.url = "http://bob:pw_secret@127.0.0.1:1/m.bin?X-Amz-Signature=sig_secret&v=1".into();
     }
     let job = distribute_from_origin(&mut c.s, m.digest(), &["a0", "a1"], origin.clone())
         .expect("distribute");
@@ -420,7 +421,10 @@ fn origin_header_values_reach_the_seeder_but_never_the_api() {
     assert_eq!(listed.jobs.len(), 1);
     assert_eq!(shown(&listed.jobs[0]), redacted);
     let text = format!("{got:?}{listed:?}");
-    assert!(!text.contains("hf_secret"), "{text}");
+    for secret in ["hf_secret", "pw_secret", "sig_secret", "bob"] {
+        assert!(!text.contains(secret), "{secret}: {text}");
+    }
+    assert!(text.contains("X-Amz-Signature="), "query keys stay: {text}");
 }
 
 /// One Distribute cannot create more targets than `max_targets_per_job`, and cannot give an
