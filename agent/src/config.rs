@@ -14,7 +14,9 @@ use crate::transport::TransportConfig;
 pub const UNLIMITED_CAPACITY_BYTES_PER_SEC: u64 = 1_250_000_000;
 
 /// How an agent runs. Every field has a default; `data_dir` and `join_token` usually need
-/// setting.
+/// setting. Keys ending in `_ms`, `_bytes` and `_bytes_per_sec`, and `chunk_size`, take an
+/// integer in that unit or a string with units (`"30s"`, `"100GiB"`, `"200Mbit/s"`; see
+/// [`shoal_proto::units`]); the struct holds the integer.
 #[derive(Clone, Debug, serde::Deserialize, serde::Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AgentConfig {
@@ -25,6 +27,7 @@ pub struct AgentConfig {
     /// The store lives in `data_dir/store`; the agent id is kept in `data_dir/agent-id`.
     pub data_dir: PathBuf,
     /// The most bytes of blobs the store may hold.
+    #[serde(deserialize_with = "shoal_proto::units::bytes")]
     pub quota_bytes: u64,
     /// UDP address of the QUIC endpoint.
     pub quic_listen: SocketAddr,
@@ -43,8 +46,10 @@ pub struct AgentConfig {
     /// Labels announced to the coordinator: `zone`, `rack`, `host`, any other.
     pub labels: BTreeMap<String, String>,
     /// Cap on bytes served to peers per second; 0 = unlimited.
+    #[serde(deserialize_with = "shoal_proto::units::bytes_per_sec")]
     pub upload_limit_bytes_per_sec: u64,
     /// Cap on bytes fetched per second; 0 = unlimited.
+    #[serde(deserialize_with = "shoal_proto::units::bytes_per_sec")]
     pub download_limit_bytes_per_sec: u64,
     /// Prometheus endpoint; the binary installs the exporter.
     pub metrics_listen: Option<SocketAddr>,
@@ -62,17 +67,21 @@ pub struct AgentConfig {
     /// Connections all peers may have open to this agent at once; more are closed.
     pub max_peer_connections: usize,
     /// A single chunk request must finish within this many milliseconds.
+    #[serde(deserialize_with = "shoal_proto::units::millis")]
     pub request_timeout_ms: u64,
     /// Longest a chunk request waits behind this agent's upload queue before it is answered
     /// `Busy` and the peer asks another source, milliseconds.
+    #[serde(deserialize_with = "shoal_proto::units::millis")]
     pub max_upload_wait_ms: u64,
     /// QUIC congestion controller: `cubic` (the default), `bbr` or `newreno`.
     pub congestion: crate::transport::Congestion,
     /// Kernel buffer of the UDP socket, bytes.
+    #[serde(deserialize_with = "shoal_proto::units::bytes")]
     pub socket_buffer_bytes: usize,
     /// Largest UDP payload (upper bound of MTU discovery).
     pub max_udp_payload_size: u16,
     /// Chunk size of manifests built by Push (a power of two, 4 KiB–16 MiB).
+    #[serde(deserialize_with = "shoal_proto::units::bytes")]
     pub chunk_size: u32,
     /// TCP address of the OCI registry mirror (see [`crate::mirror`]); none = off. The Helm
     /// chart serves it on 127.0.0.1:7403, where `shoal containerd-config` points containerd.

@@ -34,7 +34,8 @@ use crate::readers::Readers;
 use crate::shutdown::{Stop, stopped};
 use crate::store::Store;
 
-/// Settings of the mirror (`[mirror]` in the agent's config).
+/// Settings of the mirror (`[mirror]` in the agent's config). `_ms` and `_bytes` keys also
+/// take strings with units (`"30s"`, `"64MiB"`; see [`shoal_proto::units`]).
 #[derive(Clone, Debug, serde::Deserialize, serde::Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MirrorConfig {
@@ -42,11 +43,14 @@ pub struct MirrorConfig {
     pub default_registry: String,
     /// How long a manifest fetched by tag is served from the cache, milliseconds. By
     /// digest, manifests are immutable and kept ten times longer.
+    #[serde(deserialize_with = "shoal_proto::units::millis")]
     pub manifest_cache_ttl_ms: u64,
     /// The most bytes the manifest cache holds (manifests and their keys). Default 64 MiB.
+    #[serde(deserialize_with = "shoal_proto::units::bytes")]
     pub manifest_cache_bytes: u64,
     /// If no byte of a blob arrives from peers for this long, the rest is fetched from the
     /// upstream directly (logged, and counted in `shoal_mirror_fallbacks_total`).
+    #[serde(deserialize_with = "shoal_proto::units::millis")]
     pub fallback_after_ms: u64,
     /// Without `?ns=`, a first path component that names a registry host
     /// (`/v2/quay.io/org/app/...`, a port written `__`: `/v2/10.0.0.5__5000/app/...`) is the

@@ -2,6 +2,10 @@
 //! file (`--config`, TOML), then `SHOAL_<KEY>` environment variables, then flags. Unknown keys
 //! in a file are errors; environment variables that name no key are ignored (so `SHOAL_LOG`
 //! and the other binary's variables do not get in the way).
+//!
+//! Keys ending in `_ms`, `_hours`, `_bytes` and `_bytes_per_sec` take an integer or a string
+//! with units (`"30s"`, `"100GiB"`, `"200Mbit/s"`), in the file and in `SHOAL_` variables
+//! alike; see `shoal_proto::units`.
 
 use std::path::Path;
 
@@ -47,5 +51,24 @@ pub fn load<T: DeserializeOwned + Serialize + Default>(
     builder
         .build()
         .and_then(|c| c.try_deserialize::<T>())
-        .map_err(|e| format!("configuration: {e}"))
+        .map_err(|e| format!("configuration: {}", describe(e)))
 }
+
+/// One line, the key first (`quota_bytes: ...`) when the error is about one value, as the
+/// checks after loading word theirs.
+fn describe(e: config::ConfigError) -> String {
+    match e {
+        config::ConfigError::At {
+            error,
+            key: Some(key),
+            origin,
+        } => match origin {
+            Some(origin) => format!("{key}: {error} (in {origin})"),
+            None => format!("{key}: {error}"),
+        },
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -25,7 +25,8 @@ use shoal_proto::pb::{self, v1::agent_session_server::AgentSessionServer};
 use tokio_stream::wrappers::TcpListenerStream;
 
 /// The coordinator's configuration; see `docs/OPERATIONS.md`. Every field has a default
-/// except `join_token`.
+/// except `join_token`. Keys ending in `_ms`, `_hours` and `_bytes` take an integer in that
+/// unit or a string with units (`"10s"`, `"7d"`, `"16MiB"`; see [`shoal_proto::units`]).
 #[derive(Clone, Debug, serde::Deserialize, serde::Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CoordinatorConfig {
@@ -36,14 +37,17 @@ pub struct CoordinatorConfig {
     /// Shared secret agents present at Join. Required.
     pub join_token: String,
     /// An agent silent for this long is gone, in milliseconds.
+    #[serde(deserialize_with = "shoal_proto::units::millis")]
     pub lease_ms: u64,
     /// How often agents send a heartbeat, in milliseconds (less than the lease).
+    #[serde(deserialize_with = "shoal_proto::units::millis")]
     pub heartbeat_ms: u64,
     /// Most sources one target fetches a blob from at once.
     pub max_sources: usize,
     /// Most downloads one agent serves at once.
     pub max_uploads: usize,
     /// Finished jobs are forgotten this many hours after they end.
+    #[serde(deserialize_with = "shoal_proto::units::hours")]
     pub job_retention_hours: u64,
     /// Prometheus metrics address (installed by the binary); none = off.
     pub metrics_listen: Option<SocketAddr>,
@@ -55,11 +59,13 @@ pub struct CoordinatorConfig {
     /// as it comes. Ranges pay only for an origin much faster than one agent's link: each
     /// range seeder gets the rest of the blob only once every range is in (on links as fast
     /// as the origin's, 2.41x the bound against 1.30x streamed; docs/BENCHMARKS.md).
+    #[serde(deserialize_with = "shoal_proto::units::bytes")]
     pub stripe_seed_min_bytes: u64,
     pub max_seeders_per_blob: usize,
     /// The largest job-API request (Distribute, Preheat, ...) the coordinator decodes;
     /// larger is refused (OUT_OF_RANGE) before it is read into memory. Default 16 MiB.
     /// Agent sessions keep 64 MiB: a 1 TiB blob's manifest is 32 MiB.
+    #[serde(deserialize_with = "shoal_proto::units::bytes")]
     pub max_api_request_bytes: usize,
     /// The most targets (agents × blobs) one Distribute or Preheat may create; more is
     /// refused with INVALID_ARGUMENT, so that one request cannot fill the coordinator.

@@ -139,7 +139,9 @@ impl fmt::Debug for HttpOriginConfig {
     }
 }
 
-/// Settings for every origin request (section `[origin]`).
+/// Settings for every origin request (section `[origin]`). `_ms`, `_bytes` and
+/// `_bytes_per_sec` keys also take strings with units (`"5s"`, `"4MiB"`, `"64KiB/s"`; see
+/// [`shoal_proto::units`]).
 #[derive(Clone, Debug, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OriginConfig {
@@ -148,11 +150,14 @@ pub struct OriginConfig {
     /// Headers for HTTP(S) origins, by URL prefix (every matching entry applies).
     pub http: Vec<HttpOriginConfig>,
     /// Manifests larger than this are refused with [`OriginError::TooLarge`]. Default 4 MiB.
+    #[serde(deserialize_with = "shoal_proto::units::bytes")]
     pub manifest_max_bytes: u64,
     /// TCP connect timeout. Default 5000.
+    #[serde(deserialize_with = "shoal_proto::units::millis")]
     pub connect_timeout_ms: u64,
     /// How long to wait for response headers, and for each further piece of a body; not a
     /// limit on the whole transfer of a large blob. Default 30000.
+    #[serde(deserialize_with = "shoal_proto::units::millis")]
     pub request_timeout_ms: u64,
     /// `User-Agent` of every request. Default `shoal/<version>`.
     pub user_agent: String,
@@ -164,6 +169,7 @@ pub struct OriginConfig {
     pub auth_file: Option<PathBuf>,
     /// The longest a registry's `429 Too Many Requests` may pause requests to it (its
     /// `Retry-After`, capped). Default 60000.
+    #[serde(deserialize_with = "shoal_proto::units::millis")]
     pub max_retry_wait_ms: u64,
     /// Hosts a redirect may lead to over plain http or at an internal address (`host` for
     /// any port, or `host:port`), e.g. a registry's storage on the cluster network. Public
@@ -175,8 +181,10 @@ pub struct OriginConfig {
     /// that drips a few bytes within every `request_timeout_ms` ends, and another seeder or
     /// the targets' failure takes over, instead of holding every waiting target. 0: no
     /// floor. Default 65536 (64 KiB/s).
+    #[serde(deserialize_with = "shoal_proto::units::bytes_per_sec")]
     pub min_bytes_per_sec: u64,
     /// The window `min_bytes_per_sec` is measured over. Default 30000.
+    #[serde(deserialize_with = "shoal_proto::units::millis")]
     pub min_rate_window_ms: u64,
 }
 

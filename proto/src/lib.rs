@@ -6,10 +6,12 @@
 //!   integers.
 //! - [`Manifest`]: the per-chunk SHA-256 table every agent verifies against.
 //! - [`wire`]: the agent-to-agent QUIC frame codec, pure and IO-free.
+//! - [`units`]: human units (`"30s"`, `"100GiB"`, `"200Mbit/s"`) for configuration values.
 
 mod digest;
 mod manifest;
 pub mod pb;
+pub mod units;
 pub mod wire;
 
 pub use digest::{BlobId, ChunkIndex, Digest, DigestParseError};
