@@ -16,6 +16,9 @@ python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
 command -v /usr/bin/docker-registry >/dev/null || need_apt+=(docker-registry)
 command -v skopeo >/dev/null || need_apt+=(skopeo)
 { command -v containerd && command -v ctr; } >/dev/null || need_apt+=(containerd)
+# The chart's dashboard and alert rules are checked by promtool and a real Prometheus
+# (cli/tests/cluster/prometheus.rs).
+{ [ -x /usr/bin/prometheus ] && [ -x /usr/bin/promtool ]; } || need_apt+=(prometheus)
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "==> installing ${need_apt[*]} (apt-get)"
     apt-get update -qq && apt-get install -y -qq "${need_apt[@]}"

@@ -239,7 +239,11 @@ impl Agent {
                 }
             },
         };
-        tokio::spawn(record_transport(parts.endpoint.clone(), parts.stop.clone()));
+        tokio::spawn(record_gauges(
+            parts.endpoint.clone(),
+            ex.store.clone(),
+            parts.stop.clone(),
+        ));
         tokio::spawn(
             (ex.coordinator.clone()).report_removals(ex.store.removals(), parts.stop.clone()),
         );
@@ -486,14 +490,16 @@ fn persist_agent_id(path: &Path, id: &str) {
     }
 }
 
-/// Exports the transport's congestion state (see [`record_transport_once`]) until the agent
-/// stops.
-async fn record_transport(endpoint: ChunkEndpoint, mut stop: crate::shutdown::Stop) {
+/// Exports the transport's congestion state (see [`record_transport_once`]) and the store's
+/// fill until the agent stops.
+async fn record_gauges(endpoint: ChunkEndpoint, store: Store, mut stop: crate::shutdown::Stop) {
     loop {
         record_transport_once(&endpoint);
+        metrics::gauge!(crate::metrics::STORE_USED).set(store.usage_bytes() as f64);
+        metrics::gauge!(crate::metrics::STORE_QUOTA).set(store.quota_bytes() as f64);
         tokio::select! {
             _ = crate::shutdown::stopped(&mut stop) => return,
-            _ = tokio::time::sleep(crate::metrics::TRANSPORT_INTERVAL) => {}
+            _ = tokio::time::sleep(crate::metrics::GAUGES_INTERVAL) => {}
         }
     }
 }

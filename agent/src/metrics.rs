@@ -2,28 +2,28 @@
 //! the binary installs the exporter (Prometheus).
 
 /// Bytes received and verified, labelled `source` = [`SOURCE_PEER`] or [`SOURCE_ORIGIN`].
-pub const BYTES_IN: &str = "shoal_agent_bytes_in_total";
+pub const BYTES_IN: &str = "shoal_agent_received_bytes_total";
 /// Bytes of chunks served to peers.
-pub const BYTES_OUT: &str = "shoal_agent_bytes_out_total";
+pub const BYTES_OUT: &str = "shoal_agent_served_bytes_total";
 /// Chunks received that matched the manifest and were stored.
 pub const CHUNKS_VERIFIED: &str = "shoal_agent_chunks_verified_total";
 /// Chunks received that did not match the manifest (the peer was dropped).
 pub const CHUNKS_REJECTED: &str = "shoal_agent_chunks_rejected_total";
 /// Fetch orders currently running.
-pub const ACTIVE_TRANSFERS: &str = "shoal_agent_active_transfers";
+pub const ACTIVE_TRANSFERS: &str = "shoal_agent_transfers_active";
 /// Fetch orders finished, labelled `outcome` = `done` | `failed`.
 pub const TRANSFERS_FINISHED: &str = "shoal_agent_transfers_finished_total";
 /// 1 while the session with the coordinator is up, else 0.
 pub const SESSION_CONNECTED: &str = "shoal_agent_session_connected";
 /// Bytes ingested by local pushes.
-pub const BYTES_PUSHED: &str = "shoal_agent_bytes_pushed_total";
+pub const BYTES_PUSHED: &str = "shoal_agent_pushed_bytes_total";
 
 /// Requests the OCI mirror answered, labelled `kind` = `manifest` | `blob`.
 pub const MIRROR_REQUESTS: &str = "shoal_mirror_requests_total";
 /// Blob bytes the mirror sent to clients, labelled `source`: `local` (held before the
 /// request), `peers` (fetched from peers for it), `seed` (fetched from the upstream by this
 /// agent as the cluster's seeder), `fallback` (from the upstream directly, Shoal bypassed).
-pub const MIRROR_BYTES: &str = "shoal_mirror_bytes_total";
+pub const MIRROR_BYTES: &str = "shoal_mirror_sent_bytes_total";
 /// Blob pulls that fell back to the upstream (peers stalled or the distribution failed).
 pub const MIRROR_FALLBACKS: &str = "shoal_mirror_fallbacks_total";
 /// Seconds from a blob request to its first byte, labelled `source` as `MIRROR_BYTES`.
@@ -49,17 +49,40 @@ pub const WASTED_BYTES: &str = "shoal_agent_wasted_bytes_total";
 /// manifest): those chunks came from peers before the blob was whole anywhere.
 pub const STREAMED_DIGESTS: &str = "shoal_agent_streamed_digests_total";
 
-/// How often the agent records its transport's state.
-pub const TRANSPORT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+/// Bytes of blobs in the store, complete or not.
+pub const STORE_USED: &str = "shoal_agent_store_used_bytes";
+/// The store's quota (`quota_bytes`): eviction keeps [`STORE_USED`] under it.
+pub const STORE_QUOTA: &str = "shoal_agent_store_quota_bytes";
+
+/// How often the agent records its transport's state and its store's fill.
+pub const GAUGES_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Label value of [`BYTES_IN`] for bytes from peer agents.
 pub const SOURCE_PEER: &str = "peer";
 /// Label value of [`BYTES_IN`] for bytes from an origin.
 pub const SOURCE_ORIGIN: &str = "origin";
 
-/// Describes every metric (units and help text) to whichever recorder is installed.
+/// Describes every metric (units and help text) to whichever recorder is installed, and sets
+/// the counters that dashboards and alerts read to zero, so that they have a series (with
+/// every label value) before their first event.
 pub fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    for source in [SOURCE_PEER, SOURCE_ORIGIN] {
+        metrics::counter!(BYTES_IN, "source" => source).increment(0);
+    }
+    for outcome in ["done", "failed"] {
+        metrics::counter!(TRANSFERS_FINISHED, "outcome" => outcome).increment(0);
+    }
+    for counter in [
+        BYTES_OUT,
+        CHUNKS_VERIFIED,
+        CHUNKS_REJECTED,
+        MIRROR_FALLBACKS,
+        DUPLICATE_REQUESTS,
+        WASTED_BYTES,
+    ] {
+        metrics::counter!(counter).increment(0);
+    }
     describe_counter!(
         BYTES_IN,
         Unit::Bytes,
@@ -115,6 +138,12 @@ pub fn describe() {
         STREAMED_DIGESTS,
         "Chunk digests learned from a seed still running on another agent"
     );
+    describe_gauge!(
+        STORE_USED,
+        Unit::Bytes,
+        "Bytes of blobs in the store, complete or not"
+    );
+    describe_gauge!(STORE_QUOTA, Unit::Bytes, "The store's quota");
     describe_histogram!(
         MIRROR_FIRST_BYTE,
         Unit::Seconds,

@@ -439,6 +439,11 @@ impl Store {
         lock(&self.inner.index).usage
     }
 
+    /// The most the store may hold (`quota_bytes`).
+    pub fn quota_bytes(&self) -> u64 {
+        self.inner.quota
+    }
+
     /// What the store may still take under its quota.
     pub fn free_bytes(&self) -> u64 {
         self.inner.quota.saturating_sub(self.usage_bytes())

@@ -23,8 +23,6 @@ pub fn start(role: &'static str) {
         "shoal_build_info",
         "1, labelled with the version and role of this process"
     );
-    metrics::gauge!("shoal_build_info", "version" => env!("CARGO_PKG_VERSION"), "role" => role)
-        .set(1.0);
     metrics::describe_counter!(
         "process_cpu_seconds_total",
         "User and system CPU time spent, seconds"
@@ -35,16 +33,19 @@ pub fn start(role: &'static str) {
         "process_start_time_seconds",
         "Start time since the Unix epoch, seconds"
     );
-    record();
-    tokio::spawn(async {
+    record(role);
+    tokio::spawn(async move {
         loop {
             tokio::time::sleep(EVERY).await;
-            record();
+            record(role);
         }
     });
 }
 
-fn record() {
+fn record(role: &'static str) {
+    // Set again each time: the coordinator's exporter drops gauges left unset for a while.
+    metrics::gauge!("shoal_build_info", "version" => env!("CARGO_PKG_VERSION"), "role" => role)
+        .set(1.0);
     let ticks = USER_HZ;
     if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
         // Fields after the command name (which may hold spaces) in parentheses.

@@ -65,12 +65,26 @@ fn problem(e: impl std::fmt::Display) -> anyhow::Error {
 
 fn install_metrics(addr: Option<SocketAddr>, role: &'static str) -> Result<()> {
     if let Some(addr) = addr {
-        metrics_exporter_prometheus::PrometheusBuilder::new()
+        let mut builder = metrics_exporter_prometheus::PrometheusBuilder::new()
             .set_buckets(crate::process_metrics::LATENCY_BUCKETS)
-            .context("histogram buckets")?
+            .context("histogram buckets")?;
+        if role == "coordinator" {
+            // Per-job gauges stop being set when their job ends; without a timeout they would
+            // stay in every scrape for the life of the process.
+            builder = builder.idle_timeout(
+                metrics_util::MetricKindMask::GAUGE,
+                Some(shoal_coordinator::metrics::JOB_SERIES_LINGER),
+            );
+        }
+        builder
             .with_http_listener(addr)
             .install()
             .with_context(|| format!("starting the metrics endpoint on {addr}"))?;
+        if role == "coordinator" {
+            shoal_coordinator::metrics::describe();
+        } else {
+            shoal_agent::metrics::describe();
+        }
         crate::process_metrics::start(role);
     }
     Ok(())

@@ -59,7 +59,7 @@ fn distribute_on_shaped_links_delivers_identical_copies_without_waste() -> Resul
         assert!(std::fs::read(&copy)? == content, "host {h}'s copy differs");
     }
     let size = SIZE as f64;
-    let seeder = cluster.metric(0, "shoal_agent_bytes_out_total")? / size;
+    let seeder = cluster.metric(0, "shoal_agent_served_bytes_total")? / size;
     eprintln!("the seeder sent {seeder:.2} copies");
     // A seeder that queues only what its uplink drains soon (transport/uplink.rs) leaves the
     // rest to peers: 1.22-1.38 copies measured here, where it sent 1.34-1.53 before. Issue
@@ -84,7 +84,7 @@ fn distribute_on_shaped_links_delivers_identical_copies_without_waste() -> Resul
     );
     let mut received = 0.0;
     for h in 1..=3 {
-        received += cluster.metric(h, "shoal_agent_bytes_in_total")?;
+        received += cluster.metric(h, "shoal_agent_received_bytes_total")?;
     }
     // Endgame duplicates are the only bytes received and not kept: a few chunks per target,
     // which the targets count themselves.

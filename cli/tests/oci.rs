@@ -177,7 +177,7 @@ async fn skopeo_through_the_mirrors_fetches_each_blob_from_upstream_once() -> Re
         );
     }
     let b_agent = &s.cluster.agents[1];
-    let from_peers = b_agent.metric("shoal_mirror_bytes_total{source=\"peers\"")?;
+    let from_peers = b_agent.metric("shoal_mirror_sent_bytes_total{source=\"peers\"")?;
     let total: u64 = blobs(&image).values().sum();
     assert_eq!(
         from_peers as u64, total,
@@ -304,7 +304,7 @@ async fn preheated_image_reaches_containerd_through_the_mirror_not_the_upstream(
         String::from_utf8_lossy(&out.stderr)
     );
     let from_peers =
-        |s: &Setup| s.cluster.agents[0].metric("shoal_agent_bytes_in_total{source=\"peer\"");
+        |s: &Setup| s.cluster.agents[0].metric("shoal_agent_received_bytes_total{source=\"peer\"");
     let peer_bytes = from_peers(&s)?;
     let containerd = shoal_tests::containerd::Containerd::start()?;
     containerd
@@ -335,7 +335,7 @@ async fn preheated_image_reaches_containerd_through_the_mirror_not_the_upstream(
         peer_bytes,
         "a preheated image is served from the node's own store, not fetched from peers"
     );
-    let local = s.cluster.agents[0].metric("shoal_mirror_bytes_total{source=\"local\"")?;
+    let local = s.cluster.agents[0].metric("shoal_mirror_sent_bytes_total{source=\"local\"")?;
     let layers: u64 = image.built.layers.iter().map(|(_, n)| n).sum();
     assert!(
         local as u64 >= layers,
@@ -486,7 +486,7 @@ async fn a_stalled_peer_makes_the_mirror_fall_back_to_the_upstream() -> Result<(
     let b = &s.cluster.agents[1];
     assert_eq!(b.metric("shoal_mirror_fallbacks_total")?, 1.0);
     assert_eq!(
-        b.metric("shoal_mirror_bytes_total{source=\"fallback\"")? as u64,
+        b.metric("shoal_mirror_sent_bytes_total{source=\"fallback\"")? as u64,
         size
     );
     assert!(

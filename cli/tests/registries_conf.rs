@@ -78,7 +78,7 @@ async fn skopeo_reading_the_drop_in_pulls_through_the_mirror() -> Result<()> {
         from_skopeo.is_empty(),
         "blobs fetched around the mirror: {from_skopeo:?}"
     );
-    let served = cluster.agents[0].metric("shoal_mirror_bytes_total")?;
+    let served = cluster.agents[0].metric("shoal_mirror_sent_bytes_total")?;
     let layers: u64 = built.layers.iter().map(|(_, n)| n).sum();
     ensure!(
         served as u64 >= layers,

@@ -2,13 +2,68 @@
 
 /// Agents with a live session.
 pub const AGENTS_READY: &str = "shoal_coordinator_agents_ready";
+/// Agents known to this coordinator by state (`state` label: ready, draining, disconnected,
+/// gone). Gone agents stay known (their id may rejoin).
+pub const AGENTS: &str = "shoal_coordinator_agents";
+/// Agents whose lease ran out: they stopped renewing without rejoining in time (node lost,
+/// pod killed, network partition).
+pub const LEASES_EXPIRED: &str = "shoal_coordinator_leases_expired_total";
 /// Jobs by state (`state` label).
 pub const JOBS: &str = "shoal_coordinator_jobs";
-/// Bytes verified on targets of unfinished jobs.
-pub const JOB_BYTES_DONE: &str = "shoal_coordinator_job_bytes_done";
+/// Per unfinished job (`job_id` label): bytes verified on its targets so far.
+pub const JOB_DONE_BYTES: &str = "shoal_coordinator_job_done_bytes";
+/// Per unfinished job: bytes its targets want in all (known sizes only).
+pub const JOB_WANTED_BYTES: &str = "shoal_coordinator_job_wanted_bytes";
+/// Per unfinished job: when it was created, seconds since the Unix epoch.
+pub const JOB_CREATED: &str = "shoal_coordinator_job_created_timestamp_seconds";
+/// Per unfinished job: its physical bound, the longest any target agent needs to receive its
+/// share at its download capacity. Absent while a target agent's capacity is unknown.
+pub const JOB_BOUND: &str = "shoal_coordinator_job_bound_seconds";
+/// How long a per-job series outlives its job: the exporter drops gauges not set for this
+/// long, so finished jobs leave the scrape instead of piling up.
+pub const JOB_SERIES_LINGER: std::time::Duration = std::time::Duration::from_secs(120);
 /// Blobs in the catalog.
 pub const BLOBS: &str = "shoal_coordinator_blobs";
 /// Planner decisions, by kind (`kind` label: order, source_update, cancel, replan, ...).
 pub const PLANNER_DECISIONS: &str = "shoal_coordinator_planner_decisions_total";
 /// Rows of the state database skipped at load because they do not decode (`table` label).
 pub const BAD_ROWS: &str = "shoal_coordinator_bad_state_rows_total";
+
+/// Describes every metric to the installed recorder, and sets the counters that alerts read
+/// to zero so that they have a series before their first event.
+pub fn describe() {
+    use metrics::{describe_counter, describe_gauge};
+    describe_gauge!(AGENTS_READY, "Agents with a live session");
+    describe_gauge!(AGENTS, "Agents known to this coordinator, by state");
+    describe_counter!(
+        LEASES_EXPIRED,
+        "Agents whose lease ran out without a rejoin in time"
+    );
+    describe_gauge!(JOBS, "Jobs by state");
+    describe_gauge!(
+        JOB_DONE_BYTES,
+        metrics::Unit::Bytes,
+        "Bytes verified on the targets of an unfinished job"
+    );
+    describe_gauge!(
+        JOB_WANTED_BYTES,
+        metrics::Unit::Bytes,
+        "Bytes the targets of an unfinished job want in all"
+    );
+    describe_gauge!(
+        JOB_CREATED,
+        "When an unfinished job was created, Unix seconds"
+    );
+    describe_gauge!(
+        JOB_BOUND,
+        metrics::Unit::Seconds,
+        "An unfinished job's physical bound: its slowest target's bytes over its download capacity"
+    );
+    describe_gauge!(BLOBS, "Blobs in the catalog");
+    describe_counter!(PLANNER_DECISIONS, "Planner decisions, by kind");
+    describe_counter!(
+        BAD_ROWS,
+        "Rows of the state database skipped at load because they do not decode"
+    );
+    metrics::counter!(LEASES_EXPIRED).increment(0);
+}

@@ -22,6 +22,7 @@
 mod agents;
 mod api;
 mod catalog;
+mod export;
 mod job;
 mod jobs;
 mod orders;
@@ -41,8 +42,6 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::db::Db;
 use shoal_pki::ClusterCa;
-
-pub use job::state_label;
 
 /// Why a request was refused; the service layer maps each kind to a gRPC code.
 #[derive(Debug, thiserror::Error)]
@@ -306,46 +305,6 @@ impl State {
         self.jobs.flush(now.wall);
         self.jobs.forget_old(self.config.job_retention, now.wall);
         self.export_metrics();
-    }
-
-    fn export_metrics(&self) {
-        use crate::metrics as m;
-        let ready = self
-            .agents
-            .iter()
-            .filter(|a| a.state == pb::AgentState::Ready)
-            .count();
-        metrics::gauge!(m::AGENTS_READY).set(ready as f64);
-        metrics::gauge!(m::BLOBS).set(self.catalog.len() as f64);
-        let mut by_state: BTreeMap<&'static str, usize> = BTreeMap::new();
-        let mut bytes_done = 0;
-        for job in self.jobs.iter() {
-            *by_state.entry(state_label(job.state())).or_default() += 1;
-            if !job.is_terminal() {
-                bytes_done += job.targets().map(|(_, t)| t.bytes_done()).sum::<u64>();
-            }
-        }
-        for state in ["pending", "running", "done", "failed", "cancelled"] {
-            let n = by_state.get(state).copied().unwrap_or(0);
-            metrics::gauge!(m::JOBS, "state" => state).set(n as f64);
-        }
-        metrics::gauge!(m::JOB_BYTES_DONE).set(bytes_done as f64);
-        let s = self.assigner.stats();
-        let seeds = self.seeder.stats();
-        for (kind, v) in [
-            ("order", s.orders),
-            ("source_update", s.source_updates),
-            ("cancel", s.cancels),
-            ("replan", s.replans),
-            ("stall", s.stalls),
-            ("corrupt_report", s.corrupt_reports),
-            ("gave_up", s.gave_up),
-            ("seed_order", seeds.seed_orders),
-            ("seed_failed", seeds.failed_seeds),
-            ("seed_gave_up", seeds.gave_up),
-        ] {
-            metrics::counter!(m::PLANNER_DECISIONS, "kind" => kind).absolute(v);
-        }
     }
 }
 

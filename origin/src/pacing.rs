@@ -3,7 +3,7 @@
 //! for its `Retry-After` (1 s if it names none, never more than `max_retry_wait_ms`), then
 //! the request is tried again, up to [`THROTTLED_RETRIES`] times; and a registry may be given a
 //! request budget (`[[origin.registries]] max_requests_per_second`) that requests wait for
-//! rather than spend. Each 429 counts in `shoal_origin_throttled_total{registry}`.
+//! rather than spend. Each 429 counts in `shoal_origin_throttled_responses_total{registry}`.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -17,7 +17,7 @@ pub(crate) const THROTTLED_RETRIES: u32 = 3;
 /// What a 429 without a usable `Retry-After` waits.
 const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(1);
 /// Counter of 429 answers, by registry.
-pub const THROTTLED: &str = "shoal_origin_throttled_total";
+pub const THROTTLED: &str = "shoal_origin_throttled_responses_total";
 
 /// When each registry may be sent the next request.
 #[derive(Debug, Default)]

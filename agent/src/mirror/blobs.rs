@@ -179,7 +179,7 @@ struct Pull {
     first_byte: Option<Instant>,
 }
 
-/// Where served bytes came from (the `source` label of `shoal_mirror_bytes_total`).
+/// Where served bytes came from (the `source` label of `shoal_mirror_sent_bytes_total`).
 #[derive(Clone, Copy, Debug)]
 enum Source {
     /// Already in the store when asked.

@@ -2,6 +2,7 @@
 //! client, on loopback. Each test starts its own cluster in temporary directories.
 
 mod harness;
+mod prometheus;
 
 use std::time::Duration;
 
@@ -126,7 +127,7 @@ async fn a_pushed_blob_reaches_every_agent_mostly_from_peers() -> Result<()> {
     }
 
     // Peers carry most bytes: the seeder serves well under one copy per target.
-    let seeder_out = cluster.agents[0].metric("shoal_agent_bytes_out_total")?;
+    let seeder_out = cluster.agents[0].metric("shoal_agent_served_bytes_total")?;
     let blob = (64 * MIB) as f64;
     assert!(
         seeder_out > 0.0,
@@ -140,7 +141,7 @@ async fn a_pushed_blob_reaches_every_agent_mostly_from_peers() -> Result<()> {
     let peers_out: f64 = (1..6)
         .map(|i| {
             cluster.agents[i]
-                .metric("shoal_agent_bytes_out_total")
+                .metric("shoal_agent_served_bytes_total")
                 .unwrap_or(0.0)
         })
         .sum();

@@ -78,6 +78,11 @@ impl Target {
         self.bytes_done
     }
 
+    /// The blob's size, 0 while unknown.
+    pub fn bytes_total(&self) -> u64 {
+        self.bytes_total
+    }
+
     pub fn is_terminal(&self) -> bool {
         matches!(
             self.state,

@@ -147,6 +147,7 @@ impl State {
     /// unfinished targets fail with AGENT_LOST (see `job.rs` for the rule).
     pub(super) fn expire_leases(&mut self, now: Now) {
         for gone in self.agents.expire(now, self.config.lease) {
+            metrics::counter!(crate::metrics::LEASES_EXPIRED).increment(1);
             let host = gone.host;
             self.assigner.handle(now.mono, Event::HostDown { host });
             self.seeder.handle(now.mono, SeedEvent::HostGone { host });

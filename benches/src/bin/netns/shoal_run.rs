@@ -186,16 +186,16 @@ impl Bench {
 
         // What the seeder served (for a URL, the busiest agent: whichever was elected),
         // and what peers sent in all, in copies of the blob.
-        let mut seeder = cluster.metric(0, "shoal_agent_bytes_out_total")? / self.size as f64;
+        let mut seeder = cluster.metric(0, "shoal_agent_served_bytes_total")? / self.size as f64;
         if by_url {
             for h in self.targets() {
                 seeder = seeder
-                    .max(cluster.metric(h, "shoal_agent_bytes_out_total")? / self.size as f64);
+                    .max(cluster.metric(h, "shoal_agent_served_bytes_total")? / self.size as f64);
             }
         }
         let mut received = 0.0;
         for h in self.targets() {
-            received += cluster.metric(h, "shoal_agent_bytes_in_total")?;
+            received += cluster.metric(h, "shoal_agent_received_bytes_total")?;
         }
         let kept = (self.args.targets as u64 * self.size) as f64;
         // QUIC's own view of the links (sampled every second by each agent).

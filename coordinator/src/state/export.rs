@@ -1,0 +1,106 @@
+//! The coordinator's gauges, set from its state at every housekeeping tick: agents, catalog,
+//! jobs by state, each unfinished job's progress against its physical bound, and the
+//! planner's decision counts.
+
+use std::collections::BTreeMap;
+use std::time::SystemTime;
+
+use shoal_proto::pb::v1 as pb;
+
+use super::State;
+use super::agents::Agents;
+use super::job::{Job, state_label};
+use crate::metrics as m;
+
+impl State {
+    pub(super) fn export_metrics(&self) {
+        let mut agents = [0usize; 4];
+        for a in self.agents.iter() {
+            match a.state {
+                pb::AgentState::Ready => agents[0] += 1,
+                pb::AgentState::Draining => agents[1] += 1,
+                pb::AgentState::Disconnected => agents[2] += 1,
+                pb::AgentState::Gone | pb::AgentState::Unspecified => agents[3] += 1,
+            }
+        }
+        metrics::gauge!(m::AGENTS_READY).set(agents[0] as f64);
+        for (state, n) in ["ready", "draining", "disconnected", "gone"]
+            .iter()
+            .zip(agents)
+        {
+            metrics::gauge!(m::AGENTS, "state" => *state).set(n as f64);
+        }
+        // Zero until the first expiry, so that alerts on it have a series to read.
+        metrics::counter!(m::LEASES_EXPIRED).increment(0);
+        metrics::gauge!(m::BLOBS).set(self.catalog.len() as f64);
+        let mut by_state: BTreeMap<&'static str, usize> = BTreeMap::new();
+        for job in self.jobs.iter() {
+            *by_state.entry(state_label(job.state())).or_default() += 1;
+            if !job.is_terminal() {
+                export_job(job, &self.agents);
+            }
+        }
+        for state in ["pending", "running", "done", "failed", "cancelled"] {
+            let n = by_state.get(state).copied().unwrap_or(0);
+            metrics::gauge!(m::JOBS, "state" => state).set(n as f64);
+        }
+        let s = self.assigner.stats();
+        let seeds = self.seeder.stats();
+        for (kind, v) in [
+            ("order", s.orders),
+            ("source_update", s.source_updates),
+            ("cancel", s.cancels),
+            ("replan", s.replans),
+            ("stall", s.stalls),
+            ("corrupt_report", s.corrupt_reports),
+            ("gave_up", s.gave_up),
+            ("seed_order", seeds.seed_orders),
+            ("seed_failed", seeds.failed_seeds),
+            ("seed_gave_up", seeds.gave_up),
+        ] {
+            metrics::counter!(m::PLANNER_DECISIONS, "kind" => kind).absolute(v);
+        }
+    }
+}
+
+/// One unfinished job's gauges, labelled `job_id`. They stop being set when the job ends,
+/// and the exporter drops them after [`m::JOB_SERIES_LINGER`].
+fn export_job(job: &Job, agents: &Agents) {
+    let mut per_agent: BTreeMap<&str, u64> = BTreeMap::new();
+    let (mut done, mut wanted) = (0u64, 0u64);
+    for ((agent, _), t) in job.targets() {
+        done += t.bytes_done();
+        wanted += t.bytes_total();
+        *per_agent.entry(agent.as_str()).or_default() += t.bytes_total();
+    }
+    let id = job.id().to_string();
+    metrics::gauge!(m::JOB_DONE_BYTES, "job_id" => id.clone()).set(done as f64);
+    metrics::gauge!(m::JOB_WANTED_BYTES, "job_id" => id.clone()).set(wanted as f64);
+    if let Some(created) = job
+        .record
+        .created_at
+        .and_then(|t| SystemTime::try_from(t).ok())
+    {
+        let secs = created
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        metrics::gauge!(m::JOB_CREATED, "job_id" => id.clone()).set(secs);
+    }
+    if let Some(bound) = bound_seconds(&per_agent, agents) {
+        metrics::gauge!(m::JOB_BOUND, "job_id" => id).set(bound);
+    }
+}
+
+/// The longest any target agent needs to receive its bytes at its download capacity; `None`
+/// while some target agent is unknown or announced no capacity, or nothing is wanted yet.
+fn bound_seconds(per_agent: &BTreeMap<&str, u64>, agents: &Agents) -> Option<f64> {
+    let mut bound: f64 = 0.0;
+    for (id, bytes) in per_agent {
+        let agent = agents.host_of(id).and_then(|h| agents.get(h))?;
+        if agent.download_bps == 0 {
+            return None;
+        }
+        bound = bound.max(*bytes as f64 / agent.download_bps as f64);
+    }
+    (bound > 0.0).then_some(bound)
+}
