@@ -205,6 +205,7 @@ impl Agent {
             orders: ex.orders.clone(),
             counters: parts.counters.clone(),
             ingester: ex.ingester.clone(),
+            endpoint: parts.endpoint.clone(),
         };
         let local_api = match crate::local_api::serve(api, &socket_path, parts.stop.clone()) {
             Ok(task) => task,

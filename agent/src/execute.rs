@@ -64,6 +64,31 @@ impl Executor {
                     tracing::debug!(order_id = c.order_id, "cancel for an order not running");
                 }
             }
+            Incoming::DropBlob(d) => self.drop_blob(d),
+        }
+    }
+
+    /// An operator unpinned or removed the blob (RemoveBlob). The coordinator cancelled any
+    /// order for it first; the removal reaches it through `Store::removals`.
+    fn drop_blob(&self, d: pb::DropBlob) {
+        let Ok(blob) = Digest::from_slice(&d.blob_digest) else {
+            tracing::warn!("drop for a blob digest that is not 32 bytes");
+            return;
+        };
+        let done = if d.unpin_only {
+            self.store.unpin(&blob).map(|()| {
+                if self.store.is_complete(&blob) {
+                    self.coordinator.announce_pin(&blob, false);
+                }
+            })
+        } else {
+            self.store.remove(&blob)
+        };
+        match done {
+            Ok(()) if d.unpin_only => tracing::info!(%blob, "unpinned by an operator"),
+            Ok(()) => tracing::info!(%blob, "removed by an operator"),
+            Err(StoreError::UnknownBlob(_)) => tracing::debug!(%blob, "drop for a blob not held"),
+            Err(e) => tracing::warn!(%blob, error = %e, "could not drop the blob"),
         }
     }
 

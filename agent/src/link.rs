@@ -47,16 +47,17 @@ impl Coordinator {
         let _ = self.outbox.send(pb::AgentMessage { msg: Some(msg) });
     }
 
-    /// A user pinned `blob`, held whole: the coordinator, which shows pins in GetBlob's
-    /// holders, hears it in an inventory update rather than at the next snapshot.
-    pub(crate) fn announce_pin(&self, blob: &Digest) {
+    /// A user pinned (or an operator unpinned) `blob`, held whole: the coordinator, which
+    /// shows pins in GetBlob's holders, hears it in an inventory update rather than at the
+    /// next snapshot.
+    pub(crate) fn announce_pin(&self, blob: &Digest, pinned: bool) {
         self.send(Msg::Inventory(pb::Inventory {
             replace: false,
             blobs: vec![pb::HeldBlob {
                 blob_digest: blob.as_bytes().to_vec(),
                 complete: true,
                 chunks: None,
-                pinned: true,
+                pinned,
             }],
             removed_blobs: Vec::new(),
         }));

@@ -39,6 +39,8 @@ pub(crate) struct LocalApi {
     pub counters: Counters,
     /// For URLs fetched by this agent alone.
     pub ingester: Ingester,
+    /// The QUIC endpoint: how many chunk requests it serves right now (Drain waits for 0).
+    pub endpoint: crate::transport::ChunkEndpoint,
 }
 
 /// Binds the Unix socket (replacing a stale one) and serves the local API until the agent
@@ -124,6 +126,40 @@ impl AgentLocal for LocalApi {
         pull::pull(self.clone(), caller, request.into_inner())
             .await
             .map(Response::new)
+    }
+
+    async fn drain(
+        &self,
+        request: Request<pb::DrainRequest>,
+    ) -> Result<Response<pb::DrainResponse>, Status> {
+        Caller::of(&request).may_drain()?;
+        let timeout = std::time::Duration::from_millis(request.into_inner().timeout_ms);
+        let coordinator_told = self.coordinator.is_connected();
+        self.coordinator
+            .send(pb::agent_message::Msg::Draining(pb::Draining {}));
+        tracing::info!(
+            coordinator_told,
+            "draining: waiting for served chunks to finish"
+        );
+        // Peers hear from the coordinator that this agent is no longer a source; the chunk
+        // requests already in flight finish. Two quiet looks in a row, 100 ms apart, so that
+        // a request between two samples is not missed.
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut quiet = 0;
+        while quiet < 2 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            quiet = if self.endpoint.active_uploads() == 0 {
+                quiet + 1
+            } else {
+                0
+            };
+        }
+        let uploads_in_flight = self.endpoint.active_uploads() as u32;
+        tracing::info!(uploads_in_flight, "drained");
+        Ok(Response::new(pb::DrainResponse {
+            coordinator_told,
+            uploads_in_flight,
+        }))
     }
 
     async fn status(

@@ -242,6 +242,17 @@ async fn connect_once(
     }
     let cutoff = Instant::now() - RESEND_WINDOW;
     recent.retain(|(at, _)| *at >= cutoff);
+    // A blob removed since (evicted, or by RemoveBlob) must not come back to the catalog
+    // through a resent report that it is held.
+    let store = &shared.executor.store;
+    recent.retain(|(_, m)| match &m.msg {
+        Some(Msg::BlobDone(d)) => held_whole(store, &d.blob_digest),
+        Some(Msg::BlobRegistered(r)) => r
+            .manifest
+            .as_ref()
+            .is_none_or(|m| held_whole(store, &m.digest)),
+        _ => true,
+    });
     let hello = Msg::Hello(pb::Hello {
         agent_id: joined.response.agent_id.clone(),
         session_token: joined.response.session_token.clone(),
@@ -428,6 +439,11 @@ fn load_report(shared: &Session, upload_bytes_per_sec: u64) -> pb::Load {
         download_bytes_per_sec: orders.download_rate(),
         disk_free_bytes: shared.executor.store.free_bytes(),
     }
+}
+
+/// Whether the store holds the blob whose 32 raw digest bytes are `digest`, whole.
+fn held_whole(store: &crate::store::Store, digest: &[u8]) -> bool {
+    shoal_proto::Digest::from_slice(digest).is_ok_and(|d| store.is_complete(&d))
 }
 
 #[cfg(test)]

@@ -31,6 +31,8 @@ pub fn explain(status: tonic::Status) -> anyhow::Error {
         tonic::Code::InvalidArgument => "invalid request",
         tonic::Code::Unavailable => "coordinator unavailable",
         tonic::Code::Unauthenticated => "not authorised",
+        tonic::Code::PermissionDenied => "not allowed",
+        tonic::Code::FailedPrecondition => "refused",
         _ => "error",
     };
     anyhow::anyhow!("{what}: {}", status.message())

@@ -91,9 +91,10 @@ async fn demo(args: DemoArgs) -> Result<()> {
     let blob_path = dir.path().join("blob");
     let path = blob_path.clone();
     tokio::task::spawn_blocking(move || generate(&path, size)).await??;
-    let digest: Digest = crate::local::push_file(agents[0].local_socket(), &blob_path, false)
-        .await?
-        .parse()?;
+    let digest: Digest =
+        crate::local::push_file(agents[0].local_socket(), &blob_path, false, false)
+            .await?
+            .parse()?;
     std::fs::remove_file(&blob_path)?;
 
     let all = pb::TargetSelector {

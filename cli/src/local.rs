@@ -8,7 +8,7 @@ use shoal_proto::Digest;
 use shoal_proto::pb::v1::{self as pb, agent_local_client::AgentLocalClient};
 use tonic::transport::Channel;
 
-async fn connect(socket: &Path) -> Result<AgentLocalClient<Channel>> {
+pub(crate) async fn connect(socket: &Path) -> Result<AgentLocalClient<Channel>> {
     if !socket.exists() {
         bail!(
             "no agent socket at {}: is `shoal agent` running here? (set --socket or SHOAL_AGENT_SOCKET)",
@@ -37,20 +37,27 @@ fn bar(total: u64) -> ProgressBar {
     ProgressBar::new(total).with_style(style)
 }
 
-pub async fn push(socket: &Path, file: &Path) -> Result<()> {
-    let digest = push_file(socket, file, true).await?;
+pub async fn push(socket: &Path, file: &Path, pin: bool) -> Result<()> {
+    let digest = push_file(socket, file, pin, true).await?;
     println!("{digest}");
     Ok(())
 }
 
 /// Pushes `file` through the agent at `socket` and returns the blob's digest.
-pub async fn push_file(socket: &Path, file: &Path, show_progress: bool) -> Result<String> {
+/// With `pin`, eviction never takes it (until `shoal blobs unpin`).
+pub async fn push_file(
+    socket: &Path,
+    file: &Path,
+    pin: bool,
+    show_progress: bool,
+) -> Result<String> {
     let path =
         std::fs::canonicalize(file).with_context(|| format!("{}: cannot read", file.display()))?;
     let mut client = connect(socket).await?;
     let mut stream = client
         .push(pb::PushRequest {
             path: path.display().to_string(),
+            pin,
             ..Default::default()
         })
         .await
@@ -83,7 +90,8 @@ pub enum PullSource {
     Url { url: String, digest: Option<Digest> },
 }
 
-pub async fn pull(socket: &Path, source: PullSource, output: &Path) -> Result<()> {
+/// With `pin`, the agent's copy is never evicted (until `shoal blobs unpin`).
+pub async fn pull(socket: &Path, source: PullSource, output: &Path, pin: bool) -> Result<()> {
     let output = if output.is_absolute() {
         output.to_path_buf()
     } else {
@@ -95,12 +103,14 @@ pub async fn pull(socket: &Path, source: PullSource, output: &Path) -> Result<()
             PullSource::Digest(d) => pb::PullRequest {
                 digest: d.to_string(),
                 output_path: output.display().to_string(),
+                pin,
                 ..Default::default()
             },
             PullSource::Url { url, digest } => pb::PullRequest {
                 digest: digest.map(|d| d.to_string()).unwrap_or_default(),
                 url,
                 output_path: output.display().to_string(),
+                pin,
                 ..Default::default()
             },
         })

@@ -2,6 +2,7 @@
 //!
 //! Exit codes: 0 success, 1 failure, 2 usage or configuration error. Every error is one line.
 
+mod admin;
 mod client;
 mod containerd;
 mod demo;
@@ -116,6 +117,9 @@ enum Command {
     /// Ingest a local file on the local agent and register it with the coordinator.
     Push {
         file: PathBuf,
+        /// Never evict it (until `shoal blobs unpin`).
+        #[arg(long)]
+        pin: bool,
         #[command(flatten)]
         agent: AgentSocket,
     },
@@ -129,6 +133,9 @@ enum Command {
         digest: Option<Digest>,
         #[arg(short, long)]
         output: PathBuf,
+        /// Never evict the agent's copy (until `shoal blobs unpin`).
+        #[arg(long)]
+        pin: bool,
         #[command(flatten)]
         agent: AgentSocket,
     },
@@ -182,22 +189,35 @@ enum Command {
         #[command(flatten)]
         coordinator: CoordinatorAddr,
     },
+    /// Cancel a job: its pending and running transfers stop (blobs already complete stay).
+    Cancel {
+        job: String,
+        /// Why, shown on its targets.
+        #[arg(long, default_value = "cancelled with shoal cancel")]
+        reason: String,
+        #[command(flatten)]
+        coordinator: CoordinatorAddr,
+    },
     /// Follow a job with progress bars until it ends.
     Watch {
         job: String,
         #[command(flatten)]
         coordinator: CoordinatorAddr,
     },
-    /// List agents.
+    /// List agents; or drain or remove one.
     Agents {
+        #[command(subcommand)]
+        action: Option<admin::AgentsAction>,
         /// Output: a table, or a JSON or YAML list.
         #[arg(short, long, value_enum, default_value = "table")]
         output: output::Output,
         #[command(flatten)]
         coordinator: CoordinatorAddr,
     },
-    /// List blobs in the catalog.
+    /// List blobs in the catalog; or remove or unpin one.
     Blobs {
+        #[command(subcommand)]
+        action: Option<admin::BlobsAction>,
         /// Output: a table, or a JSON or YAML list.
         #[arg(short, long, value_enum, default_value = "table")]
         output: output::Output,
@@ -214,6 +234,15 @@ enum Command {
         output: output::Output,
         #[command(flatten)]
         coordinator: CoordinatorAddr,
+    },
+    /// Drain the local agent before it stops (a pod's preStop): the coordinator stops
+    /// naming it as a source, and the command waits for the chunks it serves to finish.
+    Drain {
+        /// Longest to wait for served chunks, e.g. 30s.
+        #[arg(long, default_value = "30s", value_parser = duration_arg)]
+        timeout: Duration,
+        #[command(flatten)]
+        agent: AgentSocket,
     },
     /// Print a shell completion script, e.g. `shoal completions bash > /etc/bash_completion.d/shoal`.
     Completions { shell: clap_complete::Shell },
@@ -260,11 +289,12 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Coordinator(args) => serve::coordinator(args).await,
         Command::Agent(args) => serve::agent(args).await,
-        Command::Push { file, agent } => local::push(&agent.socket, &file).await,
+        Command::Push { file, pin, agent } => local::push(&agent.socket, &file, pin).await,
         Command::Pull {
             source,
             digest,
             output,
+            pin,
             agent,
         } => {
             let source = if source.starts_with("http://") || source.starts_with("https://") {
@@ -280,7 +310,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 })?;
                 local::PullSource::Digest(d)
             };
-            local::pull(&agent.socket, source, &output).await
+            local::pull(&agent.socket, source, &output, pin).await
         }
         Command::Preheat {
             image,
@@ -334,12 +364,53 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 other => output::print_document(&output::job_json(&job), other),
             }
         }
+        Command::Cancel {
+            job,
+            reason,
+            coordinator,
+        } => {
+            let mut c = client::connect(&coordinator.coordinator).await?;
+            let r = c
+                .cancel_job(shoal_proto::pb::v1::CancelJobRequest {
+                    job_id: job.clone(),
+                    reason,
+                })
+                .await
+                .map_err(client::explain)?
+                .into_inner();
+            println!("{job} {}", client::state_name(r.state()));
+            Ok(())
+        }
         Command::Watch { job, coordinator } => {
             let mut c = client::connect(&coordinator.coordinator).await?;
             let watched = client::watch(&mut c, &job).await?;
             client::require_done(&watched.job)
         }
         Command::Agents {
+            action: Some(action),
+            coordinator,
+            ..
+        } => {
+            admin::agents(
+                &mut client::connect(&coordinator.coordinator).await?,
+                action,
+            )
+            .await
+        }
+        Command::Blobs {
+            action: Some(action),
+            coordinator,
+            ..
+        } => {
+            admin::blobs(
+                &mut client::connect(&coordinator.coordinator).await?,
+                action,
+            )
+            .await
+        }
+        Command::Drain { timeout, agent } => admin::drain_local(&agent.socket, timeout).await,
+        Command::Agents {
+            action: None,
             output,
             coordinator,
         } => {
@@ -350,6 +421,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             .await
         }
         Command::Blobs {
+            action: None,
             output,
             coordinator,
         } => {
@@ -407,6 +479,13 @@ fn usage_error(e: clap::Error) -> ! {
     let first = text.lines().next().unwrap_or("invalid usage");
     let first = first.strip_prefix("error: ").unwrap_or(first);
     fail(2, &format!("{first} (see `shoal --help`)"));
+}
+
+/// A duration with units, as the configuration takes them (`30s`, `2m`, `500ms`).
+fn duration_arg(s: &str) -> Result<Duration, String> {
+    shoal_proto::units::Quantity::Milliseconds
+        .parse(s)
+        .map(Duration::from_millis)
 }
 
 fn fail(code: i32, message: &str) -> ! {

@@ -115,7 +115,12 @@ fn sorted_labels(a: &pb::AgentInfo) -> Vec<String> {
 }
 
 fn agent_state(a: &pb::AgentInfo) -> String {
-    format!("{:?}", a.state()).to_lowercase()
+    agent_state_name(a.state())
+}
+
+/// `ready`, `draining`, `disconnected`, `gone`.
+pub fn agent_state_name(state: pb::AgentState) -> String {
+    format!("{state:?}").to_lowercase()
 }
 
 pub async fn agents(client: &mut Client, output: Output) -> Result<()> {

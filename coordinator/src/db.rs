@@ -104,6 +104,15 @@ impl Db {
         txn.commit().map_err(err)
     }
 
+    pub fn delete_blob(&self, digest: &[u8; 32]) -> Result<(), DbError> {
+        let txn = self.db.begin_write().map_err(err)?;
+        txn.open_table(BLOBS)
+            .map_err(err)?
+            .remove(&digest[..])
+            .map_err(err)?;
+        txn.commit().map_err(err)
+    }
+
     /// The job with its targets, as `Job { progress: JobProgress { targets } }`.
     pub fn put_job(&self, job: &pb::Job) -> Result<(), DbError> {
         let txn = self.db.begin_write().map_err(err)?;

@@ -134,6 +134,36 @@ impl pb::coordinator_server::Coordinator for Api {
             .map(Response::new)
     }
 
+    async fn remove_blob(
+        &self,
+        req: GrpcRequest<pb::RemoveBlobRequest>,
+    ) -> Result<Response<pb::RemoveBlobResponse>, Status> {
+        let req = req.into_inner();
+        self.call(|r| Request::RemoveBlob(req, r))
+            .await
+            .map(Response::new)
+    }
+
+    async fn drain_agent(
+        &self,
+        req: GrpcRequest<pb::DrainAgentRequest>,
+    ) -> Result<Response<pb::DrainAgentResponse>, Status> {
+        let req = req.into_inner();
+        self.call(|r| Request::DrainAgent(req, r))
+            .await
+            .map(Response::new)
+    }
+
+    async fn remove_agent(
+        &self,
+        req: GrpcRequest<pb::RemoveAgentRequest>,
+    ) -> Result<Response<pb::RemoveAgentResponse>, Status> {
+        let req = req.into_inner();
+        self.call(|r| Request::RemoveAgent(req, r))
+            .await
+            .map(Response::new)
+    }
+
     async fn list_jobs(
         &self,
         req: GrpcRequest<pb::ListJobsRequest>,

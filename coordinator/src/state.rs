@@ -19,6 +19,7 @@
 //! driver (`crate::driver`) calls [`State::step`] for each request and
 //! [`State::handle_timeout`] when [`State::poll_timeout`] comes.
 
+mod admin;
 mod agents;
 mod api;
 mod catalog;
@@ -103,6 +104,9 @@ pub enum Request {
     ListBlobs(pb::ListBlobsRequest, Reply<pb::ListBlobsResponse>),
     GetBlob(pb::GetBlobRequest, Reply<pb::GetBlobResponse>),
     ResolveUrl(pb::ResolveUrlRequest, Reply<pb::ResolveUrlResponse>),
+    RemoveBlob(pb::RemoveBlobRequest, Reply<pb::RemoveBlobResponse>),
+    DrainAgent(pb::DrainAgentRequest, Reply<pb::DrainAgentResponse>),
+    RemoveAgent(pb::RemoveAgentRequest, Reply<pb::RemoveAgentResponse>),
 }
 
 /// Settings the state needs.
@@ -291,6 +295,15 @@ impl State {
             }
             Request::ResolveUrl(req, reply) => {
                 let _ = reply.send(self.resolve_url(req, now));
+            }
+            Request::RemoveBlob(req, reply) => {
+                let _ = reply.send(self.remove_blob(req));
+            }
+            Request::DrainAgent(req, reply) => {
+                let _ = reply.send(self.drain_agent(req, now));
+            }
+            Request::RemoveAgent(req, reply) => {
+                let _ = reply.send(self.remove_agent(req, now));
             }
         }
     }

@@ -22,4 +22,4 @@ pub use manifest::{
 /// The agent-to-coordinator session protocol this build speaks (`JoinRequest.protocol`).
 /// The coordinator refuses a Join that speaks another: orders of one version mean
 /// something else to another (see `session.proto`).
-pub const SESSION_PROTOCOL: u32 = 3;
+pub const SESSION_PROTOCOL: u32 = 4;

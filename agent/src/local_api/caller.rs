@@ -38,6 +38,18 @@ impl Caller {
         )))
     }
 
+    /// Whether this caller may drain the agent: only root and the agent's own user (a pod's
+    /// preStop runs as the agent's user).
+    pub(crate) fn may_drain(&self) -> Result<(), Status> {
+        if self.privileged() {
+            return Ok(());
+        }
+        Err(Status::permission_denied(format!(
+            "{} may not drain the agent: only root and the agent's own user may",
+            self.who()
+        )))
+    }
+
     /// Root, or the agent's own user.
     fn privileged(&self) -> bool {
         self.uid

@@ -212,7 +212,7 @@ async fn run(
     .map_err(|e| Status::internal(format!("verify task failed: {e}")))?
     .map_err(|e| store_status(&e))?;
     if pin {
-        shared.coordinator.announce_pin(&digest);
+        shared.coordinator.announce_pin(&digest, true);
     }
 
     if let Some(path) = output {

@@ -157,7 +157,7 @@ async fn ingest(
         }));
     if pin {
         // After the registration: the coordinator ignores holdings of blobs it does not know.
-        shared.coordinator.announce_pin(&manifest.digest());
+        shared.coordinator.announce_pin(&manifest.digest(), true);
     }
     tracing::info!(blob = %manifest.digest(), size, already_present, pin, "pushed");
     Ok(pb::PushResult {

@@ -1,6 +1,7 @@
 //! End-to-end tests with real processes: the built `shoal` binary as coordinator, agents and
 //! client, on loopback. Each test starts its own cluster in temporary directories.
 
+mod admin;
 mod harness;
 mod prometheus;
 

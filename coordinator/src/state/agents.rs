@@ -57,6 +57,8 @@ pub struct Expired {
     pub id: String,
     /// For its targets: who stopped renewing which lease when.
     pub message: String,
+    /// It was drained first: its work was already moved, and its end is no loss.
+    pub drained: bool,
 }
 
 #[derive(Debug, Default)]
@@ -212,11 +214,17 @@ impl Agents {
             {
                 continue;
             }
+            let drained = agent.state == AgentState::Draining;
             agent.state = AgentState::Gone;
             agent.session = None;
             agent.token.clear();
-            tracing::warn!(agent = %agent.id, "lease expired");
+            if drained {
+                tracing::info!(agent = %agent.id, "drained agent stopped");
+            } else {
+                tracing::warn!(agent = %agent.id, "lease expired");
+            }
             out.push(Expired {
+                drained,
                 host: agent.host,
                 id: agent.id.clone(),
                 message: format!(
@@ -260,6 +268,38 @@ impl Agents {
                 },
             );
         }
+    }
+
+    /// Marks the agent draining until its next join: its session, if any, stays open (it
+    /// still renews its lease and serves peers), but its token is cleared, so that a
+    /// reconnect must join again and comes back ready; if it never does, its lease runs out
+    /// without counting as a loss. False if the agent is unknown or gone.
+    pub fn drain(&mut self, host: HostId) -> bool {
+        let Some(agent) = self.by_host.get_mut(&host) else {
+            return false;
+        };
+        if agent.state == AgentState::Gone {
+            return false;
+        }
+        agent.state = AgentState::Draining;
+        agent.token.clear();
+        tracing::info!(agent = %agent.id, "draining");
+        true
+    }
+
+    /// Forgets an agent without a session. Its host id stays reserved for its id (host ids
+    /// are never reused), so it may join again later as a new agent of the same name.
+    pub fn remove(&mut self, host: HostId) -> Result<Agent, ApiError> {
+        let Some(agent) = self.by_host.get(&host) else {
+            return Err(ApiError::NotFound("unknown agent".into()));
+        };
+        if agent.session.is_some() {
+            return Err(ApiError::FailedPrecondition(format!(
+                "agent {} is connected: drain it (shoal agents drain) and stop it first",
+                agent.id
+            )));
+        }
+        Ok(self.by_host.remove(&host).expect("checked above"))
     }
 
     /// Queues a message on the agent's session. Without a session nothing is sent: orders are

@@ -148,7 +148,10 @@ impl State {
 
     /// The live agents a selector names. Unknown explicit ids are NotFound; an empty result
     /// is InvalidArgument (a job with no target would be "done" and mean nothing).
-    fn resolve(&self, selector: Option<&pb::TargetSelector>) -> Result<Vec<HostId>, ApiError> {
+    pub(super) fn resolve(
+        &self,
+        selector: Option<&pb::TargetSelector>,
+    ) -> Result<Vec<HostId>, ApiError> {
         use pb::target_selector::Selector;
         let live = |a: &&super::agents::Agent| a.state == AgentState::Ready;
         let hosts: Vec<HostId> = match selector.and_then(|s| s.selector.as_ref()) {

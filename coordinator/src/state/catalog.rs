@@ -143,9 +143,14 @@ impl Catalog {
         self.blobs.get(blob)
     }
 
-    /// Forgets a blob (a manifest that turned out not to describe it).
+    /// Forgets a blob (a manifest that turned out not to describe it, or one an operator
+    /// removed), in the database too: it does not come back at the next start.
     pub fn remove(&mut self, blob: &Digest) {
-        self.blobs.remove(blob);
+        if self.blobs.remove(blob).is_some_and(|e| e.verified) {
+            if let Err(e) = self.db.delete_blob(blob.as_bytes()) {
+                tracing::error!(%blob, error = %e, "deleting a blob from the database failed");
+            }
+        }
     }
 
     pub fn manifest(&self, blob: &Digest) -> Option<Arc<Manifest>> {

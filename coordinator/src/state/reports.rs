@@ -19,8 +19,27 @@ impl State {
             return; // A message from a replaced session.
         }
         let host = session.host;
+        if self
+            .agents
+            .get(host)
+            .is_some_and(|a| a.state == pb::AgentState::Draining)
+        {
+            // Out of planning until it joins again: only its lease (renewed above) counts.
+            match msg {
+                Msg::Load(load) => self.agents.set_load(host, load),
+                Msg::Draining(_) => {}
+                _ => {
+                    tracing::debug!(agent = %self.agents.name(host), "report of a draining agent ignored")
+                }
+            }
+            return;
+        }
         self.assigner.handle(now.mono, Event::Heartbeat { host });
         match msg {
+            Msg::Draining(_) => {
+                let waiting = self.drain(host, "drained as it stops (shoal drain)", now);
+                tracing::info!(agent = %self.agents.name(host), waiting_targets = waiting, "agent asked to be drained");
+            }
             Msg::Hello(_) | Msg::Heartbeat(_) => {}
             Msg::Inventory(inv) => self.inventory(host, inv, now),
             Msg::Progress(batch) => {

@@ -144,26 +144,33 @@ impl State {
     }
 
     /// Agents silent past their lease are gone: their orders are re-planned and their
-    /// unfinished targets fail with AGENT_LOST (see `job.rs` for the rule).
+    /// unfinished targets fail with AGENT_LOST (see `job.rs` for the rule). A drained agent
+    /// that stops was already taken out of planning.
     pub(super) fn expire_leases(&mut self, now: Now) {
         for gone in self.agents.expire(now, self.config.lease) {
+            if gone.drained {
+                continue;
+            }
             metrics::counter!(crate::metrics::LEASES_EXPIRED).increment(1);
-            let host = gone.host;
-            self.assigner.handle(now.mono, Event::HostDown { host });
-            self.seeder.handle(now.mono, SeedEvent::HostGone { host });
-            self.catalog.forget_host(host);
-            self.orders.drop_host(host);
-            // Streams it seeded or fetched: the other targets' sources and stripes change.
-            for blob in self.streams.drop_host(host) {
-                self.stream_to_waiting(blob, true, now);
-                self.streams.end_if_idle(&blob);
-            }
-            for blob in self
-                .jobs
-                .lose_agent(&gone.id, Some(host), &gone.message, now.wall)
-            {
-                self.unwanted(host, blob, now);
-            }
+            self.take_out(gone.host, &gone.id, &gone.message, now);
+        }
+    }
+
+    /// Takes an agent out of planning (its lease expired, it is drained or removed): it is no
+    /// source and gets no orders, streams it took part in re-plan, and its unfinished
+    /// targets fail with AGENT_LOST, resumable if it joins again while their job runs.
+    pub(super) fn take_out(&mut self, host: HostId, id: &str, message: &str, now: Now) {
+        self.assigner.handle(now.mono, Event::HostDown { host });
+        self.seeder.handle(now.mono, SeedEvent::HostGone { host });
+        self.catalog.forget_host(host);
+        self.orders.drop_host(host);
+        // Streams it seeded or fetched: the other targets' sources and stripes change.
+        for blob in self.streams.drop_host(host) {
+            self.stream_to_waiting(blob, true, now);
+            self.streams.end_if_idle(&blob);
+        }
+        for blob in self.jobs.lose_agent(id, Some(host), message, now.wall) {
+            self.unwanted(host, blob, now);
         }
     }
 

@@ -1,0 +1,152 @@
+//! Operators' calls that change what the cluster holds or who is in it: RemoveBlob (unpin or
+//! delete a blob on agents, and forget it), DrainAgent (take an agent out of planning before
+//! it stops) and RemoveAgent (forget an agent that left).
+
+use shoal_planner::HostId;
+use shoal_proto::Digest;
+use shoal_proto::pb::v1::{self as pb, AgentState};
+
+use super::{ApiError, Now, State};
+
+impl State {
+    pub(super) fn remove_blob(
+        &mut self,
+        req: pb::RemoveBlobRequest,
+    ) -> Result<pb::RemoveBlobResponse, ApiError> {
+        let blob: Digest = req
+            .digest
+            .parse()
+            .map_err(|e| ApiError::InvalidArgument(format!("digest: {e}")))?;
+        let everywhere = req.on.is_none();
+        if !req.unpin_only {
+            let wanting: Vec<String> = (self.jobs.iter())
+                .filter(|j| !j.is_terminal())
+                .filter(|j| {
+                    j.targets()
+                        .any(|((_, b), t)| *b == blob && !t.is_terminal())
+                })
+                .map(|j| j.id().to_string())
+                .collect();
+            if !wanting.is_empty() {
+                return Err(ApiError::FailedPrecondition(format!(
+                    "{blob} is wanted by unfinished job(s) {}: cancel them first (shoal cancel JOB)",
+                    wanting.join(", ")
+                )));
+            }
+        }
+        let hosts: Vec<HostId> = match &req.on {
+            Some(selector) => self.resolve(Some(selector))?,
+            None => match self.catalog.entry(&blob) {
+                Some(entry) => entry.holders.keys().copied().collect(),
+                None => {
+                    return Err(ApiError::NotFound(format!(
+                        "blob {blob} is not in the catalog"
+                    )));
+                }
+            },
+        };
+        let mut response = pb::RemoveBlobResponse::default();
+        for host in hosts {
+            let Some(agent) = self.agents.get(host) else {
+                continue;
+            };
+            let id = agent.id.clone();
+            if agent.session.is_none() {
+                response.unreachable_agent_ids.push(id);
+                continue;
+            }
+            if !req.unpin_only {
+                // Its order for the blob, if any, ends here; the agent cancels its own too.
+                self.cancel_order(host, blob, "the blob was removed");
+            }
+            self.agents.send(
+                host,
+                pb::coordinator_message::Msg::DropBlob(pb::DropBlob {
+                    blob_digest: blob.as_bytes().to_vec(),
+                    unpin_only: req.unpin_only,
+                }),
+            );
+            response.agent_ids.push(id);
+        }
+        if everywhere && !req.unpin_only {
+            self.catalog.remove(&blob);
+            response.forgotten = true;
+        }
+        tracing::info!(
+            %blob,
+            unpin_only = req.unpin_only,
+            agents = response.agent_ids.len(),
+            unreachable = response.unreachable_agent_ids.len(),
+            forgotten = response.forgotten,
+            "blob removal asked"
+        );
+        Ok(response)
+    }
+
+    pub(super) fn drain_agent(
+        &mut self,
+        req: pb::DrainAgentRequest,
+        now: Now,
+    ) -> Result<pb::DrainAgentResponse, ApiError> {
+        let host = self.known_agent(&req.agent_id)?;
+        let waiting_targets = self.drain(host, "drained by an operator (shoal agents drain)", now);
+        let state = self.agents.get(host).map_or(AgentState::Gone, |a| a.state);
+        Ok(pb::DrainAgentResponse {
+            state: state as i32,
+            waiting_targets,
+        })
+    }
+
+    /// Takes the agent out of planning until its next join (see `Agents::drain`); returns
+    /// its unfinished targets, which fail with AGENT_LOST and resume when it joins again.
+    pub(super) fn drain(&mut self, host: HostId, why: &str, now: Now) -> u32 {
+        let Some(agent) = self.agents.get(host) else {
+            return 0;
+        };
+        let id = agent.id.clone();
+        let waiting = self.unfinished_targets(&id);
+        let was_out = agent.state == AgentState::Draining;
+        if !self.agents.drain(host) || was_out {
+            return waiting;
+        }
+        // Its own orders: it is about to stop, so they end now rather than run on.
+        for blob in self.orders.of_host(host) {
+            self.cancel_order(host, blob, why);
+        }
+        self.take_out(host, &id, &format!("{id} was {why}"), now);
+        waiting
+    }
+
+    pub(super) fn remove_agent(
+        &mut self,
+        req: pb::RemoveAgentRequest,
+        now: Now,
+    ) -> Result<pb::RemoveAgentResponse, ApiError> {
+        let host = self.known_agent(&req.agent_id)?;
+        let failed_targets = self.unfinished_targets(&req.agent_id);
+        let agent = self.agents.remove(host)?;
+        // A disconnected agent's lease was still running: it leaves planning now.
+        if agent.state != AgentState::Gone {
+            let message = format!("{} was removed by an operator", agent.id);
+            self.take_out(host, &agent.id, &message, now);
+        }
+        tracing::info!(agent = %agent.id, failed_targets, "agent removed");
+        Ok(pb::RemoveAgentResponse { failed_targets })
+    }
+
+    fn known_agent(&self, id: &str) -> Result<HostId, ApiError> {
+        self.agents
+            .host_of(id)
+            .filter(|h| self.agents.get(*h).is_some())
+            .ok_or_else(|| ApiError::NotFound(format!("agent {id:?} is not known")))
+    }
+
+    /// The agent's targets in unfinished jobs that are not done.
+    fn unfinished_targets(&self, agent: &str) -> u32 {
+        (self.jobs.iter())
+            .filter(|j| !j.is_terminal())
+            .flat_map(|j| j.targets())
+            .filter(|((a, _), t)| a == agent && !t.is_terminal())
+            .count() as u32
+    }
+}
