@@ -1,10 +1,12 @@
 //! The Helm chart and the binaries read one configuration schema. Renders `helm/shoal` with
-//! Helm's own templating (`scripts/helm-render.py`: the chart's defaults, and
-//! `ci/all-on-values.yaml` with every toggle on), then reads the rendered ConfigMaps into the
-//! real `AgentConfig` and `CoordinatorConfig` (unknown keys are errors) and validates them,
-//! the way `shoal agent|coordinator --config` would with the Secret's token in
-//! `SHOAL_JOIN_TOKEN`. Also checks that the pods wire ports, probes, the token and labels to
-//! what the configuration says.
+//! Helm's own templating (`scripts/helm-render.py`: the chart's defaults,
+//! `ci/all-on-values.yaml` with every toggle on, and `ci/overrides-values.yaml` with other
+//! names, another namespace and the defaults that are on turned off), then reads the rendered
+//! ConfigMaps into the real `AgentConfig` and `CoordinatorConfig` (unknown keys are errors)
+//! and validates them, the way `shoal agent|coordinator --config` would with the Secret's
+//! token in `SHOAL_JOIN_TOKEN`. Also checks that the pods wire ports, probes, the token and
+//! labels to what the configuration says, and (`values`) that every value people override
+//! reaches the objects, on and off.
 //!
 //! Needs python3 with `helm-python-sdk` and `kubernetes-validate` (scripts/test-all.sh
 //! installs them); without them these tests fail and say how to install.
@@ -19,7 +21,15 @@ use serde_json::Value;
 use shoal_agent::AgentConfig;
 use shoal_coordinator::CoordinatorConfig;
 
-const RENDERS: [&str; 2] = ["default", "all-on"];
+#[path = "helm_chart/monitoring.rs"]
+mod monitoring;
+#[path = "helm_chart/values.rs"]
+mod values;
+
+/// `renders[0]` and `renders[1]` keep the chart's names, namespace and token Secret.
+const RENDERS: [&str; 3] = ["default", "all-on", "overrides"];
+/// The renders the configuration tests read (the same object names).
+const SAME_NAMES: usize = 2;
 const INSTALL: &str = "apt-get install -y python3 python3-pip && \
      pip install --break-system-packages helm-python-sdk==0.2.2 kubernetes-validate==1.37.0";
 
@@ -35,6 +45,19 @@ fn repo() -> PathBuf {
 struct Rendered {
     _dir: tempfile::TempDir,
     renders: Vec<(&'static str, Vec<Value>)>,
+    /// NOTES.txt of each render, in the order of `renders`.
+    notes: Vec<String>,
+}
+
+impl Rendered {
+    fn objects(&self, name: &str) -> &[Value] {
+        let i = RENDERS.iter().position(|r| *r == name).expect("a render");
+        &self.renders[i].1
+    }
+
+    fn notes(&self, name: &str) -> &str {
+        &self.notes[RENDERS.iter().position(|r| *r == name).expect("a render")]
+    }
 }
 
 fn render() -> Result<Rendered> {
@@ -60,13 +83,20 @@ fn render() -> Result<Rendered> {
         _ => bail!("{} failed: {stderr}", script.display()),
     }
     let mut renders = Vec::new();
+    let mut notes = Vec::new();
     for name in RENDERS {
-        let path = dir.path().join(name).join("manifests.json");
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("reading {}", path.display()))?;
-        renders.push((name, serde_json::from_str(&text)?));
+        let read = |file: &str| {
+            let path = dir.path().join(name).join(file);
+            std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
+        };
+        renders.push((name, serde_json::from_str(&read("manifests.json")?)?));
+        notes.push(read("NOTES.txt")?);
     }
-    Ok(Rendered { _dir: dir, renders })
+    Ok(Rendered {
+        _dir: dir,
+        renders,
+        notes,
+    })
 }
 
 fn object<'a>(objects: &'a [Value], kind: &str, name: &str) -> Result<&'a Value> {
@@ -169,7 +199,7 @@ fn bytes_of_quantity(q: &str) -> Result<u64> {
 #[test]
 fn rendered_agent_configuration_is_what_the_agent_reads() -> Result<()> {
     let rendered = render()?;
-    for (name, objects) in &rendered.renders {
+    for (name, objects) in &rendered.renders[..SAME_NAMES] {
         let map = object(objects, "ConfigMap", "shoal-agent")?;
         let toml_text = str_of(&map["data"]["agent.toml"], "agent.toml")?;
         let mut config: AgentConfig = toml::from_str(toml_text)
@@ -331,7 +361,7 @@ fn assert_registry_auth(
 fn rendered_coordinator_configuration_is_what_the_coordinator_reads() -> Result<()> {
     let rendered = render()?;
     let mut checksums = BTreeSet::new();
-    for (name, objects) in &rendered.renders {
+    for (name, objects) in &rendered.renders[..SAME_NAMES] {
         let map = object(objects, "ConfigMap", "shoal-coordinator")?;
         let toml_text = str_of(&map["data"]["coordinator.toml"], "coordinator.toml")?;
         let mut config: CoordinatorConfig = toml::from_str(toml_text).with_context(|| {

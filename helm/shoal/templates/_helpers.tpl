@@ -17,11 +17,20 @@
 {{- end }}
 {{- end }}
 
+{{/* The namespace of every namespaced object. */}}
+{{- define "shoal.namespace" -}}
+{{- default .Release.Namespace .Values.namespaceOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Labels of every object: commonLabels, then the chart's own (which win; the schema keeps
+commonLabels and podLabels off the selector keys).
+*/}}
 {{- define "shoal.labels" -}}
-helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
-{{ include "shoal.selectorLabels" . }}
-app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
-app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- $own := dict "helm.sh/chart" (printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-") "app.kubernetes.io/version" .Chart.AppVersion "app.kubernetes.io/managed-by" .Release.Service }}
+{{- $_ := set $own "app.kubernetes.io/name" (include "shoal.name" .) }}
+{{- $_ := set $own "app.kubernetes.io/instance" .Release.Name }}
+{{- toYaml (merge $own (deepCopy (default (dict) .Values.commonLabels))) }}
 {{- end }}
 
 {{- define "shoal.selectorLabels" -}}
@@ -36,23 +45,97 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 
 {{- define "shoal.componentLabels" -}}
-{{ include "shoal.labels" .ctx }}
-app.kubernetes.io/component: {{ .component }}
+{{- $labels := fromYaml (include "shoal.labels" .ctx) }}
+{{- toYaml (set $labels "app.kubernetes.io/component" .component) }}
 {{- end }}
 
+{{/* Labels of a component's pod template: its labels, then podLabels under them. */}}
+{{- define "shoal.podLabels" -}}
+{{- $labels := fromYaml (include "shoal.componentLabels" .) }}
+{{- toYaml (merge $labels (deepCopy (default (dict) .podLabels))) }}
+{{- end }}
+
+{{/*
+[registry/]repository:tag, or [registry/]repository@digest when image.digest is set;
+global.imageRegistry replaces image.registry.
+*/}}
 {{- define "shoal.image" -}}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- $image := .Values.image }}
+{{- $registry := default $image.registry (dig "imageRegistry" "" (default (dict) .Values.global)) }}
+{{- $repository := $image.repository }}
+{{- if $registry }}
+{{- $repository = printf "%s/%s" (trimSuffix "/" $registry) $repository }}
+{{- end }}
+{{- if $image.digest }}
+{{- printf "%s@%s" $repository $image.digest }}
+{{- else }}
+{{- printf "%s:%s" $repository (default .Chart.AppVersion $image.tag) }}
+{{- end }}
+{{- end }}
+
+{{- define "shoal.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "shoal.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* The pod spec fields every component shares: identity and pull secrets. */}}
+{{- define "shoal.podIdentity" -}}
+serviceAccountName: {{ include "shoal.serviceAccountName" . }}
+automountServiceAccountToken: {{ .Values.serviceAccount.automountServiceAccountToken }}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
 {{- end }}
 
 {{- define "shoal.joinTokenSecret" -}}
 {{- default (printf "%s-join-token" (include "shoal.fullname" .)) .Values.joinToken.existingSecret }}
 {{- end }}
 
+{{- define "shoal.joinTokenKey" -}}
+{{- ternary (default "join-token" .Values.joinToken.existingSecretKey) "join-token" (not (empty .Values.joinToken.existingSecret)) }}
+{{- end }}
+
+{{/*
+The token in the chart's own Secret in the cluster, read with `lookup`; empty on a first
+install and whenever the render has no cluster access (helm template, Argo CD).
+*/}}
+{{- define "shoal.joinTokenInCluster" -}}
+{{- $existing := lookup "v1" "Secret" (include "shoal.namespace" .) (include "shoal.joinTokenSecret" .) }}
+{{- if and $existing $existing.data (index $existing.data "join-token") }}
+{{- index $existing.data "join-token" | b64dec }}
+{{- end }}
+{{- end }}
+
+{{/* The env var both components read the token from. */}}
+{{- define "shoal.joinTokenEnv" -}}
+- name: SHOAL_JOIN_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "shoal.joinTokenSecret" . }}
+      key: {{ include "shoal.joinTokenKey" . }}
+{{- end }}
+
+{{/*
+A probe from its values: the Kubernetes fields as given, and the chart's grpc.health.v1 check
+unless the values name a handler of their own. Call with (dict "probe" VALUES "grpc" DICT).
+*/}}
+{{- define "shoal.probe" -}}
+{{- $probe := omit .probe "enabled" }}
+{{- if not (or (hasKey $probe "exec") (hasKey $probe "httpGet") (hasKey $probe "tcpSocket") (hasKey $probe "grpc")) }}
+{{- $_ := set $probe "grpc" .grpc }}
+{{- end }}
+{{- toYaml $probe }}
+{{- end }}
+
 {{- define "shoal.coordinatorAddress" -}}
 {{- if .Values.agent.coordinatorAddress }}
 {{- .Values.agent.coordinatorAddress }}
 {{- else }}
-{{- printf "http://%s-coordinator.%s.svc:%d" (include "shoal.fullname" .) .Release.Namespace (int .Values.coordinator.ports.grpc) }}
+{{- printf "http://%s-coordinator.%s.svc:%d" (include "shoal.fullname" .) (include "shoal.namespace" .) (int .Values.coordinator.ports.grpc) }}
 {{- end }}
 {{- end }}
 
@@ -130,21 +213,18 @@ null means "leave the binary's default".
 {{- end }}
 {{- end }}
 
-{{- define "shoal.podSecurityContext" -}}
-runAsNonRoot: true
-runAsUser: 65532
-runAsGroup: 65532
-fsGroup: 65532
-seccompProfile:
-  type: RuntimeDefault
+{{/*
+The uid:gid the agent runs as, for the cache's chown: the container's security context, then
+the pod's, then the image's user (65532).
+*/}}
+{{- define "shoal.agentOwner" -}}
+{{- $pod := default (dict) .Values.agent.podSecurityContext }}
+{{- $c := default (dict) .Values.agent.containerSecurityContext }}
+{{- $uid := 65532 }}
+{{- $gid := 65532 }}
+{{- range (list $pod $c) }}
+{{- if not (kindIs "invalid" .runAsUser) }}{{ $uid = .runAsUser }}{{ end }}
+{{- if not (kindIs "invalid" .runAsGroup) }}{{ $gid = .runAsGroup }}{{ end }}
 {{- end }}
-
-{{- define "shoal.containerSecurityContext" -}}
-allowPrivilegeEscalation: false
-readOnlyRootFilesystem: true
-runAsNonRoot: true
-runAsUser: 65532
-runAsGroup: 65532
-capabilities:
-  drop: [ALL]
+{{- printf "%d:%d" (int64 $uid) (int64 $gid) }}
 {{- end }}
