@@ -19,6 +19,8 @@ command -v skopeo >/dev/null || need_apt+=(skopeo)
 # The chart's dashboard and alert rules are checked by promtool and a real Prometheus
 # (cli/tests/cluster/prometheus.rs).
 { [ -x /usr/bin/prometheus ] && [ -x /usr/bin/promtool ]; } || need_apt+=(prometheus)
+# scripts/build-image.py strips the binary (cli/tests/image.rs builds the image).
+command -v strip >/dev/null || need_apt+=(binutils)
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "==> installing ${need_apt[*]} (apt-get)"
     apt-get update -qq && apt-get install -y -qq "${need_apt[@]}"

@@ -37,10 +37,41 @@ fn bar(total: u64) -> ProgressBar {
     ProgressBar::new(total).with_style(style)
 }
 
+/// `shoal push FILE`, or `shoal push -` for standard input (images without a shell or tar:
+/// `kubectl exec -i POD -- shoal push - < model.bin`).
 pub async fn push(socket: &Path, file: &Path, pin: bool) -> Result<()> {
-    let digest = push_file(socket, file, pin, true).await?;
+    let digest = if file == Path::new("-") {
+        let spooled = spool_stdin().await?;
+        push_file(socket, &spooled.1, pin, false).await?
+    } else {
+        push_file(socket, file, pin, true).await?
+    };
     println!("{digest}");
     Ok(())
+}
+
+/// Standard input in a file the agent can open: a private directory (searchable, not
+/// listable) under the temporary directory, removed with the returned handle.
+async fn spool_stdin() -> Result<(tempfile::TempDir, std::path::PathBuf)> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::Builder::new()
+        .prefix("shoal-push-")
+        .tempdir()
+        .context("a temporary directory for standard input")?;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711))?;
+    let path = dir.path().join("stdin");
+    let target = path.clone();
+    let copied = tokio::task::spawn_blocking(move || -> std::io::Result<u64> {
+        let mut file = std::fs::File::create(&target)?;
+        file.set_permissions(std::fs::Permissions::from_mode(0o644))?;
+        let n = std::io::copy(&mut std::io::stdin().lock(), &mut file)?;
+        file.sync_all()?;
+        Ok(n)
+    })
+    .await?
+    .with_context(|| format!("copying standard input to {}", path.display()))?;
+    eprintln!("{copied} bytes read from standard input");
+    Ok((dir, path))
 }
 
 /// Pushes `file` through the agent at `socket` and returns the blob's digest.

@@ -116,6 +116,7 @@ enum Command {
     Agent(serve::AgentArgs),
     /// Ingest a local file on the local agent and register it with the coordinator.
     Push {
+        /// The file, or `-` for standard input.
         file: PathBuf,
         /// Never evict it (until `shoal blobs unpin`).
         #[arg(long)]
@@ -243,6 +244,14 @@ enum Command {
         timeout: Duration,
         #[command(flatten)]
         agent: AgentSocket,
+    },
+    /// Give a data directory to the agent's user (the chart's init container, as root with
+    /// only CAP_CHOWN): hostPath directories are created root-owned. Not recursive.
+    InitDir {
+        path: PathBuf,
+        /// UID:GID to own it.
+        #[arg(long, value_parser = owner_arg)]
+        owner: (u32, u32),
     },
     /// Print a shell completion script, e.g. `shoal completions bash > /etc/bash_completion.d/shoal`.
     Completions { shell: clap_complete::Shell },
@@ -444,6 +453,11 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             )
             .await
         }
+        Command::InitDir { path, owner } => {
+            std::os::unix::fs::chown(&path, Some(owner.0), Some(owner.1)).map_err(|e| {
+                anyhow::anyhow!("chown {}:{} {}: {e}", owner.0, owner.1, path.display())
+            })
+        }
         Command::Completions { shell } => {
             use clap::CommandFactory as _;
             clap_complete::generate(shell, &mut Cli::command(), "shoal", &mut std::io::stdout());
@@ -479,6 +493,18 @@ fn usage_error(e: clap::Error) -> ! {
     let first = text.lines().next().unwrap_or("invalid usage");
     let first = first.strip_prefix("error: ").unwrap_or(first);
     fail(2, &format!("{first} (see `shoal --help`)"));
+}
+
+/// `UID:GID`, numeric (the image has no user database to resolve names with).
+fn owner_arg(s: &str) -> Result<(u32, u32), String> {
+    let (u, g) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?} is not UID:GID"))?;
+    let id = |v: &str| {
+        v.parse::<u32>()
+            .map_err(|_| format!("{v:?} is not a numeric id"))
+    };
+    Ok((id(u)?, id(g)?))
 }
 
 /// A duration with units, as the configuration takes them (`30s`, `2m`, `500ms`).

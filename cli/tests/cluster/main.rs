@@ -373,3 +373,33 @@ async fn bad_input_gets_clear_errors_and_the_right_codes() -> Result<()> {
     assert!(r.is_ok(), "{r:?}");
     Ok(())
 }
+
+/// `shoal push -` reads the blob from standard input (images without a shell or tar have no
+/// `kubectl cp`): the digest is the input's, and the blob can be pulled back bit-identical.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_from_standard_input() -> Result<()> {
+    use sha2::Digest as _;
+    use std::io::Write;
+    let cluster = Cluster::start(1, &[], 5000).await?;
+    let file = random_file(cluster.dir.path(), "blob", 3 * MIB + 17, 21)?;
+    let data = std::fs::read(&file)?;
+    let mut child = harness::shoal()
+        .args(["push", "-", "--socket"])
+        .arg(cluster.agents[0].socket())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    child.stdin.take().expect("stdin").write_all(&data)?;
+    let out = child.wait_with_output()?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let digest = stdout(&out).trim().to_string();
+    assert_eq!(
+        digest,
+        format!("sha256:{}", hex::encode(sha2::Sha256::digest(&data)))
+    );
+    let back = cluster.dir.path().join("back");
+    cluster.pull(0, &digest, &back)?;
+    assert_eq!(std::fs::read(&back)?, data);
+    Ok(())
+}

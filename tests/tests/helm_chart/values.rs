@@ -423,7 +423,13 @@ fn security_contexts_and_probes_come_from_values() -> Result<()> {
             .unwrap_or_default()
             .into_iter()
             .find(|c| c["name"] == "cache-owner")
-            .map(|c| c["command"][1].clone()))
+            .map(|c| {
+                // The image has no chown: the binary's own `init-dir` does it.
+                assert_eq!(c["command"][0], "/usr/local/bin/shoal", "{render}");
+                assert_eq!(c["command"][1], "init-dir", "{render}");
+                assert_eq!(c["command"][3], "--owner", "{render}");
+                c["command"][4].clone()
+            }))
     };
     assert_eq!(owner("default")?, Some(json!("65532:65532")));
     assert_eq!(owner("all-on")?, Some(json!("10001:10002")));
