@@ -667,7 +667,7 @@ fn parse_manifest_reference(reference: &str) -> Result<Option<Digest>, OriginErr
 
 fn accept_headers(accept: &[&str]) -> Result<HeaderMap, OriginError> {
     let types = if accept.is_empty() {
-        MANIFEST_MEDIA_TYPES
+        MANIFEST_MEDIA_TYPES.as_slice()
     } else {
         accept
     };

@@ -1,25 +1,35 @@
 //! Resolving an image reference to the blobs a node needs to run it.
+//!
+//! Manifests, indexes and their descriptors are `oci-spec`'s types, parsed from the bytes
+//! [`Client::get_manifest`] returns, which it read within `manifest_max_bytes`: nothing here
+//! reads from the network unbounded. Docker's schema 2 manifest and manifest list have the
+//! same shape as OCI's; `oci-spec` reads their media types as `MediaType::Other`, so they
+//! are named here. What is Shoal's own: which layers preheat skips, platform selection
+//! (containerd's default variants), nested indexes refused, and the errors.
 
+use oci_spec::image::{Arch, Descriptor, ImageIndex, ImageManifest, MediaType, Os, Platform};
 use shoal_proto::Digest;
 
 use crate::{Client, MANIFEST_MEDIA_TYPES, OriginError, Reference};
 
-/// OCI image index.
-pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-/// OCI image manifest.
-pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 /// Docker manifest list (schema 2).
 pub const DOCKER_MANIFEST_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 /// Docker image manifest, schema 2.
 pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+/// Docker's foreign layer: a Windows base layer, pulled from its `urls`, not the registry.
+const DOCKER_FOREIGN_LAYER: &str = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip";
 
-/// Layers that registries do not serve (Windows base layers pulled from their `urls`).
-const FOREIGN_LAYERS: &[&str] = &[
-    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
-    "application/vnd.oci.image.layer.nondistributable.v1.tar",
-    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
-    "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
-];
+/// Layers that registries do not serve (Windows base layers pulled from their `urls`):
+/// Docker's foreign layers and OCI's non-distributable ones.
+fn is_foreign(media_type: &MediaType) -> bool {
+    match media_type {
+        MediaType::ImageLayerNonDistributable
+        | MediaType::ImageLayerNonDistributableGzip
+        | MediaType::ImageLayerNonDistributableZstd => true,
+        MediaType::Other(t) => t == DOCKER_FOREIGN_LAYER,
+        _ => false,
+    }
+}
 
 /// The platform used when none is asked for.
 pub const DEFAULT_PLATFORM: &str = "linux/amd64";
@@ -35,37 +45,6 @@ pub struct ResolvedImage {
     /// Every config and layer blob with its size: all configs first, then all layers, in
     /// manifest order, each digest once.
     pub blobs: Vec<(Digest, u64)>,
-}
-
-/// A content descriptor as in OCI manifests and indexes.
-#[derive(serde::Deserialize)]
-struct Descriptor {
-    #[serde(rename = "mediaType", default)]
-    media_type: String,
-    digest: String,
-    size: u64,
-    #[serde(default)]
-    platform: Option<Platform>,
-}
-
-#[derive(serde::Deserialize, Clone, Debug, PartialEq, Eq)]
-struct Platform {
-    os: String,
-    architecture: String,
-    #[serde(default)]
-    variant: Option<String>,
-}
-
-#[derive(serde::Deserialize)]
-struct Index {
-    manifests: Vec<Descriptor>,
-}
-
-#[derive(serde::Deserialize)]
-struct ImageManifest {
-    config: Descriptor,
-    #[serde(default)]
-    layers: Vec<Descriptor>,
 }
 
 /// How a manifest is to be read.
@@ -98,7 +77,7 @@ pub async fn resolve_image(
             &reference.registry,
             &reference.repository,
             &reference.reference(),
-            MANIFEST_MEDIA_TYPES,
+            MANIFEST_MEDIA_TYPES.as_slice(),
         )
         .await?;
     let mut manifests = Vec::new();
@@ -109,13 +88,11 @@ pub async fn resolve_image(
             images.push(parse_image(&top.bytes, reference)?);
         }
         Kind::Index => {
-            let index: Index = parse_json(&top.bytes, "index", reference)?;
+            let index: ImageIndex = parse_json(&top.bytes, "index", reference)?;
             for platform in &wanted {
                 let chosen = select(&index, platform).ok_or_else(|| {
-                    let available: Vec<String> = index
-                        .manifests
-                        .iter()
-                        .filter_map(|d| d.platform.as_ref().map(platform_string))
+                    let available: Vec<String> = (index.manifests().iter())
+                        .filter_map(|d| d.platform().as_ref().map(platform_string))
                         .collect();
                     OriginError::NotFound(format!(
                         "{reference} has no manifest for platform {}; it has {}",
@@ -127,7 +104,7 @@ pub async fn resolve_image(
                         }
                     ))
                 })?;
-                let digest = parse_digest(&chosen.digest, reference)?;
+                let digest = parse_digest(chosen, reference)?;
                 if manifests.iter().any(|(d, _)| *d == digest) {
                     continue;
                 }
@@ -136,7 +113,7 @@ pub async fn resolve_image(
                         &reference.registry,
                         &reference.repository,
                         &digest.to_string(),
-                        MANIFEST_MEDIA_TYPES,
+                        MANIFEST_MEDIA_TYPES.as_slice(),
                     )
                     .await?;
                 if kind_of(&child.media_type, &child.bytes, reference)? != Kind::Image {
@@ -150,46 +127,53 @@ pub async fn resolve_image(
             }
         }
     }
-
-    let mut blobs: Vec<(Digest, u64)> = Vec::new();
-    let mut add = |d: Digest, size: u64| {
-        if !blobs.iter().any(|(seen, _)| *seen == d) {
-            blobs.push((d, size));
-        }
-    };
-    for image in &images {
-        add(
-            parse_digest(&image.config.digest, reference)?,
-            image.config.size,
-        );
-    }
-    for image in &images {
-        for layer in &image.layers {
-            if FOREIGN_LAYERS.contains(&layer.media_type.as_str()) {
-                continue;
-            }
-            add(parse_digest(&layer.digest, reference)?, layer.size);
-        }
-    }
     Ok(ResolvedImage {
         manifest_digest: top.digest,
         manifests,
-        blobs,
+        blobs: blobs_of(&images, reference)?,
     })
+}
+
+/// Every config, then every layer that registries serve, of `images`, each digest once.
+fn blobs_of(
+    images: &[ImageManifest],
+    reference: &Reference,
+) -> Result<Vec<(Digest, u64)>, OriginError> {
+    let mut blobs: Vec<(Digest, u64)> = Vec::new();
+    let mut add = |d: &Descriptor| -> Result<(), OriginError> {
+        let digest = parse_digest(d, reference)?;
+        if !blobs.iter().any(|(seen, _)| *seen == digest) {
+            blobs.push((digest, d.size()));
+        }
+        Ok(())
+    };
+    for image in images {
+        add(image.config())?;
+    }
+    for image in images {
+        for layer in image.layers() {
+            if !is_foreign(layer.media_type()) {
+                add(layer)?;
+            }
+        }
+    }
+    Ok(blobs)
 }
 
 /// Decides from the media type (or, when that is missing or generic, the JSON shape)
 /// whether a manifest is an index or an image manifest.
 fn kind_of(media_type: &str, bytes: &[u8], reference: &Reference) -> Result<Kind, OriginError> {
-    match media_type {
-        OCI_INDEX | DOCKER_MANIFEST_LIST => Ok(Kind::Index),
-        OCI_MANIFEST | DOCKER_MANIFEST => Ok(Kind::Image),
-        t if t.starts_with("application/vnd.docker.distribution.manifest.v1") => {
+    match MediaType::from(media_type) {
+        MediaType::ImageIndex => Ok(Kind::Index),
+        MediaType::ImageManifest => Ok(Kind::Image),
+        MediaType::Other(t) if t == DOCKER_MANIFEST_LIST => Ok(Kind::Index),
+        MediaType::Other(t) if t == DOCKER_MANIFEST => Ok(Kind::Image),
+        MediaType::Other(t) if t.starts_with("application/vnd.docker.distribution.manifest.v1") => {
             Err(OriginError::Invalid(format!(
                 "{reference}: Docker schema 1 manifests ({t}) are not supported"
             )))
         }
-        other => {
+        _ => {
             #[derive(serde::Deserialize)]
             struct Shape {
                 manifests: Option<serde_json::Value>,
@@ -200,7 +184,7 @@ fn kind_of(media_type: &str, bytes: &[u8], reference: &Reference) -> Result<Kind
                 (Some(_), _) => Ok(Kind::Index),
                 (None, Some(_)) => Ok(Kind::Image),
                 (None, None) => Err(OriginError::Invalid(format!(
-                    "{reference}: manifest of type {other:?} is neither an index nor an image manifest"
+                    "{reference}: manifest of type {media_type:?} is neither an index nor an image manifest"
                 ))),
             }
         }
@@ -211,6 +195,7 @@ fn parse_image(bytes: &[u8], reference: &Reference) -> Result<ImageManifest, Ori
     parse_json(bytes, "image manifest", reference)
 }
 
+/// Parses a manifest already read within `manifest_max_bytes`.
 fn parse_json<T: serde::de::DeserializeOwned>(
     bytes: &[u8],
     what: &str,
@@ -220,7 +205,9 @@ fn parse_json<T: serde::de::DeserializeOwned>(
         .map_err(|e| OriginError::Invalid(format!("{reference}: malformed {what}: {e}")))
 }
 
-fn parse_digest(text: &str, reference: &Reference) -> Result<Digest, OriginError> {
+/// The descriptor's digest as Shoal's (SHA-256 only; `oci-spec` also accepts others).
+fn parse_digest(descriptor: &Descriptor, reference: &Reference) -> Result<Digest, OriginError> {
+    let text = descriptor.digest().as_ref();
     text.parse()
         .map_err(|e| OriginError::Invalid(format!("{reference}: descriptor digest {text:?}: {e}")))
 }
@@ -236,117 +223,51 @@ fn parse_platform(text: &str) -> Result<Platform, OriginError> {
     if parts.iter().any(|p| p.is_empty()) {
         return Err(bad());
     }
-    match parts.as_slice() {
-        [os, arch] => Ok(Platform {
-            os: os.to_string(),
-            architecture: arch.to_string(),
-            variant: None,
-        }),
-        [os, arch, variant] => Ok(Platform {
-            os: os.to_string(),
-            architecture: arch.to_string(),
-            variant: Some(variant.to_string()),
-        }),
-        _ => Err(bad()),
-    }
+    let (os, arch, variant) = match parts.as_slice() {
+        [os, arch] => (os, arch, None),
+        [os, arch, variant] => (os, arch, Some(variant.to_string())),
+        _ => return Err(bad()),
+    };
+    let mut platform = Platform::default();
+    platform
+        .set_os(Os::from(*os))
+        .set_architecture(Arch::from(*arch))
+        .set_variant(variant);
+    Ok(platform)
 }
 
 fn platform_string(p: &Platform) -> String {
-    match &p.variant {
-        Some(v) => format!("{}/{}/{v}", p.os, p.architecture),
-        None => format!("{}/{}", p.os, p.architecture),
+    match p.variant() {
+        Some(v) => format!("{}/{}/{v}", p.os(), p.architecture()),
+        None => format!("{}/{}", p.os(), p.architecture()),
     }
 }
 
 /// The variant an architecture has when an index leaves it out, as containerd assumes.
-fn default_variant(architecture: &str) -> Option<&'static str> {
+fn default_variant(architecture: &Arch) -> Option<&'static str> {
     match architecture {
-        "arm64" => Some("v8"),
-        "arm" => Some("v7"),
+        Arch::ARM64 => Some("v8"),
+        Arch::ARM => Some("v7"),
         _ => None,
     }
 }
 
 /// The first manifest of `index` for `wanted`. Without a variant in `wanted`, any variant
 /// matches; with one, the entry's variant (or the architecture's default) must equal it.
-fn select<'a>(index: &'a Index, wanted: &Platform) -> Option<&'a Descriptor> {
-    index.manifests.iter().find(|d| {
-        let Some(p) = &d.platform else { return false };
-        if p.os != wanted.os || p.architecture != wanted.architecture {
+fn select<'a>(index: &'a ImageIndex, wanted: &Platform) -> Option<&'a Descriptor> {
+    index.manifests().iter().find(|d| {
+        let Some(p) = d.platform() else { return false };
+        if p.os() != wanted.os() || p.architecture() != wanted.architecture() {
             return false;
         }
-        match &wanted.variant {
+        match wanted.variant() {
             None => true,
             Some(v) => {
-                p.variant.as_deref().or(default_variant(&p.architecture)) == Some(v.as_str())
+                p.variant().as_deref().or(default_variant(p.architecture())) == Some(v.as_str())
             }
         }
     })
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn index(json: &str) -> Index {
-        serde_json::from_str(json).unwrap()
-    }
-
-    const INDEX: &str = r#"{"manifests":[
-        {"mediaType":"m","digest":"d-amd64","size":1,"platform":{"os":"linux","architecture":"amd64"}},
-        {"mediaType":"m","digest":"d-arm-v6","size":1,"platform":{"os":"linux","architecture":"arm","variant":"v6"}},
-        {"mediaType":"m","digest":"d-arm64","size":1,"platform":{"os":"linux","architecture":"arm64"}},
-        {"mediaType":"m","digest":"d-attest","size":1,"platform":{"os":"unknown","architecture":"unknown"}}
-    ]}"#;
-
-    fn pick(p: &str) -> Option<String> {
-        select(&index(INDEX), &parse_platform(p).unwrap()).map(|d| d.digest.clone())
-    }
-
-    #[test]
-    fn platform_selection() {
-        assert_eq!(pick("linux/amd64").as_deref(), Some("d-amd64"));
-        assert_eq!(pick("linux/arm64").as_deref(), Some("d-arm64"));
-        // arm64 without a variant in the index is v8.
-        assert_eq!(pick("linux/arm64/v8").as_deref(), Some("d-arm64"));
-        assert_eq!(pick("linux/arm/v6").as_deref(), Some("d-arm-v6"));
-        assert_eq!(pick("linux/arm/v7"), None);
-        assert_eq!(pick("windows/amd64"), None);
-    }
-
-    #[test]
-    fn platform_parsing() {
-        for bad in ["linux", "linux/", "/amd64", "a/b/c/d", ""] {
-            assert!(parse_platform(bad).is_err(), "{bad:?}");
-        }
-        assert_eq!(
-            platform_string(&parse_platform("linux/arm64/v8").unwrap()),
-            "linux/arm64/v8"
-        );
-    }
-
-    #[test]
-    fn kind_from_media_type_or_shape() {
-        let r: Reference = "x".parse().unwrap();
-        assert_eq!(kind_of(OCI_INDEX, b"", &r).unwrap(), Kind::Index);
-        assert_eq!(kind_of(DOCKER_MANIFEST, b"", &r).unwrap(), Kind::Image);
-        assert_eq!(
-            kind_of("", br#"{"manifests":[]}"#, &r).unwrap(),
-            Kind::Index
-        );
-        assert_eq!(
-            kind_of("application/json", br#"{"config":{}}"#, &r).unwrap(),
-            Kind::Image
-        );
-        assert!(kind_of("", b"{}", &r).is_err());
-        assert!(kind_of("", b"nope", &r).is_err());
-        assert!(
-            kind_of(
-                "application/vnd.docker.distribution.manifest.v1+prettyjws",
-                b"",
-                &r
-            )
-            .is_err()
-        );
-    }
-}
+mod tests;

@@ -23,18 +23,26 @@ pub use config::{HttpOriginConfig, OriginConfig, RegistryConfig};
 pub use error::OriginError;
 pub use http::parse_http_url;
 pub use image::{
-    DEFAULT_PLATFORM, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST,
-    ResolvedImage, resolve_image,
+    DEFAULT_PLATFORM, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, ResolvedImage, resolve_image,
 };
 pub use pacing::THROTTLED;
 pub use reference::{DOCKER_HUB, NAME_MAX_LEN, Reference, validate_repository, validate_tag};
 pub use shoal_proto::Digest;
 
+use std::sync::LazyLock;
+
+use oci_spec::image::MediaType;
+
 /// Media types a mirror or puller should send in `Accept` for manifests: OCI index and
-/// manifest, Docker manifest list and schema 2 manifest, most general first.
-pub const MANIFEST_MEDIA_TYPES: &[&str] = &[
-    OCI_INDEX,
-    DOCKER_MANIFEST_LIST,
-    OCI_MANIFEST,
-    DOCKER_MANIFEST,
-];
+/// manifest (`oci-spec`'s `MediaType::ImageIndex` and `ImageManifest`), Docker manifest list
+/// and schema 2 manifest, most general first.
+pub static MANIFEST_MEDIA_TYPES: LazyLock<[&'static str; 4]> = LazyLock::new(|| {
+    static OCI_INDEX: MediaType = MediaType::ImageIndex;
+    static OCI_MANIFEST: MediaType = MediaType::ImageManifest;
+    [
+        OCI_INDEX.as_ref(),
+        DOCKER_MANIFEST_LIST,
+        OCI_MANIFEST.as_ref(),
+        DOCKER_MANIFEST,
+    ]
+});

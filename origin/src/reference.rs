@@ -1,5 +1,13 @@
 //! Image references and the OCI name grammars, after docker/distribution's `reference`
 //! package.
+//!
+//! Written here rather than taken from `oci-spec`'s `distribution::Reference` (0.10), which
+//! fails this module's tests: it refuses bracketed IPv6
+//! registries (`[::1]:5000/app`), accepts ports of any length (`host:123456/app`), 64-hex
+//! image ids as names, and names over 255 characters with their registry (it counts only the
+//! repository); it takes an uppercase first component for a Docker Hub namespace
+//! (`Myhost/app` becomes `docker.io/Myhost/app`, not registry `Myhost`), accepts non-ASCII
+//! tags (`\w` is Unicode) and uppercase digest hex, and says only "invalid reference format".
 
 use std::fmt;
 use std::str::FromStr;

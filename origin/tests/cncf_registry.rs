@@ -7,9 +7,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use oci_spec::image::MediaType;
 use shoal_origin::{
-    ByteRange, Client, Digest, MANIFEST_MEDIA_TYPES, OCI_INDEX, OCI_MANIFEST, OriginConfig,
-    OriginError, Reference, RegistryConfig, resolve_image,
+    ByteRange, Client, Digest, MANIFEST_MEDIA_TYPES, OriginConfig, OriginError, Reference,
+    RegistryConfig, resolve_image,
 };
 
 const REGISTRY_BINARY: &str = "/usr/bin/docker-registry";
@@ -147,7 +148,7 @@ fn oci_manifest(config: &Bytes, layers: &[&Bytes]) -> Bytes {
         .collect();
     serde_json::to_vec(&serde_json::json!({
         "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
+        "mediaType": MediaType::ImageManifest.as_ref(),
         "config": descriptor("application/vnd.oci.image.config.v1+json", config),
         "layers": layers,
     }))
@@ -178,6 +179,11 @@ async fn read_all(mut body: shoal_origin::Body) -> Vec<u8> {
 
 #[tokio::test]
 async fn client_reads_what_was_pushed_to_the_cncf_registry() {
+    // The OCI media types, as oci-spec names them.
+    let (index_type, manifest_type) = (
+        MediaType::ImageIndex.to_string(),
+        MediaType::ImageManifest.to_string(),
+    );
     let dir = tempfile::tempdir().unwrap();
     let (_registry, addr) = start_registry(dir.path()).await;
     let http = reqwest::Client::new();
@@ -193,21 +199,21 @@ async fn client_reads_what_was_pushed_to_the_cncf_registry() {
     }
     let amd_manifest = oci_manifest(&amd_config, &[&base_layer]);
     let arm_manifest = oci_manifest(&arm_config, &[&base_layer, &arm_layer]);
-    let amd_digest = push_manifest(&http, &addr, "amd64", OCI_MANIFEST, &amd_manifest).await;
-    let arm_digest = push_manifest(&http, &addr, "arm64", OCI_MANIFEST, &arm_manifest).await;
-    let mut amd_entry = descriptor(OCI_MANIFEST, &amd_manifest);
+    let amd_digest = push_manifest(&http, &addr, "amd64", &manifest_type, &amd_manifest).await;
+    let arm_digest = push_manifest(&http, &addr, "arm64", &manifest_type, &arm_manifest).await;
+    let mut amd_entry = descriptor(&manifest_type, &amd_manifest);
     amd_entry["platform"] = serde_json::json!({"os": "linux", "architecture": "amd64"});
-    let mut arm_entry = descriptor(OCI_MANIFEST, &arm_manifest);
+    let mut arm_entry = descriptor(&manifest_type, &arm_manifest);
     arm_entry["platform"] =
         serde_json::json!({"os": "linux", "architecture": "arm64", "variant": "v8"});
     let index: Bytes = serde_json::to_vec(&serde_json::json!({
         "schemaVersion": 2,
-        "mediaType": OCI_INDEX,
+        "mediaType": index_type,
         "manifests": [amd_entry, arm_entry],
     }))
     .unwrap()
     .into();
-    let index_digest = push_manifest(&http, &addr, "latest", OCI_INDEX, &index).await;
+    let index_digest = push_manifest(&http, &addr, "latest", &index_type, &index).await;
 
     let client = Client::new(OriginConfig {
         registries: vec![RegistryConfig {
@@ -221,25 +227,30 @@ async fn client_reads_what_was_pushed_to_the_cncf_registry() {
 
     // Manifests, by tag and by digest.
     let top = client
-        .get_manifest(&addr, REPO, "latest", MANIFEST_MEDIA_TYPES)
+        .get_manifest(&addr, REPO, "latest", MANIFEST_MEDIA_TYPES.as_slice())
         .await
         .unwrap();
     assert_eq!(top.bytes, index);
-    assert_eq!(top.media_type, OCI_INDEX);
+    assert_eq!(top.media_type, index_type);
     assert_eq!(top.digest, index_digest);
     let head = client
-        .head_manifest(&addr, REPO, "latest", MANIFEST_MEDIA_TYPES)
+        .head_manifest(&addr, REPO, "latest", MANIFEST_MEDIA_TYPES.as_slice())
         .await
         .unwrap();
     assert_eq!(head.size, index.len() as u64);
     assert_eq!(head.digest, Some(index_digest));
-    assert_eq!(head.media_type, OCI_INDEX);
+    assert_eq!(head.media_type, index_type);
     let by_digest = client
-        .get_manifest(&addr, REPO, &arm_digest.to_string(), MANIFEST_MEDIA_TYPES)
+        .get_manifest(
+            &addr,
+            REPO,
+            &arm_digest.to_string(),
+            MANIFEST_MEDIA_TYPES.as_slice(),
+        )
         .await
         .unwrap();
     assert_eq!(by_digest.bytes, arm_manifest);
-    assert_eq!(by_digest.media_type, OCI_MANIFEST);
+    assert_eq!(by_digest.media_type, manifest_type);
 
     // Blobs: size, whole, ranged, missing.
     let layer_digest = Digest::of(&base_layer);

@@ -19,7 +19,7 @@ async fn bearer_token_flow_with_password_file_and_cache() {
     let h = Harness::start(Mode::Bearer).await;
     let client = h.client();
     let m = client
-        .get_manifest(&h.host(), REPO, "v1", MANIFEST_MEDIA_TYPES)
+        .get_manifest(&h.host(), REPO, "v1", MANIFEST_MEDIA_TYPES.as_slice())
         .await
         .unwrap();
     assert_eq!(m.bytes, h.fake.manifest);
@@ -42,7 +42,7 @@ async fn bearer_token_flow_with_password_file_and_cache() {
         .unwrap();
     assert_eq!(size, 100_000);
     let head = clone
-        .head_manifest(&h.host(), REPO, "v1", MANIFEST_MEDIA_TYPES)
+        .head_manifest(&h.host(), REPO, "v1", MANIFEST_MEDIA_TYPES.as_slice())
         .await
         .unwrap();
     assert_eq!(head.size, h.fake.manifest.len() as u64);

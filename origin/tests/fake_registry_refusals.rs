@@ -51,7 +51,7 @@ async fn credentials_are_withheld_from_a_plain_http_realm_on_another_host() {
     let h = Harness::start(Mode::ForeignRealm).await;
     let err = h
         .client()
-        .get_manifest(&h.host(), REPO, "v1", MANIFEST_MEDIA_TYPES)
+        .get_manifest(&h.host(), REPO, "v1", MANIFEST_MEDIA_TYPES.as_slice())
         .await
         .expect_err("the foreign realm got the credentials");
     let OriginError::Unauthorized(message) = &err else {
