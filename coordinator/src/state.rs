@@ -297,7 +297,7 @@ impl State {
                 let _ = reply.send(self.resolve_url(req, now));
             }
             Request::RemoveBlob(req, reply) => {
-                let _ = reply.send(self.remove_blob(req));
+                let _ = reply.send(self.remove_blob(req, now));
             }
             Request::DrainAgent(req, reply) => {
                 let _ = reply.send(self.drain_agent(req, now));

@@ -207,6 +207,7 @@ async fn blobs_unpin_and_rm_reach_the_holders_and_rm_everywhere_forgets_the_blob
         })
         .await?;
     }
+    let before = text(&cluster.cli(&["jobs"]));
     cluster.restart_coordinator()?;
     cluster.wait_for_agents(3).await?;
     let left = holders(&cluster, &digest).await?;
@@ -214,10 +215,15 @@ async fn blobs_unpin_and_rm_reach_the_holders_and_rm_everywhere_forgets_the_blob
     assert!(left.is_none(), "after a restart: {left:?}; jobs:\n{jobs}");
     let out = cluster.cli(&["blobs", "rm", &digest]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let logs: Vec<String> = ["coordinator-0.log", "coordinator-1.log"]
+        .iter()
+        .map(|f| crate::harness::read(&cluster.dir.path().join(f)))
+        .collect();
     assert!(
         text(&out).contains("not found"),
-        "{} {jobs} {wanting}",
-        text(&out)
+        "{} before:\n{before}\nafter:\n{jobs} {wanting}\n{}",
+        text(&out),
+        logs.join("\n=====\n")
     );
     Ok(())
 }

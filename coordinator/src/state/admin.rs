@@ -12,6 +12,7 @@ impl State {
     pub(super) fn remove_blob(
         &mut self,
         req: pb::RemoveBlobRequest,
+        now: Now,
     ) -> Result<pb::RemoveBlobResponse, ApiError> {
         let blob: Digest = req
             .digest
@@ -69,6 +70,9 @@ impl State {
             response.agent_ids.push(id);
         }
         if everywhere && !req.unpin_only {
+            // The check above read the jobs in memory; a restart must not find on disk an
+            // older state in which a job still wants the blob that is now gone.
+            self.jobs.flush(now.wall);
             self.catalog.remove(&blob);
             response.forgotten = true;
         }
