@@ -41,6 +41,10 @@ impl Proc {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+
+    fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
 }
 
 impl Drop for Proc {
@@ -152,7 +156,7 @@ impl Cluster {
         };
         cluster.wait_for_coordinator().await?;
         for i in 0..agents {
-            let agent = cluster.spawn_agent(i, agent_env)?;
+            let agent = cluster.spawn_agent_retrying(i, agent_env).await?;
             cluster.agents.push(agent);
         }
         cluster.wait_for_agents(agents).await?;
@@ -188,6 +192,29 @@ impl Cluster {
             })
             .await?;
         r.into_inner().job.context("no job")
+    }
+
+    /// Starts agent `i`, again on other ports if one it was given was taken in between (ports
+    /// are picked free, then bound by the agent: another test's process may win the race).
+    async fn spawn_agent_retrying(&self, i: usize, env: &[(&str, &str)]) -> Result<Agent> {
+        for _ in 0..5 {
+            let mut agent = self.spawn_agent(i, env)?;
+            let started = Instant::now();
+            while started.elapsed() < Duration::from_secs(3) {
+                if read(&agent.proc.log).contains("session established") {
+                    return Ok(agent);
+                }
+                if agent.proc.exited() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let log = read(&agent.proc.log);
+            if !(agent.proc.exited() && log.contains("Address already in use")) {
+                return Ok(agent);
+            }
+        }
+        bail!("agent {i}: every port tried was taken")
     }
 
     fn spawn_agent(&self, i: usize, env: &[(&str, &str)]) -> Result<Agent> {
