@@ -41,6 +41,11 @@ const TOP_UP_SCAN: usize = 64;
 /// Targets short of sources that a new download of their blob lets try again.
 const HUNGRY_RETRY: usize = 4;
 
+/// How long a download shuns a source it reported stalled. Not for ever: a stall is as often
+/// the reporter's own link (pulled, congested) as the source's, and a download that shunned
+/// every holder for good would wait for ever once its link came back.
+pub const STALL_EXCLUSION: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Order among available holders of one blob: complete first, then more chunks, then salt.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
 struct HolderKey {
@@ -89,6 +94,13 @@ struct Serve {
     rate: u64,
 }
 
+impl Download {
+    /// Whether it must not take `source` now: reported corrupt, or stalled recently.
+    fn shuns(&self, source: HostId, now: Time) -> bool {
+        self.excluded.contains(&source) || self.stalled.get(&source).is_some_and(|u| *u > now)
+    }
+}
+
 #[derive(Debug)]
 struct Download {
     priority: Priority,
@@ -98,7 +110,10 @@ struct Download {
     sent: Option<Vec<HostId>>,
     /// The stripes it was last told, one per source in `sent`.
     sent_stripes: Vec<(u32, u32)>,
+    /// Sources it reported corrupt: never again, for this blob.
     excluded: BTreeSet<HostId>,
+    /// Sources it reported stalled, shunned until the time given (see [`STALL_EXCLUSION`]).
+    stalled: BTreeMap<HostId, Time>,
     attempts: u32,
     retry_at: Option<Time>,
     hungry: Option<HungryKey>,
@@ -315,7 +330,10 @@ impl Assigner {
             }
             self.retries.pop_first();
             if let Some(d) = self.download_mut(blob, host) {
-                d.retry_at = None;
+                // This entry may be a stall exclusion ending, not the retry's own time.
+                if d.retry_at.is_some_and(|t| t <= now) {
+                    d.retry_at = None;
+                }
                 self.sync_hungry(blob, host);
                 self.top_up(blob, host);
             }
@@ -601,6 +619,7 @@ impl Assigner {
                     sent: None,
                     sent_stripes: Vec::new(),
                     excluded: BTreeSet::new(),
+                    stalled: BTreeMap::new(),
                     attempts: 0,
                     retry_at: None,
                     hungry: None,
@@ -665,10 +684,13 @@ impl Assigner {
 
     fn stalled(&mut self, id: HostId, blob: BlobId, source: HostId) {
         self.stats.stalls += 1;
+        let until = self.now + STALL_EXCLUSION;
         let Some(d) = self.download_mut(blob, id) else {
             return;
         };
-        d.excluded.insert(source);
+        d.stalled.insert(source, until);
+        // Look again when the exclusion ends, in case nothing else wakes this download.
+        self.retries.insert((until, blob, id));
         self.drop_source(blob, id, source);
     }
 

@@ -161,6 +161,13 @@ impl Fabric {
         Ok(())
     }
 
+    /// Takes host `i`'s link down (`up` false: nothing in or out, as a pulled cable) or
+    /// brings it back up.
+    pub fn set_link(&self, i: usize, up: bool) -> Result<()> {
+        let state = if up { "up" } else { "down" };
+        run(&["ip", "-n", &self.ns(i), "link", "set", "eth0", state])
+    }
+
     /// `program` run in host `i`'s namespace.
     pub fn command(&self, i: usize, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut c = Command::new("ip");

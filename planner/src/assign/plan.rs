@@ -230,7 +230,7 @@ impl Assigner {
         source != target
             && s.alive
             && !d.sources.contains(&source)
-            && !d.excluded.contains(&source)
+            && !d.shuns(source, self.now)
             && !blob.corrupt.contains(&source)
             && s.serving.len() < self.config.max_uploads
             && s.committed_bps + rate <= s.upload_bps

@@ -97,9 +97,9 @@ impl Assigner {
             || !s_partial
             || s == target
             || dt.sources.contains(&s)
-            || dt.excluded.contains(&s)
+            || dt.shuns(s, self.now)
             || du.sources.contains(&target)
-            || du.excluded.contains(&target)
+            || du.shuns(target, self.now)
             || b.corrupt.contains(&target)
             || b.corrupt.contains(&s)
             || !self.hosts[&s].alive

@@ -451,6 +451,37 @@ fn stalled_source_is_replaced_and_not_reused_for_that_target() {
     assert_eq!(t.a.stats().stalls, 1);
 }
 
+/// A target whose own link failed reports every source stalled; once its link is back it
+/// must get sources again, not shun every holder for good (found by the netns fault suite:
+/// a host whose link was pulled for 4 s never finished).
+#[test]
+fn a_download_that_stalled_on_every_source_gets_them_back_after_the_exclusion() {
+    let x = blob(1);
+    let mut t = Harness::new(cfg(1, 8));
+    t.seed(0, 0, 0, GBPS, x);
+    t.seed(5, 1, 0, GBPS, x);
+    t.up(1, 0, 0, GBPS);
+    assert_eq!(t.want(1, x), vec![fetch(1, x, &[0])]);
+    let stall = |source| Event::SourceStalled {
+        host: h(1),
+        blob: x,
+        source: h(source),
+    };
+    assert_eq!(t.ev(stall(0)), vec![update(1, x, &[5])]);
+    assert_eq!(t.ev(stall(5)), vec![update(1, x, &[])]);
+    t.now += STALL_EXCLUSION - Duration::from_millis(1);
+    t.a.handle_timeout(t.now);
+    assert!(t.drain().is_empty(), "still shunned");
+    t.now += Duration::from_millis(2);
+    t.a.handle_timeout(t.now);
+    let back = t.drain();
+    assert_eq!(back.len(), 1, "{back:?}");
+    assert!(
+        matches!(&back[0], Command::UpdateSources { sources, .. } if !sources.is_empty()),
+        "{back:?}"
+    );
+}
+
 #[test]
 fn failures_back_off_then_give_up() {
     let x = blob(1);

@@ -72,8 +72,7 @@ impl<'a> Cluster<'a> {
                 cluster.opts.coordinator_toml,
             ),
         )?;
-        let mut c = cluster.shoal(0);
-        c.args(["coordinator", "--config"]).arg(&config);
+        let c = cluster.coordinator_command();
         cluster.spawn(c, "coordinator")?;
         for h in 0..fabric.hosts() {
             let dir = cluster.opts.dir.join(format!("h{h}"));
@@ -86,16 +85,8 @@ impl<'a> Cluster<'a> {
                 64u64 << 30,
                 (cluster.opts.agent_toml)(h),
             );
-            let config = dir.join("agent.toml");
-            std::fs::write(&config, toml)?;
-            let role = if h == 0 { "seed" } else { "target" };
-            let mut c = cluster.shoal(h);
-            c.args(["agent", "--config"]).arg(&config).args([
-                "--label",
-                &format!("role={role}"),
-                "--label",
-                &format!("host=h{h}"),
-            ]);
+            std::fs::write(dir.join("agent.toml"), toml)?;
+            let c = cluster.agent_command(h);
             cluster.spawn(c, &format!("agent-{h}"))?;
         }
         let hosts = fabric.hosts();
@@ -128,6 +119,67 @@ impl<'a> Cluster<'a> {
             cluster.hosts
         );
         Ok(cluster)
+    }
+
+    fn coordinator_command(&self) -> Command {
+        let mut c = self.shoal(0);
+        c.args(["coordinator", "--config"])
+            .arg(self.opts.dir.join("coordinator.toml"));
+        c
+    }
+
+    /// Host `h`'s agent: role `seed` on host 0, `target` elsewhere.
+    fn agent_command(&self, h: usize) -> Command {
+        let role = if h == 0 { "seed" } else { "target" };
+        let mut c = self.shoal(h);
+        c.args(["agent", "--config"])
+            .arg(self.opts.dir.join(format!("h{h}/agent.toml")))
+            .args([
+                "--label",
+                &format!("role={role}"),
+                "--label",
+                &format!("host=h{h}"),
+            ]);
+        c
+    }
+
+    /// Kills process `i` (SIGKILL) and starts `c` in its place, logging to `<name>.log`.
+    fn respawn(&mut self, i: usize, c: Command, name: &str) -> Result<()> {
+        let _ = self.procs[i].kill();
+        let _ = self.procs[i].wait();
+        let log = std::fs::File::create(self.opts.dir.join(format!("{name}.log")))?;
+        let mut c = (self.opts.wrap)(c);
+        c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
+        self.procs[i] = c.spawn().with_context(|| format!("spawning {name}"))?;
+        Ok(())
+    }
+
+    /// Kills host `h`'s agent (SIGKILL) and starts it again on the same data directory.
+    pub fn restart_agent(&mut self, h: usize) -> Result<()> {
+        let c = self.agent_command(h);
+        self.respawn(1 + h, c, &format!("agent-{h}-restarted"))
+    }
+
+    /// Kills the coordinator (SIGKILL) and starts it again on the same state directory.
+    pub fn restart_coordinator(&mut self) -> Result<()> {
+        let c = self.coordinator_command();
+        self.respawn(0, c, "coordinator-restarted")
+    }
+
+    /// The job as the coordinator reports it (with its targets).
+    pub fn job(&self, job_id: &str) -> Result<pb::Job> {
+        let id = job_id.to_string();
+        self.with_client(async move |mut client| {
+            client
+                .get_job(pb::GetJobRequest {
+                    job_id: id,
+                    include_targets: true,
+                })
+                .await?
+                .into_inner()
+                .job
+                .context("no job in the answer")
+        })
     }
 
     pub fn coordinator_url(&self) -> String {
