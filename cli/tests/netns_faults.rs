@@ -62,13 +62,17 @@ fn as_is(c: std::process::Command) -> std::process::Command {
 }
 
 fn start<'a>(fabric: &'a Fabric, dir: &'a Path) -> Result<Run<'a>> {
+    start_with(fabric, dir, "")
+}
+
+fn start_with<'a>(fabric: &'a Fabric, dir: &'a Path, coordinator_toml: &'a str) -> Result<Run<'a>> {
     let cluster = Cluster::start(
         fabric,
         Options {
             shoal: env!("CARGO_BIN_EXE_shoal").into(),
             dir: dir.join("cluster"),
             agent_toml: &no_extra,
-            coordinator_toml: "",
+            coordinator_toml,
             wrap: &as_is,
         },
     )?;
@@ -118,15 +122,40 @@ impl Run<'_> {
     /// Waits for the job to end, then checks every target's copy and that nothing corrupt
     /// reached a target.
     fn finish(&self) -> Result<pb::Job> {
+        let job = self.end()?;
+        ensure!(job.state() == JobState::Done, "the job ended {job:?}");
+        for h in 1..HOSTS {
+            self.check_copy(h)?;
+        }
+        Ok(job)
+    }
+
+    /// Host `h` holds the blob bit-identical and rejected no chunk.
+    fn check_copy(&self, h: usize) -> Result<()> {
+        let copy = self.dir.join(format!("copy-{h}"));
+        self.cluster.copy_out(h, &self.digest, &copy)?;
+        ensure!(
+            std::fs::read(&copy)? == self.content,
+            "host {h}'s copy differs"
+        );
+        let rejected = self
+            .cluster
+            .metric(h, "shoal_agent_chunks_rejected_total")?;
+        ensure!(rejected == 0.0, "host {h} rejected {rejected} chunks");
+        Ok(())
+    }
+
+    /// Waits for the job to end, whichever way, within [`JOB_LIMIT`].
+    fn end(&self) -> Result<pb::Job> {
         let started = Instant::now();
-        let job = loop {
+        loop {
             // The coordinator may be restarting: an error is not an answer yet.
             if let Ok(job) = self.cluster.job(&self.job) {
                 if matches!(
                     job.state(),
                     JobState::Done | JobState::Failed | JobState::Cancelled
                 ) {
-                    break job;
+                    return Ok(job);
                 }
             }
             if started.elapsed() > JOB_LIMIT {
@@ -139,21 +168,7 @@ impl Run<'_> {
                 );
             }
             std::thread::sleep(Duration::from_millis(100));
-        };
-        ensure!(job.state() == JobState::Done, "the job ended {job:?}");
-        for h in 1..HOSTS {
-            let copy = self.dir.join(format!("copy-{h}"));
-            self.cluster.copy_out(h, &self.digest, &copy)?;
-            ensure!(
-                std::fs::read(&copy)? == self.content,
-                "host {h}'s copy differs"
-            );
-            let rejected = self
-                .cluster
-                .metric(h, "shoal_agent_chunks_rejected_total")?;
-            ensure!(rejected == 0.0, "host {h} rejected {rejected} chunks");
         }
-        Ok(job)
     }
 }
 
@@ -197,5 +212,33 @@ fn the_coordinator_killed_mid_transfer_restarts_and_the_job_ends() -> Result<()>
         targets.len() == HOSTS - 1 && targets.iter().all(|t| t.state() == pb::TargetState::Done),
         "{targets:?}"
     );
+    Ok(())
+}
+
+#[test]
+fn a_host_cut_off_past_its_lease_fails_its_target_and_the_others_finish() -> Result<()> {
+    let (_tmp, dir) = workdir()?;
+    let fabric = Fabric::new(&[100; HOSTS])?;
+    let run = start_with(&fabric, &dir, "lease_ms = 2000\nheartbeat_ms = 500\n")?;
+    run.wait_progress(0.2)?;
+    fabric.set_link(1, false)?;
+    // Past the lease: the coordinator gives host 1 up while the others finish.
+    let job = run.end()?;
+    fabric.set_link(1, true)?;
+    let targets = job.progress.clone().map(|p| p.targets).unwrap_or_default();
+    for t in &targets {
+        if run.cluster.hosts.get(&t.agent_id) == Some(&1) {
+            ensure!(
+                t.state() == pb::TargetState::Failed && t.reason() == pb::FailureReason::AgentLost,
+                "{t:?}"
+            );
+        } else {
+            ensure!(t.state() == pb::TargetState::Done, "{t:?}");
+        }
+    }
+    ensure!(job.state() == JobState::Failed, "{job:?}");
+    for h in 2..HOSTS {
+        run.check_copy(h)?;
+    }
     Ok(())
 }
