@@ -102,6 +102,9 @@ async fn shutdown_signal() {
     }
 }
 
+/// Runs the coordinator until SIGINT or SIGTERM. If its state task or its database writer
+/// dies first, `run` returns why: the process exits 1 (after storing what was queued), so
+/// that Kubernetes restarts it rather than leave a coordinator that answers nothing.
 pub async fn coordinator(args: CoordinatorArgs) -> Result<()> {
     let path = |p: Option<PathBuf>| p.map(|p| p.display().to_string());
     let config: CoordinatorConfig = crate::settings::load(

@@ -1,5 +1,8 @@
-//! Durable state in one redb file: the blob catalog, the jobs, and the order-id counter.
-//! Everything else is soft, rebuilt when agents reconnect.
+//! Durable state in one redb file: the blob catalog, the jobs, the order-id counter and
+//! the hashes of agents' secrets. Everything else is soft, rebuilt when agents reconnect.
+//!
+//! The state reads it once, at startup; from then on only the writer (`crate::writer`)
+//! touches it, with [`Db::apply`].
 
 use std::path::Path;
 
@@ -15,9 +18,15 @@ const ORDER_CEILING: &str = "order_ceiling";
 /// Agent id -> SHA-256 of the secret issued with it (the proof a rejoin under that id needs).
 const AGENT_SECRETS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("agent_secrets");
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 #[error("coordinator state database: {0}")]
 pub struct DbError(String);
+
+impl DbError {
+    pub fn from_message(message: &str) -> Self {
+        Self(message.to_string())
+    }
+}
 
 fn err(e: impl std::fmt::Display) -> DbError {
     DbError(e.to_string())
@@ -42,9 +51,36 @@ pub struct StoredBlob {
     pub registered_at: Option<prost_types::Timestamp>,
 }
 
+/// One change to the database. The writer (`crate::writer`) applies the changes queued
+/// at once in one transaction, in the order they were queued.
+#[derive(Clone, Debug)]
+pub enum Write {
+    /// Jobs with their targets, each as `Job { progress: JobProgress { targets } }`.
+    Jobs(Vec<pb::Job>),
+    ForgetJob(String),
+    Blob([u8; 32], StoredBlob),
+    ForgetBlob([u8; 32]),
+    /// Reserves order ids below this: once stored, no later run issues them.
+    OrderCeiling(u64),
+    /// Agent id and the SHA-256 of the secret issued with it.
+    AgentSecret(String, [u8; 32]),
+}
+
 #[derive(Debug)]
 pub struct Db {
     db: Database,
+    #[cfg(test)]
+    faults: std::sync::Arc<Faults>,
+}
+
+/// Tests only: a disk that is slow, or that fails.
+#[cfg(test)]
+#[derive(Debug, Default)]
+pub struct Faults {
+    /// Each commit first sleeps this many milliseconds.
+    pub commit_delay_ms: std::sync::atomic::AtomicU64,
+    /// Each commit fails (after the delay), as an I/O error would: nothing is written.
+    pub fail_commits: std::sync::atomic::AtomicBool,
 }
 
 impl Db {
@@ -56,7 +92,65 @@ impl Db {
         txn.open_table(META).map_err(err)?;
         txn.open_table(AGENT_SECRETS).map_err(err)?;
         txn.commit().map_err(err)?;
-        Ok(Self { db })
+        Ok(Self {
+            db,
+            #[cfg(test)]
+            faults: Default::default(),
+        })
+    }
+
+    /// Tests only: the faults of this handle's disk, to set while it runs.
+    #[cfg(test)]
+    pub fn faults(&self) -> std::sync::Arc<Faults> {
+        self.faults.clone()
+    }
+
+    /// Applies `writes` in order in one transaction, and commits it durably (redb's
+    /// default: fsync before it returns). All or none.
+    pub fn apply<'a>(&self, writes: impl IntoIterator<Item = &'a Write>) -> Result<(), DbError> {
+        let txn = self.db.begin_write().map_err(err)?;
+        {
+            let mut blobs = txn.open_table(BLOBS).map_err(err)?;
+            let mut jobs = txn.open_table(JOBS).map_err(err)?;
+            let mut meta = txn.open_table(META).map_err(err)?;
+            let mut secrets = txn.open_table(AGENT_SECRETS).map_err(err)?;
+            for write in writes {
+                match write {
+                    Write::Jobs(list) => {
+                        for job in list {
+                            let bytes = job.encode_to_vec();
+                            jobs.insert(job.job_id.as_str(), &bytes[..]).map_err(err)?;
+                        }
+                    }
+                    Write::ForgetJob(id) => {
+                        jobs.remove(id.as_str()).map_err(err)?;
+                    }
+                    Write::Blob(digest, blob) => {
+                        let bytes = blob.encode_to_vec();
+                        blobs.insert(&digest[..], &bytes[..]).map_err(err)?;
+                    }
+                    Write::ForgetBlob(digest) => {
+                        blobs.remove(&digest[..]).map_err(err)?;
+                    }
+                    Write::OrderCeiling(ceiling) => {
+                        meta.insert(ORDER_CEILING, *ceiling).map_err(err)?;
+                    }
+                    Write::AgentSecret(id, hash) => {
+                        secrets.insert(id.as_str(), &hash[..]).map_err(err)?;
+                    }
+                }
+            }
+        }
+        #[cfg(test)]
+        {
+            use std::sync::atomic::Ordering::Relaxed;
+            let ms = self.faults.commit_delay_ms.load(Relaxed);
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+            if self.faults.fail_commits.load(Relaxed) {
+                return Err(err("injected I/O error"));
+            }
+        }
+        txn.commit().map_err(err)
     }
 
     /// The order-id ceiling last reserved, if any was.
@@ -66,70 +160,19 @@ impl Db {
         Ok(table.get(ORDER_CEILING).map_err(err)?.map(|v| v.value()))
     }
 
-    /// Reserves order ids below `ceiling`: once this returns, no later run issues them.
-    pub fn set_order_ceiling(&self, ceiling: u64) -> Result<(), DbError> {
-        let txn = self.db.begin_write().map_err(err)?;
-        txn.open_table(META)
-            .map_err(err)?
-            .insert(ORDER_CEILING, ceiling)
-            .map_err(err)?;
-        txn.commit().map_err(err)
-    }
-
-    /// The hash of the secret issued with agent id `id`, if one was.
-    pub fn agent_secret(&self, id: &str) -> Result<Option<[u8; 32]>, DbError> {
+    /// Every agent id a secret was issued with, and the secret's hash. A row of the wrong
+    /// length still says a secret was issued: no secret matches it (never "none on
+    /// record", which would let the next claimer take the id).
+    pub fn agent_secrets(&self) -> Result<Vec<(String, [u8; 32])>, DbError> {
         let txn = self.db.begin_read().map_err(err)?;
         let table = txn.open_table(AGENT_SECRETS).map_err(err)?;
-        let hash = table.get(id).map_err(err)?;
-        // A row of the wrong length still says a secret was issued: no secret matches it
-        // (never "none on record", which would let the next claimer take the id).
-        Ok(hash.map(|h| <[u8; 32]>::try_from(h.value()).unwrap_or([0; 32])))
-    }
-
-    pub fn put_agent_secret(&self, id: &str, hash: &[u8; 32]) -> Result<(), DbError> {
-        let txn = self.db.begin_write().map_err(err)?;
-        txn.open_table(AGENT_SECRETS)
-            .map_err(err)?
-            .insert(id, &hash[..])
-            .map_err(err)?;
-        txn.commit().map_err(err)
-    }
-
-    pub fn put_blob(&self, digest: &[u8; 32], blob: &StoredBlob) -> Result<(), DbError> {
-        let txn = self.db.begin_write().map_err(err)?;
-        txn.open_table(BLOBS)
-            .map_err(err)?
-            .insert(&digest[..], &blob.encode_to_vec()[..])
-            .map_err(err)?;
-        txn.commit().map_err(err)
-    }
-
-    pub fn delete_blob(&self, digest: &[u8; 32]) -> Result<(), DbError> {
-        let txn = self.db.begin_write().map_err(err)?;
-        txn.open_table(BLOBS)
-            .map_err(err)?
-            .remove(&digest[..])
-            .map_err(err)?;
-        txn.commit().map_err(err)
-    }
-
-    /// The job with its targets, as `Job { progress: JobProgress { targets } }`.
-    pub fn put_job(&self, job: &pb::Job) -> Result<(), DbError> {
-        let txn = self.db.begin_write().map_err(err)?;
-        txn.open_table(JOBS)
-            .map_err(err)?
-            .insert(job.job_id.as_str(), &job.encode_to_vec()[..])
-            .map_err(err)?;
-        txn.commit().map_err(err)
-    }
-
-    pub fn delete_job(&self, job_id: &str) -> Result<(), DbError> {
-        let txn = self.db.begin_write().map_err(err)?;
-        txn.open_table(JOBS)
-            .map_err(err)?
-            .remove(job_id)
-            .map_err(err)?;
-        txn.commit().map_err(err)
+        let mut out = Vec::new();
+        for row in table.iter().map_err(err)? {
+            let (k, v) = row.map_err(err)?;
+            let hash = <[u8; 32]>::try_from(v.value()).unwrap_or([0; 32]);
+            out.push((k.value().to_string(), hash));
+        }
+        Ok(out)
     }
 
     pub fn blobs(&self) -> Result<Vec<StoredBlob>, DbError> {
@@ -176,12 +219,13 @@ mod tests {
             job_id: "job-good".into(),
             ..Default::default()
         };
-        db.put_job(&job).expect("put");
+        db.apply(&[Write::Jobs(vec![job])]).expect("put");
         let blob = StoredBlob {
             registered_by: "a".into(),
             ..Default::default()
         };
-        db.put_blob(&[1; 32], &blob).expect("put");
+        db.apply(&[Write::Blob([1; 32], blob.clone())])
+            .expect("put");
         {
             // What a flipped bit or a newer writer leaves: bytes that are no protobuf.
             let txn = db.db.begin_write().expect("txn");
@@ -204,11 +248,11 @@ mod tests {
         );
         let blobs = db.blobs().expect("blobs load");
         assert_eq!(blobs, vec![blob]);
-        db.put_job(&pb::Job {
+        let job = pb::Job {
             job_id: "job-bad".into(),
             ..Default::default()
-        })
-        .expect("the bad row's key is written over");
+        };
+        (db.apply(&[Write::Jobs(vec![job])])).expect("the bad row's key is written over");
         assert_eq!(db.jobs().expect("jobs").len(), 2);
     }
 }

@@ -3,20 +3,23 @@
 //! [`run`] serves, on one gRPC listener: the public job API (`shoal.v1.Coordinator`), the
 //! agent sessions (`shoal.v1.AgentSession`), `grpc.health.v1` and server reflection (so
 //! `grpcurl` works). One task owns all state (`state.rs`, driven by `driver.rs`); the
-//! catalog, jobs and order-id counter persist in a
-//! redb file under `state_dir`, and the cluster CA that signs agent certificates lives there
-//! too.
+//! catalog, jobs, order-id counter and agents' secrets persist in a redb file under
+//! `state_dir`, written by one thread of its own (`writer.rs`) so that no disk write holds up
+//! the state task; the cluster CA that signs agent certificates lives there too. Health
+//! follows the state task (`health.rs`); if it dies, [`run`] returns an error.
 
 mod db;
 mod driver;
+mod health;
 pub mod metrics;
 mod service;
 mod state;
+mod writer;
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use shoal_planner::AssignerConfig;
@@ -159,6 +162,9 @@ pub enum CoordinatorError {
     Ca(#[from] shoal_pki::TlsError),
     #[error("loading state: {0}")]
     State(String),
+    /// The state task or the database writer stopped: the process should exit non-zero.
+    #[error("{0}")]
+    StateTask(String),
     #[error("reflection service: {0}")]
     Reflection(String),
     #[error("gRPC server: {0}")]
@@ -182,18 +188,56 @@ fn incoming(
     })
 }
 
-/// Serves the coordinator on `listener` until `shutdown` resolves.
+/// Requests queued for the state task at most; senders wait beyond.
+const REQUEST_QUEUE: usize = 4096;
+
+/// After the state task died, how long the server may take to close its connections.
+const EXIT_GRACE: Duration = Duration::from_secs(3);
+
+/// Serves the coordinator on `listener` until `shutdown` resolves. Returns an error if the
+/// state task or its database writer stops before that (the binary then exits non-zero, so
+/// that it is restarted; see `health.rs`).
 pub async fn run(
     config: CoordinatorConfig,
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), CoordinatorError> {
+    let started = start(&config)?;
+    serve(
+        &config,
+        listener,
+        shutdown,
+        started,
+        health::Watchdog::default(),
+    )
+    .await
+}
+
+/// The state task, running, and what talks to it.
+#[derive(Debug)]
+struct Started {
+    state_task: tokio::task::JoinHandle<()>,
+    requests: tokio::sync::mpsc::Sender<state::Request>,
+    writer: writer::Stopped,
+    down: driver::Down,
+}
+
+/// Opens the state database, loads the state and starts its task and its writer.
+fn start(config: &CoordinatorConfig) -> Result<Started, CoordinatorError> {
     config.validate()?;
     std::fs::create_dir_all(&config.state_dir).map_err(|source| CoordinatorError::StateDir {
         path: config.state_dir.clone(),
         source,
     })?;
-    let db = db::Db::open(&config.state_dir.join("coordinator.redb"))?;
+    let db = db::Db::open(&config.state_dir.join(DB_FILE))?;
+    start_on(config, db)
+}
+
+/// The state database's file in `state_dir`.
+const DB_FILE: &str = "coordinator.redb";
+
+/// Loads the state from `db` and starts its task and its writer.
+fn start_on(config: &CoordinatorConfig, db: db::Db) -> Result<Started, CoordinatorError> {
     let ca = Arc::new(shoal_pki::ClusterCa::load_or_generate(&config.state_dir)?);
     let state_config = state::StateConfig {
         join_token: config.join_token.clone(),
@@ -216,15 +260,37 @@ pub async fn run(
         max_targets_per_job: config.max_targets_per_job,
     };
     let clock = driver::Clock::new();
-    let state = state::State::new(state_config, db, ca, clock.now())
+    let (state, writer) = state::State::new(state_config, db, ca, clock.now())
         .map_err(|e| CoordinatorError::State(e.to_string()))?;
-    let (tx, rx) = tokio::sync::mpsc::channel(4096);
-    let state_task = tokio::spawn(driver::run(state, clock, rx));
+    let (requests, rx) = tokio::sync::mpsc::channel(REQUEST_QUEUE);
+    let down: driver::Down = Arc::new(OnceLock::new());
+    let state_task = tokio::spawn(driver::run(state, clock, rx, down.clone()));
+    Ok(Started {
+        state_task,
+        requests,
+        writer,
+        down,
+    })
+}
 
+/// Serves the API on `listener` with health following the state task, until `shutdown`
+/// resolves or the state task dies.
+async fn serve(
+    config: &CoordinatorConfig,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    started: Started,
+    watchdog: health::Watchdog,
+) -> Result<(), CoordinatorError> {
     let origin = shoal_origin::Client::new(config.origin.clone())?;
-    let api = service::Api::new(tx, origin, config.preheat_platforms.clone());
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health
+    let api = service::Api::new(
+        started.requests.clone(),
+        origin,
+        config.preheat_platforms.clone(),
+        started.down.clone(),
+    );
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    reporter
         .set_serving::<CoordinatorServer<service::Api>>()
         .await;
     let reflection = tonic_reflection::server::Builder::configure()
@@ -232,13 +298,35 @@ pub async fn run(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| CoordinatorError::Reflection(e.to_string()))?;
+
+    let (fatal, mut fatal_seen) = tokio::sync::watch::channel(false);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let watched = health::Watched {
+        state_task: started.state_task,
+        writer: started.writer,
+        requests: started.requests,
+        reporter,
+        down: started.down,
+    };
+    let stop_watching = async {
+        let _ = stopped.await;
+    };
+    let watchdog = tokio::spawn(health::watch(watched, watchdog, stop_watching, fatal));
+    let mut fatal_signal = fatal_seen.clone();
+    let signal = async move {
+        tokio::select! {
+            () = shutdown => {}
+            _ = fatal_signal.wait_for(|f| *f) => {}
+        }
+    };
+
     // Manifests of 100 GB blobs are ~3 MiB, of 1 TiB 32 MiB: raise the 4 MiB default with
     // room to spare for what the coordinator sends and agents register; callers' requests
     // are small.
     let max = 64 << 20;
     let max_request = config.max_api_request_bytes;
     tracing::info!(addr = ?listener.local_addr().ok(), "coordinator serving");
-    tonic::transport::Server::builder()
+    let server = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
         .add_service(
@@ -251,8 +339,22 @@ pub async fn run(
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
         )
-        .serve_with_incoming_shutdown(incoming(listener), shutdown)
-        .await?;
-    state_task.abort();
-    Ok(())
+        .serve_with_incoming_shutdown(incoming(listener), signal);
+    let served = tokio::select! {
+        served = server => served,
+        // The state task is gone, and with it the streams it fed; a client that holds a
+        // connection open does not hold the exit back.
+        () = async {
+            let _ = fatal_seen.wait_for(|f| *f).await;
+            tokio::time::sleep(EXIT_GRACE).await;
+        } => Ok(()),
+    };
+    let _ = stop.send(());
+    let outcome = (watchdog.await)
+        .map_err(|e| CoordinatorError::StateTask(format!("the health watchdog: {e}")))?;
+    served?;
+    outcome.map_err(CoordinatorError::StateTask)
 }
+
+#[cfg(test)]
+mod tests;

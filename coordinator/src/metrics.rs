@@ -29,6 +29,17 @@ pub const PLANNER_DECISIONS: &str = "shoal_coordinator_planner_decisions_total";
 /// Rows of the state database skipped at load because they do not decode (`table` label).
 pub const BAD_ROWS: &str = "shoal_coordinator_bad_state_rows_total";
 
+/// State writes queued for the database and not yet stored. Rising: the disk is slower than
+/// the writes (the state goes on; answers that need a write wait).
+pub const STATE_WRITES_QUEUED: &str = "shoal_coordinator_state_writes_queued";
+/// How long each commit of the state database took (a batch of writes, one fsync).
+pub const STATE_COMMIT_SECONDS: &str = "shoal_coordinator_state_commit_seconds";
+/// State writes that failed (disk full, I/O error); each is also logged.
+pub const STATE_WRITE_FAILURES: &str = "shoal_coordinator_state_write_failures_total";
+/// How long the state task took to answer the last health probe (the timeout if it did
+/// not answer within it).
+pub const STATE_PROBE_SECONDS: &str = "shoal_coordinator_state_probe_seconds";
+
 /// Describes every metric to the installed recorder, and sets the counters that alerts read
 /// to zero so that they have a series before their first event.
 pub fn describe() {
@@ -65,5 +76,21 @@ pub fn describe() {
         BAD_ROWS,
         "Rows of the state database skipped at load because they do not decode"
     );
+    describe_gauge!(
+        STATE_WRITES_QUEUED,
+        "State writes queued for the database and not yet stored"
+    );
+    metrics::describe_histogram!(
+        STATE_COMMIT_SECONDS,
+        metrics::Unit::Seconds,
+        "Commits of the state database (a batch of writes, one fsync)"
+    );
+    describe_counter!(STATE_WRITE_FAILURES, "State writes that failed");
+    describe_gauge!(
+        STATE_PROBE_SECONDS,
+        metrics::Unit::Seconds,
+        "How long the state task took to answer the last health probe"
+    );
     metrics::counter!(LEASES_EXPIRED).increment(0);
+    metrics::counter!(STATE_WRITE_FAILURES).increment(0);
 }

@@ -9,6 +9,7 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request as GrpcRequest, Response, Status, Streaming};
 
+use crate::driver::Down;
 use crate::state::{ApiError, Reply, Request};
 
 /// How long Distribute waits for an origin to tell a blob's size.
@@ -21,6 +22,8 @@ pub struct Api {
     /// Resolves image references for Preheat.
     origin: shoal_origin::Client,
     preheat_platforms: Vec<String>,
+    /// Why the state task stopped, once it has.
+    down: Down,
 }
 
 fn status(e: ApiError) -> Status {
@@ -30,6 +33,7 @@ fn status(e: ApiError) -> Status {
         ApiError::FailedPrecondition(m) => Status::failed_precondition(m),
         ApiError::Unauthenticated(m) => Status::unauthenticated(m),
         ApiError::Internal(m) => Status::internal(m),
+        ApiError::Unavailable(m) => Status::unavailable(m),
     }
 }
 
@@ -38,11 +42,24 @@ impl Api {
         state: mpsc::Sender<Request>,
         origin: shoal_origin::Client,
         preheat_platforms: Vec<String>,
+        down: Down,
     ) -> Self {
         Self {
             state,
             origin,
             preheat_platforms,
+            down,
+        }
+    }
+
+    /// UNAVAILABLE for a request the state task will not answer: it stopped (and says why;
+    /// the coordinator exits to be restarted), or the coordinator is shutting down.
+    fn state_gone(&self) -> Status {
+        match self.down.get() {
+            Some(why) => Status::unavailable(format!(
+                "{why}: this coordinator serves nothing more and exits to be restarted"
+            )),
+            None => Status::unavailable("the coordinator is shutting down"),
         }
     }
 
@@ -76,15 +93,14 @@ impl Api {
         }
     }
 
+    /// Asks the state task; fails at once if it has stopped.
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Request) -> Result<T, Status> {
+        if self.down.get().is_some() {
+            return Err(self.state_gone());
+        }
         let (reply, rx) = oneshot::channel();
-        self.state
-            .send(make(reply))
-            .await
-            .map_err(|_| Status::unavailable("coordinator is shutting down"))?;
-        rx.await
-            .map_err(|_| Status::unavailable("coordinator is shutting down"))?
-            .map_err(status)
+        (self.state.send(make(reply)).await).map_err(|_| self.state_gone())?;
+        rx.await.map_err(|_| self.state_gone())?.map_err(status)
     }
 }
 

@@ -11,7 +11,12 @@
 //! - the planner's [`Assigner`] (who fetches from whom) and [`Seeder`] (who fetches what
 //!   nobody holds from its origin, and URL single flight);
 //! - [`streams::Streams`]: blobs seeded whole whose other targets fetch them while the
-//!   seed runs (provisional manifests, `streaming.rs` is their glue).
+//!   seed runs (provisional manifests, `streaming.rs` is their glue);
+//! - [`secrets::Secrets`]: the hashes of agents' secrets (durable).
+//!
+//! The durable owners read the database once, in [`State::new`], and from then on queue
+//! their writes for the writer thread (`crate::writer`) and never wait for the disk; what a
+//! user asked is answered by the writer once it is stored (see [`when_stored`]).
 //!
 //! `State` itself is the glue: it turns requests and agent reports into events for those
 //! owners, and the planner's commands into messages to agents (`planning.rs`). It never
@@ -29,6 +34,7 @@ mod jobs;
 mod orders;
 mod planning;
 mod reports;
+mod secrets;
 mod sessions;
 mod streaming;
 mod streams;
@@ -41,7 +47,8 @@ use shoal_planner::{Assigner, AssignerConfig, HostId, Seeder, SeederConfig, Time
 use shoal_proto::pb::v1::{self as pb, agent_message};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::db::Db;
+use crate::db::{Db, DbError};
+use crate::writer::{Stopped, Then, Writer};
 use shoal_pki::ClusterCa;
 
 /// Why a request was refused; the service layer maps each kind to a gRPC code.
@@ -57,6 +64,8 @@ pub enum ApiError {
     Unauthenticated(String),
     #[error("{0}")]
     Internal(String),
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 pub type Reply<T> = oneshot::Sender<Result<T, ApiError>>;
@@ -107,6 +116,21 @@ pub enum Request {
     RemoveBlob(pb::RemoveBlobRequest, Reply<pb::RemoveBlobResponse>),
     DrainAgent(pb::DrainAgentRequest, Reply<pb::DrainAgentResponse>),
     RemoveAgent(pb::RemoveAgentRequest, Reply<pb::RemoveAgentResponse>),
+    /// The health watchdog's probe: answered at once, so an answer says the state task
+    /// runs and keeps up with its queue.
+    Ping(oneshot::Sender<()>),
+    /// Tests only: makes the state task misbehave.
+    #[cfg(test)]
+    Fault(Fault),
+}
+
+/// What [`Request::Fault`] does to the state task.
+#[cfg(test)]
+#[derive(Debug)]
+pub enum Fault {
+    /// Blocks its thread this long, as a deadlock or a runaway step would.
+    Stall(Duration),
+    Panic,
 }
 
 /// Settings the state needs.
@@ -143,9 +167,10 @@ pub struct State {
     streams: streams::Streams,
     /// When housekeeping is due next.
     housekeeping_at: Time,
-    /// For the agents' secrets (see `sessions.rs`); the catalog, jobs and orders keep
-    /// their own handle to their own tables.
-    db: Arc<Db>,
+    secrets: secrets::Secrets,
+    /// The queue to the database writer: the durable owners keep their own handle; this one
+    /// tells how far behind the disk is.
+    writer: Writer,
 }
 
 impl std::fmt::Debug for State {
@@ -174,27 +199,48 @@ fn page<T>(mut items: Vec<(String, T)>, size: u32, token: &str) -> (Vec<T>, Stri
     (page.into_iter().map(|(_, t)| t).collect(), next)
 }
 
-fn db_error(e: crate::db::DbError) -> ApiError {
+fn db_error(e: DbError) -> ApiError {
     ApiError::Internal(e.to_string())
 }
 
+/// Writes queued past this refuse what a user asks that needs one (UNAVAILABLE), rather
+/// than queue without bound behind a stuck disk. Agents' reports are never refused.
+const MAX_QUEUED_WRITES: usize = 10_000;
+
+/// A [`Then`] that answers `reply` with `value` once its write is stored, or INTERNAL with
+/// the write's error, naming `what`.
+fn when_stored<T: Send + 'static>(reply: Reply<T>, value: T, what: String) -> Then {
+    Box::new(move |stored: Result<(), DbError>| {
+        let answer = stored
+            .map(|()| value)
+            .map_err(|e| ApiError::Internal(format!("{what}: {e}")));
+        let _ = reply.send(answer);
+    })
+}
+
 impl State {
-    /// Loads the catalog, the jobs and the order-id counter; agents named by unfinished
-    /// jobs are expected back within a lease.
+    /// Loads the catalog, the jobs, the order-id counter and the agents' secrets, and hands
+    /// the database to a new writer thread, which [`Stopped`] watches; agents named by
+    /// unfinished jobs are expected back within a lease.
     pub fn new(
         config: StateConfig,
         db: Db,
         ca: Arc<ClusterCa>,
         now: Now,
-    ) -> Result<Self, ApiError> {
+    ) -> Result<(Self, Stopped), ApiError> {
         let db = Arc::new(db);
+        let (writer, stopped) = Writer::spawn(db.clone())
+            .map_err(|e| ApiError::Internal(format!("starting the state writer: {e}")))?;
         let mut assigner = Assigner::new(config.assigner.clone(), config.seed);
-        let catalog = catalog::Catalog::load(db.clone()).map_err(db_error)?;
+        let catalog = catalog::Catalog::load(&db, writer.clone()).map_err(db_error)?;
         for m in catalog.manifests() {
             assigner.handle(now.mono, catalog::known_event(m));
         }
-        let jobs = jobs::Jobs::load(db.clone()).map_err(db_error)?;
-        let orders = orders::Orders::load(db.clone(), now.wall).map_err(db_error)?;
+        let jobs = jobs::Jobs::load(&db, writer.clone()).map_err(db_error)?;
+        let orders = orders::Orders::load(&db, writer.clone(), now.wall).map_err(db_error)?;
+        let secrets = secrets::Secrets::load(&db, writer.clone()).map_err(db_error)?;
+        // The writer's is the last handle: the file closes when it ends.
+        drop(db);
         let mut state = Self {
             seeder: Seeder::new(config.seeder.clone()),
             config,
@@ -207,7 +253,8 @@ impl State {
             origins: BTreeMap::new(),
             streams: streams::Streams::default(),
             housekeeping_at: now.mono,
-            db,
+            secrets,
+            writer,
         };
         state.agents.expect(state.jobs.open_agents(), now);
         tracing::info!(
@@ -215,7 +262,18 @@ impl State {
             jobs = state.jobs.len(),
             "state loaded"
         );
-        Ok(state)
+        Ok((state, stopped))
+    }
+
+    /// UNAVAILABLE if the writer is too far behind to take a user's write.
+    fn writer_has_room(&self) -> Result<(), ApiError> {
+        let queued = self.writer.queued();
+        if queued >= MAX_QUEUED_WRITES {
+            return Err(ApiError::Unavailable(format!(
+                "the coordinator's state database is {queued} writes behind (a slow or stuck disk): try again later"
+            )));
+        }
+        Ok(())
     }
 
     /// Handles one request, as one planner batch: a job's targets, or a report that
@@ -259,26 +317,20 @@ impl State {
 
     fn handle(&mut self, request: Request, now: Now) {
         match request {
-            Request::Join(req, reply) => {
-                let _ = reply.send(self.join(req, now));
-            }
+            Request::Join(req, reply) => self.join(req, now, reply),
             Request::OpenSession { hello, tx, reply } => {
                 let _ = reply.send(self.open_session(hello, tx, now));
             }
             Request::FromAgent { session, msg } => self.on_agent_message(session, msg, now),
             Request::SessionClosed { session } => self.session_closed(session, now),
-            Request::Distribute(req, image, reply) => {
-                let _ = reply.send(self.distribute(req, image, now));
-            }
+            Request::Distribute(req, image, reply) => self.distribute(req, image, now, reply),
             Request::GetJob(req, reply) => {
                 let _ = reply.send(self.jobs.get_pb(req, now.wall));
             }
             Request::WatchJob(req, reply) => {
                 let _ = reply.send(self.jobs.watch(req, now.wall));
             }
-            Request::CancelJob(req, reply) => {
-                let _ = reply.send(self.cancel_job(req, now));
-            }
+            Request::CancelJob(req, reply) => self.cancel_job(req, now, reply),
             Request::ListJobs(req, reply) => {
                 let _ = reply.send(Ok(self.jobs.list(req, now.wall)));
             }
@@ -296,21 +348,31 @@ impl State {
             Request::ResolveUrl(req, reply) => {
                 let _ = reply.send(self.resolve_url(req, now));
             }
-            Request::RemoveBlob(req, reply) => {
-                let _ = reply.send(self.remove_blob(req, now));
-            }
+            Request::RemoveBlob(req, reply) => self.remove_blob(req, now, reply),
             Request::DrainAgent(req, reply) => {
                 let _ = reply.send(self.drain_agent(req, now));
             }
             Request::RemoveAgent(req, reply) => {
                 let _ = reply.send(self.remove_agent(req, now));
             }
+            Request::Ping(reply) => {
+                let _ = reply.send(());
+            }
+            #[cfg(test)]
+            Request::Fault(Fault::Stall(d)) => std::thread::sleep(d),
+            #[cfg(test)]
+            Request::Fault(Fault::Panic) => panic!("a fault injected by a test"),
         }
     }
 
     /// Leases, deadlines, watchers, job writes, old jobs, metrics.
     fn housekeeping(&mut self, now: Now) {
         self.expire_leases(now);
+        for job_id in self.jobs.confirm() {
+            tracing::error!(job = %job_id, "a new job could not be stored: dropped (its caller was told)");
+            let ended = self.jobs.discard(&job_id, now.wall);
+            self.unwant_ended(&job_id, ended, now);
+        }
         for (job_id, ended) in self.jobs.expire_deadlines(now.wall) {
             self.unwant_ended(&job_id, ended, now);
         }

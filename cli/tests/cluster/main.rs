@@ -230,6 +230,115 @@ async fn a_restarted_coordinator_finishes_the_job() -> Result<()> {
     Ok(())
 }
 
+/// The job after a coordinator restart, once the new one answers; an error if it does not
+/// know the job.
+async fn job_after_restart(cluster: &Cluster, job_id: &str) -> Result<pb::Job> {
+    let started = std::time::Instant::now();
+    loop {
+        if let Ok(mut client) = cluster.client().await {
+            let req = pb::GetJobRequest {
+                job_id: job_id.into(),
+                include_targets: false,
+            };
+            match client.get_job(req).await {
+                Ok(r) => return r.into_inner().job.ok_or_else(|| anyhow::anyhow!("no job")),
+                Err(e) if e.code() != tonic::Code::Unavailable => {
+                    anyhow::bail!(
+                        "{job_id} after the restart: {e}\n{}",
+                        read(&cluster.coordinator.log)
+                    )
+                }
+                Err(_) => {}
+            }
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(20),
+            "the coordinator did not come back: {}",
+            read(&cluster.coordinator.log)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until the coordinator (again) knows a complete holder of `blob`.
+async fn until_held(cluster: &Cluster, blob: &str) -> Result<()> {
+    let started = std::time::Instant::now();
+    loop {
+        if let Ok(mut client) = cluster.client().await {
+            let req = pb::GetBlobRequest {
+                digest: blob.into(),
+                include_manifest: false,
+            };
+            if let Ok(r) = client.get_blob(req).await {
+                if r.into_inner().holders.iter().any(|h| h.complete) {
+                    return Ok(());
+                }
+            }
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(30),
+            "no complete holder of {blob} came back: {}",
+            read(&cluster.coordinator.log)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// What the coordinator answered is on its disk, though its writes run on a thread of their
+/// own and never hold up its state: a Distribute, then a CancelJob, each answered and the
+/// coordinator killed at once (SIGKILL, no shutdown); the restarted one knows the job, in
+/// the state it answered. (The target's link is slow, so the job is still running when it
+/// is cancelled.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_the_coordinator_answered_survives_a_kill_right_after() -> Result<()> {
+    let slow = [("SHOAL_DOWNLOAD_LIMIT_BYTES_PER_SEC", "100000")];
+    let mut cluster = Cluster::start(2, &slow, 3000).await?;
+    let blob = cluster.push(0, &random_file(cluster.dir.path(), "a", 16 * MIB, 11)?)?;
+    let target = harness_agent_id(&cluster, 1).await?;
+    for round in 0..3 {
+        cluster.wait_for_agents(2).await?;
+        until_held(&cluster, &blob).await?;
+        let req = pb::DistributeRequest {
+            blobs: vec![blob.clone()],
+            targets: Some(pb::TargetSelector {
+                selector: Some(pb::target_selector::Selector::Agents(pb::AgentIdList {
+                    agent_ids: vec![target.clone()],
+                })),
+            }),
+            description: format!("round {round}"),
+            ..Default::default()
+        };
+        let mut client = cluster.client().await?;
+        let job_id = client.distribute(req).await?.into_inner().job_id;
+        cluster.restart_coordinator()?;
+        let job = job_after_restart(&cluster, &job_id).await?;
+        assert_eq!(job.description, format!("round {round}"));
+
+        let mut client = cluster.client().await?;
+        let cancel = pb::CancelJobRequest {
+            job_id: job_id.clone(),
+            reason: "test".into(),
+        };
+        let answered = client.cancel_job(cancel).await?.into_inner().state();
+        assert_eq!(answered, JobState::Cancelled, "round {round}");
+        cluster.restart_coordinator()?;
+        let job = job_after_restart(&cluster, &job_id).await?;
+        assert_eq!(job.state(), JobState::Cancelled, "round {round}: {job:?}");
+    }
+    Ok(())
+}
+
+/// The id agent `i` joined with (each has the label host=h{i}).
+async fn harness_agent_id(cluster: &Cluster, i: usize) -> Result<String> {
+    let mut client = cluster.client().await?;
+    let agents = (client.list_agents(pb::ListAgentsRequest::default()).await?).into_inner();
+    let host = format!("h{i}");
+    (agents.agents.into_iter())
+        .find(|a| a.labels.get("host") == Some(&host))
+        .map(|a| a.agent_id)
+        .ok_or_else(|| anyhow::anyhow!("agent {i} is not listed"))
+}
+
 /// An agent killed and restarted within its lease, mid-transfer: it rejoins with its id and
 /// store, gets its order again, and the job completes with every target done.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

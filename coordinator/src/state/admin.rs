@@ -6,19 +6,47 @@ use shoal_planner::HostId;
 use shoal_proto::Digest;
 use shoal_proto::pb::v1::{self as pb, AgentState};
 
-use super::{ApiError, Now, State};
+use super::{ApiError, Now, Reply, State, when_stored};
 
 impl State {
+    /// RemoveBlob; a blob forgotten by the catalog is answered once that is stored.
     pub(super) fn remove_blob(
         &mut self,
         req: pb::RemoveBlobRequest,
         now: Now,
-    ) -> Result<pb::RemoveBlobResponse, ApiError> {
+        reply: Reply<pb::RemoveBlobResponse>,
+    ) {
+        match self.drop_blob(req, now) {
+            Ok((response, Some(blob))) => {
+                let what = format!("forgetting blob {blob}");
+                let then = when_stored(reply, response, what);
+                self.catalog.remove(&blob, Some(then));
+            }
+            Ok((response, None)) => {
+                let _ = reply.send(Ok(response));
+            }
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+
+    /// Sends DropBlob where a RemoveBlob asks; returns the answer, and the blob if the
+    /// catalog must forget it (the caller does, and answers once that is stored).
+    fn drop_blob(
+        &mut self,
+        req: pb::RemoveBlobRequest,
+        now: Now,
+    ) -> Result<(pb::RemoveBlobResponse, Option<Digest>), ApiError> {
         let blob: Digest = req
             .digest
             .parse()
             .map_err(|e| ApiError::InvalidArgument(format!("digest: {e}")))?;
         let everywhere = req.on.is_none();
+        let forget = everywhere && !req.unpin_only;
+        if forget {
+            self.writer_has_room()?;
+        }
         if !req.unpin_only {
             let wanting: Vec<String> = (self.jobs.iter())
                 .filter(|j| !j.is_terminal())
@@ -69,11 +97,11 @@ impl State {
             );
             response.agent_ids.push(id);
         }
-        if everywhere && !req.unpin_only {
+        if forget {
             // The check above read the jobs in memory; a restart must not find on disk an
-            // older state in which a job still wants the blob that is now gone.
-            self.jobs.flush(now.wall);
-            self.catalog.remove(&blob);
+            // older state in which a job still wants the blob that is now gone. Queued
+            // before the catalog's delete, so stored before it.
+            self.jobs.flush_now(now.wall);
             response.forgotten = true;
         }
         tracing::info!(
@@ -84,7 +112,7 @@ impl State {
             forgotten = response.forgotten,
             "blob removal asked"
         );
-        Ok(response)
+        Ok((response, forget.then_some(blob)))
     }
 
     pub(super) fn drain_agent(

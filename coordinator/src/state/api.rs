@@ -9,7 +9,7 @@ use shoal_proto::Digest;
 use shoal_proto::pb::v1::{self as pb, AgentState, JobState};
 
 use super::job::{Job, Target};
-use super::{ApiError, Now, State};
+use super::{ApiError, Now, Reply, State, when_stored};
 
 /// Checks an origin given by a user; returns a message for INVALID_ARGUMENT.
 pub fn check_origin(blob: &Digest, origin: &pb::Origin) -> Result<(), String> {
@@ -43,12 +43,47 @@ pub fn check_origin(blob: &Digest, origin: &pb::Origin) -> Result<(), String> {
 }
 
 impl State {
+    /// Distribute: the job is planned at once and answered once it is stored.
     pub(super) fn distribute(
         &mut self,
         req: pb::DistributeRequest,
         image: String,
         now: Now,
-    ) -> Result<pb::DistributeResponse, ApiError> {
+        reply: Reply<pb::DistributeResponse>,
+    ) {
+        let (job, targets, blobs) = match self.new_job(req, image, now) {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
+        let job_id = job.id().to_string();
+        let response = pb::DistributeResponse {
+            job_id: job_id.clone(),
+            target_count: targets.len() as u32,
+        };
+        let what = format!("storing job {job_id}");
+        self.jobs
+            .create(job, now.wall, when_stored(reply, response, what));
+        for host in &targets {
+            for blob in &blobs {
+                if !self.catalog.holds_complete(blob, *host) {
+                    self.want(&job_id, *host, *blob, now);
+                }
+            }
+        }
+        tracing::info!(job = %job_id, targets = targets.len(), blobs = blobs.len(), "job accepted");
+    }
+
+    /// Checks a Distribute and makes its job, with its target agents and blobs.
+    fn new_job(
+        &mut self,
+        req: pb::DistributeRequest,
+        image: String,
+        now: Now,
+    ) -> Result<(Job, Vec<HostId>, Vec<Digest>), ApiError> {
+        self.writer_has_room()?;
         if req.blobs.is_empty() {
             return Err(ApiError::InvalidArgument(
                 "blobs: at least one digest is required".into(),
@@ -105,7 +140,7 @@ impl State {
             Ok(p) => p as i32,
         };
         let record = pb::Job {
-            job_id: job_id.clone(),
+            job_id,
             state: JobState::Pending as i32,
             blobs: blobs.iter().map(|b| b.to_string()).collect(),
             targets: req.targets.clone(),
@@ -130,20 +165,7 @@ impl State {
             }
         }
         job.refresh_state(now.wall);
-        let target_count = targets.len() as u32;
-        self.jobs.create(job, now.wall)?;
-        for host in targets {
-            for blob in &blobs {
-                if !self.catalog.holds_complete(blob, host) {
-                    self.want(&job_id, host, *blob, now);
-                }
-            }
-        }
-        tracing::info!(job = %job_id, targets = target_count, blobs = blobs.len(), "job accepted");
-        Ok(pb::DistributeResponse {
-            job_id,
-            target_count,
-        })
+        Ok((job, targets, blobs))
     }
 
     /// The live agents a selector names. Unknown explicit ids are NotFound; an empty result
@@ -199,16 +221,33 @@ impl State {
         Ok(hosts)
     }
 
+    /// CancelJob: the targets stop at once; answered once the job is stored.
     pub(super) fn cancel_job(
         &mut self,
         req: pb::CancelJobRequest,
         now: Now,
-    ) -> Result<pb::CancelJobResponse, ApiError> {
-        let (state, ended) = self.jobs.cancel(&req.job_id, &req.reason, now.wall)?;
+        reply: Reply<pb::CancelJobResponse>,
+    ) {
+        let cancelled = (self.writer_has_room())
+            .and_then(|()| self.jobs.cancel(&req.job_id, &req.reason, now.wall));
+        let (state, ended, changed) = match cancelled {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
         self.unwant_ended(&req.job_id, ended, now);
-        Ok(pb::CancelJobResponse {
+        let response = pb::CancelJobResponse {
             state: state as i32,
-        })
+        };
+        if changed {
+            let what = format!("storing job {}", req.job_id);
+            let then = when_stored(reply, response, what);
+            self.jobs.store(&req.job_id, now.wall, then);
+        } else {
+            let _ = reply.send(Ok(response));
+        }
     }
 
     pub(super) fn get_blob(

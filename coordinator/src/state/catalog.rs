@@ -1,4 +1,6 @@
-//! The blob catalog: manifests (persisted once verified) and who holds what (soft).
+//! The blob catalog: manifests (persisted once verified) and who holds what (soft). Its
+//! writes go to the writer (`crate::writer`) and are not waited for: a verified manifest
+//! the disk lost is registered again by the agents that hold the blob.
 //!
 //! A manifest assembled from seeded ranges is provisional until one agent has read the
 //! whole blob and checked its digest: kept in memory only, and dropped if a target finds
@@ -12,7 +14,8 @@ use shoal_planner::{Event, HostId};
 use shoal_proto::pb::v1 as pb;
 use shoal_proto::{Digest, Manifest};
 
-use crate::db::{Db, StoredBlob};
+use crate::db::{Db, StoredBlob, Write};
+use crate::writer::{Then, Writer};
 
 #[derive(Debug)]
 pub struct Entry {
@@ -36,7 +39,7 @@ pub struct Holding {
 
 #[derive(Debug)]
 pub struct Catalog {
-    db: Arc<Db>,
+    writer: Writer,
     blobs: BTreeMap<Digest, Entry>,
 }
 
@@ -54,7 +57,7 @@ pub fn count_bits(bits: &[u8]) -> u32 {
 
 impl Catalog {
     /// Loads the persisted manifests; unreadable ones are skipped with a warning.
-    pub fn load(db: Arc<Db>) -> Result<Self, crate::db::DbError> {
+    pub fn load(db: &Db, writer: Writer) -> Result<Self, crate::db::DbError> {
         let mut blobs = BTreeMap::new();
         for stored in db.blobs()? {
             let Some(m) = (stored.manifest.as_ref()).and_then(|m| Manifest::try_from(m).ok())
@@ -73,7 +76,7 @@ impl Catalog {
                 },
             );
         }
-        Ok(Self { db, blobs })
+        Ok(Self { writer, blobs })
     }
 
     pub fn len(&self) -> usize {
@@ -116,7 +119,8 @@ impl Catalog {
         true
     }
 
-    /// One agent read the whole blob and checked its digest: the manifest is persisted.
+    /// One agent read the whole blob and checked its digest: the manifest is persisted (queued
+    /// for the writer; a failed write is logged).
     pub fn mark_verified(&mut self, blob: &Digest) {
         let Some(entry) = self.blobs.get_mut(blob) else {
             return;
@@ -129,10 +133,8 @@ impl Catalog {
             registered_by: entry.registered_by.clone(),
             registered_at: entry.registered_at,
         };
-        match self.db.put_blob(blob.as_bytes(), &stored) {
-            Ok(()) => entry.verified = true,
-            Err(e) => tracing::error!(error = %e, "persisting a verified blob failed"),
-        }
+        entry.verified = true;
+        self.writer.write(Write::Blob(*blob.as_bytes(), stored));
     }
 
     pub fn is_provisional(&self, blob: &Digest) -> bool {
@@ -144,12 +146,15 @@ impl Catalog {
     }
 
     /// Forgets a blob (a manifest that turned out not to describe it, or one an operator
-    /// removed), in the database too: it does not come back at the next start.
-    pub fn remove(&mut self, blob: &Digest) {
-        if self.blobs.remove(blob).is_some_and(|e| e.verified) {
-            if let Err(e) = self.db.delete_blob(blob.as_bytes()) {
-                tracing::error!(%blob, error = %e, "deleting a blob from the database failed");
-            }
+    /// removed), in the database too: it does not come back at the next start. `then`, if
+    /// given, runs once that is stored.
+    pub fn remove(&mut self, blob: &Digest, then: Option<Then>) {
+        let persisted = self.blobs.remove(blob).is_some_and(|e| e.verified);
+        let forget = Write::ForgetBlob(*blob.as_bytes());
+        match then {
+            Some(then) => self.writer.write_then(forget, then),
+            None if persisted => self.writer.write(forget),
+            None => {}
         }
     }
 

@@ -2,13 +2,16 @@
 //! watches them, and their persistence. Every target transition goes through a method here
 //! (see [`Transition`]); each says what the planner must hear of.
 //!
-//! Persistence: what a user asked (Distribute, CancelJob) is written before it is
-//! acknowledged; agent-driven changes mark the job dirty and are written a few times a
-//! second by [`Jobs::flush`], not once per target; what a crash loses in between, the
-//! agents' inventories restore.
+//! Persistence goes through the writer (`crate::writer`), never waited for here. What a user
+//! asked (Distribute, CancelJob) is written before it is acknowledged: the reply rides on
+//! the write and is sent by the writer once it is stored. Agent-driven changes mark the job
+//! dirty and are written a few times a second by [`Jobs::flush`], not once per target, and
+//! one flush at a time (a slow disk gets fewer, larger writes, not a growing queue); what a
+//! crash loses in between, the agents' inventories restore. Each write's outcome comes back
+//! on a ticket, read at housekeeping ([`Jobs::confirm`]): a failed flush or cancel is
+//! written again, and a new job whose write failed is dropped (its caller was told so).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use shoal_planner::HostId;
@@ -18,7 +21,8 @@ use tokio::sync::mpsc;
 
 use super::job::{Job, TargetKey, Transition};
 use super::{ApiError, WatchRx};
-use crate::db::Db;
+use crate::db::{Db, Write};
+use crate::writer::{Then, Ticket, Writer};
 
 struct Watcher {
     tx: mpsc::Sender<Result<pb::JobProgress, tonic::Status>>,
@@ -26,8 +30,19 @@ struct Watcher {
     sent_version: u64,
 }
 
+/// A write of jobs the writer has not confirmed yet.
+struct Unconfirmed {
+    ids: Vec<String>,
+    ticket: Ticket,
+    /// A new job's first write: if it fails, the job is dropped; otherwise its jobs are
+    /// written again.
+    create: bool,
+    /// A periodic flush (at most one is out at a time).
+    flush: bool,
+}
+
 pub struct Jobs {
-    db: Arc<Db>,
+    writer: Writer,
     jobs: BTreeMap<String, Job>,
     /// The unfinished jobs with a target of each blob.
     by_blob: BTreeMap<Digest, BTreeSet<String>>,
@@ -37,6 +52,7 @@ pub struct Jobs {
     watchers: HashMap<String, Vec<Watcher>>,
     /// Jobs changed since the last write.
     dirty: BTreeSet<String>,
+    unconfirmed: Vec<Unconfirmed>,
 }
 
 impl std::fmt::Debug for Jobs {
@@ -53,16 +69,17 @@ impl std::fmt::Debug for Jobs {
 pub type Ended = Vec<(String, Digest)>;
 
 impl Jobs {
-    pub fn load(db: Arc<Db>) -> Result<Self, crate::db::DbError> {
+    pub fn load(db: &Db, writer: Writer) -> Result<Self, crate::db::DbError> {
         let mut jobs = Self {
-            db,
+            writer,
             jobs: BTreeMap::new(),
             by_blob: BTreeMap::new(),
             wants: BTreeMap::new(),
             watchers: HashMap::new(),
             dirty: BTreeSet::new(),
+            unconfirmed: Vec::new(),
         };
-        for record in jobs.db.jobs()? {
+        for record in db.jobs()? {
             if let Some(job) = Job::from_pb(record) {
                 jobs.index(&job);
                 jobs.jobs.insert(job.id().to_string(), job);
@@ -105,15 +122,20 @@ impl Jobs {
             .collect()
     }
 
-    /// Adds a new job and writes it; nothing is kept if it cannot be written.
-    pub fn create(&mut self, job: Job, now: SystemTime) -> Result<(), ApiError> {
+    /// Adds a new job and queues its write; `then` runs once it is stored. If it cannot be
+    /// written, [`Jobs::confirm`] hands it back to be dropped.
+    pub fn create(&mut self, job: Job, now: SystemTime, then: Then) {
         let id = job.id().to_string();
-        self.db
-            .put_job(&job.to_pb(true, now))
-            .map_err(|e| ApiError::Internal(format!("storing job {id}: {e}")))?;
+        let write = Write::Jobs(vec![job.to_pb(true, now)]);
+        let ticket = self.writer.write_ticket(write, Some(then));
+        self.unconfirmed.push(Unconfirmed {
+            ids: vec![id.clone()],
+            ticket,
+            create: true,
+            flush: false,
+        });
         self.index(&job);
         self.jobs.insert(id, job);
-        Ok(())
     }
 
     // ---- wants ----
@@ -386,16 +408,17 @@ impl Jobs {
         open
     }
 
-    /// CancelJob: ends the job's unfinished targets and writes it before answering.
+    /// CancelJob: ends the job's unfinished targets. Returns its state, the ended targets,
+    /// and whether it changed (then it must be stored before the answer: [`Jobs::store`]).
     pub fn cancel(
         &mut self,
         id: &str,
         reason: &str,
         now: SystemTime,
-    ) -> Result<(JobState, Ended), ApiError> {
+    ) -> Result<(JobState, Ended, bool), ApiError> {
         let job = self.get(id)?;
         if job.is_terminal() {
-            return Ok((job.state(), Vec::new()));
+            return Ok((job.state(), Vec::new(), false));
         }
         let reason = if reason.is_empty() {
             "cancelled"
@@ -403,8 +426,18 @@ impl Jobs {
             reason
         };
         let ended = self.end(id, true, reason, now);
-        self.write(id, now)?;
-        Ok((self.get(id)?.state(), ended))
+        Ok((self.get(id)?.state(), ended, true))
+    }
+
+    /// A job whose first write failed: its unfinished targets end (returned, for the
+    /// planner) and it is forgotten, on disk too (a flush may have written it meanwhile).
+    pub fn discard(&mut self, id: &str, now: SystemTime) -> Ended {
+        let ended = self.end(id, true, "the job could not be stored", now);
+        self.jobs.remove(id);
+        self.dirty.remove(id);
+        self.watchers.remove(id);
+        self.writer.write(Write::ForgetJob(id.to_string()));
+        ended
     }
 
     /// Jobs past their deadline: their unfinished targets fail with DEADLINE_EXCEEDED.
@@ -503,24 +536,77 @@ impl Jobs {
 
     // ---- persistence ----
 
-    fn write(&mut self, id: &str, now: SystemTime) -> Result<(), ApiError> {
+    /// Queues a write of job `id` now; `then` runs once it is stored.
+    pub fn store(&mut self, id: &str, now: SystemTime, then: Then) {
         self.dirty.remove(id);
         let Some(job) = self.jobs.get(id) else {
-            return Ok(());
+            then(Ok(()));
+            return;
         };
-        self.db
-            .put_job(&job.to_pb(true, now))
-            .map_err(|e| ApiError::Internal(format!("storing job {id}: {e}")))
+        let write = Write::Jobs(vec![job.to_pb(true, now)]);
+        let ticket = self.writer.write_ticket(write, Some(then));
+        self.unconfirmed.push(Unconfirmed {
+            ids: vec![id.to_string()],
+            ticket,
+            create: false,
+            flush: false,
+        });
     }
 
-    /// Writes the jobs changed since the last flush; a failed write is retried next time.
+    /// Queues a write of the jobs changed since the last flush, unless the last flush is
+    /// not stored yet (they wait for the next one).
     pub fn flush(&mut self, now: SystemTime) {
-        for id in std::mem::take(&mut self.dirty) {
-            if let Err(e) = self.write(&id, now) {
-                tracing::error!(job = %id, error = %e, "persisting job failed; retrying");
-                self.dirty.insert(id);
-            }
+        if !self.unconfirmed.iter().any(|u| u.flush) {
+            self.flush_now(now);
         }
+    }
+
+    /// Queues a write of the jobs changed since the last flush, now: what is queued after
+    /// it lands after it.
+    pub fn flush_now(&mut self, now: SystemTime) {
+        let ids: Vec<String> = std::mem::take(&mut self.dirty).into_iter().collect();
+        let jobs: Vec<pb::Job> = (ids.iter())
+            .filter_map(|id| self.jobs.get(id))
+            .map(|j| j.to_pb(true, now))
+            .collect();
+        if jobs.is_empty() {
+            return;
+        }
+        let ticket = self.writer.write_ticket(Write::Jobs(jobs), None);
+        self.unconfirmed.push(Unconfirmed {
+            ids,
+            ticket,
+            create: false,
+            flush: true,
+        });
+    }
+
+    /// Jobs changed and not yet stored, and writes of jobs not yet confirmed.
+    #[cfg(test)]
+    pub fn unstored(&self) -> usize {
+        self.dirty.len() + self.unconfirmed.len()
+    }
+
+    /// Reads what the writer did with the jobs' writes: a failed one is written again at
+    /// the next flush, except a new job's first, whose id is returned (its caller was told
+    /// it failed; the job must go, see [`Jobs::discard`]).
+    pub fn confirm(&mut self) -> Vec<String> {
+        let mut unstored = Vec::new();
+        let dirty = &mut self.dirty;
+        self.unconfirmed.retain_mut(|u| match u.ticket.poll() {
+            None => true,
+            Some(Ok(())) => false,
+            Some(Err(_)) if u.create => {
+                unstored.append(&mut u.ids);
+                false
+            }
+            Some(Err(_)) => {
+                dirty.extend(u.ids.drain(..));
+                false
+            }
+        });
+        unstored.retain(|id| self.jobs.contains_key(id));
+        unstored
     }
 
     /// Drops jobs that ended longer than `retention` ago, from memory and disk, so a
@@ -539,13 +625,11 @@ impl Jobs {
             .map(|j| j.id().to_string())
             .collect();
         for id in old {
-            match self.db.delete_job(&id) {
-                Ok(()) => {
-                    self.jobs.remove(&id);
-                    self.dirty.remove(&id);
-                }
-                Err(e) => tracing::error!(job = %id, error = %e, "deleting an old job failed"),
-            }
+            self.jobs.remove(&id);
+            self.dirty.remove(&id);
+            // A failure is logged by the writer; the job comes back at the next start and is
+            // dropped again then.
+            self.writer.write(Write::ForgetJob(id));
         }
     }
 }

@@ -6,16 +6,22 @@
 //! whatever the wall clock does: an agent still running an order of a previous incarnation
 //! never mistakes a new order for a resend of it. A database that never held a ceiling
 //! starts above the wall clock in microseconds, the scheme before the counter existed.
+//!
+//! The first block is reserved at load, before anything is served; the next one is queued
+//! for the writer when half of the current one is used, and its ids are issued once the
+//! writer has stored it, so issuing an order never waits on the disk. Only a disk more than
+//! half a block (32,768 orders) behind makes ids go out unreserved (logged): unique in this
+//! run, and covered as soon as the pending reservation lands.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::SystemTime;
 
 use shoal_planner::HostId;
 use shoal_proto::Digest;
 use shoal_proto::pb::v1::FailureReason;
 
-use crate::db::Db;
+use crate::db::{Db, Write};
+use crate::writer::{Ticket, Writer};
 
 /// Ids reserved per database write.
 const BLOCK: u64 = 1 << 16;
@@ -39,19 +45,22 @@ pub struct Order {
 
 #[derive(Debug)]
 pub struct Orders {
-    db: Arc<Db>,
+    writer: Writer,
     out: BTreeMap<(HostId, Digest), Order>,
     next_id: u64,
     /// Ids below this are reserved in the database.
     ceiling: u64,
+    /// The next reservation, queued for the writer: its ceiling and whether it is stored.
+    reserving: Option<(u64, Ticket)>,
     /// The last failure reported for (host, blob), for the target's message if the
     /// planner gives up on it.
     failures: BTreeMap<(HostId, Digest), (FailureReason, String)>,
 }
 
 impl Orders {
-    /// Loads the id counter; `wall` seeds it for a database that never held one.
-    pub fn load(db: Arc<Db>, wall: SystemTime) -> Result<Self, crate::db::DbError> {
+    /// Loads the id counter and reserves its first block (a write, before the writer owns
+    /// the database); `wall` seeds it for a database that never held one.
+    pub fn load(db: &Db, writer: Writer, wall: SystemTime) -> Result<Self, crate::db::DbError> {
         let start = match db.order_ceiling()? {
             Some(c) => c,
             None => wall
@@ -59,24 +68,43 @@ impl Orders {
                 .map_or(1, |d| d.as_micros() as u64)
                 .max(1),
         };
+        let ceiling = start + BLOCK;
+        db.apply(&[Write::OrderCeiling(ceiling)])?;
         Ok(Self {
-            db,
+            writer,
             out: BTreeMap::new(),
             next_id: start,
-            ceiling: start,
+            ceiling,
+            reserving: None,
             failures: BTreeMap::new(),
         })
     }
 
     fn next_id(&mut self) -> u64 {
-        if self.next_id >= self.ceiling {
-            let ceiling = self.next_id + BLOCK;
-            match self.db.set_order_ceiling(ceiling) {
-                Ok(()) => self.ceiling = ceiling,
-                // Ids stay unique in this run; only a restart could reuse the unreserved
-                // ones, so keep going and try again at the next order.
-                Err(e) => tracing::error!(error = %e, "reserving order ids failed"),
+        if let Some((ceiling, ticket)) = &mut self.reserving {
+            match ticket.poll() {
+                None => {}
+                Some(Ok(())) => {
+                    self.ceiling = self.ceiling.max(*ceiling);
+                    self.reserving = None;
+                }
+                // Logged by the writer; asked again below.
+                Some(Err(_)) => self.reserving = None,
             }
+        }
+        if self.reserving.is_none() && self.ceiling.saturating_sub(self.next_id) <= BLOCK / 2 {
+            let ceiling = self.ceiling.max(self.next_id) + BLOCK;
+            let ticket = self.writer.write_ticket(Write::OrderCeiling(ceiling), None);
+            self.reserving = Some((ceiling, ticket));
+        }
+        if self.next_id == self.ceiling {
+            // Unique in this run; only a restart before a reservation lands could reuse
+            // these. Logged once, at the first.
+            tracing::warn!(
+                id = self.next_id,
+                ceiling = self.ceiling,
+                "issuing order ids not yet reserved on disk: the state database is behind"
+            );
         }
         let id = self.next_id;
         self.next_id += 1;
@@ -173,9 +201,14 @@ mod tests {
         let path = dir.path().join("db.redb");
         let blob = Digest::of(b"b");
         let late = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(2_000_000_000);
-        let first = {
-            let db = Arc::new(Db::open(&path).expect("db"));
-            let mut orders = Orders::load(db, late).expect("load");
+        let load = |wall| {
+            let db = std::sync::Arc::new(Db::open(&path).expect("db"));
+            let (writer, stopped) = Writer::spawn(db.clone()).expect("writer");
+            let orders = Orders::load(&db, writer, wall).expect("load");
+            (orders, stopped)
+        };
+        let (first, last) = {
+            let (mut orders, stopped) = load(late);
             let a = orders.issue(HostId(0), blob, OrderKind::Seed { range: None });
             let b = orders.issue(HostId(1), blob, OrderKind::Seed { range: None });
             assert!(b > a);
@@ -183,13 +216,27 @@ mod tests {
                 a >= 2_000_000_000 * 1_000_000,
                 "a fresh database starts at the clock"
             );
-            b
+            // Past half the block: the next one is reserved by the writer, and its ids are
+            // issued once it is stored.
+            let mut last = b;
+            for host in 0..BLOCK {
+                last = orders.issue(HostId(host as u32), blob, OrderKind::Seed { range: None });
+            }
+            assert!(last >= a + BLOCK, "{last} is in the second block");
+            drop(orders);
+            stopped
+                .wait_blocking()
+                .expect("the writer stored everything");
+            (b, last)
         };
         // The clock stepped back by years: ids still grow.
-        let db = Arc::new(Db::open(&path).expect("db"));
-        let mut orders = Orders::load(db, SystemTime::UNIX_EPOCH).expect("load");
+        let (mut orders, _stopped) = load(SystemTime::UNIX_EPOCH);
         let next = orders.issue(HostId(0), blob, OrderKind::Seed { range: None });
         assert!(next > first, "{next} after {first}");
+        assert!(
+            next > last,
+            "{next} after {last}: the block the writer reserved holds"
+        );
         assert!(orders.is_current(HostId(0), blob, next));
         assert!(!orders.is_current(HostId(0), blob, first));
         assert_eq!(orders.of_host(HostId(0)), vec![blob]);

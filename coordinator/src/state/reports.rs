@@ -190,7 +190,7 @@ impl State {
             self.cancel_order(host, blob, "the blob does not match its digest");
             self.fail_targets(host, blob, pb::FailureReason::DigestMismatch, &message, now);
         }
-        self.catalog.remove(&blob);
+        self.catalog.remove(&blob, None);
     }
 
     fn inventory(&mut self, host: HostId, inv: pb::Inventory, now: Now) {

@@ -7,14 +7,33 @@ use shoal_planner::{Event, HostId, SeedEvent};
 use shoal_proto::pb::v1 as pb;
 
 use super::agents::Admission;
-use super::{ApiError, Now, SessionId, SessionTx, State};
+use super::{ApiError, Now, Reply, SessionId, SessionTx, State, when_stored};
 
 impl State {
-    pub(super) fn join(
+    /// Join; one that gets a new secret is answered once its hash is stored.
+    pub(super) fn join(&mut self, req: pb::JoinRequest, now: Now, reply: Reply<pb::JoinResponse>) {
+        match self.admit(req, now) {
+            Ok((response, Some(hash))) => {
+                let id = response.agent_id.clone();
+                let what = format!("storing the secret of agent {id}");
+                (self.secrets).record(&id, hash, when_stored(reply, response, what));
+            }
+            Ok((response, None)) => {
+                let _ = reply.send(Ok(response));
+            }
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+
+    /// Checks a Join and admits the agent; returns the answer, and the hash of the secret
+    /// it carries if that is new (the caller records it).
+    fn admit(
         &mut self,
         req: pb::JoinRequest,
         now: Now,
-    ) -> Result<pb::JoinResponse, ApiError> {
+    ) -> Result<(pb::JoinResponse, Option<[u8; 32]>), ApiError> {
         if !same_secret(&req.token, &self.config.join_token) {
             return Err(ApiError::Unauthenticated("wrong join token".into()));
         }
@@ -38,7 +57,7 @@ impl State {
                 )));
             }
         }
-        let (id, needs_secret) = self.claim_id(&req.previous_agent_id, &req.agent_secret)?;
+        let (id, needs_secret) = self.claim_id(&req.previous_agent_id, &req.agent_secret);
         // The certificate names the agent's id: sign it (refusing a bad CSR) before
         // anything is recorded.
         let certificate_der = if req.csr_der.is_empty() {
@@ -47,10 +66,12 @@ impl State {
             (self.ca.sign_csr(&req.csr_der, &id))
                 .map_err(|e| ApiError::InvalidArgument(format!("csr_der: {e}")))?
         };
-        let agent_secret = if needs_secret {
-            self.issue_secret(&id)?
+        let (agent_secret, hash) = if needs_secret {
+            let secret = super::agents::random_hex(32);
+            let hash = *shoal_proto::Digest::of(secret.as_bytes()).as_bytes();
+            (secret, Some(hash))
         } else {
-            String::new()
+            (String::new(), None)
         };
         let (upload_bps, download_bps) = (
             req.upload_capacity_bytes_per_sec,
@@ -81,14 +102,15 @@ impl State {
         let host = a.host;
         self.seeder.handle(now.mono, SeedEvent::HostAway { host });
         tracing::info!(agent = %a.id, "agent joined");
-        Ok(pb::JoinResponse {
+        let response = pb::JoinResponse {
             agent_id: a.id,
             session_token: a.token,
             heartbeat_interval_ms: self.config.heartbeat.as_millis() as u64,
             certificate_der,
             ca_certificates_der: vec![self.ca.cert_der().to_vec()],
             agent_secret,
-        })
+        };
+        Ok((response, hash))
     }
 
     /// The id a joining agent gets, and whether it needs a new secret. Its previous id
@@ -96,29 +118,20 @@ impl State {
     /// id with no secret on record (new, or an agent older than this rule) is taken as
     /// given and gets one; a wrong or missing secret gets a new id, so that a token holder
     /// cannot take over another agent's id and its orders. Records nothing.
-    fn claim_id(&self, previous: &str, secret: &str) -> Result<(String, bool), ApiError> {
+    fn claim_id(&self, previous: &str, secret: &str) -> (String, bool) {
         let id = super::agents::agent_id_for(previous);
         if id == previous {
-            let on_record = self.db.agent_secret(&id).map_err(super::db_error)?;
-            match on_record {
-                Some(hash) if same_hash(&hash, secret) => return Ok((id, false)),
+            match self.secrets.get(&id) {
+                Some(hash) if same_hash(hash, secret) => return (id, false),
                 Some(_) => {
                     let fresh = super::agents::agent_id_for("");
                     tracing::warn!(claimed = %id, given = %fresh, "a join claimed an agent id without its secret: given a new id");
-                    return Ok((fresh, true));
+                    return (fresh, true);
                 }
                 None => {}
             }
         }
-        Ok((id, true))
-    }
-
-    /// A new secret for `id`, its hash recorded.
-    fn issue_secret(&mut self, id: &str) -> Result<String, ApiError> {
-        let secret = super::agents::random_hex(32);
-        let hash = shoal_proto::Digest::of(secret.as_bytes());
-        (self.db.put_agent_secret(id, hash.as_bytes())).map_err(super::db_error)?;
-        Ok(secret)
+        (id, true)
     }
 
     pub(super) fn open_session(

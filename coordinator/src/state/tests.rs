@@ -1,6 +1,9 @@
 //! The state machine driven directly through [`State::step`] and
 //! [`State::handle_timeout`], as the driver drives it, on a fake clock: no sleeps. Sessions
-//! are plain channels, the database a real redb file in a temporary directory.
+//! are plain channels, the database a real redb file in a temporary directory, written by
+//! the real writer thread: an answer that waits for a write comes from it (see [`S::ask`]),
+//! and dropping an [`S`] waits until every write queued is stored, as a restart would find
+//! the file.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -39,6 +42,24 @@ fn config(lease: Duration) -> StateConfig {
 struct S {
     s: State,
     now: Now,
+    /// The disk's faults, to set while the test runs.
+    faults: Arc<crate::db::Faults>,
+    /// Declared after `s`, so dropped after it: then every write it queued is stored.
+    _writer: WriterDone,
+}
+
+/// Waits, when dropped, until the writer has stored its queue and closed the file.
+struct WriterDone(Option<crate::writer::Stopped>);
+
+impl Drop for WriterDone {
+    fn drop(&mut self) {
+        if let Some(stopped) = self.0.take() {
+            let stored = stopped.wait_blocking();
+            if !std::thread::panicking() {
+                stored.expect("the writer stored everything");
+            }
+        }
+    }
 }
 
 impl std::ops::Deref for S {
@@ -55,13 +76,25 @@ impl std::ops::DerefMut for S {
 }
 
 impl S {
-    /// Sends a request through `step`, as the gRPC layer does, and takes its answer.
+    /// Sends a request through `step`, as the gRPC layer does, and takes its answer: given
+    /// within the step, or by the writer once the write it waits for is stored (real time,
+    /// no step needed).
     fn ask<R>(&mut self, make: impl FnOnce(Reply<R>) -> Request) -> Result<R, ApiError> {
         let (tx, mut rx) = oneshot::channel();
         let now = self.now;
         self.s.step(make(tx), now);
-        rx.try_recv()
-            .expect("every request is answered within its step")
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match rx.try_recv() {
+                Ok(answer) => return answer,
+                Err(oneshot::error::TryRecvError::Empty)
+                    if std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(e) => panic!("the request was not answered: {e:?}"),
+            }
+        }
     }
 
     /// Moves the clock on by `d`, running every timer that falls due on the way, in order.
@@ -106,10 +139,14 @@ fn state_at(dir: &std::path::Path, lease: Duration, now: Now) -> S {
 
 fn state_with(dir: &std::path::Path, config: StateConfig, now: Now) -> S {
     let db = Db::open(&dir.join("db.redb")).expect("db");
+    let faults = db.faults();
     let ca = Arc::new(shoal_pki::ClusterCa::generate().expect("ca"));
+    let (s, stopped) = State::new(config, db, ca, now).expect("state");
     S {
-        s: State::new(config, db, ca, now).expect("state"),
+        s,
         now,
+        faults,
+        _writer: WriterDone(Some(stopped)),
     }
 }
 
@@ -482,6 +519,7 @@ fn finished_jobs_are_forgotten_after_the_retention() {
     );
 }
 
+mod persistence;
 mod reports;
 mod seeding;
 mod session;

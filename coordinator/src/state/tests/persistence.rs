@@ -1,0 +1,200 @@
+//! Writes go to the writer thread: the state never waits for the disk, and what a user asked
+//! is answered only once it is stored (or refused if it cannot be). The disk here is the
+//! real redb file, made slow or failing by its fault hooks; the writer runs in real time,
+//! the state on the fake clock.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Instant;
+
+use super::*;
+use crate::state::HOUSEKEEPING;
+
+/// Asks without waiting: the step runs, and the reply is whatever it is then.
+fn send<R>(
+    s: &mut S,
+    make: impl FnOnce(Reply<R>) -> Request,
+) -> oneshot::Receiver<Result<R, ApiError>> {
+    let (tx, rx) = oneshot::channel();
+    let now = s.now;
+    s.s.step(make(tx), now);
+    rx
+}
+
+fn wait<R>(mut rx: oneshot::Receiver<Result<R, ApiError>>) -> Result<R, ApiError> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match rx.try_recv() {
+            Ok(answer) => return answer,
+            Err(oneshot::error::TryRecvError::Empty) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) => panic!("no answer: {e:?}"),
+        }
+    }
+}
+
+fn distribute_rx(
+    s: &mut S,
+    blob: Digest,
+    ids: &[&str],
+) -> oneshot::Receiver<Result<pb::DistributeResponse, ApiError>> {
+    let req = pb::DistributeRequest {
+        blobs: vec![blob.to_string()],
+        targets: agents(ids),
+        ..Default::default()
+    };
+    send(s, |r| Request::Distribute(req, String::new(), r))
+}
+
+/// A Distribute is planned in its step and answered once its job is stored; the step does
+/// not wait for the disk, and the state answers other requests meanwhile.
+#[test]
+fn distribute_is_answered_once_stored_and_the_state_does_not_wait_for_the_disk() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut s, m, _i) = with_seeder(dir.path(), Duration::from_secs(30));
+    let target = join(&mut s, "target", 2);
+    let (_, mut inbox) = open(&mut s, &target);
+    let slow = Duration::from_millis(400);
+    s.faults
+        .commit_delay_ms
+        .store(slow.as_millis() as u64, Relaxed);
+
+    let asked = Instant::now();
+    let mut reply = distribute_rx(&mut s, m.digest(), &["target"]);
+    let step = asked.elapsed();
+    assert!(
+        step < slow / 2,
+        "the step took {step:?}: it waited for the disk"
+    );
+    assert!(
+        matches!(reply.try_recv(), Err(oneshot::error::TryRecvError::Empty)),
+        "answered before the job was stored"
+    );
+    assert_eq!(orders(&mut inbox).len(), 1, "planned at once, in the step");
+    // The state answers what needs no write while the job's write is on the disk.
+    let listed = send(&mut s, |r| Request::ListAgents(Default::default(), r));
+    let listed = listed
+        .blocking_recv()
+        .expect("answered in its step")
+        .expect("list");
+    assert_eq!(listed.agents.len(), 2);
+
+    let job = wait(reply).expect("stored").job_id;
+    assert!(
+        asked.elapsed() >= slow,
+        "answered after {:?}, before its write of {slow:?} was stored",
+        asked.elapsed()
+    );
+    // Answered means stored: a disk that fails from now on loses nothing of it.
+    s.faults.fail_commits.store(true, Relaxed);
+    let now = s.now;
+    drop(s);
+    let mut s = state_at(dir.path(), Duration::from_secs(30), now);
+    assert_eq!(get_job(&mut s, &job, true).expect("job").blobs.len(), 1);
+}
+
+/// A job whose write fails is refused, and dropped at the next housekeeping: its order is
+/// cancelled, and it is not found.
+#[test]
+fn a_job_that_cannot_be_stored_is_refused_and_dropped() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut s, m, _i) = with_seeder(dir.path(), Duration::from_secs(30));
+    let target = join(&mut s, "target", 2);
+    let (_, mut inbox) = open(&mut s, &target);
+    s.faults.fail_commits.store(true, Relaxed);
+    let refused = wait(distribute_rx(&mut s, m.digest(), &["target"]));
+    let Err(ApiError::Internal(message)) = refused else {
+        panic!("expected INTERNAL, got {refused:?}");
+    };
+    assert!(
+        message.contains("storing job") && message.contains("injected"),
+        "{message}"
+    );
+    s.advance(HOUSEKEEPING);
+    let list = s
+        .ask(|r| Request::ListJobs(Default::default(), r))
+        .expect("list");
+    assert!(list.jobs.is_empty(), "{:?}", list.jobs);
+    let mut cancelled = false;
+    while let Ok(Ok(msg)) = inbox.try_recv() {
+        cancelled |= matches!(msg.msg, Some(coordinator_message::Msg::Cancel(_)));
+    }
+    assert!(cancelled, "the dropped job's order was not cancelled");
+}
+
+/// A CancelJob whose write fails is refused, but the job stays cancelled and is written
+/// again once the disk works.
+#[test]
+fn a_cancel_that_cannot_be_stored_is_written_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut s, m, _i) = with_seeder(dir.path(), Duration::from_secs(30));
+    let target = join(&mut s, "target", 2);
+    let _session = open(&mut s, &target);
+    let job = distribute(&mut s, m.digest(), &["target"]).expect("distribute");
+    s.faults.fail_commits.store(true, Relaxed);
+    let req = pb::CancelJobRequest {
+        job_id: job.clone(),
+        reason: "test".into(),
+    };
+    let refused = s.ask(|r| Request::CancelJob(req, r));
+    assert!(matches!(refused, Err(ApiError::Internal(_))), "{refused:?}");
+    assert_eq!(target_state(&mut s, &job).0, pb::JobState::Cancelled);
+    // Let the failed write be seen as failed before the disk works again.
+    while s.writer.queued() > 0 {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    s.advance(HOUSEKEEPING);
+    s.faults.fail_commits.store(false, Relaxed);
+    // Housekeeping reads the failure, then writes the job again.
+    settle(&mut s);
+    let now = s.now;
+    drop(s);
+    let mut s = state_at(dir.path(), Duration::from_secs(30), now);
+    assert_eq!(target_state(&mut s, &job).0, pb::JobState::Cancelled);
+}
+
+/// Runs housekeeping in real time until every job change is stored.
+fn settle(s: &mut S) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while s.jobs.unstored() > 0 || s.writer.queued() > 0 {
+        assert!(Instant::now() < deadline, "the writes never settled");
+        s.advance(HOUSEKEEPING);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Agents' reports are flushed one write at a time: with the disk behind, changes wait for
+/// the next flush (and are stored by it) instead of queueing a write each tick.
+#[test]
+fn a_slow_disk_gets_one_flush_at_a_time() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut s, m, _i) = with_seeder(dir.path(), Duration::from_secs(300));
+    let ids: Vec<String> = (0..10).map(|i| format!("t{i}")).collect();
+    let mut sessions = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        let joined = join(&mut s, id, 10 + i as u16);
+        sessions.push(open(&mut s, &joined));
+    }
+    let names: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let job = distribute(&mut s, m.digest(), &names).expect("distribute");
+    s.faults.commit_delay_ms.store(300, Relaxed);
+    // A target finishes at each housekeeping tick: each tick has a change to write.
+    for (session, _) in &sessions {
+        let done = Msg::BlobDone(pb::BlobDone {
+            blob_digest: m.digest().as_bytes().to_vec(),
+        });
+        say(&mut s, *session, done);
+        s.advance(HOUSEKEEPING);
+    }
+    assert!(
+        s.writer.queued() <= 1,
+        "{} writes queued: flushes pile up behind the disk",
+        s.writer.queued()
+    );
+    s.faults.commit_delay_ms.store(0, Relaxed);
+    settle(&mut s);
+    let now = s.now;
+    drop(s);
+    let mut s = state_at(dir.path(), Duration::from_secs(300), now);
+    assert_eq!(target_state(&mut s, &job).0, pb::JobState::Done);
+}

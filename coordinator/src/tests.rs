@@ -1,0 +1,80 @@
+//! The coordinator as it runs: the real driver on the real clock, its writer thread on a real
+//! redb file (made slow or failing by the file's fault hooks), and for health the real gRPC
+//! server on a loopback port. The state is reached through its request channel, as the gRPC
+//! layer reaches it.
+
+use std::time::Duration;
+
+use shoal_proto::pb::v1 as pb;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::state::{ApiError, Reply, Request, SessionId};
+use crate::{CoordinatorConfig, Started};
+
+mod health;
+mod slow_disk;
+
+const TOKEN: &str = "t";
+
+fn config(dir: &std::path::Path, lease: Duration) -> CoordinatorConfig {
+    CoordinatorConfig {
+        state_dir: dir.into(),
+        join_token: TOKEN.into(),
+        lease_ms: lease.as_millis() as u64,
+        heartbeat_ms: (lease / 4).as_millis() as u64,
+        ..Default::default()
+    }
+}
+
+/// Asks the state task, as the gRPC layer does.
+async fn ask<R>(
+    requests: &mpsc::Sender<Request>,
+    make: impl FnOnce(Reply<R>) -> Request,
+) -> Result<R, ApiError> {
+    let (tx, rx) = oneshot::channel();
+    requests.send(make(tx)).await.expect("the state task runs");
+    rx.await.expect("answered")
+}
+
+type Inbox = mpsc::Receiver<Result<pb::CoordinatorMessage, tonic::Status>>;
+
+/// An agent that joined and opened its session.
+async fn agent(requests: &mpsc::Sender<Request>, id: &str, port: u16) -> (SessionId, Inbox) {
+    let req = pb::JoinRequest {
+        token: TOKEN.into(),
+        quic_addresses: vec![format!("127.0.0.1:{port}")],
+        upload_capacity_bytes_per_sec: 1 << 30,
+        download_capacity_bytes_per_sec: 1 << 30,
+        previous_agent_id: id.into(),
+        protocol: shoal_proto::SESSION_PROTOCOL,
+        ..Default::default()
+    };
+    let joined = ask(requests, |r| Request::Join(req, r))
+        .await
+        .expect("join");
+    let (tx, inbox) = mpsc::channel(1024);
+    let hello = pb::Hello {
+        agent_id: joined.agent_id,
+        session_token: joined.session_token,
+        quic_addresses: vec![],
+    };
+    let session = ask(requests, |reply| Request::OpenSession { hello, tx, reply })
+        .await
+        .expect("session");
+    (session, inbox)
+}
+
+/// Stops the state task and waits until its writer has stored everything and closed the
+/// file.
+async fn stop(started: Started) {
+    let Started {
+        state_task,
+        requests,
+        mut writer,
+        ..
+    } = started;
+    drop(requests);
+    state_task.abort();
+    let _ = state_task.await;
+    writer.wait().await.expect("the writer stored everything");
+}
