@@ -6,6 +6,9 @@ cd "$(dirname "$0")/.."
 
 need_apt=()
 command -v mount >/dev/null || need_apt+=(mount)
+# agent/tests/store_failing_disk.rs: a real failing fsync, ext4 on a loop device (losetup
+# comes with mount).
+{ command -v mkfs.ext4 && command -v filefrag; } >/dev/null || need_apt+=(e2fsprogs)
 command -v ip >/dev/null || need_apt+=(iproute2)
 # The Helm chart's checks (scripts/helm-render.py, tests/tests/helm_chart.rs) run Helm's Go
 # SDK and the Kubernetes schemas from PyPI.

@@ -22,6 +22,7 @@ use crate::local_api::LocalApi;
 use crate::mirror::Mirror;
 use crate::orders::RunningOrders;
 use crate::readers::Readers;
+use crate::repair::Repair;
 use crate::session::{self, Joined, Session};
 use crate::store::{Store, StoreConfig};
 use crate::transport::tls::CertificateRequest;
@@ -248,6 +249,18 @@ impl Agent {
         tokio::spawn(
             (ex.coordinator.clone()).report_removals(ex.store.removals(), parts.stop.clone()),
         );
+        let repair = Repair {
+            store: ex.store.clone(),
+            coordinator: ex.coordinator.clone(),
+            orders: ex.orders.clone(),
+            stop: parts.stop.clone(),
+        };
+        tokio::spawn(repair.run());
+        tokio::spawn(crate::scrub::run(
+            ex.store.clone(),
+            parts.config.scrub_bytes_per_sec,
+            parts.stop.clone(),
+        ));
         if let Some(h) = &health {
             h.set_ready().await;
         }

@@ -29,7 +29,8 @@ pub(crate) struct Request {
 #[derive(Debug)]
 pub(crate) struct Bringing {
     pub job_id: String,
-    failed: watch::Receiver<Option<String>>,
+    /// How this agent's target ended (`Err`: why it failed), once it has.
+    ended: watch::Receiver<Option<Result<(), String>>>,
     watcher: tokio::task::AbortHandle,
 }
 
@@ -44,20 +45,25 @@ impl Bringing {
     /// target failed or was cancelled, the job failed, or the job is gone); pending while
     /// it has not.
     pub(crate) async fn failed(&mut self) -> String {
-        let why = match self.failed.wait_for(Option::is_some).await {
-            Ok(why) => why.clone(),
-            Err(_) => None,
-        };
-        match why {
-            Some(why) => why,
-            // The watcher ended without a verdict (the target is done): never.
-            None => std::future::pending().await,
+        match self.ended().await {
+            Some(Err(why)) => why,
+            // Done, or the watcher ended without a verdict: never.
+            Some(Ok(())) | None => std::future::pending().await,
         }
     }
 
     /// The same, without waiting.
     pub(crate) fn has_failed(&self) -> Option<String> {
-        self.failed.borrow().clone()
+        self.ended.borrow().clone().and_then(Result::err)
+    }
+
+    /// How this agent's target ended: `Ok` once it is done (the coordinator counts the blob
+    /// whole here), `Err` with why it failed; `None` if the watcher stopped without knowing.
+    pub(crate) async fn ended(&mut self) -> Option<Result<(), String>> {
+        match self.ended.wait_for(Option::is_some).await {
+            Ok(end) => end.clone(),
+            Err(_) => None,
+        }
     }
 }
 
@@ -86,22 +92,22 @@ pub(crate) async fn bring_here(
         .await
         .map_err(|s| Status::new(s.code(), format!("coordinator: {}", s.message())))?
         .into_inner();
-    let (tx, failed) = watch::channel(None);
+    let (tx, ended) = watch::channel(None);
     let watcher = tokio::spawn(watch(coordinator.clone(), job.job_id.clone(), me, tx));
     Ok(Bringing {
         job_id: job.job_id,
-        failed,
+        ended,
         watcher: watcher.abort_handle(),
     })
 }
 
 /// Follows the job, re-watching when the stream breaks (the coordinator restarted, the
-/// connection dropped), until this agent's target ends. Sends why it failed, if it did.
+/// connection dropped), until this agent's target ends. Sends how it ended.
 async fn watch(
     coordinator: Coordinator,
     job_id: String,
     me: String,
-    tx: watch::Sender<Option<String>>,
+    tx: watch::Sender<Option<Result<(), String>>>,
 ) {
     let mut backoff = Backoff::with_max(Duration::from_secs(2));
     loop {
@@ -115,9 +121,9 @@ async fn watch(
         let mut stream = match watched {
             Ok(s) => s.into_inner(),
             Err(s) if s.code() == Code::NotFound => {
-                let _ = tx.send(Some(format!(
+                let _ = tx.send(Some(Err(format!(
                     "failed: its job ({job_id}) is gone from the coordinator"
-                )));
+                ))));
                 return;
             }
             Err(s) => {
@@ -131,9 +137,12 @@ async fn watch(
             backoff.reset();
             match verdict(&progress, &me) {
                 Verdict::Running => {}
-                Verdict::Done => return,
+                Verdict::Done => {
+                    let _ = tx.send(Some(Ok(())));
+                    return;
+                }
                 Verdict::Failed(why) => {
-                    let _ = tx.send(Some(why));
+                    let _ = tx.send(Some(Err(why)));
                     return;
                 }
             }

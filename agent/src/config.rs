@@ -51,6 +51,10 @@ pub struct AgentConfig {
     /// Cap on bytes fetched per second; 0 = unlimited.
     #[serde(deserialize_with = "shoal_proto::units::bytes_per_sec")]
     pub download_limit_bytes_per_sec: u64,
+    /// Rate at which the background scrub reads stored chunks back from the disk and hashes
+    /// them (the scrub, `scrub.rs`); 0 = off. A chunk that rotted is dropped and fetched again.
+    #[serde(deserialize_with = "shoal_proto::units::bytes_per_sec")]
+    pub scrub_bytes_per_sec: u64,
     /// Prometheus endpoint; the binary installs the exporter.
     pub metrics_listen: Option<SocketAddr>,
     /// TCP address of a `grpc.health.v1` endpoint for probes (see [`crate::health`]);
@@ -108,6 +112,7 @@ impl Default for AgentConfig {
             labels: BTreeMap::new(),
             upload_limit_bytes_per_sec: 0,
             download_limit_bytes_per_sec: 0,
+            scrub_bytes_per_sec: crate::scrub::DEFAULT_BYTES_PER_SEC,
             metrics_listen: None,
             health_listen: None,
             max_requests_in_flight: transport.max_requests_in_flight,
@@ -347,6 +352,16 @@ mod tests {
         assert_eq!(t.max_upload_wait, Duration::from_millis(250));
         assert_eq!(t.congestion, crate::transport::Congestion::NewReno);
         assert!(serde_json::from_str::<AgentConfig>(r#"{"congestion": "vegas"}"#).is_err());
+    }
+
+    #[test]
+    fn the_scrub_rate_takes_units_and_zero_turns_it_off() {
+        assert_eq!(AgentConfig::default().scrub_bytes_per_sec, 16 << 20);
+        let c: AgentConfig =
+            serde_json::from_str(r#"{"scrub_bytes_per_sec": "64MiB/s"}"#).expect("parses");
+        assert_eq!(c.scrub_bytes_per_sec, 64 << 20);
+        let c: AgentConfig = serde_json::from_str(r#"{"scrub_bytes_per_sec": 0}"#).expect("parses");
+        c.validate().expect("off is valid");
     }
 
     #[test]

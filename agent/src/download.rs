@@ -1,8 +1,9 @@
 //! The download loop of one fetch order: a have-stream per source tells what each holds, the
 //! picker says which chunk to ask whom, and a window of requests per source stays in flight.
 //! Every chunk is verified by the store on put; a peer that sends a bad one is dropped for
-//! this blob and reported. A verified chunk is served onward at once (the QUIC server reads
-//! the same store, and its have-streams publish the new chunk).
+//! this blob and reported, to the coordinator and to the peer itself (which reads its copy
+//! back and drops it if it rotted on its disk). A verified chunk is served onward at once (the
+//! QUIC server reads the same store, and its have-streams publish the new chunk).
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -489,6 +490,15 @@ impl Download<'_> {
                 self.shared.counters.rejected();
                 metrics::counter!(crate::metrics::CHUNKS_REJECTED).increment(1);
                 tracing::warn!(order_id = self.order_id, agent = agent_id, %peer, %index, reason, "peer sent a corrupt chunk; dropping it for this blob");
+                if let Some(Some(Source { peer: Some(p), .. })) = self.sources.get(key) {
+                    // So that it stops serving the chunk if its disk is what damaged it.
+                    let (p, blob) = (p.clone(), self.manifest.digest());
+                    tokio::spawn(async move {
+                        if let Err(e) = p.report_corrupt(blob, index).await {
+                            tracing::debug!(%blob, %index, error = %e, "telling the source of its corrupt chunk failed");
+                        }
+                    });
+                }
                 self.banned.insert(agent_id.clone());
                 self.remove_source(&agent_id);
                 self.shared

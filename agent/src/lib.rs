@@ -22,6 +22,8 @@ pub mod metrics;
 pub mod mirror;
 mod orders;
 mod readers;
+mod repair;
+mod scrub;
 mod session;
 mod shutdown;
 pub mod store;

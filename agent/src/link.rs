@@ -63,6 +63,40 @@ impl Coordinator {
         }));
     }
 
+    /// A blob this agent held whole lost chunks (found corrupt and dropped): `bits` of
+    /// `chunk_count` is what is left. The coordinator hears it as a removal followed by the
+    /// partial holding, in that order: its planner only ever adds to a holding, so a plain
+    /// update would leave this agent listed as complete.
+    pub(crate) fn announce_incomplete(
+        &self,
+        blob: &Digest,
+        chunk_count: u32,
+        bits: &[u8],
+        pinned: bool,
+    ) {
+        self.send(Msg::Inventory(pb::Inventory {
+            replace: false,
+            blobs: Vec::new(),
+            removed_blobs: vec![blob.as_bytes().to_vec()],
+        }));
+        if bits.iter().all(|b| *b == 0) {
+            return;
+        }
+        self.send(Msg::Inventory(pb::Inventory {
+            replace: false,
+            blobs: vec![pb::HeldBlob {
+                blob_digest: blob.as_bytes().to_vec(),
+                complete: false,
+                chunks: Some(pb::ChunkBitmap {
+                    chunk_count,
+                    bits: bits.to_vec(),
+                }),
+                pinned,
+            }],
+            removed_blobs: Vec::new(),
+        }));
+    }
+
     /// Tells the coordinator of every blob that leaves the store (`removals`, see
     /// `Store::removals`) as it happens, batched, until the agent stops; a lagging receiver
     /// leaves the rest to the next snapshot.

@@ -49,6 +49,15 @@ pub const WASTED_BYTES: &str = "shoal_agent_wasted_bytes_total";
 /// manifest): those chunks came from peers before the blob was whole anywhere.
 pub const STREAMED_DIGESTS: &str = "shoal_agent_streamed_digests_total";
 
+/// Bytes of stored chunks the background scrub read back and hashed.
+pub const SCRUBBED_BYTES: &str = "shoal_agent_scrubbed_bytes_total";
+/// Stored chunks found corrupt when read back (by the scrub, or for a peer that rejected
+/// one): each was dropped and is fetched again if its blob is wanted here.
+pub const CORRUPT_CHUNKS: &str = "shoal_agent_corrupt_chunks_found_total";
+/// Blobs dropped because an fdatasync of their data failed (a failing disk): a lost write is
+/// never retried and trusted.
+pub const LOST_WRITES: &str = "shoal_agent_lost_writes_total";
+
 /// Bytes of blobs in the store, complete or not.
 pub const STORE_USED: &str = "shoal_agent_store_used_bytes";
 /// The store's quota (`quota_bytes`): eviction keeps [`STORE_USED`] under it.
@@ -80,6 +89,9 @@ pub fn describe() {
         MIRROR_FALLBACKS,
         DUPLICATE_REQUESTS,
         WASTED_BYTES,
+        SCRUBBED_BYTES,
+        CORRUPT_CHUNKS,
+        LOST_WRITES,
     ] {
         metrics::counter!(counter).increment(0);
     }
@@ -137,6 +149,19 @@ pub fn describe() {
     describe_counter!(
         STREAMED_DIGESTS,
         "Chunk digests learned from a seed still running on another agent"
+    );
+    describe_counter!(
+        SCRUBBED_BYTES,
+        Unit::Bytes,
+        "Bytes of stored chunks the background scrub read back and hashed"
+    );
+    describe_counter!(
+        CORRUPT_CHUNKS,
+        "Stored chunks found corrupt when read back (scrub or a peer's rejection); dropped and fetched again"
+    );
+    describe_counter!(
+        LOST_WRITES,
+        "Blobs dropped because an fdatasync of their data failed"
     );
     describe_gauge!(
         STORE_USED,

@@ -44,6 +44,26 @@
 //! After power loss the chunks written since a blob's last group commit may have to be fetched
 //! again; after a process crash nothing is.
 //!
+//! # Failed writes and rot
+//! *A sync record never vouches for bytes that are not on disk, and a chunk found bad is never
+//! served again.*
+//! - A failed data fdatasync is never retried and trusted: on Linux the pages it could not write
+//!   may be dropped and marked clean, and a second fdatasync then succeeds without them; on
+//!   ext4 the failed range even stays unwritten on disk after later writes to it succeed. The
+//!   blob's journal is sealed at once (no sync record ever again), the put or flush fails with
+//!   [`StoreError::LostWrite`], and the whole blob is dropped: files deleted, reported on
+//!   [`Store::removals`] and, as a lost write, on [`Store::damage`], to be fetched again into
+//!   new files.
+//! - [`Store::check_chunk`] reads a chunk back from the disk (past the page cache) and hashes it:
+//!   the agent calls it for a chunk a peer rejected and for every chunk in turn (the scrub). A
+//!   chunk that no longer matches is marked absent, written out of the journal and reported on
+//!   [`Store::damage`] as corrupt; the rest of the blob stays.
+//! - Writing a chunk out of the journal rewrites it (durably, like a compaction on open) so that
+//!   it records the remaining chunks only: no later sync record can cover the dropped one, and
+//!   a restart does not bring it back. If the disk cannot take the rewrite, the journal is
+//!   emptied in place: the remaining chunks are then fetched again after a restart, never
+//!   wrongly trusted.
+//!
 //! # Concurrency
 //! One short index lock finds a blob's `Arc<BlobEntry>`; no lock is held across data IO. Each
 //! blob has one open data file used with positional reads and writes, and a short lock over
@@ -53,11 +73,13 @@
 //! only; last-used times in memory, persisted as the data file's mtime by [`Store::flush`].
 
 mod blob;
+mod damage;
 mod error;
 mod eviction;
 mod files;
 mod import;
 mod journal;
+mod uncached;
 
 use std::collections::HashMap;
 use std::fs;
@@ -71,10 +93,12 @@ use shoal_proto::{ChunkIndex, Digest, Manifest};
 use tokio::sync::broadcast;
 
 use self::blob::BlobEntry;
+pub use self::damage::{ChunkCheck, DAMAGE_QUEUED, Damage, DamageCause};
 pub use self::error::StoreError;
 use self::error::io_err;
 use self::eviction::Candidate;
 pub use self::import::{ImportError, read_full};
+pub use self::uncached::Reread;
 
 /// Where the store lives and how much it may hold.
 #[derive(Clone, Debug)]
@@ -136,6 +160,9 @@ struct Inner {
     clock: AtomicU64,
     /// Every blob that leaves the store (removed, evicted), for the coordinator.
     removals: broadcast::Sender<Digest>,
+    /// Chunks found corrupt and dropped, and blobs dropped after a failed fdatasync; every
+    /// blob's entry holds a clone.
+    damage: broadcast::Sender<Damage>,
 }
 
 #[derive(Debug, Default)]
@@ -165,9 +192,10 @@ impl Store {
         recovered.sort_by_key(|o| o.last_used);
         let mut index = Index::default();
         let mut clock = 0;
+        let damage = broadcast::channel(DAMAGE_QUEUED).0;
         for opened in recovered {
             clock += 1;
-            let entry = BlobEntry::new(opened, clock);
+            let entry = BlobEntry::new(opened, clock, damage.clone());
             index.usage += entry.manifest().size();
             index
                 .blobs
@@ -182,6 +210,7 @@ impl Store {
                 admin: Mutex::new(()),
                 clock: AtomicU64::new(clock),
                 removals: broadcast::channel(REMOVALS_QUEUED).0,
+                damage,
             }),
         })
     }
@@ -270,7 +299,7 @@ impl Store {
         }
 
         let opened = files::create(&self.inner.blobs_dir, manifest)?;
-        let entry = BlobEntry::new(opened, 0);
+        let entry = BlobEntry::new(opened, 0, self.inner.damage.clone());
         self.touch(&entry);
         let mut index = lock(&self.inner.index);
         index.usage += manifest.size();
@@ -297,7 +326,9 @@ impl Store {
 
     /// Verifies `data` (length and SHA-256) against the manifest, writes it in place and marks
     /// it present. An already present chunk is not written again. On [`StoreError::Verify`] or
-    /// [`StoreError::DiskFull`] the chunk is not marked present.
+    /// [`StoreError::DiskFull`] the chunk is not marked present. A put that completes a group
+    /// commit whose data fdatasync fails returns [`StoreError::LostWrite`]: the whole blob was
+    /// dropped.
     pub fn put_chunk(
         &self,
         blob: &Digest,
@@ -306,7 +337,9 @@ impl Store {
     ) -> Result<PutOutcome, StoreError> {
         let entry = self.known(blob)?;
         self.touch(&entry);
-        entry.put(index, data)
+        entry
+            .put(index, data)
+            .inspect_err(|e| self.after_error(&entry, e))
     }
 
     /// The bytes of a present (verified) chunk; [`StoreError::ChunkMissing`] otherwise.
@@ -348,8 +381,9 @@ impl Store {
     }
 
     /// Like [`Store::verify_blob`], but done at most once per blob per process: a blob that
-    /// passed is not read again (its chunks cannot change once complete). Changes made to
-    /// the data file behind the store's back after that are only found by `verify_blob`.
+    /// passed is not read again (until one of its chunks is dropped and written again).
+    /// Changes made to the data file behind the store's back after that are only found by
+    /// `verify_blob` and [`Store::check_chunk`].
     pub fn ensure_verified(&self, blob: &Digest) -> Result<(), StoreError> {
         self.known(blob)?.ensure_verified()
     }
@@ -451,13 +485,14 @@ impl Store {
 
     /// Makes every present chunk durable (fdatasync of data files, then sync records and
     /// journals) and persists last-used times. Call on shutdown. Tries every blob and returns
-    /// the first error.
+    /// the first error. A blob whose data fdatasync fails is dropped ([`StoreError::LostWrite`]).
     pub fn flush(&self) -> Result<(), StoreError> {
         let entries: Vec<_> = lock(&self.inner.index).blobs.values().cloned().collect();
         let mut first_error = None;
         for entry in entries {
             if let Err(e) = entry.flush() {
                 tracing::warn!(blob = %entry.manifest().digest(), error = %e, "flush failed");
+                self.after_error(&entry, &e);
                 first_error.get_or_insert(e);
             }
         }

@@ -8,6 +8,8 @@
 //! - One have-stream per blob ([`Peer::watch_have`]): a bitfield, then deltas.
 //! - The server answers `Busy` beyond [`TransportConfig::max_concurrent_served`] requests
 //!   rather than queueing without bound.
+//! - A downloader that rejects a chunk tells its source ([`Peer::report_corrupt`]), which
+//!   reads its copy back and drops it if it rotted (`recheck.rs`). Serving itself never hashes.
 //! - Mutual TLS against the cluster CA ([`tls`]).
 //!
 //! The data path is tuned per what was measured on loopback: UDP GSO on, 4 MiB socket
@@ -16,6 +18,7 @@
 
 mod client;
 mod peers;
+mod recheck;
 mod server;
 mod uplink;
 /// The cluster PKI (see `shoal-pki`), re-exported where the transport uses it.
@@ -174,6 +177,8 @@ struct Inner {
     /// What each peer holds of the serving side (see `peers.rs`).
     peers: Arc<peers::Peers>,
     uplink: Arc<uplink::Uplink>,
+    /// Chunks peers rejected, being read back (see `recheck.rs`).
+    rechecks: Arc<recheck::Rechecks>,
 }
 
 impl ChunkEndpoint {
@@ -236,6 +241,7 @@ impl ChunkEndpoint {
             pool: Default::default(),
             stats: Default::default(),
             peers: Default::default(),
+            rechecks: Default::default(),
         });
         tokio::spawn(server::accept_loop(Arc::downgrade(&inner)));
         Ok(Self { inner })

@@ -108,6 +108,63 @@ async fn a_corrupted_chunk_from_a_peer_is_detected_and_not_stored() -> Result<()
 }
 
 #[tokio::test]
+async fn a_source_told_of_a_rejected_chunk_drops_it_if_it_rotted_and_stops_serving_it() -> Result<()>
+{
+    let ca = ClusterCa::generate()?;
+    let a = node(&ca.issue("a")?, TransportConfig::default())?;
+    let b = node(&ca.issue("b")?, TransportConfig::default())?;
+    let data = pseudo_random(8 * 4096, 5);
+    let manifest = seed(&a, &data, 4096)?;
+    let blob = manifest.digest();
+    let path = a.endpoint.store().data_path(&blob).expect("data file");
+    let rot = std::fs::OpenOptions::new().write(true).open(&path)?;
+    std::os::unix::fs::FileExt::write_all_at(&rot, b"rot", 2 * 4096 + 7)?;
+
+    b.endpoint.store().insert_manifest(&manifest)?;
+    let peer = b.endpoint.peer(a.endpoint.local_addr()).await?;
+    let (result, _) = peer
+        .fetch_into_store(b.endpoint.store(), &manifest, ChunkIndex(2), Vec::new())
+        .await;
+    assert!(
+        matches!(result, Err(FetchError::Corrupt { .. })),
+        "{result:?}"
+    );
+    // A notice about an intact chunk changes nothing; the rotten one is dropped.
+    peer.report_corrupt(blob, ChunkIndex(3)).await?;
+    peer.report_corrupt(blob, ChunkIndex(2)).await?;
+    let store = a.endpoint.store().clone();
+    wait_for(|| !store.has_chunk(&blob, ChunkIndex(2))).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        store.has_chunk(&blob, ChunkIndex(3)),
+        "an intact chunk was dropped"
+    );
+    assert!(!store.is_complete(&blob));
+    // A second notice about it finds nothing to do.
+    peer.report_corrupt(blob, ChunkIndex(2)).await?;
+
+    // Nobody is served the rotten bytes again.
+    let (result, _) = peer
+        .fetch_into_store(b.endpoint.store(), &manifest, ChunkIndex(2), Vec::new())
+        .await;
+    assert!(
+        matches!(
+            result,
+            Err(FetchError::Refused {
+                status: ErrorStatus::NotFound,
+                ..
+            })
+        ),
+        "{result:?}"
+    );
+    let (result, _) = peer
+        .fetch_into_store(b.endpoint.store(), &manifest, ChunkIndex(3), Vec::new())
+        .await;
+    assert!(result.is_ok(), "the rest is still served: {result:?}");
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_client_refuses_a_server_the_cluster_ca_did_not_sign() -> Result<()> {
     let ours = ClusterCa::generate()?;
     let theirs = ClusterCa::generate()?;

@@ -5,7 +5,7 @@ use std::hint::black_box;
 
 use bytes::{Bytes, BytesMut};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use shoal_agent::store::{Store, StoreConfig};
+use shoal_agent::store::{ChunkCheck, Reread, Store, StoreConfig};
 use shoal_proto::wire::{self, Frame};
 use shoal_proto::{CHUNK_SIZE, ChunkIndex, Digest, ManifestBuilder};
 
@@ -70,6 +70,29 @@ fn store(c: &mut Criterion) {
                     .get_chunk(&manifest.digest(), ChunkIndex(i))
                     .expect("get"),
             )
+        })
+    });
+    // What serving would cost if it re-hashed every chunk it reads (it does not).
+    let mut i = 0u32;
+    g.bench_function("get_chunk_1MiB + verify (verify on serve)", |b| {
+        b.iter(|| {
+            i = (i + 1) % CHUNKS;
+            let data = store
+                .get_chunk(&manifest.digest(), ChunkIndex(i))
+                .expect("get");
+            manifest.verify_chunk(ChunkIndex(i), &data).expect("intact");
+            black_box(data)
+        })
+    });
+    // The scrub's read: O_DIRECT from the disk, then SHA-256.
+    let mut i = 0u32;
+    g.bench_function("check_chunk_1MiB (scrub: O_DIRECT + verify)", |b| {
+        b.iter(|| {
+            i = (i + 1) % CHUNKS;
+            let checked = store
+                .check_chunk(&manifest.digest(), ChunkIndex(i), Reread::Disk)
+                .expect("check");
+            assert_eq!(checked, ChunkCheck::Intact);
         })
     });
     g.finish();

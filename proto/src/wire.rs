@@ -5,7 +5,11 @@
 //! - a chunk stream (one bidirectional stream per request): the client sends
 //!   [`Frame::ChunkRequest`], the server answers [`Frame::ChunkData`] or [`Frame::Error`];
 //! - a have-stream (one per blob): the client sends [`Frame::HaveRequest`], the server answers
-//!   one [`Frame::HaveBitfield`] and then [`Frame::HaveDelta`]s as chunks are verified.
+//!   one [`Frame::HaveBitfield`] and then [`Frame::HaveDelta`]s as chunks are verified;
+//! - a rejection notice: the client sends [`Frame::ChunkRejected`] for a chunk this server sent
+//!   that did not match the manifest, and the server closes the stream without an answer. A
+//!   server older than the frame answers `Error(BadRequest)` (unknown kind), which the client
+//!   ignores: the frame needs no new version.
 //!
 //! [`decode`] returns `Ok(None)` while a frame is incomplete and consumes nothing; it returns
 //! an error as soon as the bytes cannot be a valid frame, including a declared length above
@@ -32,6 +36,7 @@ const KIND_ERROR: u8 = 3;
 const KIND_HAVE_REQUEST: u8 = 4;
 const KIND_HAVE_BITFIELD: u8 = 5;
 const KIND_HAVE_DELTA: u8 = 6;
+const KIND_CHUNK_REJECTED: u8 = 7;
 
 /// One message between agents.
 #[derive(Clone, PartialEq, Eq, Debug)]
@@ -51,6 +56,9 @@ pub enum Frame {
     HaveBitfield { chunk_count: u32, bits: Bytes },
     /// Chunks verified since the last have-message.
     HaveDelta { indices: Vec<ChunkIndex> },
+    /// The chunk `index` of `blob` the receiver served failed verification here: it should
+    /// read its copy back and drop it if it rotted.
+    ChunkRejected { blob: Digest, index: ChunkIndex },
 }
 
 /// Why a request was refused.
@@ -139,7 +147,7 @@ pub fn decode_header(header: [u8; HEADER_LEN]) -> Result<FrameHeader, WireError>
     if version != VERSION {
         return Err(WireError::UnsupportedVersion(version));
     }
-    if !(KIND_CHUNK_REQUEST..=KIND_HAVE_DELTA).contains(&kind) {
+    if !(KIND_CHUNK_REQUEST..=KIND_CHUNK_REJECTED).contains(&kind) {
         return Err(WireError::UnknownKind(kind));
     }
     let len = u32::from_be_bytes([l0, l1, l2, l3]) as usize;
@@ -258,6 +266,16 @@ fn parse_payload(kind: u8, mut p: Bytes) -> Result<Frame, WireError> {
             }
             Frame::HaveDelta { indices }
         }
+        KIND_CHUNK_REJECTED => {
+            if p.len() != Digest::LEN + 4 {
+                return Err(malformed("chunk rejected", "payload must be 36 bytes"));
+            }
+            let blob = take_digest(&mut p);
+            Frame::ChunkRejected {
+                blob,
+                index: ChunkIndex(p.get_u32()),
+            }
+        }
         _ => return Err(WireError::UnknownKind(kind)),
     })
 }
@@ -272,7 +290,7 @@ impl Frame {
     /// The payload length this frame encodes to.
     pub fn payload_len(&self) -> usize {
         match self {
-            Frame::ChunkRequest { .. } => Digest::LEN + 4,
+            Frame::ChunkRequest { .. } | Frame::ChunkRejected { .. } => Digest::LEN + 4,
             Frame::ChunkData { data, .. } => 4 + data.len(),
             Frame::Error { message, .. } => 1 + truncated(message).len(),
             Frame::HaveRequest { .. } => Digest::LEN,
@@ -289,6 +307,7 @@ impl Frame {
             Frame::HaveRequest { .. } => KIND_HAVE_REQUEST,
             Frame::HaveBitfield { .. } => KIND_HAVE_BITFIELD,
             Frame::HaveDelta { .. } => KIND_HAVE_DELTA,
+            Frame::ChunkRejected { .. } => KIND_CHUNK_REJECTED,
         }
     }
 
@@ -298,7 +317,7 @@ impl Frame {
         dst.reserve(HEADER_LEN + self.payload_len());
         put_header(dst, self.kind(), self.payload_len());
         match self {
-            Frame::ChunkRequest { blob, index } => {
+            Frame::ChunkRequest { blob, index } | Frame::ChunkRejected { blob, index } => {
                 dst.put_slice(blob.as_bytes());
                 dst.put_u32(index.0);
             }

@@ -1,5 +1,6 @@
 //! One stored blob at run time: its open data and journal files, which chunks are present, and
-//! the group commit that makes them durable.
+//! the group commit that makes them durable. What becomes of a chunk found corrupt, and of a
+//! blob whose fdatasync failed, is in `store/damage.rs`.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -22,16 +23,31 @@ pub(crate) const SYNC_EVERY: u32 = 64;
 /// Chunk events buffered per subscriber before it lags (it then re-reads the bitfield).
 const EVENTS_CAPACITY: usize = 1024;
 
-/// Which chunks are present and where the journal ends. Changed only together, under one short
-/// lock that is never held across data IO (only across an 8-byte journal append).
+/// Which chunks are present and what the journal says of them. Changed only together, under
+/// one short lock that is never held across data IO (only across an 8-byte journal append, and
+/// the rare journal rewrite that drops chunks).
+///
+/// Invariant: the data of every present chunk not in `unsynced` was fdatasynced after it was
+/// written, and the journal never vouches for (covers with a sync record) a chunk that is not
+/// present or whose data is not durable. The journal may lack records of present chunks (after
+/// a failed rewrite): those are simply fetched again after a restart.
 #[derive(Debug)]
-struct ChunkState {
-    bits: Vec<u8>,
-    present: u32,
+pub(super) struct ChunkState {
+    pub(super) bits: Vec<u8>,
+    pub(super) present: u32,
     /// Well-formed records in the journal: the next record goes at `records * RECORD_LEN`.
-    records: u32,
-    /// Chunk records not yet vouched for by a sync record.
-    uncovered: u32,
+    pub(super) records: u32,
+    /// Present chunks whose data may not be durable yet (no group commit covered their record),
+    /// with their record's position in the journal, in journal order.
+    pub(super) unsynced: Vec<(u32, ChunkIndex)>,
+    /// The journal file. Replaced (under this lock and the commit lock) when dropped chunks are
+    /// written out of it.
+    pub(super) journal: Arc<File>,
+    /// No sync record is appended to the journal again, so it never vouches for anything more
+    /// (chunks recorded later are re-hashed on open): a data fdatasync failed (the blob is
+    /// being dropped), or a dropped chunk's record could not be written out of the journal
+    /// (it is found again by a scrub or a peer's rejection).
+    pub(super) sealed: bool,
 }
 
 /// A blob in the store. Shared as `Arc<BlobEntry>`: readers and writers of different chunks
@@ -44,19 +60,22 @@ pub(crate) struct BlobEntry {
     /// Chunk digests of the manifest still unknown (0 unless provisional).
     unknown: AtomicU32,
     pub paths: BlobPaths,
-    data: File,
-    journal: File,
+    pub(super) data: File,
     state: Mutex<ChunkState>,
-    /// Serialises group commits of this blob (not puts or gets).
-    commit: Mutex<()>,
+    /// Serialises group commits of this blob and the journal rewrites that drop chunks (not
+    /// puts or gets).
+    pub(super) commit: Mutex<()>,
     events: broadcast::Sender<ChunkIndex>,
+    /// Where chunks found corrupt are reported (see `store/damage.rs`), for the agent to
+    /// report and repair.
+    pub(super) damage: broadcast::Sender<super::Damage>,
     pub pinned: AtomicBool,
     /// Running orders using the blob ([`super::Hold`]s): kept from eviction like a pin, but
     /// counted, and separate from the user's pin.
     pub holds: AtomicU32,
     /// The whole blob was read back and matched its digest in this process. A complete
-    /// blob's chunks are never written again, so this stays true for the entry's life.
-    verified: AtomicBool,
+    /// blob's chunks are never written again unless one is dropped, which clears this.
+    pub(super) verified: AtomicBool,
     /// Logical clock value of the last use; eviction order.
     recency: AtomicU64,
     /// Wall-clock time of the last use, for reports and the data file's mtime.
@@ -73,13 +92,18 @@ pub(crate) struct Opened {
     pub present: Vec<ChunkIndex>,
     /// Well-formed records in the journal as it stands.
     pub journal_records: u32,
-    /// Chunk records in it not vouched for by a sync record (their data was re-verified).
-    pub uncovered: u32,
+    /// Chunk records in it not vouched for by a sync record (their data was re-verified), with
+    /// their positions, in journal order.
+    pub unsynced: Vec<(u32, ChunkIndex)>,
     pub last_used: SystemTime,
 }
 
 impl BlobEntry {
-    pub(crate) fn new(opened: Opened, recency: u64) -> Self {
+    pub(crate) fn new(
+        opened: Opened,
+        recency: u64,
+        damage: broadcast::Sender<super::Damage>,
+    ) -> Self {
         let Opened {
             manifest,
             paths,
@@ -87,7 +111,7 @@ impl BlobEntry {
             journal,
             present,
             journal_records,
-            uncovered,
+            unsynced,
             last_used,
         } = opened;
         let mut bits = vec![0u8; (manifest.chunk_count() as usize).div_ceil(8)];
@@ -98,7 +122,9 @@ impl BlobEntry {
             bits,
             present: present.len() as u32,
             records: journal_records,
-            uncovered,
+            unsynced,
+            journal: Arc::new(journal),
+            sealed: false,
         };
         let (events, _) = broadcast::channel(EVENTS_CAPACITY);
         let unknown = manifest.chunk_count() - manifest.known_count();
@@ -107,10 +133,10 @@ impl BlobEntry {
             manifest: RwLock::new(Arc::new(manifest)),
             paths,
             data,
-            journal,
             state: Mutex::new(state),
             commit: Mutex::new(()),
             events,
+            damage,
             pinned: AtomicBool::new(false),
             holds: AtomicU32::new(0),
             verified: AtomicBool::new(false),
@@ -151,7 +177,7 @@ impl BlobEntry {
         Ok(learned)
     }
 
-    fn state(&self) -> MutexGuard<'_, ChunkState> {
+    pub(super) fn state(&self) -> MutexGuard<'_, ChunkState> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -210,24 +236,27 @@ impl BlobEntry {
             }
             // On failure the position is not advanced: a partial record is overwritten by the
             // next append, or cut off as a torn tail on open.
-            self.journal
+            let position = state.records;
+            state
+                .journal
                 .write_all_at(
                     &Record::Chunk(index).encode(),
-                    u64::from(state.records) * RECORD_LEN,
+                    u64::from(position) * RECORD_LEN,
                 )
                 .map_err(io_err("recording chunk in", &self.paths.journal))?;
             state.records += 1;
-            state.uncovered += 1;
+            state.unsynced.push((position, index));
             state.present += 1;
             bitfield_set(&mut state.bits, index);
             let complete = state.present == manifest.chunk_count();
-            (complete, complete || state.uncovered >= SYNC_EVERY)
+            let due = complete || state.unsynced.len() >= SYNC_EVERY as usize;
+            (complete, due && !state.sealed)
         };
         // No receivers is fine.
         let _ = self.events.send(index);
         if due {
-            // The chunk is present either way; a failed sync is reported so the caller knows
-            // durability is in doubt (the next commit or flush retries).
+            // A failed data fdatasync is a lost write of the whole blob, this chunk included
+            // (see `commit`).
             self.commit(complete)?;
         }
         Ok(PutOutcome::Stored)
@@ -264,6 +293,17 @@ impl BlobEntry {
     /// Group commit: fdatasync the data file, then append a sync record vouching for the records
     /// that were in the journal before the fdatasync began, then fdatasync the journal. Puts keep
     /// going meanwhile. With `wait == false` it gives way to a commit already running.
+    ///
+    /// A failed data fdatasync is a lost write, never retried: Linux may have dropped the pages
+    /// it could not write back and marked them clean, so a second fdatasync would succeed
+    /// without them and a sync record would vouch for bytes that are not on disk. Writing the
+    /// chunks again does not help either: ext4 leaves the fallocated range it failed to write
+    /// "unwritten" (it reads back as zeros after a remount) even once later writes to it
+    /// succeed (`tests/store_failing_disk.rs` shows both). So the journal is sealed at once
+    /// and the error is [`StoreError::LostWrite`]: the store then drops the whole blob (see
+    /// `Store::after_error`), to be fetched again into new files. A failed journal fdatasync
+    /// needs no such care: replay stops at the first record that did not reach the disk, so a
+    /// lost journal page can only make chunks absent, never vouch for one.
     pub(crate) fn commit(&self, wait: bool) -> Result<(), StoreError> {
         let _commit = if wait {
             self.commit.lock().unwrap_or_else(PoisonError::into_inner)
@@ -274,30 +314,38 @@ impl BlobEntry {
                 Err(TryLockError::WouldBlock) => return Ok(()),
             }
         };
-        let (covered, vouched) = {
+        let covered = {
             let state = self.state();
-            if state.uncovered == 0 {
+            if state.unsynced.is_empty() || state.sealed {
                 return Ok(());
             }
-            (state.records, state.uncovered)
+            state.records
         };
         // Every record below `covered` was appended after its data write returned, so before
         // this call: fdatasync makes that data durable.
-        self.data
-            .sync_data()
-            .map_err(io_err("syncing", &self.paths.data))?;
-        {
+        if let Err(source) = self.data.sync_data() {
+            self.state().sealed = true;
+            return Err(StoreError::LostWrite {
+                blob: self.manifest().digest(),
+                path: self.paths.data.clone(),
+                source,
+            });
+        }
+        let journal = {
             let mut state = self.state();
-            self.journal
+            state
+                .journal
                 .write_all_at(
                     &Record::Sync { covered }.encode(),
                     u64::from(state.records) * RECORD_LEN,
                 )
                 .map_err(io_err("recording sync in", &self.paths.journal))?;
             state.records += 1;
-            state.uncovered -= vouched;
-        }
-        self.journal
+            let vouched = state.unsynced.partition_point(|&(p, _)| p < covered);
+            state.unsynced.drain(..vouched);
+            Arc::clone(&state.journal)
+        };
+        journal
             .sync_data()
             .map_err(io_err("syncing", &self.paths.journal))
     }

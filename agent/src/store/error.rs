@@ -51,6 +51,15 @@ pub enum StoreError {
     /// Another process (or another `Store` in this one) has the store open.
     #[error("store {} is already open by another process or Store", root.display())]
     Locked { root: PathBuf },
+    /// An fdatasync of the blob's data file failed: some of its bytes may not be on disk, and
+    /// a retried fdatasync would succeed without them. The blob was dropped from the store
+    /// (reported as a removal and on `Store::damage`): fetch it again.
+    #[error("syncing {}: {source}; the blob was dropped (a failed fdatasync is a lost write)", path.display())]
+    LostWrite {
+        blob: Digest,
+        path: PathBuf,
+        source: io::Error,
+    },
     /// A file on disk does not have the shape its manifest says it must.
     #[error("{}: {reason}", path.display())]
     Corrupt { path: PathBuf, reason: String },

@@ -94,7 +94,7 @@ fn create_files(dir: &Path, manifest: &Manifest, paths: &BlobPaths) -> Result<Op
         journal,
         present: Vec::new(),
         journal_records: 0,
-        uncovered: 0,
+        unsynced: Vec::new(),
         last_used: SystemTime::now(),
     })
 }
@@ -183,15 +183,15 @@ fn recover(dir: &Path, hex: &str) -> Result<Option<Opened>, StoreError> {
         }
     }
 
-    let (journal_records, uncovered) = if replay.clean {
-        ((replay.valid_len / RECORD_LEN) as u32, 0)
+    let (journal_records, unsynced) = if replay.clean {
+        ((replay.valid_len / RECORD_LEN) as u32, Vec::new())
     } else {
         // Re-hashed chunks are vouched for by a fresh journal only once their data is durable.
         data.sync_data().map_err(io_err("syncing", &paths.data))?;
         match write_durably(dir, &paths.journal, &journal::compacted(&present)) {
             Ok(()) => {
                 journal = open_rw(&paths.journal, false)?;
-                (present.len() as u32 + 1, 0)
+                (present.len() as u32 + 1, Vec::new())
             }
             Err(StoreError::DiskFull { .. }) => {
                 // No room for a new journal: cut this one in place (needs no space) before
@@ -208,11 +208,11 @@ fn recover(dir: &Path, hex: &str) -> Result<Option<Opened>, StoreError> {
                     .filter(|&&(pos, index)| {
                         u64::from(pos) < keep && present[trusted..].contains(&index)
                     })
-                    .map(|&(_, index)| index)
+                    .copied()
                     .collect::<Vec<_>>();
                 present.truncate(trusted);
-                present.extend_from_slice(&kept_unsynced);
-                (keep as u32, kept_unsynced.len() as u32)
+                present.extend(kept_unsynced.iter().map(|&(_, index)| index));
+                (keep as u32, kept_unsynced)
             }
             Err(e) => return Err(e),
         }
@@ -227,9 +227,25 @@ fn recover(dir: &Path, hex: &str) -> Result<Option<Opened>, StoreError> {
         journal,
         present,
         journal_records,
-        uncovered,
+        unsynced,
         last_used,
     }))
+}
+
+/// Replaces a blob's journal durably with `bytes` (see `journal::rewritten`) and returns the
+/// new file, opened for appending, with room reserved for a blob of `chunk_count` chunks.
+pub(crate) fn replace_journal(
+    paths: &BlobPaths,
+    bytes: &[u8],
+    chunk_count: u32,
+) -> Result<File, StoreError> {
+    let dir = paths.journal.parent().unwrap_or(Path::new("."));
+    write_durably(dir, &paths.journal, bytes)?;
+    let journal = open_rw(&paths.journal, false)?;
+    if let Err(e) = reserve(&journal, journal::reserved_len(chunk_count)) {
+        tracing::warn!(path = %paths.journal.display(), error = %e, "could not reserve journal space");
+    }
+    Ok(journal)
 }
 
 /// Replaces a provisional blob's manifest file with its complete manifest.

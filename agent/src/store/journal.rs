@@ -111,18 +111,31 @@ pub(crate) fn replay(bytes: &[u8], chunk_count: u32) -> Replay {
 /// A fresh journal holding `present` and one sync record vouching for all of them; written
 /// once the data file has been fdatasynced.
 pub(crate) fn compacted(present: &[ChunkIndex]) -> Vec<u8> {
-    let mut out = Vec::with_capacity((present.len() + 1) * RECORD_LEN as usize);
-    for &index in present {
+    rewritten(present, &[])
+}
+
+/// A fresh journal that records `durable` (chunks whose data was fdatasynced), one sync record
+/// vouching for exactly those, then `unsynced` (present, data not known to be durable: the next
+/// group commit vouches for them, or the next open re-hashes them). What replaces a journal
+/// from which dropped chunks must disappear (see `BlobEntry::forget`).
+pub(crate) fn rewritten(durable: &[ChunkIndex], unsynced: &[ChunkIndex]) -> Vec<u8> {
+    let records = durable.len() + 1 + unsynced.len();
+    let mut out = Vec::with_capacity(records * RECORD_LEN as usize);
+    for &index in durable {
         out.extend_from_slice(&Record::Chunk(index).encode());
     }
-    let covered = u32::try_from(present.len()).expect("chunk count fits in u32");
+    let covered = u32::try_from(durable.len()).expect("chunk count fits in u32");
     out.extend_from_slice(&Record::Sync { covered }.encode());
+    for &index in unsynced {
+        out.extend_from_slice(&Record::Chunk(index).encode());
+    }
     out
 }
 
-/// Bytes to reserve for a journal so appends never hit ENOSPC: each chunk is recorded at most
-/// once, each sync record vouches for at least one new chunk record, and a compacted journal
-/// adds one sync; see `BlobEntry::commit`.
+/// Bytes to reserve for a journal so appends never hit ENOSPC: each absent chunk is recorded
+/// at most once (a chunk recorded again after it was dropped follows a rewrite that left it
+/// out), each sync record vouches for at least one new chunk record, and a compacted or
+/// rewritten journal adds one sync; see `BlobEntry::commit`.
 pub(crate) fn reserved_len(chunk_count: u32) -> u64 {
     (2 * u64::from(chunk_count) + 2) * RECORD_LEN
 }
@@ -166,6 +179,16 @@ mod tests {
         assert!(r.unsynced.is_empty());
         assert!(r.clean);
         assert!(replay(&[], 8).clean);
+    }
+
+    #[test]
+    fn a_rewritten_journal_vouches_only_for_durable_chunks() {
+        let bytes = rewritten(&idx(&[4, 1]), &idx(&[6, 0]));
+        let r = replay(&bytes, 8);
+        assert_eq!(r.trusted, idx(&[4, 1]));
+        assert_eq!(r.unsynced, vec![(3, ChunkIndex(6)), (4, ChunkIndex(0))]);
+        assert_eq!(r.valid_len, bytes.len() as u64);
+        assert!(!r.clean, "the unsynced chunks are re-hashed on open");
     }
 
     #[test]

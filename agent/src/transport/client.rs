@@ -246,6 +246,36 @@ impl Peer {
         }
     }
 
+    /// Tells the peer that chunk `index` of `blob` it sent failed verification here, so that it
+    /// reads its copy back and drops it if it rotted. Best effort: waits at most the request
+    /// timeout for the peer to take the notice; a peer of an older release answers BadRequest,
+    /// which is ignored like any other answer.
+    pub async fn report_corrupt(&self, blob: Digest, index: ChunkIndex) -> Result<(), FetchError> {
+        let peer = self.addr();
+        let notice = async {
+            let (mut send, mut recv) = self
+                .conn
+                .open_bi()
+                .await
+                .map_err(|source| FetchError::Connection { peer, source })?;
+            send.write_all(&Frame::ChunkRejected { blob, index }.to_bytes())
+                .await
+                .map_err(|e| stream(peer, e))?;
+            send.finish().map_err(|e| stream(peer, e))?;
+            // The peer closes its side once it has read the notice.
+            recv.read_to_end(wire::HEADER_LEN + wire::MAX_MESSAGE_LEN + 1)
+                .await
+                .map_err(|e| stream(peer, e))?;
+            Ok(())
+        };
+        tokio::time::timeout(self.request_timeout, notice)
+            .await
+            .map_err(|_| FetchError::Timeout {
+                peer,
+                after: self.request_timeout,
+            })?
+    }
+
     /// Opens a have-stream for `blob`: first a bitfield, then deltas.
     pub async fn watch_have(&self, blob: Digest) -> Result<HaveStream, FetchError> {
         let peer = self.addr();

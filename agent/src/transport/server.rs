@@ -1,4 +1,5 @@
-//! The serving side: answers chunk requests and have-streams on every connection.
+//! The serving side: answers chunk requests and have-streams on every connection, and takes
+//! rejection notices (see `recheck.rs`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -112,8 +113,9 @@ pub(super) async fn serve_connection(inner: Weak<Inner>, conn: quinn::Connection
             }
         };
         let Some(inner) = inner.upgrade() else { return };
+        let from = conn.remote_address();
         tokio::spawn(async move {
-            if let Err(e) = serve_stream(&inner, key, send, recv).await {
+            if let Err(e) = serve_stream(&inner, key, from, send, recv).await {
                 tracing::debug!(error = %e, "stream ended with error");
             }
         });
@@ -135,6 +137,7 @@ enum StreamError {
 async fn serve_stream(
     inner: &Arc<Inner>,
     peer: PeerKey,
+    from: std::net::SocketAddr,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) -> Result<(), StreamError> {
@@ -157,6 +160,11 @@ async fn serve_stream(
             }
         }
         Ok(Frame::HaveRequest { blob }) => serve_have(inner, &mut send, blob).await,
+        Ok(Frame::ChunkRejected { blob, index }) => {
+            (inner.rechecks).rejected(&inner.store, from, blob, index);
+            send.finish()?;
+            Ok(())
+        }
         Ok(other) => {
             reply_error(
                 &mut send,

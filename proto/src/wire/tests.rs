@@ -53,6 +53,10 @@ fn frame() -> impl Strategy<Value = Frame> {
         proptest::collection::vec(any::<u32>(), 0..64).prop_map(|v| Frame::HaveDelta {
             indices: v.into_iter().map(ChunkIndex).collect()
         }),
+        (digest(), any::<u32>()).prop_map(|(blob, i)| Frame::ChunkRejected {
+            blob,
+            index: ChunkIndex(i)
+        }),
     ]
 }
 
@@ -185,6 +189,13 @@ fn malformed_frames_are_rejected_precisely() {
             WireError::Malformed {
                 kind: "have delta",
                 reason: "payload not a whole number of indices",
+            },
+        ),
+        (
+            raw(VERSION, KIND_CHUNK_REJECTED, &[0; 37]),
+            WireError::Malformed {
+                kind: "chunk rejected",
+                reason: "payload must be 36 bytes",
             },
         ),
     ];
