@@ -80,21 +80,10 @@ impl S {
     /// within the step, or by the writer once the write it waits for is stored (real time,
     /// no step needed).
     fn ask<R>(&mut self, make: impl FnOnce(Reply<R>) -> Request) -> Result<R, ApiError> {
-        let (tx, mut rx) = oneshot::channel();
+        let (tx, rx) = oneshot::channel();
         let now = self.now;
         self.s.step(make(tx), now);
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            match rx.try_recv() {
-                Ok(answer) => return answer,
-                Err(oneshot::error::TryRecvError::Empty)
-                    if std::time::Instant::now() < deadline =>
-                {
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                Err(e) => panic!("the request was not answered: {e:?}"),
-            }
-        }
+        wait(rx)
     }
 
     /// Moves the clock on by `d`, running every timer that falls due on the way, in order.
@@ -531,5 +520,20 @@ fn sources_of(o: &pb::FetchOrder) -> &[pb::Source] {
     match &o.kind {
         Some(pb::fetch_order::Kind::Peers(p)) => &p.sources,
         _ => &[],
+    }
+}
+
+/// The answer on `rx`, which the step gave or the writer gives once its write is stored (the
+/// writer is a real thread: this polls in real time, at most 30 s).
+fn wait<R>(mut rx: oneshot::Receiver<Result<R, ApiError>>) -> Result<R, ApiError> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match rx.try_recv() {
+            Ok(answer) => return answer,
+            Err(oneshot::error::TryRecvError::Empty) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) => panic!("the request was not answered: {e:?}"),
+        }
     }
 }

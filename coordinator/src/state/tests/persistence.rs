@@ -20,19 +20,6 @@ fn send<R>(
     rx
 }
 
-fn wait<R>(mut rx: oneshot::Receiver<Result<R, ApiError>>) -> Result<R, ApiError> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match rx.try_recv() {
-            Ok(answer) => return answer,
-            Err(oneshot::error::TryRecvError::Empty) if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            Err(e) => panic!("no answer: {e:?}"),
-        }
-    }
-}
-
 fn distribute_rx(
     s: &mut S,
     blob: Digest,
