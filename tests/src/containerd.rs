@@ -200,14 +200,14 @@ disabled_plugins = [
             .context("spawning ctr")?;
         let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
         let stderr = String::from_utf8_lossy(&output.stderr);
-        // ctr's progress display sometimes asks for content info after the pull's context
-        // ended and logs that as an error ("failed to get content info ... context
-        // canceled") although the pull is done; any other error line is real (a hosts.toml
+        // ctr's progress display keeps polling after the pull's context ended and logs that
+        // as an error although the pull is done ("failed to get content info ... context
+        // canceled", "active check failed ... context canceled"): an error whose cause is
+        // only the ended context is not one. Any other error line is real (a hosts.toml
         // containerd could not read is only logged).
-        let real_error = stderr.lines().any(|l| {
-            l.contains("level=error")
-                && !(l.contains("failed to get content info") && l.contains("context canceled"))
-        });
+        let real_error = stderr
+            .lines()
+            .any(|l| l.contains("level=error") && !l.contains("context canceled"));
         if !output.status.success() || real_error {
             let log = self.log();
             let daemon_messages: Vec<&str> = log
