@@ -27,6 +27,7 @@ use crate::session::{self, Joined, Session};
 use crate::store::{Store, StoreConfig};
 use crate::transport::tls::CertificateRequest;
 use crate::transport::{self, ChunkEndpoint};
+use crate::trust::CoordinatorTrust;
 
 /// What the agent has moved so far.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -100,7 +101,8 @@ impl Agent {
         // probe must not restart an agent that is waiting for its coordinator.
         let health = start_health(&config, &stop_rx).await?;
 
-        let channel = coordinator_channel(&config)?;
+        let trust = CoordinatorTrust::establish(&config, stop_rx.clone()).await?;
+        let join_channel = trust.channel(None)?;
 
         let id_path = data_dir.join("agent-id");
         let previous_id = std::fs::read_to_string(&id_path)
@@ -108,7 +110,7 @@ impl Agent {
             .unwrap_or_default();
         let csr = CertificateRequest::generate()?;
         let joined: Joined = session::join_until_accepted(
-            &channel,
+            &join_channel,
             &config,
             quic_addr,
             &previous_id,
@@ -124,11 +126,13 @@ impl Agent {
                     .into(),
             });
         }
-        let identity = csr.into_identity(
+        let identity = csr.identity(
             response.certificate_der.clone(),
             response.ca_certificates_der.clone(),
         );
         persist_agent_id(&id_path, &response.agent_id);
+        // From here on every call presents the certificate the coordinator just issued.
+        let channel = trust.channel(Some(&identity))?;
 
         let endpoint =
             ChunkEndpoint::from_socket(socket, &identity, store.clone(), config.transport())?;
@@ -144,6 +148,8 @@ impl Agent {
             counters: parts.counters.clone(),
             executor: parts.executor.clone(),
             stop: parts.stop.clone(),
+            trust,
+            csr,
         };
         let session = tokio::spawn(session::run(session, joined, outbox_rx));
         Self::finish_start(parts, stop, session, health).await
@@ -156,7 +162,7 @@ impl Agent {
     pub async fn start_detached(
         config: AgentConfig,
         agent_id: &str,
-        identity: &crate::transport::tls::AgentIdentity,
+        identity: &crate::transport::tls::Identity,
     ) -> Result<Agent, AgentError> {
         config.validate().map_err(AgentError::Config)?;
         let (stop, stop_rx) = watch::channel(false);
@@ -170,7 +176,7 @@ impl Agent {
         )?;
         let quic_addr = advertise_addr(&config, endpoint.local_addr()).await;
         let health = start_health(&config, &stop_rx).await?;
-        let channel = coordinator_channel(&config)?;
+        let channel = unconnected_channel(&config)?;
         let (parts, mut outbox_rx) = assemble(
             config,
             store,
@@ -396,7 +402,8 @@ async fn start_health(
     }
 }
 
-fn coordinator_channel(config: &AgentConfig) -> Result<Channel, AgentError> {
+/// A channel to the configured address that a detached agent never uses for real.
+fn unconnected_channel(config: &AgentConfig) -> Result<Channel, AgentError> {
     Ok(
         tonic::transport::Endpoint::from_shared(config.coordinator.clone())
             .map_err(|e| AgentError::Config(format!("coordinator: {e}")))?

@@ -20,8 +20,12 @@ pub const UNLIMITED_CAPACITY_BYTES_PER_SEC: u64 = 1_250_000_000;
 #[derive(Clone, Debug, serde::Deserialize, serde::Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AgentConfig {
-    /// The coordinator's gRPC address, e.g. `http://127.0.0.1:7400`.
+    /// The coordinator's gRPC address, e.g. `https://shoal-coordinator:7400` (TLS, the
+    /// default) or `http://...` for a coordinator run with `insecure = true`.
     pub coordinator: String,
+    /// The cluster CA (PEM) that vouches for the coordinator. Default: asked of the
+    /// coordinator at start and trusted only with a proof keyed by the join token.
+    pub coordinator_ca_file: Option<PathBuf>,
     /// Cluster join token (the coordinator's shared secret).
     pub join_token: String,
     /// The store lives in `data_dir/store`; the agent id is kept in `data_dir/agent-id`.
@@ -100,7 +104,8 @@ impl Default for AgentConfig {
     fn default() -> Self {
         let transport = TransportConfig::default();
         Self {
-            coordinator: "http://127.0.0.1:7400".into(),
+            coordinator: "https://127.0.0.1:7400".into(),
+            coordinator_ca_file: None,
             join_token: String::new(),
             data_dir: PathBuf::from("/var/lib/shoal"),
             quota_bytes: 100 << 30,

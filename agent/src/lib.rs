@@ -28,6 +28,7 @@ mod session;
 mod shutdown;
 pub mod store;
 pub mod transport;
+mod trust;
 
 pub use agent::{Agent, AgentStats, run};
 pub use config::AgentConfig;

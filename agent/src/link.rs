@@ -20,8 +20,9 @@ pub(crate) type Outbox = mpsc::UnboundedReceiver<pb::AgentMessage>;
 
 #[derive(Clone, Debug)]
 pub(crate) struct Coordinator {
-    /// One HTTP/2 channel to the coordinator: the session and the public API share it.
-    channel: Channel,
+    /// One HTTP/2 channel to the coordinator: the session and the public API share it. The
+    /// session task replaces it when a re-join brings a certificate for a new id.
+    channel: Arc<RwLock<Channel>>,
     /// Unbounded so that queueing never waits: only reports go here (one or two per order,
     /// chunk rejections, stalls, registrations, pins); progress, load and heartbeats are
     /// made by the session itself.
@@ -34,7 +35,7 @@ impl Coordinator {
     pub(crate) fn new(channel: Channel, agent_id: String) -> (Self, Outbox) {
         let (outbox, rx) = mpsc::unbounded_channel();
         let link = Self {
-            channel,
+            channel: Arc::new(RwLock::new(channel)),
             outbox,
             agent_id: Arc::new(RwLock::new(agent_id)),
             connected: Arc::default(),
@@ -147,11 +148,18 @@ impl Coordinator {
 
     /// The coordinator's public API, on the shared channel.
     pub(crate) fn client(&self) -> CoordinatorClient<Channel> {
-        CoordinatorClient::new(self.channel.clone())
+        CoordinatorClient::new(self.channel())
     }
 
-    pub(crate) fn channel(&self) -> &Channel {
-        &self.channel
+    pub(crate) fn channel(&self) -> Channel {
+        self.channel
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn set_channel(&self, channel: Channel) {
+        *self.channel.write().unwrap_or_else(|e| e.into_inner()) = channel;
     }
 
     /// True while the session is up.

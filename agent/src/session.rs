@@ -24,6 +24,8 @@ use crate::execute::Executor;
 use crate::link::Outbox;
 use crate::shutdown::{Stop, stopped};
 use crate::transport::ChunkEndpoint;
+use crate::transport::tls::CertificateRequest;
+use crate::trust::CoordinatorTrust;
 
 /// Progress is reported at most this often (one batch across all orders).
 const PROGRESS_EVERY: Duration = Duration::from_millis(500);
@@ -48,6 +50,10 @@ pub(crate) struct Session {
     pub counters: Counters,
     pub executor: Executor,
     pub stop: Stop,
+    /// The coordinator's address and CA, for a new channel when a re-join changes the id.
+    pub trust: CoordinatorTrust,
+    /// The agent's key: each re-join asks for a certificate for it under the id it gets.
+    pub csr: CertificateRequest,
 }
 
 /// A successful Join.
@@ -192,15 +198,16 @@ pub(crate) async fn run(shared: Session, mut joined: Joined, mut outbox: Outbox)
         }
         if rejoin {
             let id = link.agent_id();
-            // The endpoint keeps the certificate from the first join; it stays valid while
-            // the cluster CA does.
+            // The QUIC endpoint keeps the certificate from the first join (peers check that
+            // the cluster CA signed it); the coordinator channel needs one naming the
+            // current id, so a new id comes with a new certificate for the same key.
             let request_id = id.clone();
             match join_until_accepted(
-                link.channel(),
+                &link.channel(),
                 &shared.config,
                 shared.quic_addr,
                 &request_id,
-                &[],
+                shared.csr.csr_der(),
                 stop.clone(),
             )
             .await
@@ -212,6 +219,16 @@ pub(crate) async fn run(shared: Session, mut joined: Joined, mut outbox: Outbox)
                             new = j.response.agent_id,
                             "coordinator assigned a new agent id"
                         );
+                        let identity = shared.csr.identity(
+                            j.response.certificate_der.clone(),
+                            j.response.ca_certificates_der.clone(),
+                        );
+                        match shared.trust.channel(Some(&identity)) {
+                            Ok(channel) => link.set_channel(channel),
+                            Err(e) => {
+                                tracing::error!(error = %e, "no channel for the new certificate")
+                            }
+                        }
                         link.set_agent_id(j.response.agent_id.clone());
                         let path = shared.config.data_dir.join("agent-id");
                         let _ = std::fs::write(path, format!("{}\n", j.response.agent_id));
@@ -269,7 +286,7 @@ async fn connect_once(
         let _ = tx.try_send(m.clone());
     }
 
-    let mut client = AgentSessionClient::new(link.channel().clone());
+    let mut client = AgentSessionClient::new(link.channel());
     let connect = client.session(ReceiverStream::new(rx));
     let mut inbound = tokio::select! {
         r = connect => match r {

@@ -33,7 +33,7 @@ pub use server::ServeStats;
 
 use crate::limiter::RateLimiter;
 use crate::store::Store;
-use tls::{AgentIdentity, TlsError};
+use tls::{Identity, TlsError};
 
 /// Bytes a source queues for sending before it has measured its uplink (see `uplink`).
 const INITIAL_UPLOAD_BACKLOG: u64 = 8 << 20;
@@ -185,7 +185,7 @@ impl ChunkEndpoint {
     /// Binds `addr` (port 0 picks one) and starts serving `store`. Must run inside tokio.
     pub fn bind(
         addr: SocketAddr,
-        identity: &AgentIdentity,
+        identity: &Identity,
         store: Store,
         config: TransportConfig,
     ) -> Result<Self, TransportError> {
@@ -198,7 +198,7 @@ impl ChunkEndpoint {
     /// the join). Must run inside tokio.
     pub fn from_socket(
         socket: std::net::UdpSocket,
-        identity: &AgentIdentity,
+        identity: &Identity,
         store: Store,
         config: TransportConfig,
     ) -> Result<Self, TransportError> {

@@ -78,6 +78,9 @@ async fn live_while_waiting_for_the_coordinator_ready_once_joined() -> Result<()
             listen: coordinator_addr,
             state_dir: dir.path().join("coordinator"),
             join_token: TOKEN.into(),
+            // In-process tests of behaviour, not of trust: plaintext, no credentials (the
+            // real-process tests in cli/tests run secure coordinators).
+            insecure: true,
             ..Default::default()
         },
         listener,

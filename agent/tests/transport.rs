@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use shoal_agent::transport::tls::{AgentIdentity, ClusterCa};
+use shoal_agent::transport::tls::{ClusterCa, Identity};
 use shoal_agent::transport::{FetchError, HaveUpdate, TransportConfig};
 use shoal_proto::wire::{ErrorStatus, bitfield_get};
 use shoal_proto::{CHUNK_SIZE, ChunkIndex, Manifest};
@@ -189,7 +189,7 @@ async fn a_client_refuses_a_server_the_cluster_ca_did_not_sign() -> Result<()> {
     let forged = theirs.issue("forged")?;
     let ours_root = ours.issue("x")?.roots;
     let sneaky = node(
-        &AgentIdentity {
+        &Identity {
             roots: ours_root,
             ..forged
         },

@@ -7,21 +7,88 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use shoal_proto::Digest;
-use shoal_proto::pb::v1::coordinator_client::CoordinatorClient;
 use shoal_proto::pb::v1::{self as pb, JobState, TargetState};
-use tonic::transport::Channel;
 
-pub type Client = CoordinatorClient<Channel>;
+pub type Client = shoal_pki::grpc::ApiClient;
 
-pub async fn connect(url: &str) -> Result<Client> {
-    let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
-        .with_context(|| format!("coordinator address {url:?} is not a URL"))?
-        .connect_timeout(Duration::from_secs(5));
-    let channel = endpoint
-        .connect()
+/// How to reach the coordinator's job API, and as whom.
+#[derive(clap::Args, Debug, Clone)]
+pub struct CoordinatorAddr {
+    /// The coordinator's gRPC address: https://HOST:PORT, or http:// for a coordinator run
+    /// with `insecure = true`.
+    #[arg(
+        long,
+        env = "SHOAL_COORDINATOR",
+        default_value = "https://127.0.0.1:7400"
+    )]
+    pub coordinator: String,
+    /// The cluster CA (PEM) that vouches for the coordinator: its `state_dir/ca.pem`.
+    #[arg(long, env = "SHOAL_CA_FILE")]
+    pub ca_file: Option<std::path::PathBuf>,
+    /// A file holding the API token (SHOAL_TOKEN, the token itself, also works).
+    #[arg(long, env = "SHOAL_TOKEN_FILE")]
+    pub token_file: Option<std::path::PathBuf>,
+}
+
+impl CoordinatorAddr {
+    /// The API token: from `--token-file`, else `SHOAL_TOKEN`; none if neither is set.
+    fn token(&self) -> Result<Option<String>> {
+        let token = match &self.token_file {
+            Some(path) => std::fs::read_to_string(path)
+                .with_context(|| format!("--token-file {}", path.display()))?
+                .trim()
+                .to_string(),
+            None => match std::env::var("SHOAL_TOKEN") {
+                Ok(t) => t.trim().to_string(),
+                Err(_) => return Ok(None),
+            },
+        };
+        if token.is_empty() {
+            bail!("the API token is empty");
+        }
+        Ok(Some(token))
+    }
+}
+
+pub async fn connect(addr: &CoordinatorAddr) -> Result<Client> {
+    let url = &addr.coordinator;
+    let ca_pem = match &addr.ca_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("--ca-file {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let token = addr.token()?;
+    let channel = shoal_pki::grpc::api_channel(url, ca_pem.as_deref(), Duration::from_secs(5))
+        .map_err(|e| match e {
+            shoal_pki::grpc::ClientError::NoCa(_) => anyhow::anyhow!(
+                "{e}: give it with --ca-file or SHOAL_CA_FILE (the coordinator's state_dir/ca.pem)"
+            ),
+            e => anyhow::anyhow!("{e}"),
+        })?;
+    // Fail here, with the address and the cause, rather than at the first call.
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    health
+        .check(tonic_health::pb::HealthCheckRequest::default())
         .await
-        .map_err(|e| anyhow::anyhow!("cannot reach the coordinator at {url}: {e}"))?;
-    Ok(CoordinatorClient::new(channel).max_decoding_message_size(64 << 20))
+        .map_err(|s| {
+            anyhow::anyhow!("cannot reach the coordinator at {url}: {}", reach_error(&s))
+        })?;
+    Ok(shoal_pki::grpc::api_client(channel, token.as_deref())?)
+}
+
+/// Why a connection failed, with the cause TLS gave (a certificate the CA did not sign, a
+/// plaintext server) rather than tonic's "transport error".
+fn reach_error(status: &tonic::Status) -> String {
+    use std::error::Error as _;
+    let mut message = status.message().to_string();
+    let mut source = status.source();
+    while let Some(s) = source {
+        message = format!("{message}: {s}");
+        source = s.source();
+    }
+    message
 }
 
 /// A gRPC status as one line a person reads.

@@ -41,12 +41,23 @@ async fn demo(args: DemoArgs) -> Result<()> {
 
     // The coordinator, in this process, on a loopback port.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}", listener.local_addr()?);
+    let url = format!("https://{}", listener.local_addr()?);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    // Secure as in production: TLS from the coordinator's own CA, a fresh join token the
+    // agents prove the CA with, and an admin API token for this command's calls.
+    let join_token = random_token();
+    let token_file = dir.path().join("admin-token");
+    std::fs::write(&token_file, random_token())?;
+    let state_dir = dir.path().join("coordinator");
     let coordinator_config = CoordinatorConfig {
         listen: listener.local_addr()?,
-        state_dir: dir.path().join("coordinator"),
-        join_token: "demo".into(),
+        state_dir: state_dir.clone(),
+        join_token: join_token.clone(),
+        api_tokens: vec![shoal_coordinator::ApiToken {
+            name: "demo".into(),
+            role: shoal_coordinator::Role::Admin,
+            token_file: token_file.clone(),
+        }],
         ..Default::default()
     };
     let coordinator = tokio::spawn(shoal_coordinator::run(
@@ -65,7 +76,7 @@ async fn demo(args: DemoArgs) -> Result<()> {
     for i in 0..args.agents {
         let config = AgentConfig {
             coordinator: url.clone(),
-            join_token: "demo".into(),
+            join_token: join_token.clone(),
             data_dir: dir.path().join(format!("agent-{i}")),
             quota_bytes: 2 * size + (64 << 20),
             quic_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -80,7 +91,12 @@ async fn demo(args: DemoArgs) -> Result<()> {
                 .with_context(|| format!("starting agent {i}"))?,
         );
     }
-    let mut c = client::connect(&url).await?;
+    let mut c = client::connect(&client::CoordinatorAddr {
+        coordinator: url.clone(),
+        ca_file: Some(state_dir.join("ca.pem")),
+        token_file: Some(token_file),
+    })
+    .await?;
     wait_ready(&mut c, agents.len()).await?;
 
     eprintln!(
@@ -215,4 +231,10 @@ fn generate(path: &std::path::Path, size: u64) -> std::io::Result<()> {
         left -= n as u64;
     }
     out.flush()
+}
+
+/// 32 random bytes in hex.
+fn random_token() -> String {
+    let bytes: [u8; 32] = rand::random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

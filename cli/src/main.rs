@@ -19,6 +19,8 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use shoal_proto::Digest;
 
+use crate::client::CoordinatorAddr;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "shoal",
@@ -84,17 +86,6 @@ impl LogLevel {
             LogLevel::Trace => "trace",
         }
     }
-}
-
-#[derive(clap::Args, Debug, Clone)]
-struct CoordinatorAddr {
-    /// The coordinator's gRPC address.
-    #[arg(
-        long,
-        env = "SHOAL_COORDINATOR",
-        default_value = "http://127.0.0.1:7400"
-    )]
-    coordinator: String,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -329,7 +320,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             detach,
             coordinator,
         } => {
-            let mut c = client::connect(&coordinator.coordinator).await?;
+            let mut c = client::connect(&coordinator).await?;
             let deadline = deadline_secs.map(Duration::from_secs);
             let job = client::preheat(&mut c, &image, to, platforms, deadline).await?;
             println!("{job}");
@@ -347,7 +338,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             from_url,
             coordinator,
         } => {
-            let mut c = client::connect(&coordinator.coordinator).await?;
+            let mut c = client::connect(&coordinator).await?;
             let deadline = deadline_secs.map(Duration::from_secs);
             let job =
                 client::distribute(&mut c, &digests, to, deadline, from_url.as_deref()).await?;
@@ -363,7 +354,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             output,
             coordinator,
         } => {
-            let mut c = client::connect(&coordinator.coordinator).await?;
+            let mut c = client::connect(&coordinator).await?;
             let job = client::status(&mut c, &job).await?;
             match output {
                 output::Output::Table => {
@@ -378,7 +369,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             reason,
             coordinator,
         } => {
-            let mut c = client::connect(&coordinator.coordinator).await?;
+            let mut c = client::connect(&coordinator).await?;
             let r = c
                 .cancel_job(shoal_proto::pb::v1::CancelJobRequest {
                     job_id: job.clone(),
@@ -391,7 +382,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Watch { job, coordinator } => {
-            let mut c = client::connect(&coordinator.coordinator).await?;
+            let mut c = client::connect(&coordinator).await?;
             let watched = client::watch(&mut c, &job).await?;
             client::require_done(&watched.job)
         }
@@ -399,59 +390,30 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             action: Some(action),
             coordinator,
             ..
-        } => {
-            admin::agents(
-                &mut client::connect(&coordinator.coordinator).await?,
-                action,
-            )
-            .await
-        }
+        } => admin::agents(&mut client::connect(&coordinator).await?, action).await,
         Command::Blobs {
             action: Some(action),
             coordinator,
             ..
-        } => {
-            admin::blobs(
-                &mut client::connect(&coordinator.coordinator).await?,
-                action,
-            )
-            .await
-        }
+        } => admin::blobs(&mut client::connect(&coordinator).await?, action).await,
         Command::Drain { timeout, agent } => admin::drain_local(&agent.socket, timeout).await,
         Command::Agents {
             action: None,
             output,
             coordinator,
-        } => {
-            output::agents(
-                &mut client::connect(&coordinator.coordinator).await?,
-                output,
-            )
-            .await
-        }
+        } => output::agents(&mut client::connect(&coordinator).await?, output).await,
         Command::Blobs {
             action: None,
             output,
             coordinator,
-        } => {
-            output::blobs(
-                &mut client::connect(&coordinator.coordinator).await?,
-                output,
-            )
-            .await
-        }
+        } => output::blobs(&mut client::connect(&coordinator).await?, output).await,
         Command::Jobs {
             state,
             output,
             coordinator,
         } => {
             let state = state.map_or(shoal_proto::pb::v1::JobState::Unspecified, Into::into);
-            output::jobs(
-                &mut client::connect(&coordinator.coordinator).await?,
-                state,
-                output,
-            )
-            .await
+            output::jobs(&mut client::connect(&coordinator).await?, state, output).await
         }
         Command::InitDir { path, owner } => {
             std::os::unix::fs::chown(&path, Some(owner.0), Some(owner.1)).map_err(|e| {

@@ -249,6 +249,10 @@ async fn preheated_image_reaches_containerd_through_the_mirror_not_the_upstream(
             "--coordinator",
             &s.cluster.url(),
         ])
+        .arg("--ca-file")
+        .arg(s.cluster.ca_file())
+        .arg("--token-file")
+        .arg(s.cluster.admin_token_file())
         .output()?;
     ensure!(
         out.status.success(),
@@ -595,6 +599,9 @@ async fn a_model_file_reaches_four_agents_with_one_upstream_fetch() -> Result<()
     let out = harness::shoal()
         .args(["distribute", &digest, "--from-url", &url, "--to", "all"])
         .args(["--coordinator", &cluster.url()])
+        .arg("--ca-file")
+        .arg(cluster.ca_file())
+        .env("SHOAL_TOKEN", harness::ADMIN_TOKEN)
         .output()?;
     ensure!(
         out.status.success(),

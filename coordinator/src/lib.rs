@@ -8,9 +8,11 @@
 //! the state task; the cluster CA that signs agent certificates lives there too. Health
 //! follows the state task (`health.rs`); if it dies, [`run`] returns an error.
 
+mod auth;
 mod db;
 mod driver;
 mod health;
+mod listener;
 pub mod metrics;
 mod service;
 mod state;
@@ -22,10 +24,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+pub use auth::{ApiToken, Role};
 use shoal_planner::AssignerConfig;
 use shoal_proto::pb::v1::coordinator_server::CoordinatorServer;
 use shoal_proto::pb::{self, v1::agent_session_server::AgentSessionServer};
-use tokio_stream::wrappers::TcpListenerStream;
 
 /// The coordinator's configuration; see `docs/OPERATIONS.md`. Every field has a default
 /// except `join_token`. Keys ending in `_ms`, `_hours` and `_bytes` take an integer in that
@@ -54,6 +56,9 @@ pub struct CoordinatorConfig {
     pub job_retention_hours: u64,
     /// Prometheus metrics address (installed by the binary); none = off.
     pub metrics_listen: Option<SocketAddr>,
+    /// A plaintext `grpc.health.v1` endpoint for probes that cannot speak TLS (Kubernetes'
+    /// gRPC probes); the same statuses as on `listen`. None = only on `listen`.
+    pub health_listen: Option<SocketAddr>,
     /// Platforms Preheat picks from an image index when the request names none.
     pub preheat_platforms: Vec<String>,
     /// A blob at least this large that several agents wait for is fetched from its origin
@@ -76,6 +81,12 @@ pub struct CoordinatorConfig {
     pub max_targets_per_job: u64,
     /// Registries Preheat resolves image references at (scheme, credentials, limits).
     pub origin: shoal_origin::OriginConfig,
+    /// API tokens and their roles (`admin`, `deployer`, `reader`); each token is read from
+    /// its `token_file` at startup. See docs/SECURITY.md.
+    pub api_tokens: Vec<ApiToken>,
+    /// Serve plaintext gRPC and check no credentials (no TLS, no tokens, no agent
+    /// certificates). Only for a trusted network or a test; logged as a warning at startup.
+    pub insecure: bool,
 }
 
 impl Default for CoordinatorConfig {
@@ -90,12 +101,15 @@ impl Default for CoordinatorConfig {
             max_uploads: 256,
             job_retention_hours: 168,
             metrics_listen: None,
+            health_listen: None,
             preheat_platforms: vec!["linux/amd64".into()],
             stripe_seed_min_bytes: 0,
             max_seeders_per_blob: 4,
             max_targets_per_job: 2_000_000,
             max_api_request_bytes: 16 << 20,
             origin: Default::default(),
+            api_tokens: Vec::new(),
+            insecure: false,
         }
     }
 }
@@ -160,6 +174,13 @@ pub enum CoordinatorError {
     Db(#[from] db::DbError),
     #[error("cluster CA: {0}")]
     Ca(#[from] shoal_pki::TlsError),
+    #[error("health_listen {addr}: {source}")]
+    HealthListen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("api_tokens: {0}")]
+    Tokens(String),
     #[error("loading state: {0}")]
     State(String),
     /// The state task or the database writer stopped: the process should exit non-zero.
@@ -171,21 +192,6 @@ pub enum CoordinatorError {
     Serve(#[from] tonic::transport::Error),
     #[error("origin: {0}")]
     Origin(#[from] shoal_origin::OriginError),
-}
-
-/// Accepted connections with TCP_NODELAY: session messages are small writes, and Nagle's
-/// algorithm against the peer's delayed ACK held fetch orders back by 40 ms.
-fn incoming(
-    listener: tokio::net::TcpListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    use tokio_stream::StreamExt;
-    TcpListenerStream::new(listener).map(|stream| {
-        let stream = stream?;
-        if let Err(e) = stream.set_nodelay(true) {
-            tracing::debug!(error = %e, "TCP_NODELAY on an accepted connection failed");
-        }
-        Ok(stream)
-    })
 }
 
 /// Requests queued for the state task at most; senders wait beyond.
@@ -216,6 +222,8 @@ pub async fn run(
 /// The state task, running, and what talks to it.
 #[derive(Debug)]
 struct Started {
+    /// The cluster CA (it issues the coordinator's own serving certificate too).
+    ca: Arc<shoal_pki::ClusterCa>,
     state_task: tokio::task::JoinHandle<()>,
     requests: tokio::sync::mpsc::Sender<state::Request>,
     writer: writer::Stopped,
@@ -260,12 +268,13 @@ fn start_on(config: &CoordinatorConfig, db: db::Db) -> Result<Started, Coordinat
         max_targets_per_job: config.max_targets_per_job,
     };
     let clock = driver::Clock::new();
-    let (state, writer) = state::State::new(state_config, db, ca, clock.now())
+    let (state, writer) = state::State::new(state_config, db, ca.clone(), clock.now())
         .map_err(|e| CoordinatorError::State(e.to_string()))?;
     let (requests, rx) = tokio::sync::mpsc::channel(REQUEST_QUEUE);
     let down: driver::Down = Arc::new(OnceLock::new());
     let state_task = tokio::spawn(driver::run(state, clock, rx, down.clone()));
     Ok(Started {
+        ca,
         state_task,
         requests,
         writer,
@@ -283,11 +292,31 @@ async fn serve(
     watchdog: health::Watchdog,
 ) -> Result<(), CoordinatorError> {
     let origin = shoal_origin::Client::new(config.origin.clone())?;
+    let tokens = auth::Tokens::load(&config.api_tokens).map_err(CoordinatorError::Tokens)?;
+    let tls = if config.insecure {
+        tracing::warn!(
+            "insecure = true: the gRPC port is plaintext and checks no credentials; anyone who reaches it controls the cluster"
+        );
+        None
+    } else {
+        if tokens.len() == 0 {
+            tracing::warn!(
+                "no api_tokens configured: only agents can call this coordinator (see docs/SECURITY.md)"
+            );
+        }
+        let identity = started.ca.issue_coordinator()?;
+        Some(Arc::new(shoal_pki::grpc::server_config(&identity)?))
+    };
     let api = service::Api::new(
         started.requests.clone(),
         origin,
         config.preheat_platforms.clone(),
         started.down.clone(),
+        service::Trust {
+            policy: Arc::new(auth::Policy::new(!config.insecure, tokens)),
+            ca_der: started.ca.cert_der().to_vec(),
+            join_token: config.join_token.clone(),
+        },
     );
     let (reporter, health_service) = tonic_health::server::health_reporter();
     reporter
@@ -299,6 +328,14 @@ async fn serve(
         .build_v1()
         .map_err(|e| CoordinatorError::Reflection(e.to_string()))?;
 
+    let health_only = match config.health_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| CoordinatorError::HealthListen { addr, source })?,
+        ),
+        None => None,
+    };
     let (fatal, mut fatal_seen) = tokio::sync::watch::channel(false);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let watched = health::Watched {
@@ -325,9 +362,9 @@ async fn serve(
     // are small.
     let max = 64 << 20;
     let max_request = config.max_api_request_bytes;
-    tracing::info!(addr = ?listener.local_addr().ok(), "coordinator serving");
+    tracing::info!(addr = ?listener.local_addr().ok(), tls = tls.is_some(), "coordinator serving");
     let server = tonic::transport::Server::builder()
-        .add_service(health_service)
+        .add_service(health_service.clone())
         .add_service(reflection)
         .add_service(
             CoordinatorServer::new(api.clone())
@@ -339,7 +376,22 @@ async fn serve(
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
         )
-        .serve_with_incoming_shutdown(incoming(listener), signal);
+        .serve_with_incoming_shutdown(listener::incoming(listener, tls), signal);
+    let (health_stop, health_stopped) = tokio::sync::oneshot::channel::<()>();
+    if let Some(listener) = health_only {
+        let health = health_service.clone();
+        tokio::spawn(async move {
+            let served = tonic::transport::Server::builder()
+                .add_service(health)
+                .serve_with_incoming_shutdown(listener::incoming(listener, None), async {
+                    let _ = health_stopped.await;
+                })
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "the health endpoint stopped");
+            }
+        });
+    }
     let served = tokio::select! {
         served = server => served,
         // The state task is gone, and with it the streams it fed; a client that holds a
@@ -350,6 +402,7 @@ async fn serve(
         } => Ok(()),
     };
     let _ = stop.send(());
+    let _ = health_stop.send(());
     let outcome = (watchdog.await)
         .map_err(|e| CoordinatorError::StateTask(format!("the health watchdog: {e}")))?;
     served?;

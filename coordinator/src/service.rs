@@ -9,8 +9,9 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request as GrpcRequest, Response, Status, Streaming};
 
+use crate::auth::{Caller, Need, Policy};
 use crate::driver::Down;
-use crate::state::{ApiError, Reply, Request};
+use crate::state::{ApiError, Reply, Request, Submitted};
 
 /// How long Distribute waits for an origin to tell a blob's size.
 const ORIGIN_HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -24,6 +25,17 @@ pub struct Api {
     preheat_platforms: Vec<String>,
     /// Why the state task stopped, once it has.
     down: Down,
+    trust: Trust,
+}
+
+/// Who may call, and what the coordinator proves about itself to a joining agent.
+#[derive(Clone, Debug)]
+pub struct Trust {
+    pub policy: std::sync::Arc<Policy>,
+    /// The cluster CA certificate (GetClusterCa).
+    pub ca_der: Vec<u8>,
+    /// Keys GetClusterCa's proof.
+    pub join_token: String,
 }
 
 fn status(e: ApiError) -> Status {
@@ -32,6 +44,7 @@ fn status(e: ApiError) -> Status {
         ApiError::InvalidArgument(m) => Status::invalid_argument(m),
         ApiError::FailedPrecondition(m) => Status::failed_precondition(m),
         ApiError::Unauthenticated(m) => Status::unauthenticated(m),
+        ApiError::PermissionDenied(m) => Status::permission_denied(m),
         ApiError::Internal(m) => Status::internal(m),
         ApiError::Unavailable(m) => Status::unavailable(m),
     }
@@ -43,13 +56,19 @@ impl Api {
         origin: shoal_origin::Client,
         preheat_platforms: Vec<String>,
         down: Down,
+        trust: Trust,
     ) -> Self {
         Self {
             state,
             origin,
             preheat_platforms,
             down,
+            trust,
         }
+    }
+
+    fn check<T>(&self, req: &GrpcRequest<T>, need: Need) -> Result<Caller, Status> {
+        self.trust.policy.check(req, need)
     }
 
     /// UNAVAILABLE for a request the state task will not answer: it stopped (and says why;
@@ -112,9 +131,17 @@ impl pb::coordinator_server::Coordinator for Api {
         &self,
         req: GrpcRequest<pb::DistributeRequest>,
     ) -> Result<Response<pb::DistributeResponse>, Status> {
+        let caller = self.check(&req, Need::Deploy)?;
         let mut req = req.into_inner();
+        if let Caller::Agent(id) = &caller {
+            only_to_itself(id, &req)?;
+        }
         self.size_origins(&mut req).await;
-        self.call(|r| Request::Distribute(req, String::new(), r))
+        let submitted = Submitted {
+            creator: caller.creator(),
+            image: String::new(),
+        };
+        self.call(|r| Request::Distribute(req, submitted, r))
             .await
             .map(Response::new)
     }
@@ -123,6 +150,7 @@ impl pb::coordinator_server::Coordinator for Api {
         &self,
         req: GrpcRequest<pb::GetJobRequest>,
     ) -> Result<Response<pb::GetJobResponse>, Status> {
+        self.check(&req, Need::Read)?;
         let req = req.into_inner();
         self.call(|r| Request::GetJob(req, r))
             .await
@@ -135,6 +163,7 @@ impl pb::coordinator_server::Coordinator for Api {
         &self,
         req: GrpcRequest<pb::WatchJobRequest>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
+        self.check(&req, Need::Read)?;
         let req = req.into_inner();
         let rx = self.call(|r| Request::WatchJob(req, r)).await?;
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -144,8 +173,16 @@ impl pb::coordinator_server::Coordinator for Api {
         &self,
         req: GrpcRequest<pb::CancelJobRequest>,
     ) -> Result<Response<pb::CancelJobResponse>, Status> {
+        let caller = self.check(&req, Need::Cancel)?;
+        let owner = match &caller {
+            Caller::Token {
+                role: crate::auth::Role::Deployer,
+                ..
+            } => Some(caller.creator()),
+            _ => None,
+        };
         let req = req.into_inner();
-        self.call(|r| Request::CancelJob(req, r))
+        self.call(|r| Request::CancelJob(req, owner, r))
             .await
             .map(Response::new)
     }
@@ -154,6 +191,7 @@ impl pb::coordinator_server::Coordinator for Api {
         &self,
         req: GrpcRequest<pb::RemoveBlobRequest>,
     ) -> Result<Response<pb::RemoveBlobResponse>, Status> {
+        self.check(&req, Need::Admin)?;
         let req = req.into_inner();
         self.call(|r| Request::RemoveBlob(req, r))
             .await
@@ -164,6 +202,7 @@ impl pb::coordinator_server::Coordinator for Api {
         &self,
         req: GrpcRequest<pb::DrainAgentRequest>,
     ) -> Result<Response<pb::DrainAgentResponse>, Status> {
+        self.check(&req, Need::Admin)?;
         let req = req.into_inner();
         self.call(|r| Request::DrainAgent(req, r))
             .await
@@ -174,6 +213,7 @@ impl pb::coordinator_server::Coordinator for Api {
         &self,
         req: GrpcRequest<pb::RemoveAgentRequest>,
     ) -> Result<Response<pb::RemoveAgentResponse>, Status> {
+        self.check(&req, Need::Admin)?;
         let req = req.into_inner();
         self.call(|r| Request::RemoveAgent(req, r))
             .await
@@ -184,6 +224,7 @@ impl pb::coordinator_server::Coordinator for Api {
         &self,
         req: GrpcRequest<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        self.check(&req, Need::List)?;
         let req = req.into_inner();
         self.call(|r| Request::ListJobs(req, r))
             .await
@@ -194,6 +235,7 @@ impl pb::coordinator_server::Coordinator for Api {
         &self,
         req: GrpcRequest<pb::ListAgentsRequest>,
     ) -> Result<Response<pb::ListAgentsResponse>, Status> {
+        self.check(&req, Need::List)?;
         let req = req.into_inner();
         self.call(|r| Request::ListAgents(req, r))
             .await
@@ -204,6 +246,7 @@ impl pb::coordinator_server::Coordinator for Api {
         &self,
         req: GrpcRequest<pb::ListBlobsRequest>,
     ) -> Result<Response<pb::ListBlobsResponse>, Status> {
+        self.check(&req, Need::List)?;
         let req = req.into_inner();
         self.call(|r| Request::ListBlobs(req, r))
             .await
@@ -214,6 +257,7 @@ impl pb::coordinator_server::Coordinator for Api {
         &self,
         req: GrpcRequest<pb::GetBlobRequest>,
     ) -> Result<Response<pb::GetBlobResponse>, Status> {
+        self.check(&req, Need::Read)?;
         let req = req.into_inner();
         self.call(|r| Request::GetBlob(req, r))
             .await
@@ -224,7 +268,16 @@ impl pb::coordinator_server::Coordinator for Api {
         &self,
         req: GrpcRequest<pb::ResolveUrlRequest>,
     ) -> Result<Response<pb::ResolveUrlResponse>, Status> {
+        let caller = self.check(&req, Need::AgentOnly)?;
         let req = req.into_inner();
+        if let Caller::Agent(id) = &caller
+            && *id != req.agent_id
+        {
+            return Err(Status::permission_denied(format!(
+                "agent {id} may resolve URLs only for itself, not for {:?}",
+                req.agent_id
+            )));
+        }
         self.call(|r| Request::ResolveUrl(req, r))
             .await
             .map(Response::new)
@@ -234,6 +287,7 @@ impl pb::coordinator_server::Coordinator for Api {
         &self,
         req: GrpcRequest<pb::PreheatRequest>,
     ) -> Result<Response<pb::PreheatResponse>, Status> {
+        let caller = self.check(&req, Need::Preheat)?;
         let req = req.into_inner();
         if req.image.is_empty() {
             return Err(Status::invalid_argument("image is required"));
@@ -293,9 +347,12 @@ impl pb::coordinator_server::Coordinator for Api {
             deadline_ms: req.deadline_ms,
             description: format!("preheat {reference}"),
         };
-        let image = reference.to_string();
+        let submitted = Submitted {
+            creator: caller.creator(),
+            image: reference.to_string(),
+        };
         let job = self
-            .call(|r| Request::Distribute(distribute, image, r))
+            .call(|r| Request::Distribute(distribute, submitted, r))
             .await?;
         Ok(Response::new(pb::PreheatResponse {
             job_id: job.job_id,
@@ -318,12 +375,28 @@ impl pb::agent_session_server::AgentSession for Api {
             .map(Response::new)
     }
 
+    async fn get_cluster_ca(
+        &self,
+        req: GrpcRequest<pb::GetClusterCaRequest>,
+    ) -> Result<Response<pb::GetClusterCaResponse>, Status> {
+        let nonce = req.into_inner().nonce;
+        if !(16..=64).contains(&nonce.len()) {
+            return Err(Status::invalid_argument("nonce: 16 to 64 bytes"));
+        }
+        let proof = shoal_pki::grpc::ca_proof(&self.trust.join_token, &nonce, &self.trust.ca_der);
+        Ok(Response::new(pb::GetClusterCaResponse {
+            ca_certificate_der: self.trust.ca_der.clone(),
+            proof,
+        }))
+    }
+
     type SessionStream = BoxStream<pb::CoordinatorMessage>;
 
     async fn session(
         &self,
         req: GrpcRequest<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
+        let certified = self.trust.policy.agent(&req)?;
         let mut inbound = req.into_inner();
         let first = inbound
             .message()
@@ -334,6 +407,14 @@ impl pb::agent_session_server::AgentSession for Api {
                 "the first session message must be Hello",
             ));
         };
+        if let Some(id) = certified
+            && id != hello.agent_id
+        {
+            return Err(Status::permission_denied(format!(
+                "the certificate is agent {id}'s, not {:?}'s",
+                hello.agent_id
+            )));
+        }
         let (tx, rx) = mpsc::channel(4096);
         let session = self
             .call(|reply| Request::OpenSession { hello, tx, reply })
@@ -362,5 +443,21 @@ impl pb::agent_session_server::AgentSession for Api {
             let _ = state.send(Request::SessionClosed { session }).await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// An agent's Distribute may name only that agent (an on-demand pull).
+fn only_to_itself(id: &str, req: &pb::DistributeRequest) -> Result<(), Status> {
+    use pb::target_selector::Selector;
+    let itself = matches!(
+        req.targets.as_ref().and_then(|t| t.selector.as_ref()),
+        Some(Selector::Agents(list)) if list.agent_ids.iter().all(|a| a == id) && !list.agent_ids.is_empty()
+    );
+    if itself {
+        Ok(())
+    } else {
+        Err(Status::permission_denied(format!(
+            "agent {id} may distribute only to itself"
+        )))
     }
 }

@@ -63,9 +63,19 @@ pub enum ApiError {
     #[error("{0}")]
     Unauthenticated(String),
     #[error("{0}")]
+    PermissionDenied(String),
+    #[error("{0}")]
     Internal(String),
     #[error("{0}")]
     Unavailable(String),
+}
+
+/// Who submitted a job, and the image reference for a job made by Preheat.
+#[derive(Clone, Debug, Default)]
+pub struct Submitted {
+    /// `token:<name>` or `agent:<id>`; empty on an insecure coordinator.
+    pub creator: String,
+    pub image: String,
 }
 
 pub type Reply<T> = oneshot::Sender<Result<T, ApiError>>;
@@ -103,11 +113,20 @@ pub enum Request {
     SessionClosed {
         session: SessionId,
     },
-    /// A Distribute request, and the image reference for a job made by Preheat.
-    Distribute(pb::DistributeRequest, String, Reply<pb::DistributeResponse>),
+    /// A Distribute request, with who sent it (and the image, for Preheat).
+    Distribute(
+        pb::DistributeRequest,
+        Submitted,
+        Reply<pb::DistributeResponse>,
+    ),
     GetJob(pb::GetJobRequest, Reply<pb::GetJobResponse>),
     WatchJob(pb::WatchJobRequest, Reply<WatchRx>),
-    CancelJob(pb::CancelJobRequest, Reply<pb::CancelJobResponse>),
+    /// A CancelJob; with a creator, only a job that creator made may be cancelled.
+    CancelJob(
+        pb::CancelJobRequest,
+        Option<String>,
+        Reply<pb::CancelJobResponse>,
+    ),
     ListJobs(pb::ListJobsRequest, Reply<pb::ListJobsResponse>),
     ListAgents(pb::ListAgentsRequest, Reply<pb::ListAgentsResponse>),
     ListBlobs(pb::ListBlobsRequest, Reply<pb::ListBlobsResponse>),
@@ -323,14 +342,16 @@ impl State {
             }
             Request::FromAgent { session, msg } => self.on_agent_message(session, msg, now),
             Request::SessionClosed { session } => self.session_closed(session, now),
-            Request::Distribute(req, image, reply) => self.distribute(req, image, now, reply),
+            Request::Distribute(req, submitted, reply) => {
+                self.distribute(req, submitted, now, reply)
+            }
             Request::GetJob(req, reply) => {
                 let _ = reply.send(self.jobs.get_pb(req, now.wall));
             }
             Request::WatchJob(req, reply) => {
                 let _ = reply.send(self.jobs.watch(req, now.wall));
             }
-            Request::CancelJob(req, reply) => self.cancel_job(req, now, reply),
+            Request::CancelJob(req, owner, reply) => self.cancel_job(req, owner, now, reply),
             Request::ListJobs(req, reply) => {
                 let _ = reply.send(Ok(self.jobs.list(req, now.wall)));
             }

@@ -22,6 +22,9 @@ fn config(dir: &std::path::Path, lease: Duration) -> CoordinatorConfig {
         join_token: TOKEN.into(),
         lease_ms: lease.as_millis() as u64,
         heartbeat_ms: (lease / 4).as_millis() as u64,
+        // In-process tests of behaviour, not of trust: plaintext, no credentials (the
+        // real-process tests in cli/tests run secure coordinators).
+        insecure: true,
         ..Default::default()
     }
 }

@@ -1,5 +1,5 @@
-//! The coordinator as grpcurl and load balancers see it: health and reflection on a real
-//! server on a loopback port.
+//! The coordinator as grpcurl, load balancers and kubelet see it: health and reflection on
+//! a real (TLS) server on a loopback port, and the plaintext health endpoint for probes.
 
 use anyhow::Result;
 use shoal_coordinator::CoordinatorConfig;
@@ -14,10 +14,14 @@ use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 async fn health_and_reflection_answer() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}", listener.local_addr()?);
+    let addr = listener.local_addr()?;
+    let health_addr = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await?
+        .local_addr()?;
     let config = CoordinatorConfig {
         state_dir: dir.path().into(),
         join_token: "t".into(),
+        health_listen: Some(health_addr),
         ..Default::default()
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -25,18 +29,52 @@ async fn health_and_reflection_answer() -> Result<()> {
         let _ = stopped.await;
     }));
 
-    let channel = tonic::transport::Endpoint::from_shared(url)?
-        .connect()
-        .await?;
-    let mut health = HealthClient::new(channel.clone());
-    let status = health
-        .check(HealthCheckRequest {
-            service: "shoal.v1.Coordinator".into(),
-        })
-        .await?
-        .into_inner()
-        .status();
-    assert_eq!(status, ServingStatus::Serving);
+    // The API port is TLS from the CA the coordinator made in its state directory.
+    let ca_file = dir.path().join("ca.pem");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !ca_file.exists() {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "no ca.pem");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let ca = std::fs::read_to_string(&ca_file)?;
+    let channel = shoal_pki::grpc::api_channel(
+        &format!("https://{addr}"),
+        Some(&ca),
+        std::time::Duration::from_secs(5),
+    )?;
+    let serving = |channel: tonic::transport::Channel| async move {
+        let mut health = HealthClient::new(channel);
+        let mut last = None;
+        for _ in 0..100 {
+            match health
+                .check(HealthCheckRequest {
+                    service: "shoal.v1.Coordinator".into(),
+                })
+                .await
+            {
+                Ok(r) => return Ok(r.into_inner().status()),
+                Err(e) => last = Some(e),
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        Err(last.expect("tried"))
+    };
+    assert_eq!(serving(channel.clone()).await?, ServingStatus::Serving);
+    // The plaintext health endpoint, for probes that cannot speak TLS, says the same.
+    let plain =
+        tonic::transport::Endpoint::from_shared(format!("http://{health_addr}"))?.connect_lazy();
+    assert_eq!(serving(plain).await?, ServingStatus::Serving);
+    // A plaintext client gets nothing from the API port.
+    let plaintext = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(std::time::Duration::from_secs(2))
+        .connect_lazy();
+    let refused = HealthClient::new(plaintext)
+        .check(HealthCheckRequest::default())
+        .await;
+    assert!(
+        refused.is_err(),
+        "plaintext reached the TLS port: {refused:?}"
+    );
 
     let mut reflection = ServerReflectionClient::new(channel);
     let request = ServerReflectionRequest {

@@ -4,6 +4,8 @@
 //! The coordinator holds the CA and signs agents' CSRs at Join; agents build their QUIC
 //! identity from the result. Tests, benches and single-process tools use [`ClusterCa::issue`].
 
+pub mod grpc;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,8 +16,9 @@ use rcgen::{
 };
 use rustls::RootCertStore;
 use rustls::server::WebPkiClientVerifier;
+pub use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 
 /// The TLS server name every agent certificate carries and every client asks for. Peers are
 /// dialled by address; what makes a peer legitimate is a certificate signed by the cluster CA.
@@ -122,10 +125,10 @@ impl ClusterCa {
     }
 
     /// Issues a certificate for one agent, valid for [`SERVER_NAME`] as server and client.
-    pub fn issue(&self, agent_name: &str) -> Result<AgentIdentity, TlsError> {
+    pub fn issue(&self, agent_name: &str) -> Result<Identity, TlsError> {
         let key = KeyPair::generate()?;
         let cert = agent_params(agent_name)?.signed_by(&key, &self.issuer)?;
-        Ok(AgentIdentity {
+        Ok(Identity {
             chain: vec![cert.der().clone()],
             key: PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
             roots: vec![self.cert_der.clone()],
@@ -182,8 +185,8 @@ impl CertificateRequest {
     }
 
     /// The identity made of this key, the certificate the CA issued for it, and the CA roots.
-    pub fn into_identity(self, certificate_der: Vec<u8>, roots_der: Vec<Vec<u8>>) -> AgentIdentity {
-        AgentIdentity {
+    pub fn identity(&self, certificate_der: Vec<u8>, roots_der: Vec<Vec<u8>>) -> Identity {
+        Identity {
             chain: vec![CertificateDer::from(certificate_der)],
             key: PrivatePkcs8KeyDer::from(self.key.serialize_der()).into(),
             roots: roots_der.into_iter().map(CertificateDer::from).collect(),
@@ -193,13 +196,13 @@ impl CertificateRequest {
 
 /// What an agent needs for TLS: its certificate chain and key, and the cluster's trust roots.
 #[derive(Debug)]
-pub struct AgentIdentity {
+pub struct Identity {
     pub chain: Vec<CertificateDer<'static>>,
     pub key: PrivateKeyDer<'static>,
     pub roots: Vec<CertificateDer<'static>>,
 }
 
-impl Clone for AgentIdentity {
+impl Clone for Identity {
     fn clone(&self) -> Self {
         Self {
             chain: self.chain.clone(),
@@ -209,7 +212,7 @@ impl Clone for AgentIdentity {
     }
 }
 
-impl AgentIdentity {
+impl Identity {
     fn root_store(&self) -> Result<RootCertStore, TlsError> {
         let mut roots = RootCertStore::empty();
         for r in &self.roots {
@@ -278,7 +281,7 @@ mod tests {
         let ca = ClusterCa::generate().expect("ca");
         let request = CertificateRequest::generate().expect("csr");
         let cert = ca.sign_csr(request.csr_der(), "agent-7").expect("sign");
-        let identity = request.into_identity(cert, vec![ca.cert_der().to_vec()]);
+        let identity = request.identity(cert, vec![ca.cert_der().to_vec()]);
         identity.server_config().expect("server config");
         identity.client_config().expect("client config");
         assert!(ca.sign_csr(b"not a csr", "x").is_err());

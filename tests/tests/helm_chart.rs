@@ -268,7 +268,7 @@ fn rendered_agent_configuration_is_what_the_agent_reads() -> Result<()> {
         ensure!(
             config
                 .coordinator
-                .starts_with("http://shoal-coordinator.shoal-system.svc:"),
+                .starts_with("https://shoal-coordinator.shoal-system.svc:"),
             "{name}: {}",
             config.coordinator
         );
@@ -393,9 +393,16 @@ fn rendered_coordinator_configuration_is_what_the_coordinator_reads() -> Result<
             config.listen.port(),
             "{name}"
         );
+        // kubelet's gRPC probes cannot speak TLS: they ask the plaintext health endpoint.
+        let health = config.health_listen.context("no health_listen")?;
         assert_eq!(
             probe_port(coordinator, "readinessProbe")?,
-            config.listen.port(),
+            health.port(),
+            "{name}"
+        );
+        assert_eq!(
+            container_port(coordinator, "health")?,
+            health.port(),
             "{name}"
         );
         let mounts = coordinator["volumeMounts"].as_array().context("mounts")?;
@@ -416,6 +423,8 @@ fn rendered_coordinator_configuration_is_what_the_coordinator_reads() -> Result<
                 .is_some_and(|ps| ps.iter().any(|p| p["port"] == config.listen.port())),
             "{name}: the Service does not expose the API port"
         );
+        assert_api_tokens(statefulset, coordinator, &config, all_on)
+            .with_context(|| format!("{name}: api tokens"))?;
         checksums.insert(checksum(statefulset)?.to_string());
         if *name == "all-on" {
             assert_eq!(config.lease_ms, 20_000);
@@ -427,6 +436,60 @@ fn rendered_coordinator_configuration_is_what_the_coordinator_reads() -> Result<
         2,
         "different configurations must give different checksums (pods roll)"
     );
+    Ok(())
+}
+
+/// Each `coordinator.apiTokens` entry reaches the coordinator as an `api_tokens` entry whose
+/// `token_file` is the Secret key mounted read-only; the coordinator is secure (TLS) either
+/// way.
+fn assert_api_tokens(
+    statefulset: &Value,
+    coordinator: &Value,
+    config: &CoordinatorConfig,
+    all_on: bool,
+) -> Result<()> {
+    ensure!(
+        !config.insecure,
+        "the chart's coordinator must not be insecure"
+    );
+    if !all_on {
+        ensure!(config.api_tokens.is_empty(), "no tokens unless configured");
+        return Ok(());
+    }
+    let names: Vec<(&str, shoal_coordinator::Role)> = (config.api_tokens.iter())
+        .map(|t| (t.name.as_str(), t.role))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            ("ci", shoal_coordinator::Role::Deployer),
+            ("ops", shoal_coordinator::Role::Admin)
+        ]
+    );
+    let volumes = statefulset["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .context("volumes")?;
+    let mounts = coordinator["volumeMounts"].as_array().context("mounts")?;
+    for (token, secret, key) in [
+        ("ci", "shoal-ci-token", "token"),
+        ("ops", "shoal-ops", "admin-token"),
+    ] {
+        let entry = (config.api_tokens.iter())
+            .find(|t| t.name == token)
+            .context("entry")?;
+        let volume = volumes
+            .iter()
+            .find(|v| v["secret"]["secretName"] == secret)
+            .with_context(|| format!("no volume of Secret {secret}"))?;
+        ensure!(volume["secret"]["items"][0]["key"] == key, "{token}: key");
+        let mount = mounts
+            .iter()
+            .find(|m| m["name"] == volume["name"])
+            .with_context(|| format!("{token}: not mounted"))?;
+        ensure!(mount["readOnly"] == true, "{token}: mounted writable");
+        let dir = Path::new(str_of(&mount["mountPath"], "mountPath")?);
+        assert_eq!(entry.token_file, dir.join(key), "{token}: token_file");
+    }
     Ok(())
 }
 

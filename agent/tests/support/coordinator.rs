@@ -29,6 +29,9 @@ impl Coordinator {
                 join_token: token.into(),
                 lease_ms,
                 heartbeat_ms: 500,
+                // In-process tests of behaviour, not of trust: plaintext, no credentials (the
+                // real-process tests in cli/tests run secure coordinators).
+                insecure: true,
                 ..Default::default()
             },
             listener,

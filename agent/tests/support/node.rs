@@ -4,7 +4,7 @@
 
 use anyhow::Result;
 use shoal_agent::store::{Store, StoreConfig};
-use shoal_agent::transport::tls::AgentIdentity;
+use shoal_agent::transport::tls::Identity;
 use shoal_agent::transport::{ChunkEndpoint, TransportConfig};
 use shoal_proto::Manifest;
 
@@ -14,7 +14,7 @@ pub struct Node {
 }
 
 /// An endpoint on a loopback port serving a fresh store.
-pub fn node(identity: &AgentIdentity, config: TransportConfig) -> Result<Node> {
+pub fn node(identity: &Identity, config: TransportConfig) -> Result<Node> {
     let dir = tempfile::tempdir()?;
     let store = Store::open(StoreConfig {
         root: dir.path().to_path_buf(),

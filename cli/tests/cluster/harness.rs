@@ -9,9 +9,11 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use shoal_proto::pb::v1::{self as pb, coordinator_client::CoordinatorClient};
+use shoal_proto::pb::v1 as pb;
 
 pub const TOKEN: &str = "test-token";
+/// The admin API token every harness coordinator accepts (in `dir/admin-token`).
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 
 pub fn shoal() -> Command {
     Command::new(env!("CARGO_BIN_EXE_shoal"))
@@ -108,7 +110,17 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("https://{}", self.addr)
+    }
+
+    /// The cluster CA the coordinator made in its state directory.
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("coordinator").join("ca.pem")
+    }
+
+    /// The file holding [`ADMIN_TOKEN`].
+    pub fn admin_token_file(&self) -> PathBuf {
+        self.dir.path().join("admin-token")
     }
 
     pub async fn start(agents: usize, agent_env: &[(&str, &str)], lease_ms: u64) -> Result<Self> {
@@ -133,7 +145,15 @@ impl Cluster {
             std::fs::write(&path, text)?;
             Ok(Some(path))
         };
-        let coordinator_config = write("coordinator.toml", coordinator_toml)?;
+        // Every coordinator here is secure, as in production: TLS (agents learn the CA with
+        // their join token) and an admin API token for the tests' own calls.
+        let token_file = dir.path().join("admin-token");
+        std::fs::write(&token_file, format!("{ADMIN_TOKEN}\n"))?;
+        let coordinator_toml = format!(
+            "{coordinator_toml}\n[[api_tokens]]\nname = \"test-admin\"\nrole = \"admin\"\ntoken_file = {:?}\n",
+            token_file.display().to_string()
+        );
+        let coordinator_config = write("coordinator.toml", &coordinator_toml)?;
         let agent_config = write("agent.toml", agent_toml)?;
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
         let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
@@ -255,8 +275,19 @@ impl Cluster {
         })
     }
 
-    pub async fn client(&self) -> Result<CoordinatorClient<tonic::transport::Channel>> {
-        Ok(CoordinatorClient::connect(self.url()).await?)
+    /// A job-API client with the admin token.
+    pub async fn client(&self) -> Result<shoal_pki::grpc::ApiClient> {
+        self.client_as(Some(ADMIN_TOKEN)).await
+    }
+
+    /// A job-API client presenting `token` (none: no credentials), connected.
+    pub async fn client_as(&self, token: Option<&str>) -> Result<shoal_pki::grpc::ApiClient> {
+        let ca = std::fs::read_to_string(self.ca_file())?;
+        let channel = shoal_pki::grpc::api_channel(&self.url(), Some(&ca), Duration::from_secs(5))?;
+        tonic_health::pb::health_client::HealthClient::new(channel.clone())
+            .check(tonic_health::pb::HealthCheckRequest::default())
+            .await?;
+        Ok(shoal_pki::grpc::api_client(channel, token)?)
     }
 
     async fn wait_for_coordinator(&self) -> Result<()> {
@@ -303,6 +334,8 @@ impl Cluster {
         shoal()
             .args(args)
             .env("SHOAL_COORDINATOR", self.url())
+            .env("SHOAL_CA_FILE", self.ca_file())
+            .env("SHOAL_TOKEN_FILE", self.admin_token_file())
             .output()
             .expect("running shoal")
     }

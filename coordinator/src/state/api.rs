@@ -9,7 +9,7 @@ use shoal_proto::Digest;
 use shoal_proto::pb::v1::{self as pb, AgentState, JobState};
 
 use super::job::{Job, Target};
-use super::{ApiError, Now, Reply, State, when_stored};
+use super::{ApiError, Now, Reply, State, Submitted, when_stored};
 
 /// Checks an origin given by a user; returns a message for INVALID_ARGUMENT.
 pub fn check_origin(blob: &Digest, origin: &pb::Origin) -> Result<(), String> {
@@ -47,11 +47,11 @@ impl State {
     pub(super) fn distribute(
         &mut self,
         req: pb::DistributeRequest,
-        image: String,
+        submitted: Submitted,
         now: Now,
         reply: Reply<pb::DistributeResponse>,
     ) {
-        let (job, targets, blobs) = match self.new_job(req, image, now) {
+        let (job, targets, blobs) = match self.new_job(req, submitted, now) {
             Ok(accepted) => accepted,
             Err(e) => {
                 let _ = reply.send(Err(e));
@@ -80,7 +80,7 @@ impl State {
     fn new_job(
         &mut self,
         req: pb::DistributeRequest,
-        image: String,
+        submitted: Submitted,
         now: Now,
     ) -> Result<(Job, Vec<HostId>, Vec<Digest>), ApiError> {
         self.writer_has_room()?;
@@ -149,7 +149,8 @@ impl State {
             created_at: Some(now.wall.into()),
             finished_at: None,
             description: req.description.clone(),
-            image,
+            image: submitted.image,
+            creator: submitted.creator,
             progress: None,
             origins: (origins.iter())
                 .map(|(d, o)| (d.to_string(), o.clone()))
@@ -225,11 +226,14 @@ impl State {
     pub(super) fn cancel_job(
         &mut self,
         req: pb::CancelJobRequest,
+        owner: Option<String>,
         now: Now,
         reply: Reply<pb::CancelJobResponse>,
     ) {
-        let cancelled = (self.writer_has_room())
-            .and_then(|()| self.jobs.cancel(&req.job_id, &req.reason, now.wall));
+        let cancelled = (self.writer_has_room()).and_then(|()| {
+            self.jobs
+                .cancel(&req.job_id, owner.as_deref(), &req.reason, now.wall)
+        });
         let (state, ended, changed) = match cancelled {
             Ok(c) => c,
             Err(e) => {

@@ -189,6 +189,11 @@ impl Job {
         &self.record.job_id
     }
 
+    /// Who created the job (`token:<name>`, `agent:<id>`, or empty).
+    pub fn creator(&self) -> &str {
+        &self.record.creator
+    }
+
     pub fn state(&self) -> JobState {
         self.record.state()
     }

@@ -413,10 +413,19 @@ impl Jobs {
     pub fn cancel(
         &mut self,
         id: &str,
+        owner: Option<&str>,
         reason: &str,
         now: SystemTime,
     ) -> Result<(JobState, Ended, bool), ApiError> {
         let job = self.get(id)?;
+        if let Some(owner) = owner
+            && job.creator() != owner
+        {
+            return Err(ApiError::PermissionDenied(format!(
+                "job {id} was created by {:?}: only its creator or an admin may cancel it",
+                job.creator()
+            )));
+        }
         if job.is_terminal() {
             return Ok((job.state(), Vec::new(), false));
         }

@@ -210,7 +210,7 @@ fn agents(ids: &[&str]) -> Option<pb::TargetSelector> {
 }
 
 fn distribute_req(s: &mut S, req: pb::DistributeRequest) -> Result<String, ApiError> {
-    s.ask(|r| Request::Distribute(req, String::new(), r))
+    s.ask(|r| Request::Distribute(req, Default::default(), r))
         .map(|r| r.job_id)
 }
 

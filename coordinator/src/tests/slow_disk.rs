@@ -67,9 +67,12 @@ async fn a_disk_slower_than_the_lease_expires_no_lease_and_distribute_stays_dura
     };
     let distribute = {
         let requests = requests.clone();
-        tokio::spawn(
-            async move { ask(&requests, |r| Request::Distribute(req, String::new(), r)).await },
-        )
+        tokio::spawn(async move {
+            ask(&requests, |r| {
+                Request::Distribute(req, Default::default(), r)
+            })
+            .await
+        })
     };
     // The order goes out, and the state answers, while the job's write is on the disk.
     let order = tokio::time::timeout(lease / 2, target_inbox.recv()).await;

@@ -135,7 +135,8 @@ unless the values name a handler of their own. Call with (dict "probe" VALUES "g
 {{- if .Values.agent.coordinatorAddress }}
 {{- .Values.agent.coordinatorAddress }}
 {{- else }}
-{{- printf "http://%s-coordinator.%s.svc:%d" (include "shoal.fullname" .) (include "shoal.namespace" .) (int .Values.coordinator.ports.grpc) }}
+{{- $scheme := ternary "http" "https" (eq (toString (dig "insecure" false .Values.coordinator.config)) "true") }}
+{{- printf "%s://%s-coordinator.%s.svc:%d" $scheme (include "shoal.fullname" .) (include "shoal.namespace" .) (int .Values.coordinator.ports.grpc) }}
 {{- end }}
 {{- end }}
 
@@ -194,14 +195,27 @@ null means "leave the binary's default".
 {{- end }}
 {{- end }}
 
-{{/* A TOML array of strings (JSON's syntax is TOML's for them); fails on anything else. */}}
+{{/* A TOML array of strings (JSON's syntax is TOML's for them), or of tables of strings
+(inline tables, e.g. api_tokens); fails on anything else. */}}
 {{- define "shoal.tomlList" -}}
+{{- $items := list }}
 {{- range .list }}
-{{- if not (kindIs "string" .) }}
-{{- fail (printf "config key %s: only lists of strings can be written as Shoal configuration" $.key) }}
+{{- if kindIs "string" . }}
+{{- $items = append $items (toJson .) }}
+{{- else if kindIs "map" . }}
+{{- $pairs := list }}
+{{- range $k, $v := . }}
+{{- if not (kindIs "string" $v) }}
+{{- fail (printf "config key %s.%s: only strings can be written in a list's tables" $.key $k) }}
+{{- end }}
+{{- $pairs = append $pairs (printf "%s = %s" (toJson (toString $k)) (toJson $v)) }}
+{{- end }}
+{{- $items = append $items (printf "{ %s }" (join ", " $pairs)) }}
+{{- else }}
+{{- fail (printf "config key %s: only lists of strings or of tables of strings can be written as Shoal configuration" $.key) }}
 {{- end }}
 {{- end }}
-{{- toJson .list }}
+{{- printf "[%s]" (join ", " $items) }}
 {{- end }}
 
 {{/* Fails when a user-given config map sets a key the chart derives itself. */}}

@@ -9,11 +9,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use shoal_proto::pb::v1 as pb;
-use shoal_proto::pb::v1::coordinator_client::CoordinatorClient;
 
 use super::Fabric;
 
 const TOKEN: &str = "netns";
+/// The admin API token of the cluster's coordinator (in `<dir>/admin-token`).
+const ADMIN_TOKEN: &str = "netns-admin-token-0123456789";
 const COORDINATOR_PORT: u16 = 7000;
 const QUIC_PORT: u16 = 7001;
 /// Every agent's Prometheus endpoint, on its host's address.
@@ -64,12 +65,16 @@ impl<'a> Cluster<'a> {
         };
         let ip0 = fabric.ip(0);
         let config = cluster.opts.dir.join("coordinator.toml");
+        // Secure as in production: TLS (agents learn the CA with their join token) and an
+        // admin API token for the harness's and the CLI's calls.
+        std::fs::write(cluster.admin_token_file(), format!("{ADMIN_TOKEN}\n"))?;
         std::fs::write(
             &config,
             format!(
-                "listen = \"{ip0}:{COORDINATOR_PORT}\"\nstate_dir = \"{}\"\njoin_token = \"{TOKEN}\"\n{}\n",
+                "listen = \"{ip0}:{COORDINATOR_PORT}\"\nstate_dir = \"{}\"\njoin_token = \"{TOKEN}\"\n{}\n\n[[api_tokens]]\nname = \"netns-admin\"\nrole = \"admin\"\ntoken_file = \"{}\"\n",
                 cluster.opts.dir.join("coordinator").display(),
                 cluster.opts.coordinator_toml,
+                cluster.admin_token_file().display(),
             ),
         )?;
         let c = cluster.coordinator_command();
@@ -183,7 +188,17 @@ impl<'a> Cluster<'a> {
     }
 
     pub fn coordinator_url(&self) -> String {
-        format!("http://{}:{COORDINATOR_PORT}", self.fabric.ip(0))
+        format!("https://{}:{COORDINATOR_PORT}", self.fabric.ip(0))
+    }
+
+    /// The cluster CA, as the coordinator wrote it in its state directory.
+    pub fn ca_file(&self) -> PathBuf {
+        self.opts.dir.join("coordinator").join("ca.pem")
+    }
+
+    /// The file holding the admin API token.
+    pub fn admin_token_file(&self) -> PathBuf {
+        self.opts.dir.join("admin-token")
     }
 
     /// Host `h`'s agent's local API socket.
@@ -192,8 +207,14 @@ impl<'a> Cluster<'a> {
     }
 
     /// `shoal` in host `h`'s namespace.
+    /// `shoal` in host `h`'s namespace, with the coordinator's address, CA and admin token
+    /// in the environment for client commands.
     pub fn shoal(&self, h: usize) -> Command {
-        self.fabric.command(h, &self.opts.shoal)
+        let mut c = self.fabric.command(h, &self.opts.shoal);
+        c.env("SHOAL_COORDINATOR", self.coordinator_url())
+            .env("SHOAL_CA_FILE", self.ca_file())
+            .env("SHOAL_TOKEN_FILE", self.admin_token_file());
+        c
     }
 
     /// Spawns `c` (wrapped), logging its stderr to `<dir>/<name>.log`; its index.
@@ -274,9 +295,10 @@ impl<'a> Cluster<'a> {
     /// Runs `f` with a coordinator client, on a thread in host 0's namespace.
     pub fn with_client<T: Send + 'static>(
         &self,
-        f: impl AsyncFnOnce(CoordinatorClient<tonic::transport::Channel>) -> Result<T> + Send + 'static,
+        f: impl AsyncFnOnce(shoal_pki::grpc::ApiClient) -> Result<T> + Send + 'static,
     ) -> Result<T> {
         let url = self.coordinator_url();
+        let ca_file = self.ca_file();
         self.fabric.run_in(0, move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -284,7 +306,7 @@ impl<'a> Cluster<'a> {
             rt.block_on(async move {
                 let deadline = Instant::now() + Duration::from_secs(20);
                 let client = loop {
-                    match CoordinatorClient::connect(url.clone()).await {
+                    match api_client(&url, &ca_file).await {
                         Ok(c) => break c,
                         Err(_) if Instant::now() < deadline => {
                             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -325,4 +347,16 @@ impl Drop for Cluster<'_> {
             let _ = c.wait();
         }
     }
+}
+
+/// A connected job-API client with the admin token; fails until the coordinator has written
+/// its CA and answers.
+async fn api_client(url: &str, ca_file: &std::path::Path) -> Result<shoal_pki::grpc::ApiClient> {
+    let ca = std::fs::read_to_string(ca_file)?;
+    let channel = shoal_pki::grpc::api_channel(url, Some(&ca), Duration::from_secs(5))?;
+    let mut client = shoal_pki::grpc::api_client(channel, Some(ADMIN_TOKEN))?;
+    client
+        .list_agents(shoal_proto::pb::v1::ListAgentsRequest::default())
+        .await?;
+    Ok(client)
 }

@@ -142,7 +142,7 @@ fn names_and_namespace_overrides_reach_every_object() -> Result<()> {
     let config: toml::Table = toml::from_str(toml_text)?;
     assert_eq!(
         config["coordinator"].as_str(),
-        Some("http://edge-cache-coordinator.shoal-override.svc:7400")
+        Some("https://edge-cache-coordinator.shoal-override.svc:7400")
     );
     let monitor = object(overrides, "ServiceMonitor", "edge-cache")?;
     assert_eq!(
@@ -455,7 +455,7 @@ fn security_contexts_and_probes_come_from_values() -> Result<()> {
     let (ready, api) = ("shoal.agent.ready", "shoal.v1.Coordinator");
     for (c, port, service) in [
         (agent("default")?, 7404, ready),
-        (coordinator("default")?, 7400, api),
+        (coordinator("default")?, 7401, api),
     ] {
         assert_eq!(
             probe_summary(&c, "startupProbe"),

@@ -30,7 +30,7 @@ fn distribute_rx(
         targets: agents(ids),
         ..Default::default()
     };
-    send(s, |r| Request::Distribute(req, String::new(), r))
+    send(s, |r| Request::Distribute(req, Default::default(), r))
 }
 
 /// A Distribute is planned in its step and answered once its job is stored; the step does
@@ -123,7 +123,7 @@ fn a_cancel_that_cannot_be_stored_is_written_again() {
         job_id: job.clone(),
         reason: "test".into(),
     };
-    let refused = s.ask(|r| Request::CancelJob(req, r));
+    let refused = s.ask(|r| Request::CancelJob(req, None, r));
     assert!(matches!(refused, Err(ApiError::Internal(_))), "{refused:?}");
     assert_eq!(target_state(&mut s, &job).0, pb::JobState::Cancelled);
     // Let the failed write be seen as failed before the disk works again.

@@ -121,7 +121,7 @@ fn cancelling_a_job_cancels_its_orders() {
         job_id: job,
         reason: "changed my mind".into(),
     };
-    s.ask(|r| Request::CancelJob(req, r)).expect("cancel");
+    s.ask(|r| Request::CancelJob(req, None, r)).expect("cancel");
     let mut cancelled = Vec::new();
     while let Ok(Ok(msg)) = inbox.try_recv() {
         if let Some(coordinator_message::Msg::Cancel(c)) = msg.msg {
@@ -189,7 +189,7 @@ fn list_agents_shows_what_agents_said_at_join_and_in_their_load() {
             }),
             ..Default::default()
         };
-        s.ask(|r| Request::Distribute(req, String::new(), r))
+        s.ask(|r| Request::Distribute(req, Default::default(), r))
             .map(|r| r.target_count)
     };
     assert_eq!(to_zone("z1").expect("distribute"), 1);
