@@ -21,7 +21,7 @@ fn text(out: &Output) -> String {
 }
 
 /// Agent ids by index (each agent has the label host=h{i}).
-async fn agent_ids(cluster: &Cluster) -> Result<Vec<String>> {
+pub(crate) async fn agent_ids(cluster: &Cluster) -> Result<Vec<String>> {
     let agents = (cluster.client().await?)
         .list_agents(pb::ListAgentsRequest::default())
         .await?

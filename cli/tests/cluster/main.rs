@@ -4,6 +4,7 @@
 mod admin;
 mod harness;
 mod prometheus;
+mod trust;
 
 use std::time::Duration;
 
