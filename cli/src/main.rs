@@ -244,6 +244,17 @@ enum Command {
         #[arg(long, value_parser = owner_arg)]
         owner: (u32, u32),
     },
+    /// Print the cluster CA certificate (PEM) that API clients verify the coordinator with
+    /// (`--ca-file`), from the coordinator's state directory; e.g. `kubectl exec
+    /// statefulset/shoal-coordinator -- shoal ca-cert > ca.pem`. Never the key.
+    CaCert {
+        #[arg(
+            long,
+            env = "SHOAL_STATE_DIR",
+            default_value = "/var/lib/shoal/coordinator"
+        )]
+        state_dir: PathBuf,
+    },
     /// Print a shell completion script, e.g. `shoal completions bash > /etc/bash_completion.d/shoal`.
     Completions { shell: clap_complete::Shell },
     /// A coordinator and agents on loopback distributing a generated blob, with a summary.
@@ -419,6 +430,20 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             std::os::unix::fs::chown(&path, Some(owner.0), Some(owner.1)).map_err(|e| {
                 anyhow::anyhow!("chown {}:{} {}: {e}", owner.0, owner.1, path.display())
             })
+        }
+        Command::CaCert { state_dir } => {
+            let path = state_dir.join("ca.pem");
+            let pem = std::fs::read_to_string(&path).map_err(|e| {
+                anyhow::anyhow!(
+                    "{}: {e} (is this the coordinator's state_dir?)",
+                    path.display()
+                )
+            })?;
+            if shoal_pki::grpc::certificates_from_pem(&pem).is_empty() {
+                anyhow::bail!("{}: no PEM certificate in it", path.display());
+            }
+            print!("{pem}");
+            Ok(())
         }
         Command::Completions { shell } => {
             use clap::CommandFactory as _;

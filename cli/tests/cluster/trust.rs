@@ -203,6 +203,18 @@ async fn only_the_cluster_ca_over_tls_reaches_the_api() -> Result<()> {
     let mut c = grpc::api_client(channel, Some(crate::harness::ADMIN_TOKEN))?;
     let r = c.list_agents(pb::ListAgentsRequest::default()).await;
     ensure!(r.is_err(), "a foreign CA verified the coordinator: {r:?}");
+    // `shoal ca-cert` prints what clients need from the state directory (as kubectl exec
+    // runs it in the chart's coordinator pod), and never the key.
+    let printed = shoal()
+        .arg("ca-cert")
+        .arg("--state-dir")
+        .arg(cluster.dir.path().join("coordinator"))
+        .output()?;
+    ensure!(printed.status.success());
+    assert_eq!(
+        String::from_utf8(printed.stdout)?,
+        std::fs::read_to_string(cluster.ca_file())?
+    );
     // The CLI explains a missing CA.
     let out = shoal()
         .args(["agents", "--coordinator", &cluster.url()])

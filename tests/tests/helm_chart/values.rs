@@ -472,7 +472,7 @@ fn security_contexts_and_probes_come_from_values() -> Result<()> {
     }
     for (c, port, service) in [
         (agent("all-on")?, 7404, ready),
-        (coordinator("all-on")?, 7400, api),
+        (coordinator("all-on")?, 7401, api),
     ] {
         assert_eq!(
             probe_summary(&c, "startupProbe"),
@@ -500,7 +500,7 @@ fn security_contexts_and_probes_come_from_values() -> Result<()> {
     );
     assert_eq!(
         probe_summary(&c, "readinessProbe"),
-        json!([5, 2, 7400, api])
+        json!([5, 2, 7401, api])
     );
     Ok(())
 }
