@@ -263,6 +263,7 @@ impl Download<'_> {
             self.shared.endpoint.clone(),
             self.manifest.digest(),
             key,
+            s.agent_id.clone(),
             addrs,
             self.events.clone(),
         ));

@@ -65,6 +65,10 @@ impl Executor {
                 }
             }
             Incoming::DropBlob(d) => self.drop_blob(d),
+            Incoming::RevokedAgents(r) => {
+                tracing::info!(agents = ?r.agent_ids, replace = r.replace, "revoked agents");
+                self.downloader.endpoint.revoke(&r.agent_ids, r.replace);
+            }
         }
     }
 

@@ -229,6 +229,11 @@ pub(crate) async fn run(shared: Session, mut joined: Joined, mut outbox: Outbox)
                                 tracing::error!(error = %e, "no channel for the new certificate")
                             }
                         }
+                        // Peers check that the certificate names the agent the coordinator
+                        // sends them to: serve and dial under the new id.
+                        if let Err(e) = shared.endpoint.set_identity(&identity) {
+                            tracing::error!(error = %e, "the QUIC endpoint kept the old certificate");
+                        }
                         link.set_agent_id(j.response.agent_id.clone());
                         let path = shared.config.data_dir.join("agent-id");
                         let _ = std::fs::write(path, format!("{}\n", j.response.agent_id));

@@ -157,6 +157,14 @@ pub enum TransportError {
     },
     #[error("connecting to {peer}: timed out")]
     ConnectTimeout { peer: SocketAddr },
+    #[error("{peer} is agent {agent_id}, whose certificate the coordinator revoked")]
+    Revoked { peer: SocketAddr, agent_id: String },
+    #[error("{peer} is {found}, not agent {expected} as the coordinator said")]
+    WrongPeer {
+        peer: SocketAddr,
+        expected: String,
+        found: String,
+    },
 }
 
 /// An agent's QUIC endpoint: serves chunks from `store`, fetches from peers.
@@ -168,7 +176,10 @@ pub struct ChunkEndpoint {
 #[derive(Debug)]
 struct Inner {
     endpoint: quinn::Endpoint,
-    client_config: quinn::ClientConfig,
+    /// Replaced with the server config when the agent's certificate changes (a new id).
+    client_config: std::sync::RwLock<quinn::ClientConfig>,
+    /// Agents the coordinator revoked: their certificates are refused both ways.
+    revoked: std::sync::RwLock<std::collections::HashSet<String>>,
     config: TransportConfig,
     store: Store,
     pool: std::sync::Mutex<std::collections::HashMap<SocketAddr, Peer>>,
@@ -205,19 +216,7 @@ impl ChunkEndpoint {
         let addr = socket
             .local_addr()
             .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-        let transport = Arc::new(transport_config(&config));
-
-        let server_crypto =
-            quinn::crypto::rustls::QuicServerConfig::try_from(identity.server_config()?)
-                .map_err(|e| TransportError::Config(e.to_string()))?;
-        let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
-        server_config.transport_config(transport.clone());
-
-        let client_crypto =
-            quinn::crypto::rustls::QuicClientConfig::try_from(identity.client_config()?)
-                .map_err(|e| TransportError::Config(e.to_string()))?;
-        let mut client_config = quinn::ClientConfig::new(Arc::new(client_crypto));
-        client_config.transport_config(transport);
+        let (server_config, client_config) = quic_configs(identity, &config)?;
 
         let mut endpoint_config = quinn::EndpointConfig::default();
         endpoint_config
@@ -230,7 +229,8 @@ impl ChunkEndpoint {
 
         let inner = Arc::new(Inner {
             endpoint,
-            client_config,
+            client_config: std::sync::RwLock::new(client_config),
+            revoked: Default::default(),
             served_limit: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_served)),
             uplink: Arc::new(uplink::Uplink::new(
                 config.max_upload_wait,
@@ -245,6 +245,46 @@ impl ChunkEndpoint {
         });
         tokio::spawn(server::accept_loop(Arc::downgrade(&inner)));
         Ok(Self { inner })
+    }
+
+    /// Serves and dials with `identity` from now on (the coordinator issued a certificate
+    /// for a new agent id); open connections, made under the old one, are closed.
+    pub fn set_identity(&self, identity: &Identity) -> Result<(), TransportError> {
+        let (server_config, client_config) = quic_configs(identity, &self.inner.config)?;
+        self.inner.endpoint.set_server_config(Some(server_config));
+        *self
+            .inner
+            .client_config
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = client_config;
+        let pool = std::mem::take(&mut *self.inner.pool.lock().unwrap_or_else(|e| e.into_inner()));
+        for peer in pool.values() {
+            peer.close(b"new identity");
+        }
+        Ok(())
+    }
+
+    /// The agents whose certificates are refused from now on (`replace`: exactly these;
+    /// else these too). Open connections with them are closed.
+    pub fn revoke(&self, agent_ids: &[String], replace: bool) {
+        {
+            let mut revoked = self
+                .inner
+                .revoked
+                .write()
+                .unwrap_or_else(|e| e.into_inner());
+            if replace {
+                revoked.clear();
+            }
+            revoked.extend(agent_ids.iter().cloned());
+        }
+        let pool = self.inner.pool.lock().unwrap_or_else(|e| e.into_inner());
+        for peer in pool.values() {
+            if peer.agent_id().is_some_and(|id| self.inner.is_revoked(&id)) {
+                tracing::info!(peer = %peer.addr(), "closing the connection of a revoked agent");
+                peer.close(b"revoked");
+            }
+        }
     }
 
     /// The address peers dial to reach this endpoint.
@@ -293,16 +333,41 @@ impl ChunkEndpoint {
         if let Some(p) = self.inner.pooled(peer) {
             return Ok(p);
         }
+        let client_config = (self.inner.client_config.read())
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let connecting = self
             .inner
             .endpoint
-            .connect_with(self.inner.client_config.clone(), peer, tls::SERVER_NAME)
+            .connect_with(client_config, peer, tls::SERVER_NAME)
             .map_err(|source| TransportError::Connect { peer, source })?;
         let conn = tokio::time::timeout(self.inner.config.request_timeout, connecting)
             .await
             .map_err(|_| TransportError::ConnectTimeout { peer })?
             .map_err(|source| TransportError::Connection { peer, source })?;
+        if let Some(id) = peer_agent_id(&conn).filter(|id| self.inner.is_revoked(id)) {
+            conn.close(0u32.into(), b"revoked");
+            return Err(TransportError::Revoked { peer, agent_id: id });
+        }
         Ok(self.inner.adopt(conn, false))
+    }
+
+    /// The connection to `peer`, which must be agent `agent_id` (its certificate says so):
+    /// the coordinator named that agent at that address, and nobody else may answer there.
+    pub async fn peer_named(
+        &self,
+        peer: SocketAddr,
+        agent_id: &str,
+    ) -> Result<Peer, TransportError> {
+        let p = self.peer(peer).await?;
+        match p.agent_id() {
+            Some(id) if id == agent_id => Ok(p),
+            found => Err(TransportError::WrongPeer {
+                peer,
+                expected: agent_id.to_string(),
+                found: found.unwrap_or_else(|| "no agent".into()),
+            }),
+        }
     }
 
     /// Peers this endpoint holds an open connection to, whichever side dialled.
@@ -324,7 +389,42 @@ impl ChunkEndpoint {
     }
 }
 
+/// The agent id in the certificate `conn`'s peer presented (verified by the handshake).
+pub(crate) fn peer_agent_id(conn: &quinn::Connection) -> Option<String> {
+    let chain = conn
+        .peer_identity()?
+        .downcast::<Vec<quinn::rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    chain.first().and_then(tls::grpc::agent_id_of)
+}
+
+/// The QUIC server and client configs for `identity`.
+fn quic_configs(
+    identity: &Identity,
+    config: &TransportConfig,
+) -> Result<(quinn::ServerConfig, quinn::ClientConfig), TransportError> {
+    let transport = Arc::new(transport_config(config));
+    let server_crypto =
+        quinn::crypto::rustls::QuicServerConfig::try_from(identity.server_config()?)
+            .map_err(|e| TransportError::Config(e.to_string()))?;
+    let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
+    server_config.transport_config(transport.clone());
+    let client_crypto =
+        quinn::crypto::rustls::QuicClientConfig::try_from(identity.client_config()?)
+            .map_err(|e| TransportError::Config(e.to_string()))?;
+    let mut client_config = quinn::ClientConfig::new(Arc::new(client_crypto));
+    client_config.transport_config(transport);
+    Ok((server_config, client_config))
+}
+
 impl Inner {
+    fn is_revoked(&self, agent_id: &str) -> bool {
+        self.revoked
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(agent_id)
+    }
+
     fn pooled(&self, peer: SocketAddr) -> Option<Peer> {
         let pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
         pool.get(&peer).filter(|p| p.is_open()).cloned()

@@ -17,6 +17,9 @@ const META: TableDefinition<'_, &str, u64> = TableDefinition::new("meta");
 const ORDER_CEILING: &str = "order_ceiling";
 /// Agent id -> SHA-256 of the secret issued with it (the proof a rejoin under that id needs).
 const AGENT_SECRETS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("agent_secrets");
+/// Agent ids an operator removed -> when (Unix seconds): their certificates are revoked and
+/// the ids are never given back.
+const REVOKED_AGENTS: TableDefinition<'_, &str, u64> = TableDefinition::new("revoked_agents");
 
 #[derive(Clone, Debug, thiserror::Error)]
 #[error("coordinator state database: {0}")]
@@ -64,6 +67,8 @@ pub enum Write {
     OrderCeiling(u64),
     /// Agent id and the SHA-256 of the secret issued with it.
     AgentSecret(String, [u8; 32]),
+    /// Agent id removed by an operator, and when (Unix seconds): its secret is forgotten.
+    RevokeAgent(String, u64),
 }
 
 #[derive(Debug)]
@@ -91,6 +96,7 @@ impl Db {
         txn.open_table(JOBS).map_err(err)?;
         txn.open_table(META).map_err(err)?;
         txn.open_table(AGENT_SECRETS).map_err(err)?;
+        txn.open_table(REVOKED_AGENTS).map_err(err)?;
         txn.commit().map_err(err)?;
         Ok(Self {
             db,
@@ -114,6 +120,7 @@ impl Db {
             let mut jobs = txn.open_table(JOBS).map_err(err)?;
             let mut meta = txn.open_table(META).map_err(err)?;
             let mut secrets = txn.open_table(AGENT_SECRETS).map_err(err)?;
+            let mut revoked = txn.open_table(REVOKED_AGENTS).map_err(err)?;
             for write in writes {
                 match write {
                     Write::Jobs(list) => {
@@ -137,6 +144,10 @@ impl Db {
                     }
                     Write::AgentSecret(id, hash) => {
                         secrets.insert(id.as_str(), &hash[..]).map_err(err)?;
+                    }
+                    Write::RevokeAgent(id, at) => {
+                        secrets.remove(id.as_str()).map_err(err)?;
+                        revoked.insert(id.as_str(), *at).map_err(err)?;
                     }
                 }
             }
@@ -171,6 +182,17 @@ impl Db {
             let (k, v) = row.map_err(err)?;
             let hash = <[u8; 32]>::try_from(v.value()).unwrap_or([0; 32]);
             out.push((k.value().to_string(), hash));
+        }
+        Ok(out)
+    }
+
+    /// The agent ids an operator removed.
+    pub fn revoked_agents(&self) -> Result<Vec<String>, DbError> {
+        let txn = self.db.begin_read().map_err(err)?;
+        let table = txn.open_table(REVOKED_AGENTS).map_err(err)?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(err)? {
+            out.push(row.map_err(err)?.0.value().to_string());
         }
         Ok(out)
     }

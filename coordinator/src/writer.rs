@@ -220,6 +220,7 @@ fn failed(write: &Write, e: &DbError) {
         Write::ForgetBlob(d) => format!("forgetting blob {}", hex::encode(d)),
         Write::OrderCeiling(c) => format!("order id ceiling {c}"),
         Write::AgentSecret(id, _) => format!("secret of agent {id}"),
+        Write::RevokeAgent(id, _) => format!("revocation of agent {id}"),
     };
     tracing::error!(write = %what, error = %e, "a state write failed");
     metrics::counter!(crate::metrics::STATE_WRITE_FAILURES).increment(1);

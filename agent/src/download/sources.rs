@@ -159,13 +159,24 @@ pub(super) async fn watch_source(
     endpoint: ChunkEndpoint,
     blob: Digest,
     key: SourceKey,
+    agent_id: String,
     addrs: Vec<SocketAddr>,
     events: mpsc::Sender<SourceEvent>,
 ) {
     let mut backoff = Backoff::with_max(WATCH_BACKOFF_MAX);
     loop {
         for addr in &addrs {
-            let why = match watch_once(&endpoint, blob, key, *addr, &events, &mut backoff).await {
+            let why = match watch_once(
+                &endpoint,
+                blob,
+                key,
+                &agent_id,
+                *addr,
+                &events,
+                &mut backoff,
+            )
+            .await
+            {
                 Ok(()) => return,
                 Err(e) => e,
             };
@@ -184,11 +195,15 @@ async fn watch_once(
     endpoint: &ChunkEndpoint,
     blob: Digest,
     key: SourceKey,
+    agent_id: &str,
     addr: SocketAddr,
     events: &mpsc::Sender<SourceEvent>,
     backoff: &mut Backoff,
 ) -> Result<(), String> {
-    let peer = endpoint.peer(addr).await.map_err(|e| e.to_string())?;
+    let peer = endpoint
+        .peer_named(addr, agent_id)
+        .await
+        .map_err(|e| e.to_string())?;
     let mut have = peer.watch_have(blob).await.map_err(|e| e.to_string())?;
     let mut ready = Some(peer.clone());
     while let Some(update) = have.next().await.map_err(|e| e.to_string())? {

@@ -85,6 +85,16 @@ impl Peer {
         self.conn.remote_address()
     }
 
+    /// The agent id in the certificate the peer presented.
+    pub fn agent_id(&self) -> Option<String> {
+        super::peer_agent_id(&self.conn)
+    }
+
+    /// Closes the connection (the peer is told why).
+    pub(super) fn close(&self, why: &[u8]) {
+        self.conn.close(0u32.into(), why);
+    }
+
     pub(super) fn is_open(&self) -> bool {
         self.conn.close_reason().is_none()
     }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use shoal_proto::pb::v1::{self as pb, JobState};
 
-use crate::harness::{Cluster, random_file, scrape, shoal};
+use crate::harness::{Cluster, random_file, read, scrape, shoal};
 
 const MIB: usize = 1 << 20;
 
@@ -303,6 +303,26 @@ async fn a_drained_agent_leaves_planning_until_it_joins_again_and_a_stopped_one_
     let out = cluster.cli(&["agents", "remove", &ids[1]]);
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(agent_state(&cluster, &ids[1]).await?, None);
+    // Removal revokes: every agent is told to refuse the old certificate, and the id never
+    // comes back. Started again on its data directory (its id and secret files), agent 1
+    // joins under a new id, with a certificate for it that its peers accept.
+    for i in [0, 2] {
+        eventually("the other agents hear of the revocation", || async {
+            Ok(read(&cluster.agents[i].proc.log).contains(&ids[1])
+                && read(&cluster.agents[i].proc.log).contains("revoked agents"))
+        })
+        .await?;
+    }
+    cluster.restart_agent(1, &[])?;
+    eventually("agent 1 joins again", || async {
+        Ok(agent_ids(&cluster).await.is_ok())
+    })
+    .await?;
+    let new_id = agent_ids(&cluster).await?[1].clone();
+    assert_ne!(new_id, ids[1], "a removed id came back");
+    let job = distribute(&cluster, &digest, &format!("agents:{new_id}"))?;
+    let job = cluster.wait_job(&job, Duration::from_secs(60)).await?;
+    assert_eq!(job.state(), JobState::Done);
     let out = cluster.cli(&["agents", "drain", "no-such-agent"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(text(&out).contains("not found"), "{}", text(&out));

@@ -162,6 +162,20 @@ impl State {
             let message = format!("{} was removed by an operator", agent.id);
             self.take_out(host, &agent.id, &message, now);
         }
+        // Its certificate is revoked: every agent refuses it from now on, and the id is never
+        // given back (if it runs on, it joins again under a new one).
+        self.secrets.revoke(&agent.id, now.wall);
+        let revoked = pb::RevokedAgents {
+            agent_ids: vec![agent.id.clone()],
+            replace: false,
+        };
+        let hosts: Vec<HostId> = self.agents.iter().map(|a| a.host).collect();
+        for h in hosts {
+            self.agents.send(
+                h,
+                pb::coordinator_message::Msg::RevokedAgents(revoked.clone()),
+            );
+        }
         tracing::info!(agent = %agent.id, failed_targets, "agent removed");
         Ok(pb::RemoveAgentResponse { failed_targets })
     }

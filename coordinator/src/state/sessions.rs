@@ -120,6 +120,11 @@ impl State {
     /// cannot take over another agent's id and its orders. Records nothing.
     fn claim_id(&self, previous: &str, secret: &str) -> (String, bool) {
         let id = super::agents::agent_id_for(previous);
+        if self.secrets.is_revoked(&id) {
+            let fresh = super::agents::agent_id_for("");
+            tracing::warn!(revoked = %id, given = %fresh, "a join claimed a revoked agent id: given a new id");
+            return (fresh, true);
+        }
         if id == previous {
             match self.secrets.get(&id) {
                 Some(hash) if same_hash(hash, secret) => return (id, false),
@@ -142,6 +147,17 @@ impl State {
     ) -> Result<SessionId, ApiError> {
         let session = self.agents.open_session(hello, tx, now)?;
         let host = session.host;
+        // First, whom its peers' certificates must not name (all of them: it may have missed
+        // revocations while away). Revocations are never taken back, so none is no news.
+        let revoked: Vec<String> = self.secrets.revoked().cloned().collect();
+        if !revoked.is_empty() {
+            let revoked = pb::RevokedAgents {
+                agent_ids: revoked,
+                replace: true,
+            };
+            self.agents
+                .send(host, pb::coordinator_message::Msg::RevokedAgents(revoked));
+        }
         self.assigner.handle(now.mono, Event::Heartbeat { host });
         self.seeder.handle(now.mono, SeedEvent::HostReady { host });
         self.resume_targets(host, now);

@@ -229,3 +229,44 @@ fn rejoining_under_an_id_needs_its_secret() {
     let thief = join_with_secret(&mut s, "agent-0001", "", 11);
     assert_ne!(thief.agent_id, "agent-0001");
 }
+
+#[test]
+fn a_removed_agent_is_revoked_for_everyone_and_its_id_never_comes_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut s = state(dir.path(), Duration::from_secs(30));
+    let gone = join_with_secret(&mut s, "agent-0001", "", 10);
+    let stays = join(&mut s, "agent-0002", 11);
+    let (_, mut inbox) = open(&mut s, &stays);
+    s.ask(|r| {
+        Request::RemoveAgent(
+            pb::RemoveAgentRequest {
+                agent_id: "agent-0001".into(),
+            },
+            r,
+        )
+    })
+    .expect("remove");
+    // Every connected agent hears of it at once.
+    let heard = std::iter::from_fn(|| inbox.try_recv().ok())
+        .filter_map(|m| m.ok()?.msg)
+        .any(|m| matches!(m, coordinator_message::Msg::RevokedAgents(r) if r.agent_ids == ["agent-0001"] && !r.replace));
+    assert!(heard, "the other agent was not told");
+    // Its secret no longer brings the id back, before or after a restart.
+    let back = join_with_secret(&mut s, "agent-0001", &gone.agent_secret, 10);
+    assert_ne!(back.agent_id, "agent-0001");
+    drop(inbox);
+    drop(s);
+    let mut s = state(dir.path(), Duration::from_secs(30));
+    let back = join_with_secret(&mut s, "agent-0001", &gone.agent_secret, 10);
+    assert_ne!(back.agent_id, "agent-0001");
+    // An agent that connects later gets the whole list first.
+    let late = join(&mut s, "agent-0003", 12);
+    let (_, mut inbox) = open(&mut s, &late);
+    match inbox.try_recv().ok().and_then(|m| m.ok()?.msg) {
+        Some(coordinator_message::Msg::RevokedAgents(r)) => {
+            assert_eq!(r.agent_ids, ["agent-0001"]);
+            assert!(r.replace);
+        }
+        other => panic!("first message {other:?}"),
+    }
+}
