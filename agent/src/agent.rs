@@ -22,6 +22,7 @@ use crate::local_api::LocalApi;
 use crate::mirror::Mirror;
 use crate::orders::RunningOrders;
 use crate::readers::Readers;
+use crate::renew::{self, Certificate};
 use crate::repair::Repair;
 use crate::session::{self, Joined, Session};
 use crate::store::{Store, StoreConfig};
@@ -126,6 +127,7 @@ impl Agent {
                     .into(),
             });
         }
+        let csr = Arc::new(csr);
         let identity = csr.identity(
             response.certificate_der.clone(),
             response.ca_certificates_der.clone(),
@@ -141,6 +143,16 @@ impl Agent {
         let (parts, outbox_rx) = assemble(
             config, store, endpoint, agent_id, quic_addr, channel, stop_rx, origin,
         );
+        let certificate = Certificate::new(
+            csr,
+            trust,
+            parts.executor.coordinator.clone(),
+            parts.endpoint.clone(),
+            &identity,
+        );
+        if certificate.renewable() {
+            tokio::spawn(renew::run(certificate.clone(), parts.stop.clone()));
+        }
         let session = Session {
             config: parts.config.clone(),
             quic_addr,
@@ -148,8 +160,7 @@ impl Agent {
             counters: parts.counters.clone(),
             executor: parts.executor.clone(),
             stop: parts.stop.clone(),
-            trust,
-            csr,
+            certificate,
         };
         let session = tokio::spawn(session::run(session, joined, outbox_rx));
         Self::finish_start(parts, stop, session, health).await

@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod mirror;
 mod orders;
 mod readers;
+mod renew;
 mod repair;
 mod scrub;
 mod session;

@@ -15,6 +15,8 @@ pub const ACTIVE_TRANSFERS: &str = "shoal_agent_transfers_active";
 pub const TRANSFERS_FINISHED: &str = "shoal_agent_transfers_finished_total";
 /// 1 while the session with the coordinator is up, else 0.
 pub const SESSION_CONNECTED: &str = "shoal_agent_session_connected";
+/// When the agent's certificate expires (Unix seconds); renewed at half of its validity.
+pub const CERTIFICATE_EXPIRY: &str = "shoal_agent_certificate_expiry_timestamp_seconds";
 /// Bytes ingested by local pushes.
 pub const BYTES_PUSHED: &str = "shoal_agent_pushed_bytes_total";
 
@@ -110,6 +112,10 @@ pub fn describe() {
     describe_gauge!(ACTIVE_TRANSFERS, "Fetch orders running");
     describe_counter!(TRANSFERS_FINISHED, "Fetch orders finished, by outcome");
     describe_gauge!(SESSION_CONNECTED, "1 while the coordinator session is up");
+    describe_gauge!(
+        CERTIFICATE_EXPIRY,
+        "When the agent's certificate expires, Unix seconds (renewed at half of its validity)"
+    );
     describe_counter!(BYTES_PUSHED, Unit::Bytes, "Bytes ingested by local pushes");
     describe_counter!(
         MIRROR_REQUESTS,

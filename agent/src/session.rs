@@ -22,10 +22,9 @@ use crate::counters::Counters;
 use crate::error::AgentError;
 use crate::execute::Executor;
 use crate::link::Outbox;
+use crate::renew::Certificate;
 use crate::shutdown::{Stop, stopped};
 use crate::transport::ChunkEndpoint;
-use crate::transport::tls::CertificateRequest;
-use crate::trust::CoordinatorTrust;
 
 /// Progress is reported at most this often (one batch across all orders).
 const PROGRESS_EVERY: Duration = Duration::from_millis(500);
@@ -50,10 +49,9 @@ pub(crate) struct Session {
     pub counters: Counters,
     pub executor: Executor,
     pub stop: Stop,
-    /// The coordinator's address and CA, for a new channel when a re-join changes the id.
-    pub trust: CoordinatorTrust,
-    /// The agent's key: each re-join asks for a certificate for it under the id it gets.
-    pub csr: CertificateRequest,
+    /// The agent's key and certificate: each re-join asks for a new one, under the id it
+    /// gets.
+    pub certificate: Certificate,
 }
 
 /// A successful Join.
@@ -202,38 +200,38 @@ pub(crate) async fn run(shared: Session, mut joined: Joined, mut outbox: Outbox)
             // the cluster CA signed it); the coordinator channel needs one naming the
             // current id, so a new id comes with a new certificate for the same key.
             let request_id = id.clone();
-            match join_until_accepted(
-                &link.channel(),
-                &shared.config,
-                shared.quic_addr,
-                &request_id,
-                shared.csr.csr_der(),
-                stop.clone(),
-            )
-            .await
-            {
+            let joined_again = match shared.certificate.join_channel() {
+                Ok(channel) => {
+                    join_until_accepted(
+                        &channel,
+                        &shared.config,
+                        shared.quic_addr,
+                        &request_id,
+                        shared.certificate.request().csr_der(),
+                        stop.clone(),
+                    )
+                    .await
+                }
+                Err(e) => Err(e),
+            };
+            match joined_again {
                 Ok(j) => {
-                    if j.response.agent_id != id {
+                    let new_id = j.response.agent_id != id;
+                    // A fresh certificate comes with every join. Under a new id, peers must
+                    // not meet the old name: the endpoint's open connections close.
+                    if !j.response.certificate_der.is_empty() {
+                        shared.certificate.install(
+                            j.response.certificate_der.clone(),
+                            j.response.ca_certificates_der.clone(),
+                            new_id,
+                        );
+                    }
+                    if new_id {
                         tracing::warn!(
                             old = id,
                             new = j.response.agent_id,
                             "coordinator assigned a new agent id"
                         );
-                        let identity = shared.csr.identity(
-                            j.response.certificate_der.clone(),
-                            j.response.ca_certificates_der.clone(),
-                        );
-                        match shared.trust.channel(Some(&identity)) {
-                            Ok(channel) => link.set_channel(channel),
-                            Err(e) => {
-                                tracing::error!(error = %e, "no channel for the new certificate")
-                            }
-                        }
-                        // Peers check that the certificate names the agent the coordinator
-                        // sends them to: serve and dial under the new id.
-                        if let Err(e) = shared.endpoint.set_identity(&identity) {
-                            tracing::error!(error = %e, "the QUIC endpoint kept the old certificate");
-                        }
                         link.set_agent_id(j.response.agent_id.clone());
                         let path = shared.config.data_dir.join("agent-id");
                         let _ = std::fs::write(path, format!("{}\n", j.response.agent_id));

@@ -247,9 +247,14 @@ impl ChunkEndpoint {
         Ok(Self { inner })
     }
 
-    /// Serves and dials with `identity` from now on (the coordinator issued a certificate
-    /// for a new agent id); open connections, made under the old one, are closed.
-    pub fn set_identity(&self, identity: &Identity) -> Result<(), TransportError> {
+    /// Serves and dials with `identity` from now on (a renewed certificate, or one for a new
+    /// agent id). `close_open`: close the connections made under the old one (a new id, which
+    /// peers must not meet under the old name); otherwise they go on.
+    pub fn set_identity(
+        &self,
+        identity: &Identity,
+        close_open: bool,
+    ) -> Result<(), TransportError> {
         let (server_config, client_config) = quic_configs(identity, &self.inner.config)?;
         self.inner.endpoint.set_server_config(Some(server_config));
         *self
@@ -257,6 +262,9 @@ impl ChunkEndpoint {
             .client_config
             .write()
             .unwrap_or_else(|e| e.into_inner()) = client_config;
+        if !close_open {
+            return Ok(());
+        }
         let pool = std::mem::take(&mut *self.inner.pool.lock().unwrap_or_else(|e| e.into_inner()));
         for peer in pool.values() {
             peer.close(b"new identity");

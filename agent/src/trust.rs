@@ -70,6 +70,10 @@ impl CoordinatorTrust {
         Ok(Self { url, roots })
     }
 
+    pub(crate) fn is_tls(&self) -> bool {
+        self.url.tls()
+    }
+
     /// A channel to the coordinator presenting `identity` (none before the first Join).
     pub(crate) fn channel(&self, identity: Option<&Identity>) -> Result<Channel, AgentError> {
         let endpoint = self

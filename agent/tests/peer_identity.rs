@@ -107,7 +107,7 @@ async fn a_new_identity_is_what_peers_see_next() -> Result<()> {
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
     // a re-joined under a new id and got a certificate for it.
-    a.endpoint.set_identity(&ca.issue("agent-a2")?)?;
+    a.endpoint.set_identity(&ca.issue("agent-a2")?, true)?;
     // b's pooled connection was made under the old identity: it is closed, and a new dial
     // meets the new one.
     let closed = tokio::time::timeout(std::time::Duration::from_secs(5), old.closed()).await;

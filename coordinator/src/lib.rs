@@ -54,6 +54,10 @@ pub struct CoordinatorConfig {
     /// Finished jobs are forgotten this many hours after they end.
     #[serde(deserialize_with = "shoal_proto::units::hours")]
     pub job_retention_hours: u64,
+    /// How long the certificates agents get are valid, in milliseconds (`"24h"`); agents
+    /// renew them at half of it. Peers refuse an expired one. At least 10 s.
+    #[serde(deserialize_with = "shoal_proto::units::millis")]
+    pub agent_certificate_validity_ms: u64,
     /// Prometheus metrics address (installed by the binary); none = off.
     pub metrics_listen: Option<SocketAddr>,
     /// A plaintext `grpc.health.v1` endpoint for probes that cannot speak TLS (Kubernetes'
@@ -100,6 +104,7 @@ impl Default for CoordinatorConfig {
             max_sources: 6,
             max_uploads: 256,
             job_retention_hours: 168,
+            agent_certificate_validity_ms: 24 * 3600 * 1000,
             metrics_listen: None,
             health_listen: None,
             preheat_platforms: vec!["linux/amd64".into()],
@@ -153,6 +158,9 @@ impl CoordinatorConfig {
         }
         if self.max_uploads == 0 {
             return bad("max_uploads", "must be at least 1");
+        }
+        if self.agent_certificate_validity_ms < 10_000 {
+            return bad("agent_certificate_validity_ms", "must be at least 10 s");
         }
         if self.max_seeders_per_blob == 0 {
             return bad("max_seeders_per_blob", "must be at least 1");
@@ -266,6 +274,8 @@ fn start_on(config: &CoordinatorConfig, db: db::Db) -> Result<Started, Coordinat
         },
         seed: rand::random(),
         max_targets_per_job: config.max_targets_per_job,
+        certificate_validity: (!config.insecure)
+            .then(|| Duration::from_millis(config.agent_certificate_validity_ms)),
     };
     let clock = driver::Clock::new();
     let (state, writer) = state::State::new(state_config, db, ca.clone(), clock.now())

@@ -390,6 +390,25 @@ impl pb::agent_session_server::AgentSession for Api {
         }))
     }
 
+    async fn renew_certificate(
+        &self,
+        req: GrpcRequest<pb::RenewCertificateRequest>,
+    ) -> Result<Response<pb::RenewCertificateResponse>, Status> {
+        let Some(agent_id) = self.trust.policy.agent(&req)? else {
+            return Err(Status::failed_precondition(
+                "this coordinator is insecure: agents have no certificates to renew over gRPC",
+            ));
+        };
+        let csr_der = req.into_inner().csr_der;
+        self.call(|reply| Request::RenewCertificate {
+            agent_id,
+            csr_der,
+            reply,
+        })
+        .await
+        .map(Response::new)
+    }
+
     type SessionStream = BoxStream<pb::CoordinatorMessage>;
 
     async fn session(

@@ -132,6 +132,12 @@ pub enum Request {
     ListBlobs(pb::ListBlobsRequest, Reply<pb::ListBlobsResponse>),
     GetBlob(pb::GetBlobRequest, Reply<pb::GetBlobResponse>),
     ResolveUrl(pb::ResolveUrlRequest, Reply<pb::ResolveUrlResponse>),
+    /// A new certificate for the agent (named by the one it presented) for `csr_der`.
+    RenewCertificate {
+        agent_id: String,
+        csr_der: Vec<u8>,
+        reply: Reply<pb::RenewCertificateResponse>,
+    },
     RemoveBlob(pb::RemoveBlobRequest, Reply<pb::RemoveBlobResponse>),
     DrainAgent(pb::DrainAgentRequest, Reply<pb::DrainAgentResponse>),
     RemoveAgent(pb::RemoveAgentRequest, Reply<pb::RemoveAgentResponse>),
@@ -165,6 +171,9 @@ pub struct StateConfig {
     pub seed: u64,
     /// The most targets (agents × blobs) one job may have.
     pub max_targets_per_job: u64,
+    /// How long an agent certificate is valid (agents renew at half of it); none: as long
+    /// as the CA (an insecure coordinator, whose agents cannot renew over gRPC).
+    pub certificate_validity: Option<Duration>,
 }
 
 /// How often leases, deadlines, watchers and job writes are looked at. The planner's own
@@ -368,6 +377,13 @@ impl State {
             }
             Request::ResolveUrl(req, reply) => {
                 let _ = reply.send(self.resolve_url(req, now));
+            }
+            Request::RenewCertificate {
+                agent_id,
+                csr_der,
+                reply,
+            } => {
+                let _ = reply.send(self.renew_certificate(&agent_id, &csr_der));
             }
             Request::RemoveBlob(req, reply) => self.remove_blob(req, now, reply),
             Request::DrainAgent(req, reply) => {

@@ -124,10 +124,11 @@ impl ClusterCa {
         &self.cert_der
     }
 
-    /// Issues a certificate for one agent, valid for [`SERVER_NAME`] as server and client.
+    /// Issues a certificate for one agent, valid for [`SERVER_NAME`] as server and client,
+    /// as long as the CA (tests, benches and single-process tools).
     pub fn issue(&self, agent_name: &str) -> Result<Identity, TlsError> {
         let key = KeyPair::generate()?;
-        let cert = agent_params(agent_name)?.signed_by(&key, &self.issuer)?;
+        let cert = agent_params(agent_name, None)?.signed_by(&key, &self.issuer)?;
         Ok(Identity {
             chain: vec![cert.der().clone()],
             key: PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
@@ -138,17 +139,34 @@ impl ClusterCa {
     /// Signs an agent's PKCS#10 request (DER, as sent in `JoinRequest.csr_der`) and returns
     /// the certificate in DER. Only the request's public key is taken (its signature is
     /// checked); names and usages are the CA's: [`SERVER_NAME`], server and client auth, and
-    /// `agent_name` as common name.
-    pub fn sign_csr(&self, csr_der: &[u8], agent_name: &str) -> Result<Vec<u8>, TlsError> {
+    /// `agent_name` as common name. Valid from a few minutes ago (clocks differ) for
+    /// `validity`, or as long as the CA without one.
+    pub fn sign_csr(
+        &self,
+        csr_der: &[u8],
+        agent_name: &str,
+        validity: Option<std::time::Duration>,
+    ) -> Result<Vec<u8>, TlsError> {
         let der = rustls_pki_types::CertificateSigningRequestDer::from(csr_der);
         let csr = rcgen::CertificateSigningRequestParams::from_der(&der)?;
-        let cert = agent_params(agent_name)?.signed_by(&csr.public_key, &self.issuer)?;
+        let cert = agent_params(agent_name, validity)?.signed_by(&csr.public_key, &self.issuer)?;
         Ok(cert.der().to_vec())
     }
 }
 
-fn agent_params(agent_name: &str) -> Result<CertificateParams, TlsError> {
+/// How far back an agent certificate's validity starts: clocks across a cluster differ.
+const CLOCK_SKEW: std::time::Duration = std::time::Duration::from_secs(300);
+
+fn agent_params(
+    agent_name: &str,
+    validity: Option<std::time::Duration>,
+) -> Result<CertificateParams, TlsError> {
     let mut params = CertificateParams::new(vec![SERVER_NAME.to_string()])?;
+    if let Some(validity) = validity {
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - CLOCK_SKEW;
+        params.not_after = now + validity;
+    }
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, agent_name);
     params.distinguished_name = dn;
@@ -249,6 +267,21 @@ impl Identity {
     }
 }
 
+/// When `cert` starts and stops being valid.
+pub fn validity(
+    cert: &CertificateDer<'_>,
+) -> Option<(std::time::SystemTime, std::time::SystemTime)> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let at = |t: &x509_parser::time::ASN1Time| {
+        let secs = u64::try_from(t.timestamp()).unwrap_or(0);
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs)
+    };
+    Some((
+        at(&parsed.validity().not_before),
+        at(&parsed.validity().not_after),
+    ))
+}
+
 fn read(path: &Path) -> Result<String, TlsError> {
     fs::read_to_string(path).map_err(|source| TlsError::Io {
         path: path.into(),
@@ -280,11 +313,19 @@ mod tests {
     fn a_signed_csr_makes_a_working_identity() {
         let ca = ClusterCa::generate().expect("ca");
         let request = CertificateRequest::generate().expect("csr");
-        let cert = ca.sign_csr(request.csr_der(), "agent-7").expect("sign");
+        let hour = std::time::Duration::from_secs(3600);
+        let cert = ca
+            .sign_csr(request.csr_der(), "agent-7", Some(hour))
+            .expect("sign");
+        let (_, expires) = validity(&CertificateDer::from(cert.clone())).expect("validity");
+        let left = expires
+            .duration_since(std::time::SystemTime::now())
+            .expect("in the future");
+        assert!(left > hour - std::time::Duration::from_secs(60) && left <= hour);
         let identity = request.identity(cert, vec![ca.cert_der().to_vec()]);
         identity.server_config().expect("server config");
         identity.client_config().expect("client config");
-        assert!(ca.sign_csr(b"not a csr", "x").is_err());
+        assert!(ca.sign_csr(b"not a csr", "x", Some(hour)).is_err());
     }
 
     #[test]
@@ -296,7 +337,7 @@ mod tests {
             .distinguished_name
             .push(DnType::CommonName, "impostor");
         let csr = params.serialize_request(&key).expect("csr");
-        let cert = ca.sign_csr(csr.der(), "agent-7").expect("sign");
+        let cert = ca.sign_csr(csr.der(), "agent-7", None).expect("sign");
         // Names are stored as plain strings in the DER encoding.
         let has = |needle: &str| cert.windows(needle.len()).any(|w| w == needle.as_bytes());
         assert!(has(SERVER_NAME) && has("agent-7"));

@@ -349,3 +349,65 @@ async fn agents_prove_their_token_and_act_only_as_themselves() -> Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn certificates_are_short_lived_and_renewed_without_a_pause() -> Result<()> {
+    // Certificates of 10 s: renewed every 5 s; a peer refuses an expired one.
+    let cluster = Cluster::start_configured(
+        2,
+        &[],
+        2000,
+        "agent_certificate_validity_ms = \"10s\"\n",
+        "",
+    )
+    .await?;
+    let ids = agent_ids(&cluster).await?;
+    let file = random_file(cluster.dir.path(), "blob", 4 * MIB, 37)?;
+    let digest = cluster.push(0, &file)?;
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64())
+    };
+    let first = cluster.agents[1].metric("shoal_agent_certificate_expiry_timestamp_seconds")?;
+    ensure!(
+        first > now() && first < now() + 11.0,
+        "the first certificate expires at {first}, now is {}",
+        now()
+    );
+    // Past the first certificates' end: both agents hold newer ones, and still serve each
+    // other (new connections, with the renewed certificates) with their sessions up.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    for agent in &cluster.agents {
+        let expiry = agent.metric("shoal_agent_certificate_expiry_timestamp_seconds")?;
+        ensure!(
+            expiry > now(),
+            "a certificate ran out: {expiry} < {}",
+            now()
+        );
+        ensure!(
+            read(&agent.proc.log).contains("renewed the agent's certificate"),
+            "no renewal in the log"
+        );
+    }
+    let job = cluster
+        .client()
+        .await?
+        .distribute(pb::DistributeRequest {
+            blobs: vec![digest],
+            targets: to(&[&ids[1]]),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .job_id;
+    let job = cluster.wait_job(&job, Duration::from_secs(60)).await?;
+    ensure!(
+        job.state() == pb::JobState::Done,
+        "job {:?}; logs:\n{}\n{}",
+        job.state(),
+        read(&cluster.agents[0].proc.log),
+        read(&cluster.agents[1].proc.log)
+    );
+    Ok(())
+}

@@ -63,8 +63,10 @@ impl State {
         let certificate_der = if req.csr_der.is_empty() {
             Vec::new()
         } else {
-            (self.ca.sign_csr(&req.csr_der, &id))
-                .map_err(|e| ApiError::InvalidArgument(format!("csr_der: {e}")))?
+            (self
+                .ca
+                .sign_csr(&req.csr_der, &id, self.config.certificate_validity))
+            .map_err(|e| ApiError::InvalidArgument(format!("csr_der: {e}")))?
         };
         let (agent_secret, hash) = if needs_secret {
             let secret = super::agents::random_hex(32);
@@ -137,6 +139,32 @@ impl State {
             }
         }
         (id, true)
+    }
+
+    /// A fresh certificate for an agent that proved its id with its current one (not
+    /// expired, not revoked: its TLS handshake and this check).
+    pub(super) fn renew_certificate(
+        &self,
+        agent_id: &str,
+        csr_der: &[u8],
+    ) -> Result<pb::RenewCertificateResponse, ApiError> {
+        if self.secrets.is_revoked(agent_id) {
+            return Err(ApiError::PermissionDenied(format!(
+                "agent {agent_id} was removed: its certificate is revoked"
+            )));
+        }
+        if self.agents.host_of(agent_id).is_none() {
+            return Err(ApiError::NotFound(format!(
+                "agent {agent_id} is not known: join again"
+            )));
+        }
+        let certificate_der = (self.ca)
+            .sign_csr(csr_der, agent_id, self.config.certificate_validity)
+            .map_err(|e| ApiError::InvalidArgument(format!("csr_der: {e}")))?;
+        Ok(pb::RenewCertificateResponse {
+            certificate_der,
+            ca_certificates_der: vec![self.ca.cert_der().to_vec()],
+        })
     }
 
     pub(super) fn open_session(

@@ -270,3 +270,47 @@ fn a_removed_agent_is_revoked_for_everyone_and_its_id_never_comes_back() {
         other => panic!("first message {other:?}"),
     }
 }
+
+#[test]
+fn a_certificate_is_renewed_only_for_a_known_agent_not_revoked() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut s = state(dir.path(), Duration::from_secs(30));
+    join(&mut s, "agent-0001", 10);
+    let csr = shoal_pki::CertificateRequest::generate().expect("csr");
+    let renew = |s: &mut S, id: &str| {
+        let (agent_id, csr_der) = (id.to_string(), csr.csr_der().to_vec());
+        s.ask(|reply| Request::RenewCertificate {
+            agent_id,
+            csr_der,
+            reply,
+        })
+    };
+    let renewed = renew(&mut s, "agent-0001").expect("renewed");
+    let cert = shoal_pki::CertificateDer::from(renewed.certificate_der);
+    assert_eq!(
+        shoal_pki::grpc::agent_id_of(&cert).as_deref(),
+        Some("agent-0001")
+    );
+    let (_, until) = shoal_pki::validity(&cert).expect("validity");
+    let left = until
+        .duration_since(std::time::SystemTime::now())
+        .expect("valid");
+    assert!(left <= Duration::from_secs(3600), "valid for {left:?}");
+    assert!(matches!(
+        renew(&mut s, "agent-0009"),
+        Err(ApiError::NotFound(_))
+    ));
+    s.ask(|r| {
+        Request::RemoveAgent(
+            pb::RemoveAgentRequest {
+                agent_id: "agent-0001".into(),
+            },
+            r,
+        )
+    })
+    .expect("remove");
+    assert!(matches!(
+        renew(&mut s, "agent-0001"),
+        Err(ApiError::PermissionDenied(_))
+    ));
+}
