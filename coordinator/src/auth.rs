@@ -49,21 +49,21 @@ const MIN_TOKEN_LEN: usize = 16;
 /// The configured tokens, kept as SHA-256 hashes.
 #[derive(Debug, Default)]
 pub(crate) struct Tokens {
-    entries: Vec<(String, Role, Digest)>,
+    entries: Vec<(String, Role, [u8; 32])>,
 }
 
 impl Tokens {
     /// Reads every token file. A missing or short token, or one name or token used twice,
     /// is an error that names the entry (never the token).
     pub(crate) fn load(configured: &[ApiToken]) -> Result<Self, String> {
-        let mut entries: Vec<(String, Role, Digest)> = Vec::new();
+        let mut entries: Vec<(String, Role, [u8; 32])> = Vec::new();
         for (i, t) in configured.iter().enumerate() {
             let at = format!("api_tokens[{i}] ({:?})", t.name);
             if t.name.is_empty() || t.name.chars().any(|c| c.is_whitespace() || c.is_control()) {
                 return Err(format!("{at}: name must be non-empty, without spaces"));
             }
             let token = read_token(&t.token_file).map_err(|e| format!("{at}: {e}"))?;
-            let hash = Digest::of(token.as_bytes());
+            let hash = *Digest::of(token.as_bytes()).as_bytes();
             if entries.iter().any(|(n, _, _)| *n == t.name) {
                 return Err(format!("{at}: the name is used twice"));
             }
@@ -77,10 +77,9 @@ impl Tokens {
 
     /// The name and role of `given`, compared against every entry in constant time.
     fn find(&self, given: &str) -> Option<(&str, Role)> {
-        let hash = Digest::of(given.as_bytes());
         let mut found = None;
-        for (name, role, h) in &self.entries {
-            if same_bytes(h.as_bytes(), hash.as_bytes()) {
+        for (name, role, hash) in &self.entries {
+            if same_hash(hash, given) {
                 found = Some((name.as_str(), *role));
             }
         }
@@ -92,8 +91,15 @@ impl Tokens {
     }
 }
 
-fn same_bytes(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// Whether `secret` hashes to `hash`, in time that depends on neither: SHA-256 digests (fixed
+/// length, so no early exit on a length difference) compared byte for byte without stopping
+/// at the first difference. Join tokens, agent secrets and API tokens all go through it.
+pub(crate) fn same_hash(hash: &[u8; 32], secret: &str) -> bool {
+    let given = Digest::of(secret.as_bytes());
+    let differ = (given.as_bytes().iter())
+        .zip(hash)
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(differ) == 0
 }
 
 fn read_token(path: &Path) -> Result<String, String> {

@@ -26,6 +26,13 @@ pub use image::{
     DEFAULT_PLATFORM, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, ResolvedImage, resolve_image,
 };
 pub use pacing::THROTTLED;
+
+/// How many challenges of a `WWW-Authenticate` value this client understands (Bearer with a
+/// realm, Basic). For the fuzz tests: the parser meets whatever a registry sends.
+#[doc(hidden)]
+pub fn parse_www_authenticate(header: &str) -> usize {
+    auth::parse_challenges(header).len()
+}
 pub use reference::{DOCKER_HUB, NAME_MAX_LEN, Reference, validate_repository, validate_tag};
 pub use shoal_proto::Digest;
 

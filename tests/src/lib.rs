@@ -2,9 +2,11 @@
 //!
 //! Real-tool fixtures, started by the tests themselves on loopback: an OCI registry
 //! ([`registry`]), OCI images built offline and moved with skopeo ([`oci_image`]), and
-//! containerd with `ctr` ([`containerd`]). [`tools`] finds their binaries.
+//! containerd with `ctr` ([`containerd`]). [`tools`] finds their binaries. [`fuzz`] is a small mutation fuzzer
+//! for `tests/fuzz.rs`.
 
 pub mod containerd;
+pub mod fuzz;
 pub mod netns;
 pub mod oci_image;
 pub mod registry;

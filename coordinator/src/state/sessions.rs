@@ -8,6 +8,7 @@ use shoal_proto::pb::v1 as pb;
 
 use super::agents::Admission;
 use super::{ApiError, Now, Reply, SessionId, SessionTx, State, when_stored};
+use crate::auth::same_hash;
 
 impl State {
     /// Join; one that gets a new secret is answered once its hash is stored.
@@ -247,14 +248,6 @@ impl State {
 }
 
 /// Whether `secret` hashes to `hash`, in time that does not depend on where they differ.
-fn same_hash(hash: &[u8; 32], secret: &str) -> bool {
-    let given = shoal_proto::Digest::of(secret.as_bytes());
-    let differ = (given.as_bytes().iter())
-        .zip(hash)
-        .fold(0u8, |acc, (x, y)| acc | (x ^ y));
-    std::hint::black_box(differ) == 0
-}
-
 /// Whether two secrets are equal, in time that depends on neither: their SHA-256 digests
 /// (fixed length, so no early exit on a length difference either) compared byte for byte
 /// without stopping at the first difference.
