@@ -141,6 +141,36 @@ impl FrameHeader {
     }
 }
 
+/// The decoder's contract, checked on `data` (a fuzz target: `tests/tests/fuzz.rs` on stable,
+/// `proto/fuzz` with cargo-fuzz): it never panics, answers "incomplete" without consuming
+/// anything, and every frame it accepts re-encodes to the bytes it was read from. Panics when
+/// the contract breaks.
+#[doc(hidden)]
+pub fn check_decoder(data: &[u8]) {
+    let mut buf = Bytes::copy_from_slice(data);
+    loop {
+        let before = buf.remaining();
+        match decode(&mut buf) {
+            Ok(Some(frame)) => {
+                let consumed = before - buf.remaining();
+                let start = data.len() - before;
+                let mut again = BytesMut::new();
+                frame.encode(&mut again);
+                assert_eq!(&again[..], &data[start..start + consumed]);
+            }
+            Ok(None) => {
+                assert_eq!(
+                    buf.remaining(),
+                    before,
+                    "incomplete, yet bytes were consumed"
+                );
+                break;
+            }
+            Err(_) => break,
+        }
+    }
+}
+
 /// Checks a frame header: version, kind and the length cap.
 pub fn decode_header(header: [u8; HEADER_LEN]) -> Result<FrameHeader, WireError> {
     let [version, kind, l0, l1, l2, l3] = header;
