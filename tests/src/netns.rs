@@ -269,6 +269,17 @@ impl CpuGroup {
             .arg("sh")
             .arg(command.get_program())
             .args(command.get_args());
+        // What the command was given besides its arguments (the client commands' coordinator
+        // address, CA and token come in the environment).
+        for (key, value) in command.get_envs() {
+            match value {
+                Some(v) => c.env(key, v),
+                None => c.env_remove(key),
+            };
+        }
+        if let Some(dir) = command.get_current_dir() {
+            c.current_dir(dir);
+        }
         c
     }
 
