@@ -411,3 +411,56 @@ async fn certificates_are_short_lived_and_renewed_without_a_pause() -> Result<()
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn plaintext_only_when_asked_for_and_then_with_a_warning() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let log = dir.path().join("log");
+    let mut coordinator = shoal()
+        .args(["coordinator", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--join-token", TOKEN])
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .env("SHOAL_INSECURE", "true")
+        .env("SHOAL_LOG", "info")
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()?;
+    let result = async {
+        // Anyone may call it, without TLS or a token.
+        let channel = grpc::api_channel(
+            &format!("http://127.0.0.1:{port}"),
+            None,
+            Duration::from_secs(2),
+        )?;
+        let mut c = grpc::api_client(channel, None)?;
+        let mut answered = false;
+        for _ in 0..100 {
+            if c.list_agents(pb::ListAgentsRequest::default())
+                .await
+                .is_ok()
+            {
+                answered = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        ensure!(
+            answered,
+            "the insecure coordinator never answered: {}",
+            read(&log)
+        );
+        ensure!(
+            read(&log).contains("insecure = true") && read(&log).contains("WARN"),
+            "no warning at start: {}",
+            read(&log)
+        );
+        Ok(())
+    }
+    .await;
+    let _ = coordinator.kill();
+    let _ = coordinator.wait();
+    result
+}
