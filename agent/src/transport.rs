@@ -353,7 +353,7 @@ impl ChunkEndpoint {
             .await
             .map_err(|_| TransportError::ConnectTimeout { peer })?
             .map_err(|source| TransportError::Connection { peer, source })?;
-        if let Some(id) = peer_agent_id(&conn).filter(|id| self.inner.is_revoked(id)) {
+        if let Some(id) = self.inner.revoked_peer(&conn) {
             conn.close(0u32.into(), b"revoked");
             return Err(TransportError::Revoked { peer, agent_id: id });
         }
@@ -397,13 +397,18 @@ impl ChunkEndpoint {
     }
 }
 
-/// The agent id in the certificate `conn`'s peer presented (verified by the handshake).
-pub(crate) fn peer_agent_id(conn: &quinn::Connection) -> Option<String> {
+/// The end-entity certificate `conn`'s peer presented (verified by the handshake).
+fn leaf_certificate(conn: &quinn::Connection) -> Option<tls::CertificateDer<'static>> {
     let chain = conn
         .peer_identity()?
-        .downcast::<Vec<quinn::rustls::pki_types::CertificateDer<'static>>>()
+        .downcast::<Vec<tls::CertificateDer<'static>>>()
         .ok()?;
-    chain.first().and_then(tls::grpc::agent_id_of)
+    chain.first().cloned()
+}
+
+/// The agent id in the certificate `conn`'s peer presented.
+pub(crate) fn peer_agent_id(conn: &quinn::Connection) -> Option<String> {
+    leaf_certificate(conn).and_then(|c| tls::grpc::agent_id_of(&c))
 }
 
 /// The QUIC server and client configs for `identity`.
@@ -426,6 +431,20 @@ fn quic_configs(
 }
 
 impl Inner {
+    /// The revoked agent `conn`'s peer is, if it is one (no certificate is parsed while
+    /// nothing is revoked).
+    fn revoked_peer(&self, conn: &quinn::Connection) -> Option<String> {
+        if self
+            .revoked
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+        {
+            return None;
+        }
+        peer_agent_id(conn).filter(|id| self.is_revoked(id))
+    }
+
     fn is_revoked(&self, agent_id: &str) -> bool {
         self.revoked
             .read()

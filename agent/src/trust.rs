@@ -88,7 +88,8 @@ impl CoordinatorTrust {
         } else {
             None
         };
-        Ok(self.url.channel(endpoint, tls))
+        (self.url.channel(endpoint, tls))
+            .map_err(|e| AgentError::Config(format!("coordinator: {e}")))
     }
 }
 
@@ -99,7 +100,9 @@ async fn learn_ca(
     mut stop: watch::Receiver<bool>,
 ) -> Result<CertificateDer<'static>, AgentError> {
     let endpoint = url.endpoint().connect_timeout(Duration::from_secs(5));
-    let channel = url.channel(endpoint, Some(Arc::new(grpc::bootstrap_client_config()?)));
+    let channel = url
+        .channel(endpoint, Some(Arc::new(grpc::bootstrap_client_config()?)))
+        .map_err(|e| AgentError::Config(format!("coordinator: {e}")))?;
     let mut client = AgentSessionClient::new(channel);
     let mut backoff = Backoff::new();
     loop {

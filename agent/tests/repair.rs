@@ -43,6 +43,15 @@ fn content() -> Vec<u8> {
         .collect()
 }
 
+/// The test blob written to `dir/blob.bin`: its bytes, the file and its manifest.
+fn blob_file(dir: &std::path::Path) -> Result<(Vec<u8>, std::path::PathBuf, Manifest)> {
+    let content = content();
+    let file = dir.join("blob.bin");
+    std::fs::write(&file, &content)?;
+    let manifest = Manifest::from_reader(&content[..], CHUNK)?;
+    Ok((content, file, manifest))
+}
+
 async fn push(agent: &Agent, file: &Path, pin: bool) -> Result<()> {
     let mut local = local_api::connect(agent.local_socket()).await?;
     let mut push = local
@@ -181,10 +190,7 @@ async fn a_chunk_that_rots_at_a_pinned_holder_is_found_by_the_scrub_reported_and
     .await?;
     let mut client = CoordinatorClient::connect(coordinator.url()).await?;
 
-    let content = content();
-    let file = dir.path().join("blob.bin");
-    std::fs::write(&file, &content)?;
-    let manifest = Manifest::from_reader(&content[..], CHUNK)?;
+    let (content, file, manifest) = blob_file(dir.path())?;
     let digest = manifest.digest();
     push(&holder, &file, true).await?;
     distribute(&mut client, &digest, &[&peer]).await?;
@@ -271,10 +277,7 @@ async fn a_chunk_a_peer_rejects_is_dropped_at_its_source_and_no_peer_gets_it_twi
     .await?;
     let mut client = CoordinatorClient::connect(coordinator.url()).await?;
 
-    let content = content();
-    let file = dir.path().join("blob.bin");
-    std::fs::write(&file, &content)?;
-    let manifest = Manifest::from_reader(&content[..], CHUNK)?;
+    let (content, file, manifest) = blob_file(dir.path())?;
     let digest = manifest.digest();
     let n = manifest.chunk_count();
     push(&source, &file, true).await?;

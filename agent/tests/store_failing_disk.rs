@@ -188,29 +188,41 @@ fn path(p: &Path) -> Result<&str> {
     p.to_str().context("a UTF-8 path")
 }
 
-fn content() -> Vec<u8> {
-    (0..(CHUNKS * CHUNK_SIZE) as usize)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-        .collect()
+/// The test blob: its bytes and manifest.
+struct Blob {
+    data: Vec<u8>,
+    manifest: Manifest,
+}
+
+impl Blob {
+    fn new() -> Result<Self> {
+        let data: Vec<u8> = (0..(CHUNKS * CHUNK_SIZE) as usize)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let manifest = Manifest::from_reader(&data[..], CHUNK_SIZE)?;
+        Ok(Self { data, manifest })
+    }
+
+    fn chunk(&self, i: u32) -> &[u8] {
+        let r = self.manifest.chunk_range(ChunkIndex(i)).expect("range");
+        &self.data[r.start as usize..r.end as usize]
+    }
 }
 
 #[test]
 fn store_a_failed_fdatasync_is_a_lost_write_never_retried_and_trusted() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let disk = FailingDisk::new(dir.path())?;
-    let data = content();
-    let m = Manifest::from_reader(&data[..], CHUNK_SIZE)?;
+    let blob = Blob::new()?;
+    let (data, m) = (&blob.data, &blob.manifest);
     let d = m.digest();
-    let chunk = |i: u32| {
-        let r = m.chunk_range(ChunkIndex(i)).expect("range");
-        &data[r.start as usize..r.end as usize]
-    };
+    let chunk = |i: u32| blob.chunk(i);
     let root = disk.mount.join("store");
     {
         let store = open(&root, 1 << 30);
         let mut damage = store.damage();
         let mut removals = store.removals();
-        store.insert_manifest(&m)?;
+        store.insert_manifest(m)?;
         store.pin(&d)?;
         run(&["sync"])?;
         let filler = disk.fill_leaving(ROOM)?;
@@ -244,7 +256,7 @@ fn store_a_failed_fdatasync_is_a_lost_write_never_retried_and_trusted() -> Resul
         // The disk has room again. A retried fdatasync would now succeed and vouch for the
         // lost chunks; the blob is taken again instead, into new files.
         std::fs::remove_file(filler)?;
-        store.insert_manifest(&m)?;
+        store.insert_manifest(m)?;
         for i in 0..CHUNKS {
             assert_eq!(
                 store.put_chunk(&d, ChunkIndex(i), chunk(i))?,
@@ -279,15 +291,12 @@ fn store_a_failed_fdatasync_is_a_lost_write_never_retried_and_trusted() -> Resul
 fn store_a_check_reads_the_disk_not_a_cached_copy() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let disk = FailingDisk::new(dir.path())?;
-    let data = content();
-    let m = Manifest::from_reader(&data[..], CHUNK_SIZE)?;
+    let blob = Blob::new()?;
+    let m = &blob.manifest;
     let d = m.digest();
-    let chunk = |i: u32| {
-        let r = m.chunk_range(ChunkIndex(i)).expect("range");
-        &data[r.start as usize..r.end as usize]
-    };
+    let chunk = |i: u32| blob.chunk(i);
     let store = open(&disk.mount.join("store"), 1 << 30);
-    store.insert_manifest(&m)?;
+    store.insert_manifest(m)?;
     for i in 0..CHUNKS {
         store.put_chunk(&d, ChunkIndex(i), chunk(i))?;
     }

@@ -77,17 +77,18 @@ impl Tokens {
 
     /// The name and role of `given`, compared against every entry in constant time.
     fn find(&self, given: &str) -> Option<(&str, Role)> {
+        let given = Digest::of(given.as_bytes());
         let mut found = None;
         for (name, role, hash) in &self.entries {
-            if same_hash(hash, given) {
+            if same_digest(hash, given.as_bytes()) {
                 found = Some((name.as_str(), *role));
             }
         }
         found
     }
 
-    pub(crate) fn len(&self) -> usize {
-        self.entries.len()
+    pub(crate) fn is_empty(&self) -> bool {
+        self.entries.is_empty()
     }
 }
 
@@ -95,10 +96,12 @@ impl Tokens {
 /// length, so no early exit on a length difference) compared byte for byte without stopping
 /// at the first difference. Join tokens, agent secrets and API tokens all go through it.
 pub(crate) fn same_hash(hash: &[u8; 32], secret: &str) -> bool {
-    let given = Digest::of(secret.as_bytes());
-    let differ = (given.as_bytes().iter())
-        .zip(hash)
-        .fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    same_digest(hash, Digest::of(secret.as_bytes()).as_bytes())
+}
+
+/// Whether two digests are equal, without stopping at the first difference.
+fn same_digest(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    let differ = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
     std::hint::black_box(differ) == 0
 }
 

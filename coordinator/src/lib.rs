@@ -309,7 +309,7 @@ async fn serve(
         );
         None
     } else {
-        if tokens.len() == 0 {
+        if tokens.is_empty() {
             tracing::warn!(
                 "no api_tokens configured: only agents can call this coordinator (see docs/SECURITY.md)"
             );

@@ -383,7 +383,7 @@ impl State {
                 csr_der,
                 reply,
             } => {
-                let _ = reply.send(self.renew_certificate(&agent_id, &csr_der));
+                let _ = reply.send(self.renew_certificate(&agent_id, &csr_der, now));
             }
             Request::RemoveBlob(req, reply) => self.remove_blob(req, now, reply),
             Request::DrainAgent(req, reply) => {
@@ -421,4 +421,4 @@ impl State {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -14,7 +14,7 @@ use crate::{CoordinatorConfig, Started};
 mod health;
 mod slow_disk;
 
-const TOKEN: &str = "t";
+use crate::state::tests::TOKEN;
 
 fn config(dir: &std::path::Path, lease: Duration) -> CoordinatorConfig {
     CoordinatorConfig {
@@ -43,15 +43,7 @@ type Inbox = mpsc::Receiver<Result<pb::CoordinatorMessage, tonic::Status>>;
 
 /// An agent that joined and opened its session.
 async fn agent(requests: &mpsc::Sender<Request>, id: &str, port: u16) -> (SessionId, Inbox) {
-    let req = pb::JoinRequest {
-        token: TOKEN.into(),
-        quic_addresses: vec![format!("127.0.0.1:{port}")],
-        upload_capacity_bytes_per_sec: 1 << 30,
-        download_capacity_bytes_per_sec: 1 << 30,
-        previous_agent_id: id.into(),
-        protocol: shoal_proto::SESSION_PROTOCOL,
-        ..Default::default()
-    };
+    let req = crate::state::tests::join_request(id, "", port);
     let joined = ask(requests, |r| Request::Join(req, r))
         .await
         .expect("join");

@@ -249,18 +249,23 @@ impl CoordinatorUrl {
         tonic::transport::Endpoint::from(self.plain.clone())
     }
 
-    /// A lazily connecting channel over `endpoint`: TLS with `tls` for an `https` address
-    /// (`tls` must then be given), plaintext for `http`.
+    /// A lazily connecting channel over `endpoint`: TLS with `tls` for an `https` address,
+    /// plaintext for `http`. An `https` address without a TLS config is an error, never a
+    /// silent plaintext connection.
     pub fn channel(
         &self,
         endpoint: tonic::transport::Endpoint,
         tls: Option<Arc<rustls::ClientConfig>>,
-    ) -> tonic::transport::Channel {
+    ) -> Result<tonic::transport::Channel, ClientError> {
         match (self.tls, tls) {
-            (true, Some(config)) => endpoint.connect_with_connector_lazy(TlsConnector(
+            (true, Some(config)) => Ok(endpoint.connect_with_connector_lazy(TlsConnector(
                 tokio_rustls::TlsConnector::from(config),
-            )),
-            _ => endpoint.connect_lazy(),
+            ))),
+            (true, None) => Err(ClientError::NoCa(format!(
+                "https://{}",
+                self.plain.authority().map_or("", |a| a.as_str())
+            ))),
+            (false, _) => Ok(endpoint.connect_lazy()),
         }
     }
 }
@@ -363,7 +368,7 @@ pub fn api_channel(
         None
     };
     let endpoint = parsed.endpoint().connect_timeout(connect_timeout);
-    Ok(parsed.channel(endpoint, tls))
+    parsed.channel(endpoint, tls)
 }
 
 /// A job-API client on `channel` presenting `token`.
@@ -409,11 +414,13 @@ mod tests {
 
     #[test]
     fn addresses() {
-        assert!(
-            CoordinatorUrl::parse("https://10.0.0.1:7400")
-                .unwrap()
-                .tls()
-        );
+        let url = CoordinatorUrl::parse("https://10.0.0.1:7400").unwrap();
+        assert!(url.tls());
+        // No downgrade: TLS asked for and no config to do it is an error, not plaintext.
+        assert!(matches!(
+            url.channel(url.endpoint(), None),
+            Err(ClientError::NoCa(_))
+        ));
         assert!(!CoordinatorUrl::parse("http://[::1]:7400").unwrap().tls());
         assert!(CoordinatorUrl::parse("ftp://x:1").is_err());
         assert!(CoordinatorUrl::parse("not a url").is_err());

@@ -139,13 +139,13 @@ impl ClusterCa {
     /// Signs an agent's PKCS#10 request (DER, as sent in `JoinRequest.csr_der`) and returns
     /// the certificate in DER. Only the request's public key is taken (its signature is
     /// checked); names and usages are the CA's: [`SERVER_NAME`], server and client auth, and
-    /// `agent_name` as common name. Valid from a few minutes ago (clocks differ) for
-    /// `validity`, or as long as the CA without one.
+    /// `agent_name` as common name. With `validity` = (now, how long): valid from a few
+    /// minutes before now (clocks differ) for that long; without, as long as the CA.
     pub fn sign_csr(
         &self,
         csr_der: &[u8],
         agent_name: &str,
-        validity: Option<std::time::Duration>,
+        validity: Option<(std::time::SystemTime, std::time::Duration)>,
     ) -> Result<Vec<u8>, TlsError> {
         let der = rustls_pki_types::CertificateSigningRequestDer::from(csr_der);
         let csr = rcgen::CertificateSigningRequestParams::from_der(&der)?;
@@ -159,11 +159,11 @@ const CLOCK_SKEW: std::time::Duration = std::time::Duration::from_secs(300);
 
 fn agent_params(
     agent_name: &str,
-    validity: Option<std::time::Duration>,
+    validity: Option<(std::time::SystemTime, std::time::Duration)>,
 ) -> Result<CertificateParams, TlsError> {
     let mut params = CertificateParams::new(vec![SERVER_NAME.to_string()])?;
-    if let Some(validity) = validity {
-        let now = time::OffsetDateTime::now_utc();
+    if let Some((now, validity)) = validity {
+        let now = time::OffsetDateTime::from(now);
         params.not_before = now - CLOCK_SKEW;
         params.not_after = now + validity;
     }
@@ -315,7 +315,11 @@ mod tests {
         let request = CertificateRequest::generate().expect("csr");
         let hour = std::time::Duration::from_secs(3600);
         let cert = ca
-            .sign_csr(request.csr_der(), "agent-7", Some(hour))
+            .sign_csr(
+                request.csr_der(),
+                "agent-7",
+                Some((std::time::SystemTime::now(), hour)),
+            )
             .expect("sign");
         let (_, expires) = validity(&CertificateDer::from(cert.clone())).expect("validity");
         let left = expires
@@ -325,7 +329,7 @@ mod tests {
         let identity = request.identity(cert, vec![ca.cert_der().to_vec()]);
         identity.server_config().expect("server config");
         identity.client_config().expect("client config");
-        assert!(ca.sign_csr(b"not a csr", "x", Some(hour)).is_err());
+        assert!(ca.sign_csr(b"not a csr", "x", None).is_err());
     }
 
     #[test]

@@ -13,13 +13,8 @@ pub(super) type PeerKey = [u8; 32];
 
 /// The key of `conn`'s peer: SHA-256 of its leaf certificate, else of its address.
 pub(super) fn peer_key(conn: &quinn::Connection) -> PeerKey {
-    let certificate = (conn.peer_identity())
-        .and_then(|any| {
-            any.downcast::<Vec<quinn::rustls::pki_types::CertificateDer<'static>>>()
-                .ok()
-        })
-        .and_then(|chain| chain.first().map(|c| Digest::of(c.as_ref())));
-    certificate
+    super::leaf_certificate(conn)
+        .map(|c| Digest::of(c.as_ref()))
         .unwrap_or_else(|| Digest::of(conn.remote_address().to_string().as_bytes()))
         .as_bytes()
         .to_owned()

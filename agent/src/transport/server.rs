@@ -65,9 +65,7 @@ pub(super) async fn accept_loop(inner: Weak<Inner>) {
             match incoming.await {
                 Ok(conn) => {
                     if let Some(inner) = inner.upgrade() {
-                        if let Some(id) =
-                            super::peer_agent_id(&conn).filter(|id| inner.is_revoked(id))
-                        {
+                        if let Some(id) = inner.revoked_peer(&conn) {
                             tracing::info!(agent = id, peer = %conn.remote_address(), "refused a revoked agent");
                             conn.close(0u32.into(), b"revoked");
                             return;

@@ -279,7 +279,7 @@ async fn agents_prove_their_token_and_act_only_as_themselves() -> Result<()> {
     let roots = grpc::certificates_from_pem(&ca);
     let channel = |identity: Option<&shoal_pki::Identity>| -> Result<_> {
         let tls = Arc::new(grpc::client_config(&roots, identity)?);
-        Ok(url.channel(url.endpoint(), Some(tls)))
+        Ok(url.channel(url.endpoint(), Some(tls))?)
     };
     let csr = shoal_pki::CertificateRequest::generate()?;
     let joined = AgentSessionClient::new(channel(None)?)

@@ -66,7 +66,7 @@ impl State {
         } else {
             (self
                 .ca
-                .sign_csr(&req.csr_der, &id, self.config.certificate_validity))
+                .sign_csr(&req.csr_der, &id, self.certificate_validity(now)))
             .map_err(|e| ApiError::InvalidArgument(format!("csr_der: {e}")))?
         };
         let (agent_secret, hash) = if needs_secret {
@@ -148,6 +148,7 @@ impl State {
         &self,
         agent_id: &str,
         csr_der: &[u8],
+        now: Now,
     ) -> Result<pb::RenewCertificateResponse, ApiError> {
         if self.secrets.is_revoked(agent_id) {
             return Err(ApiError::PermissionDenied(format!(
@@ -160,12 +161,21 @@ impl State {
             )));
         }
         let certificate_der = (self.ca)
-            .sign_csr(csr_der, agent_id, self.config.certificate_validity)
+            .sign_csr(csr_der, agent_id, self.certificate_validity(now))
             .map_err(|e| ApiError::InvalidArgument(format!("csr_der: {e}")))?;
         Ok(pb::RenewCertificateResponse {
             certificate_der,
             ca_certificates_der: vec![self.ca.cert_der().to_vec()],
         })
+    }
+
+    /// What a certificate signed now gets: valid from the state's wall clock, if
+    /// certificates expire at all.
+    fn certificate_validity(
+        &self,
+        now: Now,
+    ) -> Option<(std::time::SystemTime, std::time::Duration)> {
+        self.config.certificate_validity.map(|v| (now.wall, v))
     }
 
     pub(super) fn open_session(

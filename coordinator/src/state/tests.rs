@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::{ApiError, Now, Reply, Request, SessionId, State, StateConfig};
 use crate::db::Db;
 
-const TOKEN: &str = "t";
+pub(crate) const TOKEN: &str = "t";
 
 fn config(lease: Duration) -> StateConfig {
     StateConfig {
@@ -153,8 +153,10 @@ fn join(s: &mut S, id: &str, port: u16) -> pb::JoinResponse {
     join_with_secret(s, id, &secret, port)
 }
 
-fn join_with_secret(s: &mut S, id: &str, secret: &str, port: u16) -> pb::JoinResponse {
-    let req = pb::JoinRequest {
+/// A Join as agent `id` (with `secret`, if any) announcing 127.0.0.1:`port` and 1 GiB/s each
+/// way.
+pub(crate) fn join_request(id: &str, secret: &str, port: u16) -> pb::JoinRequest {
+    pb::JoinRequest {
         token: TOKEN.into(),
         quic_addresses: vec![format!("127.0.0.1:{port}")],
         upload_capacity_bytes_per_sec: 1 << 30,
@@ -163,7 +165,11 @@ fn join_with_secret(s: &mut S, id: &str, secret: &str, port: u16) -> pb::JoinRes
         protocol: shoal_proto::SESSION_PROTOCOL,
         agent_secret: secret.into(),
         ..Default::default()
-    };
+    }
+}
+
+fn join_with_secret(s: &mut S, id: &str, secret: &str, port: u16) -> pb::JoinResponse {
+    let req = join_request(id, secret, port);
     let joined = s.ask(|r| Request::Join(req, r)).expect("join");
     if !joined.agent_secret.is_empty() {
         SECRETS.with(|m| {
