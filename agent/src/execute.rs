@@ -69,6 +69,38 @@ impl Executor {
                 tracing::info!(agents = ?r.agent_ids, replace = r.replace, "revoked agents");
                 self.downloader.endpoint.revoke(&r.agent_ids, r.replace);
             }
+            Incoming::RegisterBlobs(r) => {
+                let this = self.clone();
+                tokio::spawn(async move { this.register_again(r).await });
+            }
+        }
+    }
+
+    /// The coordinator's catalog lacks blobs this agent reported whole: registers those it
+    /// still holds whole, each read against its digest first (once per process) so that
+    /// this agent never vouches for a copy its disk spoiled (that one is dropped instead).
+    async fn register_again(self, r: pb::RegisterBlobs) {
+        for digest in &r.blob_digests {
+            let Ok(blob) = Digest::from_slice(digest) else {
+                continue;
+            };
+            let Some(manifest) = (self.store.manifest(&blob)).filter(|m| !m.is_provisional())
+            else {
+                continue;
+            };
+            if !self.store.is_complete(&blob) {
+                continue;
+            }
+            let store = self.store.clone();
+            if let Err(f) = blocking(move || verify_whole(&store, &blob)).await {
+                tracing::warn!(%blob, error = f.message, "not registering a blob that failed its check");
+                continue;
+            }
+            tracing::info!(%blob, "registering a blob again, as the coordinator asked");
+            self.coordinator
+                .send(Msg::BlobRegistered(pb::BlobRegistered {
+                    manifest: Some(pb::Manifest::from(manifest.as_ref())),
+                }));
         }
     }
 

@@ -52,6 +52,10 @@ pub struct StoredBlob {
     pub registered_by: String,
     #[prost(message, optional, tag = "3")]
     pub registered_at: Option<prost_types::Timestamp>,
+    /// Only its registrant vouches for it so far (rows written before this field were
+    /// all confirmed).
+    #[prost(bool, tag = "4")]
+    pub unconfirmed: bool,
 }
 
 /// One change to the database. The writer (`crate::writer`) applies the changes queued

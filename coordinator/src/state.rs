@@ -3,7 +3,8 @@
 //!
 //! Who owns what:
 //! - [`agents::Agents`]: who joined, sessions, leases (soft);
-//! - [`catalog::Catalog`]: manifests (durable once verified) and who holds what (soft);
+//! - [`catalog::Catalog`]: manifests, who vouches for each (durable unless seeded), and who
+//!   holds what (soft);
 //! - [`jobs::Jobs`]: jobs and their targets, which jobs want which blob where, watchers, and
 //!   their persistence; every target transition is a method there;
 //! - [`orders::Orders`]: the one order out per (agent, blob), its kind, and the durable
@@ -12,7 +13,9 @@
 //!   nobody holds from its origin, and URL single flight);
 //! - [`streams::Streams`]: blobs seeded whole whose other targets fetch them while the
 //!   seed runs (provisional manifests, `streaming.rs` is their glue);
-//! - [`secrets::Secrets`]: the hashes of agents' secrets (durable).
+//! - [`secrets::Secrets`]: the hashes of agents' secrets (durable);
+//! - [`vetting::Vetting`]: agents quarantined for a wrong manifest, and blobs the catalog
+//!   asks their holders to register again (soft).
 //!
 //! The durable owners read the database once, in [`State::new`], and from then on queue
 //! their writes for the writer thread (`crate::writer`) and never wait for the disk; what a
@@ -38,6 +41,7 @@ mod secrets;
 mod sessions;
 mod streaming;
 mod streams;
+mod vetting;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -196,6 +200,7 @@ pub struct State {
     /// When housekeeping is due next.
     housekeeping_at: Time,
     secrets: secrets::Secrets,
+    vetting: vetting::Vetting,
     /// The queue to the database writer: the durable owners keep their own handle; this one
     /// tells how far behind the disk is.
     writer: Writer,
@@ -282,6 +287,7 @@ impl State {
             streams: streams::Streams::default(),
             housekeeping_at: now.mono,
             secrets,
+            vetting: Default::default(),
             writer,
         };
         state.agents.expect(state.jobs.open_agents(), now);
@@ -365,8 +371,12 @@ impl State {
                 let _ = reply.send(Ok(self.jobs.list(req, now.wall)));
             }
             Request::ListAgents(req, reply) => {
-                let catalog = &self.catalog;
-                let list = self.agents.list(req, |h| catalog.counts_for(h));
+                let (catalog, vetting) = (&self.catalog, &self.vetting);
+                let list = self.agents.list(
+                    req,
+                    |h| catalog.counts_for(h),
+                    |id| vetting.quarantined(id).unwrap_or_default().to_string(),
+                );
                 let _ = reply.send(Ok(list));
             }
             Request::ListBlobs(req, reply) => {
@@ -416,6 +426,7 @@ impl State {
         self.jobs.push_watchers(now.wall);
         self.jobs.flush(now.wall);
         self.jobs.forget_old(self.config.job_retention, now.wall);
+        self.vetting.expire(now.mono);
         self.export_metrics();
     }
 }

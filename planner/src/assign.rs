@@ -299,6 +299,7 @@ impl Assigner {
             Event::Failed { host, blob } => self.failed(now, host, blob),
             Event::SourceStalled { host, blob, source } => self.stalled(host, blob, source),
             Event::SourceCorrupt { host, blob, source } => self.corrupt(host, blob, source),
+            Event::ManifestReplaced { blob } => self.manifest_replaced(blob),
         }
         self.flush();
     }
@@ -692,6 +693,17 @@ impl Assigner {
         // Look again when the exclusion ends, in case nothing else wakes this download.
         self.retries.insert((until, blob, id));
         self.drop_source(blob, id, source);
+    }
+
+    fn manifest_replaced(&mut self, blob: BlobId) {
+        let Some(b) = self.blobs.get_mut(&blob) else {
+            return;
+        };
+        b.corrupt_reports.clear();
+        let cleared = std::mem::take(&mut b.corrupt);
+        for source in cleared {
+            self.sync_holder(source, blob);
+        }
     }
 
     fn corrupt(&mut self, reporter: HostId, blob: BlobId, source: HostId) {

@@ -3,6 +3,8 @@
 
 mod admin;
 mod harness;
+mod impostor;
+mod poison;
 mod prometheus;
 mod trust;
 

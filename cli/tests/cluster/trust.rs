@@ -2,16 +2,16 @@
 //! TLS that a plaintext client or a foreign CA cannot pass, agents that must prove their
 //! join token and cannot act as another agent.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Result, bail, ensure};
-use shoal_pki::grpc::{self, CoordinatorUrl};
+use shoal_pki::grpc;
 use shoal_proto::pb::v1::{self as pb, agent_session_client::AgentSessionClient};
 use tonic::Code;
 
 use crate::admin::agent_ids;
 use crate::harness::{Cluster, TOKEN, random_file, read, shoal};
+use crate::impostor::Impostor;
 
 const MIB: usize = 1 << 20;
 
@@ -274,45 +274,23 @@ async fn agents_prove_their_token_and_act_only_as_themselves() -> Result<()> {
     );
 
     // A session of the test's own: it learns the CA and joins as a real agent would.
-    let url = CoordinatorUrl::parse(&cluster.url())?;
-    let ca = std::fs::read_to_string(cluster.ca_file())?;
-    let roots = grpc::certificates_from_pem(&ca);
-    let channel = |identity: Option<&shoal_pki::Identity>| -> Result<_> {
-        let tls = Arc::new(grpc::client_config(&roots, identity)?);
-        Ok(url.channel(url.endpoint(), Some(tls))?)
-    };
-    let csr = shoal_pki::CertificateRequest::generate()?;
-    let joined = AgentSessionClient::new(channel(None)?)
-        .join(pb::JoinRequest {
-            token: TOKEN.into(),
-            quic_addresses: vec!["127.0.0.1:9".into()],
-            csr_der: csr.csr_der().to_vec(),
-            protocol: shoal_proto::SESSION_PROTOCOL,
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
-    let identity = csr.identity(joined.certificate_der, joined.ca_certificates_der);
-    let hello = |agent_id: &str| pb::AgentMessage {
-        msg: Some(pb::agent_message::Msg::Hello(pb::Hello {
-            agent_id: agent_id.into(),
-            session_token: joined.session_token.clone(),
-            quic_addresses: vec!["127.0.0.1:9".into()],
-        })),
-    };
+    let impostor = Impostor::join(&cluster, "127.0.0.1:9").await?;
+    let (joined, identity) = (&impostor.joined, &impostor.identity);
+    let channel = |identity: Option<&shoal_pki::Identity>| impostor.channel(identity);
+    let hello = |agent_id: &str| impostor.hello(agent_id);
     // Without its certificate a session is refused, even with the right session token.
     let r = AgentSessionClient::new(channel(None)?)
         .session(tokio_stream::iter([hello(&joined.agent_id)]))
         .await;
     assert_eq!(code(r), Code::Unauthenticated);
     // With it, the session may not claim another agent's id.
-    let mut as_itself = AgentSessionClient::new(channel(Some(&identity))?);
+    let mut as_itself = AgentSessionClient::new(channel(Some(identity))?);
     let r = as_itself
         .session(tokio_stream::iter([hello(&ids[0])]))
         .await;
     assert_eq!(code(r), Code::PermissionDenied);
     // Its job-API calls are an agent's: to itself only, URLs for itself only, no listing.
-    let mut api = grpc::api_client(channel(Some(&identity))?, None)?;
+    let mut api = grpc::api_client(channel(Some(identity))?, None)?;
     let everyone = pb::DistributeRequest {
         blobs: vec![format!("sha256:{}", "0".repeat(64))],
         targets: Some(pb::TargetSelector {

@@ -336,11 +336,13 @@ impl Agents {
         (ZoneId(z), RackId(r))
     }
 
-    /// One page of agents, with each one's (complete, partial) blob counts from `counts`.
+    /// One page of agents, with each one's (complete, partial) blob counts from `counts`
+    /// and why it is quarantined from `quarantined` (empty: it is not).
     pub fn list(
         &self,
         req: pb::ListAgentsRequest,
         counts: impl Fn(HostId) -> (u32, u32),
+        quarantined: impl Fn(&str) -> String,
     ) -> pb::ListAgentsResponse {
         let agents = self
             .iter()
@@ -371,6 +373,7 @@ impl Agents {
                     disk_free_bytes: a.load.disk_free_bytes,
                     version: a.version.clone(),
                     joined_at: Some(a.joined_at.into()),
+                    quarantined: quarantined(&a.id),
                 }
             })
             .collect();

@@ -1,12 +1,16 @@
-//! The blob catalog: manifests (persisted once verified) and who holds what (soft). Its
-//! writes go to the writer (`crate::writer`) and are not waited for: a verified manifest
-//! the disk lost is registered again by the agents that hold the blob.
+//! The blob catalog: manifests and who holds what (soft). Its writes go to the writer
+//! (`crate::writer`) and are not waited for: a manifest the disk lost is registered again by
+//! the agents that hold the blob (`super::vetting`).
 //!
-//! A manifest assembled from seeded ranges is provisional until one agent has read the
-//! whole blob and checked its digest: kept in memory only, and dropped if a target finds
-//! that the blob does not match (the origin serves other bytes).
+//! A manifest is only as good as who vouches for it ([`Trust`]). One assembled from seeded
+//! ranges is provisional: memory only, and dropped if a target finds that the blob does not
+//! match (the origin serves other bytes). One an agent registers (it ingested the blob) is
+//! that agent's word: persisted and used, but every target reads the blob whole against its
+//! digest until an agent other than its registrant has done so, and one that two targets
+//! find wrong is dropped and its registrant quarantined (`super::reports`). Only a verified
+//! manifest lets targets skip that read.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -20,11 +24,24 @@ use crate::writer::{Then, Writer};
 #[derive(Debug)]
 pub struct Entry {
     pub manifest: Arc<Manifest>,
+    /// The agent whose registration this is (the seeders' names for a seeded one).
     pub registered_by: String,
     pub registered_at: Option<prost_types::Timestamp>,
-    /// Someone checked the whole blob against its digest (and it is persisted).
-    pub verified: bool,
+    pub trust: Trust,
+    /// Targets that found the blob they assembled does not match the digest.
+    pub mismatches: BTreeSet<HostId>,
     pub holders: BTreeMap<HostId, Holding>,
+}
+
+/// Who vouches for a manifest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Trust {
+    /// Assembled from seeded ranges: nobody has read the blob whole yet. Memory only.
+    Seeded,
+    /// Its registrant says it read the blob whole and it matched. Persisted.
+    Registered,
+    /// An agent other than its registrant read the blob whole against its digest. Persisted.
+    Verified,
 }
 
 /// What one agent holds of a blob, as it last reported.
@@ -71,7 +88,12 @@ impl Catalog {
                     manifest: Arc::new(m),
                     registered_by: stored.registered_by,
                     registered_at: stored.registered_at,
-                    verified: true,
+                    trust: if stored.unconfirmed {
+                        Trust::Registered
+                    } else {
+                        Trust::Verified
+                    },
+                    mismatches: BTreeSet::new(),
                     holders: BTreeMap::new(),
                 },
             );
@@ -87,19 +109,35 @@ impl Catalog {
         self.blobs.values().map(|e| e.manifest.as_ref())
     }
 
-    /// Records a manifest new to the catalog and returns true; a known one is kept (and
-    /// becomes verified if this one is). A verified manifest is persisted.
+    /// Records a manifest new to the catalog, vouched for by `by` as far as `trust` says
+    /// (`Seeded` or `Registered`), and returns true. A known manifest is kept: the same one
+    /// registered by another agent than its registrant is verified by it (two agents read the
+    /// blob whole); a different one is ignored (the targets' reads decide, see `mismatch`).
     pub fn insert(
         &mut self,
         manifest: Manifest,
         by: String,
         now: SystemTime,
-        verified: bool,
+        trust: Trust,
     ) -> bool {
         let digest = manifest.digest();
-        if let Some(entry) = self.blobs.get(&digest) {
-            if verified && !entry.verified {
-                self.mark_verified(&digest);
+        if let Some(entry) = self.blobs.get_mut(&digest) {
+            if trust == Trust::Seeded {
+                return false;
+            }
+            if *entry.manifest != manifest {
+                tracing::warn!(blob = %digest, agent = by, registered_by = entry.registered_by, "a registration contradicts the catalog's manifest; ignored");
+                return false;
+            }
+            match entry.trust {
+                // The seeders' chunk digests and a whole read agree: the registrant vouches.
+                Trust::Seeded => {
+                    entry.trust = Trust::Registered;
+                    entry.registered_by = by;
+                    self.persist(&digest);
+                }
+                Trust::Registered if entry.registered_by != by => self.mark_verified(&digest, &by),
+                Trust::Registered | Trust::Verified => {}
             }
             return false;
         }
@@ -109,36 +147,63 @@ impl Catalog {
                 manifest: Arc::new(manifest),
                 registered_by: by,
                 registered_at: Some(now.into()),
-                verified: false,
+                trust,
+                mismatches: BTreeSet::new(),
                 holders: BTreeMap::new(),
             },
         );
-        if verified {
-            self.mark_verified(&digest);
+        if trust != Trust::Seeded {
+            self.persist(&digest);
         }
         true
     }
 
-    /// One agent read the whole blob and checked its digest: the manifest is persisted (queued
-    /// for the writer; a failed write is logged).
-    pub fn mark_verified(&mut self, blob: &Digest) {
+    /// Agent `by` read the whole blob and it matched the digest: a seeded manifest, or a
+    /// registered one (by another agent than its registrant), is verified and persisted as
+    /// such (queued for the writer; a failed write is logged).
+    pub fn mark_verified(&mut self, blob: &Digest, by: &str) {
         let Some(entry) = self.blobs.get_mut(blob) else {
             return;
         };
-        if entry.verified {
-            return;
+        let vouches = match entry.trust {
+            Trust::Seeded => true,
+            Trust::Registered => entry.registered_by != by,
+            Trust::Verified => false,
+        };
+        if vouches {
+            entry.trust = Trust::Verified;
+            self.persist(blob);
         }
+    }
+
+    fn persist(&mut self, blob: &Digest) {
+        let Some(entry) = self.blobs.get(blob) else {
+            return;
+        };
         let stored = StoredBlob {
             manifest: Some(pb::Manifest::from(entry.manifest.as_ref())),
             registered_by: entry.registered_by.clone(),
             registered_at: entry.registered_at,
+            unconfirmed: entry.trust != Trust::Verified,
         };
-        entry.verified = true;
         self.writer.write(Write::Blob(*blob.as_bytes(), stored));
     }
 
-    pub fn is_provisional(&self, blob: &Digest) -> bool {
-        self.blobs.get(blob).is_some_and(|e| !e.verified)
+    /// Target `host` found that the blob it assembled does not match its digest; returns
+    /// how many distinct targets have (none for a verified manifest: a target that says
+    /// so about a blob another agent read whole is wrong, or its disk is).
+    pub fn mismatch(&mut self, blob: &Digest, host: HostId) -> usize {
+        match self.blobs.get_mut(blob) {
+            Some(entry) if entry.trust != Trust::Verified => {
+                entry.mismatches.insert(host);
+                entry.mismatches.len()
+            }
+            _ => 0,
+        }
+    }
+
+    pub fn trust(&self, blob: &Digest) -> Option<Trust> {
+        self.blobs.get(blob).map(|e| e.trust)
     }
 
     pub fn entry(&self, blob: &Digest) -> Option<&Entry> {
@@ -149,7 +214,10 @@ impl Catalog {
     /// removed), in the database too: it does not come back at the next start. `then`, if
     /// given, runs once that is stored.
     pub fn remove(&mut self, blob: &Digest, then: Option<Then>) {
-        let persisted = self.blobs.remove(blob).is_some_and(|e| e.verified);
+        let persisted = self
+            .blobs
+            .remove(blob)
+            .is_some_and(|e| e.trust != Trust::Seeded);
         let forget = Write::ForgetBlob(*blob.as_bytes());
         match then {
             Some(then) => self.writer.write_then(forget, then),

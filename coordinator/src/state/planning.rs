@@ -139,6 +139,9 @@ impl State {
         let Some(count) = self.catalog.manifest(&blob).map(|m| m.chunk_count()) else {
             return;
         };
+        if (chunks > 0 || complete) && self.is_quarantined(host) {
+            return; // Its claims to hold content are not taken.
+        }
         let chunks = if complete { count } else { chunks.min(count) };
         if !self.catalog.set_holder(&blob, host, chunks, complete) {
             return;
@@ -157,16 +160,22 @@ impl State {
         &mut self,
         manifest: Manifest,
         by: String,
-        verified: bool,
+        trust: catalog::Trust,
         now: Now,
     ) -> bool {
         let event = catalog::known_event(&manifest);
         let digest = manifest.digest();
-        if !self.catalog.insert(manifest, by, now.wall, verified) {
+        if !self.catalog.insert(manifest, by, now.wall, trust) {
             return false;
         }
+        let reported = self.vetting.known(&digest);
         self.assigner.handle(now.mono, event);
-        tracing::info!(blob = %digest, verified, "blob registered");
+        tracing::info!(blob = %digest, ?trust, "blob registered");
+        // Agents that reported it whole while the catalog lacked it hold it.
+        for host in reported {
+            self.holds(host, digest, u32::MAX, true, now);
+            self.blob_done(host, digest, now);
+        }
         true
     }
 
@@ -288,7 +297,8 @@ impl State {
                         None => return,
                     },
                 };
-                let verified = !provisional && !self.catalog.is_provisional(&blob);
+                let verified =
+                    !provisional && self.catalog.trust(&blob) == Some(catalog::Trust::Verified);
                 pb::fetch_order::Kind::Peers(pb::FromPeers {
                     manifest: Some(manifest),
                     sources: (sources.iter())
@@ -468,7 +478,12 @@ impl State {
                 match Manifest::new(blob.0, size, chunk_size, digests) {
                     Ok(manifest) => {
                         tracing::info!(%blob, ranges = held.len(), "manifest assembled from seeded ranges");
-                        self.add_to_catalog(manifest, seeders.join(","), false, now);
+                        self.add_to_catalog(
+                            manifest,
+                            seeders.join(","),
+                            catalog::Trust::Seeded,
+                            now,
+                        );
                         // Each seeder holds its range (it moves it into its store with its
                         // order for the blob): a partial source from now on.
                         let mut counts: std::collections::BTreeMap<HostId, u32> =

@@ -11,7 +11,8 @@ use shoal_planner::{Event, HostId, SeedEvent};
 use shoal_proto::pb::v1::{self as pb, agent_message::Msg};
 use shoal_proto::{Digest, Manifest};
 
-use super::{Now, SessionId, State, catalog};
+use super::catalog::{self, Trust};
+use super::{Now, SessionId, State};
 
 impl State {
     pub(super) fn on_agent_message(&mut self, session: SessionId, msg: Msg, now: Now) {
@@ -51,8 +52,10 @@ impl State {
                 let Ok(blob) = Digest::from_slice(&done.blob_digest) else {
                     return;
                 };
-                // One agent has read the whole blob and checked its digest.
-                self.catalog.mark_verified(&blob);
+                // An agent has read the whole blob and checked its digest (if the catalog's
+                // manifest was not verified, its order said so).
+                let by = self.agents.name(host);
+                self.catalog.mark_verified(&blob, &by);
                 // A target of a streamed seed may finish before the seeder registers it.
                 if self.catalog.manifest(&blob).is_none() {
                     self.streams.finished(&blob, host);
@@ -121,9 +124,20 @@ impl State {
             self.stream_to_waiting(blob, true, now);
             return;
         }
-        if reason == pb::FailureReason::DigestMismatch && self.catalog.is_provisional(&blob) {
-            self.reject_provisional(blob, &failed.message, now);
-            return;
+        if reason == pb::FailureReason::DigestMismatch {
+            match self.catalog.trust(&blob) {
+                Some(Trust::Seeded) => {
+                    self.reject_provisional(blob, &failed.message, now);
+                    return;
+                }
+                // One target's word is not enough to drop a manifest (it may lie, or its
+                // disk may): its order fails as any other, and a second target decides.
+                Some(Trust::Registered) if self.catalog.mismatch(&blob, host) >= 2 => {
+                    self.reject_registered(blob, now);
+                    return;
+                }
+                _ => {}
+            }
         }
         tracing::info!(agent = %self.agents.name(host), %blob, message = %failed.message, "fetch failed");
         self.orders.remove(host, blob);
@@ -144,7 +158,11 @@ impl State {
         };
         let digest = manifest.digest();
         let by = self.agents.name(host);
-        self.add_to_catalog(manifest, by, true, now);
+        if let Some(why) = self.vetting.quarantined(&by) {
+            tracing::warn!(agent = by, blob = %digest, why, "registration of a quarantined agent ignored");
+            return;
+        }
+        self.add_to_catalog(manifest, by, Trust::Registered, now);
         // If a job wanted it there, that target is done; targets waiting for it to be
         // seeded can now fetch it from peers.
         self.blob_done(host, digest, now);
@@ -193,6 +211,80 @@ impl State {
         self.catalog.remove(&blob, None);
     }
 
+    /// Two targets found that the blob they assembled from a registered manifest does not
+    /// match its digest: its registrant's word was wrong (a lie, or its disk). The manifest
+    /// is dropped and the registrant quarantined and told to drop its copy; the blob's
+    /// targets fail (their orders carry the wrong manifest), and its other whole holders
+    /// are asked to register it again, so the digest is not lost to the cluster.
+    fn reject_registered(&mut self, blob: Digest, now: Now) {
+        let Some(entry) = self.catalog.entry(&blob) else {
+            return;
+        };
+        let registrant = entry.registered_by.clone();
+        let holders: Vec<(HostId, bool)> = (entry.holders.iter())
+            .map(|(host, h)| (*host, h.complete))
+            .collect();
+        tracing::error!(agent = registrant, %blob, "quarantined: the manifest it registered does not describe the blob (two targets read it whole)");
+        let why =
+            format!("the manifest it registered for {blob} did not match the blob at two targets");
+        self.vetting.quarantine(&registrant, why);
+        let registrant_host = self.agents.host_of(&registrant);
+        if let Some(host) = registrant_host {
+            self.agents.send(
+                host,
+                pb::coordinator_message::Msg::DropBlob(pb::DropBlob {
+                    blob_digest: blob.as_bytes().to_vec(),
+                    unpin_only: false,
+                }),
+            );
+        }
+        let message = format!(
+            "the manifest agent {registrant} registered for {blob} does not describe it (two targets read the blob whole); that agent is quarantined and the manifest dropped: push the blob again, or retry once another holder registered it"
+        );
+        let wanting: Vec<HostId> = (self.agents.iter())
+            .map(|a| a.host)
+            .filter(|h| self.jobs.is_wanted(*h, blob))
+            .collect();
+        for host in wanting {
+            self.cancel_order(host, blob, "the blob does not match its manifest");
+            self.fail_targets(host, blob, pb::FailureReason::DigestMismatch, &message, now);
+        }
+        // Nobody holds what this manifest described: the planner forgets every holding.
+        for (host, _) in &holders {
+            self.holds(*host, blob, 0, false, now);
+        }
+        // Honest holders whose chunks failed against it were reported corrupt wrongly.
+        let event = Event::ManifestReplaced { blob: blob.into() };
+        self.assigner.handle(now.mono, event);
+        self.catalog.remove(&blob, None);
+        let whole = holders.into_iter().filter(|(_, complete)| *complete);
+        for (host, _) in whole {
+            if Some(host) != registrant_host && !self.is_quarantined(host) {
+                self.ask_to_register(host, vec![blob], now);
+            }
+        }
+    }
+
+    /// Asks `host` to register those of `blobs` it holds whole, as far as
+    /// [`super::vetting::Vetting::ask`] allows.
+    fn ask_to_register(&mut self, host: HostId, blobs: Vec<Digest>, now: Now) {
+        let blob_digests: Vec<Vec<u8>> = (blobs.into_iter())
+            .filter(|b| self.vetting.ask(*b, host, now.mono))
+            .map(|b| b.as_bytes().to_vec())
+            .collect();
+        if blob_digests.is_empty() {
+            return;
+        }
+        tracing::info!(agent = %self.agents.name(host), blobs = blob_digests.len(), "asking an agent to register blobs the catalog lacks");
+        let msg = pb::coordinator_message::Msg::RegisterBlobs(pb::RegisterBlobs { blob_digests });
+        self.agents.send(host, msg);
+    }
+
+    /// Whether `host`'s word about content is no longer taken.
+    pub(super) fn is_quarantined(&self, host: HostId) -> bool {
+        !self.vetting.is_empty() && self.vetting.quarantined(&self.agents.name(host)).is_some()
+    }
+
     fn inventory(&mut self, host: HostId, inv: pb::Inventory, now: Now) {
         // A snapshot replaces what we knew; blobs it no longer lists are dropped after it is
         // applied, so holdings that did not change cause no re-planning.
@@ -201,10 +293,17 @@ impl State {
         } else {
             BTreeSet::new()
         };
+        let mut unknown = Vec::new();
         for held in inv.blobs {
             let Ok(blob) = Digest::from_slice(&held.blob_digest) else {
                 continue;
             };
+            if held.complete
+                && self.catalog.entry(&blob).is_none()
+                && self.streams.get(&blob).is_none()
+            {
+                unknown.push(blob);
+            }
             let expected = self.catalog.manifest(&blob).map(|m| m.chunk_count());
             let chunks = match held.chunks.as_ref() {
                 // A bitmap of another length describes another blob layout: misread, it
@@ -228,6 +327,9 @@ impl State {
         dropped.extend(removed);
         for blob in dropped {
             self.holds(host, blob, 0, false, now);
+        }
+        if !unknown.is_empty() && !self.is_quarantined(host) {
+            self.ask_to_register(host, unknown, now);
         }
     }
 

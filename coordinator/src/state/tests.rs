@@ -521,6 +521,7 @@ mod seeding;
 mod session;
 mod streaming;
 mod urls;
+mod vetting;
 
 /// The sources of a FromPeers order (none for any other kind).
 fn sources_of(o: &pb::FetchOrder) -> &[pb::Source] {

@@ -70,6 +70,10 @@ pub enum Event {
         blob: BlobId,
         source: HostId,
     },
+    /// The manifest `blob`'s chunks were checked against was wrong and is replaced: the
+    /// reports of corrupt sources made against it are forgotten (their chunks may well be
+    /// right). Running downloads keep the sources each excluded.
+    ManifestReplaced { blob: BlobId },
 }
 
 /// An order for one agent. Every command names the host it must be sent to.

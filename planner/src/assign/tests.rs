@@ -407,6 +407,31 @@ fn corrupt_source_is_never_used_again_for_that_blob_once_two_report_it() {
     assert_eq!(t.a.stats().corrupt_reports, 2);
 }
 
+/// Reports made against a wrong manifest say nothing of the source: once the manifest is
+/// replaced, a source two targets reported is used again.
+#[test]
+fn a_replaced_manifest_forgets_the_corrupt_reports_made_against_it() {
+    let x = blob(1);
+    let mut t = Harness::new(cfg(1, 8));
+    t.seed(0, 0, 0, GBPS, x);
+    t.seed(9, 1, 0, GBPS, x);
+    for target in [1, 2] {
+        t.up(target, 0, 0, GBPS);
+        t.want(target, x);
+        t.ev(Event::SourceCorrupt {
+            host: h(target),
+            blob: x,
+            source: h(0),
+        });
+    }
+    assert_eq!(t.a.corrupt_sources().collect::<Vec<_>>(), vec![(x, h(0))]);
+    t.ev(Event::ManifestReplaced { blob: x });
+    assert_eq!(t.a.corrupt_sources().count(), 0);
+    t.up(3, 0, 0, GBPS);
+    t.want(3, x);
+    assert!(t.sources(3, x).contains(&h(0)), "{:?}", t.sources(3, x));
+}
+
 /// The same reporter twice is still one reporter.
 #[test]
 fn one_reporter_cannot_mark_a_holder_corrupt_for_everyone() {

@@ -51,6 +51,15 @@ pub(super) fn cluster(dir: &std::path::Path, n: usize) -> Cluster {
     }
 }
 
+/// Every message agent `agent` received since the last call.
+pub(super) fn messages(c: &mut Cluster, agent: usize) -> Vec<coordinator_message::Msg> {
+    let mut out = Vec::new();
+    while let Ok(Ok(m)) = c.inboxes[agent].try_recv() {
+        out.extend(m.msg);
+    }
+    out
+}
+
 impl Cluster {
     /// (agent index, order) of every order sent since the last call.
     pub(super) fn orders(&mut self) -> Vec<(usize, pb::FetchOrder)> {

@@ -1,0 +1,99 @@
+//! An agent of the test's own: it joins with the join token and gets a certificate as a
+//! real agent does, then says on its session whatever the test makes it say. What a
+//! compromised node could do.
+
+use std::sync::Arc;
+
+use anyhow::Result;
+use shoal_pki::Identity;
+use shoal_pki::grpc::{self, CoordinatorUrl};
+use shoal_proto::pb::v1::{self as pb, agent_session_client::AgentSessionClient};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::harness::{Cluster, TOKEN};
+
+pub struct Impostor {
+    pub joined: pb::JoinResponse,
+    pub identity: Identity,
+    url: CoordinatorUrl,
+    ca_pem: String,
+}
+
+impl Impostor {
+    /// Joins `cluster` announcing `quic_address`.
+    pub async fn join(cluster: &Cluster, quic_address: &str) -> Result<Self> {
+        let url = CoordinatorUrl::parse(&cluster.url())?;
+        let ca_pem = std::fs::read_to_string(cluster.ca_file())?;
+        let csr = shoal_pki::CertificateRequest::generate()?;
+        let joined = AgentSessionClient::new(channel(&url, &ca_pem, None)?)
+            .join(pb::JoinRequest {
+                token: TOKEN.into(),
+                quic_addresses: vec![quic_address.into()],
+                csr_der: csr.csr_der().to_vec(),
+                protocol: shoal_proto::SESSION_PROTOCOL,
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        let identity = csr.identity(
+            joined.certificate_der.clone(),
+            joined.ca_certificates_der.clone(),
+        );
+        Ok(Self {
+            joined,
+            identity,
+            url,
+            ca_pem,
+        })
+    }
+
+    /// A channel to the coordinator that verifies it against the cluster CA and presents
+    /// `identity`, if any.
+    pub fn channel(&self, identity: Option<&Identity>) -> Result<tonic::transport::Channel> {
+        channel(&self.url, &self.ca_pem, identity)
+    }
+
+    /// A Hello naming `agent_id` with this impostor's session token.
+    pub fn hello(&self, agent_id: &str) -> pb::AgentMessage {
+        say(pb::agent_message::Msg::Hello(pb::Hello {
+            agent_id: agent_id.into(),
+            session_token: self.joined.session_token.clone(),
+            quic_addresses: vec![],
+        }))
+    }
+
+    /// Opens its session under its certificate, saying Hello then `first`. Returns the
+    /// sender for later messages (the session lasts as long as it does); what the
+    /// coordinator sends is read and dropped.
+    pub async fn session(
+        &self,
+        first: Vec<pb::agent_message::Msg>,
+    ) -> Result<mpsc::Sender<pb::AgentMessage>> {
+        let (tx, rx) = mpsc::channel(16);
+        tx.send(self.hello(&self.joined.agent_id)).await?;
+        for msg in first {
+            tx.send(say(msg)).await?;
+        }
+        let mut inbound = AgentSessionClient::new(self.channel(Some(&self.identity))?)
+            .session(ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        tokio::spawn(async move { while let Ok(Some(_)) = inbound.message().await {} });
+        Ok(tx)
+    }
+}
+
+fn channel(
+    url: &CoordinatorUrl,
+    ca_pem: &str,
+    identity: Option<&Identity>,
+) -> Result<tonic::transport::Channel> {
+    let roots = grpc::certificates_from_pem(ca_pem);
+    let tls = Arc::new(grpc::client_config(&roots, identity)?);
+    Ok(url.channel(url.endpoint(), Some(tls))?)
+}
+
+pub fn say(msg: pb::agent_message::Msg) -> pb::AgentMessage {
+    pb::AgentMessage { msg: Some(msg) }
+}

@@ -1,0 +1,149 @@
+//! Content no agent can poison (docs/SECURITY.md): a joined agent registers, for a real
+//! blob's digest, a manifest of other bytes and serves those bytes (they match its
+//! manifest, not the digest). Targets read the blob whole against its digest because
+//! only its registrant vouches for that manifest; two of them find it wrong, the manifest
+//! is dropped, the liar quarantined, the honest holder asked to register the blob again,
+//! and the next job delivers the real bytes from it.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use shoal_agent::store::{Store, StoreConfig};
+use shoal_agent::transport::{self, ChunkEndpoint, TransportConfig};
+use shoal_proto::pb::v1::{self as pb, agent_message::Msg};
+use shoal_proto::{ChunkIndex, Digest, Manifest};
+
+use crate::admin::agent_ids;
+use crate::harness::{Cluster, random_file, read};
+use crate::impostor::Impostor;
+
+const MIB: usize = 1 << 20;
+
+fn distribute(cluster: &Cluster, digest: &str, ids: &[&String]) -> Result<String> {
+    let to = format!(
+        "agents:{}",
+        ids.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(",")
+    );
+    let out = cluster.cli(&["distribute", digest, "--to", &to, "--detach"]);
+    ensure!(
+        out.status.success(),
+        "distribute: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8(out.stdout)?.trim().to_string())
+}
+
+#[tokio::test]
+async fn a_lying_agent_is_caught_quarantined_and_the_blob_recovered_from_the_honest() -> Result<()>
+{
+    let cluster = Cluster::start(3, &[], 2000).await?;
+    let ids = agent_ids(&cluster).await?;
+    let file = random_file(cluster.dir.path(), "real.bin", 4 * MIB, 1)?;
+    let real = std::fs::read(&file)?;
+    let digest = Digest::of(&real);
+
+    // The liar's store: other bytes under that digest, with the manifest of their chunks.
+    let other = std::fs::read(random_file(cluster.dir.path(), "other.bin", 4 * MIB, 2)?)?;
+    let chunks = other.chunks(MIB).map(Digest::of).collect();
+    let lie = Manifest::new(digest, real.len() as u64, MIB as u32, chunks)?;
+    let store = Store::open(StoreConfig {
+        root: cluster.dir.path().join("liar"),
+        quota_bytes: 1 << 30,
+    })?;
+    store.insert_manifest(&lie)?;
+    for (i, chunk) in other.chunks(MIB).enumerate() {
+        store.put_chunk(&digest, ChunkIndex(i as u32), chunk)?;
+    }
+    let socket = transport::bind_udp_socket(SocketAddr::from(([127, 0, 0, 1], 0)), 1 << 20)?;
+    let liar = Impostor::join(&cluster, &socket.local_addr()?.to_string()).await?;
+    let _serving =
+        ChunkEndpoint::from_socket(socket, &liar.identity, store, TransportConfig::default())?;
+    let _session = liar
+        .session(vec![
+            Msg::BlobRegistered(pb::BlobRegistered {
+                manifest: Some(pb::Manifest::from(&lie)),
+            }),
+            Msg::Inventory(pb::Inventory {
+                replace: true,
+                blobs: vec![pb::HeldBlob {
+                    blob_digest: digest.as_bytes().to_vec(),
+                    complete: true,
+                    ..Default::default()
+                }],
+                removed_blobs: vec![],
+            }),
+        ])
+        .await?;
+    let liar_id = liar.joined.agent_id.clone();
+    let mut client = cluster.client().await?;
+    let registrant = |client: &mut shoal_pki::grpc::ApiClient| {
+        let mut client = client.clone();
+        async move {
+            let r = client
+                .get_blob(pb::GetBlobRequest {
+                    digest: digest.to_string(),
+                    include_manifest: false,
+                })
+                .await;
+            r.ok()
+                .and_then(|r| r.into_inner().blob)
+                .map(|i| i.registered_by)
+        }
+    };
+    let started = Instant::now();
+    while registrant(&mut client).await.as_deref() != Some(liar_id.as_str()) {
+        ensure!(
+            started.elapsed() < Duration::from_secs(10),
+            "the lie was not registered"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The honest holder pushes the real bytes: its registration contradicts the catalog's
+    // and is ignored, but it holds the digest whole.
+    ensure!(cluster.push(2, &file)? == digest.to_string());
+
+    let job = distribute(&cluster, &digest.to_string(), &[&ids[0], &ids[1]])?;
+    let job = cluster.wait_job(&job, Duration::from_secs(120)).await?;
+    ensure!(job.state() == pb::JobState::Failed, "{job:?}");
+    for t in &job.progress.as_ref().context("progress")?.targets {
+        ensure!(
+            t.reason() == pb::FailureReason::DigestMismatch
+                && t.message.contains(&format!("agent {liar_id}"))
+                && t.message.contains("quarantined"),
+            "{t:?}"
+        );
+    }
+    let agents = client
+        .list_agents(pb::ListAgentsRequest::default())
+        .await?
+        .into_inner()
+        .agents;
+    for a in &agents {
+        ensure!(a.quarantined.is_empty() == (a.agent_id != liar_id), "{a:?}");
+    }
+
+    // The honest holder was asked, and registered the real manifest.
+    let started = Instant::now();
+    while registrant(&mut client).await.as_deref() != Some(ids[2].as_str()) {
+        if started.elapsed() > Duration::from_secs(30) {
+            bail!(
+                "the honest holder never registered the blob again; coordinator log:\n{}",
+                read(&cluster.coordinator.log)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let job = distribute(&cluster, &digest.to_string(), &[&ids[0], &ids[1]])?;
+    let job = cluster.wait_job(&job, Duration::from_secs(120)).await?;
+    ensure!(job.state() == pb::JobState::Done, "{job:?}");
+    for agent in [0, 1] {
+        let out = cluster.dir.path().join(format!("out-{agent}"));
+        cluster.pull(agent, &digest.to_string(), &out)?;
+        ensure!(
+            std::fs::read(&out)? == real,
+            "agent {agent} got other bytes"
+        );
+    }
+    Ok(())
+}
