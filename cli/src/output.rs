@@ -114,8 +114,14 @@ fn sorted_labels(a: &pb::AgentInfo) -> Vec<String> {
     labels
 }
 
+/// Its state, and `quarantined` if the coordinator no longer takes its word for content.
 fn agent_state(a: &pb::AgentInfo) -> String {
-    agent_state_name(a.state())
+    let state = agent_state_name(a.state());
+    if a.quarantined.is_empty() {
+        state
+    } else {
+        format!("{state},quarantined")
+    }
 }
 
 /// `ready`, `draining`, `disconnected`, `gone`.
@@ -130,11 +136,12 @@ pub async fn agents(client: &mut Client, output: Output) -> Result<()> {
             .map(|a| {
                 serde_json::json!({
                     "agent_id": a.agent_id,
-                    "state": agent_state(a),
+                    "state": agent_state_name(a.state()),
                     "quic_addresses": a.quic_addresses,
                     "blobs_held": a.blobs_held,
                     "blobs_partial": a.blobs_partial,
                     "labels": a.labels,
+                    "quarantined": a.quarantined,
                 })
             })
             .collect();

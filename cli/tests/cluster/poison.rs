@@ -122,6 +122,13 @@ async fn a_lying_agent_is_caught_quarantined_and_the_blob_recovered_from_the_hon
     for a in &agents {
         ensure!(a.quarantined.is_empty() == (a.agent_id != liar_id), "{a:?}");
     }
+    // Operators see it in `shoal agents`.
+    let out = cluster.cli(&["agents"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    let line = (table.lines())
+        .find(|l| l.starts_with(liar_id.as_str()))
+        .with_context(|| format!("the liar is not listed: {table}"))?;
+    ensure!(line.contains("quarantined"), "{table}");
 
     // The honest holder was asked, and registered the real manifest.
     let started = Instant::now();
