@@ -148,7 +148,9 @@ impl Coordinator {
 
     /// The coordinator's public API, on the shared channel.
     pub(crate) fn client(&self) -> CoordinatorClient<Channel> {
+        // GetBlob answers carry manifests (32 MiB for a 1 TiB blob).
         CoordinatorClient::new(self.channel())
+            .max_decoding_message_size(shoal_proto::MAX_SESSION_MESSAGE_BYTES)
     }
 
     pub(crate) fn channel(&self) -> Channel {

@@ -289,7 +289,9 @@ async fn connect_once(
         let _ = tx.try_send(m.clone());
     }
 
-    let mut client = AgentSessionClient::new(link.channel());
+    // Orders carry manifests: 32 MiB for a 1 TiB blob, past tonic's 4 MiB default.
+    let mut client = AgentSessionClient::new(link.channel())
+        .max_decoding_message_size(shoal_proto::MAX_SESSION_MESSAGE_BYTES);
     let connect = client.session(ReceiverStream::new(rx));
     let mut inbound = tokio::select! {
         r = connect => match r {

@@ -76,9 +76,13 @@ pub struct CoordinatorConfig {
     pub max_seeders_per_blob: usize,
     /// The largest job-API request (Distribute, Preheat, ...) the coordinator decodes;
     /// larger is refused (OUT_OF_RANGE) before it is read into memory. Default 16 MiB.
-    /// Agent sessions keep 64 MiB: a 1 TiB blob's manifest is 32 MiB.
     #[serde(deserialize_with = "shoal_proto::units::bytes")]
     pub max_api_request_bytes: usize,
+    /// The largest message an agent session may send (a registration carries the blob's
+    /// manifest: 32 MiB for 1 TiB in 1 MiB chunks); larger ends that session
+    /// (OUT_OF_RANGE) before it is read into memory. Default 40 MiB.
+    #[serde(deserialize_with = "shoal_proto::units::bytes")]
+    pub max_session_message_bytes: usize,
     /// The most targets (agents × blobs) one Distribute or Preheat may create; more is
     /// refused with INVALID_ARGUMENT, so that one request cannot fill the coordinator.
     /// Default 2,000,000 (20,000 agents × 100 blobs).
@@ -112,6 +116,7 @@ impl Default for CoordinatorConfig {
             max_seeders_per_blob: 4,
             max_targets_per_job: 2_000_000,
             max_api_request_bytes: 16 << 20,
+            max_session_message_bytes: 40 << 20,
             origin: Default::default(),
             api_tokens: Vec::new(),
             insecure: false,
@@ -143,6 +148,9 @@ impl CoordinatorConfig {
         }
         if self.max_api_request_bytes < 4096 {
             return bad("max_api_request_bytes", "must be at least 4096");
+        }
+        if self.max_session_message_bytes < 1 << 20 {
+            return bad("max_session_message_bytes", "must be at least 1 MiB");
         }
         if self.lease_ms < 500 {
             return bad("lease_ms", "must be at least 500");
@@ -367,11 +375,12 @@ async fn serve(
         }
     };
 
-    // Manifests of 100 GB blobs are ~3 MiB, of 1 TiB 32 MiB: raise the 4 MiB default with
-    // room to spare for what the coordinator sends and agents register; callers' requests
-    // are small.
-    let max = 64 << 20;
+    // Manifests of 100 GB blobs are ~3 MiB, of 1 TiB 32 MiB: raise the 4 MiB default for
+    // what the coordinator sends (orders and GetBlob carry manifests) and for what agents
+    // register; callers' requests are small.
+    let max = shoal_proto::MAX_SESSION_MESSAGE_BYTES;
     let max_request = config.max_api_request_bytes;
+    let max_session = config.max_session_message_bytes;
     tracing::info!(addr = ?listener.local_addr().ok(), tls = tls.is_some(), "coordinator serving");
     let server = tonic::transport::Server::builder()
         .add_service(health_service.clone())
@@ -383,7 +392,7 @@ async fn serve(
         )
         .add_service(
             AgentSessionServer::new(api)
-                .max_decoding_message_size(max)
+                .max_decoding_message_size(max_session)
                 .max_encoding_message_size(max),
         )
         .serve_with_incoming_shutdown(listener::incoming(listener, tls), signal);

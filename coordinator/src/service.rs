@@ -435,6 +435,8 @@ impl pb::agent_session_server::AgentSession for Api {
             )));
         }
         let (tx, rx) = mpsc::channel(4096);
+        // Weak: the stream must still end when the state drops its sender.
+        let errors = tx.downgrade();
         let session = self
             .call(|reply| Request::OpenSession { hello, tx, reply })
             .await?;
@@ -454,7 +456,12 @@ impl pb::agent_session_server::AgentSession for Api {
                     Ok(Some(_)) => {}
                     Ok(None) => break,
                     Err(e) => {
-                        tracing::debug!(error = %e, "session stream error");
+                        // A message past the limit, or a broken stream: the agent hears why
+                        // if it still listens.
+                        tracing::warn!(agent = %session.host, error = %e, "agent session ended by an error");
+                        if let Some(tx) = errors.upgrade() {
+                            let _ = tx.try_send(Err(e));
+                        }
                         break;
                     }
                 }

@@ -381,7 +381,7 @@ pub fn api_client(
             channel,
             Bearer::new(token)?,
         )
-        .max_decoding_message_size(64 << 20),
+        .max_decoding_message_size(shoal_proto::MAX_SESSION_MESSAGE_BYTES),
     )
 }
 

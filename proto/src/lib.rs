@@ -23,3 +23,8 @@ pub use manifest::{
 /// The coordinator refuses a Join that speaks another: orders of one version mean
 /// something else to another (see `session.proto`).
 pub const SESSION_PROTOCOL: u32 = 4;
+
+/// The largest message either side of a session (and the job API's answers) may carry:
+/// room for a 1 TiB blob's manifest in 1 MiB chunks (32 MiB), twice over. A coordinator
+/// may accept less from its agents (`max_session_message_bytes`).
+pub const MAX_SESSION_MESSAGE_BYTES: usize = 64 << 20;

@@ -83,6 +83,7 @@ heartbeat_ms = 2000
 job_retention_hours = "7d"
 stripe_seed_min_bytes = "1GB"
 max_api_request_bytes = "16MiB"
+max_session_message_bytes = "8MiB"
 
 [origin]
 request_timeout_ms = 45000
@@ -95,6 +96,7 @@ request_timeout_ms = 45000
     assert_eq!(c.job_retention_hours, 168);
     assert_eq!(c.stripe_seed_min_bytes, 1_000_000_000);
     assert_eq!(c.max_api_request_bytes, 16 << 20);
+    assert_eq!(c.max_session_message_bytes, 8 << 20);
     assert_eq!(c.origin.request_timeout_ms, 45_000);
 }
 

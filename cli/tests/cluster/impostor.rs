@@ -70,17 +70,29 @@ impl Impostor {
         &self,
         first: Vec<pb::agent_message::Msg>,
     ) -> Result<mpsc::Sender<pb::AgentMessage>> {
+        let (tx, mut inbound) = self.open(first).await?;
+        tokio::spawn(async move { while let Ok(Some(_)) = inbound.message().await {} });
+        Ok(tx)
+    }
+
+    /// Like [`Impostor::session`], returning what the coordinator sends too.
+    pub async fn open(
+        &self,
+        first: Vec<pb::agent_message::Msg>,
+    ) -> Result<(
+        mpsc::Sender<pb::AgentMessage>,
+        tonic::Streaming<pb::CoordinatorMessage>,
+    )> {
         let (tx, rx) = mpsc::channel(16);
         tx.send(self.hello(&self.joined.agent_id)).await?;
         for msg in first {
             tx.send(say(msg)).await?;
         }
-        let mut inbound = AgentSessionClient::new(self.channel(Some(&self.identity))?)
+        let inbound = AgentSessionClient::new(self.channel(Some(&self.identity))?)
             .session(ReceiverStream::new(rx))
             .await?
             .into_inner();
-        tokio::spawn(async move { while let Ok(Some(_)) = inbound.message().await {} });
-        Ok(tx)
+        Ok((tx, inbound))
     }
 }
 

@@ -4,6 +4,7 @@
 mod admin;
 mod harness;
 mod impostor;
+mod limits;
 mod poison;
 mod prometheus;
 mod trust;
