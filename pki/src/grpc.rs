@@ -97,21 +97,26 @@ pub fn certificates_from_pem(pem: &str) -> Vec<CertificateDer<'static>> {
         .collect()
 }
 
-/// The agent id in a certificate the cluster CA issued to an agent (its common name), or
-/// `None` for any other certificate. Call only on a chain the TLS layer verified.
+/// The agent id in a certificate the cluster CA issued to an agent (its URI SAN
+/// `spiffe://shoal.internal/agent/ID`; its common name in certificates issued before that
+/// SAN existed), or `None` for any other certificate. Call only on a chain the TLS layer
+/// verified.
 pub fn agent_id_of(cert: &CertificateDer<'_>) -> Option<String> {
+    use x509_parser::extensions::GeneralName;
     let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
-    let is_agent = parsed
-        .subject_alternative_name()
-        .ok()
-        .flatten()
-        .is_some_and(|san| {
-            san.value.general_names.iter().any(|n| {
-                matches!(n, x509_parser::extensions::GeneralName::DNSName(d) if *d == crate::SERVER_NAME)
-            })
-        });
+    let san = parsed.subject_alternative_name().ok().flatten()?;
+    let names = &san.value.general_names;
+    let is_agent =
+        (names.iter()).any(|n| matches!(n, GeneralName::DNSName(d) if *d == crate::SERVER_NAME));
     if !is_agent {
         return None;
+    }
+    let from_uri = names.iter().find_map(|n| match n {
+        GeneralName::URI(uri) => uri.strip_prefix(crate::AGENT_URI_PREFIX),
+        _ => None,
+    });
+    if let Some(id) = from_uri {
+        return Some(id.to_string());
     }
     let cn = parsed.subject().iter_common_name().next()?;
     cn.as_str().ok().map(str::to_string)
@@ -404,6 +409,19 @@ mod tests {
         let ca = ClusterCa::generate().expect("ca");
         let agent = ca.issue("agent-7").expect("agent");
         assert_eq!(agent_id_of(&agent.chain[0]).as_deref(), Some("agent-7"));
+        // The id is in a SAN of its own.
+        let (_, parsed) = x509_parser::parse_x509_certificate(&agent.chain[0]).expect("x509");
+        let san = parsed
+            .subject_alternative_name()
+            .expect("san")
+            .expect("san");
+        let uris: Vec<&str> = (san.value.general_names.iter())
+            .filter_map(|n| match n {
+                x509_parser::extensions::GeneralName::URI(u) => Some(*u),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(uris, ["spiffe://shoal.internal/agent/agent-7"]);
         let coordinator = ca.issue_coordinator().expect("coordinator");
         assert_eq!(agent_id_of(&coordinator.chain[0]), None);
         assert_eq!(agent_id_of(&CertificateDer::from(vec![1, 2, 3])), None);

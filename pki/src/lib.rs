@@ -154,6 +154,14 @@ impl ClusterCa {
     }
 }
 
+/// The URI SAN naming an agent in its certificate.
+pub fn agent_uri(agent_id: &str) -> String {
+    format!("{AGENT_URI_PREFIX}{agent_id}")
+}
+
+/// What every agent's URI SAN starts with; the agent id follows.
+pub const AGENT_URI_PREFIX: &str = "spiffe://shoal.internal/agent/";
+
 /// How far back an agent certificate's validity starts: clocks across a cluster differ.
 const CLOCK_SKEW: std::time::Duration = std::time::Duration::from_secs(300);
 
@@ -162,6 +170,10 @@ fn agent_params(
     validity: Option<(std::time::SystemTime, std::time::Duration)>,
 ) -> Result<CertificateParams, TlsError> {
     let mut params = CertificateParams::new(vec![SERVER_NAME.to_string()])?;
+    // The agent id in a SAN of its own too, SPIFFE-style, for tools that read identities
+    // from SANs (the common name says the same).
+    let uri = rcgen::string::Ia5String::try_from(agent_uri(agent_name))?;
+    params.subject_alt_names.push(rcgen::SanType::URI(uri));
     if let Some((now, validity)) = validity {
         let now = time::OffsetDateTime::from(now);
         params.not_before = now - CLOCK_SKEW;
