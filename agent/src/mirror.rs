@@ -15,6 +15,7 @@
 
 mod blobs;
 mod manifests;
+mod rights;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -66,6 +67,14 @@ pub struct MirrorConfig {
     /// fetch from any host it can reach (only with a loopback listener, on a node whose
     /// local users are trusted).
     pub registries: Vec<String>,
+    /// Serve a repository only to clients the upstream would let pull it: public ones to
+    /// anyone, others only to a client whose own credentials (HTTP Basic, asked for with a
+    /// 401 challenge) the upstream accepts for it (see `mirror/rights.rs`). Off: whoever
+    /// reaches the mirror gets whatever this agent can pull or holds.
+    pub check_pull_rights: bool,
+    /// How long an upstream verdict that allowed a pull is reused. Default 5 min.
+    #[serde(deserialize_with = "shoal_proto::units::millis")]
+    pub pull_right_ttl_ms: u64,
 }
 
 impl Default for MirrorConfig {
@@ -77,6 +86,8 @@ impl Default for MirrorConfig {
             fallback_after_ms: 30_000,
             route_by_path: true,
             registries: Vec::new(),
+            check_pull_rights: true,
+            pull_right_ttl_ms: 300_000,
         }
     }
 }
@@ -124,6 +135,7 @@ pub(crate) struct Mirror {
     /// The registries served, lower-cased; None: any (see [`MirrorConfig::registries`]).
     allowed: Option<Arc<std::collections::HashSet<String>>>,
     manifests: Arc<Mutex<manifests::Cache>>,
+    rights: Arc<rights::Rights>,
 }
 
 impl Mirror {
@@ -155,6 +167,7 @@ impl Mirror {
             config,
             allowed,
             manifests: Arc::default(),
+            rights: Arc::default(),
         }
     }
 
@@ -203,8 +216,15 @@ pub(crate) async fn serve(
     Ok((bound, task))
 }
 
-async fn base() -> Response {
-    let mut r = (StatusCode::OK, "{}").into_response();
+/// `GET /v2/`. With pull rights checked, a client without credentials is challenged, as
+/// registries do: clients that probe `/v2/` first (skopeo, docker, CRI-O) learn there that
+/// they may send credentials, and go on anonymously if they have none.
+async fn base(State(mirror): State<Mirror>, headers: HeaderMap) -> Response {
+    let mut r = if mirror.config.check_pull_rights && !headers.contains_key(header::AUTHORIZATION) {
+        rights::challenge_any()
+    } else {
+        (StatusCode::OK, "{}").into_response()
+    };
     api_headers(r.headers_mut());
     r
 }
@@ -352,6 +372,27 @@ async fn dispatch(
     let name = target_name(&target);
     if let Err(e) = shoal_origin::validate_repository(name) {
         return error(StatusCode::BAD_REQUEST, "NAME_INVALID", &e.to_string());
+    }
+    // A malformed digest is refused by `blobs::serve`, which serves nothing for it.
+    let blob_digest: Option<shoal_proto::Digest> = match &target {
+        Target::Blob { digest, .. } => digest.parse().ok(),
+        Target::Manifest { .. } => None,
+    };
+    let what = match (&target, &blob_digest) {
+        (Target::Manifest { reference, .. }, _) => {
+            Some(shoal_origin::Pullable::Manifest(reference))
+        }
+        (Target::Blob { .. }, Some(d)) => Some(shoal_origin::Pullable::Blob(d)),
+        (Target::Blob { .. }, None) => None,
+    };
+    if let Some(what) = what {
+        if let Err(mut refused) = mirror
+            .check_pull_right(&registry, name, what, &headers)
+            .await
+        {
+            api_headers(refused.headers_mut());
+            return refused;
+        }
     }
     let head = method == Method::HEAD;
     let mut response = match target {

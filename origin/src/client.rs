@@ -76,6 +76,36 @@ pub struct UrlInfo {
     pub accept_ranges: bool,
 }
 
+/// What [`Client::may_pull`] asks about.
+#[derive(Clone, Copy, Debug)]
+pub enum Pullable<'a> {
+    /// A manifest by tag or digest.
+    Manifest(&'a str),
+    Blob(&'a Digest),
+}
+
+/// What [`Client::may_pull`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PullRight {
+    /// The registry serves it to these credentials (or to anyone).
+    Allowed,
+    /// The registry refused these credentials (401, 403).
+    Refused,
+    /// The registry has no such thing for these credentials (404); `challenged`: it asked
+    /// for credentials on the way (a private repository may hide behind a 404).
+    Unknown { challenged: bool },
+}
+
+/// Whose credentials a registry request carries.
+#[derive(Clone, Copy)]
+enum Principal<'a> {
+    /// This agent's: the configured ones, with tokens cached and shared.
+    Node,
+    /// A mirror client's own (None: anonymous): never the configured ones, and no token
+    /// kept.
+    Client(Option<&'a Credentials>),
+}
+
 enum Auth {
     Anonymous,
     Bearer(Token),
@@ -197,6 +227,7 @@ impl Client {
                 repository,
                 &format!("manifests/{reference}"),
                 accept_headers(accept)?,
+                Principal::Node,
             )
             .await?;
         Ok((requested, response))
@@ -242,6 +273,7 @@ impl Client {
                 repository,
                 &format!("blobs/{digest}"),
                 HeaderMap::new(),
+                Principal::Node,
             )
             .await?;
         if let Some(actual) = announced_digest(response.headers()) {
@@ -272,6 +304,7 @@ impl Client {
                 repository,
                 &format!("blobs/{digest}"),
                 headers,
+                Principal::Node,
             )
             .await?;
         self.ranged_body(response, range)
@@ -348,6 +381,7 @@ impl Client {
         repository: &str,
         path: &str,
         headers: HeaderMap,
+        who: Principal<'_>,
     ) -> Result<Response, OriginError> {
         validate_registry(registry)?;
         validate_repository(repository)?;
@@ -359,14 +393,18 @@ impl Client {
         let default_scope = format!("repository:{repository}:pull");
 
         let tokens = &self.inner.tokens;
-        let (first_auth, sent_key) = match tokens.lookup(registry, &default_scope, Instant::now()) {
+        let node = matches!(who, Principal::Node);
+        let known = if node {
+            tokens.lookup(registry, &default_scope, Instant::now())
+        } else {
+            None
+        };
+        let (first_auth, sent_key) = match known {
             Some(Known::Bearer(token)) => (Auth::Bearer(token), Some(default_scope.clone())),
-            Some(Known::Basic) => {
-                match settings.credentials(self.inner.config.auth_file.as_deref())? {
-                    Some(c) => (Auth::Basic(c), None),
-                    None => (Auth::Anonymous, None),
-                }
-            }
+            Some(Known::Basic) => match self.credentials(&settings, who)? {
+                Some(c) => (Auth::Basic(c), None),
+                None => (Auth::Anonymous, None),
+            },
             None => (Auth::Anonymous, None),
         };
         let response = self
@@ -400,22 +438,26 @@ impl Client {
                 // The token we just sent was refused: it expired or was revoked early.
                 tokens.forget(registry, &scope);
                 None
-            } else {
+            } else if node {
                 tokens.lookup(registry, &scope, Instant::now())
+            } else {
+                None
             };
             let token = match cached {
                 Some(Known::Bearer(token)) => token,
                 _ => {
                     let (token, lifetime) = self
-                        .fetch_token(&settings, &realm, service.as_deref(), &scope)
+                        .fetch_token(&settings, &realm, service.as_deref(), &scope, who)
                         .await?;
-                    tokens.store(registry, &scope, token.clone(), lifetime, Instant::now());
+                    if node {
+                        tokens.store(registry, &scope, token.clone(), lifetime, Instant::now());
+                    }
                     token
                 }
             };
             Auth::Bearer(token)
         } else if challenges.contains(&Challenge::Basic) {
-            match settings.credentials(self.inner.config.auth_file.as_deref())? {
+            match self.credentials(&settings, who)? {
                 Some(creds) => Auth::Basic(creds),
                 None => {
                     return Err(OriginError::Unauthorized(format!(
@@ -433,10 +475,72 @@ impl Client {
                 Request(&method, &url, &headers, &retry_auth, &shown),
             )
             .await?;
-        if is_basic && response.status() != StatusCode::UNAUTHORIZED {
+        if node && is_basic && response.status() != StatusCode::UNAUTHORIZED {
             tokens.mark_basic(registry);
         }
         check_status(response, &shown, self.timeout()).await
+    }
+
+    /// The credentials `who` sends to `settings`' registry.
+    fn credentials(
+        &self,
+        settings: &RegistryConfig,
+        who: Principal<'_>,
+    ) -> Result<Option<Credentials>, OriginError> {
+        match who {
+            Principal::Node => settings.credentials(self.inner.config.auth_file.as_deref()),
+            Principal::Client(c) => Ok(c.cloned()),
+        }
+    }
+
+    /// Whether `credentials` (a mirror client's own; None: anonymous) may pull `what` from
+    /// `repository` at `registry`: a `HEAD` with them alone (the token dance included),
+    /// never with this client's configured credentials, and no token kept.
+    pub async fn may_pull(
+        &self,
+        registry: &str,
+        repository: &str,
+        what: Pullable<'_>,
+        credentials: Option<&Credentials>,
+    ) -> Result<PullRight, OriginError> {
+        let (path, headers) = match what {
+            Pullable::Manifest(reference) => {
+                parse_manifest_reference(reference)?;
+                (format!("manifests/{reference}"), accept_headers(&[])?)
+            }
+            Pullable::Blob(digest) => (format!("blobs/{digest}"), HeaderMap::new()),
+        };
+        // Anonymously first: an open registry answers at once, and says whether it asks
+        // for credentials at all.
+        validate_registry(registry)?;
+        validate_repository(repository)?;
+        let settings = self.inner.config.registry(registry);
+        let url = format!("{}/v2/{repository}/{path}", settings.base_url());
+        let url = Url::parse(&url)
+            .map_err(|e| OriginError::Invalid(format!("registry URL {url:?}: {e}")))?;
+        let shown = display_url(&url);
+        let anonymous = Request(&Method::HEAD, &url, &headers, &Auth::Anonymous, &shown);
+        let first = self.send_paced(&settings, anonymous).await?;
+        match first.status() {
+            s if s.is_success() => return Ok(PullRight::Allowed),
+            StatusCode::NOT_FOUND => return Ok(PullRight::Unknown { challenged: false }),
+            StatusCode::UNAUTHORIZED => {}
+            _ => {
+                return check_status(first, &shown, self.timeout())
+                    .await
+                    .map(|_| PullRight::Allowed);
+            }
+        }
+        let who = Principal::Client(credentials);
+        let answer = self
+            .registry_request(Method::HEAD, registry, repository, &path, headers, who)
+            .await;
+        match answer {
+            Ok(_) => Ok(PullRight::Allowed),
+            Err(OriginError::Unauthorized(_)) => Ok(PullRight::Refused),
+            Err(OriginError::NotFound(_)) => Ok(PullRight::Unknown { challenged: true }),
+            Err(e) => Err(e),
+        }
     }
 
     /// [`Client::send_with`] within the registry's pacing: waits for its request budget and
@@ -495,6 +599,7 @@ impl Client {
         realm: &str,
         service: Option<&str>,
         scope: &str,
+        who: Principal<'_>,
     ) -> Result<(Token, Duration), OriginError> {
         let mut url = parse_http_url(realm).map_err(|e| {
             OriginError::Unauthorized(format!(
@@ -518,7 +623,7 @@ impl Client {
             .and_then(|u| u.host_str().map(str::to_ascii_lowercase));
         let realm_host = url.host_str().map(str::to_ascii_lowercase);
         let safe_realm = url.scheme() == "https" || realm_host == registry_host;
-        let configured = settings.credentials(self.inner.config.auth_file.as_deref())?;
+        let configured = self.credentials(settings, who)?;
         let withheld = configured.is_some() && !safe_realm;
         if withheld {
             tracing::warn!(registry = %settings.host, realm = %shown, "the registry's token realm is plain http on another host: asking it anonymously, the credentials withheld");

@@ -100,10 +100,10 @@ impl RegistryConfig {
 }
 
 /// A username and password, only ever sent as HTTP Basic. Debug does not show the password.
-#[derive(Clone)]
-pub(crate) struct Credentials {
-    pub(crate) username: String,
-    pub(crate) password: String,
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Credentials {
+    pub username: String,
+    pub password: String,
 }
 
 impl fmt::Debug for Credentials {

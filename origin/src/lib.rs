@@ -18,8 +18,8 @@ mod redirects;
 mod reference;
 
 pub use body::{Body, ByteRange};
-pub use client::{Client, FetchedManifest, ManifestHead, UrlInfo};
-pub use config::{HttpOriginConfig, OriginConfig, RegistryConfig};
+pub use client::{Client, FetchedManifest, ManifestHead, PullRight, Pullable, UrlInfo};
+pub use config::{Credentials, HttpOriginConfig, OriginConfig, RegistryConfig};
 pub use error::OriginError;
 pub use http::parse_http_url;
 pub use image::{

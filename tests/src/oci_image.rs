@@ -256,19 +256,38 @@ pub fn push_to_registry(
     registry_host: &str,
     repository: &str,
 ) -> Result<()> {
+    push_to_registry_as(layout, tag, registry_host, repository, None)
+}
+
+/// [`push_to_registry`] with `user:password` credentials for a registry that asks for them.
+pub fn push_to_registry_as(
+    layout: &Path,
+    tag: &str,
+    registry_host: &str,
+    repository: &str,
+    credentials: Option<(&str, &str)>,
+) -> Result<()> {
     let expected = layout_manifest_digest(layout, tag)?;
     let skopeo = tools::require("skopeo", "skopeo");
+    let mut copy = Command::new(skopeo);
+    copy.args(["--insecure-policy", "copy", "--quiet", "--preserve-digests"])
+        .arg("--dest-tls-verify=false");
+    if let Some((user, password)) = credentials {
+        copy.arg(format!("--dest-creds={user}:{password}"));
+    }
     tools::run(
-        Command::new(skopeo)
-            .args(["--insecure-policy", "copy", "--quiet", "--preserve-digests"])
-            .arg("--dest-tls-verify=false")
-            .arg(format!("oci:{}:{tag}", layout.display()))
+        copy.arg(format!("oci:{}:{tag}", layout.display()))
             .arg(format!("docker://{registry_host}/{repository}:{tag}")),
     )?;
+    let authorization = credentials.map(|(user, password)| basic_authorization(user, password));
+    let mut headers = vec![("Accept", MANIFEST_MEDIA_TYPE)];
+    if let Some(value) = &authorization {
+        headers.push(("Authorization", value));
+    }
     let response = http_get(
         registry_host,
         &format!("/v2/{repository}/manifests/{tag}"),
-        &[("Accept", MANIFEST_MEDIA_TYPE)],
+        &headers,
     )?;
     ensure!(
         response.status == 200,
@@ -283,6 +302,13 @@ pub fn push_to_registry(
         );
     }
     Ok(())
+}
+
+/// The `Authorization` value of HTTP Basic credentials.
+pub fn basic_authorization(user: &str, password: &str) -> String {
+    use base64::Engine as _;
+    let encoded = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    format!("Basic {encoded}")
 }
 
 /// `skopeo copy --src-tls-verify=false <extra_args> <source> dir:<dest>`: a pull by the real

@@ -45,6 +45,8 @@ pub struct Registry {
     addr: SocketAddr,
     log_path: PathBuf,
     markers_sent: AtomicU64,
+    /// Asks for credentials (`GET /v2/` answers 401).
+    authenticated: bool,
     // Last: removed after the process is gone (fields drop in order, after `Drop::drop`).
     _dir: tempfile::TempDir,
 }
@@ -69,12 +71,18 @@ impl Registry {
     /// # Panics
     /// If `docker-registry` is not installed (see [`tools::require`]).
     pub fn start() -> Result<Registry> {
+        Registry::start_with_users(&[])
+    }
+
+    /// Like [`Registry::start`], with HTTP Basic authentication for these (user, password)
+    /// pairs if any: then every request needs one of them (pushes and pulls alike).
+    pub fn start_with_users(users: &[(&str, &str)]) -> Result<Registry> {
         let binary = tools::require("/usr/bin/docker-registry", "docker-registry");
         // The port is free when picked but not reserved: another process may take it before
         // the registry binds, so try again on another port if the bind fails.
         let mut last_error = None;
         for _ in 0..3 {
-            match Registry::start_on_free_port(&binary) {
+            match Registry::start_on_free_port(&binary, users) {
                 Ok(registry) => return Ok(registry),
                 Err(e) => last_error = Some(e),
             }
@@ -82,7 +90,7 @@ impl Registry {
         Err(last_error.expect("three attempts"))
     }
 
-    fn start_on_free_port(binary: &std::path::Path) -> Result<Registry> {
+    fn start_on_free_port(binary: &std::path::Path, users: &[(&str, &str)]) -> Result<Registry> {
         let dir = tempfile::Builder::new()
             .prefix("shoal-registry-")
             .tempdir()?;
@@ -111,6 +119,21 @@ http:
 "#,
             storage = storage.display(),
         );
+        let config = if users.is_empty() {
+            config
+        } else {
+            let htpasswd = dir.path().join("htpasswd");
+            let mut lines = String::new();
+            for (user, password) in users {
+                let hashed = bcrypt::hash(password, 4)?;
+                lines.push_str(&format!("{user}:{hashed}\n"));
+            }
+            std::fs::write(&htpasswd, lines)?;
+            format!(
+                "{config}auth:\n  htpasswd:\n    realm: shoal-tests\n    path: {}\n",
+                htpasswd.display()
+            )
+        };
         std::fs::write(&config_path, config)?;
         let child = tools::spawn_logged(
             Command::new(binary).arg("serve").arg(&config_path),
@@ -121,6 +144,7 @@ http:
             addr,
             log_path,
             markers_sent: AtomicU64::new(0),
+            authenticated: !users.is_empty(),
             _dir: dir,
         };
         registry.wait_ready()?;
@@ -141,6 +165,9 @@ http:
             let listening = self.log().contains(&format!("listening on {}", self.addr));
             match http_get(&self.host(), "/v2/", &[]) {
                 Ok(response) if response.status == 200 && listening => return Ok(()),
+                Ok(response) if response.status == 401 && self.authenticated && listening => {
+                    return Ok(());
+                }
                 Ok(_) | Err(_) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(50))
                 }
