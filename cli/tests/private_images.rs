@@ -1,8 +1,8 @@
 //! Private images through the mirror (docs/SECURITY.md): a repository the upstream does
 //! not serve anonymously is served only to a client whose own credentials the upstream
 //! accepts, however warm this agent's cache and store, or its peers', are. The upstream is
-//! the CNCF registry (`docker-registry`) with HTTP Basic users; the clients are `skopeo`
-//! and plain HTTP requests; the agents are real `shoal` processes whose own configured
+//! the CNCF registry (`docker-registry`) with HTTP Basic users; the clients are `skopeo`,
+//! `containerd` (`ctr --user`) and plain HTTP requests; the agents are real `shoal` processes whose own configured
 //! credentials could pull anything.
 
 #[path = "cluster/harness.rs"]
@@ -10,6 +10,7 @@ mod harness;
 
 use anyhow::{Context, Result, ensure};
 use harness::{Cluster, read};
+
 use shoal_tests::oci_image::{self, ImageSpec, basic_authorization};
 use shoal_tests::registry::{Registry, http_get};
 
@@ -108,6 +109,40 @@ async fn a_private_repository_is_served_only_to_clients_the_upstream_lets_pull_i
     ensure!(
         oci_image::sha256_digest(&r.body) == *layer,
         "B served other bytes for {layer}"
+    );
+
+    // containerd pointed at B's mirror: refused without credentials (the mirror and the
+    // registry both ask for them), pulled with the user's own, and through the mirror.
+    let hosts = tempfile::tempdir()?;
+    let out = harness::shoal()
+        .args(["containerd-config", "--registry", &host, "--mirror"])
+        .arg(format!("http://{b}"))
+        .arg("--dir")
+        .arg(hosts.path())
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let containerd = shoal_tests::containerd::Containerd::start()?;
+    let reference = format!("{host}/team/private:v1");
+    let snapshotter = shoal_tests::containerd::DEFAULT_SNAPSHOTTER;
+    let refused = containerd.pull(&reference, hosts.path(), snapshotter);
+    ensure!(
+        refused.is_err(),
+        "containerd pulled a private image without credentials"
+    );
+    let user = format!("{}:{}", ALICE.0, ALICE.1);
+    containerd
+        .pull_with(&reference, hosts.path(), snapshotter, &["--user", &user])
+        .with_context(|| format!("containerd log:\n{}", containerd.log()))?;
+    let direct: Vec<_> = (registry.access_log().into_iter())
+        .filter(|e| e.path.contains("/blobs/") && e.user_agent.contains("containerd"))
+        .collect();
+    ensure!(
+        direct.is_empty(),
+        "containerd went to the upstream: {direct:?}"
     );
     Ok(())
 }

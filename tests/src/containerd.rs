@@ -189,12 +189,25 @@ disabled_plugins = [
     /// fetches and unpacks. Fails also when ctr exits 0 but logged an error (a hosts.toml it
     /// could not read is logged and ignored). Returns ctr's output.
     pub fn pull(&self, image_ref: &str, hosts_dir: &Path, snapshotter: &str) -> Result<String> {
+        self.pull_with(image_ref, hosts_dir, snapshotter, &[])
+    }
+
+    /// [`Containerd::pull`] with more arguments for `ctr images pull` (`--user u:p`).
+    pub fn pull_with(
+        &self,
+        image_ref: &str,
+        hosts_dir: &Path,
+        snapshotter: &str,
+        extra: &[&str],
+    ) -> Result<String> {
         let output = Command::new(&self.ctr)
             .arg("--address")
             .arg(&self.socket)
             .args(["images", "pull", "--hosts-dir"])
             .arg(hosts_dir)
-            .args(["--snapshotter", snapshotter, image_ref])
+            .args(["--snapshotter", snapshotter])
+            .args(extra)
+            .arg(image_ref)
             .stdin(Stdio::null())
             .output()
             .context("spawning ctr")?;
