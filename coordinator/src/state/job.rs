@@ -19,6 +19,17 @@ use shoal_proto::pb::v1::{self as pb, FailureReason, JobState, TargetState};
 /// What GetJob and ListJobs show instead of an origin header's value.
 pub const REDACTED: &str = "<redacted>";
 
+/// Replaces every origin header's value with [`REDACTED`] (the names stay).
+fn hide_header_values(job: &mut pb::Job) {
+    for origin in job.origins.values_mut() {
+        if let Some(pb::origin::Origin::Http(h)) = &mut origin.origin {
+            for value in h.headers.values_mut() {
+                *value = REDACTED.to_string();
+            }
+        }
+    }
+}
+
 /// A URL without what may be a credential: its user and password, and its query's values
 /// (presigned URLs carry their signature there); the names of the query's keys stay.
 fn redacted_url(url: &str) -> String {
@@ -351,17 +362,24 @@ impl Job {
 
     /// The record as GetJob and ListJobs return it: [`Job::to_pb`] with every origin
     /// header's value replaced (they may be credentials; the names stay, so a caller can
-    /// see which headers a job carries).
+    /// see which headers a job carries), and the URL's credentials too.
     pub fn to_pb_redacted(&self, with_targets: bool, now: SystemTime) -> pb::Job {
         let mut job = self.to_pb(with_targets, now);
+        hide_header_values(&mut job);
         for origin in job.origins.values_mut() {
             if let Some(pb::origin::Origin::Http(h)) = &mut origin.origin {
-                for value in h.headers.values_mut() {
-                    *value = REDACTED.to_string();
-                }
                 h.url = redacted_url(&h.url);
             }
         }
+        job
+    }
+
+    /// The record as the database keeps it: every origin header's value replaced (they may
+    /// be credentials, and secrets have no business at rest in a job record). A job read
+    /// back after a restart has lost them: its seeds go without (see [`Job::from_pb`]).
+    pub fn to_pb_stored(&self, now: SystemTime) -> pb::Job {
+        let mut job = self.to_pb(true, now);
+        hide_header_values(&mut job);
         job
     }
 
@@ -369,6 +387,20 @@ impl Job {
     /// agents will report what they hold when they reconnect.
     pub fn from_pb(mut record: pb::Job) -> Option<Self> {
         let progress = record.progress.take()?;
+        // Header values were not stored (`to_pb_stored`): seeds after the restart go
+        // without them rather than with the placeholder.
+        for (blob, origin) in &mut record.origins {
+            if let Some(pb::origin::Origin::Http(h)) = &mut origin.origin {
+                let lost: Vec<String> = (h.headers.iter())
+                    .filter(|(_, v)| *v == REDACTED)
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                if !lost.is_empty() {
+                    tracing::warn!(job = record.job_id, blob, headers = ?lost, "a job's origin headers are not kept across a restart: its seeds go without them (configure [[origin.http]] on the agents for credentials that last)");
+                    h.headers.retain(|_, v| v != REDACTED);
+                }
+            }
+        }
         let deadline = record.deadline.and_then(|d| SystemTime::try_from(d).ok());
         let mut job = Self::new(record, deadline);
         for t in progress.targets {

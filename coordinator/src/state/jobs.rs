@@ -126,7 +126,7 @@ impl Jobs {
     /// written, [`Jobs::confirm`] hands it back to be dropped.
     pub fn create(&mut self, job: Job, now: SystemTime, then: Then) {
         let id = job.id().to_string();
-        let write = Write::Jobs(vec![job.to_pb(true, now)]);
+        let write = Write::Jobs(vec![job.to_pb_stored(now)]);
         let ticket = self.writer.write_ticket(write, Some(then));
         self.unconfirmed.push(Unconfirmed {
             ids: vec![id.clone()],
@@ -552,7 +552,7 @@ impl Jobs {
             then(Ok(()));
             return;
         };
-        let write = Write::Jobs(vec![job.to_pb(true, now)]);
+        let write = Write::Jobs(vec![job.to_pb_stored(now)]);
         let ticket = self.writer.write_ticket(write, Some(then));
         self.unconfirmed.push(Unconfirmed {
             ids: vec![id.to_string()],
@@ -576,7 +576,7 @@ impl Jobs {
         let ids: Vec<String> = std::mem::take(&mut self.dirty).into_iter().collect();
         let jobs: Vec<pb::Job> = (ids.iter())
             .filter_map(|id| self.jobs.get(id))
-            .map(|j| j.to_pb(true, now))
+            .map(|j| j.to_pb_stored(now))
             .collect();
         if jobs.is_empty() {
             return;

@@ -390,9 +390,9 @@ fn range_of(o: &pb::FetchOrder) -> (u64, u64, u32) {
 }
 
 /// Origin headers (credentials, often) reach the seeder's order, but GetJob and ListJobs
-/// show only their names.
+/// show only their names, and the database never holds their values.
 #[test]
-fn origin_header_values_reach_the_seeder_but_never_the_api() {
+fn origin_header_values_reach_the_seeder_but_never_the_api_nor_the_disk() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut c = cluster(dir.path(), 2);
     let m = manifest();
@@ -434,6 +434,24 @@ fn origin_header_values_reach_the_seeder_but_never_the_api() {
         assert!(!text.contains(secret), "{secret}: {text}");
     }
     assert!(text.contains("X-Amz-Signature="), "query keys stay: {text}");
+
+    // On disk: the names only. After a restart the job's origin has no such header, rather
+    // than the placeholder as its value.
+    super::persistence::settle(&mut c.s);
+    let now = c.s.now;
+    drop(c);
+    let db = std::fs::read(dir.path().join("db.redb")).expect("db file");
+    assert!(
+        !db.windows(b"hf_secret".len()).any(|w| w == b"hf_secret"),
+        "the header's value is in the database"
+    );
+    let s = state_at(dir.path(), Duration::from_secs(30), now);
+    let job = s
+        .jobs
+        .get(&job)
+        .map(|j| j.to_pb(false, now.wall))
+        .expect("job");
+    assert_eq!(shown(&job), vec![], "{job:?}");
 }
 
 /// One Distribute cannot create more targets than `max_targets_per_job`, and cannot give an
