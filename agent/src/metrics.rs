@@ -9,6 +9,9 @@ pub const BYTES_OUT: &str = "shoal_agent_served_bytes_total";
 pub const CHUNKS_VERIFIED: &str = "shoal_agent_chunks_verified_total";
 /// Chunks received that did not match the manifest (the peer was dropped).
 pub const CHUNKS_REJECTED: &str = "shoal_agent_chunks_rejected_total";
+/// Blobs read back whole against their digest (a manifest nobody but its registrant
+/// vouched for, a pull, a scrub of the whole blob): each costs one read of the blob.
+pub const WHOLE_READS: &str = "shoal_agent_whole_blob_reads_total";
 /// Fetch orders currently running.
 pub const ACTIVE_TRANSFERS: &str = "shoal_agent_transfers_active";
 /// Fetch orders finished, labelled `outcome` = `done` | `failed`.
@@ -109,6 +112,7 @@ pub fn describe() {
     );
     describe_counter!(CHUNKS_VERIFIED, "Chunks received, verified and stored");
     describe_counter!(CHUNKS_REJECTED, "Chunks received that failed verification");
+    describe_counter!(WHOLE_READS, "Blobs read back whole against their digest");
     describe_gauge!(ACTIVE_TRANSFERS, "Fetch orders running");
     describe_counter!(TRANSFERS_FINISHED, "Fetch orders finished, by outcome");
     describe_gauge!(SESSION_CONNECTED, "1 while the coordinator session is up");

@@ -217,6 +217,45 @@ fn store_ensure_verified_reads_a_blob_once_and_verify_blob_always() {
     ));
 }
 
+/// An order's end and a pull both verify the blob they waited for, at once: one reads it,
+/// the other waits for that read instead of reading the blob again beside it.
+#[test]
+fn store_ensure_verified_by_two_callers_at_once_reads_the_blob_once() {
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .expect("recorder");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path(), QUOTA);
+    // 32 MiB: reading it takes long enough that both callers arrive while it runs.
+    let chunks = 8192;
+    let (data, m) = blob(9, chunks as usize * CHUNK as usize);
+    store.insert_manifest(&m).expect("insert");
+    put(&store, &data, &m, 0..chunks);
+    let d = m.digest();
+    let start = Arc::new(std::sync::Barrier::new(2));
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let (store, start) = (store.clone(), start.clone());
+            thread::spawn(move || {
+                start.wait();
+                store.ensure_verified(&d)
+            })
+        })
+        .collect();
+    for r in readers {
+        r.join().expect("thread").expect("verifies");
+    }
+    let rendered = metrics.render();
+    let reads: Vec<&str> = (rendered.lines())
+        .filter(|l| l.starts_with("shoal_agent_whole_blob_reads_total"))
+        .collect();
+    assert_eq!(
+        reads,
+        ["shoal_agent_whole_blob_reads_total 1"],
+        "{rendered}"
+    );
+}
+
 #[test]
 fn store_holds_keep_a_blob_like_a_pin_without_touching_the_users_pin() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -95,6 +95,12 @@ pub struct CoordinatorConfig {
     /// Serve plaintext gRPC and check no credentials (no TLS, no tokens, no agent
     /// certificates). Only for a trusted network or a test; logged as a warning at startup.
     pub insecure: bool,
+    /// Take an agent's registration of a blob (a push, a whole seed) as verified: its
+    /// first targets skip reading the blob whole against its digest, which they otherwise
+    /// do until an agent other than the registrant has. Faster first distributions, but one
+    /// compromised agent can then poison a digest (docs/SECURITY.md). Default false; logged
+    /// as a warning at startup when set.
+    pub trust_registrations: bool,
 }
 
 impl Default for CoordinatorConfig {
@@ -120,6 +126,7 @@ impl Default for CoordinatorConfig {
             origin: Default::default(),
             api_tokens: Vec::new(),
             insecure: false,
+            trust_registrations: false,
         }
     }
 }
@@ -282,6 +289,7 @@ fn start_on(config: &CoordinatorConfig, db: db::Db) -> Result<Started, Coordinat
         },
         seed: rand::random(),
         max_targets_per_job: config.max_targets_per_job,
+        trust_registrations: config.trust_registrations,
         certificate_validity: (!config.insecure)
             .then(|| Duration::from_millis(config.agent_certificate_validity_ms)),
     };
@@ -311,6 +319,11 @@ async fn serve(
 ) -> Result<(), CoordinatorError> {
     let origin = shoal_origin::Client::new(config.origin.clone())?;
     let tokens = auth::Tokens::load(&config.api_tokens).map_err(CoordinatorError::Tokens)?;
+    if config.trust_registrations {
+        tracing::warn!(
+            "trust_registrations = true: one agent's registration vouches for a blob, so one compromised agent can poison a digest"
+        );
+    }
     let tls = if config.insecure {
         tracing::warn!(
             "insecure = true: the gRPC port is plaintext and checks no credentials; anyone who reaches it controls the cluster"

@@ -175,6 +175,8 @@ pub struct StateConfig {
     pub seed: u64,
     /// The most targets (agents × blobs) one job may have.
     pub max_targets_per_job: u64,
+    /// An agent's registration counts as verified (see `CoordinatorConfig`).
+    pub trust_registrations: bool,
     /// How long an agent certificate is valid (agents renew at half of it); none: as long
     /// as the CA (an insecure coordinator, whose agents cannot renew over gRPC).
     pub certificate_validity: Option<Duration>,

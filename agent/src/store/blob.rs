@@ -76,6 +76,9 @@ pub(crate) struct BlobEntry {
     /// The whole blob was read back and matched its digest in this process. A complete
     /// blob's chunks are never written again unless one is dropped, which clears this.
     pub(super) verified: AtomicBool,
+    /// Held while the blob is read back: a second caller waits for the first read instead
+    /// of reading the whole blob again beside it (an order's end and a pull's both verify).
+    verifying: Mutex<()>,
     /// Logical clock value of the last use; eviction order.
     recency: AtomicU64,
     /// Wall-clock time of the last use, for reports and the data file's mtime.
@@ -140,6 +143,7 @@ impl BlobEntry {
             pinned: AtomicBool::new(false),
             holds: AtomicU32::new(0),
             verified: AtomicBool::new(false),
+            verifying: Mutex::new(()),
             recency: AtomicU64::new(recency),
             last_used_nanos: AtomicU64::new(nanos_since_epoch(last_used)),
         }
@@ -357,6 +361,7 @@ impl BlobEntry {
         if let Some(index) = manifest.chunk_indices().find(|&i| !self.has(i)) {
             return Err(StoreError::ChunkMissing { blob, index });
         }
+        metrics::counter!(crate::metrics::WHOLE_READS).increment(1);
         let mut verifier = BlobVerifier::default();
         let mut buf = vec![0u8; manifest.chunk_size() as usize];
         for index in manifest.chunk_indices() {
@@ -390,6 +395,10 @@ impl BlobEntry {
 
     /// [`BlobEntry::verify`], unless it already passed in this process.
     pub(crate) fn ensure_verified(&self) -> Result<(), StoreError> {
+        if self.verified.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let _one_reader = self.verifying.lock().unwrap_or_else(|e| e.into_inner());
         if self.verified.load(Ordering::Relaxed) {
             return Ok(());
         }

@@ -162,7 +162,12 @@ impl State {
             tracing::warn!(agent = by, blob = %digest, why, "registration of a quarantined agent ignored");
             return;
         }
-        self.add_to_catalog(manifest, by, Trust::Registered, now);
+        let trust = if self.config.trust_registrations {
+            Trust::Verified
+        } else {
+            Trust::Registered
+        };
+        self.add_to_catalog(manifest, by, trust, now);
         // If a job wanted it there, that target is done; targets waiting for it to be
         // seeded can now fetch it from peers.
         self.blob_done(host, digest, now);

@@ -35,6 +35,7 @@ fn config(lease: Duration) -> StateConfig {
         // Every test's jobs stay under it; `one_job_cannot_create_more_targets_than_the_limit`
         // sets its own.
         max_targets_per_job: 10_000,
+        trust_registrations: false,
         certificate_validity: Some(Duration::from_secs(3600)),
     }
 }
