@@ -123,6 +123,19 @@ impl<'a> Cluster<'a> {
             "agents by host: {:?}",
             cluster.hosts
         );
+        // An agent is listed once it joined; its local socket comes a moment later, and a
+        // push or pull right away would find none.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for h in 0..hosts {
+            while !cluster.socket(h).exists() {
+                ensure!(
+                    Instant::now() < deadline,
+                    "host {h}'s agent never opened {}",
+                    cluster.socket(h).display()
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         Ok(cluster)
     }
 
