@@ -9,8 +9,9 @@
 //! and the upstream must accept them for that repository (`HEAD` with those credentials
 //! alone, never this agent's). Each verdict that allows is remembered for
 //! `mirror.pull_right_ttl_ms`; refusals are not. When the upstream cannot be reached, an
-//! expired verdict that allowed still does (the mirror keeps serving what it served), and
-//! without one the request fails.
+//! expired verdict that allowed still does (the mirror keeps serving what it served);
+//! without one, content named by its digest is served (the digest is the capability) and a
+//! tag is refused.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -20,7 +21,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::Response;
 use base64::Engine as _;
 use sha2::{Digest as _, Sha256};
-use shoal_origin::{Credentials, PullRight, Pullable};
+use shoal_origin::{Credentials, OriginError, PullRight, Pullable};
 use tokio::time::Instant;
 
 use super::{Mirror, error};
@@ -81,6 +82,23 @@ fn client_credentials(headers: &HeaderMap) -> Result<Option<Credentials>, &'stat
         username: username.to_string(),
         password: password.to_string(),
     }))
+}
+
+/// Whether `what` names its content by digest (a blob, a manifest by digest).
+fn by_digest(what: Pullable<'_>) -> bool {
+    match what {
+        Pullable::Blob(_) => true,
+        Pullable::Manifest(reference) => reference.starts_with("sha256:"),
+    }
+}
+
+/// The upstream could not be reached or failed on its side (no verdict about the client).
+fn unreachable(e: &OriginError) -> bool {
+    match e {
+        OriginError::Unreachable(_) => true,
+        OriginError::Upstream { status, .. } => *status >= 500,
+        _ => false,
+    }
 }
 
 fn hash(c: &Credentials) -> [u8; 32] {
@@ -196,6 +214,14 @@ impl Mirror {
             // The upstream is away: what was allowed before still is.
             Err(e) if seen.is_some() => {
                 tracing::warn!(registry, repository, error = %e, "mirror: cannot check a pull right upstream; serving on an earlier verdict");
+                Ok(())
+            }
+            // Nor is there anyone to ask: content named by its digest is served, the digest
+            // being the capability (a private image's digests come only with its manifest,
+            // which a tag cannot be resolved to while the upstream is away). A cluster keeps
+            // pulling what it holds through a registry outage.
+            Err(e) if by_digest(what) && unreachable(&e) => {
+                tracing::warn!(registry, repository, error = %e, "mirror: the upstream cannot be asked about a pull right; serving content named by its digest");
                 Ok(())
             }
             Err(e) => Err(super::upstream_error(&e, "UNKNOWN")),

@@ -205,14 +205,7 @@ impl State {
     fn reject_provisional(&mut self, blob: Digest, message: &str, now: Now) {
         tracing::warn!(%blob, message, "the seeded blob does not match its digest");
         let message = format!("the origin's content does not match {blob}: {message}");
-        let hosts: Vec<HostId> = (self.agents.iter())
-            .map(|a| a.host)
-            .filter(|h| self.jobs.is_wanted(*h, blob))
-            .collect();
-        for host in hosts {
-            self.cancel_order(host, blob, "the blob does not match its digest");
-            self.fail_targets(host, blob, pb::FailureReason::DigestMismatch, &message, now);
-        }
+        self.fail_mismatched(blob, &message, now);
         self.catalog.remove(&blob, None);
     }
 
@@ -246,14 +239,7 @@ impl State {
         let message = format!(
             "the manifest agent {registrant} registered for {blob} does not describe it (two targets read the blob whole); that agent is quarantined and the manifest dropped: push the blob again, or retry once another holder registered it"
         );
-        let wanting: Vec<HostId> = (self.agents.iter())
-            .map(|a| a.host)
-            .filter(|h| self.jobs.is_wanted(*h, blob))
-            .collect();
-        for host in wanting {
-            self.cancel_order(host, blob, "the blob does not match its manifest");
-            self.fail_targets(host, blob, pb::FailureReason::DigestMismatch, &message, now);
-        }
+        self.fail_mismatched(blob, &message, now);
         // Nobody holds what this manifest described: the planner forgets every holding.
         for (host, _) in &holders {
             self.holds(*host, blob, 0, false, now);
@@ -267,6 +253,19 @@ impl State {
             if Some(host) != registrant_host && !self.is_quarantined(host) {
                 self.ask_to_register(host, vec![blob], now);
             }
+        }
+    }
+
+    /// Cancels every order for `blob` and fails its targets everywhere: the manifest they
+    /// fetch by does not describe it.
+    fn fail_mismatched(&mut self, blob: Digest, message: &str, now: Now) {
+        let wanting: Vec<HostId> = (self.agents.iter())
+            .map(|a| a.host)
+            .filter(|h| self.jobs.is_wanted(*h, blob))
+            .collect();
+        for host in wanting {
+            self.cancel_order(host, blob, "the blob does not match its digest");
+            self.fail_targets(host, blob, pb::FailureReason::DigestMismatch, message, now);
         }
     }
 

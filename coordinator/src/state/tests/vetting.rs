@@ -96,6 +96,28 @@ fn a_registration_is_vouched_for_only_by_another_agent_that_read_the_blob_whole(
     assert_eq!(s.catalog.trust(&m.digest()), Some(Trust::Verified));
 }
 
+/// `trust_registrations`: an operator of trusted nodes takes one agent's word.
+#[test]
+fn with_trust_registrations_a_registration_is_verified_at_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = StateConfig {
+        trust_registrations: true,
+        ..super::config(Duration::from_secs(30))
+    };
+    let mut s = super::state_with(dir.path(), config, super::start());
+    let joined: Vec<_> = (0..2)
+        .map(|i| join(&mut s, &format!("a{i}"), 10 + i))
+        .collect();
+    let (session, _inbox) = open(&mut s, &joined[0]);
+    let (_, mut inbox) = open(&mut s, &joined[1]);
+    let m = manifest();
+    register(&mut s, session, &m);
+    assert_eq!(s.catalog.trust(&m.digest()), Some(Trust::Verified));
+    distribute(&mut s, m.digest(), &["a1"]).expect("distribute");
+    let sent = orders(&mut inbox);
+    assert!(sent.len() == 1 && verified(&sent[0]), "{sent:?}");
+}
+
 #[test]
 fn an_unconfirmed_registration_survives_a_restart_unconfirmed() {
     let dir = tempfile::tempdir().expect("tempdir");
