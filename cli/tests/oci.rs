@@ -291,22 +291,7 @@ async fn preheated_image_reaches_containerd_through_the_mirror_not_the_upstream(
             s.registry.host()
         ),
     )?;
-    let out = harness::shoal()
-        .args([
-            "containerd-config",
-            "--registry",
-            &s.registry.host(),
-            "--mirror",
-            &mirror,
-        ])
-        .arg("--dir")
-        .arg(hosts.path())
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    harness::containerd_config(&s.registry.host(), &mirror, hosts.path())?;
     let from_peers =
         |s: &Setup| s.cluster.agents[0].metric("shoal_agent_received_bytes_total{source=\"peer\"");
     let peer_bytes = from_peers(&s)?;

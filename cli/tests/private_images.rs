@@ -114,17 +114,7 @@ async fn a_private_repository_is_served_only_to_clients_the_upstream_lets_pull_i
     // containerd pointed at B's mirror: refused without credentials (the mirror and the
     // registry both ask for them), pulled with the user's own, and through the mirror.
     let hosts = tempfile::tempdir()?;
-    let out = harness::shoal()
-        .args(["containerd-config", "--registry", &host, "--mirror"])
-        .arg(format!("http://{b}"))
-        .arg("--dir")
-        .arg(hosts.path())
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    harness::containerd_config(&host, &format!("http://{b}"), hosts.path())?;
     let containerd = shoal_tests::containerd::Containerd::start()?;
     let reference = format!("{host}/team/private:v1");
     let snapshotter = shoal_tests::containerd::DEFAULT_SNAPSHOTTER;

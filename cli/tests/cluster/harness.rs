@@ -438,6 +438,28 @@ fn spawn_coordinator(
     Ok(Proc { child, log })
 }
 
+/// `shoal containerd-config --registry REGISTRY --mirror MIRROR --dir DIR`, as an operator
+/// runs it on a node: containerd then pulls REGISTRY's images through MIRROR first.
+pub fn containerd_config(registry: &str, mirror: &str, dir: &Path) -> Result<()> {
+    let out = shoal()
+        .args([
+            "containerd-config",
+            "--registry",
+            registry,
+            "--mirror",
+            mirror,
+        ])
+        .arg("--dir")
+        .arg(dir)
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "shoal containerd-config: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
 pub fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
