@@ -147,7 +147,8 @@ impl Mirror {
         let ttl = super::ms(self.config.pull_right_ttl_ms);
         let fresh = |at: Option<Instant>| at.is_some_and(|at| at.elapsed() < ttl);
         let public = (None, registry.to_string(), repository.to_string());
-        if fresh(self.rights.seen(&public)) {
+        let seen_public = self.rights.seen(&public);
+        if fresh(seen_public) {
             return Ok(());
         }
         let credentials = client_credentials(headers).map_err(|why| {
@@ -162,8 +163,8 @@ impl Mirror {
             registry.to_string(),
             repository.to_string(),
         );
-        let seen = self.rights.seen(&key).or(self.rights.seen(&public));
-        if fresh(self.rights.seen(&key)) {
+        let seen_key = self.rights.seen(&key);
+        if fresh(seen_key) {
             return Ok(());
         }
         let asked = self
@@ -212,7 +213,7 @@ impl Mirror {
                 ))
             }
             // The upstream is away: what was allowed before still is.
-            Err(e) if seen.is_some() => {
+            Err(e) if seen_key.or(seen_public).is_some() => {
                 tracing::warn!(registry, repository, error = %e, "mirror: cannot check a pull right upstream; serving on an earlier verdict");
                 Ok(())
             }

@@ -286,7 +286,8 @@ impl State {
 
     /// Whether `host`'s word about content is no longer taken.
     pub(super) fn is_quarantined(&self, host: HostId) -> bool {
-        !self.vetting.is_empty() && self.vetting.quarantined(&self.agents.name(host)).is_some()
+        !self.vetting.none_quarantined()
+            && self.vetting.quarantined(&self.agents.name(host)).is_some()
     }
 
     fn inventory(&mut self, host: HostId, inv: pb::Inventory, now: Now) {

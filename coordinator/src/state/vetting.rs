@@ -44,7 +44,7 @@ impl Vetting {
     }
 
     /// Nobody is quarantined (the usual case: callers skip the lookup).
-    pub fn is_empty(&self) -> bool {
+    pub fn none_quarantined(&self) -> bool {
         self.quarantined.is_empty()
     }
 

@@ -59,6 +59,32 @@ impl Client {
         headers: HeaderMap,
         who: Principal<'_>,
     ) -> Result<Response, OriginError> {
+        let mut challenged = false;
+        self.exchange(
+            method,
+            registry,
+            repository,
+            path,
+            headers,
+            who,
+            &mut challenged,
+        )
+        .await
+    }
+
+    /// [`Client::registry_request`], setting `challenged` if the registry asked for
+    /// credentials on the way (a 401 to the first attempt).
+    #[allow(clippy::too_many_arguments)]
+    async fn exchange(
+        &self,
+        method: Method,
+        registry: &str,
+        repository: &str,
+        path: &str,
+        headers: HeaderMap,
+        who: Principal<'_>,
+        challenged: &mut bool,
+    ) -> Result<Response, OriginError> {
         let (settings, url, shown) = self.registry_url(registry, repository, path)?;
         let default_scope = format!("repository:{repository}:pull");
 
@@ -86,6 +112,7 @@ impl Client {
         if response.status() != StatusCode::UNAUTHORIZED {
             return check_status(response, &shown, self.timeout()).await;
         }
+        *challenged = true;
 
         let challenges: Vec<Challenge> = response
             .headers()
@@ -198,29 +225,25 @@ impl Client {
             }
             Pullable::Blob(digest) => (format!("blobs/{digest}"), HeaderMap::new()),
         };
-        // Anonymously first: an open registry answers at once, and says whether it asks
-        // for credentials at all.
-        let (settings, url, shown) = self.registry_url(registry, repository, &path)?;
-        let anonymous = Request(&Method::HEAD, &url, &headers, &Auth::Anonymous, &shown);
-        let first = self.send_paced(&settings, anonymous).await?;
-        match first.status() {
-            s if s.is_success() => return Ok(PullRight::Allowed),
-            StatusCode::NOT_FOUND => return Ok(PullRight::Unknown { challenged: false }),
-            StatusCode::UNAUTHORIZED => {}
-            _ => {
-                return check_status(first, &shown, self.timeout())
-                    .await
-                    .map(|_| PullRight::Allowed);
-            }
-        }
+        // A client's request goes anonymously first (no token of its own is kept): an open
+        // registry answers at once, and the 401 of one that is not says it asked.
+        let mut challenged = false;
         let who = Principal::Client(credentials);
         let answer = self
-            .registry_request(Method::HEAD, registry, repository, &path, headers, who)
+            .exchange(
+                Method::HEAD,
+                registry,
+                repository,
+                &path,
+                headers,
+                who,
+                &mut challenged,
+            )
             .await;
         match answer {
             Ok(_) => Ok(PullRight::Allowed),
             Err(OriginError::Unauthorized(_)) => Ok(PullRight::Refused),
-            Err(OriginError::NotFound(_)) => Ok(PullRight::Unknown { challenged: true }),
+            Err(OriginError::NotFound(_)) => Ok(PullRight::Unknown { challenged }),
             Err(e) => Err(e),
         }
     }
