@@ -20,6 +20,7 @@ mod client;
 mod peers;
 mod recheck;
 mod server;
+mod serving;
 mod uplink;
 /// The cluster PKI (see `shoal-pki`), re-exported where the transport uses it.
 pub use shoal_pki as tls;
@@ -74,6 +75,9 @@ pub struct TransportConfig {
     pub upload_limit: Option<Arc<RateLimiter>>,
     /// Caps the bytes this agent fetches from peers, across all connections; `None` = no cap.
     pub download_limit: Option<Arc<RateLimiter>>,
+    /// A blob served to a peer is kept from eviction until this long after its last chunk
+    /// went out (see `serving.rs`): it may be the swarm's only complete copy.
+    pub serving_hold: Duration,
 }
 
 impl Default for TransportConfig {
@@ -92,6 +96,7 @@ impl Default for TransportConfig {
             congestion: Congestion::default(),
             upload_limit: None,
             download_limit: None,
+            serving_hold: Duration::from_secs(30),
         }
     }
 }
@@ -190,6 +195,8 @@ struct Inner {
     uplink: Arc<uplink::Uplink>,
     /// Chunks peers rejected, being read back (see `recheck.rs`).
     rechecks: Arc<recheck::Rechecks>,
+    /// Blobs kept from eviction because peers are fetching them.
+    serving: serving::Serving,
 }
 
 impl ChunkEndpoint {
@@ -242,8 +249,13 @@ impl ChunkEndpoint {
             stats: Default::default(),
             peers: Default::default(),
             rechecks: Default::default(),
+            serving: Default::default(),
         });
         tokio::spawn(server::accept_loop(Arc::downgrade(&inner)));
+        tokio::spawn(serving::sweep_loop(
+            Arc::downgrade(&inner),
+            inner.config.serving_hold,
+        ));
         Ok(Self { inner })
     }
 
@@ -305,6 +317,11 @@ impl ChunkEndpoint {
 
     pub fn store(&self) -> &Store {
         &self.inner.store
+    }
+
+    /// How many blobs are kept from eviction because peers fetched them lately.
+    pub fn held_for_serving(&self) -> usize {
+        self.inner.serving.held()
     }
 
     pub fn config(&self) -> &TransportConfig {

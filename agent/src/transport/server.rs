@@ -248,6 +248,7 @@ async fn serve_chunk(
             return reply_error(send, ErrorStatus::Internal, "store read failed").await;
         }
     };
+    inner.serving.served(&inner.store, &blob);
     let len = data.len() as u64;
     // Past a short wait behind what the uplink already has to send, the peer had better ask
     // someone else (see `uplink`).

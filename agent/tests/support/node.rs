@@ -15,10 +15,19 @@ pub struct Node {
 
 /// An endpoint on a loopback port serving a fresh store.
 pub fn node(identity: &Identity, config: TransportConfig) -> Result<Node> {
+    node_with_quota(identity, config, 1 << 30)
+}
+
+/// [`node`] with a store that may hold `quota_bytes`.
+pub fn node_with_quota(
+    identity: &Identity,
+    config: TransportConfig,
+    quota_bytes: u64,
+) -> Result<Node> {
     let dir = tempfile::tempdir()?;
     let store = Store::open(StoreConfig {
         root: dir.path().to_path_buf(),
-        quota_bytes: 1 << 30,
+        quota_bytes,
     })?;
     let endpoint = ChunkEndpoint::bind("127.0.0.1:0".parse()?, identity, store, config)?;
     Ok(Node {
