@@ -101,6 +101,10 @@ pub struct CoordinatorConfig {
     /// compromised agent can then poison a digest (docs/SECURITY.md). Default false; logged
     /// as a warning at startup when set.
     pub trust_registrations: bool,
+    /// The targets of a blob that no agent holds whole and nothing seeds fail `NO_SOURCE`
+    /// after this long without any holder gaining a chunk: the chunks nobody has are lost
+    /// (the last whole copy rotted, was evicted or removed, or its agent left).
+    pub stranded_after_ms: u64,
 }
 
 impl Default for CoordinatorConfig {
@@ -127,6 +131,7 @@ impl Default for CoordinatorConfig {
             api_tokens: Vec::new(),
             insecure: false,
             trust_registrations: false,
+            stranded_after_ms: 30_000,
         }
     }
 }
@@ -179,6 +184,9 @@ impl CoordinatorConfig {
         }
         if self.max_seeders_per_blob == 0 {
             return bad("max_seeders_per_blob", "must be at least 1");
+        }
+        if self.stranded_after_ms < 1_000 {
+            return bad("stranded_after_ms", "must be at least 1 s");
         }
         Ok(())
     }
@@ -290,6 +298,7 @@ fn start_on(config: &CoordinatorConfig, db: db::Db) -> Result<Started, Coordinat
         seed: rand::random(),
         max_targets_per_job: config.max_targets_per_job,
         trust_registrations: config.trust_registrations,
+        stranded_after: Duration::from_millis(config.stranded_after_ms),
         certificate_validity: (!config.insecure)
             .then(|| Duration::from_millis(config.agent_certificate_validity_ms)),
     };

@@ -39,6 +39,7 @@ mod planning;
 mod reports;
 mod secrets;
 mod sessions;
+mod stranded;
 mod streaming;
 mod streams;
 mod vetting;
@@ -177,6 +178,9 @@ pub struct StateConfig {
     pub max_targets_per_job: u64,
     /// An agent's registration counts as verified (see `CoordinatorConfig`).
     pub trust_registrations: bool,
+    /// Targets of a blob nobody holds whole and nothing seeds fail after this long without
+    /// a chunk gained by any holder (see `stranded.rs`).
+    pub stranded_after: Duration,
     /// How long an agent certificate is valid (agents renew at half of it); none: as long
     /// as the CA (an insecure coordinator, whose agents cannot renew over gRPC).
     pub certificate_validity: Option<Duration>,
@@ -203,6 +207,8 @@ pub struct State {
     housekeeping_at: Time,
     secrets: secrets::Secrets,
     vetting: vetting::Vetting,
+    /// Blobs with waiting targets and no whole copy, watched for progress.
+    stranded: stranded::Stranded,
     /// The queue to the database writer: the durable owners keep their own handle; this one
     /// tells how far behind the disk is.
     writer: Writer,
@@ -290,6 +296,7 @@ impl State {
             housekeeping_at: now.mono,
             secrets,
             vetting: Default::default(),
+            stranded: Default::default(),
             writer,
         };
         state.agents.expect(state.jobs.open_agents(), now);
@@ -429,6 +436,7 @@ impl State {
         self.jobs.flush(now.wall);
         self.jobs.forget_old(self.config.job_retention, now.wall);
         self.vetting.expire(now.mono);
+        self.fail_stranded(now);
         self.export_metrics();
     }
 }

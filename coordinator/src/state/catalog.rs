@@ -243,6 +243,16 @@ impl Catalog {
             .map_or(0, |e| e.holders.values().filter(|h| h.complete).count())
     }
 
+    /// The chunks all holders of `blob` have verified, summed, if none holds it whole
+    /// (`None` if one does, or the blob is unknown).
+    pub fn held_if_none_whole(&self, blob: &Digest) -> Option<u64> {
+        let e = self.blobs.get(blob)?;
+        if e.holders.values().any(|h| h.complete) {
+            return None;
+        }
+        Some(e.holders.values().map(|h| u64::from(h.chunks)).sum())
+    }
+
     /// Sets what a holder holds (its pin is kept); returns whether that changed.
     pub fn set_holder(&mut self, blob: &Digest, host: HostId, chunks: u32, complete: bool) -> bool {
         let Some(entry) = self.blobs.get_mut(blob) else {

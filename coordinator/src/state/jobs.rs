@@ -181,6 +181,23 @@ impl Jobs {
             .unwrap_or(pb::Priority::Normal as i32)
     }
 
+    /// Blobs some unfinished job has a target of, each with whether one of those jobs
+    /// names an origin for it.
+    pub fn open_blobs(&self) -> impl Iterator<Item = (Digest, bool)> + '_ {
+        self.by_blob.iter().map(|(blob, ids)| {
+            let origin = ids.iter().any(|id| self.origin(id, blob).is_some());
+            (*blob, origin)
+        })
+    }
+
+    /// The hosts some job wants `blob` on. Looks at every want: for rare events.
+    pub fn hosts_wanting(&self, blob: &Digest) -> Vec<HostId> {
+        (self.wants.keys())
+            .filter(|(_, b)| b == blob)
+            .map(|(h, _)| *h)
+            .collect()
+    }
+
     /// The origin a job recorded for `blob`, if any.
     pub fn origin(&self, job: &str, blob: &Digest) -> Option<pb::Origin> {
         (self.jobs.get(job))

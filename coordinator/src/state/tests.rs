@@ -36,6 +36,7 @@ fn config(lease: Duration) -> StateConfig {
         // sets its own.
         max_targets_per_job: 10_000,
         trust_registrations: false,
+        stranded_after: Duration::from_secs(30),
         certificate_validity: Some(Duration::from_secs(3600)),
     }
 }
