@@ -168,6 +168,20 @@ impl Fabric {
         run(&["ip", "-n", &self.ns(i), "link", "set", "eth0", state])
     }
 
+    /// Partitions hosts `a` from hosts `b` (`cut` false: heals it): every packet between the
+    /// two sides is dropped, both ways, while each side still reaches its own hosts, as a
+    /// rack whose uplink failed.
+    pub fn partition(&self, a: &[usize], b: &[usize], cut: bool) -> Result<()> {
+        let verb = if cut { "add" } else { "del" };
+        for (&x, &y) in a.iter().flat_map(|x| b.iter().map(move |y| (x, y))) {
+            for (from, to) in [(x, y), (y, x)] {
+                let dst = format!("{}/32", self.ip(to));
+                run(&["ip", "-n", &self.ns(from), "route", verb, "blackhole", &dst])?;
+            }
+        }
+        Ok(())
+    }
+
     /// `program` run in host `i`'s namespace.
     pub fn command(&self, i: usize, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut c = Command::new("ip");

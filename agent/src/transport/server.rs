@@ -28,6 +28,7 @@ pub struct ServeStats {
     pub chunks_served: u64,
     pub bytes_served: u64,
     pub busy_rejections: u64,
+    /// Chunk requests and have-streams answered NotFound.
     pub not_found: u64,
 }
 
@@ -295,10 +296,10 @@ async fn serve_have(
     // data queued on this connection.
     let _ = send.set_priority(HAVE_STREAM_PRIORITY);
     // Subscribe before the snapshot so no chunk verified in between is missed.
-    let Some(mut updates) = inner.store.subscribe(&blob) else {
-        return reply_error(send, ErrorStatus::NotFound, &format!("no blob {blob}")).await;
-    };
-    let Some((chunk_count, bits)) = inner.store.bitfield(&blob) else {
+    let (Some(mut updates), Some((chunk_count, bits))) =
+        (inner.store.subscribe(&blob), inner.store.bitfield(&blob))
+    else {
+        inner.stats.not_found.fetch_add(1, Ordering::Relaxed);
         return reply_error(send, ErrorStatus::NotFound, &format!("no blob {blob}")).await;
     };
     // A full first bitfield already says everything; otherwise the stream ends with one,

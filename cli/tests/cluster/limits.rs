@@ -7,15 +7,15 @@ use anyhow::{Result, bail, ensure};
 use shoal_proto::pb::v1::{self as pb, agent_message::Msg};
 use tonic::Code;
 
-use crate::harness::Cluster;
-use crate::impostor::{Impostor, say};
+use crate::harness::{Cluster, TOKEN};
+use shoal_tests::impostor::{Impostor, say};
 
 #[tokio::test]
 async fn a_session_message_past_the_limit_ends_that_session_only() -> Result<()> {
     let cluster =
         Cluster::start_configured(1, &[], 2000, "max_session_message_bytes = \"1MiB\"\n", "")
             .await?;
-    let agent = Impostor::join(&cluster, "127.0.0.1:9").await?;
+    let agent = Impostor::join(&cluster.url(), &cluster.ca_file(), TOKEN, "127.0.0.1:9").await?;
     let (tx, mut inbound) = agent.open(vec![]).await?;
     // Under the limit: taken (the session stays up).
     let held = |n: usize| {

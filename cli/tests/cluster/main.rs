@@ -3,7 +3,6 @@
 
 mod admin;
 mod harness;
-mod impostor;
 mod limits;
 mod poison;
 mod prometheus;

@@ -15,8 +15,8 @@ use shoal_proto::pb::v1::{self as pb, agent_message::Msg};
 use shoal_proto::{ChunkIndex, Digest, Manifest};
 
 use crate::admin::agent_ids;
-use crate::harness::{Cluster, random_file, read};
-use crate::impostor::Impostor;
+use crate::harness::{Cluster, TOKEN, random_file, read};
+use shoal_tests::impostor::Impostor;
 
 const MIB: usize = 1 << 20;
 
@@ -56,7 +56,13 @@ async fn a_lying_agent_is_caught_quarantined_and_the_blob_recovered_from_the_hon
         store.put_chunk(&digest, ChunkIndex(i as u32), chunk)?;
     }
     let socket = transport::bind_udp_socket(SocketAddr::from(([127, 0, 0, 1], 0)), 1 << 20)?;
-    let liar = Impostor::join(&cluster, &socket.local_addr()?.to_string()).await?;
+    let liar = Impostor::join(
+        &cluster.url(),
+        &cluster.ca_file(),
+        TOKEN,
+        &socket.local_addr()?.to_string(),
+    )
+    .await?;
     let _serving =
         ChunkEndpoint::from_socket(socket, &liar.identity, store, TransportConfig::default())?;
     let _session = liar

@@ -11,7 +11,7 @@ use tonic::Code;
 
 use crate::admin::agent_ids;
 use crate::harness::{Cluster, TOKEN, random_file, read, shoal};
-use crate::impostor::Impostor;
+use shoal_tests::impostor::Impostor;
 
 const MIB: usize = 1 << 20;
 
@@ -274,7 +274,7 @@ async fn agents_prove_their_token_and_act_only_as_themselves() -> Result<()> {
     );
 
     // A session of the test's own: it learns the CA and joins as a real agent would.
-    let impostor = Impostor::join(&cluster, "127.0.0.1:9").await?;
+    let impostor = Impostor::join(&cluster.url(), &cluster.ca_file(), TOKEN, "127.0.0.1:9").await?;
     let (joined, identity) = (&impostor.joined, &impostor.identity);
     let channel = |identity: Option<&shoal_pki::Identity>| impostor.channel(identity);
     let hello = |agent_id: &str| impostor.hello(agent_id);

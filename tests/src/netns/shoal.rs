@@ -12,7 +12,8 @@ use shoal_proto::pb::v1 as pb;
 
 use super::Fabric;
 
-const TOKEN: &str = "netns";
+/// The join token of the cluster's coordinator.
+pub const JOIN_TOKEN: &str = "netns";
 /// The admin API token of the cluster's coordinator (in `<dir>/admin-token`).
 const ADMIN_TOKEN: &str = "netns-admin-token-0123456789";
 const COORDINATOR_PORT: u16 = 7000;
@@ -71,7 +72,7 @@ impl<'a> Cluster<'a> {
         std::fs::write(
             &config,
             format!(
-                "listen = \"{ip0}:{COORDINATOR_PORT}\"\nstate_dir = \"{}\"\njoin_token = \"{TOKEN}\"\n{}\n\n[[api_tokens]]\nname = \"netns-admin\"\nrole = \"admin\"\ntoken_file = \"{}\"\n",
+                "listen = \"{ip0}:{COORDINATOR_PORT}\"\nstate_dir = \"{}\"\njoin_token = \"{JOIN_TOKEN}\"\n{}\n\n[[api_tokens]]\nname = \"netns-admin\"\nrole = \"admin\"\ntoken_file = \"{}\"\n",
                 cluster.opts.dir.join("coordinator").display(),
                 cluster.opts.coordinator_toml,
                 cluster.admin_token_file().display(),
@@ -84,7 +85,7 @@ impl<'a> Cluster<'a> {
             std::fs::create_dir_all(&dir)?;
             let ip = fabric.ip(h);
             let toml = format!(
-                "coordinator = \"{}\"\njoin_token = \"{TOKEN}\"\ndata_dir = \"{}\"\nquic_listen = \"{ip}:{QUIC_PORT}\"\nmetrics_listen = \"{ip}:{METRICS_PORT}\"\nquota_bytes = {}\n{}",
+                "coordinator = \"{}\"\njoin_token = \"{JOIN_TOKEN}\"\ndata_dir = \"{}\"\nquic_listen = \"{ip}:{QUIC_PORT}\"\nmetrics_listen = \"{ip}:{METRICS_PORT}\"\nquota_bytes = {}\n{}",
                 cluster.coordinator_url(),
                 dir.display(),
                 64u64 << 30,
@@ -170,6 +171,51 @@ impl<'a> Cluster<'a> {
         c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
         self.procs[i] = c.spawn().with_context(|| format!("spawning {name}"))?;
         Ok(())
+    }
+
+    /// Kills the coordinator (SIGKILL) and leaves it down until [`Cluster::start_coordinator`].
+    pub fn stop_coordinator(&mut self) {
+        let _ = self.procs[0].kill();
+        let _ = self.procs[0].wait();
+    }
+
+    /// Starts the coordinator again on its state directory (after
+    /// [`Cluster::stop_coordinator`]).
+    pub fn start_coordinator(&mut self) -> Result<()> {
+        self.restart_coordinator()
+    }
+
+    /// Sends `signal` (e.g. `"STOP"`, `"CONT"`) to host `h`'s agent.
+    pub fn signal_agent(&self, h: usize, signal: &str) -> Result<()> {
+        let pid = self.procs[1 + h].id().to_string();
+        let out = Command::new("kill")
+            .args([&format!("-{signal}"), &pid])
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "kill -{signal} {pid}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    }
+
+    /// The agents the coordinator lists as ready, by host.
+    pub fn ready_hosts(&self) -> Result<Vec<usize>> {
+        let hosts = self.hosts.clone();
+        self.with_client(async move |mut client| {
+            let agents = client
+                .list_agents(pb::ListAgentsRequest::default())
+                .await?
+                .into_inner()
+                .agents;
+            let mut ready: Vec<usize> = agents
+                .iter()
+                .filter(|a| a.state() == pb::AgentState::Ready)
+                .filter_map(|a| hosts.get(&a.agent_id).copied())
+                .collect();
+            ready.sort_unstable();
+            Ok(ready)
+        })
     }
 
     /// Kills host `h`'s agent (SIGKILL) and starts it again on the same data directory.
@@ -286,6 +332,22 @@ impl<'a> Cluster<'a> {
             }
         })?;
         Ok(digest)
+    }
+
+    /// How many agents the coordinator lists as holding `digest` whole.
+    pub fn blob_holders(&self, digest: &str) -> Result<u32> {
+        let digest = digest.to_string();
+        self.with_client(async move |mut client| {
+            let blob = client
+                .get_blob(pb::GetBlobRequest {
+                    digest,
+                    include_manifest: false,
+                })
+                .await?
+                .into_inner()
+                .blob;
+            Ok(blob.map_or(0, |b| b.complete_holders))
+        })
     }
 
     /// Copies host `h`'s copy of `digest` out of its store (`shoal pull`, verified).

@@ -11,8 +11,6 @@ use shoal_proto::pb::v1::{self as pb, agent_session_client::AgentSessionClient};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::harness::{Cluster, TOKEN};
-
 pub struct Impostor {
     pub joined: pb::JoinResponse,
     pub identity: Identity,
@@ -20,15 +18,29 @@ pub struct Impostor {
     ca_pem: String,
 }
 
+impl std::fmt::Debug for Impostor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Impostor")
+            .field("agent_id", &self.joined.agent_id)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Impostor {
-    /// Joins `cluster` announcing `quic_address`.
-    pub async fn join(cluster: &Cluster, quic_address: &str) -> Result<Self> {
-        let url = CoordinatorUrl::parse(&cluster.url())?;
-        let ca_pem = std::fs::read_to_string(cluster.ca_file())?;
+    /// Joins the coordinator at `url` (its CA in `ca_file`) with the join `token`,
+    /// announcing `quic_address`.
+    pub async fn join(
+        url: &str,
+        ca_file: &std::path::Path,
+        token: &str,
+        quic_address: &str,
+    ) -> Result<Self> {
+        let url = CoordinatorUrl::parse(url)?;
+        let ca_pem = std::fs::read_to_string(ca_file)?;
         let csr = shoal_pki::CertificateRequest::generate()?;
         let joined = AgentSessionClient::new(channel(&url, &ca_pem, None)?)
             .join(pb::JoinRequest {
-                token: TOKEN.into(),
+                token: token.into(),
                 quic_addresses: vec![quic_address.into()],
                 csr_der: csr.csr_der().to_vec(),
                 protocol: shoal_proto::SESSION_PROTOCOL,
