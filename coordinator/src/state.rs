@@ -272,6 +272,7 @@ impl State {
         let db = Arc::new(db);
         let (writer, stopped) = Writer::spawn(db.clone())
             .map_err(|e| ApiError::Internal(format!("starting the state writer: {e}")))?;
+        let stranded = stranded::Stranded::new(now.mono + config.lease);
         let mut assigner = Assigner::new(config.assigner.clone(), config.seed);
         let catalog = catalog::Catalog::load(&db, writer.clone()).map_err(db_error)?;
         for m in catalog.manifests() {
@@ -296,7 +297,7 @@ impl State {
             housekeeping_at: now.mono,
             secrets,
             vetting: Default::default(),
-            stranded: Default::default(),
+            stranded,
             writer,
         };
         state.agents.expect(state.jobs.open_agents(), now);

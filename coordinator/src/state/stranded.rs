@@ -23,12 +23,24 @@ struct Watch {
     since: Time,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Stranded {
     watching: BTreeMap<Digest, Watch>,
+    /// Nothing is watched before this: after a restart the catalog's holders come back
+    /// with the agents' inventories, and a blob whose holders have not reconnected yet is
+    /// not stranded. A lease after the start, every live agent has.
+    from: Time,
 }
 
 impl Stranded {
+    /// Watching from `from` on.
+    pub fn new(from: Time) -> Self {
+        Stranded {
+            watching: BTreeMap::new(),
+            from,
+        }
+    }
+
     /// Looks at this round's candidates (blobs with waiting targets, no whole holder and
     /// nothing seeding them, with the chunks their holders have verified in all); returns
     /// those whose count has not moved for `after`. Blobs not among the candidates are no
@@ -41,6 +53,9 @@ impl Stranded {
     ) -> Vec<Digest> {
         let mut watching = BTreeMap::new();
         let mut stranded = Vec::new();
+        if now < self.from {
+            return stranded;
+        }
         for (blob, held) in candidates {
             let watch = match self.watching.get(&blob) {
                 Some(w) if w.held == held => *w,
@@ -94,7 +109,7 @@ mod tests {
     #[test]
     fn a_blob_is_stranded_after_a_quiet_period_and_progress_resets_the_clock() {
         let blob = Digest::from_bytes([1; 32]);
-        let mut s = Stranded::default();
+        let mut s = Stranded::new(Time::ZERO);
         assert!(s.check([(blob, 10)], at(0), AFTER).is_empty());
         assert!(s.check([(blob, 11)], at(20), AFTER).is_empty());
         // Quiet since 20 s.
@@ -105,9 +120,20 @@ mod tests {
     }
 
     #[test]
+    fn nothing_is_stranded_before_the_agents_had_a_lease_to_come_back() {
+        let blob = Digest::from_bytes([3; 32]);
+        let mut s = Stranded::new(at(10));
+        assert!(s.check([(blob, 0)], at(5), AFTER).is_empty());
+        // The clock starts at the first look from then on.
+        assert!(s.check([(blob, 0)], at(10), AFTER).is_empty());
+        assert!(s.check([(blob, 0)], at(39), AFTER).is_empty());
+        assert_eq!(s.check([(blob, 0)], at(40), AFTER), vec![blob]);
+    }
+
+    #[test]
     fn a_blob_that_leaves_the_candidates_starts_over_when_it_returns() {
         let blob = Digest::from_bytes([2; 32]);
-        let mut s = Stranded::default();
+        let mut s = Stranded::new(Time::ZERO);
         assert!(s.check([(blob, 3)], at(0), AFTER).is_empty());
         // A whole copy came back for a while.
         assert!(s.check([], at(10), AFTER).is_empty());

@@ -521,6 +521,7 @@ mod persistence;
 mod reports;
 mod seeding;
 mod session;
+mod stranded;
 mod streaming;
 mod urls;
 mod vetting;
