@@ -430,6 +430,14 @@ impl Store {
         })
     }
 
+    /// Whether `hold` holds the blob the store has now under its digest (not one removed
+    /// since, whose digest may have come back as a new blob).
+    pub fn holds_current(&self, hold: &Hold) -> bool {
+        let digest = hold.entry.manifest().digest();
+        self.entry(&digest)
+            .is_some_and(|e| Arc::ptr_eq(&e, &hold.entry))
+    }
+
     fn set_pinned(&self, blob: &Digest, pinned: bool) -> Result<(), StoreError> {
         // Under the index lock, which eviction holds while it picks and unlinks its victims.
         let index = lock(&self.inner.index);

@@ -54,3 +54,35 @@ async fn a_blob_being_served_is_not_evicted_until_it_has_been_quiet() -> Result<
     ensure!(!seeder.endpoint.store().is_complete(&served.digest()));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_removed_and_taken_again_is_held_again_when_served() -> Result<()> {
+    let ca = ClusterCa::generate()?;
+    let config = TransportConfig {
+        serving_hold: Duration::from_secs(30),
+        ..TransportConfig::default()
+    };
+    let seeder = node_with_quota(&ca.issue("seeder")?, config, 3 << 20)?;
+    let target = node(&ca.issue("target")?, TransportConfig::default())?;
+    let data = pseudo_random(2 << 20, 3);
+    let served = seed(&seeder, &data, CHUNK_SIZE)?;
+    target.endpoint.store().insert_manifest(&served)?;
+    let fetch = || {
+        target
+            .endpoint
+            .fetch_blob(seeder.endpoint.local_addr(), &served)
+    };
+    fetch().await?;
+    // Removed (an admin's delete) while held, then taken again: the old hold is on a blob
+    // that is gone; serving the new one must hold the new one.
+    seeder.endpoint.store().remove(&served.digest())?;
+    seed(&seeder, &data, CHUNK_SIZE)?;
+    target.endpoint.store().remove(&served.digest())?;
+    target.endpoint.store().insert_manifest(&served)?;
+    fetch().await?;
+    let next = Manifest::from_reader(&pseudo_random(2 << 20, 4)[..], CHUNK_SIZE)?;
+    match seeder.endpoint.store().insert_manifest(&next) {
+        Err(StoreError::QuotaExceeded { .. }) => Ok(()),
+        other => anyhow::bail!("the blob served again was evictable: {other:?}"),
+    }
+}

@@ -24,7 +24,9 @@ impl Serving {
     pub(super) fn served(&self, store: &Store, blob: &Digest) {
         let now = Instant::now();
         let mut holds = self.holds.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some((_, at)) = holds.get_mut(blob) {
+        if let Some((hold, at)) = holds.get_mut(blob)
+            && store.holds_current(hold)
+        {
             *at = now;
             return;
         }
