@@ -106,8 +106,9 @@ fn a_host_on_a_twentieth_of_the_link_does_not_hold_back_the_others() -> Result<(
     );
     // The fast hosts' bound is a twentieth of the slow one's; waiting on the slow host (as a
     // source they keep asking, or an order that waits for it) would take them near its bound.
+    // Half of it leaves room for a loaded machine.
     ensure!(
-        fast < slow_bound / 4,
+        fast < slow_bound / 2,
         "the fast hosts took {fast:?}, against the slow host's own bound {slow_bound:?}"
     );
     run.finish()?;
