@@ -1,0 +1,320 @@
+//! The report: a table of what was measured, then the same as one JSON object on the last
+//! line.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+
+use super::agent::{Counts, RECEIVED, SENT, Shared};
+use super::{ApiTimes, Args, Measured, PHASES};
+
+/// The table's rows and the JSON object's fields, in order.
+#[derive(Debug, Default)]
+struct Out {
+    rows: Vec<(String, String)>,
+    json: Vec<(String, String)>,
+}
+
+impl Out {
+    fn row(&mut self, label: impl Into<String>, value: impl Into<String>) {
+        self.rows.push((label.into(), value.into()));
+    }
+
+    fn num(&mut self, key: impl Into<String>, v: f64) {
+        let v = if v.is_finite() {
+            format!("{}", (v * 1e6).round() / 1e6)
+        } else {
+            "null".into()
+        };
+        self.json.push((key.into(), v));
+    }
+
+    fn text(&mut self, key: impl Into<String>, v: &str) {
+        let escaped: String = v
+            .chars()
+            .flat_map(|c| match c {
+                '"' | '\\' => vec!['\\', c],
+                c if c.is_control() => vec![' '],
+                c => vec![c],
+            })
+            .collect();
+        self.json.push((key.into(), format!("\"{escaped}\"")));
+    }
+
+    /// p50/p99/max of `secs`, in ms: a row and three fields.
+    fn latencies(&mut self, label: &str, key: &str, secs: &[f64]) {
+        let mut v = secs.to_vec();
+        v.sort_by(f64::total_cmp);
+        if v.is_empty() {
+            self.row(label, "none");
+            return;
+        }
+        let (p50, p99, max) = (pct(&v, 50.0), pct(&v, 99.0), v[v.len() - 1]);
+        self.row(
+            label,
+            format!(
+                "{:.1} / {:.1} / {:.1} ms (n = {})",
+                p50 * 1e3,
+                p99 * 1e3,
+                max * 1e3,
+                v.len()
+            ),
+        );
+        self.num(format!("{key}_p50_ms"), p50 * 1e3);
+        self.num(format!("{key}_p99_ms"), p99 * 1e3);
+        self.num(format!("{key}_max_ms"), max * 1e3);
+    }
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn load(a: &std::sync::atomic::AtomicU64) -> u64 {
+    a.load(Ordering::Relaxed)
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn report(
+    args: &Args,
+    m: &Measured,
+    counts: &Counts,
+    shared: &Shared,
+    api: &ApiTimes,
+    probes: &BTreeMap<u8, Vec<f64>>,
+    logs: &[PathBuf],
+) {
+    let mut o = Out::default();
+    if let Some(f) = &m.failure {
+        o.row("RUN FAILED", f);
+        o.text("failure", f);
+    }
+    o.row(
+        "agents joined (ListAgents READY)",
+        format!("{} of {}", m.agents_joined, args.agents),
+    );
+    o.num("agents", args.agents as f64);
+    o.num("agents_joined", m.agents_joined as f64);
+    o.num("channels", args.channels as f64);
+    o.num("blob_bytes", args.blob_size as f64);
+    o.num("link_mbit", args.link_mbit);
+    o.row(
+        "all joined and sessions open",
+        format!("{:.2} s", m.joins_secs),
+    );
+    o.num("joins_s", m.joins_secs);
+    let joins = |i: usize| {
+        shared.join_latencies[i]
+            .lock()
+            .map(|l| l.clone())
+            .unwrap_or_default()
+    };
+    o.latencies("join latency p50 / p99 / max", "join", &joins(0));
+    o.row("blob", &m.blob_digest);
+    o.text("blob", &m.blob_digest);
+    o.row(
+        "Distribute call",
+        format!("{:.1} ms", m.distribute_call_secs * 1e3),
+    );
+    o.num("distribute_call_ms", m.distribute_call_secs * 1e3);
+    match m.last_order_secs {
+        Some(s) => o.row("Distribute → last FetchOrder received", format!("{s:.2} s")),
+        None => o.row("Distribute → last FetchOrder received", "no FetchOrder"),
+    }
+    o.num("last_fetch_order_s", m.last_order_secs.unwrap_or(f64::NAN));
+    o.row(
+        "Distribute → job done (GetJob every 200 ms)",
+        format!(
+            "{:.2} s: {}, {}",
+            m.job_done_secs, m.job_state, m.job_targets
+        ),
+    );
+    o.num("job_done_s", m.job_done_secs);
+    o.text("job_state", &m.job_state);
+    let pretend = args.blob_size as f64 * 8.0 / (args.link_mbit * 1e6) * args.time_scale;
+    o.row("one pretend fetch", format!("{pretend:.3} s"));
+    let mut all_api = Vec::new();
+    for (call, secs) in &api.0 {
+        o.latencies(
+            &format!("API {call} p50 / p99 / max"),
+            &format!("api_{call}"),
+            secs,
+        );
+        all_api.extend_from_slice(secs);
+    }
+    o.latencies("API all calls p50 / p99 / max", "api", &all_api);
+
+    let mut total = 0;
+    for (i, kind) in RECEIVED.iter().enumerate() {
+        let n = load(&counts.received[i]);
+        total += n;
+        if n > 0 {
+            o.row(format!("coordinator → agents: {kind}"), n.to_string());
+        }
+        o.num(format!("recv_{kind}"), n as f64);
+    }
+    o.row("coordinator → agents: all", total.to_string());
+    let mut total = 0;
+    for (i, kind) in SENT.iter().enumerate() {
+        let n = load(&counts.sent[i]);
+        total += n;
+        o.row(format!("agents → coordinator: {kind}"), n.to_string());
+        o.num(format!("sent_{kind}"), n as f64);
+    }
+    o.row("agents → coordinator: all", total.to_string());
+    for (label, key, a) in [
+        (
+            "FetchOrders for a running order id (resent)",
+            "resent_orders",
+            &counts.resent_orders,
+        ),
+        (
+            "FetchOrders for a blob already held",
+            "orders_for_held",
+            &counts.orders_for_held,
+        ),
+        (
+            "FetchOrders not FromPeers",
+            "orders_not_from_peers",
+            &counts.orders_not_from_peers,
+        ),
+        (
+            "Join attempts failed (retried)",
+            "join_errors",
+            &counts.join_errors,
+        ),
+        (
+            "sessions failed or broken",
+            "session_breaks",
+            &counts.session_breaks,
+        ),
+        (
+            "sessions ended UNAUTHENTICATED/NOT_FOUND (rejoined)",
+            "rejoins",
+            &counts.rejoins,
+        ),
+        (
+            "agents given a new id at a rejoin",
+            "new_ids",
+            &counts.new_ids,
+        ),
+    ] {
+        o.row(label, load(a).to_string());
+        o.num(key, load(a) as f64);
+    }
+    o.row(
+        "holders at the end (agents' own count)",
+        shared.holders.load(Ordering::Relaxed).to_string(),
+    );
+
+    o.row(
+        format!("agent messages per second, steady ({} s)", args.steady_secs),
+        format!("{:.0}", m.steady_messages_per_sec),
+    );
+    o.num("steady_messages_per_s", m.steady_messages_per_sec);
+    for (phase, cpu) in &m.cpu_by_phase {
+        let share = match *phase {
+            "steady" if args.steady_secs > 0 => {
+                format!(" ({:.1}% of a core)", cpu / args.steady_secs as f64 * 100.0)
+            }
+            _ => String::new(),
+        };
+        o.row(
+            format!("coordinator CPU, {phase}"),
+            format!("{cpu:.2} s{share}"),
+        );
+        o.num(
+            format!("cpu_{}_s", phase.split(' ').next().unwrap_or("phase")),
+            *cpu,
+        );
+    }
+    for (who, u) in &m.usage {
+        o.row(
+            format!("{who}: CPU total"),
+            format!("{:.2} s", u.cpu_seconds),
+        );
+        o.row(
+            format!("{who}: peak RSS (VmHWM)"),
+            format!("{:.1} MiB", u.peak_rss_bytes as f64 / 1048576.0),
+        );
+    }
+    if let Some((_, u)) = m.usage.first() {
+        o.num("cpu_s", u.cpu_seconds);
+        o.num("peak_rss_mib", u.peak_rss_bytes as f64 / 1048576.0);
+    }
+    if let Some((_, u)) = m.usage.get(1) {
+        o.num("restart_cpu_s", u.cpu_seconds);
+        o.num("restart_peak_rss_mib", u.peak_rss_bytes as f64 / 1048576.0);
+    }
+    for (i, name) in PHASES.iter().enumerate() {
+        let label = format!("state probe latency (coordinator's gauge), {name}");
+        o.latencies(
+            &label,
+            &format!("probe_{name}"),
+            probes.get(&(i as u8)).map_or(&[], |v| v),
+        );
+    }
+    if let Some(r) = &m.restart {
+        o.row(
+            "restart: SIGKILL → answering again",
+            format!("{:.2} s", r.answering_secs),
+        );
+        o.row(
+            "restart: → every agent READY",
+            format!("{:.2} s", r.all_ready_secs),
+        );
+        o.row(
+            "restart: → every session reopened (inventory sent)",
+            format!("{:.2} s", r.all_inventoried_secs),
+        );
+        o.row(
+            "restart: → catalog counts every holder (GetBlob)",
+            format!("{:.2} s", r.all_holders_secs),
+        );
+        o.row("restart: the job as it came back", &r.job_on_start);
+        o.row("restart: the job once every agent was back", &r.job_at_end);
+        o.text("restart_job_on_start", &r.job_on_start);
+        o.num("restart_answering_s", r.answering_secs);
+        o.num("restart_all_ready_s", r.all_ready_secs);
+        o.num("restart_all_inventoried_s", r.all_inventoried_secs);
+        o.num("restart_all_holders_s", r.all_holders_secs);
+        o.latencies("rejoin latency p50 / p99 / max", "rejoin", &joins(1));
+    }
+    o.row(
+        "generator (this process) CPU",
+        format!("{:.2} s", m.generator_cpu),
+    );
+    o.num("generator_cpu_s", m.generator_cpu);
+    let lines = super::process::log_summary(logs);
+    let warns: usize = lines
+        .iter()
+        .filter(|(l, _)| l.starts_with("WARN"))
+        .map(|(_, n)| n)
+        .sum();
+    let errors: usize = lines
+        .iter()
+        .filter(|(l, _)| l.starts_with("ERROR"))
+        .map(|(_, n)| n)
+        .sum();
+    o.row(
+        "coordinator log: WARN / ERROR lines",
+        format!("{warns} / {errors}"),
+    );
+    o.num("log_warn", warns as f64);
+    o.num("log_error", errors as f64);
+    for (line, n) in lines.iter().take(8) {
+        let mut line = line.clone();
+        line.truncate(110);
+        o.row(format!("  log ×{n}"), line);
+    }
+
+    println!("\n| measure | value |\n|---|---|");
+    for (label, value) in &o.rows {
+        println!("| {label} | {} |", value.replace('|', "\\|"));
+    }
+    let json: Vec<String> = (o.json.iter())
+        .map(|(k, v)| format!("\"{k}\":{v}"))
+        .collect();
+    println!("{{{}}}", json.join(","));
+}
