@@ -68,18 +68,7 @@ fn a_rack_partitioned_past_the_lease_fails_its_targets_and_catches_up_once_heale
         run.check_copy(h)?;
     }
     // Healed: the rack's agents come back, and a new job completes their copies.
-    let started = Instant::now();
-    while !rack
-        .iter()
-        .all(|h| run.cluster.ready_hosts().is_ok_and(|r| r.contains(h)))
-    {
-        ensure!(
-            started.elapsed() < Duration::from_secs(60),
-            "the rack's agents never came back: ready {:?}",
-            run.cluster.ready_hosts()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    run.wait_ready(&rack, Duration::from_secs(60))?;
     let again = distribute(&run.cluster, &run.digest, "role=target")?;
     let job = end_of(&run.cluster, &again, &dir)?;
     ensure!(job.state() == JobState::Done, "after the heal: {job:?}");

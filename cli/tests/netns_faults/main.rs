@@ -222,6 +222,31 @@ impl Run<'_> {
         }
     }
 
+    /// Waits, at most `within`, until the coordinator lists the agents of `hosts` as ready
+    /// (back after a restart or a heal).
+    fn wait_ready(&self, hosts: &[usize], within: Duration) -> Result<()> {
+        let started = Instant::now();
+        loop {
+            let ready = self.cluster.ready_hosts().unwrap_or_default();
+            if hosts.iter().all(|h| ready.contains(h)) {
+                return Ok(());
+            }
+            ensure!(
+                started.elapsed() < within,
+                "hosts {hosts:?} never came back: ready {ready:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Every target of the job is done (not only the job).
+    fn all_targets_done(&self) -> Result<()> {
+        let states = self.target_states()?;
+        let done: Vec<_> = (1..self.hosts()).map(|h| (h, TargetState::Done)).collect();
+        ensure!(states == done, "{states:?}");
+        Ok(())
+    }
+
     /// Waits for the job to end, then checks every target's copy and that nothing corrupt
     /// reached a target.
     fn finish(&self) -> Result<pb::Job> {

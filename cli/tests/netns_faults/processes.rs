@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, ensure};
-use shoal_proto::pb::v1::{JobState, TargetState};
+use shoal_proto::pb::v1::JobState;
 use shoal_tests::netns::Fabric;
 
 use super::{SIZE, Setup, start, start_with, workdir};
@@ -74,14 +74,7 @@ fn every_agent_drained_and_restarted_in_turn_during_a_job_ends_bit_identical() -
         );
         run.cluster.restart_agent(h)?;
         restarted_mid_job += 1;
-        let started = Instant::now();
-        while !run.cluster.ready_hosts().is_ok_and(|r| r.contains(&h)) {
-            ensure!(
-                started.elapsed() < Duration::from_secs(30),
-                "host {h}'s agent never came back"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        run.wait_ready(&[h], Duration::from_secs(30))?;
     }
     ensure!(
         restarted_mid_job >= 3,
@@ -99,12 +92,7 @@ fn the_coordinator_killed_mid_transfer_restarts_and_the_job_ends() -> Result<()>
     run.wait_progress(0.3)?;
     run.cluster.restart_coordinator()?;
     run.finish()?;
-    ensure!(
-        run.target_states()? == (1..4).map(|h| (h, TargetState::Done)).collect::<Vec<_>>(),
-        "{:?}",
-        run.target_states()
-    );
-    Ok(())
+    run.all_targets_done()
 }
 
 #[test]
@@ -133,10 +121,5 @@ fn with_the_coordinator_down_for_a_minute_transfers_finish_peer_to_peer() -> Res
     run.cluster.start_coordinator()?;
     // Back: the agents reconnect and the job is seen done, every target with it.
     run.finish()?;
-    ensure!(
-        run.target_states()? == (1..4).map(|h| (h, TargetState::Done)).collect::<Vec<_>>(),
-        "{:?}",
-        run.target_states()
-    );
-    Ok(())
+    run.all_targets_done()
 }
