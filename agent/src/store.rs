@@ -133,6 +133,14 @@ pub struct Hold {
     entry: Arc<BlobEntry>,
 }
 
+impl Hold {
+    /// Whether the held blob is still in the store (not removed or evicted since; its digest
+    /// may have come back as a new blob, which this does not hold).
+    pub fn is_current(&self) -> bool {
+        !self.entry.removed.load(Ordering::Relaxed)
+    }
+}
+
 impl Drop for Hold {
     fn drop(&mut self) {
         self.entry.holds.fetch_sub(1, Ordering::Relaxed);
@@ -430,14 +438,6 @@ impl Store {
         })
     }
 
-    /// Whether `hold` holds the blob the store has now under its digest (not one removed
-    /// since, whose digest may have come back as a new blob).
-    pub fn holds_current(&self, hold: &Hold) -> bool {
-        let digest = hold.entry.manifest().digest();
-        self.entry(&digest)
-            .is_some_and(|e| Arc::ptr_eq(&e, &hold.entry))
-    }
-
     fn set_pinned(&self, blob: &Digest, pinned: bool) -> Result<(), StoreError> {
         // Under the index lock, which eviction holds while it picks and unlinks its victims.
         let index = lock(&self.inner.index);
@@ -511,6 +511,7 @@ impl Store {
 impl Index {
     fn remove(&mut self, digest: &Digest) -> Option<Arc<BlobEntry>> {
         let entry = self.blobs.remove(digest)?;
+        entry.removed.store(true, Ordering::Relaxed);
         self.usage -= entry.manifest().size();
         Some(entry)
     }

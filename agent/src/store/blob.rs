@@ -73,6 +73,8 @@ pub(crate) struct BlobEntry {
     /// Running orders using the blob ([`super::Hold`]s): kept from eviction like a pin, but
     /// counted, and separate from the user's pin.
     pub holds: AtomicU32,
+    /// Out of the store's index (removed or evicted): holds on it hold nothing.
+    pub(super) removed: AtomicBool,
     /// The whole blob was read back and matched its digest in this process. A complete
     /// blob's chunks are never written again unless one is dropped, which clears this.
     pub(super) verified: AtomicBool,
@@ -142,6 +144,7 @@ impl BlobEntry {
             damage,
             pinned: AtomicBool::new(false),
             holds: AtomicU32::new(0),
+            removed: AtomicBool::new(false),
             verified: AtomicBool::new(false),
             verifying: Mutex::new(()),
             recency: AtomicU64::new(recency),

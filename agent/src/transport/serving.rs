@@ -25,7 +25,7 @@ impl Serving {
         let now = Instant::now();
         let mut holds = self.holds.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some((hold, at)) = holds.get_mut(blob)
-            && store.holds_current(hold)
+            && hold.is_current()
         {
             *at = now;
             return;
