@@ -118,6 +118,19 @@ fn channel(
     Ok(url.channel(url.endpoint(), Some(tls))?)
 }
 
+/// An inventory snapshot that claims `digest` whole, and nothing else.
+pub fn holds_whole(digest: &shoal_proto::Digest) -> pb::agent_message::Msg {
+    pb::agent_message::Msg::Inventory(pb::Inventory {
+        replace: true,
+        blobs: vec![pb::HeldBlob {
+            blob_digest: digest.as_bytes().to_vec(),
+            complete: true,
+            ..Default::default()
+        }],
+        removed_blobs: vec![],
+    })
+}
+
 pub fn say(msg: pb::agent_message::Msg) -> pb::AgentMessage {
     pb::AgentMessage { msg: Some(msg) }
 }

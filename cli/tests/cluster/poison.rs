@@ -16,7 +16,7 @@ use shoal_proto::{ChunkIndex, Digest, Manifest};
 
 use crate::admin::agent_ids;
 use crate::harness::{Cluster, TOKEN, random_file, read};
-use shoal_tests::impostor::Impostor;
+use shoal_tests::impostor::{Impostor, holds_whole};
 
 const MIB: usize = 1 << 20;
 
@@ -70,15 +70,7 @@ async fn a_lying_agent_is_caught_quarantined_and_the_blob_recovered_from_the_hon
             Msg::BlobRegistered(pb::BlobRegistered {
                 manifest: Some(pb::Manifest::from(&lie)),
             }),
-            Msg::Inventory(pb::Inventory {
-                replace: true,
-                blobs: vec![pb::HeldBlob {
-                    blob_digest: digest.as_bytes().to_vec(),
-                    complete: true,
-                    ..Default::default()
-                }],
-                removed_blobs: vec![],
-            }),
+            holds_whole(&digest),
         ])
         .await?;
     let liar_id = liar.joined.agent_id.clone();

@@ -8,8 +8,8 @@ use std::sync::Mutex;
 use anyhow::{Context, Result, ensure};
 use shoal_agent::store::{Store, StoreConfig};
 use shoal_agent::transport::{self, ChunkEndpoint, TransportConfig};
-use shoal_proto::pb::v1::{self as pb, agent_message::Msg};
-use shoal_tests::impostor::Impostor;
+use shoal_proto::pb::v1 as pb;
+use shoal_tests::impostor::{Impostor, holds_whole};
 use shoal_tests::netns::Fabric;
 use shoal_tests::netns::shoal::{Cluster, JOIN_TOKEN};
 
@@ -51,17 +51,7 @@ fn lie_about(fabric: &Fabric, cluster: &Cluster<'_>, digest: &str) -> Result<Lia
                 store,
                 TransportConfig::default(),
             )?;
-            let session = liar
-                .session(vec![Msg::Inventory(pb::Inventory {
-                    replace: true,
-                    blobs: vec![pb::HeldBlob {
-                        blob_digest: digest.as_bytes().to_vec(),
-                        complete: true,
-                        ..Default::default()
-                    }],
-                    removed_blobs: vec![],
-                })])
-                .await?;
+            let session = liar.session(vec![holds_whole(&digest)]).await?;
             anyhow::Ok((endpoint, session))
         })?;
         Ok(Liar {
