@@ -309,6 +309,8 @@ pub(super) fn report(
         o.row(format!("  log ×{n}"), line);
     }
 
+    goals(&mut o);
+
     println!("\n| measure | value |\n|---|---|");
     for (label, value) in &o.rows {
         println!("| {label} | {} |", value.replace('|', "\\|"));
@@ -317,4 +319,35 @@ pub(super) fn report(
         .map(|(k, v)| format!("\"{k}\":{v}"))
         .collect();
     println!("{{{}}}", json.join(","));
+}
+
+/// Issue 17's goals, each figure as a multiple of its goal (at most 1 meets it).
+const GOALS: [(&str, &str, f64); 4] = [
+    ("API p99 ÷ 50 ms", "api_p99_ms", 50.0),
+    (
+        "session messages p99 ÷ 20 ms (the state probe while distributing)",
+        "probe_distribute_p99_ms",
+        20.0,
+    ),
+    ("peak RSS ÷ 2 GiB", "peak_rss_mib", 2048.0),
+    (
+        "restart to every agent READY ÷ 30 s",
+        "restart_all_ready_s",
+        30.0,
+    ),
+];
+
+/// Rows and fields for [`GOALS`], from the fields already out.
+fn goals(o: &mut Out) {
+    for (label, key, goal) in GOALS {
+        let Some(v) = (o.json.iter())
+            .find(|(k, _)| k == key)
+            .and_then(|(_, v)| v.parse::<f64>().ok())
+        else {
+            continue;
+        };
+        let ratio = v / goal;
+        o.row(format!("vs goal: {label}"), format!("{ratio:.2}"));
+        o.num(format!("goal_{key}"), ratio);
+    }
 }
