@@ -38,6 +38,16 @@ const OFFER_SCAN_LIMIT: usize = 256;
 /// Partial holders a target's top-up draws its sources from at random (nearest first).
 const TOP_UP_SCAN: usize = 64;
 
+/// Available holders a target's top-up looks at before it settles for what it found: a
+/// holder with spare upload too small for this target's share stays in the index (it may
+/// fit a target with a smaller share), and without a limit every top-up walked all of them.
+const TOP_UP_SCAN_LIMIT: usize = 512;
+
+/// Upload a host keeps free below which it counts as full, as a fraction of its upload
+/// (1/1024): shares are the downlink divided by K, so K shares leave a few bits per second
+/// of rounding free, and a host with that left is full, not a source nobody fits.
+const FULL_SLACK: u64 = 1024;
+
 /// Targets short of sources that a new download of their blob lets try again.
 const HUNGRY_RETRY: usize = 4;
 

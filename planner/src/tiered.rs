@@ -61,6 +61,21 @@ impl<K: Ord + Clone> Tiered<K> {
         let zone_set = self.by_zone.get(&zone).into_iter().flatten();
         rack_set.chain(zone_set).chain(self.all.iter())
     }
+
+    /// [`Tiered::nearest`], but each tier only as long as `keep` holds: for a prefix of the
+    /// key order (complete holders sort first), without walking the rest of each tier.
+    pub(crate) fn nearest_while<'a>(
+        &'a self,
+        zone: ZoneId,
+        rack: RackId,
+        keep: impl Fn(&K) -> bool + Copy + 'a,
+    ) -> impl Iterator<Item = &'a K> + 'a {
+        let rack_set = self.by_rack.get(&(zone, rack)).into_iter().flatten();
+        let zone_set = self.by_zone.get(&zone).into_iter().flatten();
+        (rack_set.take_while(move |k| keep(k)))
+            .chain(zone_set.take_while(move |k| keep(k)))
+            .chain(self.all.iter().take_while(move |k| keep(k)))
+    }
 }
 
 #[cfg(test)]
@@ -81,5 +96,18 @@ mod tests {
             vec![20, 10, 20]
         );
         assert!(!t.by_rack.contains_key(&(ZoneId(1), RackId(1))));
+    }
+
+    #[test]
+    fn nearest_while_stops_each_tier_at_the_first_miss() {
+        let mut t = Tiered::default();
+        for (zone, rack, key) in [(1, 1, 1), (1, 1, 50), (1, 2, 2), (1, 2, 60), (2, 1, 3)] {
+            t.insert(ZoneId(zone), RackId(rack), key);
+        }
+        let small: Vec<_> = t
+            .nearest_while(ZoneId(1), RackId(1), |k| *k < 10)
+            .copied()
+            .collect();
+        assert_eq!(small, vec![1, 1, 2, 1, 2, 3]);
     }
 }

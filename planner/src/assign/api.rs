@@ -195,4 +195,8 @@ pub struct AssignerStats {
     pub lease_expiries: u64,
     /// Hosts taken down for any reason (lease, `HostDown`, reconnect).
     pub host_downs: u64,
+    /// Candidate (source, target) pairs checked for room: the planner's work. Bounded per
+    /// event (see `OFFER_SCAN_LIMIT`, `TOP_UP_SCAN_LIMIT`), so it grows with the events,
+    /// not with the swarm.
+    pub candidates_examined: u64,
 }

@@ -6,8 +6,8 @@ use std::cmp::Reverse;
 use rand::Rng;
 
 use super::{
-    Assigner, Blob, Command, Download, HolderKey, Holding, HungryKey, OFFER_SCAN_LIMIT, Serve,
-    TOP_UP_SCAN,
+    Assigner, Blob, Command, Download, FULL_SLACK, HolderKey, Holding, HungryKey, OFFER_SCAN_LIMIT,
+    Serve, TOP_UP_SCAN, TOP_UP_SCAN_LIMIT,
 };
 use crate::{BlobId, HostId, ZoneId};
 
@@ -91,12 +91,16 @@ impl Assigner {
         self.blobs.get_mut(&blob)?.downloads.get_mut(&host)
     }
 
-    /// Unknown hosts count as full: nothing is ever assigned to them.
+    /// Unknown hosts count as full: nothing is ever assigned to them. So does a host with
+    /// less than a 1/[`FULL_SLACK`] of its upload free (the rounding of K shares).
     pub(super) fn is_full(&self, id: HostId) -> bool {
         let Some(h) = self.hosts.get(&id) else {
             return true;
         };
-        h.serving.len() >= self.config.max_uploads || h.committed_bps >= h.upload_bps
+        let spare = h.upload_bps.saturating_sub(h.committed_bps);
+        h.serving.len() >= self.config.max_uploads
+            || spare == 0
+            || spare < h.upload_bps / FULL_SLACK
     }
 
     /// Upload a source reserves for one download of `target`: the target's downlink split
@@ -357,10 +361,12 @@ impl Assigner {
         // each chunk has to walk down hop by hop; a random draw makes it an expander.
         let mut complete: Vec<HostId> = Vec::with_capacity(need);
         let mut partial: Vec<(HostId, u32)> = Vec::new();
-        for key in b.available.nearest(t.zone, t.rack) {
+        let mut examined = 0;
+        for key in b.available.nearest(t.zone, t.rack).take(TOP_UP_SCAN_LIMIT) {
             if complete.len() == need || partial.len() == TOP_UP_SCAN {
                 break;
             }
+            examined += 1;
             let taken = complete.contains(&key.host) || partial.iter().any(|p| p.0 == key.host);
             let rate = self.rate_for(target, key.host);
             if !taken
@@ -374,6 +380,7 @@ impl Assigner {
                 }
             }
         }
+        self.stats.candidates_examined += examined;
         let need = need - complete.len();
         for source in complete {
             let rate = self.rate_for(target, source);
@@ -418,10 +425,12 @@ impl Assigner {
         let mut spare = s.upload_bps.saturating_sub(s.committed_bps);
         let mut picked: Vec<(HostId, u64)> = Vec::new();
         let (share, mut used) = self.blob_share(blob, source);
+        let mut examined = 0;
         for key in b.hungry.nearest(s.zone, s.rack).take(OFFER_SCAN_LIMIT) {
             if slots == 0 {
                 break;
             }
+            examined += 1;
             let target = key.host;
             let rate = self.rate_for(target, source);
             if rate > spare || picked.iter().any(|(t, _)| *t == target) {
@@ -442,6 +451,7 @@ impl Assigner {
                 used += rate;
             }
         }
+        self.stats.candidates_examined += examined;
         let mut freed = Vec::new();
         for (target, rate) in picked {
             let full = self
@@ -700,12 +710,12 @@ impl Assigner {
         let candidates: Vec<HostId> = {
             let b = &self.blobs[&blob];
             let t = &self.hosts[&target];
-            (b.available.nearest(t.zone, t.rack))
-                .filter(|k| !k.incomplete)
+            (b.available.nearest_while(t.zone, t.rack, |k| !k.incomplete))
                 .map(|k| k.host)
                 .take(16)
                 .collect()
         };
+        self.stats.candidates_examined += candidates.len() as u64;
         for source in candidates {
             let rate = self.rate_for(target, source);
             let b = &self.blobs[&blob];

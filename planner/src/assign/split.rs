@@ -43,6 +43,7 @@ impl Assigner {
             if given == need {
                 break;
             }
+            self.stats.candidates_examined += 1;
             // All but the last source from downloads in the target's zone, so a zone's
             // swarm is fed mostly from within, and each target brings one edge from
             // anywhere, so content enters every zone along many paths. After half the

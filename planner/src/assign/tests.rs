@@ -6,6 +6,7 @@ use shoal_proto::Digest;
 
 use super::*;
 
+mod scale;
 mod split;
 
 const GBPS: u64 = 1_000_000_000;
