@@ -26,6 +26,11 @@ pub const JOB_SERIES_LINGER: std::time::Duration = std::time::Duration::from_sec
 pub const BLOBS: &str = "shoal_coordinator_blobs";
 /// Planner decisions, by kind (`kind` label: order, source_update, cancel, replan, ...).
 pub const PLANNER_DECISIONS: &str = "shoal_coordinator_planner_decisions_total";
+/// `source_update` decisions that only changed the stripes, not the sources.
+pub const PLANNER_STRIPE_UPDATES: &str = "shoal_coordinator_planner_stripe_updates_total";
+/// (source, target) pairs the planner checked for room: its work, which must grow with
+/// the events it handles, not with the swarm.
+pub const PLANNER_CANDIDATES: &str = "shoal_coordinator_planner_candidates_examined_total";
 /// Rows of the state database skipped at load because they do not decode (`table` label).
 pub const BAD_ROWS: &str = "shoal_coordinator_bad_state_rows_total";
 
@@ -72,6 +77,14 @@ pub fn describe() {
     );
     describe_gauge!(BLOBS, "Blobs in the catalog");
     describe_counter!(PLANNER_DECISIONS, "Planner decisions, by kind");
+    describe_counter!(
+        PLANNER_STRIPE_UPDATES,
+        "Source updates that only changed the stripes, not the sources"
+    );
+    describe_counter!(
+        PLANNER_CANDIDATES,
+        "Source and target pairs the planner checked for room"
+    );
     describe_counter!(
         BAD_ROWS,
         "Rows of the state database skipped at load because they do not decode"

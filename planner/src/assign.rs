@@ -17,6 +17,7 @@
 mod api;
 mod plan;
 mod split;
+mod stripes;
 #[cfg(test)]
 mod tests;
 
@@ -94,6 +95,8 @@ struct Host {
     holdings: BTreeMap<BlobId, Holding>,
     /// Downloads this host serves, with the upload rate reserved for each.
     serving: BTreeMap<(BlobId, HostId), Serve>,
+    /// The stripe slots of the downloads it serves, per blob (see `stripes`).
+    stripes: BTreeMap<BlobId, stripes::Slots>,
     committed_bps: u64,
     wants: BTreeSet<BlobId>,
 }
@@ -227,6 +230,9 @@ pub struct Assigner {
     dirty: BTreeSet<(BlobId, HostId)>,
     /// Downloads whose stripes changed, due to be told at the time (see `restripe`).
     restripes: BTreeSet<(Time, BlobId, HostId)>,
+    /// Sources whose stripes of a blob have an empty slot, due to close ranks at the time
+    /// unless a new download took it (see `free_slot`).
+    compactions: BTreeSet<(Time, BlobId, HostId)>,
     /// Downloads changed since the last commands went out, in order (see `flush`).
     touched: Vec<(BlobId, HostId)>,
     touched_set: BTreeSet<(BlobId, HostId)>,
@@ -258,6 +264,7 @@ impl Assigner {
             now: Time::ZERO,
             dirty: BTreeSet::new(),
             restripes: BTreeSet::new(),
+            compactions: BTreeSet::new(),
             touched: Vec::new(),
             touched_set: BTreeSet::new(),
             batching: false,
@@ -335,6 +342,13 @@ impl Assigner {
                 self.dirty.insert((blob, host));
             }
         }
+        while let Some(&(at, blob, source)) = self.compactions.first() {
+            if at > now {
+                break;
+            }
+            self.compactions.pop_first();
+            self.compact(blob, source);
+        }
         while let Some(&(at, blob, host)) = self.retries.first() {
             if at > now {
                 break;
@@ -372,10 +386,12 @@ impl Assigner {
         let retry = self.retries.first().map(|&(t, _, _)| t);
         let stuck = self.stuck_checks.first().map(|&(t, _, _)| t);
         let restripe = self.restripes.first().map(|&(t, _, _)| t);
+        let compaction = self.compactions.first().map(|&(t, _, _)| t);
         (lease.into_iter())
             .chain(retry)
             .chain(stuck)
             .chain(restripe)
+            .chain(compaction)
             .min()
     }
 
@@ -401,29 +417,6 @@ impl Assigner {
             .downloads
             .get(&host)
             .map(|d| d.sources.as_slice())
-    }
-
-    /// The stripe `target` should prefer from `source` for `blob`, and how many there are:
-    /// the downloads of `blob` that `source` serves right now split its chunks between them
-    /// (chunk `i` is in stripe `i % stripes`), so they ask it for different chunks and its
-    /// upload puts new chunks into the swarm rather than one chunk into several hosts that
-    /// could relay it to each other. Every command carries the current stripes, and a
-    /// download whose stripes change (a co-downloader came or went) gets an
-    /// `UpdateSources`, so no stripe is left without a downloader.
-    pub fn stripe(&self, blob: BlobId, target: HostId, source: HostId) -> Option<(u32, u32)> {
-        let s = self.hosts.get(&source)?;
-        let mut rank = None;
-        let mut count = 0u32;
-        for (k, _) in s
-            .serving
-            .range((blob, HostId(0))..=(blob, HostId(u32::MAX)))
-        {
-            if k.1 == target {
-                rank = Some(count);
-            }
-            count += 1;
-        }
-        rank.map(|r| (r, count))
     }
 
     /// Downloads `host` is serving right now, over all blobs.
@@ -458,6 +451,7 @@ impl Assigner {
             salt,
             holdings: BTreeMap::new(),
             serving: BTreeMap::new(),
+            stripes: BTreeMap::new(),
             committed_bps: 0,
             wants: BTreeSet::new(),
         });
@@ -504,6 +498,7 @@ impl Assigner {
         self.stats.host_downs += 1;
         let h = self.hosts.get_mut(&id).expect("checked above");
         let serving = std::mem::take(&mut h.serving);
+        h.stripes.clear();
         h.committed_bps = 0;
         let holdings: Vec<BlobId> = h.holdings.keys().copied().collect();
         let wants: Vec<BlobId> = h.wants.iter().copied().collect();
@@ -608,6 +603,7 @@ impl Assigner {
             salt: 0,
             holdings: BTreeMap::new(),
             serving: BTreeMap::new(),
+            stripes: BTreeMap::new(),
             committed_bps: 0,
             wants: BTreeSet::new(),
         });

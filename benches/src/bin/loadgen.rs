@@ -276,6 +276,9 @@ struct Measured {
     steady_messages_per_sec: f64,
     generator_cpu: f64,
     failure: Option<String>,
+    /// The coordinator's planner counters after the job: stripe-only source updates and
+    /// candidates examined.
+    planner: Option<(f64, f64)>,
 }
 
 #[derive(Debug, Default)]
@@ -500,6 +503,15 @@ async fn run(args: &Args, dir: &std::path::Path) -> Result<()> {
     let now = coordinator.usage()?;
     m.cpu_by_phase
         .push(("distribute", now.cpu_seconds - usage_mark));
+    // The coordinator exports its planner counters once a second.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    if let Ok(text) = process::scrape(metrics).await {
+        let read = |name| process::metric(&text, name).unwrap_or(f64::NAN);
+        m.planner = Some((
+            read(shoal_coordinator::metrics::PLANNER_STRIPE_UPDATES),
+            read(shoal_coordinator::metrics::PLANNER_CANDIDATES),
+        ));
+    }
     m.usage.push(("coordinator".into(), now));
 
     if args.restart {

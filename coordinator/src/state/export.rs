@@ -60,6 +60,8 @@ impl State {
         ] {
             metrics::counter!(m::PLANNER_DECISIONS, "kind" => kind).absolute(v);
         }
+        metrics::counter!(m::PLANNER_STRIPE_UPDATES).absolute(s.stripe_updates);
+        metrics::counter!(m::PLANNER_CANDIDATES).absolute(s.candidates_examined);
     }
 }
 

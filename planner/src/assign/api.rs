@@ -179,6 +179,9 @@ pub struct AssignerStats {
     pub replans: u64,
     /// Sources found by splitting an edge (see `Assigner::split_edges`).
     pub splits: u64,
+    /// `UpdateSources` commands (counted in `source_updates`) whose sources did not change,
+    /// only their stripes.
+    pub stripe_updates: u64,
     /// Stripe changes folded into a later command by `restripe_delay`.
     pub restripes_coalesced: u64,
     /// Downloads finished.

@@ -44,6 +44,7 @@ impl Assigner {
                 }
             }
         }
+        self.check_stripes()?;
         for (b, blob) in &self.blobs {
             if self.hungry_blobs.contains(b) == blob.hungry.is_empty() {
                 return Err(format!("hungry_blobs out of sync for {b}"));
@@ -266,7 +267,7 @@ impl Assigner {
         let s = self.hosts.get_mut(&source).expect("known host");
         s.serving.insert((blob, target), Serve { rate });
         s.committed_bps += rate;
-        self.restripe(blob, source);
+        self.take_slot(blob, target, source);
         let d = self.download_mut(blob, target).expect("download exists");
         d.sources.push(source);
         self.stats.assignments += 1;
@@ -277,45 +278,13 @@ impl Assigner {
         }
     }
 
-    /// The downloads of `blob` that `source` serves changed, so their stripes did: each
-    /// gets the new ones with its next command.
-    ///
-    /// After `restripe_delay`, not at once: when downloads finish in a large swarm, each
-    /// re-stripes its sources' other downloaders, and one update per change sent tens per
-    /// download. Stripes are a preference, so a stale one for a moment costs little; a
-    /// download whose sources change meanwhile gets its current stripes with that command.
-    fn restripe(&mut self, blob: BlobId, source: HostId) {
-        let delay = self.config.restripe_delay;
-        let at = self.now + delay;
-        let s = &self.hosts[&source];
-        let others: Vec<HostId> = (s
-            .serving
-            .range((blob, HostId(0))..=(blob, HostId(u32::MAX))))
-        .map(|(k, _)| k.1)
-        .collect();
-        for t in others {
-            if delay.is_zero() {
-                self.dirty.insert((blob, t));
-                continue;
-            }
-            let Some(d) = self.download_mut(blob, t) else {
-                continue;
-            };
-            if std::mem::replace(&mut d.restripe_pending, true) {
-                self.stats.restripes_coalesced += 1;
-            } else {
-                self.restripes.insert((at, blob, t));
-            }
-        }
-    }
-
     /// Returns the capacity `source` reserved for `target`; does not touch the download.
     pub(super) fn release(&mut self, blob: BlobId, target: HostId, source: HostId) {
         let was_full = self.is_full(source);
         let s = self.hosts.get_mut(&source).expect("known host");
         if let Some(v) = s.serving.remove(&(blob, target)) {
             s.committed_bps -= v.rate;
-            self.restripe(blob, source);
+            self.free_slot(blob, target, source);
         }
         if was_full && !self.is_full(source) {
             self.sync_all_holdings(source);
@@ -595,12 +564,16 @@ impl Assigner {
                     sources: d.sources.clone(),
                 },
             };
+            let stripes_only = d.sent.as_ref() == Some(&d.sources);
             d.sent = Some(d.sources.clone());
             d.sent_stripes = stripes;
             let first = matches!(command, Command::Fetch { .. });
             match command {
                 Command::Fetch { .. } => self.stats.orders += 1,
                 _ => self.stats.source_updates += 1,
+            }
+            if stripes_only {
+                self.stats.stripe_updates += 1;
             }
             self.commands.push_back(command);
             if first {

@@ -155,6 +155,19 @@ pub(super) fn report(
         o.num(format!("recv_{kind}"), n as f64);
     }
     o.row("coordinator → agents: all", total.to_string());
+    if let Some((stripes, examined)) = m.planner {
+        o.row(
+            "  of the source updates, stripes only",
+            format!("{stripes}"),
+        );
+        o.num("stripe_updates", stripes);
+        let per = examined / args.agents.max(1) as f64;
+        o.row(
+            "planner: candidates examined (per agent)",
+            format!("{examined} ({per:.1})"),
+        );
+        o.num("candidates_examined", examined);
+    }
     let mut total = 0;
     for (i, kind) in SENT.iter().enumerate() {
         let n = load(&counts.sent[i]);

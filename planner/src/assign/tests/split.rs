@@ -166,3 +166,64 @@ fn stripe_updates_wait_and_coalesce() {
     assert!(t.drain().is_empty());
     t.a.check_invariants().unwrap();
 }
+
+#[test]
+fn a_freed_stripe_goes_to_the_next_download_and_nobody_else_hears_of_it() {
+    let x = blob(1);
+    let delay = Duration::from_millis(100);
+    let mut t = Harness::new(AssignerConfig {
+        restripe_delay: delay,
+        ..cfg(1, 3)
+    });
+    t.seed(0, 0, 0, 100 * GBPS, x);
+    for host in 1..=4 {
+        t.up(host, 0, 0, 0); // they cannot upload: only the seed serves
+        t.want(host, x);
+    }
+    t.now += delay;
+    t.a.handle_timeout(t.now);
+    t.drain();
+    let stripes = |t: &Harness| -> Vec<Option<(u32, u32)>> {
+        (1..=4).map(|n| t.a.stripe(x, h(n), h(0))).collect()
+    };
+    assert_eq!(
+        stripes(&t),
+        vec![Some((0, 3)), Some((1, 3)), Some((2, 3)), None]
+    );
+    // Host 2 finishes; host 4, waiting, takes its slot. Hosts 1 and 3 keep their stripes
+    // and hear nothing, now or later.
+    assert_eq!(
+        t.ev(Event::Done {
+            host: h(2),
+            blob: x
+        }),
+        vec![fetch(4, x, &[0])]
+    );
+    assert_eq!(t.a.stripe(x, h(4), h(0)), Some((1, 3)));
+    t.now += delay;
+    t.a.handle_timeout(t.now);
+    assert!(t.drain().is_empty());
+    let updates_before = t.a.stats().stripe_updates;
+    // Host 3 finishes with nobody waiting: its stripe is nobody's, so after a while the
+    // others close ranks, one update each.
+    assert!(
+        t.ev(Event::Done {
+            host: h(3),
+            blob: x
+        })
+        .is_empty()
+    );
+    t.now += delay * (stripes::COMPACT_AFTER - 1);
+    t.a.handle_timeout(t.now);
+    let early = t.drain();
+    assert!(early.is_empty(), "{early:?}");
+    assert_eq!(t.a.stripe(x, h(1), h(0)), Some((0, 3)), "not yet");
+    t.now += delay;
+    t.a.handle_timeout(t.now);
+    let mut out = t.drain();
+    out.sort_by_key(Command::host);
+    assert_eq!(out, vec![update(1, x, &[0]), update(4, x, &[0])]);
+    assert_eq!(stripes(&t), vec![Some((0, 2)), None, None, Some((1, 2))]);
+    assert_eq!(t.a.stats().stripe_updates, updates_before + 2);
+    t.a.check_invariants().unwrap();
+}
