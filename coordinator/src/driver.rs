@@ -1,5 +1,7 @@
-//! The one loop that drives the coordinator's state: each request is a step, and the state
-//! is woken exactly when its earliest timer is due (the planner's stripe updates, retries
+//! The one loop that drives the coordinator's state: reads are single steps ahead of the
+//! queue, everything else is handled in order in batches (see [`run`]), and the state is
+//! woken
+//! exactly when its earliest timer is due (the planner's stripe updates, retries
 //! and stuck checks; URL fetch timeouts; housekeeping), not on a fixed tick. The real clock
 //! is read here and nowhere in the state.
 //!
@@ -8,9 +10,10 @@
 //! caller waiting on it is failed with that reason at once, and the health watchdog
 //! (`crate::health`) takes the coordinator out of service and makes it exit.
 
+use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, OnceLock};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use shoal_planner::Time;
 use tokio::sync::mpsc;
@@ -52,23 +55,117 @@ impl Default for Clock {
 /// Why the state task stopped, once it has: set once, before its request channel closes.
 pub type Down = Arc<OnceLock<String>>;
 
+/// Requests handled as one planner batch at most (see [`State::step_many`]).
+const BATCH: usize = 256;
+
+/// How long one batch may run before a read waiting behind it gets its turn.
+const BATCH_TIME: Duration = Duration::from_millis(5);
+
+/// Requests taken off the channel and not yet handled at most: beyond, senders wait on
+/// the channel's own bound.
+const BACKLOG: usize = 4096;
+
+/// The state task's request queue, as senders see it: one channel for requests that may
+/// overtake (see [`Request::may_overtake`]) and one for the rest, so that a read does not
+/// wait for room behind thousands of agents' messages when the queue is full.
+#[derive(Clone, Debug)]
+pub struct Requests {
+    ordered: mpsc::Sender<Request>,
+    reads: mpsc::Sender<Request>,
+}
+
+impl Requests {
+    pub async fn send(&self, request: Request) -> Result<(), mpsc::error::SendError<Request>> {
+        if request.may_overtake() {
+            self.reads.send(request).await
+        } else {
+            self.ordered.send(request).await
+        }
+    }
+}
+
+/// The state task's end of [`Requests`].
+#[derive(Debug)]
+pub struct Inbox {
+    ordered: mpsc::Receiver<Request>,
+    reads: mpsc::Receiver<Request>,
+}
+
+/// A request queue holding up to `capacity` requests of each kind before senders wait.
+pub fn requests(capacity: usize) -> (Requests, Inbox) {
+    let (ordered, ordered_rx) = mpsc::channel(capacity);
+    let (reads, reads_rx) = mpsc::channel(capacity);
+    let inbox = Inbox {
+        ordered: ordered_rx,
+        reads: reads_rx,
+    };
+    (Requests { ordered, reads }, inbox)
+}
+
 /// Runs `state` until every sender of `requests` is gone, or until the state panics (then
 /// `down` says why).
-pub async fn run(
-    mut state: State,
-    clock: Clock,
-    mut requests: mpsc::Receiver<Request>,
-    down: Down,
-) {
+///
+/// What is queued is taken off the channel at each turn and sorted into two lanes: reads
+/// (see [`Request::may_overtake`]) are handled first, one per step; everything else (the
+/// agents' session traffic above all) in order, in batches of up to [`BATCH`] requests or
+/// [`BATCH_TIME`]. Under a burst of agents' reports (a swarm of thousands finishing at
+/// once) a `GetJob` waits for one batch, not for the whole queue, and a batch costs less
+/// per request than single steps (one planner flush and one round of commands). Due timers
+/// run between batches.
+pub async fn run(mut state: State, clock: Clock, mut inbox: Inbox, down: Down) {
+    let mut reads: VecDeque<Request> = VecDeque::new();
+    let mut ordered: VecDeque<Request> = VecDeque::new();
+    let (mut reads_open, mut ordered_open) = (true, true);
     loop {
-        let due = clock.instant(state.poll_timeout());
-        let stepped = tokio::select! {
-            request = requests.recv() => {
-                let Some(request) = request else { return };
-                std::panic::catch_unwind(AssertUnwindSafe(|| state.step(request, clock.now())))
+        while reads_open {
+            match inbox.reads.try_recv() {
+                Ok(r) => reads.push_back(r),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => reads_open = false,
             }
-            () = tokio::time::sleep_until(due) => {
-                std::panic::catch_unwind(AssertUnwindSafe(|| state.handle_timeout(clock.now())))
+        }
+        while ordered_open && ordered.len() < BACKLOG {
+            match inbox.ordered.try_recv() {
+                Ok(r) => ordered.push_back(r),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => ordered_open = false,
+            }
+        }
+        let due = state.poll_timeout();
+        let stepped = if let Some(request) = reads.pop_front() {
+            std::panic::catch_unwind(AssertUnwindSafe(|| state.step(request, clock.now())))
+        } else if clock.now().mono >= due {
+            std::panic::catch_unwind(AssertUnwindSafe(|| state.handle_timeout(clock.now())))
+        } else if !ordered.is_empty() {
+            let started = Instant::now();
+            let batch = std::iter::from_fn(|| {
+                (started.elapsed() < BATCH_TIME)
+                    .then(|| ordered.pop_front())
+                    .flatten()
+            })
+            .take(BATCH);
+            std::panic::catch_unwind(AssertUnwindSafe(|| state.step_many(batch, || clock.now())))
+        } else if !reads_open && !ordered_open {
+            return;
+        } else {
+            tokio::select! {
+                request = inbox.reads.recv(), if reads_open => {
+                    match request {
+                        Some(r) => reads.push_back(r),
+                        None => reads_open = false,
+                    }
+                    Ok(())
+                }
+                request = inbox.ordered.recv(), if ordered_open => {
+                    match request {
+                        Some(r) => ordered.push_back(r),
+                        None => ordered_open = false,
+                    }
+                    Ok(())
+                }
+                () = tokio::time::sleep_until(clock.instant(due)) => {
+                    std::panic::catch_unwind(AssertUnwindSafe(|| state.handle_timeout(clock.now())))
+                }
             }
         };
         if let Err(panic) = stepped {
@@ -76,11 +173,16 @@ pub async fn run(
             tracing::error!("{why}");
             let _ = down.set(why);
             // The state and the channel are dropped here, in that order: callers waiting on
-            // a reply find `down` set.
+            // a reply find `down` set. Requests taken off the channel go with the state.
             drop(state);
-            drop(requests);
+            drop(reads);
+            drop(ordered);
+            drop(inbox);
             return;
         }
+        // A long batch or timer round must not keep the runtime's other tasks (the gRPC
+        // connections) from a worker thread.
+        tokio::task::yield_now().await;
     }
 }
 

@@ -15,7 +15,7 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use shoal_proto::pb::v1::coordinator_server::CoordinatorServer;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
@@ -49,7 +49,7 @@ const WRITER_DRAIN: Duration = Duration::from_secs(20);
 pub struct Watched {
     pub state_task: JoinHandle<()>,
     pub writer: Stopped,
-    pub requests: mpsc::Sender<Request>,
+    pub requests: crate::driver::Requests,
     pub reporter: HealthReporter,
     pub down: Down,
 }
@@ -64,7 +64,7 @@ async fn set(reporter: &HealthReporter, status: ServingStatus) {
 }
 
 /// How long the state task took to answer a ping; `None` if it did not within `timeout`.
-async fn probe(requests: &mpsc::Sender<Request>, timeout: Duration) -> Option<Duration> {
+async fn probe(requests: &crate::driver::Requests, timeout: Duration) -> Option<Duration> {
     let started = Instant::now();
     let (tx, rx) = oneshot::channel();
     let answered = async {

@@ -256,7 +256,7 @@ struct Started {
     /// The cluster CA (it issues the coordinator's own serving certificate too).
     ca: Arc<shoal_pki::ClusterCa>,
     state_task: tokio::task::JoinHandle<()>,
-    requests: tokio::sync::mpsc::Sender<state::Request>,
+    requests: driver::Requests,
     writer: writer::Stopped,
     down: driver::Down,
 }
@@ -305,7 +305,7 @@ fn start_on(config: &CoordinatorConfig, db: db::Db) -> Result<Started, Coordinat
     let clock = driver::Clock::new();
     let (state, writer) = state::State::new(state_config, db, ca.clone(), clock.now())
         .map_err(|e| CoordinatorError::State(e.to_string()))?;
-    let (requests, rx) = tokio::sync::mpsc::channel(REQUEST_QUEUE);
+    let (requests, rx) = driver::requests(REQUEST_QUEUE);
     let down: driver::Down = Arc::new(OnceLock::new());
     let state_task = tokio::spawn(driver::run(state, clock, rx, down.clone()));
     Ok(Started {

@@ -19,7 +19,7 @@ const ORIGIN_HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 /// The coordinator's gRPC services, both the public job API and the agent sessions.
 #[derive(Clone, Debug)]
 pub struct Api {
-    state: mpsc::Sender<Request>,
+    state: crate::driver::Requests,
     /// Resolves image references for Preheat.
     origin: shoal_origin::Client,
     preheat_platforms: Vec<String>,
@@ -52,7 +52,7 @@ fn status(e: ApiError) -> Status {
 
 impl Api {
     pub fn new(
-        state: mpsc::Sender<Request>,
+        state: crate::driver::Requests,
         origin: shoal_origin::Client,
         preheat_platforms: Vec<String>,
         down: Down,

@@ -154,6 +154,28 @@ pub enum Request {
     Fault(Fault),
 }
 
+impl Request {
+    /// Whether it may be handled ahead of requests queued before it: calls that only read
+    /// (GetJob, the lists, GetBlob, WatchJob's start), a join, a certificate renewal. Such a
+    /// call sees the state as if it had arrived a moment sooner, which a caller cannot tell
+    /// from network timing; a client that waited for its Distribute's answer still sees
+    /// its job. Everything else (the agents' session traffic, calls that change jobs,
+    /// blobs or agents, the health probe that measures the wait) keeps its order.
+    pub fn may_overtake(&self) -> bool {
+        matches!(
+            self,
+            Request::Join(..)
+                | Request::GetJob(..)
+                | Request::WatchJob(..)
+                | Request::ListJobs(..)
+                | Request::ListAgents(..)
+                | Request::ListBlobs(..)
+                | Request::GetBlob(..)
+                | Request::RenewCertificate { .. }
+        )
+    }
+}
+
 /// What [`Request::Fault`] does to the state task.
 #[cfg(test)]
 #[derive(Debug)]
@@ -327,6 +349,27 @@ impl State {
         self.handle(request, now);
         self.assigner.end_batch();
         self.drive(now);
+    }
+
+    /// Handles several requests as one planner batch (each at the time `now` gives when
+    /// its turn comes): a download re-planned by several of them gets one command with its
+    /// final sources, and the commands go out once, after the last.
+    pub fn step_many(
+        &mut self,
+        requests: impl IntoIterator<Item = Request>,
+        now: impl Fn() -> Now,
+    ) {
+        self.assigner.begin_batch();
+        let mut at = None;
+        for request in requests {
+            let t = now();
+            self.handle(request, t);
+            at = Some(t);
+        }
+        self.assigner.end_batch();
+        if let Some(t) = at {
+            self.drive(t);
+        }
     }
 
     /// Runs what is due by `now`: the planner's timers, and housekeeping.

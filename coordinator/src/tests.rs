@@ -12,6 +12,7 @@ use crate::state::{ApiError, Reply, Request, SessionId};
 use crate::{CoordinatorConfig, Started};
 
 mod health;
+mod lanes;
 mod slow_disk;
 
 use crate::state::tests::TOKEN;
@@ -31,7 +32,7 @@ fn config(dir: &std::path::Path, lease: Duration) -> CoordinatorConfig {
 
 /// Asks the state task, as the gRPC layer does.
 async fn ask<R>(
-    requests: &mpsc::Sender<Request>,
+    requests: &crate::driver::Requests,
     make: impl FnOnce(Reply<R>) -> Request,
 ) -> Result<R, ApiError> {
     let (tx, rx) = oneshot::channel();
@@ -42,7 +43,7 @@ async fn ask<R>(
 type Inbox = mpsc::Receiver<Result<pb::CoordinatorMessage, tonic::Status>>;
 
 /// An agent that joined and opened its session.
-async fn agent(requests: &mpsc::Sender<Request>, id: &str, port: u16) -> (SessionId, Inbox) {
+async fn agent(requests: &crate::driver::Requests, id: &str, port: u16) -> (SessionId, Inbox) {
     let req = crate::state::tests::join_request(id, "", port);
     let joined = ask(requests, |r| Request::Join(req, r))
         .await

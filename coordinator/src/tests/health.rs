@@ -84,7 +84,8 @@ async fn health_follows_the_state_task_and_its_death_stops_the_coordinator() {
     assert!(listed.is_ok(), "the API serves again: {listed:?}");
 
     // A panic: a call queued behind it fails at once with the reason, health turns
-    // NOT_SERVING, and the coordinator stops with an error.
+    // NOT_SERVING, and the coordinator stops with an error. (A call that changes state:
+    // reads may overtake the queue, see `Request::may_overtake`.)
     let watch = HealthCheckRequest {
         service: "shoal.v1.Coordinator".into(),
     };
@@ -99,8 +100,12 @@ async fn health_follows_the_state_task_and_its_death_stops_the_coordinator() {
         .expect("sent");
     drop(faults);
     let called = Instant::now();
+    let cancel = pb::CancelJobRequest {
+        job_id: "job-none".into(),
+        ..Default::default()
+    };
     let refused = api
-        .list_jobs(pb::ListJobsRequest::default())
+        .cancel_job(cancel)
         .await
         .expect_err("the state task is gone");
     assert!(
