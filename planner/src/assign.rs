@@ -150,7 +150,12 @@ struct Blob {
     size: u64,
     chunk_count: u32,
     available: Tiered<HolderKey>,
+    /// Downloads short of K sources: any holder with room may feed them.
     hungry: Tiered<HungryKey>,
+    /// Downloads with K sources but stuck without a complete one: only a complete holder
+    /// helps them, so a partial holder's offer does not walk past them (under load, when
+    /// progress reports queue, thousands of downloads look stuck at once).
+    starved: Tiered<HungryKey>,
     downloads: BTreeMap<HostId, Download>,
     /// The keys of `downloads` by zone: for drawing one at random.
     members: Members,
@@ -158,6 +163,23 @@ struct Blob {
     /// Who reported each source corrupt, until [`CORRUPT_QUORUM`] distinct reporters make
     /// it corrupt for everyone.
     corrupt_reports: BTreeMap<HostId, BTreeSet<HostId>>,
+}
+
+/// Of a blob's `hungry` and `starved`, the index a hungry download with `key` sits in:
+/// `starved` once it has K sources.
+fn hunger<'a>(
+    hungry: &'a mut Tiered<HungryKey>,
+    starved: &'a mut Tiered<HungryKey>,
+    key: &HungryKey,
+    k: usize,
+) -> &'a mut Tiered<HungryKey> {
+    if key.sources >= k { starved } else { hungry }
+}
+
+impl Blob {
+    fn has_hungry(&self) -> bool {
+        !self.hungry.is_empty() || !self.starved.is_empty()
+    }
 }
 
 /// Distinct downloaders that must report a source corrupt before no one uses it for the

@@ -7,7 +7,7 @@ use rand::Rng;
 
 use super::{
     Assigner, Blob, Command, Download, FULL_SLACK, HolderKey, Holding, HungryKey, OFFER_SCAN_LIMIT,
-    Serve, TOP_UP_SCAN, TOP_UP_SCAN_LIMIT,
+    Serve, TOP_UP_SCAN, TOP_UP_SCAN_LIMIT, hunger,
 };
 use crate::{BlobId, HostId, ZoneId};
 
@@ -46,7 +46,7 @@ impl Assigner {
         }
         self.check_stripes()?;
         for (b, blob) in &self.blobs {
-            if self.hungry_blobs.contains(b) == blob.hungry.is_empty() {
+            if self.hungry_blobs.contains(b) != blob.has_hungry() {
                 return Err(format!("hungry_blobs out of sync for {b}"));
             }
             let filed: Vec<((ZoneId, usize), HostId)> = (blob.members.by_zone.iter())
@@ -209,13 +209,13 @@ impl Assigner {
             return;
         }
         if let Some(old) = d.hungry.take() {
-            b.hungry.remove(zone, rack, &old);
+            hunger(&mut b.hungry, &mut b.starved, &old, k).remove(zone, rack, &old);
         }
         if let Some(key) = want {
-            b.hungry.insert(zone, rack, key);
+            hunger(&mut b.hungry, &mut b.starved, &key, k).insert(zone, rack, key);
         }
         d.hungry = want;
-        if b.hungry.is_empty() {
+        if !b.has_hungry() {
             self.hungry_blobs.remove(&blob);
         } else {
             self.hungry_blobs.insert(blob);
@@ -395,7 +395,10 @@ impl Assigner {
         let mut picked: Vec<(HostId, u64)> = Vec::new();
         let (share, mut used) = self.blob_share(blob, source);
         let mut examined = 0;
-        for key in b.hungry.nearest(s.zone, s.rack).take(OFFER_SCAN_LIMIT) {
+        // Downloads short of sources, then (for a complete holder) stuck ones.
+        let starved = complete.then(|| b.starved.nearest(s.zone, s.rack));
+        let candidates = (b.hungry.nearest(s.zone, s.rack)).chain(starved.into_iter().flatten());
+        for key in candidates.take(OFFER_SCAN_LIMIT) {
             if slots == 0 {
                 break;
             }
@@ -487,8 +490,9 @@ impl Assigner {
         }
         h.wants.remove(&blob);
         if let Some(key) = d.hungry {
-            b.hungry.remove(zone, rack, &key);
-            if b.hungry.is_empty() {
+            let k = self.config.max_sources;
+            hunger(&mut b.hungry, &mut b.starved, &key, k).remove(zone, rack, &key);
+            if !b.has_hungry() {
                 self.hungry_blobs.remove(&blob);
             }
         }

@@ -113,3 +113,67 @@ fn rounding_left_over_is_full() {
         "10 Gbit/s less six shares of 10/6 is full"
     );
 }
+
+/// Downloads stuck without a complete source want only a complete holder: a new partial
+/// holder's offer does not walk past them. (Under load, when progress reports queue,
+/// thousands of downloads look stuck at once, and each new holder scanned hundreds.)
+#[test]
+fn a_partial_holder_does_not_scan_downloads_stuck_for_a_complete_one() {
+    let x = blob(1);
+    let mut t = Harness::new(AssignerConfig {
+        max_sources: 1,
+        max_uploads: 1000,
+        ..AssignerConfig::default()
+    });
+    t.ev(Event::BlobKnown {
+        blob: x,
+        size: 64 << 20,
+        chunk_count: 64,
+    });
+    t.up(0, 0, 0, 1000 * GBPS);
+    t.ev(Event::Holds {
+        host: h(0),
+        blob: x,
+        chunks: 1,
+        complete: false,
+    });
+    for host in 1..=300 {
+        t.up(host, 0, 0, 0);
+        t.want(host, x);
+    }
+    // No progress for two stuck checks: every download is stuck, short of nothing but a
+    // complete source.
+    for _ in 0..2 {
+        t.now += AssignerConfig::default().stuck_after;
+        t.a.handle_timeout(t.now);
+        for host in 0..=300 {
+            t.ev(Event::Heartbeat { host: h(host) });
+        }
+    }
+    t.drain();
+    let before = t.a.stats().candidates_examined;
+    t.up(400, 0, 0, 1000 * GBPS);
+    t.ev(Event::Holds {
+        host: h(400),
+        blob: x,
+        chunks: 1,
+        complete: false,
+    });
+    let examined = t.a.stats().candidates_examined - before;
+    assert!(
+        examined < 10,
+        "a new partial holder examined {examined} stuck downloads"
+    );
+    // A complete holder is what they want: it is offered to them.
+    t.up(401, 0, 0, 1000 * GBPS);
+    let out = t.ev(Event::Holds {
+        host: h(401),
+        blob: x,
+        chunks: 64,
+        complete: true,
+    });
+    assert!(
+        !out.is_empty(),
+        "the complete holder fed none of the stuck downloads"
+    );
+}
