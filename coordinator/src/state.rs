@@ -156,16 +156,16 @@ pub enum Request {
 
 impl Request {
     /// Whether it may be handled ahead of requests queued before it: calls that only read
-    /// (GetJob, the lists, GetBlob, WatchJob's start), a join, a certificate renewal. Such a
-    /// call sees the state as if it had arrived a moment sooner, which a caller cannot tell
-    /// from network timing; a client that waited for its Distribute's answer still sees
-    /// its job. Everything else (the agents' session traffic, calls that change jobs,
-    /// blobs or agents, the health probe that measures the wait) keeps its order.
+    /// (GetJob, the lists, GetBlob, WatchJob's start) and certificate renewals. Such a call
+    /// sees the state as if it had arrived a moment sooner, which a caller cannot tell from
+    /// network timing; a client that waited for its Distribute's answer still sees its job.
+    /// Everything else keeps its order: the agents' session traffic, joins (a rejoin must
+    /// not overtake what its agent's previous session still has queued), calls that change
+    /// jobs, blobs or agents, and the health probe that measures the wait.
     pub fn may_overtake(&self) -> bool {
         matches!(
             self,
-            Request::Join(..)
-                | Request::GetJob(..)
+            Request::GetJob(..)
                 | Request::WatchJob(..)
                 | Request::ListJobs(..)
                 | Request::ListAgents(..)
