@@ -65,6 +65,10 @@ const BATCH_TIME: Duration = Duration::from_millis(5);
 /// the channel's own bound.
 const BACKLOG: usize = 4096;
 
+/// Reads handled in a row at most while other work waits: a flood of reads must not starve
+/// the agents' sessions.
+const READS_IN_A_ROW: u32 = 32;
+
 /// The state task's request queue, as senders see it: one channel for requests that may
 /// overtake (see [`Request::may_overtake`]) and one for the rest, so that a read does not
 /// wait for room behind thousands of agents' messages when the queue is full.
@@ -106,7 +110,8 @@ pub fn requests(capacity: usize) -> (Requests, Inbox) {
 /// `down` says why).
 ///
 /// What is queued is taken off the channel at each turn and sorted into two lanes: reads
-/// (see [`Request::may_overtake`]) are handled first, one per step; everything else (the
+/// (see [`Request::may_overtake`]) are handled first, one per step (up to
+/// [`READS_IN_A_ROW`] while other work waits); everything else (the
 /// agents' session traffic above all) in order, in batches of up to [`BATCH`] requests or
 /// [`BATCH_TIME`]. Under a burst of agents' reports (a swarm of thousands finishing at
 /// once) a `GetJob` waits for one batch, not for the whole queue, and a batch costs less
@@ -116,6 +121,7 @@ pub async fn run(mut state: State, clock: Clock, mut inbox: Inbox, down: Down) {
     let mut reads: VecDeque<Request> = VecDeque::new();
     let mut ordered: VecDeque<Request> = VecDeque::new();
     let (mut reads_open, mut ordered_open) = (true, true);
+    let mut reads_in_a_row = 0;
     loop {
         while reads_open {
             match inbox.reads.try_recv() {
@@ -132,11 +138,19 @@ pub async fn run(mut state: State, clock: Clock, mut inbox: Inbox, down: Down) {
             }
         }
         let due = state.poll_timeout();
-        let stepped = if let Some(request) = reads.pop_front() {
+        let others_wait = !ordered.is_empty() || clock.now().mono >= due;
+        if !others_wait || reads.is_empty() {
+            reads_in_a_row = 0;
+        }
+        let read = (reads_in_a_row < READS_IN_A_ROW).then(|| reads.pop_front());
+        let stepped = if let Some(request) = read.flatten() {
+            reads_in_a_row += 1;
             std::panic::catch_unwind(AssertUnwindSafe(|| state.step(request, clock.now())))
         } else if clock.now().mono >= due {
+            reads_in_a_row = 0;
             std::panic::catch_unwind(AssertUnwindSafe(|| state.handle_timeout(clock.now())))
         } else if !ordered.is_empty() {
+            reads_in_a_row = 0;
             let started = Instant::now();
             let batch = std::iter::from_fn(|| {
                 (started.elapsed() < BATCH_TIME)
