@@ -345,10 +345,7 @@ impl State {
     /// Handles one request, as one planner batch: a job's targets, or a report that
     /// re-plans many downloads, give each download one order with its final sources.
     pub fn step(&mut self, request: Request, now: Now) {
-        self.assigner.begin_batch();
-        self.handle(request, now);
-        self.assigner.end_batch();
-        self.drive(now);
+        self.step_many([request], || now);
     }
 
     /// Handles several requests as one planner batch (each at the time `now` gives when

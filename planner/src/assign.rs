@@ -44,9 +44,9 @@ const TOP_UP_SCAN: usize = 64;
 /// fit a target with a smaller share), and without a limit every top-up walked all of them.
 const TOP_UP_SCAN_LIMIT: usize = 512;
 
-/// Upload a host keeps free below which it counts as full, as a fraction of its upload
-/// (1/1024): shares are the downlink divided by K, so K shares leave a few bits per second
-/// of rounding free, and a host with that left is full, not a source nobody fits.
+/// A host with at most this fraction of its upload free (1/1024) counts as full: shares are
+/// the downlink divided by K, so K shares leave a few bits per second of rounding free, and
+/// a host with that left is full, not a source nobody fits.
 const FULL_SLACK: u64 = 1024;
 
 /// Targets short of sources that a new download of their blob lets try again.
@@ -150,12 +150,7 @@ struct Blob {
     size: u64,
     chunk_count: u32,
     available: Tiered<HolderKey>,
-    /// Downloads short of K sources: any holder with room may feed them.
-    hungry: Tiered<HungryKey>,
-    /// Downloads with K sources but stuck without a complete one: only a complete holder
-    /// helps them, so a partial holder's offer does not walk past them (under load, when
-    /// progress reports queue, thousands of downloads look stuck at once).
-    starved: Tiered<HungryKey>,
+    hungry: Hungry,
     downloads: BTreeMap<HostId, Download>,
     /// The keys of `downloads` by zone: for drawing one at random.
     members: Members,
@@ -165,20 +160,37 @@ struct Blob {
     corrupt_reports: BTreeMap<HostId, BTreeSet<HostId>>,
 }
 
-/// Of a blob's `hungry` and `starved`, the index a hungry download with `key` sits in:
-/// `starved` once it has K sources.
-fn hunger<'a>(
-    hungry: &'a mut Tiered<HungryKey>,
-    starved: &'a mut Tiered<HungryKey>,
-    key: &HungryKey,
-    k: usize,
-) -> &'a mut Tiered<HungryKey> {
-    if key.sources >= k { starved } else { hungry }
+/// A blob's hungry downloads (see `sync_hungry`), in two indexes by what can feed them.
+#[derive(Debug, Default)]
+struct Hungry {
+    /// Short of K sources: any holder with room may feed them.
+    short: Tiered<HungryKey>,
+    /// K sources but stuck without a complete one: only a complete holder helps them, so a
+    /// partial holder's offer does not walk past them (under load, when progress reports
+    /// queue, thousands of downloads look stuck at once).
+    starved: Tiered<HungryKey>,
 }
 
-impl Blob {
-    fn has_hungry(&self) -> bool {
-        !self.hungry.is_empty() || !self.starved.is_empty()
+impl Hungry {
+    /// The index a download with `key` sits in, given K.
+    fn tier(&mut self, key: &HungryKey, k: usize) -> &mut Tiered<HungryKey> {
+        if key.sources >= k {
+            &mut self.starved
+        } else {
+            &mut self.short
+        }
+    }
+
+    fn insert(&mut self, zone: ZoneId, rack: RackId, key: HungryKey, k: usize) {
+        self.tier(&key, k).insert(zone, rack, key);
+    }
+
+    fn remove(&mut self, zone: ZoneId, rack: RackId, key: &HungryKey, k: usize) {
+        self.tier(key, k).remove(zone, rack, key);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.short.is_empty() && self.starved.is_empty()
     }
 }
 

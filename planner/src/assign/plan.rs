@@ -7,7 +7,7 @@ use rand::Rng;
 
 use super::{
     Assigner, Blob, Command, Download, FULL_SLACK, HolderKey, Holding, HungryKey, OFFER_SCAN_LIMIT,
-    Serve, TOP_UP_SCAN, TOP_UP_SCAN_LIMIT, hunger,
+    Serve, TOP_UP_SCAN, TOP_UP_SCAN_LIMIT,
 };
 use crate::{BlobId, HostId, ZoneId};
 
@@ -46,7 +46,7 @@ impl Assigner {
         }
         self.check_stripes()?;
         for (b, blob) in &self.blobs {
-            if self.hungry_blobs.contains(b) != blob.has_hungry() {
+            if self.hungry_blobs.contains(b) == blob.hungry.is_empty() {
                 return Err(format!("hungry_blobs out of sync for {b}"));
             }
             let filed: Vec<((ZoneId, usize), HostId)> = (blob.members.by_zone.iter())
@@ -93,15 +93,13 @@ impl Assigner {
     }
 
     /// Unknown hosts count as full: nothing is ever assigned to them. So does a host with
-    /// less than a 1/[`FULL_SLACK`] of its upload free (the rounding of K shares).
+    /// at most 1/[`FULL_SLACK`] of its upload free (the rounding of K shares).
     pub(super) fn is_full(&self, id: HostId) -> bool {
         let Some(h) = self.hosts.get(&id) else {
             return true;
         };
         let spare = h.upload_bps.saturating_sub(h.committed_bps);
-        h.serving.len() >= self.config.max_uploads
-            || spare == 0
-            || spare < h.upload_bps / FULL_SLACK
+        h.serving.len() >= self.config.max_uploads || spare <= h.upload_bps / FULL_SLACK
     }
 
     /// Upload a source reserves for one download of `target`: the target's downlink split
@@ -209,13 +207,13 @@ impl Assigner {
             return;
         }
         if let Some(old) = d.hungry.take() {
-            hunger(&mut b.hungry, &mut b.starved, &old, k).remove(zone, rack, &old);
+            b.hungry.remove(zone, rack, &old, k);
         }
         if let Some(key) = want {
-            hunger(&mut b.hungry, &mut b.starved, &key, k).insert(zone, rack, key);
+            b.hungry.insert(zone, rack, key, k);
         }
         d.hungry = want;
-        if !b.has_hungry() {
+        if b.hungry.is_empty() {
             self.hungry_blobs.remove(&blob);
         } else {
             self.hungry_blobs.insert(blob);
@@ -396,8 +394,9 @@ impl Assigner {
         let (share, mut used) = self.blob_share(blob, source);
         let mut examined = 0;
         // Downloads short of sources, then (for a complete holder) stuck ones.
-        let starved = complete.then(|| b.starved.nearest(s.zone, s.rack));
-        let candidates = (b.hungry.nearest(s.zone, s.rack)).chain(starved.into_iter().flatten());
+        let starved = complete.then(|| b.hungry.starved.nearest(s.zone, s.rack));
+        let candidates =
+            (b.hungry.short.nearest(s.zone, s.rack)).chain(starved.into_iter().flatten());
         for key in candidates.take(OFFER_SCAN_LIMIT) {
             if slots == 0 {
                 break;
@@ -490,9 +489,8 @@ impl Assigner {
         }
         h.wants.remove(&blob);
         if let Some(key) = d.hungry {
-            let k = self.config.max_sources;
-            hunger(&mut b.hungry, &mut b.starved, &key, k).remove(zone, rack, &key);
-            if !b.has_hungry() {
+            b.hungry.remove(zone, rack, &key, self.config.max_sources);
+            if b.hungry.is_empty() {
                 self.hungry_blobs.remove(&blob);
             }
         }

@@ -14,7 +14,7 @@ impl Assigner {
         let k = self.config.max_sources;
         let (zone, rack) = (self.hosts[&near].zone, self.hosts[&near].rack);
         let short: Vec<HostId> = (self.blobs.get(&blob).into_iter())
-            .flat_map(|b| b.hungry.nearest(zone, rack))
+            .flat_map(|b| b.hungry.short.nearest(zone, rack))
             .take(OFFER_SCAN_LIMIT)
             .filter(|key| key.host != near && key.sources < k)
             .take(HUNGRY_RETRY)

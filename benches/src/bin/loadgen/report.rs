@@ -269,29 +269,26 @@ pub(super) fn report(
         );
     }
     if let Some(r) = &m.restart {
-        o.row(
-            "restart: SIGKILL → answering again",
-            format!("{:.2} s", r.answering_secs),
-        );
-        o.row(
-            "restart: → every agent READY",
-            format!("{:.2} s", r.all_ready_secs),
-        );
-        o.row(
-            "restart: → every session reopened (inventory sent)",
-            format!("{:.2} s", r.all_inventoried_secs),
-        );
-        o.row(
-            "restart: → catalog counts every holder (GetBlob)",
-            format!("{:.2} s", r.all_holders_secs),
-        );
+        for (label, key, secs) in [
+            ("SIGKILL → answering again", "answering", r.answering_secs),
+            ("→ every agent READY", "all_ready", r.all_ready_secs),
+            (
+                "→ every session reopened (inventory sent)",
+                "all_inventoried",
+                r.all_inventoried_secs,
+            ),
+            (
+                "→ catalog counts every holder (GetBlob)",
+                "all_holders",
+                r.all_holders_secs,
+            ),
+        ] {
+            o.row(format!("restart: {label}"), format!("{secs:.2} s"));
+            o.num(format!("restart_{key}_s"), secs);
+        }
         o.row("restart: the job as it came back", &r.job_on_start);
         o.row("restart: the job once every agent was back", &r.job_at_end);
         o.text("restart_job_on_start", &r.job_on_start);
-        o.num("restart_answering_s", r.answering_secs);
-        o.num("restart_all_ready_s", r.all_ready_secs);
-        o.num("restart_all_inventoried_s", r.all_inventoried_secs);
-        o.num("restart_all_holders_s", r.all_holders_secs);
         o.latencies("rejoin latency p50 / p99 / max", "rejoin", &joins(1));
     }
     o.row(
