@@ -116,12 +116,14 @@ pub fn requests(capacity: usize) -> (Requests, Inbox) {
 /// [`BATCH_TIME`]. Under a burst of agents' reports (a swarm of thousands finishing at
 /// once) a `GetJob` waits for one batch, not for the whole queue, and a batch costs less
 /// per request than single steps (one planner flush and one round of commands). Due timers
-/// run between batches.
+/// run between batches; a timer that stays due (the planner's slices of a big Distribute,
+/// see `shoal_planner`'s intake) takes turns with the batches.
 pub async fn run(mut state: State, clock: Clock, mut inbox: Inbox, down: Down) {
     let mut reads: VecDeque<Request> = VecDeque::new();
     let mut ordered: VecDeque<Request> = VecDeque::new();
     let (mut reads_open, mut ordered_open) = (true, true);
     let mut reads_in_a_row = 0;
+    let mut timer_last = false;
     loop {
         while reads_open {
             match inbox.reads.try_recv() {
@@ -143,14 +145,19 @@ pub async fn run(mut state: State, clock: Clock, mut inbox: Inbox, down: Down) {
             reads_in_a_row = 0;
         }
         let read = (reads_in_a_row < READS_IN_A_ROW).then(|| reads.pop_front());
+        // A timer that stays due (the planner's next slice of a big burst) and a batch
+        // waiting take turns.
+        let timer_due = clock.now().mono >= due && (ordered.is_empty() || !timer_last);
         let stepped = if let Some(request) = read.flatten() {
             reads_in_a_row += 1;
             std::panic::catch_unwind(AssertUnwindSafe(|| state.step(request, clock.now())))
-        } else if clock.now().mono >= due {
+        } else if timer_due {
             reads_in_a_row = 0;
+            timer_last = true;
             std::panic::catch_unwind(AssertUnwindSafe(|| state.handle_timeout(clock.now())))
         } else if !ordered.is_empty() {
             reads_in_a_row = 0;
+            timer_last = false;
             let started = Instant::now();
             let batch = std::iter::from_fn(|| {
                 (started.elapsed() < BATCH_TIME)

@@ -31,6 +31,9 @@ pub const PLANNER_STRIPE_UPDATES: &str = "shoal_coordinator_planner_stripe_updat
 /// (source, target) pairs the planner checked for room: its work, which must grow with
 /// the events it handles, not with the swarm.
 pub const PLANNER_CANDIDATES: &str = "shoal_coordinator_planner_candidates_examined_total";
+/// Wants waiting for the planner's next slice: a burst bigger than one slice (a Distribute
+/// to thousands of agents) is planned a slice at a time between other work.
+pub const PLANNER_QUEUED_WANTS: &str = "shoal_coordinator_planner_queued_wants";
 /// Rows of the state database skipped at load because they do not decode (`table` label).
 pub const BAD_ROWS: &str = "shoal_coordinator_bad_state_rows_total";
 
@@ -84,6 +87,10 @@ pub fn describe() {
     describe_counter!(
         PLANNER_CANDIDATES,
         "Source and target pairs the planner checked for room"
+    );
+    describe_gauge!(
+        PLANNER_QUEUED_WANTS,
+        "Wants waiting for the planner's next slice"
     );
     describe_counter!(
         BAD_ROWS,

@@ -183,6 +183,11 @@ pub enum Fault {
     /// Blocks its thread this long, as a deadlock or a runaway step would.
     Stall(Duration),
     Panic,
+    /// Wants for this many hosts that never joined, as a big Distribute gives the planner
+    /// (answered when its step is done).
+    Burst(u32, oneshot::Sender<()>),
+    /// Answers how many wants wait for the planner's next slice.
+    QueuedWants(oneshot::Sender<usize>),
 }
 
 /// Settings the state needs.
@@ -459,6 +464,23 @@ impl State {
             Request::Fault(Fault::Stall(d)) => std::thread::sleep(d),
             #[cfg(test)]
             Request::Fault(Fault::Panic) => panic!("a fault injected by a test"),
+            #[cfg(test)]
+            Request::Fault(Fault::Burst(hosts, reply)) => {
+                let blob = shoal_planner::BlobId(shoal_proto::Digest::of(b"burst"));
+                for host in 0..hosts {
+                    let want = shoal_planner::Event::Want {
+                        blob,
+                        host: HostId(u32::MAX - host),
+                        priority: 0,
+                    };
+                    self.assigner.handle(now.mono, want);
+                }
+                let _ = reply.send(());
+            }
+            #[cfg(test)]
+            Request::Fault(Fault::QueuedWants(reply)) => {
+                let _ = reply.send(self.assigner.queued_wants());
+            }
         }
     }
 

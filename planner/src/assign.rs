@@ -15,6 +15,7 @@
 //! holdings are re-indexed only when it crosses between "has spare upload" and "full".
 
 mod api;
+mod intake;
 mod plan;
 mod split;
 mod stripes;
@@ -272,6 +273,8 @@ pub struct Assigner {
     touched_set: BTreeSet<(BlobId, HostId)>,
     /// Inside `begin_batch`..`end_batch`: commands wait for the end.
     batching: bool,
+    /// Wants beyond one slice, waiting to be planned (see `intake`).
+    intake: intake::Intake,
     /// Blobs with at least one hungry target: what freed capacity is offered to.
     hungry_blobs: BTreeSet<BlobId>,
     commands: VecDeque<Command>,
@@ -302,6 +305,7 @@ impl Assigner {
             touched: Vec::new(),
             touched_set: BTreeSet::new(),
             batching: false,
+            intake: intake::Intake::default(),
             hungry_blobs: BTreeSet::new(),
             commands: VecDeque::new(),
             notices: VecDeque::new(),
@@ -315,6 +319,9 @@ impl Assigner {
     pub fn handle(&mut self, now: Time, event: Event) {
         self.now = self.now.max(now);
         self.expire_leases(now);
+        if !self.batching {
+            self.refill_intake();
+        }
         match event {
             Event::HostUp {
                 host,
@@ -344,8 +351,11 @@ impl Assigner {
                 blob,
                 host,
                 priority,
-            } => self.want(blob, host, priority),
-            Event::Unwant { blob, host } => self.unwant(blob, host),
+            } => self.intake_want(blob, host, priority),
+            Event::Unwant { blob, host } => {
+                self.intake_unwant(blob, host);
+                self.unwant(blob, host);
+            }
             Event::Done { host, blob } => self.holds(host, blob, u32::MAX, true),
             Event::Failed { host, blob } => self.failed(now, host, blob),
             Event::SourceStalled { host, blob, source } => self.stalled(host, blob, source),
@@ -397,6 +407,10 @@ impl Assigner {
                 self.top_up(blob, host);
             }
         }
+        if !self.batching {
+            self.refill_intake();
+        }
+        self.plan_queued();
         self.flush();
     }
 
@@ -406,6 +420,7 @@ impl Assigner {
     /// re-plan it. Decisions are the same as without the batch.
     pub fn begin_batch(&mut self) {
         self.batching = true;
+        self.refill_intake();
     }
 
     /// Ends a batch: one command per download changed in it.
@@ -422,6 +437,7 @@ impl Assigner {
         let restripe = self.restripes.first().map(|&(t, _, _)| t);
         let compaction = self.compactions.first().map(|&(t, _, _)| t);
         (lease.into_iter())
+            .chain(self.intake_due())
             .chain(retry)
             .chain(stuck)
             .chain(restripe)

@@ -62,6 +62,7 @@ impl State {
         }
         metrics::counter!(m::PLANNER_STRIPE_UPDATES).absolute(s.stripe_updates);
         metrics::counter!(m::PLANNER_CANDIDATES).absolute(s.candidates_examined);
+        metrics::gauge!(m::PLANNER_QUEUED_WANTS).set(self.assigner.queued_wants() as f64);
     }
 }
 

@@ -517,6 +517,7 @@ fn finished_jobs_are_forgotten_after_the_retention() {
     );
 }
 
+mod bursts;
 mod persistence;
 mod reports;
 mod seeding;

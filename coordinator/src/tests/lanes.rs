@@ -52,3 +52,28 @@ async fn reads_overtake_a_backlog_and_changes_keep_their_order() {
     );
     stop(started).await;
 }
+
+/// The planner's next slice of a big burst is always due; the agents' messages queued
+/// meanwhile must not wait for the whole burst (20,000 wants took 1.4 s in one step).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_work_takes_turns_with_the_slices_of_a_burst() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let started = crate::start(&config(dir.path(), Duration::from_secs(10))).expect("start");
+    let requests = started.requests.clone();
+    let (planned, burst) = tokio::sync::oneshot::channel();
+    let wants = 200_000;
+    let fault = Request::Fault(Fault::Burst(wants, planned));
+    requests.send(fault).await.expect("sent");
+    burst.await.expect("the burst's step");
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let ask = Request::Fault(Fault::QueuedWants(tx));
+    requests.send(ask).await.expect("sent");
+    let queued = rx.await.expect("answered");
+    // Without the turns the request is handled once the queue is empty. With them it
+    // waits for one slice (128), or a few if this task is slow to send it.
+    assert!(
+        queued > wants as usize / 2,
+        "handled after the burst was planned: {queued} wants left of {wants}"
+    );
+    stop(started).await;
+}

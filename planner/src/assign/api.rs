@@ -147,6 +147,10 @@ pub struct AssignerConfig {
     /// change in who it serves (see `Assigner::stripe`): changes within this window go out
     /// as one `UpdateSources` per download. Zero: at once.
     pub restripe_delay: Duration,
+    /// Wants planned at once per batch or timeout; a bigger burst (one `Distribute` to
+    /// thousands of hosts) is planned a slice per `handle_timeout`, so the driver can
+    /// handle other work between slices (see `intake`).
+    pub intake_slice: usize,
 }
 
 impl Default for AssignerConfig {
@@ -160,6 +164,7 @@ impl Default for AssignerConfig {
             retry_backoff: Duration::from_secs(1),
             slow_fraction: 0.5,
             restripe_delay: Duration::from_millis(RESTRIPE_DELAY_MS),
+            intake_slice: 128,
         }
     }
 }
@@ -186,6 +191,8 @@ pub struct AssignerStats {
     pub restripes_coalesced: u64,
     /// Downloads finished.
     pub completions: u64,
+    /// Wants that waited for a later slice (see [`AssignerConfig::intake_slice`]).
+    pub wants_queued: u64,
     /// `Failed` events.
     pub failures: u64,
     /// Downloads dropped after `max_attempts`.

@@ -514,9 +514,17 @@ impl Assigner {
     /// coordinator. This is what lets a swarm relay a chunk within milliseconds of it
     /// leaving the origin.
     pub(super) fn flush(&mut self) {
-        // Settle first: a target about to get its first order becomes a holder, which may
-        // give others sources (and change stripes), which may order more targets. Then
-        // one command per changed download, with its final sources and stripes.
+        self.settle();
+        if self.batching {
+            return;
+        }
+        self.send_commands();
+    }
+
+    /// A target about to get its first order becomes a holder, which may give others
+    /// sources (and change stripes), which may order more targets: settled before any
+    /// command goes out, so that each carries its download's final sources and stripes.
+    pub(super) fn settle(&mut self) {
         while !self.dirty.is_empty() {
             let mut ordered = Vec::new();
             for (blob, target) in std::mem::take(&mut self.dirty) {
@@ -537,11 +545,25 @@ impl Assigner {
                 }
             }
         }
-        if self.batching {
-            return;
-        }
-        self.touched_set.clear();
+    }
+
+    /// One command per download changed since the last, but a blob's held ones (see
+    /// `intake`).
+    fn send_commands(&mut self) {
+        // A blob with wants still queued keeps its commands until they are all planned.
+        let mut ready = Vec::new();
         for (blob, target) in std::mem::take(&mut self.touched) {
+            if self.intake.holds_back(blob) {
+                self.intake.hold(blob, target);
+            } else {
+                ready.push((blob, target));
+            }
+        }
+        ready.splice(0..0, self.intake.release(self.release_slice()));
+        for key in &ready {
+            self.touched_set.remove(key);
+        }
+        for (blob, target) in ready {
             if !self.is_up(target) {
                 continue;
             }

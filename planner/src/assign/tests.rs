@@ -6,6 +6,7 @@ use shoal_proto::Digest;
 
 use super::*;
 
+mod intake;
 mod scale;
 mod split;
 

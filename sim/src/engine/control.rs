@@ -114,7 +114,11 @@ impl Sim<'_> {
         if !c.up {
             return;
         }
-        if c.assigner.poll_timeout().is_some_and(|t| t <= now) {
+        // All that is due, the planner's slices of a big burst included: the model gives
+        // the coordinator no CPU time, so a burst is planned within the step.
+        while let Some(c) = (self.coord.as_mut()).filter(|c| c.up)
+            && c.assigner.poll_timeout().is_some_and(|t| t <= now)
+        {
             c.assigner.handle_timeout(now);
             self.drain_commands();
         }

@@ -1,0 +1,153 @@
+//! A burst of wants bigger than one slice (see `intake`): planned a slice per timeout, its
+//! commands held until the last slice, and the same commands as one big step.
+
+use super::*;
+
+/// A seed and `n` targets in four racks; the targets' wants arrive in one batch.
+fn burst(slice: usize, n: u32) -> (Harness, Vec<Command>, usize) {
+    let x = blob(1);
+    let mut t = Harness::new(AssignerConfig {
+        intake_slice: slice,
+        ..cfg(3, 8)
+    });
+    t.seed(0, 0, 0, 10 * GBPS, x);
+    for i in 1..=n {
+        t.up(i, 0, i % 4, GBPS);
+    }
+    t.a.begin_batch();
+    for i in 1..=n {
+        t.a.handle(
+            t.now,
+            Event::Want {
+                blob: x,
+                host: h(i),
+                priority: 0,
+            },
+        );
+    }
+    t.a.end_batch();
+    t.a.check_invariants().unwrap();
+    let mut out = t.drain();
+    let mut timeouts = 0;
+    while let Some(due) = t.a.poll_timeout().filter(|d| *d <= t.now) {
+        assert!(timeouts < 1000, "the intake never drains");
+        t.a.handle_timeout(due);
+        t.a.check_invariants().unwrap();
+        out.extend(t.drain());
+        timeouts += 1;
+    }
+    (t, out, timeouts)
+}
+
+#[test]
+fn a_burst_is_planned_a_slice_per_timeout_with_the_same_commands_as_one_step() {
+    let (_, whole, none) = burst(usize::MAX, 40);
+    assert_eq!(none, 0, "one step plans it all");
+    let (_, sliced, timeouts) = burst(4, 40);
+    // Nine to plan the 36 queued wants 4 at a time; the last releases 32 orders (8 slices'
+    // worth), one more the other 8.
+    assert_eq!(timeouts, 10);
+    let fetches = |c: &[Command]| {
+        c.iter()
+            .filter(|c| matches!(c, Command::Fetch { .. }))
+            .count()
+    };
+    assert_eq!(fetches(&whole), 40);
+    assert_eq!(
+        sliced, whole,
+        "the slices apply the same wants in the same order"
+    );
+}
+
+#[test]
+fn a_blob_with_queued_wants_holds_its_commands_then_releases_them_in_slices() {
+    let x = blob(1);
+    let mut t = Harness::new(AssignerConfig {
+        intake_slice: 2,
+        ..cfg(3, 8)
+    });
+    t.seed(0, 0, 0, 10 * GBPS, x);
+    for i in 1..=40 {
+        t.up(i, 0, 0, GBPS);
+    }
+    t.a.begin_batch();
+    for i in 1..=40 {
+        t.a.handle(
+            t.now,
+            Event::Want {
+                blob: x,
+                host: h(i),
+                priority: 0,
+            },
+        );
+    }
+    t.a.end_batch();
+    assert_eq!(t.a.queued_wants(), 38);
+    assert!(
+        t.drain().is_empty(),
+        "nothing goes out before the burst is planned"
+    );
+    let mut released = Vec::new();
+    while let Some(due) = t.a.poll_timeout().filter(|d| *d <= t.now) {
+        t.a.handle_timeout(due);
+        let out = t.drain();
+        if t.a.queued_wants() > 0 {
+            assert!(out.is_empty(), "{out:?} went out with wants still queued");
+        } else {
+            assert!(out.len() <= 16, "a release slice is 8 intake slices");
+            released.push(out.len());
+        }
+    }
+    assert_eq!(released.iter().sum::<usize>(), 40, "{released:?}");
+    assert!(released.len() >= 3, "released in slices: {released:?}");
+}
+
+#[test]
+fn an_unwant_withdraws_a_queued_want() {
+    let x = blob(1);
+    let mut t = Harness::new(AssignerConfig {
+        intake_slice: 1,
+        ..cfg(3, 8)
+    });
+    t.seed(0, 0, 0, 10 * GBPS, x);
+    for i in 1..=3 {
+        t.up(i, 0, 0, GBPS);
+    }
+    t.a.begin_batch();
+    for i in 1..=3 {
+        t.a.handle(
+            t.now,
+            Event::Want {
+                blob: x,
+                host: h(i),
+                priority: 0,
+            },
+        );
+    }
+    t.a.handle(
+        t.now,
+        Event::Unwant {
+            blob: x,
+            host: h(3),
+        },
+    );
+    t.a.end_batch();
+    assert_eq!(t.a.queued_wants(), 1);
+    let mut out = t.drain();
+    while let Some(due) = t.a.poll_timeout().filter(|d| *d <= t.now) {
+        t.a.handle_timeout(due);
+        t.a.check_invariants().unwrap();
+        out.extend(t.drain());
+    }
+    let ordered: Vec<HostId> = (out.iter())
+        .filter_map(|c| match c {
+            Command::Fetch { host, .. } => Some(*host),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ordered, vec![h(1), h(2)], "{out:?}");
+    assert!(
+        t.a.sources(x, h(3)).is_none(),
+        "no download for the withdrawn want"
+    );
+}
