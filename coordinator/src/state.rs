@@ -232,6 +232,8 @@ pub struct State {
     streams: streams::Streams,
     /// When housekeeping is due next.
     housekeeping_at: Time,
+    /// Metric exports so far (see `export_metrics`).
+    exports: u64,
     secrets: secrets::Secrets,
     vetting: vetting::Vetting,
     /// Blobs with waiting targets and no whole copy, watched for progress.
@@ -322,6 +324,7 @@ impl State {
             origins: BTreeMap::new(),
             streams: streams::Streams::default(),
             housekeeping_at: now.mono,
+            exports: 0,
             secrets,
             vetting: Default::default(),
             stranded,

@@ -85,10 +85,6 @@ impl Target {
         }
     }
 
-    pub fn bytes_done(&self) -> u64 {
-        self.bytes_done
-    }
-
     /// The blob's size, 0 while unknown.
     pub fn bytes_total(&self) -> u64 {
         self.bytes_total
@@ -183,7 +179,54 @@ pub struct Job {
     pub record: pb::Job,
     pub deadline: Option<SystemTime>,
     targets: BTreeMap<TargetKey, Target>,
+    /// The targets' counts and bytes, kept with every change: the aggregate state after
+    /// each target's report, and a `GetJob` without targets, must not walk 20,000 targets.
+    tally: Tally,
     version: u64,
+}
+
+/// Sums over a job's targets.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Tally {
+    pending: u64,
+    running: u64,
+    done: u64,
+    failed: u64,
+    cancelled: u64,
+    bytes_done: u64,
+    bytes_total: u64,
+    /// The rates of the running targets.
+    rate: u64,
+}
+
+impl Tally {
+    fn add(&mut self, t: &Target) {
+        self.apply(t, u64::wrapping_add);
+    }
+
+    fn remove(&mut self, t: &Target) {
+        self.apply(t, u64::wrapping_sub);
+    }
+
+    fn apply(&mut self, t: &Target, op: fn(u64, u64) -> u64) {
+        let count = match t.state {
+            TargetState::Pending | TargetState::Unspecified => &mut self.pending,
+            TargetState::Running => &mut self.running,
+            TargetState::Done => &mut self.done,
+            TargetState::Failed => &mut self.failed,
+            TargetState::Cancelled => &mut self.cancelled,
+        };
+        *count = op(*count, 1);
+        self.bytes_done = op(self.bytes_done, t.bytes_done);
+        self.bytes_total = op(self.bytes_total, t.bytes_total);
+        if t.state == TargetState::Running {
+            self.rate = op(self.rate, t.rate);
+        }
+    }
+
+    fn total(&self) -> u64 {
+        self.pending + self.running + self.done + self.failed + self.cancelled
+    }
 }
 
 impl Job {
@@ -192,6 +235,7 @@ impl Job {
             record,
             deadline,
             targets: BTreeMap::new(),
+            tally: Tally::default(),
             version: 0,
         }
     }
@@ -220,13 +264,21 @@ impl Job {
         )
     }
 
+    /// Bytes done and wanted over all targets.
+    pub fn bytes(&self) -> (u64, u64) {
+        (self.tally.bytes_done, self.tally.bytes_total)
+    }
+
     pub fn targets(&self) -> impl Iterator<Item = (&TargetKey, &Target)> {
         self.targets.iter()
     }
 
     /// Adds a target while the job is built.
     pub fn add_target(&mut self, key: TargetKey, target: Target) {
-        self.targets.insert(key, target);
+        self.tally.add(&target);
+        if let Some(old) = self.targets.insert(key, target) {
+            self.tally.remove(&old);
+        }
     }
 
     /// Applies a transition to one target; true if anything changed (the job's version
@@ -265,6 +317,8 @@ impl Job {
         if *target == before {
             return false;
         }
+        self.tally.remove(&before);
+        self.tally.add(target);
         self.version += 1;
         target.version = self.version;
         true
@@ -275,12 +329,12 @@ impl Job {
         if self.is_terminal() {
             return false;
         }
-        let all = self.targets.values();
-        let state = if all.clone().all(|t| t.state == TargetState::Done) {
+        let t = &self.tally;
+        let state = if t.done == t.total() {
             JobState::Done
-        } else if all.clone().all(Target::is_terminal) {
+        } else if t.pending + t.running == 0 {
             JobState::Failed
-        } else if all.clone().any(|t| t.state != TargetState::Pending) {
+        } else if t.pending < t.total() {
             JobState::Running
         } else {
             JobState::Pending
@@ -304,37 +358,31 @@ impl Job {
 
     /// Aggregate progress; with `with_targets`, the targets changed after `since` (0: all).
     pub fn progress(&self, with_targets: bool, since: u64, now: SystemTime) -> pb::JobProgress {
-        let mut counts = pb::TargetCounts::default();
-        let (mut done, mut total, mut rate) = (0u64, 0u64, 0u64);
-        let mut targets = Vec::new();
-        for ((agent, blob), t) in &self.targets {
-            counts.total += 1;
-            match t.state {
-                TargetState::Pending | TargetState::Unspecified => counts.pending += 1,
-                TargetState::Running => counts.running += 1,
-                TargetState::Done => counts.done += 1,
-                TargetState::Failed => counts.failed += 1,
-                TargetState::Cancelled => counts.cancelled += 1,
-            }
-            done += t.bytes_done;
-            total += t.bytes_total;
-            if t.state == TargetState::Running {
-                rate += t.rate;
-            }
-            if with_targets && (since == 0 || t.version > since) {
-                targets.push(pb::TargetProgress {
-                    agent_id: agent.clone(),
-                    blob: blob.to_string(),
-                    state: t.state as i32,
-                    reason: t.reason as i32,
-                    message: t.message.clone(),
-                    bytes_done: t.bytes_done,
-                    bytes_total: t.bytes_total,
-                    rate_bytes_per_sec: t.rate,
-                    eta_ms: eta_ms(t.bytes_total - t.bytes_done.min(t.bytes_total), t.rate),
-                });
-            }
-        }
+        let t = &self.tally;
+        let counts = pb::TargetCounts {
+            total: t.total() as u32,
+            pending: t.pending as u32,
+            running: t.running as u32,
+            done: t.done as u32,
+            failed: t.failed as u32,
+            cancelled: t.cancelled as u32,
+        };
+        let (done, total, rate) = (t.bytes_done, t.bytes_total, t.rate);
+        let targets: Vec<pb::TargetProgress> = (self.targets.iter())
+            .filter(|_| with_targets)
+            .filter(|(_, t)| since == 0 || t.version > since)
+            .map(|((agent, blob), t)| pb::TargetProgress {
+                agent_id: agent.clone(),
+                blob: blob.to_string(),
+                state: t.state as i32,
+                reason: t.reason as i32,
+                message: t.message.clone(),
+                bytes_done: t.bytes_done,
+                bytes_total: t.bytes_total,
+                rate_bytes_per_sec: t.rate,
+                eta_ms: eta_ms(t.bytes_total - t.bytes_done.min(t.bytes_total), t.rate),
+            })
+            .collect();
         pb::JobProgress {
             job_id: self.record.job_id.clone(),
             state: self.record.state,
@@ -411,7 +459,7 @@ impl Job {
             if state == TargetState::Running {
                 state = TargetState::Pending;
             }
-            job.targets.insert(
+            job.add_target(
                 (t.agent_id, blob),
                 Target {
                     state,
@@ -536,5 +584,70 @@ mod tests {
         );
         j.apply(&key, Transition::Fail(FailureReason::NoSource, "no"));
         assert!(!j.resume(&key), "another failure stays");
+    }
+
+    /// The tally, summed afresh over the targets.
+    fn recount(j: &Job) -> Tally {
+        let mut t = Tally::default();
+        for (_, target) in j.targets() {
+            t.add(target);
+        }
+        t
+    }
+
+    #[test]
+    fn the_tally_follows_every_transition() {
+        let mut j = job_with(&[TargetState::Pending; 4]);
+        let key = |i: usize| (format!("a{i}"), Digest::of(b"x"));
+        let steps: Vec<(usize, Transition<'_>)> = vec![
+            (0, Transition::Start),
+            (
+                0,
+                Transition::Progress {
+                    bytes_done: 4,
+                    rate: 7,
+                },
+            ),
+            (
+                1,
+                Transition::Progress {
+                    bytes_done: 2,
+                    rate: 5,
+                },
+            ),
+            (1, Transition::SetTotal(20)),
+            (
+                0,
+                Transition::Progress {
+                    bytes_done: 9,
+                    rate: 3,
+                },
+            ),
+            (0, Transition::Finish),
+            (2, Transition::Fail(FailureReason::AgentLost, "gone")),
+            (3, Transition::Cancel("no")),
+            (1, Transition::Finish),
+        ];
+        for (i, t) in steps {
+            j.apply(&key(i), t);
+            assert_eq!(j.tally, recount(&j), "after {t:?} on a{i}");
+        }
+        assert!(j.resume(&key(2)));
+        assert_eq!(j.tally, recount(&j));
+        j.add_target(key(0), Target::new(10, false));
+        assert_eq!(j.tally, recount(&j), "a target replaced");
+        let p = j.progress(false, 0, SystemTime::UNIX_EPOCH);
+        let c = p.counts.expect("counts");
+        assert_eq!(
+            (
+                c.total,
+                c.pending,
+                c.done,
+                c.cancelled,
+                p.bytes_done,
+                p.bytes_total
+            ),
+            (4, 2, 1, 1, 20, 50)
+        );
     }
 }
