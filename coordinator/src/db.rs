@@ -11,7 +11,13 @@ use redb::{Database, ReadableTable, TableDefinition};
 use shoal_proto::pb::v1 as pb;
 
 const BLOBS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("blobs");
+/// Job id -> the job without its targets (`Job { progress: JobProgress { targets: [] } }`).
 const JOBS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("jobs");
+/// (job id, agent id, blob) -> that target's `TargetProgress`: a job's flush writes the
+/// targets that changed, not all 20,000 of a big job. (Rows written before this table held
+/// their targets in the job's row; `Db::open` moves them here.)
+const JOB_TARGETS: TableDefinition<'_, (&str, &str, &str), &[u8]> =
+    TableDefinition::new("job_targets");
 /// Small named values: `order_ceiling`, the order id no order of this state reaches.
 const META: TableDefinition<'_, &str, u64> = TableDefinition::new("meta");
 const ORDER_CEILING: &str = "order_ceiling";
@@ -62,7 +68,9 @@ pub struct StoredBlob {
 /// at once in one transaction, in the order they were queued.
 #[derive(Clone, Debug)]
 pub enum Write {
-    /// Jobs with their targets, each as `Job { progress: JobProgress { targets } }`.
+    /// Jobs, each as `Job { progress: JobProgress { targets } }`: the job and the targets it
+    /// lists are written (all of them when it is created, those that changed since at a
+    /// flush); targets it does not list keep their rows.
     Jobs(Vec<pb::Job>),
     ForgetJob(String),
     Blob([u8; 32], StoredBlob),
@@ -98,6 +106,8 @@ impl Db {
         let txn = db.begin_write().map_err(err)?;
         txn.open_table(BLOBS).map_err(err)?;
         txn.open_table(JOBS).map_err(err)?;
+        txn.open_table(JOB_TARGETS).map_err(err)?;
+        move_embedded_targets(&txn)?;
         txn.open_table(META).map_err(err)?;
         txn.open_table(AGENT_SECRETS).map_err(err)?;
         txn.open_table(REVOKED_AGENTS).map_err(err)?;
@@ -122,6 +132,7 @@ impl Db {
         {
             let mut blobs = txn.open_table(BLOBS).map_err(err)?;
             let mut jobs = txn.open_table(JOBS).map_err(err)?;
+            let mut targets = txn.open_table(JOB_TARGETS).map_err(err)?;
             let mut meta = txn.open_table(META).map_err(err)?;
             let mut secrets = txn.open_table(AGENT_SECRETS).map_err(err)?;
             let mut revoked = txn.open_table(REVOKED_AGENTS).map_err(err)?;
@@ -129,12 +140,24 @@ impl Db {
                 match write {
                     Write::Jobs(list) => {
                         for job in list {
-                            let bytes = job.encode_to_vec();
-                            jobs.insert(job.job_id.as_str(), &bytes[..]).map_err(err)?;
+                            put_job(&mut jobs, &mut targets, job)?;
                         }
                     }
                     Write::ForgetJob(id) => {
                         jobs.remove(id.as_str()).map_err(err)?;
+                        let keys: Vec<(String, String)> = (targets.range((id.as_str(), "", "")..))
+                            .map_err(err)?
+                            .map_while(|row| {
+                                let (k, _) = row.ok()?;
+                                let (job, agent, blob) = k.value();
+                                (job == id).then(|| (agent.to_string(), blob.to_string()))
+                            })
+                            .collect();
+                        for (agent, blob) in &keys {
+                            targets
+                                .remove((id.as_str(), agent.as_str(), blob.as_str()))
+                                .map_err(err)?;
+                        }
                     }
                     Write::Blob(digest, blob) => {
                         let bytes = blob.encode_to_vec();
@@ -215,19 +238,77 @@ impl Db {
         Ok(out)
     }
 
+    /// Every job with its targets.
     pub fn jobs(&self) -> Result<Vec<pb::Job>, DbError> {
         let txn = self.db.begin_read().map_err(err)?;
+        let mut by_job: std::collections::BTreeMap<String, Vec<pb::TargetProgress>> =
+            Default::default();
+        let rows = txn.open_table(JOB_TARGETS).map_err(err)?;
+        for row in rows.iter().map_err(err)? {
+            let (k, v) = row.map_err(err)?;
+            let (job, agent, blob) = k.value();
+            match pb::TargetProgress::decode(v.value()) {
+                Ok(t) => by_job.entry(job.to_string()).or_default().push(t),
+                Err(e) => bad_row("job_targets", &format!("{job}/{agent}/{blob}"), &e),
+            }
+        }
         let table = txn.open_table(JOBS).map_err(err)?;
         let mut out = Vec::new();
         for row in table.iter().map_err(err)? {
             let (k, v) = row.map_err(err)?;
             match pb::Job::decode(v.value()) {
-                Ok(job) => out.push(job),
+                Ok(mut job) => {
+                    if let (Some(p), Some(targets)) =
+                        (job.progress.as_mut(), by_job.remove(&job.job_id))
+                    {
+                        p.targets.extend(targets);
+                    }
+                    out.push(job)
+                }
                 Err(e) => bad_row("jobs", k.value(), &e),
             }
         }
         Ok(out)
     }
+}
+
+/// Writes a job's row without its targets, and a row per target it lists.
+fn put_job(
+    jobs: &mut redb::Table<'_, &str, &[u8]>,
+    rows: &mut redb::Table<'_, (&str, &str, &str), &[u8]>,
+    job: &pb::Job,
+) -> Result<(), DbError> {
+    let id = job.job_id.as_str();
+    for t in job.progress.iter().flat_map(|p| &p.targets) {
+        let key = (id, t.agent_id.as_str(), t.blob.as_str());
+        rows.insert(key, &t.encode_to_vec()[..]).map_err(err)?;
+    }
+    let mut header = job.clone();
+    if let Some(p) = header.progress.as_mut() {
+        p.targets.clear();
+    }
+    jobs.insert(id, &header.encode_to_vec()[..]).map_err(err)?;
+    Ok(())
+}
+
+/// Jobs stored with their targets in their own row (before `JOB_TARGETS`): the targets
+/// move to their rows, so that a later flush of only the changed ones loses none.
+fn move_embedded_targets(txn: &redb::WriteTransaction) -> Result<(), DbError> {
+    let mut jobs = txn.open_table(JOBS).map_err(err)?;
+    let mut rows = txn.open_table(JOB_TARGETS).map_err(err)?;
+    let mut embedded = Vec::new();
+    for row in jobs.iter().map_err(err)? {
+        let (_, v) = row.map_err(err)?;
+        if let Ok(job) = pb::Job::decode(v.value())
+            && job.progress.as_ref().is_some_and(|p| !p.targets.is_empty())
+        {
+            embedded.push(job);
+        }
+    }
+    for job in &embedded {
+        put_job(&mut jobs, &mut rows, job)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -280,5 +361,90 @@ mod tests {
         };
         (db.apply(&[Write::Jobs(vec![job])])).expect("the bad row's key is written over");
         assert_eq!(db.jobs().expect("jobs").len(), 2);
+    }
+
+    fn target(agent: &str, bytes_done: u64) -> pb::TargetProgress {
+        pb::TargetProgress {
+            agent_id: agent.into(),
+            blob: "sha256:00".into(),
+            bytes_done,
+            ..Default::default()
+        }
+    }
+
+    fn job(id: &str, targets: Vec<pb::TargetProgress>) -> pb::Job {
+        pb::Job {
+            job_id: id.into(),
+            progress: Some(pb::JobProgress {
+                targets,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// The targets of a job as loaded: (agent, bytes done).
+    fn loaded(db: &Db, id: &str) -> Vec<(String, u64)> {
+        let jobs = db.jobs().expect("load");
+        let job = jobs.iter().find(|j| j.job_id == id).expect("job");
+        let p = job.progress.as_ref().expect("progress");
+        (p.targets.iter())
+            .map(|t| (t.agent_id.clone(), t.bytes_done))
+            .collect()
+    }
+
+    /// A write lists the targets that changed; the others keep what was stored.
+    #[test]
+    fn a_job_write_replaces_only_the_targets_it_lists() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = Db::open(&dir.path().join("state.redb")).expect("open");
+        let whole = job("j", vec![target("a", 0), target("b", 0), target("c", 0)]);
+        db.apply(&[Write::Jobs(vec![whole, job("k", vec![target("a", 1)])])])
+            .expect("put");
+        db.apply(&[Write::Jobs(vec![job("j", vec![target("b", 7)])])])
+            .expect("changes");
+        assert_eq!(
+            loaded(&db, "j"),
+            [("a".into(), 0), ("b".into(), 7), ("c".into(), 0)]
+        );
+        db.apply(&[Write::ForgetJob("j".into())]).expect("forget");
+        let ids: Vec<String> = db
+            .jobs()
+            .expect("load")
+            .into_iter()
+            .map(|j| j.job_id)
+            .collect();
+        assert_eq!(
+            ids,
+            ["k"],
+            "the job and its targets are gone, the other stays"
+        );
+        assert_eq!(loaded(&db, "k"), [("a".into(), 1)]);
+        let txn = db.db.begin_read().expect("txn");
+        let rows = txn.open_table(JOB_TARGETS).expect("rows");
+        let left = rows.iter().expect("iter").count();
+        assert_eq!(left, 1, "j's target rows are removed");
+    }
+
+    /// A database written before target rows (targets inside the job's row) is moved to
+    /// rows when opened, so a later write of the changed targets loses none.
+    #[test]
+    fn targets_stored_in_the_jobs_row_move_to_their_own_rows() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state.redb");
+        let db = Db::open(&path).expect("open");
+        {
+            let old = job("j", vec![target("a", 3), target("b", 0)]);
+            let txn = db.db.begin_write().expect("txn");
+            (txn.open_table(JOBS).expect("jobs"))
+                .insert("j", &old.encode_to_vec()[..])
+                .expect("insert");
+            txn.commit().expect("commit");
+        }
+        drop(db);
+        let db = Db::open(&path).expect("reopen");
+        db.apply(&[Write::Jobs(vec![job("j", vec![target("b", 9)])])])
+            .expect("changes");
+        assert_eq!(loaded(&db, "j"), [("a".into(), 3), ("b".into(), 9)]);
     }
 }

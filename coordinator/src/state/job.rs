@@ -183,6 +183,9 @@ pub struct Job {
     /// each target's report, and a `GetJob` without targets, must not walk 20,000 targets.
     tally: Tally,
     version: u64,
+    /// The version whose changes have all been handed to the database writer (`None`:
+    /// nothing yet, or a write failed): a flush writes only the targets changed after it.
+    stored: Option<u64>,
 }
 
 /// Sums over a job's targets.
@@ -237,6 +240,7 @@ impl Job {
             targets: BTreeMap::new(),
             tally: Tally::default(),
             version: 0,
+            stored: None,
         }
     }
 
@@ -371,17 +375,7 @@ impl Job {
         let targets: Vec<pb::TargetProgress> = (self.targets.iter())
             .filter(|_| with_targets)
             .filter(|(_, t)| since == 0 || t.version > since)
-            .map(|((agent, blob), t)| pb::TargetProgress {
-                agent_id: agent.clone(),
-                blob: blob.to_string(),
-                state: t.state as i32,
-                reason: t.reason as i32,
-                message: t.message.clone(),
-                bytes_done: t.bytes_done,
-                bytes_total: t.bytes_total,
-                rate_bytes_per_sec: t.rate,
-                eta_ms: eta_ms(t.bytes_total - t.bytes_done.min(t.bytes_total), t.rate),
-            })
+            .map(|(key, t)| target_pb(key, t))
             .collect();
         pb::JobProgress {
             job_id: self.record.job_id.clone(),
@@ -425,17 +419,43 @@ impl Job {
     /// The record as the database keeps it: every origin header's value replaced (they may
     /// be credentials, and secrets have no business at rest in a job record). A job read
     /// back after a restart has lost them: its seeds go without (see [`Job::from_pb`]).
-    pub fn to_pb_stored(&self, now: SystemTime) -> pb::Job {
+    ///
+    /// Every target is in it; what is stored afterwards are changes (`record_changes`).
+    pub fn record_whole(&mut self, now: SystemTime) -> pb::Job {
         let mut job = self.to_pb(true, now);
         hide_header_values(&mut job);
+        self.stored = Some(self.version);
         job
+    }
+
+    /// [`Job::record_whole`] with only the targets changed since the last record handed to
+    /// the writer (the database keeps the others), or all of them if none was.
+    pub fn record_changes(&mut self, now: SystemTime) -> pb::Job {
+        let Some(stored) = self.stored else {
+            return self.record_whole(now);
+        };
+        let mut job = self.to_pb(false, now);
+        hide_header_values(&mut job);
+        if let Some(p) = job.progress.as_mut() {
+            p.targets = (self.targets.iter())
+                .filter(|(_, t)| t.version > stored)
+                .map(|(key, t)| target_pb(key, t))
+                .collect();
+        }
+        self.stored = Some(self.version);
+        job
+    }
+
+    /// A write of this job failed: the next one writes it whole.
+    pub fn forget_stored(&mut self) {
+        self.stored = None;
     }
 
     /// Rebuilds a job from its persisted record. Running targets go back to pending: their
     /// agents will report what they hold when they reconnect.
     pub fn from_pb(mut record: pb::Job) -> Option<Self> {
         let progress = record.progress.take()?;
-        // Header values were not stored (`to_pb_stored`): seeds after the restart go
+        // Header values were not stored (`record_whole`): seeds after the restart go
         // without them rather than with the placeholder.
         for (blob, origin) in &mut record.origins {
             if let Some(pb::origin::Origin::Http(h)) = &mut origin.origin {
@@ -477,6 +497,21 @@ impl Job {
             );
         }
         Some(job)
+    }
+}
+
+/// One target as the API and the database see it.
+fn target_pb((agent, blob): &TargetKey, t: &Target) -> pb::TargetProgress {
+    pb::TargetProgress {
+        agent_id: agent.clone(),
+        blob: blob.to_string(),
+        state: t.state as i32,
+        reason: t.reason as i32,
+        message: t.message.clone(),
+        bytes_done: t.bytes_done,
+        bytes_total: t.bytes_total,
+        rate_bytes_per_sec: t.rate,
+        eta_ms: eta_ms(t.bytes_total - t.bytes_done.min(t.bytes_total), t.rate),
     }
 }
 
@@ -648,6 +683,32 @@ mod tests {
                 p.bytes_total
             ),
             (4, 2, 1, 1, 20, 50)
+        );
+    }
+
+    #[test]
+    fn a_stored_job_writes_only_its_changed_targets_next() {
+        let now = SystemTime::UNIX_EPOCH;
+        let mut j = job_with(&[TargetState::Pending; 3]);
+        let listed = |p: pb::Job| -> Vec<String> {
+            let targets = p.progress.expect("progress").targets;
+            targets.into_iter().map(|t| t.agent_id).collect()
+        };
+        assert_eq!(
+            listed(j.record_changes(now)),
+            ["a0", "a1", "a2"],
+            "first: whole"
+        );
+        assert!(listed(j.record_changes(now)).is_empty(), "nothing changed");
+        let key = ("a1".to_string(), Digest::of(b"x"));
+        j.apply(&key, Transition::Start);
+        assert_eq!(listed(j.record_changes(now)), ["a1"]);
+        j.apply(&key, Transition::Finish);
+        j.forget_stored();
+        assert_eq!(
+            listed(j.record_changes(now)),
+            ["a0", "a1", "a2"],
+            "after a failed write: whole"
         );
     }
 }

@@ -6,7 +6,10 @@
 //! asked (Distribute, CancelJob) is written before it is acknowledged: the reply rides on
 //! the write and is sent by the writer once it is stored. Agent-driven changes mark the job
 //! dirty and are written a few times a second by [`Jobs::flush`], not once per target, and
-//! one flush at a time (a slow disk gets fewer, larger writes, not a growing queue); what a
+//! one flush at a time (a slow disk gets fewer, larger writes, not a growing queue). A flush
+//! writes the job's own row and the rows of the targets that changed since the last write
+//! (a job of 20,000 targets is not re-encoded whole four times a second); a job whose write
+//! failed is written whole next. What a
 //! crash loses in between, the agents' inventories restore. Each write's outcome comes back
 //! on a ticket, read at housekeeping ([`Jobs::confirm`]): a failed flush or cancel is
 //! written again, and a new job whose write failed is dropped (its caller was told so).
@@ -124,9 +127,9 @@ impl Jobs {
 
     /// Adds a new job and queues its write; `then` runs once it is stored. If it cannot be
     /// written, [`Jobs::confirm`] hands it back to be dropped.
-    pub fn create(&mut self, job: Job, now: SystemTime, then: Then) {
+    pub fn create(&mut self, mut job: Job, now: SystemTime, then: Then) {
         let id = job.id().to_string();
-        let write = Write::Jobs(vec![job.to_pb_stored(now)]);
+        let write = Write::Jobs(vec![job.record_whole(now)]);
         let ticket = self.writer.write_ticket(write, Some(then));
         self.unconfirmed.push(Unconfirmed {
             ids: vec![id.clone()],
@@ -565,11 +568,11 @@ impl Jobs {
     /// Queues a write of job `id` now; `then` runs once it is stored.
     pub fn store(&mut self, id: &str, now: SystemTime, then: Then) {
         self.dirty.remove(id);
-        let Some(job) = self.jobs.get(id) else {
+        let Some(job) = self.jobs.get_mut(id) else {
             then(Ok(()));
             return;
         };
-        let write = Write::Jobs(vec![job.to_pb_stored(now)]);
+        let write = Write::Jobs(vec![job.record_whole(now)]);
         let ticket = self.writer.write_ticket(write, Some(then));
         self.unconfirmed.push(Unconfirmed {
             ids: vec![id.to_string()],
@@ -592,8 +595,7 @@ impl Jobs {
     pub fn flush_now(&mut self, now: SystemTime) {
         let ids: Vec<String> = std::mem::take(&mut self.dirty).into_iter().collect();
         let jobs: Vec<pb::Job> = (ids.iter())
-            .filter_map(|id| self.jobs.get(id))
-            .map(|j| j.to_pb_stored(now))
+            .filter_map(|id| self.jobs.get_mut(id).map(|j| j.record_changes(now)))
             .collect();
         if jobs.is_empty() {
             return;
@@ -619,6 +621,7 @@ impl Jobs {
     pub fn confirm(&mut self) -> Vec<String> {
         let mut unstored = Vec::new();
         let dirty = &mut self.dirty;
+        let jobs = &mut self.jobs;
         self.unconfirmed.retain_mut(|u| match u.ticket.poll() {
             None => true,
             Some(Ok(())) => false,
@@ -627,6 +630,12 @@ impl Jobs {
                 false
             }
             Some(Err(_)) => {
+                // Its changes were not stored: the next write is whole.
+                for id in &u.ids {
+                    if let Some(job) = jobs.get_mut(id) {
+                        job.forget_stored();
+                    }
+                }
                 dirty.extend(u.ids.drain(..));
                 false
             }
