@@ -12,7 +12,10 @@
 //! 12,000). Each download still gets one command with its final sources, as when the whole
 //! burst was planned in one step, and the decisions are the same: the slices apply the same
 //! wants in the same order. Once the last slice is planned, the held commands go out eight
-//! slices' worth per flush (the driver's sending 20,000 orders at once took 0.5 s).
+//! slices' worth per timeout, which the driver alternates with the agents' messages
+//! (sending 20,000 orders at once took 0.5 s; 1,024 at every step, reads' too, made every
+//! read wait 25 ms; two slices' worth per timeout made the last order 60% later, and the
+//! first targets' finishing meanwhile re-striped the rest: 48,000 source updates).
 //!
 //! A queued want is withdrawn by `Unwant`; one for a host that went down meanwhile is
 //! planned like any want for a host that is down (kept, ordered when it comes back).
@@ -38,6 +41,9 @@ pub(super) struct Intake {
     released: VecDeque<(BlobId, HostId)>,
     /// Wants that may still be planned at once in the current batch or timeout.
     budget: usize,
+    /// A timeout ran since the last flush: the next flush releases a slice of held
+    /// commands (only timeouts do, so that no event's or read's step pays for it).
+    release_due: bool,
 }
 
 impl Intake {
@@ -56,6 +62,9 @@ impl Intake {
     /// planned, in the order they changed. The rest go out at the next timeouts: sending
     /// 20,000 orders at once held the driver for half a second.
     pub(super) fn release(&mut self, limit: usize) -> Vec<(BlobId, HostId)> {
+        if !std::mem::take(&mut self.release_due) {
+            return Vec::new();
+        }
         let done: Vec<BlobId> = (self.held.keys())
             .filter(|b| !self.per_blob.contains_key(b))
             .copied()
@@ -114,8 +123,10 @@ impl Assigner {
         self.intake.take(blob, host).is_some()
     }
 
-    /// Plans queued wants while the slice has room.
+    /// Plans queued wants while the slice has room (at a timeout: the flush after it also
+    /// releases a slice of held commands).
     pub(super) fn plan_queued(&mut self) {
+        self.intake.release_due = true;
         while self.intake.budget > 0 {
             let Some((blob, host)) = self.intake.queue.pop_front() else {
                 break;
@@ -140,7 +151,7 @@ impl Assigner {
         busy.then_some(self.now)
     }
 
-    /// Commands released per flush, at most, once a burst is planned.
+    /// Commands released per timeout, at most, once a burst is planned.
     pub(super) fn release_slice(&self) -> usize {
         self.config.intake_slice.max(1).saturating_mul(8)
     }
