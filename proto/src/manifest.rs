@@ -265,7 +265,7 @@ impl From<&Manifest> for pb::v1::Manifest {
             digest: m.digest.as_bytes().to_vec(),
             size: m.size,
             chunk_size: m.chunk_size,
-            chunk_digests: Digest::table_bytes(&m.chunks),
+            chunk_digests: Digest::table_bytes(&m.chunks).into(),
         }
     }
 }
@@ -483,7 +483,9 @@ mod tests {
         );
 
         let mut ragged = p.clone();
-        ragged.chunk_digests.pop();
+        ragged
+            .chunk_digests
+            .truncate(ragged.chunk_digests.len() - 1);
         assert_eq!(
             Manifest::try_from(&ragged),
             Err(ManifestError::ChunkTableLength(95))

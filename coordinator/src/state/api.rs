@@ -280,9 +280,7 @@ impl State {
         Ok(pb::GetBlobResponse {
             blob: Some(self.catalog.info(entry)),
             holders,
-            manifest: req
-                .include_manifest
-                .then(|| pb::Manifest::from(entry.manifest.as_ref())),
+            manifest: req.include_manifest.then(|| entry.wire.clone()),
         })
     }
 

@@ -290,8 +290,8 @@ impl State {
         };
         let kind = match &order.kind {
             OrderKind::Peers { sources } => {
-                let (manifest, provisional) = match self.catalog.manifest(&blob) {
-                    Some(m) => (pb::Manifest::from(m.as_ref()), false),
+                let (manifest, provisional) = match self.catalog.wire_manifest(&blob) {
+                    Some(m) => (m, false),
                     None => match self.streams.get(&blob) {
                         Some(s) => (pb::Manifest::from(&s.manifest), true),
                         None => return,
