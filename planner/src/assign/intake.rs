@@ -118,9 +118,10 @@ impl Assigner {
         self.stats.wants_queued += 1;
     }
 
-    /// `Event::Unwant`: a queued want is withdrawn; whether there was one.
-    pub(super) fn intake_unwant(&mut self, blob: BlobId, host: HostId) -> bool {
-        self.intake.take(blob, host).is_some()
+    /// `Event::Unwant`: a queued want is withdrawn (a download planned already is the
+    /// caller's to cancel).
+    pub(super) fn intake_unwant(&mut self, blob: BlobId, host: HostId) {
+        self.intake.take(blob, host);
     }
 
     /// Plans queued wants while the slice has room (at a timeout: the flush after it also
