@@ -169,13 +169,35 @@ fn stripe_updates_wait_and_coalesce() {
 
 #[test]
 fn a_freed_stripe_goes_to_the_next_download_and_nobody_else_hears_of_it() {
+    freed_stripes(false);
+}
+
+#[test]
+fn an_origin_seeders_empty_stripe_closes_after_a_while() {
+    freed_stripes(true);
+}
+
+/// A seed serving four downloads three at a time; `origin`: it seeds from its origin (holds
+/// part of the blob, downloads none), so it sends each chunk only to its stripe's owner.
+fn freed_stripes(origin: bool) {
     let x = blob(1);
     let delay = Duration::from_millis(100);
     let mut t = Harness::new(AssignerConfig {
         restripe_delay: delay,
         ..cfg(1, 3)
     });
-    t.seed(0, 0, 0, 100 * GBPS, x);
+    if origin {
+        t.up(0, 0, 0, 100 * GBPS);
+        let holds = Event::Holds {
+            host: h(0),
+            blob: x,
+            chunks: 1,
+            complete: false,
+        };
+        assert!(t.ev(holds).is_empty());
+    } else {
+        t.seed(0, 0, 0, 100 * GBPS, x);
+    }
     for host in 1..=4 {
         t.up(host, 0, 0, 0); // they cannot upload: only the seed serves
         t.want(host, x);
@@ -204,8 +226,7 @@ fn a_freed_stripe_goes_to_the_next_download_and_nobody_else_hears_of_it() {
     t.a.handle_timeout(t.now);
     assert!(t.drain().is_empty());
     let updates_before = t.a.stats().stripe_updates;
-    // Host 3 finishes with nobody waiting: its stripe is nobody's, so after a while the
-    // others close ranks, one update each.
+    // Host 3 finishes with nobody waiting: its stripe is nobody's.
     assert!(
         t.ev(Event::Done {
             host: h(3),
@@ -213,6 +234,19 @@ fn a_freed_stripe_goes_to_the_next_download_and_nobody_else_hears_of_it() {
         })
         .is_empty()
     );
+    if !origin {
+        // A seed serving from its store sends any chunk to whoever asks: the hole is only
+        // nobody's first choice, and the others keep their stripes and hear nothing.
+        t.now += delay * stripes::COMPACT_AFTER * 2;
+        t.a.handle_timeout(t.now);
+        assert!(t.drain().is_empty());
+        assert_eq!(stripes(&t), vec![Some((0, 3)), None, None, Some((1, 3))]);
+        assert_eq!(t.a.stats().stripe_updates, updates_before);
+        t.a.check_invariants().unwrap();
+        return;
+    }
+    // An origin seeder's hole would leave a third of its chunks unsent: after a while the
+    // others close ranks, one update each.
     t.now += delay * (stripes::COMPACT_AFTER - 1);
     t.a.handle_timeout(t.now);
     let early = t.drain();
