@@ -77,8 +77,9 @@ impl Executor {
     }
 
     /// The coordinator's catalog lacks blobs this agent reported whole: registers those it
-    /// still holds whole, each read against its digest first (once per process) so that
-    /// this agent never vouches for a copy its disk spoiled (that one is dropped instead).
+    /// still holds whole, each read against its digest first (once per process; not at all
+    /// under a chained manifest, whose chunk checks were the blob's) so that this agent
+    /// never vouches for a copy that does not match (that one is dropped instead).
     async fn register_again(self, r: pb::RegisterBlobs) {
         for digest in &r.blob_digests {
             let Ok(blob) = Digest::from_slice(digest) else {
@@ -277,10 +278,14 @@ impl Executor {
         // vouches for a blob whose every chunk matched it: no second read of the blob. So
         // does a streamed one once complete: its seeder publishes the last digest only after
         // the whole blob matched (`ingest/stream.rs`), and the coordinator's resend carries
-        // the manifest that seeder registered.
-        let streamed_whole = peers.provisional
-            && (self.store.manifest(&digest)).is_some_and(|m| !m.is_provisional());
-        let vouched = (peers.verified && !peers.provisional) || streamed_whole;
+        // the manifest that seeder registered. And so does a chained manifest, whoever made
+        // it: every chunk matched its chaining value, so the blob matches its digest
+        // (`manifest/chain.rs`); a lying chain is one no set of chunks completes.
+        let stored = self.store.manifest(&digest);
+        let streamed_whole =
+            peers.provisional && stored.as_ref().is_some_and(|m| !m.is_provisional());
+        let chained = stored.is_some_and(|m| m.is_chained() && !m.is_provisional());
+        let vouched = (peers.verified && !peers.provisional) || streamed_whole || chained;
         blocking(move || {
             if vouched {
                 store.trust_verified(&digest)

@@ -275,8 +275,14 @@ impl Ingester {
             .map_err(|e| local("creating", e))?;
         let mut file = tokio::io::BufWriter::with_capacity(PUBLISH_EVERY as usize, file);
         let chunk_size = span.map_or(self.chunk_size, |s| s.chunk_size);
-        let mut builder = ManifestBuilder::new(chunk_size)
-            .map_err(|e| Failure::new(FailureReason::Internal, e.to_string()))?;
+        // A range is hashed apart from the bytes before it: plain chunk digests. A whole
+        // blob read in order gets a chained manifest (each byte hashed once).
+        let builder = match span {
+            Some(_) => ManifestBuilder::plain(chunk_size),
+            None => ManifestBuilder::new(chunk_size),
+        };
+        let mut builder =
+            builder.map_err(|e| Failure::new(FailureReason::Internal, e.to_string()))?;
         let mut written = 0u64;
         let mut published = 0u64;
         let mut size = None;

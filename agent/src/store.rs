@@ -261,7 +261,8 @@ impl Store {
                 let known = existing.manifest();
                 if *known != *manifest {
                     let same_blob = known.size() == manifest.size()
-                        && known.chunk_size() == manifest.chunk_size();
+                        && known.chunk_size() == manifest.chunk_size()
+                        && known.is_chained() == manifest.is_chained();
                     if !same_blob || !(known.is_provisional() || manifest.is_provisional()) {
                         return Err(StoreError::ManifestConflict(digest));
                     }
@@ -389,7 +390,9 @@ impl Store {
     }
 
     /// Like [`Store::verify_blob`], but done at most once per blob per process: a blob that
-    /// passed is not read again (until one of its chunks is dropped and written again).
+    /// passed is not read again (until one of its chunks is dropped and written again). A
+    /// complete blob with a chained manifest is not read at all: its chunks' checks were the
+    /// blob's.
     /// Changes made to the data file behind the store's back after that are only found by
     /// `verify_blob` and [`Store::check_chunk`].
     pub fn ensure_verified(&self, blob: &Digest) -> Result<(), StoreError> {

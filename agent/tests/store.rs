@@ -98,7 +98,7 @@ fn store_corrupt_chunk_is_rejected_and_never_present_even_after_reopen() {
         bad[100] ^= 1;
         assert!(matches!(
             store.put_chunk(&d, ChunkIndex(1), &bad),
-            Err(StoreError::Verify(VerifyError::WrongDigest { .. }))
+            Err(StoreError::Verify(VerifyError::WrongChain { .. }))
         ));
         assert!(matches!(
             store.put_chunk(&d, ChunkIndex(1), &chunk(&data, &m, 1)[1..]),
@@ -107,7 +107,7 @@ fn store_corrupt_chunk_is_rejected_and_never_present_even_after_reopen() {
         // Another chunk's (valid) bytes at the wrong index are refused too.
         assert!(matches!(
             store.put_chunk(&d, ChunkIndex(1), chunk(&data, &m, 2)),
-            Err(StoreError::Verify(VerifyError::WrongDigest { .. }))
+            Err(StoreError::Verify(VerifyError::WrongChain { .. }))
         ));
         assert!(!store.has_chunk(&d, ChunkIndex(1)));
         assert!(matches!(
@@ -218,7 +218,8 @@ fn store_ensure_verified_reads_a_blob_once_and_verify_blob_always() {
 }
 
 /// An order's end and a pull both verify the blob they waited for, at once: one reads it,
-/// the other waits for that read instead of reading the blob again beside it.
+/// the other waits for that read instead of reading the blob again beside it; and a blob
+/// with a chained manifest is not read.
 #[test]
 fn store_ensure_verified_by_two_callers_at_once_reads_the_blob_once() {
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
@@ -226,9 +227,13 @@ fn store_ensure_verified_by_two_callers_at_once_reads_the_blob_once() {
         .expect("recorder");
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open(dir.path(), QUOTA);
-    // 32 MiB: reading it takes long enough that both callers arrive while it runs.
+    // 32 MiB: reading it takes long enough that both callers arrive while it runs. Plain
+    // chunk digests (a blob assembled from ranges): only a whole read checks the digest.
     let chunks = 8192;
-    let (data, m) = blob(9, chunks as usize * CHUNK as usize);
+    let (data, _) = blob(9, chunks as usize * CHUNK as usize);
+    let mut plain = shoal_proto::ManifestBuilder::plain(CHUNK).expect("builder");
+    plain.update(&data);
+    let m = plain.finish().expect("manifest");
     store.insert_manifest(&m).expect("insert");
     put(&store, &data, &m, 0..chunks);
     let d = m.digest();
@@ -245,6 +250,17 @@ fn store_ensure_verified_by_two_callers_at_once_reads_the_blob_once() {
     for r in readers {
         r.join().expect("thread").expect("verifies");
     }
+    // A chained manifest's complete blob is not read at all: its chunks' checks were the
+    // blob's. An incomplete one is still refused.
+    let (data, chained) = blob(10, 4 * CHUNK as usize);
+    store.insert_manifest(&chained).expect("insert");
+    put(&store, &data, &chained, 0..3);
+    assert!(matches!(
+        store.ensure_verified(&chained.digest()),
+        Err(StoreError::ChunkMissing { .. })
+    ));
+    put(&store, &data, &chained, 3..4);
+    store.ensure_verified(&chained.digest()).expect("verified");
     let rendered = metrics.render();
     let reads: Vec<&str> = (rendered.lines())
         .filter(|l| l.starts_with("shoal_agent_whole_blob_reads_total"))

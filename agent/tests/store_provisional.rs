@@ -30,6 +30,14 @@ fn chunks_go_in_only_once_their_digests_are_learned() {
 
     let digests = m.chunk_digests();
     assert!(matches!(store.learn_digests(&d, 1, &digests[1..2]), Ok(1)));
+    // Chained: chunk 1 is checked from chunk 0's value, not known yet.
+    assert!(matches!(
+        store.put_chunk(&d, ChunkIndex(1), chunk(&data, &m, 1)),
+        Err(StoreError::Verify(VerifyError::UnknownDigest {
+            index: ChunkIndex(0)
+        }))
+    ));
+    assert!(matches!(store.learn_digests(&d, 0, &digests[..1]), Ok(1)));
     put(&store, &data, &m, [1]);
     // A wrong chunk against a learned digest is refused as ever.
     store
@@ -39,7 +47,7 @@ fn chunks_go_in_only_once_their_digests_are_learned() {
     bad[0] ^= 1;
     assert!(matches!(
         store.put_chunk(&d, ChunkIndex(2), &bad),
-        Err(StoreError::Verify(VerifyError::WrongDigest { .. }))
+        Err(StoreError::Verify(VerifyError::WrongChain { .. }))
     ));
     // A contradiction is refused and changes nothing.
     let wrong = [Digest::of(b"not chunk 1")];
@@ -53,7 +61,7 @@ fn chunks_go_in_only_once_their_digests_are_learned() {
     ));
     assert_eq!(
         store.manifest(&d).map(|m| m.known_count()),
-        Some(2),
+        Some(3),
         "nothing learned from refused digests"
     );
     // The seeded blob's real manifest teaches the rest; one that disagrees is a conflict.
@@ -110,6 +118,20 @@ fn a_provisional_manifest_for_a_blob_held_whole_changes_nothing() {
         store.insert_manifest(&shorter),
         Err(StoreError::ManifestConflict(_))
     ));
+    // A stream's (chained) provisional manifest is never completed by plain chunk digests:
+    // they are values of another kind.
+    let (odata, om) = blob(7, 2 * CHUNK as usize);
+    let provisional = Manifest::provisional(om.digest(), om.size(), CHUNK).expect("provisional");
+    store.insert_manifest(&provisional).expect("insert");
+    let mut plain = shoal_proto::ManifestBuilder::plain(CHUNK).expect("builder");
+    plain.update(&odata);
+    assert!(matches!(
+        store.insert_manifest(&plain.finish().expect("manifest")),
+        Err(StoreError::ManifestConflict(_))
+    ));
+    store
+        .insert_manifest(&om)
+        .expect("the chained one completes it");
 }
 
 #[test]

@@ -1,12 +1,20 @@
-//! The manifest: a blob's size and the SHA-256 of every chunk, made once by whoever ingests
-//! the blob and verified by every agent that receives a chunk.
+//! The manifest: a blob's size and a SHA-256 value for every chunk, made once by whoever
+//! ingests the blob and verified by every agent that receives a chunk. A manifest made by
+//! reading the blob in order is *chained*: its values are SHA-256's state at each chunk's end
+//! (`manifest/chain.rs`), so chunks that all pass make a blob that matches its digest. One
+//! assembled from ranges hashed apart lists each chunk's own digest, and a blob assembled by
+//! it is read whole against its digest at the end.
+
+mod builder;
+mod chain;
+
+pub use builder::{BlobVerifier, ManifestBuilder};
 
 use std::io::{self, Read};
 use std::ops::Range;
 
-use sha2::{Digest as _, Sha256};
-
 use crate::{BlobId, ChunkIndex, Digest, DigestParseError, pb};
+use chain::State;
 
 /// Chunk size used across Shoal: 1 MiB.
 pub const CHUNK_SIZE: u32 = 1 << 20;
@@ -24,6 +32,9 @@ pub struct Manifest {
     size: u64,
     chunk_size: u32,
     chunks: Vec<Digest>,
+    /// `chunks` are chaining values, the last one the blob digest (see `manifest/chain.rs`);
+    /// otherwise each chunk's own SHA-256.
+    chained: bool,
 }
 
 /// Why a manifest was refused.
@@ -56,6 +67,8 @@ pub enum ManifestError {
     },
     #[error("digests for chunks {first}..{end} do not fit a blob of {count} chunks")]
     DigestsOutOfRange { first: u32, end: u64, count: u32 },
+    #[error("a chained manifest's last value is {last}, not the blob digest {digest}")]
+    ChainEnd { last: Digest, digest: Digest },
 }
 
 /// Why data did not match the manifest.
@@ -79,15 +92,42 @@ pub enum VerifyError {
     WrongBlobDigest { got: Digest, want: Digest },
     #[error("chunk {index}'s digest is not known yet")]
     UnknownDigest { index: ChunkIndex },
+    #[error("chunk {index} hashes on to {got} from the value before it; the manifest says {want}")]
+    WrongChain {
+        index: ChunkIndex,
+        got: Digest,
+        want: Digest,
+    },
 }
 
 impl Manifest {
-    /// Builds a manifest from its parts, checking that they agree.
+    /// Builds a manifest of plain chunk digests from its parts, checking that they agree.
     pub fn new(
         digest: Digest,
         size: u64,
         chunk_size: u32,
         chunks: Vec<Digest>,
+    ) -> Result<Self, ManifestError> {
+        Self::checked(digest, size, chunk_size, chunks, false)
+    }
+
+    /// Builds a chained manifest (chunk values are SHA-256 chaining values, see
+    /// `manifest/chain.rs`): the last value must be the blob digest, or unknown yet.
+    pub fn chained(
+        digest: Digest,
+        size: u64,
+        chunk_size: u32,
+        chunks: Vec<Digest>,
+    ) -> Result<Self, ManifestError> {
+        Self::checked(digest, size, chunk_size, chunks, true)
+    }
+
+    fn checked(
+        digest: Digest,
+        size: u64,
+        chunk_size: u32,
+        chunks: Vec<Digest>,
+        chained: bool,
     ) -> Result<Self, ManifestError> {
         if size == 0 {
             return Err(ManifestError::Empty);
@@ -108,27 +148,48 @@ impl Manifest {
                 want,
             });
         }
+        if let Some(&last) = chunks.last().filter(|l| chained && !l.is_unknown())
+            && last != digest
+        {
+            return Err(ManifestError::ChainEnd { last, digest });
+        }
         Ok(Self {
             digest,
             size,
             chunk_size,
             chunks,
+            chained,
         })
     }
 
-    /// The manifest of a blob being seeded: size and chunk size final, every chunk digest
-    /// [`Digest::UNKNOWN`] until [`Manifest::learn`] fills it in.
+    /// The manifest of a blob being seeded whole, in order: size and chunk size final, every
+    /// chunk value [`Digest::UNKNOWN`] until [`Manifest::learn`] fills it in. It is chained:
+    /// the seeder learns the values as it reads.
     pub fn provisional(digest: Digest, size: u64, chunk_size: u32) -> Result<Self, ManifestError> {
         let count = size.div_ceil(u64::from(chunk_size.max(1)));
         if count > MAX_BLOB_SIZE / u64::from(MIN_CHUNK_SIZE) {
             return Err(ManifestError::TooLarge(size));
         }
-        Self::new(
+        Self::chained(
             digest,
             size,
             chunk_size,
             vec![Digest::UNKNOWN; count as usize],
         )
+    }
+
+    /// The chunk values are chaining values: a complete blob whose every chunk passed is
+    /// one that matches the blob digest (see `manifest/chain.rs`).
+    pub fn is_chained(&self) -> bool {
+        self.chained
+    }
+
+    /// Whether chunk `index` can be checked now: its value is known, and for a chained
+    /// manifest the value before it too.
+    pub fn is_checkable(&self, index: ChunkIndex) -> bool {
+        let i = index.as_usize();
+        let known = |i: usize| self.chunks.get(i).is_some_and(|d| !d.is_unknown());
+        known(i) && (!self.chained || i == 0 || known(i - 1))
     }
 
     /// Some chunk digest is not known yet.
@@ -154,8 +215,13 @@ impl Manifest {
             });
         }
         let at = first as usize;
+        let last = self.chunks.len() - 1;
         for (i, new) in digests.iter().enumerate() {
-            let known = self.chunks[at + i];
+            let known = if self.chained && at + i == last {
+                self.digest
+            } else {
+                self.chunks[at + i]
+            };
             if !new.is_unknown() && !known.is_unknown() && known != *new {
                 return Err(ManifestError::DigestConflict {
                     index: ChunkIndex(first + i as u32),
@@ -175,8 +241,8 @@ impl Manifest {
         Ok(learned)
     }
 
-    /// Reads `reader` to the end and builds its manifest with the given chunk size, hashing
-    /// each byte once per digest (whole blob and its chunk).
+    /// Reads `reader` to the end and builds its chained manifest with the given chunk size,
+    /// hashing each byte once.
     pub fn from_reader(reader: impl Read, chunk_size: u32) -> io::Result<Self> {
         let mut builder = ManifestBuilder::new(chunk_size)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
@@ -227,7 +293,9 @@ impl Manifest {
         Ok(self.chunks[index.as_usize()])
     }
 
-    /// Checks `data` is exactly chunk `index`: right length, right SHA-256.
+    /// Checks `data` is exactly chunk `index`: right length, right SHA-256 (for a chained
+    /// manifest: right chaining value from the one before it, or the blob digest for the last
+    /// chunk).
     pub fn verify_chunk(&self, index: ChunkIndex, data: &[u8]) -> Result<(), VerifyError> {
         let want_len = self.chunk_len(index)?;
         if data.len() != want_len {
@@ -241,9 +309,36 @@ impl Manifest {
         if want.is_unknown() {
             return Err(VerifyError::UnknownDigest { index });
         }
+        if self.chained {
+            return self.verify_link(index, data, want);
+        }
         let got = Digest::of(data);
         if got != want {
             return Err(VerifyError::WrongDigest { index, got, want });
+        }
+        Ok(())
+    }
+
+    /// Chunk `index` of a chained manifest, whose value `want` is known.
+    fn verify_link(&self, index: ChunkIndex, data: &[u8], want: Digest) -> Result<(), VerifyError> {
+        let i = index.as_usize();
+        let mut state = match i.checked_sub(1).map(|p| self.chunks[p]) {
+            None => State::INITIAL,
+            Some(before) if before.is_unknown() => {
+                return Err(VerifyError::UnknownDigest {
+                    index: ChunkIndex(index.0 - 1),
+                });
+            }
+            Some(before) => State::of(&before),
+        };
+        let got = if i + 1 == self.chunks.len() {
+            state.finish(data, self.size)
+        } else {
+            state.compress(data);
+            state.value()
+        };
+        if got != want {
+            return Err(VerifyError::WrongChain { index, got, want });
         }
         Ok(())
     }
@@ -266,6 +361,7 @@ impl From<&Manifest> for pb::v1::Manifest {
             size: m.size,
             chunk_size: m.chunk_size,
             chunk_digests: Digest::table_bytes(&m.chunks).into(),
+            chained: m.chained,
         }
     }
 }
@@ -279,114 +375,7 @@ impl TryFrom<&pb::v1::Manifest> for Manifest {
         let digest = Digest::from_slice(&m.digest).map_err(ManifestError::BlobDigest)?;
         let chunks = Digest::from_table(&m.chunk_digests)
             .ok_or(ManifestError::ChunkTableLength(m.chunk_digests.len()))?;
-        Self::new(digest, m.size, m.chunk_size, chunks)
-    }
-}
-
-/// Builds a [`Manifest`] from bytes fed in any pieces, hashing as it goes, so a blob of any
-/// size is ingested in one pass with bounded memory.
-#[derive(Debug)]
-pub struct ManifestBuilder {
-    chunk_size: u32,
-    whole: Sha256,
-    current: Sha256,
-    current_len: u32,
-    size: u64,
-    chunks: Vec<Digest>,
-}
-
-impl ManifestBuilder {
-    pub fn new(chunk_size: u32) -> Result<Self, ManifestError> {
-        if !chunk_size.is_power_of_two() || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size)
-        {
-            return Err(ManifestError::BadChunkSize(chunk_size));
-        }
-        Ok(Self {
-            chunk_size,
-            whole: Sha256::new(),
-            current: Sha256::new(),
-            current_len: 0,
-            size: 0,
-            chunks: Vec::new(),
-        })
-    }
-
-    /// Feeds the next bytes of the blob.
-    pub fn update(&mut self, mut data: &[u8]) {
-        self.whole.update(data);
-        self.size += data.len() as u64;
-        while !data.is_empty() {
-            let room = (self.chunk_size - self.current_len) as usize;
-            let take = room.min(data.len());
-            self.current.update(&data[..take]);
-            self.current_len += take as u32;
-            data = &data[take..];
-            if self.current_len == self.chunk_size {
-                self.close_chunk();
-            }
-        }
-    }
-
-    /// Feeds everything `reader` yields until end of file.
-    pub fn read_all(&mut self, mut reader: impl Read) -> io::Result<()> {
-        let mut buf = vec![0u8; self.chunk_size as usize];
-        loop {
-            match reader.read(&mut buf) {
-                Ok(0) => return Ok(()),
-                Ok(n) => self.update(&buf[..n]),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-    }
-
-    /// Digests of the chunks completed so far, in order (the last, short chunk only after
-    /// [`ManifestBuilder::finish`]).
-    pub fn chunks_done(&self) -> &[Digest] {
-        &self.chunks
-    }
-
-    pub fn finish(mut self) -> Result<Manifest, ManifestError> {
-        if self.current_len > 0 {
-            self.close_chunk();
-        }
-        let digest = Digest::from_bytes(self.whole.finalize().into());
-        Manifest::new(digest, self.size, self.chunk_size, self.chunks)
-    }
-
-    fn close_chunk(&mut self) {
-        let hasher = std::mem::replace(&mut self.current, Sha256::new());
-        self.chunks
-            .push(Digest::from_bytes(hasher.finalize().into()));
-        self.current_len = 0;
-    }
-}
-
-/// Incremental whole-blob verification: feed chunks in order, then compare with the manifest.
-#[derive(Debug)]
-pub struct BlobVerifier {
-    hasher: Sha256,
-}
-
-impl Default for BlobVerifier {
-    fn default() -> Self {
-        Self {
-            hasher: Sha256::new(),
-        }
-    }
-}
-
-impl BlobVerifier {
-    pub fn update(&mut self, data: &[u8]) {
-        self.hasher.update(data);
-    }
-    pub fn finish(self, want: Digest) -> Result<(), VerifyError> {
-        let got = Digest::from_bytes(self.hasher.finalize().into());
-        if got == want {
-            Ok(())
-        } else {
-            Err(VerifyError::WrongBlobDigest { got, want })
-        }
+        Self::checked(digest, m.size, m.chunk_size, chunks, m.chained)
     }
 }
 
@@ -414,14 +403,84 @@ mod tests {
     }
 
     #[test]
-    fn builder_is_independent_of_how_input_is_split() {
-        let data = blob(10_000);
-        let whole = Manifest::from_reader(&data[..], 4096).expect("manifest");
-        let mut b = ManifestBuilder::new(4096).expect("builder");
-        for piece in data.chunks(333) {
-            b.update(piece);
+    fn a_chained_manifest_ends_in_the_blob_digest_and_checks_chunks_in_any_order() {
+        // Ending inside a chunk, on a chunk boundary, and a single chunk.
+        for len in [3 * 4096 + 17, 3 * 4096, 4096, 100] {
+            let data = blob(len);
+            let m = Manifest::from_reader(&data[..], 4096).expect("manifest");
+            assert!(m.is_chained());
+            assert_eq!(m.chunk_digests().last(), Some(&Digest::of(&data)), "{len}");
+            for i in (0..m.chunk_count()).rev().map(ChunkIndex) {
+                let r = m.chunk_range(i).expect("range");
+                let chunk = &data[r.start as usize..r.end as usize];
+                assert_eq!(m.verify_chunk(i, chunk), Ok(()), "{len}: chunk {i}");
+                // Any flipped bit anywhere in it fails, and so does another chunk's bytes.
+                for at in [0, chunk.len() / 2, chunk.len() - 1] {
+                    let mut bad = chunk.to_vec();
+                    bad[at] ^= 0x10;
+                    assert!(matches!(
+                        m.verify_chunk(i, &bad),
+                        Err(VerifyError::WrongChain { .. })
+                    ));
+                }
+            }
         }
-        assert_eq!(b.finish(), Ok(whole));
+    }
+
+    #[test]
+    fn a_lying_chain_lets_no_blob_but_the_real_one_complete() {
+        // The chain of other bytes, under the real blob's digest: the liar's own chunks pass
+        // up to the last, whose value must be the digest; the real chunks fail against it.
+        let real = blob(4 * 4096);
+        let other: Vec<u8> = real.iter().map(|b| b ^ 0x5a).collect();
+        let theirs = Manifest::from_reader(&other[..], 4096).expect("manifest");
+        let mut values = theirs.chunk_digests().to_vec();
+        *values.last_mut().expect("chunks") = Digest::of(&real);
+        let lie = Manifest::chained(Digest::of(&real), 4 * 4096, 4096, values).expect("lie");
+        for i in 0..3 {
+            let r = i * 4096..(i + 1) * 4096;
+            assert_eq!(
+                lie.verify_chunk(ChunkIndex(i as u32), &other[r.clone()]),
+                Ok(())
+            );
+            assert!(lie.verify_chunk(ChunkIndex(i as u32), &real[r]).is_err());
+        }
+        assert!(lie.verify_chunk(ChunkIndex(3), &other[3 * 4096..]).is_err());
+        assert!(lie.verify_chunk(ChunkIndex(3), &real[3 * 4096..]).is_err());
+        // A chain whose last value is not the digest is no manifest at all.
+        let p = pb::v1::Manifest::from(&theirs);
+        let mut wrong_end = p.clone();
+        wrong_end.digest = Digest::of(&real).as_bytes().to_vec();
+        assert!(matches!(
+            Manifest::try_from(&wrong_end),
+            Err(ManifestError::ChainEnd { .. })
+        ));
+        assert_eq!(Manifest::try_from(&p), Ok(theirs));
+    }
+
+    #[test]
+    fn a_chained_chunk_is_checkable_only_after_the_value_before_it() {
+        let data = blob(3 * 4096);
+        let full = Manifest::from_reader(&data[..], 4096).expect("manifest");
+        let mut m = Manifest::provisional(full.digest(), 3 * 4096, 4096).expect("provisional");
+        assert_eq!(m.learn(1, &full.chunk_digests()[1..2]), Ok(1));
+        assert!(!m.is_checkable(ChunkIndex(1)));
+        assert_eq!(
+            m.verify_chunk(ChunkIndex(1), &data[4096..8192]),
+            Err(VerifyError::UnknownDigest {
+                index: ChunkIndex(0)
+            })
+        );
+        assert_eq!(m.learn(0, &full.chunk_digests()[..1]), Ok(1));
+        assert!(m.is_checkable(ChunkIndex(0)) && m.is_checkable(ChunkIndex(1)));
+        assert_eq!(m.verify_chunk(ChunkIndex(1), &data[4096..8192]), Ok(()));
+        // The last value can only ever be the blob digest.
+        assert!(matches!(
+            m.learn(2, &[Digest::of(b"not the blob")]),
+            Err(ManifestError::DigestConflict { .. })
+        ));
+        assert_eq!(m.learn(2, &[full.digest()]), Ok(1));
+        assert_eq!(m, full);
     }
 
     #[test]
@@ -432,6 +491,11 @@ mod tests {
         bad[7] ^= 1;
         assert!(matches!(
             m.verify_chunk(ChunkIndex(0), &bad),
+            Err(VerifyError::WrongChain { .. })
+        ));
+        let plain = builder::tests::plain_of(&data, 4096);
+        assert!(matches!(
+            plain.verify_chunk(ChunkIndex(0), &bad),
             Err(VerifyError::WrongDigest { .. })
         ));
         assert!(matches!(
@@ -446,24 +510,6 @@ mod tests {
             m.verify_chunk(ChunkIndex(2), &data[..4096]),
             Err(VerifyError::NoSuchChunk { count: 2, .. })
         ));
-    }
-
-    #[test]
-    fn whole_blob_verifier() {
-        let data = blob(5000);
-        let m = Manifest::from_reader(&data[..], 4096).expect("manifest");
-        let mut v = BlobVerifier::default();
-        v.update(&data);
-        assert_eq!(v.finish(m.digest()), Ok(()));
-        let mut v = BlobVerifier::default();
-        v.update(&data[1..]);
-        assert!(v.finish(m.digest()).is_err());
-    }
-
-    #[test]
-    fn empty_input_is_refused() {
-        let err = Manifest::from_reader(&[][..], 4096).expect_err("empty");
-        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
     }
 
     #[test]

@@ -21,6 +21,11 @@ pub(super) const PENDING_STALL: Duration = Duration::from_secs(120);
 
 #[derive(Debug)]
 pub(super) struct Pending {
+    /// Chunks whose value is known.
+    values: ChunkSet,
+    /// A chained manifest's chunk is checked from the value before it (`Manifest::is_checkable`).
+    chained: bool,
+    /// Chunks that may be asked for: checkable.
     known: ChunkSet,
     /// Chunks sources announced whose digests are not known yet, by source.
     deferred: HashMap<usize, Vec<ChunkIndex>>,
@@ -34,13 +39,20 @@ impl Pending {
         if !manifest.is_provisional() {
             return None;
         }
+        let mut values = ChunkSet::empty(manifest.chunk_count());
         let mut known = ChunkSet::empty(manifest.chunk_count());
         for (i, d) in manifest.chunk_digests().iter().enumerate() {
+            let index = ChunkIndex(i as u32);
             if !d.is_unknown() {
-                known.insert(ChunkIndex(i as u32));
+                values.insert(index);
+            }
+            if manifest.is_checkable(index) {
+                known.insert(index);
             }
         }
         Some(Pending {
+            values,
+            chained: manifest.is_chained(),
             known,
             deferred: HashMap::new(),
             news: Instant::now(),
@@ -70,7 +82,16 @@ impl Pending {
     ) -> Vec<(usize, Vec<ChunkIndex>)> {
         for (i, d) in digests.iter().enumerate() {
             if !d.is_unknown() {
-                self.known.insert(ChunkIndex(first + i as u32));
+                self.values.insert(ChunkIndex(first + i as u32));
+            }
+        }
+        // What became checkable: the chunks learned, and the one after each.
+        let end = (first + digests.len() as u32 + 1).min(self.values.len());
+        for i in first..end {
+            let index = ChunkIndex(i);
+            let before = i == 0 || !self.chained || self.values.contains(ChunkIndex(i - 1));
+            if self.values.contains(index) && before {
+                self.known.insert(index);
             }
         }
         self.news = Instant::now();
@@ -154,5 +175,22 @@ mod tests {
         p.learned(3, &digests[3..]);
         assert!(p.is_complete());
         assert!(Pending::of(&Manifest::provisional(blob, 10, 4096).unwrap()).is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_chained_chunk_waits_for_the_value_before_it_too() {
+        let m = Manifest::provisional(Digest::of(b"blob"), 4 * 4096, 4096).expect("provisional");
+        assert!(m.is_chained());
+        let values: Vec<Digest> = (0..3u8).map(|i| Digest::of(&[i])).collect();
+        let mut p = Pending::of(&m).expect("provisional");
+        assert!(p.admit(7, [1, 2].map(ChunkIndex)).is_empty());
+        // Chunk 2's value alone does not make it checkable (a batch of values was lost).
+        assert!(p.learned(2, &values[2..3]).is_empty());
+        assert_eq!(
+            p.learned(1, &values[1..2]),
+            vec![(7, vec![ChunkIndex(2)])],
+            "2 is checkable from 1's value; 1 needs 0's"
+        );
+        assert_eq!(p.learned(0, &values[..1]), vec![(7, vec![ChunkIndex(1)])]);
     }
 }

@@ -231,6 +231,13 @@ fn store_file(
     if pin {
         store.pin(&digest).map_err(|e| store_status(&e))?;
     }
+    // Held already, perhaps under a manifest of the same bytes made otherwise (plain chunk
+    // digests from ranges, or from before manifests were chained): that one is registered,
+    // so that this agent's orders and its store agree.
+    let manifest = match store.manifest(&digest) {
+        Some(stored) if already_present => Manifest::clone(&stored),
+        _ => manifest,
+    };
     Ok((manifest, already_present))
 }
 

@@ -152,3 +152,105 @@ async fn a_lying_agent_is_caught_quarantined_and_the_blob_recovered_from_the_hon
     }
     Ok(())
 }
+
+/// A chained lie: the chain of other bytes under a real digest (ARCHITECTURE.md, "Chained
+/// manifests"). The liar's chunks pass up to the last, whose value is the digest and which
+/// no bytes pass; the honest holder's chunks fail the lie. No target may end with a copy.
+#[tokio::test]
+async fn a_lying_chain_completes_no_copy_and_its_job_fails() -> Result<()> {
+    let cluster = Cluster::start(3, &[], 2000).await?;
+    let ids = agent_ids(&cluster).await?;
+    let file = random_file(cluster.dir.path(), "real.bin", 4 * MIB, 3)?;
+    let real = std::fs::read(&file)?;
+    let digest = Digest::of(&real);
+    let other = std::fs::read(random_file(cluster.dir.path(), "other.bin", 4 * MIB, 4)?)?;
+    let theirs = Manifest::from_reader(&other[..], MIB as u32)?;
+    ensure!(theirs.is_chained());
+    let mut values = theirs.chunk_digests().to_vec();
+    *values.last_mut().context("chunks")? = digest;
+    let lie = Manifest::chained(digest, real.len() as u64, MIB as u32, values)?;
+    let store = Store::open(StoreConfig {
+        root: cluster.dir.path().join("liar"),
+        quota_bytes: 1 << 30,
+    })?;
+    store.insert_manifest(&lie)?;
+    for (i, chunk) in other.chunks(MIB).enumerate().take(3) {
+        store.put_chunk(&digest, ChunkIndex(i as u32), chunk)?;
+    }
+    let socket = transport::bind_udp_socket(SocketAddr::from(([127, 0, 0, 1], 0)), 1 << 20)?;
+    let liar = Impostor::join(
+        &cluster.url(),
+        &cluster.ca_file(),
+        TOKEN,
+        &socket.local_addr()?.to_string(),
+    )
+    .await?;
+    let _serving =
+        ChunkEndpoint::from_socket(socket, &liar.identity, store, TransportConfig::default())?;
+    let _session = liar
+        .session(vec![
+            Msg::BlobRegistered(pb::BlobRegistered {
+                manifest: Some(pb::Manifest::from(&lie)),
+            }),
+            holds_whole(&digest),
+        ])
+        .await?;
+    let mut client = cluster.client().await?;
+    let started = Instant::now();
+    loop {
+        let registered = client
+            .get_blob(pb::GetBlobRequest {
+                digest: digest.to_string(),
+                include_manifest: false,
+            })
+            .await
+            .ok()
+            .and_then(|r| r.into_inner().blob)
+            .is_some_and(|b| b.registered_by == liar.joined.agent_id);
+        if registered {
+            break;
+        }
+        ensure!(
+            started.elapsed() < Duration::from_secs(10),
+            "the lie was not registered"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    ensure!(cluster.push(2, &file)? == digest.to_string());
+
+    // Not caught (docs/SECURITY.md): the targets wait as behind a holder that withholds a
+    // chunk, so the job is given a deadline.
+    let to = format!("agents:{},{}", ids[0], ids[1]);
+    let out = cluster.cli(&[
+        "distribute",
+        &digest.to_string(),
+        "--to",
+        &to,
+        "--detach",
+        "--deadline-secs",
+        "15",
+    ]);
+    ensure!(
+        out.status.success(),
+        "distribute: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let job = String::from_utf8(out.stdout)?.trim().to_string();
+    let job = cluster.wait_job(&job, Duration::from_secs(60)).await?;
+    ensure!(job.state() == pb::JobState::Failed, "{job:?}");
+    let holders = client
+        .get_blob(pb::GetBlobRequest {
+            digest: digest.to_string(),
+            include_manifest: false,
+        })
+        .await?
+        .into_inner()
+        .holders;
+    for h in &holders {
+        ensure!(
+            !(h.complete && (h.agent_id == *ids[0] || h.agent_id == *ids[1])),
+            "a target holds a copy under a lying chain: {holders:?}"
+        );
+    }
+    Ok(())
+}

@@ -275,7 +275,9 @@ mod tests {
         assert_eq!(streams.learn(&blob, 1, &d[1..]), Ok(0));
         assert!(streams.learn(&blob, 1, &d[..1]).is_err());
         assert!(streams.get(&blob).unwrap().manifest.is_provisional());
-        assert_eq!(streams.learn(&blob, 2, &[Digest::of(b"2")]), Ok(1));
+        // A stream's manifest is chained: its last value is the blob digest, nothing else.
+        assert!(streams.learn(&blob, 2, &[Digest::of(b"2")]).is_err());
+        assert_eq!(streams.learn(&blob, 2, &[blob]), Ok(1));
         assert!(!streams.get(&blob).unwrap().manifest.is_provisional());
         assert_eq!(streams.learn(&Digest::of(b"other"), 0, &d), Ok(0));
     }

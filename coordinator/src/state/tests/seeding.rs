@@ -234,10 +234,13 @@ fn a_seed_survives_a_coordinator_restart() {
     assert_ne!(state, pb::JobState::Failed);
 }
 
-/// A 4 MiB blob of 1 MiB chunks (the chunk size of manifests assembled from ranges).
+/// A 4 MiB blob of 1 MiB chunks (the chunk size of manifests assembled from ranges), with
+/// plain chunk digests: what range seeders, hashing their ranges apart, report.
 fn big_manifest() -> Manifest {
     let data: Vec<u8> = (0..4u32 << 20).map(|i| (i * 7 + i / 4099) as u8).collect();
-    Manifest::from_reader(&data[..], shoal_proto::CHUNK_SIZE).expect("manifest")
+    let mut b = shoal_proto::ManifestBuilder::plain(shoal_proto::CHUNK_SIZE).expect("builder");
+    b.update(&data);
+    b.finish().expect("manifest")
 }
 
 fn sized_origin(size: u64) -> pb::Origin {
