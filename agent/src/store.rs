@@ -73,6 +73,7 @@
 //! only; last-used times in memory, persisted as the data file's mtime by [`Store::flush`].
 
 mod blob;
+mod buffers;
 mod damage;
 mod error;
 mod eviction;
@@ -171,6 +172,8 @@ struct Inner {
     /// Chunks found corrupt and dropped, and blobs dropped after a failed fdatasync; every
     /// blob's entry holds a clone.
     damage: broadcast::Sender<Damage>,
+    /// Buffers the chunks read out are lent in.
+    buffers: Arc<buffers::Buffers>,
 }
 
 #[derive(Debug, Default)]
@@ -219,6 +222,7 @@ impl Store {
                 clock: AtomicU64::new(clock),
                 removals: broadcast::channel(REMOVALS_QUEUED).0,
                 damage,
+                buffers: Arc::default(),
             }),
         })
     }
@@ -355,7 +359,7 @@ impl Store {
     pub fn get_chunk(&self, blob: &Digest, index: ChunkIndex) -> Result<Bytes, StoreError> {
         let entry = self.known(blob)?;
         self.touch(&entry);
-        entry.get(index)
+        entry.get(index, &self.inner.buffers)
     }
 
     pub fn has_chunk(&self, blob: &Digest, index: ChunkIndex) -> bool {

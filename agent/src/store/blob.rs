@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, TryLockError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use shoal_proto::wire::{bitfield_get, bitfield_set};
 use shoal_proto::{BlobVerifier, ChunkIndex, Manifest};
 use tokio::sync::broadcast;
@@ -269,8 +269,12 @@ impl BlobEntry {
         Ok(PutOutcome::Stored)
     }
 
-    /// The bytes of a present chunk: one read into a fresh buffer.
-    pub(crate) fn get(&self, index: ChunkIndex) -> Result<Bytes, StoreError> {
+    /// The bytes of a present chunk: one read into a buffer lent from `buffers`.
+    pub(crate) fn get(
+        &self,
+        index: ChunkIndex,
+        buffers: &Arc<super::buffers::Buffers>,
+    ) -> Result<Bytes, StoreError> {
         let manifest = self.manifest();
         let range = manifest.chunk_range(index)?;
         if !self.has(index) {
@@ -279,9 +283,9 @@ impl BlobEntry {
                 index,
             });
         }
-        let mut buf = BytesMut::zeroed((range.end - range.start) as usize);
-        self.read_at(&mut buf, range.start)?;
-        Ok(buf.freeze())
+        buffers.read((range.end - range.start) as usize, |buf| {
+            self.read_at(buf, range.start)
+        })
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), StoreError> {
