@@ -293,10 +293,12 @@ impl Download<'_> {
             .learn_digests(&blob, first, digests)
             .map_err(|e| Failure::from_store(&e))?;
         metrics::counter!(crate::metrics::STREAMED_DIGESTS).increment(u64::from(learned));
-        let Some(pending) = &mut self.pending else {
+        let (Some(pending), Some(manifest)) =
+            (&mut self.pending, self.shared.store.manifest(&blob))
+        else {
             return Ok(());
         };
-        for (key, ready) in pending.learned(first, digests) {
+        for (key, ready) in pending.learned(&manifest, first, digests.len() as u32) {
             self.picker.source_have(host(key), ready);
         }
         if pending.is_complete() {

@@ -275,17 +275,10 @@ impl Executor {
         };
         let store = self.store.clone();
         // A manifest checked against the blob digest by an agent that read the whole blob
-        // vouches for a blob whose every chunk matched it: no second read of the blob. So
-        // does a streamed one once complete: its seeder publishes the last digest only after
-        // the whole blob matched (`ingest/stream.rs`), and the coordinator's resend carries
-        // the manifest that seeder registered. And so does a chained manifest, whoever made
-        // it: every chunk matched its chaining value, so the blob matches its digest
-        // (`manifest/chain.rs`); a lying chain is one no set of chunks completes.
-        let stored = self.store.manifest(&digest);
-        let streamed_whole =
-            peers.provisional && stored.as_ref().is_some_and(|m| !m.is_provisional());
-        let chained = stored.is_some_and(|m| m.is_chained() && !m.is_provisional());
-        let vouched = (peers.verified && !peers.provisional) || streamed_whole || chained;
+        // vouches for a blob whose every chunk matched it: no second read of the blob. A
+        // chained manifest (a stream's among them) needs no voucher: `verify_whole` does not
+        // read a blob whose every chunk matched its chaining value (`manifest/chain.rs`).
+        let vouched = peers.verified && !peers.provisional;
         blocking(move || {
             if vouched {
                 store.trust_verified(&digest)

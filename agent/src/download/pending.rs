@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use shoal_planner::ChunkSet;
 use shoal_proto::pb::v1::FailureReason;
-use shoal_proto::{ChunkIndex, Digest, Manifest};
+use shoal_proto::{ChunkIndex, Manifest};
 use tokio::time::Instant;
 
 use crate::failure::Failure;
@@ -21,11 +21,8 @@ pub(super) const PENDING_STALL: Duration = Duration::from_secs(120);
 
 #[derive(Debug)]
 pub(super) struct Pending {
-    /// Chunks whose value is known.
-    values: ChunkSet,
-    /// A chained manifest's chunk is checked from the value before it (`Manifest::is_checkable`).
-    chained: bool,
-    /// Chunks that may be asked for: checkable.
+    /// Chunks that may be asked for: checkable by the store's manifest
+    /// (`Manifest::is_checkable`: a chained chunk needs the value before it too).
     known: ChunkSet,
     /// Chunks sources announced whose digests are not known yet, by source.
     deferred: HashMap<usize, Vec<ChunkIndex>>,
@@ -39,20 +36,13 @@ impl Pending {
         if !manifest.is_provisional() {
             return None;
         }
-        let mut values = ChunkSet::empty(manifest.chunk_count());
         let mut known = ChunkSet::empty(manifest.chunk_count());
-        for (i, d) in manifest.chunk_digests().iter().enumerate() {
-            let index = ChunkIndex(i as u32);
-            if !d.is_unknown() {
-                values.insert(index);
-            }
+        for index in manifest.chunk_indices() {
             if manifest.is_checkable(index) {
                 known.insert(index);
             }
         }
         Some(Pending {
-            values,
-            chained: manifest.is_chained(),
             known,
             deferred: HashMap::new(),
             news: Instant::now(),
@@ -73,24 +63,18 @@ impl Pending {
         ready
     }
 
-    /// Digests of chunks `first..` are known: the chunks sources announced meanwhile, by
-    /// source, that may be asked for now.
+    /// `manifest` (the store's) learned the values of chunks `first..first + count`: the
+    /// chunks sources announced meanwhile, by source, that may be asked for now.
     pub(super) fn learned(
         &mut self,
+        manifest: &Manifest,
         first: u32,
-        digests: &[Digest],
+        count: u32,
     ) -> Vec<(usize, Vec<ChunkIndex>)> {
-        for (i, d) in digests.iter().enumerate() {
-            if !d.is_unknown() {
-                self.values.insert(ChunkIndex(first + i as u32));
-            }
-        }
-        // What became checkable: the chunks learned, and the one after each.
-        let end = (first + digests.len() as u32 + 1).min(self.values.len());
-        for i in first..end {
-            let index = ChunkIndex(i);
-            let before = i == 0 || !self.chained || self.values.contains(ChunkIndex(i - 1));
-            if self.values.contains(index) && before {
+        // What became checkable: the chunks learned, and the one after the last of them.
+        let end = (first + count + 1).min(manifest.chunk_count());
+        for index in (first..end).map(ChunkIndex) {
+            if manifest.is_checkable(index) {
                 self.known.insert(index);
             }
         }
@@ -144,12 +128,14 @@ impl Pending {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use shoal_proto::Digest;
 
     #[tokio::test(start_paused = true)]
     async fn unknown_chunks_wait_for_their_digests_and_a_quiet_stream_fails() {
         let blob = Digest::of(b"blob");
         let mut m = Manifest::provisional(blob, 4 * 4096, 4096).expect("provisional");
-        let digests: Vec<Digest> = (0..4u8).map(|i| Digest::of(&[i])).collect();
+        let mut digests: Vec<Digest> = (0..4u8).map(|i| Digest::of(&[i])).collect();
+        digests[3] = blob;
         m.learn(0, &digests[..1]).expect("learn");
         let mut p = Pending::of(&m).expect("provisional");
         let ready = p.admit(7, [0, 1, 2].map(ChunkIndex));
@@ -158,10 +144,17 @@ mod tests {
             vec![ChunkIndex(0)],
             "only the chunk whose digest is known"
         );
-        assert_eq!(p.learned(1, &digests[1..2]), vec![(7, vec![ChunkIndex(1)])]);
+        let mut learn = |p: &mut Pending, first: u32, values: &[Digest]| {
+            m.learn(first, values).expect("learn");
+            p.learned(&m, first, values.len() as u32)
+        };
+        assert_eq!(
+            learn(&mut p, 1, &digests[1..2]),
+            vec![(7, vec![ChunkIndex(1)])]
+        );
         p.forget_source(7);
         assert!(
-            p.learned(2, &digests[2..3]).is_empty(),
+            learn(&mut p, 2, &digests[2..3]).is_empty(),
             "a removed source's wait is gone"
         );
         assert!(!p.is_complete());
@@ -172,25 +165,33 @@ mod tests {
         assert_eq!(e.reason, FailureReason::NoSource);
         p.stored();
         assert!(p.check(0).is_ok(), "a stored chunk is news");
-        p.learned(3, &digests[3..]);
+        learn(&mut p, 3, &digests[3..]);
         assert!(p.is_complete());
         assert!(Pending::of(&Manifest::provisional(blob, 10, 4096).unwrap()).is_some());
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_chained_chunk_waits_for_the_value_before_it_too() {
-        let m = Manifest::provisional(Digest::of(b"blob"), 4 * 4096, 4096).expect("provisional");
+        let mut m =
+            Manifest::provisional(Digest::of(b"blob"), 4 * 4096, 4096).expect("provisional");
         assert!(m.is_chained());
         let values: Vec<Digest> = (0..3u8).map(|i| Digest::of(&[i])).collect();
         let mut p = Pending::of(&m).expect("provisional");
+        let mut learn = |p: &mut Pending, first: u32, values: &[Digest]| {
+            m.learn(first, values).expect("learn");
+            p.learned(&m, first, values.len() as u32)
+        };
         assert!(p.admit(7, [1, 2].map(ChunkIndex)).is_empty());
         // Chunk 2's value alone does not make it checkable (a batch of values was lost).
-        assert!(p.learned(2, &values[2..3]).is_empty());
+        assert!(learn(&mut p, 2, &values[2..3]).is_empty());
         assert_eq!(
-            p.learned(1, &values[1..2]),
+            learn(&mut p, 1, &values[1..2]),
             vec![(7, vec![ChunkIndex(2)])],
             "2 is checkable from 1's value; 1 needs 0's"
         );
-        assert_eq!(p.learned(0, &values[..1]), vec![(7, vec![ChunkIndex(1)])]);
+        assert_eq!(
+            learn(&mut p, 0, &values[..1]),
+            vec![(7, vec![ChunkIndex(1)])]
+        );
     }
 }

@@ -34,6 +34,87 @@ fn distribute(cluster: &Cluster, digest: &str, ids: &[&String]) -> Result<String
     Ok(String::from_utf8(out.stdout)?.trim().to_string())
 }
 
+/// A joined agent of the test's own that registers `lie` for its digest, says it holds the
+/// blob whole, and serves `chunks` (index and bytes) from a store of its own.
+struct Liar {
+    id: String,
+    _serving: ChunkEndpoint,
+    _session: tokio::sync::mpsc::Sender<pb::AgentMessage>,
+}
+
+async fn serve_lie<'a>(
+    cluster: &Cluster,
+    lie: &Manifest,
+    chunks: impl IntoIterator<Item = (usize, &'a [u8])>,
+) -> Result<Liar> {
+    let digest = lie.digest();
+    let store = Store::open(StoreConfig {
+        root: cluster.dir.path().join("liar"),
+        quota_bytes: 1 << 30,
+    })?;
+    store.insert_manifest(lie)?;
+    for (i, chunk) in chunks {
+        store.put_chunk(&digest, ChunkIndex(i as u32), chunk)?;
+    }
+    let socket = transport::bind_udp_socket(SocketAddr::from(([127, 0, 0, 1], 0)), 1 << 20)?;
+    let liar = Impostor::join(
+        &cluster.url(),
+        &cluster.ca_file(),
+        TOKEN,
+        &socket.local_addr()?.to_string(),
+    )
+    .await?;
+    let serving =
+        ChunkEndpoint::from_socket(socket, &liar.identity, store, TransportConfig::default())?;
+    let session = liar
+        .session(vec![
+            Msg::BlobRegistered(pb::BlobRegistered {
+                manifest: Some(pb::Manifest::from(lie)),
+            }),
+            holds_whole(&digest),
+        ])
+        .await?;
+    Ok(Liar {
+        id: liar.joined.agent_id.clone(),
+        _serving: serving,
+        _session: session,
+    })
+}
+
+/// Who the coordinator says registered `digest`'s manifest, if it knows the blob.
+async fn registrant(client: &shoal_pki::grpc::ApiClient, digest: &Digest) -> Option<String> {
+    let r = (client.clone())
+        .get_blob(pb::GetBlobRequest {
+            digest: digest.to_string(),
+            include_manifest: false,
+        })
+        .await;
+    r.ok()
+        .and_then(|r| r.into_inner().blob)
+        .map(|i| i.registered_by)
+}
+
+/// Waits until `agent` is `digest`'s registrant.
+async fn wait_registered_by(
+    cluster: &Cluster,
+    client: &shoal_pki::grpc::ApiClient,
+    digest: &Digest,
+    agent: &str,
+    limit: Duration,
+) -> Result<()> {
+    let started = Instant::now();
+    while registrant(client, digest).await.as_deref() != Some(agent) {
+        if started.elapsed() > limit {
+            bail!(
+                "{agent} is not the registrant of {digest} after {limit:?}; coordinator log:\n{}",
+                read(&cluster.coordinator.log)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_lying_agent_is_caught_quarantined_and_the_blob_recovered_from_the_honest() -> Result<()>
 {
@@ -47,56 +128,17 @@ async fn a_lying_agent_is_caught_quarantined_and_the_blob_recovered_from_the_hon
     let other = std::fs::read(random_file(cluster.dir.path(), "other.bin", 4 * MIB, 2)?)?;
     let chunks = other.chunks(MIB).map(Digest::of).collect();
     let lie = Manifest::new(digest, real.len() as u64, MIB as u32, chunks)?;
-    let store = Store::open(StoreConfig {
-        root: cluster.dir.path().join("liar"),
-        quota_bytes: 1 << 30,
-    })?;
-    store.insert_manifest(&lie)?;
-    for (i, chunk) in other.chunks(MIB).enumerate() {
-        store.put_chunk(&digest, ChunkIndex(i as u32), chunk)?;
-    }
-    let socket = transport::bind_udp_socket(SocketAddr::from(([127, 0, 0, 1], 0)), 1 << 20)?;
-    let liar = Impostor::join(
-        &cluster.url(),
-        &cluster.ca_file(),
-        TOKEN,
-        &socket.local_addr()?.to_string(),
+    let liar = serve_lie(&cluster, &lie, other.chunks(MIB).enumerate()).await?;
+    let liar_id = liar.id.clone();
+    let mut client = cluster.client().await?;
+    wait_registered_by(
+        &cluster,
+        &client,
+        &digest,
+        &liar_id,
+        Duration::from_secs(10),
     )
     .await?;
-    let _serving =
-        ChunkEndpoint::from_socket(socket, &liar.identity, store, TransportConfig::default())?;
-    let _session = liar
-        .session(vec![
-            Msg::BlobRegistered(pb::BlobRegistered {
-                manifest: Some(pb::Manifest::from(&lie)),
-            }),
-            holds_whole(&digest),
-        ])
-        .await?;
-    let liar_id = liar.joined.agent_id.clone();
-    let mut client = cluster.client().await?;
-    let registrant = |client: &mut shoal_pki::grpc::ApiClient| {
-        let mut client = client.clone();
-        async move {
-            let r = client
-                .get_blob(pb::GetBlobRequest {
-                    digest: digest.to_string(),
-                    include_manifest: false,
-                })
-                .await;
-            r.ok()
-                .and_then(|r| r.into_inner().blob)
-                .map(|i| i.registered_by)
-        }
-    };
-    let started = Instant::now();
-    while registrant(&mut client).await.as_deref() != Some(liar_id.as_str()) {
-        ensure!(
-            started.elapsed() < Duration::from_secs(10),
-            "the lie was not registered"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     // The honest holder pushes the real bytes: its registration contradicts the catalog's
     // and is ignored, but it holds the digest whole.
     ensure!(cluster.push(2, &file)? == digest.to_string());
@@ -129,16 +171,7 @@ async fn a_lying_agent_is_caught_quarantined_and_the_blob_recovered_from_the_hon
     ensure!(line.contains("quarantined"), "{table}");
 
     // The honest holder was asked, and registered the real manifest.
-    let started = Instant::now();
-    while registrant(&mut client).await.as_deref() != Some(ids[2].as_str()) {
-        if started.elapsed() > Duration::from_secs(30) {
-            bail!(
-                "the honest holder never registered the blob again; coordinator log:\n{}",
-                read(&cluster.coordinator.log)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_registered_by(&cluster, &client, &digest, &ids[2], Duration::from_secs(30)).await?;
     let job = distribute(&cluster, &digest.to_string(), &[&ids[0], &ids[1]])?;
     let job = cluster.wait_job(&job, Duration::from_secs(120)).await?;
     ensure!(job.state() == pb::JobState::Done, "{job:?}");
@@ -169,53 +202,17 @@ async fn a_lying_chain_completes_no_copy_and_its_job_fails() -> Result<()> {
     let mut values = theirs.chunk_digests().to_vec();
     *values.last_mut().context("chunks")? = digest;
     let lie = Manifest::chained(digest, real.len() as u64, MIB as u32, values)?;
-    let store = Store::open(StoreConfig {
-        root: cluster.dir.path().join("liar"),
-        quota_bytes: 1 << 30,
-    })?;
-    store.insert_manifest(&lie)?;
-    for (i, chunk) in other.chunks(MIB).enumerate().take(3) {
-        store.put_chunk(&digest, ChunkIndex(i as u32), chunk)?;
-    }
-    let socket = transport::bind_udp_socket(SocketAddr::from(([127, 0, 0, 1], 0)), 1 << 20)?;
-    let liar = Impostor::join(
-        &cluster.url(),
-        &cluster.ca_file(),
-        TOKEN,
-        &socket.local_addr()?.to_string(),
+    // Its last chunk passes no chain: it holds the others.
+    let liar = serve_lie(&cluster, &lie, other.chunks(MIB).enumerate().take(3)).await?;
+    let mut client = cluster.client().await?;
+    wait_registered_by(
+        &cluster,
+        &client,
+        &digest,
+        &liar.id,
+        Duration::from_secs(10),
     )
     .await?;
-    let _serving =
-        ChunkEndpoint::from_socket(socket, &liar.identity, store, TransportConfig::default())?;
-    let _session = liar
-        .session(vec![
-            Msg::BlobRegistered(pb::BlobRegistered {
-                manifest: Some(pb::Manifest::from(&lie)),
-            }),
-            holds_whole(&digest),
-        ])
-        .await?;
-    let mut client = cluster.client().await?;
-    let started = Instant::now();
-    loop {
-        let registered = client
-            .get_blob(pb::GetBlobRequest {
-                digest: digest.to_string(),
-                include_manifest: false,
-            })
-            .await
-            .ok()
-            .and_then(|r| r.into_inner().blob)
-            .is_some_and(|b| b.registered_by == liar.joined.agent_id);
-        if registered {
-            break;
-        }
-        ensure!(
-            started.elapsed() < Duration::from_secs(10),
-            "the lie was not registered"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     ensure!(cluster.push(2, &file)? == digest.to_string());
 
     // Not caught (docs/SECURITY.md): the targets wait as behind a holder that withholds a

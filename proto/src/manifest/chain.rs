@@ -89,9 +89,8 @@ impl State {
 /// Whole 64-byte blocks as the block type `compress256` takes.
 #[allow(unsafe_code)]
 fn as_blocks(data: &[u8]) -> &[GenericArray<u8, U64>] {
-    assert!(data.len() % BLOCK == 0);
     // SAFETY: `GenericArray<u8, U64>` is a `repr(transparent)` array of 64 `u8`s: size 64,
-    // alignment 1, no invalid bit patterns; `data` holds exactly `len / 64` of them, for
+    // alignment 1, no invalid bit patterns; `data` holds at least `len / 64` of them, for
     // the same lifetime. (`compress256` itself casts its argument back to `[u8; 64]`
     // blocks on the same grounds.)
     unsafe { std::slice::from_raw_parts(data.as_ptr().cast(), data.len() / BLOCK) }
