@@ -1,7 +1,9 @@
 //! The agent's local API: gRPC `AgentLocal` on a Unix socket, for the `shoal` CLI on the same
-//! host. Push and pull live in `local_api/push.rs` and `local_api/pull.rs`.
+//! host. Push and pull live in `local_api/push.rs` and `local_api/pull.rs`, writing a
+//! pulled blob out in `local_api/output.rs`.
 
 mod caller;
+mod output;
 mod pull;
 mod push;
 

@@ -1,5 +1,6 @@
 //! The local API on a real Unix socket, over a real store, with no coordinator: push (and
-//! the statuses of bad requests), status, and pull of a blob already held.
+//! the statuses of bad requests), status, and pull of a blob already held (and how its output
+//! file is written).
 
 use std::path::Path;
 
@@ -112,10 +113,30 @@ async fn push_stores_a_file_verified_and_pull_copies_it_out() -> Result<()> {
 
     // Pull of a blob held completely needs no coordinator.
     let out = dir.path().join("out.bin");
+    let last = pull_out(&mut client, &want, &out, false).await?;
+    assert_eq!(last.digest, want.to_string());
+    assert_eq!(std::fs::read(&out)?, content);
+
+    agent.shutdown().await;
+    assert!(
+        !dir.path().join("agent/agent.sock").exists(),
+        "socket removed"
+    );
+    Ok(())
+}
+
+/// Pulls `blob` to `out` until done; the last progress message.
+async fn pull_out(
+    client: &mut pb::agent_local_client::AgentLocalClient<tonic::transport::Channel>,
+    blob: &Digest,
+    out: &Path,
+    copy: bool,
+) -> Result<pb::PullProgress> {
     let mut pull = client
         .pull(pb::PullRequest {
-            digest: want.to_string(),
+            digest: blob.to_string(),
             output_path: out.to_str().context("utf8")?.into(),
+            copy,
             ..Default::default()
         })
         .await?
@@ -126,14 +147,90 @@ async fn push_stores_a_file_verified_and_pull_copies_it_out() -> Result<()> {
     }
     let last = last.context("pull progress")?;
     assert_eq!(last.state, PullState::Done as i32);
-    assert_eq!(last.digest, want.to_string());
-    assert_eq!(std::fs::read(&out)?, content);
+    Ok(last)
+}
 
-    agent.shutdown().await;
-    assert!(
-        !dir.path().join("agent/agent.sock").exists(),
-        "socket removed"
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pull_links_the_stores_file_read_only_unless_a_copy_is_asked() -> Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = tempfile::tempdir()?;
+    let agent = detached_agent(dir.path()).await?;
+    let mut client = local_api::connect(agent.local_socket()).await?;
+    let content = data(300_000);
+    let file = dir.path().join("blob.bin");
+    std::fs::write(&file, &content)?;
+    let want = Digest::of(&content);
+    push(&mut client, file.to_str().context("utf8")?, "").await?;
+    let store_file = agent.store().data_path(&want).context("stored")?;
+    let inode = |p: &Path| -> Result<(u64, u64)> {
+        let m = std::fs::metadata(p)?;
+        Ok((m.dev(), m.ino()))
+    };
+    let writable =
+        |p: &Path| -> Result<bool> { Ok(std::fs::metadata(p)?.permissions().mode() & 0o222 != 0) };
+    let leftovers = || -> Result<Vec<String>> {
+        let mut names = Vec::new();
+        for e in std::fs::read_dir(dir.path())? {
+            let name = e?.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".tmp") {
+                names.push(name);
+            }
+        }
+        Ok(names)
+    };
+
+    // Same filesystem, no reflink on this one: the store's own file, read-only.
+    let out = dir.path().join("out.bin");
+    std::fs::write(&out, b"an older file in the way")?;
+    assert_eq!(
+        pull_out(&mut client, &want, &out, false).await?.output,
+        "linked"
     );
+    assert_eq!(inode(&out)?, inode(&store_file)?);
+    assert!(!writable(&out)?, "a linked output is read-only");
+    assert_eq!(std::fs::read(&out)?, content);
+    // Again onto the same link: nothing changes, nothing left behind.
+    assert_eq!(
+        pull_out(&mut client, &want, &out, false).await?.output,
+        "linked"
+    );
+    assert_eq!(inode(&out)?, inode(&store_file)?);
+    assert_eq!(leftovers()?, Vec::<String>::new());
+
+    // A copy when asked, replacing the link, writable, and the store's file untouched.
+    assert_eq!(
+        pull_out(&mut client, &want, &out, true).await?.output,
+        "copied"
+    );
+    assert_ne!(inode(&out)?, inode(&store_file)?);
+    assert!(writable(&out)?);
+    std::fs::write(&out, b"changed")?;
+    agent.store().verify_blob(&want)?;
+
+    // Another filesystem: a copy.
+    let shm = tempfile::tempdir_in("/dev/shm")?;
+    anyhow::ensure!(
+        inode(shm.path())?.0 != inode(dir.path())?.0,
+        "this test needs /dev/shm on another filesystem than the temporary directory"
+    );
+    let far = shm.path().join("out.bin");
+    assert_eq!(
+        pull_out(&mut client, &want, &far, false).await?.output,
+        "copied"
+    );
+    assert_eq!(std::fs::read(&far)?, content);
+
+    // The link outlives the blob's removal from the store.
+    let kept = dir.path().join("kept.bin");
+    assert_eq!(
+        pull_out(&mut client, &want, &kept, false).await?.output,
+        "linked"
+    );
+    agent.store().remove(&want)?;
+    assert!(!store_file.exists());
+    assert_eq!(std::fs::read(&kept)?, content);
+    assert_eq!(leftovers()?, Vec::<String>::new());
+    agent.shutdown().await;
     Ok(())
 }
 

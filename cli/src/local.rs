@@ -121,8 +121,15 @@ pub enum PullSource {
     Url { url: String, digest: Option<Digest> },
 }
 
-/// With `pin`, the agent's copy is never evicted (until `shoal blobs unpin`).
-pub async fn pull(socket: &Path, source: PullSource, output: &Path, pin: bool) -> Result<()> {
+/// With `pin`, the agent's copy is never evicted (until `shoal blobs unpin`); with `copy`,
+/// the output is its own writable file, never a hard link to the agent's.
+pub async fn pull(
+    socket: &Path,
+    source: PullSource,
+    output: &Path,
+    pin: bool,
+    copy: bool,
+) -> Result<()> {
     let output = if output.is_absolute() {
         output.to_path_buf()
     } else {
@@ -135,6 +142,7 @@ pub async fn pull(socket: &Path, source: PullSource, output: &Path, pin: bool) -
                 digest: d.to_string(),
                 output_path: output.display().to_string(),
                 pin,
+                copy,
                 ..Default::default()
             },
             PullSource::Url { url, digest } => pb::PullRequest {
@@ -142,6 +150,7 @@ pub async fn pull(socket: &Path, source: PullSource, output: &Path, pin: bool) -
                 url,
                 output_path: output.display().to_string(),
                 pin,
+                copy,
                 ..Default::default()
             },
         })
@@ -154,7 +163,8 @@ pub async fn pull(socket: &Path, source: PullSource, output: &Path, pin: bool) -
         progress.set_position(p.bytes_done);
         if p.state() == pb::PullState::Done {
             progress.finish_and_clear();
-            // "cloned": a reflink of the agent's copy, no second copy on disk.
+            // "cloned": a reflink of the agent's copy; "linked": a read-only hard link to it
+            // (both: no second copy on disk); "copied".
             let how = if p.output.is_empty() {
                 "written"
             } else {

@@ -128,6 +128,11 @@ enum Command {
         /// Never evict the agent's copy (until `shoal blobs unpin`).
         #[arg(long)]
         pin: bool,
+        /// Write the output as its own writable copy. Without it, the output shares the
+        /// agent's copy on disk where it can: a reflink (XFS, btrfs), else a read-only hard
+        /// link on the same filesystem, else a copy.
+        #[arg(long)]
+        copy: bool,
         #[command(flatten)]
         agent: AgentSocket,
     },
@@ -306,6 +311,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             digest,
             output,
             pin,
+            copy,
             agent,
         } => {
             let source = if source.starts_with("http://") || source.starts_with("https://") {
@@ -321,7 +327,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 })?;
                 local::PullSource::Digest(d)
             };
-            local::pull(&agent.socket, source, &output, pin).await
+            local::pull(&agent.socket, source, &output, pin, copy).await
         }
         Command::Preheat {
             image,

@@ -1,7 +1,6 @@
 //! Pull: bring a blob into the store (asking the coordinator to distribute it to this
 //! agent if it is not here), verify it, and copy it to a path atomically.
 
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use shoal_proto::Digest;
@@ -13,7 +12,7 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
-use super::{Caller, LocalApi, absolute_path, store_status};
+use super::{Caller, LocalApi, absolute_path, output, store_status};
 use crate::bring;
 
 /// Progress is sent this often while the blob arrives.
@@ -55,9 +54,12 @@ pub(super) async fn pull(
         None
     } else {
         let path = absolute_path("output_path", &request.output_path)?;
-        check_output(&path)?;
+        output::check(&path)?;
         caller.may_write(&path, allowed)?;
-        Some(path)
+        Some(output::Wanted {
+            path,
+            copy: request.copy,
+        })
     };
     let deadline = (request.deadline_ms > 0)
         .then(|| Instant::now() + Duration::from_millis(request.deadline_ms));
@@ -97,23 +99,6 @@ pub(super) async fn pull(
     Ok(ReceiverStream::new(rx))
 }
 
-fn check_output(path: &Path) -> Result<(), Status> {
-    let parent = path.parent().unwrap_or(Path::new("/"));
-    if !parent.is_dir() {
-        return Err(Status::not_found(format!(
-            "output_path: directory {} does not exist",
-            parent.display()
-        )));
-    }
-    if path.is_dir() {
-        return Err(Status::invalid_argument(format!(
-            "output_path: {} is a directory",
-            path.display()
-        )));
-    }
-    Ok(())
-}
-
 fn progress(shared: &LocalApi, digest: Digest, state: PullState) -> pb::PullProgress {
     let manifest = shared.store.manifest(&digest);
     let bytes_total = manifest.as_ref().map_or(0, |m| m.size());
@@ -141,7 +126,7 @@ async fn run(
     shared: &LocalApi,
     digest: Digest,
     url: Option<&str>,
-    output: Option<PathBuf>,
+    output: Option<output::Wanted>,
     pin: bool,
     deadline_ms: u64,
     tx: &Tx,
@@ -215,18 +200,19 @@ async fn run(
         shared.coordinator.announce_pin(&digest, true);
     }
 
-    if let Some(path) = output {
+    if let Some(output::Wanted { path, copy }) = output {
         let _ = tx
             .send(Ok(progress(shared, digest, PullState::Writing)))
             .await;
         let source = shared.store.data_path(&digest).ok_or_else(|| {
             Status::not_found(format!("{digest} was evicted before it was copied"))
         })?;
-        let written = tokio::task::spawn_blocking(move || copy_atomically(&source, &path))
+        let written = tokio::task::spawn_blocking(move || output::write(&source, &path, copy))
             .await
             .map_err(|e| Status::internal(format!("copy task failed: {e}")))??;
+        tracing::info!(blob = %digest, how = written.as_str(), "pull: output written");
         let mut done = progress(shared, digest, PullState::Done);
-        done.output = written.into();
+        done.output = written.as_str().into();
         let _ = tx.send(Ok(done)).await;
         return Ok(());
     }
@@ -326,40 +312,4 @@ async fn fetch_url(shared: LocalApi, url: String) -> Result<Digest, Status> {
     (shared.ingester.fetch_url(&url).await)
         .map(|m| m.digest())
         .map_err(|f| Status::unavailable(format!("fetching {url}: {}", f.message)))
-}
-
-/// Copies to a temporary file beside `to`, then renames it over `to`.
-/// Writes `to` from `from` through a temporary file and a rename: a reflink where the
-/// filesystem can (no second copy of the blob's bytes on disk), else a copy. Returns which.
-fn copy_atomically(from: &Path, to: &Path) -> Result<&'static str, Status> {
-    let dir = to.parent().unwrap_or(Path::new("/"));
-    let name = to
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "blob".into());
-    // Unique per copy: two pulls to the same path (in this process or another) must not
-    // write into one temporary file.
-    let tmp = dir.join(format!(
-        ".{name}.shoal-{}-{:016x}.tmp",
-        std::process::id(),
-        rand::random::<u64>()
-    ));
-    let io = |what: &str, e: std::io::Error| {
-        let _ = std::fs::remove_file(&tmp);
-        Status::internal(format!("{what} {}: {e}", to.display()))
-    };
-    let cloned = (|| -> std::io::Result<bool> {
-        let source = std::fs::File::open(from)?;
-        let target = std::fs::File::create(&tmp)?;
-        Ok(rustix::fs::ioctl_ficlone(&target, &source).is_ok())
-    })()
-    .map_err(|e| io("writing", e))?;
-    if !cloned {
-        std::fs::copy(from, &tmp).map_err(|e| io("writing", e))?;
-    }
-    std::fs::File::open(&tmp)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| io("syncing", e))?;
-    std::fs::rename(&tmp, to).map_err(|e| io("renaming into", e))?;
-    Ok(if cloned { "cloned" } else { "copied" })
 }

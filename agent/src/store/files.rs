@@ -3,7 +3,7 @@
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -274,11 +274,23 @@ fn read_manifest(path: &Path, hex: &str) -> Result<Manifest, String> {
 }
 
 fn open_data(path: &Path, size: u64) -> Result<File, String> {
-    let data = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .map_err(|e| e.to_string())?;
+    let data = match OpenOptions::new().read(true).write(true).open(path) {
+        Ok(data) => data,
+        // A blob pulled out as a read-only hard link (`shoal pull -o`) by an agent that does
+        // not run as root: it owns the file, so it may write to it again (a rotted chunk is
+        // repaired in place). Other users still cannot write to it.
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            let mode = fs::metadata(path).map_err(|e| e.to_string())?.mode() | 0o200;
+            fs::set_permissions(path, fs::Permissions::from_mode(mode))
+                .map_err(|e| e.to_string())?;
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path)
+                .map_err(|e| e.to_string())?
+        }
+        Err(e) => return Err(e.to_string()),
+    };
     let len = data.metadata().map_err(|e| e.to_string())?.len();
     if len != size {
         return Err(format!("data file is {len} bytes; the blob is {size}"));

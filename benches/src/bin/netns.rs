@@ -10,7 +10,8 @@
 //! - `distribute`: a coordinator and an agent on host 0, an agent on every target, the blob
 //!   pushed on host 0, then `shoal distribute --to role=target`;
 //! - `pull`: the same cluster, fresh, and every target runs `shoal pull DIGEST -o FILE` at
-//!   once;
+//!   once (the output a hard link to the store's file: both are on one filesystem here);
+//!   `pull-copy` the same with `--copy` (each output a copy of its own);
 //! - `pull-url`: the same cluster, fresh, nothing pushed, an HTTP origin on host 0 (GET, HEAD,
 //!   ranges), and every target runs `shoal pull http://h0/blob.bin -o FILE` at once (a model
 //!   rollout, issue 14); `pull-url-digest` the same with `--digest`; `distribute-url` a
@@ -69,7 +70,7 @@ struct Args {
     /// This many targets (the last ones) run at half the rate.
     #[arg(long, default_value_t = 0)]
     slow: usize,
-    /// Systems to run, comma-separated: floor,http,bt,distribute,pull,pull-url,
+    /// Systems to run, comma-separated: floor,http,bt,distribute,pull,pull-copy,pull-url,
     /// pull-url-digest,distribute-url,containerd-direct,containerd-shoal,
     /// containerd-preheated,deploy-direct,deploy-shoal,deploy-preheated.
     #[arg(

@@ -365,8 +365,11 @@ impl Cluster {
             bail!("pull failed: {stderr}");
         }
         // The agent says how it wrote the file: a reflink where the filesystem can clone,
-        // else a copy.
-        if !(stderr.contains("(cloned)") || stderr.contains("(copied)")) {
+        // a read-only hard link on the store's filesystem, else a copy.
+        if !["(cloned)", "(linked)", "(copied)"]
+            .iter()
+            .any(|how| stderr.contains(how))
+        {
             bail!(
                 "pull did not say how it wrote {}: {stderr}",
                 output.display()

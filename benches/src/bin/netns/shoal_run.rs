@@ -16,6 +16,8 @@ use super::{Bench, Outcome, sha_of, wall_us};
 pub(super) enum Mode {
     Distribute,
     Pull,
+    /// `Pull` with `--copy`: each output its own writable copy, as before outputs were linked.
+    PullCopy,
     PullUrl,
     /// `PullUrl` with `--digest`.
     PullUrlDigest,
@@ -25,9 +27,10 @@ pub(super) enum Mode {
 }
 
 impl Mode {
-    const ALL: [Mode; 5] = [
+    const ALL: [Mode; 6] = [
         Mode::Distribute,
         Mode::Pull,
+        Mode::PullCopy,
         Mode::PullUrl,
         Mode::PullUrlDigest,
         Mode::DistributeUrl,
@@ -38,6 +41,7 @@ impl Mode {
         match self {
             Mode::Distribute => "distribute",
             Mode::Pull => "pull",
+            Mode::PullCopy => "pull-copy",
             Mode::PullUrl => "pull-url",
             Mode::PullUrlDigest => "pull-url-digest",
             Mode::DistributeUrl => "distribute-url",
@@ -59,7 +63,10 @@ impl Bench {
             mode,
             Mode::PullUrl | Mode::PullUrlDigest | Mode::DistributeUrl
         );
-        let pull = matches!(mode, Mode::Pull | Mode::PullUrl | Mode::PullUrlDigest);
+        let pull = matches!(
+            mode,
+            Mode::Pull | Mode::PullCopy | Mode::PullUrl | Mode::PullUrlDigest
+        );
         let sha: String = self.sha.iter().map(|b| format!("{b:02x}")).collect();
         let sha = format!("sha256:{sha}");
         let run = self.dir.join(format!("shoal-{name}"));
@@ -109,6 +116,9 @@ impl Bench {
                 let mut c = cluster.shoal(h);
                 c.args(["pull", &digest, "-o"])
                     .arg(run.join(format!("h{h}.out")));
+                if mode == Mode::PullCopy {
+                    c.arg("--copy");
+                }
                 if mode == Mode::PullUrlDigest {
                     c.args(["--digest", &sha]);
                 }
