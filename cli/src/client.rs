@@ -224,7 +224,19 @@ pub async fn status(client: &mut Client, job_id: &str) -> Result<pb::Job> {
     Ok(job)
 }
 
-pub fn print_job(job: &pb::Job) {
+/// Each agent's download capacity (bytes/s, 0 if unknown); empty if the listing fails.
+pub async fn capacities(client: &mut Client) -> HashMap<String, u64> {
+    let Ok(agents) = client.list_agents(pb::ListAgentsRequest::default()).await else {
+        return HashMap::new();
+    };
+    (agents.into_inner().agents.into_iter())
+        .map(|a| (a.agent_id, a.download_capacity_bytes_per_sec))
+        .collect()
+}
+
+/// A job for people: counts, bytes, when its targets ended against their bounds
+/// (`capacity`: see [`capacities`]), and each target.
+pub fn print_job(job: &pb::Job, capacity: &HashMap<String, u64>) {
     let p = job.progress.clone().unwrap_or_default();
     let c = p.counts.unwrap_or_default();
     println!("job {}: {}", job.job_id, state_name(job.state()));
@@ -233,6 +245,9 @@ pub fn print_job(job: &pb::Job) {
         c.total, c.done, c.running, c.pending, c.failed, c.cancelled
     );
     println!("bytes: {} of {}", p.bytes_done, p.bytes_total);
+    if let Some(line) = crate::timing::summary(&crate::timing::ended(job, capacity)) {
+        println!("{line}");
+    }
     for t in &p.targets {
         let mut line = format!(
             "  {} {} {}",
@@ -240,6 +255,9 @@ pub fn print_job(job: &pb::Job) {
             short(&t.blob),
             target_name(t.state())
         );
+        if let Some(secs) = crate::timing::target_secs(job, t) {
+            line.push_str(&format!(" after {secs:.2} s"));
+        }
         if !t.message.is_empty() {
             line.push_str(&format!(" ({})", t.message));
         }
@@ -325,12 +343,7 @@ async fn summarize(client: &mut Client, job: &pb::Job) {
         secs,
         human((p.bytes_done as f64 / secs.max(1e-3)) as u64)
     );
-    let Ok(agents) = client.list_agents(pb::ListAgentsRequest::default()).await else {
-        return;
-    };
-    let capacity: HashMap<String, u64> = (agents.into_inner().agents.into_iter())
-        .map(|a| (a.agent_id, a.download_capacity_bytes_per_sec))
-        .collect();
+    let capacity = capacities(client).await;
     let mut bytes_in: HashMap<&str, u64> = HashMap::new();
     for t in &p.targets {
         *bytes_in.entry(t.agent_id.as_str()).or_default() += t.bytes_total;
@@ -346,6 +359,9 @@ async fn summarize(client: &mut Client, job: &pb::Job) {
             "bound (most loaded target's bytes / its download capacity) {bound:.2} s: {:.2}x the bound",
             secs / bound
         );
+    }
+    if let Some(line) = crate::timing::summary(&crate::timing::ended(job, &capacity)) {
+        eprintln!("{line}");
     }
 }
 

@@ -12,6 +12,7 @@ mod process_metrics;
 mod registries;
 mod serve;
 mod settings;
+mod timing;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -375,7 +376,8 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             let job = client::status(&mut c, &job).await?;
             match output {
                 output::Output::Table => {
-                    client::print_job(&job);
+                    let capacity = client::capacities(&mut c).await;
+                    client::print_job(&job, &capacity);
                     Ok(())
                 }
                 other => output::print_document(&output::job_json(&job), other),

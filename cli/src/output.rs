@@ -206,6 +206,9 @@ pub fn job_json(job: &pb::Job) -> serde_json::Value {
                 "message": t.message,
                 "bytes_done": t.bytes_done,
                 "bytes_total": t.bytes_total,
+                // Seconds from the job's creation to the target's end; null while open or
+                // if its agent held the blob already.
+                "ended_after_secs": crate::timing::target_secs(job, t),
             })
         })
         .collect();

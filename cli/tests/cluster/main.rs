@@ -87,6 +87,19 @@ async fn a_pushed_blob_reaches_every_agent_mostly_from_peers() -> Result<()> {
     let status = json(&["status", &job_id, "-o", "json"])?;
     assert_eq!(status["state"], "done", "{status}");
     assert_eq!(status["counts"]["done"], 6, "{status}");
+    // When each target ended: the five that fetched it, not the pusher, which held it.
+    let ended: Vec<Option<f64>> = (status["targets"].as_array().into_iter().flatten())
+        .map(|t| t["ended_after_secs"].as_f64())
+        .collect();
+    assert_eq!(ended.iter().flatten().count(), 5, "{status}");
+    assert!(ended.iter().flatten().all(|s| *s > 0.0), "{status}");
+    // And for people, against each target's own bound (its capacity is configured).
+    assert!(
+        stdout(&out).contains("5 target agents ended after: p50 ")
+            && stdout(&out).contains("x its bound), p99 "),
+        "{}",
+        stdout(&out)
+    );
     let agents = json(&["agents", "-o", "json"])?;
     let agents = agents.as_array().cloned().unwrap_or_default();
     assert_eq!(agents.len(), 6, "{agents:?}");

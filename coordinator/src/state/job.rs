@@ -64,6 +64,8 @@ pub struct Target {
     bytes_total: u64,
     rate: u64,
     version: u64,
+    /// When it became terminal (`None` while open, and if it was done at creation).
+    ended_at: Option<SystemTime>,
 }
 
 impl Target {
@@ -82,6 +84,7 @@ impl Target {
             bytes_total,
             rate: 0,
             version: 0,
+            ended_at: None,
         }
     }
 
@@ -287,7 +290,8 @@ impl Job {
 
     /// Applies a transition to one target; true if anything changed (the job's version
     /// then grows and the target carries it).
-    pub fn apply(&mut self, key: &TargetKey, t: Transition<'_>) -> bool {
+    /// A target that ends now records `now` as its end.
+    pub fn apply(&mut self, key: &TargetKey, t: Transition<'_>, now: SystemTime) -> bool {
         let Some(target) = self.targets.get_mut(key) else {
             return false;
         };
@@ -300,6 +304,9 @@ impl Job {
             Transition::Fail(reason, message) => target.fail(reason, message),
             Transition::Cancel(message) => target.cancel(message),
         }
+        if target.is_terminal() && !before.is_terminal() {
+            target.ended_at = Some(now);
+        }
         self.bump(key, before)
     }
 
@@ -310,6 +317,9 @@ impl Job {
         };
         let before = target.clone();
         let open = target.resume();
+        if !target.is_terminal() {
+            target.ended_at = None;
+        }
         self.bump(key, before);
         open
     }
@@ -493,6 +503,9 @@ impl Job {
                     bytes_total: t.bytes_total,
                     rate: 0,
                     version: 0,
+                    ended_at: (t.finished_at)
+                        .filter(|_| state != TargetState::Pending)
+                        .and_then(|at| SystemTime::try_from(at).ok()),
                 },
             );
         }
@@ -512,6 +525,7 @@ fn target_pb((agent, blob): &TargetKey, t: &Target) -> pb::TargetProgress {
         bytes_total: t.bytes_total,
         rate_bytes_per_sec: t.rate,
         eta_ms: eta_ms(t.bytes_total - t.bytes_done.min(t.bytes_total), t.rate),
+        finished_at: t.ended_at.map(Into::into),
     }
 }
 
@@ -537,6 +551,7 @@ fn eta_ms(remaining: u64, rate: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::UNIX_EPOCH;
 
     fn job_with(states: &[TargetState]) -> Job {
         let mut job = Job::new(
@@ -586,19 +601,27 @@ mod tests {
         let mut j = job_with(&[TargetState::Pending]);
         let key = ("a0".to_string(), Digest::of(b"x"));
         // A seeded size and a failure message are changes too (they were not once).
-        assert!(j.apply(&key, Transition::SetTotal(99)));
+        assert!(j.apply(&key, Transition::SetTotal(99), UNIX_EPOCH));
         assert_eq!(j.version(), 1);
         assert!(
-            !j.apply(&key, Transition::SetTotal(99)),
+            !j.apply(&key, Transition::SetTotal(99), UNIX_EPOCH),
             "no change, no version"
         );
-        assert!(j.apply(&key, Transition::Start));
-        assert!(j.apply(&key, Transition::Fail(FailureReason::NoSource, "why")));
+        assert!(j.apply(&key, Transition::Start, UNIX_EPOCH));
+        assert!(j.apply(
+            &key,
+            Transition::Fail(FailureReason::NoSource, "why"),
+            UNIX_EPOCH
+        ));
         assert!(
-            !j.apply(&key, Transition::Fail(FailureReason::NoSource, "other")),
+            !j.apply(
+                &key,
+                Transition::Fail(FailureReason::NoSource, "other"),
+                UNIX_EPOCH
+            ),
             "a terminal target does not fail again"
         );
-        assert!(!j.apply(&key, Transition::Cancel("late")));
+        assert!(!j.apply(&key, Transition::Cancel("late"), UNIX_EPOCH));
         let p = j.progress(true, 2, SystemTime::UNIX_EPOCH);
         assert_eq!(p.targets.len(), 1, "changed after version 2");
         assert_eq!(
@@ -611,13 +634,21 @@ mod tests {
     fn only_a_target_its_agent_lost_resumes() {
         let mut j = job_with(&[TargetState::Pending]);
         let key = ("a0".to_string(), Digest::of(b"x"));
-        j.apply(&key, Transition::Fail(FailureReason::AgentLost, "gone"));
+        j.apply(
+            &key,
+            Transition::Fail(FailureReason::AgentLost, "gone"),
+            UNIX_EPOCH,
+        );
         assert!(j.resume(&key));
         assert_eq!(
             j.targets.get(&key).map(|t| t.state),
             Some(TargetState::Pending)
         );
-        j.apply(&key, Transition::Fail(FailureReason::NoSource, "no"));
+        j.apply(
+            &key,
+            Transition::Fail(FailureReason::NoSource, "no"),
+            UNIX_EPOCH,
+        );
         assert!(!j.resume(&key), "another failure stays");
     }
 
@@ -664,7 +695,7 @@ mod tests {
             (1, Transition::Finish),
         ];
         for (i, t) in steps {
-            j.apply(&key(i), t);
+            j.apply(&key(i), t, UNIX_EPOCH);
             assert_eq!(j.tally, recount(&j), "after {t:?} on a{i}");
         }
         assert!(j.resume(&key(2)));
@@ -701,14 +732,46 @@ mod tests {
         );
         assert!(listed(j.record_changes(now)).is_empty(), "nothing changed");
         let key = ("a1".to_string(), Digest::of(b"x"));
-        j.apply(&key, Transition::Start);
+        j.apply(&key, Transition::Start, UNIX_EPOCH);
         assert_eq!(listed(j.record_changes(now)), ["a1"]);
-        j.apply(&key, Transition::Finish);
+        j.apply(&key, Transition::Finish, UNIX_EPOCH);
         j.forget_stored();
         assert_eq!(
             listed(j.record_changes(now)),
             ["a0", "a1", "a2"],
             "after a failed write: whole"
         );
+    }
+
+    #[test]
+    fn a_target_records_when_it_ended_and_keeps_it_across_a_restart() {
+        let at = |s: u64| UNIX_EPOCH + std::time::Duration::from_secs(s);
+        let mut j = job_with(&[TargetState::Pending; 3]);
+        let key = |i: usize| (format!("a{i}"), Digest::of(b"x"));
+        let ended = |j: &Job| -> Vec<Option<SystemTime>> {
+            let p = j.to_pb(true, at(0)).progress.expect("progress");
+            (p.targets.iter())
+                .map(|t| t.finished_at.and_then(|f| SystemTime::try_from(f).ok()))
+                .collect()
+        };
+        j.apply(&key(0), Transition::Start, at(1));
+        j.apply(&key(0), Transition::Finish, at(7));
+        j.apply(&key(0), Transition::Finish, at(9));
+        j.apply(
+            &key(1),
+            Transition::Fail(FailureReason::AgentLost, "gone"),
+            at(8),
+        );
+        assert_eq!(
+            ended(&j),
+            [Some(at(7)), Some(at(8)), None],
+            "the first end counts"
+        );
+        // Stored and loaded back (a coordinator restart): the ends stay.
+        let back = Job::from_pb(j.record_whole(at(10))).expect("loads");
+        assert_eq!(ended(&back), [Some(at(7)), Some(at(8)), None]);
+        // A target failed for its lost agent, which came back, is open again: no end.
+        assert!(j.resume(&key(1)));
+        assert_eq!(ended(&j), [Some(at(7)), None, None]);
     }
 }

@@ -238,7 +238,7 @@ impl Jobs {
         let Some(job) = self.jobs.get_mut(id) else {
             return;
         };
-        let changed = job.apply(key, t);
+        let changed = job.apply(key, t, now);
         let ended = job.refresh_state(now);
         if ended {
             self.ended(id);
@@ -414,7 +414,7 @@ impl Jobs {
             } else {
                 Transition::Fail(FailureReason::DeadlineExceeded, message)
             };
-            job.apply(key, t);
+            job.apply(key, t, now);
         }
         let ended = if cancel {
             job.set_state(JobState::Cancelled, now)
