@@ -255,11 +255,11 @@ pub fn print_job(job: &pb::Job, capacity: &HashMap<String, u64>) {
             short(&t.blob),
             target_name(t.state())
         );
-        if let Some(secs) = crate::timing::target_secs(job, t) {
-            line.push_str(&format!(" after {secs:.2} s"));
-        }
         if !t.message.is_empty() {
             line.push_str(&format!(" ({})", t.message));
+        }
+        if let Some(secs) = crate::timing::target_secs(job, t) {
+            line.push_str(&format!(" after {secs:.2} s"));
         }
         println!("{line}");
     }

@@ -1,5 +1,5 @@
 //! Pull: bring a blob into the store (asking the coordinator to distribute it to this
-//! agent if it is not here), verify it, and copy it to a path atomically.
+//! agent if it is not here), verify it, and write it out to a path atomically (`output.rs`).
 
 use std::time::Duration;
 

@@ -200,7 +200,10 @@ async fn a_killed_agent_fails_only_its_own_target() -> Result<()> {
     assert_eq!(lost, 1, "{targets:?}");
     let out = cluster.cli(&["status", &job_id]);
     assert!(
-        stdout(&out).contains("failed (") && stdout(&out).contains("lease"),
+        // The failed target says why, and when it ended.
+        stdout(&out).contains("failed (")
+            && stdout(&out).contains("lease")
+            && stdout(&out).contains(") after "),
         "{}",
         stdout(&out)
     );
