@@ -253,7 +253,7 @@ async fn serve_chunk(
     let len = data.len() as u64;
     // Past a short wait behind what the uplink already has to send, the peer had better ask
     // someone else (see `uplink`).
-    let Some(admitted) = inner.uplink.admit(len) else {
+    let Some(admitted) = inner.uplink.admit(peer, len) else {
         inner.stats.busy_rejections.fetch_add(1, Ordering::Relaxed);
         return reply_error(send, ErrorStatus::Busy, "upload queue full").await;
     };

@@ -12,7 +12,16 @@
 //! shaping and the peers' own downlinks make of it), and refuses a request that would wait
 //! longer than `max_wait` behind the backlog. The downloader then asks another source for that
 //! chunk. The drain rate is the agent's learned upload capacity.
+//!
+//! A peer with nothing in the backlog is always admitted. The drain rate is learned from
+//! whatever the backlog holds, and a receiver slower than the uplink (a host on a slow link)
+//! drains its own bytes at its own pace: with only its bytes queued, the rate learned fell to
+//! that host's, every other peer's request was refused, so only its bytes stayed queued and
+//! the rate stayed low; peers on fast links waited for the slow one (the netns fault test
+//! "a host on a twentieth of the link", failing now and then). One request per peer keeps
+//! every peer served, and their faster drains correct the rate.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -42,7 +51,12 @@ struct State {
     sample_busy: Duration,
     /// Bytes per second, once measured.
     rate: Option<f64>,
+    /// Backlog bytes per peer (peers with none are absent).
+    by_peer: HashMap<Peer, u64>,
 }
+
+/// Which peer a request came from (its key).
+pub(crate) type Peer = [u8; 32];
 
 /// A request's place in the backlog, held until the peer acknowledged the chunk
 /// ([`Admitted::delivered`]) or the stream ended otherwise (dropped).
@@ -50,6 +64,7 @@ struct State {
 #[must_use]
 pub(crate) struct Admitted {
     uplink: Arc<Uplink>,
+    peer: Peer,
     bytes: u64,
     delivered: bool,
 }
@@ -63,7 +78,7 @@ impl Admitted {
 
 impl Drop for Admitted {
     fn drop(&mut self) {
-        (self.uplink).done_at(Instant::now(), self.bytes, self.delivered);
+        (self.uplink).done_at(Instant::now(), self.peer, self.bytes, self.delivered);
     }
 }
 
@@ -76,19 +91,23 @@ impl Uplink {
         }
     }
 
-    /// Admits `bytes` to the backlog unless they would wait longer than `max_wait` behind it.
-    /// An idle uplink admits anything.
-    pub(crate) fn admit(self: &Arc<Self>, bytes: u64) -> Option<Admitted> {
-        self.admit_at(Instant::now(), bytes).then(|| Admitted {
-            uplink: self.clone(),
-            bytes,
-            delivered: false,
-        })
+    /// Admits `bytes` from `peer` to the backlog unless they would wait longer than
+    /// `max_wait` behind it. An idle uplink admits anything, and a peer with nothing in the
+    /// backlog one request.
+    pub(crate) fn admit(self: &Arc<Self>, peer: Peer, bytes: u64) -> Option<Admitted> {
+        self.admit_at(Instant::now(), peer, bytes)
+            .then(|| Admitted {
+                uplink: self.clone(),
+                peer,
+                bytes,
+                delivered: false,
+            })
     }
 
-    fn admit_at(&self, now: Instant, bytes: u64) -> bool {
+    fn admit_at(&self, now: Instant, peer: Peer, bytes: u64) -> bool {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if s.backlog > 0 {
+        let first_of_peer = !s.by_peer.contains_key(&peer);
+        if s.backlog > 0 && !first_of_peer {
             let allowed = match s.rate {
                 Some(rate) => (rate * self.max_wait.as_secs_f64()) as u64,
                 None => self.initial_backlog,
@@ -96,17 +115,24 @@ impl Uplink {
             if s.backlog + bytes > allowed {
                 return false;
             }
-        } else {
+        } else if s.backlog == 0 {
             s.busy_since = Some(now);
         }
         s.backlog += bytes;
+        *s.by_peer.entry(peer).or_default() += bytes;
         true
     }
 
     /// Admitted bytes left the backlog: acknowledged by the peer, or abandoned.
-    fn done_at(&self, now: Instant, bytes: u64, delivered: bool) {
+    fn done_at(&self, now: Instant, peer: Peer, bytes: u64, delivered: bool) {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         s.backlog = s.backlog.saturating_sub(bytes);
+        if let Some(left) = s.by_peer.get_mut(&peer) {
+            *left = left.saturating_sub(bytes);
+            if *left == 0 {
+                s.by_peer.remove(&peer);
+            }
+        }
         if delivered {
             s.sample_bytes += bytes;
         }
@@ -146,24 +172,26 @@ mod tests {
     use super::*;
 
     const MIB: u64 = 1 << 20;
+    /// The peer of every request unless a test says otherwise.
+    const P: Peer = [1; 32];
 
     #[test]
     fn an_idle_uplink_admits_anything_and_a_new_one_only_its_initial_backlog() {
         let up = Uplink::new(Duration::from_millis(500), 4 * MIB);
         let t = Instant::now();
-        assert!(up.admit_at(t, 64 * MIB), "idle admits");
+        assert!(up.admit_at(t, P, 64 * MIB), "idle admits");
         assert!(
-            !up.admit_at(t, MIB),
+            !up.admit_at(t, P, MIB),
             "no rate yet: beyond the initial backlog"
         );
-        up.done_at(t, 64 * MIB, false);
+        up.done_at(t, P, 64 * MIB, false);
         for _ in 0..4 {
-            assert!(up.admit_at(t, MIB), "within the initial backlog");
+            assert!(up.admit_at(t, P, MIB), "within the initial backlog");
         }
-        assert!(!up.admit_at(t, MIB));
+        assert!(!up.admit_at(t, P, MIB));
         assert_eq!(up.backlog(), 4 * MIB);
         for _ in 0..4 {
-            up.done_at(t, MIB, false);
+            up.done_at(t, P, MIB, false);
         }
         assert_eq!(up.backlog(), 0);
         assert_eq!(up.rate(), None, "nothing delivered, nothing learned");
@@ -175,11 +203,11 @@ mod tests {
         let mut t = Instant::now();
         // Ten chunks queued at once, one acknowledged every 40 ms: 25 MiB/s.
         for _ in 0..10 {
-            assert!(up.admit_at(t, MIB));
+            assert!(up.admit_at(t, P, MIB));
         }
         for _ in 0..10 {
             t += Duration::from_millis(40);
-            up.done_at(t, MIB, true);
+            up.done_at(t, P, MIB, true);
         }
         let rate = up.rate().expect("400 ms busy is a sample");
         assert!(
@@ -188,9 +216,9 @@ mod tests {
         );
         // 500 ms at 25 MiB/s is 12.5 MiB: twelve chunks wait, the thirteenth is refused.
         for _ in 0..12 {
-            assert!(up.admit_at(t, MIB));
+            assert!(up.admit_at(t, P, MIB));
         }
-        assert!(!up.admit_at(t, MIB));
+        assert!(!up.admit_at(t, P, MIB));
     }
 
     #[test]
@@ -199,9 +227,9 @@ mod tests {
         let mut t = Instant::now();
         // One chunk every second, each acknowledged 10 ms after it was admitted.
         for _ in 0..30 {
-            assert!(up.admit_at(t, MIB));
+            assert!(up.admit_at(t, P, MIB));
             t += Duration::from_millis(10);
-            up.done_at(t, MIB, true);
+            up.done_at(t, P, MIB, true);
             t += Duration::from_secs(1);
         }
         let rate = up.rate().expect("300 ms busy in all");
@@ -209,5 +237,38 @@ mod tests {
             rate > 90.0 * MIB as f64,
             "rate {rate}: idle seconds counted"
         );
+    }
+
+    #[test]
+    fn a_slow_receiver_alone_in_the_backlog_does_not_shut_out_the_others() {
+        let up = Uplink::new(Duration::from_millis(500), 64 * MIB);
+        let (slow, fast, other) = ([2; 32], [3; 32], [4; 32]);
+        let mut t = Instant::now();
+        // Only the slow receiver's chunks queued, one drained per 800 ms: ~1.3 MiB/s learned,
+        // so 500 ms of wait is less than one chunk.
+        assert!(up.admit_at(t, slow, MIB));
+        for _ in 0..3 {
+            t += Duration::from_millis(800);
+            up.done_at(t, slow, MIB, true);
+            assert!(up.admit_at(t, slow, MIB), "an idle uplink admits");
+        }
+        let rate = up.rate().expect("sampled");
+        assert!(rate < 2.0 * MIB as f64, "rate {rate}");
+        assert!(
+            up.backlog() > 0,
+            "the slow receiver's chunk is still queued"
+        );
+        assert!(
+            !up.admit_at(t, slow, MIB),
+            "the slow receiver waits its turn"
+        );
+        // Each other peer still gets a request in, but one only while it has one queued.
+        assert!(up.admit_at(t, fast, MIB));
+        assert!(!up.admit_at(t, fast, MIB));
+        assert!(up.admit_at(t, other, MIB));
+        // Its chunk acknowledged, the fast peer is admitted again.
+        t += Duration::from_millis(5);
+        up.done_at(t, fast, MIB, true);
+        assert!(up.admit_at(t, fast, MIB));
     }
 }
