@@ -6,10 +6,14 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use shoal_sim::report::{self, Report};
-use shoal_sim::scenarios::{self, NAMES};
+use shoal_sim::scenarios::{self, NAMES, NetnsShape};
+use shoal_sim::spec::SharedCpu;
 use shoal_sim::{Checks, Strategy, run};
 
-const USAGE: &str = "usage: shoal-sim <seed-example|kraken-bench|peak|faults|random-faults|cold|netns|netns-known|all> [--quick] [--seed N] [--only shoal|single-origin|random-mesh] [--check]";
+const USAGE: &str = "usage: shoal-sim <seed-example|kraken-bench|peak|faults|random-faults|cold|netns|netns-known|all> [--quick] [--seed N] [--only shoal|single-origin|random-mesh] [--check]
+  netns and netns-known take the real-network benchmark's shape (its defaults):
+  [--targets 8] [--size-mib 256] [--rate-mbit 200] [--slow 0] (the last targets at half rate)
+  [--cores 2] [--cpu-s-per-gb 12] (the machine's CPU all hosts share; --cores 0: CPU to spare)";
 
 struct Args {
     scenarios: Vec<String>,
@@ -17,6 +21,13 @@ struct Args {
     seed: u64,
     only: Option<Strategy>,
     checks: Checks,
+    netns: NetnsShape,
+}
+
+fn number<T: std::str::FromStr>(flag: &str, v: Option<String>) -> Result<T, String> {
+    let v = v.ok_or(format!("{flag} needs a number"))?;
+    v.parse()
+        .map_err(|_| format!("{flag}: {v:?} is not a number"))
 }
 
 fn parse() -> Result<Args, String> {
@@ -28,7 +39,10 @@ fn parse() -> Result<Args, String> {
         seed: 1,
         only: None,
         checks: Checks::Cheap,
+        netns: NetnsShape::default(),
     };
+    let default_cpu = out.netns.cpu.expect("the shape's default has a CPU");
+    let (mut cores, mut cpu_s_per_gb) = (default_cpu.cores, default_cpu.secs_per_byte * 1e9);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--quick" => out.quick = true,
@@ -47,12 +61,35 @@ fn parse() -> Result<Args, String> {
                     other => return Err(format!("--only: unknown strategy {other:?}")),
                 })
             }
+            "--targets" => out.netns.targets = number(&a, args.next())?,
+            "--size-mib" => out.netns.size_mib = number(&a, args.next())?,
+            "--rate-mbit" => out.netns.rate_mbit = number(&a, args.next())?,
+            "--slow" => out.netns.slow = number(&a, args.next())?,
+            "--cores" => cores = number(&a, args.next())?,
+            "--cpu-s-per-gb" => cpu_s_per_gb = number(&a, args.next())?,
             "-h" | "--help" => return Err(USAGE.into()),
             s if s.starts_with('-') => return Err(format!("unknown flag {s}")),
             s if scenario.is_none() => scenario = Some(s.to_string()),
             s => return Err(format!("unexpected argument {s:?}")),
         }
     }
+    let shape = &out.netns;
+    if shape.targets == 0 || shape.size_mib == 0 || shape.rate_mbit <= 0.0 {
+        return Err("--targets, --size-mib and --rate-mbit must be positive".into());
+    }
+    if shape.slow > shape.targets {
+        return Err(format!(
+            "--slow {} is more than the {} targets",
+            shape.slow, shape.targets
+        ));
+    }
+    if !(cores >= 0.0 && cpu_s_per_gb > 0.0) {
+        return Err("--cores must be 0 or more, --cpu-s-per-gb positive".into());
+    }
+    out.netns.cpu = (cores > 0.0).then_some(SharedCpu {
+        cores,
+        secs_per_byte: cpu_s_per_gb / 1e9,
+    });
     let scenario = scenario.ok_or("no scenario given")?;
     out.scenarios = if scenario == "all" {
         NAMES.iter().map(|s| s.to_string()).collect()
@@ -72,7 +109,14 @@ fn main() -> ExitCode {
     };
     let mut built = Vec::new();
     for name in &args.scenarios {
-        match scenarios::build(name, args.quick, args.seed) {
+        let scenario = match name.as_str() {
+            "netns" | "netns-known" => Ok((
+                scenarios::netns(args.seed, name == "netns-known", &args.netns),
+                vec![scenarios::Goal::LiveCompleteNoCorruption],
+            )),
+            _ => scenarios::build(name, args.quick, args.seed),
+        };
+        match scenario {
             Ok(b) => built.push(b),
             Err(e) => {
                 eprintln!("shoal-sim: {e}\n{USAGE}");
@@ -168,6 +212,9 @@ fn main() -> ExitCode {
                     s.seeded,
                     s.gave_up
                 );
+            }
+            if let Some(line) = report::own_bounds(r.spec, shoal) {
+                println!("{}: {line}", r.spec.name);
             }
             for v in &shoal.violations {
                 println!("{}: VIOLATION {v}", r.spec.name);

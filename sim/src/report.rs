@@ -136,3 +136,31 @@ pub fn peak_memory() -> Option<u64> {
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
 }
+
+/// Where hosts' links differ: each host's completion against its own bound (its bytes ÷ its
+/// downlink), the worst of all and the worst of the hosts on the fastest links (what the
+/// real-network benchmark's `--slow` rows report). `None` when every host has one bound.
+pub fn own_bounds(spec: &Spec, o: &Outcome) -> Option<String> {
+    let wanting: Vec<usize> = (spec.hosts.iter().enumerate())
+        .filter(|(_, h)| !h.wants.is_empty())
+        .map(|(i, _)| i)
+        .collect();
+    let fastest = (wanting.iter())
+        .map(|&i| spec.hosts[i].down_bps)
+        .fold(0.0, f64::max);
+    if wanting.iter().all(|&i| spec.hosts[i].down_bps == fastest) {
+        return None;
+    }
+    let (mut all, mut fast) = (0.0f64, 0.0f64);
+    for (&i, done) in wanting.iter().zip(&o.finished) {
+        let ratio = done.map_or(f64::INFINITY, |t| t / spec.host_bound(i));
+        all = all.max(ratio);
+        if spec.hosts[i].down_bps == fastest {
+            fast = fast.max(ratio);
+        }
+    }
+    Some(format!(
+        "{}: each host against its own bound: worst {all:.2}, the fast hosts' worst {fast:.2}",
+        o.strategy.name()
+    ))
+}

@@ -88,6 +88,29 @@ pub struct Params {
     /// `stripe_seed_min_bytes`, `max_seeders_per_blob`); the planner's defaults.
     pub stripe_seed_min_bytes: u64,
     pub max_seeders_per_blob: usize,
+    /// Every host shares one machine's CPU (the real-network benchmark: all its hosts are
+    /// namespaces of one machine), or `None`: each host has CPU to spare, as in production.
+    pub shared_cpu: Option<SharedCpu>,
+}
+
+/// A CPU that all hosts share, as the real-network benchmark's namespaces share one
+/// machine's cores: moving a byte from one host to another costs `secs_per_byte` of CPU in
+/// all (the sender's and the receiver's, user and kernel), and no more than `cores` seconds
+/// of CPU pass per second. When the links would move bytes faster than that, every flow
+/// slows by the same factor (the kernel's scheduler shares the cores between the processes
+/// roughly evenly). The cost is calibrated from the benchmark's own "CPU seconds per
+/// delivered GB" (`docs/BENCHMARKS.md`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SharedCpu {
+    pub cores: f64,
+    pub secs_per_byte: f64,
+}
+
+impl SharedCpu {
+    /// The most bytes per second all flows together can move.
+    pub fn max_bytes_per_sec(&self) -> f64 {
+        self.cores / self.secs_per_byte
+    }
 }
 
 impl Default for Params {
@@ -110,6 +133,7 @@ impl Default for Params {
             max_uploads: planner.max_uploads,
             stripe_seed_min_bytes: seeder.stripe_min_bytes,
             max_seeders_per_blob: seeder.max_seeders_per_blob,
+            shared_cpu: None,
         }
     }
 }

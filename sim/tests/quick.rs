@@ -121,3 +121,46 @@ fn netns_shape_runs_with_capacity_unknown_and_known() {
         assert!(o.all_live_finished(), "{name}: a target never finished");
     }
 }
+
+/// The shared CPU of the netns shape: the machine moves no more bytes per second than its
+/// cores allow, and a CPU with room to spare changes nothing.
+#[test]
+fn a_shared_cpu_bounds_the_bytes_moved_per_second_and_nothing_else() {
+    use scenarios::NetnsShape;
+    use shoal_sim::spec::SharedCpu;
+    let shape = |cpu| NetnsShape {
+        targets: 4,
+        size_mib: 32,
+        cpu,
+        ..NetnsShape::default()
+    };
+    let makespan = |cpu| {
+        let spec = scenarios::netns(1, false, &shape(cpu));
+        let o = run(&spec, Strategy::Shoal, Checks::EveryEvent);
+        assert!(o.violations.is_empty(), "{:?}", o.violations);
+        assert!(o.all_live_finished(), "a target never finished");
+        (o.makespan().expect("finished"), o.bytes_moved as f64)
+    };
+    let (free, _) = makespan(None);
+    let (roomy, _) = makespan(Some(SharedCpu {
+        cores: 64.0,
+        secs_per_byte: 1e-9,
+    }));
+    assert_eq!(free, roomy, "a CPU that never binds changes the run");
+    // 20 ns of CPU per byte on one core: 50 MB/s for the whole machine, a quarter of what
+    // four 25 MB/s downlinks take.
+    let cpu = SharedCpu {
+        cores: 1.0,
+        secs_per_byte: 20e-9,
+    };
+    let (bound, moved) = makespan(Some(cpu));
+    let floor = moved * cpu.secs_per_byte / cpu.cores;
+    assert!(
+        bound >= floor * 0.999,
+        "{moved} bytes moved in {bound} s: faster than the CPU allows ({floor} s)"
+    );
+    assert!(
+        bound <= floor * 1.2 && bound > 1.5 * free,
+        "CPU-bound run took {bound} s, the CPU's floor is {floor} s, the links' run {free} s"
+    );
+}

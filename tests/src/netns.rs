@@ -12,7 +12,7 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 
 /// Names of every fabric's namespaces start with this, then the owning process id in hex.
 const PREFIX: &str = "shoalfab";
@@ -297,6 +297,14 @@ impl CpuGroup {
         c
     }
 
+    /// CPU seconds used so far, by the group and by the whole machine.
+    pub fn usage(&self) -> Result<Usage> {
+        Ok(Usage {
+            group: self.seconds()?,
+            machine: machine_busy_seconds()?,
+        })
+    }
+
     /// CPU seconds used so far.
     pub fn seconds(&self) -> Result<f64> {
         if self.v2 {
@@ -311,6 +319,41 @@ impl CpuGroup {
             Ok(ns.trim().parse::<f64>()? / 1e9)
         }
     }
+}
+
+/// CPU seconds used: by a [`CpuGroup`]'s processes, and by the whole machine.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Usage {
+    pub group: f64,
+    pub machine: f64,
+}
+
+impl std::ops::Sub for Usage {
+    type Output = Usage;
+    fn sub(self, before: Usage) -> Usage {
+        Usage {
+            group: self.group - before.group,
+            machine: self.machine - before.machine,
+        }
+    }
+}
+
+/// CPU seconds the whole machine has been busy since boot (every core; `/proc/stat`'s user,
+/// nice, system, irq, softirq and steal): what a group's figure misses is the kernel's work
+/// outside its processes (softirq run by `ksoftirqd`, the bridge, `tbf`).
+pub fn machine_busy_seconds() -> Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let line = (stat.lines())
+        .find(|l| l.starts_with("cpu "))
+        .context("/proc/stat has no cpu line")?;
+    let ticks: Vec<f64> = (line.split_whitespace().skip(1))
+        .map(|v| v.parse::<f64>())
+        .collect::<Result<_, _>>()
+        .context("/proc/stat's cpu line")?;
+    ensure!(ticks.len() >= 8, "/proc/stat's cpu line is short: {line:?}");
+    // user nice system idle iowait irq softirq steal, in USER_HZ (100 on Linux).
+    let busy = ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6] + ticks[7];
+    Ok(busy / 100.0)
 }
 
 impl Drop for CpuGroup {

@@ -28,7 +28,9 @@
 //!
 //! Printed per system: makespan, p50 and p99 of the targets' completion times, each as a
 //! multiple of the target's own bound (size ÷ its link rate), and CPU seconds per delivered
-//! GB (all of the system's processes, counted by a cgroup, over the transfer only). Every
+//! GB (all of the system's processes, counted by a cgroup, over the transfer only; in
+//! brackets the whole machine's busy CPU over the same window, which also counts the
+//! kernel's work outside those processes: `shoal-sim netns` is calibrated from it). Every
 //! copy is checked bit for bit.
 //!
 //! Needs root, iproute2, aria2, opentracker, mktorrent, and `shoal` built in release:
@@ -46,7 +48,7 @@ use anyhow::{Context, Result, ensure};
 use clap::{Parser, Subcommand};
 use containerd_run::Via;
 use sha2::{Digest as _, Sha256};
-use shoal_tests::netns::{CpuGroup, Fabric};
+use shoal_tests::netns::{CpuGroup, Fabric, Usage};
 
 #[derive(Parser, Debug)]
 struct Cli {
@@ -325,7 +327,9 @@ impl Drop for Procs {
 struct Outcome {
     /// Seconds from the start to each target's completion, by host.
     done: BTreeMap<usize, f64>,
-    cpu_seconds: f64,
+    /// CPU used from the start of the transfer to its end: by the system's processes, and
+    /// by the whole machine (what the simulator's shared CPU is calibrated from).
+    used: Usage,
     note: String,
 }
 
@@ -435,7 +439,7 @@ fn main() -> Result<()> {
         size as f64 / bench.fabric.rate_bytes(1)
     );
     println!(
-        "\n| system | makespan × bound | p50 × bound | p99 × bound | CPU s per delivered GB | note |"
+        "\n| system | makespan × bound | p50 × bound | p99 × bound | CPU s per delivered GB: its processes (the machine) | note |"
     );
     println!("|---|---|---|---|---|---|");
     for system in &systems {
@@ -535,11 +539,12 @@ impl Bench {
             note = format!("fast hosts ≤ {worst_fast:.2}× their bound; {note}");
         }
         format!(
-            "| {system} | {:.2} | {:.2} | {:.2} | {:.1} | {note} |",
+            "| {system} | {:.2} | {:.2} | {:.2} | {:.1} ({:.1}) | {note} |",
             ratios[ratios.len() - 1],
             percentile(&ratios, 50.0),
             percentile(&ratios, 99.0),
-            o.cpu_seconds / delivered_gb
+            o.used.group / delivered_gb,
+            o.used.machine / delivered_gb,
         )
     }
 
@@ -578,7 +583,7 @@ impl Bench {
             );
             sinks.push((h, p));
         }
-        let before = cpu.seconds()?;
+        let before = cpu.usage()?;
         let t0 = wall_us();
         for h in 0..hosts {
             let to = SocketAddr::new(self.fabric.ip((h + 1) % hosts).into(), 5001);
@@ -589,11 +594,11 @@ impl Bench {
         }
         let mut done = self.ends(&mut procs, &sinks, t0)?;
         done.remove(&0);
-        let cpu_seconds = cpu.seconds()? - before;
+        let used = cpu.usage()? - before;
         drop(procs);
         Ok(Outcome {
             done,
-            cpu_seconds,
+            used,
             note: "every host sends and receives at once".into(),
         })
     }
@@ -609,7 +614,7 @@ impl Bench {
             procs.line(server)? == "listening",
             "HTTP server did not start"
         );
-        let before = cpu.seconds()?;
+        let before = cpu.usage()?;
         let t0 = wall_us();
         let mut gets = Vec::new();
         let addr = SocketAddr::new(self.fabric.ip(0).into(), 8080);
@@ -621,12 +626,12 @@ impl Bench {
             gets.push((h, procs.spawn(c, &self.log(&format!("http-get-{h}")))?));
         }
         let done = self.ends(&mut procs, &gets, t0)?;
-        let cpu_seconds = cpu.seconds()? - before;
+        let used = cpu.usage()? - before;
         drop(procs);
         self.check_copies("http")?;
         Ok(Outcome {
             done,
-            cpu_seconds,
+            used,
             note: "every target from one server".into(),
         })
     }
@@ -713,7 +718,7 @@ impl Bench {
         let c = cpu.wrap(c);
         procs.spawn(c, &self.log("bt-seed"))?;
         std::thread::sleep(Duration::from_millis(500));
-        let before = cpu.seconds()?;
+        let before = cpu.usage()?;
         let t0 = wall_us();
         for h in self.targets() {
             let dir = bt.join(format!("h{h}"));
@@ -736,7 +741,7 @@ impl Bench {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        let cpu_seconds = cpu.seconds()? - before;
+        let used = cpu.usage()? - before;
         drop(procs);
         for h in self.targets() {
             let copy = bt.join(format!("h{h}/blob"));
@@ -748,7 +753,7 @@ impl Bench {
         let _ = std::fs::remove_dir_all(&bt);
         Ok(Outcome {
             done,
-            cpu_seconds,
+            used,
             note: "aria2c + opentracker, 1 MiB pieces".into(),
         })
     }

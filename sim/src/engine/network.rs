@@ -69,6 +69,15 @@ impl Sim<'_> {
             &mut self.alloc_b,
             &mut self.order,
         );
+        // A shared CPU moves no more than its cores allow: every flow slows alike.
+        if let Some(cpu) = &self.spec.params.shared_cpu {
+            let total: f64 = self.alloc_b.iter().sum();
+            let max = cpu.max_bytes_per_sec();
+            if total > max {
+                let scale = max / total;
+                self.alloc_b.iter_mut().for_each(|r| *r *= scale);
+            }
+        }
         // Nobody sends more than its uplink.
         self.spent.clear();
         self.spent.resize(self.hosts.len(), 0.0);

@@ -273,7 +273,7 @@ impl Bench {
         }
         let log_start = std::fs::read_to_string(&registry_log)?.lines().count();
 
-        let before = cpu.seconds()?;
+        let before = cpu.usage()?;
         let started = Instant::now();
         let mut pulls = Vec::new();
         for (h, (daemon, hosts_dir)) in &daemons {
@@ -308,7 +308,7 @@ impl Bench {
             }
             std::thread::sleep(Duration::from_millis(5));
         }
-        let cpu_seconds = cpu.seconds()? - before;
+        let used = cpu.usage()? - before;
         for (h, (daemon, _)) in &daemons {
             let have = daemon.images()?;
             ensure!(
@@ -348,10 +348,6 @@ impl Bench {
         for h in 0..self.fabric.hosts() {
             let _ = std::fs::remove_dir_all(run.join(format!("cluster/h{h}/store")));
         }
-        Ok(Outcome {
-            done,
-            cpu_seconds,
-            note,
-        })
+        Ok(Outcome { done, used, note })
     }
 }

@@ -105,7 +105,7 @@ impl Bench {
             cluster.push(&self.blob)?
         };
 
-        let before = cpu.seconds()?;
+        let before = cpu.usage()?;
         let t0 = wall_us();
         let started = Instant::now();
         let limit = Duration::from_secs_f64(self.bound(1) * 20.0 + 60.0);
@@ -192,7 +192,7 @@ impl Bench {
             let status = cluster.proc(cli).wait()?;
             ensure!(status.success(), "shoal distribute failed (see its log)");
         }
-        let cpu_seconds = cpu.seconds()? - before;
+        let used = cpu.usage()? - before;
 
         // What the seeder served (for a URL, the busiest agent: whichever was elected),
         // and what peers sent in all, in copies of the blob.
@@ -230,7 +230,7 @@ impl Bench {
         drop(cpu);
         Ok(Outcome {
             done,
-            cpu_seconds,
+            used,
             note: format!(
                 "seeder sent {seeder:.2} copies; peers sent {:.2}× what targets kept; \
                  QUIC lost {:.1}% of packets",
