@@ -161,6 +161,10 @@ impl Agent {
             executor: parts.executor.clone(),
             stop: parts.stop.clone(),
             certificate,
+            learned: {
+                let (up, down) = crate::capacity::declared(&parts.config);
+                crate::capacity::Learned::new(up, down)
+            },
         };
         let session = tokio::spawn(session::run(session, joined, outbox_rx));
         Self::finish_start(parts, stop, session, health).await

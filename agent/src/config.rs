@@ -10,7 +10,8 @@ use std::time::Duration;
 use crate::limiter::RateLimiter;
 use crate::transport::TransportConfig;
 
-/// Capacity announced to the coordinator when a direction is not capped: 10 Gbit/s.
+/// Capacity declared at Join for a direction neither capped nor bounded by an interface
+/// speed the kernel reports (`capacity::declared`): 10 Gbit/s.
 pub const UNLIMITED_CAPACITY_BYTES_PER_SEC: u64 = 1_250_000_000;
 
 /// How an agent runs. Every field has a default; `data_dir` and `join_token` usually need
@@ -225,22 +226,6 @@ impl AgentConfig {
             .unwrap_or_else(|| self.data_dir.join("agent.sock"))
     }
 
-    /// Upload capacity announced to the coordinator.
-    pub fn upload_capacity(&self) -> u64 {
-        nonzero_or(
-            self.upload_limit_bytes_per_sec,
-            UNLIMITED_CAPACITY_BYTES_PER_SEC,
-        )
-    }
-
-    /// Download capacity announced to the coordinator.
-    pub fn download_capacity(&self) -> u64 {
-        nonzero_or(
-            self.download_limit_bytes_per_sec,
-            UNLIMITED_CAPACITY_BYTES_PER_SEC,
-        )
-    }
-
     /// The transport settings, with one token bucket per capped direction (burst: two
     /// chunks, so a single connection is never starved by its own bucket).
     pub fn transport(&self) -> TransportConfig {
@@ -263,10 +248,6 @@ impl AgentConfig {
             ..TransportConfig::default()
         }
     }
-}
-
-fn nonzero_or(value: u64, default: u64) -> u64 {
-    if value == 0 { default } else { value }
 }
 
 /// `host:port` of the coordinator URL (default port 80/443 by scheme).
@@ -389,7 +370,6 @@ mod tests {
     fn limits_become_buckets_only_when_set() {
         let c = AgentConfig::default();
         assert!(c.transport().upload_limit.is_none());
-        assert_eq!(c.upload_capacity(), UNLIMITED_CAPACITY_BYTES_PER_SEC);
         let c = AgentConfig {
             upload_limit_bytes_per_sec: 25_000_000,
             ..AgentConfig::default()
@@ -398,6 +378,5 @@ mod tests {
             c.transport().upload_limit.map(|l| l.bytes_per_sec()),
             Some(25_000_000)
         );
-        assert_eq!(c.upload_capacity(), 25_000_000);
     }
 }

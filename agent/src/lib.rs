@@ -7,6 +7,7 @@
 mod agent;
 mod backoff;
 mod bring;
+mod capacity;
 pub mod config;
 mod counters;
 mod download;

@@ -37,6 +37,9 @@ pub const MIRROR_FIRST_BYTE: &str = "shoal_mirror_first_byte_seconds";
 /// What this agent's uplink delivered while it had chunks to send (its learned upload
 /// capacity), bytes per second.
 pub const UPLOAD_CAPACITY: &str = "shoal_agent_upload_capacity_bytes_per_second";
+/// The most this agent has received at once (its learned download capacity, fading with a
+/// ten-minute half-life, at most its configured limit), bytes per second.
+pub const DOWNLOAD_CAPACITY: &str = "shoal_agent_download_capacity_bytes_per_second";
 /// Per QUIC connection, labelled `peer` (the peer's endpoint address): smoothed RTT.
 pub const QUIC_RTT: &str = "shoal_agent_quic_rtt_seconds";
 /// Per QUIC connection: congestion window.
@@ -137,6 +140,10 @@ pub fn describe() {
     describe_gauge!(
         UPLOAD_CAPACITY,
         "Learned upload capacity: what the uplink delivered while it had chunks to send"
+    );
+    describe_gauge!(
+        DOWNLOAD_CAPACITY,
+        "Learned download capacity: the most received at once, fading, at most the limit"
     );
     describe_gauge!(QUIC_RTT, Unit::Seconds, "Smoothed RTT per QUIC connection");
     describe_gauge!(

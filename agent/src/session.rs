@@ -52,6 +52,8 @@ pub(crate) struct Session {
     /// The agent's key and certificate: each re-join asks for a new one, under the id it
     /// gets.
     pub certificate: Certificate,
+    /// What its links were seen to carry (reported with each load report).
+    pub learned: crate::capacity::Learned,
 }
 
 /// A successful Join.
@@ -66,12 +68,13 @@ fn join_request(
     previous_id: &str,
     csr_der: &[u8],
 ) -> pb::JoinRequest {
+    let declared = crate::capacity::declared(config);
     pb::JoinRequest {
         token: config.join_token.clone(),
         labels: config.labels.clone().into_iter().collect(),
         quic_addresses: vec![quic_addr.to_string()],
-        upload_capacity_bytes_per_sec: config.upload_capacity(),
-        download_capacity_bytes_per_sec: config.download_capacity(),
+        upload_capacity_bytes_per_sec: declared.0,
+        download_capacity_bytes_per_sec: declared.1,
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         previous_agent_id: previous_id.to_string(),
         csr_der: csr_der.to_vec(),
@@ -313,6 +316,7 @@ async fn connect_once(
     load.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_sent = Instant::now();
     let mut uploaded = UploadRate::new(shared);
+    let mut received = crate::capacity::Window::default();
     let connected_at = Instant::now();
     let mut stable = false;
     loop {
@@ -347,6 +351,9 @@ async fn connect_once(
                 Some(m)
             }
             _ = progress.tick() => {
+                let now = std::time::Instant::now();
+                let downloaded = received.rate(now, shared.counters.fetched().0);
+                shared.learned.observe(now, shared.endpoint.upload_rate(), downloaded);
                 shared.executor.orders.progress_batch().map(|b| pb::AgentMessage { msg: Some(Msg::Progress(b)) })
             }
             _ = load.tick() => {
@@ -456,10 +463,14 @@ impl UploadRate {
 
 fn load_report(shared: &Session, upload_bytes_per_sec: u64) -> pb::Load {
     let orders = &shared.executor.orders;
+    let (learned_up, learned_down) = shared.learned.capacities(std::time::Instant::now());
+    metrics::gauge!(crate::metrics::DOWNLOAD_CAPACITY).set(learned_down as f64);
     pb::Load {
         upload_bytes_per_sec,
         download_bytes_per_sec: orders.download_rate(),
         disk_free_bytes: shared.executor.store.free_bytes(),
+        learned_upload_bytes_per_sec: learned_up,
+        learned_download_bytes_per_sec: learned_down,
     }
 }
 

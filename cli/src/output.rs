@@ -142,23 +142,33 @@ pub async fn agents(client: &mut Client, output: Output) -> Result<()> {
                     "blobs_partial": a.blobs_partial,
                     "labels": a.labels,
                     "quarantined": a.quarantined,
+                    "upload_capacity_bytes_per_sec": a.upload_capacity_bytes_per_sec,
+                    "download_capacity_bytes_per_sec": a.download_capacity_bytes_per_sec,
+                    "declared_upload_capacity_bytes_per_sec": a.declared_upload_capacity_bytes_per_sec,
+                    "declared_download_capacity_bytes_per_sec": a.declared_download_capacity_bytes_per_sec,
                 })
             })
             .collect();
         return print_document(&serde_json::Value::Array(rows), output);
     }
     println!(
-        "{:<20} {:<12} {:<22} {:>6} {:>8}  labels",
-        "AGENT", "STATE", "QUIC", "BLOBS", "PARTIAL"
+        "{:<20} {:<12} {:<22} {:>6} {:>8} {:>15}  labels",
+        "AGENT", "STATE", "QUIC", "BLOBS", "PARTIAL", "UP/DOWN Mbit/s"
     );
+    let mbit = |bytes_per_sec: u64| bytes_per_sec as f64 * 8.0 / 1e6;
     for a in &agents {
         println!(
-            "{:<20} {:<12} {:<22} {:>6} {:>8}  {}",
+            "{:<20} {:<12} {:<22} {:>6} {:>8} {:>15}  {}",
             a.agent_id,
             agent_state(a),
             a.quic_addresses.first().cloned().unwrap_or_default(),
             a.blobs_held,
             a.blobs_partial,
+            format!(
+                "{:.0}/{:.0}",
+                mbit(a.upload_capacity_bytes_per_sec),
+                mbit(a.download_capacity_bytes_per_sec)
+            ),
             sorted_labels(a).join(",")
         );
     }

@@ -6,7 +6,7 @@
 //! Correctness only: timing goals live in the `netns` benchmark (`docs/BENCHMARKS.md`).
 //! Needs root and iproute2 (`apt-get install iproute2`; scripts/test-all.sh does).
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use shoal_tests::netns::Fabric;
 use shoal_tests::netns::shoal::{Cluster, Options};
 
@@ -82,6 +82,44 @@ fn distribute_on_shaped_links_delivers_identical_copies_without_waste() -> Resul
         (0.5 * 12.5e6..=1.05 * 12.5e6).contains(&capacity),
         "learned upload capacity {capacity} B/s on a 12.5 MB/s link"
     );
+    // The coordinator plans with what the agents learned, not the 10 Gbit/s they declared
+    // (no limits are configured here): the seeder's upload and the targets' downloads, seen
+    // in `shoal agents -o json` once a load report (every 5 s) carried them.
+    let link = 12.5e6;
+    let learned = (0..30).find_map(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let out = cluster
+            .shoal(0)
+            .args(["agents", "-o", "json", "--coordinator"])
+            .arg(cluster.coordinator_url())
+            .output()
+            .ok()?;
+        let agents: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let capacity = |h: usize, key: &str| -> Option<f64> {
+            let id = (cluster.hosts.iter()).find_map(|(id, &host)| (host == h).then_some(id))?;
+            (agents.as_array()?.iter())
+                .find(|a| a["agent_id"] == id.as_str())
+                .and_then(|a| a[key].as_f64())
+        };
+        let up = capacity(0, "upload_capacity_bytes_per_sec")?;
+        let down: Vec<f64> = (1..=3)
+            .map(|h| capacity(h, "download_capacity_bytes_per_sec"))
+            .collect::<Option<_>>()?;
+        let declared = capacity(0, "declared_upload_capacity_bytes_per_sec")?;
+        (up < declared && down.iter().all(|&d| d < declared)).then_some((up, down))
+    });
+    let (up, down) = learned.context("the coordinator never got learned capacities")?;
+    eprintln!("learned: the seeder's upload {up:.0} B/s, the targets' downloads {down:.0?} B/s");
+    assert!(
+        (0.3 * link..=1.1 * link).contains(&up),
+        "the seeder's learned upload {up} B/s on a {link} B/s link"
+    );
+    for d in down {
+        assert!(
+            (0.3 * link..=1.1 * link).contains(&d),
+            "a target's learned download {d} B/s on a {link} B/s link"
+        );
+    }
     let mut received = 0.0;
     for h in 1..=3 {
         received += cluster.metric(h, "shoal_agent_received_bytes_total")?;

@@ -15,6 +15,7 @@
 //! holdings are re-indexed only when it crosses between "has spare upload" and "full".
 
 mod api;
+mod hosts;
 mod intake;
 mod plan;
 mod split;
@@ -25,8 +26,8 @@ mod tests;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
+use rand::SeedableRng;
 use rand::rngs::SmallRng;
-use rand::{Rng, SeedableRng};
 
 use crate::tiered::Tiered;
 use crate::{BlobId, HostId, RackId, Time, ZoneId};
@@ -96,6 +97,9 @@ struct Host {
     holdings: BTreeMap<BlobId, Holding>,
     /// Downloads this host serves, with the upload rate reserved for each.
     serving: BTreeMap<(BlobId, HostId), Serve>,
+    /// What it had committed when its capacity fell below that (`Event::HostCapacity`), until
+    /// its commitments fit again; 0 otherwise.
+    committed_before_cut: u64,
     /// The stripe slots of the downloads it serves, per blob (see `stripes`).
     stripes: BTreeMap<BlobId, stripes::Slots>,
     committed_bps: u64,
@@ -330,6 +334,11 @@ impl Assigner {
                 upload_bps,
                 download_bps,
             } => self.host_up(now, host, zone, rack, upload_bps, download_bps),
+            Event::HostCapacity {
+                host,
+                upload_bps,
+                download_bps,
+            } => self.host_capacity(host, upload_bps, download_bps),
             Event::HostDown { host } => self.host_down(host),
             Event::Heartbeat { host } => self.renew(now, host),
             Event::BlobKnown {
@@ -487,102 +496,6 @@ impl Assigner {
 
     // ---- events ----
 
-    fn host_up(&mut self, now: Time, id: HostId, zone: ZoneId, rack: RackId, up: u64, down: u64) {
-        self.host_down(id);
-        let salt = self.rng.random();
-        let expiry = now + self.config.lease;
-        let host = self.hosts.entry(id).or_insert_with(|| Host {
-            zone,
-            rack,
-            upload_bps: up,
-            download_bps: down,
-            alive: false,
-            lease_expiry: expiry,
-            salt,
-            holdings: BTreeMap::new(),
-            serving: BTreeMap::new(),
-            stripes: BTreeMap::new(),
-            committed_bps: 0,
-            wants: BTreeSet::new(),
-        });
-        host.zone = zone;
-        host.rack = rack;
-        host.upload_bps = up;
-        host.download_bps = down;
-        host.salt = salt;
-        host.alive = true;
-        host.lease_expiry = expiry;
-        let wants: Vec<BlobId> = host.wants.iter().copied().collect();
-        self.leases.insert((expiry, id));
-        for blob in wants {
-            self.sync_hungry(blob, id);
-            self.top_up(blob, id);
-        }
-    }
-
-    fn renew(&mut self, now: Time, id: HostId) {
-        let lease = self.config.lease;
-        if let Some(h) = self.hosts.get_mut(&id).filter(|h| h.alive) {
-            self.leases.remove(&(h.lease_expiry, id));
-            h.lease_expiry = now + lease;
-            self.leases.insert((h.lease_expiry, id));
-        }
-    }
-
-    fn expire_leases(&mut self, now: Time) {
-        while let Some(&(at, host)) = self.leases.first() {
-            if at > now {
-                break;
-            }
-            self.stats.lease_expiries += 1;
-            self.host_down(host);
-        }
-    }
-
-    fn host_down(&mut self, id: HostId) {
-        let Some(h) = self.hosts.get_mut(&id).filter(|h| h.alive) else {
-            return;
-        };
-        h.alive = false;
-        self.leases.remove(&(h.lease_expiry, id));
-        self.stats.host_downs += 1;
-        let h = self.hosts.get_mut(&id).expect("checked above");
-        let serving = std::mem::take(&mut h.serving);
-        h.stripes.clear();
-        h.committed_bps = 0;
-        let holdings: Vec<BlobId> = h.holdings.keys().copied().collect();
-        let wants: Vec<BlobId> = h.wants.iter().copied().collect();
-        for blob in holdings {
-            self.set_holding(id, blob, None);
-        }
-        // Its own downloads: release their sources; the want stays for when it returns.
-        let mut freed = Vec::new();
-        for blob in wants {
-            let Some(d) = self.download_mut(blob, id) else {
-                continue;
-            };
-            d.sent = None;
-            for s in std::mem::take(&mut d.sources) {
-                self.release(blob, id, s);
-                freed.push((s, blob));
-            }
-            self.sync_hungry(blob, id);
-        }
-        // Its downloaders: drop it and top them up.
-        for (blob, target) in serving.into_keys() {
-            if let Some(d) = self.download_mut(blob, target) {
-                d.sources.retain(|s| *s != id);
-                self.dirty.insert((blob, target));
-                self.stats.replans += 1;
-                self.sync_hungry(blob, target);
-                self.top_up(blob, target);
-            }
-        }
-        for (source, blob) in freed {
-            self.offer_everything(source, blob);
-        }
-    }
-
     fn holds(&mut self, id: HostId, blob: BlobId, chunks: u32, complete: bool) {
         if !self.is_up(id) {
             return;
@@ -655,6 +568,7 @@ impl Assigner {
             serving: BTreeMap::new(),
             stripes: BTreeMap::new(),
             committed_bps: 0,
+            committed_before_cut: 0,
             wants: BTreeSet::new(),
         });
         if host.holdings.get(&blob).is_some_and(|h| h.complete) {

@@ -26,6 +26,28 @@ pub struct Agent {
     pub state: AgentState,
     pub session: Option<(u64, SessionTx)>,
     pub load: pb::Load,
+    /// The capacities the planner was last given (upload, download), bytes/s.
+    pub planned: (u64, u64),
+}
+
+/// How far a learned capacity moves from the one the planner has before the planner hears
+/// of it: rates measured from traffic wander, and each change may move stripes.
+const CAPACITY_CHANGE: f64 = 0.2;
+
+impl Agent {
+    /// The capacities to plan with, bytes/s: the learned ones (at most the declared) where
+    /// the agent has learned them, the declared ones otherwise.
+    pub fn capacity(&self) -> (u64, u64) {
+        let pick = |learned: u64, declared: u64| match learned {
+            0 => declared,
+            l if declared == 0 => l,
+            l => l.min(declared),
+        };
+        (
+            pick(self.load.learned_upload_bytes_per_sec, self.upload_bps),
+            pick(self.load.learned_download_bytes_per_sec, self.download_bps),
+        )
+    }
 }
 
 /// What a Join asks for, checked.
@@ -126,6 +148,7 @@ impl Agents {
                 state: AgentState::Disconnected,
                 session: None,
                 load: Default::default(),
+                planned: (a.upload_bps.max(1), a.download_bps.max(1)),
             },
         );
         Admitted {
@@ -199,10 +222,22 @@ impl Agents {
         true
     }
 
-    pub fn set_load(&mut self, host: HostId, load: pb::Load) {
-        if let Some(agent) = self.by_host.get_mut(&host) {
-            agent.load = load;
+    /// Records a load report; the capacities to give the planner if they moved by more
+    /// than [`CAPACITY_CHANGE`] from the ones it has.
+    pub fn set_load(&mut self, host: HostId, load: pb::Load) -> Option<(u64, u64)> {
+        let agent = self.by_host.get_mut(&host)?;
+        agent.load = load;
+        let (up, down) = agent.capacity();
+        let (up, down) = (up.max(1), down.max(1));
+        let moved = |new: u64, old: u64| {
+            (new as f64 - old as f64).abs() > CAPACITY_CHANGE * old.max(1) as f64
+        };
+        let (old_up, old_down) = agent.planned;
+        if !moved(up, old_up) && !moved(down, old_down) {
+            return None;
         }
+        agent.planned = (up, down);
+        Some((up, down))
     }
 
     /// Agents silent past `lease` are gone: their session and token are dropped.
@@ -265,6 +300,7 @@ impl Agents {
                     state: AgentState::Disconnected,
                     session: None,
                     load: Default::default(),
+                    planned: (1, 1),
                 },
             );
         }
@@ -362,8 +398,10 @@ impl Agents {
                     agent_id: a.id.clone(),
                     labels: a.labels.clone().into_iter().collect(),
                     quic_addresses: a.addrs.clone(),
-                    upload_capacity_bytes_per_sec: a.upload_bps,
-                    download_capacity_bytes_per_sec: a.download_bps,
+                    upload_capacity_bytes_per_sec: a.capacity().0,
+                    download_capacity_bytes_per_sec: a.capacity().1,
+                    declared_upload_capacity_bytes_per_sec: a.upload_bps,
+                    declared_download_capacity_bytes_per_sec: a.download_bps,
                     state: a.state as i32,
                     last_seen: Some(a.last_seen_wall.into()),
                     blobs_held: held,

@@ -107,10 +107,11 @@ fn bound_seconds(per_agent: &BTreeMap<&str, u64>, agents: &Agents) -> Option<f64
     let mut bound: f64 = 0.0;
     for (id, bytes) in per_agent {
         let agent = agents.host_of(id).and_then(|h| agents.get(h))?;
-        if agent.download_bps == 0 {
+        let download = agent.capacity().1;
+        if download == 0 {
             return None;
         }
-        bound = bound.max(*bytes as f64 / agent.download_bps as f64);
+        bound = bound.max(*bytes as f64 / download as f64);
     }
     (bound > 0.0).then_some(bound)
 }

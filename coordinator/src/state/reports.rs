@@ -27,7 +27,7 @@ impl State {
         {
             // Out of planning until it joins again: only its lease (renewed above) counts.
             match msg {
-                Msg::Load(load) => self.agents.set_load(host, load),
+                Msg::Load(load) => self.load(host, load, now),
                 Msg::Draining(_) => {}
                 _ => {
                     tracing::debug!(agent = %self.agents.name(host), "report of a draining agent ignored")
@@ -63,7 +63,7 @@ impl State {
                 self.blob_done(host, blob, now);
             }
             Msg::BlobFailed(failed) => self.blob_failed(host, failed, now),
-            Msg::Load(load) => self.agents.set_load(host, load),
+            Msg::Load(load) => self.load(host, load, now),
             Msg::BlobRegistered(reg) => self.register(host, reg, now),
             Msg::RangeSeeded(range) => self.range_seeded(host, range, now),
             Msg::ChunksSeeded(chunks) => self.chunks_seeded(host, chunks, now),
@@ -98,6 +98,22 @@ impl State {
                     self.assigner.handle(now.mono, event);
                 }
             }
+        }
+    }
+
+    /// A load report; the planner hears of capacities the agent learned (see
+    /// `Agent::capacity`).
+    fn load(&mut self, host: HostId, load: pb::Load, now: Now) {
+        if let Some((upload_bps, download_bps)) = self.agents.set_load(host, load) {
+            tracing::debug!(agent = %self.agents.name(host), upload_bps, download_bps, "learned capacity");
+            self.assigner.handle(
+                now.mono,
+                Event::HostCapacity {
+                    host,
+                    upload_bps,
+                    download_bps,
+                },
+            );
         }
     }
 

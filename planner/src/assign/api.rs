@@ -21,6 +21,15 @@ pub enum Event {
         upload_bps: u64,
         download_bps: u64,
     },
+    /// What a host's links deliver changed (the agent learned it from its traffic): plans
+    /// made from now on use these rates. Downloads it already serves keep their shares,
+    /// even if they now add up to more than its new upload; it takes no new one until they
+    /// fit.
+    HostCapacity {
+        host: HostId,
+        upload_bps: u64,
+        download_bps: u64,
+    },
     /// A host crashed or left: its downloaders are re-planned, its own downloads released.
     HostDown { host: HostId },
     /// Renews the host's lease. Any message from an agent may be turned into one.

@@ -20,7 +20,10 @@ impl Assigner {
                 return Err(format!("{id} serves {} > F", h.serving.len()));
             }
             let sum: u64 = h.serving.values().map(|v| v.rate).sum();
-            if sum != h.committed_bps || sum > h.upload_bps {
+            // More than its upload only after its capacity fell (`Event::HostCapacity`): it
+            // is then full and takes nothing new until the shares fit again.
+            let over = sum > h.upload_bps.max(h.committed_before_cut);
+            if sum != h.committed_bps || over {
                 return Err(format!("{id} committed {sum} of {} bps", h.upload_bps));
             }
             let idle = h.serving.is_empty() && h.holdings.is_empty();
@@ -282,6 +285,9 @@ impl Assigner {
         let s = self.hosts.get_mut(&source).expect("known host");
         if let Some(v) = s.serving.remove(&(blob, target)) {
             s.committed_bps -= v.rate;
+            if s.committed_bps <= s.upload_bps {
+                s.committed_before_cut = 0;
+            }
             self.free_slot(blob, target, source);
         }
         if was_full && !self.is_full(source) {

@@ -738,3 +738,56 @@ fn random_event_scripts_keep_every_invariant() {
         scripted_run(seed);
     }
 }
+
+#[test]
+fn a_learned_capacity_replaces_the_declared_one_for_new_plans() {
+    let x = blob(1);
+    // K = 2: a target with a 1 Gbit/s downlink reserves 0.5 Gbit/s of each of its sources.
+    let mut t = Harness::new(cfg(2, 8));
+    t.seed(0, 0, 0, 10 * GBPS, x); // declared: 10 Gbit/s
+    for host in 1..=2 {
+        t.up(host, 0, 0, 0);
+        assert!(t.want(host, x).contains(&fetch(host, x, &[0])));
+    }
+    // It learns its uplink carries 0.5 Gbit/s: what it serves stays (now more than it has),
+    // the invariants hold, and a new target does not get it.
+    t.ev(Event::HostCapacity {
+        host: h(0),
+        upload_bps: GBPS / 2,
+        download_bps: GBPS,
+    });
+    assert_eq!(t.a.uploads(h(0)), 2);
+    t.up(3, 0, 0, 0);
+    assert!(
+        t.want(3, x).is_empty(),
+        "a source past its learned capacity"
+    );
+    // One download ends: the other still needs its 0.5 Gbit/s, so the waiting target does
+    // not fit either. The second ends: now it does.
+    t.ev(Event::Done {
+        host: h(1),
+        blob: x,
+    });
+    assert_eq!(t.sources(3, x), Vec::<HostId>::new());
+    let after = t.ev(Event::Done {
+        host: h(2),
+        blob: x,
+    });
+    assert_eq!(t.sources(3, x), vec![h(0)], "{after:?}");
+    // Capacity learned higher again: room for more at once.
+    t.ev(Event::HostCapacity {
+        host: h(0),
+        upload_bps: 10 * GBPS,
+        download_bps: GBPS,
+    });
+    for host in 4..=6 {
+        t.up(host, 0, 0, 0);
+        assert!(t.want(host, x).contains(&fetch(host, x, &[0])));
+    }
+    // A host that is not up is not touched.
+    t.ev(Event::HostCapacity {
+        host: h(99),
+        upload_bps: 1,
+        download_bps: 1,
+    });
+}

@@ -265,7 +265,6 @@ impl<'a> Cluster<'a> {
         self.opts.dir.join(format!("h{h}/agent.sock"))
     }
 
-    /// `shoal` in host `h`'s namespace.
     /// `shoal` in host `h`'s namespace, with the coordinator's address, CA and admin token
     /// in the environment for client commands.
     pub fn shoal(&self, h: usize) -> Command {

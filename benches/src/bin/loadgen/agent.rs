@@ -465,6 +465,9 @@ impl Agent {
                         upload_bytes_per_sec: 0,
                         download_bytes_per_sec: rate,
                         disk_free_bytes: 1 << 40,
+                        // A real agent learns its link from its first transfers and keeps it.
+                        learned_upload_bytes_per_sec: 0,
+                        learned_download_bytes_per_sec: self.shared.link_bytes_per_sec as u64,
                     }))]
                 }
                 _ = heartbeat.tick() => {

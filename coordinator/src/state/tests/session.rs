@@ -132,7 +132,7 @@ fn cancelling_a_job_cancels_its_orders() {
 }
 
 #[test]
-fn list_agents_shows_what_agents_said_at_join_and_in_their_load() {
+fn list_agents_shows_what_agents_said_at_join_and_in_their_load_and_what_they_learned() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut s = state(dir.path(), Duration::from_secs(30));
     let req = pb::JoinRequest {
@@ -152,6 +152,7 @@ fn list_agents_shows_what_agents_said_at_join_and_in_their_load() {
         upload_bytes_per_sec: 10,
         download_bytes_per_sec: 20,
         disk_free_bytes: 30,
+        ..Default::default()
     };
     say(&mut s, session, Msg::Load(load));
     let list = s
@@ -167,6 +168,13 @@ fn list_agents_shows_what_agents_said_at_join_and_in_their_load() {
         ),
         (100, 200)
     );
+    assert_eq!(
+        (
+            a.declared_upload_capacity_bytes_per_sec,
+            a.declared_download_capacity_bytes_per_sec
+        ),
+        (100, 200)
+    );
     assert_eq!(a.version, "9.9.9");
     assert_eq!(
         (
@@ -175,6 +183,25 @@ fn list_agents_shows_what_agents_said_at_join_and_in_their_load() {
             a.disk_free_bytes
         ),
         (10, 20, 30)
+    );
+    // What the agent learned its links carry replaces what it declared, never above it.
+    let learned = pb::Load {
+        learned_upload_bytes_per_sec: 50,
+        learned_download_bytes_per_sec: 500,
+        ..load
+    };
+    say(&mut s, session, Msg::Load(learned));
+    let list = s
+        .ask(|r| Request::ListAgents(pb::ListAgentsRequest::default(), r))
+        .expect("list");
+    let a = &list.agents[0];
+    assert_eq!(
+        (
+            a.upload_capacity_bytes_per_sec,
+            a.download_capacity_bytes_per_sec,
+            a.declared_upload_capacity_bytes_per_sec
+        ),
+        (50, 200, 100)
     );
     // The labels select targets.
     let m = manifest();
