@@ -112,6 +112,27 @@ struct Serve {
     rate: u64,
 }
 
+impl Host {
+    /// A host known only by id (wanted before it came up): down, nowhere, no capacity.
+    fn unknown() -> Host {
+        Host {
+            zone: ZoneId(u32::MAX),
+            rack: RackId(u32::MAX),
+            upload_bps: 0,
+            download_bps: 0,
+            alive: false,
+            lease_expiry: Time::ZERO,
+            salt: 0,
+            holdings: BTreeMap::new(),
+            serving: BTreeMap::new(),
+            stripes: BTreeMap::new(),
+            committed_bps: 0,
+            committed_before_cut: 0,
+            wants: BTreeSet::new(),
+        }
+    }
+}
+
 impl Download {
     /// Whether it must not take `source` now: reported corrupt, or stalled recently.
     fn shuns(&self, source: HostId, now: Time) -> bool {
@@ -556,21 +577,7 @@ impl Assigner {
     }
 
     fn want(&mut self, blob: BlobId, id: HostId, priority: Priority) {
-        let host = self.hosts.entry(id).or_insert_with(|| Host {
-            zone: ZoneId(u32::MAX),
-            rack: RackId(u32::MAX),
-            upload_bps: 0,
-            download_bps: 0,
-            alive: false,
-            lease_expiry: Time::ZERO,
-            salt: 0,
-            holdings: BTreeMap::new(),
-            serving: BTreeMap::new(),
-            stripes: BTreeMap::new(),
-            committed_bps: 0,
-            committed_before_cut: 0,
-            wants: BTreeSet::new(),
-        });
+        let host = self.hosts.entry(id).or_insert_with(Host::unknown);
         if host.holdings.get(&blob).is_some_and(|h| h.complete) {
             return;
         }

@@ -1,8 +1,6 @@
 //! A host's life in the assigner: it comes up, learns what its links carry, renews its lease,
 //! and goes down (crashed, left, or its lease ran out).
 
-use std::collections::{BTreeMap, BTreeSet};
-
 use rand::Rng;
 
 use super::{Assigner, Host};
@@ -38,21 +36,7 @@ impl Assigner {
         self.host_down(id);
         let salt = self.rng.random();
         let expiry = now + self.config.lease;
-        let host = self.hosts.entry(id).or_insert_with(|| Host {
-            zone,
-            rack,
-            upload_bps: up,
-            download_bps: down,
-            alive: false,
-            lease_expiry: expiry,
-            salt,
-            holdings: BTreeMap::new(),
-            serving: BTreeMap::new(),
-            stripes: BTreeMap::new(),
-            committed_bps: 0,
-            committed_before_cut: 0,
-            wants: BTreeSet::new(),
-        });
+        let host = self.hosts.entry(id).or_insert_with(Host::unknown);
         host.zone = zone;
         host.rack = rack;
         host.upload_bps = up;
