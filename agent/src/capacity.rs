@@ -4,11 +4,12 @@
 //! capacity the link did not have.
 //!
 //! Upload: the uplink's drain rate (`transport/uplink.rs`: how fast the backlog of served
-//! chunks was acknowledged while there was one). Download: the sum of the running orders'
-//! rates. Each is a sample; the estimate is the highest sample, decaying with a half-life of
-//! [`HALF_LIFE`] so that a link that became slower is learned too, in time. A sample only
-//! says what the link carried, never more than it can, so the peak is the best lower bound
-//! at hand; the configured limits cap it.
+//! chunks was acknowledged while there was one). Download: the bytes received from peers
+//! over the last [`WINDOW`] (a shaper's burst or a chunk's rounding averages out). Each is a
+//! sample; the estimate is the highest sample, decaying with a half-life of [`HALF_LIFE`] so
+//! that a link that became slower is learned too, in time. A sample says what the link
+//! carried, which is at most what it can, so the peak is the best lower bound at hand; the
+//! configured limits cap it.
 //!
 //! What the agent declares at Join, before it has learned anything: its configured limits,
 //! else the fastest speed the kernel reports for a network interface that is up

@@ -135,7 +135,11 @@ pub const RESTRIPE_DELAY_MS: u64 = 100;
 /// Tunables. [`Default`] gives the v1 policy.
 #[derive(Clone, Debug)]
 pub struct AssignerConfig {
-    /// K: most sources one target pulls a blob from at once.
+    /// K: most sources one target pulls a blob from at once. Four, not six as before: on the
+    /// real-network benchmark N = 16 went from 2.10-2.23 to 1.92-1.93 the bound with less CPU
+    /// per byte (fewer connections), N = 8 stayed (1.26-1.30), and the simulator's
+    /// scenarios were the same or better (kraken-bench p99 1.065 -> 1.027); BENCHMARKS,
+    /// stop 32.
     pub max_sources: usize,
     /// F: most downloads one source serves at once, over all blobs.
     pub max_uploads: usize,
@@ -165,7 +169,7 @@ pub struct AssignerConfig {
 impl Default for AssignerConfig {
     fn default() -> Self {
         Self {
-            max_sources: 6,
+            max_sources: 4,
             max_uploads: 256,
             stuck_after: Duration::from_secs(2),
             lease: Duration::from_secs(10),

@@ -92,7 +92,10 @@ fn work_per_event_does_not_grow_with_the_swarm() {
 #[test]
 fn rounding_left_over_is_full() {
     let x = blob(1);
-    let mut t = Harness::new(AssignerConfig::default());
+    let mut t = Harness::new(AssignerConfig {
+        max_sources: 6,
+        ..AssignerConfig::default()
+    });
     t.seed(0, 0, 0, 10 * GBPS, x);
     for host in 1..=6 {
         t.a.handle(
