@@ -394,12 +394,13 @@ impl Agents {
         let agents = (page.into_iter())
             .map(|a| {
                 let (held, partial) = counts(a.host);
+                let (upload, download) = a.capacity();
                 pb::AgentInfo {
                     agent_id: a.id.clone(),
                     labels: a.labels.clone().into_iter().collect(),
                     quic_addresses: a.addrs.clone(),
-                    upload_capacity_bytes_per_sec: a.capacity().0,
-                    download_capacity_bytes_per_sec: a.capacity().1,
+                    upload_capacity_bytes_per_sec: upload,
+                    download_capacity_bytes_per_sec: download,
                     declared_upload_capacity_bytes_per_sec: a.upload_bps,
                     declared_download_capacity_bytes_per_sec: a.download_bps,
                     state: a.state as i32,

@@ -536,16 +536,19 @@ fn sources_of(o: &pb::FetchOrder) -> &[pb::Source] {
 }
 
 /// The answer on `rx`, which the step gave or the writer gives once its write is stored (the
-/// writer is a real thread: this polls in real time, at most 30 s).
-fn wait<R>(mut rx: oneshot::Receiver<Result<R, ApiError>>) -> Result<R, ApiError> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        match rx.try_recv() {
-            Ok(answer) => return answer,
-            Err(oneshot::error::TryRecvError::Empty) if std::time::Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            Err(e) => panic!("the request was not answered: {e:?}"),
-        }
-    }
+/// writer is a real thread: this blocks until it answers; nextest ends a hung test).
+fn wait<R>(rx: oneshot::Receiver<Result<R, ApiError>>) -> Result<R, ApiError> {
+    rx.blocking_recv()
+        .unwrap_or_else(|e| panic!("the request was not answered: {e:?}"))
+}
+
+/// Blocks until the writer has applied everything queued before this call: it applies in
+/// queue order, so an empty write queued now is done only after them. No clock, no polling.
+fn writes_applied(s: &S) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    s.writer
+        .write_then(crate::db::Write::Jobs(Vec::new()), move |_| {
+            let _ = tx.send(());
+        });
+    rx.recv().expect("the writer ran the barrier");
 }

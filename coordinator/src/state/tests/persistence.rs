@@ -127,9 +127,7 @@ fn a_cancel_that_cannot_be_stored_is_written_again() {
     assert!(matches!(refused, Err(ApiError::Internal(_))), "{refused:?}");
     assert_eq!(target_state(&mut s, &job).0, pb::JobState::Cancelled);
     // Let the failed write be seen as failed before the disk works again.
-    while s.writer.queued() > 0 {
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    writes_applied(&s);
     s.advance(HOUSEKEEPING);
     s.faults.fail_commits.store(false, Relaxed);
     // Housekeeping reads the failure, then writes the job again.
@@ -140,14 +138,17 @@ fn a_cancel_that_cannot_be_stored_is_written_again() {
     assert_eq!(target_state(&mut s, &job).0, pb::JobState::Cancelled);
 }
 
-/// Runs housekeeping in real time until every job change is stored.
+/// Runs housekeeping on the fake clock, letting the writer apply each round's writes, until
+/// every job change is stored.
 pub(super) fn settle(s: &mut S) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while s.jobs.unstored() > 0 || s.writer.queued() > 0 {
-        assert!(Instant::now() < deadline, "the writes never settled");
+    for _ in 0..1_000 {
+        if s.jobs.unstored() == 0 && s.writer.queued() == 0 {
+            return;
+        }
         s.advance(HOUSEKEEPING);
-        std::thread::sleep(Duration::from_millis(1));
+        writes_applied(s);
     }
+    panic!("the writes never settled");
 }
 
 /// Agents' reports are flushed one write at a time: with the disk behind, changes wait for
