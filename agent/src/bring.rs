@@ -67,6 +67,9 @@ impl Bringing {
     }
 }
 
+/// How the reason of a cancelled target or job begins ([`Bringing::failed`]).
+pub(crate) const CANCELLED: &str = "was cancelled";
+
 /// Asks the coordinator to distribute `request.blob` to this agent and starts watching the
 /// job. Errors are the coordinator's answer to the Distribute.
 pub(crate) async fn bring_here(
@@ -168,7 +171,7 @@ fn verdict(progress: &pb::JobProgress, me: &str) -> Verdict {
         match t.state() {
             pb::TargetState::Failed => return Verdict::Failed(format!("failed: {}", t.message)),
             pb::TargetState::Cancelled => {
-                return Verdict::Failed(format!("was cancelled: {}", t.message));
+                return Verdict::Failed(format!("{CANCELLED}: {}", t.message));
             }
             pb::TargetState::Done => return Verdict::Done,
             _ => {}
@@ -176,7 +179,7 @@ fn verdict(progress: &pb::JobProgress, me: &str) -> Verdict {
     }
     match progress.state() {
         pb::JobState::Failed => Verdict::Failed("failed: its job failed".into()),
-        pb::JobState::Cancelled => Verdict::Failed("was cancelled: its job was cancelled".into()),
+        pb::JobState::Cancelled => Verdict::Failed(format!("{CANCELLED}: its job was cancelled")),
         pb::JobState::Done => Verdict::Done,
         _ => Verdict::Running,
     }

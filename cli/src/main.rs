@@ -117,7 +117,8 @@ enum Command {
         agent: AgentSocket,
     },
     /// Fetch a blob through the local agent into a file: by digest, or from an HTTP(S) URL
-    /// (a model file). With `--digest`, the cluster fetches the URL once and shares it.
+    /// (a model file). The cluster fetches the URL once and shares it; with `--digest`, or
+    /// an origin that announces the SHA-256 (`Repr-Digest`), while it arrives.
     Pull {
         /// `sha256:<hex>`, or an http:// or https:// URL.
         source: String,

@@ -1,7 +1,7 @@
-//! Container images and model files through Shoal, with the real tools: the CNCF registry
-//! (`docker-registry`) as the upstream, `skopeo` and `containerd` as clients, Python's
-//! `http.server` as a model file origin, and real `shoal` processes (coordinator, four
-//! agents with their OCI mirrors). Every tool is installed by `scripts/test-all.sh`; a
+//! Container images through Shoal, with the real tools: the CNCF registry
+//! (`docker-registry`) as the upstream, `skopeo` and `containerd` as clients, and real
+//! `shoal` processes (coordinator, four agents with their OCI mirrors); model files by URL
+//! are in `models.rs`. Every tool is installed by `scripts/test-all.sh`; a
 //! missing one fails the test with the command that installs it.
 //!
 //! These are the slowest tests of the suite after the simulator's (each starts a registry
@@ -12,10 +12,9 @@ mod harness;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use harness::{Cluster, read};
 use shoal_proto::pb::v1 as pb;
 use shoal_tests::oci_image::{self, BuiltImage, ImageSpec};
@@ -487,225 +486,6 @@ async fn a_stalled_peer_makes_the_mirror_fall_back_to_the_upstream() -> Result<(
         gets.get(&layer),
         Some(&2),
         "the seed and the fallback: {gets:?}"
-    );
-    Ok(())
-}
-
-/// Python's http.server on loopback serving `dir`, its request log in a file.
-struct HttpServer {
-    child: std::process::Child,
-    port: u16,
-    log: std::path::PathBuf,
-}
-
-/// http.server's handler, sending bodies at `rate` bytes per second (argv: port, rate).
-const THROTTLED_SERVER: &str = r#"
-import http.server, sys, time
-rate = float(sys.argv[2])
-class Handler(http.server.SimpleHTTPRequestHandler):
-    def copyfile(self, src, dst):
-        while True:
-            piece = src.read(65536)
-            if not piece:
-                break
-            dst.write(piece)
-            dst.flush()
-            time.sleep(len(piece) / rate)
-http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
-"#;
-
-impl HttpServer {
-    fn start(dir: &Path) -> Result<Self> {
-        Self::spawn(dir, None)
-    }
-
-    /// One that sends bodies at `rate` bytes per second: an origin slower than the agents.
-    fn start_throttled(dir: &Path, rate: u64) -> Result<Self> {
-        Self::spawn(dir, Some(rate))
-    }
-
-    fn spawn(dir: &Path, rate: Option<u64>) -> Result<Self> {
-        let python = shoal_tests::tools::require("python3", "python3");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let log = dir.join("http.log");
-        let mut cmd = Command::new(python);
-        match rate {
-            None => cmd.args([
-                "-m",
-                "http.server",
-                "--bind",
-                "127.0.0.1",
-                &port.to_string(),
-            ]),
-            Some(rate) => cmd.args(["-c", THROTTLED_SERVER, &port.to_string(), &rate.to_string()]),
-        };
-        let child = cmd
-            .current_dir(dir)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
-            .spawn()?;
-        let started = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if started.elapsed() > Duration::from_secs(10) {
-                bail!("http.server did not start: {}", read(&log));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(Self { child, port, log })
-    }
-
-    fn gets(&self, path: &str) -> usize {
-        read(&self.log)
-            .lines()
-            .filter(|l| l.contains(&format!("\"GET {path} ")))
-            .count()
-    }
-}
-
-impl Drop for HttpServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_model_file_reaches_four_agents_with_one_upstream_fetch() -> Result<()> {
-    let cluster = Cluster::start_configured(4, &[], 10_000, "", "chunk_size = 262144\n").await?;
-    let files = tempfile::tempdir()?;
-    let model = harness::random_file(files.path(), "model.safetensors", 3 << 20, 11)?;
-    let content = std::fs::read(&model)?;
-    let digest = shoal_proto::Digest::of(&content).to_string();
-    let server = HttpServer::start(files.path())?;
-    let url = format!("http://127.0.0.1:{}/model.safetensors", server.port);
-
-    let out = harness::shoal()
-        .args(["distribute", &digest, "--from-url", &url, "--to", "all"])
-        .args(["--coordinator", &cluster.url()])
-        .arg("--ca-file")
-        .arg(cluster.ca_file())
-        .env("SHOAL_TOKEN", harness::ADMIN_TOKEN)
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "distribute failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        read(&cluster.coordinator.log)
-    );
-    assert_eq!(
-        server.gets("/model.safetensors"),
-        1,
-        "{}",
-        read(&server.log)
-    );
-
-    // A pull by URL and digest on an agent that holds it: no new fetch, same bytes.
-    let dest = files.path().join("pulled");
-    let out = harness::shoal()
-        .args(["pull", &url, "--digest", &digest, "-o"])
-        .arg(&dest)
-        .arg("--socket")
-        .arg(cluster.agents[3].socket())
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(std::fs::read(&dest)?, content);
-    assert_eq!(server.gets("/model.safetensors"), 1);
-
-    // A URL whose content does not match the digest given: a clear failure, nothing kept.
-    let wrong = format!("sha256:{}", "cd".repeat(32));
-    let out = harness::shoal()
-        .args(["pull", &url, "--digest", &wrong, "-o"])
-        .arg(files.path().join("wrong"))
-        .arg("--socket")
-        .arg(cluster.agents[0].socket())
-        .output()?;
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("hashes to") || err.contains(&digest), "{err}");
-    assert!(!files.path().join("wrong").exists());
-    Ok(())
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn four_agents_pulling_a_url_without_digest_fetch_it_once() -> Result<()> {
-    let cluster = Cluster::start_configured(4, &[], 10_000, "", "chunk_size = 262144\n").await?;
-    let files = tempfile::tempdir()?;
-    let model = harness::random_file(files.path(), "model.bin", 5 << 20, 12)?;
-    let content = std::fs::read(&model)?;
-    let server = HttpServer::start(files.path())?;
-    let url = format!("http://127.0.0.1:{}/model.bin", server.port);
-    pull_everywhere(&cluster, &url, None, files.path(), &content)?;
-    assert_eq!(server.gets("/model.bin"), 1, "{}", read(&server.log));
-    Ok(())
-}
-
-/// `shoal pull URL [--digest D] -o out-<i>` on every agent at once; each copy must be
-/// `content`.
-fn pull_everywhere(
-    cluster: &Cluster,
-    url: &str,
-    digest: Option<&str>,
-    dir: &Path,
-    content: &[u8],
-) -> Result<()> {
-    let pulls: Vec<_> = (cluster.agents.iter().enumerate())
-        .map(|(i, agent)| {
-            let mut cmd = harness::shoal();
-            cmd.args(["pull", url]);
-            if let Some(d) = digest {
-                cmd.args(["--digest", d]);
-            }
-            cmd.arg("-o")
-                .arg(dir.join(format!("out-{i}")))
-                .arg("--socket")
-                .arg(agent.socket());
-            std::thread::spawn(move || cmd.output())
-        })
-        .collect();
-    for (i, p) in pulls.into_iter().enumerate() {
-        let out = p.join().expect("pull thread")?;
-        ensure!(
-            out.status.success(),
-            "pull {i}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        ensure!(
-            std::fs::read(dir.join(format!("out-{i}")))? == content,
-            "pull {i}'s copy differs"
-        );
-    }
-    Ok(())
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn simultaneous_pulls_by_digest_fetch_from_the_seeder_while_it_seeds() -> Result<()> {
-    // An origin slower than the agents, as a registry or model store is for a whole
-    // cluster: the first pull seeds the file, and the others fetch its chunks from the
-    // seeder (and each other) as they arrive, not after the whole file.
-    let cluster = Cluster::start_configured(4, &[], 10_000, "", "chunk_size = 262144\n").await?;
-    let files = tempfile::tempdir()?;
-    let model = harness::random_file(files.path(), "model.bin", 6 << 20, 13)?;
-    let content = std::fs::read(&model)?;
-    let digest = shoal_proto::Digest::of(&content).to_string();
-    let server = HttpServer::start_throttled(files.path(), 4 << 20)?;
-    let url = format!("http://127.0.0.1:{}/model.bin", server.port);
-    pull_everywhere(&cluster, &url, Some(&digest), files.path(), &content)?;
-    assert_eq!(server.gets("/model.bin"), 1, "{}", read(&server.log));
-    // Every agent but the seeder learned chunk digests from the running seed.
-    let mut streamed = Vec::new();
-    for agent in &cluster.agents {
-        streamed.push(agent.metric("shoal_agent_streamed_digests_total")?);
-    }
-    let joined = streamed.iter().filter(|n| **n > 0.0).count();
-    assert_eq!(
-        joined, 3,
-        "agents that fetched while the seed ran: {streamed:?}"
     );
     Ok(())
 }

@@ -78,6 +78,9 @@ pub struct UrlInfo {
     pub etag: Option<String>,
     /// The server said `Accept-Ranges: bytes`.
     pub accept_ranges: bool,
+    /// The content's SHA-256 as the server announced it (`Repr-Digest` and the like, see
+    /// `announced.rs`): a claim to check the content against, not a checked fact.
+    pub sha256: Option<Digest>,
 }
 
 enum Auth {
@@ -295,10 +298,13 @@ impl Client {
         headers: &[(String, String)],
     ) -> Result<UrlInfo, OriginError> {
         let url = parse_http_url(url)?;
-        let headers = self.with_configured(url.as_str(), headers)?;
+        let mut headers = self.with_configured(url.as_str(), headers)?;
+        let (want, value) = crate::announced::WANT_REPR_DIGEST;
+        headers.insert(want, HeaderValue::from_static(value));
         let response = self.url_request(Method::HEAD, url, headers).await?;
         let headers = response.headers();
         Ok(UrlInfo {
+            sha256: crate::announced::announced_sha256(headers),
             size: content_length(headers),
             etag: header_str(headers, ETAG),
             accept_ranges: header_str(headers, ACCEPT_RANGES)

@@ -5,6 +5,7 @@
 //! streaming bodies; [`Reference`] parses image references; [`resolve_image`] turns one into
 //! the blobs a node needs. Everything fails with an [`OriginError`] that names the URL.
 
+mod announced;
 mod auth;
 mod body;
 mod client;

@@ -8,6 +8,7 @@ use axum::body::Body as AxumBody;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::Response;
 use axum::routing::get;
+use base64::Engine;
 use bytes::Bytes;
 use shoal_origin::{Body, ByteRange, Client, OriginConfig, OriginError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -26,9 +27,15 @@ fn model() -> Bytes {
 async fn start_files() -> SocketAddr {
     async fn ranged(headers: HeaderMap) -> Response {
         let bytes = model();
-        let builder = Response::builder()
+        let mut builder = Response::builder()
             .header(header::ETAG, ETAG)
             .header(header::ACCEPT_RANGES, "bytes");
+        // RFC 9530: the representation's SHA-256, to a client that asks for it.
+        if headers.contains_key("want-repr-digest") {
+            let sha = shoal_proto::Digest::of(&bytes);
+            let b64 = base64::engine::general_purpose::STANDARD.encode(sha.as_bytes());
+            builder = builder.header("repr-digest", format!("sha-256=:{b64}:"));
+        }
         let range = headers
             .get(header::RANGE)
             .and_then(|v| v.to_str().ok())
@@ -106,6 +113,13 @@ async fn head_and_get_with_etag_and_ranges() {
     assert_eq!(info.size, Some(50_000));
     assert_eq!(info.etag.as_deref(), Some(ETAG));
     assert!(info.accept_ranges);
+    // Asked for with `Want-Repr-Digest`, announced with `Repr-Digest`.
+    assert_eq!(info.sha256, Some(shoal_proto::Digest::of(&model())));
+    let plain = client
+        .head_url(&format!("http://{addr}/plain.bin"), &[])
+        .await
+        .unwrap();
+    assert_eq!(plain.sha256, None);
 
     let body = client.get_url(&url, &[], None).await.unwrap();
     assert_eq!(body.etag.as_deref(), Some(ETAG));

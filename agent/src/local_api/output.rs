@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use tonic::Status;
 
 /// Where the caller wants the blob, and whether as its own writable copy.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(super) struct Wanted {
     pub path: PathBuf,
     /// Never a hard link (a reflink is still taken where the filesystem can).

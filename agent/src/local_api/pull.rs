@@ -66,22 +66,43 @@ pub(super) async fn pull(
     let (tx, rx) = mpsc::channel(16);
     tokio::spawn(async move {
         let work = async {
-            let digest = match digest {
-                Some(d) => d,
-                // No digest to name it by: this agent fetches the URL itself.
-                // No digest to name it by: find out which blob it is (see `identify`).
-                None => identify(&shared, &url.clone().unwrap_or_default(), &tx).await?,
+            let (pin, deadline_ms) = (request.pin, request.deadline_ms);
+            let url = match digest {
+                Some(d) => {
+                    return run(&shared, d, url.as_deref(), output, pin, deadline_ms, &tx).await;
+                }
+                // Checked above: without a digest there is a URL.
+                None => url.unwrap_or_default(),
             };
-            run(
-                &shared,
-                digest,
-                url.as_deref(),
-                output,
-                request.pin,
-                request.deadline_ms,
-                &tx,
-            )
-            .await
+            let head = match shared.ingester.origin.head_url(&url, &[]).await {
+                Ok(info) => info,
+                Err(e) => return Err(Status::unavailable(format!("{url}: {e}"))),
+            };
+            if let Some(announced) = head.sha256 {
+                // Named before anyone read it: seeded once and streamed to every puller
+                // at once, like a pull with `--digest` (and checked against it the same).
+                tracing::info!(url, blob = %announced, "the origin announced the content's SHA-256: pulling by it");
+                let by_announced = run(
+                    &shared,
+                    announced,
+                    Some(&url),
+                    output.clone(),
+                    pin,
+                    deadline_ms,
+                    &tx,
+                )
+                .await;
+                match by_announced {
+                    // The content may not match the announcement: name it as if none came.
+                    Err(s) if s.code() == tonic::Code::Aborted => {
+                        tracing::warn!(url, blob = %announced, error = s.message(), "pulling by the origin's announced digest failed: pulling as if it announced none");
+                    }
+                    other => return other,
+                }
+            }
+            // No digest to name it by: find out which blob it is (see `identify`).
+            let digest = identify(&shared, &url, head, &tx).await?;
+            run(&shared, digest, Some(&url), output, pin, deadline_ms, &tx).await
         };
         let outcome = match deadline {
             Some(at) => tokio::time::timeout_at(at, work).await.unwrap_or_else(|_| {
@@ -159,7 +180,12 @@ async fn run(
             tokio::select! {
                 _ = tick.tick() => {}
                 why = bringing.failed() => {
-                    return Err(Status::aborted(format!("fetching {digest} {why}")));
+                    let message = format!("fetching {digest} {why}");
+                    return Err(if why.starts_with(bring::CANCELLED) {
+                        Status::cancelled(message)
+                    } else {
+                        Status::aborted(message)
+                    });
                 }
                 f = finished.recv() => match f {
                     Ok(f) if f.digest == digest && f.job_id == job_id => {
@@ -224,7 +250,12 @@ async fn run(
 /// size): the first agent to ask fetches it and reports its digest, the others wait for
 /// that digest and then pull it like any blob, from peers. An origin that gives neither
 /// ETag nor size cannot be told apart from a changed file: this agent fetches it alone.
-async fn identify(shared: &LocalApi, url: &str, tx: &Tx) -> Result<Digest, Status> {
+async fn identify(
+    shared: &LocalApi,
+    url: &str,
+    info: shoal_origin::UrlInfo,
+    tx: &Tx,
+) -> Result<Digest, Status> {
     let state = |state: PullState| async move {
         let _ = tx
             .send(Ok(pb::PullProgress {
@@ -232,10 +263,6 @@ async fn identify(shared: &LocalApi, url: &str, tx: &Tx) -> Result<Digest, Statu
                 ..Default::default()
             }))
             .await;
-    };
-    let info = match shared.ingester.origin.head_url(url, &[]).await {
-        Ok(info) => info,
-        Err(e) => return Err(Status::unavailable(format!("{url}: {e}"))),
     };
     let (etag, size) = (info.etag.unwrap_or_default(), info.size.unwrap_or(0));
     if etag.is_empty() && size == 0 {

@@ -14,8 +14,9 @@
 //!   `pull-copy` the same with `--copy` (each output a copy of its own);
 //! - `pull-url`: the same cluster, fresh, nothing pushed, an HTTP origin on host 0 (GET, HEAD,
 //!   ranges), and every target runs `shoal pull http://h0/blob.bin -o FILE` at once (a model
-//!   rollout, issue 14); `pull-url-digest` the same with `--digest`; `distribute-url` a
-//!   `shoal distribute --from-url` of it;
+//!   rollout, issue 14); `pull-url-digest` the same with `--digest`; `pull-url-announced`
+//!   the same without, from an origin that announces the SHA-256 (`Repr-Digest`);
+//!   `distribute-url` a `shoal distribute --from-url` of it;
 //! - `containerd-direct` / `containerd-shoal`: a `docker-registry` on host 0 holding a
 //!   two-layer image of the blob's size, a containerd on every target, and `ctr images pull`
 //!   on every target at once, from the registry or through each host's agent's OCI mirror
@@ -73,7 +74,7 @@ struct Args {
     #[arg(long, default_value_t = 0)]
     slow: usize,
     /// Systems to run, comma-separated: floor,http,bt,distribute,pull,pull-copy,pull-url,
-    /// pull-url-digest,distribute-url,containerd-direct,containerd-shoal,
+    /// pull-url-digest,pull-url-announced,distribute-url,containerd-direct,containerd-shoal,
     /// containerd-preheated,deploy-direct,deploy-shoal,deploy-preheated.
     #[arg(
         long,
@@ -108,9 +109,15 @@ enum Helper {
     #[command(hide = true)]
     Source { to: SocketAddr, bytes: u64 },
     /// Serves `file` on `port` as a plain origin does: GET and HEAD, single byte ranges,
-    /// keep-alive.
+    /// keep-alive; with `--repr-digest`, announcing that SHA-256 (base64) as RFC 9530's
+    /// `Repr-Digest` does.
     #[command(hide = true)]
-    Serve { port: u16, file: PathBuf },
+    Serve {
+        port: u16,
+        file: PathBuf,
+        #[arg(long)]
+        repr_digest: Option<String>,
+    },
     /// GETs `url`'s path from `addr` into `out`, prints the wall-clock µs it ended.
     #[command(hide = true)]
     Get { addr: SocketAddr, out: PathBuf },
@@ -150,13 +157,17 @@ fn helper(h: Helper) -> Result<()> {
             s.shutdown(std::net::Shutdown::Write)?;
             let _ = s.read(&mut [0u8; 1]);
         }
-        Helper::Serve { port, file } => {
+        Helper::Serve {
+            port,
+            file,
+            repr_digest,
+        } => {
             let listener = TcpListener::bind(("0.0.0.0", port))?;
             println!("listening");
             std::io::stdout().flush()?;
             for s in listener.incoming() {
-                let (mut s, file) = (s?, file.clone());
-                std::thread::spawn(move || serve_connection(&mut s, &file));
+                let (mut s, file, sha) = (s?, file.clone(), repr_digest.clone());
+                std::thread::spawn(move || serve_connection(&mut s, &file, sha.as_deref()));
             }
         }
         Helper::Get { addr, out } => {
@@ -203,7 +214,7 @@ fn helper(h: Helper) -> Result<()> {
 }
 
 /// Answers the requests of one client connection until it closes.
-fn serve_connection(s: &mut TcpStream, file: &Path) -> Result<()> {
+fn serve_connection(s: &mut TcpStream, file: &Path, repr_digest: Option<&str>) -> Result<()> {
     use std::io::{Seek, SeekFrom};
     let mut pending = Vec::new();
     let mut buf = [0u8; 4096];
@@ -253,6 +264,9 @@ fn serve_connection(s: &mut TcpStream, file: &Path) -> Result<()> {
                 "Content-Range: bytes {first}-{}/{len}\r\n",
                 first + count - 1
             )?;
+        }
+        if let Some(sha) = repr_digest {
+            write!(s, "Repr-Digest: sha-256=:{sha}:\r\n")?;
         }
         write!(s, "\r\n")?;
         if !head_only {

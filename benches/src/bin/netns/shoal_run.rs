@@ -21,18 +21,21 @@ pub(super) enum Mode {
     PullUrl,
     /// `PullUrl` with `--digest`.
     PullUrlDigest,
+    /// `PullUrl` from an origin that announces the content's SHA-256 (`Repr-Digest`).
+    PullUrlAnnounced,
     /// `shoal distribute DIGEST --from-url URL` to every target: the job's targets arrive
     /// together, so a large blob may be seeded in ranges.
     DistributeUrl,
 }
 
 impl Mode {
-    const ALL: [Mode; 6] = [
+    const ALL: [Mode; 7] = [
         Mode::Distribute,
         Mode::Pull,
         Mode::PullCopy,
         Mode::PullUrl,
         Mode::PullUrlDigest,
+        Mode::PullUrlAnnounced,
         Mode::DistributeUrl,
     ];
 
@@ -44,6 +47,7 @@ impl Mode {
             Mode::PullCopy => "pull-copy",
             Mode::PullUrl => "pull-url",
             Mode::PullUrlDigest => "pull-url-digest",
+            Mode::PullUrlAnnounced => "pull-url-announced",
             Mode::DistributeUrl => "distribute-url",
         }
     }
@@ -61,11 +65,15 @@ impl Bench {
         let name = mode.name();
         let by_url = matches!(
             mode,
-            Mode::PullUrl | Mode::PullUrlDigest | Mode::DistributeUrl
+            Mode::PullUrl | Mode::PullUrlDigest | Mode::PullUrlAnnounced | Mode::DistributeUrl
         );
         let pull = matches!(
             mode,
-            Mode::Pull | Mode::PullCopy | Mode::PullUrl | Mode::PullUrlDigest
+            Mode::Pull
+                | Mode::PullCopy
+                | Mode::PullUrl
+                | Mode::PullUrlDigest
+                | Mode::PullUrlAnnounced
         );
         let sha: String = self.sha.iter().map(|b| format!("{b:02x}")).collect();
         let sha = format!("sha256:{sha}");
@@ -99,6 +107,11 @@ impl Bench {
         let digest = if by_url {
             let mut c = self.fabric.command(0, &self.exe);
             c.args(["serve", "8080"]).arg(&self.blob);
+            if mode == Mode::PullUrlAnnounced {
+                use base64::Engine;
+                let b64 = base64::engine::general_purpose::STANDARD.encode(self.sha);
+                c.args(["--repr-digest", &b64]);
+            }
             cluster.spawn(c, "origin")?;
             format!("http://{}:8080/blob.bin", self.fabric.ip(0))
         } else {

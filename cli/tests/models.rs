@@ -1,0 +1,332 @@
+//! Model files by URL through Shoal: Python's `http.server` as the origin (installed by
+//! `scripts/test-all.sh`; missing, it fails the test with the command that installs it) and
+//! real `shoal` processes (coordinator and four agents). About 5–15 s each.
+
+#[path = "cluster/harness.rs"]
+mod harness;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail, ensure};
+use harness::{Cluster, read};
+use shoal_proto::pb::v1 as pb;
+
+/// Python's http.server on loopback serving `dir`, its request log in a file.
+struct HttpServer {
+    child: std::process::Child,
+    port: u16,
+    log: std::path::PathBuf,
+}
+
+/// http.server's handler (argv: port, rate, repr): sending bodies at `rate` bytes per
+/// second unless it is 0, and announcing `repr` (base64) as the files' SHA-256 in RFC 9530's
+/// `Repr-Digest` unless it is empty.
+const SERVER: &str = r#"
+import http.server, sys, time
+rate, repr_digest = float(sys.argv[2]), sys.argv[3]
+class Handler(http.server.SimpleHTTPRequestHandler):
+    def end_headers(self):
+        if repr_digest:
+            self.send_header("Repr-Digest", "sha-256=:%s:" % repr_digest)
+        super().end_headers()
+    def copyfile(self, src, dst):
+        while True:
+            piece = src.read(65536)
+            if not piece:
+                break
+            dst.write(piece)
+            dst.flush()
+            if rate:
+                time.sleep(len(piece) / rate)
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+"#;
+
+impl HttpServer {
+    fn start(dir: &Path) -> Result<Self> {
+        Self::spawn(dir, None, None)
+    }
+
+    /// One that sends bodies at `rate` bytes per second: an origin slower than the agents.
+    fn start_throttled(dir: &Path, rate: u64) -> Result<Self> {
+        Self::spawn(dir, Some(rate), None)
+    }
+
+    /// One that announces `sha256` as every file's SHA-256 (`Repr-Digest`), at `rate` bytes
+    /// per second if given.
+    fn start_announcing(
+        dir: &Path,
+        sha256: &shoal_proto::Digest,
+        rate: Option<u64>,
+    ) -> Result<Self> {
+        Self::spawn(dir, rate, Some(sha256))
+    }
+
+    fn spawn(
+        dir: &Path,
+        rate: Option<u64>,
+        announce: Option<&shoal_proto::Digest>,
+    ) -> Result<Self> {
+        let python = shoal_tests::tools::require("python3", "python3");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let log = dir.join("http.log");
+        let mut cmd = Command::new(python);
+        let repr = announce.map_or(String::new(), |d| {
+            use base64::Engine;
+            base64::engine::general_purpose::STANDARD.encode(d.as_bytes())
+        });
+        match (rate, announce) {
+            (None, None) => cmd.args([
+                "-m",
+                "http.server",
+                "--bind",
+                "127.0.0.1",
+                &port.to_string(),
+            ]),
+            (rate, _) => cmd.args([
+                "-c",
+                SERVER,
+                &port.to_string(),
+                &rate.unwrap_or(0).to_string(),
+                &repr,
+            ]),
+        };
+        let child = cmd
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()?;
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if started.elapsed() > Duration::from_secs(10) {
+                bail!("http.server did not start: {}", read(&log));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(Self { child, port, log })
+    }
+
+    fn gets(&self, path: &str) -> usize {
+        read(&self.log)
+            .lines()
+            .filter(|l| l.contains(&format!("\"GET {path} ")))
+            .count()
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_file_reaches_four_agents_with_one_upstream_fetch() -> Result<()> {
+    let cluster = Cluster::start_configured(4, &[], 10_000, "", "chunk_size = 262144\n").await?;
+    let files = tempfile::tempdir()?;
+    let model = harness::random_file(files.path(), "model.safetensors", 3 << 20, 11)?;
+    let content = std::fs::read(&model)?;
+    let digest = shoal_proto::Digest::of(&content).to_string();
+    let server = HttpServer::start(files.path())?;
+    let url = format!("http://127.0.0.1:{}/model.safetensors", server.port);
+
+    let out = harness::shoal()
+        .args(["distribute", &digest, "--from-url", &url, "--to", "all"])
+        .args(["--coordinator", &cluster.url()])
+        .arg("--ca-file")
+        .arg(cluster.ca_file())
+        .env("SHOAL_TOKEN", harness::ADMIN_TOKEN)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "distribute failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        read(&cluster.coordinator.log)
+    );
+    assert_eq!(
+        server.gets("/model.safetensors"),
+        1,
+        "{}",
+        read(&server.log)
+    );
+
+    // A pull by URL and digest on an agent that holds it: no new fetch, same bytes.
+    let dest = files.path().join("pulled");
+    let out = harness::shoal()
+        .args(["pull", &url, "--digest", &digest, "-o"])
+        .arg(&dest)
+        .arg("--socket")
+        .arg(cluster.agents[3].socket())
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(&dest)?, content);
+    assert_eq!(server.gets("/model.safetensors"), 1);
+
+    // A URL whose content does not match the digest given: a clear failure, nothing kept.
+    let wrong = format!("sha256:{}", "cd".repeat(32));
+    let out = harness::shoal()
+        .args(["pull", &url, "--digest", &wrong, "-o"])
+        .arg(files.path().join("wrong"))
+        .arg("--socket")
+        .arg(cluster.agents[0].socket())
+        .output()?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("hashes to") || err.contains(&digest), "{err}");
+    assert!(!files.path().join("wrong").exists());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_agents_pulling_a_url_without_digest_fetch_it_once() -> Result<()> {
+    let cluster = Cluster::start_configured(4, &[], 10_000, "", "chunk_size = 262144\n").await?;
+    let files = tempfile::tempdir()?;
+    let model = harness::random_file(files.path(), "model.bin", 5 << 20, 12)?;
+    let content = std::fs::read(&model)?;
+    let server = HttpServer::start(files.path())?;
+    let url = format!("http://127.0.0.1:{}/model.bin", server.port);
+    pull_everywhere(&cluster, &url, None, files.path(), &content)?;
+    assert_eq!(server.gets("/model.bin"), 1, "{}", read(&server.log));
+    Ok(())
+}
+
+/// `shoal pull URL [--digest D] -o out-<i>` on every agent at once; each copy must be
+/// `content`.
+fn pull_everywhere(
+    cluster: &Cluster,
+    url: &str,
+    digest: Option<&str>,
+    dir: &Path,
+    content: &[u8],
+) -> Result<()> {
+    let pulls: Vec<_> = (cluster.agents.iter().enumerate())
+        .map(|(i, agent)| {
+            let mut cmd = harness::shoal();
+            cmd.args(["pull", url]);
+            if let Some(d) = digest {
+                cmd.args(["--digest", d]);
+            }
+            cmd.arg("-o")
+                .arg(dir.join(format!("out-{i}")))
+                .arg("--socket")
+                .arg(agent.socket());
+            std::thread::spawn(move || cmd.output())
+        })
+        .collect();
+    for (i, p) in pulls.into_iter().enumerate() {
+        let out = p.join().expect("pull thread")?;
+        ensure!(
+            out.status.success(),
+            "pull {i}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        ensure!(
+            std::fs::read(dir.join(format!("out-{i}")))? == content,
+            "pull {i}'s copy differs"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simultaneous_pulls_by_digest_fetch_from_the_seeder_while_it_seeds() -> Result<()> {
+    // An origin slower than the agents, as a registry or model store is for a whole
+    // cluster: the first pull seeds the file, and the others fetch its chunks from the
+    // seeder (and each other) as they arrive, not after the whole file.
+    let cluster = Cluster::start_configured(4, &[], 10_000, "", "chunk_size = 262144\n").await?;
+    let files = tempfile::tempdir()?;
+    let model = harness::random_file(files.path(), "model.bin", 6 << 20, 13)?;
+    let content = std::fs::read(&model)?;
+    let digest = shoal_proto::Digest::of(&content).to_string();
+    let server = HttpServer::start_throttled(files.path(), 4 << 20)?;
+    let url = format!("http://127.0.0.1:{}/model.bin", server.port);
+    pull_everywhere(&cluster, &url, Some(&digest), files.path(), &content)?;
+    assert_eq!(server.gets("/model.bin"), 1, "{}", read(&server.log));
+    // Every agent but the seeder learned chunk digests from the running seed.
+    let mut streamed = Vec::new();
+    for agent in &cluster.agents {
+        streamed.push(agent.metric("shoal_agent_streamed_digests_total")?);
+    }
+    let joined = streamed.iter().filter(|n| **n > 0.0).count();
+    assert_eq!(
+        joined, 3,
+        "agents that fetched while the seed ran: {streamed:?}"
+    );
+    Ok(())
+}
+
+/// The agents' counts of chunk digests learned from a running seed: who fetched while the
+/// seed ran.
+fn streamed(cluster: &Cluster) -> Result<Vec<f64>> {
+    (cluster.agents.iter())
+        .map(|a| a.metric("shoal_agent_streamed_digests_total"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pulls_without_a_digest_stream_when_the_origin_announces_the_sha256() -> Result<()> {
+    // No `--digest`, but the origin names the content (`Repr-Digest`): one agent seeds it
+    // and the others fetch its chunks while it seeds, as with `--digest`, instead of
+    // waiting for the whole file to learn which blob it is.
+    let cluster = Cluster::start_configured(4, &[], 10_000, "", "chunk_size = 262144\n").await?;
+    let files = tempfile::tempdir()?;
+    let model = harness::random_file(files.path(), "model.bin", 6 << 20, 14)?;
+    let content = std::fs::read(&model)?;
+    let digest = shoal_proto::Digest::of(&content);
+    let server = HttpServer::start_announcing(files.path(), &digest, Some(4 << 20))?;
+    let url = format!("http://127.0.0.1:{}/model.bin", server.port);
+    pull_everywhere(&cluster, &url, None, files.path(), &content)?;
+    assert_eq!(server.gets("/model.bin"), 1, "{}", read(&server.log));
+    let streamed = streamed(&cluster)?;
+    let joined = streamed.iter().filter(|n| **n > 0.0).count();
+    assert_eq!(
+        joined, 3,
+        "agents that fetched while the seed ran: {streamed:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_origin_announcing_a_wrong_sha256_is_pulled_as_if_it_announced_none() -> Result<()> {
+    // The announcement is a claim: content that does not match it is never kept under it,
+    // and every pull still ends with the origin's true bytes.
+    let cluster = Cluster::start_configured(4, &[], 10_000, "", "chunk_size = 262144\n").await?;
+    let files = tempfile::tempdir()?;
+    let model = harness::random_file(files.path(), "model.bin", 3 << 20, 15)?;
+    let content = std::fs::read(&model)?;
+    let wrong = shoal_proto::Digest::of(b"not the model");
+    let server = HttpServer::start_announcing(files.path(), &wrong, None)?;
+    let url = format!("http://127.0.0.1:{}/model.bin", server.port);
+    pull_everywhere(&cluster, &url, None, files.path(), &content)?;
+    // One seed by the announced digest that failed, then one fetch that named the content
+    // (a pull that asked after the failed seed ended may seed the wrong digest once more).
+    let gets = server.gets("/model.bin");
+    assert!(
+        (2..=5).contains(&gets),
+        "{gets} GETs: {}",
+        read(&server.log)
+    );
+    for agent in &cluster.agents {
+        let mut c = shoal_agent::local_api::connect(agent.socket()).await?;
+        let status = (c.status(pb::StatusRequest {
+            include_blobs: true,
+        }))
+        .await?
+        .into_inner();
+        let held: Vec<String> = status.blobs.into_iter().map(|b| b.digest).collect();
+        assert_eq!(
+            held,
+            vec![shoal_proto::Digest::of(&content).to_string()],
+            "what an agent keeps"
+        );
+    }
+    Ok(())
+}
