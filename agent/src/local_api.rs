@@ -43,6 +43,8 @@ pub(crate) struct LocalApi {
     pub ingester: Ingester,
     /// The QUIC endpoint: how many chunk requests it serves right now (Drain waits for 0).
     pub endpoint: crate::transport::ChunkEndpoint,
+    /// Origins' announced digests that a pull by them found wrong (`pull.rs`).
+    pub wrong_announcements: pull::WrongAnnouncements,
 }
 
 /// Binds the Unix socket (replacing a stale one) and serves the local API until the agent

@@ -314,6 +314,22 @@ async fn an_origin_announcing_a_wrong_sha256_is_pulled_as_if_it_announced_none()
         "{gets} GETs: {}",
         read(&server.log)
     );
+    // An agent pulling the URL again remembers the announcement was wrong: no new seed of
+    // it from the origin, the content comes from the store.
+    let again = files.path().join("again");
+    let out = harness::shoal()
+        .args(["pull", &url, "-o"])
+        .arg(&again)
+        .arg("--socket")
+        .arg(cluster.agents[2].socket())
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(&again)?, content);
+    assert_eq!(server.gets("/model.bin"), gets, "{}", read(&server.log));
     for agent in &cluster.agents {
         let mut c = shoal_agent::local_api::connect(agent.socket()).await?;
         let status = (c.status(pb::StatusRequest {

@@ -1,6 +1,8 @@
 //! Pull: bring a blob into the store (asking the coordinator to distribute it to this
 //! agent if it is not here), verify it, and write it out to a path atomically (`output.rs`).
 
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use shoal_proto::Digest;
@@ -22,6 +24,32 @@ const POLL_EVERY: Duration = Duration::from_millis(250);
 const REPORT_TRIES: u32 = 60;
 
 type Tx = mpsc::Sender<Result<pb::PullProgress, Status>>;
+
+/// Announced digests (URL, digest) that a pull by them failed, so that the next pulls of the
+/// URL on this agent do not seed a wrong digest from the origin again first. Forgotten after
+/// a while: the failure may have been something else (a full disk), and then this agent
+/// only loses streaming for that URL meanwhile.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct WrongAnnouncements(Arc<Mutex<VecDeque<(String, Digest, Instant)>>>);
+
+impl WrongAnnouncements {
+    pub(crate) const FORGET_AFTER: Duration = Duration::from_secs(600);
+    const KEEP: usize = 256;
+
+    fn is_wrong(&self, url: &str, digest: &Digest, now: Instant) -> bool {
+        let mut wrong = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        wrong.retain(|(_, _, at)| now.saturating_duration_since(*at) < Self::FORGET_AFTER);
+        wrong.iter().any(|(u, d, _)| u == url && d == digest)
+    }
+
+    fn remember(&self, url: &str, digest: Digest, now: Instant) {
+        let mut wrong = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if wrong.len() >= Self::KEEP {
+            wrong.pop_front();
+        }
+        wrong.push_back((url.to_string(), digest, now));
+    }
+}
 
 pub(super) async fn pull(
     shared: LocalApi,
@@ -78,7 +106,9 @@ pub(super) async fn pull(
                 Ok(info) => info,
                 Err(e) => return Err(Status::unavailable(format!("{url}: {e}"))),
             };
-            if let Some(announced) = head.sha256 {
+            let announced = (head.sha256)
+                .filter(|d| !shared.wrong_announcements.is_wrong(&url, d, Instant::now()));
+            if let Some(announced) = announced {
                 // Named before anyone read it: seeded once and streamed to every puller
                 // at once, like a pull with `--digest` (and checked against it the same).
                 tracing::info!(url, blob = %announced, "the origin announced the content's SHA-256: pulling by it");
@@ -95,7 +125,8 @@ pub(super) async fn pull(
                 match by_announced {
                     // The content may not match the announcement: name it as if none came.
                     Err(s) if s.code() == tonic::Code::Aborted => {
-                        tracing::warn!(url, blob = %announced, error = s.message(), "pulling by the origin's announced digest failed: pulling as if it announced none");
+                        tracing::warn!(url, blob = %announced, error = s.message(), "pulling by the origin's announced digest failed: pulling as if it announced none (for {} min)", WrongAnnouncements::FORGET_AFTER.as_secs() / 60);
+                        (shared.wrong_announcements).remember(&url, announced, Instant::now());
                     }
                     other => return other,
                 }

@@ -113,6 +113,19 @@ impl Bench {
                 c.args(["--repr-digest", &b64]);
             }
             cluster.spawn(c, "origin")?;
+            // Pulls that start before it listens fail their HEAD (this once failed a run).
+            let addr = std::net::SocketAddr::from((self.fabric.ip(0), 8080));
+            let listening = self.fabric.run_in(1, move || {
+                let started = Instant::now();
+                while std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_err() {
+                    if started.elapsed() > Duration::from_secs(10) {
+                        return false;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                true
+            })?;
+            ensure!(listening, "the origin on host 0 did not listen within 10 s");
             format!("http://{}:8080/blob.bin", self.fabric.ip(0))
         } else {
             cluster.push(&self.blob)?
