@@ -4,6 +4,11 @@
 //! against the manifest) before storing it; only the transport differs. Prints GB/s, CPU
 //! seconds per GB (user + system, whole process) and the ratio QUIC / TCP.
 //!
+//! A third row runs what users run: a coordinator and two `Agent`s in this process, the
+//! blob pushed on one and pulled by digest on the other through its local API, so the bytes
+//! take the agent's download loop (have-streams, picker, request windows, the uplink's
+//! queue, the store's writer), not `fetch_blob`'s plain loop.
+//!
 //! `cargo run --release -p shoal-benches --bin throughput -- --size-mib 1024`
 
 use std::sync::Arc;
@@ -29,6 +34,9 @@ struct Args {
     /// Largest UDP payload (loopback allows up to 65527).
     #[arg(long, default_value_t = 1472)]
     udp_payload: u16,
+    /// Only the agents' row (coordinator, push, pull): for profiling the download loop.
+    #[arg(long)]
+    agents_only: bool,
     /// Rounds of each transport; the best round is reported.
     #[arg(long, default_value_t = 2)]
     rounds: u32,
@@ -98,6 +106,100 @@ async fn quic_round(
     }
     client.close().await;
     server.close().await;
+    Ok(run)
+}
+
+/// A coordinator and two agents on loopback, uncapped, set up as `shoal demo` sets up its
+/// own; the blob file is pushed on the first (outside the timed window) and pulled by digest
+/// on the second, which asks the coordinator for it and downloads it from the first.
+async fn agent_round(blob_file: &std::path::Path, size: u64) -> Result<Run> {
+    use shoal_agent::{Agent, AgentConfig};
+    use shoal_proto::pb::v1 as pb;
+
+    let dir = tempfile::Builder::new()
+        .prefix("shoal-throughput-")
+        .tempdir()?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("https://{}", listener.local_addr()?);
+    let join_token = format!("{:032x}", rand::random::<u128>());
+    let config = shoal_coordinator::CoordinatorConfig {
+        listen: listener.local_addr()?,
+        state_dir: dir.path().join("coordinator"),
+        join_token: join_token.clone(),
+        ..Default::default()
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let coordinator = tokio::spawn(shoal_coordinator::run(config, listener, async {
+        let _ = stopped.await;
+    }));
+    let mut agents = Vec::new();
+    for i in 0..2 {
+        let config = AgentConfig {
+            coordinator: url.clone(),
+            join_token: join_token.clone(),
+            data_dir: dir.path().join(format!("agent-{i}")),
+            quota_bytes: 2 * size + (64 << 20),
+            quic_listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+            ..Default::default()
+        };
+        agents.push(Agent::start(config).await.context("starting an agent")?);
+    }
+    let connected = Instant::now();
+    while !agents.iter().all(Agent::is_connected) {
+        if connected.elapsed() > Duration::from_secs(30) {
+            bail!("the agents did not connect to the coordinator within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let mut seeder = shoal_agent::local_api::connect(agents[0].local_socket()).await?;
+    let mut pushed = seeder
+        .push(pb::PushRequest {
+            path: blob_file.display().to_string(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let digest = loop {
+        match pushed.message().await? {
+            Some(pb::PushProgress {
+                result: Some(r), ..
+            }) => break r.digest,
+            Some(_) => {}
+            None => bail!("the seeder ended the push without a result"),
+        }
+    };
+
+    let mut puller = shoal_agent::local_api::connect(agents[1].local_socket()).await?;
+    let (t0, c0) = (Instant::now(), cpu_time());
+    let mut pulled = puller
+        .pull(pb::PullRequest {
+            digest: digest.clone(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    loop {
+        match pulled.message().await? {
+            Some(p) if p.state() == pb::PullState::Done => break,
+            Some(_) => {}
+            None => bail!("the pull ended before it was done"),
+        }
+    }
+    let run = Run {
+        secs: t0.elapsed().as_secs_f64(),
+        cpu_secs: cpu_time() - c0,
+    };
+    let store = agents[1].store().clone();
+    let blob: shoal_proto::Digest = digest.parse()?;
+    tokio::task::spawn_blocking(move || store.verify_blob(&blob))
+        .await?
+        .context("the pulled copy failed verification")?;
+    for agent in agents {
+        agent.shutdown().await;
+    }
+    let _ = stop.send(());
+    coordinator.await??;
     Ok(run)
 }
 
@@ -195,11 +297,18 @@ async fn main() -> Result<()> {
             &data[r.start as usize..r.end as usize],
         )?;
     }
+    let blob_file = seed_dir.path().join("blob");
+    std::fs::write(&blob_file, &data)?;
     drop(data);
 
     let ca = ClusterCa::generate()?;
-    let (mut quic, mut tcp) = (Vec::new(), Vec::new());
+    let (mut quic, mut tcp, mut agent) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..args.rounds {
+        if args.agents_only {
+            eprintln!("round {}: agents (push, then pull by digest)", round + 1);
+            agent.push(agent_round(&blob_file, size).await.context("agent round")?);
+            continue;
+        }
         eprintln!("round {}: TCP", round + 1);
         tcp.push(
             tcp_round(&seeder, &manifest, &args)
@@ -213,9 +322,21 @@ async fn main() -> Result<()> {
                 .context("QUIC round")?,
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
+        eprintln!("round {}: agents (push, then pull by digest)", round + 1);
+        agent.push(agent_round(&blob_file, size).await.context("agent round")?);
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let gb = size as f64 / 1e9;
-    let (q, t) = (best(&quic), best(&tcp));
+    if args.agents_only {
+        let a = best(&agent);
+        println!(
+            "agents: {:.2} GB/s, {:.2} CPU s per GB",
+            gb / a.secs,
+            a.cpu_secs / gb
+        );
+        return Ok(());
+    }
+    let (q, t, a) = (best(&quic), best(&tcp), best(&agent));
     println!(
         "verified chunk transfer, {} MiB in 1 MiB chunks, loopback, best of {} rounds",
         args.size_mib, args.rounds
@@ -232,6 +353,12 @@ async fn main() -> Result<()> {
         gb / q.secs,
         q.cpu_secs / gb,
         t.secs / q.secs
+    );
+    println!(
+        "| agents: `shoal pull` by digest (coordinator, download loop) | {:.2} | {:.2} | {:.2} |",
+        gb / a.secs,
+        a.cpu_secs / gb,
+        t.secs / a.secs
     );
     Ok(())
 }
