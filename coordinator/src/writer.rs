@@ -211,7 +211,7 @@ fn failed(write: &Write, e: &DbError) {
     let what = match write {
         Write::Jobs(jobs) => format!(
             "jobs {}",
-            (jobs.iter().map(|j| j.job_id.as_str()))
+            (jobs.iter().map(|j| j.job.job_id.as_str()))
                 .collect::<Vec<_>>()
                 .join(", ")
         ),

@@ -594,7 +594,7 @@ impl Jobs {
     /// it lands after it.
     pub fn flush_now(&mut self, now: SystemTime) {
         let ids: Vec<String> = std::mem::take(&mut self.dirty).into_iter().collect();
-        let jobs: Vec<pb::Job> = (ids.iter())
+        let jobs: Vec<crate::db::JobRecord> = (ids.iter())
             .filter_map(|id| self.jobs.get_mut(id).map(|j| j.record_changes(now)))
             .collect();
         if jobs.is_empty() {

@@ -1,0 +1,257 @@
+//! Unit tests of a job's targets, tally and records.
+
+use super::*;
+use std::time::UNIX_EPOCH;
+
+fn job_with(states: &[TargetState]) -> Job {
+    let mut job = Job::new(
+        pb::Job {
+            job_id: "j".into(),
+            ..Default::default()
+        },
+        None,
+    );
+    for (i, s) in states.iter().enumerate() {
+        let mut t = Target::new(10, false);
+        t.state = *s;
+        job.add_target((format!("a{i}"), Digest::of(b"x")), t);
+    }
+    job
+}
+
+#[test]
+fn aggregate_state_follows_the_targets() {
+    let now = SystemTime::UNIX_EPOCH;
+    let mut j = job_with(&[TargetState::Pending, TargetState::Pending]);
+    j.refresh_state(now);
+    assert_eq!(j.state(), JobState::Pending);
+    let mut j = job_with(&[TargetState::Running, TargetState::Pending]);
+    j.refresh_state(now);
+    assert_eq!(j.state(), JobState::Running);
+    let mut j = job_with(&[TargetState::Done, TargetState::Failed]);
+    assert!(j.refresh_state(now));
+    assert_eq!(j.state(), JobState::Failed);
+    assert!(j.record.finished_at.is_some());
+    let mut j = job_with(&[TargetState::Done, TargetState::Done]);
+    j.refresh_state(now);
+    assert_eq!(j.state(), JobState::Done);
+}
+
+#[test]
+fn persisted_round_trip_resets_running_targets() {
+    let now = SystemTime::UNIX_EPOCH;
+    let j = job_with(&[TargetState::Done, TargetState::Running]);
+    let back = Job::from_pb(j.to_pb(true, now)).expect("decodes");
+    let states: Vec<_> = back.targets().map(|(_, t)| t.state).collect();
+    assert_eq!(states, vec![TargetState::Done, TargetState::Pending]);
+}
+
+#[test]
+fn every_change_a_watcher_should_see_bumps_the_version() {
+    let mut j = job_with(&[TargetState::Pending]);
+    let key = ("a0".to_string(), Digest::of(b"x"));
+    // A seeded size and a failure message are changes too (they were not once).
+    assert!(j.apply(&key, Transition::SetTotal(99), UNIX_EPOCH));
+    assert_eq!(j.version(), 1);
+    assert!(
+        !j.apply(&key, Transition::SetTotal(99), UNIX_EPOCH),
+        "no change, no version"
+    );
+    assert!(j.apply(&key, Transition::Start, UNIX_EPOCH));
+    assert!(j.apply(
+        &key,
+        Transition::Fail(FailureReason::NoSource, "why"),
+        UNIX_EPOCH
+    ));
+    assert!(
+        !j.apply(
+            &key,
+            Transition::Fail(FailureReason::NoSource, "other"),
+            UNIX_EPOCH
+        ),
+        "a terminal target does not fail again"
+    );
+    assert!(!j.apply(&key, Transition::Cancel("late"), UNIX_EPOCH));
+    let p = j.progress(true, 2, SystemTime::UNIX_EPOCH);
+    assert_eq!(p.targets.len(), 1, "changed after version 2");
+    assert_eq!(
+        (p.targets[0].bytes_total, p.targets[0].message.as_str()),
+        (99, "why")
+    );
+}
+
+#[test]
+fn only_a_target_its_agent_lost_resumes() {
+    let mut j = job_with(&[TargetState::Pending]);
+    let key = ("a0".to_string(), Digest::of(b"x"));
+    j.apply(
+        &key,
+        Transition::Fail(FailureReason::AgentLost, "gone"),
+        UNIX_EPOCH,
+    );
+    assert!(j.resume(&key));
+    assert_eq!(
+        j.targets.get(&key).map(|t| t.state),
+        Some(TargetState::Pending)
+    );
+    j.apply(
+        &key,
+        Transition::Fail(FailureReason::NoSource, "no"),
+        UNIX_EPOCH,
+    );
+    assert!(!j.resume(&key), "another failure stays");
+}
+
+/// The tally, summed afresh over the targets.
+fn recount(j: &Job) -> Tally {
+    let mut t = Tally::default();
+    for (_, target) in j.targets() {
+        t.add(target);
+    }
+    t
+}
+
+#[test]
+fn the_tally_follows_every_transition() {
+    let mut j = job_with(&[TargetState::Pending; 4]);
+    let key = |i: usize| (format!("a{i}"), Digest::of(b"x"));
+    let steps: Vec<(usize, Transition<'_>)> = vec![
+        (0, Transition::Start),
+        (
+            0,
+            Transition::Progress {
+                bytes_done: 4,
+                rate: 7,
+            },
+        ),
+        (
+            1,
+            Transition::Progress {
+                bytes_done: 2,
+                rate: 5,
+            },
+        ),
+        (1, Transition::SetTotal(20)),
+        (
+            0,
+            Transition::Progress {
+                bytes_done: 9,
+                rate: 3,
+            },
+        ),
+        (0, Transition::Finish),
+        (2, Transition::Fail(FailureReason::AgentLost, "gone")),
+        (3, Transition::Cancel("no")),
+        (1, Transition::Finish),
+    ];
+    for (i, t) in steps {
+        j.apply(&key(i), t, UNIX_EPOCH);
+        assert_eq!(j.tally, recount(&j), "after {t:?} on a{i}");
+    }
+    assert!(j.resume(&key(2)));
+    assert_eq!(j.tally, recount(&j));
+    j.add_target(key(0), Target::new(10, false));
+    assert_eq!(j.tally, recount(&j), "a target replaced");
+    let p = j.progress(false, 0, SystemTime::UNIX_EPOCH);
+    let c = p.counts.expect("counts");
+    assert_eq!(
+        (
+            c.total,
+            c.pending,
+            c.done,
+            c.cancelled,
+            p.bytes_done,
+            p.bytes_total
+        ),
+        (4, 2, 1, 1, 20, 50)
+    );
+}
+
+#[test]
+fn a_stored_job_writes_only_its_changed_targets_next() {
+    let now = SystemTime::UNIX_EPOCH;
+    let mut j = job_with(&[TargetState::Pending; 3]);
+    let listed = |r: JobRecord| -> Vec<String> {
+        let targets = r.job.progress.expect("progress").targets;
+        targets.into_iter().map(|t| t.agent_id).collect()
+    };
+    assert_eq!(
+        listed(j.record_changes(now)),
+        ["a0", "a1", "a2"],
+        "first: whole"
+    );
+    assert!(listed(j.record_changes(now)).is_empty(), "nothing changed");
+    let key = ("a1".to_string(), Digest::of(b"x"));
+    j.apply(&key, Transition::Start, UNIX_EPOCH);
+    assert_eq!(listed(j.record_changes(now)), ["a1"]);
+    j.apply(&key, Transition::Finish, UNIX_EPOCH);
+    j.forget_stored();
+    assert_eq!(
+        listed(j.record_changes(now)),
+        ["a0", "a1", "a2"],
+        "after a failed write: whole"
+    );
+}
+
+/// The database keeps a log of changes: once a job has handed it more than
+/// [`LOG_BEYOND_WHOLE`] times its targets (and 64) since its last whole record, the next
+/// record is whole again, and so on.
+#[test]
+fn a_job_records_itself_whole_again_once_its_changes_outgrow_it() {
+    let now = SystemTime::UNIX_EPOCH;
+    let mut j = job_with(&[TargetState::Pending; 3]);
+    assert!(j.record_changes(now).whole, "first: whole");
+    let key = ("a1".to_string(), Digest::of(b"x"));
+    j.apply(&key, Transition::Start, UNIX_EPOCH);
+    let bound = LOG_BEYOND_WHOLE * 3 + 64;
+    let mut kinds = Vec::new();
+    for i in 0..2 * bound {
+        let (bytes_done, rate) = (1, i as u64 + 1);
+        j.apply(&key, Transition::Progress { bytes_done, rate }, UNIX_EPOCH);
+        let r = j.record_changes(now);
+        if !r.whole {
+            assert_eq!(r.job.progress.expect("progress").targets.len(), 1);
+        }
+        kinds.push(r.whole);
+    }
+    let wholes: Vec<usize> = (kinds.iter().enumerate())
+        .filter(|(_, w)| **w)
+        .map(|(i, _)| i)
+        .collect();
+    // A whole record logs the 3 targets; each record of changes adds 1: the record
+    // that would pass the bound is whole instead.
+    let every = bound - 3 + 1;
+    assert_eq!(wholes, [every - 1, 2 * every - 1], "{kinds:?}");
+}
+
+#[test]
+fn a_target_records_when_it_ended_and_keeps_it_across_a_restart() {
+    let at = |s: u64| UNIX_EPOCH + std::time::Duration::from_secs(s);
+    let mut j = job_with(&[TargetState::Pending; 3]);
+    let key = |i: usize| (format!("a{i}"), Digest::of(b"x"));
+    let ended = |j: &Job| -> Vec<Option<SystemTime>> {
+        let p = j.to_pb(true, at(0)).progress.expect("progress");
+        (p.targets.iter())
+            .map(|t| t.finished_at.and_then(|f| SystemTime::try_from(f).ok()))
+            .collect()
+    };
+    j.apply(&key(0), Transition::Start, at(1));
+    j.apply(&key(0), Transition::Finish, at(7));
+    j.apply(&key(0), Transition::Finish, at(9));
+    j.apply(
+        &key(1),
+        Transition::Fail(FailureReason::AgentLost, "gone"),
+        at(8),
+    );
+    assert_eq!(
+        ended(&j),
+        [Some(at(7)), Some(at(8)), None],
+        "the first end counts"
+    );
+    // Stored and loaded back (a coordinator restart): the ends stay.
+    let back = Job::from_pb(j.record_whole(at(10)).job).expect("loads");
+    assert_eq!(ended(&back), [Some(at(7)), Some(at(8)), None]);
+    // A target failed for its lost agent, which came back, is open again: no end.
+    assert!(j.resume(&key(1)));
+    assert_eq!(ended(&j), [Some(at(7)), None, None]);
+}
