@@ -2,6 +2,28 @@
 //!
 //! Exit codes: 0 success, 1 failure, 2 usage or configuration error. Every error is one line.
 
+/// mimalloc instead of glibc's malloc: the coordinator's planner allocates and frees small
+/// B-tree nodes by the hundred thousand in a burst, and glibc handed freed pages back and
+/// faulted fresh ones in (`docs/BENCHMARKS.md`, "The control plane under many agents").
+/// Tuned by [`tune_allocator`].
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// mimalloc commits its arenas eagerly by default (on Linux, which overcommits): a
+/// coordinator planning 20,000 orders of a 1 GiB blob then peaked at 2.4 GiB resident,
+/// against 1.2 GiB with glibc's malloc and the goal of 2 GiB. Committed on demand
+/// it peaked at 1.7 GiB, and kept the speed. Arenas reserved before `main` (the first) are
+/// as they were. (The option's number is from `mimalloc.h`, the same in its v2 and v3.)
+fn tune_allocator() {
+    const ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
+    // SAFETY: `mi_option_set` only stores a value in mimalloc's option table, which any
+    // thread may do at any time; the options are read when memory is next reserved or freed.
+    #[allow(unsafe_code)]
+    unsafe {
+        libmimalloc_sys::mi_option_set(ARENA_EAGER_COMMIT, 0);
+    }
+}
+
 mod admin;
 mod client;
 mod containerd;
@@ -273,6 +295,7 @@ enum Command {
 }
 
 fn main() {
+    tune_allocator();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => usage_error(e),
