@@ -301,12 +301,7 @@ fn put_job(
         clear_log(log, id)?;
         0
     } else {
-        let last = (log.range((id, 0)..=(id, u64::MAX)).map_err(err)?)
-            .next_back()
-            .transpose()
-            .map_err(err)?
-            .map(|(k, _)| k.value().1);
-        last.map_or(0, |s| s + 1)
+        next_seq(log, id)?
     };
     if whole || !targets.is_empty() {
         let entry = StoredTargets {
@@ -321,6 +316,16 @@ fn put_job(
     }
     jobs.insert(id, &header.encode_to_vec()[..]).map_err(err)?;
     Ok(())
+}
+
+/// The sequence number after the last entry of job `id`'s log (0 if it has none).
+fn next_seq(log: &redb::Table<'_, (&str, u64), &[u8]>, id: &str) -> Result<u64, DbError> {
+    let last = (log.range((id, 0)..=(id, u64::MAX)).map_err(err)?)
+        .next_back()
+        .transpose()
+        .map_err(err)?
+        .map(|(k, _)| k.value().1);
+    Ok(last.map_or(0, |s| s + 1))
 }
 
 /// Removes every entry of job `id`'s log.
@@ -367,19 +372,10 @@ fn move_target_rows(txn: &redb::WriteTransaction) -> Result<(), DbError> {
     let mut log = txn.open_table(JOB_LOG).map_err(err)?;
     for (id, targets) in by_job {
         // After what the log holds already (nothing, unless an earlier open was cut off).
-        let last = (log
-            .range((id.as_str(), 0)..=(id.as_str(), u64::MAX))
-            .map_err(err)?)
-        .next_back()
-        .transpose()
-        .map_err(err)?
-        .map(|(k, _)| k.value().1);
+        let seq = next_seq(&log, &id)?;
         let entry = StoredTargets { targets };
-        log.insert(
-            (id.as_str(), last.map_or(0, |s| s + 1)),
-            &entry.encode_to_vec()[..],
-        )
-        .map_err(err)?;
+        log.insert((id.as_str(), seq), &entry.encode_to_vec()[..])
+            .map_err(err)?;
     }
     drop(log);
     txn.delete_table(JOB_TARGETS).map_err(err)?;
