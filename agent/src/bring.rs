@@ -30,7 +30,7 @@ pub(crate) struct Request {
 pub(crate) struct Bringing {
     pub job_id: String,
     /// How this agent's target ended (`Err`: why it failed), once it has.
-    ended: watch::Receiver<Option<Result<(), String>>>,
+    ended: watch::Receiver<Option<Result<(), GaveUp>>>,
     watcher: tokio::task::AbortHandle,
 }
 
@@ -44,22 +44,26 @@ impl Bringing {
     /// Why the coordinator gave up on bringing the blob here, once it has (this agent's
     /// target failed or was cancelled, the job failed, or the job is gone); pending while
     /// it has not.
-    pub(crate) async fn failed(&mut self) -> String {
-        match self.ended().await {
-            Some(Err(why)) => why,
+    pub(crate) async fn failed(&mut self) -> GaveUp {
+        match self.end().await {
+            Some(Err(gave_up)) => gave_up,
             // Done, or the watcher ended without a verdict: never.
             Some(Ok(())) | None => std::future::pending().await,
         }
     }
 
-    /// The same, without waiting.
+    /// Why, without waiting.
     pub(crate) fn has_failed(&self) -> Option<String> {
-        self.ended.borrow().clone().and_then(Result::err)
+        (self.ended.borrow().clone()).and_then(|end| end.err().map(|g| g.why))
     }
 
     /// How this agent's target ended: `Ok` once it is done (the coordinator counts the blob
     /// whole here), `Err` with why it failed; `None` if the watcher stopped without knowing.
     pub(crate) async fn ended(&mut self) -> Option<Result<(), String>> {
+        Some(self.end().await?.map_err(|g| g.why))
+    }
+
+    async fn end(&mut self) -> Option<Result<(), GaveUp>> {
         match self.ended.wait_for(Option::is_some).await {
             Ok(end) => end.clone(),
             Err(_) => None,
@@ -67,8 +71,30 @@ impl Bringing {
     }
 }
 
-/// How the reason of a cancelled target or job begins ([`Bringing::failed`]).
-pub(crate) const CANCELLED: &str = "was cancelled";
+/// Why the coordinator gave up on bringing a blob here.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct GaveUp {
+    /// Read after the blob's name: "failed: …", "was cancelled: …".
+    pub why: String,
+    /// This agent's target, or its job, was cancelled (not failed).
+    pub cancelled: bool,
+}
+
+impl GaveUp {
+    fn failed(why: String) -> Self {
+        Self {
+            why: format!("failed: {why}"),
+            cancelled: false,
+        }
+    }
+
+    fn cancelled(why: &str) -> Self {
+        Self {
+            why: format!("was cancelled: {why}"),
+            cancelled: true,
+        }
+    }
+}
 
 /// Asks the coordinator to distribute `request.blob` to this agent and starts watching the
 /// job. Errors are the coordinator's answer to the Distribute.
@@ -110,7 +136,7 @@ async fn watch(
     coordinator: Coordinator,
     job_id: String,
     me: String,
-    tx: watch::Sender<Option<Result<(), String>>>,
+    tx: watch::Sender<Option<Result<(), GaveUp>>>,
 ) {
     let mut backoff = Backoff::with_max(Duration::from_secs(2));
     loop {
@@ -124,9 +150,9 @@ async fn watch(
         let mut stream = match watched {
             Ok(s) => s.into_inner(),
             Err(s) if s.code() == Code::NotFound => {
-                let _ = tx.send(Some(Err(format!(
-                    "failed: its job ({job_id}) is gone from the coordinator"
-                ))));
+                let _ = tx.send(Some(Err(GaveUp::failed(format!(
+                    "its job ({job_id}) is gone from the coordinator"
+                )))));
                 return;
             }
             Err(s) => {
@@ -161,7 +187,7 @@ async fn watch(
 enum Verdict {
     Running,
     Done,
-    Failed(String),
+    Failed(GaveUp),
 }
 
 /// What one progress message says about this agent's target.
@@ -169,17 +195,15 @@ fn verdict(progress: &pb::JobProgress, me: &str) -> Verdict {
     let mine = (progress.targets.iter()).filter(|t| t.agent_id == me);
     for t in mine {
         match t.state() {
-            pb::TargetState::Failed => return Verdict::Failed(format!("failed: {}", t.message)),
-            pb::TargetState::Cancelled => {
-                return Verdict::Failed(format!("{CANCELLED}: {}", t.message));
-            }
+            pb::TargetState::Failed => return Verdict::Failed(GaveUp::failed(t.message.clone())),
+            pb::TargetState::Cancelled => return Verdict::Failed(GaveUp::cancelled(&t.message)),
             pb::TargetState::Done => return Verdict::Done,
             _ => {}
         }
     }
     match progress.state() {
-        pb::JobState::Failed => Verdict::Failed("failed: its job failed".into()),
-        pb::JobState::Cancelled => Verdict::Failed(format!("{CANCELLED}: its job was cancelled")),
+        pb::JobState::Failed => Verdict::Failed(GaveUp::failed("its job failed".into())),
+        pb::JobState::Cancelled => Verdict::Failed(GaveUp::cancelled("its job was cancelled")),
         pb::JobState::Done => Verdict::Done,
         _ => Verdict::Running,
     }
@@ -210,12 +234,21 @@ mod tests {
             .push(target("me", pb::TargetState::Failed, "origin 404"));
         assert_eq!(
             verdict(&p, "me"),
-            Verdict::Failed("failed: origin 404".into())
+            Verdict::Failed(GaveUp {
+                why: "failed: origin 404".into(),
+                cancelled: false
+            })
         );
         p.targets = vec![target("me", pb::TargetState::Done, "")];
         assert_eq!(verdict(&p, "me"), Verdict::Done);
         p.targets.clear();
         p.state = pb::JobState::Cancelled as i32;
-        assert!(matches!(verdict(&p, "me"), Verdict::Failed(_)));
+        assert!(matches!(
+            verdict(&p, "me"),
+            Verdict::Failed(GaveUp {
+                cancelled: true,
+                ..
+            })
+        ));
     }
 }

@@ -210,9 +210,9 @@ async fn run(
         while !shared.store.is_complete(&digest) {
             tokio::select! {
                 _ = tick.tick() => {}
-                why = bringing.failed() => {
-                    let message = format!("fetching {digest} {why}");
-                    return Err(if why.starts_with(bring::CANCELLED) {
+                gave_up = bringing.failed() => {
+                    let message = format!("fetching {digest} {}", gave_up.why);
+                    return Err(if gave_up.cancelled {
                         Status::cancelled(message)
                     } else {
                         Status::aborted(message)
