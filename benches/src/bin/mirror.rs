@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use shoal_agent::{Agent, AgentConfig};
+use shoal_benches::cluster::LocalCluster;
 use shoal_tests::oci_image::{self, ImageSpec, LayerSpec};
 use shoal_tests::registry::Registry;
 
@@ -28,8 +28,6 @@ struct Args {
     #[arg(long, default_value_t = 5)]
     rounds: usize,
 }
-
-const TOKEN: &str = "mirror-bench";
 
 /// (time to first body byte, body bytes) of a plain HTTP/1.1 GET.
 fn timed_get(addr: SocketAddr, path: &str) -> Result<(Duration, u64)> {
@@ -75,63 +73,25 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v[v.len() / 2]
 }
 
-struct Cluster {
-    agents: Vec<Agent>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    _dir: tempfile::TempDir,
-}
-
-async fn cluster(n: usize, registry: &str) -> Result<Cluster> {
-    let dir = tempfile::tempdir()?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+async fn cluster(n: usize, registry: &str) -> Result<LocalCluster> {
     let mut origin = shoal_origin::OriginConfig::default();
     origin.registries.push(shoal_origin::RegistryConfig {
         host: registry.to_string(),
         plain_http: true,
         ..Default::default()
     });
-    tokio::spawn(shoal_coordinator::run(
-        shoal_coordinator::CoordinatorConfig {
-            listen: addr,
-            state_dir: dir.path().join("coordinator"),
-            join_token: TOKEN.into(),
-            origin: origin.clone(),
-            ..Default::default()
+    let for_agents = origin.clone();
+    LocalCluster::start(
+        n,
+        |c| c.origin = origin,
+        |a| {
+            a.mirror_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+            a.quota_bytes = 8 << 30;
+            a.origin = for_agents.clone();
+            a.mirror.default_registry = registry.to_string();
         },
-        listener,
-        async move {
-            let _ = stop_rx.await;
-        },
-    ));
-    let mut agents = Vec::new();
-    for i in 0..n {
-        let mut config = AgentConfig {
-            coordinator: format!("http://{addr}"),
-            join_token: TOKEN.into(),
-            data_dir: dir.path().join(format!("agent-{i}")),
-            quic_listen: "127.0.0.1:0".parse()?,
-            mirror_listen: Some("127.0.0.1:0".parse()?),
-            quota_bytes: 8 << 30,
-            origin: origin.clone(),
-            ..AgentConfig::default()
-        };
-        config.mirror.default_registry = registry.to_string();
-        agents.push(Agent::start(config).await?);
-    }
-    let started = Instant::now();
-    while !agents.iter().all(Agent::is_connected) {
-        if started.elapsed() > Duration::from_secs(20) {
-            bail!("agents did not connect");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Ok(Cluster {
-        agents,
-        stop: Some(stop),
-        _dir: dir,
-    })
+    )
+    .await
 }
 
 /// A small config layer and one incompressible layer of `layer_mib` MiB.
@@ -158,7 +118,7 @@ async fn main() -> Result<()> {
     let registry = Registry::start()?;
     let host = registry.host();
     let work = tempfile::tempdir()?;
-    let mut c = cluster(8, &host).await?;
+    let c = cluster(8, &host).await?;
 
     // Time to first byte, per round a fresh image: upstream, seeding mirror, peer's mirror.
     let (mut upstream, mut seeded, mut peer) = (Vec::new(), Vec::new(), Vec::new());
@@ -263,11 +223,5 @@ async fn main() -> Result<()> {
             .sum();
         println!("| {n} | {:.3} |", fetched as f64 / unique as f64);
     }
-    for agent in c.agents.drain(..) {
-        agent.shutdown().await;
-    }
-    if let Some(stop) = c.stop.take() {
-        let _ = stop.send(());
-    }
-    Ok(())
+    c.shutdown().await
 }

@@ -19,6 +19,7 @@ use clap::Parser;
 use shoal_agent::store::{Store, StoreConfig};
 use shoal_agent::transport::tls::ClusterCa;
 use shoal_agent::transport::{ChunkEndpoint, TransportConfig};
+use shoal_benches::cluster::LocalCluster;
 use shoal_proto::wire::{self, Frame};
 use shoal_proto::{CHUNK_SIZE, Manifest};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -113,45 +114,11 @@ async fn quic_round(
 /// own; the blob file is pushed on the first (outside the timed window) and pulled by digest
 /// on the second, which asks the coordinator for it and downloads it from the first.
 async fn agent_round(blob_file: &std::path::Path, size: u64) -> Result<Run> {
-    use shoal_agent::{Agent, AgentConfig};
     use shoal_proto::pb::v1 as pb;
 
-    let dir = tempfile::Builder::new()
-        .prefix("shoal-throughput-")
-        .tempdir()?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("https://{}", listener.local_addr()?);
-    let join_token = format!("{:032x}", rand::random::<u128>());
-    let config = shoal_coordinator::CoordinatorConfig {
-        listen: listener.local_addr()?,
-        state_dir: dir.path().join("coordinator"),
-        join_token: join_token.clone(),
-        ..Default::default()
-    };
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let coordinator = tokio::spawn(shoal_coordinator::run(config, listener, async {
-        let _ = stopped.await;
-    }));
-    let mut agents = Vec::new();
-    for i in 0..2 {
-        let config = AgentConfig {
-            coordinator: url.clone(),
-            join_token: join_token.clone(),
-            data_dir: dir.path().join(format!("agent-{i}")),
-            quota_bytes: 2 * size + (64 << 20),
-            quic_listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
-            ..Default::default()
-        };
-        agents.push(Agent::start(config).await.context("starting an agent")?);
-    }
-    let connected = Instant::now();
-    while !agents.iter().all(Agent::is_connected) {
-        if connected.elapsed() > Duration::from_secs(30) {
-            bail!("the agents did not connect to the coordinator within 30 s");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-
+    let quota = 2 * size + (64 << 20);
+    let cluster = LocalCluster::start(2, |_| {}, |a| a.quota_bytes = quota).await?;
+    let agents = &cluster.agents;
     let mut seeder = shoal_agent::local_api::connect(agents[0].local_socket()).await?;
     let mut pushed = seeder
         .push(pb::PushRequest {
@@ -195,11 +162,7 @@ async fn agent_round(blob_file: &std::path::Path, size: u64) -> Result<Run> {
     tokio::task::spawn_blocking(move || store.verify_blob(&blob))
         .await?
         .context("the pulled copy failed verification")?;
-    for agent in agents {
-        agent.shutdown().await;
-    }
-    let _ = stop.send(());
-    coordinator.await??;
+    cluster.shutdown().await?;
     Ok(run)
 }
 

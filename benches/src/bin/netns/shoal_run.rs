@@ -104,6 +104,7 @@ impl Bench {
                 wrap: &wrap,
             },
         )?;
+        let mut origin = super::Procs::default();
         let digest = if by_url {
             let mut c = self.fabric.command(0, &self.exe);
             c.args(["serve", "8080"]).arg(&self.blob);
@@ -112,20 +113,9 @@ impl Bench {
                 let b64 = base64::engine::general_purpose::STANDARD.encode(self.sha);
                 c.args(["--repr-digest", &b64]);
             }
-            cluster.spawn(c, "origin")?;
-            // Pulls that start before it listens fail their HEAD (this once failed a run).
-            let addr = std::net::SocketAddr::from((self.fabric.ip(0), 8080));
-            let listening = self.fabric.run_in(1, move || {
-                let started = Instant::now();
-                while std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_err() {
-                    if started.elapsed() > Duration::from_secs(10) {
-                        return false;
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                true
-            })?;
-            ensure!(listening, "the origin on host 0 did not listen within 10 s");
+            // The pulls' first step is a HEAD to it: they start once it listens.
+            let p = origin.spawn(cpu.wrap(c), &run.join("origin.log"))?;
+            ensure!(origin.line(p)? == "listening", "the origin did not start");
             format!("http://{}:8080/blob.bin", self.fabric.ip(0))
         } else {
             cluster.push(&self.blob)?
