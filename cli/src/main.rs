@@ -140,7 +140,8 @@ enum Command {
     },
     /// Fetch a blob through the local agent into a file: by digest, or from an HTTP(S) URL
     /// (a model file). The cluster fetches the URL once and shares it; with `--digest`, or
-    /// an origin that announces the SHA-256 (`Repr-Digest`), while it arrives.
+    /// an origin that announces the SHA-256 (`Repr-Digest`, Hugging Face's `X-Linked-Etag`),
+    /// while it arrives.
     Pull {
         /// `sha256:<hex>`, or an http:// or https:// URL.
         source: String,

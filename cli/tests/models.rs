@@ -20,13 +20,29 @@ struct HttpServer {
     log: std::path::PathBuf,
 }
 
-/// http.server's handler (argv: port, rate, repr): sending bodies at `rate` bytes per
+/// http.server's handler (argv: port, rate, repr, linked): sending bodies at `rate` bytes per
 /// second unless it is 0, and announcing `repr` (base64) as the files' SHA-256 in RFC 9530's
-/// `Repr-Digest` unless it is empty.
+/// `Repr-Digest` unless it is empty. With `linked` (hex), as Hugging Face does: `/resolve/F`
+/// redirects to `/F`, naming `linked` as its SHA-256 in `X-Linked-Etag` on the redirect only.
 const SERVER: &str = r#"
 import http.server, sys, time
-rate, repr_digest = float(sys.argv[2]), sys.argv[3]
+rate, repr_digest, linked = float(sys.argv[2]), sys.argv[3], sys.argv[4]
 class Handler(http.server.SimpleHTTPRequestHandler):
+    def redirected(self):
+        if not (linked and self.path.startswith("/resolve/")):
+            return False
+        self.send_response(302)
+        self.send_header("Location", self.path[len("/resolve"):])
+        self.send_header("X-Linked-Etag", '"%s"' % linked)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+        return True
+    def do_HEAD(self):
+        if not self.redirected():
+            super().do_HEAD()
+    def do_GET(self):
+        if not self.redirected():
+            super().do_GET()
     def end_headers(self):
         if repr_digest:
             self.send_header("Repr-Digest", "sha-256=:%s:" % repr_digest)
@@ -43,14 +59,24 @@ class Handler(http.server.SimpleHTTPRequestHandler):
 http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
 "#;
 
+/// How a test origin names its files' content.
+#[derive(Clone, Copy)]
+enum Announce {
+    Nothing,
+    /// RFC 9530's `Repr-Digest` on every answer.
+    ReprDigest(shoal_proto::Digest),
+    /// Hugging Face's `X-Linked-Etag` on the redirect of `/resolve/F` to `/F`.
+    LinkedEtag(shoal_proto::Digest),
+}
+
 impl HttpServer {
     fn start(dir: &Path) -> Result<Self> {
-        Self::spawn(dir, None, None)
+        Self::spawn(dir, None, Announce::Nothing)
     }
 
     /// One that sends bodies at `rate` bytes per second: an origin slower than the agents.
     fn start_throttled(dir: &Path, rate: u64) -> Result<Self> {
-        Self::spawn(dir, Some(rate), None)
+        Self::spawn(dir, Some(rate), Announce::Nothing)
     }
 
     /// One that announces `sha256` as every file's SHA-256 (`Repr-Digest`), at `rate` bytes
@@ -60,26 +86,27 @@ impl HttpServer {
         sha256: &shoal_proto::Digest,
         rate: Option<u64>,
     ) -> Result<Self> {
-        Self::spawn(dir, rate, Some(sha256))
+        Self::spawn(dir, rate, Announce::ReprDigest(*sha256))
     }
 
-    fn spawn(
-        dir: &Path,
-        rate: Option<u64>,
-        announce: Option<&shoal_proto::Digest>,
-    ) -> Result<Self> {
+    fn spawn(dir: &Path, rate: Option<u64>, announce: Announce) -> Result<Self> {
         let python = shoal_tests::tools::require("python3", "python3");
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
         let log = dir.join("http.log");
         let mut cmd = Command::new(python);
-        let repr = announce.map_or(String::new(), |d| {
-            use base64::Engine;
-            base64::engine::general_purpose::STANDARD.encode(d.as_bytes())
-        });
+        let (repr, linked) = match announce {
+            Announce::Nothing => (String::new(), String::new()),
+            Announce::ReprDigest(d) => {
+                use base64::Engine;
+                let b64 = base64::engine::general_purpose::STANDARD.encode(d.as_bytes());
+                (b64, String::new())
+            }
+            Announce::LinkedEtag(d) => (String::new(), d.hex()),
+        };
         match (rate, announce) {
-            (None, None) => cmd.args([
+            (None, Announce::Nothing) => cmd.args([
                 "-m",
                 "http.server",
                 "--bind",
@@ -92,6 +119,7 @@ impl HttpServer {
                 &port.to_string(),
                 &rate.unwrap_or(0).to_string(),
                 &repr,
+                &linked,
             ]),
         };
         let child = cmd
@@ -280,6 +308,22 @@ async fn pulls_without_a_digest_stream_when_the_origin_announces_the_sha256() ->
     let digest = shoal_proto::Digest::of(&content);
     let server = HttpServer::start_announcing(files.path(), &digest, Some(4 << 20))?;
     let url = format!("http://127.0.0.1:{}/model.bin", server.port);
+    pull_everywhere(&cluster, &url, None, files.path(), &content)?;
+    assert_eq!(server.gets("/model.bin"), 1, "{}", read(&server.log));
+    all_but_the_seeder_fetched_while_it_seeded(&cluster)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pulls_stream_when_a_redirect_names_the_content_as_hugging_face_does() -> Result<()> {
+    // `https://huggingface.co/R/resolve/main/F` answers with a redirect to storage that
+    // carries the LFS file's SHA-256 (`X-Linked-Etag`); the storage does not repeat it.
+    let cluster = Cluster::start_configured(4, &[], 10_000, "", "chunk_size = 262144\n").await?;
+    let files = tempfile::tempdir()?;
+    let model = harness::random_file(files.path(), "model.bin", 6 << 20, 16)?;
+    let content = std::fs::read(&model)?;
+    let digest = shoal_proto::Digest::of(&content);
+    let server = HttpServer::spawn(files.path(), Some(4 << 20), Announce::LinkedEtag(digest))?;
+    let url = format!("http://127.0.0.1:{}/resolve/model.bin", server.port);
     pull_everywhere(&cluster, &url, None, files.path(), &content)?;
     assert_eq!(server.gets("/model.bin"), 1, "{}", read(&server.log));
     all_but_the_seeder_fetched_while_it_seeded(&cluster)

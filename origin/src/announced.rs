@@ -8,7 +8,11 @@
 //! - `Digest: SHA-256=<base64>` (RFC 3230, its predecessor);
 //! - `x-amz-checksum-sha256: <base64>` (S3 and its clones), unless the checksum is a
 //!   composite of parts (`-N` suffix or `x-amz-checksum-type: COMPOSITE`), which is not the
-//!   object's SHA-256.
+//!   object's SHA-256;
+//! - `X-Linked-Etag: "<64 hex digits>"` (Hugging Face: an LFS file's SHA-256, sent with the
+//!   redirect to its storage, which does not repeat it; see [`linked_sha256`]). Only a
+//!   strong tag of exactly 64 hex digits counts: a file kept in git has a 40-digit SHA-1
+//!   there, which is not its content's digest.
 //!
 //! Headers that disagree announce nothing.
 
@@ -60,7 +64,33 @@ pub(crate) fn announced_sha256(headers: &HeaderMap) -> Option<Digest> {
             }
         }
     }
-    // Unreadable or disagreeing: nothing is announced.
+    found.extend(linked(headers));
+    agreed(&found)
+}
+
+/// What a redirect says of the content it leads to: only Hugging Face's `X-Linked-Etag`
+/// (the other headers of a redirect describe the redirect itself).
+pub(crate) fn linked_sha256(headers: &HeaderMap) -> Option<Digest> {
+    agreed(&linked(headers))
+}
+
+/// The SHA-256s `X-Linked-Etag` headers carry (None for one that is not a strong tag of
+/// 64 hex digits).
+fn linked(headers: &HeaderMap) -> Vec<Option<Digest>> {
+    (headers.get_all("x-linked-etag").iter())
+        .map(|v| {
+            let tag = v.to_str().ok()?.trim();
+            let hex = tag.strip_prefix('"')?.strip_suffix('"')?;
+            if hex.len() != 64 {
+                return None;
+            }
+            format!("sha256:{}", hex.to_ascii_lowercase()).parse().ok()
+        })
+        .collect()
+}
+
+/// The one digest every reading found; none if any was unreadable or they disagree.
+fn agreed(found: &[Option<Digest>]) -> Option<Digest> {
     let first = (*found.first()?)?;
     found.iter().all(|d| *d == Some(first)).then_some(first)
 }
@@ -99,6 +129,11 @@ mod tests {
             ("digest", format!("SHA-256={}", b64(&d))),
             ("digest", format!("md5=AAAA, sha-256={}", b64(&d))),
             ("x-amz-checksum-sha256", b64(&d)),
+            ("x-linked-etag", format!("\"{}\"", d.hex())),
+            (
+                "x-linked-etag",
+                format!("\"{}\"", d.hex().to_ascii_uppercase()),
+            ),
         ];
         for (name, value) in cases {
             assert_eq!(
@@ -134,11 +169,31 @@ mod tests {
             ],
             // An ETag, even one that looks like a SHA-256, is only an ETag.
             vec![("etag", format!("\"{}\"", d.hex()))],
+            // A file kept in git: its blob's SHA-1, not the content's SHA-256.
+            vec![("x-linked-etag", format!("\"{}\"", &d.hex()[..40]))],
+            // Weak, unquoted or not hex: no claim on the bytes.
+            vec![("x-linked-etag", format!("W/\"{}\"", d.hex()))],
+            vec![("x-linked-etag", d.hex())],
+            vec![("x-linked-etag", format!("\"{}\"", "g".repeat(64)))],
+            vec![
+                ("x-linked-etag", format!("\"{}\"", d.hex())),
+                ("repr-digest", format!("sha-256=:{}:", b64(&e))),
+            ],
         ];
         for pairs in none {
             let pairs: Vec<(&'static str, &str)> =
                 pairs.iter().map(|(k, v)| (*k, v.as_str())).collect();
             assert_eq!(announced_sha256(&headers(&pairs)), None, "{pairs:?}");
         }
+    }
+
+    #[test]
+    fn a_redirect_names_its_target_only_by_x_linked_etag() {
+        let d = Digest::of(b"weights");
+        let tag = format!("\"{}\"", d.hex());
+        assert_eq!(linked_sha256(&headers(&[("x-linked-etag", &tag)])), Some(d));
+        // A redirect's Repr-Digest is the redirect's own (empty) body's.
+        let repr = format!("sha-256=:{}:", b64(&d));
+        assert_eq!(linked_sha256(&headers(&[("repr-digest", &repr)])), None);
     }
 }

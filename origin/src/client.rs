@@ -44,6 +44,9 @@ pub struct Client {
 #[derive(Debug)]
 struct Inner {
     http: reqwest::Client,
+    /// The same, but it does not follow redirects: for what a redirect itself says (see
+    /// [`Client::head_url`]).
+    first_hop: reqwest::Client,
     config: OriginConfig,
     tokens: TokenCache,
     pacing: crate::pacing::Pacing,
@@ -105,22 +108,27 @@ impl Client {
                 })?;
             }
         }
-        let http = reqwest::Client::builder()
-            .user_agent(config.user_agent.clone())
-            .connect_timeout(Duration::from_millis(config.connect_timeout_ms))
-            // A Referer would carry the previous URL, query and all, to the storage host.
-            .referer(false)
-            .redirect(crate::redirects::reqwest_policy(&config))
-            .build()
-            .map_err(|e| {
-                OriginError::Invalid(format!(
-                    "cannot build HTTP client: {}",
-                    crate::http::error_chain(e)
-                ))
-            })?;
+        let build = |redirect| {
+            reqwest::Client::builder()
+                .user_agent(config.user_agent.clone())
+                .connect_timeout(Duration::from_millis(config.connect_timeout_ms))
+                // A Referer would carry the previous URL, query and all, to the storage host.
+                .referer(false)
+                .redirect(redirect)
+                .build()
+                .map_err(|e| {
+                    OriginError::Invalid(format!(
+                        "cannot build HTTP client: {}",
+                        crate::http::error_chain(e)
+                    ))
+                })
+        };
+        let http = build(crate::redirects::reqwest_policy(&config))?;
+        let first_hop = build(reqwest::redirect::Policy::none())?;
         Ok(Self {
             inner: Arc::new(Inner {
                 http,
+                first_hop,
                 config,
                 tokens: TokenCache::default(),
                 pacing: Default::default(),
@@ -301,15 +309,26 @@ impl Client {
         let mut headers = self.with_configured(url.as_str(), headers)?;
         let (want, value) = crate::announced::WANT_REPR_DIGEST;
         headers.insert(want, HeaderValue::from_static(value));
+        // The first hop on its own: a model host (Hugging Face) names an LFS file's content
+        // on its redirect to storage (`X-Linked-Etag`), and the storage does not repeat it.
+        // Not a redirect: that answer is the whole story.
+        let shown = display_url(&url);
+        let request = (self.inner.first_hop)
+            .request(Method::HEAD, url.clone())
+            .headers(headers.clone());
+        let first = send(request, &shown, self.timeout()).await?;
+        if !first.status().is_redirection() {
+            let first = check_status(first, &shown, self.timeout()).await?;
+            return Ok(url_info(first.headers()));
+        }
+        let linked = crate::announced::linked_sha256(first.headers());
         let response = self.url_request(Method::HEAD, url, headers).await?;
-        let headers = response.headers();
-        Ok(UrlInfo {
-            sha256: crate::announced::announced_sha256(headers),
-            size: content_length(headers),
-            etag: header_str(headers, ETAG),
-            accept_ranges: header_str(headers, ACCEPT_RANGES)
-                .is_some_and(|v| v.split(',').any(|u| u.trim().eq_ignore_ascii_case("bytes"))),
-        })
+        let mut info = url_info(response.headers());
+        info.sha256 = match (info.sha256, linked) {
+            (Some(a), Some(b)) if a != b => None,
+            (a, b) => a.or(b),
+        };
+        Ok(info)
     }
 
     /// Streams an absolute `http://` or `https://` URL, or the `range` of it; `headers` as for
@@ -557,6 +576,17 @@ fn json_media_type(bytes: &[u8]) -> Option<String> {
     serde_json::from_slice::<MediaTypeOnly>(bytes)
         .ok()?
         .media_type
+}
+
+/// What a final answer to `HEAD` says of a URL's content.
+fn url_info(headers: &HeaderMap) -> UrlInfo {
+    UrlInfo {
+        sha256: crate::announced::announced_sha256(headers),
+        size: content_length(headers),
+        etag: header_str(headers, ETAG),
+        accept_ranges: header_str(headers, ACCEPT_RANGES)
+            .is_some_and(|v| v.split(',').any(|u| u.trim().eq_ignore_ascii_case("bytes"))),
+    }
 }
 
 #[cfg(test)]

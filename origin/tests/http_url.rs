@@ -77,9 +77,32 @@ async fn start_files() -> SocketAddr {
                 .unwrap()
         }
     }
+    // Hugging Face's shape: the file's URL redirects to storage, and only the redirect
+    // names the content (`X-Linked-Etag`); the storage answers with its own ETag.
+    async fn linked(tag: String) -> Response {
+        Response::builder()
+            .status(StatusCode::FOUND)
+            .header(header::LOCATION, "/storage/model.bin")
+            .header("x-linked-etag", tag)
+            .header(header::ETAG, "\"redirect\"")
+            .body(AxumBody::empty())
+            .unwrap()
+    }
+    async fn storage() -> Response {
+        Response::builder()
+            .header(header::ETAG, "\"storage-etag\"")
+            .body(AxumBody::from(model()))
+            .unwrap()
+    }
+    let sha = shoal_proto::Digest::of(&model()).hex();
+    let lfs = format!("\"{sha}\"");
+    let git = format!("\"{}\"", &sha[..40]);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let app = Router::new()
+        .route("/resolve/lfs.bin", get(move || linked(lfs.clone())))
+        .route("/resolve/git.txt", get(move || linked(git.clone())))
+        .route("/storage/model.bin", get(storage))
         .route("/model.bin", get(ranged))
         .route("/plain.bin", get(plain))
         .route("/private", get(private));
@@ -135,6 +158,24 @@ async fn head_and_get_with_etag_and_ranges() {
     assert!(body.partial);
     assert_eq!((body.len, body.total), (Some(10_000), Some(50_000)));
     assert_eq!(read_all(body).await.unwrap(), &model()[12_345..22_345]);
+}
+
+#[tokio::test]
+async fn a_redirect_naming_its_content_announces_the_sha256() {
+    let addr = start_files().await;
+    let client = client(5000);
+    let info = (client.head_url(&format!("http://{addr}/resolve/lfs.bin"), &[]))
+        .await
+        .unwrap();
+    assert_eq!(info.sha256, Some(shoal_proto::Digest::of(&model())));
+    // The rest is the storage's answer, where the bytes come from.
+    assert_eq!(info.etag.as_deref(), Some("\"storage-etag\""));
+    assert_eq!(info.size, Some(50_000));
+    // A file kept in git names its SHA-1 blob there: no claim on the content.
+    let git = (client.head_url(&format!("http://{addr}/resolve/git.txt"), &[]))
+        .await
+        .unwrap();
+    assert_eq!((git.sha256, git.size), (None, Some(50_000)));
 }
 
 #[tokio::test]
