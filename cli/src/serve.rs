@@ -69,6 +69,14 @@ fn install_metrics(addr: Option<SocketAddr>, role: &'static str) -> Result<()> {
             .set_buckets(crate::process_metrics::LATENCY_BUCKETS)
             .context("histogram buckets")?;
         if role == "coordinator" {
+            builder = builder
+                .set_buckets_for_metric(
+                    metrics_exporter_prometheus::Matcher::Full(
+                        shoal_coordinator::metrics::REQUEST_WAIT_SECONDS.into(),
+                    ),
+                    shoal_coordinator::metrics::REQUEST_WAIT_BUCKETS,
+                )
+                .context("histogram buckets")?;
             // Per-job gauges stop being set when their job ends; without a timeout they would
             // stay in every scrape for the life of the process.
             builder = builder.idle_timeout(

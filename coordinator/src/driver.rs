@@ -74,25 +74,71 @@ const READS_IN_A_ROW: u32 = 32;
 /// wait for room behind thousands of agents' messages when the queue is full.
 #[derive(Clone, Debug)]
 pub struct Requests {
-    ordered: mpsc::Sender<Request>,
-    reads: mpsc::Sender<Request>,
+    ordered: mpsc::Sender<Queued>,
+    reads: mpsc::Sender<Queued>,
 }
 
 impl Requests {
     pub async fn send(&self, request: Request) -> Result<(), mpsc::error::SendError<Request>> {
-        if request.may_overtake() {
-            self.reads.send(request).await
+        let lane = if request.may_overtake() {
+            &self.reads
         } else {
-            self.ordered.send(request).await
-        }
+            &self.ordered
+        };
+        let queued = Queued {
+            at: Instant::now(),
+            request,
+        };
+        (lane.send(queued).await).map_err(|e| mpsc::error::SendError(e.0.request))
     }
+}
+
+/// A request, and when it was sent (for [`Waits`]).
+#[derive(Debug)]
+pub struct Queued {
+    at: Instant,
+    request: Request,
 }
 
 /// The state task's end of [`Requests`].
 #[derive(Debug)]
 pub struct Inbox {
-    ordered: mpsc::Receiver<Request>,
-    reads: mpsc::Receiver<Request>,
+    ordered: mpsc::Receiver<Queued>,
+    reads: mpsc::Receiver<Queued>,
+}
+
+/// How long requests waited from being sent until the state task took them up
+/// ([`crate::metrics::REQUEST_WAIT_SECONDS`]), by kind: the latency of an agent's session
+/// message, which is one-way and so has no answer to time.
+struct Waits {
+    session: metrics::Histogram,
+    join: metrics::Histogram,
+    api: metrics::Histogram,
+    health: metrics::Histogram,
+}
+
+impl Waits {
+    fn new() -> Self {
+        let kind = |k: &'static str| metrics::histogram!(crate::metrics::REQUEST_WAIT_SECONDS, "kind" => k);
+        Self {
+            session: kind("session"),
+            join: kind("join"),
+            api: kind("api"),
+            health: kind("health"),
+        }
+    }
+
+    /// Records how long `queued` waited; its request.
+    fn taken(&self, queued: Queued) -> Request {
+        let histogram = match &queued.request {
+            Request::FromAgent { .. } | Request::SessionClosed { .. } => &self.session,
+            Request::Join(..) | Request::OpenSession { .. } => &self.join,
+            Request::Ping(..) => &self.health,
+            _ => &self.api,
+        };
+        histogram.record(queued.at.elapsed());
+        queued.request
+    }
 }
 
 /// A request queue holding up to `capacity` requests of each kind before senders wait.
@@ -119,8 +165,9 @@ pub fn requests(capacity: usize) -> (Requests, Inbox) {
 /// run between batches; a timer that stays due (the planner's slices of a big Distribute,
 /// see `shoal_planner`'s intake) takes turns with the batches.
 pub async fn run(mut state: State, clock: Clock, mut inbox: Inbox, down: Down) {
-    let mut reads: VecDeque<Request> = VecDeque::new();
-    let mut ordered: VecDeque<Request> = VecDeque::new();
+    let waits = Waits::new();
+    let mut reads: VecDeque<Queued> = VecDeque::new();
+    let mut ordered: VecDeque<Queued> = VecDeque::new();
     let (mut reads_open, mut ordered_open) = (true, true);
     let mut reads_in_a_row = 0;
     let mut timer_last = false;
@@ -148,8 +195,9 @@ pub async fn run(mut state: State, clock: Clock, mut inbox: Inbox, down: Down) {
         // A timer that stays due (the planner's next slice of a big burst) and a batch
         // waiting take turns.
         let timer_due = clock.now().mono >= due && (ordered.is_empty() || !timer_last);
-        let stepped = if let Some(request) = read.flatten() {
+        let stepped = if let Some(queued) = read.flatten() {
             reads_in_a_row += 1;
+            let request = waits.taken(queued);
             std::panic::catch_unwind(AssertUnwindSafe(|| state.step(request, clock.now())))
         } else if timer_due {
             reads_in_a_row = 0;
@@ -164,7 +212,8 @@ pub async fn run(mut state: State, clock: Clock, mut inbox: Inbox, down: Down) {
                     .then(|| ordered.pop_front())
                     .flatten()
             })
-            .take(BATCH);
+            .take(BATCH)
+            .map(|queued| waits.taken(queued));
             std::panic::catch_unwind(AssertUnwindSafe(|| state.step_many(batch, || clock.now())))
         } else if !reads_open && !ordered_open {
             return;

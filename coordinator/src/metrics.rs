@@ -44,6 +44,14 @@ pub const STATE_WRITES_QUEUED: &str = "shoal_coordinator_state_writes_queued";
 pub const STATE_COMMIT_SECONDS: &str = "shoal_coordinator_state_commit_seconds";
 /// State writes that failed (disk full, I/O error); each is also logged.
 pub const STATE_WRITE_FAILURES: &str = "shoal_coordinator_state_write_failures_total";
+/// How long requests waited in the state task's queue before it took them up (`kind`:
+/// `session` for agents' session messages, `join`, `api`, `health`): the latency of a
+/// session message, which has no answer to time.
+pub const REQUEST_WAIT_SECONDS: &str = "shoal_coordinator_request_wait_seconds";
+/// Buckets of [`REQUEST_WAIT_SECONDS`]: fine below 100 ms, where a healthy coordinator is.
+pub const REQUEST_WAIT_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
+];
 /// How long the state task took to answer the last health probe (the timeout if it did
 /// not answer within it).
 pub const STATE_PROBE_SECONDS: &str = "shoal_coordinator_state_probe_seconds";
@@ -99,6 +107,11 @@ pub fn describe() {
     describe_gauge!(
         STATE_WRITES_QUEUED,
         "State writes queued for the database and not yet stored"
+    );
+    metrics::describe_histogram!(
+        REQUEST_WAIT_SECONDS,
+        metrics::Unit::Seconds,
+        "How long requests waited for the state task, by kind (session: agents' session messages)"
     );
     metrics::describe_histogram!(
         STATE_COMMIT_SECONDS,

@@ -22,10 +22,12 @@
 //!    measured.
 //!
 //! Session messages are one-way, so their latency cannot be observed from here; the report
-//! gives the coordinator's own health probe latency instead
-//! (`shoal_coordinator_state_probe_seconds`: how long its state task took to answer a probe
-//! queued behind everything else, scraped every second). The generator shares the machine's
-//! cores with the coordinator: its own CPU time is printed too.
+//! reads it from the coordinator's histogram of how long each one waited for its state task
+//! (`shoal_coordinator_request_wait_seconds{kind="session"}`, scraped at each phase's
+//! start and end), and gives its health probe latency too
+//! (`shoal_coordinator_state_probe_seconds`: a probe queued behind everything else, scraped
+//! every second). The generator shares the machine's cores with the coordinator: its own
+//! CPU time is printed too.
 //!
 //! `cargo build --release -p shoal -p shoal-benches && target/release/loadgen --agents 1000`
 
@@ -279,6 +281,8 @@ struct Measured {
     /// The coordinator's planner counters after the job: stripe-only source updates and
     /// candidates examined.
     planner: Option<(f64, f64)>,
+    /// How long the agents' session messages waited for the state task, per phase.
+    session_waits: Vec<(&'static str, process::WaitBuckets)>,
 }
 
 #[derive(Debug, Default)]
@@ -396,6 +400,8 @@ async fn run(args: &Args, dir: &std::path::Path) -> Result<()> {
     m.joins_secs = started.elapsed().as_secs_f64();
     m.agents_joined = ready;
     println!("joined: {ready} ready in {:.2} s", m.joins_secs);
+    let waits_after_joins = session_waits(metrics).await;
+    m.session_waits.push((PHASES[0], waits_after_joins.clone()));
     let now = coordinator.usage()?.cpu_seconds;
     m.cpu_by_phase
         .push(("joins and sessions", now - usage_mark));
@@ -419,6 +425,12 @@ async fn run(args: &Args, dir: &std::path::Path) -> Result<()> {
     let now = coordinator.usage()?.cpu_seconds;
     m.cpu_by_phase.push(("steady", now - usage_mark));
     usage_mark = now;
+
+    let waits_before = session_waits(metrics).await;
+    m.session_waits.push((
+        PHASES[1],
+        process::waits_between(&waits_after_joins, &waits_before),
+    ));
 
     // One blob, registered on agent 0, then distributed to all.
     phase.store(2, Ordering::Relaxed);
@@ -511,6 +523,9 @@ async fn run(args: &Args, dir: &std::path::Path) -> Result<()> {
             read(shoal_coordinator::metrics::PLANNER_STRIPE_UPDATES),
             read(shoal_coordinator::metrics::PLANNER_CANDIDATES),
         ));
+        let waits = process::session_waits(&text);
+        m.session_waits
+            .push((PHASES[2], process::waits_between(&waits_before, &waits)));
     }
     m.usage.push(("coordinator".into(), now));
 
@@ -559,6 +574,9 @@ async fn run(args: &Args, dir: &std::path::Path) -> Result<()> {
         r.all_inventoried_secs = inventoried_at.unwrap_or_default();
         r.all_holders_secs = holders_at.unwrap_or_default();
         r.job_at_end = job_now(&mut api, &job.job_id).await?;
+        // A new process: its histogram started empty.
+        m.session_waits
+            .push((PHASES[3], session_waits(metrics).await));
         println!("restart: every agent back in {:.2} s", r.all_ready_secs);
         m.restart = Some(r);
         let now = coordinator.usage()?;
@@ -655,6 +673,11 @@ fn status(shared: &Shared, probes: &Probes) -> String {
         c.received[2].load(Ordering::Relaxed),
         c.session_breaks.load(Ordering::Relaxed),
     )
+}
+
+/// The coordinator's session message waits so far (none if the scrape failed).
+async fn session_waits(metrics: std::net::SocketAddr) -> process::WaitBuckets {
+    (process::scrape(metrics).await).map_or_else(|_| Vec::new(), |t| process::session_waits(&t))
 }
 
 /// Scrapes the health probe latency every second into `probes`, under the current phase.

@@ -228,6 +228,48 @@ pub async fn scrape(addr: SocketAddr) -> Result<String> {
     Ok(String::from_utf8_lossy(&body).into_owned())
 }
 
+/// Cumulative counts of the coordinator's histogram of session message waits
+/// (`shoal_coordinator_request_wait_seconds{kind="session"}`): (bucket bound in seconds,
+/// messages that waited at most that long), in bound order, the last bound infinite.
+pub type WaitBuckets = Vec<(f64, f64)>;
+
+/// [`WaitBuckets`] from a scrape; empty if the coordinator exported none yet.
+pub fn session_waits(scrape: &str) -> WaitBuckets {
+    let prefix = format!(
+        "{}_bucket{{",
+        shoal_coordinator::metrics::REQUEST_WAIT_SECONDS
+    );
+    let mut buckets: WaitBuckets = (scrape.lines())
+        .filter_map(|l| {
+            let rest = l.strip_prefix(&prefix)?;
+            let (labels, value) = rest.split_once('}')?;
+            if !labels.contains("kind=\"session\"") {
+                return None;
+            }
+            let le = labels.split("le=\"").nth(1)?.split('"').next()?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, value.trim().parse().ok()?))
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    buckets
+}
+
+/// The messages counted in `after` and not in `before` (an earlier scrape of the same
+/// process, or empty), by bucket.
+pub fn waits_between(before: &WaitBuckets, after: &WaitBuckets) -> WaitBuckets {
+    (after.iter())
+        .map(|&(le, n)| {
+            let earlier = (before.iter().find(|(b, _)| *b == le)).map_or(0.0, |(_, m)| *m);
+            (le, n - earlier)
+        })
+        .collect()
+}
+
 /// The value of an unlabelled series `name` in a scrape.
 pub fn metric(scrape: &str, name: &str) -> Option<f64> {
     scrape
