@@ -470,10 +470,12 @@ impl State {
             #[cfg(test)]
             Request::Fault(Fault::Burst(hosts, reply)) => {
                 let blob = shoal_planner::BlobId(shoal_proto::Digest::of(b"burst"));
+                // Hosts that never joined, numbered past the tests' agents (host ids are
+                // dense: the planner keeps its hosts in a vector indexed by them).
                 for host in 0..hosts {
                     let want = shoal_planner::Event::Want {
                         blob,
-                        host: HostId(u32::MAX - host),
+                        host: HostId(1_000 + host),
                         priority: 0,
                     };
                     self.assigner.handle(now.mono, want);

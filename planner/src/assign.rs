@@ -29,6 +29,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
 
+use crate::by_host::{ByHost, HostHashMap};
 use crate::tiered::Tiered;
 use crate::{BlobId, HostId, RackId, Time, ZoneId};
 
@@ -177,7 +178,7 @@ struct Blob {
     chunk_count: u32,
     available: Tiered<HolderKey>,
     hungry: Hungry,
-    downloads: BTreeMap<HostId, Download>,
+    downloads: HostHashMap<Download>,
     /// The keys of `downloads` by zone: for drawing one at random.
     members: Members,
     corrupt: BTreeSet<HostId>,
@@ -279,7 +280,7 @@ impl Members {
 pub struct Assigner {
     config: AssignerConfig,
     rng: SmallRng,
-    hosts: BTreeMap<HostId, Host>,
+    hosts: ByHost<Host>,
     blobs: BTreeMap<BlobId, Blob>,
     leases: BTreeSet<(Time, HostId)>,
     retries: BTreeSet<(Time, BlobId, HostId)>,
@@ -318,7 +319,7 @@ impl Assigner {
         Self {
             config,
             rng: SmallRng::seed_from_u64(seed),
-            hosts: BTreeMap::new(),
+            hosts: ByHost::default(),
             blobs: BTreeMap::new(),
             leases: BTreeSet::new(),
             retries: BTreeSet::new(),
@@ -577,7 +578,7 @@ impl Assigner {
     }
 
     fn want(&mut self, blob: BlobId, id: HostId, priority: Priority) {
-        let host = self.hosts.entry(id).or_insert_with(Host::unknown);
+        let host = self.hosts.get_or_insert_with(id, Host::unknown);
         if host.holdings.get(&blob).is_some_and(|h| h.complete) {
             return;
         }
@@ -703,10 +704,11 @@ impl Assigner {
         if reporters.len() < CORRUPT_QUORUM || !b.corrupt.insert(source) {
             return;
         }
-        let targets: Vec<HostId> = (b.downloads.iter())
+        let mut targets: Vec<HostId> = (b.downloads.iter())
             .filter(|(_, d)| d.sources.contains(&source))
             .map(|(t, _)| *t)
             .collect();
+        targets.sort_unstable();
         self.sync_holder(source, blob);
         for target in targets {
             self.drop_source(blob, target, source);

@@ -17,6 +17,7 @@
 //! same inputs, the machines produce the same outputs.
 
 mod assign;
+mod by_host;
 mod chunkset;
 mod pick;
 mod seed;

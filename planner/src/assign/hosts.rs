@@ -36,7 +36,7 @@ impl Assigner {
         self.host_down(id);
         let salt = self.rng.random();
         let expiry = now + self.config.lease;
-        let host = self.hosts.entry(id).or_insert_with(Host::unknown);
+        let host = self.hosts.get_or_insert_with(id, Host::unknown);
         host.zone = zone;
         host.rack = rack;
         host.upload_bps = up;

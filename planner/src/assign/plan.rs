@@ -15,7 +15,7 @@ impl Assigner {
     /// Checks the safety invariants (fan-out, upload capacity, no dead or corrupt source,
     /// index consistency). O(state): for tests and the simulator, not the hot path.
     pub fn check_invariants(&self) -> Result<(), String> {
-        for (id, h) in &self.hosts {
+        for (id, h) in self.hosts.iter() {
             if h.serving.len() > self.config.max_uploads {
                 return Err(format!("{id} serves {} > F", h.serving.len()));
             }
@@ -30,9 +30,9 @@ impl Assigner {
             if !h.alive && !idle {
                 return Err(format!("{id} is down but still serves or holds"));
             }
-            let full = self.is_full(*id);
+            let full = self.is_full(id);
             for (b, holding) in &h.holdings {
-                let corrupt = self.blobs.get(b).is_some_and(|x| x.corrupt.contains(id));
+                let corrupt = self.blobs.get(b).is_some_and(|x| x.corrupt.contains(&id));
                 let should = h.alive && !full && !corrupt;
                 if should != holding.indexed.is_some() {
                     return Err(format!(

@@ -146,7 +146,7 @@ impl Assigner {
 
     /// Every download a source serves holds exactly one slot of it, and nothing else does.
     pub(super) fn check_stripes(&self) -> Result<(), String> {
-        for (id, h) in &self.hosts {
+        for (id, h) in self.hosts.iter() {
             for (blob, slots) in &h.stripes {
                 let mut held: Vec<HostId> = slots.holders().collect();
                 held.sort_unstable();
