@@ -120,6 +120,8 @@ struct Running {
     chunks: u32,
     chunk_size: u64,
     size: u64,
+    /// Chunks the last progress report said (a real agent reports only what changed).
+    reported: u32,
 }
 
 #[derive(Debug)]
@@ -456,8 +458,11 @@ impl Agent {
                     }
                 },
                 () = sleep_until(next_done) => self.finish(&mut orders),
-                _ = progress.tick(), if !orders.is_empty() => {
-                    vec![say(Msg::Progress(self.progress(&orders)))]
+                // Ticking whether or not an order runs, as a real agent's does: a guard here
+                // made the tick, long due, fire the moment an order arrived, and every agent
+                // sent a progress of nothing at the start of each order.
+                _ = progress.tick() => {
+                    self.progress(&mut orders).map(|b| say(Msg::Progress(b))).into_iter().collect()
                 }
                 _ = load.tick() => {
                     let rate = if orders.is_empty() { 0 } else { self.shared.link_bytes_per_sec as u64 };
@@ -554,6 +559,7 @@ impl Agent {
                         chunks: manifest.size.div_ceil(chunk_size) as u32,
                         chunk_size,
                         size: manifest.size,
+                        reported: 0,
                     },
                 );
                 Vec::new()
@@ -593,24 +599,29 @@ impl Agent {
         out
     }
 
-    /// Chunks verified grow linearly from the order's start to its end.
-    fn progress(&self, orders: &HashMap<u64, Running>) -> pb::ProgressBatch {
+    /// Chunks verified grow linearly from the order's start to its end; the orders that
+    /// verified chunks since their last report, as `agent/src/orders.rs` reports them.
+    fn progress(&self, orders: &mut HashMap<u64, Running>) -> Option<pb::ProgressBatch> {
         let now = Instant::now();
-        let items = (orders.iter())
-            .map(|(id, r)| {
+        let items: Vec<pb::BlobProgress> = (orders.iter_mut())
+            .filter_map(|(id, r)| {
                 let total = r.done_at.duration_since(r.started).as_secs_f64().max(1e-6);
                 let part = (now.duration_since(r.started).as_secs_f64() / total).min(1.0);
                 let chunks = ((f64::from(r.chunks) * part) as u32).min(r.chunks);
-                pb::BlobProgress {
+                if chunks <= r.reported {
+                    return None;
+                }
+                r.reported = chunks;
+                Some(pb::BlobProgress {
                     order_id: *id,
                     blob_digest: r.digest.clone(),
                     chunks_verified: chunks,
                     bytes_done: (u64::from(chunks) * r.chunk_size).min(r.size),
                     rate_bytes_per_sec: self.shared.link_bytes_per_sec as u64,
-                }
+                })
             })
             .collect();
-        pb::ProgressBatch { items }
+        (!items.is_empty()).then_some(pb::ProgressBatch { items })
     }
 }
 
