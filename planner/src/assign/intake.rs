@@ -11,11 +11,13 @@
 //! edges (a 20,000-target burst cut into unheld slices sent 91,000 of them instead of
 //! 12,000). Each download still gets one command with its final sources, as when the whole
 //! burst was planned in one step, and the decisions are the same: the slices apply the same
-//! wants in the same order. Once the last slice is planned, the held commands go out eight
+//! wants in the same order. Once the last slice is planned, the held commands go out two
 //! slices' worth per timeout, which the driver alternates with the agents' messages
 //! (sending 20,000 orders at once took 0.5 s; 1,024 at every step, reads' too, made every
-//! read wait 25 ms; two slices' worth per timeout made the last order 60% later, and the
-//! first targets' finishing meanwhile re-striped the rest: 48,000 source updates).
+//! read wait 25 ms). Eight slices' worth per timeout took 25-45 ms a turn with 20,000
+//! agents, and a read or session message that came meanwhile waited for all of it; two
+//! release as fast now that the driver gives its turns alike in time (once, when the
+//! driver alternated by count, two made the last order 60% later).
 //!
 //! A queued want is withdrawn by `Unwant`; one for a host that went down meanwhile is
 //! planned like any want for a host that is down (kept, ordered when it comes back).
@@ -154,7 +156,7 @@ impl Assigner {
 
     /// Commands released per timeout, at most, once a burst is planned.
     pub(super) fn release_slice(&self) -> usize {
-        self.config.intake_slice.max(1).saturating_mul(8)
+        self.config.intake_slice.max(1).saturating_mul(2)
     }
 
     /// Wants waiting to be planned (a burst bigger than one slice).

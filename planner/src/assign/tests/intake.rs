@@ -60,9 +60,9 @@ fn a_burst_is_planned_a_slice_per_timeout_with_the_same_commands_as_one_step() {
     let (whole, none) = burst(usize::MAX);
     assert_eq!(none, 0, "one step plans it all");
     let (sliced, timeouts) = burst(4);
-    // Nine to plan the 36 queued wants 4 at a time; the last of them releases 32 orders
-    // (eight slices' worth), one more the other 8.
-    assert_eq!(timeouts, 10);
+    // Nine to plan the 36 queued wants 4 at a time; the last of them releases 8 orders
+    // (two slices' worth), four more the other 32.
+    assert_eq!(timeouts, 13);
     let fetches = |c: &[Command]| {
         c.iter()
             .filter(|c| matches!(c, Command::Fetch { .. }))
@@ -89,14 +89,14 @@ fn a_blob_with_queued_wants_holds_its_commands_then_releases_them_in_slices() {
         if t.a.queued_wants() > 0 {
             assert!(out.is_empty(), "{out:?} went out with wants still queued");
         } else {
-            assert!(out.len() <= 16, "a release is eight intake slices");
+            assert!(out.len() <= 4, "a release is two intake slices");
             released.push(out.len());
             // Only timeouts release: an event's step (or a read's) does not pay for it.
             t.a.handle(t.now, Event::Heartbeat { host: h(1) });
             assert!(t.drain().is_empty(), "an event released held commands");
         }
     });
-    assert_eq!(released, [16, 16, 8], "released in slices");
+    assert_eq!(released, [4; 10], "released in slices");
 }
 
 #[test]
