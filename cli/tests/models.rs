@@ -301,29 +301,31 @@ async fn pulls_without_a_digest_stream_when_the_origin_announces_the_sha256() ->
     // No `--digest`, but the origin names the content (`Repr-Digest`): one agent seeds it
     // and the others fetch its chunks while it seeds, as with `--digest`, instead of
     // waiting for the whole file to learn which blob it is.
-    let cluster = Cluster::start_configured(4, &[], 10_000, "", "chunk_size = 262144\n").await?;
-    let files = tempfile::tempdir()?;
-    let model = harness::random_file(files.path(), "model.bin", 6 << 20, 14)?;
-    let content = std::fs::read(&model)?;
-    let digest = shoal_proto::Digest::of(&content);
-    let server = HttpServer::start_announcing(files.path(), &digest, Some(4 << 20))?;
-    let url = format!("http://127.0.0.1:{}/model.bin", server.port);
-    pull_everywhere(&cluster, &url, None, files.path(), &content)?;
-    assert_eq!(server.gets("/model.bin"), 1, "{}", read(&server.log));
-    all_but_the_seeder_fetched_while_it_seeded(&cluster)
+    pulls_without_a_digest_stream(Announce::ReprDigest, "/model.bin", 14).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pulls_stream_when_a_redirect_names_the_content_as_hugging_face_does() -> Result<()> {
     // `https://huggingface.co/R/resolve/main/F` answers with a redirect to storage that
     // carries the LFS file's SHA-256 (`X-Linked-Etag`); the storage does not repeat it.
+    pulls_without_a_digest_stream(Announce::LinkedEtag, "/resolve/model.bin", 16).await
+}
+
+/// Four agents pull `path` (no `--digest`) at once from an origin slower than they are
+/// that names the content as `announce` does: the origin sends the file once, and every
+/// agent but the seeder fetches while the seed runs.
+async fn pulls_without_a_digest_stream(
+    announce: fn(shoal_proto::Digest) -> Announce,
+    path: &str,
+    seed: u64,
+) -> Result<()> {
     let cluster = Cluster::start_configured(4, &[], 10_000, "", "chunk_size = 262144\n").await?;
     let files = tempfile::tempdir()?;
-    let model = harness::random_file(files.path(), "model.bin", 6 << 20, 16)?;
+    let model = harness::random_file(files.path(), "model.bin", 6 << 20, seed)?;
     let content = std::fs::read(&model)?;
     let digest = shoal_proto::Digest::of(&content);
-    let server = HttpServer::spawn(files.path(), Some(4 << 20), Announce::LinkedEtag(digest))?;
-    let url = format!("http://127.0.0.1:{}/resolve/model.bin", server.port);
+    let server = HttpServer::spawn(files.path(), Some(4 << 20), announce(digest))?;
+    let url = format!("http://127.0.0.1:{}{path}", server.port);
     pull_everywhere(&cluster, &url, None, files.path(), &content)?;
     assert_eq!(server.gets("/model.bin"), 1, "{}", read(&server.log));
     all_but_the_seeder_fetched_while_it_seeded(&cluster)
