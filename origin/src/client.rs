@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use reqwest::header::{
-    ACCEPT, ACCEPT_RANGES, CONTENT_RANGE, ETAG, HeaderMap, HeaderName, HeaderValue, RANGE,
+    ACCEPT, ACCEPT_RANGES, AUTHORIZATION, CONTENT_RANGE, COOKIE, ETAG, HeaderMap, HeaderName,
+    HeaderValue, LOCATION, PROXY_AUTHORIZATION, RANGE, WWW_AUTHENTICATE,
 };
 use reqwest::{Method, Response, StatusCode, Url};
 use shoal_proto::Digest;
@@ -44,9 +45,10 @@ pub struct Client {
 #[derive(Debug)]
 struct Inner {
     http: reqwest::Client,
-    /// The same, but it does not follow redirects: for what a redirect itself says (see
-    /// [`Client::head_url`]).
+    /// The same, but it does not follow redirects: [`Client::head_url`] follows them itself,
+    /// for what a redirect says of its target.
     first_hop: reqwest::Client,
+    redirects: crate::redirects::RedirectPolicy,
     config: OriginConfig,
     tokens: TokenCache,
     pacing: crate::pacing::Pacing,
@@ -129,6 +131,7 @@ impl Client {
             inner: Arc::new(Inner {
                 http,
                 first_hop,
+                redirects: crate::redirects::RedirectPolicy::new(&config),
                 config,
                 tokens: TokenCache::default(),
                 pacing: Default::default(),
@@ -298,8 +301,10 @@ impl Client {
     // ---- plain HTTP(S) ---------------------------------------------------------------
 
     /// `HEAD` on an absolute `http://` or `https://` URL, sending `headers`. `headers` go to
-    /// every host a redirect leads to, except `Authorization`, which is dropped when a
-    /// redirect leaves the host.
+    /// every host a redirect leads to, except `Authorization` and cookies, which are dropped
+    /// when a redirect leaves the host. The content's SHA-256 is the one every hop that
+    /// announced one agrees on (`X-Linked-Etag` on a redirect, the final answer's headers:
+    /// `announced.rs`).
     pub async fn head_url(
         &self,
         url: &str,
@@ -309,26 +314,56 @@ impl Client {
         let mut headers = self.with_configured(url.as_str(), headers)?;
         let (want, value) = crate::announced::WANT_REPR_DIGEST;
         headers.insert(want, HeaderValue::from_static(value));
-        // The first hop on its own: a model host (Hugging Face) names an LFS file's content
-        // on its redirect to storage (`X-Linked-Etag`), and the storage does not repeat it.
-        // Not a redirect: that answer is the whole story.
-        let shown = display_url(&url);
-        let request = (self.inner.first_hop)
-            .request(Method::HEAD, url.clone())
-            .headers(headers.clone());
-        let first = send(request, &shown, self.timeout()).await?;
-        if !first.status().is_redirection() {
-            let first = check_status(first, &shown, self.timeout()).await?;
-            return Ok(url_info(first.headers()));
+        // Redirects followed here, as `http` would (the same policy, `Authorization` and
+        // cookies dropped when one leaves the host), because a model host (Hugging Face)
+        // names an LFS file's content on its redirect to storage (`X-Linked-Etag`), and
+        // the storage does not repeat it.
+        let timeout = self.timeout();
+        let mut linked = Vec::new();
+        let mut at = url;
+        let mut hop = 0;
+        loop {
+            let shown = display_url(&at);
+            let request = (self.inner.first_hop)
+                .request(Method::HEAD, at.clone())
+                .headers(headers.clone());
+            let response = send(request, &shown, timeout).await?;
+            let next = (response.status().is_redirection())
+                .then(|| response.headers().get(LOCATION)?.to_str().ok())
+                .flatten()
+                .and_then(|l| at.join(l).ok());
+            let Some(next) = next else {
+                // Not a redirect (or one that says nowhere): the answer.
+                let response = check_status(response, &shown, timeout).await?;
+                let mut info = url_info(response.headers());
+                linked.extend(info.sha256);
+                info.sha256 = linked
+                    .first()
+                    .copied()
+                    .filter(|d| linked.iter().all(|e| e == d));
+                return Ok(info);
+            };
+            let refused = if hop >= crate::redirects::MAX_REDIRECTS {
+                Err("too many redirects".to_string())
+            } else {
+                self.inner.redirects.check(&at, &next)
+            };
+            if let Err(why) = refused {
+                tracing::warn!(to = %display_url(&next), why, "redirect refused");
+                return Err(OriginError::Unreachable(format!("{shown}: {why}")));
+            }
+            linked.extend(crate::announced::linked_sha256(response.headers()));
+            let same_origin = (at.host_str(), at.port_or_known_default(), at.scheme())
+                == (next.host_str(), next.port_or_known_default(), next.scheme());
+            if !same_origin {
+                for name in [AUTHORIZATION, COOKIE, PROXY_AUTHORIZATION, WWW_AUTHENTICATE] {
+                    headers.remove(name);
+                }
+                headers.remove("cookie2");
+            }
+            at = next;
+            hop += 1;
         }
-        let linked = crate::announced::linked_sha256(first.headers());
-        let response = self.url_request(Method::HEAD, url, headers).await?;
-        let mut info = url_info(response.headers());
-        info.sha256 = match (info.sha256, linked) {
-            (Some(a), Some(b)) if a != b => None,
-            (a, b) => a.or(b),
-        };
-        Ok(info)
     }
 
     /// Streams an absolute `http://` or `https://` URL, or the `range` of it; `headers` as for

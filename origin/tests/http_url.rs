@@ -22,6 +22,9 @@ fn model() -> Bytes {
         .into()
 }
 
+/// Requests that reached a redirect naming its content (`X-Linked-Etag`).
+static LINKED_HEADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 /// Serves `model()` at /model.bin with ETag and ranges, and at /plain.bin ignoring Range;
 /// /private needs `Authorization: Bearer hf_x`.
 async fn start_files() -> SocketAddr {
@@ -80,11 +83,29 @@ async fn start_files() -> SocketAddr {
     // Hugging Face's shape: the file's URL redirects to storage, and only the redirect
     // names the content (`X-Linked-Etag`); the storage answers with its own ETag.
     async fn linked(tag: String) -> Response {
+        LINKED_HEADS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Response::builder()
             .status(StatusCode::FOUND)
             .header(header::LOCATION, "/storage/model.bin")
             .header("x-linked-etag", tag)
             .header(header::ETAG, "\"redirect\"")
+            .body(AxumBody::empty())
+            .unwrap()
+    }
+    // Two hops: a plain redirect, then one naming other content than its target, which
+    // announces the model's (`Repr-Digest`).
+    async fn conflict() -> Response {
+        Response::builder()
+            .status(StatusCode::FOUND)
+            .header(header::LOCATION, "/resolve/other.bin")
+            .body(AxumBody::empty())
+            .unwrap()
+    }
+    async fn other(tag: String) -> Response {
+        Response::builder()
+            .status(StatusCode::TEMPORARY_REDIRECT)
+            .header(header::LOCATION, "/model.bin")
+            .header("x-linked-etag", tag)
             .body(AxumBody::empty())
             .unwrap()
     }
@@ -97,11 +118,14 @@ async fn start_files() -> SocketAddr {
     let sha = shoal_proto::Digest::of(&model()).hex();
     let lfs = format!("\"{sha}\"");
     let git = format!("\"{}\"", &sha[..40]);
+    let other_tag = format!("\"{}\"", shoal_proto::Digest::of(b"other").hex());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let app = Router::new()
         .route("/resolve/lfs.bin", get(move || linked(lfs.clone())))
         .route("/resolve/git.txt", get(move || linked(git.clone())))
+        .route("/resolve/other.bin", get(move || other(other_tag.clone())))
+        .route("/resolve/conflict.bin", get(conflict))
         .route("/storage/model.bin", get(storage))
         .route("/model.bin", get(ranged))
         .route("/plain.bin", get(plain))
@@ -164,10 +188,16 @@ async fn head_and_get_with_etag_and_ranges() {
 async fn a_redirect_naming_its_content_announces_the_sha256() {
     let addr = start_files().await;
     let client = client(5000);
+    let before = LINKED_HEADS.load(std::sync::atomic::Ordering::SeqCst);
     let info = (client.head_url(&format!("http://{addr}/resolve/lfs.bin"), &[]))
         .await
         .unwrap();
     assert_eq!(info.sha256, Some(shoal_proto::Digest::of(&model())));
+    // The redirect is asked once: its answer is followed, not asked for again.
+    assert_eq!(
+        LINKED_HEADS.load(std::sync::atomic::Ordering::SeqCst) - before,
+        1
+    );
     // The rest is the storage's answer, where the bytes come from.
     assert_eq!(info.etag.as_deref(), Some("\"storage-etag\""));
     assert_eq!(info.size, Some(50_000));
@@ -176,6 +206,12 @@ async fn a_redirect_naming_its_content_announces_the_sha256() {
         .await
         .unwrap();
     assert_eq!((git.sha256, git.size), (None, Some(50_000)));
+    // The second of two hops names other content than the final answer's `Repr-Digest`:
+    // they disagree, so nothing is announced.
+    let conflict = (client.head_url(&format!("http://{addr}/resolve/conflict.bin"), &[]))
+        .await
+        .unwrap();
+    assert_eq!(conflict.sha256, None);
 }
 
 #[tokio::test]
