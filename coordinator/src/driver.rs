@@ -62,6 +62,11 @@ const BATCH: usize = 256;
 /// a long timer turn (see [`run`]).
 const BATCH_TIME: Duration = Duration::from_millis(5);
 
+/// How long a due timer yields to overdue batches at most: under a flood of agents'
+/// messages the planner's timers (its slices and order releases, lease expiries,
+/// housekeeping) still get a turn this often.
+const TIMER_PATIENCE: Duration = Duration::from_millis(25);
+
 /// Requests taken off the channel and not yet handled at most: beyond, senders wait on
 /// the channel's own bound.
 const BACKLOG: usize = 4096;
@@ -165,7 +170,9 @@ pub fn requests(capacity: usize) -> (Requests, Inbox) {
 /// per request than single steps (one planner flush and one round of commands). Due timers
 /// run between batches; a timer that stays due (the planner's slices of a big Distribute,
 /// see `shoal_planner`'s intake) takes turns with the batches, and the batch after a timer
-/// turn may run as long as that turn did (and [`BATCH`] requests per [`BATCH_TIME`] of it):
+/// turn may run as long as that turn did, up to [`TIMER_PATIENCE`] (and [`BATCH`] requests
+/// per [`BATCH_TIME`] of it), a batch whose first request waited past [`BATCH_TIME`] goes
+/// before the next timer turn unless the timer has waited [`TIMER_PATIENCE`]:
 /// turns alike in time, not in count. Alike in count, a Distribute to 20,000 agents
 /// released its orders in turns of 25 ms against batches of 256 heartbeats (1-2 ms), and
 /// 8,192 session messages queued behind them for 200-500 ms.
@@ -178,6 +185,8 @@ pub async fn run(mut state: State, clock: Clock, mut inbox: Inbox, down: Down) {
     let mut timer_last = false;
     // How long the last timer turn took: the next batch's allowance.
     let mut timer_took = Duration::ZERO;
+    // Since when the timer has been due without its turn.
+    let mut timer_due_since: Option<Instant> = None;
     loop {
         while reads_open {
             match inbox.reads.try_recv() {
@@ -203,9 +212,18 @@ pub async fn run(mut state: State, clock: Clock, mut inbox: Inbox, down: Down) {
         // waiting take turns, unless the batch's first request has waited past
         // [`BATCH_TIME`]: then the agents' messages go first (their wait is the session
         // latency; the timer's work, planning and releasing orders, waits in the planner).
+        // A timer that waited past [`TIMER_PATIENCE`] takes its turn even so.
         let overdue = (ordered.front()).is_some_and(|q| q.at.elapsed() >= BATCH_TIME);
+        let timer_is_due = clock.now().mono >= due;
+        let since = match (timer_is_due, timer_due_since) {
+            (false, _) => None,
+            (true, None) => Some(Instant::now()),
+            (true, since) => since,
+        };
+        timer_due_since = since;
+        let impatient = since.is_some_and(|t| t.elapsed() >= TIMER_PATIENCE);
         let timer_due =
-            clock.now().mono >= due && (ordered.is_empty() || (!timer_last && !overdue));
+            timer_is_due && (ordered.is_empty() || (!timer_last && (!overdue || impatient)));
         let stepped = if let Some(queued) = read.flatten() {
             reads_in_a_row += 1;
             let request = waits.taken(queued);
@@ -217,12 +235,13 @@ pub async fn run(mut state: State, clock: Clock, mut inbox: Inbox, down: Down) {
             let stepped =
                 std::panic::catch_unwind(AssertUnwindSafe(|| state.handle_timeout(clock.now())));
             timer_took = started.elapsed();
+            timer_due_since = None;
             stepped
         } else if !ordered.is_empty() {
             reads_in_a_row = 0;
             timer_last = false;
             let started = Instant::now();
-            let allowance = BATCH_TIME.max(std::mem::take(&mut timer_took));
+            let allowance = (std::mem::take(&mut timer_took)).clamp(BATCH_TIME, TIMER_PATIENCE);
             let count = BATCH * allowance.as_micros().div_ceil(BATCH_TIME.as_micros()) as usize;
             let batch = std::iter::from_fn(|| {
                 (started.elapsed() < allowance)

@@ -15,8 +15,9 @@ use crate::HostId;
 /// entries in turn sort them first.
 pub(crate) type HostHashMap<V> = HashMap<HostId, V, BuildHasherDefault<IdHasher>>;
 
-/// Hashes a host id by one multiplication (Fibonacci hashing: the high bits, which the
-/// table's probing reads, depend on every bit of the id).
+/// Hashes a host id by one multiplication, its high half folded into the low (the table
+/// picks a bucket by the low bits and tags it with the top seven: both then depend on
+/// every bit of the id).
 #[derive(Default)]
 pub(crate) struct IdHasher(u64);
 
@@ -36,7 +37,7 @@ impl Hasher for IdHasher {
     }
 
     fn finish(&self) -> u64 {
-        self.0
+        self.0 ^ (self.0 >> 32)
     }
 }
 

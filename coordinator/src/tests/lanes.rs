@@ -113,3 +113,36 @@ async fn an_overdue_backlog_goes_before_the_slices_of_a_burst() {
     );
     stop(started).await;
 }
+
+/// Overdue messages go first, but not for ever: under a flood of them (here 200 ms of
+/// work) the planner's timers still get a turn every `TIMER_PATIENCE`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_overdue_messages_does_not_starve_the_timers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let started = crate::start(&config(dir.path(), Duration::from_secs(10))).expect("start");
+    let requests = started.requests.clone();
+    let (planned, burst) = tokio::sync::oneshot::channel();
+    let wants = 200_000;
+    requests
+        .send(Request::Fault(Fault::Burst(wants, planned)))
+        .await
+        .expect("sent");
+    for _ in 0..20 {
+        let stall = Request::Fault(Fault::Stall(Duration::from_millis(10)));
+        requests.send(stall).await.expect("sent");
+    }
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    requests
+        .send(Request::Fault(Fault::QueuedWants(tx)))
+        .await
+        .expect("sent");
+    burst.await.expect("the burst's step");
+    let queued = rx.await.expect("answered");
+    // A slice every 25 ms of the 200: a few, and never none.
+    assert!(
+        queued + 2 * 128 <= wants as usize,
+        "only {} wants were planned while 200 ms of overdue work ran",
+        wants as usize - queued
+    );
+    stop(started).await;
+}
