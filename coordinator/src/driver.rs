@@ -65,7 +65,10 @@ const BATCH_TIME: Duration = Duration::from_millis(5);
 /// How long a due timer yields to overdue batches at most: under a flood of agents'
 /// messages the planner's timers (its slices and order releases, lease expiries,
 /// housekeeping) still get a turn this often.
-const TIMER_PATIENCE: Duration = Duration::from_millis(25);
+const TIMER_PATIENCE: Duration = Duration::from_millis(100);
+
+/// How long a batch may run at most, after a long timer turn: a read waits for one turn.
+const BATCH_TIME_MAX: Duration = Duration::from_millis(25);
 
 /// Requests taken off the channel and not yet handled at most: beyond, senders wait on
 /// the channel's own bound.
@@ -170,7 +173,7 @@ pub fn requests(capacity: usize) -> (Requests, Inbox) {
 /// per request than single steps (one planner flush and one round of commands). Due timers
 /// run between batches; a timer that stays due (the planner's slices of a big Distribute,
 /// see `shoal_planner`'s intake) takes turns with the batches, and the batch after a timer
-/// turn may run as long as that turn did, up to [`TIMER_PATIENCE`] (and [`BATCH`] requests
+/// turn may run as long as that turn did, up to [`BATCH_TIME_MAX`] (and [`BATCH`] requests
 /// per [`BATCH_TIME`] of it), a batch whose first request waited past [`BATCH_TIME`] goes
 /// before the next timer turn unless the timer has waited [`TIMER_PATIENCE`]:
 /// turns alike in time, not in count. Alike in count, a Distribute to 20,000 agents
@@ -241,7 +244,7 @@ pub async fn run(mut state: State, clock: Clock, mut inbox: Inbox, down: Down) {
             reads_in_a_row = 0;
             timer_last = false;
             let started = Instant::now();
-            let allowance = (std::mem::take(&mut timer_took)).clamp(BATCH_TIME, TIMER_PATIENCE);
+            let allowance = (std::mem::take(&mut timer_took)).clamp(BATCH_TIME, BATCH_TIME_MAX);
             let count = BATCH * allowance.as_micros().div_ceil(BATCH_TIME.as_micros()) as usize;
             let batch = std::iter::from_fn(|| {
                 (started.elapsed() < allowance)

@@ -114,8 +114,8 @@ async fn an_overdue_backlog_goes_before_the_slices_of_a_burst() {
     stop(started).await;
 }
 
-/// Overdue messages go first, but not for ever: under a flood of them (here 200 ms of
-/// work) the planner's timers still get a turn every `TIMER_PATIENCE`.
+/// Overdue messages go first, but not for ever: under a flood of them (here 400 ms of
+/// work) the planner's timers still get a turn every `TIMER_PATIENCE` (100 ms).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_overdue_messages_does_not_starve_the_timers() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -127,7 +127,7 @@ async fn a_flood_of_overdue_messages_does_not_starve_the_timers() {
         .send(Request::Fault(Fault::Burst(wants, planned)))
         .await
         .expect("sent");
-    for _ in 0..20 {
+    for _ in 0..40 {
         let stall = Request::Fault(Fault::Stall(Duration::from_millis(10)));
         requests.send(stall).await.expect("sent");
     }
@@ -138,10 +138,10 @@ async fn a_flood_of_overdue_messages_does_not_starve_the_timers() {
         .expect("sent");
     burst.await.expect("the burst's step");
     let queued = rx.await.expect("answered");
-    // A slice every 25 ms of the 200: a few, and never none.
+    // The burst's own slice, then one every 100 ms of the 400: a few, and never none.
     assert!(
         queued + 2 * 128 <= wants as usize,
-        "only {} wants were planned while 200 ms of overdue work ran",
+        "only {} wants were planned while 400 ms of overdue work ran",
         wants as usize - queued
     );
     stop(started).await;
