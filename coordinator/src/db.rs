@@ -118,6 +118,8 @@ pub struct Faults {
     pub commit_delay_ms: std::sync::atomic::AtomicU64,
     /// Each commit fails (after the delay), as an I/O error would: nothing is written.
     pub fail_commits: std::sync::atomic::AtomicBool,
+    /// Commits wait while this is set: a disk that answers when the test says so.
+    pub hold_commits: std::sync::atomic::AtomicBool,
 }
 
 impl Db {
@@ -193,6 +195,9 @@ impl Db {
             use std::sync::atomic::Ordering::Relaxed;
             let ms = self.faults.commit_delay_ms.load(Relaxed);
             std::thread::sleep(std::time::Duration::from_millis(ms));
+            while self.faults.hold_commits.load(Relaxed) {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
             if self.faults.fail_commits.load(Relaxed) {
                 return Err(err("injected I/O error"));
             }

@@ -41,16 +41,20 @@ fn distribute_is_answered_once_stored_and_the_state_does_not_wait_for_the_disk()
     let (mut s, m, _i) = with_seeder(dir.path(), Duration::from_secs(30));
     let target = join(&mut s, "target", 2);
     let (_, mut inbox) = open(&mut s, &target);
-    let slow = Duration::from_millis(400);
-    s.faults
-        .commit_delay_ms
-        .store(slow.as_millis() as u64, Relaxed);
+    // A disk that holds every commit until the test lets it go (or 10 s have passed: a
+    // step that waited for it would then end, late, and fail below instead of hanging).
+    s.faults.hold_commits.store(true, Relaxed);
+    let faults = s.faults.clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(10));
+        faults.hold_commits.store(false, Relaxed);
+    });
 
     let asked = Instant::now();
     let mut reply = distribute_rx(&mut s, m.digest(), &["target"]);
     let step = asked.elapsed();
     assert!(
-        step < slow / 2,
+        step < Duration::from_secs(5),
         "the step took {step:?}: it waited for the disk"
     );
     assert!(
@@ -65,13 +69,13 @@ fn distribute_is_answered_once_stored_and_the_state_does_not_wait_for_the_disk()
         .expect("answered in its step")
         .expect("list");
     assert_eq!(listed.agents.len(), 2);
-
-    let job = wait(reply).expect("stored").job_id;
     assert!(
-        asked.elapsed() >= slow,
-        "answered after {:?}, before its write of {slow:?} was stored",
-        asked.elapsed()
+        matches!(reply.try_recv(), Err(oneshot::error::TryRecvError::Empty)),
+        "answered while its write was held"
     );
+
+    s.faults.hold_commits.store(false, Relaxed);
+    let job = wait(reply).expect("stored").job_id;
     // Answered means stored: a disk that fails from now on loses nothing of it.
     s.faults.fail_commits.store(true, Relaxed);
     let now = s.now;
