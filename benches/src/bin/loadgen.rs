@@ -282,7 +282,8 @@ struct Measured {
     /// candidates examined.
     planner: Option<(f64, f64)>,
     /// How long the agents' session messages waited for the state task, per phase.
-    session_waits: Vec<(&'static str, process::WaitBuckets)>,
+    /// None where a scrape at the phase's start or end failed.
+    session_waits: Vec<(&'static str, Option<process::WaitBuckets>)>,
 }
 
 #[derive(Debug, Default)]
@@ -429,7 +430,7 @@ async fn run(args: &Args, dir: &std::path::Path) -> Result<()> {
     let waits_before = session_waits(metrics).await;
     m.session_waits.push((
         PHASES[1],
-        process::waits_between(&waits_after_joins, &waits_before),
+        between(&waits_after_joins, &waits_before),
     ));
 
     // One blob, registered on agent 0, then distributed to all.
@@ -517,16 +518,17 @@ async fn run(args: &Args, dir: &std::path::Path) -> Result<()> {
         .push(("distribute", now.cpu_seconds - usage_mark));
     // The coordinator exports its planner counters once a second.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    if let Ok(text) = process::scrape(metrics).await {
-        let read = |name| process::metric(&text, name).unwrap_or(f64::NAN);
+    let scraped = process::scrape(metrics).await.ok();
+    if let Some(text) = &scraped {
+        let read = |name| process::metric(text, name).unwrap_or(f64::NAN);
         m.planner = Some((
             read(shoal_coordinator::metrics::PLANNER_STRIPE_UPDATES),
             read(shoal_coordinator::metrics::PLANNER_CANDIDATES),
         ));
-        let waits = process::session_waits(&text);
-        m.session_waits
-            .push((PHASES[2], process::waits_between(&waits_before, &waits)));
     }
+    let waits = scraped.map(|t| process::session_waits(&t));
+    m.session_waits
+        .push((PHASES[2], between(&waits_before, &waits)));
     m.usage.push(("coordinator".into(), now));
 
     if args.restart {
@@ -675,9 +677,17 @@ fn status(shared: &Shared, probes: &Probes) -> String {
     )
 }
 
-/// The coordinator's session message waits so far (none if the scrape failed).
-async fn session_waits(metrics: std::net::SocketAddr) -> process::WaitBuckets {
-    (process::scrape(metrics).await).map_or_else(|_| Vec::new(), |t| process::session_waits(&t))
+/// The coordinator's session message waits so far; None if the scrape failed.
+async fn session_waits(metrics: std::net::SocketAddr) -> Option<process::WaitBuckets> {
+    (process::scrape(metrics).await.ok()).map(|t| process::session_waits(&t))
+}
+
+/// The waits between two scrapes; None unless both were read.
+fn between(
+    before: &Option<process::WaitBuckets>,
+    after: &Option<process::WaitBuckets>,
+) -> Option<process::WaitBuckets> {
+    Some(process::waits_between(before.as_ref()?, after.as_ref()?))
 }
 
 /// Scrapes the health probe latency every second into `probes`, under the current phase.

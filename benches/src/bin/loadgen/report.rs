@@ -314,7 +314,13 @@ pub(super) fn report(
         o.num("restart_peak_rss_mib", u.peak_rss_bytes as f64 / 1048576.0);
     }
     for (name, buckets) in &m.session_waits {
-        o.waits(name, buckets);
+        match buckets {
+            Some(b) => o.waits(name, b),
+            None => o.row(
+                format!("session message wait for the state task (every message), {name}"),
+                "unavailable: a scrape of the coordinator's metrics failed",
+            ),
+        }
     }
     for (i, name) in PHASES.iter().enumerate() {
         let label = format!("state probe latency (coordinator's gauge), {name}");
