@@ -172,11 +172,11 @@ pub fn requests(capacity: usize) -> (Requests, Inbox) {
 /// once) a `GetJob` waits for one batch, not for the whole queue, and a batch costs less
 /// per request than single steps (one planner flush and one round of commands). Due timers
 /// run between batches; a timer that stays due (the planner's slices of a big Distribute,
-/// see `shoal_planner`'s intake) takes turns with the batches, and the batch after a timer
-/// turn may run as long as that turn did, up to [`BATCH_TIME_MAX`] (and [`BATCH`] requests
-/// per [`BATCH_TIME`] of it), a batch whose first request waited past [`BATCH_TIME`] goes
-/// before the next timer turn unless the timer has waited [`TIMER_PATIENCE`]:
-/// turns alike in time, not in count. Alike in count, a Distribute to 20,000 agents
+/// see `shoal_planner`'s intake) takes turns with the batches, alike in time, not in
+/// count: the batch after a timer turn may run as long as that turn did (up to
+/// [`BATCH_TIME_MAX`], and [`BATCH`] requests per [`BATCH_TIME`] of it), and a batch whose
+/// first request waited past [`BATCH_TIME`] goes before the next timer turn unless the
+/// timer has waited [`TIMER_PATIENCE`]. Alike in count, a Distribute to 20,000 agents
 /// released its orders in turns of 25 ms against batches of 256 heartbeats (1-2 ms), and
 /// 8,192 session messages queued behind them for 200-500 ms.
 pub async fn run(mut state: State, clock: Clock, mut inbox: Inbox, down: Down) {
@@ -206,7 +206,8 @@ pub async fn run(mut state: State, clock: Clock, mut inbox: Inbox, down: Down) {
             }
         }
         let due = state.poll_timeout();
-        let others_wait = !ordered.is_empty() || clock.now().mono >= due;
+        let timer_is_due = clock.now().mono >= due;
+        let others_wait = !ordered.is_empty() || timer_is_due;
         if !others_wait || reads.is_empty() {
             reads_in_a_row = 0;
         }
@@ -217,14 +218,8 @@ pub async fn run(mut state: State, clock: Clock, mut inbox: Inbox, down: Down) {
         // latency; the timer's work, planning and releasing orders, waits in the planner).
         // A timer that waited past [`TIMER_PATIENCE`] takes its turn even so.
         let overdue = (ordered.front()).is_some_and(|q| q.at.elapsed() >= BATCH_TIME);
-        let timer_is_due = clock.now().mono >= due;
-        let since = match (timer_is_due, timer_due_since) {
-            (false, _) => None,
-            (true, None) => Some(Instant::now()),
-            (true, since) => since,
-        };
-        timer_due_since = since;
-        let impatient = since.is_some_and(|t| t.elapsed() >= TIMER_PATIENCE);
+        timer_due_since = timer_is_due.then(|| timer_due_since.unwrap_or_else(Instant::now));
+        let impatient = timer_due_since.is_some_and(|t| t.elapsed() >= TIMER_PATIENCE);
         let timer_due =
             timer_is_due && (ordered.is_empty() || (!timer_last && (!overdue || impatient)));
         let stepped = if let Some(queued) = read.flatten() {

@@ -90,7 +90,7 @@ fn linked(headers: &HeaderMap) -> Vec<Option<Digest>> {
 }
 
 /// The one digest every reading found; none if any was unreadable or they disagree.
-fn agreed(found: &[Option<Digest>]) -> Option<Digest> {
+pub(crate) fn agreed(found: &[Option<Digest>]) -> Option<Digest> {
     let first = (*found.first()?)?;
     found.iter().all(|d| *d == Some(first)).then_some(first)
 }

@@ -336,23 +336,14 @@ impl Client {
                 // Not a redirect (or one that says nowhere): the answer.
                 let response = check_status(response, &shown, timeout).await?;
                 let mut info = url_info(response.headers());
-                linked.extend(info.sha256);
-                info.sha256 = linked
-                    .first()
-                    .copied()
-                    .filter(|d| linked.iter().all(|e| e == d));
+                linked.extend(info.sha256.map(Some));
+                info.sha256 = crate::announced::agreed(&linked);
                 return Ok(info);
             };
-            let refused = if hop >= crate::redirects::MAX_REDIRECTS {
-                Err("too many redirects".to_string())
-            } else {
-                self.inner.redirects.check(&at, &next)
-            };
-            if let Err(why) = refused {
-                tracing::warn!(to = %display_url(&next), why, "redirect refused");
-                return Err(OriginError::Unreachable(format!("{shown}: {why}")));
-            }
-            linked.extend(crate::announced::linked_sha256(response.headers()));
+            hop += 1;
+            (self.inner.redirects.follow(hop, &at, &next))
+                .map_err(|why| OriginError::Unreachable(format!("{shown}: {why}")))?;
+            linked.extend(crate::announced::linked_sha256(response.headers()).map(Some));
             let same_origin = (at.host_str(), at.port_or_known_default(), at.scheme())
                 == (next.host_str(), next.port_or_known_default(), next.scheme());
             if !same_origin {
@@ -362,7 +353,6 @@ impl Client {
                 headers.remove("cookie2");
             }
             at = next;
-            hop += 1;
         }
     }
 

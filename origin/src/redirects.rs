@@ -47,6 +47,20 @@ impl RedirectPolicy {
         Self { trusted }
     }
 
+    /// Whether the `hop`-th redirect of a request (from 1), `from` → `to`, may be followed:
+    /// [`RedirectPolicy::check`], and at most [`MAX_REDIRECTS`] of them. A refusal is logged.
+    pub(crate) fn follow(&self, hop: usize, from: &Url, to: &Url) -> Result<(), String> {
+        let checked = if hop > MAX_REDIRECTS {
+            Err("too many redirects".to_string())
+        } else {
+            self.check(from, to)
+        };
+        if let Err(why) = &checked {
+            tracing::warn!(to = %crate::http::display_url(to), why, "redirect refused");
+        }
+        checked
+    }
+
     /// Whether the hop `from` → `to` may be followed; why not if it may not.
     pub(crate) fn check(&self, from: &Url, to: &Url) -> Result<(), String> {
         if !matches!(to.scheme(), "http" | "https") {
@@ -79,19 +93,14 @@ impl RedirectPolicy {
 pub(crate) fn reqwest_policy(config: &OriginConfig) -> reqwest::redirect::Policy {
     let policy = RedirectPolicy::new(config);
     reqwest::redirect::Policy::custom(move |attempt| {
-        if attempt.previous().len() > MAX_REDIRECTS {
-            return attempt.error("too many redirects");
-        }
+        let hop = attempt.previous().len();
         let checked = match attempt.previous().last() {
-            Some(from) => policy.check(from, attempt.url()),
+            Some(from) => policy.follow(hop, from, attempt.url()),
             None => Ok(()),
         };
         match checked {
             Ok(()) => attempt.follow(),
-            Err(why) => {
-                tracing::warn!(to = %crate::http::display_url(attempt.url()), why, "redirect refused");
-                attempt.error(why)
-            }
+            Err(why) => attempt.error(why),
         }
     })
 }
