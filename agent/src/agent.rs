@@ -45,6 +45,10 @@ pub struct AgentStats {
     pub chunks_rejected: u64,
     /// Fetch orders running now.
     pub active_transfers: u64,
+    /// Chunk tables of orders that came without them, learned from a source, and from the
+    /// coordinator (no source served it).
+    pub tables_from_peers: u64,
+    pub tables_from_coordinator: u64,
 }
 
 /// The parts of a started agent, each handed to the tasks that need it.
@@ -334,7 +338,10 @@ impl Agent {
     pub fn stats(&self) -> AgentStats {
         let served = self.parts.endpoint.serve_stats();
         let (bytes_from_peers, chunks_verified, chunks_rejected) = self.parts.counters.fetched();
+        let (tables_from_peers, tables_from_coordinator) = self.parts.counters.tables();
         AgentStats {
+            tables_from_peers,
+            tables_from_coordinator,
             bytes_served: served.bytes_served,
             chunks_served: served.chunks_served,
             bytes_from_peers,

@@ -17,6 +17,10 @@ struct Inner {
     chunks_rejected: AtomicU64,
     /// Bytes per second served to peers, as of the last load report.
     upload_rate: AtomicU64,
+    /// Chunk tables of orders that came without them, learned from a source and from the
+    /// coordinator.
+    tables_from_peers: AtomicU64,
+    tables_from_coordinator: AtomicU64,
 }
 
 impl Counters {
@@ -31,6 +35,25 @@ impl Counters {
     /// A chunk from a peer that failed verification.
     pub(crate) fn rejected(&self) {
         self.inner.chunks_rejected.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// An order's chunk table, learned from a source (`from_peer`) or the coordinator.
+    pub(crate) fn table_learned(&self, from_peer: bool) {
+        let (counter, from) = if from_peer {
+            (&self.inner.tables_from_peers, "peer")
+        } else {
+            (&self.inner.tables_from_coordinator, "coordinator")
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(crate::metrics::CHUNK_TABLES, "from" => from).increment(1);
+    }
+
+    /// (tables learned from peers, tables learned from the coordinator).
+    pub(crate) fn tables(&self) -> (u64, u64) {
+        (
+            self.inner.tables_from_peers.load(Ordering::Relaxed),
+            self.inner.tables_from_coordinator.load(Ordering::Relaxed),
+        )
     }
 
     pub(crate) fn set_upload_rate(&self, bytes_per_sec: u64) {

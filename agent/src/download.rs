@@ -21,6 +21,7 @@ use tokio::time::Instant;
 
 mod pending;
 mod sources;
+mod table;
 
 use crate::counters::Counters;
 use crate::failure::Failure;

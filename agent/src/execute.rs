@@ -227,8 +227,18 @@ impl Executor {
                 "a peer fetch order without a manifest",
             ));
         };
-        let manifest = Manifest::try_from(wire)
-            .map_err(|e| Failure::new(FailureReason::Invalid, format!("manifest: {e}")))?;
+        let mut sources = peers.sources.clone();
+        let manifest = if peers.table_digest.is_empty() {
+            Manifest::try_from(wire)
+                .map_err(|e| Failure::new(FailureReason::Invalid, format!("manifest: {e}")))?
+        } else {
+            // The order came without its chunk table: the sources have it.
+            let table = Digest::from_slice(&peers.table_digest)
+                .map_err(|e| Failure::new(FailureReason::Invalid, format!("table digest: {e}")))?;
+            (self.downloader)
+                .learn_table(order.order_id, wire, table, &mut sources, control)
+                .await?
+        };
         if manifest.digest() != digest {
             return Err(Failure::new(
                 FailureReason::Invalid,
@@ -257,7 +267,6 @@ impl Executor {
         let bytes_from_peers = if self.store.is_complete(&digest) {
             0
         } else {
-            let sources = peers.sources.clone();
             let fetched = (self.downloader)
                 .download(order.order_id, manifest.clone(), sources, control)
                 .await;

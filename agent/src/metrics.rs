@@ -56,6 +56,9 @@ pub const WASTED_BYTES: &str = "shoal_agent_wasted_bytes_total";
 /// Chunk digests learned from a seed still running elsewhere (orders with a provisional
 /// manifest): those chunks came from peers before the blob was whole anywhere.
 pub const STREAMED_DIGESTS: &str = "shoal_agent_streamed_digests_total";
+/// Chunk tables of orders that came without them, by `from`: `peer` (a source served it)
+/// or `coordinator` (none did, and the agent asked).
+pub const CHUNK_TABLES: &str = "shoal_agent_chunk_tables_total";
 
 /// Bytes of stored chunks the background scrub read back and hashed.
 pub const SCRUBBED_BYTES: &str = "shoal_agent_scrubbed_bytes_total";
@@ -166,6 +169,10 @@ pub fn describe() {
     describe_counter!(
         STREAMED_DIGESTS,
         "Chunk digests learned from a seed still running on another agent"
+    );
+    describe_counter!(
+        CHUNK_TABLES,
+        "Chunk tables of orders that came without them, by where they came from (peer, coordinator)"
     );
     describe_counter!(
         SCRUBBED_BYTES,

@@ -1,11 +1,11 @@
 //! In-process end to end: a real coordinator (`shoal_coordinator::run` on a loopback
 //! port) and three real agents. A blob pushed (and pinned) on one reaches all through their
-//! peers.
+//! peers; a large blob's chunk table comes from peers too, not in every order.
 
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use shoal_agent::{Agent, AgentConfig, local_api};
+use shoal_agent::{Agent, AgentConfig, AgentStats, local_api};
 use shoal_proto::Digest;
 use shoal_proto::pb::v1 as pb;
 use shoal_proto::pb::v1::coordinator_client::CoordinatorClient;
@@ -19,6 +19,33 @@ const TOKEN: &str = "swarm-test-token";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pushed_blob_reaches_every_agent() -> Result<()> {
+    // 46 chunks of 64 KiB: a table small enough that orders carry it.
+    let stats = push_to_all(64 << 10).await?;
+    for s in &stats {
+        assert_eq!((s.tables_from_peers, s.tables_from_coordinator), (0, 0));
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_blobs_chunk_table_comes_from_the_peers_not_the_orders() -> Result<()> {
+    // 184 chunks of 16 KiB: the orders name the table's digest, and each target asks its
+    // source for the table (checked against that digest) before fetching chunks.
+    let stats = push_to_all(16 << 10).await?;
+    assert_eq!(stats[0].tables_from_peers, 0, "the pusher made the table");
+    for s in &stats[1..] {
+        assert_eq!(
+            (s.tables_from_peers, s.tables_from_coordinator),
+            (1, 0),
+            "{stats:?}"
+        );
+    }
+    Ok(())
+}
+
+/// Pushes (and pins) a 3 MB blob in `chunk_size` chunks on the first of three agents,
+/// distributes it to all, checks every copy and the bytes moved; returns their stats.
+async fn push_to_all(chunk_size: u32) -> Result<Vec<AgentStats>> {
     let dir = tempfile::tempdir()?;
     let coordinator = Coordinator::start(dir.path(), TOKEN, 5_000).await?;
     let coordinator_addr = coordinator.addr;
@@ -30,7 +57,7 @@ async fn a_pushed_blob_reaches_every_agent() -> Result<()> {
             join_token: TOKEN.into(),
             data_dir: dir.path().join(format!("agent-{i}")),
             quic_listen: "127.0.0.1:0".parse()?,
-            chunk_size: 64 << 10,
+            chunk_size,
             quota_bytes: 1 << 30,
             labels: [("zone".to_string(), "z1".to_string())].into(),
             ..AgentConfig::default()
@@ -125,9 +152,10 @@ async fn a_pushed_blob_reaches_every_agent() -> Result<()> {
         "two targets fetched it all"
     );
 
+    let stats = agents.iter().map(Agent::stats).collect();
     for a in agents {
         a.shutdown().await;
     }
     coordinator.stop().await;
-    Ok(())
+    Ok(stats)
 }

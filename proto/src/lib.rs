@@ -22,7 +22,7 @@ pub use manifest::{
 /// The agent-to-coordinator session protocol this build speaks (`JoinRequest.protocol`).
 /// The coordinator refuses a Join that speaks another: orders of one version mean
 /// something else to another (see `session.proto`).
-pub const SESSION_PROTOCOL: u32 = 5;
+pub const SESSION_PROTOCOL: u32 = 6;
 
 /// The largest message either side of a session (and the job API's answers) may carry:
 /// room for a 1 TiB blob's manifest in 1 MiB chunks (32 MiB), twice over. A coordinator

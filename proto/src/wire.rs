@@ -9,7 +9,11 @@
 //! - a rejection notice: the client sends [`Frame::ChunkRejected`] for a chunk this server sent
 //!   that did not match the manifest, and the server closes the stream without an answer. A
 //!   server older than the frame answers `Error(BadRequest)` (unknown kind), which the client
-//!   ignores: the frame needs no new version.
+//!   ignores: the frame needs no new version;
+//! - a table request: the client sends [`Frame::TableRequest`] for a blob whose order came
+//!   without its chunk table, the server answers [`Frame::Table`] (the table's bytes, which
+//!   the client checks against the digest its order names) or [`Frame::Error`]. A server
+//!   older than the frame answers `Error(BadRequest)`, as for any source without the table.
 //!
 //! [`decode`] returns `Ok(None)` while a frame is incomplete and consumes nothing; it returns
 //! an error as soon as the bytes cannot be a valid frame, including a declared length above
@@ -27,6 +31,10 @@ pub const ALPN: &[u8] = b"shoal/1";
 pub const HEADER_LEN: usize = 6;
 /// Largest payload accepted: the largest chunk (16 MiB) plus its index.
 pub const MAX_FRAME_LEN: usize = (16 << 20) + 4;
+/// Largest chunk table a [`Frame::Table`] carries (the frame cap allows no more): 512 Ki
+/// chunks, 512 GiB in 1 MiB chunks. A larger blob's orders carry their table themselves.
+pub const MAX_TABLE_LEN: usize = 16 << 20;
+const _: () = assert!(MAX_TABLE_LEN <= MAX_FRAME_LEN);
 /// Largest error message carried, in bytes; longer messages are truncated on encode.
 pub const MAX_MESSAGE_LEN: usize = 1024;
 
@@ -37,6 +45,8 @@ const KIND_HAVE_REQUEST: u8 = 4;
 const KIND_HAVE_BITFIELD: u8 = 5;
 const KIND_HAVE_DELTA: u8 = 6;
 const KIND_CHUNK_REJECTED: u8 = 7;
+const KIND_TABLE_REQUEST: u8 = 8;
+const KIND_TABLE: u8 = 9;
 
 /// One message between agents.
 #[derive(Clone, PartialEq, Eq, Debug)]
@@ -59,6 +69,11 @@ pub enum Frame {
     /// The chunk `index` of `blob` the receiver served failed verification here: it should
     /// read its copy back and drop it if it rotted.
     ChunkRejected { blob: Digest, index: ChunkIndex },
+    /// Send me the chunk table of `blob`'s manifest.
+    TableRequest { blob: Digest },
+    /// A manifest's chunk table: 32 bytes per chunk, as `Manifest.chunk_digests`. Unverified
+    /// until the receiver checks it against the digest of the table its order names.
+    Table { digests: Bytes },
 }
 
 /// Why a request was refused.
@@ -177,7 +192,7 @@ pub fn decode_header(header: [u8; HEADER_LEN]) -> Result<FrameHeader, WireError>
     if version != VERSION {
         return Err(WireError::UnsupportedVersion(version));
     }
-    if !(KIND_CHUNK_REQUEST..=KIND_CHUNK_REJECTED).contains(&kind) {
+    if !(KIND_CHUNK_REQUEST..=KIND_TABLE).contains(&kind) {
         return Err(WireError::UnknownKind(kind));
     }
     let len = u32::from_be_bytes([l0, l1, l2, l3]) as usize;
@@ -306,6 +321,20 @@ fn parse_payload(kind: u8, mut p: Bytes) -> Result<Frame, WireError> {
                 index: ChunkIndex(p.get_u32()),
             }
         }
+        KIND_TABLE_REQUEST => {
+            if p.len() != Digest::LEN {
+                return Err(malformed("table request", "payload must be 32 bytes"));
+            }
+            Frame::TableRequest {
+                blob: take_digest(&mut p),
+            }
+        }
+        KIND_TABLE => {
+            if p.len() % Digest::LEN != 0 {
+                return Err(malformed("table", "payload not a whole number of digests"));
+            }
+            Frame::Table { digests: p }
+        }
         _ => return Err(WireError::UnknownKind(kind)),
     })
 }
@@ -323,7 +352,8 @@ impl Frame {
             Frame::ChunkRequest { .. } | Frame::ChunkRejected { .. } => Digest::LEN + 4,
             Frame::ChunkData { data, .. } => 4 + data.len(),
             Frame::Error { message, .. } => 1 + truncated(message).len(),
-            Frame::HaveRequest { .. } => Digest::LEN,
+            Frame::HaveRequest { .. } | Frame::TableRequest { .. } => Digest::LEN,
+            Frame::Table { digests } => digests.len(),
             Frame::HaveBitfield { bits, .. } => 4 + bits.len(),
             Frame::HaveDelta { indices } => 4 * indices.len(),
         }
@@ -338,6 +368,8 @@ impl Frame {
             Frame::HaveBitfield { .. } => KIND_HAVE_BITFIELD,
             Frame::HaveDelta { .. } => KIND_HAVE_DELTA,
             Frame::ChunkRejected { .. } => KIND_CHUNK_REJECTED,
+            Frame::TableRequest { .. } => KIND_TABLE_REQUEST,
+            Frame::Table { .. } => KIND_TABLE,
         }
     }
 
@@ -359,7 +391,10 @@ impl Frame {
                 dst.put_u8(*status as u8);
                 dst.put_slice(truncated(message).as_bytes());
             }
-            Frame::HaveRequest { blob } => dst.put_slice(blob.as_bytes()),
+            Frame::HaveRequest { blob } | Frame::TableRequest { blob } => {
+                dst.put_slice(blob.as_bytes())
+            }
+            Frame::Table { digests } => dst.put_slice(digests),
             Frame::HaveBitfield { chunk_count, bits } => {
                 dst.put_u32(*chunk_count);
                 dst.put_slice(bits);

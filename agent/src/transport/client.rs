@@ -286,6 +286,53 @@ impl Peer {
             })?
     }
 
+    /// Asks for the chunk table of `blob`'s manifest, of exactly `len` bytes. NOT verified
+    /// here: the caller checks it against the digest its order names.
+    pub async fn fetch_table(&self, blob: Digest, len: usize) -> Result<Bytes, FetchError> {
+        let peer = self.addr();
+        let asked = async {
+            let (mut send, mut recv) = self
+                .conn
+                .open_bi()
+                .await
+                .map_err(|source| FetchError::Connection { peer, source })?;
+            send.write_all(&Frame::TableRequest { blob }.to_bytes())
+                .await
+                .map_err(|e| stream(peer, e))?;
+            send.finish().map_err(|e| stream(peer, e))?;
+            let answer = recv
+                .read_to_end(wire::HEADER_LEN + len.max(wire::MAX_MESSAGE_LEN + 1))
+                .await
+                .map_err(|e| stream(peer, e))?;
+            match wire::decode(&mut Bytes::from(answer)) {
+                Ok(Some(Frame::Table { digests })) if digests.len() == len => Ok(digests),
+                Ok(Some(Frame::Table { digests })) => Err(FetchError::Protocol {
+                    peer,
+                    reason: format!("a table of {} bytes, not {len}", digests.len()),
+                }),
+                Ok(Some(Frame::Error { status, message })) => Err(FetchError::Refused {
+                    peer,
+                    status,
+                    message,
+                }),
+                Ok(other) => Err(FetchError::Protocol {
+                    peer,
+                    reason: format!("unexpected answer {other:?}"),
+                }),
+                Err(e) => Err(FetchError::Protocol {
+                    peer,
+                    reason: e.to_string(),
+                }),
+            }
+        };
+        tokio::time::timeout(self.request_timeout, asked)
+            .await
+            .map_err(|_| FetchError::Timeout {
+                peer,
+                after: self.request_timeout,
+            })?
+    }
+
     /// Opens a have-stream for `blob`: first a bitfield, then deltas.
     pub async fn watch_have(&self, blob: Digest) -> Result<HaveStream, FetchError> {
         let peer = self.addr();

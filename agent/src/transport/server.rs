@@ -1,5 +1,5 @@
-//! The serving side: answers chunk requests and have-streams on every connection, and takes
-//! rejection notices (see `recheck.rs`).
+//! The serving side: answers chunk requests, have-streams and table requests on every
+//! connection, and takes rejection notices (see `recheck.rs`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -166,6 +166,7 @@ async fn serve_stream(
             }
         }
         Ok(Frame::HaveRequest { blob }) => serve_have(inner, &mut send, blob).await,
+        Ok(Frame::TableRequest { blob }) => serve_table(inner, &mut send, blob).await,
         Ok(Frame::ChunkRejected { blob, index }) => {
             (inner.rechecks).rejected(&inner.store, from, blob, index);
             send.finish()?;
@@ -351,6 +352,32 @@ async fn serve_have(
         send.write_all(&Frame::HaveBitfield { chunk_count, bits }.to_bytes())
             .await?;
     }
+    send.finish()?;
+    Ok(())
+}
+
+/// Sends the chunk table of `blob`'s manifest, if this agent holds one that is final (a
+/// provisional one is still learning its digests).
+async fn serve_table(
+    inner: &Arc<Inner>,
+    send: &mut quinn::SendStream,
+    blob: Digest,
+) -> Result<(), StreamError> {
+    let Some(manifest) = (inner.store.manifest(&blob)).filter(|m| !m.is_provisional()) else {
+        inner.stats.not_found.fetch_add(1, Ordering::Relaxed);
+        return reply_error(send, ErrorStatus::NotFound, &format!("no table of {blob}")).await;
+    };
+    let digests = Digest::table_bytes(manifest.chunk_digests());
+    if digests.len() > wire::MAX_TABLE_LEN {
+        return reply_error(send, ErrorStatus::NotFound, "table too large for a frame").await;
+    }
+    send.write_all(
+        &Frame::Table {
+            digests: digests.into(),
+        }
+        .to_bytes(),
+    )
+    .await?;
     send.finish()?;
     Ok(())
 }

@@ -27,6 +27,9 @@ pub struct Entry {
     /// `manifest` as orders carry it, made once: its chunk table is shared by every order
     /// (32 KiB per GiB of blob; a 20,000-target Distribute copied it 20,000 times).
     pub wire: pb::Manifest,
+    /// `wire` without its chunk table, and the table's SHA-256, for orders that let their
+    /// agent fetch the table from peers (see [`slim`]); None for a table orders carry.
+    pub slim: Option<(pb::Manifest, Digest)>,
     /// The agent whose registration this is (the seeders' names for a seeded one).
     pub registered_by: String,
     pub registered_at: Option<prost_types::Timestamp>,
@@ -75,6 +78,24 @@ pub fn count_bits(bits: &[u8]) -> u32 {
     bits.iter().map(|b| b.count_ones()).sum()
 }
 
+/// Chunk tables up to this many bytes (64 chunks) go in every order: one round trip to a
+/// peer for the table costs more than sending it.
+const INLINE_TABLE_MAX: usize = 64 * Digest::LEN;
+
+/// `wire` without its chunk table, and the table's SHA-256: what an order carries when its
+/// agent is to fetch the table from its sources (`FromPeers.table_digest`). None for a
+/// table small enough to inline, or too large for one peer frame.
+fn slim(wire: &pb::Manifest) -> Option<(pb::Manifest, Digest)> {
+    let len = wire.chunk_digests.len();
+    if len <= INLINE_TABLE_MAX || len > shoal_proto::wire::MAX_TABLE_LEN {
+        return None;
+    }
+    let table = Digest::of(&wire.chunk_digests);
+    let mut slim = wire.clone();
+    slim.chunk_digests = Default::default();
+    Some((slim, table))
+}
+
 impl Catalog {
     /// Loads the persisted manifests; unreadable ones are skipped with a warning.
     pub fn load(db: &Db, writer: Writer) -> Result<Self, crate::db::DbError> {
@@ -88,6 +109,7 @@ impl Catalog {
             blobs.insert(
                 m.digest(),
                 Entry {
+                    slim: slim(&pb::Manifest::from(&m)),
                     wire: pb::Manifest::from(&m),
                     manifest: Arc::new(m),
                     registered_by: stored.registered_by,
@@ -148,6 +170,7 @@ impl Catalog {
         self.blobs.insert(
             digest,
             Entry {
+                slim: slim(&pb::Manifest::from(&manifest)),
                 wire: pb::Manifest::from(&manifest),
                 manifest: Arc::new(manifest),
                 registered_by: by,
@@ -238,6 +261,17 @@ impl Catalog {
     /// The manifest as orders carry it (cheap to clone: its chunk table is shared).
     pub fn wire_manifest(&self, blob: &Digest) -> Option<pb::Manifest> {
         self.blobs.get(blob).map(|e| e.wire.clone())
+    }
+
+    /// The manifest without its chunk table and the table's digest, if the table is large
+    /// enough that orders leave it to peers.
+    pub fn slim_manifest(&self, blob: &Digest) -> Option<(pb::Manifest, Digest)> {
+        self.blobs.get(blob).and_then(|e| e.slim.clone())
+    }
+
+    /// Whether `host` holds some of `blob` (hence its manifest), as far as it told.
+    pub fn holds_some(&self, blob: &Digest, host: HostId) -> bool {
+        (self.blobs.get(blob)).is_some_and(|e| e.holders.contains_key(&host))
     }
 
     pub fn holds_complete(&self, blob: &Digest, host: HostId) -> bool {

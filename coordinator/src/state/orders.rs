@@ -41,6 +41,10 @@ pub enum OrderKind {
 pub struct Order {
     pub id: u64,
     pub kind: OrderKind,
+    /// It began as a target of a streamed seed, under a provisional manifest: every
+    /// delivery carries the chunk table (the agent may be running it already, and learns
+    /// the digests it still lacks from a resend's table).
+    pub streamed: bool,
 }
 
 #[derive(Debug)]
@@ -114,7 +118,28 @@ impl Orders {
     /// Records a new order for (host, blob), replacing any; returns its id.
     pub fn issue(&mut self, host: HostId, blob: Digest, kind: OrderKind) -> u64 {
         let id = self.next_id();
-        self.out.insert((host, blob), Order { id, kind });
+        self.out.insert(
+            (host, blob),
+            Order {
+                id,
+                kind,
+                streamed: false,
+            },
+        );
+        id
+    }
+
+    /// Records an order from peers for a target of a streamed seed (see [`Order::streamed`]).
+    pub fn issue_streamed(
+        &mut self,
+        host: HostId,
+        blob: Digest,
+        sources: BTreeMap<HostId, (u32, u32)>,
+    ) -> u64 {
+        let id = self.issue(host, blob, OrderKind::Peers { sources });
+        if let Some(o) = self.out.get_mut(&(host, blob)) {
+            o.streamed = true;
+        }
         id
     }
 

@@ -290,11 +290,23 @@ impl State {
         };
         let kind = match &order.kind {
             OrderKind::Peers { sources } => {
-                let (manifest, provisional) = match self.catalog.wire_manifest(&blob) {
-                    Some(m) => (m, false),
-                    None => match self.streams.get(&blob) {
-                        Some(s) => (pb::Manifest::from(&s.manifest), true),
-                        None => return,
+                // A large table is left to the agent's sources when one of them holds some
+                // of the blob, hence its manifest (a range seeder holds bytes but no
+                // manifest yet); unless the agent may be running the order under a
+                // provisional manifest already and needs the table to learn what it lacks.
+                let from_sources =
+                    !order.streamed && (sources.keys()).any(|s| self.catalog.holds_some(&blob, *s));
+                let slim = from_sources
+                    .then(|| self.catalog.slim_manifest(&blob))
+                    .flatten();
+                let (manifest, provisional, table_digest) = match slim {
+                    Some((m, table)) => (m, false, table.as_bytes().to_vec()),
+                    None => match self.catalog.wire_manifest(&blob) {
+                        Some(m) => (m, false, Vec::new()),
+                        None => match self.streams.get(&blob) {
+                            Some(s) => (pb::Manifest::from(&s.manifest), true, Vec::new()),
+                            None => return,
+                        },
                     },
                 };
                 let verified =
@@ -306,6 +318,7 @@ impl State {
                         .collect(),
                     provisional,
                     verified,
+                    table_digest,
                 })
             }
             OrderKind::Seed { range } => {

@@ -67,6 +67,7 @@ impl State {
             Msg::BlobRegistered(reg) => self.register(host, reg, now),
             Msg::RangeSeeded(range) => self.range_seeded(host, range, now),
             Msg::ChunksSeeded(chunks) => self.chunks_seeded(host, chunks, now),
+            Msg::TableWanted(wanted) => self.table_wanted(host, wanted),
             Msg::SourceStalled(stalled) => {
                 let Ok(blob) = Digest::from_slice(&stalled.blob_digest) else {
                     return;
@@ -99,6 +100,28 @@ impl State {
                 }
             }
         }
+    }
+
+    /// No source of an order that came without its chunk table served it: the whole
+    /// table, as digests for the order.
+    fn table_wanted(&mut self, host: HostId, wanted: pb::TableWanted) {
+        let Ok(blob) = Digest::from_slice(&wanted.blob_digest) else {
+            return;
+        };
+        if !self.orders.is_current(host, blob, wanted.order_id) {
+            return; // Stale: that order was cancelled or replaced.
+        }
+        let Some(manifest) = self.catalog.wire_manifest(&blob) else {
+            return;
+        };
+        tracing::debug!(agent = %self.agents.name(host), %blob, "sending a chunk table no source served");
+        let message = pb::ChunkDigests {
+            order_id: wanted.order_id,
+            first_chunk: 0,
+            chunk_digests: manifest.chunk_digests.to_vec(),
+        };
+        self.agents
+            .send(host, pb::coordinator_message::Msg::ChunkDigests(message));
     }
 
     /// A load report; the planner hears of capacities the agent learned (see

@@ -97,7 +97,7 @@ impl State {
         for (t, sources) in plans {
             if new.contains(&t) {
                 let sources: BTreeMap<HostId, (u32, u32)> = sources.into_iter().collect();
-                self.orders.issue(t, blob, OrderKind::Peers { sources });
+                self.orders.issue_streamed(t, blob, sources);
                 self.deliver_order(t, blob);
                 let agent = self.agents.name(t);
                 self.jobs.start(&agent, t, blob, now.wall);

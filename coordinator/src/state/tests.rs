@@ -524,6 +524,7 @@ mod seeding;
 mod session;
 mod stranded;
 mod streaming;
+mod tables;
 mod urls;
 mod vetting;
 

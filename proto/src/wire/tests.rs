@@ -57,6 +57,10 @@ fn frame() -> impl Strategy<Value = Frame> {
             blob,
             index: ChunkIndex(i)
         }),
+        digest().prop_map(|blob| Frame::TableRequest { blob }),
+        proptest::collection::vec(digest(), 0..64).prop_map(|v| Frame::Table {
+            digests: Digest::table_bytes(&v).into()
+        }),
     ]
 }
 
@@ -198,10 +202,37 @@ fn malformed_frames_are_rejected_precisely() {
                 reason: "payload must be 36 bytes",
             },
         ),
+        (
+            raw(VERSION, KIND_TABLE_REQUEST, &[0; 33]),
+            WireError::Malformed {
+                kind: "table request",
+                reason: "payload must be 32 bytes",
+            },
+        ),
+        (
+            raw(VERSION, KIND_TABLE, &[0; 33]),
+            WireError::Malformed {
+                kind: "table",
+                reason: "payload not a whole number of digests",
+            },
+        ),
+        (
+            raw(VERSION, KIND_TABLE + 1, &[]),
+            WireError::UnknownKind(KIND_TABLE + 1),
+        ),
     ];
     for (mut bytes, want) in cases {
         assert_eq!(decode(&mut bytes), Err(want.clone()), "{want}");
     }
+}
+
+#[test]
+fn the_largest_table_fits_a_frame() {
+    let table = Frame::Table {
+        digests: vec![7u8; MAX_TABLE_LEN].into(),
+    };
+    let mut bytes = table.to_bytes();
+    assert_eq!(decode(&mut bytes), Ok(Some(table)));
 }
 
 #[test]
