@@ -35,6 +35,9 @@ const ASK_AFTER: Duration = Duration::from_millis(1500);
 const ASK_AGAIN: Duration = Duration::from_secs(10);
 /// Sources that all failed are asked again after this.
 const ROUND: Duration = Duration::from_millis(500);
+/// Without a table this long the order fails (`NO_SOURCE`), to be planned again: an order
+/// the coordinator no longer knows (it restarted, or replaced the order) is never answered.
+const GIVE_UP: Duration = Duration::from_secs(120);
 
 impl Downloader {
     /// The manifest of a slim order: `wire` without its chunk table, which this learns
@@ -60,16 +63,21 @@ impl Downloader {
             full.chunk_digests = digests;
             Manifest::try_from(&full).map_err(|e| invalid(e.to_string()))
         };
-        // A copy of the blob already here (a download that stopped, a held blob) has it.
-        if let Some(m) = self.store.manifest(&blob).filter(|m| !m.is_provisional()) {
+        // A copy of the blob already here (a download that stopped, a held blob, another
+        // order's download meanwhile) has it.
+        let held = || {
+            let m = self.store.manifest(&blob).filter(|m| !m.is_provisional())?;
             let digests = Bytes::from(Digest::table_bytes(m.chunk_digests()));
-            if Digest::of(&digests) == table_digest {
-                return manifest(digests);
-            }
+            (Digest::of(&digests) == table_digest).then_some(digests)
+        };
+        if let Some(digests) = held() {
+            return manifest(digests);
         }
         let started = Instant::now();
         let mut asked: Option<Instant> = None;
         let mut tried: HashSet<String> = HashSet::new();
+        // Sources that served another table: never asked again for this order.
+        let mut refused: HashSet<String> = HashSet::new();
         let mut asking: JoinSet<(String, Result<Bytes, String>)> = JoinSet::new();
         let mut round = started + ROUND;
         loop {
@@ -112,7 +120,10 @@ impl Downloader {
                             self.counters.table_learned(true);
                             return manifest(digests);
                         }
-                        Ok(_) => tracing::warn!(%agent, %blob, "a source served a chunk table that does not match the order's"),
+                        Ok(_) => {
+                            tracing::warn!(%agent, %blob, "a source served a chunk table that does not match the order's");
+                            refused.insert(agent);
+                        }
                         Err(e) => tracing::debug!(%agent, %blob, error = %e, "a source did not serve the chunk table"),
                     }
                 }
@@ -142,9 +153,18 @@ impl Downloader {
                 () = tokio::time::sleep_until(round.min(ask_at)) => {
                     if Instant::now() >= round {
                         round = Instant::now() + ROUND;
+                        if let Some(digests) = held() {
+                            return manifest(digests);
+                        }
+                        if started.elapsed() >= GIVE_UP {
+                            return Err(Failure::new(
+                                FailureReason::NoSource,
+                                format!("no source nor the coordinator sent the chunk table in {GIVE_UP:?}"),
+                            ));
+                        }
                         if asking.is_empty() {
                             // Every source failed: they may have it by now.
-                            tried.clear();
+                            tried.clone_from(&refused);
                         }
                     }
                 }
@@ -256,6 +276,7 @@ mod tests {
             node(&ca.issue("forger").expect("id")),
             node(&ca.issue("empty").expect("id")),
         );
+        // A source with no table answers NotFound; the holder serves the table.
         let target = node(&ca.issue("target").expect("id"));
         let (m, slim, table) = blob();
         holder.endpoint.store().insert_manifest(&m).expect("insert");
@@ -269,17 +290,31 @@ mod tests {
             .insert_manifest(&lie)
             .expect("insert");
 
-        let (d, mut outbox, _stop) = downloader(&target);
+        let (d, outbox, _stop) = downloader(&target);
         let (_control, mut rx) = mpsc::unbounded_channel();
-        let mut sources = vec![
-            source("forger", &forger),
-            source("empty", &empty),
-            source("holder", &holder),
-        ];
+        let mut sources = vec![source("empty", &empty), source("holder", &holder)];
         let got = (d.learn_table(7, &slim, table, &mut sources, &mut rx).await).expect("table");
         assert_eq!(got, m);
         assert_eq!(d.counters.tables(), (1, 0));
-        assert!(outbox.try_recv().is_err(), "the coordinator was not asked");
+        drop(outbox);
+
+        // A source with another table under the blob's digest is not believed: the
+        // coordinator is asked (see below for its answer).
+        let (d, mut outbox, _stop) = downloader(&target);
+        let (control, mut rx) = mpsc::unbounded_channel();
+        let mut sources = vec![source("forger", &forger)];
+        let learning = d.learn_table(8, &slim, table, &mut sources, &mut rx);
+        let answer = async {
+            let asked = outbox.recv().await.expect("a message");
+            assert!(matches!(asked.msg, Some(Msg::TableWanted(_))), "{asked:?}");
+            let _ = control.send(Control::Digests {
+                first: 0,
+                digests: m.chunk_digests().to_vec(),
+            });
+        };
+        let (got, ()) = tokio::join!(learning, answer);
+        assert_eq!(got.expect("table"), m);
+        assert_eq!(d.counters.tables(), (0, 1));
     }
 
     #[tokio::test]

@@ -166,7 +166,17 @@ async fn serve_stream(
             }
         }
         Ok(Frame::HaveRequest { blob }) => serve_have(inner, &mut send, blob).await,
-        Ok(Frame::TableRequest { blob }) => serve_table(inner, &mut send, blob).await,
+        Ok(Frame::TableRequest { blob }) => {
+            let served = tokio::time::timeout(
+                inner.config.request_timeout,
+                serve_table(inner, &mut send, blob),
+            )
+            .await;
+            served.unwrap_or_else(|_| {
+                let _ = send.reset(0u32.into());
+                Err(StreamError::Timeout)
+            })
+        }
         Ok(Frame::ChunkRejected { blob, index }) => {
             (inner.rechecks).rejected(&inner.store, from, blob, index);
             send.finish()?;

@@ -291,11 +291,14 @@ impl State {
         let kind = match &order.kind {
             OrderKind::Peers { sources } => {
                 // A large table is left to the agent's sources when one of them holds some
-                // of the blob, hence its manifest (a range seeder holds bytes but no
-                // manifest yet); unless the agent may be running the order under a
-                // provisional manifest already and needs the table to learn what it lacks.
-                let from_sources =
-                    !order.streamed && (sources.keys()).any(|s| self.catalog.holds_some(&blob, *s));
+                // of the blob, hence its manifest; not for a manifest assembled from
+                // seeded ranges (its holders are the range seeders, whose bytes wait in
+                // part files until their own order brings the table), nor when the agent
+                // may be running the order under a provisional manifest already and needs
+                // the table to learn what it lacks.
+                let from_sources = !order.streamed
+                    && self.catalog.trust(&blob) != Some(catalog::Trust::Seeded)
+                    && (sources.keys()).any(|s| self.catalog.holds_some(&blob, *s));
                 let slim = from_sources
                     .then(|| self.catalog.slim_manifest(&blob))
                     .flatten();

@@ -109,7 +109,15 @@ impl State {
             return;
         };
         if !self.orders.is_current(host, blob, wanted.order_id) {
-            return; // Stale: that order was cancelled or replaced.
+            // Not an order of this coordinator's (cancelled, replaced, or from before a
+            // restart): the agent's task would wait for an answer that never comes.
+            let cancel = pb::Cancel {
+                order_id: wanted.order_id,
+                reason: "no such order".into(),
+            };
+            self.agents
+                .send(host, pb::coordinator_message::Msg::Cancel(cancel));
+            return;
         }
         let Some(manifest) = self.catalog.wire_manifest(&blob) else {
             return;

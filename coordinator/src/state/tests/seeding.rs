@@ -243,7 +243,7 @@ fn big_manifest() -> Manifest {
     b.finish().expect("manifest")
 }
 
-fn sized_origin(size: u64) -> pb::Origin {
+pub(super) fn sized_origin(size: u64) -> pb::Origin {
     pb::Origin {
         origin: Some(pb::origin::Origin::Http(pb::HttpOrigin {
             url: "http://127.0.0.1:1/big.bin".into(),
@@ -253,7 +253,7 @@ fn sized_origin(size: u64) -> pb::Origin {
     }
 }
 
-fn range_seeded(c: &mut Cluster, agent: usize, order: &pb::FetchOrder, m: &Manifest) {
+pub(super) fn range_seeded(c: &mut Cluster, agent: usize, order: &pb::FetchOrder, m: &Manifest) {
     let chunk = u64::from(range_of(order).2);
     let first = (range_of(order).0 / chunk) as usize;
     let n = (range_of(order).1 - range_of(order).0).div_ceil(chunk) as usize;

@@ -2,7 +2,7 @@
 //! table's digest, a source that holds the blob serves the table, and the coordinator sends
 //! it only when asked (`TableWanted`) or when no source could have it.
 
-use super::seeding::{cluster, distribute_from_origin, http_origin, messages};
+use super::seeding::{Cluster, cluster, distribute_from_origin, http_origin, messages};
 use super::*;
 
 /// A blob of `chunks` chunks of 4 KiB.
@@ -49,7 +49,7 @@ fn table_wanted(o: &pb::FetchOrder) -> Msg {
     })
 }
 
-fn digests_sent(c: &mut super::seeding::Cluster, agent: usize) -> Vec<pb::ChunkDigests> {
+fn digests_sent(c: &mut Cluster, agent: usize) -> Vec<pb::ChunkDigests> {
     (messages(c, agent).into_iter())
         .filter_map(|m| match m {
             coordinator_message::Msg::ChunkDigests(d) => Some(d),
@@ -89,14 +89,55 @@ fn a_large_table_is_left_to_a_source_that_holds_the_blob_and_sent_when_asked() {
         "{got:?}"
     );
     assert_eq!(got[0].chunk_digests, table(&large));
-    // An order that is not (or no longer) the agent's gets nothing.
+    // An order that is not (or no longer) the agent's gets no table but a cancel: its task
+    // would otherwise wait for an answer.
     let mut stale = o.clone();
     stale.order_id += 1000;
     c.say(*agent, table_wanted(&stale));
     let other = if *agent == 1 { 2 } else { 1 };
     c.say(other, table_wanted(o));
-    assert!(digests_sent(&mut c, *agent).is_empty());
-    assert!(digests_sent(&mut c, other).is_empty());
+    for (who, id) in [(*agent, stale.order_id), (other, o.order_id)] {
+        let got = messages(&mut c, who);
+        assert!(
+            matches!(&got[..], [coordinator_message::Msg::Cancel(x)] if x.order_id == id),
+            "{got:?}"
+        );
+    }
+}
+
+#[test]
+fn a_manifest_assembled_from_ranges_goes_whole_to_its_range_seeders() {
+    use super::seeding::{range_seeded, sized_origin};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = cluster(dir.path(), 3);
+    // 80 chunks of 1 MiB (the chunk size of assembled manifests); the coordinator never
+    // reads the bytes, so made-up digests do.
+    let chunks: Vec<Digest> = (0..80u8).map(|i| Digest::of(&[i])).collect();
+    let m = Manifest::new(
+        Digest::of(b"big"),
+        80 << 20,
+        shoal_proto::CHUNK_SIZE,
+        chunks,
+    )
+    .expect("manifest");
+    distribute_from_origin(
+        &mut c.s,
+        m.digest(),
+        &["a0", "a1", "a2"],
+        sized_origin(m.size()),
+    )
+    .expect("distribute");
+    let sent = c.orders();
+    assert_eq!(sent.len(), 3, "one range each: {sent:?}");
+    for (agent, order) in &sent {
+        range_seeded(&mut c, *agent, order, &m);
+    }
+    // Each seeder's sources are the others, whose ranges wait for this very table.
+    let ordered = c.orders();
+    assert_eq!(ordered.len(), 3, "{ordered:?}");
+    for (_, o) in &ordered {
+        assert_whole(o, &m);
+    }
 }
 
 #[test]
