@@ -263,15 +263,7 @@ impl Peer {
     pub async fn report_corrupt(&self, blob: Digest, index: ChunkIndex) -> Result<(), FetchError> {
         let peer = self.addr();
         let notice = async {
-            let (mut send, mut recv) = self
-                .conn
-                .open_bi()
-                .await
-                .map_err(|source| FetchError::Connection { peer, source })?;
-            send.write_all(&Frame::ChunkRejected { blob, index }.to_bytes())
-                .await
-                .map_err(|e| stream(peer, e))?;
-            send.finish().map_err(|e| stream(peer, e))?;
+            let mut recv = self.request(Frame::ChunkRejected { blob, index }).await?;
             // The peer closes its side once it has read the notice.
             recv.read_to_end(wire::HEADER_LEN + wire::MAX_MESSAGE_LEN + 1)
                 .await
@@ -291,15 +283,7 @@ impl Peer {
     pub async fn fetch_table(&self, blob: Digest, len: usize) -> Result<Bytes, FetchError> {
         let peer = self.addr();
         let asked = async {
-            let (mut send, mut recv) = self
-                .conn
-                .open_bi()
-                .await
-                .map_err(|source| FetchError::Connection { peer, source })?;
-            send.write_all(&Frame::TableRequest { blob }.to_bytes())
-                .await
-                .map_err(|e| stream(peer, e))?;
-            send.finish().map_err(|e| stream(peer, e))?;
+            let mut recv = self.request(Frame::TableRequest { blob }).await?;
             let answer = recv
                 .read_to_end(wire::HEADER_LEN + len.max(wire::MAX_MESSAGE_LEN + 1))
                 .await
@@ -333,18 +317,26 @@ impl Peer {
             })?
     }
 
-    /// Opens a have-stream for `blob`: first a bitfield, then deltas.
-    pub async fn watch_have(&self, blob: Digest) -> Result<HaveStream, FetchError> {
+    /// Opens a stream, sends `frame` as its one request and finishes the sending side;
+    /// returns the receiving side for the answer.
+    async fn request(&self, frame: Frame) -> Result<quinn::RecvStream, FetchError> {
         let peer = self.addr();
         let (mut send, recv) = self
             .conn
             .open_bi()
             .await
             .map_err(|source| FetchError::Connection { peer, source })?;
-        send.write_all(&Frame::HaveRequest { blob }.to_bytes())
+        send.write_all(&frame.to_bytes())
             .await
             .map_err(|e| stream(peer, e))?;
         send.finish().map_err(|e| stream(peer, e))?;
+        Ok(recv)
+    }
+
+    /// Opens a have-stream for `blob`: first a bitfield, then deltas.
+    pub async fn watch_have(&self, blob: Digest) -> Result<HaveStream, FetchError> {
+        let peer = self.addr();
+        let recv = self.request(Frame::HaveRequest { blob }).await?;
         Ok(HaveStream {
             peer,
             recv,
