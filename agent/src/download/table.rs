@@ -318,6 +318,34 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_source_still_learning_the_table_answers_once_it_has_it() {
+        let ca = ClusterCa::generate().expect("ca");
+        let late = node(&ca.issue("late").expect("id"));
+        let target = node(&ca.issue("target").expect("id"));
+        let (m, slim, table) = blob();
+        let (d, mut outbox, _stop) = downloader(&target);
+        let (_control, mut rx) = mpsc::unbounded_channel();
+        let mut sources = vec![source("late", &late)];
+        let store = late.endpoint.store().clone();
+        let manifest = m.clone();
+        // The source's own order brings it the table a moment after it was asked.
+        let learns = async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            store.insert_manifest(&manifest).expect("insert");
+        };
+        let (got, ()) = tokio::join!(
+            d.learn_table(7, &slim, table, &mut sources, &mut rx),
+            learns
+        );
+        assert_eq!(got.expect("table"), m);
+        assert_eq!(d.counters.tables(), (1, 0));
+        assert!(
+            outbox.try_recv().is_err(),
+            "the coordinator was not asked: the source waited for its table"
+        );
+    }
+
+    #[tokio::test]
     async fn without_a_source_that_has_it_the_coordinator_is_asked() {
         let ca = ClusterCa::generate().expect("ca");
         let empty = node(&ca.issue("empty").expect("id"));

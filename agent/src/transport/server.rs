@@ -19,6 +19,11 @@ const MAX_REQUEST_LEN: usize = 256;
 /// The application close code of a connection refused for the peer's connection count.
 const TOO_MANY_CONNECTIONS: u32 = 0x5301;
 
+/// How long a table request waits for a manifest this agent does not hold yet, looking
+/// every [`TABLE_POLL`].
+const TABLE_WAIT: std::time::Duration = std::time::Duration::from_millis(1000);
+const TABLE_POLL: std::time::Duration = std::time::Duration::from_millis(10);
+
 /// Send priority of have-streams; chunk streams keep quinn's default of 0.
 const HAVE_STREAM_PRIORITY: i32 = 1;
 
@@ -367,13 +372,25 @@ async fn serve_have(
 }
 
 /// Sends the chunk table of `blob`'s manifest, if this agent holds one that is final (a
-/// provisional one is still learning its digests).
+/// provisional one is still learning its digests), or does within [`TABLE_WAIT`]: the
+/// coordinator names a target as a source as soon as its own order is out, and that order
+/// may have come without its table too (which this agent is learning meanwhile).
 async fn serve_table(
     inner: &Arc<Inner>,
     send: &mut quinn::SendStream,
     blob: Digest,
 ) -> Result<(), StreamError> {
-    let Some(manifest) = (inner.store.manifest(&blob)).filter(|m| !m.is_provisional()) else {
+    let deadline = tokio::time::Instant::now() + TABLE_WAIT;
+    let manifest = loop {
+        if let Some(m) = (inner.store.manifest(&blob)).filter(|m| !m.is_provisional()) {
+            break Some(m);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            break None;
+        }
+        tokio::time::sleep(TABLE_POLL).await;
+    };
+    let Some(manifest) = manifest else {
         inner.stats.not_found.fetch_add(1, Ordering::Relaxed);
         return reply_error(send, ErrorStatus::NotFound, &format!("no table of {blob}")).await;
     };

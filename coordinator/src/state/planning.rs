@@ -291,14 +291,26 @@ impl State {
         let kind = match &order.kind {
             OrderKind::Peers { sources } => {
                 // A large table is left to the agent's sources when one of them holds some
-                // of the blob, hence its manifest; not for a manifest assembled from
-                // seeded ranges (its holders are the range seeders, whose bytes wait in
-                // part files until their own order brings the table), nor when the agent
-                // may be running the order under a provisional manifest already and needs
-                // the table to learn what it lacks.
+                // of the blob, or runs an order from peers for it, or is to (a target whose
+                // order waits its turn in the planner's release): it has the manifest, or
+                // will shortly (a source waits a moment for a table it is learning, and
+                // nothing can come from it before it has chunks anyway; past that the
+                // agent asks the coordinator). Not for a manifest assembled from seeded
+                // ranges (its holders
+                // are the range seeders, whose bytes wait in part files until their own
+                // order brings the table), nor when the agent may be running the order
+                // under a provisional manifest already and needs the table to learn what
+                // it lacks.
+                let has_table = |s: HostId| {
+                    self.catalog.holds_some(&blob, s)
+                        || match self.orders.get(s, blob) {
+                            Some(o) => matches!(o.kind, OrderKind::Peers { .. }) && !o.streamed,
+                            None => self.jobs.is_wanted(s, blob),
+                        }
+                };
                 let from_sources = !order.streamed
                     && self.catalog.trust(&blob) != Some(catalog::Trust::Seeded)
-                    && (sources.keys()).any(|s| self.catalog.holds_some(&blob, *s));
+                    && (sources.keys()).any(|s| self.agents.get(*s).is_some() && has_table(*s));
                 let slim = from_sources
                     .then(|| self.catalog.slim_manifest(&blob))
                     .flatten();

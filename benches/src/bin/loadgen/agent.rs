@@ -52,6 +52,8 @@ const STABLE_AFTER: Duration = Duration::from_secs(5);
 #[derive(Debug, Default)]
 pub struct Counts {
     pub received: [AtomicU64; RECEIVED.len()],
+    /// Encoded bytes of the coordinator's messages, by kind (as `received`).
+    pub received_bytes: [AtomicU64; RECEIVED.len()],
     pub sent: [AtomicU64; SENT.len()],
     /// A FetchOrder whose id this agent already runs (a resend on a new session).
     pub resent_orders: AtomicU64,
@@ -509,7 +511,10 @@ impl Agent {
         orders: &mut HashMap<u64, Running>,
     ) -> Vec<pb::AgentMessage> {
         let counts = &self.shared.counts;
-        counts.received[received_kind(&m)].fetch_add(1, Ordering::Relaxed);
+        let kind = received_kind(&m);
+        counts.received[kind].fetch_add(1, Ordering::Relaxed);
+        counts.received_bytes[kind]
+            .fetch_add(prost::Message::encoded_len(&m) as u64, Ordering::Relaxed);
         match m.msg {
             Some(CMsg::FetchOrder(o)) => {
                 (self.shared.last_order_us)

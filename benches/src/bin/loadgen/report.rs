@@ -198,16 +198,26 @@ pub(super) fn report(
     }
     o.latencies("API all calls p50 / p99 / max", "api", &all_api);
 
-    let mut total = 0;
+    let (mut total, mut total_bytes) = (0, 0);
     for (i, kind) in RECEIVED.iter().enumerate() {
         let n = load(&counts.received[i]);
+        let bytes = load(&counts.received_bytes[i]);
         total += n;
+        total_bytes += bytes;
         if n > 0 {
-            o.row(format!("coordinator → agents: {kind}"), n.to_string());
+            o.row(
+                format!("coordinator → agents: {kind}"),
+                format!("{n} ({:.1} MB)", bytes as f64 / 1e6),
+            );
         }
         o.num(format!("recv_{kind}"), n as f64);
+        o.num(format!("recv_{kind}_bytes"), bytes as f64);
     }
-    o.row("coordinator → agents: all", total.to_string());
+    o.row(
+        "coordinator → agents: all",
+        format!("{total} ({:.1} MB)", total_bytes as f64 / 1e6),
+    );
+    o.num("recv_bytes", total_bytes as f64);
     if let Some((stripes, examined)) = m.planner {
         o.row(
             "  of the source updates, stripes only",

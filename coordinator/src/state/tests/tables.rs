@@ -4,6 +4,7 @@
 
 use super::seeding::{Cluster, cluster, distribute_from_origin, http_origin, messages};
 use super::*;
+use shoal_planner::HostId;
 
 /// A blob of `chunks` chunks of 4 KiB.
 fn blob_of(chunks: u32) -> Manifest {
@@ -176,4 +177,36 @@ fn a_stream_target_gets_the_whole_table_and_a_later_target_the_digest() {
     distribute(&mut c.s, m.digest(), &["a2"]).expect("distribute");
     let (_, later) = c.orders().pop().expect("an order");
     assert_slim(&later, &m);
+}
+
+#[test]
+fn a_source_that_runs_an_order_for_the_blob_or_waits_for_one_will_serve_the_table() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = cluster(dir.path(), 4);
+    let m = blob_of(65);
+    register(&mut c.s, c.sessions[0], &m);
+    let blob = m.digest();
+    let host = |c: &Cluster, i: usize| c.s.agents.host_of(&format!("a{i}")).expect("host");
+    let (h1, h2, h3) = (host(&c, 1), host(&c, 2), host(&c, 3));
+    let deliver = |c: &mut Cluster, to: HostId, from: HostId| {
+        c.s.orders.issue_peers(to, blob, [(from, (0, 0))].into());
+        c.s.deliver_order(to, blob);
+    };
+    // a2 holds nothing and is wanted by no job: it would never have the table.
+    deliver(&mut c, h1, h2);
+    let (_, o) = c.orders().pop().expect("an order");
+    assert_whole(&o, &m);
+    // a2 runs an order from peers for the blob: it has the table, or is learning it.
+    deliver(&mut c, h2, h3);
+    c.orders();
+    deliver(&mut c, h1, h2);
+    let (_, o) = c.orders().pop().expect("an order");
+    assert_slim(&o, &m);
+    // a3 is wanted by a job, its order still to come.
+    distribute(&mut c.s, blob, &["a3"]).expect("distribute");
+    c.s.orders.remove(h3, blob);
+    c.orders();
+    deliver(&mut c, h1, h3);
+    let (_, o) = c.orders().pop().expect("an order");
+    assert_slim(&o, &m);
 }
