@@ -258,6 +258,23 @@ mod tests {
         (d, outbox, stop_tx)
     }
 
+    /// Waits for the task to ask the coordinator for the table of `order_id`.
+    async fn asked_for_the_table(outbox: &mut Outbox, order_id: u64, m: &Manifest) {
+        let asked = outbox.recv().await.expect("a message");
+        match asked.msg {
+            Some(Msg::TableWanted(w)) => {
+                assert_eq!(w.order_id, order_id);
+                assert_eq!(&w.blob_digest[..], &m.digest().as_bytes()[..]);
+            }
+            other => panic!("not a TableWanted: {other:?}"),
+        }
+    }
+
+    /// Answers as the coordinator does: the whole table, as digests for the order.
+    fn answer_with(control: &mpsc::UnboundedSender<Control>, digests: Vec<Digest>) {
+        let _ = control.send(Control::Digests { first: 0, digests });
+    }
+
     /// A 100-chunk blob; the order's manifest without its table, and the table's digest.
     fn blob() -> (Manifest, pb::Manifest, Digest) {
         let data: Vec<u8> = (0..100 * 4096u32).map(|i| (i % 251) as u8).collect();
@@ -305,12 +322,8 @@ mod tests {
         let mut sources = vec![source("forger", &forger)];
         let learning = d.learn_table(8, &slim, table, &mut sources, &mut rx);
         let answer = async {
-            let asked = outbox.recv().await.expect("a message");
-            assert!(matches!(asked.msg, Some(Msg::TableWanted(_))), "{asked:?}");
-            let _ = control.send(Control::Digests {
-                first: 0,
-                digests: m.chunk_digests().to_vec(),
-            });
+            asked_for_the_table(&mut outbox, 8, &m).await;
+            answer_with(&control, m.chunk_digests().to_vec());
         };
         let (got, ()) = tokio::join!(learning, answer);
         assert_eq!(got.expect("table"), m);
@@ -356,17 +369,9 @@ mod tests {
         let mut sources = vec![source("empty", &empty)];
         let learning = d.learn_table(7, &slim, table, &mut sources, &mut rx);
         let answer = async {
-            // The one source answers NotFound: the coordinator is asked at once.
-            let asked = outbox.recv().await.expect("a message");
-            match asked.msg {
-                Some(Msg::TableWanted(w)) => {
-                    assert_eq!(
-                        (w.order_id, &w.blob_digest[..]),
-                        (7, &m.digest().as_bytes()[..])
-                    );
-                }
-                other => panic!("not a TableWanted: {other:?}"),
-            }
+            // The one source has no table (NotFound, after waiting for one): the coordinator
+            // is asked.
+            asked_for_the_table(&mut outbox, 7, &m).await;
             // A source added meanwhile is kept for the download; a wrong table ignored.
             let added = pb::Source {
                 agent_id: "later".into(),
@@ -378,14 +383,8 @@ mod tests {
             });
             let mut wrong = m.chunk_digests().to_vec();
             wrong.swap(0, 1);
-            let _ = control.send(Control::Digests {
-                first: 0,
-                digests: wrong,
-            });
-            let _ = control.send(Control::Digests {
-                first: 0,
-                digests: m.chunk_digests().to_vec(),
-            });
+            answer_with(&control, wrong);
+            answer_with(&control, m.chunk_digests().to_vec());
         };
         let (got, ()) = tokio::join!(learning, answer);
         assert_eq!(got.expect("table"), m);
