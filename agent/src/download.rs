@@ -217,10 +217,8 @@ async fn download(
                     }
                 }
                 Some(Control::Digests { first, digests }) => d.learn(first, &digests)?,
-                Some(Control::Cancel(reason)) => {
-                    return Err(Failure::new(FailureReason::Cancelled, format!("cancelled: {reason}")));
-                }
-                None => return Err(Failure::new(FailureReason::Cancelled, "order dropped")),
+                Some(Control::Cancel(reason)) => return Err(Failure::cancelled(Some(&reason))),
+                None => return Err(Failure::cancelled(None)),
             },
             () = sleep_until(wake), if wake.is_some() => {}
             () = stopped(&mut stop) => {

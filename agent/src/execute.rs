@@ -340,6 +340,6 @@ async fn unless_cancelled<T>(
     };
     tokio::select! {
         result = work => result,
-        why = cancelled => Err(Failure::new(FailureReason::Cancelled, format!("cancelled: {why}"))),
+        why = cancelled => Err(Failure::cancelled(Some(&why))),
     }
 }

@@ -19,6 +19,15 @@ impl Failure {
         }
     }
 
+    /// The order was cancelled (`why`), or its control channel closed (the order is gone
+    /// from the agent's table).
+    pub(crate) fn cancelled(why: Option<&str>) -> Self {
+        match why {
+            Some(why) => Self::new(FailureReason::Cancelled, format!("cancelled: {why}")),
+            None => Self::new(FailureReason::Cancelled, "order dropped"),
+        }
+    }
+
     /// A fault of this agent's store: its disk, its quota, or a manifest it already holds.
     pub(crate) fn from_store(e: &StoreError) -> Self {
         let reason = match e {

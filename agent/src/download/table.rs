@@ -58,20 +58,23 @@ impl Downloader {
             .ok()
             .and_then(|c| c.checked_mul(Digest::LEN))
             .ok_or_else(|| invalid("too many chunks".into()))?;
-        let manifest = |digests: Bytes| {
+        // The manifest with `digests` as its table, if they are the table the order names.
+        let checked = |digests: Bytes| {
+            if digests.len() != len || Digest::of(&digests) != table_digest {
+                return None;
+            }
             let mut full = wire.clone();
             full.chunk_digests = digests;
-            Manifest::try_from(&full).map_err(|e| invalid(e.to_string()))
+            Some(Manifest::try_from(&full).map_err(|e| invalid(e.to_string())))
         };
         // A copy of the blob already here (a download that stopped, a held blob, another
         // order's download meanwhile) has it.
         let held = || {
             let m = self.store.manifest(&blob).filter(|m| !m.is_provisional())?;
-            let digests = Bytes::from(Digest::table_bytes(m.chunk_digests()));
-            (Digest::of(&digests) == table_digest).then_some(digests)
+            checked(Digest::table_bytes(m.chunk_digests()).into())
         };
-        if let Some(digests) = held() {
-            return manifest(digests);
+        if let Some(manifest) = held() {
+            return manifest;
         }
         let started = Instant::now();
         let mut asked: Option<Instant> = None;
@@ -115,12 +118,12 @@ impl Downloader {
             tokio::select! {
                 Some(joined) = asking.join_next(), if !asking.is_empty() => {
                     let Ok((agent, got)) = joined else { continue };
-                    match got {
-                        Ok(digests) if Digest::of(&digests) == table_digest => {
+                    match got.map(checked) {
+                        Ok(Some(manifest)) => {
                             self.counters.table_learned(true);
-                            return manifest(digests);
+                            return manifest;
                         }
-                        Ok(_) => {
+                        Ok(None) => {
                             tracing::warn!(%agent, %blob, "a source served a chunk table that does not match the order's");
                             refused.insert(agent);
                         }
@@ -136,25 +139,23 @@ impl Downloader {
                             sources.push(s);
                         }
                     }
-                    Some(Control::Digests { first: 0, digests }) if digests.len() * Digest::LEN == len => {
-                        let digests = Bytes::from(Digest::table_bytes(&digests));
-                        if Digest::of(&digests) == table_digest {
+                    // The coordinator's answer (or a resend's table): first 0, the whole table.
+                    Some(Control::Digests { first: 0, digests }) if !digests.is_empty() => {
+                        if let Some(manifest) = checked(Digest::table_bytes(&digests).into()) {
                             self.counters.table_learned(false);
-                            return manifest(digests);
+                            return manifest;
                         }
                         tracing::warn!(%blob, "the coordinator's chunk table does not match the order's digest");
                     }
                     Some(Control::Digests { .. }) => {}
-                    Some(Control::Cancel(why)) => {
-                        return Err(Failure::new(FailureReason::Cancelled, format!("cancelled: {why}")));
-                    }
-                    None => return Err(Failure::new(FailureReason::Cancelled, "order dropped")),
+                    Some(Control::Cancel(why)) => return Err(Failure::cancelled(Some(&why))),
+                    None => return Err(Failure::cancelled(None)),
                 },
                 () = tokio::time::sleep_until(round.min(ask_at)) => {
                     if Instant::now() >= round {
                         round = Instant::now() + ROUND;
-                        if let Some(digests) = held() {
-                            return manifest(digests);
+                        if let Some(manifest) = held() {
+                            return manifest;
                         }
                         if started.elapsed() >= GIVE_UP {
                             return Err(Failure::new(

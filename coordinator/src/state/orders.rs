@@ -117,16 +117,7 @@ impl Orders {
 
     /// Records a new order for (host, blob), replacing any; returns its id.
     pub fn issue(&mut self, host: HostId, blob: Digest, kind: OrderKind) -> u64 {
-        let id = self.next_id();
-        self.out.insert(
-            (host, blob),
-            Order {
-                id,
-                kind,
-                streamed: false,
-            },
-        );
-        id
+        self.record(host, blob, kind, false)
     }
 
     /// Records an order from peers for a target of a streamed seed (see [`Order::streamed`]).
@@ -136,10 +127,13 @@ impl Orders {
         blob: Digest,
         sources: BTreeMap<HostId, (u32, u32)>,
     ) -> u64 {
-        let id = self.issue(host, blob, OrderKind::Peers { sources });
-        if let Some(o) = self.out.get_mut(&(host, blob)) {
-            o.streamed = true;
-        }
+        self.record(host, blob, OrderKind::Peers { sources }, true)
+    }
+
+    fn record(&mut self, host: HostId, blob: Digest, kind: OrderKind, streamed: bool) -> u64 {
+        let id = self.next_id();
+        let order = Order { id, kind, streamed };
+        self.out.insert((host, blob), order);
         id
     }
 
