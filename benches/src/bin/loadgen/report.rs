@@ -64,9 +64,7 @@ impl Out {
         self.num(format!("{key}_p99_ms"), p99 * 1e3);
         self.num(format!("{key}_max_ms"), max * 1e3);
     }
-}
 
-impl Out {
     /// A phase's session message waits from the coordinator's histogram: how many, p50 and
     /// p99 (interpolated within their buckets), and the share over 20 ms.
     fn waits(&mut self, phase: &str, buckets: &[(f64, f64)]) {
