@@ -138,6 +138,40 @@ impl Drop for Published<'_> {
 /// Maps an origin's answer to what the coordinator should do: a definitive answer (the
 /// origin lacks the blob, or serves other bytes) fails every target; anything else lets
 /// another agent try.
+/// The name `blob` is the address of, if its origin names it instead of its content: a URL
+/// pulled without a digest (`shoal_proto::url_name`).
+fn named(origin: &pb::origin::Origin, blob: &Digest) -> Option<String> {
+    match origin {
+        pb::origin::Origin::Http(h) => h.name_of(blob),
+        pb::origin::Origin::Oci(_) => None,
+    }
+}
+
+/// The manifest of what a named origin sent, under its name; refused if the content is not
+/// the size the name says (the file changed since the name was made).
+fn as_named(
+    manifest: Manifest,
+    origin: &pb::origin::Origin,
+    name: &str,
+) -> Result<Manifest, Failure> {
+    let named_size = match origin {
+        pb::origin::Origin::Http(h) => h.size,
+        pb::origin::Origin::Oci(_) => 0,
+    };
+    if manifest.size() != named_size {
+        return Err(Failure::new(
+            FailureReason::OriginError,
+            format!(
+                "the origin sent {} bytes for a name made when it had {named_size}: it changed",
+                manifest.size()
+            ),
+        ));
+    }
+    manifest
+        .named(name)
+        .map_err(|e| Failure::new(FailureReason::Internal, e.to_string()))
+}
+
 fn origin_failure(e: &OriginError) -> Failure {
     let reason = match e {
         OriginError::NotFound(_) | OriginError::Invalid(_) | OriginError::TooLarge { .. } => {
@@ -210,24 +244,33 @@ impl Ingester {
             order_id: order.order_id,
             _part: PartFile(Some(part.clone())),
         };
+        // A blob named by its origin has no digest to check the content against: it gets
+        // the chained manifest of what the origin sent, under the name.
+        let name = named(&origin, &blob);
         let mut streamer = Streamer::new(
             self.store.clone(),
             self.coordinator.clone(),
             blob,
+            name.clone(),
             order.order_id,
             self.chunk_size,
         );
         let outcome = async {
+            let expected = name.is_none().then_some(blob);
             let fetched = self
                 .fetch(
                     &origin,
                     blob,
-                    Some(blob),
+                    expected,
                     &part,
                     &tx,
                     Extent::Whole(Some(&mut streamer)),
                 )
-                .await;
+                .await
+                .and_then(|(manifest, written)| match &name {
+                    Some(name) => Ok((as_named(manifest, &origin, name)?, written)),
+                    None => Ok((manifest, written)),
+                });
             let (manifest, written) = match fetched {
                 Ok(f) => f,
                 Err(f) => {
@@ -388,6 +431,7 @@ impl Ingester {
             url: url.to_string(),
             headers: Default::default(),
             size: 0,
+            etag: String::new(),
         });
         let part =
             (self.part_dir().await?).join(format!("url-{:016x}.part", rand::random::<u64>()));
@@ -412,9 +456,14 @@ impl Ingester {
         use pb::origin::Origin as O;
         match origin {
             O::Http(h) => {
-                let headers: Vec<(String, String)> = (h.headers.iter())
+                let mut headers: Vec<(String, String)> = (h.headers.iter())
                     .map(|(k, v)| (k.clone(), v.clone()))
                     .collect();
+                // Only a strong ETag may be matched (RFC 9110 13.1.1): a weak one would fail
+                // every time.
+                if !h.etag.is_empty() && !h.etag.starts_with("W/") {
+                    headers.push(("If-Match".into(), h.etag.clone()));
+                }
                 self.origin.get_url(&h.url, &headers, range).await
             }
             O::Oci(o) => {
@@ -654,6 +703,7 @@ mod tests {
             url: url.into(),
             headers: Default::default(),
             size: 0,
+            etag: String::new(),
         })
     }
 

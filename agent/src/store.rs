@@ -266,7 +266,8 @@ impl Store {
                 if *known != *manifest {
                     let same_blob = known.size() == manifest.size()
                         && known.chunk_size() == manifest.chunk_size()
-                        && known.is_chained() == manifest.is_chained();
+                        && known.is_chained() == manifest.is_chained()
+                        && known.name() == manifest.name();
                     if !same_blob || !(known.is_provisional() || manifest.is_provisional()) {
                         return Err(StoreError::ManifestConflict(digest));
                     }

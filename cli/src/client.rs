@@ -156,6 +156,7 @@ pub async fn distribute(
                     url: url.to_string(),
                     headers: Default::default(),
                     size: 0, // The coordinator asks the origin.
+                    etag: String::new(),
                 })),
             },
         )]

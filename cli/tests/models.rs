@@ -311,6 +311,15 @@ async fn pulls_stream_when_a_redirect_names_the_content_as_hugging_face_does() -
     pulls_without_a_digest_stream(Announce::LinkedEtag, "/resolve/model.bin", 16).await
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pulls_without_a_digest_stream_under_the_urls_name_when_nothing_is_announced() -> Result<()>
+{
+    // An origin that says nothing of the content (nginx, http.server): the pulls name it by
+    // URL, ETag and size and stream it from one seeder, checked against the table that
+    // seeder makes, instead of one agent fetching it whole before the others start.
+    pulls_without_a_digest_stream(|_| Announce::Nothing, "/model.bin", 17).await
+}
+
 /// Four agents pull `path` (no `--digest`) at once from an origin slower than they are
 /// that names the content as `announce` does: the origin sends the file once, and every
 /// agent but the seeder fetches while the seed runs.
@@ -374,10 +383,13 @@ async fn an_origin_announcing_a_wrong_sha256_is_pulled_as_if_it_announced_none()
         }))
         .await?
         .into_inner();
+        // Named by the URL (http.server sends no ETag) and its size, not by the wrong
+        // announcement.
+        let name = shoal_proto::url_name(&url, "", content.len() as u64);
         let held: Vec<String> = status.blobs.into_iter().map(|b| b.digest).collect();
         assert_eq!(
             held,
-            vec![shoal_proto::Digest::of(&content).to_string()],
+            vec![shoal_proto::Digest::naming(&name).to_string()],
             "what an agent keeps"
         );
     }

@@ -10,6 +10,7 @@
 
 mod digest;
 mod manifest;
+mod name;
 pub mod pb;
 pub mod units;
 pub mod wire;
@@ -18,11 +19,12 @@ pub use digest::{BlobId, ChunkIndex, Digest, DigestParseError};
 pub use manifest::{
     BlobVerifier, CHUNK_SIZE, MAX_BLOB_SIZE, Manifest, ManifestBuilder, ManifestError, VerifyError,
 };
+pub use name::{MAX_NAME_LEN, url_name};
 
 /// The agent-to-coordinator session protocol this build speaks (`JoinRequest.protocol`).
 /// The coordinator refuses a Join that speaks another: orders of one version mean
 /// something else to another (see `session.proto`).
-pub const SESSION_PROTOCOL: u32 = 6;
+pub const SESSION_PROTOCOL: u32 = 7;
 
 /// The largest message either side of a session (and the job API's answers) may carry:
 /// room for a 1 TiB blob's manifest in 1 MiB chunks (32 MiB), twice over. A coordinator

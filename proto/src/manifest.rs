@@ -35,6 +35,9 @@ pub struct Manifest {
     /// `chunks` are chaining values, the last one the blob digest (see `manifest/chain.rs`);
     /// otherwise each chunk's own SHA-256.
     chained: bool,
+    /// The blob is named, not addressed by its content (`name.rs`): `digest` is
+    /// [`Digest::naming`] of this, and the chain's last value is the content's SHA-256.
+    name: Option<String>,
 }
 
 /// Why a manifest was refused.
@@ -69,6 +72,12 @@ pub enum ManifestError {
     DigestsOutOfRange { first: u32, end: u64, count: u32 },
     #[error("a chained manifest's last value is {last}, not the blob digest {digest}")]
     ChainEnd { last: Digest, digest: Digest },
+    #[error("{digest} is not the address of the name the manifest carries (or of any name)")]
+    NotItsName { digest: Digest },
+    #[error("a named blob's manifest must be chained (its content is checked by the chain)")]
+    NamedPlain,
+    #[error("a blob name is at most {max} bytes, not {0}", max = crate::MAX_NAME_LEN)]
+    NameTooLong(usize),
 }
 
 /// Why data did not match the manifest.
@@ -108,7 +117,7 @@ impl Manifest {
         chunk_size: u32,
         chunks: Vec<Digest>,
     ) -> Result<Self, ManifestError> {
-        Self::checked(digest, size, chunk_size, chunks, false)
+        Self::checked(digest, size, chunk_size, chunks, false, None)
     }
 
     /// Builds a chained manifest (chunk values are SHA-256 chaining values, see
@@ -119,7 +128,26 @@ impl Manifest {
         chunk_size: u32,
         chunks: Vec<Digest>,
     ) -> Result<Self, ManifestError> {
-        Self::checked(digest, size, chunk_size, chunks, true)
+        Self::checked(digest, size, chunk_size, chunks, true, None)
+    }
+
+    /// This chained manifest of some content as the manifest of the blob named `name`
+    /// (`name.rs`): addressed by the name, the same table, whose last value stays the
+    /// content's digest.
+    pub fn named(self, name: &str) -> Result<Self, ManifestError> {
+        if !self.chained {
+            return Err(ManifestError::NamedPlain);
+        }
+        let digest = Digest::naming(name);
+        let (size, chunk_size) = (self.size, self.chunk_size);
+        Self::checked(
+            digest,
+            size,
+            chunk_size,
+            self.chunks,
+            true,
+            Some(name.into()),
+        )
     }
 
     fn checked(
@@ -128,7 +156,19 @@ impl Manifest {
         chunk_size: u32,
         chunks: Vec<Digest>,
         chained: bool,
+        name: Option<String>,
     ) -> Result<Self, ManifestError> {
+        if let Some(name) = &name {
+            if name.len() > crate::MAX_NAME_LEN {
+                return Err(ManifestError::NameTooLong(name.len()));
+            }
+            if !chained {
+                return Err(ManifestError::NamedPlain);
+            }
+            if Digest::naming(name) != digest {
+                return Err(ManifestError::NotItsName { digest });
+            }
+        }
         if size == 0 {
             return Err(ManifestError::Empty);
         }
@@ -149,6 +189,7 @@ impl Manifest {
             });
         }
         if let Some(&last) = chunks.last().filter(|l| chained && !l.is_unknown())
+            && name.is_none()
             && last != digest
         {
             return Err(ManifestError::ChainEnd { last, digest });
@@ -159,6 +200,7 @@ impl Manifest {
             chunk_size,
             chunks,
             chained,
+            name,
         })
     }
 
@@ -166,15 +208,29 @@ impl Manifest {
     /// chunk value [`Digest::UNKNOWN`] until [`Manifest::learn`] fills it in. It is chained:
     /// the seeder learns the values as it reads.
     pub fn provisional(digest: Digest, size: u64, chunk_size: u32) -> Result<Self, ManifestError> {
+        Self::provisional_named(digest, None, size, chunk_size)
+    }
+
+    /// [`Manifest::provisional`] of `digest`, which is the address of `name` if one is given
+    /// (a blob named by its origin, `name.rs`).
+    pub fn provisional_named(
+        digest: Digest,
+        name: Option<&str>,
+        size: u64,
+        chunk_size: u32,
+    ) -> Result<Self, ManifestError> {
         let count = size.div_ceil(u64::from(chunk_size.max(1)));
         if count > MAX_BLOB_SIZE / u64::from(MIN_CHUNK_SIZE) {
             return Err(ManifestError::TooLarge(size));
         }
-        Self::chained(
+        let unknown = vec![Digest::UNKNOWN; count as usize];
+        Self::checked(
             digest,
             size,
             chunk_size,
-            vec![Digest::UNKNOWN; count as usize],
+            unknown,
+            true,
+            name.map(Into::into),
         )
     }
 
@@ -217,7 +273,7 @@ impl Manifest {
         let at = first as usize;
         let last = self.chunks.len() - 1;
         for (i, new) in digests.iter().enumerate() {
-            let known = if self.chained && at + i == last {
+            let known = if self.chained && at + i == last && self.name.is_none() {
                 self.digest
             } else {
                 self.chunks[at + i]
@@ -252,8 +308,23 @@ impl Manifest {
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
     }
 
+    /// The blob's address: its content's SHA-256, or the address of its name.
     pub fn digest(&self) -> Digest {
         self.digest
+    }
+
+    /// The name of a blob named by its origin (`name.rs`).
+    pub fn name(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+
+    /// The SHA-256 of the blob's content: its digest, or for a named blob the chain's last
+    /// value once known.
+    pub fn content_digest(&self) -> Option<Digest> {
+        match self.name {
+            None => Some(self.digest),
+            Some(_) => self.chunks.last().copied().filter(|d| !d.is_unknown()),
+        }
     }
     pub fn blob_id(&self) -> BlobId {
         BlobId(self.digest)
@@ -362,6 +433,7 @@ impl From<&Manifest> for pb::v1::Manifest {
             chunk_size: m.chunk_size,
             chunk_digests: Digest::table_bytes(&m.chunks).into(),
             chained: m.chained,
+            name: m.name.clone().unwrap_or_default(),
         }
     }
 }
@@ -375,7 +447,8 @@ impl TryFrom<&pb::v1::Manifest> for Manifest {
         let digest = Digest::from_slice(&m.digest).map_err(ManifestError::BlobDigest)?;
         let chunks = Digest::from_table(&m.chunk_digests)
             .ok_or(ManifestError::ChunkTableLength(m.chunk_digests.len()))?;
-        Self::checked(digest, m.size, m.chunk_size, chunks, m.chained)
+        let name = (!m.name.is_empty()).then(|| m.name.clone());
+        Self::checked(digest, m.size, m.chunk_size, chunks, m.chained, name)
     }
 }
 
@@ -602,5 +675,54 @@ mod tests {
         // A provisional manifest survives the wire (unknown entries are zero bytes).
         let p = pb::v1::Manifest::from(&Manifest::provisional(full.digest(), 9000, 4096).unwrap());
         assert_eq!(Manifest::try_from(&p).map(|m| m.known_count()), Ok(0));
+    }
+
+    #[test]
+    fn a_named_blob_is_checked_by_its_chain_and_only_under_its_own_name() {
+        let data = blob(3 * 4096 + 100);
+        let content = Manifest::from_reader(&data[..], 4096).expect("manifest");
+        let name = crate::url_name("http://h0/m.bin", "\"e1\"", data.len() as u64);
+        let named = content.clone().named(&name).expect("named");
+        assert_eq!(named.digest(), Digest::naming(&name));
+        assert_eq!(named.content_digest(), Some(Digest::of(&data)));
+        assert_eq!(content.content_digest(), Some(content.digest()));
+        for i in named.chunk_indices() {
+            let r = named.chunk_range(i).unwrap();
+            named
+                .verify_chunk(i, &data[r.start as usize..r.end as usize])
+                .expect("verifies");
+        }
+        // The name travels with the manifest and is checked against the address.
+        let mut wire = pb::v1::Manifest::from(&named);
+        assert_eq!(Manifest::try_from(&wire).as_ref(), Ok(&named));
+        wire.name = crate::url_name("http://h0/m.bin", "\"e2\"", data.len() as u64);
+        assert!(matches!(
+            Manifest::try_from(&wire),
+            Err(ManifestError::NotItsName { .. })
+        ));
+        // Without its name, the table does not end at the address: refused.
+        wire.name.clear();
+        assert!(matches!(
+            Manifest::try_from(&wire),
+            Err(ManifestError::ChainEnd { .. })
+        ));
+        // No content digest can pass as a name.
+        let mut forged = pb::v1::Manifest::from(&content);
+        forged.name = name.clone();
+        assert!(matches!(
+            Manifest::try_from(&forged),
+            Err(ManifestError::NotItsName { .. })
+        ));
+        // A provisional named manifest learns its last value, the content digest.
+        let mut p =
+            Manifest::provisional_named(named.digest(), Some(&name), data.len() as u64, 4096)
+                .expect("provisional");
+        assert_eq!(p.content_digest(), None);
+        assert_eq!(p.learn(0, named.chunk_digests()), Ok(4));
+        assert_eq!(p, named);
+        assert!(matches!(
+            Manifest::provisional_named(Digest::of(b"x"), Some(&name), 10, 4096),
+            Err(ManifestError::NotItsName { .. })
+        ));
     }
 }

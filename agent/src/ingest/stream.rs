@@ -32,6 +32,8 @@ pub(super) struct Streamer {
     store: Store,
     coordinator: Coordinator,
     blob: Digest,
+    /// The blob's name, if it is named by its origin (`shoal_proto::url_name`).
+    name: Option<String>,
     order_id: u64,
     chunk_size: usize,
     /// Set once the provisional manifest is in the store; None before, and after a refusal.
@@ -86,6 +88,7 @@ impl Streamer {
         store: Store,
         coordinator: Coordinator,
         blob: Digest,
+        name: Option<String>,
         order_id: u64,
         chunk_size: u32,
     ) -> Self {
@@ -93,6 +96,7 @@ impl Streamer {
             store,
             coordinator,
             blob,
+            name,
             order_id,
             chunk_size: chunk_size as usize,
             state: None,
@@ -106,9 +110,10 @@ impl Streamer {
             return;
         }
         let (store, blob, chunk_size) = (self.store.clone(), self.blob, self.chunk_size as u32);
+        let name = self.name.clone();
         let started = tokio::task::spawn_blocking(move || {
-            let manifest =
-                Manifest::provisional(blob, size, chunk_size).map_err(|e| e.to_string())?;
+            let manifest = Manifest::provisional_named(blob, name.as_deref(), size, chunk_size)
+                .map_err(|e| e.to_string())?;
             store
                 .insert_manifest(&manifest)
                 .map_err(|e| e.to_string())?;
@@ -221,6 +226,7 @@ impl Streamer {
             chunk_digests: table,
             size: live.size,
             chunk_size: self.chunk_size as u32,
+            name: self.name.clone().unwrap_or_default(),
         }));
     }
 

@@ -97,7 +97,8 @@ pub(super) async fn pull(
             let (pin, deadline_ms) = (request.pin, request.deadline_ms);
             let url = match digest {
                 Some(d) => {
-                    return run(&shared, d, url.as_deref(), output, pin, deadline_ms, &tx).await;
+                    let origin = url.map(|u| plain_origin(&u));
+                    return run(&shared, d, origin, output, pin, deadline_ms, &tx).await;
                 }
                 // Checked above: without a digest there is a URL.
                 None => url.unwrap_or_default(),
@@ -115,7 +116,7 @@ pub(super) async fn pull(
                 let by_announced = run(
                     &shared,
                     announced,
-                    Some(&url),
+                    Some(plain_origin(&url)),
                     output.clone(),
                     pin,
                     deadline_ms,
@@ -131,9 +132,34 @@ pub(super) async fn pull(
                     other => return other,
                 }
             }
-            // No digest to name it by: find out which blob it is (see `identify`).
+            // No digest: named by its URL, ETag and size, and streamed like a blob whose
+            // digest is known.
+            if let Some(origin) = named_origin(&url, &head) {
+                let blob = Digest::naming(&origin.content_name());
+                tracing::info!(url, %blob, "no digest announced: pulling by the URL's name (ETag and size)");
+                let by_name = run(
+                    &shared,
+                    blob,
+                    Some(origin),
+                    output.clone(),
+                    pin,
+                    deadline_ms,
+                    &tx,
+                )
+                .await;
+                match by_name {
+                    // A seed of the name failed (the file changed under it, an origin that
+                    // does not honour If-Match on its own ETag): one agent fetches it.
+                    Err(s) if s.code() == tonic::Code::Aborted => {
+                        tracing::warn!(url, blob = %blob, error = s.message(), "pulling by the URL's name failed: one agent fetches it, then the others");
+                    }
+                    other => return other,
+                }
+            }
+            // Nothing to name it by: find out which blob it is (see `identify`).
             let digest = identify(&shared, &url, head, &tx).await?;
-            run(&shared, digest, Some(&url), output, pin, deadline_ms, &tx).await
+            let origin = Some(plain_origin(&url));
+            run(&shared, digest, origin, output, pin, deadline_ms, &tx).await
         };
         let outcome = match deadline {
             Some(at) => tokio::time::timeout_at(at, work).await.unwrap_or_else(|_| {
@@ -149,6 +175,31 @@ pub(super) async fn pull(
         }
     });
     Ok(ReceiverStream::new(rx))
+}
+
+/// An HTTP origin by its URL alone.
+fn plain_origin(url: &str) -> pb::HttpOrigin {
+    pb::HttpOrigin {
+        url: url.to_string(),
+        headers: Default::default(),
+        size: 0,
+        etag: String::new(),
+    }
+}
+
+/// The origin of a URL's content named by its ETag and size (`shoal_proto::url_name`), if
+/// the origin gave the size (without it, the blob cannot be streamed: its chunk count is
+/// unknown) and the name is not too long.
+fn named_origin(url: &str, head: &shoal_origin::UrlInfo) -> Option<pb::HttpOrigin> {
+    let size = head.size.filter(|s| *s > 0)?;
+    let etag = head.etag.clone().unwrap_or_default();
+    let origin = pb::HttpOrigin {
+        url: url.to_string(),
+        headers: Default::default(),
+        size,
+        etag,
+    };
+    (origin.content_name().len() <= shoal_proto::MAX_NAME_LEN).then_some(origin)
 }
 
 fn progress(shared: &LocalApi, digest: Digest, state: PullState) -> pb::PullProgress {
@@ -168,7 +219,10 @@ fn progress(shared: &LocalApi, digest: Digest, state: PullState) -> pb::PullProg
         bytes_total,
         rate_bytes_per_sec: running.as_ref().map_or(0, |t| t.rate_bytes_per_sec),
         active_sources: running.as_ref().map_or(0, |t| t.active_sources),
-        digest: digest.to_string(),
+        // A named blob's content digest, once the whole table is known.
+        digest: (manifest.as_ref().and_then(|m| m.content_digest()))
+            .unwrap_or(digest)
+            .to_string(),
         bytes_from_origin: 0,
         output: String::new(),
     }
@@ -177,7 +231,7 @@ fn progress(shared: &LocalApi, digest: Digest, state: PullState) -> pb::PullProg
 async fn run(
     shared: &LocalApi,
     digest: Digest,
-    url: Option<&str>,
+    origin: Option<pb::HttpOrigin>,
     output: Option<output::Wanted>,
     pin: bool,
     deadline_ms: u64,
@@ -189,12 +243,8 @@ async fn run(
         let _ = tx
             .send(Ok(progress(shared, digest, PullState::Queued)))
             .await;
-        let origin = url.map(|u| pb::Origin {
-            origin: Some(pb::origin::Origin::Http(pb::HttpOrigin {
-                url: u.to_string(),
-                headers: Default::default(),
-                size: 0,
-            })),
+        let origin = origin.map(|h| pb::Origin {
+            origin: Some(pb::origin::Origin::Http(h)),
         });
         let request = bring::Request {
             blob: digest,

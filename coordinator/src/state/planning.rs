@@ -18,9 +18,12 @@ use shoal_proto::{Digest, Manifest};
 use super::orders::OrderKind;
 use super::{Now, State, catalog};
 
-/// The size an origin announced, 0 if unknown.
-fn origin_size(origin: &pb::Origin) -> u64 {
+/// The size an origin announced, 0 if unknown. A blob named by its origin counts as of
+/// unknown size: it is seeded whole (its chained table needs one reader in order), never in
+/// ranges.
+fn origin_size(origin: &pb::Origin, blob: &Digest) -> u64 {
     match &origin.origin {
+        Some(pb::origin::Origin::Http(h)) if h.name_of(blob).is_some() => 0,
         Some(pb::origin::Origin::Http(h)) => h.size,
         Some(pb::origin::Origin::Oci(o)) => o.size,
         None => 0,
@@ -42,7 +45,7 @@ impl State {
             .flatten();
         match origin {
             Some(origin) => {
-                let size = origin_size(&origin);
+                let size = origin_size(&origin, &blob);
                 self.origins.entry(blob).or_insert(origin);
                 let event = SeedEvent::Wait {
                     blob: blob.into(),

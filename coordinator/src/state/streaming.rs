@@ -30,7 +30,18 @@ impl State {
             return;
         };
         let seeders_before = self.streams.get(&blob).map(|s| s.seeders.clone());
-        if let Err(e) = self.streams.start(blob, msg.size, msg.chunk_size, host) {
+        let name = (!msg.name.is_empty()).then_some(msg.name.as_str());
+        // A blob named by its origin streams only under that name (its table ends at the
+        // content's digest, not at the address), and no other blob under one.
+        let named = match self.origins.get(&blob).and_then(|o| o.origin.as_ref()) {
+            Some(pb::origin::Origin::Http(h)) => h.name_of(&blob),
+            _ => None,
+        };
+        if name != named.as_deref() {
+            tracing::warn!(agent = %self.agents.name(host), %blob, "seed reported under another name than its origin's");
+            return;
+        }
+        if let Err(e) = (self.streams).start(blob, name, msg.size, msg.chunk_size, host) {
             tracing::warn!(agent = %self.agents.name(host), %blob, error = %e, "seed does not fit the stream");
             return;
         }

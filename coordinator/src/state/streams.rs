@@ -78,11 +78,15 @@ impl Streams {
     pub fn start(
         &mut self,
         blob: Digest,
+        name: Option<&str>,
         size: u64,
         chunk_size: u32,
         seeder: HostId,
     ) -> Result<&mut Stream, ManifestError> {
         if let Some(s) = self.blobs.get(&blob) {
+            if s.manifest.name() != name {
+                return Err(ManifestError::NotItsName { digest: blob });
+            }
             if s.manifest.size() != size || s.manifest.chunk_size() != chunk_size {
                 return Err(ManifestError::ChunkCountMismatch {
                     size,
@@ -92,7 +96,7 @@ impl Streams {
                 });
             }
         } else {
-            let manifest = Manifest::provisional(blob, size, chunk_size)?;
+            let manifest = Manifest::provisional_named(blob, name, size, chunk_size)?;
             self.blobs.insert(
                 blob,
                 Stream {
@@ -211,7 +215,9 @@ mod tests {
     fn targets_share_the_seeder_in_stripes_and_relay_to_each_other() {
         let blob = Digest::of(b"blob");
         let mut streams = Streams::default();
-        streams.start(blob, 10 << 20, 1 << 20, HostId(0)).unwrap();
+        streams
+            .start(blob, None, 10 << 20, 1 << 20, HostId(0))
+            .unwrap();
         assert!(streams.add_target(&blob, HostId(1)));
         assert!(streams.add_target(&blob, HostId(2)));
         assert!(!streams.add_target(&blob, HostId(2)), "already a target");
@@ -229,9 +235,15 @@ mod tests {
             vec![(HostId(0), (1, 2)), (HostId(1), (0, 1))]
         );
         // A stream of another shape for the same blob is refused.
-        assert!(streams.start(blob, 11 << 20, 1 << 20, HostId(3)).is_err());
+        assert!(
+            streams
+                .start(blob, None, 11 << 20, 1 << 20, HostId(3))
+                .is_err()
+        );
         // A target elected seeder stops being a target.
-        streams.start(blob, 10 << 20, 1 << 20, HostId(2)).unwrap();
+        streams
+            .start(blob, None, 10 << 20, 1 << 20, HostId(2))
+            .unwrap();
         let s = streams.get(&blob).unwrap();
         assert_eq!(
             s.sources_of(HostId(1)),
@@ -243,7 +255,9 @@ mod tests {
     fn a_target_that_keeps_failing_gets_no_more_orders() {
         let blob = Digest::of(b"blob");
         let mut streams = Streams::default();
-        streams.start(blob, 10 << 20, 1 << 20, HostId(0)).unwrap();
+        streams
+            .start(blob, None, 10 << 20, 1 << 20, HostId(0))
+            .unwrap();
         for _ in 0..MAX_TARGET_FAILURES {
             assert!(streams.add_target(&blob, HostId(1)));
             assert!(streams.target_failed(&blob, HostId(1)));
@@ -256,7 +270,9 @@ mod tests {
     fn a_lost_host_leaves_every_stream_and_an_idle_stream_ends() {
         let blob = Digest::of(b"blob");
         let mut streams = Streams::default();
-        streams.start(blob, 10 << 20, 1 << 20, HostId(0)).unwrap();
+        streams
+            .start(blob, None, 10 << 20, 1 << 20, HostId(0))
+            .unwrap();
         streams.add_target(&blob, HostId(1));
         assert_eq!(streams.drop_host(HostId(0)), vec![blob]);
         assert!(!streams.end_if_idle(&blob), "a target is left");
@@ -269,7 +285,9 @@ mod tests {
     fn digests_are_learned_once_and_contradictions_refused() {
         let blob = Digest::of(b"blob");
         let mut streams = Streams::default();
-        streams.start(blob, 3 << 12, 1 << 12, HostId(0)).unwrap();
+        streams
+            .start(blob, None, 3 << 12, 1 << 12, HostId(0))
+            .unwrap();
         let d = [Digest::of(b"0"), Digest::of(b"1")];
         assert_eq!(streams.learn(&blob, 0, &d), Ok(2));
         assert_eq!(streams.learn(&blob, 1, &d[1..]), Ok(0));

@@ -9,6 +9,7 @@ pub(super) fn http_origin() -> pb::Origin {
             url: "http://127.0.0.1:1/model.bin".into(),
             headers: Default::default(),
             size: 0,
+            etag: String::new(),
         })),
     }
 }
@@ -191,6 +192,7 @@ fn origins_are_checked() {
             url: "ftp://x/y".into(),
             headers: Default::default(),
             size: 0,
+            etag: String::new(),
         }),
         pb::origin::Origin::Oci(pb::OciOrigin {
             registry: "127.0.0.1:5000".into(),
@@ -249,6 +251,7 @@ pub(super) fn sized_origin(size: u64) -> pb::Origin {
             url: "http://127.0.0.1:1/big.bin".into(),
             headers: Default::default(),
             size,
+            etag: String::new(),
         })),
     }
 }

@@ -18,6 +18,7 @@ fn chunks_seeded(order: &pb::FetchOrder, m: &Manifest, first: u32, n: usize) -> 
         chunk_digests: table(digests),
         size: m.size(),
         chunk_size: m.chunk_size(),
+        name: m.name().unwrap_or_default().into(),
     })
 }
 
@@ -327,4 +328,64 @@ fn a_stream_target_whose_order_fails_gets_another() {
     assert_eq!(again.len(), 1, "{again:?}");
     assert_ne!(again[0].1.order_id, order.order_id, "a new order");
     assert!(peers(&again[0].1).provisional);
+}
+
+#[test]
+fn a_blob_named_by_its_url_is_seeded_whole_and_streamed_under_its_name() {
+    // 4 MiB of 1 MiB chunks from an origin that gave its size: unnamed, three agents would
+    // each seed a range (`a_large_blob_is_seeded_in_ranges_and_its_manifest_assembled`).
+    // Named, the chain needs one reader in order: one whole seed, streamed.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = cluster(dir.path(), 3);
+    let data: Vec<u8> = (0..4u32 << 20).map(|i| (i * 7 + i / 4099) as u8).collect();
+    let content = Manifest::from_reader(&data[..], shoal_proto::CHUNK_SIZE).expect("manifest");
+    let h = pb::HttpOrigin {
+        url: "http://127.0.0.1:1/model.bin".into(),
+        headers: Default::default(),
+        size: content.size(),
+        etag: "\"v1\"".into(),
+    };
+    let m = content.clone().named(&h.content_name()).expect("named");
+    let origin = pb::Origin {
+        origin: Some(pb::origin::Origin::Http(h)),
+    };
+    distribute_from_origin(&mut c.s, m.digest(), &["a0", "a1", "a2"], origin).expect("distribute");
+    let sent = c.orders();
+    let [(seeder, seed)] = &sent[..] else {
+        panic!("one whole seed order: {sent:?}");
+    };
+    assert!(
+        matches!(seed.kind, Some(pb::fetch_order::Kind::Origin(_))),
+        "{seed:?}"
+    );
+    let seeder = *seeder;
+
+    // Digests reported without the name do not fit the blob: nobody is ordered.
+    let mut unnamed = chunks_seeded(seed, &m, 0, 1);
+    if let Msg::ChunksSeeded(c) = &mut unnamed {
+        c.name.clear();
+    }
+    c.say(seeder, unnamed);
+    assert!(c.orders().is_empty());
+
+    // With it, the other targets stream under the name.
+    c.say(seeder, chunks_seeded(seed, &m, 0, 1));
+    let sent = c.orders();
+    assert_eq!(sent.len(), 2, "{sent:?}");
+    for (_, o) in &sent {
+        let wire =
+            Manifest::try_from(peers(o).manifest.as_ref().expect("manifest")).expect("valid");
+        assert_eq!(wire.name(), m.name());
+        assert_eq!(wire.digest(), m.digest());
+    }
+    // The last value, the content's digest, comes with the seed's end.
+    c.say(seeder, chunks_seeded(seed, &m, 1, 3));
+    register(&mut c.s, c.sessions[seeder], &m);
+    let got = c.s.catalog.manifest(&m.digest()).expect("registered");
+    assert_eq!(got.content_digest(), Some(Digest::of(&data)));
+    for (_, o) in c.orders() {
+        let wire =
+            Manifest::try_from(peers(&o).manifest.as_ref().expect("manifest")).expect("valid");
+        assert_eq!(wire, m);
+    }
 }

@@ -158,6 +158,7 @@ fn a_stream_target_gets_the_whole_table_and_a_later_target_the_digest() {
             chunk_digests: Digest::table_bytes(&m.chunk_digests()[..79]),
             size: m.size(),
             chunk_size: m.chunk_size(),
+            name: String::new(),
         }),
     );
     let (agent, streamed) = c.orders().pop().expect("a stream order");

@@ -1,0 +1,77 @@
+//! Blobs named by their origin instead of their content: a URL pulled without a digest, by
+//! many agents at once, before anyone has read it. Its content cannot be addressed yet, so
+//! it is addressed by a name (the URL's SHA-256, its ETag and its size: a changed file has
+//! another ETag or size, hence another name), streamed from one seeder like any blob, and
+//! checked chunk by chunk against the chained table that seeder makes while it reads; the
+//! table's last value is the content's SHA-256, known to every copy at the end.
+//!
+//! A name's address is the bitwise complement of a SHA-256, so no content addresses the
+//! same blob as a name (that would take a SHA-256 preimage of a chosen value), and a
+//! manifest may describe content other than its address only when it carries the name
+//! whose address it is ([`Manifest::name`](crate::Manifest::name)).
+
+use crate::Digest;
+use crate::pb::v1::HttpOrigin;
+
+/// The longest name a manifest may carry (an ETag is at most a few hundred bytes).
+pub const MAX_NAME_LEN: usize = 1024;
+
+/// The name of the content at `url` with this ETag (empty if the origin sent none) and
+/// size. The URL goes in hashed: a presigned URL's signature is not copied into every
+/// manifest and log.
+pub fn url_name(url: &str, etag: &str, size: u64) -> String {
+    format!(
+        "url-sha256 {}\netag {etag}\nsize {size}",
+        Digest::of(url.as_bytes()).hex()
+    )
+}
+
+impl Digest {
+    /// The address of the blob named `name`: the complement of SHA-256 over a fixed prefix
+    /// and the name, which no content's digest can be.
+    pub fn naming(name: &str) -> Digest {
+        let mut input = Vec::with_capacity(name.len() + 16);
+        input.extend_from_slice(b"shoal blob name\n");
+        input.extend_from_slice(name.as_bytes());
+        let mut bytes = *Digest::of(&input).as_bytes();
+        for b in &mut bytes {
+            *b = !*b;
+        }
+        Digest::from_bytes(bytes)
+    }
+}
+
+impl HttpOrigin {
+    /// The name of this URL's content by its ETag and size ([`url_name`]).
+    pub fn content_name(&self) -> String {
+        url_name(&self.url, &self.etag, self.size)
+    }
+
+    /// The name `blob` is the address of, if this origin names it instead of its content (a
+    /// URL pulled without a digest, with its size and ETag).
+    pub fn name_of(&self, blob: &Digest) -> Option<String> {
+        let name = (self.size > 0).then(|| self.content_name())?;
+        (Digest::naming(&name) == *blob).then_some(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_name_is_neither_its_text_nor_its_texts_digest_and_changes_with_each_part() {
+        let name = url_name("http://h0/model.bin", "\"abc\"", 42);
+        let address = Digest::naming(&name);
+        assert_ne!(address, Digest::of(name.as_bytes()));
+        assert_eq!(address, Digest::naming(&name));
+        for other in [
+            url_name("http://h0/model2.bin", "\"abc\"", 42),
+            url_name("http://h0/model.bin", "\"abd\"", 42),
+            url_name("http://h0/model.bin", "\"abc\"", 43),
+        ] {
+            assert_ne!(Digest::naming(&other), address);
+        }
+        assert!(!name.contains("h0"), "the URL is hashed: {name}");
+    }
+}
