@@ -160,7 +160,7 @@ fn as_named(
     };
     if manifest.size() != named_size {
         return Err(Failure::new(
-            FailureReason::OriginError,
+            FailureReason::Invalid,
             format!(
                 "the origin sent {} bytes for a name made when it had {named_size}: it changed",
                 manifest.size()
@@ -178,6 +178,9 @@ fn origin_failure(e: &OriginError) -> Failure {
             FailureReason::Invalid
         }
         OriginError::DigestMismatch { .. } => FailureReason::DigestMismatch,
+        // If-Match failed: the content of a blob named by its ETag is gone from the origin,
+        // and no other seeder will find it.
+        OriginError::Upstream { status: 412, .. } => FailureReason::Invalid,
         _ => FailureReason::OriginError,
     };
     Failure::new(reason, e.to_string())

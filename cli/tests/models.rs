@@ -20,13 +20,16 @@ struct HttpServer {
     log: std::path::PathBuf,
 }
 
-/// http.server's handler (argv: port, rate, repr, linked): sending bodies at `rate` bytes per
-/// second unless it is 0, and announcing `repr` (base64) as the files' SHA-256 in RFC 9530's
-/// `Repr-Digest` unless it is empty. With `linked` (hex), as Hugging Face does: `/resolve/F`
-/// redirects to `/F`, naming `linked` as its SHA-256 in `X-Linked-Etag` on the redirect only.
+/// http.server's handler (argv: port, rate, repr, linked, changed): sending bodies at `rate`
+/// bytes per second unless it is 0, and announcing `repr` (base64) as the files' SHA-256 in
+/// RFC 9530's `Repr-Digest` unless it is empty. With `linked` (hex), as Hugging Face does:
+/// `/resolve/F` redirects to `/F`, naming `linked` as its SHA-256 in `X-Linked-Etag` on the
+/// redirect only. With `changed` = "1", a file replaced right after every HEAD: the HEAD
+/// says ETag "v1", a GET "v2", and a GET with `If-Match` other than "v2" gets 412.
 const SERVER: &str = r#"
 import http.server, sys, time
 rate, repr_digest, linked = float(sys.argv[2]), sys.argv[3], sys.argv[4]
+changed = sys.argv[5] == "1"
 class Handler(http.server.SimpleHTTPRequestHandler):
     def redirected(self):
         if not (linked and self.path.startswith("/resolve/")):
@@ -41,9 +44,16 @@ class Handler(http.server.SimpleHTTPRequestHandler):
         if not self.redirected():
             super().do_HEAD()
     def do_GET(self):
+        if changed and self.headers.get("If-Match") not in (None, '"v2"'):
+            self.send_response(412)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if not self.redirected():
             super().do_GET()
     def end_headers(self):
+        if changed:
+            self.send_header("ETag", '"v1"' if self.command == "HEAD" else '"v2"')
         if repr_digest:
             self.send_header("Repr-Digest", "sha-256=:%s:" % repr_digest)
         super().end_headers()
@@ -67,6 +77,8 @@ enum Announce {
     ReprDigest(shoal_proto::Digest),
     /// Hugging Face's `X-Linked-Etag` on the redirect of `/resolve/F` to `/F`.
     LinkedEtag(shoal_proto::Digest),
+    /// Nothing, but every file changes (its ETag) right after each HEAD.
+    ChangedAfterHead,
 }
 
 impl HttpServer {
@@ -104,7 +116,9 @@ impl HttpServer {
                 (b64, String::new())
             }
             Announce::LinkedEtag(d) => (String::new(), d.hex()),
+            Announce::ChangedAfterHead => (String::new(), String::new()),
         };
+        let changed = matches!(announce, Announce::ChangedAfterHead);
         match (rate, announce) {
             (None, Announce::Nothing) => cmd.args([
                 "-m",
@@ -120,6 +134,7 @@ impl HttpServer {
                 &rate.unwrap_or(0).to_string(),
                 &repr,
                 &linked,
+                if changed { "1" } else { "0" },
             ]),
         };
         let child = cmd
@@ -338,6 +353,37 @@ async fn pulls_without_a_digest_stream(
     pull_everywhere(&cluster, &url, None, files.path(), &content)?;
     assert_eq!(server.gets("/model.bin"), 1, "{}", read(&server.log));
     all_but_the_seeder_fetched_while_it_seeded(&cluster)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_changed_after_it_was_named_is_never_sent_under_the_old_name() -> Result<()> {
+    // The name says ETag "v1"; by the seed's GET the origin has "v2" and refuses the
+    // If-Match. Nothing goes out under the old name: every pull ends with the origin's
+    // bytes by fetching it as if it could not be named.
+    let cluster = Cluster::start_configured(4, &[], 10_000, "", "chunk_size = 262144\n").await?;
+    let files = tempfile::tempdir()?;
+    let model = harness::random_file(files.path(), "model.bin", 3 << 20, 18)?;
+    let content = std::fs::read(&model)?;
+    let server = HttpServer::spawn(files.path(), None, Announce::ChangedAfterHead)?;
+    let url = format!("http://127.0.0.1:{}/model.bin", server.port);
+    pull_everywhere(&cluster, &url, None, files.path(), &content)?;
+    let log = read(&server.log);
+    assert!(log.contains("\"GET /model.bin HTTP/1.1\" 412"), "{log}");
+    let name = shoal_proto::url_name(&url, "\"v1\"", content.len() as u64);
+    for agent in &cluster.agents {
+        let mut c = shoal_agent::local_api::connect(agent.socket()).await?;
+        let status = (c.status(pb::StatusRequest {
+            include_blobs: true,
+        }))
+        .await?
+        .into_inner();
+        let held: Vec<String> = status.blobs.into_iter().map(|b| b.digest).collect();
+        assert!(
+            !held.contains(&shoal_proto::Digest::naming(&name).to_string()),
+            "{held:?}"
+        );
+    }
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
