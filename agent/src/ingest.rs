@@ -464,7 +464,7 @@ impl Ingester {
                     .collect();
                 // Only a strong ETag may be matched (RFC 9110 13.1.1): a weak one would fail
                 // every time.
-                if !h.etag.is_empty() && !h.etag.starts_with("W/") {
+                if shoal_proto::is_strong(&h.etag) {
                     headers.push(("If-Match".into(), h.etag.clone()));
                 }
                 self.origin.get_url(&h.url, &headers, range).await

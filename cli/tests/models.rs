@@ -20,16 +20,18 @@ struct HttpServer {
     log: std::path::PathBuf,
 }
 
-/// http.server's handler (argv: port, rate, repr, linked, changed): sending bodies at `rate`
+/// http.server's handler (argv: port, rate, repr, linked, etag): sending bodies at `rate`
 /// bytes per second unless it is 0, and announcing `repr` (base64) as the files' SHA-256 in
 /// RFC 9530's `Repr-Digest` unless it is empty. With `linked` (hex), as Hugging Face does:
 /// `/resolve/F` redirects to `/F`, naming `linked` as its SHA-256 in `X-Linked-Etag` on the
-/// redirect only. With `changed` = "1", a file replaced right after every HEAD: the HEAD
-/// says ETag "v1", a GET "v2", and a GET with `If-Match` other than "v2" gets 412.
+/// redirect only. With `etag` = "fixed", the strong ETag "v1" on every answer (as nginx
+/// sends one); with "changed", a file replaced right after every HEAD: the HEAD says "v1",
+/// a GET "v2", and a GET with `If-Match` other than "v2" gets 412.
 const SERVER: &str = r#"
 import http.server, sys, time
 rate, repr_digest, linked = float(sys.argv[2]), sys.argv[3], sys.argv[4]
-changed = sys.argv[5] == "1"
+etag = sys.argv[5]
+changed = etag == "changed"
 class Handler(http.server.SimpleHTTPRequestHandler):
     def redirected(self):
         if not (linked and self.path.startswith("/resolve/")):
@@ -52,6 +54,8 @@ class Handler(http.server.SimpleHTTPRequestHandler):
         if not self.redirected():
             super().do_GET()
     def end_headers(self):
+        if etag == "fixed":
+            self.send_header("ETag", '"v1"')
         if changed:
             self.send_header("ETag", '"v1"' if self.command == "HEAD" else '"v2"')
         if repr_digest:
@@ -77,7 +81,9 @@ enum Announce {
     ReprDigest(shoal_proto::Digest),
     /// Hugging Face's `X-Linked-Etag` on the redirect of `/resolve/F` to `/F`.
     LinkedEtag(shoal_proto::Digest),
-    /// Nothing, but every file changes (its ETag) right after each HEAD.
+    /// Nothing but a strong ETag, as nginx does.
+    Etag,
+    /// Only a strong ETag, and every file changes (its ETag) right after each HEAD.
     ChangedAfterHead,
 }
 
@@ -116,9 +122,13 @@ impl HttpServer {
                 (b64, String::new())
             }
             Announce::LinkedEtag(d) => (String::new(), d.hex()),
-            Announce::ChangedAfterHead => (String::new(), String::new()),
+            Announce::Etag | Announce::ChangedAfterHead => (String::new(), String::new()),
         };
-        let changed = matches!(announce, Announce::ChangedAfterHead);
+        let etag = match announce {
+            Announce::Etag => "fixed",
+            Announce::ChangedAfterHead => "changed",
+            _ => "",
+        };
         match (rate, announce) {
             (None, Announce::Nothing) => cmd.args([
                 "-m",
@@ -134,7 +144,7 @@ impl HttpServer {
                 &rate.unwrap_or(0).to_string(),
                 &repr,
                 &linked,
-                if changed { "1" } else { "0" },
+                etag,
             ]),
         };
         let child = cmd
@@ -329,10 +339,10 @@ async fn pulls_stream_when_a_redirect_names_the_content_as_hugging_face_does() -
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pulls_without_a_digest_stream_under_the_urls_name_when_nothing_is_announced() -> Result<()>
 {
-    // An origin that says nothing of the content (nginx, http.server): the pulls name it by
-    // URL, ETag and size and stream it from one seeder, checked against the table that
-    // seeder makes, instead of one agent fetching it whole before the others start.
-    pulls_without_a_digest_stream(|_| Announce::Nothing, "/model.bin", 17).await
+    // An origin that says nothing of the content but its strong ETag (nginx): the pulls
+    // name it by URL, ETag and size and stream it from one seeder, checked against the table
+    // that seeder makes, instead of one agent fetching it whole before the others start.
+    pulls_without_a_digest_stream(|_| Announce::Etag, "/model.bin", 17).await
 }
 
 /// Four agents pull `path` (no `--digest`) at once from an origin slower than they are
@@ -429,13 +439,10 @@ async fn an_origin_announcing_a_wrong_sha256_is_pulled_as_if_it_announced_none()
         }))
         .await?
         .into_inner();
-        // Named by the URL (http.server sends no ETag) and its size, not by the wrong
-        // announcement.
-        let name = shoal_proto::url_name(&url, "", content.len() as u64);
         let held: Vec<String> = status.blobs.into_iter().map(|b| b.digest).collect();
         assert_eq!(
             held,
-            vec![shoal_proto::Digest::naming(&name).to_string()],
+            vec![shoal_proto::Digest::of(&content).to_string()],
             "what an agent keeps"
         );
     }

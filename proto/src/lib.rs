@@ -19,7 +19,7 @@ pub use digest::{BlobId, ChunkIndex, Digest, DigestParseError};
 pub use manifest::{
     BlobVerifier, CHUNK_SIZE, MAX_BLOB_SIZE, Manifest, ManifestBuilder, ManifestError, VerifyError,
 };
-pub use name::{MAX_NAME_LEN, url_name};
+pub use name::{MAX_NAME_LEN, is_strong, url_name};
 
 /// The agent-to-coordinator session protocol this build speaks (`JoinRequest.protocol`).
 /// The coordinator refuses a Join that speaks another: orders of one version mean

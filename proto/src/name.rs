@@ -26,6 +26,13 @@ pub fn url_name(url: &str, etag: &str, size: u64) -> String {
     )
 }
 
+/// A strong ETag (RFC 9110 8.8.3): one that changes with every byte of the content, so that
+/// it can name the content and be matched (`If-Match`). A weak one (`W/"..."`) or none
+/// cannot: a file replaced at the same size would go on under the old name.
+pub fn is_strong(etag: &str) -> bool {
+    etag.len() >= 2 && etag.starts_with('"') && etag.ends_with('"')
+}
+
 impl Digest {
     /// The address of the blob named `name`: the complement of SHA-256 over a fixed prefix
     /// and the name, which no content's digest can be.
@@ -48,9 +55,11 @@ impl HttpOrigin {
     }
 
     /// The name `blob` is the address of, if this origin names it instead of its content (a
-    /// URL pulled without a digest, with its size and ETag).
+    /// URL pulled without a digest, with its size and strong ETag, and no headers: headers
+    /// could change what the same name fetches).
     pub fn name_of(&self, blob: &Digest) -> Option<String> {
-        let name = (self.size > 0).then(|| self.content_name())?;
+        let nameable = self.size > 0 && is_strong(&self.etag) && self.headers.is_empty();
+        let name = nameable.then(|| self.content_name())?;
         (Digest::naming(&name) == *blob).then_some(name)
     }
 }
@@ -73,5 +82,28 @@ mod tests {
             assert_ne!(Digest::naming(&other), address);
         }
         assert!(!name.contains("h0"), "the URL is hashed: {name}");
+    }
+
+    #[test]
+    fn only_a_strong_etag_a_size_and_no_headers_name_an_origins_content() {
+        let mut h = HttpOrigin {
+            url: "http://h0/model.bin".into(),
+            headers: Default::default(),
+            size: 42,
+            etag: "\"abc\"".into(),
+        };
+        let blob = Digest::naming(&h.content_name());
+        assert!(h.name_of(&blob).is_some());
+        assert!(h.name_of(&Digest::of(b"content")).is_none());
+        for etag in ["", "W/\"abc\"", "abc"] {
+            h.etag = etag.into();
+            assert!(
+                h.name_of(&Digest::naming(&h.content_name())).is_none(),
+                "{etag}"
+            );
+        }
+        h.etag = "\"abc\"".into();
+        h.headers.insert("Range".into(), "bytes=0-1".into());
+        assert!(h.name_of(&blob).is_none(), "headers");
     }
 }

@@ -189,10 +189,11 @@ fn plain_origin(url: &str) -> pb::HttpOrigin {
 
 /// The origin of a URL's content named by its ETag and size (`shoal_proto::url_name`), if
 /// the origin gave the size (without it, the blob cannot be streamed: its chunk count is
-/// unknown) and the name is not too long.
+/// unknown) and a strong ETag (without one, a file replaced at the same size would go on
+/// under the old name), and the name is not too long.
 fn named_origin(url: &str, head: &shoal_origin::UrlInfo) -> Option<pb::HttpOrigin> {
     let size = head.size.filter(|s| *s > 0)?;
-    let etag = head.etag.clone().unwrap_or_default();
+    let etag = head.etag.clone().filter(|e| shoal_proto::is_strong(e))?;
     let origin = pb::HttpOrigin {
         url: url.to_string(),
         headers: Default::default(),

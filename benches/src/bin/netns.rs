@@ -254,9 +254,13 @@ fn serve_connection(s: &mut TcpStream, file: &Path, repr_digest: Option<&str>) -
             Some((a, b)) => ("206 Partial Content", a, b - a + 1),
             None => ("200 OK", 0, len),
         };
+        // A strong ETag from the file's mtime and length, as nginx makes it.
+        let mtime = (f.metadata()?.modified()?)
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
         write!(
             s,
-            "HTTP/1.1 {status}\r\nContent-Length: {count}\r\nAccept-Ranges: bytes\r\n"
+            "HTTP/1.1 {status}\r\nContent-Length: {count}\r\nAccept-Ranges: bytes\r\nETag: \"{mtime:x}-{len:x}\"\r\n"
         )?;
         if range.is_some() {
             write!(

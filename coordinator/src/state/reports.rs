@@ -209,6 +209,14 @@ impl State {
             tracing::warn!(agent = by, blob = %digest, why, "registration of a quarantined agent ignored");
             return;
         }
+        // A named blob's table is its seeder's reading of the origin, and nothing else
+        // checks it (its content is not its address): only the agent ordered to seed it
+        // whole names its content, never another agent's registration.
+        if manifest.name().is_some() && self.seeder.seeding_range(digest.into(), host) != Some(None)
+        {
+            tracing::warn!(agent = by, blob = %digest, "registration of a named blob by an agent not seeding it ignored");
+            return;
+        }
         let trust = if self.config.trust_registrations {
             Trust::Verified
         } else {

@@ -378,6 +378,13 @@ fn a_blob_named_by_its_url_is_seeded_whole_and_streamed_under_its_name() {
         assert_eq!(wire.name(), m.name());
         assert_eq!(wire.digest(), m.digest());
     }
+    // Another agent cannot name the content: its registration of the name is ignored.
+    let other: Vec<u8> = data.iter().map(|b| b ^ 1).collect();
+    let forged = (Manifest::from_reader(&other[..], shoal_proto::CHUNK_SIZE).expect("manifest"))
+        .named(m.name().expect("named"))
+        .expect("forged");
+    register(&mut c.s, c.sessions[sent[0].0], &forged);
+    assert!(c.s.catalog.manifest(&m.digest()).is_none());
     // The last value, the content's digest, comes with the seed's end.
     c.say(seeder, chunks_seeded(seed, &m, 1, 3));
     register(&mut c.s, c.sessions[seeder], &m);
