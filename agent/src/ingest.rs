@@ -352,6 +352,16 @@ impl Ingester {
                 if size.is_none() {
                     size = body.len.map(|l| l + written);
                 }
+                // A name fixes the size: another one is another file, known before its bytes.
+                if let (Some(got), pb::origin::Origin::Http(h)) = (size, origin)
+                    && got != h.size
+                    && h.name_of(&blob).is_some()
+                {
+                    return Err(FetchError::Origin(OriginError::Invalid(format!(
+                        "the origin has {got} bytes for a name made when it had {}: it changed",
+                        h.size
+                    ))));
+                }
                 if let (Some(s), Some(size)) = (stream.as_deref_mut(), size) {
                     s.start(size).await;
                 }
@@ -708,6 +718,38 @@ mod tests {
             size: 0,
             etag: String::new(),
         })
+    }
+
+    #[tokio::test]
+    async fn a_named_origin_of_another_size_fails_before_its_bytes_and_is_not_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let ingester = ingester(dir.path());
+        // The name was made for 3 MiB; the origin now has 2 MiB (and would send them).
+        let (url, requests) = origin(2 << 20, 2 << 20).await;
+        let named = pb::HttpOrigin {
+            url,
+            headers: Default::default(),
+            size: 3 << 20,
+            etag: "\"v1\"".into(),
+        };
+        let blob = Digest::naming(&named.content_name());
+        let (tx, rx) = watch::channel(IngestState::Writing { written: 0 });
+        let part = dir.path().join("named.part");
+        let failed = ingester
+            .fetch(
+                &pb::origin::Origin::Http(named),
+                blob,
+                None,
+                &part,
+                &tx,
+                Extent::Whole(None),
+            )
+            .await
+            .expect_err("another file");
+        assert_eq!(failed.reason, FailureReason::Invalid, "{failed:?}");
+        assert!(failed.message.contains("it changed"), "{failed:?}");
+        assert_eq!(requests.load(Ordering::SeqCst), 1, "retried");
+        assert!(matches!(*rx.borrow(), IngestState::Writing { written: 0 }));
     }
 
     #[tokio::test]
