@@ -380,19 +380,29 @@ async fn a_file_changed_after_it_was_named_is_never_sent_under_the_old_name() ->
     let log = read(&server.log);
     assert!(log.contains("\"GET /model.bin HTTP/1.1\" 412"), "{log}");
     let name = shoal_proto::url_name(&url, "\"v1\"", content.len() as u64);
-    for agent in &cluster.agents {
-        let mut c = shoal_agent::local_api::connect(agent.socket()).await?;
-        let status = (c.status(pb::StatusRequest {
-            include_blobs: true,
-        }))
-        .await?
-        .into_inner();
-        let held: Vec<String> = status.blobs.into_iter().map(|b| b.digest).collect();
+    for held in held_by_each(&cluster).await? {
         assert!(
             !held.contains(&shoal_proto::Digest::naming(&name).to_string()),
             "{held:?}"
         );
     }
+    // An agent pulling the URL again remembers that the name failed: no second seed of it,
+    // the content comes from its store.
+    let gets = server.gets("/model.bin");
+    let again = files.path().join("again");
+    let out = harness::shoal()
+        .args(["pull", &url, "-o"])
+        .arg(&again)
+        .arg("--socket")
+        .arg(cluster.agents[2].socket())
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(&again)?, content);
+    assert_eq!(server.gets("/model.bin"), gets, "{}", read(&server.log));
     Ok(())
 }
 
@@ -432,14 +442,7 @@ async fn an_origin_announcing_a_wrong_sha256_is_pulled_as_if_it_announced_none()
     );
     assert_eq!(std::fs::read(&again)?, content);
     assert_eq!(server.gets("/model.bin"), gets, "{}", read(&server.log));
-    for agent in &cluster.agents {
-        let mut c = shoal_agent::local_api::connect(agent.socket()).await?;
-        let status = (c.status(pb::StatusRequest {
-            include_blobs: true,
-        }))
-        .await?
-        .into_inner();
-        let held: Vec<String> = status.blobs.into_iter().map(|b| b.digest).collect();
+    for held in held_by_each(&cluster).await? {
         assert_eq!(
             held,
             vec![shoal_proto::Digest::of(&content).to_string()],
@@ -447,4 +450,19 @@ async fn an_origin_announcing_a_wrong_sha256_is_pulled_as_if_it_announced_none()
         );
     }
     Ok(())
+}
+
+/// The blobs each agent holds, by digest.
+async fn held_by_each(cluster: &Cluster) -> Result<Vec<Vec<String>>> {
+    let mut all = Vec::new();
+    for agent in &cluster.agents {
+        let mut c = shoal_agent::local_api::connect(agent.socket()).await?;
+        let status = (c.status(pb::StatusRequest {
+            include_blobs: true,
+        }))
+        .await?
+        .into_inner();
+        all.push(status.blobs.into_iter().map(|b| b.digest).collect());
+    }
+    Ok(all)
 }

@@ -25,10 +25,11 @@ const REPORT_TRIES: u32 = 60;
 
 type Tx = mpsc::Sender<Result<pb::PullProgress, Status>>;
 
-/// Announced digests (URL, digest) that a pull by them failed, so that the next pulls of the
-/// URL on this agent do not seed a wrong digest from the origin again first. Forgotten after
-/// a while: the failure may have been something else (a full disk), and then this agent
-/// only loses streaming for that URL meanwhile.
+/// Announced digests and names (URL, digest or name's address) that a pull by them failed,
+/// so that the next pulls of the URL on this agent do not seed a wrong digest (or a name the
+/// origin refuses to match) from the origin again first. Forgotten after a while: the
+/// failure may have been something else (a full disk), and then this agent only loses
+/// streaming for that URL meanwhile.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct WrongAnnouncements(Arc<Mutex<VecDeque<(String, Digest, Instant)>>>);
 
@@ -134,8 +135,14 @@ pub(super) async fn pull(
             }
             // No digest: named by its URL, ETag and size, and streamed like a blob whose
             // digest is known.
-            if let Some(origin) = named_origin(&url, &head) {
-                let blob = Digest::naming(&origin.content_name());
+            let named = named_origin(&url, &head)
+                .map(|o| (Digest::naming(&o.content_name()), o))
+                .filter(|(blob, _)| {
+                    !shared
+                        .wrong_announcements
+                        .is_wrong(&url, blob, Instant::now())
+                });
+            if let Some((blob, origin)) = named {
                 tracing::info!(url, %blob, "no digest announced: pulling by the URL's name (ETag and size)");
                 let by_name = run(
                     &shared,
@@ -151,7 +158,8 @@ pub(super) async fn pull(
                     // A seed of the name failed (the file changed under it, an origin that
                     // does not honour If-Match on its own ETag): one agent fetches it.
                     Err(s) if s.code() == tonic::Code::Aborted => {
-                        tracing::warn!(url, blob = %blob, error = s.message(), "pulling by the URL's name failed: one agent fetches it, then the others");
+                        tracing::warn!(url, blob = %blob, error = s.message(), "pulling by the URL's name failed: one agent fetches it, then the others (for {} min)", WrongAnnouncements::FORGET_AFTER.as_secs() / 60);
+                        (shared.wrong_announcements).remember(&url, blob, Instant::now());
                     }
                     other => return other,
                 }
