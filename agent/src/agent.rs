@@ -232,7 +232,7 @@ impl Agent {
             counters: parts.counters.clone(),
             ingester: ex.ingester.clone(),
             endpoint: parts.endpoint.clone(),
-            wrong_announcements: Default::default(),
+            failed_guesses: Default::default(),
         };
         let local_api = match crate::local_api::serve(api, &socket_path, parts.stop.clone()) {
             Ok(task) => task,

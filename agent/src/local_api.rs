@@ -44,7 +44,7 @@ pub(crate) struct LocalApi {
     /// The QUIC endpoint: how many chunk requests it serves right now (Drain waits for 0).
     pub endpoint: crate::transport::ChunkEndpoint,
     /// Origins' announced digests that a pull by them found wrong (`pull.rs`).
-    pub wrong_announcements: pull::WrongAnnouncements,
+    pub failed_guesses: pull::FailedGuesses,
 }
 
 /// Binds the Unix socket (replacing a stale one) and serves the local API until the agent

@@ -388,21 +388,7 @@ async fn a_file_changed_after_it_was_named_is_never_sent_under_the_old_name() ->
     }
     // An agent pulling the URL again remembers that the name failed: no second seed of it,
     // the content comes from its store.
-    let gets = server.gets("/model.bin");
-    let again = files.path().join("again");
-    let out = harness::shoal()
-        .args(["pull", &url, "-o"])
-        .arg(&again)
-        .arg("--socket")
-        .arg(cluster.agents[2].socket())
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(std::fs::read(&again)?, content);
-    assert_eq!(server.gets("/model.bin"), gets, "{}", read(&server.log));
+    pull_again_without_the_origin(&cluster, &server, &url, files.path(), &content)?;
     Ok(())
 }
 
@@ -428,9 +414,29 @@ async fn an_origin_announcing_a_wrong_sha256_is_pulled_as_if_it_announced_none()
     );
     // An agent pulling the URL again remembers the announcement was wrong: no new seed of
     // it from the origin, the content comes from the store.
-    let again = files.path().join("again");
+    pull_again_without_the_origin(&cluster, &server, &url, files.path(), &content)?;
+    for held in held_by_each(&cluster).await? {
+        assert_eq!(
+            held,
+            vec![shoal_proto::Digest::of(&content).to_string()],
+            "what an agent keeps"
+        );
+    }
+    Ok(())
+}
+
+/// One more `shoal pull URL` on agent 2 gets `content` without a request to the origin.
+fn pull_again_without_the_origin(
+    cluster: &Cluster,
+    server: &HttpServer,
+    url: &str,
+    dir: &Path,
+    content: &[u8],
+) -> Result<()> {
+    let gets = server.gets("/model.bin");
+    let again = dir.join("again");
     let out = harness::shoal()
-        .args(["pull", &url, "-o"])
+        .args(["pull", url, "-o"])
         .arg(&again)
         .arg("--socket")
         .arg(cluster.agents[2].socket())
@@ -442,13 +448,6 @@ async fn an_origin_announcing_a_wrong_sha256_is_pulled_as_if_it_announced_none()
     );
     assert_eq!(std::fs::read(&again)?, content);
     assert_eq!(server.gets("/model.bin"), gets, "{}", read(&server.log));
-    for held in held_by_each(&cluster).await? {
-        assert_eq!(
-            held,
-            vec![shoal_proto::Digest::of(&content).to_string()],
-            "what an agent keeps"
-        );
-    }
     Ok(())
 }
 

@@ -31,9 +31,9 @@ type Tx = mpsc::Sender<Result<pb::PullProgress, Status>>;
 /// failure may have been something else (a full disk), and then this agent only loses
 /// streaming for that URL meanwhile.
 #[derive(Clone, Debug, Default)]
-pub(crate) struct WrongAnnouncements(Arc<Mutex<VecDeque<(String, Digest, Instant)>>>);
+pub(crate) struct FailedGuesses(Arc<Mutex<VecDeque<(String, Digest, Instant)>>>);
 
-impl WrongAnnouncements {
+impl FailedGuesses {
     pub(crate) const FORGET_AFTER: Duration = Duration::from_secs(600);
     const KEEP: usize = 256;
 
@@ -108,43 +108,24 @@ pub(super) async fn pull(
                 Ok(info) => info,
                 Err(e) => return Err(Status::unavailable(format!("{url}: {e}"))),
             };
-            let announced = (head.sha256)
-                .filter(|d| !shared.wrong_announcements.is_wrong(&url, d, Instant::now()));
-            if let Some(announced) = announced {
-                // Named before anyone read it: seeded once and streamed to every puller
-                // at once, like a pull with `--digest` (and checked against it the same).
-                tracing::info!(url, blob = %announced, "the origin announced the content's SHA-256: pulling by it");
-                let by_announced = run(
-                    &shared,
-                    announced,
-                    Some(plain_origin(&url)),
-                    output.clone(),
-                    pin,
-                    deadline_ms,
-                    &tx,
-                )
-                .await;
-                match by_announced {
-                    // The content may not match the announcement: name it as if none came.
-                    Err(s) if s.code() == tonic::Code::Aborted => {
-                        tracing::warn!(url, blob = %announced, error = s.message(), "pulling by the origin's announced digest failed: pulling as if it announced none (for {} min)", WrongAnnouncements::FORGET_AFTER.as_secs() / 60);
-                        (shared.wrong_announcements).remember(&url, announced, Instant::now());
-                    }
-                    other => return other,
+            // What may address the content before anyone has read it, best first: the
+            // SHA-256 the origin announces, then the URL's name (its ETag and size). Either is
+            // seeded once and streamed to every puller at once, like a pull with `--digest`.
+            // A pull by one that fails ABORTED (content not matching the announcement, a file
+            // changed under its name) is remembered, and the next is tried.
+            let guesses = [
+                (head.sha256).map(|d| (d, plain_origin(&url), "the origin's announced digest")),
+                named_origin(&url, &head).map(|o| {
+                    let blob = Digest::naming(&o.content_name());
+                    (blob, o, "the URL's name (ETag and size)")
+                }),
+            ];
+            for (blob, origin, by) in guesses.into_iter().flatten() {
+                if (shared.failed_guesses).is_wrong(&url, &blob, Instant::now()) {
+                    continue;
                 }
-            }
-            // No digest: named by its URL, ETag and size, and streamed like a blob whose
-            // digest is known.
-            let named = named_origin(&url, &head)
-                .map(|o| (Digest::naming(&o.content_name()), o))
-                .filter(|(blob, _)| {
-                    !shared
-                        .wrong_announcements
-                        .is_wrong(&url, blob, Instant::now())
-                });
-            if let Some((blob, origin)) = named {
-                tracing::info!(url, %blob, "no digest announced: pulling by the URL's name (ETag and size)");
-                let by_name = run(
+                tracing::info!(url, %blob, "pulling by {by}");
+                let pulled = run(
                     &shared,
                     blob,
                     Some(origin),
@@ -152,14 +133,11 @@ pub(super) async fn pull(
                     pin,
                     deadline_ms,
                     &tx,
-                )
-                .await;
-                match by_name {
-                    // A seed of the name failed (the file changed under it, an origin that
-                    // does not honour If-Match on its own ETag): one agent fetches it.
+                );
+                match pulled.await {
                     Err(s) if s.code() == tonic::Code::Aborted => {
-                        tracing::warn!(url, blob = %blob, error = s.message(), "pulling by the URL's name failed: one agent fetches it, then the others (for {} min)", WrongAnnouncements::FORGET_AFTER.as_secs() / 60);
-                        (shared.wrong_announcements).remember(&url, blob, Instant::now());
+                        tracing::warn!(url, %blob, error = s.message(), "pulling by {by} failed: not trying it again for {} min", FailedGuesses::FORGET_AFTER.as_secs() / 60);
+                        (shared.failed_guesses).remember(&url, blob, Instant::now());
                     }
                     other => return other,
                 }
