@@ -348,7 +348,22 @@ impl Ingester {
             let read = async {
                 // An origin that ignores Range still gives exactly the range: the client
                 // skips what comes before it.
-                let mut body = self.open(origin, &blob, range).await?;
+                // A whole blob from where it stands, in parallel ranges where the origin
+                // serves them; a range as one GET (it is one of several seeders' already).
+                let mut body = match span {
+                    Some(_) => {
+                        shoal_origin::Whole::one(open(&self.origin, origin, &blob, range).await?)
+                    }
+                    None => {
+                        let registry = match origin {
+                            pb::origin::Origin::Oci(o) => Some(o.registry.as_str()),
+                            pb::origin::Origin::Http(_) => None,
+                        };
+                        let ranges = self.origin.ranges(registry);
+                        let open = opener(&self.origin, origin, blob);
+                        shoal_origin::open_whole(written, ranges, open).await?
+                    }
+                };
                 if size.is_none() {
                     size = body.len.map(|l| l + written);
                 }
@@ -458,33 +473,6 @@ impl Ingester {
         self.store_part(&manifest, &part).await?;
         self.register(&manifest, 0);
         Ok(manifest)
-    }
-
-    async fn open(
-        &self,
-        origin: &pb::origin::Origin,
-        blob: &Digest,
-        range: Option<ByteRange>,
-    ) -> Result<shoal_origin::Body, OriginError> {
-        use pb::origin::Origin as O;
-        match origin {
-            O::Http(h) => {
-                let mut headers: Vec<(String, String)> = (h.headers.iter())
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect();
-                // Only a strong ETag may be matched (RFC 9110 13.1.1): a weak one would fail
-                // every time.
-                if shoal_proto::is_strong(&h.etag) {
-                    headers.push(("If-Match".into(), h.etag.clone()));
-                }
-                self.origin.get_url(&h.url, &headers, range).await
-            }
-            O::Oci(o) => {
-                (self.origin)
-                    .get_blob(&o.registry, &o.repository, blob, range)
-                    .await
-            }
-        }
     }
 
     /// Copies the verified part file into the store, chunk by chunk (the store checks each
@@ -646,6 +634,47 @@ impl Ingester {
     }
 }
 
+/// Opens `origin`'s content (`blob` addresses it at an OCI origin), or a range of it.
+async fn open(
+    client: &shoal_origin::Client,
+    origin: &pb::origin::Origin,
+    blob: &Digest,
+    range: Option<ByteRange>,
+) -> Result<shoal_origin::Body, OriginError> {
+    use pb::origin::Origin as O;
+    match origin {
+        O::Http(h) => {
+            let mut headers: Vec<(String, String)> = (h.headers.iter())
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            // Only a strong ETag may be matched (RFC 9110 13.1.1): a weak one would fail
+            // every time.
+            if shoal_proto::is_strong(&h.etag) {
+                headers.push(("If-Match".into(), h.etag.clone()));
+            }
+            client.get_url(&h.url, &headers, range).await
+        }
+        O::Oci(o) => {
+            client
+                .get_blob(&o.registry, &o.repository, blob, range)
+                .await
+        }
+    }
+}
+
+/// [`open`] for the ranged GETs of a whole blob read in parallel.
+fn opener(
+    client: &shoal_origin::Client,
+    origin: &pb::origin::Origin,
+    blob: Digest,
+) -> shoal_origin::Open {
+    let (client, origin) = (client.clone(), origin.clone());
+    std::sync::Arc::new(move |range| {
+        let (client, origin) = (client.clone(), origin.clone());
+        Box::pin(async move { open(&client, &origin, &blob, range).await })
+    })
+}
+
 /// Moves the chunks `indices` of `manifest`, laid out one after another in the part file,
 /// into the store; how many were new. Blocking.
 fn copy_part(
@@ -773,6 +802,82 @@ mod tests {
             .expect_err("nothing can be written");
         assert_eq!(failed.reason, FailureReason::DiskFull, "{failed:?}");
         assert_eq!(requests.load(Ordering::SeqCst), 1, "retried a local fault");
+    }
+
+    /// An HTTP origin on loopback serving `data` with ranges; counts the GETs.
+    async fn ranged_origin(data: bytes::Bytes) -> (String, Arc<AtomicU32>) {
+        use axum::http::{HeaderMap, StatusCode, header};
+        let requests = Arc::new(AtomicU32::new(0));
+        let counted = requests.clone();
+        let answer = move |headers: HeaderMap| {
+            let (data, counted) = (data.clone(), counted.clone());
+            async move {
+                counted.fetch_add(1, Ordering::SeqCst);
+                let range = (headers.get(header::RANGE))
+                    .and_then(|v| v.to_str().ok()?.strip_prefix("bytes=")?.split_once('-'))
+                    .map(|(a, b)| {
+                        let a: usize = a.parse().unwrap();
+                        let b = b
+                            .parse::<usize>()
+                            .map_or(data.len() - 1, |b| b.min(data.len() - 1));
+                        (a, b)
+                    });
+                let response = axum::response::Response::builder().header(header::ETAG, "\"v1\"");
+                match range {
+                    Some((a, b)) => response
+                        .status(StatusCode::PARTIAL_CONTENT)
+                        .header(
+                            header::CONTENT_RANGE,
+                            format!("bytes {a}-{b}/{}", data.len()),
+                        )
+                        .body(axum::body::Body::from(data.slice(a..=b))),
+                    None => response.body(axum::body::Body::from(data)),
+                }
+                .unwrap()
+            }
+        };
+        let app = axum::Router::new().route("/blob", axum::routing::get(answer));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (format!("http://{addr}/blob"), requests)
+    }
+
+    #[tokio::test]
+    async fn a_whole_blob_is_read_in_parallel_ranges_and_hashed_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ingester = ingester(dir.path());
+        ingester.origin = shoal_origin::Client::new(shoal_origin::OriginConfig {
+            parallel_ranges: 3,
+            parallel_range_bytes: 64 << 10,
+            ..Default::default()
+        })
+        .unwrap();
+        let data: bytes::Bytes = (0..(2 << 20) + 12_345u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect::<Vec<u8>>()
+            .into();
+        let digest = Digest::of(&data);
+        let (url, requests) = ranged_origin(data.clone()).await;
+        let (tx, _rx) = watch::channel(IngestState::Writing { written: 0 });
+        tokio::fs::create_dir_all(&ingester.part_dir).await.unwrap();
+        let part = ingester.part_dir.join("ranged.part");
+        let (manifest, fetched) = ingester
+            .fetch(
+                &http(&url),
+                digest,
+                Some(digest),
+                &part,
+                &tx,
+                Extent::Whole(None),
+            )
+            .await
+            .expect("the blob, in order");
+        assert_eq!(manifest.digest(), digest);
+        assert_eq!(fetched, data.len() as u64);
+        assert_eq!(std::fs::read(&part).unwrap(), data);
+        // One GET per 64 KiB block: 33 of them, never the whole blob in one.
+        assert_eq!(requests.load(Ordering::SeqCst), 33);
     }
 
     #[tokio::test]

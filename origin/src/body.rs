@@ -165,6 +165,18 @@ impl Body {
         Ok(())
     }
 
+    /// An answer that ignored `Range` (`partial == false`), read from the range's start to
+    /// the object's end instead of the range's end: the whole object from a range at 0.
+    /// Call before the first [`Body::chunk`]; a partial answer is returned as it is.
+    pub fn to_end(mut self) -> Self {
+        if !self.partial && self.yielded == 0 && self.received_from_origin == 0 {
+            self.len = self
+                .expected_from_origin
+                .map(|n| n.saturating_sub(self.skip));
+        }
+        self
+    }
+
     /// The URL this body comes from, without query.
     pub fn url(&self) -> &str {
         &self.url

@@ -102,6 +102,18 @@ impl Client {
     /// Builds a client. `Invalid` if a registry entry has a bad host or endpoint, or the TLS
     /// setup fails.
     pub fn new(config: OriginConfig) -> Result<Self, OriginError> {
+        if !(1..=64).contains(&config.parallel_ranges) {
+            return Err(OriginError::Invalid(format!(
+                "origin.parallel_ranges: {} is not between 1 and 64",
+                config.parallel_ranges
+            )));
+        }
+        if config.parallel_range_bytes < 64 << 10 {
+            return Err(OriginError::Invalid(format!(
+                "origin.parallel_range_bytes: {} is under 64 KiB",
+                config.parallel_range_bytes
+            )));
+        }
         for registry in &config.registries {
             validate_registry(&registry.host)?;
             if let Some(endpoint) = &registry.endpoint {
@@ -137,6 +149,18 @@ impl Client {
                 pacing: Default::default(),
             }),
         })
+    }
+
+    /// How a whole blob is read (`parallel_ranges` GETs of `parallel_range_bytes` at once),
+    /// from `registry` if it is an OCI registry's: one GET from a registry given a request
+    /// budget, which every block would spend.
+    pub fn ranges(&self, registry: Option<&str>) -> crate::Ranges {
+        let config = &self.inner.config;
+        let budget = registry.is_some_and(|r| config.registry(r).max_requests_per_second.is_some());
+        crate::Ranges {
+            connections: if budget { 1 } else { config.parallel_ranges },
+            block: config.parallel_range_bytes,
+        }
     }
 
     /// The configuration this client was built with.

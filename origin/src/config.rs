@@ -186,6 +186,17 @@ pub struct OriginConfig {
     /// The window `min_bytes_per_sec` is measured over. Default 30000.
     #[serde(deserialize_with = "shoal_proto::units::millis")]
     pub min_rate_window_ms: u64,
+    /// Ranged GETs a whole blob is read with at once, in blocks of `parallel_range_bytes`,
+    /// from an origin that serves ranges (an origin that ignores `Range` is read as one GET
+    /// all the same). One connection seldom carries a link's rate from an object store, nor
+    /// from any origin while the seeder's uplink is busy serving its peers. 1: one GET.
+    /// Default 4, at most 64.
+    pub parallel_ranges: u32,
+    /// Bytes of each of those GETs. Blocks behind the first wait in memory for their turn
+    /// (at most `parallel_ranges` × this per blob being seeded). Default 2 MiB, at least
+    /// 64 KiB.
+    #[serde(deserialize_with = "shoal_proto::units::bytes")]
+    pub parallel_range_bytes: u64,
 }
 
 impl Default for OriginConfig {
@@ -202,6 +213,8 @@ impl Default for OriginConfig {
             redirect_hosts: Vec::new(),
             min_bytes_per_sec: 64 << 10,
             min_rate_window_ms: 30_000,
+            parallel_ranges: 4,
+            parallel_range_bytes: 2 << 20,
         }
     }
 }

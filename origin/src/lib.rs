@@ -17,6 +17,7 @@ mod image;
 mod pacing;
 mod redirects;
 mod reference;
+mod whole;
 
 pub use body::{Body, ByteRange};
 pub use client::{Client, FetchedManifest, ManifestHead, PullRight, Pullable, UrlInfo};
@@ -27,6 +28,7 @@ pub use image::{
     DEFAULT_PLATFORM, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, ResolvedImage, resolve_image,
 };
 pub use pacing::THROTTLED;
+pub use whole::{Open, Ranges, Whole, open_whole};
 
 /// How many challenges of a `WWW-Authenticate` value this client understands (Bearer with a
 /// realm, Basic). For the fuzz tests: the parser meets whatever a registry sends.

@@ -97,6 +97,10 @@ struct Args {
     /// Where the blob, the copies and the logs go (default: a temporary directory).
     #[arg(long)]
     work_dir: Option<PathBuf>,
+    /// The HTTP origin sends each connection at most this many Mbit/s, as object stores
+    /// serve each connection at a fraction of a fast host's link (0: no cap).
+    #[arg(long, default_value_t = 0)]
+    origin_conn_mbit: u64,
 }
 
 /// Run inside a host's namespace by the benchmark itself.
@@ -117,6 +121,9 @@ enum Helper {
         file: PathBuf,
         #[arg(long)]
         repr_digest: Option<String>,
+        /// Mbit/s each connection is sent at most (0: no cap).
+        #[arg(long, default_value_t = 0)]
+        conn_mbit: u64,
     },
     /// GETs `url`'s path from `addr` into `out`, prints the wall-clock µs it ended.
     #[command(hide = true)]
@@ -161,13 +168,15 @@ fn helper(h: Helper) -> Result<()> {
             port,
             file,
             repr_digest,
+            conn_mbit,
         } => {
             let listener = TcpListener::bind(("0.0.0.0", port))?;
             println!("listening");
             std::io::stdout().flush()?;
+            let cap = conn_mbit * 125_000;
             for s in listener.incoming() {
                 let (mut s, file, sha) = (s?, file.clone(), repr_digest.clone());
-                std::thread::spawn(move || serve_connection(&mut s, &file, sha.as_deref()));
+                std::thread::spawn(move || serve_connection(&mut s, &file, sha.as_deref(), cap));
             }
         }
         Helper::Get { addr, out } => {
@@ -213,8 +222,14 @@ fn helper(h: Helper) -> Result<()> {
     Ok(())
 }
 
-/// Answers the requests of one client connection until it closes.
-fn serve_connection(s: &mut TcpStream, file: &Path, repr_digest: Option<&str>) -> Result<()> {
+/// Answers the requests of one client connection until it closes, each body at most `cap`
+/// bytes per second (0: as fast as the connection goes).
+fn serve_connection(
+    s: &mut TcpStream,
+    file: &Path,
+    repr_digest: Option<&str>,
+    cap: u64,
+) -> Result<()> {
     use std::io::{Seek, SeekFrom};
     let mut pending = Vec::new();
     let mut buf = [0u8; 4096];
@@ -275,7 +290,30 @@ fn serve_connection(s: &mut TcpStream, file: &Path, repr_digest: Option<&str>) -
         write!(s, "\r\n")?;
         if !head_only {
             f.seek(SeekFrom::Start(first))?;
-            std::io::copy(&mut f.take(count), s)?;
+            send_paced(&mut f.take(count), s, cap)?;
+        }
+    }
+}
+
+/// Copies `from` to `to`, at most `cap` bytes per second (0: no cap).
+fn send_paced(from: &mut impl Read, to: &mut TcpStream, cap: u64) -> Result<()> {
+    if cap == 0 {
+        std::io::copy(from, to)?;
+        return Ok(());
+    }
+    let start = Instant::now();
+    let mut buf = vec![0u8; 64 << 10];
+    let mut sent = 0u64;
+    loop {
+        let n = from.read(&mut buf)?;
+        if n == 0 {
+            return Ok(());
+        }
+        to.write_all(&buf[..n])?;
+        sent += n as u64;
+        let due = Duration::from_secs_f64(sent as f64 / cap as f64);
+        if let Some(wait) = due.checked_sub(start.elapsed()) {
+            std::thread::sleep(wait);
         }
     }
 }
@@ -626,6 +664,7 @@ impl Bench {
         let mut procs = Procs::default();
         let mut c = self.fabric.command(0, &self.exe);
         c.args(["serve", "8080"]).arg(&self.blob);
+        c.args(["--conn-mbit", &self.args.origin_conn_mbit.to_string()]);
         let c = cpu.wrap(c);
         let server = procs.spawn(c, &self.log("http-server"))?;
         ensure!(

@@ -108,6 +108,7 @@ impl Bench {
         let digest = if by_url {
             let mut c = self.fabric.command(0, &self.exe);
             c.args(["serve", "8080"]).arg(&self.blob);
+            c.args(["--conn-mbit", &self.args.origin_conn_mbit.to_string()]);
             if mode == Mode::PullUrlAnnounced {
                 use base64::Engine;
                 let b64 = base64::engine::general_purpose::STANDARD.encode(self.sha);
