@@ -1,0 +1,211 @@
+//! Seeding against real HTTP origins on loopback: parallel ranges, sizes that changed,
+//! full local disks and broken origins.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::*;
+use crate::store::StoreConfig;
+
+/// An HTTP origin on loopback that answers every GET with `len` bytes announced, of
+/// which it sends `sent` before closing; counts the requests.
+async fn origin(len: usize, sent: usize) -> (String, Arc<AtomicU32>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let requests = Arc::new(AtomicU32::new(0));
+    let counted = requests.clone();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut head = vec![0u8; 4096];
+                let _ = tcp.read(&mut head).await;
+                let header = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {len}\r\nconnection: close\r\n\r\n"
+                );
+                let _ = tcp.write_all(header.as_bytes()).await;
+                let _ = tcp.write_all(&vec![7u8; sent]).await;
+                let _ = tcp.shutdown().await;
+            });
+        }
+    });
+    (format!("http://{addr}/blob"), requests)
+}
+
+fn ingester(dir: &Path) -> Ingester {
+    let store = Store::open(StoreConfig {
+        root: dir.join("store"),
+        quota_bytes: 1 << 30,
+    })
+    .unwrap();
+    let channel = tonic::transport::Endpoint::from_static("http://127.0.0.1:9").connect_lazy();
+    let (coordinator, _outbox) = Coordinator::new(channel, "a1".into());
+    Ingester {
+        store,
+        origin: shoal_origin::Client::new(Default::default()).unwrap(),
+        part_dir: dir.join("ingest"),
+        chunk_size: 1 << 20,
+        coordinator,
+        orders: RunningOrders::default(),
+        ranges: SeededRanges::default(),
+    }
+}
+
+fn http(url: &str) -> pb::origin::Origin {
+    pb::origin::Origin::Http(pb::HttpOrigin {
+        url: url.into(),
+        headers: Default::default(),
+        size: 0,
+        etag: String::new(),
+    })
+}
+
+#[tokio::test]
+async fn a_named_origin_of_another_size_fails_before_its_bytes_and_is_not_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let ingester = ingester(dir.path());
+    // The name was made for 3 MiB; the origin now has 2 MiB (and would send them).
+    let (url, requests) = origin(2 << 20, 2 << 20).await;
+    let named = pb::HttpOrigin {
+        url,
+        headers: Default::default(),
+        size: 3 << 20,
+        etag: "\"v1\"".into(),
+    };
+    let blob = Digest::naming(&named.content_name());
+    let (tx, rx) = watch::channel(IngestState::Writing { written: 0 });
+    let part = dir.path().join("named.part");
+    let failed = ingester
+        .fetch(
+            &pb::origin::Origin::Http(named),
+            blob,
+            None,
+            &part,
+            &tx,
+            Extent::Whole(None),
+        )
+        .await
+        .expect_err("another file");
+    assert_eq!(failed.reason, FailureReason::Invalid, "{failed:?}");
+    assert!(failed.message.contains("it changed"), "{failed:?}");
+    assert_eq!(requests.load(Ordering::SeqCst), 1, "retried");
+    assert!(matches!(*rx.borrow(), IngestState::Writing { written: 0 }));
+}
+
+#[tokio::test]
+async fn a_full_local_disk_is_reported_as_such_and_never_retried_against_the_origin() {
+    let dir = tempfile::tempdir().unwrap();
+    let ingester = ingester(dir.path());
+    let (url, requests) = origin(2 << 20, 2 << 20).await;
+    let (tx, _rx) = watch::channel(IngestState::Writing { written: 0 });
+    // Every write to /dev/full fails with ENOSPC, as a full filesystem would.
+    let blob = Digest::from_bytes([0; 32]);
+    let failed = ingester
+        .fetch(
+            &http(&url),
+            blob,
+            None,
+            Path::new("/dev/full"),
+            &tx,
+            Extent::Whole(None),
+        )
+        .await
+        .expect_err("nothing can be written");
+    assert_eq!(failed.reason, FailureReason::DiskFull, "{failed:?}");
+    assert_eq!(requests.load(Ordering::SeqCst), 1, "retried a local fault");
+}
+
+/// An HTTP origin on loopback serving `data` with ranges; counts the GETs.
+async fn ranged_origin(data: bytes::Bytes) -> (String, Arc<AtomicU32>) {
+    use axum::http::{HeaderMap, StatusCode, header};
+    let requests = Arc::new(AtomicU32::new(0));
+    let counted = requests.clone();
+    let answer = move |headers: HeaderMap| {
+        let (data, counted) = (data.clone(), counted.clone());
+        async move {
+            counted.fetch_add(1, Ordering::SeqCst);
+            let range = (headers.get(header::RANGE))
+                .and_then(|v| v.to_str().ok()?.strip_prefix("bytes=")?.split_once('-'))
+                .map(|(a, b)| {
+                    let a: usize = a.parse().unwrap();
+                    let b = b
+                        .parse::<usize>()
+                        .map_or(data.len() - 1, |b| b.min(data.len() - 1));
+                    (a, b)
+                });
+            let response = axum::response::Response::builder().header(header::ETAG, "\"v1\"");
+            match range {
+                Some((a, b)) => response
+                    .status(StatusCode::PARTIAL_CONTENT)
+                    .header(
+                        header::CONTENT_RANGE,
+                        format!("bytes {a}-{b}/{}", data.len()),
+                    )
+                    .body(axum::body::Body::from(data.slice(a..=b))),
+                None => response.body(axum::body::Body::from(data)),
+            }
+            .unwrap()
+        }
+    };
+    let app = axum::Router::new().route("/blob", axum::routing::get(answer));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (format!("http://{addr}/blob"), requests)
+}
+
+#[tokio::test]
+async fn a_whole_blob_is_read_in_parallel_ranges_and_hashed_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ingester = ingester(dir.path());
+    ingester.origin = shoal_origin::Client::new(shoal_origin::OriginConfig {
+        parallel_ranges: 3,
+        parallel_range_bytes: 64 << 10,
+        ..Default::default()
+    })
+    .unwrap();
+    let data: bytes::Bytes = (0..(2 << 20) + 12_345u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect::<Vec<u8>>()
+        .into();
+    let digest = Digest::of(&data);
+    let (url, requests) = ranged_origin(data.clone()).await;
+    let (tx, _rx) = watch::channel(IngestState::Writing { written: 0 });
+    tokio::fs::create_dir_all(&ingester.part_dir).await.unwrap();
+    let part = ingester.part_dir.join("ranged.part");
+    let (manifest, fetched) = ingester
+        .fetch(
+            &http(&url),
+            digest,
+            Some(digest),
+            &part,
+            &tx,
+            Extent::Whole(None),
+        )
+        .await
+        .expect("the blob, in order");
+    assert_eq!(manifest.digest(), digest);
+    assert_eq!(fetched, data.len() as u64);
+    assert_eq!(std::fs::read(&part).unwrap(), data);
+    // One GET per 64 KiB block: 33 of them, never the whole blob in one.
+    assert_eq!(requests.load(Ordering::SeqCst), 33);
+}
+
+#[tokio::test]
+async fn a_broken_origin_is_retried_then_reported_as_the_origins_fault() {
+    let dir = tempfile::tempdir().unwrap();
+    let ingester = ingester(dir.path());
+    // Announces 2 MiB, sends 1 MiB, closes: every attempt breaks.
+    let (url, requests) = origin(2 << 20, 1 << 20).await;
+    let (tx, _rx) = watch::channel(IngestState::Writing { written: 0 });
+    tokio::fs::create_dir_all(&ingester.part_dir).await.unwrap();
+    let part = ingester.part_dir.join("broken.part");
+    let blob = Digest::from_bytes([0; 32]);
+    let failed = ingester
+        .fetch(&http(&url), blob, None, &part, &tx, Extent::Whole(None))
+        .await
+        .expect_err("the origin never sends it all");
+    assert_eq!(failed.reason, FailureReason::OriginError, "{failed:?}");
+    assert_eq!(requests.load(Ordering::SeqCst), ATTEMPTS);
+}
