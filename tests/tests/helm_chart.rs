@@ -546,6 +546,26 @@ fn chart_knows_every_configuration_key() -> Result<()> {
             unknown.is_empty(),
             "values.schema.json allows {component}.config keys the binary rejects: {unknown:?}"
         );
+        // The `[origin]` table is closed in the schema too: each of its keys must be typed.
+        let origin_keys: BTreeSet<String> =
+            (serde_json::to_value(shoal_origin::OriginConfig::default())?)
+                .as_object()
+                .context("origin fields")?
+                .keys()
+                .cloned()
+                .collect();
+        let origin_schema: BTreeSet<String> = schema["properties"][component]["properties"]
+            ["config"]["properties"]["origin"]["properties"]
+            .as_object()
+            .with_context(|| format!("{component}.config.origin in the schema"))?
+            .keys()
+            .cloned()
+            .collect();
+        ensure!(
+            origin_keys == origin_schema,
+            "{component}.config.origin: the binary has {origin_keys:?}, values.schema.json \
+             allows {origin_schema:?}"
+        );
     }
     Ok(())
 }
