@@ -335,6 +335,7 @@ impl Ingester {
         let mut attempt = 0;
         loop {
             attempt += 1;
+            let retried = attempt > 1;
             let range = match span {
                 Some(s) => Some(ByteRange {
                     start: s.start + written,
@@ -359,7 +360,12 @@ impl Ingester {
                             pb::origin::Origin::Oci(o) => Some(o.registry.as_str()),
                             pb::origin::Origin::Http(_) => None,
                         };
-                        let ranges = self.origin.ranges(registry);
+                        let mut ranges = self.origin.ranges(registry);
+                        if retried {
+                            // A read in ranges broke (a range answered whole, another ETag, a
+                            // failed request among many): the rest comes as one GET.
+                            ranges.connections = 1;
+                        }
                         let open = opener(&self.origin, origin, blob);
                         shoal_origin::open_whole(written, ranges, open).await?
                     }

@@ -108,9 +108,9 @@ impl Client {
                 config.parallel_ranges
             )));
         }
-        if config.parallel_range_bytes < 64 << 10 {
+        if !(64 << 10..=256 << 20).contains(&config.parallel_range_bytes) {
             return Err(OriginError::Invalid(format!(
-                "origin.parallel_range_bytes: {} is under 64 KiB",
+                "origin.parallel_range_bytes: {} is not between 64 KiB and 256 MiB",
                 config.parallel_range_bytes
             )));
         }

@@ -193,8 +193,8 @@ pub struct OriginConfig {
     /// Default 4, at most 64.
     pub parallel_ranges: u32,
     /// Bytes of each of those GETs. Blocks behind the first wait in memory for their turn
-    /// (at most `parallel_ranges` × this per blob being seeded). Default 2 MiB, at least
-    /// 64 KiB.
+    /// (at most `parallel_ranges` × this per blob being seeded). Default 2 MiB, 64 KiB to
+    /// 256 MiB.
     #[serde(deserialize_with = "shoal_proto::units::bytes")]
     pub parallel_range_bytes: u64,
 }

@@ -10,9 +10,11 @@
 //! `Range` answers the first request with the whole object, which is then read as one body:
 //! nothing is asked twice.
 //!
-//! Every block must carry the first answer's ETag and total size; a block that differs, ends
-//! early or fails makes [`Whole::chunk`] fail (the caller retries from what it has), never
-//! yield bytes of another version.
+//! Every block must be a range (206) of the same object, with the first answer's ETag and
+//! total size; a block that differs, ends early or fails makes [`Whole::chunk`] fail (the
+//! caller resumes from what it has, as one GET: `agent/src/ingest.rs`), never yield bytes of
+//! another version within one read. Each block's body keeps its own rate floor
+//! (`min_bytes_per_sec`), so the origin must give every connection that much.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -77,11 +79,18 @@ pub async fn open_whole(start: u64, ranges: Ranges, open: Open) -> Result<Whole,
     if ranges.connections <= 1 || ranges.block == 0 {
         return Ok(Whole::one(open(from(start)).await?));
     }
-    let first = open(Some(ByteRange {
+    let first = match open(Some(ByteRange {
         start,
-        end_inclusive: Some(start + ranges.block - 1),
+        end_inclusive: Some(start.saturating_add(ranges.block - 1)),
     }))
-    .await?;
+    .await
+    {
+        // An empty object has no byte 0 to ask for: read it as it is.
+        Err(OriginError::Upstream { status: 416, .. }) if start == 0 => {
+            return Ok(Whole::one(open(None).await?));
+        }
+        other => other?,
+    };
     if !first.partial {
         // The origin ignored Range: its answer is the whole object, read to the end.
         return Ok(Whole::one(first.to_end()));
@@ -109,7 +118,8 @@ impl Whole {
         }
     }
 
-    /// The next piece, in order; `None` at the end.
+    /// The next piece, in order; `None` at the end. After an error, further calls return
+    /// `None` (as [`Body::chunk`]): a caller compares what it got with [`Whole::len`].
     pub async fn chunk(&mut self) -> Result<Option<Bytes>, OriginError> {
         match &mut self.inner {
             Inner::One(body) => body.chunk().await,
@@ -257,7 +267,15 @@ impl Blocks {
 
 /// A block's answer must be a range of the same object the first answer was.
 fn same(body: Body, etag: &Option<String>, total: u64) -> Result<Body, OriginError> {
-    if body.partial && body.total.is_some_and(|t| t != total) {
+    if !body.partial {
+        // The whole object again (another backend, or the origin stopped serving ranges):
+        // reading it to the block would cost everything before it.
+        return Err(OriginError::Unreachable(format!(
+            "{}: a range was answered with the whole object",
+            body.url()
+        )));
+    }
+    if body.total.is_some_and(|t| t != total) {
         return Err(OriginError::Unreachable(format!(
             "{}: the object changed while it was read ({total} bytes, then {:?})",
             body.url(),

@@ -32,12 +32,12 @@ struct Seen {
     most_in_flight: AtomicUsize,
 }
 
-/// Answers with `object()`, honouring `Range` if `ranges`; each answer waits 30 ms first (so
-/// requests sent together overlap), and its ETag is `etag(request number)`.
+/// Answers with `object()`, honouring `Range` if `ranges(request number)`; each answer waits
+/// 30 ms first (so requests sent together overlap), and its ETag is `etag(request number)`.
 async fn answer(
     seen: Arc<Seen>,
     headers: HeaderMap,
-    ranges: bool,
+    ranges: fn(usize) -> bool,
     etag: fn(usize) -> String,
 ) -> Response {
     let n = seen.requests.fetch_add(1, Ordering::SeqCst);
@@ -51,7 +51,7 @@ async fn answer(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("bytes="))
         .and_then(|v| v.split_once('-'))
-        .filter(|_| ranges);
+        .filter(|_| ranges(n));
     match range {
         Some((start, end)) => {
             let start: usize = start.parse().unwrap();
@@ -69,29 +69,44 @@ async fn answer(
     }
 }
 
-/// An origin at /ranged, /plain (ignores Range) and /changing (a new ETag per answer).
+/// An origin at /ranged, /plain (ignores Range), /changing (a new ETag per answer),
+/// /first-range (honours only the first Range) and /empty (no bytes: 416 to any Range).
 async fn origin() -> (SocketAddr, Arc<Seen>, Arc<Seen>) {
     let (ranged, plain) = (Arc::new(Seen::default()), Arc::new(Seen::default()));
-    let changing = Arc::new(Seen::default());
+    let (changing, first) = (Arc::new(Seen::default()), Arc::new(Seen::default()));
     let same = |_| "\"v1\"".to_string();
     let app = Router::new()
         .route(
             "/ranged",
             get({
                 let s = ranged.clone();
-                move |h: HeaderMap| answer(s.clone(), h, true, same)
+                move |h: HeaderMap| answer(s.clone(), h, |_| true, same)
             }),
         )
         .route(
             "/plain",
             get({
                 let s = plain.clone();
-                move |h: HeaderMap| answer(s.clone(), h, false, same)
+                move |h: HeaderMap| answer(s.clone(), h, |_| false, same)
             }),
         )
         .route(
             "/changing",
-            get(move |h: HeaderMap| answer(changing.clone(), h, true, |n| format!("\"v{n}\""))),
+            get(move |h: HeaderMap| answer(changing.clone(), h, |_| true, |n| format!("\"v{n}\""))),
+        )
+        .route(
+            "/first-range",
+            get(move |h: HeaderMap| answer(first.clone(), h, |n| n == 0, same)),
+        )
+        .route(
+            "/empty",
+            get(|h: HeaderMap| async move {
+                let status = match h.contains_key(header::RANGE) {
+                    true => StatusCode::RANGE_NOT_SATISFIABLE,
+                    false => StatusCode::OK,
+                };
+                (status, "")
+            }),
         );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -202,7 +217,9 @@ fn a_registry_with_a_request_budget_is_read_in_one_get() {
     let one = client.ranges(Some("registry.example"));
     assert_eq!(one.connections, 1);
     // And the settings are checked.
-    for (parallel_ranges, parallel_range_bytes) in [(0, 2 << 20), (65, 2 << 20), (4, 1000)] {
+    for (parallel_ranges, parallel_range_bytes) in
+        [(0, 2 << 20), (65, 2 << 20), (4, 1000), (4, 512 << 20)]
+    {
         let bad = Client::new(OriginConfig {
             parallel_ranges,
             parallel_range_bytes,
@@ -213,4 +230,27 @@ fn a_registry_with_a_request_budget_is_read_in_one_get() {
             "{parallel_ranges} {parallel_range_bytes}"
         );
     }
+}
+
+#[tokio::test]
+async fn a_range_answered_with_the_whole_object_fails_the_read() {
+    let (addr, _, _) = origin().await;
+    let whole = open_whole(0, RANGES, opener(format!("http://{addr}/first-range")))
+        .await
+        .unwrap();
+    let err = read(whole).await.unwrap_err();
+    assert!(
+        matches!(&err, OriginError::Unreachable(m) if m.contains("answered with the whole object")),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn an_empty_object_is_read_as_empty() {
+    let (addr, _, _) = origin().await;
+    let whole = open_whole(0, RANGES, opener(format!("http://{addr}/empty")))
+        .await
+        .unwrap();
+    assert_eq!(whole.len, Some(0));
+    assert_eq!(read(whole).await.unwrap(), b"");
 }

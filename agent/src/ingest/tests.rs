@@ -116,16 +116,18 @@ async fn a_full_local_disk_is_reported_as_such_and_never_retried_against_the_ori
     assert_eq!(requests.load(Ordering::SeqCst), 1, "retried a local fault");
 }
 
-/// An HTTP origin on loopback serving `data` with ranges; counts the GETs.
-async fn ranged_origin(data: bytes::Bytes) -> (String, Arc<AtomicU32>) {
+/// An HTTP origin on loopback serving `data`, honouring `Range` in its first `honoured`
+/// GETs (and answering the rest whole); counts the GETs.
+async fn ranged_origin(data: bytes::Bytes, honoured: u32) -> (String, Arc<AtomicU32>) {
     use axum::http::{HeaderMap, StatusCode, header};
     let requests = Arc::new(AtomicU32::new(0));
     let counted = requests.clone();
     let answer = move |headers: HeaderMap| {
         let (data, counted) = (data.clone(), counted.clone());
         async move {
-            counted.fetch_add(1, Ordering::SeqCst);
+            let n = counted.fetch_add(1, Ordering::SeqCst);
             let range = (headers.get(header::RANGE))
+                .filter(|_| n < honoured)
                 .and_then(|v| v.to_str().ok()?.strip_prefix("bytes=")?.split_once('-'))
                 .map(|(a, b)| {
                     let a: usize = a.parse().unwrap();
@@ -155,10 +157,9 @@ async fn ranged_origin(data: bytes::Bytes) -> (String, Arc<AtomicU32>) {
     (format!("http://{addr}/blob"), requests)
 }
 
-#[tokio::test]
-async fn a_whole_blob_is_read_in_parallel_ranges_and_hashed_in_order() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut ingester = ingester(dir.path());
+/// An ingester reading in ranges of 64 KiB, three at once; 2 MiB and a bit of data.
+fn ranged_ingester(dir: &Path) -> (Ingester, bytes::Bytes) {
+    let mut ingester = ingester(dir);
     ingester.origin = shoal_origin::Client::new(shoal_origin::OriginConfig {
         parallel_ranges: 3,
         parallel_range_bytes: 64 << 10,
@@ -169,8 +170,45 @@ async fn a_whole_blob_is_read_in_parallel_ranges_and_hashed_in_order() {
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect::<Vec<u8>>()
         .into();
+    (ingester, data)
+}
+
+#[tokio::test]
+async fn a_read_in_ranges_that_breaks_is_resumed_as_one_get() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ingester, data) = ranged_ingester(dir.path());
     let digest = Digest::of(&data);
-    let (url, requests) = ranged_origin(data.clone()).await;
+    // Ranges for the first block only; then every answer is the whole file (another
+    // backend behind the same name, say).
+    let (url, requests) = ranged_origin(data.clone(), 1).await;
+    let (tx, _rx) = watch::channel(IngestState::Writing { written: 0 });
+    tokio::fs::create_dir_all(&ingester.part_dir).await.unwrap();
+    let part = ingester.part_dir.join("fallback.part");
+    let (manifest, _) = ingester
+        .fetch(
+            &http(&url),
+            digest,
+            Some(digest),
+            &part,
+            &tx,
+            Extent::Whole(None),
+        )
+        .await
+        .expect("resumed as one GET");
+    assert_eq!(manifest.digest(), digest);
+    assert_eq!(std::fs::read(&part).unwrap(), data);
+    // The first block, the ranges started beside and after it (the next one answered whole
+    // fails the read), then one GET for the rest: not a GET per block.
+    let n = requests.load(Ordering::SeqCst);
+    assert!((4..=5).contains(&n), "{n} requests");
+}
+
+#[tokio::test]
+async fn a_whole_blob_is_read_in_parallel_ranges_and_hashed_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ingester, data) = ranged_ingester(dir.path());
+    let digest = Digest::of(&data);
+    let (url, requests) = ranged_origin(data.clone(), u32::MAX).await;
     let (tx, _rx) = watch::channel(IngestState::Writing { written: 0 });
     tokio::fs::create_dir_all(&ingester.part_dir).await.unwrap();
     let part = ingester.part_dir.join("ranged.part");
