@@ -347,10 +347,10 @@ impl Ingester {
                 }),
             };
             let read = async {
-                // An origin that ignores Range still gives exactly the range: the client
-                // skips what comes before it.
                 // A whole blob from where it stands, in parallel ranges where the origin
                 // serves them; a range as one GET (it is one of several seeders' already).
+                // An origin that ignores Range still gives exactly what was asked: the
+                // client skips what comes before it.
                 let mut body = match span {
                     Some(_) => {
                         shoal_origin::Whole::one(open(&self.origin, origin, &blob, range).await?)

@@ -157,9 +157,12 @@ async fn ranged_origin(data: bytes::Bytes, honoured: u32) -> (String, Arc<Atomic
     (format!("http://{addr}/blob"), requests)
 }
 
-/// An ingester reading in ranges of 64 KiB, three at once; 2 MiB and a bit of data.
-fn ranged_ingester(dir: &Path) -> (Ingester, bytes::Bytes) {
-    let mut ingester = ingester(dir);
+/// Fetches 2 MiB and a bit whole, with ranges of 64 KiB three at once, from an origin
+/// honouring `Range` in its first `honoured` GETs; checks the part file and the manifest
+/// against the data; returns the origin's GETs.
+async fn fetch_in_ranges(honoured: u32) -> u32 {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ingester = ingester(dir.path());
     ingester.origin = shoal_origin::Client::new(shoal_origin::OriginConfig {
         parallel_ranges: 3,
         parallel_range_bytes: 64 << 10,
@@ -170,45 +173,8 @@ fn ranged_ingester(dir: &Path) -> (Ingester, bytes::Bytes) {
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect::<Vec<u8>>()
         .into();
-    (ingester, data)
-}
-
-#[tokio::test]
-async fn a_read_in_ranges_that_breaks_is_resumed_as_one_get() {
-    let dir = tempfile::tempdir().unwrap();
-    let (ingester, data) = ranged_ingester(dir.path());
     let digest = Digest::of(&data);
-    // Ranges for the first block only; then every answer is the whole file (another
-    // backend behind the same name, say).
-    let (url, requests) = ranged_origin(data.clone(), 1).await;
-    let (tx, _rx) = watch::channel(IngestState::Writing { written: 0 });
-    tokio::fs::create_dir_all(&ingester.part_dir).await.unwrap();
-    let part = ingester.part_dir.join("fallback.part");
-    let (manifest, _) = ingester
-        .fetch(
-            &http(&url),
-            digest,
-            Some(digest),
-            &part,
-            &tx,
-            Extent::Whole(None),
-        )
-        .await
-        .expect("resumed as one GET");
-    assert_eq!(manifest.digest(), digest);
-    assert_eq!(std::fs::read(&part).unwrap(), data);
-    // The first block, the ranges started beside and after it (the next one answered whole
-    // fails the read), then one GET for the rest: not a GET per block.
-    let n = requests.load(Ordering::SeqCst);
-    assert!((4..=5).contains(&n), "{n} requests");
-}
-
-#[tokio::test]
-async fn a_whole_blob_is_read_in_parallel_ranges_and_hashed_in_order() {
-    let dir = tempfile::tempdir().unwrap();
-    let (ingester, data) = ranged_ingester(dir.path());
-    let digest = Digest::of(&data);
-    let (url, requests) = ranged_origin(data.clone(), u32::MAX).await;
+    let (url, requests) = ranged_origin(data.clone(), honoured).await;
     let (tx, _rx) = watch::channel(IngestState::Writing { written: 0 });
     tokio::fs::create_dir_all(&ingester.part_dir).await.unwrap();
     let part = ingester.part_dir.join("ranged.part");
@@ -226,8 +192,23 @@ async fn a_whole_blob_is_read_in_parallel_ranges_and_hashed_in_order() {
     assert_eq!(manifest.digest(), digest);
     assert_eq!(fetched, data.len() as u64);
     assert_eq!(std::fs::read(&part).unwrap(), data);
+    requests.load(Ordering::SeqCst)
+}
+
+#[tokio::test]
+async fn a_whole_blob_is_read_in_parallel_ranges_and_hashed_in_order() {
     // One GET per 64 KiB block: 33 of them, never the whole blob in one.
-    assert_eq!(requests.load(Ordering::SeqCst), 33);
+    assert_eq!(fetch_in_ranges(u32::MAX).await, 33);
+}
+
+#[tokio::test]
+async fn a_read_in_ranges_that_breaks_is_resumed_as_one_get() {
+    // Ranges for the first block only, then every answer is the whole file (another backend
+    // behind the same name, say): the first block, the ranges started beside and after it
+    // (the next one answered whole fails the read), then one GET for the rest, not a GET
+    // per block.
+    let n = fetch_in_ranges(1).await;
+    assert!((4..=5).contains(&n), "{n} requests");
 }
 
 #[tokio::test]
