@@ -332,6 +332,11 @@ impl Ingester {
         let mut written = 0u64;
         let mut published = 0u64;
         let mut size = None;
+        // The first answer's ETag: a resumed read of another version would join two files.
+        // Checked only where nothing else will be (a whole URL read without a digest): a
+        // blob with a digest is checked against it, and a registry's CDN may vary its ETags.
+        let mut etag: Option<String> = None;
+        let unchecked = expected.is_none() && span.is_none();
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -372,6 +377,16 @@ impl Ingester {
                 };
                 if size.is_none() {
                     size = body.len.map(|l| l + written);
+                }
+                match (&etag, &body.etag) {
+                    (Some(first), Some(now)) if first != now => {
+                        return Err(FetchError::Origin(OriginError::Invalid(format!(
+                            "the origin's content changed while it was read (ETag {first}, \
+                             then {now}, after {written} bytes)"
+                        ))));
+                    }
+                    (None, now) if unchecked => etag.clone_from(now),
+                    _ => {}
                 }
                 // A name fixes the size: another one is another file, known before its bytes.
                 if let (Some(got), pb::origin::Origin::Http(h)) = (size, origin)

@@ -46,6 +46,8 @@ pub type Open = Arc<
 pub struct Whole {
     /// Bytes this will yield, when known.
     pub len: Option<u64>,
+    /// The ETag of the (first) answer, if any: a caller resuming a read compares it.
+    pub etag: Option<String>,
     inner: Inner,
 }
 
@@ -105,6 +107,7 @@ pub async fn open_whole(start: u64, ranges: Ranges, open: Open) -> Result<Whole,
     }
     Ok(Whole {
         len: Some(total - start),
+        etag: first.etag.clone(),
         inner: Inner::Blocks(Blocks::new(first, start, total, ranges, open)),
     })
 }
@@ -114,6 +117,7 @@ impl Whole {
     pub fn one(body: Body) -> Self {
         Self {
             len: body.len,
+            etag: body.etag.clone(),
             inner: Inner::One(Box::new(body)),
         }
     }

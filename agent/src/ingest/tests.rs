@@ -11,18 +11,28 @@ use crate::store::StoreConfig;
 /// An HTTP origin on loopback that answers every GET with `len` bytes announced, of
 /// which it sends `sent` before closing; counts the requests.
 async fn origin(len: usize, sent: usize) -> (String, Arc<AtomicU32>) {
+    origin_tagged(len, sent, false).await
+}
+
+/// [`origin`], each answer with the ETag `"v<n>"` of its request's number if `tagged`: a
+/// file replaced between any two requests.
+async fn origin_tagged(len: usize, sent: usize, tagged: bool) -> (String, Arc<AtomicU32>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let requests = Arc::new(AtomicU32::new(0));
     let counted = requests.clone();
     tokio::spawn(async move {
         while let Ok((mut tcp, _)) = listener.accept().await {
-            counted.fetch_add(1, Ordering::SeqCst);
+            let n = counted.fetch_add(1, Ordering::SeqCst);
             tokio::spawn(async move {
                 let mut head = vec![0u8; 4096];
                 let _ = tcp.read(&mut head).await;
+                let etag = match tagged {
+                    true => format!("etag: \"v{n}\"\r\n"),
+                    false => String::new(),
+                };
                 let header = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-length: {len}\r\nconnection: close\r\n\r\n"
+                    "HTTP/1.1 200 OK\r\ncontent-length: {len}\r\n{etag}connection: close\r\n\r\n"
                 );
                 let _ = tcp.write_all(header.as_bytes()).await;
                 let _ = tcp.write_all(&vec![7u8; sent]).await;
@@ -227,4 +237,32 @@ async fn a_broken_origin_is_retried_then_reported_as_the_origins_fault() {
         .expect_err("the origin never sends it all");
     assert_eq!(failed.reason, FailureReason::OriginError, "{failed:?}");
     assert_eq!(requests.load(Ordering::SeqCst), ATTEMPTS);
+}
+
+#[tokio::test]
+async fn a_read_resumed_on_another_version_of_the_file_fails_instead_of_joining_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let ingester = ingester(dir.path());
+    // Announces 2 MiB, sends 1 MiB, closes; the file is replaced before the resumed read.
+    let (url, requests) = origin_tagged(2 << 20, 1 << 20, true).await;
+    let (tx, _rx) = watch::channel(IngestState::Writing { written: 0 });
+    tokio::fs::create_dir_all(&ingester.part_dir).await.unwrap();
+    let part = ingester.part_dir.join("replaced.part");
+    let failed = ingester
+        .fetch(
+            &http(&url),
+            Digest::from_bytes([0; 32]),
+            None,
+            &part,
+            &tx,
+            Extent::Whole(None),
+        )
+        .await
+        .expect_err("two versions");
+    assert_eq!(failed.reason, FailureReason::Invalid, "{failed:?}");
+    assert!(
+        failed.message.contains("changed while it was read"),
+        "{failed:?}"
+    );
+    assert_eq!(requests.load(Ordering::SeqCst), 2);
 }
