@@ -68,7 +68,8 @@ fn run(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// Deletes the namespaces of fabrics whose process is gone.
+/// Deletes the namespaces of fabrics whose process is gone, and kills what still runs in
+/// them (a benchmark or test killed by a signal leaves its origins and agents behind).
 fn remove_stale() {
     let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
         return;
@@ -82,7 +83,23 @@ fn remove_stale() {
         let alive = u32::from_str_radix(pid, 16)
             .is_ok_and(|p| PathBuf::from(format!("/proc/{p}")).exists());
         if !alive {
+            kill_inside(name);
             let _ = run(&["ip", "netns", "del", name]);
+        }
+    }
+}
+
+/// SIGKILLs every process in namespace `name`.
+fn kill_inside(name: &str) {
+    let Ok(out) = Command::new("ip").args(["netns", "pids", name]).output() else {
+        return;
+    };
+    for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+        if let Ok(pid) = pid.parse::<i32>() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
     }
 }
@@ -360,5 +377,56 @@ impl Drop for CpuGroup {
     fn drop(&mut self) {
         // Empty once its processes are gone; the caller kills them first.
         let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stale_fabrics_namespace_goes_with_what_still_runs_in_it() -> Result<()> {
+        require()?;
+        // The namespace of a fabric whose process is gone (no pid is this high), with a
+        // process left running in it, as a benchmark killed by a signal leaves them.
+        let name = format!("{PREFIX}7ffffff0-0-h0");
+        let _ = run(&["ip", "netns", "del", &name]);
+        run(&["ip", "netns", "add", &name])?;
+        let mut left = Command::new("ip")
+            .args(["netns", "exec", &name, "sleep", "600"])
+            .stdin(Stdio::null())
+            .spawn()?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while Command::new("ip")
+            .args(["netns", "pids", &name])
+            .output()?
+            .stdout
+            .is_empty()
+        {
+            ensure!(std::time::Instant::now() < deadline, "sleep never started");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        remove_stale();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let status = loop {
+            if let Some(status) = left.try_wait()? {
+                break status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = left.kill();
+                bail!("the process left behind still runs");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        ensure!(
+            !status.success(),
+            "the process left behind ended by itself: {status}"
+        );
+        let list = Command::new("ip").args(["netns", "list"]).output()?;
+        ensure!(
+            !String::from_utf8_lossy(&list.stdout).contains(&name),
+            "the stale namespace is still there"
+        );
+        Ok(())
     }
 }
