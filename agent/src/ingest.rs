@@ -135,43 +135,38 @@ impl Drop for Published<'_> {
     }
 }
 
-/// Maps an origin's answer to what the coordinator should do: a definitive answer (the
-/// origin lacks the blob, or serves other bytes) fails every target; anything else lets
-/// another agent try.
-/// The name `blob` is the address of, if its origin names it instead of its content: a URL
-/// pulled without a digest (`shoal_proto::url_name`).
-fn named(origin: &pb::origin::Origin, blob: &Digest) -> Option<String> {
-    match origin {
-        pb::origin::Origin::Http(h) => h.name_of(blob),
-        pb::origin::Origin::Oci(_) => None,
-    }
+/// Why `got` bytes from a named origin are another file than its name's: the name fixes the
+/// size (the file changed since the name was made); None if they may be the same.
+fn changed_since_named(origin: &pb::origin::Origin, got: u64) -> Option<String> {
+    let pb::origin::Origin::Http(h) = origin else {
+        return None;
+    };
+    (got != h.size).then(|| {
+        format!(
+            "the origin has {got} bytes for a name made when it had {}: it changed",
+            h.size
+        )
+    })
 }
 
 /// The manifest of what a named origin sent, under its name; refused if the content is not
-/// the size the name says (the file changed since the name was made).
+/// the size the name says (an answer without a length passes the check before its bytes).
 fn as_named(
     manifest: Manifest,
     origin: &pb::origin::Origin,
     name: &str,
 ) -> Result<Manifest, Failure> {
-    let named_size = match origin {
-        pb::origin::Origin::Http(h) => h.size,
-        pb::origin::Origin::Oci(_) => 0,
-    };
-    if manifest.size() != named_size {
-        return Err(Failure::new(
-            FailureReason::Invalid,
-            format!(
-                "the origin sent {} bytes for a name made when it had {named_size}: it changed",
-                manifest.size()
-            ),
-        ));
+    if let Some(changed) = changed_since_named(origin, manifest.size()) {
+        return Err(Failure::new(FailureReason::Invalid, changed));
     }
     manifest
         .named(name)
         .map_err(|e| Failure::new(FailureReason::Internal, e.to_string()))
 }
 
+/// Maps an origin's answer to what the coordinator should do: a definitive answer (the
+/// origin lacks the blob, or serves other bytes) fails every target; anything else lets
+/// another agent try.
 fn origin_failure(e: &OriginError) -> Failure {
     let reason = match e {
         OriginError::NotFound(_) | OriginError::Invalid(_) | OriginError::TooLarge { .. } => {
@@ -249,7 +244,7 @@ impl Ingester {
         };
         // A blob named by its origin has no digest to check the content against: it gets
         // the chained manifest of what the origin sent, under the name.
-        let name = named(&origin, &blob);
+        let name = origin.name_of(&blob);
         let mut streamer = Streamer::new(
             self.store.clone(),
             self.coordinator.clone(),
@@ -340,7 +335,6 @@ impl Ingester {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let retried = attempt > 1;
             let range = match span {
                 Some(s) => Some(ByteRange {
                     start: s.start + written,
@@ -366,7 +360,7 @@ impl Ingester {
                             pb::origin::Origin::Http(_) => None,
                         };
                         let mut ranges = self.origin.ranges(registry);
-                        if retried {
+                        if attempt > 1 {
                             // A read in ranges broke (a range answered whole, another ETag, a
                             // failed request among many): the rest comes as one GET.
                             ranges.connections = 1;
@@ -389,14 +383,11 @@ impl Ingester {
                     _ => {}
                 }
                 // A name fixes the size: another one is another file, known before its bytes.
-                if let (Some(got), pb::origin::Origin::Http(h)) = (size, origin)
-                    && got != h.size
-                    && h.name_of(&blob).is_some()
+                if let Some(got) = size
+                    && origin.name_of(&blob).is_some()
+                    && let Some(changed) = changed_since_named(origin, got)
                 {
-                    return Err(FetchError::Origin(OriginError::Invalid(format!(
-                        "the origin has {got} bytes for a name made when it had {}: it changed",
-                        h.size
-                    ))));
+                    return Err(FetchError::Origin(OriginError::Invalid(changed)));
                 }
                 if let (Some(s), Some(size)) = (stream.as_deref_mut(), size) {
                     s.start(size).await;
@@ -476,12 +467,7 @@ impl Ingester {
     /// registers it. (With a digest, a pull goes through the coordinator's seeding instead,
     /// so that the cluster fetches it once.)
     pub(crate) async fn fetch_url(&self, url: &str) -> Result<Manifest, Failure> {
-        let origin = pb::origin::Origin::Http(pb::HttpOrigin {
-            url: url.to_string(),
-            headers: Default::default(),
-            size: 0,
-            etag: String::new(),
-        });
+        let origin = pb::origin::Origin::Http(pb::HttpOrigin::plain(url));
         let part =
             (self.part_dir().await?).join(format!("url-{:016x}.part", rand::random::<u64>()));
         let (tx, _rx) = watch::channel(IngestState::Writing { written: 0 });

@@ -152,12 +152,8 @@ pub async fn distribute(
         (Some(url), [blob]) => [(
             blob.to_string(),
             pb::Origin {
-                origin: Some(pb::origin::Origin::Http(pb::HttpOrigin {
-                    url: url.to_string(),
-                    headers: Default::default(),
-                    size: 0, // The coordinator asks the origin.
-                    etag: String::new(),
-                })),
+                // The coordinator asks the origin its size.
+                origin: Some(pb::origin::Origin::Http(pb::HttpOrigin::plain(url))),
             },
         )]
         .into(),

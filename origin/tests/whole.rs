@@ -135,6 +135,12 @@ const RANGES: Ranges = Ranges {
     block: 4096,
 };
 
+/// Reads `path` whole from the origin at `addr`, in `RANGES`.
+async fn read_path(addr: SocketAddr, path: &str) -> Result<Vec<u8>, OriginError> {
+    let whole = open_whole(0, RANGES, opener(format!("http://{addr}{path}"))).await?;
+    read(whole).await
+}
+
 #[tokio::test]
 async fn a_whole_object_comes_in_order_from_ranges_in_flight_together() {
     let (addr, seen, _) = origin().await;
@@ -186,10 +192,7 @@ async fn an_origin_that_ignores_range_is_read_in_one_get() {
 #[tokio::test]
 async fn ranges_of_another_version_fail_the_read_instead_of_mixing_it() {
     let (addr, _, _) = origin().await;
-    let whole = open_whole(0, RANGES, opener(format!("http://{addr}/changing")))
-        .await
-        .unwrap();
-    let err = read(whole).await.unwrap_err();
+    let err = read_path(addr, "/changing").await.unwrap_err();
     assert!(
         matches!(&err, OriginError::Unreachable(m) if m.contains("changed while it was read")),
         "{err}"
@@ -235,10 +238,7 @@ fn a_registry_with_a_request_budget_is_read_in_one_get() {
 #[tokio::test]
 async fn a_range_answered_with_the_whole_object_fails_the_read() {
     let (addr, _, _) = origin().await;
-    let whole = open_whole(0, RANGES, opener(format!("http://{addr}/first-range")))
-        .await
-        .unwrap();
-    let err = read(whole).await.unwrap_err();
+    let err = read_path(addr, "/first-range").await.unwrap_err();
     assert!(
         matches!(&err, OriginError::Unreachable(m) if m.contains("answered with the whole object")),
         "{err}"

@@ -12,6 +12,7 @@
 
 use crate::Digest;
 use crate::pb::v1::HttpOrigin;
+use crate::pb::v1::origin::Origin;
 
 /// The longest name a manifest may carry (an ETag is at most a few hundred bytes).
 pub const MAX_NAME_LEN: usize = 1024;
@@ -49,6 +50,14 @@ impl Digest {
 }
 
 impl HttpOrigin {
+    /// An origin by its URL alone: no headers, and no size or ETag to name it by.
+    pub fn plain(url: &str) -> Self {
+        Self {
+            url: url.to_string(),
+            ..Default::default()
+        }
+    }
+
     /// The name of this URL's content by its ETag and size ([`url_name`]).
     pub fn content_name(&self) -> String {
         url_name(&self.url, &self.etag, self.size)
@@ -61,6 +70,17 @@ impl HttpOrigin {
         let nameable = self.size > 0 && is_strong(&self.etag) && self.headers.is_empty();
         let name = nameable.then(|| self.content_name())?;
         (Digest::naming(&name) == *blob).then_some(name)
+    }
+}
+
+impl Origin {
+    /// The name `blob` is the address of, if this origin names it instead of its content
+    /// ([`HttpOrigin::name_of`]; a registry's blobs are addressed by their content).
+    pub fn name_of(&self, blob: &Digest) -> Option<String> {
+        match self {
+            Origin::Http(h) => h.name_of(blob),
+            Origin::Oci(_) => None,
+        }
     }
 }
 

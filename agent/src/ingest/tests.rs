@@ -63,12 +63,29 @@ fn ingester(dir: &Path) -> Ingester {
 }
 
 fn http(url: &str) -> pb::origin::Origin {
-    pb::origin::Origin::Http(pb::HttpOrigin {
-        url: url.into(),
-        headers: Default::default(),
-        size: 0,
-        etag: String::new(),
-    })
+    pb::origin::Origin::Http(pb::HttpOrigin::plain(url))
+}
+
+/// `Ingester::fetch` of `origin`'s whole content into `part` (its directory made), with
+/// a fresh progress channel, whose receiving end comes back with the outcome.
+async fn fetch_whole(
+    ingester: &Ingester,
+    origin: &pb::origin::Origin,
+    blob: Digest,
+    expected: Option<Digest>,
+    part: &Path,
+) -> (
+    Result<(Manifest, u64), Failure>,
+    watch::Receiver<IngestState>,
+) {
+    if let Some(dir) = part.parent() {
+        tokio::fs::create_dir_all(dir).await.unwrap();
+    }
+    let (tx, rx) = watch::channel(IngestState::Writing { written: 0 });
+    let fetched = ingester
+        .fetch(origin, blob, expected, part, &tx, Extent::Whole(None))
+        .await;
+    (fetched, rx)
 }
 
 #[tokio::test]
@@ -84,19 +101,10 @@ async fn a_named_origin_of_another_size_fails_before_its_bytes_and_is_not_retrie
         etag: "\"v1\"".into(),
     };
     let blob = Digest::naming(&named.content_name());
-    let (tx, rx) = watch::channel(IngestState::Writing { written: 0 });
+    let origin = pb::origin::Origin::Http(named);
     let part = dir.path().join("named.part");
-    let failed = ingester
-        .fetch(
-            &pb::origin::Origin::Http(named),
-            blob,
-            None,
-            &part,
-            &tx,
-            Extent::Whole(None),
-        )
-        .await
-        .expect_err("another file");
+    let (fetched, rx) = fetch_whole(&ingester, &origin, blob, None, &part).await;
+    let failed = fetched.expect_err("another file");
     assert_eq!(failed.reason, FailureReason::Invalid, "{failed:?}");
     assert!(failed.message.contains("it changed"), "{failed:?}");
     assert_eq!(requests.load(Ordering::SeqCst), 1, "retried");
@@ -108,20 +116,11 @@ async fn a_full_local_disk_is_reported_as_such_and_never_retried_against_the_ori
     let dir = tempfile::tempdir().unwrap();
     let ingester = ingester(dir.path());
     let (url, requests) = origin(2 << 20, 2 << 20).await;
-    let (tx, _rx) = watch::channel(IngestState::Writing { written: 0 });
     // Every write to /dev/full fails with ENOSPC, as a full filesystem would.
     let blob = Digest::from_bytes([0; 32]);
-    let failed = ingester
-        .fetch(
-            &http(&url),
-            blob,
-            None,
-            Path::new("/dev/full"),
-            &tx,
-            Extent::Whole(None),
-        )
-        .await
-        .expect_err("nothing can be written");
+    let (fetched, _) =
+        fetch_whole(&ingester, &http(&url), blob, None, Path::new("/dev/full")).await;
+    let failed = fetched.expect_err("nothing can be written");
     assert_eq!(failed.reason, FailureReason::DiskFull, "{failed:?}");
     assert_eq!(requests.load(Ordering::SeqCst), 1, "retried a local fault");
 }
@@ -185,20 +184,9 @@ async fn fetch_in_ranges(honoured: u32) -> u32 {
         .into();
     let digest = Digest::of(&data);
     let (url, requests) = ranged_origin(data.clone(), honoured).await;
-    let (tx, _rx) = watch::channel(IngestState::Writing { written: 0 });
-    tokio::fs::create_dir_all(&ingester.part_dir).await.unwrap();
     let part = ingester.part_dir.join("ranged.part");
-    let (manifest, fetched) = ingester
-        .fetch(
-            &http(&url),
-            digest,
-            Some(digest),
-            &part,
-            &tx,
-            Extent::Whole(None),
-        )
-        .await
-        .expect("the blob, in order");
+    let (fetched, _) = fetch_whole(&ingester, &http(&url), digest, Some(digest), &part).await;
+    let (manifest, fetched) = fetched.expect("the blob, in order");
     assert_eq!(manifest.digest(), digest);
     assert_eq!(fetched, data.len() as u64);
     assert_eq!(std::fs::read(&part).unwrap(), data);
@@ -227,14 +215,10 @@ async fn a_broken_origin_is_retried_then_reported_as_the_origins_fault() {
     let ingester = ingester(dir.path());
     // Announces 2 MiB, sends 1 MiB, closes: every attempt breaks.
     let (url, requests) = origin(2 << 20, 1 << 20).await;
-    let (tx, _rx) = watch::channel(IngestState::Writing { written: 0 });
-    tokio::fs::create_dir_all(&ingester.part_dir).await.unwrap();
     let part = ingester.part_dir.join("broken.part");
     let blob = Digest::from_bytes([0; 32]);
-    let failed = ingester
-        .fetch(&http(&url), blob, None, &part, &tx, Extent::Whole(None))
-        .await
-        .expect_err("the origin never sends it all");
+    let (fetched, _) = fetch_whole(&ingester, &http(&url), blob, None, &part).await;
+    let failed = fetched.expect_err("the origin never sends it all");
     assert_eq!(failed.reason, FailureReason::OriginError, "{failed:?}");
     assert_eq!(requests.load(Ordering::SeqCst), ATTEMPTS);
 }
@@ -245,20 +229,10 @@ async fn a_read_resumed_on_another_version_of_the_file_fails_instead_of_joining_
     let ingester = ingester(dir.path());
     // Announces 2 MiB, sends 1 MiB, closes; the file is replaced before the resumed read.
     let (url, requests) = origin_tagged(2 << 20, 1 << 20, true).await;
-    let (tx, _rx) = watch::channel(IngestState::Writing { written: 0 });
-    tokio::fs::create_dir_all(&ingester.part_dir).await.unwrap();
     let part = ingester.part_dir.join("replaced.part");
-    let failed = ingester
-        .fetch(
-            &http(&url),
-            Digest::from_bytes([0; 32]),
-            None,
-            &part,
-            &tx,
-            Extent::Whole(None),
-        )
-        .await
-        .expect_err("two versions");
+    let blob = Digest::from_bytes([0; 32]);
+    let (fetched, _) = fetch_whole(&ingester, &http(&url), blob, None, &part).await;
+    let failed = fetched.expect_err("two versions");
     assert_eq!(failed.reason, FailureReason::Invalid, "{failed:?}");
     assert!(
         failed.message.contains("changed while it was read"),

@@ -98,7 +98,7 @@ pub(super) async fn pull(
             let (pin, deadline_ms) = (request.pin, request.deadline_ms);
             let url = match digest {
                 Some(d) => {
-                    let origin = url.map(|u| plain_origin(&u));
+                    let origin = url.map(|u| pb::HttpOrigin::plain(&u));
                     return run(&shared, d, origin, output, pin, deadline_ms, &tx).await;
                 }
                 // Checked above: without a digest there is a URL.
@@ -114,7 +114,13 @@ pub(super) async fn pull(
             // A pull by one that fails ABORTED (content not matching the announcement, a file
             // changed under its name) is remembered, and the next is tried.
             let guesses = [
-                (head.sha256).map(|d| (d, plain_origin(&url), "the origin's announced digest")),
+                (head.sha256).map(|d| {
+                    (
+                        d,
+                        pb::HttpOrigin::plain(&url),
+                        "the origin's announced digest",
+                    )
+                }),
                 named_origin(&url, &head).map(|o| {
                     let blob = Digest::naming(&o.content_name());
                     (blob, o, "the URL's name (ETag and size)")
@@ -144,7 +150,7 @@ pub(super) async fn pull(
             }
             // Nothing to name it by: find out which blob it is (see `identify`).
             let digest = identify(&shared, &url, head, &tx).await?;
-            let origin = Some(plain_origin(&url));
+            let origin = Some(pb::HttpOrigin::plain(&url));
             run(&shared, digest, origin, output, pin, deadline_ms, &tx).await
         };
         let outcome = match deadline {
@@ -161,16 +167,6 @@ pub(super) async fn pull(
         }
     });
     Ok(ReceiverStream::new(rx))
-}
-
-/// An HTTP origin by its URL alone.
-fn plain_origin(url: &str) -> pb::HttpOrigin {
-    pb::HttpOrigin {
-        url: url.to_string(),
-        headers: Default::default(),
-        size: 0,
-        etag: String::new(),
-    }
 }
 
 /// The origin of a URL's content named by its ETag and size (`shoal_proto::url_name`), if

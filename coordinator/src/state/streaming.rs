@@ -33,10 +33,9 @@ impl State {
         let name = (!msg.name.is_empty()).then_some(msg.name.as_str());
         // A blob named by its origin streams only under that name (its table ends at the
         // content's digest, not at the address), and no other blob under one.
-        let named = match self.origins.get(&blob).and_then(|o| o.origin.as_ref()) {
-            Some(pb::origin::Origin::Http(h)) => h.name_of(&blob),
-            _ => None,
-        };
+        let named = (self.origins.get(&blob))
+            .and_then(|o| o.origin.as_ref())
+            .and_then(|o| o.name_of(&blob));
         if name != named.as_deref() {
             tracing::warn!(agent = %self.agents.name(host), %blob, "seed reported under another name than its origin's");
             return;
