@@ -122,24 +122,31 @@ impl State {
     /// given and gets one; a wrong or missing secret gets a new id, so that a token holder
     /// cannot take over another agent's id and its orders. Records nothing.
     fn claim_id(&self, previous: &str, secret: &str) -> (String, bool) {
-        let id = super::agents::agent_id_for(previous);
+        let fresh = || {
+            super::agents::fresh_agent_id(|id| {
+                self.agents.host_of(id).is_some()
+                    || self.secrets.get(id).is_some()
+                    || self.secrets.is_revoked(id)
+            })
+        };
+        if !super::agents::valid_agent_id(previous) {
+            return (fresh(), true);
+        }
+        let id = previous.to_string();
         if self.secrets.is_revoked(&id) {
-            let fresh = super::agents::agent_id_for("");
+            let fresh = fresh();
             tracing::warn!(revoked = %id, given = %fresh, "a join claimed a revoked agent id: given a new id");
             return (fresh, true);
         }
-        if id == previous {
-            match self.secrets.get(&id) {
-                Some(hash) if same_hash(hash, secret) => return (id, false),
-                Some(_) => {
-                    let fresh = super::agents::agent_id_for("");
-                    tracing::warn!(claimed = %id, given = %fresh, "a join claimed an agent id without its secret: given a new id");
-                    return (fresh, true);
-                }
-                None => {}
+        match self.secrets.get(&id) {
+            Some(hash) if same_hash(hash, secret) => (id, false),
+            Some(_) => {
+                let fresh = fresh();
+                tracing::warn!(claimed = %id, given = %fresh, "a join claimed an agent id without its secret: given a new id");
+                (fresh, true)
             }
+            None => (id, true),
         }
-        (id, true)
     }
 
     /// A fresh certificate for an agent that proved its id with its current one (not
