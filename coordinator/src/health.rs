@@ -16,11 +16,10 @@ use std::time::{Duration, Instant};
 
 use shoal_proto::pb::v1::coordinator_server::CoordinatorServer;
 use tokio::sync::{oneshot, watch};
-use tokio::task::JoinHandle;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
-use crate::driver::{Down, panic_message};
+use crate::driver::{Down, StateTask};
 use crate::service::Api;
 use crate::state::Request;
 use crate::writer::Stopped;
@@ -47,7 +46,7 @@ const WRITER_DRAIN: Duration = Duration::from_secs(20);
 /// What the watchdog watches.
 #[derive(Debug)]
 pub struct Watched {
-    pub state_task: JoinHandle<()>,
+    pub state_task: StateTask,
     pub writer: Stopped,
     pub requests: crate::driver::Requests,
     pub reporter: HealthReporter,
@@ -103,16 +102,12 @@ pub async fn watch(
         tokio::select! {
             biased;
             () = &mut stop => break Ok(()),
-            ended = &mut state_task => {
+            ended = state_task.ended() => {
                 state_ended = true;
                 let why = match ended {
                     Ok(()) => (down.get().cloned())
                         .unwrap_or_else(|| "the state task ended".to_string()),
-                    Err(e) if e.is_panic() => format!(
-                        "the state task panicked: {}",
-                        panic_message(&*e.into_panic())
-                    ),
-                    Err(e) => format!("the state task ended: {e}"),
+                    Err(panic) => format!("the state task panicked: {panic}"),
                 };
                 break Err(why);
             }
@@ -149,8 +144,8 @@ pub async fn watch(
     // The state's handles to the writer go with the state; the writer then stores what is
     // queued and ends.
     if !state_ended {
-        state_task.abort();
-        let _ = state_task.await;
+        state_task.stop();
+        let _ = state_task.ended().await;
     }
     drop(requests);
     if !writer_ended {

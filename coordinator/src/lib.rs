@@ -255,7 +255,7 @@ pub async fn run(
 struct Started {
     /// The cluster CA (it issues the coordinator's own serving certificate too).
     ca: Arc<shoal_pki::ClusterCa>,
-    state_task: tokio::task::JoinHandle<()>,
+    state_task: driver::StateTask,
     requests: driver::Requests,
     writer: writer::Stopped,
     down: driver::Down,
@@ -307,7 +307,8 @@ fn start_on(config: &CoordinatorConfig, db: db::Db) -> Result<Started, Coordinat
         .map_err(|e| CoordinatorError::State(e.to_string()))?;
     let (requests, rx) = driver::requests(REQUEST_QUEUE);
     let down: driver::Down = Arc::new(OnceLock::new());
-    let state_task = tokio::spawn(driver::run(state, clock, rx, down.clone()));
+    let state_task = driver::StateTask::spawn(state, clock, rx, down.clone())
+        .map_err(|e| CoordinatorError::State(format!("the state thread did not start: {e}")))?;
     Ok(Started {
         ca,
         state_task,

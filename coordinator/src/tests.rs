@@ -64,13 +64,13 @@ async fn agent(requests: &crate::driver::Requests, id: &str, port: u16) -> (Sess
 /// file.
 async fn stop(started: Started) {
     let Started {
-        state_task,
+        mut state_task,
         requests,
         mut writer,
         ..
     } = started;
     drop(requests);
-    state_task.abort();
-    let _ = state_task.await;
+    state_task.stop();
+    let _ = state_task.ended().await;
     writer.wait().await.expect("the writer stored everything");
 }

@@ -273,7 +273,8 @@ struct Measured {
     job_done_secs: f64,
     restart: Option<Restart>,
     usage: Vec<(String, Usage)>,
-    cpu_by_phase: Vec<(&'static str, f64)>,
+    /// Each phase's CPU seconds: the coordinator's, and its state thread's.
+    cpu_by_phase: Vec<(&'static str, f64, f64)>,
     /// Agent messages per second in the steady phase.
     steady_messages_per_sec: f64,
     generator_cpu: f64,
@@ -362,7 +363,7 @@ async fn run(args: &Args, dir: &std::path::Path) -> Result<()> {
     let mut tasks = Vec::with_capacity(args.agents);
     // What was measured is reported even when a phase fails.
     let outcome: Result<()> = async {
-    let mut usage_mark = coordinator.usage()?.cpu_seconds;
+    let mut usage_mark = coordinator.usage()?;
     m.blob_digest = digest.clone();
 
     // Joins and sessions.
@@ -403,9 +404,9 @@ async fn run(args: &Args, dir: &std::path::Path) -> Result<()> {
     println!("joined: {ready} ready in {:.2} s", m.joins_secs);
     let waits_after_joins = session_waits(metrics).await;
     m.session_waits.push((PHASES[0], waits_after_joins.clone()));
-    let now = coordinator.usage()?.cpu_seconds;
+    let now = coordinator.usage()?;
     m.cpu_by_phase
-        .push(("joins and sessions", now - usage_mark));
+        .push(phase_cpu("joins and sessions", &usage_mark, &now));
     usage_mark = now;
 
     // Steady state: agents only beat and report load.
@@ -423,8 +424,8 @@ async fn run(args: &Args, dir: &std::path::Path) -> Result<()> {
     }
     let secs = steady.elapsed().as_secs_f64();
     m.steady_messages_per_sec = (sent(&shared.counts) - sent_before) as f64 / secs.max(1e-3);
-    let now = coordinator.usage()?.cpu_seconds;
-    m.cpu_by_phase.push(("steady", now - usage_mark));
+    let now = coordinator.usage()?;
+    m.cpu_by_phase.push(phase_cpu("steady", &usage_mark, &now));
     usage_mark = now;
 
     let waits_before = session_waits(metrics).await;
@@ -515,7 +516,7 @@ async fn run(args: &Args, dir: &std::path::Path) -> Result<()> {
     );
     let now = coordinator.usage()?;
     m.cpu_by_phase
-        .push(("distribute", now.cpu_seconds - usage_mark));
+        .push(phase_cpu("distribute", &usage_mark, &now));
     // The coordinator exports its planner counters once a second.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let scraped = process::scrape(metrics).await.ok();
@@ -582,8 +583,11 @@ async fn run(args: &Args, dir: &std::path::Path) -> Result<()> {
         println!("restart: every agent back in {:.2} s", r.all_ready_secs);
         m.restart = Some(r);
         let now = coordinator.usage()?;
-        m.cpu_by_phase
-            .push(("restart (new process)", now.cpu_seconds));
+        m.cpu_by_phase.push((
+            "restart (new process)",
+            now.cpu_seconds,
+            now.state_cpu_seconds,
+        ));
         m.usage.push(("coordinator after restart".into(), now));
     }
     Ok(())
@@ -646,6 +650,19 @@ fn targets(job: &pb::Job) -> String {
     format!(
         "{} done, {} running, {} pending, {} failed of {}",
         c.done, c.running, c.pending, c.failed, c.total
+    )
+}
+
+/// A phase's CPU seconds between two readings: the coordinator's and its state thread's.
+fn phase_cpu(
+    phase: &'static str,
+    from: &process::Usage,
+    to: &process::Usage,
+) -> (&'static str, f64, f64) {
+    (
+        phase,
+        to.cpu_seconds - from.cpu_seconds,
+        to.state_cpu_seconds - from.state_cpu_seconds,
     )
 }
 

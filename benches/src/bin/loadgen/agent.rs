@@ -71,6 +71,21 @@ pub struct Counts {
     pub new_ids: AtomicU64,
     /// Agents that gave up (a Join refused for good).
     pub gave_up: AtomicU64,
+    /// Why the first sessions broke (at most [`BREAK_REASONS`]).
+    pub break_reasons: Mutex<Vec<String>>,
+}
+
+/// Reasons for breaks kept at most.
+const BREAK_REASONS: usize = 5;
+
+impl Counts {
+    fn break_reason(&self, why: String) {
+        if let Ok(mut reasons) = self.break_reasons.lock()
+            && reasons.len() < BREAK_REASONS
+        {
+            reasons.push(why);
+        }
+    }
 }
 
 /// What every agent shares: parameters, the blob, counters, and what the driver reads.
@@ -129,8 +144,10 @@ struct Running {
 #[derive(Debug)]
 enum Ended {
     Shutdown,
-    Rejoin,
-    Broken,
+    /// The coordinator refused the session (UNAUTHENTICATED / NOT_FOUND): why.
+    Rejoin(String),
+    /// The session failed or broke: why.
+    Broken(String),
 }
 
 /// A simulated agent.
@@ -228,18 +245,32 @@ impl Agent {
                 return;
             }
             let ended = self.session(&mut backoff).await;
-            join = match ended {
+            // The run's end kills the coordinator: a session that saw that before the
+            // stop is no break.
+            if *stop.borrow() {
+                return;
+            }
+            let why = match ended {
                 Ended::Shutdown => return,
-                Ended::Rejoin => {
+                Ended::Rejoin(why) => {
                     self.shared.counts.rejoins.fetch_add(1, Ordering::Relaxed);
-                    true
+                    join = true;
+                    why
                 }
-                Ended::Broken => false,
+                Ended::Broken(why) => {
+                    join = false;
+                    why
+                }
             };
             self.shared
                 .counts
                 .session_breaks
                 .fetch_add(1, Ordering::Relaxed);
+            self.shared.counts.break_reason(format!(
+                "agent {} in phase {}: {why}",
+                self.index,
+                self.shared.phase.load(Ordering::Relaxed)
+            ));
             tokio::select! {
                 () = tokio::time::sleep(backoff.next_delay()) => {}
                 _ = stop.wait_for(|s| *s) => return,
@@ -447,7 +478,7 @@ impl Agent {
                         }
                         self.received(m, &mut orders)
                     }
-                    Ok(None) => break Ended::Broken,
+                    Ok(None) => break Ended::Broken("the coordinator ended the session".into()),
                     Err(s) => break ended_by(&s),
                 },
                 Some(c) = recv(&mut control) => match c {
@@ -493,7 +524,7 @@ impl Agent {
                 last_sent = Instant::now();
             }
             if tx.is_closed() {
-                break Ended::Broken;
+                break Ended::Broken("the session's sending half closed".into());
             }
         };
         self.control = control;
@@ -646,7 +677,7 @@ async fn sleep_until(at: Option<Instant>) {
 
 fn ended_by(s: &tonic::Status) -> Ended {
     match s.code() {
-        Code::Unauthenticated | Code::NotFound => Ended::Rejoin,
-        _ => Ended::Broken,
+        Code::Unauthenticated | Code::NotFound => Ended::Rejoin(format!("{s}")),
+        _ => Ended::Broken(format!("{s}")),
     }
 }

@@ -45,6 +45,9 @@ pub struct Coordinator {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Usage {
     pub cpu_seconds: f64,
+    /// The CPU seconds of its state thread (`shoal-state`), the one that takes every
+    /// request in turn; 0 where there is none.
+    pub state_cpu_seconds: f64,
     pub peak_rss_bytes: u64,
 }
 
@@ -190,6 +193,7 @@ pub fn usage_of(pid: &str) -> Result<Usage> {
         Ok(v as f64)
     };
     let cpu_seconds = (ticks(11)? + ticks(12)?) / CLOCK_TICKS;
+    let state_cpu_seconds = thread_cpu_seconds(pid, STATE_THREAD)?;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("reading /proc/{pid}/status"))?;
     let kib: u64 = status
@@ -200,8 +204,38 @@ pub fn usage_of(pid: &str) -> Result<Usage> {
         .context("no VmHWM in status")?;
     Ok(Usage {
         cpu_seconds,
+        state_cpu_seconds,
         peak_rss_bytes: kib * 1024,
     })
+}
+
+/// The coordinator's state thread, as it names it.
+const STATE_THREAD: &str = "shoal-state";
+
+/// The CPU seconds of the threads of `/proc/<pid>` named `name`.
+fn thread_cpu_seconds(pid: &str, name: &str) -> Result<f64> {
+    let tasks = format!("/proc/{pid}/task");
+    let mut ticks = 0u64;
+    for task in std::fs::read_dir(&tasks).with_context(|| format!("reading {tasks}"))? {
+        let dir = task?.path();
+        // A thread may end between the listing and the reads.
+        let (Ok(comm), Ok(stat)) = (
+            std::fs::read_to_string(dir.join("comm")),
+            std::fs::read_to_string(dir.join("stat")),
+        ) else {
+            continue;
+        };
+        if comm.trim_end() != name {
+            continue;
+        }
+        let rest = stat.rsplit_once(')').context("malformed stat")?.1;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        for i in [11, 12] {
+            let v: u64 = (fields.get(i).context("short stat")?.parse()).context("stat field")?;
+            ticks += v;
+        }
+    }
+    Ok(ticks as f64 / CLOCK_TICKS)
 }
 
 /// The last `n` lines of a file.

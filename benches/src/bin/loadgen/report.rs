@@ -277,6 +277,14 @@ pub(super) fn report(
         o.row(label, load(a).to_string());
         o.num(key, load(a) as f64);
     }
+    for why in counts
+        .break_reasons
+        .lock()
+        .map(|r| r.clone())
+        .unwrap_or_default()
+    {
+        o.row("  a session broke", why);
+    }
     o.row(
         "holders at the end (agents' own count)",
         shared.holders.load(Ordering::Relaxed).to_string(),
@@ -287,7 +295,7 @@ pub(super) fn report(
         format!("{:.0}", m.steady_messages_per_sec),
     );
     o.num("steady_messages_per_s", m.steady_messages_per_sec);
-    for (phase, cpu) in &m.cpu_by_phase {
+    for (phase, cpu, state) in &m.cpu_by_phase {
         let share = match *phase {
             "steady" if args.steady_secs > 0 => {
                 format!(" ({:.1}% of a core)", cpu / args.steady_secs as f64 * 100.0)
@@ -296,12 +304,11 @@ pub(super) fn report(
         };
         o.row(
             format!("coordinator CPU, {phase}"),
-            format!("{cpu:.2} s{share}"),
+            format!("{cpu:.2} s{share}, its state thread {state:.2} s"),
         );
-        o.num(
-            format!("cpu_{}_s", phase.split(' ').next().unwrap_or("phase")),
-            *cpu,
-        );
+        let key = phase.split(' ').next().unwrap_or("phase");
+        o.num(format!("cpu_{key}_s"), *cpu);
+        o.num(format!("state_cpu_{key}_s"), *state);
     }
     for (who, u) in &m.usage {
         o.row(
