@@ -44,6 +44,7 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::time::Instant;
 
 use agent::{Agent, Control, Counts, Shared};
+use api::{Api, ApiTimes};
 use process::{Coordinator, Settings, Usage};
 
 #[derive(Parser, Debug, Clone)]
@@ -151,87 +152,6 @@ async fn main() -> Result<()> {
     }
 }
 
-/// Latencies of the job API calls the generator makes, seconds, by call.
-#[derive(Debug, Default)]
-struct ApiTimes(BTreeMap<&'static str, Vec<f64>>);
-
-impl ApiTimes {
-    fn add(&mut self, call: &'static str, started: Instant) {
-        let secs = started.elapsed().as_secs_f64();
-        self.0.entry(call).or_default().push(secs);
-    }
-}
-
-/// The job API, timed.
-#[derive(Debug)]
-struct Api {
-    client: pb::coordinator_client::CoordinatorClient<tonic::transport::Channel>,
-    times: ApiTimes,
-}
-
-impl Api {
-    /// Agents in READY, over every page.
-    async fn ready_agents(&mut self) -> Result<usize> {
-        let mut token = String::new();
-        let mut ready = 0;
-        loop {
-            let started = Instant::now();
-            let page = self
-                .client
-                .list_agents(pb::ListAgentsRequest {
-                    state: pb::AgentState::Ready as i32,
-                    page_size: 1000,
-                    page_token: token,
-                    ..Default::default()
-                })
-                .await
-                .context("ListAgents")?
-                .into_inner();
-            self.times.add("list_agents", started);
-            ready += page.agents.len();
-            if page.next_page_token.is_empty() {
-                return Ok(ready);
-            }
-            token = page.next_page_token;
-        }
-    }
-
-    /// Agents holding `digest` whole, as the catalog says.
-    async fn holders(&mut self, digest: &str) -> Result<u32> {
-        let started = Instant::now();
-        let r = self
-            .client
-            .get_blob(pb::GetBlobRequest {
-                digest: digest.into(),
-                include_manifest: false,
-            })
-            .await;
-        self.times.add("get_blob", started);
-        match r {
-            Ok(r) => Ok(r.into_inner().blob.map_or(0, |b| b.complete_holders)),
-            Err(s) if s.code() == tonic::Code::NotFound => Ok(0),
-            Err(s) => Err(s).context("GetBlob"),
-        }
-    }
-
-    async fn job(&mut self, job_id: &str) -> Result<pb::Job> {
-        let started = Instant::now();
-        let job = self
-            .client
-            .get_job(pb::GetJobRequest {
-                job_id: job_id.into(),
-                include_targets: false,
-            })
-            .await
-            .context("GetJob")?
-            .into_inner()
-            .job
-            .context("GetJob answered no job")?;
-        self.times.add("get_job", started);
-        Ok(job)
-    }
-}
-
 /// Deterministic bytes (xorshift64*), `left` of them.
 #[derive(Debug)]
 struct Pattern {
@@ -330,10 +250,7 @@ async fn run(args: &Args, dir: &std::path::Path) -> Result<()> {
     let mut coordinator = Coordinator::start(&args.shoal, dir, &settings)?;
     let api_channel = process::channel(listen)?;
     coordinator.wait_ready(&api_channel, limit).await?;
-    let mut api = Api {
-        client: pb::coordinator_client::CoordinatorClient::new(api_channel.clone()),
-        times: ApiTimes::default(),
-    };
+    let mut api = Api::new(listen)?;
     let phase = Arc::new(AtomicU8::new(0));
     let probes: Probes = Arc::default();
     let scraper = tokio::spawn(scrape_probes(metrics, phase.clone(), probes.clone()));
@@ -454,21 +371,16 @@ async fn run(args: &Args, dir: &std::path::Path) -> Result<()> {
     }
     let distributed = Instant::now();
     let distributed_us = shared.since_base_us();
-    let job = api
-        .client
-        .distribute(pb::DistributeRequest {
-            blobs: vec![digest.clone()],
-            targets: Some(pb::TargetSelector {
-                selector: Some(pb::target_selector::Selector::All(pb::AllAgents {})),
-            }),
-            description: "loadgen".into(),
-            ..Default::default()
-        })
-        .await
-        .context("Distribute")?
-        .into_inner();
-    api.times.add("distribute", distributed);
-    m.distribute_call_secs = distributed.elapsed().as_secs_f64();
+    let request = pb::DistributeRequest {
+        blobs: vec![digest.clone()],
+        targets: Some(pb::TargetSelector {
+            selector: Some(pb::target_selector::Selector::All(pb::AllAgents {})),
+        }),
+        description: "loadgen".into(),
+        ..Default::default()
+    };
+    let (job, took) = api.distribute(request).await?;
+    m.distribute_call_secs = took;
     println!(
         "distributing {digest} to {} targets (job {})",
         job.target_count, job.job_id
@@ -485,7 +397,7 @@ async fn run(args: &Args, dir: &std::path::Path) -> Result<()> {
         let j = match tokio::time::timeout(Duration::from_secs(5), api.job(&job.job_id)).await {
             Ok(j) => Some(j?),
             Err(_) => {
-                api.times.add("get_job", asked);
+                api.times.add("get_job", asked.elapsed().as_secs_f64());
                 None
             }
         };
@@ -726,6 +638,8 @@ async fn scrape_probes(addr: std::net::SocketAddr, phase: Arc<AtomicU8>, probes:
 
 #[path = "loadgen/agent.rs"]
 mod agent;
+#[path = "loadgen/api.rs"]
+mod api;
 #[path = "loadgen/process.rs"]
 mod process;
 #[path = "loadgen/report.rs"]
