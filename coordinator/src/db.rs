@@ -4,7 +4,7 @@
 //! The state reads it once, at startup; from then on only the writer (`crate::writer`)
 //! touches it, with [`Db::apply`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use prost::Message as _;
@@ -106,6 +106,9 @@ pub enum Write {
 #[derive(Debug)]
 pub struct Db {
     db: Database,
+    /// Per job, how big its log is (see [`fold_log`]); a job missing here is folded at its
+    /// next write of changes, which counts it.
+    logs: std::sync::Mutex<HashMap<String, LogSize>>,
     #[cfg(test)]
     faults: std::sync::Arc<Faults>,
 }
@@ -137,6 +140,7 @@ impl Db {
         txn.commit().map_err(err)?;
         Ok(Self {
             db,
+            logs: Default::default(),
             #[cfg(test)]
             faults: Default::default(),
         })
@@ -152,6 +156,11 @@ impl Db {
     /// default: fsync before it returns). All or none.
     pub fn apply<'a>(&self, writes: impl IntoIterator<Item = &'a Write>) -> Result<(), DbError> {
         let txn = self.db.begin_write().map_err(err)?;
+        let mut shared = (self.logs.lock())
+            .map_err(|_| DbError::from_message("the job logs' sizes were poisoned"))?;
+        // The sizes this transaction leaves the logs with (`None`: forgotten), kept only if
+        // it commits.
+        let mut logs: HashMap<String, Option<LogSize>> = HashMap::new();
         {
             let mut blobs = txn.open_table(BLOBS).map_err(err)?;
             let mut jobs = txn.open_table(JOBS).map_err(err)?;
@@ -164,11 +173,41 @@ impl Db {
                     Write::Jobs(list) => {
                         for record in list {
                             put_job(&mut jobs, &mut log, &record.job, record.whole)?;
+                            let id = &record.job.job_id;
+                            let listed =
+                                (record.job.progress.as_ref()).map_or(0, |p| p.targets.len());
+                            let size = if record.whole {
+                                Some(LogSize {
+                                    targets: listed,
+                                    logged: listed,
+                                })
+                            } else {
+                                let before = match logs.get(id) {
+                                    Some(s) => *s,
+                                    None => shared.get(id).copied(),
+                                };
+                                before.map(|s| LogSize {
+                                    logged: s.logged + listed,
+                                    ..s
+                                })
+                            };
+                            let size = match size {
+                                Some(s) if !s.outgrown() => s,
+                                _ => {
+                                    let targets = fold_log(&mut log, id)?;
+                                    LogSize {
+                                        targets,
+                                        logged: targets,
+                                    }
+                                }
+                            };
+                            logs.insert(id.clone(), Some(size));
                         }
                     }
                     Write::ForgetJob(id) => {
                         jobs.remove(id.as_str()).map_err(err)?;
                         clear_log(&mut log, id)?;
+                        logs.insert(id.clone(), None);
                     }
                     Write::Blob(digest, blob) => {
                         let bytes = blob.encode_to_vec();
@@ -202,7 +241,14 @@ impl Db {
                 return Err(err("injected I/O error"));
             }
         }
-        txn.commit().map_err(err)
+        txn.commit().map_err(err)?;
+        for (id, size) in logs {
+            match size {
+                Some(size) => shared.insert(id, size),
+                None => shared.remove(&id),
+            };
+        }
+        Ok(())
     }
 
     /// The order-id ceiling last reserved, if any was.
@@ -331,6 +377,50 @@ fn next_seq(log: &redb::Table<'_, (&str, u64), &[u8]>, id: &str) -> Result<u64, 
         .map_err(err)?
         .map(|(k, _)| k.value().1);
     Ok(last.map_or(0, |s| s + 1))
+}
+
+/// How big a job's log is: the targets of the job (as of its last fold or whole write) and
+/// the target records its entries hold.
+#[derive(Clone, Copy, Debug)]
+struct LogSize {
+    targets: usize,
+    logged: usize,
+}
+
+/// A job's log is folded once it holds more than this many times the job's targets (and
+/// 64), so that a job's writes of changes do not grow the file without end.
+const LOG_BEYOND_WHOLE: usize = 2;
+
+impl LogSize {
+    fn outgrown(&self) -> bool {
+        self.logged > LOG_BEYOND_WHOLE * self.targets + 64
+    }
+}
+
+/// Folds job `id`'s log into one entry, each target's last word (as [`Db::jobs`] reads
+/// it); returns how many targets it holds. Here, on the writer's thread: the state task
+/// used to send the whole job instead, every target of a 20,000-target job built at once in
+/// the middle of its wave.
+fn fold_log(log: &mut redb::Table<'_, (&str, u64), &[u8]>, id: &str) -> Result<usize, DbError> {
+    let mut targets: BTreeMap<(String, String), pb::TargetProgress> = BTreeMap::new();
+    for row in log.range((id, 0)..=(id, u64::MAX)).map_err(err)? {
+        let (k, v) = row.map_err(err)?;
+        match StoredTargets::decode(v.value()) {
+            Ok(entry) => {
+                for t in entry.targets {
+                    targets.insert((t.agent_id.clone(), t.blob.clone()), t);
+                }
+            }
+            Err(e) => bad_row("job_log", &format!("{id}/{}", k.value().1), &e),
+        }
+    }
+    clear_log(log, id)?;
+    let entry = StoredTargets {
+        targets: targets.into_values().collect(),
+    };
+    log.insert((id, 0), &entry.encode_to_vec()[..])
+        .map_err(err)?;
+    Ok(entry.targets.len())
 }
 
 /// Removes every entry of job `id`'s log.
@@ -538,6 +628,44 @@ mod tests {
         assert_eq!(loaded(&db, "k"), [("a".into(), 1)]);
         assert_eq!(log_entries(&db, "j"), 0, "j's log is removed");
         assert_eq!(log_entries(&db, "k"), 1);
+    }
+
+    /// A job's log of changes is folded into one entry (each target's last word) once it
+    /// holds more than [`LOG_BEYOND_WHOLE`] times the job's targets (and 64), by the
+    /// database itself: the job only ever sends its changes. Also after a reopen, when the
+    /// sizes are not known.
+    #[test]
+    fn a_jobs_log_folds_itself_once_it_outgrows_the_job() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state.redb");
+        let db = Db::open(&path).expect("open");
+        let three = || vec![target("a", 0), target("b", 0), target("c", 0)];
+        db.apply(&[Write::Jobs(vec![whole(job("j", three()))])])
+            .expect("whole");
+        let bound = LOG_BEYOND_WHOLE * 3 + 64;
+        let mut most = 0;
+        for i in 1..=3 * bound as u64 {
+            let one = changes(job("j", vec![target("b", i)]));
+            db.apply(&[Write::Jobs(vec![one])]).expect("changes");
+            most = most.max(log_entries(&db, "j"));
+        }
+        assert!(most <= bound - 3 + 2, "the log reached {most} entries");
+        assert!(log_entries(&db, "j") < most, "it was folded");
+        let last = 3 * bound as u64;
+        assert_eq!(
+            loaded(&db, "j"),
+            [("a".into(), 0), ("b".into(), last), ("c".into(), 0)]
+        );
+        // Reopened, the database knows no sizes: the next write of changes folds.
+        drop(db);
+        let db = Db::open(&path).expect("reopen");
+        db.apply(&[Write::Jobs(vec![changes(job("j", vec![target("c", 9)]))])])
+            .expect("changes");
+        assert_eq!(log_entries(&db, "j"), 1);
+        assert_eq!(
+            loaded(&db, "j"),
+            [("a".into(), 0), ("b".into(), last), ("c".into(), 9)]
+        );
     }
 
     /// Databases written before the log move to it when opened, so a later write of the

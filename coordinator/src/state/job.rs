@@ -191,15 +191,7 @@ pub struct Job {
     /// The version whose changes have all been handed to the database writer (`None`:
     /// nothing yet, or a write failed): a flush writes only the targets changed after it.
     stored: Option<u64>,
-    /// Targets handed to the writer since the last whole record: the database keeps a log
-    /// of changes (`crate::db`), rewritten whole once it holds more than a few times the
-    /// job's targets.
-    logged: usize,
 }
-
-/// A job's log of changes is written whole again past this many times its targets (and a
-/// few more, for small jobs): what a restart replays stays within a few whole records.
-const LOG_BEYOND_WHOLE: usize = 2;
 
 /// Sums over a job's targets.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -254,7 +246,6 @@ impl Job {
             tally: Tally::default(),
             version: 0,
             stored: None,
-            logged: 0,
         }
     }
 
@@ -446,13 +437,12 @@ impl Job {
         let mut job = self.to_pb(true, now);
         hide_header_values(&mut job);
         self.stored = Some(self.version);
-        self.logged = self.targets.len();
         JobRecord { job, whole: true }
     }
 
     /// [`Job::record_whole`] with only the targets changed since the last record handed to
-    /// the writer (the database keeps the others), or all of them if none was, or if the
-    /// database's log of changes has grown past [`LOG_BEYOND_WHOLE`] whole records.
+    /// the writer (the database keeps the others in its log of changes, and folds the log
+    /// itself when it grows: `crate::db`), or all of them if none was.
     pub fn record_changes(&mut self, now: SystemTime) -> JobRecord {
         let Some(stored) = self.stored else {
             return self.record_whole(now);
@@ -461,10 +451,6 @@ impl Job {
             .filter(|(_, t)| t.version > stored)
             .map(|(key, t)| target_pb(key, t))
             .collect();
-        if self.logged + changed.len() > LOG_BEYOND_WHOLE * self.targets.len() + 64 {
-            return self.record_whole(now);
-        }
-        self.logged += changed.len();
         let mut job = self.to_pb(false, now);
         hide_header_values(&mut job);
         if let Some(p) = job.progress.as_mut() {
