@@ -232,8 +232,8 @@ pub struct State {
     streams: streams::Streams,
     /// When housekeeping is due next.
     housekeeping_at: Time,
-    /// Metric exports so far (see `export_metrics`).
-    exports: u64,
+    /// Each unfinished job's bound, computed a slice at a time (see `export_metrics`).
+    bounds: std::collections::HashMap<String, export::BoundScan>,
     secrets: secrets::Secrets,
     vetting: vetting::Vetting,
     /// Blobs with waiting targets and no whole copy, watched for progress.
@@ -324,7 +324,7 @@ impl State {
             origins: BTreeMap::new(),
             streams: streams::Streams::default(),
             housekeeping_at: now.mono,
-            exports: 0,
+            bounds: Default::default(),
             secrets,
             vetting: Default::default(),
             stranded,

@@ -9,13 +9,11 @@ use shoal_proto::pb::v1 as pb;
 
 use super::State;
 use super::agents::Agents;
-use super::job::{Job, state_label};
+use super::job::{Job, TargetKey, state_label};
 use crate::metrics as m;
 
 impl State {
     pub(super) fn export_metrics(&mut self) {
-        self.exports += 1;
-        let with_bounds = self.exports % BOUND_EVERY == 1;
         let mut agents = [0usize; 4];
         for a in self.agents.iter() {
             match a.state {
@@ -36,10 +34,13 @@ impl State {
         metrics::counter!(m::LEASES_EXPIRED).increment(0);
         metrics::gauge!(m::BLOBS).set(self.catalog.len() as f64);
         let mut by_state: BTreeMap<&'static str, usize> = BTreeMap::new();
+        let mut scans = std::mem::take(&mut self.bounds);
         for job in self.jobs.iter() {
             *by_state.entry(state_label(job.state())).or_default() += 1;
             if !job.is_terminal() {
-                export_job(job, &self.agents, with_bounds);
+                let scan = scans.remove(job.id()).unwrap_or_default();
+                let scan = export_job(job, &self.agents, scan);
+                self.bounds.insert(job.id().to_string(), scan);
             }
         }
         for state in ["pending", "running", "done", "failed", "cancelled"] {
@@ -68,13 +69,70 @@ impl State {
     }
 }
 
-/// Exports between two computations of the jobs' bounds (once a second): a bound walks
-/// every target of its job, 20,000 of them in a big one.
-const BOUND_EVERY: u64 = 4;
+/// Targets a job's bound takes in at each export (every 250 ms): a bound walks every target
+/// of its job, and 20,000 of them at once held the state task ~19 ms once a second.
+const BOUND_SLICE: usize = 2_000;
 
-/// One unfinished job's gauges, labelled `job_id`, its bound only `with_bound`. They stop
-/// being set when the job ends, and the exporter drops them after [`m::JOB_SERIES_LINGER`].
-fn export_job(job: &Job, agents: &Agents, with_bound: bool) {
+/// A job's bound, computed a slice of its targets at a time.
+#[derive(Debug, Default)]
+pub(super) struct BoundScan {
+    /// The last target taken in, if a pass is under way.
+    after: Option<TargetKey>,
+    /// The agent whose targets are being summed, and their bytes so far.
+    agent: Option<(String, u64)>,
+    /// The longest time of the agents done in this pass, seconds.
+    longest: f64,
+    /// Whether an agent of this pass is unknown or announced no capacity.
+    unknown: bool,
+    /// The last whole pass's bound.
+    bound: Option<f64>,
+}
+
+impl BoundScan {
+    /// Takes in up to `limit` more of a job's `targets` (key and bytes, in key order from
+    /// just after [`BoundScan::after`]: an agent's together), `download` giving an agent's
+    /// capacity. At the end of a pass its bound becomes the one shown.
+    fn advance<'a>(
+        &mut self,
+        targets: impl Iterator<Item = (&'a TargetKey, u64)>,
+        limit: usize,
+        download: impl Fn(&str) -> Option<u64>,
+    ) {
+        let mut taken = 0;
+        for ((agent, blob), bytes) in targets.take(limit) {
+            taken += 1;
+            self.after = Some((agent.clone(), *blob));
+            match &mut self.agent {
+                Some((last, sum)) if last == agent => *sum += bytes,
+                _ => {
+                    self.finish_agent(&download);
+                    self.agent = Some((agent.clone(), bytes));
+                }
+            }
+        }
+        if taken < limit {
+            self.finish_agent(&download);
+            self.bound = (!self.unknown && self.longest > 0.0).then_some(self.longest);
+            (self.after, self.longest, self.unknown) = (None, 0.0, false);
+        }
+    }
+
+    fn finish_agent(&mut self, download: &impl Fn(&str) -> Option<u64>) {
+        let Some((id, bytes)) = self.agent.take() else {
+            return;
+        };
+        match download(&id) {
+            Some(d) if d > 0 => self.longest = self.longest.max(bytes as f64 / d as f64),
+            _ => self.unknown = true,
+        }
+    }
+}
+
+/// One unfinished job's gauges, labelled `job_id`; its bound (the longest any target agent
+/// needs to receive its bytes at its download capacity) once a pass of `scan` has taken in
+/// every target, and while no target agent is unknown or without capacity. They stop being
+/// set when the job ends, and the exporter drops them after [`m::JOB_SERIES_LINGER`].
+fn export_job(job: &Job, agents: &Agents, mut scan: BoundScan) -> BoundScan {
     let (done, wanted) = job.bytes();
     let id = job.id().to_string();
     metrics::gauge!(m::JOB_DONE_BYTES, "job_id" => id.clone()).set(done as f64);
@@ -89,55 +147,85 @@ fn export_job(job: &Job, agents: &Agents, with_bound: bool) {
             .map_or(0.0, |d| d.as_secs_f64());
         metrics::gauge!(m::JOB_CREATED, "job_id" => id.clone()).set(secs);
     }
-    if !with_bound {
-        return;
-    }
-    let per_agent = sum_by_agent((job.targets()).map(|((a, _), t)| (a.as_str(), t.bytes_total())));
-    if let Some(bound) = bound_seconds(&per_agent, agents) {
+    let after = scan.after.clone();
+    let targets = (job.targets_after(after.as_ref())).map(|(key, t)| (key, t.bytes_total()));
+    scan.advance(targets, BOUND_SLICE, |id| {
+        (agents.host_of(id).and_then(|h| agents.get(h))).map(|a| a.capacity().1)
+    });
+    if let Some(bound) = scan.bound {
         metrics::gauge!(m::JOB_BOUND, "job_id" => id).set(bound);
     }
-}
-
-/// Each agent's bytes, from targets in key order (an agent's together): summed as they
-/// pass. A map of 20,000 agents, built once a second on the state task, was a pause of its
-/// own.
-fn sum_by_agent<'a>(targets: impl Iterator<Item = (&'a str, u64)>) -> Vec<(&'a str, u64)> {
-    let mut per_agent: Vec<(&str, u64)> = Vec::new();
-    for (agent, bytes) in targets {
-        match per_agent.last_mut() {
-            Some((last, sum)) if *last == agent => *sum += bytes,
-            _ => per_agent.push((agent, bytes)),
-        }
-    }
-    per_agent
-}
-
-/// The longest any target agent needs to receive its bytes at its download capacity; `None`
-/// while some target agent is unknown or announced no capacity, or nothing is wanted yet.
-fn bound_seconds(per_agent: &[(&str, u64)], agents: &Agents) -> Option<f64> {
-    let mut bound: f64 = 0.0;
-    for (id, bytes) in per_agent {
-        let agent = agents.host_of(id).and_then(|h| agents.get(h))?;
-        let download = agent.capacity().1;
-        if download == 0 {
-            return None;
-        }
-        bound = bound.max(*bytes as f64 / download as f64);
-    }
-    (bound > 0.0).then_some(bound)
+    scan
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
+    use shoal_proto::Digest;
+
     use super::*;
+    use crate::state::job::targets_after;
+
+    /// Scans `targets` to the end of a pass, `limit` at a time: its bound, and the slices.
+    fn pass(
+        targets: &BTreeMap<TargetKey, u64>,
+        limit: usize,
+        download: &BTreeMap<&str, u64>,
+    ) -> (Option<f64>, usize) {
+        let mut scan = BoundScan::default();
+        for slices in 1.. {
+            let after = scan.after.clone();
+            let slice = targets_after(targets, after.as_ref()).map(|(k, b)| (k, *b));
+            scan.advance(slice, limit, |id| download.get(id).copied());
+            if scan.after.is_none() {
+                return (scan.bound, slices);
+            }
+        }
+        unreachable!()
+    }
 
     #[test]
-    fn an_agents_targets_are_summed_together() {
-        let targets = [("a", 1), ("a", 2), ("b", 5), ("c", 0), ("c", 7)];
+    fn a_bound_is_the_slowest_agents_bytes_over_its_capacity_taken_in_slices() {
+        let (x, y) = (Digest::of(b"x"), Digest::of(b"y"));
+        let key = |a: &str, d: Digest| (a.to_string(), d);
+        // b's two blobs meet across a slice's end when slices are of two.
+        let targets: BTreeMap<TargetKey, u64> = [
+            (key("a", x), 100),
+            (key("b", x), 300),
+            (key("b", y), 300),
+            (key("c", x), 100),
+        ]
+        .into();
+        let download: BTreeMap<&str, u64> = [("a", 100), ("b", 200), ("c", 10)].into();
+        // c: 100 / 10 = 10 s; b: 600 / 200 = 3 s.
+        for (limit, slices) in [(1, 5), (2, 3), (3, 2), (100, 1)] {
+            assert_eq!(
+                pass(&targets, limit, &download),
+                (Some(10.0), slices),
+                "{limit}"
+            );
+        }
+        let mut slow_b = download.clone();
+        slow_b.insert("b", 10);
         assert_eq!(
-            sum_by_agent(targets.into_iter()),
-            vec![("a", 3), ("b", 5), ("c", 7)]
+            pass(&targets, 2, &slow_b).0,
+            Some(60.0),
+            "b's bytes summed across slices"
         );
-        assert!(sum_by_agent(std::iter::empty()).is_empty());
+        let mut unknown = download.clone();
+        unknown.remove("b");
+        assert_eq!(
+            pass(&targets, 2, &unknown).0,
+            None,
+            "an unknown agent: no bound"
+        );
+        unknown.insert("b", 0);
+        assert_eq!(pass(&targets, 2, &unknown).0, None, "no capacity: no bound");
+        assert_eq!(
+            pass(&BTreeMap::new(), 2, &download).0,
+            None,
+            "nothing wanted"
+        );
     }
 }

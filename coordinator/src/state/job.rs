@@ -282,6 +282,14 @@ impl Job {
         self.targets.iter()
     }
 
+    /// The targets after `after` in key order (all of them if `None`).
+    pub fn targets_after(
+        &self,
+        after: Option<&TargetKey>,
+    ) -> impl Iterator<Item = (&TargetKey, &Target)> {
+        targets_after(&self.targets, after)
+    }
+
     /// Adds a target while the job is built.
     pub fn add_target(&mut self, key: TargetKey, target: Target) {
         self.tally.add(&target);
@@ -518,6 +526,16 @@ impl Job {
 }
 
 /// One target as the API and the database see it.
+/// The entries of `map` after `after` in key order (all of them if `None`).
+pub fn targets_after<'a, V>(
+    map: &'a BTreeMap<TargetKey, V>,
+    after: Option<&TargetKey>,
+) -> impl Iterator<Item = (&'a TargetKey, &'a V)> {
+    use std::ops::Bound;
+    let from = after.map_or(Bound::Unbounded, |k| Bound::Excluded(k.clone()));
+    map.range((from, Bound::Unbounded))
+}
+
 fn target_pb((agent, blob): &TargetKey, t: &Target) -> pb::TargetProgress {
     pb::TargetProgress {
         agent_id: agent.clone(),
