@@ -191,6 +191,9 @@ pub struct Job {
     /// The version whose changes have all been handed to the database writer (`None`:
     /// nothing yet, or a write failed): a flush writes only the targets changed after it.
     stored: Option<u64>,
+    /// A pass of [`Job::record_some_changes`] under way: the version it stores once done,
+    /// and the last target it scanned.
+    pass: Option<(u64, TargetKey)>,
 }
 
 /// Sums over a job's targets.
@@ -246,6 +249,7 @@ impl Job {
             tally: Tally::default(),
             version: 0,
             stored: None,
+            pass: None,
         }
     }
 
@@ -445,6 +449,7 @@ impl Job {
         let mut job = self.to_pb(true, now);
         hide_header_values(&mut job);
         self.stored = Some(self.version);
+        self.pass = None;
         JobRecord { job, whole: true }
     }
 
@@ -459,18 +464,56 @@ impl Job {
             .filter(|(_, t)| t.version > stored)
             .map(|(key, t)| target_pb(key, t))
             .collect();
+        self.stored = Some(self.version);
+        self.pass = None;
+        self.header_with(changed, now)
+    }
+
+    /// [`Job::record_changes`] a slice at a time: the changed ones among the next `limit`
+    /// targets, and whether the pass over them all is done. The changes a pass has not
+    /// reached yet stay unstored until it does; a target changed behind it is written by
+    /// the next pass. The periodic flush takes these, so that the changes of a
+    /// 20,000-target wave are not built all at once on the state task (~25 ms).
+    pub fn record_some_changes(&mut self, limit: usize, now: SystemTime) -> (JobRecord, bool) {
+        let Some(stored) = self.stored else {
+            return (self.record_whole(now), true);
+        };
+        let (upto, after) = match self.pass.take() {
+            Some((upto, after)) => (upto, Some(after)),
+            None => (self.version, None),
+        };
+        let mut scanned = 0;
+        let mut last = None;
+        let mut changed = Vec::new();
+        for (key, t) in targets_after(&self.targets, after.as_ref()).take(limit) {
+            scanned += 1;
+            last = Some(key);
+            if t.version > stored {
+                changed.push(target_pb(key, t));
+            }
+        }
+        let done = scanned < limit;
+        match last {
+            Some(key) if !done => self.pass = Some((upto, key.clone())),
+            _ => self.stored = Some(upto),
+        }
+        (self.header_with(changed, now), done)
+    }
+
+    /// The job's record without its header values, with `targets`.
+    fn header_with(&self, targets: Vec<pb::TargetProgress>, now: SystemTime) -> JobRecord {
         let mut job = self.to_pb(false, now);
         hide_header_values(&mut job);
         if let Some(p) = job.progress.as_mut() {
-            p.targets = changed;
+            p.targets = targets;
         }
-        self.stored = Some(self.version);
         JobRecord { job, whole: false }
     }
 
     /// A write of this job failed: the next one writes it whole.
     pub fn forget_stored(&mut self) {
         self.stored = None;
+        self.pass = None;
     }
 
     /// Rebuilds a job from its persisted record. Running targets go back to pending: their

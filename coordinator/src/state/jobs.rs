@@ -44,6 +44,10 @@ struct Unconfirmed {
     flush: bool,
 }
 
+/// Targets a job's periodic flush scans at most (see [`Job::record_some_changes`]): a
+/// 20,000-target job's changes are written in eight flushes, 2 s, at most ~3 ms each.
+const FLUSH_SLICE: usize = 2_500;
+
 pub struct Jobs {
     writer: Writer,
     jobs: BTreeMap<String, Job>,
@@ -582,12 +586,26 @@ impl Jobs {
         });
     }
 
-    /// Queues a write of the jobs changed since the last flush, unless the last flush is
+    /// Queues a write of the jobs changed since the last flush, up to [`FLUSH_SLICE`]
+    /// targets of each (a job with more stays to be flushed on), unless the last flush is
     /// not stored yet (they wait for the next one).
     pub fn flush(&mut self, now: SystemTime) {
-        if !self.unconfirmed.iter().any(|u| u.flush) {
-            self.flush_now(now);
+        if self.unconfirmed.iter().any(|u| u.flush) {
+            return;
         }
+        let ids: Vec<String> = std::mem::take(&mut self.dirty).into_iter().collect();
+        let mut jobs = Vec::new();
+        for id in &ids {
+            let Some(job) = self.jobs.get_mut(id) else {
+                continue;
+            };
+            let (record, done) = job.record_some_changes(FLUSH_SLICE, now);
+            jobs.push(record);
+            if !done {
+                self.dirty.insert(id.clone());
+            }
+        }
+        self.queue_flush(ids, jobs);
     }
 
     /// Queues a write of the jobs changed since the last flush, now: what is queued after
@@ -597,6 +615,11 @@ impl Jobs {
         let jobs: Vec<crate::db::JobRecord> = (ids.iter())
             .filter_map(|id| self.jobs.get_mut(id).map(|j| j.record_changes(now)))
             .collect();
+        self.queue_flush(ids, jobs);
+    }
+
+    /// Queues the records of a flush of jobs `ids`.
+    fn queue_flush(&mut self, ids: Vec<String>, jobs: Vec<crate::db::JobRecord>) {
         if jobs.is_empty() {
             return;
         }

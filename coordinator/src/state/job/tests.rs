@@ -243,3 +243,60 @@ fn a_target_records_when_it_ended_and_keeps_it_across_a_restart() {
     assert!(j.resume(&key(1)));
     assert_eq!(ended(&j), [Some(at(7)), None, None]);
 }
+
+/// A periodic flush takes a job's changes a slice of its targets at a time: each pass
+/// lists every target changed before it started once, and what changes behind it comes
+/// with the next pass; a complete record of changes after a partial pass lists every
+/// change not yet written.
+#[test]
+fn a_jobs_changes_are_recorded_a_slice_at_a_time() {
+    let now = SystemTime::UNIX_EPOCH;
+    let mut j = job_with(&[TargetState::Pending; 5]);
+    assert!(j.record_changes(now).whole, "first: whole");
+    let key = |i: usize| (format!("a{i}"), Digest::of(b"x"));
+    let listed = |r: &JobRecord| -> Vec<String> {
+        let p = r.job.progress.as_ref().expect("progress");
+        p.targets.iter().map(|t| t.agent_id.clone()).collect()
+    };
+    for i in [0, 2, 3, 4] {
+        j.apply(&key(i), Transition::Start, now);
+    }
+    let (r, done) = j.record_some_changes(2, now);
+    assert_eq!(
+        (listed(&r), done, r.whole),
+        (vec!["a0".into()], false, false)
+    );
+    // Changed behind the pass (a0) and ahead of it (a4).
+    for i in [0, 4] {
+        let (bytes_done, rate) = (5, 1);
+        j.apply(&key(i), Transition::Progress { bytes_done, rate }, now);
+    }
+    let (r, done) = j.record_some_changes(2, now);
+    assert_eq!((listed(&r), done), (vec!["a2".into(), "a3".into()], false));
+    let (r, done) = j.record_some_changes(2, now);
+    assert_eq!((listed(&r), done), (vec!["a4".into()], true));
+    // The next pass: what changed after the last one began.
+    let (r, done) = j.record_some_changes(10, now);
+    assert_eq!((listed(&r), done), (vec!["a0".into(), "a4".into()], true));
+    let (r, done) = j.record_some_changes(10, now);
+    assert_eq!(
+        (listed(&r), done),
+        (Vec::<String>::new(), true),
+        "nothing changed"
+    );
+    // A complete record in the middle of a pass writes all that is not written.
+    j.apply(&key(1), Transition::Start, now);
+    let (bytes_done, rate) = (7, 1);
+    j.apply(&key(3), Transition::Progress { bytes_done, rate }, now);
+    let (r, _) = j.record_some_changes(2, now);
+    assert_eq!(listed(&r), ["a1"]);
+    j.apply(&key(0), Transition::Finish, now);
+    assert_eq!(listed(&j.record_changes(now)), ["a0", "a1", "a3"]);
+    let (r, done) = j.record_some_changes(10, now);
+    assert_eq!((listed(&r), done), (Vec::<String>::new(), true));
+    // After a failed write, whole again.
+    j.forget_stored();
+    let (r, done) = j.record_some_changes(2, now);
+    assert!(r.whole && done);
+    assert_eq!(listed(&r).len(), 5);
+}
