@@ -460,12 +460,16 @@ impl Job {
         let Some(stored) = self.stored else {
             return self.record_whole(now);
         };
+        // Behind a pass under way, what changed since it began; ahead of it, since `stored`.
+        let pass = self.pass.take();
         let changed: Vec<pb::TargetProgress> = (self.targets.iter())
-            .filter(|(_, t)| t.version > stored)
+            .filter(|(key, t)| match &pass {
+                Some((upto, after)) if *key <= after => t.version > *upto,
+                _ => t.version > stored,
+            })
             .map(|(key, t)| target_pb(key, t))
             .collect();
         self.stored = Some(self.version);
-        self.pass = None;
         self.header_with(changed, now)
     }
 

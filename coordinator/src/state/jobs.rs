@@ -60,6 +60,8 @@ pub struct Jobs {
     /// Jobs changed since the last write.
     dirty: BTreeSet<String>,
     unconfirmed: Vec<Unconfirmed>,
+    /// [`FLUSH_SLICE`], but in tests.
+    flush_slice: usize,
 }
 
 impl std::fmt::Debug for Jobs {
@@ -85,6 +87,7 @@ impl Jobs {
             watchers: HashMap::new(),
             dirty: BTreeSet::new(),
             unconfirmed: Vec::new(),
+            flush_slice: FLUSH_SLICE,
         };
         for record in db.jobs()? {
             if let Some(job) = Job::from_pb(record) {
@@ -106,6 +109,12 @@ impl Jobs {
 
     pub fn len(&self) -> usize {
         self.jobs.len()
+    }
+
+    /// Tests only: a periodic flush scans `n` targets of a job at most.
+    #[cfg(test)]
+    pub fn set_flush_slice(&mut self, n: usize) {
+        self.flush_slice = n;
     }
 
     pub fn get(&self, id: &str) -> Result<&Job, ApiError> {
@@ -599,7 +608,14 @@ impl Jobs {
             let Some(job) = self.jobs.get_mut(id) else {
                 continue;
             };
-            let (record, done) = job.record_some_changes(FLUSH_SLICE, now);
+            // An ended job is written whole at once: its header must not say it ended
+            // while some of its targets' last words are not stored (a restart would bring
+            // it back ended, with targets pending for good).
+            let (record, done) = if job.is_terminal() {
+                (job.record_changes(now), true)
+            } else {
+                job.record_some_changes(self.flush_slice, now)
+            };
             jobs.push(record);
             if !done {
                 self.dirty.insert(id.clone());
