@@ -217,6 +217,10 @@ pub struct StateConfig {
 /// timers (stripe updates, retries, stuck checks) run at their own times.
 pub const HOUSEKEEPING: Duration = Duration::from_millis(250);
 
+/// A Distribute's targets wanted in one turn of the state task at most: the wants of
+/// 20,000 targets in the Distribute's own turn held every message behind it ~30 ms.
+const WANTS_PER_TURN: usize = 2_000;
+
 pub struct State {
     config: StateConfig,
     ca: Arc<ClusterCa>,
@@ -234,6 +238,11 @@ pub struct State {
     housekeeping_at: Time,
     /// Each unfinished job's bound, computed a slice at a time (see `export_metrics`).
     bounds: std::collections::HashMap<String, export::BoundScan>,
+    /// A Distribute's targets not wanted yet: taken [`State::wants_per_turn`] at a time
+    /// (see `State::want_some`).
+    wanting: std::collections::VecDeque<(Arc<str>, HostId, shoal_proto::Digest)>,
+    /// [`WANTS_PER_TURN`], but in tests.
+    wants_per_turn: usize,
     secrets: secrets::Secrets,
     vetting: vetting::Vetting,
     /// Blobs with waiting targets and no whole copy, watched for progress.
@@ -325,6 +334,8 @@ impl State {
             streams: streams::Streams::default(),
             housekeeping_at: now.mono,
             bounds: Default::default(),
+            wanting: Default::default(),
+            wants_per_turn: WANTS_PER_TURN,
             secrets,
             vetting: Default::default(),
             stranded,
@@ -380,6 +391,7 @@ impl State {
     /// Runs what is due by `now`: the planner's timers, and housekeeping.
     pub fn handle_timeout(&mut self, now: Now) {
         self.assigner.begin_batch();
+        self.want_some(now);
         if self.assigner.poll_timeout().is_some_and(|t| t <= now.mono) {
             self.assigner.handle_timeout(now.mono);
         }
@@ -400,6 +412,7 @@ impl State {
             self.assigner.poll_timeout(),
             self.seeder.poll_timeout(),
             Some(self.housekeeping_at),
+            (!self.wanting.is_empty()).then_some(Time::ZERO),
         ]
         .into_iter()
         .flatten()

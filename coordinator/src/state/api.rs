@@ -2,6 +2,7 @@
 //! CancelJob, GetBlob, ResolveUrl. (GetJob, WatchJob, ListJobs, ListAgents and ListBlobs
 //! are answered by their owner directly.)
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use shoal_planner::{HostId, UrlAnswer, UrlKey};
@@ -66,13 +67,15 @@ impl State {
         let what = format!("storing job {job_id}");
         self.jobs
             .create(job, now.wall, when_stored(reply, response, what));
+        let job: Arc<str> = job_id.as_str().into();
         for host in &targets {
             for blob in &blobs {
                 if !self.catalog.holds_complete(blob, *host) {
-                    self.want(&job_id, *host, *blob, now);
+                    self.wanting.push_back((job.clone(), *host, *blob));
                 }
             }
         }
+        self.want_some(now);
         tracing::info!(job = %job_id, targets = targets.len(), blobs = blobs.len(), "job accepted");
     }
 

@@ -286,6 +286,11 @@ impl Job {
         self.targets.iter()
     }
 
+    /// Whether the job has a target of `blob` on `agent` that has not ended.
+    pub fn target_open(&self, agent: &str, blob: Digest) -> bool {
+        (self.targets.get(&(agent.to_string(), blob))).is_some_and(|t| !t.is_terminal())
+    }
+
     /// The targets after `after` in key order (all of them if `None`).
     pub fn targets_after(
         &self,

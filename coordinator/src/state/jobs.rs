@@ -117,6 +117,11 @@ impl Jobs {
         self.flush_slice = n;
     }
 
+    /// Whether job `id` has a target of `blob` on `agent` that has not ended.
+    pub fn is_open(&self, id: &str, agent: &str, blob: Digest) -> bool {
+        (self.jobs.get(id)).is_some_and(|j| j.target_open(agent, blob))
+    }
+
     pub fn get(&self, id: &str) -> Result<&Job, ApiError> {
         if id.is_empty() {
             return Err(ApiError::InvalidArgument("job_id is required".into()));

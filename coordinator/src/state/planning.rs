@@ -31,6 +31,31 @@ fn origin_size(origin: &pb::Origin, blob: &Digest) -> u64 {
 }
 
 impl State {
+    /// Wants up to [`State::wants_per_turn`] of the Distributes' targets queued in
+    /// `wanting`, in order; a target its job ended meanwhile (a cancel, a deadline) is
+    /// skipped, and one whose agent came to hold the blob meanwhile is done.
+    pub(super) fn want_some(&mut self, now: Now) {
+        for _ in 0..self.wants_per_turn {
+            let Some((job, host, blob)) = self.wanting.pop_front() else {
+                return;
+            };
+            let agent = self.agents.name(host);
+            if !self.jobs.is_open(&job, &agent, blob) {
+                continue;
+            }
+            self.want(&job, host, blob, now);
+            if self.catalog.holds_complete(&blob, host) {
+                self.blob_done(host, blob, now);
+            }
+        }
+    }
+
+    /// Tests only: a Distribute's targets are wanted `n` a turn.
+    #[cfg(test)]
+    pub(super) fn set_wants_per_turn(&mut self, n: usize) {
+        self.wants_per_turn = n;
+    }
+
     /// `job` wants `blob` on `host`: the first job to want it there tells the planner.
     pub(super) fn want(&mut self, job: &str, host: HostId, blob: Digest, now: Now) {
         if !self.jobs.want(job, host, blob) {

@@ -4,6 +4,7 @@
 //! planned.
 
 use super::*;
+use shoal_planner::HostId;
 
 #[test]
 fn a_big_distribute_is_planned_between_other_work_and_ordered_once() {
@@ -68,4 +69,89 @@ fn a_big_distribute_is_planned_between_other_work_and_ordered_once() {
     // (32 KiB per GiB of blob, copied per order before: 1.4 GiB of RSS for a 20,000-agent
     // Distribute of 1 GiB).
     assert_eq!(tables.len(), 1, "every order shares one chunk table");
+}
+
+/// A Distribute's targets are wanted a few per turn (20,000 in its own turn held every
+/// message behind it ~30 ms): the first ones at once, the rest at each turn after. A target
+/// its job ended meanwhile is not wanted at all; one whose agent came to hold the blob
+/// meanwhile is done.
+#[test]
+fn a_distributes_targets_are_wanted_a_few_per_turn() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut s = state(dir.path(), Duration::from_secs(30));
+    s.set_wants_per_turn(3);
+    let seeder = join(&mut s, "seeder", 1);
+    let (seeder_session, _seeder_inbox) = open(&mut s, &seeder);
+    let m = manifest();
+    register(&mut s, seeder_session, &m);
+    let ids: Vec<String> = (0..8).map(|i| format!("t{i}")).collect();
+    let mut agents = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        let joined = join(&mut s, id, 10 + i as u16);
+        agents.push(open(&mut s, &joined));
+    }
+    let names: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let hosts: Vec<HostId> = (ids.iter())
+        .map(|id| s.agents.host_of(id).expect("joined"))
+        .collect();
+    let blob = m.digest();
+    let job = distribute(&mut s, blob, &names[..4]).expect("distribute");
+    let wanted =
+        |s: &S| -> Vec<bool> { hosts.iter().map(|h| s.jobs.is_wanted(*h, blob)).collect() };
+    assert_eq!(
+        wanted(&s)[..4],
+        [true, true, true, false],
+        "three in the Distribute's turn"
+    );
+    assert!(
+        s.poll_timeout() <= s.now.mono,
+        "the next ones are due at once"
+    );
+    let now = s.now;
+    s.handle_timeout(now);
+    assert_eq!(wanted(&s)[..4], [true; 4]);
+    assert!(s.wanting.is_empty());
+
+    // Another job: t5 comes to hold the blob before its turn, and the job is cancelled
+    // before t6's and t7's.
+    let other = distribute(&mut s, blob, &names[4..]).expect("distribute");
+    assert_eq!(wanted(&s)[4..], [true, true, true, false]);
+    let done = pb::BlobDone {
+        blob_digest: blob.as_bytes().to_vec(),
+    };
+    say(&mut s, agents[5].0, Msg::BlobDone(done));
+    let now = s.now;
+    s.handle_timeout(now);
+    let (_, targets) = target_state(&mut s, &other);
+    assert_eq!(targets[1].state(), pb::TargetState::Done, "{targets:?}");
+    // A third job, one want a turn, cancelled after its first.
+    s.set_wants_per_turn(1);
+    let mut late = Vec::new();
+    for (i, id) in ["t8", "t9"].into_iter().enumerate() {
+        let joined = join(&mut s, id, 30 + i as u16);
+        late.push((s.agents.host_of(id).expect("joined"), open(&mut s, &joined)));
+    }
+    let third = distribute(&mut s, blob, &["t8", "t9"]).expect("distribute");
+    let late_wanted = |s: &S| -> Vec<bool> {
+        late.iter()
+            .map(|(h, _)| s.jobs.is_wanted(*h, blob))
+            .collect()
+    };
+    assert_eq!(late_wanted(&s), [true, false]);
+    let cancel = pb::CancelJobRequest {
+        job_id: third.clone(),
+        reason: "test".into(),
+    };
+    let cancelled = s.ask(|r| Request::CancelJob(cancel, None, r));
+    assert!(cancelled.is_ok(), "{cancelled:?}");
+    let now = s.now;
+    s.handle_timeout(now);
+    assert!(s.wanting.is_empty());
+    assert_eq!(
+        late_wanted(&s),
+        [false, false],
+        "the cancelled job's queued target is not wanted"
+    );
+    assert_eq!(target_state(&mut s, &third).0, pb::JobState::Cancelled);
+    assert_eq!(target_state(&mut s, &job).0, pb::JobState::Running);
 }
