@@ -119,10 +119,8 @@ impl Api {
             digest: digest.into(),
             include_manifest: false,
         };
-        let (r, _) = (self.timed("get_blob", |mut c| async move {
-            c.get_blob(request).await
-        }))
-        .await?;
+        let (r, _) =
+            (self.timed("get_blob", |mut c| async move { c.get_blob(request).await })).await?;
         match r {
             Ok(r) => Ok(r.blob.map_or(0, |b| b.complete_holders)),
             Err(s) if s.code() == tonic::Code::NotFound => Ok(0),
@@ -135,10 +133,8 @@ impl Api {
             job_id: job_id.into(),
             include_targets: false,
         };
-        let (r, _) = (self.timed("get_job", |mut c| async move {
-            c.get_job(request).await
-        }))
-        .await?;
+        let (r, _) =
+            (self.timed("get_job", |mut c| async move { c.get_job(request).await })).await?;
         r.context("GetJob")?.job.context("GetJob answered no job")
     }
 
@@ -147,9 +143,10 @@ impl Api {
         &mut self,
         request: pb::DistributeRequest,
     ) -> Result<(pb::DistributeResponse, f64)> {
-        let (r, secs) = (self.timed("distribute", |mut c| async move {
-            c.distribute(request).await
-        }))
+        let (r, secs) = (self.timed(
+            "distribute",
+            |mut c| async move { c.distribute(request).await },
+        ))
         .await?;
         Ok((r.context("Distribute")?, secs))
     }
