@@ -194,6 +194,18 @@ fn open(s: &mut S, joined: &pb::JoinResponse) -> (SessionId, Inbox) {
     (session, rx)
 }
 
+/// Agents `t0`, `t1`, … `n` of them, joined (on ports from `port`) with their sessions
+/// open: their ids and sessions.
+fn agents_open(s: &mut S, n: usize, port: u16) -> (Vec<String>, Vec<(SessionId, Inbox)>) {
+    let ids: Vec<String> = (0..n).map(|i| format!("t{i}")).collect();
+    let mut sessions = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        let joined = join(s, id, port + i as u16);
+        sessions.push(open(s, &joined));
+    }
+    (ids, sessions)
+}
+
 fn say(s: &mut S, session: SessionId, msg: Msg) {
     let now = s.now;
     s.s.step(Request::FromAgent { session, msg }, now);

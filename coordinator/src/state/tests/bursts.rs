@@ -78,18 +78,9 @@ fn a_big_distribute_is_planned_between_other_work_and_ordered_once() {
 #[test]
 fn a_distributes_targets_are_wanted_a_few_per_turn() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut s = state(dir.path(), Duration::from_secs(30));
+    let (mut s, m, _seeder_inbox) = with_seeder(dir.path(), Duration::from_secs(30));
     s.set_wants_per_turn(3);
-    let seeder = join(&mut s, "seeder", 1);
-    let (seeder_session, _seeder_inbox) = open(&mut s, &seeder);
-    let m = manifest();
-    register(&mut s, seeder_session, &m);
-    let ids: Vec<String> = (0..8).map(|i| format!("t{i}")).collect();
-    let mut agents = Vec::new();
-    for (i, id) in ids.iter().enumerate() {
-        let joined = join(&mut s, id, 10 + i as u16);
-        agents.push(open(&mut s, &joined));
-    }
+    let (ids, agents) = agents_open(&mut s, 8, 10);
     let names: Vec<&str> = ids.iter().map(String::as_str).collect();
     let hosts: Vec<HostId> = (ids.iter())
         .map(|id| s.agents.host_of(id).expect("joined"))

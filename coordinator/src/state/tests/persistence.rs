@@ -159,12 +159,7 @@ pub(super) fn settle(s: &mut S) {
 fn a_slow_disk_gets_one_flush_at_a_time() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (mut s, m, _i) = with_seeder(dir.path(), Duration::from_secs(300));
-    let ids: Vec<String> = (0..10).map(|i| format!("t{i}")).collect();
-    let mut sessions = Vec::new();
-    for (i, id) in ids.iter().enumerate() {
-        let joined = join(&mut s, id, 10 + i as u16);
-        sessions.push(open(&mut s, &joined));
-    }
+    let (ids, sessions) = agents_open(&mut s, 10, 10);
     let names: Vec<&str> = ids.iter().map(String::as_str).collect();
     let job = distribute(&mut s, m.digest(), &names).expect("distribute");
     let done = || {
@@ -203,12 +198,7 @@ fn an_ended_job_is_stored_whole_while_others_are_flushed_a_slice_at_a_time() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (mut s, m, _i) = with_seeder(dir.path(), Duration::from_secs(300));
     s.jobs.set_flush_slice(1);
-    let ids: Vec<String> = (0..5).map(|i| format!("t{i}")).collect();
-    let mut sessions = Vec::new();
-    for (i, id) in ids.iter().enumerate() {
-        let joined = join(&mut s, id, 10 + i as u16);
-        sessions.push(open(&mut s, &joined));
-    }
+    let (ids, sessions) = agents_open(&mut s, 5, 10);
     let names: Vec<&str> = ids.iter().map(String::as_str).collect();
     let job = distribute(&mut s, m.digest(), &names).expect("distribute");
     let other = distribute(&mut s, m.digest(), &names[..3]).expect("distribute");
