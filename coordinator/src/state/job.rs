@@ -401,10 +401,11 @@ impl Job {
             cancelled: t.cancelled as u32,
         };
         let (done, total, rate) = (t.bytes_done, t.bytes_total, t.rate);
+        let mut names = BlobNames::default();
         let targets: Vec<pb::TargetProgress> = (self.targets.iter())
             .filter(|_| with_targets)
             .filter(|(_, t)| since == 0 || t.version > since)
-            .map(|(key, t)| target_pb(key, t))
+            .map(|(key, t)| target_pb(key, t, &mut names))
             .collect();
         pb::JobProgress {
             job_id: self.record.job_id.clone(),
@@ -467,12 +468,13 @@ impl Job {
         };
         // Behind a pass under way, what changed since it began; ahead of it, since `stored`.
         let pass = self.pass.take();
+        let mut names = BlobNames::default();
         let changed: Vec<pb::TargetProgress> = (self.targets.iter())
             .filter(|(key, t)| match &pass {
                 Some((upto, after)) if *key <= after => t.version > *upto,
                 _ => t.version > stored,
             })
-            .map(|(key, t)| target_pb(key, t))
+            .map(|(key, t)| target_pb(key, t, &mut names))
             .collect();
         self.stored = Some(self.version);
         self.header_with(changed, now)
@@ -494,11 +496,12 @@ impl Job {
         let mut scanned = 0;
         let mut last = None;
         let mut changed = Vec::new();
+        let mut names = BlobNames::default();
         for (key, t) in targets_after(&self.targets, after.as_ref()).take(limit) {
             scanned += 1;
             last = Some(key);
             if t.version > stored {
-                changed.push(target_pb(key, t));
+                changed.push(target_pb(key, t, &mut names));
             }
         }
         let done = scanned < limit;
@@ -588,10 +591,26 @@ pub fn targets_after<'a, V>(
     map.range((from, Bound::Unbounded))
 }
 
-fn target_pb((agent, blob): &TargetKey, t: &Target) -> pb::TargetProgress {
+/// The names of a job's few blobs, each written out once per record: 20,000 targets'
+/// digests formatted one by one were a quarter of a big job's record.
+#[derive(Default)]
+struct BlobNames(Vec<(Digest, String)>);
+
+impl BlobNames {
+    fn of(&mut self, blob: &Digest) -> String {
+        if let Some((_, name)) = self.0.iter().find(|(d, _)| d == blob) {
+            return name.clone();
+        }
+        let name = blob.to_string();
+        self.0.push((*blob, name.clone()));
+        name
+    }
+}
+
+fn target_pb((agent, blob): &TargetKey, t: &Target, names: &mut BlobNames) -> pb::TargetProgress {
     pb::TargetProgress {
         agent_id: agent.clone(),
-        blob: blob.to_string(),
+        blob: names.of(blob),
         state: t.state as i32,
         reason: t.reason as i32,
         message: t.message.clone(),

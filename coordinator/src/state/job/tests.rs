@@ -302,3 +302,39 @@ fn a_jobs_changes_are_recorded_a_slice_at_a_time() {
     assert!(r.whole && done);
     assert_eq!(listed(&r).len(), 5);
 }
+
+/// Each target's record names its own blob (a job's blob names are written out once per
+/// record and reused).
+#[test]
+fn each_targets_record_names_its_own_blob() {
+    let now = SystemTime::UNIX_EPOCH;
+    let mut j = job_with(&[]);
+    let blobs = [Digest::of(b"x"), Digest::of(b"y"), Digest::of(b"z")];
+    for agent in ["a", "b"] {
+        for blob in blobs {
+            j.add_target((agent.to_string(), blob), Target::new(10, false));
+        }
+    }
+    let named = |r: JobRecord| -> Vec<(String, String)> {
+        let p = r.job.progress.expect("progress");
+        (p.targets.into_iter())
+            .map(|t| (t.agent_id, t.blob))
+            .collect()
+    };
+    let expected: Vec<(String, String)> = (j.targets())
+        .map(|((a, b), _)| (a.clone(), b.to_string()))
+        .collect();
+    assert_eq!(expected.len(), 6);
+    assert_eq!(named(j.record_whole(now)), expected);
+    for (agent, blob) in [("a", blobs[2]), ("b", blobs[0])] {
+        j.apply(&(agent.to_string(), blob), Transition::Start, now);
+    }
+    let (r, _) = j.record_some_changes(100, now);
+    assert_eq!(
+        named(r),
+        [
+            ("a".to_string(), blobs[2].to_string()),
+            ("b".to_string(), blobs[0].to_string())
+        ]
+    );
+}
