@@ -578,12 +578,24 @@ fn phase_cpu(
     )
 }
 
-/// The job's state and counts, or that GetJob took over 10 s.
+/// The job's state and counts, or that GetJob took over 10 s; an error if it ended with
+/// targets that did not.
 async fn job_now(api: &mut Api, job_id: &str) -> Result<String> {
     match tokio::time::timeout(Duration::from_secs(10), api.job(job_id)).await {
         Ok(j) => {
             let j = j?;
-            Ok(format!("{:?}, {}", j.state(), targets(&j)))
+            let shown = format!("{:?}, {}", j.state(), targets(&j));
+            // An ended job with targets still pending or running was stored ended before
+            // its targets' last words: they would wait for good.
+            let ended = !matches!(j.state(), pb::JobState::Pending | pb::JobState::Running);
+            let c = (j.progress.as_ref())
+                .and_then(|p| p.counts)
+                .unwrap_or_default();
+            ensure!(
+                !ended || c.pending + c.running == 0,
+                "the restarted coordinator brought the job back torn: {shown}"
+            );
+            Ok(shown)
         }
         Err(_) => Ok("GetJob took over 10 s".into()),
     }
