@@ -301,22 +301,13 @@ impl Db {
     /// Every job with its targets.
     pub fn jobs(&self) -> Result<Vec<pb::Job>, DbError> {
         let txn = self.db.begin_read().map_err(err)?;
-        // Per job, each (agent, blob)'s last word, in key order.
-        type Targets = BTreeMap<(String, String), pb::TargetProgress>;
-        let mut by_job: BTreeMap<String, Targets> = BTreeMap::new();
+        let mut by_job: BTreeMap<String, LastWords> = BTreeMap::new();
         let log = txn.open_table(JOB_LOG).map_err(err)?;
         for row in log.iter().map_err(err)? {
             let (k, v) = row.map_err(err)?;
             let (job, seq) = k.value();
-            match StoredTargets::decode(v.value()) {
-                Ok(entry) => {
-                    let targets = by_job.entry(job.to_string()).or_default();
-                    for t in entry.targets {
-                        targets.insert((t.agent_id.clone(), t.blob.clone()), t);
-                    }
-                }
-                Err(e) => bad_row("job_log", &format!("{job}/{seq}"), &e),
-            }
+            let targets = by_job.entry(job.to_string()).or_default();
+            take_in(targets, job, seq, v.value());
         }
         let table = txn.open_table(JOBS).map_err(err)?;
         let mut out = Vec::new();
@@ -402,17 +393,10 @@ impl LogSize {
 /// used to send the whole job instead, every target of a 20,000-target job built at once in
 /// the middle of its wave.
 fn fold_log(log: &mut redb::Table<'_, (&str, u64), &[u8]>, id: &str) -> Result<usize, DbError> {
-    let mut targets: BTreeMap<(String, String), pb::TargetProgress> = BTreeMap::new();
+    let mut targets = LastWords::new();
     for row in log.range((id, 0)..=(id, u64::MAX)).map_err(err)? {
         let (k, v) = row.map_err(err)?;
-        match StoredTargets::decode(v.value()) {
-            Ok(entry) => {
-                for t in entry.targets {
-                    targets.insert((t.agent_id.clone(), t.blob.clone()), t);
-                }
-            }
-            Err(e) => bad_row("job_log", &format!("{id}/{}", k.value().1), &e),
-        }
+        take_in(&mut targets, id, k.value().1, v.value());
     }
     clear_log(log, id)?;
     let entry = StoredTargets {
@@ -421,6 +405,22 @@ fn fold_log(log: &mut redb::Table<'_, (&str, u64), &[u8]>, id: &str) -> Result<u
     log.insert((id, 0), &entry.encode_to_vec()[..])
         .map_err(err)?;
     Ok(entry.targets.len())
+}
+
+/// A job's targets, each (agent, blob)'s last word, in key order.
+type LastWords = BTreeMap<(String, String), pb::TargetProgress>;
+
+/// Takes in entry `seq` of job `id`'s log: each target it lists replaces its earlier word.
+/// An entry that does not decode is skipped (and counted).
+fn take_in(targets: &mut LastWords, id: &str, seq: u64, entry: &[u8]) {
+    match StoredTargets::decode(entry) {
+        Ok(entry) => {
+            for t in entry.targets {
+                targets.insert((t.agent_id.clone(), t.blob.clone()), t);
+            }
+        }
+        Err(e) => bad_row("job_log", &format!("{id}/{seq}"), &e),
+    }
 }
 
 /// Removes every entry of job `id`'s log.

@@ -25,6 +25,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 pub use auth::{ApiToken, Role};
+/// The name of the coordinator's state thread (see `driver::StateTask`).
+pub use driver::STATE_THREAD;
 use shoal_planner::AssignerConfig;
 use shoal_proto::pb::v1::coordinator_server::CoordinatorServer;
 use shoal_proto::pb::{self, v1::agent_session_server::AgentSessionServer};

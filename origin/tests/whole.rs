@@ -191,12 +191,7 @@ async fn an_origin_that_ignores_range_is_read_in_one_get() {
 
 #[tokio::test]
 async fn ranges_of_another_version_fail_the_read_instead_of_mixing_it() {
-    let (addr, _, _) = origin().await;
-    let err = read_path(addr, "/changing").await.unwrap_err();
-    assert!(
-        matches!(&err, OriginError::Unreachable(m) if m.contains("changed while it was read")),
-        "{err}"
-    );
+    read_fails("/changing", "changed while it was read").await;
 }
 
 #[test]
@@ -237,10 +232,15 @@ fn a_registry_with_a_request_budget_is_read_in_one_get() {
 
 #[tokio::test]
 async fn a_range_answered_with_the_whole_object_fails_the_read() {
+    read_fails("/first-range", "answered with the whole object").await;
+}
+
+/// Reading `path` in ranges fails as unreachable, saying `why`.
+async fn read_fails(path: &str, why: &str) {
     let (addr, _, _) = origin().await;
-    let err = read_path(addr, "/first-range").await.unwrap_err();
+    let err = read_path(addr, path).await.unwrap_err();
     assert!(
-        matches!(&err, OriginError::Unreachable(m) if m.contains("answered with the whole object")),
+        matches!(&err, OriginError::Unreachable(m) if m.contains(why)),
         "{err}"
     );
 }

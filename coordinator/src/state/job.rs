@@ -286,9 +286,9 @@ impl Job {
         self.targets.iter()
     }
 
-    /// Whether the job has a target of `blob` on `agent` that has not ended.
-    pub fn target_open(&self, agent: &str, blob: Digest) -> bool {
-        (self.targets.get(&(agent.to_string(), blob))).is_some_and(|t| !t.is_terminal())
+    /// Whether the job has a target `key` that has not ended.
+    pub fn target_open(&self, key: &TargetKey) -> bool {
+        (self.targets.get(key)).is_some_and(|t| !t.is_terminal())
     }
 
     /// The targets after `after` in key order (all of them if `None`).
@@ -580,7 +580,6 @@ impl Job {
     }
 }
 
-/// One target as the API and the database see it.
 /// The entries of `map` after `after` in key order (all of them if `None`).
 pub fn targets_after<'a, V>(
     map: &'a BTreeMap<TargetKey, V>,
@@ -607,6 +606,7 @@ impl BlobNames {
     }
 }
 
+/// One target as the API and the database see it.
 fn target_pb((agent, blob): &TargetKey, t: &Target, names: &mut BlobNames) -> pb::TargetProgress {
     pb::TargetProgress {
         agent_id: agent.clone(),

@@ -117,9 +117,9 @@ impl Jobs {
         self.flush_slice = n;
     }
 
-    /// Whether job `id` has a target of `blob` on `agent` that has not ended.
-    pub fn is_open(&self, id: &str, agent: &str, blob: Digest) -> bool {
-        (self.jobs.get(id)).is_some_and(|j| j.target_open(agent, blob))
+    /// Whether job `id` has a target `key` that has not ended.
+    pub fn is_open(&self, id: &str, key: &TargetKey) -> bool {
+        (self.jobs.get(id)).is_some_and(|j| j.target_open(key))
     }
 
     pub fn get(&self, id: &str) -> Result<&Job, ApiError> {

@@ -39,8 +39,7 @@ impl State {
             let Some((job, host, blob)) = self.wanting.pop_front() else {
                 return;
             };
-            let agent = self.agents.name(host);
-            if !self.jobs.is_open(&job, &agent, blob) {
+            if !self.jobs.is_open(&job, &(self.agents.name(host), blob)) {
                 continue;
             }
             self.want(&job, host, blob, now);

@@ -180,20 +180,8 @@ impl Drop for Coordinator {
 pub fn usage_of(pid: &str) -> Result<Usage> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("reading /proc/{pid}/stat"))?;
-    // Fields after the command name (which may hold spaces and parentheses): state is
-    // field 3, utime 14, stime 15.
-    let rest = stat.rsplit_once(')').context("malformed stat")?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| -> Result<f64> {
-        let v: u64 = fields
-            .get(i)
-            .context("short stat")?
-            .parse()
-            .context("stat field")?;
-        Ok(v as f64)
-    };
-    let cpu_seconds = (ticks(11)? + ticks(12)?) / CLOCK_TICKS;
-    let state_cpu_seconds = thread_cpu_seconds(pid, STATE_THREAD)?;
+    let cpu_seconds = cpu_ticks(&stat)? as f64 / CLOCK_TICKS;
+    let state_cpu_seconds = thread_cpu_seconds(pid, shoal_coordinator::STATE_THREAD)?;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("reading /proc/{pid}/status"))?;
     let kib: u64 = status
@@ -209,9 +197,6 @@ pub fn usage_of(pid: &str) -> Result<Usage> {
     })
 }
 
-/// The coordinator's state thread, as it names it.
-const STATE_THREAD: &str = "shoal-state";
-
 /// The CPU seconds of the threads of `/proc/<pid>` named `name`.
 fn thread_cpu_seconds(pid: &str, name: &str) -> Result<f64> {
     let tasks = format!("/proc/{pid}/task");
@@ -225,17 +210,23 @@ fn thread_cpu_seconds(pid: &str, name: &str) -> Result<f64> {
         ) else {
             continue;
         };
-        if comm.trim_end() != name {
-            continue;
-        }
-        let rest = stat.rsplit_once(')').context("malformed stat")?.1;
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        for i in [11, 12] {
-            let v: u64 = (fields.get(i).context("short stat")?.parse()).context("stat field")?;
-            ticks += v;
+        if comm.trim_end() == name {
+            ticks += cpu_ticks(&stat)?;
         }
     }
     Ok(ticks as f64 / CLOCK_TICKS)
+}
+
+/// User and system clock ticks from a `stat` file's text (a process's or a thread's).
+fn cpu_ticks(stat: &str) -> Result<u64> {
+    // Fields after the command name (which may hold spaces and parentheses): state is
+    // field 3, utime 14, stime 15.
+    let rest = stat.rsplit_once(')').context("malformed stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| -> Result<u64> {
+        (fields.get(i).context("short stat")?.parse()).context("stat field")
+    };
+    Ok(field(11)? + field(12)?)
 }
 
 /// The last `n` lines of a file.

@@ -103,18 +103,24 @@ fn a_distributes_targets_are_wanted_a_few_per_turn() {
     assert_eq!(wanted(&s)[..4], [true; 4]);
     assert!(s.wanting.is_empty());
 
-    // Another job: t5 comes to hold the blob before its turn, and the job is cancelled
-    // before t6's and t7's.
+    // Another job: t7, still queued, comes to hold the blob before its turn (its BlobDone
+    // finds no job wanting it there yet).
     let other = distribute(&mut s, blob, &names[4..]).expect("distribute");
     assert_eq!(wanted(&s)[4..], [true, true, true, false]);
     let done = pb::BlobDone {
         blob_digest: blob.as_bytes().to_vec(),
     };
-    say(&mut s, agents[5].0, Msg::BlobDone(done));
+    say(&mut s, agents[7].0, Msg::BlobDone(done));
+    let (_, targets) = target_state(&mut s, &other);
+    assert_eq!(targets[3].state(), pb::TargetState::Pending, "{targets:?}");
     let now = s.now;
     s.handle_timeout(now);
     let (_, targets) = target_state(&mut s, &other);
-    assert_eq!(targets[1].state(), pb::TargetState::Done, "{targets:?}");
+    assert_eq!(targets[3].state(), pb::TargetState::Done, "{targets:?}");
+    assert!(
+        !s.jobs.is_wanted(hosts[7], blob),
+        "nothing left to plan for it"
+    );
     // A third job, one want a turn, cancelled after its first.
     s.set_wants_per_turn(1);
     let mut late = Vec::new();
