@@ -1,8 +1,9 @@
 //! A shaped network of hosts, each in its own network namespace: one veth per host into a
 //! bridge that lives in a namespace of its own, `tbf` on both ends of every veth (the host's
 //! upload on its side, its download on the bridge's side). Nothing touches the root
-//! namespace's interfaces, and every namespace is deleted on drop (and, for fabrics whose
-//! process died, by the next fabric made).
+//! namespace's interfaces, and every namespace is deleted on drop, on a signal in a binary
+//! that asked for it ([`clean_up_on_signal`]), and, for fabrics whose process died, by the
+//! next fabric made.
 //!
 //! Needs root, `ip` and `tc` (iproute2).
 
@@ -71,6 +72,14 @@ fn run(args: &[&str]) -> Result<()> {
 /// Deletes the namespaces of fabrics whose process is gone, and kills what still runs in
 /// them (a benchmark or test killed by a signal leaves its origins and agents behind).
 fn remove_stale() {
+    let gone = |owner: u32| !PathBuf::from(format!("/proc/{owner}")).exists();
+    remove_fabrics(gone);
+    remove_groups(gone);
+}
+
+/// Deletes the namespaces of fabrics whose owning process id `doomed` picks, after killing
+/// what runs in them.
+fn remove_fabrics(doomed: impl Fn(u32) -> bool) {
     let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
         return;
     };
@@ -79,14 +88,51 @@ fn remove_stale() {
         let Some(rest) = name.strip_prefix(PREFIX) else {
             continue;
         };
-        let pid = rest.split('-').next().unwrap_or("");
-        let alive = u32::from_str_radix(pid, 16)
-            .is_ok_and(|p| PathBuf::from(format!("/proc/{p}")).exists());
-        if !alive {
+        let owner = rest.split('-').next().unwrap_or("");
+        if u32::from_str_radix(owner, 16).is_ok_and(&doomed) {
             kill_inside(name);
             let _ = run(&["ip", "netns", "del", name]);
         }
     }
+}
+
+/// From now on, a SIGINT, SIGTERM or SIGHUP to this process kills what runs in its fabrics
+/// and CPU groups, deletes them, and exits with 128 + the signal's number: a signal ends a
+/// process without running its drops, and a benchmark interrupted by hand would otherwise
+/// leave its namespaces, agents and origins to the next fabric made. For a binary's `main`
+/// (a test harness handles signals its own way).
+pub fn clean_up_on_signal() -> Result<()> {
+    use nix::sys::signal::Signal;
+    use tokio::signal::unix::{SignalKind, signal};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()?;
+    // Registered before this returns, so that no signal from here on is missed.
+    let (mut int, mut term, mut hup) = {
+        let _entered = runtime.enter();
+        (
+            signal(SignalKind::interrupt())?,
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::hangup())?,
+        )
+    };
+    std::thread::Builder::new()
+        .name("netns-signals".into())
+        .spawn(move || {
+            let got = runtime.block_on(async {
+                tokio::select! {
+                    _ = int.recv() => Signal::SIGINT,
+                    _ = term.recv() => Signal::SIGTERM,
+                    _ = hup.recv() => Signal::SIGHUP,
+                }
+            });
+            eprintln!("{got}: removing this run's network namespaces and CPU groups");
+            let me = std::process::id();
+            remove_fabrics(|owner| owner == me);
+            remove_groups(|owner| owner == me);
+            std::process::exit(128 + got as i32);
+        })?;
+    Ok(())
 }
 
 /// SIGKILLs every process in namespace `name`.
@@ -272,14 +318,7 @@ pub struct CpuGroup {
 
 impl CpuGroup {
     pub fn new(name: &str) -> Result<CpuGroup> {
-        let v1 = PathBuf::from("/sys/fs/cgroup/cpuacct");
-        let (base, v2) = if v1.join("cpuacct.usage").exists() {
-            (v1, false)
-        } else if PathBuf::from("/sys/fs/cgroup/cgroup.controllers").exists() {
-            (PathBuf::from("/sys/fs/cgroup"), true)
-        } else if PathBuf::from("/sys/fs/cgroup/unified/cgroup.procs").exists() {
-            (PathBuf::from("/sys/fs/cgroup/unified"), true)
-        } else {
+        let Some((base, v2)) = cgroup_base() else {
             bail!("no cgroup hierarchy to count CPU time in under /sys/fs/cgroup");
         };
         let dir = base.join(format!("{PREFIX}-{:x}-{name}", std::process::id()));
@@ -371,6 +410,61 @@ pub fn machine_busy_seconds() -> Result<f64> {
     // user nice system idle iowait irq softirq steal, in USER_HZ (100 on Linux).
     let busy = ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6] + ticks[7];
     Ok(busy / 100.0)
+}
+
+/// Where CPU groups are made, and whether it is cgroup v2: v1's `cpuacct` if mounted.
+fn cgroup_base() -> Option<(PathBuf, bool)> {
+    let v1 = PathBuf::from("/sys/fs/cgroup/cpuacct");
+    if v1.join("cpuacct.usage").exists() {
+        Some((v1, false))
+    } else if PathBuf::from("/sys/fs/cgroup/cgroup.controllers").exists() {
+        Some((PathBuf::from("/sys/fs/cgroup"), true))
+    } else if PathBuf::from("/sys/fs/cgroup/unified/cgroup.procs").exists() {
+        Some((PathBuf::from("/sys/fs/cgroup/unified"), true))
+    } else {
+        None
+    }
+}
+
+/// Removes the CPU groups whose owning process id `doomed` picks, after killing what runs
+/// in them (a group is removable only once empty).
+fn remove_groups(doomed: impl Fn(u32) -> bool) {
+    let Some((base, _)) = cgroup_base() else {
+        return;
+    };
+    let Ok(entries) = std::fs::read_dir(&base) else {
+        return;
+    };
+    let prefix = format!("{PREFIX}-");
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(&prefix) else {
+            continue;
+        };
+        let owner = rest.split('-').next().unwrap_or("");
+        if !u32::from_str_radix(owner, 16).is_ok_and(&doomed) {
+            continue;
+        }
+        let dir = entry.path();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        loop {
+            let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+            if procs.trim().is_empty() || std::time::Instant::now() > deadline {
+                break;
+            }
+            for pid in procs
+                .split_whitespace()
+                .filter_map(|p| p.parse::<i32>().ok())
+            {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let _ = std::fs::remove_dir(&dir);
+    }
 }
 
 impl Drop for CpuGroup {
