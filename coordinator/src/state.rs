@@ -240,7 +240,7 @@ pub struct State {
     bounds: std::collections::HashMap<String, export::BoundScan>,
     /// A Distribute's targets not wanted yet: taken [`State::wants_per_turn`] at a time
     /// (see `State::want_some`).
-    wanting: std::collections::VecDeque<(Arc<str>, HostId, shoal_proto::Digest)>,
+    wanting: std::collections::VecDeque<planning::Wanting>,
     /// [`WANTS_PER_TURN`], but in tests.
     wants_per_turn: usize,
     secrets: secrets::Secrets,

@@ -2,7 +2,7 @@
 //! CancelJob, GetBlob, ResolveUrl. (GetJob, WatchJob, ListJobs, ListAgents and ListBlobs
 //! are answered by their owner directly.)
 
-use std::sync::Arc;
+use super::planning::Wanting;
 use std::time::Duration;
 
 use shoal_planner::{HostId, UrlAnswer, UrlKey};
@@ -67,16 +67,12 @@ impl State {
         let what = format!("storing job {job_id}");
         self.jobs
             .create(job, now.wall, when_stored(reply, response, what));
-        let job: Arc<str> = job_id.as_str().into();
-        for host in &targets {
-            for blob in &blobs {
-                if !self.catalog.holds_complete(blob, *host) {
-                    self.wanting.push_back((job.clone(), *host, *blob));
-                }
-            }
-        }
-        self.want_some(now);
+        // Wanted a few at a time, the first now (the job's record is with the writer
+        // already); a target held already was made done, and `want_some` skips it.
         tracing::info!(job = %job_id, targets = targets.len(), blobs = blobs.len(), "job accepted");
+        let job = job_id.as_str().into();
+        self.wanting.push_back(Wanting::new(job, targets, blobs));
+        self.want_some(now);
     }
 
     /// Checks a Distribute and makes its job, with its target agents and blobs.
@@ -160,12 +156,14 @@ impl State {
                 .collect(),
         };
         let mut job = Job::new(record, deadline);
+        let sizes: Vec<u64> = (blobs.iter())
+            .map(|blob| self.catalog.manifest(blob).map_or(0, |m| m.size()))
+            .collect();
         for host in &targets {
             let agent = self.agents.name(*host);
-            for blob in &blobs {
-                let size = self.catalog.manifest(blob).map_or(0, |m| m.size());
+            for (blob, size) in blobs.iter().zip(&sizes) {
                 let done = self.catalog.holds_complete(blob, *host);
-                job.add_target((agent.clone(), *blob), Target::new(size, done));
+                job.add_target((agent.clone(), *blob), Target::new(*size, done));
             }
         }
         job.refresh_state(now.wall);

@@ -456,7 +456,7 @@ impl Job {
         hide_header_values(&mut job);
         self.stored = Some(self.version);
         self.pass = None;
-        JobRecord { job, whole: true }
+        JobRecord::new(job, true)
     }
 
     /// [`Job::record_whole`] with only the targets changed since the last record handed to
@@ -516,10 +516,11 @@ impl Job {
     fn header_with(&self, targets: Vec<pb::TargetProgress>, now: SystemTime) -> JobRecord {
         let mut job = self.to_pb(false, now);
         hide_header_values(&mut job);
-        if let Some(p) = job.progress.as_mut() {
-            p.targets = targets;
+        JobRecord {
+            job,
+            targets,
+            whole: false,
         }
-        JobRecord { job, whole: false }
     }
 
     /// A write of this job failed: the next one writes it whole.

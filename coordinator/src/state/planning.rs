@@ -7,6 +7,7 @@
 //! move to the assigner.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use shoal_planner::{
     BlobId, Command, Event, GiveUp, HostId, LastError, Notice, SeedCommand, SeedEvent, SeedFault,
@@ -30,14 +31,57 @@ fn origin_size(origin: &pb::Origin, blob: &Digest) -> u64 {
     }
 }
 
+/// A Distribute's targets not wanted yet, in order: each of its hosts with each of its
+/// blobs, from `next` on. One entry a Distribute: an entry a target made a 20,000-target
+/// Distribute's turn fill ~1 MB of fresh memory (5-15 ms here) before its answer.
+#[derive(Debug)]
+pub(super) struct Wanting {
+    job: Arc<str>,
+    hosts: Vec<HostId>,
+    blobs: Vec<Digest>,
+    next: usize,
+}
+
+impl Wanting {
+    pub(super) fn new(job: Arc<str>, hosts: Vec<HostId>, blobs: Vec<Digest>) -> Self {
+        Wanting {
+            job,
+            hosts,
+            blobs,
+            next: 0,
+        }
+    }
+
+    /// The next target, if any is left.
+    fn take(&mut self) -> Option<(HostId, Digest)> {
+        let per_host = self.blobs.len().max(1);
+        let host = *self.hosts.get(self.next / per_host)?;
+        let blob = *self.blobs.get(self.next % per_host)?;
+        self.next += 1;
+        Some((host, blob))
+    }
+
+    fn is_empty(&self) -> bool {
+        self.next >= self.hosts.len() * self.blobs.len()
+    }
+}
+
 impl State {
     /// Wants up to [`State::wants_per_turn`] of the Distributes' targets queued in
     /// `wanting`, in order; a target its job ended meanwhile (a cancel, a deadline) is
     /// skipped, and one whose agent came to hold the blob meanwhile is done.
     pub(super) fn want_some(&mut self, now: Now) {
         for _ in 0..self.wants_per_turn {
-            let Some((job, host, blob)) = self.wanting.pop_front() else {
+            let Some(front) = self.wanting.front_mut() else {
                 return;
+            };
+            let job = front.job.clone();
+            let target = front.take();
+            if target.is_none() || front.is_empty() {
+                self.wanting.pop_front();
+            }
+            let Some((host, blob)) = target else {
+                continue;
             };
             if !self.jobs.is_open(&job, &(self.agents.name(host), blob)) {
                 continue;

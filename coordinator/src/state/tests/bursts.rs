@@ -152,3 +152,57 @@ fn a_distributes_targets_are_wanted_a_few_per_turn() {
     assert_eq!(target_state(&mut s, &third).0, pb::JobState::Cancelled);
     assert_eq!(target_state(&mut s, &job).0, pb::JobState::Running);
 }
+
+/// A Distribute of several blobs queues its agents × blobs as one entry and wants each
+/// target once, in order, a few per turn; a target whose agent holds its blob already is
+/// done at once and not wanted.
+#[test]
+fn a_distribute_of_several_blobs_wants_each_target_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut s = state(dir.path(), Duration::from_secs(30));
+    let seeder = join(&mut s, "seeder", 1);
+    let (session, _seeder_inbox) = open(&mut s, &seeder);
+    let first = manifest();
+    let second = Manifest::from_reader(&[9u8; 2 * 4096][..], 4096).expect("manifest");
+    register(&mut s, session, &first);
+    register(&mut s, session, &second);
+    let (ids, agents) = agents_open(&mut s, 3, 10);
+    // t1 holds the second blob already.
+    register(&mut s, agents[1].0, &second);
+    let hosts: Vec<HostId> = (ids.iter())
+        .map(|id| s.agents.host_of(id).expect("joined"))
+        .collect();
+    s.set_wants_per_turn(2);
+    let blobs = [first.digest(), second.digest()];
+    let req = pb::DistributeRequest {
+        blobs: blobs.iter().map(|b| b.to_string()).collect(),
+        targets: super::agents(&ids.iter().map(String::as_str).collect::<Vec<_>>()),
+        ..Default::default()
+    };
+    let job = distribute_req(&mut s, req).expect("distribute");
+    let wanted = |s: &S| -> Vec<[bool; 2]> {
+        (hosts.iter())
+            .map(|h| blobs.map(|b| s.jobs.is_wanted(*h, b)))
+            .collect()
+    };
+    assert_eq!(
+        wanted(&s),
+        [[true, true], [false, false], [false, false]],
+        "t0's two targets in the Distribute's turn"
+    );
+    let mut turns = 0;
+    while !s.wanting.is_empty() {
+        let now = s.now;
+        s.handle_timeout(now);
+        turns += 1;
+    }
+    // Four left, two a turn: t1's second blob counts against a turn but is not wanted.
+    assert_eq!(turns, 2);
+    assert_eq!(wanted(&s), [[true, true], [true, false], [true, true]]);
+    let (_, targets) = target_state(&mut s, &job);
+    let done: Vec<(&str, bool)> = (targets.iter())
+        .map(|t| (t.agent_id.as_str(), t.state() == pb::TargetState::Done))
+        .filter(|(_, done)| *done)
+        .collect();
+    assert_eq!(done, [(ids[1].as_str(), true)], "{targets:?}");
+}
