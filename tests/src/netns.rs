@@ -69,8 +69,9 @@ fn run(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// Deletes the namespaces of fabrics whose process is gone, and kills what still runs in
-/// them (a benchmark or test killed by a signal leaves its origins and agents behind).
+/// Deletes the namespaces and CPU groups of fabrics whose process is gone, and kills what
+/// still runs in them (a benchmark or test killed by a signal leaves its origins and agents
+/// behind).
 fn remove_stale() {
     let gone = |owner: u32| !PathBuf::from(format!("/proc/{owner}")).exists();
     remove_fabrics(gone);
@@ -126,6 +127,7 @@ pub fn clean_up_on_signal() -> Result<()> {
                     _ = hup.recv() => Signal::SIGHUP,
                 }
             });
+            SIGNALLED.store(true, std::sync::atomic::Ordering::SeqCst);
             eprintln!("{got}: removing this run's network namespaces and CPU groups");
             let me = std::process::id();
             remove_fabrics(|owner| owner == me);
@@ -133,6 +135,20 @@ pub fn clean_up_on_signal() -> Result<()> {
             std::process::exit(128 + got as i32);
         })?;
     Ok(())
+}
+
+/// Set by [`clean_up_on_signal`]'s thread when a signal came, before it kills anything.
+static SIGNALLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// For the end of a `main` that called [`clean_up_on_signal`]: if a signal came, the
+/// run's processes died of its cleanup, which is still under way and ends the process with
+/// the signal's status; this waits for that instead of exiting with the run's own.
+pub fn wait_if_signalled() {
+    if SIGNALLED.load(std::sync::atomic::Ordering::SeqCst) {
+        loop {
+            std::thread::park();
+        }
+    }
 }
 
 /// SIGKILLs every process in namespace `name`.

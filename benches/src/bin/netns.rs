@@ -311,7 +311,13 @@ fn main() -> Result<()> {
     if let Some(h) = cli.helper {
         return helper(h);
     }
-    let args = cli.args;
+    let result = bench(cli.args);
+    // Stopped by a signal, the run's processes died of its cleanup, which ends the process.
+    shoal_tests::netns::wait_if_signalled();
+    result
+}
+
+fn bench(args: Args) -> Result<()> {
     ensure!(args.targets >= 1, "--targets must be at least 1");
     ensure!(args.slow <= args.targets, "--slow is more than --targets");
     let hosts = args.targets + 1;

@@ -2,7 +2,6 @@
 //! CancelJob, GetBlob, ResolveUrl. (GetJob, WatchJob, ListJobs, ListAgents and ListBlobs
 //! are answered by their owner directly.)
 
-use super::planning::Wanting;
 use std::time::Duration;
 
 use shoal_planner::{HostId, UrlAnswer, UrlKey};
@@ -10,6 +9,7 @@ use shoal_proto::Digest;
 use shoal_proto::pb::v1::{self as pb, AgentState, JobState};
 
 use super::job::{Job, Target};
+use super::planning::Wanting;
 use super::{ApiError, Now, Reply, State, Submitted, when_stored};
 
 /// Checks an origin given by a user; returns a message for INVALID_ARGUMENT.
@@ -67,9 +67,9 @@ impl State {
         let what = format!("storing job {job_id}");
         self.jobs
             .create(job, now.wall, when_stored(reply, response, what));
+        tracing::info!(job = %job_id, targets = targets.len(), blobs = blobs.len(), "job accepted");
         // Wanted a few at a time, the first now (the job's record is with the writer
         // already); a target held already was made done, and `want_some` skips it.
-        tracing::info!(job = %job_id, targets = targets.len(), blobs = blobs.len(), "job accepted");
         let job = job_id.as_str().into();
         self.wanting.push_back(Wanting::new(job, targets, blobs));
         self.want_some(now);

@@ -33,7 +33,8 @@ fn origin_size(origin: &pb::Origin, blob: &Digest) -> u64 {
 
 /// A Distribute's targets not wanted yet, in order: each of its hosts with each of its
 /// blobs, from `next` on. One entry a Distribute: an entry a target made a 20,000-target
-/// Distribute's turn fill ~1 MB of fresh memory (5-15 ms here) before its answer.
+/// Distribute's turn, a pause for every message behind it, fill ~1 MB of fresh memory
+/// (5-15 ms here).
 #[derive(Debug)]
 pub(super) struct Wanting {
     job: Arc<str>,
