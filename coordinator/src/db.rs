@@ -485,8 +485,7 @@ fn move_target_rows(txn: &redb::WriteTransaction) -> Result<(), DbError> {
     for (id, targets) in by_job {
         // After what the log holds already (nothing, unless an earlier open was cut off).
         let seq = next_seq(&log, &id)?;
-        let entry = StoredTargets { targets };
-        log.insert((id.as_str(), seq), &entry.encode_to_vec()[..])
+        log.insert((id.as_str(), seq), &encode_targets(&targets)[..])
             .map_err(err)?;
     }
     drop(log);
@@ -591,8 +590,6 @@ mod tests {
         log.range((id, 0)..=(id, u64::MAX)).expect("range").count()
     }
 
-    /// A write lists the targets that changed; the others keep what was stored. A whole
-    /// write replaces the log with one entry, and forgetting the job removes it all.
     /// The log's entries are written without a copy of their targets, and read back as
     /// the message they always were.
     #[test]
@@ -613,6 +610,8 @@ mod tests {
         assert!(encode_targets(&[]).is_empty());
     }
 
+    /// A write lists the targets that changed; the others keep what was stored. A whole
+    /// write replaces the log with one entry, and forgetting the job removes it all.
     #[test]
     fn a_job_write_replaces_only_the_targets_it_lists() {
         let dir = tempfile::tempdir().expect("tempdir");

@@ -99,9 +99,11 @@ impl BoundScan {
         download: impl Fn(&str) -> Option<u64>,
     ) {
         let mut taken = 0;
-        for ((agent, blob), bytes) in targets.take(limit) {
+        let mut last_key = None;
+        for (key, bytes) in targets.take(limit) {
             taken += 1;
-            self.after = Some((agent.clone(), *blob));
+            last_key = Some(key);
+            let agent = &key.0;
             match &mut self.agent {
                 Some((last, sum)) if last == agent => *sum += bytes,
                 _ => {
@@ -109,6 +111,10 @@ impl BoundScan {
                     self.agent = Some((agent.clone(), bytes));
                 }
             }
+        }
+        // Where the next slice starts: one key kept per slice, not one per target.
+        if let Some(key) = last_key {
+            self.after = Some(key.clone());
         }
         if taken < limit {
             self.finish_agent(&download);
