@@ -188,6 +188,8 @@ pub enum Fault {
     Burst(u32, oneshot::Sender<()>),
     /// Answers how many wants wait for the planner's next slice.
     QueuedWants(oneshot::Sender<usize>),
+    /// Every timer turn from now on stalls this long on top of its work.
+    SlowTimers(Duration),
 }
 
 /// Settings the state needs.
@@ -243,6 +245,9 @@ pub struct State {
     wanting: std::collections::VecDeque<planning::Wanting>,
     /// [`WANTS_PER_TURN`], but in tests.
     wants_per_turn: usize,
+    /// How long each timer turn stalls on top of its work (`Fault::SlowTimers`).
+    #[cfg(test)]
+    slow_timers: Duration,
     secrets: secrets::Secrets,
     vetting: vetting::Vetting,
     /// Blobs with waiting targets and no whole copy, watched for progress.
@@ -336,6 +341,8 @@ impl State {
             bounds: Default::default(),
             wanting: Default::default(),
             wants_per_turn: WANTS_PER_TURN,
+            #[cfg(test)]
+            slow_timers: Duration::ZERO,
             secrets,
             vetting: Default::default(),
             stranded,
@@ -390,6 +397,8 @@ impl State {
 
     /// Runs what is due by `now`: the planner's timers, and housekeeping.
     pub fn handle_timeout(&mut self, now: Now) {
+        #[cfg(test)]
+        std::thread::sleep(self.slow_timers);
         self.assigner.begin_batch();
         self.want_some(now);
         if self.assigner.poll_timeout().is_some_and(|t| t <= now.mono) {
@@ -404,6 +413,11 @@ impl State {
         }
         self.assigner.end_batch();
         self.drive(now);
+    }
+
+    /// Fetch orders sent to agents so far.
+    pub fn orders_sent(&self) -> u64 {
+        self.agents.orders_sent()
     }
 
     /// When `handle_timeout` must next be called.
@@ -499,6 +513,8 @@ impl State {
             Request::Fault(Fault::QueuedWants(reply)) => {
                 let _ = reply.send(self.assigner.queued_wants());
             }
+            #[cfg(test)]
+            Request::Fault(Fault::SlowTimers(stall)) => self.slow_timers = stall,
         }
     }
 

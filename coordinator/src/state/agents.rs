@@ -90,6 +90,8 @@ pub struct Agents {
     zones: BTreeMap<String, u32>,
     racks: BTreeMap<(String, String), u32>,
     next_generation: u64,
+    /// Fetch orders sent on sessions, ever (the driver paces a burst of them by it).
+    orders_sent: u64,
 }
 
 impl Agents {
@@ -106,6 +108,11 @@ impl Agents {
             .get(&host)
             .map(|a| a.id.clone())
             .unwrap_or_else(|| host.to_string())
+    }
+
+    /// Fetch orders sent on sessions so far.
+    pub fn orders_sent(&self) -> u64 {
+        self.orders_sent
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Agent> {
@@ -350,10 +357,10 @@ impl Agents {
             tracing::debug!(agent = %agent.id, "no session; message not sent");
             return;
         };
-        if tx
-            .try_send(Ok(pb::CoordinatorMessage { msg: Some(msg) }))
-            .is_err()
-        {
+        let order = matches!(msg, coordinator_message::Msg::FetchOrder(_));
+        let sent = tx.try_send(Ok(pb::CoordinatorMessage { msg: Some(msg) }));
+        self.orders_sent += u64::from(order && sent.is_ok());
+        if sent.is_err() {
             tracing::warn!(agent = %agent.id, "session queue full or closed; closing the session");
             agent.session = None;
             if agent.state == AgentState::Ready {

@@ -211,7 +211,7 @@ fn say(s: &mut S, session: SessionId, msg: Msg) {
     s.s.step(Request::FromAgent { session, msg }, now);
 }
 
-fn manifest() -> Manifest {
+pub(crate) fn manifest() -> Manifest {
     Manifest::from_reader(&[7u8; 3 * 4096][..], 4096).expect("manifest")
 }
 

@@ -203,3 +203,76 @@ async fn the_state_task_stops_under_a_flood() {
     flood.abort();
     writer.wait().await.expect("the writer stored everything");
 }
+
+/// A burst's orders go out paced by what their completions will cost (`driver::Pace`):
+/// after a timer turn that sent orders, the timer rests 1.5 times that turn before the
+/// next, so a Distribute's completions cannot come back faster than the state takes them
+/// in. Here every timer turn is made to take 50 ms: the 600 orders go out in three turns
+/// (256 a turn) with two rests of 75 ms between them; unpaced, the turns come back to back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_orders_of_a_burst_go_out_paced_by_the_turns_that_send_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let started = crate::start(&config(dir.path(), Duration::from_secs(60))).expect("start");
+    let requests = started.requests.clone();
+    let (seeder, _seeder_inbox) = agent(&requests, "seeder", 7000).await;
+    let m = crate::state::tests::manifest();
+    let registered = pb::BlobRegistered {
+        manifest: Some(pb::Manifest::from(&m)),
+    };
+    let msg = pb::agent_message::Msg::BlobRegistered(registered);
+    let from_seeder = Request::FromAgent {
+        session: seeder,
+        msg,
+    };
+    requests.send(from_seeder).await.expect("sent");
+    let targets = 600;
+    let (arrived_tx, mut arrived) = mpsc::unbounded_channel();
+    let mut inboxes = Vec::new();
+    for i in 0..targets {
+        let (_, mut inbox) = agent(&requests, &format!("target-{i}"), 7001 + i).await;
+        let arrived_tx = arrived_tx.clone();
+        inboxes.push(tokio::spawn(async move {
+            while let Some(Ok(m)) = inbox.recv().await {
+                if let Some(pb::coordinator_message::Msg::FetchOrder(o)) = m.msg {
+                    let _ = arrived_tx.send((o.order_id, std::time::Instant::now()));
+                }
+            }
+        }));
+    }
+    let stall = Duration::from_millis(50);
+    let slow = Request::Fault(crate::state::Fault::SlowTimers(stall));
+    requests.send(slow).await.expect("sent");
+    let req = pb::DistributeRequest {
+        blobs: vec![m.digest().to_string()],
+        targets: Some(pb::TargetSelector {
+            selector: Some(pb::target_selector::Selector::All(pb::AllAgents {})),
+        }),
+        ..Default::default()
+    };
+    let distributed = ask(&requests, |r| {
+        Request::Distribute(req, Default::default(), r)
+    })
+    .await;
+    assert!(distributed.is_ok(), "{distributed:?}");
+    let mut at = Vec::new();
+    while at.len() < targets as usize {
+        let next = tokio::time::timeout(Duration::from_secs(30), arrived.recv()).await;
+        let Ok(Some(order)) = next else {
+            panic!("{} of {targets} targets got their order", at.len());
+        };
+        at.push(order);
+    }
+    let ids: std::collections::BTreeSet<u64> = at.iter().map(|(id, _)| *id).collect();
+    assert_eq!(ids.len(), at.len(), "an order was sent twice");
+    let first = at.iter().map(|(_, t)| *t).min().expect("orders");
+    let last = at.iter().map(|(_, t)| *t).max().expect("orders");
+    // Two rests of 75 ms and two turns of 50 ms between the first order and the last:
+    // 250 ms paced, 100 ms unpaced.
+    let span = last - first;
+    assert!(
+        span >= Duration::from_millis(200),
+        "the orders went out over {span:?}: the turns that sent them did not rest"
+    );
+    drop(inboxes);
+    stop(started).await;
+}
