@@ -114,6 +114,7 @@ async fn shutdown_signal() {
 /// dies first, `run` returns why: the process exits 1 (after storing what was queued), so
 /// that Kubernetes restarts it rather than leave a coordinator that answers nothing.
 pub async fn coordinator(args: CoordinatorArgs) -> Result<()> {
+    without_huge_pages();
     let path = |p: Option<PathBuf>| p.map(|p| p.display().to_string());
     let config: CoordinatorConfig = crate::settings::load(
         args.config.as_deref(),
@@ -132,6 +133,18 @@ pub async fn coordinator(args: CoordinatorArgs) -> Result<()> {
     eprintln!("coordinator listening on {}", listener.local_addr()?);
     shoal_coordinator::run(config, listener, shutdown_signal()).await?;
     Ok(())
+}
+
+/// Turns transparent huge pages off for this process (`prctl(PR_SET_THP_DISABLE)`).
+/// mimalloc asks for them on its arenas, and the kernel then zeroes a whole 2 MiB page at
+/// the first touch of any byte of it: a 20,000-target Distribute, whose turn on the state
+/// thread grows the job's maps and the planner's into fresh memory, was answered in 51-56 ms
+/// with them and 29-31 ms without, at 0.7 GiB resident instead of 0.5
+/// (docs/BENCHMARKS.md, stop 41). Where the kernel refuses, the coordinator runs as before.
+fn without_huge_pages() {
+    if let Err(e) = rustix::thread::disable_transparent_huge_pages(true) {
+        tracing::warn!(error = %e, "could not turn transparent huge pages off; the coordinator runs with them");
+    }
 }
 
 pub async fn agent(args: AgentArgs) -> Result<()> {

@@ -29,6 +29,10 @@ pub struct Proc {
 }
 
 impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Freezes (SIGSTOP) or thaws (SIGCONT) the process: a peer that hangs without closing
     /// its connections.
     pub fn signal(&self, signal: &str) -> Result<()> {

@@ -531,3 +531,19 @@ async fn push_from_standard_input() -> Result<()> {
     assert_eq!(std::fs::read(&back)?, data);
     Ok(())
 }
+
+/// The coordinator process runs without transparent huge pages (`serve.rs`
+/// `without_huge_pages`): with them, each first touch of a 2 MiB page zeroed it whole, and a
+/// 20,000-target Distribute's answer took 51-56 ms instead of 29-31 (docs/BENCHMARKS.md).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_coordinator_runs_without_transparent_huge_pages() -> Result<()> {
+    let cluster = Cluster::start(0, &[], 2000).await?;
+    let pid = cluster.coordinator.pid();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let thp = status.lines().find(|l| l.starts_with("THP_enabled:"));
+    anyhow::ensure!(
+        thp.is_some_and(|l| l.split_whitespace().nth(1) == Some("0")),
+        "the coordinator's /proc/{pid}/status says {thp:?}, not THP_enabled: 0"
+    );
+    Ok(())
+}
