@@ -138,8 +138,8 @@ pub async fn coordinator(args: CoordinatorArgs) -> Result<()> {
 /// Turns transparent huge pages off for this process (`prctl(PR_SET_THP_DISABLE)`).
 /// mimalloc asks for them on its arenas, and the kernel then zeroes a whole 2 MiB page at
 /// the first touch of any byte of it: a 20,000-target Distribute, whose turn on the state
-/// thread grows the job's maps and the planner's into fresh memory, was answered in 51-56 ms
-/// with them and 29-31 ms without, at 0.7 GiB resident instead of 0.5
+/// thread grows the job's maps and the planner's into fresh memory, was answered in 49-59 ms
+/// with them and 30-34 ms without, at 0.72 GiB resident instead of 0.5
 /// (docs/BENCHMARKS.md, stop 41). Where the kernel refuses, the coordinator runs as before.
 fn without_huge_pages() {
     if let Err(e) = rustix::thread::disable_transparent_huge_pages(true) {

@@ -534,7 +534,7 @@ async fn push_from_standard_input() -> Result<()> {
 
 /// The coordinator process runs without transparent huge pages (`serve.rs`
 /// `without_huge_pages`): with them, each first touch of a 2 MiB page zeroed it whole, and a
-/// 20,000-target Distribute's answer took 51-56 ms instead of 29-31 (docs/BENCHMARKS.md).
+/// 20,000-target Distribute's answer took 49-59 ms instead of 30-34 (docs/BENCHMARKS.md).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_coordinator_runs_without_transparent_huge_pages() -> Result<()> {
     let cluster = Cluster::start(0, &[], 2000).await?;
