@@ -13,9 +13,9 @@
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Instant, SystemTime};
 
-use shoal_planner::Time;
+use shoal_planner::{Time, Turn, TurnConfig, Turns, Waiting};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::state::{Now, Request, State};
@@ -55,62 +55,9 @@ impl Default for Clock {
 /// Why the state task stopped, once it has: set once, before its request channel closes.
 pub type Down = Arc<OnceLock<String>>;
 
-/// Requests handled as one planner batch at most (see [`State::step_many`]).
-const BATCH: usize = 256;
-
-/// How long one batch may run before a read waiting behind it gets its turn; longer after
-/// a long timer turn (see [`run`]).
-const BATCH_TIME: Duration = Duration::from_millis(5);
-
-/// How long a due timer yields to overdue batches at most: under a flood of agents'
-/// messages the planner's timers (its slices and order releases, lease expiries,
-/// housekeeping) still get a turn this often.
-const TIMER_PATIENCE: Duration = Duration::from_millis(100);
-
-/// How long a batch may run at most, after a long timer turn: a read waits for one turn.
-const BATCH_TIME_MAX: Duration = Duration::from_millis(25);
-
 /// Requests taken off the channel and not yet handled at most: beyond, senders wait on
 /// the channel's own bound.
 const BACKLOG: usize = 4096;
-
-/// Reads handled in a row at most while other work waits: a flood of reads must not starve
-/// the agents' sessions.
-const READS_IN_A_ROW: u32 = 32;
-
-/// How long the timer rests after a turn that sent fetch orders, as a multiple of that
-/// turn's time: an order's completion costs the state about 1.5 times what sending the
-/// order did (with 20,000 agents on a 2-core machine, 20 µs a completion in a batch against
-/// 13-15 µs an order in a release turn), so the orders of a burst go out no faster than
-/// their completions can be taken in. See [`Pace`].
-const RELEASE_REST: f64 = 1.5;
-
-/// Paces the fetch orders a timer turn sends (a burst's orders go out a slice per turn, see
-/// `shoal_planner`'s intake): after a turn that sent orders, the timer rests
-/// [`RELEASE_REST`] times that turn's length (at most [`TIMER_PATIENCE`]); batches and
-/// reads run meanwhile. Sent as fast as the turns allowed, the orders of a Distribute to
-/// 20,000 agents brought their completions back faster than the state could take them in,
-/// and thousands of messages waited 30-100 ms behind the backlog. Paced, the p99 of their
-/// wait fell from ~48 ms to ~20 ms (medians of 10 and 19 runs), and the last order goes out
-/// 20-40% later (docs/BENCHMARKS.md, stop 41).
-#[derive(Debug, Default)]
-struct Pace {
-    rest_until: Option<Instant>,
-}
-
-impl Pace {
-    /// A timer turn that took `took` and ended `at` sent `orders`.
-    fn sent(&mut self, orders: u64, took: Duration, at: Instant) {
-        if orders > 0 {
-            self.rest_until = Some(at + took.mul_f64(RELEASE_REST).min(TIMER_PATIENCE));
-        }
-    }
-
-    /// Until when the timer rests, if it does at `now`.
-    fn resting(&self, now: Instant) -> Option<Instant> {
-        self.rest_until.filter(|t| now < *t)
-    }
-}
 
 /// The state task's request queue, as senders see it: one channel for requests that may
 /// overtake (see [`Request::may_overtake`]) and one for the rest, so that a read does not
@@ -199,35 +146,17 @@ pub fn requests(capacity: usize) -> (Requests, Inbox) {
 /// `down` says why).
 ///
 /// What is queued is taken off the channel at each turn and sorted into two lanes: reads
-/// (see [`Request::may_overtake`]) are handled first, one per step (up to
-/// [`READS_IN_A_ROW`] while other work waits); everything else (the
-/// agents' session traffic above all) in order, in batches of up to [`BATCH`] requests or
-/// [`BATCH_TIME`]. Under a burst of agents' reports (a swarm of thousands finishing at
-/// once) a `GetJob` waits for one batch, not for the whole queue, and a batch costs less
-/// per request than single steps (one planner flush and one round of commands). Due timers
-/// run between batches; a timer that stays due (the planner's slices of a big Distribute,
-/// see `shoal_planner`'s intake) takes turns with the batches, alike in time, not in
-/// count: the batch after a timer turn may run as long as that turn did (up to
-/// [`BATCH_TIME_MAX`], and [`BATCH`] requests per [`BATCH_TIME`] of it), and a batch whose
-/// first request waited past [`BATCH_TIME`] goes before the next timer turn unless the
-/// timer has waited [`TIMER_PATIENCE`]. Alike in count, a Distribute to 20,000 agents
-/// released its orders in turns of 25 ms against batches of 256 heartbeats (1-2 ms), and
-/// 8,192 session messages queued behind them for 200-500 ms.
-///
-/// A timer turn that sent fetch orders is followed by a rest ([`Pace`]), so that the
-/// completions those orders bring back find the state free.
+/// (see [`Request::may_overtake`]) and everything else (the agents' session traffic above
+/// all), handled in order, in batches. Which goes next, a read, a batch or the due timers,
+/// and how long the timer rests after a turn that sent fetch orders, is
+/// [`shoal_planner::Turns`]'s decision (its module says why each rule is there); this loop
+/// runs what it decides, on the real clock.
 pub async fn run(mut state: State, clock: Clock, mut inbox: Inbox, down: Down) {
     let waits = Waits::new();
     let mut reads: VecDeque<Queued> = VecDeque::new();
     let mut ordered: VecDeque<Queued> = VecDeque::new();
     let (mut reads_open, mut ordered_open) = (true, true);
-    let mut reads_in_a_row = 0;
-    let mut timer_last = false;
-    // How long the last timer turn took: the next batch's allowance.
-    let mut timer_took = Duration::ZERO;
-    // Since when the timer has been due without its turn.
-    let mut timer_due_since: Option<Instant> = None;
-    let mut pace = Pace::default();
+    let mut turns = Turns::new(TurnConfig::default());
     loop {
         while reads_open {
             match inbox.reads.try_recv() {
@@ -243,77 +172,62 @@ pub async fn run(mut state: State, clock: Clock, mut inbox: Inbox, down: Down) {
                 Err(mpsc::error::TryRecvError::Disconnected) => ordered_open = false,
             }
         }
-        let due = state.poll_timeout();
-        let resting = pace.resting(Instant::now());
-        let timer_is_due = clock.now().mono >= due && resting.is_none();
-        let others_wait = !ordered.is_empty() || timer_is_due;
-        if !others_wait || reads.is_empty() {
-            reads_in_a_row = 0;
-        }
-        let read = (reads_in_a_row < READS_IN_A_ROW).then(|| reads.pop_front());
-        // A timer that stays due (the planner's next slice of a big burst) and a batch
-        // waiting take turns, unless the batch's first request has waited past
-        // [`BATCH_TIME`]: then the agents' messages go first (their wait is the session
-        // latency; the timer's work, planning and releasing orders, waits in the planner).
-        // A timer that waited past [`TIMER_PATIENCE`] takes its turn even so.
-        let overdue = (ordered.front()).is_some_and(|q| q.at.elapsed() >= BATCH_TIME);
-        timer_due_since = timer_is_due.then(|| timer_due_since.unwrap_or_else(Instant::now));
-        let impatient = timer_due_since.is_some_and(|t| t.elapsed() >= TIMER_PATIENCE);
-        let timer_due =
-            timer_is_due && (ordered.is_empty() || (!timer_last && (!overdue || impatient)));
-        let stepped = if let Some(queued) = read.flatten() {
-            reads_in_a_row += 1;
-            let request = waits.taken(queued);
-            std::panic::catch_unwind(AssertUnwindSafe(|| state.step(request, clock.now())))
-        } else if timer_due {
-            reads_in_a_row = 0;
-            timer_last = true;
-            let started = Instant::now();
-            let sent = state.orders_sent();
-            let stepped =
-                std::panic::catch_unwind(AssertUnwindSafe(|| state.handle_timeout(clock.now())));
-            timer_took = started.elapsed();
-            timer_due_since = None;
-            if stepped.is_ok() {
-                pace.sent(state.orders_sent() - sent, timer_took, Instant::now());
+        let waiting = Waiting {
+            read: !reads.is_empty(),
+            oldest_message: ordered.front().map(|q| q.at.elapsed()),
+            timer_due: state.poll_timeout(),
+        };
+        let stepped = match turns.next(clock.now().mono, waiting) {
+            Turn::Read => {
+                let request = waits.taken(reads.pop_front().expect("a read waits"));
+                std::panic::catch_unwind(AssertUnwindSafe(|| state.step(request, clock.now())))
             }
-            stepped
-        } else if !ordered.is_empty() {
-            reads_in_a_row = 0;
-            timer_last = false;
-            let started = Instant::now();
-            let allowance = (std::mem::take(&mut timer_took)).clamp(BATCH_TIME, BATCH_TIME_MAX);
-            let count = BATCH * allowance.as_micros().div_ceil(BATCH_TIME.as_micros()) as usize;
-            let batch = std::iter::from_fn(|| {
-                (started.elapsed() < allowance)
-                    .then(|| ordered.pop_front())
-                    .flatten()
-            })
-            .take(count)
-            .map(|queued| waits.taken(queued));
-            std::panic::catch_unwind(AssertUnwindSafe(|| state.step_many(batch, || clock.now())))
-        } else if !reads_open && !ordered_open {
-            return;
-        } else {
-            let timer_at = clock.instant(due);
-            let wake = resting.map_or(timer_at, |r| timer_at.max(r.into()));
-            tokio::select! {
-                request = inbox.reads.recv(), if reads_open => {
-                    match request {
-                        Some(r) => reads.push_back(r),
-                        None => reads_open = false,
+            Turn::Timer => {
+                let started = Instant::now();
+                let sent = state.orders_sent();
+                let stepped = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    state.handle_timeout(clock.now())
+                }));
+                let orders = if stepped.is_ok() {
+                    state.orders_sent() - sent
+                } else {
+                    0
+                };
+                turns.timer_ran(started.elapsed(), clock.now().mono, orders);
+                stepped
+            }
+            Turn::Batch { allowance, count } => {
+                let started = Instant::now();
+                let batch = std::iter::from_fn(|| {
+                    (started.elapsed() < allowance)
+                        .then(|| ordered.pop_front())
+                        .flatten()
+                })
+                .take(count)
+                .map(|queued| waits.taken(queued));
+                std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    state.step_many(batch, || clock.now())
+                }))
+            }
+            Turn::Idle { .. } if !reads_open && !ordered_open => return,
+            Turn::Idle { wake } => {
+                tokio::select! {
+                    request = inbox.reads.recv(), if reads_open => {
+                        match request {
+                            Some(r) => reads.push_back(r),
+                            None => reads_open = false,
+                        }
                     }
-                    Ok(())
-                }
-                request = inbox.ordered.recv(), if ordered_open => {
-                    match request {
-                        Some(r) => ordered.push_back(r),
-                        None => ordered_open = false,
+                    request = inbox.ordered.recv(), if ordered_open => {
+                        match request {
+                            Some(r) => ordered.push_back(r),
+                            None => ordered_open = false,
+                        }
                     }
-                    Ok(())
+                    // The timer's turn is taken at the top of the loop, like any other.
+                    () = tokio::time::sleep_until(clock.instant(wake)) => {}
                 }
-                // The timer's turn is taken at the top of the loop, like any other.
-                () = tokio::time::sleep_until(wake) => Ok(()),
+                Ok(())
             }
         };
         if let Err(panic) = stepped {
@@ -400,26 +314,5 @@ pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         s.clone()
     } else {
         "(no message)".into()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Only a turn that sent orders rests (the planner's slices of a burst being planned
-    /// send none and go back to back), as long as 1.5 of it, and never past the timers'
-    /// patience.
-    #[test]
-    fn a_timer_turn_rests_after_sending_orders_only() {
-        let mut pace = Pace::default();
-        let at = Instant::now();
-        pace.sent(0, Duration::from_millis(10), at);
-        assert_eq!(pace.resting(at), None, "a turn that sent no order rested");
-        pace.sent(256, Duration::from_millis(10), at);
-        assert_eq!(pace.resting(at), Some(at + Duration::from_millis(15)));
-        assert_eq!(pace.resting(at + Duration::from_millis(15)), None);
-        pace.sent(256, Duration::from_secs(1), at);
-        assert_eq!(pace.resting(at), Some(at + TIMER_PATIENCE));
     }
 }

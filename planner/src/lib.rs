@@ -1,6 +1,6 @@
 //! Every scheduling decision in Shoal, IO-free: no tokio, no sockets, no clock.
 //!
-//! Three state machines, in the style of `quinn-proto` (events in, `poll_*` out, time passed
+//! Four state machines, in the style of `quinn-proto` (events in, `poll_*` out, time passed
 //! in, randomness seeded by the caller, deterministic iteration):
 //!
 //! - [`Assigner`] (coordinator side, per (blob, host)): which hosts each target pulls a blob
@@ -12,6 +12,9 @@
 //! - [`Seeder`] (coordinator side, per blob nobody holds): which targets fetch a blob from
 //!   its origin (whole, or in ranges), failover when they fail, and single flight for URLs
 //!   pulled without a digest.
+//! - [`Turns`] (coordinator side, per turn of its one state thread): whether a read, a batch
+//!   of the agents' messages or the due timers go next, and how long the timer rests after
+//!   sending orders.
 //!
 //! The coordinator, the agent and the simulator are drivers; given the same seed and the
 //! same inputs, the machines produce the same outputs.
@@ -23,6 +26,7 @@ mod pick;
 mod seed;
 mod tiered;
 mod time;
+mod turns;
 
 #[cfg(test)]
 mod swarm_tests;
@@ -35,6 +39,7 @@ pub use seed::{
     SeederStats, UrlAnswer, UrlKey,
 };
 pub use time::Time;
+pub use turns::{Turn, TurnConfig, Turns, Waiting};
 
 pub use shoal_proto::{BlobId, ChunkIndex};
 

@@ -95,7 +95,7 @@ async fn an_overdue_backlog_goes_before_the_slices_of_a_burst() {
 }
 
 /// Overdue messages go first, but not for ever: under a flood of them (here 400 ms of
-/// work) the planner's timers still get a turn every `TIMER_PATIENCE` (100 ms).
+/// work) the planner's timers still get a turn every `TurnConfig::timer_patience` (100 ms).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_overdue_messages_does_not_starve_the_timers() {
     let flood = (0..40).map(|_| Request::Fault(Fault::Stall(Duration::from_millis(10))));
@@ -204,7 +204,7 @@ async fn the_state_task_stops_under_a_flood() {
     writer.wait().await.expect("the writer stored everything");
 }
 
-/// A burst's orders go out paced by what their completions will cost (`driver::Pace`):
+/// A burst's orders go out paced by what their completions will cost (`shoal_planner::Turns`, its rest after a timer turn that sent orders):
 /// after a timer turn that sent orders, the timer rests 1.5 times that turn before the
 /// next, so a Distribute's completions cannot come back faster than the state takes them
 /// in. Here every timer turn is made to take 50 ms: the 600 orders go out in three turns
