@@ -194,7 +194,9 @@ struct Measured {
     restart: Option<Restart>,
     usage: Vec<(String, Usage)>,
     /// Each phase's CPU seconds: the coordinator's, and its state thread's.
-    cpu_by_phase: Vec<(&'static str, f64, f64)>,
+    /// Per phase: the coordinator's CPU seconds, its state thread's, and how long that
+    /// thread waited for a core.
+    cpu_by_phase: Vec<(&'static str, f64, f64, f64)>,
     /// Agent messages per second in the steady phase.
     steady_messages_per_sec: f64,
     generator_cpu: f64,
@@ -499,6 +501,7 @@ async fn run(args: &Args, dir: &std::path::Path) -> Result<()> {
             "restart (new process)",
             now.cpu_seconds,
             now.state_cpu_seconds,
+            now.state_waiting_seconds,
         ));
         m.usage.push(("coordinator after restart".into(), now));
     }
@@ -565,16 +568,18 @@ fn targets(job: &pb::Job) -> String {
     )
 }
 
-/// A phase's CPU seconds between two readings: the coordinator's and its state thread's.
+/// A phase's CPU seconds between two readings: the coordinator's and its state thread's,
+/// and how long that thread waited for a core.
 fn phase_cpu(
     phase: &'static str,
     from: &process::Usage,
     to: &process::Usage,
-) -> (&'static str, f64, f64) {
+) -> (&'static str, f64, f64, f64) {
     (
         phase,
         to.cpu_seconds - from.cpu_seconds,
         to.state_cpu_seconds - from.state_cpu_seconds,
+        to.state_waiting_seconds - from.state_waiting_seconds,
     )
 }
 

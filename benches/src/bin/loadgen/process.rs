@@ -48,6 +48,10 @@ pub struct Usage {
     /// The CPU seconds of its state thread (`shoal-state`), the one that takes every
     /// request in turn; 0 where there is none.
     pub state_cpu_seconds: f64,
+    /// How long its state thread waited on a run queue for a core while it had work
+    /// (`schedstat`): the share of the machine the rest of it and the load generator took
+    /// from the thread that answers every message.
+    pub state_waiting_seconds: f64,
     pub peak_rss_bytes: u64,
 }
 
@@ -182,6 +186,7 @@ pub fn usage_of(pid: &str) -> Result<Usage> {
         .with_context(|| format!("reading /proc/{pid}/stat"))?;
     let cpu_seconds = cpu_ticks(&stat)? as f64 / CLOCK_TICKS;
     let state_cpu_seconds = thread_cpu_seconds(pid, shoal_coordinator::STATE_THREAD)?;
+    let state_waiting_seconds = thread_waiting_seconds(pid, shoal_coordinator::STATE_THREAD)?;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("reading /proc/{pid}/status"))?;
     let kib: u64 = status
@@ -193,6 +198,7 @@ pub fn usage_of(pid: &str) -> Result<Usage> {
     Ok(Usage {
         cpu_seconds,
         state_cpu_seconds,
+        state_waiting_seconds,
         peak_rss_bytes: kib * 1024,
     })
 }
@@ -215,6 +221,30 @@ fn thread_cpu_seconds(pid: &str, name: &str) -> Result<f64> {
         }
     }
     Ok(ticks as f64 / CLOCK_TICKS)
+}
+
+/// The seconds the threads of `/proc/<pid>` named `name` waited on a run queue: the second
+/// field of their `schedstat` (nanoseconds).
+fn thread_waiting_seconds(pid: &str, name: &str) -> Result<f64> {
+    let tasks = format!("/proc/{pid}/task");
+    let mut ns = 0u64;
+    for task in std::fs::read_dir(&tasks).with_context(|| format!("reading {tasks}"))? {
+        let dir = task?.path();
+        let (Ok(comm), Ok(schedstat)) = (
+            std::fs::read_to_string(dir.join("comm")),
+            std::fs::read_to_string(dir.join("schedstat")),
+        ) else {
+            continue;
+        };
+        if comm.trim_end() == name {
+            let waited = schedstat
+                .split_whitespace()
+                .nth(1)
+                .context("short schedstat")?;
+            ns += waited.parse::<u64>().context("schedstat field")?;
+        }
+    }
+    Ok(ns as f64 / 1e9)
 }
 
 /// User and system clock ticks from a `stat` file's text (a process's or a thread's).

@@ -295,7 +295,7 @@ pub(super) fn report(
         format!("{:.0}", m.steady_messages_per_sec),
     );
     o.num("steady_messages_per_s", m.steady_messages_per_sec);
-    for (phase, cpu, state) in &m.cpu_by_phase {
+    for (phase, cpu, state, waiting) in &m.cpu_by_phase {
         let share = match *phase {
             "steady" if args.steady_secs > 0 => {
                 format!(" ({:.1}% of a core)", cpu / args.steady_secs as f64 * 100.0)
@@ -304,11 +304,14 @@ pub(super) fn report(
         };
         o.row(
             format!("coordinator CPU, {phase}"),
-            format!("{cpu:.2} s{share}, its state thread {state:.2} s"),
+            format!(
+                "{cpu:.2} s{share}, its state thread {state:.2} s (and {waiting:.2} s waiting for a core)"
+            ),
         );
         let key = phase.split(' ').next().unwrap_or("phase");
         o.num(format!("cpu_{key}_s"), *cpu);
         o.num(format!("state_cpu_{key}_s"), *state);
+        o.num(format!("state_waiting_{key}_s"), *waiting);
     }
     for (who, u) in &m.usage {
         o.row(
