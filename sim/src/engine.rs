@@ -2,7 +2,7 @@
 //! network, the control plane, and the three ways of choosing sources (Shoal's planner, one
 //! origin for everyone, a random mesh).
 //!
-//! Time advances in fixed steps ([`Params::tick`]). In each step every flow (one source
+//! Time advances in fixed steps ([`crate::spec::Params::tick`]). In each step every flow (one source
 //! serving one download) with a request ready is given a rate by max-min sharing of the
 //! source's uplink and the target's downlink (two rounds of water-filling), bytes move, and
 //! chunks that complete are verified, stored and announced; control messages and faults are
@@ -156,7 +156,7 @@ fn blob_index(id: BlobId) -> u32 {
     u32::from_be_bytes([b[0], b[1], b[2], b[3]])
 }
 
-fn mix(a: u64, b: u64) -> u64 {
+pub(crate) fn mix(a: u64, b: u64) -> u64 {
     // SplitMix64 of a combination: decorrelates per-download seeds.
     let mut z = a ^ b.wrapping_mul(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);

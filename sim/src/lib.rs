@@ -5,7 +5,11 @@
 //! origin, and a random mesh. [`scenarios`] builds the named workloads; [`report`] prints
 //! the table and judges the goals. The model and its simplifications are described in
 //! `docs/ARCHITECTURE.md`.
+//!
+//! [`control`] models the coordinator's own CPU under many agents (the load generator's
+//! scenario), with the coordinator's turn rules, and S coordinators sharded by blob.
 
+pub mod control;
 pub mod engine;
 pub mod report;
 pub mod scenarios;

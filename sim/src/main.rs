@@ -1,16 +1,20 @@
 //! `shoal-sim <scenario>|all [--quick] [--seed N] [--only STRATEGY] [--check]`: runs named
 //! scenarios under Shoal and the two baselines and prints one table, then PASS/FAIL per goal.
-//! Exits 1 if a goal failed, 2 on bad usage.
+//! Exits 1 if a goal failed, 2 on bad usage. `shoal-sim control ...` models the coordinator's
+//! CPU under many agents instead (`shoal_sim::control`).
 
 use std::process::ExitCode;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use shoal_sim::control::LoadSpec;
 use shoal_sim::report::{self, Report};
 use shoal_sim::scenarios::{self, NAMES, NetnsShape};
 use shoal_sim::spec::SharedCpu;
 use shoal_sim::{Checks, Strategy, run};
 
-const USAGE: &str = "usage: shoal-sim <seed-example|kraken-bench|peak|faults|random-faults|cold|netns|netns-known|all> [--quick] [--seed N] [--only shoal|single-origin|random-mesh] [--check]
+const USAGE: &str = "usage: shoal-sim control [--agents N[,N...]] [--blobs B[,B...]] [--shards S[,S...]] [--blob-size 64MiB] [--link-mbit 10000] [--release-rest 1.5] [--cpu-slowdown 1] [--join-spread SECS] [--beat-borderline 0.5] [--order-spread-ms 0] [--seed N]
+  the coordinator's CPU under many agents (the loadgen's scenario), one row per combination
+       shoal-sim <seed-example|kraken-bench|peak|faults|random-faults|cold|netns|netns-known|all> [--quick] [--seed N] [--only shoal|single-origin|random-mesh] [--check]
   netns and netns-known take the real-network benchmark's shape (its defaults):
   [--targets 8] [--size-mib 256] [--rate-mbit 200] [--slow 0] (the last targets at half rate)
   [--cores 2] [--cpu-s-per-gb 12] (the machine's CPU all hosts share; --cores 0: CPU to spare)";
@@ -99,7 +103,97 @@ fn parse() -> Result<Args, String> {
     Ok(out)
 }
 
+/// `shoal-sim control ...`: the coordinator's CPU under many agents, one run per
+/// combination of the lists given.
+fn control(args: &[String]) -> Result<Vec<LoadSpec>, String> {
+    fn list<T: std::str::FromStr>(flag: &str, v: Option<&String>) -> Result<Vec<T>, String> {
+        let v = v.ok_or(format!("{flag} needs a value"))?;
+        (v.split(','))
+            .map(|x| (x.trim().parse()).map_err(|_| format!("{flag}: {x:?} is not a number")))
+            .collect()
+    }
+    let mut base = LoadSpec::loadgen(20_000, 64 << 20);
+    let (mut agents, mut blobs, mut shards) = (vec![20_000u32], vec![1u32], vec![1u32]);
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--agents" => agents = list(a, it.next())?,
+            "--blobs" => blobs = list(a, it.next())?,
+            "--shards" => shards = list(a, it.next())?,
+            "--blob-size" => {
+                let v = it.next().ok_or("--blob-size needs a size")?;
+                base.blob_size = parse_size(v)?;
+            }
+            "--link-mbit" => base.link_bps = number::<f64>(a, it.next().cloned())? * 1e6,
+            "--release-rest" => base.turns.release_rest = number(a, it.next().cloned())?,
+            "--cpu-slowdown" => base.cpu_slowdown = number(a, it.next().cloned())?,
+            "--join-spread" => {
+                base.join_spread = Duration::from_secs_f64(number(a, it.next().cloned())?)
+            }
+            "--beat-borderline" => base.beat_borderline = number(a, it.next().cloned())?,
+            "--order-spread-ms" => {
+                base.order_spread =
+                    Duration::from_secs_f64(number::<f64>(a, it.next().cloned())? / 1e3)
+            }
+            "--seed" => base.seed = number(a, it.next().cloned())?,
+            "-h" | "--help" => return Err(USAGE.into()),
+            s => return Err(format!("control: unexpected argument {s:?}")),
+        }
+    }
+    let mut out = Vec::new();
+    for &a in &agents {
+        for &b in &blobs {
+            for &s in &shards {
+                let spec = LoadSpec {
+                    agents: a,
+                    blobs: b,
+                    shards: s,
+                    ..base.clone()
+                };
+                spec.check()?;
+                out.push(spec);
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let (num, mult) = if let Some(n) = s.strip_suffix("GiB") {
+        (n, 1u64 << 30)
+    } else if let Some(n) = s.strip_suffix("MiB") {
+        (n, 1 << 20)
+    } else {
+        (s, 1)
+    };
+    let n: u64 = (num.trim().parse()).map_err(|_| format!("{s:?} is not a size (64MiB, 1GiB)"))?;
+    n.checked_mul(mult)
+        .filter(|b| *b > 0)
+        .ok_or(format!("{s:?}: out of range"))
+}
+
 fn main() -> ExitCode {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    if argv.first().is_some_and(|a| a == "control") {
+        let specs = match control(&argv[1..]) {
+            Ok(specs) => specs,
+            Err(e) => {
+                eprintln!("shoal-sim: {e}\n{USAGE}");
+                return ExitCode::from(2);
+            }
+        };
+        println!("{}", shoal_sim::control::HEADER);
+        for spec in specs {
+            match shoal_sim::control::run(&spec) {
+                Ok(o) => println!("{}", shoal_sim::control::row(&spec, &o)),
+                Err(e) => {
+                    eprintln!("shoal-sim: {e}\n{USAGE}");
+                    return ExitCode::from(2);
+                }
+            }
+        }
+        return ExitCode::SUCCESS;
+    }
     let args = match parse() {
         Ok(a) => a,
         Err(e) => {

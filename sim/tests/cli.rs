@@ -35,6 +35,66 @@ fn bad_usage_exits_2_naming_the_problem() {
     }
 }
 
+/// The coordinator model's own arguments: bad ones exit 2 before any row; good ones print
+/// one row per combination.
+#[test]
+fn control_prints_a_row_per_combination_and_refuses_bad_shapes() {
+    for (args, says) in [
+        (
+            &["control", "--agents", "x"][..],
+            "--agents: \"x\" is not a number",
+        ),
+        (
+            &["control", "--blob-size", "3 parsecs"][..],
+            "is not a size",
+        ),
+        (
+            &["control", "--agents", "1"][..],
+            "--agents must be 2 or more",
+        ),
+        (
+            &["control", "--cpu-slowdown", "0.5"][..],
+            "the CPU slowdown 1 or more",
+        ),
+        (
+            &["control", "--beat-borderline", "2"][..],
+            "is a chance, from 0 to 1",
+        ),
+        (&["control", "--fast"][..], "unexpected argument \"--fast\""),
+    ] {
+        let (code, stdout, stderr) = sim(args);
+        assert_eq!(code, 2, "{args:?}: {stderr}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+        assert!(
+            !stdout.contains("| 1 |"),
+            "{args:?} printed a row: {stdout}"
+        );
+    }
+    let args = [
+        "control",
+        "--agents",
+        "300,400",
+        "--shards",
+        "1,2",
+        "--blob-size",
+        "8MiB",
+    ];
+    let (code, stdout, stderr) = sim(&args);
+    assert_eq!(code, 0, "{stderr}");
+    let rows: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("| 3") || l.starts_with("| 4"))
+        .collect();
+    assert_eq!(rows.len(), 4, "{stdout}");
+    assert!(rows[0].starts_with("| 300 | 1 | 1 | 8 MiB |"), "{stdout}");
+    assert!(rows[3].starts_with("| 400 | 1 | 2 | 8 MiB |"), "{stdout}");
+    assert!(
+        rows.iter()
+            .all(|r| r.contains("| 299 |") || r.contains("| 399 |")),
+        "{stdout}"
+    );
+}
+
 #[test]
 fn a_run_prints_the_table_and_judges_its_goals() {
     let (code, stdout, stderr) = sim(&["random-faults", "--seed", "3", "--check"]);
