@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use shoal_sim::control::{LoadSpec, run};
+use shoal_sim::control::{LoadSpec, WAIT_BUCKETS, run};
 
 fn spec(agents: u32, blob_size: u64) -> LoadSpec {
     LoadSpec {
@@ -106,4 +106,25 @@ fn a_bad_shape_is_refused() {
     ] {
         assert!(run(&bad).is_err(), "{bad:?} accepted");
     }
+}
+
+/// The model reads its waits through the coordinator's own histogram buckets, as the
+/// loadgen does: the same bounds, and a p99 that falls between two of them reads as the
+/// loadgen's interpolation would.
+#[test]
+fn waits_are_read_through_the_coordinators_buckets() {
+    assert_eq!(
+        WAIT_BUCKETS,
+        shoal_coordinator::metrics::REQUEST_WAIT_BUCKETS,
+        "the model's buckets drifted from the coordinator's"
+    );
+    let o = run(&spec(3000, 64 << 20)).unwrap();
+    let exact = o.wait_ms(99.0);
+    let read = o.wait_ms_from_histogram(99.0);
+    let bucket = |ms: f64| WAIT_BUCKETS.iter().position(|le| ms <= le * 1e3);
+    assert_eq!(
+        bucket(exact),
+        bucket(read),
+        "exact {exact} ms, read {read} ms"
+    );
 }
