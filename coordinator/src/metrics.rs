@@ -48,9 +48,13 @@ pub const STATE_WRITE_FAILURES: &str = "shoal_coordinator_state_write_failures_t
 /// `session` for agents' session messages, `join`, `api`, `health`): the latency of a
 /// session message, which has no answer to time.
 pub const REQUEST_WAIT_SECONDS: &str = "shoal_coordinator_request_wait_seconds";
-/// Buckets of [`REQUEST_WAIT_SECONDS`]: fine below 100 ms, where a healthy coordinator is.
+/// Buckets of [`REQUEST_WAIT_SECONDS`]: fine below 100 ms, where a healthy coordinator is,
+/// and finer around the 20 ms that issue 17 asks of a session message's p99: with no bound
+/// between 10 and 20 ms, a p99 in between read as wherever its rank fell in that bucket
+/// (17-19 ms in most runs at 20,000 agents, whatever the waits themselves were).
 pub const REQUEST_WAIT_BUCKETS: &[f64] = &[
-    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
+    0.0005, 0.001, 0.002, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0,
+    2.0, 5.0,
 ];
 /// How long the state task took to answer the last health probe (the timeout if it did
 /// not answer within it).

@@ -12,7 +12,7 @@ use shoal_sim::scenarios::{self, NAMES, NetnsShape};
 use shoal_sim::spec::SharedCpu;
 use shoal_sim::{Checks, Strategy, run};
 
-const USAGE: &str = "usage: shoal-sim control [--agents N[,N...]] [--blobs B[,B...]] [--shards S[,S...]] [--blob-size 64MiB] [--link-mbit 10000] [--release-rest 1.5] [--cpu-slowdown 1] [--join-spread SECS] [--beat-borderline 0.5] [--order-spread-ms 0] [--seed N]
+const USAGE: &str = "usage: shoal-sim control [--agents N[,N...]] [--blobs B[,B...]] [--shards S[,S...]] [--blob-size 64MiB] [--link-mbit 10000] [--release-rest 1.5] [--cpu-slowdown 1] [--join-spread SECS] [--beat-borderline 0.5] [--order-spread-ms 0] [--cost NAME=MICROSECONDS]... [--seed N]
   the coordinator's CPU under many agents (the loadgen's scenario), one row per combination
        shoal-sim <seed-example|kraken-bench|peak|faults|random-faults|cold|netns|netns-known|all> [--quick] [--seed N] [--only shoal|single-origin|random-mesh] [--check]
   netns and netns-known take the real-network benchmark's shape (its defaults):
@@ -136,6 +136,13 @@ fn control(args: &[String]) -> Result<Vec<LoadSpec>, String> {
                     Duration::from_secs_f64(number::<f64>(a, it.next().cloned())? / 1e3)
             }
             "--seed" => base.seed = number(a, it.next().cloned())?,
+            "--cost" => {
+                let v = it.next().ok_or("--cost needs NAME=MICROSECONDS")?;
+                let (name, us) = v
+                    .split_once('=')
+                    .ok_or(format!("--cost: {v:?} is not NAME=MICROSECONDS"))?;
+                base.costs.set(name, number(a, Some(us.to_string()))?)?;
+            }
             "-h" | "--help" => return Err(USAGE.into()),
             s => return Err(format!("control: unexpected argument {s:?}")),
         }

@@ -60,6 +60,14 @@ fn control_prints_a_row_per_combination_and_refuses_bad_shapes() {
             &["control", "--beat-borderline", "2"][..],
             "is a chance, from 0 to 1",
         ),
+        (
+            &["control", "--cost", "lunch=3"][..],
+            "no cost called \"lunch\"",
+        ),
+        (
+            &["control", "--cost", "want"][..],
+            "is not NAME=MICROSECONDS",
+        ),
         (&["control", "--fast"][..], "unexpected argument \"--fast\""),
     ] {
         let (code, stdout, stderr) = sim(args);

@@ -221,7 +221,7 @@ impl<'a> Model<'a> {
             last_sent: vec![Time::ZERO; (spec.agents * spec.shards) as usize],
             connected: connected.clone(),
             out: LoadOutcome {
-                waits_us: Vec::new(),
+                waits_us: vec![Vec::new(); spec.shards as usize],
                 distribute_turn: Duration::ZERO,
                 last_order: Duration::ZERO,
                 job_done: None,
@@ -291,7 +291,7 @@ impl<'a> Model<'a> {
             }
         }
         self.out.job_done = self.job_done.map(|t| t - self.t0);
-        self.out.waits_us.sort_unstable();
+        self.out.waits_us.iter_mut().for_each(|w| w.sort_unstable());
         self.out.busy = self.shards.iter().map(|s| from_ns(s.busy_ns)).collect();
         self.out.messages = self.shards.iter().map(|s| s.messages).collect();
     }
@@ -432,9 +432,8 @@ impl<'a> Model<'a> {
                     let at = now + from_ns(wall(spent));
                     if !matches!(msg, Msg::Distribute) && at >= self.t0 {
                         let waited = (at - arrived).as_micros();
-                        self.out
-                            .waits_us
-                            .push(u32::try_from(waited).unwrap_or(u32::MAX));
+                        let waited = u32::try_from(waited).unwrap_or(u32::MAX);
+                        self.out.waits_us[shard].push(waited);
                     }
                     let a = &mut s.assigner;
                     spent += match msg {
