@@ -144,14 +144,14 @@ pub fn run(spec: &Spec, strategy: Strategy, checks: Checks) -> Outcome {
     sim.outcome()
 }
 
-fn blob_id(b: u32) -> BlobId {
+pub(crate) fn blob_id(b: u32) -> BlobId {
     let mut bytes = [0u8; 32];
     bytes[..4].copy_from_slice(&b.to_be_bytes());
     bytes[31] = 0x5c;
     BlobId(Digest::from_bytes(bytes))
 }
 
-fn blob_index(id: BlobId) -> u32 {
+pub(crate) fn blob_index(id: BlobId) -> u32 {
     let b = id.0.as_bytes();
     u32::from_be_bytes([b[0], b[1], b[2], b[3]])
 }

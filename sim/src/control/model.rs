@@ -9,12 +9,11 @@ use std::time::Duration;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use shoal_planner::{
-    Assigner, AssignerConfig, BlobId, Command, Event, HostId, RackId, Time, Turn, Turns, Waiting,
-    ZoneId,
+    Assigner, AssignerConfig, Command, Event, HostId, RackId, Time, Turn, Turns, Waiting, ZoneId,
 };
-use shoal_proto::Digest;
 
 use super::{LoadOutcome, LoadSpec};
+use crate::engine::{blob_id, blob_index, mix};
 
 /// A message on its way to, or waiting for, a shard's state thread.
 #[derive(Clone, Copy, Debug)]
@@ -95,22 +94,10 @@ struct Model<'a> {
 const LOAD_EVERY: Duration = Duration::from_secs(5);
 const BEAT_EVERY: Duration = Duration::from_secs(2);
 
-fn blob_id(b: u32) -> BlobId {
-    let mut bytes = [0u8; 32];
-    bytes[..4].copy_from_slice(&b.to_be_bytes());
-    bytes[31] = 0xc0;
-    BlobId(Digest::from_bytes(bytes))
-}
-
-fn blob_index(id: BlobId) -> u32 {
-    let b = id.0.as_bytes();
-    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
-}
-
 /// The shard a blob belongs to: rendezvous hashing of its number over the shards' numbers.
 fn shard_for(blob: u32, shards: u32) -> u32 {
     (0..shards)
-        .max_by_key(|s| crate::engine::mix(u64::from(blob), u64::from(*s) + 1))
+        .max_by_key(|s| mix(u64::from(blob), u64::from(*s) + 1))
         .unwrap_or(0)
 }
 
@@ -145,7 +132,7 @@ impl<'a> Model<'a> {
                         lease: Duration::from_secs(40),
                         ..AssignerConfig::default()
                     },
-                    crate::engine::mix(spec.seed, u64::from(s)),
+                    mix(spec.seed, u64::from(s)),
                 ),
                 turns: Turns::new(spec.turns.clone()),
                 queue: VecDeque::new(),
@@ -217,7 +204,7 @@ impl<'a> Model<'a> {
             done: vec![0; spec.blobs as usize],
             t0,
             job_done: None,
-            rng: SmallRng::seed_from_u64(crate::engine::mix(spec.seed, 0xc0_17)),
+            rng: SmallRng::seed_from_u64(mix(spec.seed, 0xc0_17)),
             last_sent: vec![Time::ZERO; (spec.agents * spec.shards) as usize],
             connected: connected.clone(),
             out: LoadOutcome {

@@ -205,20 +205,9 @@ pub fn usage_of(pid: &str) -> Result<Usage> {
 
 /// The CPU seconds of the threads of `/proc/<pid>` named `name`.
 fn thread_cpu_seconds(pid: &str, name: &str) -> Result<f64> {
-    let tasks = format!("/proc/{pid}/task");
     let mut ticks = 0u64;
-    for task in std::fs::read_dir(&tasks).with_context(|| format!("reading {tasks}"))? {
-        let dir = task?.path();
-        // A thread may end between the listing and the reads.
-        let (Ok(comm), Ok(stat)) = (
-            std::fs::read_to_string(dir.join("comm")),
-            std::fs::read_to_string(dir.join("stat")),
-        ) else {
-            continue;
-        };
-        if comm.trim_end() == name {
-            ticks += cpu_ticks(&stat)?;
-        }
+    for stat in thread_files(pid, name, "stat")? {
+        ticks += cpu_ticks(&stat)?;
     }
     Ok(ticks as f64 / CLOCK_TICKS)
 }
@@ -226,25 +215,32 @@ fn thread_cpu_seconds(pid: &str, name: &str) -> Result<f64> {
 /// The seconds the threads of `/proc/<pid>` named `name` waited on a run queue: the second
 /// field of their `schedstat` (nanoseconds).
 fn thread_waiting_seconds(pid: &str, name: &str) -> Result<f64> {
-    let tasks = format!("/proc/{pid}/task");
     let mut ns = 0u64;
+    for schedstat in thread_files(pid, name, "schedstat")? {
+        let waited = (schedstat.split_whitespace().nth(1)).context("short schedstat")?;
+        ns += waited.parse::<u64>().context("schedstat field")?;
+    }
+    Ok(ns as f64 / 1e9)
+}
+
+/// The text of `file` in the task directory of each thread of `/proc/<pid>` named `name`.
+fn thread_files(pid: &str, name: &str, file: &str) -> Result<Vec<String>> {
+    let tasks = format!("/proc/{pid}/task");
+    let mut texts = Vec::new();
     for task in std::fs::read_dir(&tasks).with_context(|| format!("reading {tasks}"))? {
         let dir = task?.path();
-        let (Ok(comm), Ok(schedstat)) = (
+        // A thread may end between the listing and the reads.
+        let (Ok(comm), Ok(text)) = (
             std::fs::read_to_string(dir.join("comm")),
-            std::fs::read_to_string(dir.join("schedstat")),
+            std::fs::read_to_string(dir.join(file)),
         ) else {
             continue;
         };
         if comm.trim_end() == name {
-            let waited = schedstat
-                .split_whitespace()
-                .nth(1)
-                .context("short schedstat")?;
-            ns += waited.parse::<u64>().context("schedstat field")?;
+            texts.push(text);
         }
     }
-    Ok(ns as f64 / 1e9)
+    Ok(texts)
 }
 
 /// User and system clock ticks from a `stat` file's text (a process's or a thread's).
