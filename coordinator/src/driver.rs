@@ -178,10 +178,14 @@ pub async fn run(mut state: State, clock: Clock, mut inbox: Inbox, down: Down) {
             timer_due: state.poll_timeout(),
         };
         let stepped = match turns.next(clock.now().mono, waiting) {
-            Turn::Read => {
-                let request = waits.taken(reads.pop_front().expect("a read waits"));
-                std::panic::catch_unwind(AssertUnwindSafe(|| state.step(request, clock.now())))
-            }
+            Turn::Read => match reads.pop_front() {
+                Some(queued) => {
+                    let request = waits.taken(queued);
+                    std::panic::catch_unwind(AssertUnwindSafe(|| state.step(request, clock.now())))
+                }
+                // Not chosen without a read waiting; nothing to do if it were.
+                None => Ok(()),
+            },
             Turn::Timer => {
                 let started = Instant::now();
                 let sent = state.orders_sent();
