@@ -116,14 +116,10 @@ impl Turns {
         }
     }
 
-    pub fn config(&self) -> &TurnConfig {
-        &self.config
-    }
-
     /// The next turn at `now`, given what waits.
     pub fn next(&mut self, now: Time, waiting: Waiting) -> Turn {
         let c = &self.config;
-        let resting = self.rest_until.filter(|t| now < *t);
+        let resting = self.resting(now);
         let timer_is_due = now >= waiting.timer_due && resting.is_none();
         let messages = waiting.oldest_message.is_some();
         if !(messages || timer_is_due) || !waiting.read {

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use shoal_sim::control::{LoadSpec, WAIT_BUCKETS, run};
+use shoal_sim::control::{API_GOAL_MS, LoadSpec, SESSION_GOAL_MS, WAIT_BUCKETS, row, run};
 
 fn spec(agents: u32, blob_size: u64) -> LoadSpec {
     LoadSpec {
@@ -126,5 +126,24 @@ fn waits_are_read_through_the_coordinators_buckets() {
         bucket(exact),
         bucket(read),
         "exact {exact} ms, read {read} ms"
+    );
+}
+
+/// A row gives the p99 and the Distribute's turn as multiples of the goals, as the
+/// loadgen's report does.
+#[test]
+fn a_row_gives_its_figures_against_the_goals() {
+    let s = spec(2000, 64 << 20);
+    let o = run(&s).unwrap();
+    let ratios = format!(
+        "| {:.2}, {:.2} |",
+        o.wait_ms(99.0) / SESSION_GOAL_MS,
+        o.distribute_turn.as_secs_f64() * 1e3 / API_GOAL_MS
+    );
+    assert!(o.distribute_turn.as_secs_f64() > 0.0);
+    assert!(
+        row(&s, &o).contains(&ratios),
+        "{} lacks {ratios}",
+        row(&s, &o)
     );
 }

@@ -2,8 +2,7 @@
 //! agents as the loadgen pretends them (see the parent module for what is real and what is
 //! modelled).
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
 use rand::rngs::SmallRng;
@@ -56,7 +55,6 @@ struct Shard {
     free_at: Time,
     decide_at: Time,
     busy_ns: u64,
-    messages: u64,
 }
 
 /// A running download on an agent: its progress ticks stop when it ends.
@@ -70,14 +68,15 @@ struct Model<'a> {
     spec: &'a LoadSpec,
     now: Time,
     seq: u64,
-    events: BinaryHeap<Reverse<(Time, u64, usize)>>,
-    slots: Vec<Option<Ev>>,
-    free_slots: Vec<usize>,
+    /// Pending events in time order, ties in the order they were scheduled (as the
+    /// engine's).
+    events: BTreeMap<(Time, u64), Ev>,
     shards: Vec<Shard>,
     shard_of: Vec<u32>,
     running: Vec<Vec<Option<Running>>>,
-    /// Completions handled per blob.
+    /// Completions handled per blob, and the blobs every target of which completed.
     done: Vec<u32>,
+    blobs_done: u32,
     t0: Time,
     job_done: Option<Time>,
     /// Decides the heartbeat ticks exactly one interval after the last message, and how
@@ -143,7 +142,6 @@ impl<'a> Model<'a> {
                 free_at: Time::ZERO,
                 decide_at: Time::ZERO,
                 busy_ns: 0,
-                messages: 0,
             })
             .collect();
         let bps = spec.link_bps as u64;
@@ -195,13 +193,12 @@ impl<'a> Model<'a> {
             spec,
             now: Time::ZERO,
             seq: 0,
-            events: BinaryHeap::new(),
-            slots: Vec::new(),
-            free_slots: Vec::new(),
+            events: BTreeMap::new(),
             shards,
             shard_of,
             running: vec![vec![None; spec.blobs as usize]; spec.agents as usize],
             done: vec![0; spec.blobs as usize],
+            blobs_done: 0,
             t0,
             job_done: None,
             rng: SmallRng::seed_from_u64(mix(spec.seed, 0xc0_17)),
@@ -215,9 +212,7 @@ impl<'a> Model<'a> {
                 busy: Vec::new(),
                 orders: 0,
                 updates: 0,
-                turns: 0,
                 heartbeats: 0,
-                messages: Vec::new(),
             },
         };
         for (host, at) in (0..spec.agents).zip(connected) {
@@ -234,23 +229,13 @@ impl<'a> Model<'a> {
 
     fn at(&mut self, t: Time, ev: Ev) {
         self.seq += 1;
-        let slot = match self.free_slots.pop() {
-            Some(i) => {
-                self.slots[i] = Some(ev);
-                i
-            }
-            None => {
-                self.slots.push(Some(ev));
-                self.slots.len() - 1
-            }
-        };
-        self.events.push(Reverse((t, self.seq, slot)));
+        self.events.insert((t, self.seq), ev);
     }
 
     fn run(&mut self) {
         let max = Time::ZERO + self.spec.max_time;
         loop {
-            let next_event = self.events.peek().map(|Reverse((t, ..))| *t);
+            let next_event = self.events.keys().next().map(|(t, _)| *t);
             let (s, decide) = (self.shards.iter().enumerate())
                 .map(|(i, s)| (i, s.decide_at))
                 .min_by_key(|(_, t)| *t)
@@ -269,10 +254,9 @@ impl<'a> Model<'a> {
             }
             self.now = now;
             if next_event == Some(now) {
-                let Reverse((_, _, slot)) = self.events.pop().expect("peeked");
-                let ev = self.slots[slot].take().expect("a pending event");
-                self.free_slots.push(slot);
-                self.handle(ev);
+                if let Some((_, ev)) = self.events.pop_first() {
+                    self.handle(ev);
+                }
             } else {
                 self.turn(s);
             }
@@ -280,7 +264,6 @@ impl<'a> Model<'a> {
         self.out.job_done = self.job_done.map(|t| t - self.t0);
         self.out.waits_us.iter_mut().for_each(|w| w.sort_unstable());
         self.out.busy = self.shards.iter().map(|s| from_ns(s.busy_ns)).collect();
-        self.out.messages = self.shards.iter().map(|s| s.messages).collect();
     }
 
     /// Agent `host` sends `msg` on its session to `shard`.
@@ -415,7 +398,6 @@ impl<'a> Model<'a> {
                     && let Some((arrived, msg)) = s.queue.pop_front()
                 {
                     taken += 1;
-                    s.messages += 1;
                     let at = now + from_ns(wall(spent));
                     if !matches!(msg, Msg::Distribute) && at >= self.t0 {
                         let waited = (at - arrived).as_micros();
@@ -450,6 +432,9 @@ impl<'a> Model<'a> {
                                 },
                             );
                             self.done[blob as usize] += 1;
+                            if self.done[blob as usize] == spec.agents - 1 {
+                                self.blobs_done += 1;
+                            }
                             // The last completion of the shard's part ends its job.
                             let targets = spec.agents - 1;
                             let ended = self.done[blob as usize] == targets
@@ -511,13 +496,11 @@ impl<'a> Model<'a> {
         }
         s.free_at = end;
         s.decide_at = end;
-        self.out.turns += 1;
         if !orders.is_empty() {
             self.out.orders += orders.len() as u64;
             self.out.last_order = end - self.t0;
         }
-        let targets = spec.agents - 1;
-        if self.job_done.is_none() && self.done.iter().all(|d| *d >= targets) {
+        if self.job_done.is_none() && self.blobs_done == spec.blobs {
             self.job_done = Some(end);
         }
         let spread = spec.order_spread.as_micros() as u64;
