@@ -242,7 +242,7 @@ pub struct State {
     bounds: std::collections::HashMap<String, export::BoundScan>,
     /// A Distribute's targets not wanted yet: taken [`State::wants_per_turn`] at a time
     /// (see `State::want_some`).
-    wanting: std::collections::VecDeque<planning::Wanting>,
+    wanting: std::collections::VecDeque<std::sync::Arc<str>>,
     /// [`WANTS_PER_TURN`], but in tests.
     wants_per_turn: usize,
     /// How long each timer turn stalls on top of its work (`Fault::SlowTimers`).
@@ -526,7 +526,9 @@ impl State {
             let ended = self.jobs.discard(&job_id, now.wall);
             self.unwant_ended(&job_id, ended, now);
         }
-        for (job_id, ended) in self.jobs.expire_deadlines(now.wall) {
+        let catalog = &self.catalog;
+        let held = |host, blob| catalog.holds_complete(&blob, host);
+        for (job_id, ended) in self.jobs.expire_deadlines(&held, now.wall) {
             self.unwant_ended(&job_id, ended, now);
         }
         self.jobs.push_watchers(now.wall);

@@ -50,10 +50,7 @@ impl State {
         if !req.unpin_only {
             let wanting: Vec<String> = (self.jobs.iter())
                 .filter(|j| !j.is_terminal())
-                .filter(|j| {
-                    j.targets()
-                        .any(|((_, b), t)| *b == blob && !t.is_terminal())
-                })
+                .filter(|j| j.keys().any(|(_, b, ended)| b == blob && !ended))
                 .map(|j| j.id().to_string())
                 .collect();
             if !wanting.is_empty() {
@@ -191,8 +188,8 @@ impl State {
     fn unfinished_targets(&self, agent: &str) -> u32 {
         (self.jobs.iter())
             .filter(|j| !j.is_terminal())
-            .flat_map(|j| j.targets())
-            .filter(|((a, _), t)| a == agent && !t.is_terminal())
+            .flat_map(|j| j.keys())
+            .filter(|(a, _, ended)| *a == agent && !ended)
             .count() as u32
     }
 }

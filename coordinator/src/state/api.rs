@@ -8,8 +8,7 @@ use shoal_planner::{HostId, UrlAnswer, UrlKey};
 use shoal_proto::Digest;
 use shoal_proto::pb::v1::{self as pb, AgentState, JobState};
 
-use super::job::{Job, Target};
-use super::planning::Wanting;
+use super::job::{Job, Rest};
 use super::{ApiError, Now, Reply, State, Submitted, when_stored};
 
 /// Checks an origin given by a user; returns a message for INVALID_ARGUMENT.
@@ -44,7 +43,9 @@ pub fn check_origin(blob: &Digest, origin: &pb::Origin) -> Result<(), String> {
 }
 
 impl State {
-    /// Distribute: the job is planned at once and answered once it is stored.
+    /// Distribute: the job is planned at once and answered once it is stored. Its targets
+    /// are built as they are wanted, a few thousand a turn ([`State::want_some`]), the
+    /// first now.
     pub(super) fn distribute(
         &mut self,
         req: pb::DistributeRequest,
@@ -52,7 +53,7 @@ impl State {
         now: Now,
         reply: Reply<pb::DistributeResponse>,
     ) {
-        let (job, targets, blobs) = match self.new_job(req, submitted, now) {
+        let (job, hosts, blobs) = match self.new_job(req, submitted, now) {
             Ok(accepted) => accepted,
             Err(e) => {
                 let _ = reply.send(Err(e));
@@ -62,26 +63,25 @@ impl State {
         let job_id = job.id().to_string();
         let response = pb::DistributeResponse {
             job_id: job_id.clone(),
-            target_count: targets.len() as u32,
+            target_count: hosts as u32,
         };
         let what = format!("storing job {job_id}");
         self.jobs
             .create(job, now.wall, when_stored(reply, response, what));
-        tracing::info!(job = %job_id, targets = targets.len(), blobs = blobs.len(), "job accepted");
-        // Wanted a few at a time, the first now (the job's record is with the writer
-        // already); a target held already was made done, and `want_some` skips it.
-        let job = job_id.as_str().into();
-        self.wanting.push_back(Wanting::new(job, targets, blobs));
+        tracing::info!(job = %job_id, targets = hosts, blobs, "job accepted");
+        // The job's record is with the writer already.
+        self.wanting.push_back(job_id.as_str().into());
         self.want_some(now);
     }
 
-    /// Checks a Distribute and makes its job, with its target agents and blobs.
+    /// Checks a Distribute and makes its job, its targets planned, not built; with how many
+    /// agents and blobs it has.
     fn new_job(
         &mut self,
         req: pb::DistributeRequest,
         submitted: Submitted,
         now: Now,
-    ) -> Result<(Job, Vec<HostId>, Vec<Digest>), ApiError> {
+    ) -> Result<(Job, usize, usize), ApiError> {
         self.writer_has_room()?;
         if req.blobs.is_empty() {
             return Err(ApiError::InvalidArgument(
@@ -156,18 +156,16 @@ impl State {
                 .collect(),
         };
         let mut job = Job::new(record, deadline);
-        let sizes: Vec<u64> = (blobs.iter())
-            .map(|blob| self.catalog.manifest(blob).map_or(0, |m| m.size()))
+        let (hosts, blob_count) = (targets.len(), blobs.len());
+        let agents = (targets.into_iter())
+            .map(|host| (host, self.agents.name(host)))
             .collect();
-        for host in &targets {
-            let agent = self.agents.name(*host);
-            for (blob, size) in blobs.iter().zip(&sizes) {
-                let done = self.catalog.holds_complete(blob, *host);
-                job.add_target((agent.clone(), *blob), Target::new(*size, done));
-            }
-        }
+        let sized = (blobs.into_iter())
+            .map(|blob| (blob, self.catalog.manifest(&blob).map_or(0, |m| m.size())))
+            .collect();
+        job.plan(Rest::new(agents, sized));
         job.refresh_state(now.wall);
-        Ok((job, targets, blobs))
+        Ok((job, hosts, blob_count))
     }
 
     /// The live agents a selector names. Unknown explicit ids are NotFound; an empty result
@@ -231,9 +229,11 @@ impl State {
         now: Now,
         reply: Reply<pb::CancelJobResponse>,
     ) {
+        let catalog = &self.catalog;
+        let held = |host, blob| catalog.holds_complete(&blob, host);
         let cancelled = (self.writer_has_room()).and_then(|()| {
-            self.jobs
-                .cancel(&req.job_id, owner.as_deref(), &req.reason, now.wall)
+            let owner = owner.as_deref();
+            (self.jobs).cancel(&req.job_id, owner, &req.reason, &held, now.wall)
         });
         let (state, ended, changed) = match cancelled {
             Ok(c) => c,

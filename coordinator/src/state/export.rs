@@ -153,6 +153,10 @@ fn export_job(job: &Job, agents: &Agents, mut scan: BoundScan) -> BoundScan {
             .map_or(0.0, |d| d.as_secs_f64());
         metrics::gauge!(m::JOB_CREATED, "job_id" => id.clone()).set(secs);
     }
+    if !job.is_built() {
+        // Its targets are built within a few turns; a pass over some would bound too low.
+        return BoundScan::default();
+    }
     let after = scan.after.clone();
     let targets = (job.targets_after(after.as_ref())).map(|(key, t)| (key, t.bytes_total()));
     scan.advance(targets, BOUND_SLICE, |id| {

@@ -13,10 +13,14 @@
 use std::collections::BTreeMap;
 use std::time::SystemTime;
 
+use shoal_planner::HostId;
 use shoal_proto::Digest;
 use shoal_proto::pb::v1::{self as pb, FailureReason, JobState, TargetState};
 
 use crate::db::JobRecord;
+
+mod rest;
+pub use rest::Rest;
 
 /// What GetJob and ListJobs show instead of an origin header's value.
 pub const REDACTED: &str = "<redacted>";
@@ -183,9 +187,14 @@ pub struct Job {
     /// Everything but the targets and the aggregate progress.
     pub record: pb::Job,
     pub deadline: Option<SystemTime>,
+    /// The targets built.
     targets: BTreeMap<TargetKey, Target>,
-    /// The targets' counts and bytes, kept with every change: the aggregate state after
-    /// each target's report, and a `GetJob` without targets, must not walk 20,000 targets.
+    /// The targets not built yet, all pending, or not wanted yet (see [`Rest`]); `None`
+    /// once all are wanted.
+    rest: Option<Rest>,
+    /// The built targets' counts and bytes, kept with every change: the aggregate state
+    /// after each target's report, and a `GetJob` without targets, must not walk 20,000
+    /// targets. [`Job::tally`] adds the targets not built.
     tally: Tally,
     version: u64,
     /// The version whose changes have all been handed to the database writer (`None`:
@@ -246,6 +255,7 @@ impl Job {
             record,
             deadline,
             targets: BTreeMap::new(),
+            rest: None,
             tally: Tally::default(),
             version: 0,
             stored: None,
@@ -279,16 +289,107 @@ impl Job {
 
     /// Bytes done and wanted over all targets.
     pub fn bytes(&self) -> (u64, u64) {
-        (self.tally.bytes_done, self.tally.bytes_total)
+        let t = self.tally();
+        (t.bytes_done, t.bytes_total)
     }
 
+    /// The counts and bytes of all targets, built or not.
+    fn tally(&self) -> Tally {
+        let mut t = self.tally;
+        if let Some(rest) = &self.rest {
+            t.pending += rest.pending();
+            t.bytes_total += rest.bytes();
+        }
+        t
+    }
+
+    /// The targets built (see [`Job::keys`] for all of them).
     pub fn targets(&self) -> impl Iterator<Item = (&TargetKey, &Target)> {
         self.targets.iter()
     }
 
-    /// Whether the job has a target `key` that has not ended.
-    pub fn target_open(&self, key: &TargetKey) -> bool {
-        (self.targets.get(key)).is_some_and(|t| !t.is_terminal())
+    /// Every target's (agent, blob), built or not, and whether it has ended.
+    pub fn keys(&self) -> impl Iterator<Item = (&str, Digest, bool)> {
+        let built = (self.targets.iter()).map(|((a, b), t)| (a.as_str(), *b, t.is_terminal()));
+        let rest = (self.rest.iter()).flat_map(|r| r.iter().map(|(a, b, _)| (a, b, false)));
+        built.chain(rest)
+    }
+
+    /// The blobs it has targets of.
+    pub fn blobs(&self) -> std::collections::BTreeSet<Digest> {
+        let built = self.targets.keys().map(|(_, b)| *b);
+        built
+            .chain(self.rest.iter().flat_map(Rest::blobs))
+            .collect()
+    }
+
+    /// Whether every target is built.
+    pub fn is_built(&self) -> bool {
+        self.rest.as_ref().is_none_or(Rest::all_built)
+    }
+
+    /// Whether a target is not wanted yet.
+    pub fn wants_more(&self) -> bool {
+        self.rest.is_some()
+    }
+
+    /// Whether `agent` has a target not built yet.
+    pub fn waits_to_build(&self, agent: &str) -> bool {
+        self.rest.as_ref().is_some_and(|r| r.has_agent(agent))
+    }
+
+    /// Its targets, to be built as they are wanted ([`Job::want_next`]).
+    pub fn plan(&mut self, rest: Rest) {
+        self.rest = (!rest.all_wanted()).then_some(rest);
+    }
+
+    /// Builds the next target not built yet, done already if `held` says its agent holds
+    /// the blob; false once all are built. A target built done changes the job's version
+    /// (the record and the watchers show it); a pending one does not (they showed it
+    /// pending already).
+    pub fn build_next(&mut self, held: &dyn Fn(HostId, Digest) -> bool, now: SystemTime) -> bool {
+        let Some((host, key, size)) = self.rest.as_mut().and_then(Rest::build) else {
+            return false;
+        };
+        let done = held(host, key.1);
+        self.add_target(key.clone(), Target::new(size, false));
+        if done {
+            self.apply(&key, Transition::Finish, now);
+        }
+        true
+    }
+
+    /// The next target not wanted yet, built first if it is not: its host, blob, and
+    /// whether it is still open (`held` tells whether its agent holds the blob already).
+    /// `None` once all are wanted.
+    pub fn want_next(
+        &mut self,
+        held: &dyn Fn(HostId, Digest) -> bool,
+        now: SystemTime,
+    ) -> Option<(HostId, Digest, bool)> {
+        let rest = self.rest.as_mut()?;
+        if rest.all_wanted() {
+            self.rest = None;
+            return None;
+        }
+        if !self.is_built() {
+            self.build_next(held, now);
+        }
+        let rest = self.rest.as_mut()?;
+        let (host, agent, blob) = rest.want()?;
+        let open = (self.targets.get(&(agent.to_string(), blob))).is_some_and(|t| !t.is_terminal());
+        if rest.all_wanted() {
+            self.rest = None;
+        }
+        Some((host, blob, open))
+    }
+
+    /// The blob's size is known: the targets not built yet carry it (the built ones take
+    /// it as a transition).
+    pub fn set_rest_size(&mut self, blob: &Digest, size: u64) {
+        if let Some(rest) = &mut self.rest {
+            rest.set_size(blob, size);
+        }
     }
 
     /// The targets after `after` in key order (all of them if `None`).
@@ -362,7 +463,7 @@ impl Job {
         if self.is_terminal() {
             return false;
         }
-        let t = &self.tally;
+        let t = &self.tally();
         let state = if t.done == t.total() {
             JobState::Done
         } else if t.pending + t.running == 0 {
@@ -389,9 +490,10 @@ impl Job {
         false
     }
 
-    /// Aggregate progress; with `with_targets`, the targets changed after `since` (0: all).
+    /// Aggregate progress; with `with_targets`, the targets changed after `since` (0: all,
+    /// built or not).
     pub fn progress(&self, with_targets: bool, since: u64, now: SystemTime) -> pb::JobProgress {
-        let t = &self.tally;
+        let t = &self.tally();
         let counts = pb::TargetCounts {
             total: t.total() as u32,
             pending: t.pending as u32,
@@ -402,11 +504,17 @@ impl Job {
         };
         let (done, total, rate) = (t.bytes_done, t.bytes_total, t.rate);
         let mut names = BlobNames::default();
-        let targets: Vec<pb::TargetProgress> = (self.targets.iter())
+        let mut targets: Vec<pb::TargetProgress> = (self.targets.iter())
             .filter(|_| with_targets)
             .filter(|(_, t)| since == 0 || t.version > since)
             .map(|(key, t)| target_pb(key, t, &mut names))
             .collect();
+        if with_targets && since == 0 {
+            for (agent, blob, size) in self.rest.iter().flat_map(Rest::iter) {
+                let key = (agent.to_string(), blob);
+                targets.push(target_pb(&key, &Target::new(size, false), &mut names));
+            }
+        }
         pb::JobProgress {
             job_id: self.record.job_id.clone(),
             state: self.record.state,
@@ -450,13 +558,21 @@ impl Job {
     /// be credentials, and secrets have no business at rest in a job record). A job read
     /// back after a restart has lost them: its seeds go without (see [`Job::from_pb`]).
     ///
-    /// Every target is in it; what is stored afterwards are changes (`record_changes`).
+    /// Every target is in it, those not built yet by rule (the writer lists them); what is
+    /// stored afterwards are changes (`record_changes`).
     pub fn record_whole(&mut self, now: SystemTime) -> JobRecord {
-        let mut job = self.to_pb(true, now);
-        hide_header_values(&mut job);
+        let mut names = BlobNames::default();
+        let built = (self.targets.iter())
+            .map(|(key, t)| target_pb(key, t, &mut names))
+            .collect();
+        let mut record = self.header_with(built, now);
+        record.whole = true;
+        record.pending = (self.rest.as_ref())
+            .filter(|r| !r.all_built())
+            .map(Rest::record);
         self.stored = Some(self.version);
         self.pass = None;
-        JobRecord::new(job, true)
+        record
     }
 
     /// [`Job::record_whole`] with only the targets changed since the last record handed to
@@ -520,6 +636,7 @@ impl Job {
             job,
             targets,
             whole: false,
+            pending: None,
         }
     }
 

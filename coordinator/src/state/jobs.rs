@@ -102,8 +102,8 @@ impl Jobs {
         if job.is_terminal() {
             return;
         }
-        for ((_, blob), _) in job.targets() {
-            (self.by_blob.entry(*blob).or_default()).insert(job.id().to_string());
+        for blob in job.blobs() {
+            (self.by_blob.entry(blob).or_default()).insert(job.id().to_string());
         }
     }
 
@@ -117,9 +117,50 @@ impl Jobs {
         self.flush_slice = n;
     }
 
-    /// Whether job `id` has a target `key` that has not ended.
-    pub fn is_open(&self, id: &str, key: &TargetKey) -> bool {
-        (self.jobs.get(id)).is_some_and(|j| j.target_open(key))
+    /// Job `id`'s next target not wanted yet, built if it was not (see [`Job::want_next`]):
+    /// its host, blob and whether it is open. `None` once all are wanted, or if the job is
+    /// gone or has ended.
+    pub fn want_next(
+        &mut self,
+        id: &str,
+        held: &dyn Fn(HostId, Digest) -> bool,
+        now: SystemTime,
+    ) -> Option<(HostId, Digest, bool)> {
+        let job = self.jobs.get_mut(id).filter(|j| !j.is_terminal())?;
+        let before = job.version();
+        let next = job.want_next(held, now);
+        self.built(id, before, now);
+        next
+    }
+
+    /// Whether job `id` has targets to want (it exists and has not ended).
+    pub fn wants_more(&self, id: &str) -> bool {
+        (self.jobs.get(id)).is_some_and(|j| j.wants_more() && !j.is_terminal())
+    }
+
+    /// Builds every target of job `id` not built yet; they are wanted in their turn.
+    fn build_all(&mut self, id: &str, held: &dyn Fn(HostId, Digest) -> bool, now: SystemTime) {
+        let Some(job) = self.jobs.get_mut(id).filter(|j| !j.is_terminal()) else {
+            return;
+        };
+        let before = job.version();
+        while job.build_next(held, now) {}
+        self.built(id, before, now);
+    }
+
+    /// Targets of job `id` were built: stored if one was built done (its job's version
+    /// was `before`), and the job ends if that was its last.
+    fn built(&mut self, id: &str, before: u64, now: SystemTime) {
+        let Some(job) = self.jobs.get_mut(id) else {
+            return;
+        };
+        if job.version() != before {
+            self.dirty.insert(id.to_string());
+        }
+        if job.refresh_state(now) {
+            self.dirty.insert(id.to_string());
+            self.ended(id);
+        }
     }
 
     pub fn get(&self, id: &str) -> Result<&Job, ApiError> {
@@ -139,7 +180,7 @@ impl Jobs {
     pub fn open_agents(&self) -> BTreeSet<String> {
         (self.jobs.values())
             .filter(|j| !j.is_terminal())
-            .flat_map(|j| j.targets().map(|((agent, _), _)| agent.clone()))
+            .flat_map(|j| j.keys().map(|(agent, _, _)| agent.to_string()))
             .collect()
     }
 
@@ -271,11 +312,11 @@ impl Jobs {
         let Some(job) = self.jobs.get(id) else {
             return;
         };
-        for ((_, blob), _) in job.targets() {
-            if let Some(ids) = self.by_blob.get_mut(blob) {
+        for blob in job.blobs() {
+            if let Some(ids) = self.by_blob.get_mut(&blob) {
                 ids.remove(id);
                 if ids.is_empty() {
-                    self.by_blob.remove(blob);
+                    self.by_blob.remove(&blob);
                 }
             }
         }
@@ -294,6 +335,11 @@ impl Jobs {
 
     /// The blob's size is known now: every unfinished target of it shows it.
     pub fn set_size(&mut self, blob: Digest, size: u64, now: SystemTime) {
+        for id in self.by_blob.get(&blob).into_iter().flatten() {
+            if let Some(job) = self.jobs.get_mut(id) {
+                job.set_rest_size(&blob, size);
+            }
+        }
         self.apply_blob(blob, Transition::SetTotal(size), now, true);
     }
 
@@ -362,15 +408,24 @@ impl Jobs {
 
     /// The agent's lease expired: each of its unfinished targets, in every job, fails with
     /// AGENT_LOST. Works from the jobs, not from the wants, so it also covers targets loaded
-    /// after a restart that were never wanted again. Returns the (host, blob) pairs no job
-    /// wants any more.
+    /// after a restart that were never wanted again, and those not built yet (a job with
+    /// any of the agent's is built whole first, `held` telling which are done). Returns the
+    /// (host, blob) pairs no job wants any more.
     pub fn lose_agent(
         &mut self,
         agent: &str,
         host: Option<HostId>,
         message: &str,
+        held: &dyn Fn(HostId, Digest) -> bool,
         now: SystemTime,
     ) -> Vec<Digest> {
+        let waiting: Vec<String> = (self.jobs.values())
+            .filter(|j| !j.is_terminal() && j.waits_to_build(agent))
+            .map(|j| j.id().to_string())
+            .collect();
+        for id in waiting {
+            self.build_all(&id, held, now);
+        }
         let mut open = Vec::new();
         for job in self.jobs.values().filter(|j| !j.is_terminal()) {
             for (key, t) in job.targets() {
@@ -417,8 +472,17 @@ impl Jobs {
     }
 
     /// Ends every unfinished target of a job (cancel: the job is cancelled; deadline: the
-    /// targets fail). Returns the ended targets.
-    fn end(&mut self, id: &str, cancel: bool, message: &str, now: SystemTime) -> Ended {
+    /// targets fail), built first if they are not (`held` telling which are done). Returns
+    /// the ended targets.
+    fn end(
+        &mut self,
+        id: &str,
+        cancel: bool,
+        message: &str,
+        held: &dyn Fn(HostId, Digest) -> bool,
+        now: SystemTime,
+    ) -> Ended {
+        self.build_all(id, held, now);
         let Some(job) = self.jobs.get_mut(id) else {
             return Vec::new();
         };
@@ -453,6 +517,7 @@ impl Jobs {
         id: &str,
         owner: Option<&str>,
         reason: &str,
+        held: &dyn Fn(HostId, Digest) -> bool,
         now: SystemTime,
     ) -> Result<(JobState, Ended, bool), ApiError> {
         let job = self.get(id)?;
@@ -472,14 +537,15 @@ impl Jobs {
         } else {
             reason
         };
-        let ended = self.end(id, true, reason, now);
+        let ended = self.end(id, true, reason, held, now);
         Ok((self.get(id)?.state(), ended, true))
     }
 
     /// A job whose first write failed: its unfinished targets end (returned, for the
     /// planner) and it is forgotten, on disk too (a flush may have written it meanwhile).
     pub fn discard(&mut self, id: &str, now: SystemTime) -> Ended {
-        let ended = self.end(id, true, "the job could not be stored", now);
+        // Those not built were never wanted: the planner need not hear of them.
+        let ended = self.end(id, true, "the job could not be stored", &|_, _| false, now);
         self.jobs.remove(id);
         self.dirty.remove(id);
         self.watchers.remove(id);
@@ -488,14 +554,18 @@ impl Jobs {
     }
 
     /// Jobs past their deadline: their unfinished targets fail with DEADLINE_EXCEEDED.
-    pub fn expire_deadlines(&mut self, now: SystemTime) -> Vec<(String, Ended)> {
+    pub fn expire_deadlines(
+        &mut self,
+        held: &dyn Fn(HostId, Digest) -> bool,
+        now: SystemTime,
+    ) -> Vec<(String, Ended)> {
         let expired: Vec<String> = (self.jobs.values())
             .filter(|j| !j.is_terminal() && j.deadline.is_some_and(|d| d <= now))
             .map(|j| j.id().to_string())
             .collect();
         (expired.into_iter())
             .map(|id| {
-                let ended = self.end(&id, false, "deadline passed", now);
+                let ended = self.end(&id, false, "deadline passed", held, now);
                 (id, ended)
             })
             .collect()

@@ -7,7 +7,6 @@
 //! move to the assigner.
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
 
 use shoal_planner::{
     BlobId, Command, Event, GiveUp, HostId, LastError, Notice, SeedCommand, SeedEvent, SeedFault,
@@ -31,60 +30,26 @@ fn origin_size(origin: &pb::Origin, blob: &Digest) -> u64 {
     }
 }
 
-/// A Distribute's targets not wanted yet, in order: each of its hosts with each of its
-/// blobs, from `next` on. One entry a Distribute: an entry a target made a 20,000-target
-/// Distribute's turn, a pause for every message behind it, fill ~1 MB of fresh memory
-/// (5-15 ms here).
-#[derive(Debug)]
-pub(super) struct Wanting {
-    job: Arc<str>,
-    hosts: Vec<HostId>,
-    blobs: Vec<Digest>,
-    next: usize,
-}
-
-impl Wanting {
-    pub(super) fn new(job: Arc<str>, hosts: Vec<HostId>, blobs: Vec<Digest>) -> Self {
-        Wanting {
-            job,
-            hosts,
-            blobs,
-            next: 0,
-        }
-    }
-
-    /// The next target, if any is left.
-    fn take(&mut self) -> Option<(HostId, Digest)> {
-        let per_host = self.blobs.len().max(1);
-        let host = *self.hosts.get(self.next / per_host)?;
-        let blob = *self.blobs.get(self.next % per_host)?;
-        self.next += 1;
-        Some((host, blob))
-    }
-
-    fn is_empty(&self) -> bool {
-        self.next >= self.hosts.len() * self.blobs.len()
-    }
-}
-
 impl State {
-    /// Wants up to [`State::wants_per_turn`] of the Distributes' targets queued in
-    /// `wanting`, in order; a target its job ended meanwhile (a cancel, a deadline) is
-    /// skipped, and one whose agent came to hold the blob meanwhile is done.
+    /// Builds and wants up to [`State::wants_per_turn`] of the targets of the jobs queued
+    /// in `wanting`, in order (see [`super::job::Rest`]): a target whose agent holds the
+    /// blob is built done, and one built already (a cancel, a deadline or a lost agent
+    /// builds a job's targets at once) is skipped if it has ended.
     pub(super) fn want_some(&mut self, now: Now) {
         for _ in 0..self.wants_per_turn {
-            let Some(front) = self.wanting.front_mut() else {
+            let Some(job) = self.wanting.front().cloned() else {
                 return;
             };
-            let job = front.job.clone();
-            let target = front.take();
-            if target.is_none() || front.is_empty() {
+            let catalog = &self.catalog;
+            let held = |host, blob| catalog.holds_complete(&blob, host);
+            let next = self.jobs.want_next(&job, &held, now.wall);
+            if !self.jobs.wants_more(&job) {
                 self.wanting.pop_front();
             }
-            let Some((host, blob)) = target else {
+            let Some((host, blob, open)) = next else {
                 continue;
             };
-            if !self.jobs.is_open(&job, &(self.agents.name(host), blob)) {
+            if !open {
                 continue;
             }
             self.want(&job, host, blob, now);

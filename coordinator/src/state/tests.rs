@@ -529,6 +529,7 @@ fn finished_jobs_are_forgotten_after_the_retention() {
     );
 }
 
+mod building;
 mod bursts;
 mod persistence;
 mod reports;

@@ -336,3 +336,40 @@ fn each_targets_record_names_its_own_blob() {
         ]
     );
 }
+
+/// A planned job counts, shows and records its targets not built yet as pending; building
+/// one its agent holds makes it done and changes the job's version (so that the flush and
+/// the watchers carry it), building a pending one does not.
+#[test]
+fn targets_not_built_are_pending_until_built() {
+    let now = SystemTime::UNIX_EPOCH;
+    let (x, y) = (Digest::of(b"x"), Digest::of(b"y"));
+    let mut job = job_with(&[]);
+    let agents = vec![(HostId(0), "a0".to_string()), (HostId(1), "a1".to_string())];
+    job.plan(Rest::new(agents, vec![(x, 10), (y, 5)]));
+    job.refresh_state(now);
+    assert_eq!(job.state(), JobState::Pending);
+    assert_eq!(job.bytes(), (0, 30));
+    let p = job.progress(true, 0, now);
+    assert_eq!((p.counts.expect("counts").pending, p.targets.len()), (4, 4));
+    let record = job.record_whole(now);
+    assert_eq!((record.targets.len(), record.pending.is_some()), (0, true));
+
+    let held = |host: HostId, blob: Digest| host == HostId(1) && blob == y;
+    let version = job.version();
+    assert_eq!(job.want_next(&held, now), Some((HostId(0), x, true)));
+    assert_eq!(job.version(), version, "built pending: nothing to show");
+    assert!(job.progress(true, version, now).targets.is_empty());
+    assert_eq!(job.want_next(&held, now), Some((HostId(0), y, true)));
+    assert_eq!(job.want_next(&held, now), Some((HostId(1), x, true)));
+    assert_eq!(job.want_next(&held, now), Some((HostId(1), y, false)));
+    assert!(job.version() > version, "built done: a change");
+    let changed = job.progress(true, version, now).targets;
+    assert_eq!(changed.len(), 1);
+    assert_eq!(changed[0].state(), TargetState::Done);
+    assert_eq!(job.want_next(&held, now), None);
+    assert!(job.is_built() && !job.wants_more());
+    assert_eq!(job.bytes(), (5, 30));
+    let record = job.record_whole(now);
+    assert_eq!((record.targets.len(), record.pending.is_none()), (4, true));
+}
