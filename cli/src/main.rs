@@ -301,6 +301,9 @@ fn main() {
         Ok(cli) => cli,
         Err(e) => usage_error(e),
     };
+    if !matches!(cli.command, Command::Coordinator(_) | Command::Agent(_)) {
+        output::quiet_when_stdout_closes();
+    }
     let filter = match cli.log_level {
         Some(level) => tracing_subscriber::EnvFilter::new(level.directive()),
         None => tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG")

@@ -328,6 +328,28 @@ fn yaml_block(value: &serde_json::Value, indent: usize, out: &mut String) {
     }
 }
 
+/// A client command whose output goes to a reader that stops early (`shoal agents | head`,
+/// `shoal completions bash | head`) ends as Unix tools do, quietly with status 141 (128 +
+/// SIGPIPE), not with a panic and a backtrace: Rust ignores SIGPIPE, so a write to the
+/// closed pipe fails, and `println!` and clap's completion writer panic on that failure.
+/// Only those two panics are taken for it; any other runs the usual hook. Not for the
+/// servers, which print nothing to stdout.
+pub fn quiet_when_stdout_closes() {
+    let usual = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = (payload.downcast_ref::<String>().map(String::as_str))
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        let writing = message.starts_with("failed printing to stdout")
+            || message.starts_with("failed to write completion file");
+        if writing && (message.contains("Broken pipe") || message.contains("BrokenPipe")) {
+            std::process::exit(141);
+        }
+        usual(info);
+    }));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
