@@ -240,8 +240,8 @@ pub struct State {
     housekeeping_at: Time,
     /// Each unfinished job's bound, computed a slice at a time (see `export_metrics`).
     bounds: std::collections::HashMap<String, export::BoundScan>,
-    /// A Distribute's targets not wanted yet: taken [`State::wants_per_turn`] at a time
-    /// (see `State::want_some`).
+    /// The jobs with targets not wanted yet, in the order of their Distributes: taken
+    /// [`State::wants_per_turn`] targets at a time (see `State::want_some`).
     wanting: std::collections::VecDeque<std::sync::Arc<str>>,
     /// [`WANTS_PER_TURN`], but in tests.
     wants_per_turn: usize,
@@ -526,9 +526,8 @@ impl State {
             let ended = self.jobs.discard(&job_id, now.wall);
             self.unwant_ended(&job_id, ended, now);
         }
-        let catalog = &self.catalog;
-        let held = |host, blob| catalog.holds_complete(&blob, host);
-        for (job_id, ended) in self.jobs.expire_deadlines(&held, now.wall) {
+        let expired = (self.jobs).expire_deadlines(&self.catalog.holding(), now.wall);
+        for (job_id, ended) in expired {
             self.unwant_ended(&job_id, ended, now);
         }
         self.jobs.push_watchers(now.wall);

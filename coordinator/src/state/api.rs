@@ -229,11 +229,9 @@ impl State {
         now: Now,
         reply: Reply<pb::CancelJobResponse>,
     ) {
-        let catalog = &self.catalog;
-        let held = |host, blob| catalog.holds_complete(&blob, host);
         let cancelled = (self.writer_has_room()).and_then(|()| {
-            let owner = owner.as_deref();
-            (self.jobs).cancel(&req.job_id, owner, &req.reason, &held, now.wall)
+            let (owner, held) = (owner.as_deref(), &self.catalog.holding());
+            (self.jobs).cancel(&req.job_id, owner, &req.reason, held, now.wall)
         });
         let (state, ended, changed) = match cancelled {
             Ok(c) => c,

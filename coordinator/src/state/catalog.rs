@@ -281,6 +281,12 @@ impl Catalog {
             .is_some_and(|h| h.complete)
     }
 
+    /// [`Catalog::holds_complete`] as a function of (host, blob), for what builds a job's
+    /// targets (`Jobs::want_next` and its kin).
+    pub fn holding(&self) -> impl Fn(HostId, Digest) -> bool + '_ {
+        |host, blob| self.holds_complete(&blob, host)
+    }
+
     pub fn complete_holders(&self, blob: &Digest) -> usize {
         self.blobs
             .get(blob)

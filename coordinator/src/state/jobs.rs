@@ -544,7 +544,7 @@ impl Jobs {
     /// A job whose first write failed: its unfinished targets end (returned, for the
     /// planner) and it is forgotten, on disk too (a flush may have written it meanwhile).
     pub fn discard(&mut self, id: &str, now: SystemTime) -> Ended {
-        // Those not built were never wanted: the planner need not hear of them.
+        // It is forgotten: whether a target not built yet would have been done matters not.
         let ended = self.end(id, true, "the job could not be stored", &|_, _| false, now);
         self.jobs.remove(id);
         self.dirty.remove(id);

@@ -40,9 +40,7 @@ impl State {
             let Some(job) = self.wanting.front().cloned() else {
                 return;
             };
-            let catalog = &self.catalog;
-            let held = |host, blob| catalog.holds_complete(&blob, host);
-            let next = self.jobs.want_next(&job, &held, now.wall);
+            let next = (self.jobs).want_next(&job, &self.catalog.holding(), now.wall);
             if !self.jobs.wants_more(&job) {
                 self.wanting.pop_front();
             }

@@ -244,9 +244,9 @@ impl State {
             self.stream_to_waiting(blob, true, now);
             self.streams.end_if_idle(&blob);
         }
-        let catalog = &self.catalog;
-        let held = |host, blob| catalog.holds_complete(&blob, host);
-        for blob in (self.jobs).lose_agent(id, Some(host), message, &held, now.wall) {
+        let unwanted =
+            (self.jobs).lose_agent(id, Some(host), message, &self.catalog.holding(), now.wall);
+        for blob in unwanted {
             self.unwanted(host, blob, now);
         }
     }
