@@ -344,18 +344,21 @@ impl Job {
     }
 
     /// Builds the next target not built yet, done already if `held` says its agent holds
-    /// the blob; false once all are built. A target built done changes the job's version
-    /// (the record and the watchers show it); a pending one does not (they showed it
-    /// pending already).
-    pub fn build_next(&mut self, held: &dyn Fn(HostId, Digest) -> bool, now: SystemTime) -> bool {
+    /// the blob (done at creation: it has no end time, as it had when targets were built
+    /// with their job); false once all are built. A target built done changes the job's
+    /// version (the record and the watchers show it); a pending one does not (they showed
+    /// it pending already).
+    pub fn build_next(&mut self, held: &dyn Fn(HostId, Digest) -> bool) -> bool {
         let Some((host, key, size)) = self.rest.as_mut().and_then(Rest::build) else {
             return false;
         };
         let done = held(host, key.1);
-        self.add_target(key.clone(), Target::new(size, false));
+        let mut target = Target::new(size, done);
         if done {
-            self.apply(&key, Transition::Finish, now);
+            self.version += 1;
+            target.version = self.version;
         }
+        self.add_target(key, target);
         true
     }
 
@@ -365,7 +368,6 @@ impl Job {
     pub fn want_next(
         &mut self,
         held: &dyn Fn(HostId, Digest) -> bool,
-        now: SystemTime,
     ) -> Option<(HostId, Digest, bool)> {
         let rest = self.rest.as_mut()?;
         if rest.all_wanted() {
@@ -373,7 +375,7 @@ impl Job {
             return None;
         }
         if !self.is_built() {
-            self.build_next(held, now);
+            self.build_next(held);
         }
         let rest = self.rest.as_mut()?;
         let (host, agent, blob) = rest.want()?;

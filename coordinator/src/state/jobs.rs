@@ -128,7 +128,7 @@ impl Jobs {
     ) -> Option<(HostId, Digest, bool)> {
         let job = self.jobs.get_mut(id).filter(|j| !j.is_terminal())?;
         let before = job.version();
-        let next = job.want_next(held, now);
+        let next = job.want_next(held);
         self.built(id, before, now);
         next
     }
@@ -144,7 +144,7 @@ impl Jobs {
             return;
         };
         let before = job.version();
-        while job.build_next(held, now) {}
+        while job.build_next(held) {}
         self.built(id, before, now);
     }
 

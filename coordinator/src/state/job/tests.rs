@@ -357,17 +357,21 @@ fn targets_not_built_are_pending_until_built() {
 
     let held = |host: HostId, blob: Digest| host == HostId(1) && blob == y;
     let version = job.version();
-    assert_eq!(job.want_next(&held, now), Some((HostId(0), x, true)));
+    assert_eq!(job.want_next(&held), Some((HostId(0), x, true)));
     assert_eq!(job.version(), version, "built pending: nothing to show");
     assert!(job.progress(true, version, now).targets.is_empty());
-    assert_eq!(job.want_next(&held, now), Some((HostId(0), y, true)));
-    assert_eq!(job.want_next(&held, now), Some((HostId(1), x, true)));
-    assert_eq!(job.want_next(&held, now), Some((HostId(1), y, false)));
+    assert_eq!(job.want_next(&held), Some((HostId(0), y, true)));
+    assert_eq!(job.want_next(&held), Some((HostId(1), x, true)));
+    assert_eq!(job.want_next(&held), Some((HostId(1), y, false)));
     assert!(job.version() > version, "built done: a change");
     let changed = job.progress(true, version, now).targets;
     assert_eq!(changed.len(), 1);
     assert_eq!(changed[0].state(), TargetState::Done);
-    assert_eq!(job.want_next(&held, now), None);
+    assert_eq!(
+        changed[0].finished_at, None,
+        "done at creation: no end time"
+    );
+    assert_eq!(job.want_next(&held), None);
     assert!(job.is_built() && !job.wants_more());
     assert_eq!(job.bytes(), (5, 30));
     let record = job.record_whole(now);
