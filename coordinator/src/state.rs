@@ -271,13 +271,22 @@ impl std::fmt::Debug for State {
 /// repeat nothing.
 fn page<T>(mut items: Vec<(String, T)>, size: u32, token: &str) -> (Vec<T>, String) {
     items.sort_by(|a, b| a.0.cmp(&b.0));
-    let size = if size == 0 { 100 } else { size as usize };
-    let mut rest = items
+    let rest = items
         .into_iter()
         .skip_while(|(key, _)| !token.is_empty() && key.as_str() <= token);
-    let page: Vec<(String, T)> = rest.by_ref().take(size).collect();
-    let next = match (rest.next(), page.last()) {
-        (Some(_), Some((key, _))) => key.clone(),
+    page_in_order(rest, size)
+}
+
+/// [`page`] of items already in key order and after the page token: only the page and one
+/// more item are taken.
+fn page_in_order<K: AsRef<str>, T>(
+    mut items: impl Iterator<Item = (K, T)>,
+    size: u32,
+) -> (Vec<T>, String) {
+    let size = if size == 0 { 100 } else { size as usize };
+    let page: Vec<(K, T)> = items.by_ref().take(size).collect();
+    let next = match (items.next(), page.last()) {
+        (Some(_), Some((key, _))) => key.as_ref().to_string(),
         _ => String::new(),
     };
     (page.into_iter().map(|(_, t)| t).collect(), next)

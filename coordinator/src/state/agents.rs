@@ -1,7 +1,7 @@
 //! The agents: who joined, their sessions, their leases. Soft state, rebuilt when agents
 //! join again after a coordinator restart.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
 use rand::Rng as _;
@@ -86,7 +86,9 @@ pub struct Expired {
 #[derive(Debug, Default)]
 pub struct Agents {
     by_host: BTreeMap<HostId, Agent>,
-    by_id: HashMap<String, HostId>,
+    /// In id order: ListAgents takes a page from it (it sorted every agent for each page,
+    /// ~8 ms at 20,000 and more while they all rejoin).
+    by_id: BTreeMap<String, HostId>,
     zones: BTreeMap<String, u32>,
     racks: BTreeMap<(String, String), u32>,
     next_generation: u64,
@@ -387,17 +389,22 @@ impl Agents {
         counts: impl Fn(HostId) -> (u32, u32),
         quarantined: impl Fn(&str) -> String,
     ) -> pb::ListAgentsResponse {
-        let agents = self
-            .iter()
-            .filter(|a| {
+        use std::ops::Bound;
+        let token = req.page_token.as_str();
+        let from = if token.is_empty() {
+            Bound::Unbounded
+        } else {
+            Bound::Excluded(token)
+        };
+        let agents = (self.by_id.range::<str, _>((from, Bound::Unbounded)))
+            .filter_map(|(id, host)| Some((id.as_str(), self.by_host.get(host)?)))
+            .filter(|(_, a)| {
                 req.match_labels
                     .iter()
                     .all(|(k, v)| a.labels.get(k) == Some(v))
             })
-            .filter(|a| req.state == 0 || a.state as i32 == req.state)
-            .map(|a| (a.id.clone(), a))
-            .collect();
-        let (page, next_page_token) = super::page(agents, req.page_size, &req.page_token);
+            .filter(|(_, a)| req.state == 0 || a.state as i32 == req.state);
+        let (page, next_page_token) = super::page_in_order(agents, req.page_size);
         let agents = (page.into_iter())
             .map(|a| {
                 let (held, partial) = counts(a.host);

@@ -502,6 +502,43 @@ fn lists_page_through_everything_once() {
     let p2 = list(&p1.next_page_token);
     assert_eq!(p2.jobs[0].job_id, older);
     assert!(p2.next_page_token.is_empty());
+
+    // ListAgents: in id order from its index, a filter skipping within a page.
+    let (ids, _sessions) = agents_open(&mut s, 3, 10);
+    join(&mut s, "t10", 20); // joined, no session: not ready
+    let mut agents = |state: pb::AgentState, token: &str| {
+        let req = pb::ListAgentsRequest {
+            page_size: 2,
+            page_token: token.into(),
+            state: state as i32,
+            ..Default::default()
+        };
+        let r = s.ask(|r| Request::ListAgents(req, r)).expect("list");
+        let ids: Vec<String> = r.agents.into_iter().map(|a| a.agent_id).collect();
+        (ids, r.next_page_token)
+    };
+    let mut listed = Vec::new();
+    let mut token = String::new();
+    loop {
+        let (page, next) = agents(pb::AgentState::Ready, &token);
+        assert!(page.len() <= 2, "{page:?}");
+        listed.extend(page);
+        if next.is_empty() {
+            break;
+        }
+        token = next;
+    }
+    let mut ready: Vec<String> = ["seeder", "target"].map(String::from).into();
+    ready.extend(ids);
+    ready.sort();
+    assert_eq!(listed, ready, "every ready agent once, in id order");
+    // Any state: t10 (not ready) sorts between t1 and t2; a page ending before the last
+    // gives the next token.
+    let all = agents(pb::AgentState::Unspecified, "t1");
+    assert_eq!(
+        all,
+        (vec!["t10".to_string(), "t2".to_string()], "t2".into())
+    );
 }
 
 #[test]
