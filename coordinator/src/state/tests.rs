@@ -539,6 +539,31 @@ fn lists_page_through_everything_once() {
         all,
         (vec!["t10".to_string(), "t2".to_string()], "t2".into())
     );
+
+    // ListBlobs: in digest order from the catalog's map; a token that is no digest still
+    // pages by the string order.
+    for data in [[1u8; 4096], [2u8; 4096]] {
+        let m = Manifest::from_reader(&data[..], 4096).expect("manifest");
+        register(&mut s, _t.0, &m);
+    }
+    let mut blobs = |token: &str| {
+        let req = pb::ListBlobsRequest {
+            page_size: 2,
+            page_token: token.into(),
+        };
+        let r = s.ask(|r| Request::ListBlobs(req, r)).expect("list");
+        let digests: Vec<String> = r.blobs.into_iter().map(|b| b.digest).collect();
+        (digests, r.next_page_token)
+    };
+    let (first, token) = blobs("");
+    let (second, end) = blobs(&token);
+    assert!(end.is_empty() && token == first[1], "{first:?} {token}");
+    let listed: Vec<String> = first.iter().chain(&second).cloned().collect();
+    let mut sorted = listed.clone();
+    sorted.sort();
+    assert_eq!((listed.len(), &listed), (3, &sorted));
+    assert_eq!(blobs("sha256:").0, first, "no digest: what sorts after it");
+    assert_eq!(blobs("zzz"), (Vec::new(), String::new()));
 }
 
 #[test]
