@@ -1,10 +1,12 @@
 //! A job's targets not built or not wanted yet: each of its agents with each of its blobs,
 //! in that order, from a cursor on (one for building, one for wanting: a cancel or a lost
-//! agent builds them all at once, and the built ones are wanted as before). A Distribute to 20,000 agents used to build all its targets in its own
-//! turn (~13 ms here, and its first record's 20,000 entries ~5-10 ms more), a pause for
-//! every message behind it; they are built as they are wanted instead, a few thousand a
-//! turn (`State::want_some`), and the first record lists them by this rule, expanded on
-//! the writer's thread ([`crate::db::PendingTargets`]).
+//! agent builds them all at once, and the built ones are wanted in their turn).
+//!
+//! A Distribute to 20,000 agents used to build all its targets in its own turn (~13 ms
+//! here, and its first record's 20,000 entries ~5-10 ms more), a pause for every message
+//! behind it; they are built as they are wanted instead, a few thousand a turn
+//! (`State::want_some`), and the first record lists them by this rule, expanded on the
+//! writer's thread ([`crate::db::PendingTargets`]).
 //!
 //! Every target not built yet is pending, of its blob's size: the job's counts and bytes
 //! include them ([`Rest::pending`], [`Rest::bytes`]).
@@ -76,7 +78,7 @@ impl Rest {
         let (host, agent, blob, size) = self.at(i)?;
         let key = (agent.to_string(), blob);
         self.next += 1;
-        self.bytes -= size;
+        self.bytes = self.bytes.saturating_sub(size);
         Some((host, key, size))
     }
 
@@ -133,7 +135,8 @@ impl Rest {
         };
         let count = self.of_blob(index) as u64;
         let old = std::mem::replace(&mut self.blobs[index].1, size);
-        self.bytes = self.bytes - old * count + size * count;
+        let without = self.bytes.saturating_sub(old.saturating_mul(count));
+        self.bytes = without.saturating_add(size.saturating_mul(count));
     }
 
     /// The targets not built as the database lists them: pending, each of its size.

@@ -34,7 +34,7 @@ fn states(targets: &[pb::TargetProgress]) -> Vec<(String, pb::TargetState)> {
 }
 
 #[test]
-fn targets_not_built_yet_are_shown_and_stored_pending_then_built_one_a_turn() {
+fn targets_not_built_yet_are_shown_and_stored_pending() {
     let dir = tempfile::tempdir().expect("tempdir");
     let Four {
         mut s, m, ids, job, ..
