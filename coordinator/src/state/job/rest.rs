@@ -104,14 +104,6 @@ impl Rest {
         (self.next..self.len()).filter_map(|i| self.at(i).map(|(_, a, b, s)| (a, b, s)))
     }
 
-    /// The blobs some target not built is of.
-    pub fn blobs(&self) -> impl Iterator<Item = Digest> {
-        (self.blobs.iter())
-            .enumerate()
-            .filter(|(i, _)| self.of_blob(*i) > 0)
-            .map(|(_, (blob, _))| *blob)
-    }
-
     /// Whether a target of `agent` is not built.
     pub fn has_agent(&self, agent: &str) -> bool {
         let first = self.next / self.blobs.len().max(1);
@@ -177,7 +169,6 @@ mod tests {
         while r.build().is_some() {}
         assert!(r.all_built() && !r.all_wanted());
         assert_eq!((r.pending(), r.bytes()), (0, 0));
-        assert_eq!(r.blobs().count(), 0);
         // Wanted in the same order, after they were built.
         let wanted: Vec<_> = std::iter::from_fn(|| r.want().map(|(h, _, b)| (h, b))).collect();
         assert_eq!(wanted.len(), 6);
@@ -196,7 +187,6 @@ mod tests {
         assert_eq!(r.bytes(), 34);
         r.set_size(&x, 1);
         assert_eq!(r.bytes(), 16);
-        assert_eq!(r.blobs().collect::<Vec<_>>(), vec![x, y]);
         let record = r.record();
         assert_eq!(record.from, 2);
         assert_eq!(record.blobs[0], (x.to_string(), 1));

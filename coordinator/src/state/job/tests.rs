@@ -345,6 +345,8 @@ fn targets_not_built_are_pending_until_built() {
     let now = SystemTime::UNIX_EPOCH;
     let (x, y) = (Digest::of(b"x"), Digest::of(b"y"));
     let mut job = job_with(&[]);
+    job.record.blobs = vec![x.to_string(), y.to_string()];
+    assert_eq!(job.blobs().collect::<Vec<_>>(), vec![x, y]);
     let agents = vec![(HostId(0), "a0".to_string()), (HostId(1), "a1".to_string())];
     job.plan(Rest::new(agents, vec![(x, 10), (y, 5)]));
     job.refresh_state(now);
