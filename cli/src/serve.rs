@@ -76,6 +76,13 @@ fn install_metrics(addr: Option<SocketAddr>, role: &'static str) -> Result<()> {
                     ),
                     shoal_coordinator::metrics::REQUEST_WAIT_BUCKETS,
                 )
+                .context("histogram buckets")?
+                .set_buckets_for_metric(
+                    metrics_exporter_prometheus::Matcher::Full(
+                        shoal_coordinator::metrics::API_CALL_SECONDS.into(),
+                    ),
+                    shoal_coordinator::metrics::REQUEST_WAIT_BUCKETS,
+                )
                 .context("histogram buckets")?;
             // Per-job gauges stop being set when their job ends; without a timeout they would
             // stay in every scrape for the life of the process.

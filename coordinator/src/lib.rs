@@ -9,6 +9,7 @@
 //! follows the state task (`health.rs`); if it dies, [`run`] returns an error.
 
 mod auth;
+mod call_times;
 mod db;
 mod driver;
 mod health;
@@ -407,7 +408,12 @@ async fn serve(
     let max_request = config.max_api_request_bytes;
     let max_session = config.max_session_message_bytes;
     tracing::info!(addr = ?listener.local_addr().ok(), tls = tls.is_some(), "coordinator serving");
+    let time_calls = call_times::TimeCalls::new(
+        pb::FILE_DESCRIPTOR_SET,
+        <CoordinatorServer<service::Api> as tonic::server::NamedService>::NAME,
+    );
     let server = tonic::transport::Server::builder()
+        .layer(time_calls)
         .add_service(health_service.clone())
         .add_service(reflection)
         .add_service(

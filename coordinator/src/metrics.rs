@@ -56,6 +56,12 @@ pub const REQUEST_WAIT_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.002, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0,
     2.0, 5.0,
 ];
+/// How long the coordinator took to answer a job API call, by method (`method` label: the
+/// gRPC method, `unknown` for a path that names none): from the call's arrival at the
+/// service to its answer, the state task's queue and any write it waited for included (a
+/// stream, `WatchJob`, until it opens).
+/// Buckets are [`REQUEST_WAIT_BUCKETS`].
+pub const API_CALL_SECONDS: &str = "shoal_coordinator_api_call_seconds";
 /// How long the state task took to answer the last health probe (the timeout if it did
 /// not answer within it).
 pub const STATE_PROBE_SECONDS: &str = "shoal_coordinator_state_probe_seconds";
@@ -116,6 +122,11 @@ pub fn describe() {
         REQUEST_WAIT_SECONDS,
         metrics::Unit::Seconds,
         "How long requests waited for the state task, by kind (session: agents' session messages)"
+    );
+    metrics::describe_histogram!(
+        API_CALL_SECONDS,
+        metrics::Unit::Seconds,
+        "How long the coordinator took to answer a job API call, by method"
     );
     metrics::describe_histogram!(
         STATE_COMMIT_SECONDS,

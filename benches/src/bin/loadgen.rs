@@ -26,8 +26,12 @@
 //! (`shoal_coordinator_request_wait_seconds{kind="session"}`, scraped at each phase's
 //! start and end), and gives its health probe latency too
 //! (`shoal_coordinator_state_probe_seconds`: a probe queued behind everything else, scraped
-//! every second). The generator shares the machine's cores with the coordinator: its own
-//! CPU time is printed too.
+//! every second). The job API's calls are timed twice, per phase: by the generator (its
+//! `loadgen-api` thread) and by the coordinator (`shoal_coordinator_api_call_seconds`, from
+//! the call's arrival at its service to its answer); the difference is the network's and the
+//! machine's, not the coordinator's work. Each phase's last scrape is kept in the work
+//! directory (`metrics-<phase>.txt`). The generator shares the machine's cores with the
+//! coordinator: its own CPU time is printed too.
 //!
 //! `cargo build --release -p shoal -p shoal-benches && target/release/loadgen --agents 1000`
 
@@ -204,9 +208,10 @@ struct Measured {
     /// The coordinator's planner counters after the job: stripe-only source updates and
     /// candidates examined.
     planner: Option<(f64, f64)>,
-    /// How long the agents' session messages waited for the state task, per phase.
-    /// None where a scrape at the phase's start or end failed.
-    session_waits: Vec<(&'static str, Option<process::WaitBuckets>)>,
+    /// How long the agents' session messages waited for the state task, and how long the
+    /// coordinator took to answer API calls, per phase. None where a scrape at the phase's
+    /// start or end failed.
+    waits: Vec<(&'static str, Option<process::Waits>)>,
 }
 
 #[derive(Debug, Default)]
@@ -321,8 +326,8 @@ async fn run(args: &Args, dir: &std::path::Path) -> Result<()> {
     m.joins_secs = started.elapsed().as_secs_f64();
     m.agents_joined = ready;
     println!("joined: {ready} ready in {:.2} s", m.joins_secs);
-    let waits_after_joins = session_waits(metrics).await;
-    m.session_waits.push((PHASES[0], waits_after_joins.clone()));
+    let waits_after_joins = waits(metrics, dir, PHASES[0]).await;
+    m.waits.push((PHASES[0], waits_after_joins.clone()));
     let now = coordinator.usage()?;
     m.cpu_by_phase
         .push(phase_cpu("joins and sessions", &usage_mark, &now));
@@ -330,6 +335,7 @@ async fn run(args: &Args, dir: &std::path::Path) -> Result<()> {
 
     // Steady state: agents only beat and report load.
     phase.store(1, Ordering::Relaxed);
+    api.phase = PHASES[1];
     let sent = |c: &Counts| {
         c.sent
             .iter()
@@ -347,8 +353,9 @@ async fn run(args: &Args, dir: &std::path::Path) -> Result<()> {
     m.cpu_by_phase.push(phase_cpu("steady", &usage_mark, &now));
     usage_mark = now;
 
-    let waits_before = session_waits(metrics).await;
-    m.session_waits.push((
+    api.phase = PHASES[2];
+    let waits_before = waits(metrics, dir, PHASES[1]).await;
+    m.waits.push((
         PHASES[1],
         between(&waits_after_joins, &waits_before),
     ));
@@ -399,7 +406,7 @@ async fn run(args: &Args, dir: &std::path::Path) -> Result<()> {
         let j = match tokio::time::timeout(Duration::from_secs(5), api.job(&job.job_id)).await {
             Ok(j) => Some(j?),
             Err(_) => {
-                api.times.add("get_job", asked.elapsed().as_secs_f64());
+                api.times.add("get_job", api.phase, asked.elapsed().as_secs_f64());
                 None
             }
         };
@@ -434,6 +441,7 @@ async fn run(args: &Args, dir: &std::path::Path) -> Result<()> {
     // The coordinator exports its planner counters once a second.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let scraped = process::scrape(metrics).await.ok();
+    keep_scrape(dir, PHASES[2], scraped.as_deref());
     if let Some(text) = &scraped {
         let read = |name| process::metric(text, name).unwrap_or(f64::NAN);
         m.planner = Some((
@@ -441,14 +449,15 @@ async fn run(args: &Args, dir: &std::path::Path) -> Result<()> {
             read(shoal_coordinator::metrics::PLANNER_CANDIDATES),
         ));
     }
-    let waits = scraped.map(|t| process::session_waits(&t));
-    m.session_waits
-        .push((PHASES[2], between(&waits_before, &waits)));
+    let waits_after = scraped.map(|t| process::Waits::read(&t));
+    m.waits
+        .push((PHASES[2], between(&waits_before, &waits_after)));
     m.usage.push(("coordinator".into(), now));
 
     if args.restart {
         phase.store(3, Ordering::Relaxed);
         shared.phase.store(1, Ordering::Relaxed);
+        api.phase = PHASES[3];
         let killed = Instant::now();
         coordinator.restart()?;
         coordinator.wait_ready(&api_channel, limit).await?;
@@ -492,8 +501,7 @@ async fn run(args: &Args, dir: &std::path::Path) -> Result<()> {
         r.all_holders_secs = holders_at.unwrap_or_default();
         r.job_at_end = job_now(&mut api, &job.job_id).await?;
         // A new process: its histogram started empty.
-        m.session_waits
-            .push((PHASES[3], session_waits(metrics).await));
+        m.waits.push((PHASES[3], waits(metrics, dir, PHASES[3]).await));
         println!("restart: every agent back in {:.2} s", r.all_ready_secs);
         m.restart = Some(r);
         let now = coordinator.usage()?;
@@ -623,17 +631,34 @@ fn status(shared: &Shared, probes: &Probes) -> String {
     )
 }
 
-/// The coordinator's session message waits so far; None if the scrape failed.
-async fn session_waits(metrics: std::net::SocketAddr) -> Option<process::WaitBuckets> {
-    (process::scrape(metrics).await.ok()).map(|t| process::session_waits(&t))
+/// The coordinator's session message waits and API call times so far; None if the scrape
+/// failed. The scrape is kept in `dir` ([`keep_scrape`]).
+async fn waits(
+    metrics: std::net::SocketAddr,
+    dir: &std::path::Path,
+    phase: &str,
+) -> Option<process::Waits> {
+    let scraped = process::scrape(metrics).await.ok();
+    keep_scrape(dir, phase, scraped.as_deref());
+    scraped.map(|t| process::Waits::read(&t))
+}
+
+/// Keeps the coordinator's metrics as scraped at the end of `phase` in `dir`
+/// (`metrics-<phase>.txt`), for what the report does not show.
+fn keep_scrape(dir: &std::path::Path, phase: &str, scraped: Option<&str>) {
+    if let Some(text) = scraped
+        && let Err(e) = std::fs::write(dir.join(format!("metrics-{phase}.txt")), text)
+    {
+        println!("keeping the metrics of the {phase} phase: {e}");
+    }
 }
 
 /// The waits between two scrapes; None unless both were read.
 fn between(
-    before: &Option<process::WaitBuckets>,
-    after: &Option<process::WaitBuckets>,
-) -> Option<process::WaitBuckets> {
-    Some(process::waits_between(before.as_ref()?, after.as_ref()?))
+    before: &Option<process::Waits>,
+    after: &Option<process::Waits>,
+) -> Option<process::Waits> {
+    Some(after.as_ref()?.since(before.as_ref()?))
 }
 
 /// Scrapes the health probe latency every second into `probes`, under the current phase.

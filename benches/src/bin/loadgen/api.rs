@@ -16,13 +16,17 @@ use super::process;
 
 type Client = pb::coordinator_client::CoordinatorClient<Channel>;
 
-/// Latencies of the job API calls the generator makes, seconds, by call.
+/// Latencies of the job API calls the generator makes, seconds, by call and by phase.
 #[derive(Debug, Default)]
-pub struct ApiTimes(pub BTreeMap<&'static str, Vec<f64>>);
+pub struct ApiTimes {
+    pub by_call: BTreeMap<&'static str, Vec<f64>>,
+    pub by_phase: BTreeMap<&'static str, Vec<f64>>,
+}
 
 impl ApiTimes {
-    pub fn add(&mut self, call: &'static str, secs: f64) {
-        self.0.entry(call).or_default().push(secs);
+    pub fn add(&mut self, call: &'static str, phase: &'static str, secs: f64) {
+        self.by_call.entry(call).or_default().push(secs);
+        self.by_phase.entry(phase).or_default().push(secs);
     }
 }
 
@@ -31,6 +35,8 @@ impl ApiTimes {
 pub struct Api {
     client: Client,
     pub times: ApiTimes,
+    /// The phase the calls are counted under.
+    pub phase: &'static str,
     /// Where the calls run: `None` once dropped.
     runtime: Option<tokio::runtime::Runtime>,
 }
@@ -61,6 +67,7 @@ impl Api {
         Ok(Self {
             client: Client::new(channel),
             times: ApiTimes::default(),
+            phase: "joins",
             runtime: Some(runtime),
         })
     }
@@ -85,7 +92,7 @@ impl Api {
             })
             .await
             .context("the API's call task")?;
-        self.times.add(name, secs);
+        self.times.add(name, self.phase, secs);
         Ok((answer.map(tonic::Response::into_inner), secs))
     }
 

@@ -279,35 +279,78 @@ pub async fn scrape(addr: SocketAddr) -> Result<String> {
     Ok(String::from_utf8_lossy(&body).into_owned())
 }
 
-/// Cumulative counts of the coordinator's histogram of session message waits
-/// (`shoal_coordinator_request_wait_seconds{kind="session"}`): (bucket bound in seconds,
-/// messages that waited at most that long), in bound order, the last bound infinite.
+/// Cumulative counts of one of the coordinator's histograms, summed over the series read:
+/// (bucket bound in seconds, events at most that long), in bound order, the last bound
+/// infinite.
 pub type WaitBuckets = Vec<(f64, f64)>;
 
-/// [`WaitBuckets`] from a scrape; empty if the coordinator exported none yet.
-pub fn session_waits(scrape: &str) -> WaitBuckets {
-    let prefix = format!(
-        "{}_bucket{{",
-        shoal_coordinator::metrics::REQUEST_WAIT_SECONDS
-    );
-    let mut buckets: WaitBuckets = (scrape.lines())
-        .filter_map(|l| {
-            let rest = l.strip_prefix(&prefix)?;
-            let (labels, value) = rest.split_once('}')?;
-            if !labels.contains("kind=\"session\"") {
-                return None;
+/// Two histograms of the coordinator, read from one scrape.
+#[derive(Clone, Debug, Default)]
+pub struct Waits {
+    /// How long session messages waited for the state task
+    /// (`shoal_coordinator_request_wait_seconds{kind="session"}`).
+    pub session: WaitBuckets,
+    /// How long the coordinator took to answer job API calls, every method
+    /// (`shoal_coordinator_api_call_seconds`).
+    pub api: WaitBuckets,
+}
+
+impl Waits {
+    pub fn read(scrape: &str) -> Self {
+        use shoal_coordinator::metrics::{API_CALL_SECONDS, REQUEST_WAIT_SECONDS};
+        Self {
+            session: histogram(scrape, REQUEST_WAIT_SECONDS, "kind=\"session\""),
+            api: histogram(scrape, API_CALL_SECONDS, ""),
+        }
+    }
+
+    /// What was counted in `self` and not in `before` (an earlier scrape of the same process).
+    pub fn since(&self, before: &Waits) -> Self {
+        Self {
+            session: waits_between(&before.session, &self.session),
+            api: waits_between(&before.api, &self.api),
+        }
+    }
+}
+
+/// [`WaitBuckets`] of histogram `name` from a scrape, summed over its series whose labels
+/// contain `labels` (every series if empty); empty if the coordinator exported none yet.
+pub fn histogram(scrape: &str, name: &str, labels: &str) -> WaitBuckets {
+    let prefix = format!("{name}_bucket{{");
+    let mut buckets: BTreeMap<u64, f64> = BTreeMap::new();
+    for l in scrape.lines() {
+        let Some(rest) = l.strip_prefix(&prefix) else {
+            continue;
+        };
+        let Some((series, value)) = rest.split_once('}') else {
+            continue;
+        };
+        if !series.contains(labels) {
+            continue;
+        }
+        let Some(le) = series
+            .split("le=\"")
+            .nth(1)
+            .and_then(|v| v.split('"').next())
+        else {
+            continue;
+        };
+        let le = if le == "+Inf" {
+            f64::INFINITY
+        } else {
+            match le.parse::<f64>() {
+                Ok(v) => v,
+                Err(_) => continue,
             }
-            let le = labels.split("le=\"").nth(1)?.split('"').next()?;
-            let le = if le == "+Inf" {
-                f64::INFINITY
-            } else {
-                le.parse().ok()?
-            };
-            Some((le, value.trim().parse().ok()?))
-        })
-        .collect();
-    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
-    buckets
+        };
+        if let Ok(n) = value.trim().parse::<f64>() {
+            // Non-negative floats order as their bits do.
+            *buckets.entry(le.to_bits()).or_default() += n;
+        }
+    }
+    (buckets.into_iter())
+        .map(|(le, n)| (f64::from_bits(le), n))
+        .collect()
 }
 
 /// The messages counted in `after` and not in `before` (an earlier scrape of the same

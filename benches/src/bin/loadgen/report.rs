@@ -91,6 +91,41 @@ impl Out {
         self.num(format!("session_wait_{phase}_p99_ms"), p99 * 1e3);
         self.num(format!("session_wait_{phase}_over_20ms"), over);
     }
+
+    /// A phase's API call times as the caller saw them and as the coordinator counted them
+    /// (its histogram, from the call's arrival to its answer): the difference is the
+    /// network's and the machine's, not the coordinator's work.
+    fn api_times(&mut self, phase: &str, caller: &[f64], coordinator: &[(f64, f64)]) {
+        let n = coordinator.last().map_or(0.0, |b| b.1);
+        if caller.is_empty() && n <= 0.0 {
+            return;
+        }
+        let mut sorted = caller.to_vec();
+        sorted.sort_by(f64::total_cmp);
+        let (c50, c99) = if sorted.is_empty() {
+            (f64::NAN, f64::NAN)
+        } else {
+            (pct(&sorted, 50.0), pct(&sorted, 99.0))
+        };
+        let (s50, s99) = if n > 0.0 {
+            (bucket_pct(coordinator, 0.50), bucket_pct(coordinator, 0.99))
+        } else {
+            (f64::NAN, f64::NAN)
+        };
+        self.row(
+            format!("API calls, {phase}: caller / coordinator p50, p99"),
+            format!(
+                "{:.1} / {:.1} ms, {:.1} / {:.1} ms (n = {} / {n})",
+                c50 * 1e3,
+                s50 * 1e3,
+                c99 * 1e3,
+                s99 * 1e3,
+                caller.len()
+            ),
+        );
+        self.num(format!("api_{phase}_p99_ms"), c99 * 1e3);
+        self.num(format!("api_server_{phase}_p99_ms"), s99 * 1e3);
+    }
 }
 
 /// The `q` quantile of cumulative `buckets`, linear within its bucket as Prometheus'
@@ -186,7 +221,7 @@ pub(super) fn report(
     let pretend = args.blob_size as f64 * 8.0 / (args.link_mbit * 1e6) * args.time_scale;
     o.row("one pretend fetch", format!("{pretend:.3} s"));
     let mut all_api = Vec::new();
-    for (call, secs) in &api.0 {
+    for (call, secs) in &api.by_call {
         o.latencies(
             &format!("API {call} p50 / p99 / max"),
             &format!("api_{call}"),
@@ -331,9 +366,13 @@ pub(super) fn report(
         o.num("restart_cpu_s", u.cpu_seconds);
         o.num("restart_peak_rss_mib", u.peak_rss_bytes as f64 / 1048576.0);
     }
-    for (name, buckets) in &m.session_waits {
-        match buckets {
-            Some(b) => o.waits(name, b),
+    for (name, waits) in &m.waits {
+        let caller = api.by_phase.get(name).map_or(&[][..], |v| v);
+        match waits {
+            Some(w) => {
+                o.waits(name, &w.session);
+                o.api_times(name, caller, &w.api);
+            }
             None => o.row(
                 format!("session message wait for the state task (every message), {name}"),
                 "unavailable: a scrape of the coordinator's metrics failed",
@@ -445,33 +484,42 @@ fn goals(o: &mut Out) {
 #[cfg(test)]
 mod tests {
     use super::bucket_pct;
-    use crate::process::{session_waits, waits_between};
+    use crate::process::Waits;
 
     #[test]
-    fn session_waits_are_read_from_the_histogram_and_interpolated() {
+    fn waits_are_read_from_the_histograms_and_interpolated() {
         let name = shoal_coordinator::metrics::REQUEST_WAIT_SECONDS;
+        let api = shoal_coordinator::metrics::API_CALL_SECONDS;
         let scrape = |n: [u32; 3]| {
             format!(
                 "{name}_bucket{{kind=\"api\",le=\"0.01\"}} 7\n\
                  {name}_bucket{{kind=\"session\",le=\"0.01\"}} {}\n\
                  {name}_bucket{{kind=\"session\",le=\"0.02\"}} {}\n\
                  {name}_bucket{{kind=\"session\",le=\"+Inf\"}} {}\n\
-                 {name}_count{{kind=\"session\"}} {}\n",
-                n[0], n[1], n[2], n[2]
+                 {name}_count{{kind=\"session\"}} {}\n\
+                 {api}_bucket{{method=\"GetJob\",le=\"0.01\"}} {}\n\
+                 {api}_bucket{{method=\"GetJob\",le=\"+Inf\"}} {}\n\
+                 {api}_bucket{{method=\"ListAgents\",le=\"0.01\"}} 1\n\
+                 {api}_bucket{{method=\"ListAgents\",le=\"+Inf\"}} 3\n",
+                n[0], n[1], n[2], n[2], n[0], n[2]
             )
         };
-        let before = session_waits(&scrape([10, 10, 10]));
+        let before = Waits::read(&scrape([10, 10, 10]));
         assert_eq!(
-            before,
+            before.session,
             vec![(0.01, 10.0), (0.02, 10.0), (f64::INFINITY, 10.0)]
         );
-        let after = session_waits(&scrape([60, 110, 110]));
-        let delta = waits_between(&before, &after);
+        // The API's calls summed over their methods.
+        assert_eq!(before.api, vec![(0.01, 11.0), (f64::INFINITY, 13.0)]);
+        let after = Waits::read(&scrape([60, 110, 110]));
+        let delta = after.since(&before);
         assert_eq!(
-            delta,
+            delta.session,
             vec![(0.01, 50.0), (0.02, 100.0), (f64::INFINITY, 100.0)]
         );
+        assert_eq!(delta.api, vec![(0.01, 50.0), (f64::INFINITY, 100.0)]);
         // Half waited at most 10 ms; the 99th is 98% of the way through 10-20 ms.
+        let delta = delta.session;
         assert!((bucket_pct(&delta, 0.5) - 0.01).abs() < 1e-9);
         assert!((bucket_pct(&delta, 0.99) - 0.0198).abs() < 1e-9);
         // Beyond the last finite bound: that bound, as Prometheus answers.
