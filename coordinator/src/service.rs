@@ -16,6 +16,10 @@ use crate::state::{ApiError, Reply, Request, Submitted};
 /// How long Distribute waits for an origin to tell a blob's size.
 const ORIGIN_HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// Agents' Joins, session opens and certificate renewals the state task is asked at once at
+/// most; more wait here for their turn (see [`Api::admitted`]).
+const ADMITTED_AT_ONCE: usize = 64;
+
 /// The coordinator's gRPC services, both the public job API and the agent sessions.
 #[derive(Clone, Debug)]
 pub struct Api {
@@ -26,6 +30,8 @@ pub struct Api {
     /// Why the state task stopped, once it has.
     down: Down,
     trust: Trust,
+    /// Turns for the agents' requests that answer to a waiting handler ([`ADMITTED_AT_ONCE`]).
+    admission: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 /// Who may call, and what the coordinator proves about itself to a joining agent.
@@ -64,6 +70,7 @@ impl Api {
             preheat_platforms,
             down,
             trust,
+            admission: std::sync::Arc::new(tokio::sync::Semaphore::new(ADMITTED_AT_ONCE)),
         }
     }
 
@@ -110,6 +117,21 @@ impl Api {
                 _ => {}
             }
         }
+    }
+
+    /// A turn to ask the state task on an agent's behalf, held until its answer is in.
+    ///
+    /// After a coordinator restart every agent rejoins at once (20,000 in ~3 s). Asked all
+    /// together, the state task answered them a batch at a time, and each answer woke its
+    /// handler through the gRPC runtime's queue, which is first come, first served: a job API
+    /// call answered just after such a batch waited behind thousands of those wakes, 20-50
+    /// ms (`shoal_coordinator_api_call_seconds` against the state's own time). Admitted 64 at
+    /// a time, at most that many are ahead of it, and the rejoins take no longer: the state
+    /// task, not the number asking, sets their pace. The job API is not admitted here (it is
+    /// what this keeps responsive), nor are session messages (one-way, bounded by the state's
+    /// queue).
+    async fn admitted(&self) -> Result<tokio::sync::SemaphorePermit<'_>, Status> {
+        (self.admission.acquire().await).map_err(|_| self.state_gone())
     }
 
     /// Asks the state task; fails at once if it has stopped.
@@ -370,6 +392,7 @@ impl pb::agent_session_server::AgentSession for Api {
         req: GrpcRequest<pb::JoinRequest>,
     ) -> Result<Response<pb::JoinResponse>, Status> {
         let req = req.into_inner();
+        let _turn = self.admitted().await?;
         self.call(|r| Request::Join(req, r))
             .await
             .map(Response::new)
@@ -400,6 +423,7 @@ impl pb::agent_session_server::AgentSession for Api {
             ));
         };
         let csr_der = req.into_inner().csr_der;
+        let _turn = self.admitted().await?;
         self.call(|reply| Request::RenewCertificate {
             agent_id,
             csr_der,
@@ -437,9 +461,11 @@ impl pb::agent_session_server::AgentSession for Api {
         let (tx, rx) = mpsc::channel(4096);
         // Weak: the stream must still end when the state drops its sender.
         let errors = tx.downgrade();
+        let turn = self.admitted().await?;
         let session = self
             .call(|reply| Request::OpenSession { hello, tx, reply })
             .await?;
+        drop(turn);
         let state = self.state.clone();
         tokio::spawn(async move {
             loop {

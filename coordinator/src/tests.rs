@@ -11,6 +11,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::state::{ApiError, Reply, Request, SessionId};
 use crate::{CoordinatorConfig, Started};
 
+mod admission;
 mod health;
 mod lanes;
 mod slow_disk;
