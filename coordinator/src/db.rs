@@ -105,16 +105,24 @@ pub struct PendingTargets {
 }
 
 impl PendingTargets {
+    /// Where a job's `i`th target sits when each agent wants `blobs` blobs: (its agent's
+    /// index, its blob's index). Targets go agent by agent, each agent's blobs in order; the
+    /// state's job builds them in the same order (`state::job::Rest`).
+    pub fn place(i: usize, blobs: usize) -> (usize, usize) {
+        let per_agent = blobs.max(1);
+        (i / per_agent, i % per_agent)
+    }
+
     fn len(&self) -> usize {
         (self.agents.len() * self.blobs.len()).saturating_sub(self.from)
     }
 
     fn expand(&self) -> impl Iterator<Item = pb::TargetProgress> + '_ {
-        let per_agent = self.blobs.len().max(1);
         (self.from..self.agents.len() * self.blobs.len()).map(move |i| {
-            let (blob, size) = &self.blobs[i % per_agent];
+            let (agent, blob) = Self::place(i, self.blobs.len());
+            let (blob, size) = &self.blobs[blob];
             pb::TargetProgress {
-                agent_id: self.agents[i / per_agent].clone(),
+                agent_id: self.agents[agent].clone(),
                 blob: blob.clone(),
                 state: pb::TargetState::Pending as i32,
                 bytes_total: *size,

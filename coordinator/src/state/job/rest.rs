@@ -93,10 +93,10 @@ impl Rest {
     }
 
     fn at(&self, i: usize) -> Option<(HostId, &str, Digest, u64)> {
-        let per_agent = self.blobs.len().max(1);
-        let host = *self.hosts.get(i / per_agent)?;
-        let (blob, size) = *self.blobs.get(i % per_agent)?;
-        Some((host, &self.names[i / per_agent], blob, size))
+        let (agent, blob) = PendingTargets::place(i, self.blobs.len());
+        let host = *self.hosts.get(agent)?;
+        let (blob, size) = *self.blobs.get(blob)?;
+        Some((host, &self.names[agent], blob, size))
     }
 
     /// The targets not built, as (agent, blob, size).
@@ -106,7 +106,7 @@ impl Rest {
 
     /// Whether a target of `agent` is not built.
     pub fn has_agent(&self, agent: &str) -> bool {
-        let first = self.next / self.blobs.len().max(1);
+        let (first, _) = PendingTargets::place(self.next, self.blobs.len());
         self.names
             .get(first..)
             .is_some_and(|n| n.iter().any(|a| a == agent))
