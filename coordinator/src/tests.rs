@@ -61,6 +61,31 @@ async fn agent(requests: &crate::driver::Requests, id: &str, port: u16) -> (Sess
     (session, inbox)
 }
 
+/// Serves `started` on the real gRPC server on a loopback port: a channel to it, and the
+/// server's task (it ends with what `serve` returns).
+async fn serve_on_loopback(
+    config: CoordinatorConfig,
+    started: Started,
+    watchdog: crate::health::Watchdog,
+) -> (
+    tonic::transport::Channel,
+    tokio::task::JoinHandle<Result<(), crate::CoordinatorError>>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let server = tokio::spawn(async move {
+        crate::serve(&config, listener, std::future::pending(), started, watchdog).await
+    });
+    let channel = tonic::transport::Endpoint::from_shared(url)
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    (channel, server)
+}
+
 /// Stops the state task and waits until its writer has stored everything and closed the
 /// file.
 async fn stop(started: Started) {

@@ -36,40 +36,39 @@ async fn join_and_open(
     (joined.agent_id, tx)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_storm_of_joins_beyond_the_admission_bound_all_get_in() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = config(dir.path(), Duration::from_secs(30));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
-    let started = crate::start(&config).expect("start");
-    let server = tokio::spawn(async move {
-        let forever = std::future::pending();
-        crate::serve(&config, listener, forever, started, Watchdog::default()).await
-    });
-    let channel = tonic::transport::Endpoint::from_shared(url)
-        .expect("url")
-        .connect()
-        .await
-        .expect("connect");
-    let mut api = CoordinatorClient::new(channel.clone());
+type Joined = tokio::task::JoinHandle<(String, mpsc::Sender<pb::AgentMessage>)>;
 
-    let storm: Vec<_> = (0..AGENTS)
-        .map(|i| tokio::spawn(join_and_open(channel.clone(), i)))
-        .collect();
-    // The job API is not admitted: it answers while the storm waits for its turns.
-    let listed = api.list_jobs(pb::ListJobsRequest::default()).await;
-    assert!(listed.is_ok(), "{listed:?}");
+/// Agents `range` joining and opening their sessions, all at once.
+fn wave(channel: &tonic::transport::Channel, range: std::ops::Range<usize>) -> Vec<Joined> {
+    (range.map(|i| tokio::spawn(join_and_open(channel.clone(), i)))).collect()
+}
+
+/// Every agent of a wave, once in; fails if one is not within 30 s.
+async fn all_in(wave: Vec<Joined>) -> Vec<(String, mpsc::Sender<pb::AgentMessage>)> {
     let mut sessions = Vec::new();
-    for joined in storm {
+    for joined in wave {
         let joined = tokio::time::timeout(Duration::from_secs(30), joined)
             .await
             .expect("every agent gets in within 30 s: no turn is lost")
             .expect("task");
         sessions.push(joined);
     }
+    sessions
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_of_joins_beyond_the_admission_bound_all_get_in() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = config(dir.path(), Duration::from_secs(30));
+    let started = crate::start(&config).expect("start");
+    let (channel, server) = serve_on_loopback(config, started, Watchdog::default()).await;
+    let mut api = CoordinatorClient::new(channel.clone());
+
+    let storm = wave(&channel, 0..AGENTS);
+    // The job API is not admitted: it answers while the storm waits for its turns.
+    let listed = api.list_jobs(pb::ListJobsRequest::default()).await;
+    assert!(listed.is_ok(), "{listed:?}");
+    let mut sessions = all_in(storm).await;
     let mut ids: Vec<String> = sessions.iter().map(|(id, _)| id.clone()).collect();
     ids.sort();
     ids.dedup();
@@ -89,16 +88,8 @@ async fn a_storm_of_joins_beyond_the_admission_bound_all_get_in() {
         }
     };
     assert_eq!(ready(&mut api).await, AGENTS);
-    let again: Vec<_> = (AGENTS..AGENTS + 100)
-        .map(|i| tokio::spawn(join_and_open(channel.clone(), i)))
-        .collect();
-    for joined in again {
-        let joined = tokio::time::timeout(Duration::from_secs(30), joined)
-            .await
-            .expect("the second wave gets in: the first gave its turns back")
-            .expect("task");
-        sessions.push(joined);
-    }
+    // Were a turn not given back, this wave would wait for it forever.
+    sessions.extend(all_in(wave(&channel, AGENTS..AGENTS + 100)).await);
     assert_eq!(ready(&mut api).await, AGENTS + 100);
     server.abort();
 }

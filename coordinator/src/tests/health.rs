@@ -43,24 +43,13 @@ async fn until(health: &mut Health, want: ServingStatus, within: Duration) {
 async fn health_follows_the_state_task_and_its_death_stops_the_coordinator() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = config(dir.path(), Duration::from_secs(10));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
     let started = crate::start(&config).expect("start");
     let faults = started.requests.clone();
     let watchdog = Watchdog {
         every: Duration::from_millis(50),
         timeout: Duration::from_millis(300),
     };
-    let server = tokio::spawn(async move {
-        crate::serve(&config, listener, std::future::pending(), started, watchdog).await
-    });
-    let channel = tonic::transport::Endpoint::from_shared(url)
-        .expect("url")
-        .connect()
-        .await
-        .expect("connect");
+    let (channel, server) = serve_on_loopback(config, started, watchdog).await;
     let mut health = HealthClient::new(channel.clone());
     let mut api = CoordinatorClient::new(channel);
     until(&mut health, ServingStatus::Serving, Duration::from_secs(5)).await;
