@@ -265,20 +265,10 @@ impl std::fmt::Debug for State {
     }
 }
 
-/// One page of `items` in the order of their keys: those after `token` (a key from the
-/// previous page), at most `size` (0 = 100). Returns the page and the token for the next
-/// one (empty when none is left). Keys are stable, so inserts between pages skip or
-/// repeat nothing.
-fn page<T>(mut items: Vec<(String, T)>, size: u32, token: &str) -> (Vec<T>, String) {
-    items.sort_by(|a, b| a.0.cmp(&b.0));
-    let rest = items
-        .into_iter()
-        .skip_while(|(key, _)| !token.is_empty() && key.as_str() <= token);
-    page_in_order(rest, size)
-}
-
-/// [`page`] of items already in key order and after the page token: only the page and one
-/// more item are taken.
+/// One page of `items`, already in the order of their keys and after the page token (a key
+/// from the previous page): at most `size` (0 = 100), taking only the page and one more
+/// item. Returns the page and the token for the next one (empty when none is left). Keys
+/// are stable, so inserts between pages skip or repeat nothing.
 fn page_in_order<K: AsRef<str>, T>(
     mut items: impl Iterator<Item = (K, T)>,
     size: u32,

@@ -31,6 +31,8 @@ const FLUSH_SLICE: usize = 2_500;
 pub struct Jobs {
     writer: Writer,
     jobs: BTreeMap<String, Job>,
+    /// Every job's id by its place in ListJobs' order ([`list_key`]).
+    by_age: BTreeMap<String, String>,
     /// The unfinished jobs with a target of each blob.
     by_blob: BTreeMap<Digest, BTreeSet<String>>,
     /// Which jobs want (host, blob): the planner is told once, when the first one does,
@@ -62,6 +64,7 @@ impl Jobs {
         let mut jobs = Self {
             writer,
             jobs: BTreeMap::new(),
+            by_age: BTreeMap::new(),
             by_blob: BTreeMap::new(),
             wants: BTreeMap::new(),
             watchers: HashMap::new(),
@@ -71,8 +74,7 @@ impl Jobs {
         };
         for record in db.jobs()? {
             if let Some(job) = Job::from_pb(record) {
-                jobs.index(&job);
-                jobs.jobs.insert(job.id().to_string(), job);
+                jobs.insert(job);
             }
         }
         Ok(jobs)
@@ -170,10 +172,21 @@ impl Jobs {
         let id = job.id().to_string();
         let write = Write::Jobs(vec![job.record_whole(now)]);
         let ticket = self.writer.write_ticket(write, Some(then));
-        self.unconfirmed
-            .push(Unconfirmed::create(id.clone(), ticket));
+        self.unconfirmed.push(Unconfirmed::create(id, ticket));
+        self.insert(job);
+    }
+
+    fn insert(&mut self, job: Job) {
         self.index(&job);
-        self.jobs.insert(id, job);
+        self.by_age.insert(list_key(&job), job.id().to_string());
+        self.jobs.insert(job.id().to_string(), job);
+    }
+
+    /// Forgets job `id` (its wants are the caller's to have ended).
+    fn remove(&mut self, id: &str) {
+        if let Some(job) = self.jobs.remove(id) {
+            self.by_age.remove(&list_key(&job));
+        }
     }
 
     // ---- wants ----
@@ -522,7 +535,7 @@ impl Jobs {
     pub fn discard(&mut self, id: &str, now: SystemTime) -> Ended {
         // It is forgotten: whether a target not built yet would have been done matters not.
         let ended = self.end(id, true, "the job could not be stored", &|_, _| false, now);
-        self.jobs.remove(id);
+        self.remove(id);
         self.dirty.remove(id);
         self.watchers.remove(id);
         self.writer.write(Write::ForgetJob(id.to_string()));
@@ -607,18 +620,18 @@ impl Jobs {
         })
     }
 
+    /// A page of the jobs, most recent first, from their index: a page costs its own jobs,
+    /// not a sort of every job kept (a week's, by default).
     pub fn list(&self, req: pb::ListJobsRequest, now: SystemTime) -> pb::ListJobsResponse {
-        // Most recent first: the key inverts the creation time, then the id breaks ties.
-        let jobs = (self.jobs.values())
-            .filter(|j| req.state == 0 || j.record.state == req.state)
-            .map(|j| {
-                let t = j.record.created_at.unwrap_or_default();
-                let age = i64::MAX - t.seconds;
-                let key = format!("{age:020}{:09}{}", 999_999_999 - t.nanos.max(0), j.id());
-                (key, j)
-            })
-            .collect();
-        let (page, next_page_token) = super::page(jobs, req.page_size, &req.page_token);
+        use std::ops::Bound;
+        let from = match req.page_token.as_str() {
+            "" => Bound::Unbounded,
+            token => Bound::Excluded(token),
+        };
+        let jobs = (self.by_age.range::<str, _>((from, Bound::Unbounded)))
+            .filter_map(|(key, id)| Some((key, self.jobs.get(id)?)))
+            .filter(|(_, j)| req.state == 0 || j.record.state == req.state);
+        let (page, next_page_token) = super::page_in_order(jobs, req.page_size);
         pb::ListJobsResponse {
             jobs: (page.into_iter())
                 .map(|j| j.to_pb_redacted(false, now))
@@ -626,4 +639,12 @@ impl Jobs {
             next_page_token,
         }
     }
+}
+
+/// Where `job` goes in ListJobs' order, most recent first: the key inverts the creation
+/// time, then the id breaks ties. It is also the page token.
+fn list_key(job: &Job) -> String {
+    let t = job.record.created_at.unwrap_or_default();
+    let age = i64::MAX - t.seconds;
+    format!("{age:020}{:09}{}", 999_999_999 - t.nanos.max(0), job.id())
 }

@@ -469,17 +469,13 @@ fn a_downloader_hears_when_its_stripe_changes() {
 
 #[test]
 fn lists_page_through_everything_once() {
-    fn items(keys: &[&'static str]) -> Vec<(String, &'static str)> {
-        keys.iter().map(|k| (k.to_string(), *k)).collect()
-    }
-    let all = ["d", "a", "c", "e", "b"];
-    let (first, token) = super::page(items(&all), 2, "");
+    let items = |keys: &[&'static str]| keys.iter().map(|k| (*k, *k)).collect::<Vec<_>>();
+    let (first, token) = super::page_in_order(items(&["a", "b", "c"]).into_iter(), 2);
     assert_eq!((first, token.as_str()), (vec!["a", "b"], "b"));
-    // An item inserted before the cursor meanwhile does not shift the next page.
-    let (second, token) = super::page(items(&["d", "a", "aa", "c", "e", "b"]), 2, &token);
-    assert_eq!((second, token.as_str()), (vec!["c", "d"], "d"));
-    let (third, token) = super::page(items(&all), 2, &token);
-    assert_eq!((third, token.as_str()), (vec!["e"], ""));
+    let (last, token) = super::page_in_order(items(&["c"]).into_iter(), 2);
+    assert_eq!((last, token.as_str()), (vec!["c"], ""));
+    let (exact, token) = super::page_in_order(items(&["a", "b"]).into_iter(), 2);
+    assert_eq!((exact, token.as_str()), (vec!["a", "b"], ""));
 
     // ListJobs: most recent first, pages of one.
     let dir = tempfile::tempdir().expect("tempdir");
@@ -489,19 +485,37 @@ fn lists_page_through_everything_once() {
     let older = distribute(&mut s, m.digest(), &["target"]).expect("job");
     s.advance(Duration::from_millis(5));
     let newer = distribute(&mut s, m.digest(), &["target"]).expect("job");
-    let mut list = |token: &str| {
+    let list = |s: &mut S, state: pb::JobState, page_size: u32, token: &str| {
         let req = pb::ListJobsRequest {
-            state: 0,
-            page_size: 1,
+            state: state as i32,
+            page_size,
             page_token: token.into(),
         };
         s.ask(|r| Request::ListJobs(req, r)).expect("list")
     };
-    let p1 = list("");
+    let any = pb::JobState::Unspecified;
+    let p1 = list(&mut s, any, 1, "");
     assert_eq!(p1.jobs[0].job_id, newer);
-    let p2 = list(&p1.next_page_token);
+    // A job created between pages is before the cursor: the next page does not shift.
+    s.advance(Duration::from_millis(5));
+    let newest = distribute(&mut s, m.digest(), &["target"]).expect("job");
+    let p2 = list(&mut s, any, 1, &p1.next_page_token);
     assert_eq!(p2.jobs[0].job_id, older);
     assert!(p2.next_page_token.is_empty());
+    assert_eq!(list(&mut s, any, 1, "").jobs[0].job_id, newest);
+    // A state filter skips within the order: only the cancelled one.
+    let cancel = pb::CancelJobRequest {
+        job_id: newer.clone(),
+        ..Default::default()
+    };
+    s.ask(|r| Request::CancelJob(cancel, None, r))
+        .expect("cancel");
+    let only = list(&mut s, pb::JobState::Cancelled, 10, "");
+    let ids: Vec<&str> = only.jobs.iter().map(|j| j.job_id.as_str()).collect();
+    assert_eq!(
+        (ids, only.next_page_token.as_str()),
+        (vec![newer.as_str()], "")
+    );
 
     // ListAgents: in id order from its index, a filter skipping within a page.
     let (ids, _sessions) = agents_open(&mut s, 3, 10);

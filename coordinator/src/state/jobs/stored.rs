@@ -161,7 +161,7 @@ impl Jobs {
             .map(|j| j.id().to_string())
             .collect();
         for id in old {
-            self.jobs.remove(&id);
+            self.remove(&id);
             self.dirty.remove(&id);
             // A failure is logged by the writer; the job comes back at the next start and is
             // dropped again then.
