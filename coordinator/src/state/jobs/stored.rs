@@ -18,7 +18,7 @@ use crate::writer::{Then, Ticket};
 
 /// A write of jobs the writer has not confirmed yet.
 pub(super) struct Unconfirmed {
-    pub(super) ids: Vec<String>,
+    ids: Vec<String>,
     ticket: Ticket,
     /// A new job's first write: if it fails, the job is dropped; otherwise its jobs are
     /// written again.
