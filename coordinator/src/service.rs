@@ -123,14 +123,13 @@ impl Api {
     ///
     /// After a coordinator restart every agent rejoins at once (20,000 in ~3 s). Asked all
     /// together, the state task answered them a batch at a time, and each answer woke its
-    /// handler through the gRPC runtime's queue, which is first come, first served: a job API
-    /// call answered just after such a batch waited behind thousands of those wakes, 13-28
-    /// ms after its answer (a p99 up to 50 ms in `shoal_coordinator_api_call_seconds`, the
-    /// state's own time 0.1-3 ms). Admitted 64 at
-    /// a time, at most that many are ahead of it, and the rejoins take no longer: the state
-    /// task, not the number asking, sets their pace. The job API is not admitted here (it is
-    /// what this keeps responsive), nor are session messages (one-way, bounded by the state's
-    /// queue).
+    /// handler through the gRPC runtime's queue, which is first come, first served: a job
+    /// API call answered just after such a batch waited behind thousands of those wakes,
+    /// 6-28 ms after its answer, most of the call (its p99 up to 50 ms in
+    /// `shoal_coordinator_api_call_seconds`). Admitted 64 at a time, at most that many are
+    /// ahead of it, and the rejoins take no longer: the state task, not the number asking,
+    /// sets their pace. The job API is not admitted here (it is what this keeps
+    /// responsive), nor are session messages (one-way, bounded by the state's queue).
     async fn admitted(&self) -> Result<tokio::sync::SemaphorePermit<'_>, Status> {
         (self.admission.acquire().await).map_err(|_| self.state_gone())
     }
