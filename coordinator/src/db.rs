@@ -409,13 +409,14 @@ fn put_job(
         next_seq(log, id)?
     };
     if record.whole || !record.targets.is_empty() {
+        // The listed targets after those by rule: theirs is the last word.
         let mut entry = Vec::new();
-        if let Some(pending) = &record.pending {
-            for t in pending.expand() {
-                prost::encoding::message::encode(1, &t, &mut entry);
-            }
+        for t in record.pending.iter().flat_map(PendingTargets::expand) {
+            encode_target(&t, &mut entry);
         }
-        entry.extend(encode_targets(&record.targets));
+        for t in &record.targets {
+            encode_target(t, &mut entry);
+        }
         log.insert((id, seq), &entry[..]).map_err(err)?;
     }
     jobs.insert(id, &record.job.encode_to_vec()[..])
@@ -428,9 +429,14 @@ fn encode_targets(targets: &[pb::TargetProgress]) -> Vec<u8> {
     use prost::encoding::message;
     let mut buf = Vec::with_capacity(message::encoded_len_repeated(1, targets));
     for t in targets {
-        message::encode(1, t, &mut buf);
+        encode_target(t, &mut buf);
     }
     buf
+}
+
+/// Appends one target to a log entry (a repeated field 1, as [`encode_targets`] writes).
+fn encode_target(target: &pb::TargetProgress, buf: &mut Vec<u8>) {
+    prost::encoding::message::encode(1, target, buf);
 }
 
 /// The sequence number after the last entry of job `id`'s log (0 if it has none).

@@ -265,6 +265,18 @@ impl std::fmt::Debug for State {
     }
 }
 
+/// The keys after page token `token` (a key from the previous page; every key if empty), as
+/// a range of an index in key order.
+fn after_token(token: &str) -> (std::ops::Bound<&str>, std::ops::Bound<&str>) {
+    use std::ops::Bound;
+    let from = if token.is_empty() {
+        Bound::Unbounded
+    } else {
+        Bound::Excluded(token)
+    };
+    (from, Bound::Unbounded)
+}
+
 /// One page of `items`, already in the order of their keys and after the page token (a key
 /// from the previous page): at most `size` (0 = 100), taking only the page and one more
 /// item. Returns the page and the token for the next one (empty when none is left). Keys

@@ -389,21 +389,16 @@ impl Agents {
         counts: impl Fn(HostId) -> (u32, u32),
         quarantined: impl Fn(&str) -> String,
     ) -> pb::ListAgentsResponse {
-        use std::ops::Bound;
-        let token = req.page_token.as_str();
-        let from = if token.is_empty() {
-            Bound::Unbounded
-        } else {
-            Bound::Excluded(token)
-        };
-        let agents = (self.by_id.range::<str, _>((from, Bound::Unbounded)))
-            .filter_map(|(id, host)| Some((id.as_str(), self.by_host.get(host)?)))
-            .filter(|(_, a)| {
-                req.match_labels
-                    .iter()
-                    .all(|(k, v)| a.labels.get(k) == Some(v))
-            })
-            .filter(|(_, a)| req.state == 0 || a.state as i32 == req.state);
+        let agents = (self
+            .by_id
+            .range::<str, _>(super::after_token(&req.page_token)))
+        .filter_map(|(id, host)| Some((id.as_str(), self.by_host.get(host)?)))
+        .filter(|(_, a)| {
+            req.match_labels
+                .iter()
+                .all(|(k, v)| a.labels.get(k) == Some(v))
+        })
+        .filter(|(_, a)| req.state == 0 || a.state as i32 == req.state);
         let (page, next_page_token) = super::page_in_order(agents, req.page_size);
         let agents = (page.into_iter())
             .map(|a| {

@@ -347,9 +347,12 @@ impl Job {
     /// version (the record and the watchers show it); a pending one does not (they showed
     /// it pending already).
     pub fn build_next(&mut self, held: &dyn Fn(HostId, Digest) -> bool) -> bool {
-        let Some((host, key, size)) = self.rest.as_mut().and_then(Rest::build) else {
-            return false;
-        };
+        self.build(held).is_some()
+    }
+
+    /// [`Job::build_next`]: whether the target built was done; `None` if none was left.
+    fn build(&mut self, held: &dyn Fn(HostId, Digest) -> bool) -> Option<bool> {
+        let (host, key, size) = self.rest.as_mut().and_then(Rest::build)?;
         let done = held(host, key.1);
         let mut target = Target::new(size, done);
         if done {
@@ -357,7 +360,7 @@ impl Job {
             target.version = self.version;
         }
         self.add_target(key, target);
-        true
+        Some(done)
     }
 
     /// The next target not wanted yet, built first if it is not: its host, blob, and
@@ -372,12 +375,21 @@ impl Job {
             self.rest = None;
             return None;
         }
-        if !self.is_built() {
-            self.build_next(held);
-        }
+        // Built now, open unless done at once; or built earlier (a cancel, a deadline or a
+        // lost agent builds them all), and it may have ended since.
+        let built_now = if rest.next_is_built() {
+            None
+        } else {
+            Some(self.build(held)?)
+        };
         let rest = self.rest.as_mut()?;
         let (host, agent, blob) = rest.want()?;
-        let open = (self.targets.get(&(agent.to_string(), blob))).is_some_and(|t| !t.is_terminal());
+        let open = match built_now {
+            Some(done) => !done,
+            None => {
+                (self.targets.get(&(agent.to_string(), blob))).is_some_and(|t| !t.is_terminal())
+            }
+        };
         if rest.all_wanted() {
             self.rest = None;
         }

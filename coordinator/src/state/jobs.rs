@@ -623,14 +623,11 @@ impl Jobs {
     /// A page of the jobs, most recent first, from their index: a page costs its own jobs,
     /// not a sort of every job kept (a week's, by default).
     pub fn list(&self, req: pb::ListJobsRequest, now: SystemTime) -> pb::ListJobsResponse {
-        use std::ops::Bound;
-        let from = match req.page_token.as_str() {
-            "" => Bound::Unbounded,
-            token => Bound::Excluded(token),
-        };
-        let jobs = (self.by_age.range::<str, _>((from, Bound::Unbounded)))
-            .filter_map(|(key, id)| Some((key, self.jobs.get(id)?)))
-            .filter(|(_, j)| req.state == 0 || j.record.state == req.state);
+        let jobs = (self
+            .by_age
+            .range::<str, _>(super::after_token(&req.page_token)))
+        .filter_map(|(key, id)| Some((key, self.jobs.get(id)?)))
+        .filter(|(_, j)| req.state == 0 || j.record.state == req.state);
         let (page, next_page_token) = super::page_in_order(jobs, req.page_size);
         pb::ListJobsResponse {
             jobs: (page.into_iter())

@@ -596,9 +596,7 @@ fn finished_jobs_are_forgotten_after_the_retention() {
         get_job(&mut s, &job, false),
         Err(ApiError::NotFound(_))
     ));
-    let now = s.now;
-    drop(s);
-    let mut s = state_at(dir.path(), Duration::from_secs(30), now);
+    let mut s = restarted(s, dir.path(), Duration::from_secs(30));
     assert!(
         matches!(get_job(&mut s, &job, false), Err(ApiError::NotFound(_))),
         "deleted from disk too"
@@ -634,6 +632,13 @@ fn wait<R>(rx: oneshot::Receiver<Result<R, ApiError>>) -> Result<R, ApiError> {
 
 /// Blocks until the writer has applied everything queued before this call: it applies in
 /// queue order, so an empty write queued now is done only after them. No clock, no polling.
+/// `s` stopped and started again on its database, at its clock's time.
+fn restarted(s: S, dir: &std::path::Path, lease: Duration) -> S {
+    let now = s.now;
+    drop(s);
+    state_at(dir, lease, now)
+}
+
 fn writes_applied(s: &S) {
     let (tx, rx) = std::sync::mpsc::channel();
     s.writer

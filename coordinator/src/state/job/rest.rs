@@ -82,6 +82,11 @@ impl Rest {
         Some((host, key, size))
     }
 
+    /// Whether the next target to want is built already.
+    pub fn next_is_built(&self) -> bool {
+        self.wanted < self.next
+    }
+
     /// The next target built and not wanted, taken: its host, agent and blob.
     pub fn want(&mut self) -> Option<(HostId, &str, Digest)> {
         if self.wanted >= self.next {

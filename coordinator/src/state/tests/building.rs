@@ -55,9 +55,7 @@ fn targets_not_built_yet_are_shown_and_stored_pending() {
 
     // Restarted now: the first record listed all four, pending, of the blob's size.
     writes_applied(&s);
-    let now = s.now;
-    drop(s);
-    let mut s = state_at(dir.path(), Duration::from_secs(300), now);
+    let mut s = restarted(s, dir.path(), Duration::from_secs(300));
     let (state, targets) = target_state(&mut s, &job);
     assert_eq!(state, pb::JobState::Pending);
     let pending: Vec<_> = (ids.iter())
@@ -98,9 +96,7 @@ fn a_target_held_already_is_built_done_and_that_is_stored() {
     // The flush stores t1's target done (the first record said pending).
     s.advance(HOUSEKEEPING);
     writes_applied(&s);
-    let now = s.now;
-    drop(s);
-    let mut s = state_at(dir.path(), Duration::from_secs(300), now);
+    let mut s = restarted(s, dir.path(), Duration::from_secs(300));
     let (_, targets) = target_state(&mut s, &job);
     let after: Vec<_> = (states(&targets).into_iter())
         .map(|(id, st)| (id, st == pb::TargetState::Done))
@@ -152,12 +148,7 @@ fn a_lost_agent_and_a_cancel_see_the_targets_not_built_yet() {
         "t3's target was never wanted"
     );
 
-    let cancel = pb::CancelJobRequest {
-        job_id: job.clone(),
-        reason: "test".into(),
-    };
-    s.ask(|r| Request::CancelJob(cancel, None, r))
-        .expect("cancel");
+    cancel(&mut s, &job);
     let (state, targets) = target_state(&mut s, &job);
     assert_eq!(state, pb::JobState::Cancelled);
     use pb::TargetState::{Cancelled, Done, Failed};
@@ -175,12 +166,7 @@ fn a_cancel_ends_the_targets_not_built_yet() {
     let Four {
         mut s, m, ids, job, ..
     } = four_one_a_turn(dir.path(), Duration::from_secs(300));
-    let cancel = pb::CancelJobRequest {
-        job_id: job.clone(),
-        reason: "test".into(),
-    };
-    s.ask(|r| Request::CancelJob(cancel, None, r))
-        .expect("cancel");
+    cancel(&mut s, &job);
     let now = s.now;
     s.handle_timeout(now);
     assert!(s.wanting.is_empty());
@@ -195,4 +181,13 @@ fn a_cancel_ends_the_targets_not_built_yet() {
         let host = s.agents.host_of(id).expect("joined");
         assert!(!s.jobs.is_wanted(host, m.digest()), "{id} is wanted");
     }
+}
+
+fn cancel(s: &mut S, job: &str) {
+    let cancel = pb::CancelJobRequest {
+        job_id: job.into(),
+        reason: "test".into(),
+    };
+    s.ask(|r| Request::CancelJob(cancel, None, r))
+        .expect("cancel");
 }

@@ -76,9 +76,7 @@ fn distribute_is_answered_once_stored_and_the_state_does_not_wait_for_the_disk()
     let job = wait(reply).expect("stored").job_id;
     // Answered means stored: a disk that fails from now on loses nothing of it.
     s.faults.fail_commits.store(true, Relaxed);
-    let now = s.now;
-    drop(s);
-    let mut s = state_at(dir.path(), Duration::from_secs(30), now);
+    let mut s = restarted(s, dir.path(), Duration::from_secs(30));
     assert_eq!(get_job(&mut s, &job, true).expect("job").blobs.len(), 1);
 }
 
@@ -134,9 +132,7 @@ fn a_cancel_that_cannot_be_stored_is_written_again() {
     s.faults.fail_commits.store(false, Relaxed);
     // Housekeeping reads the failure, then writes the job again.
     settle(&mut s);
-    let now = s.now;
-    drop(s);
-    let mut s = state_at(dir.path(), Duration::from_secs(30), now);
+    let mut s = restarted(s, dir.path(), Duration::from_secs(30));
     assert_eq!(target_state(&mut s, &job).0, pb::JobState::Cancelled);
 }
 
@@ -183,9 +179,7 @@ fn a_slow_disk_gets_one_flush_at_a_time() {
     );
     s.faults.commit_delay_ms.store(0, Relaxed);
     settle(&mut s);
-    let now = s.now;
-    drop(s);
-    let mut s = state_at(dir.path(), Duration::from_secs(300), now);
+    let mut s = restarted(s, dir.path(), Duration::from_secs(300));
     assert_eq!(target_state(&mut s, &job).0, pb::JobState::Done);
 }
 
@@ -218,9 +212,7 @@ fn an_ended_job_is_stored_whole_while_others_are_flushed_a_slice_at_a_time() {
     assert_eq!(state, pb::JobState::Done, "{targets:?}");
     s.advance(HOUSEKEEPING);
     writes_applied(&s);
-    let now = s.now;
-    drop(s);
-    let mut s = state_at(dir.path(), Duration::from_secs(300), now);
+    let mut s = restarted(s, dir.path(), Duration::from_secs(300));
     let (state, targets) = target_state(&mut s, &job);
     assert_eq!(state, pb::JobState::Done);
     let finished = |targets: &[pb::TargetProgress]| {
